@@ -1,0 +1,100 @@
+"""Render the instance agent as EC2 user data.
+
+One renderer serves both launch paths: the launch template (CDK, values may be CloudFormation
+tokens) and `training-infra launch` (which takes the template's user data and adds per-run
+overrides), so a run started either way boots the same agent with the same settings.
+
+Layout of the rendered script:
+    #!/bin/bash
+    export TI_...='stack value'            # one line per AgentConfig field (tokens allowed)
+    #@run-overrides                        # `with_run_overrides` puts per-run exports here
+    <decode the gzip+base64 agent and exec it>
+
+The agent body is compressed (deterministically, so `cdk diff` stays quiet) to stay well under
+EC2's 16 KB user-data limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+AGENT_DIR = Path(__file__).parent / "agent"
+AGENT_SCRIPT = AGENT_DIR / "agent.sh"
+OVERRIDES_MARKER = "#@run-overrides"
+USER_DATA_LIMIT_BYTES = 16 * 1024
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What the agent needs to know; each field becomes `TI_<FIELD>` in its environment."""
+
+    data_bucket: str
+    outputs_bucket: str
+    image_uri: str  # repository URI without tag; the tag is `image_tag`
+    image_tag: str = "latest"
+    training_command: str = ""
+    run_id: str = ""  # empty: the agent derives one from the date and the instance id
+    region: str = ""
+    log_group: str = ""
+    alerts_topic_arn: str = ""
+    metric_namespace: str = "TrainingInfra"
+    max_runtime_seconds: int = 12 * 3600
+    auto_shutdown: bool = True
+    idle_seconds: int = 30 * 60
+    idle_gpu_percent: float = 5
+    checkpoint_sync_seconds: int = 300
+    spot_poll_seconds: int = 5
+    stop_grace_seconds: int = 60
+    market: str = "spot"  # spot | on-demand
+    hourly_price_usd: float = 0.0  # on-demand list price, for the cost estimate
+    extra_env: str = ""  # newline-separated KEY=VALUE passed to the trainer
+
+
+def _export(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return f"export {name}={shlex.quote(str(value))}"
+
+
+def render_user_data(config: AgentConfig) -> str:
+    lines = ["#!/bin/bash", "# training-infra instance agent (rendered by training_infra/compute/user_data.py)"]
+    for field in dataclasses.fields(config):
+        lines.append(_export(f"TI_{field.name.upper()}", getattr(config, field.name)))
+    lines.append(OVERRIDES_MARKER)
+    body = gzip.compress(AGENT_SCRIPT.read_bytes(), compresslevel=9, mtime=0)
+    encoded = base64.b64encode(body).decode("ascii")
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    lines += [
+        'agent_dir="${TI_ROOT:-}/opt/training-infra"',
+        'mkdir -p "$agent_dir"',
+        "base64 -d > \"$agent_dir/agent.sh.gz\" <<'TRAINING_INFRA_AGENT'",
+        wrapped,
+        "TRAINING_INFRA_AGENT",
+        'gunzip -f "$agent_dir/agent.sh.gz"',
+        'exec bash "$agent_dir/agent.sh"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_run_overrides(user_data: str, overrides: Mapping[str, object]) -> str:
+    """Add per-run settings (TI_RUN_ID, TI_IMAGE_TAG, ...) to rendered user data."""
+    if OVERRIDES_MARKER not in user_data:
+        raise ValueError("user data was not rendered by training-infra (no run-overrides marker)")
+    exports = []
+    for name, value in overrides.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"environment variable name {name!r} is not valid")
+        exports.append(_export(name, value))
+    rendered = user_data.replace(OVERRIDES_MARKER, "\n".join([*exports, OVERRIDES_MARKER]), 1)
+    if len(rendered.encode()) > USER_DATA_LIMIT_BYTES:
+        raise ValueError(f"user data is {len(rendered.encode())} bytes; EC2 allows {USER_DATA_LIMIT_BYTES}")
+    return rendered

@@ -1,0 +1,45 @@
+"""Names that outside systems (the CLI, the agent, the reaper, GitHub) must agree on.
+
+Everything else gets a CloudFormation-generated physical name.
+"""
+
+import re
+
+PROJECT = "training-infra"
+STACK_PREFIX = "TrainingInfra"
+STORAGE_STACK = f"{STACK_PREFIX}-Storage"
+REGISTRY_STACK = f"{STACK_PREFIX}-Registry"
+SAFETY_STACK = f"{STACK_PREFIX}-Safety"
+COMPUTE_STACK = f"{STACK_PREFIX}-Compute"
+ALL_STACKS = (STORAGE_STACK, REGISTRY_STACK, SAFETY_STACK, COMPUTE_STACK)
+
+# Tags on every managed instance and its volumes; the reaper and the CLI find runs by them.
+TAG_MANAGED = "training-infra:managed"
+TAG_RUN_ID = "training-infra:run-id"
+TAG_DEADLINE = "training-infra:deadline"  # ISO 8601 UTC, e.g. 2026-11-28T18:00:00Z
+TAG_MAX_RUNTIME_HOURS = "training-infra:max-runtime-hours"
+
+# CloudWatch namespace for everything this project publishes (agent and reaper).
+METRIC_NAMESPACE = "TrainingInfra"
+
+# S3 layout (DESIGN.md "S3 layout").
+DATA_PREFIX = "data/"
+RUNS_PREFIX = "runs/"
+LATEST_PREFIX = "runs/latest/"
+CHECKPOINTS_PREFIX = "checkpoints/"
+
+# CloudFormation output keys; the CLI answers to the seed's snake_case names.
+OUTPUT_TRAINING_BUCKET = "TrainingBucket"
+OUTPUT_OUTPUTS_BUCKET = "OutputsBucket"
+OUTPUT_ECR_REPOSITORY_URI = "EcrRepositoryUri"
+OUTPUT_GITHUB_ACTIONS_ROLE_ARN = "GithubActionsRoleArn"
+OUTPUT_GITHUB_DIFF_ROLE_ARN = "GithubDiffRoleArn"
+OUTPUT_ALERTS_TOPIC_ARN = "AlertsTopicArn"
+OUTPUT_LAUNCH_TEMPLATE_ID = "LaunchTemplateId"
+OUTPUT_LOG_GROUP_NAME = "LogGroupName"
+OUTPUT_INSTANCE_ID = "InstanceId"
+
+
+def snake_case(output_key: str) -> str:
+    """`GithubActionsRoleArn` -> `github_actions_role_arn` (the seed's terraform output names)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", output_key).lower()
