@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 # Accelerated families the Deep Learning AMI supports, plus the small CPU families that are
 # useful for a dry run of the whole pipeline. Anything else is almost always a typo.
@@ -24,8 +25,15 @@ CPU_FAMILIES = ("t3", "t3a", "m5", "m6i", "m7i", "c5", "c6i", "c7i")
 INSTANCE_FAMILIES = GPU_FAMILIES + CPU_FAMILIES
 _INSTANCE_TYPE = re.compile(r"^(?P<family>[a-z0-9-]+)\.(?P<size>(\d+)?x?large|metal(-\d+xl)?|medium|small|micro|nano)$")
 
-# CloudWatch Logs accepts only these retention periods (days).
-LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653)
+# CloudWatch Logs accepts only these retention periods (days), named as in aws_logs.RetentionDays.
+LOG_RETENTION_NAMES = {
+    1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
+    60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS", 150: "FIVE_MONTHS", 180: "SIX_MONTHS",
+    365: "ONE_YEAR", 400: "THIRTEEN_MONTHS", 545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS", 1096: "THREE_YEARS",
+    1827: "FIVE_YEARS", 2192: "SIX_YEARS", 2557: "SEVEN_YEARS", 2922: "EIGHT_YEARS", 3288: "NINE_YEARS",
+    3653: "TEN_YEARS",
+}  # fmt: skip
+LOG_RETENTION_DAYS = tuple(LOG_RETENTION_NAMES)
 
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$")
 _GIT_BRANCH = re.compile(r"^(?!/|.*//|.*\.\.|.*@\{)[A-Za-z0-9._/-]{1,200}(?<![/.])$")
@@ -36,6 +44,7 @@ _AMI_ID = re.compile(r"^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
 _VPC_ID = re.compile(r"^vpc-[0-9a-f]{8}([0-9a-f]{9})?$")
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ECR_NAME = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8}([0-9a-f]{9})?$")
 _AZ = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d[a-z]$")
 _SSM_PARAM = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
@@ -95,16 +104,15 @@ def _instance_type(name: str, value: Any) -> str:
     return text
 
 
-def _zones(name: str, value: Any) -> tuple[str, ...]:
+def _id_list(name: str, value: Any, pattern: re.Pattern[str], allowed: str) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         items = [str(v).strip() for v in value]
     elif isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
     else:
-        raise _fail(name, value, "a comma-separated list of availability zones such as us-east-1a,us-east-1b")
-    for zone in items:
-        if not _AZ.match(zone):
-            raise _fail(name, value, "a comma-separated list of availability zones such as us-east-1a,us-east-1b")
+        raise _fail(name, value, allowed)
+    if not all(pattern.match(item) for item in items):
+        raise _fail(name, value, allowed)
     return tuple(items)
 
 
@@ -143,6 +151,7 @@ class Settings:
     run_id: str = ""
     # Network.
     vpc_id: str = ""
+    subnet_ids: tuple[str, ...] = ()
     private_networking: bool = False
     availability_zones: tuple[str, ...] = ()
     # Storage and registry.
@@ -166,6 +175,7 @@ class Settings:
         """The settings as cdk.json context values (what `-c` would set)."""
         out = dataclasses.asdict(self)
         out["availability_zones"] = ",".join(self.availability_zones)
+        out["subnet_ids"] = ",".join(self.subnet_ids)
         return out
 
 
@@ -192,8 +202,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "spot_max_price": _price,
     "run_id": lambda n, v: _text(n, v, _RUN_ID, "empty or lowercase letters, digits and '-' (at most 63), e.g. bert-lr3e4", optional=True),
     "vpc_id": lambda n, v: _text(n, v, _VPC_ID, "empty (a new VPC) or a VPC id such as vpc-0123456789abcdef0", optional=True),
+    "subnet_ids": lambda n, v: _id_list(n, v, _SUBNET_ID, "a comma-separated list of subnet ids such as subnet-0123456789abcdef0"),
     "private_networking": _parse_bool,
-    "availability_zones": _zones,
+    "availability_zones": lambda n, v: _id_list(n, v, _AZ, "a comma-separated list of availability zones such as us-east-1a,us-east-1b"),
     "ecr_repository_name": lambda n, v: _text(n, v, _ECR_NAME, "a lowercase ECR repository name such as training-infra", optional=False),
     "checkpoint_retention_days": lambda n, v: _number(n, v, integer=True, lo=1, hi=3650),
     "noncurrent_version_days": lambda n, v: _number(n, v, integer=True, lo=1, hi=3650),
@@ -235,5 +246,7 @@ def _check_combinations(s: Settings) -> None:
         raise _fail("spot_max_price", s.spot_max_price, "empty when use_spot is false")
     if s.private_networking and s.vpc_id:
         raise _fail("private_networking", s.private_networking, "false when vpc_id is set (an existing VPC brings its own endpoints)")
+    if bool(s.vpc_id) != bool(s.subnet_ids):
+        raise _fail("subnet_ids", ",".join(s.subnet_ids), "one or more subnet ids of vpc_id when vpc_id is set, and empty otherwise")
     if s.availability_zones and s.vpc_id:
         raise _fail("availability_zones", ",".join(s.availability_zones), "empty when vpc_id is set")

@@ -1,0 +1,294 @@
+"""The GPU box: network, least-privilege role, launch template with the agent, and (optionally) the instance."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jsii
+from aws_cdk import Aws, Duration, Fn, RemovalPolicy, Tags
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
+from constructs import Construct
+
+from training_infra import naming
+from training_infra.compute.user_data import AgentConfig, render_user_data, with_run_overrides
+from training_infra.config import LOG_RETENTION_NAMES, Settings
+from training_infra.policy import skip_checkov
+from training_infra.pricing import on_demand_price
+from training_infra.storage.construct import TrainingStorage
+
+# Interface endpoints the agent and Session Manager need when instances have no public IP.
+PRIVATE_ENDPOINTS = {
+    "Ssm": ec2.InterfaceVpcEndpointAwsService.SSM,
+    "SsmMessages": ec2.InterfaceVpcEndpointAwsService.SSM_MESSAGES,
+    "Ec2Messages": ec2.InterfaceVpcEndpointAwsService.EC2_MESSAGES,
+    "EcrApi": ec2.InterfaceVpcEndpointAwsService.ECR,
+    "EcrDocker": ec2.InterfaceVpcEndpointAwsService.ECR_DOCKER,
+    "Logs": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_LOGS,
+    "Monitoring": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_MONITORING,
+    "Sns": ec2.InterfaceVpcEndpointAwsService.SNS,
+}
+
+
+@jsii.implements(ec2.IMachineImage)
+class PinnedImage:
+    """A literal AMI id: env-agnostic (no region map) and what the local emulator needs."""
+
+    def __init__(self, image_id: str) -> None:
+        self.image_id = image_id
+
+    def get_image(self, scope: Construct) -> ec2.MachineImageConfig:
+        return ec2.MachineImageConfig(image_id=self.image_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux())
+
+
+class TrainingCompute(Construct):
+    """Everything a run needs at rest costs nothing: no NAT, no endpoints by default, no instance unless asked."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        storage: TrainingStorage,
+        repository: ecr.IRepository,
+        alerts_topic: sns.ITopic,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.vpc, self.subnet_ids = self._network(settings)
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "InstanceSecurityGroup",
+            vpc=self.vpc,
+            description="Training instances: no ingress (shell through SSM); HTTPS out to AWS APIs and registries",
+            allow_all_outbound=False,
+        )
+        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs (S3, ECR, SSM, Logs)")
+        if settings.private_networking:
+            self._private_endpoints()
+
+        self.log_group = logs.LogGroup(
+            self,
+            "TrainingLogs",
+            retention=log_retention(settings.log_retention_days),
+            # Every run's logs are also uploaded to the outputs bucket; this group is the live view.
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+
+        skip_checkov(self.log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; training logs hold no secrets and are copied to the encrypted outputs bucket")
+        self.role = iam.Role(
+            self,
+            "InstanceRole",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            description="Training instance: SSM shell, pull its image, read data, write runs and checkpoints",
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
+        )
+        storage.grant_run_access(self.role)
+        self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
+
+        market = "spot" if settings.use_spot else "on-demand"
+        agent = AgentConfig(
+            data_bucket=storage.data_bucket.bucket_name,
+            outputs_bucket=storage.outputs_bucket.bucket_name,
+            image_uri=repository.repository_uri,
+            image_tag=settings.image_tag,
+            training_command=settings.training_command,
+            run_id=settings.run_id,
+            region=Aws.REGION,
+            log_group=self.log_group.log_group_name,
+            alerts_topic_arn=alerts_topic.topic_arn,
+            metric_namespace=naming.METRIC_NAMESPACE,
+            max_runtime_seconds=int(settings.max_runtime_hours * 3600),
+            auto_shutdown=settings.auto_shutdown,
+            idle_seconds=settings.idle_minutes * 60,
+            idle_gpu_percent=settings.idle_gpu_percent,
+            checkpoint_sync_seconds=settings.checkpoint_sync_seconds,
+            market=market,
+            hourly_price_usd=on_demand_price(settings.instance_type) or 0.0,
+        )
+        self.user_data_script = render_user_data(agent)
+        self.machine_image = PinnedImage(settings.image_id) if settings.image_id else ec2.MachineImage.from_ssm_parameter(settings.ami_parameter, os=ec2.OperatingSystemType.LINUX)
+
+        self.launch_template = ec2.LaunchTemplate(
+            self,
+            "LaunchTemplate",
+            machine_image=self.machine_image,
+            instance_type=ec2.InstanceType(settings.instance_type),
+            role=self.role,
+            security_group=self.security_group,
+            user_data=ec2.UserData.custom(self.user_data_script),
+            require_imdsv2=True,
+            # 2 hops: containers on the docker bridge reach IMDSv2 (spot notices, region).
+            http_put_response_hop_limit=2,
+            instance_metadata_tags=True,
+            instance_initiated_shutdown_behavior=(
+                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if settings.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
+            ),
+            detailed_monitoring=True,
+            ebs_optimized=True,
+            spot_options=(
+                ec2.LaunchTemplateSpotOptions(
+                    request_type=ec2.SpotRequestType.ONE_TIME,
+                    interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
+                    max_price=float(settings.spot_max_price) if settings.spot_max_price else None,
+                )
+                if settings.use_spot
+                else None
+            ),
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/sda1",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        settings.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
+                    ),
+                )
+            ],
+        )
+        tags = _run_tags(settings, run_id=settings.run_id or "default")
+        for key, value in tags.items():
+            Tags.of(self.launch_template).add(key, value)
+
+        self.instance: ec2.CfnInstance | None = None
+        if settings.create_instance:
+            self.instance = self._instance(settings, tags=tags, alerts_topic=alerts_topic)
+
+    def _network(self, settings: Settings) -> tuple[ec2.IVpc, list[str]]:
+        if settings.vpc_id:
+            # No lookups at synth: the subnets are named in the settings.
+            vpc = ec2.Vpc.from_vpc_attributes(
+                self, "Vpc", vpc_id=settings.vpc_id, availability_zones=Fn.get_azs(), public_subnet_ids=list(settings.subnet_ids)
+            )
+            return vpc, list(settings.subnet_ids)
+        subnet_type = ec2.SubnetType.PRIVATE_ISOLATED if settings.private_networking else ec2.SubnetType.PUBLIC
+        vpc = ec2.Vpc(
+            self,
+            "Vpc",
+            ip_addresses=ec2.IpAddresses.cidr("10.42.0.0/16"),
+            # Spot capacity differs per AZ: give the scheduler every zone it is told about.
+            availability_zones=list(settings.availability_zones) or None,
+            max_azs=None if settings.availability_zones else 3,
+            nat_gateways=0,
+            subnet_configuration=[ec2.SubnetConfiguration(name="Training", subnet_type=subnet_type, cidr_mask=20)],
+            gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
+            restrict_default_security_group=False,  # True needs a Lambda custom resource; the default SG is unused
+        )
+        flow_log_group = logs.LogGroup(self, "FlowLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY)
+        skip_checkov(flow_log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; flow logs of rejected packets hold no payloads")
+        vpc.add_flow_log("FlowLog", destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group), traffic_type=ec2.FlowLogTrafficType.REJECT)
+        return vpc, vpc.select_subnets(subnet_type=subnet_type).subnet_ids
+
+    def _private_endpoints(self) -> None:
+        """Interface endpoints reachable only from the training instances' security group."""
+        endpoint_sg = ec2.SecurityGroup(
+            self, "EndpointSecurityGroup", vpc=self.vpc, description="VPC endpoints: HTTPS from training instances only", allow_all_outbound=False
+        )
+        endpoint_sg.add_ingress_rule(self.security_group, ec2.Port.tcp(443), "HTTPS from training instances")
+        for name, service in PRIVATE_ENDPOINTS.items():
+            self.vpc.add_interface_endpoint(
+                name,
+                service=service,
+                private_dns_enabled=True,
+                open=False,
+                security_groups=[endpoint_sg],
+                subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED),
+            )
+
+    def _grant_instance_access(self, *, repository: ecr.IRepository, alerts_topic: sns.ITopic) -> None:
+        repository.grant_pull(self.role)
+        self.log_group.grant_write(self.role)
+        alerts_topic.grant_publish(self.role)
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="PutMetricsInProjectNamespace",
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],  # PutMetricData has no resource type; the namespace condition scopes it
+                conditions={"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}},
+            )
+        )
+
+    def _instance(self, settings: Settings, *, tags: dict[str, str], alerts_topic: sns.ITopic) -> ec2.CfnInstance:
+        run_id = settings.run_id or "default"
+        # CloudFormation cannot see that the last instance terminated itself: a new run id, a new logical id.
+        instance = ec2.CfnInstance(
+            self,
+            f"Instance{_pascal(run_id)}",
+            launch_template=ec2.CfnInstance.LaunchTemplateSpecificationProperty(
+                launch_template_id=self.launch_template.launch_template_id,
+                version=self.launch_template.latest_version_number,
+            ),
+            image_id=self.machine_image.get_image(self).image_id,
+            instance_type=settings.instance_type,
+            monitoring=True,
+            subnet_id=self.subnet_ids[0],
+            user_data=Fn.base64(with_run_overrides(self.user_data_script, {"TI_RUN_ID": run_id})),
+            tags=[{"key": key, "value": value} for key, value in {**tags, "Name": f"{naming.PROJECT}-{run_id}"}.items()],
+        )
+        self._instance_alarms(settings, instance=instance, alerts_topic=alerts_topic)
+        return instance
+
+    def _instance_alarms(self, settings: Settings, *, instance: ec2.CfnInstance, alerts_topic: sns.ITopic) -> None:
+        terminate = cw_actions.Ec2Action(cw_actions.Ec2InstanceAction.TERMINATE)
+        notify = cw_actions.SnsAction(alerts_topic)
+        period = Duration.minutes(5)
+        gpu_idle = cloudwatch.Alarm(
+            self,
+            "GpuIdleAlarm",
+            alarm_description=(
+                f"GPU below {settings.idle_gpu_percent:g}% for {settings.idle_minutes} min on {instance.ref}: "
+                "the run is idle or hung, terminating (the agent normally ends it first)"
+            ),
+            metric=cloudwatch.Metric(
+                namespace=naming.METRIC_NAMESPACE,
+                metric_name="GPUUtilization",
+                dimensions_map={"InstanceId": instance.ref},
+                statistic="Maximum",
+                period=period,
+            ),
+            threshold=settings.idle_gpu_percent,
+            comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+            evaluation_periods=max(1, math.ceil(settings.idle_minutes / 5)),
+            # Booting and pulling the image publish nothing yet: silence is not idleness.
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        status_check = cloudwatch.Alarm(
+            self,
+            "StatusCheckAlarm",
+            alarm_description=f"{instance.ref} failed its EC2 status checks: terminating so it stops billing",
+            metric=cloudwatch.Metric(
+                namespace="AWS/EC2",
+                metric_name="StatusCheckFailed",
+                dimensions_map={"InstanceId": instance.ref},
+                statistic="Maximum",
+                period=Duration.minutes(1),
+            ),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=3,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        for alarm in (gpu_idle, status_check):
+            alarm.add_alarm_action(terminate, notify)
+        self.alarms = (gpu_idle, status_check)
+
+
+def _run_tags(settings: Settings, *, run_id: str) -> dict[str, str]:
+    return {
+        naming.TAG_MANAGED: "true",
+        naming.TAG_RUN_ID: run_id,
+        naming.TAG_MAX_RUNTIME_HOURS: f"{settings.max_runtime_hours:g}",
+    }
+
+
+def _pascal(text: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", text) if part)
+
+
+def log_retention(days: int) -> logs.RetentionDays:
+    """Settings hold days; the L2 wants its enum (config already refused days CloudWatch lacks)."""
+    return getattr(logs.RetentionDays, LOG_RETENTION_NAMES[days])
