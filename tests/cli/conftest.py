@@ -1,0 +1,282 @@
+"""Fixtures for the `training-infra` command: a moto server, the four stacks deployed into it.
+
+The stacks are tiny CloudFormation templates with the real output keys and the resources the
+verbs touch (buckets, a VPC with a subnet per zone, a security group, a launch template carrying
+rendered user data, a log group), created by moto's CloudFormation like `make deploy` would.
+Each test module that lists every run gets its own region, so counts stay exact under xdist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from typer.testing import CliRunner
+
+from training_infra import naming
+from training_infra.cli.main import app
+from training_infra.compute import user_data as user_data_module
+from training_infra.local.emulator import Emulator
+
+IMAGE_ID = "ami-0123456789abcdef0"
+TEMPLATE_INSTANCE_TYPE = "g5.xlarge"
+STACK_MAX_RUNTIME_SECONDS = 12 * 3600
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory) -> Iterator[Emulator]:
+    with Emulator(tmp_path_factory.mktemp("moto-cli")) as aws:
+        yield aws
+
+
+@pytest.fixture(scope="session")
+def stub_agent(tmp_path_factory) -> Path:
+    """A stand-in agent body: the CLI treats the agent as opaque, only the export lines matter."""
+    path = tmp_path_factory.mktemp("agent") / "agent.sh"
+    path.write_text("#!/bin/bash\necho 'training-infra agent stand-in'\n")
+    return path
+
+
+def rendered_user_data(agent_script: Path) -> str:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(user_data_module, "AGENT_SCRIPT", agent_script)
+        return user_data_module.render_user_data(
+            user_data_module.AgentConfig(
+                data_bucket="data-bucket",
+                outputs_bucket="outputs-bucket",
+                image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/training-infra",
+                image_tag="latest",
+                training_command="python train.py",
+                max_runtime_seconds=STACK_MAX_RUNTIME_SECONDS,
+                extra_env="STACK_LEVEL=1",
+            )
+        )
+
+
+def stack_templates(user_data: str, region: str) -> dict[str, dict[str, Any]]:
+    """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out)."""
+    storage = {
+        "Resources": {"Data": {"Type": "AWS::S3::Bucket"}, "Outputs": {"Type": "AWS::S3::Bucket"}},
+        "Outputs": {
+            naming.OUTPUT_TRAINING_BUCKET: {"Value": {"Ref": "Data"}},
+            naming.OUTPUT_OUTPUTS_BUCKET: {"Value": {"Ref": "Outputs"}},
+        },
+    }
+    registry = {
+        "Resources": {"Repo": {"Type": "AWS::ECR::Repository", "Properties": {"RepositoryName": "training-infra"}}},
+        "Outputs": {naming.OUTPUT_ECR_REPOSITORY_URI: {"Value": {"Fn::GetAtt": ["Repo", "RepositoryUri"]}}},
+    }
+    safety = {
+        "Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
+        "Outputs": {naming.OUTPUT_ALERTS_TOPIC_ARN: {"Value": {"Ref": "Topic"}}},
+    }
+    subnets = {
+        f"Subnet{index}": {
+            "Type": "AWS::EC2::Subnet",
+            "Properties": {
+                "VpcId": {"Ref": "Vpc"},
+                "CidrBlock": f"10.20.{index}.0/24",
+                "AvailabilityZone": f"{region}{zone}",
+                "MapPublicIpOnLaunch": True,
+            },
+        }
+        for index, zone in enumerate("ab")
+    }
+    compute = {
+        "Resources": {
+            "Vpc": {"Type": "AWS::EC2::VPC", "Properties": {"CidrBlock": "10.20.0.0/16"}},
+            **subnets,
+            "Group": {
+                "Type": "AWS::EC2::SecurityGroup",
+                "Properties": {"GroupDescription": "training instances (no ingress)", "VpcId": {"Ref": "Vpc"}},
+            },
+            "Template": {
+                "Type": "AWS::EC2::LaunchTemplate",
+                "Properties": {
+                    "LaunchTemplateData": {
+                        "ImageId": IMAGE_ID,
+                        "InstanceType": TEMPLATE_INSTANCE_TYPE,
+                        "SecurityGroupIds": [{"Ref": "Group"}],
+                        "InstanceInitiatedShutdownBehavior": "terminate",
+                        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2},
+                        "BlockDeviceMappings": [
+                            {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 150, "VolumeType": "gp3", "Encrypted": True}}
+                        ],
+                        "InstanceMarketOptions": {
+                            "MarketType": "spot",
+                            "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+                        },
+                        "UserData": {"Fn::Base64": user_data},
+                        "TagSpecifications": [
+                            {"ResourceType": "instance", "Tags": [{"Key": "project", "Value": "training-infra"}]},
+                        ],
+                    }
+                },
+            },
+            "Logs": {"Type": "AWS::Logs::LogGroup", "Properties": {"LogGroupName": f"/training-infra/{region}/runs"}},
+        },
+        "Outputs": {
+            naming.OUTPUT_LAUNCH_TEMPLATE_ID: {"Value": {"Ref": "Template"}},
+            naming.OUTPUT_LOG_GROUP_NAME: {"Value": {"Ref": "Logs"}},
+        },
+    }
+    return {
+        naming.STORAGE_STACK: storage,
+        naming.REGISTRY_STACK: registry,
+        naming.SAFETY_STACK: safety,
+        naming.COMPUTE_STACK: compute,
+    }
+
+
+@dataclass
+class Deployment:
+    """The stacks in one region of the emulator, and helpers to look at what the CLI did."""
+
+    emulator: Emulator
+    region: str
+    outputs: dict[str, str]
+    runner: CliRunner = field(default_factory=CliRunner)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.emulator.env, "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "COLUMNS": "250"}
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, region_name=self.region, endpoint_url=self.emulator.endpoint, **_fake_keys())
+
+    def cli(self, *args: str, env: dict[str, str] | None = None):
+        """Run the command in-process, as a user would type it."""
+        return self.runner.invoke(app, list(args), env={**self.env, **(env or {})}, catch_exceptions=False)
+
+    @property
+    def data_bucket(self) -> str:
+        return self.outputs[naming.OUTPUT_TRAINING_BUCKET]
+
+    @property
+    def outputs_bucket(self) -> str:
+        return self.outputs[naming.OUTPUT_OUTPUTS_BUCKET]
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        return self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+    def run_instances(self, run_id: str) -> list[dict[str, Any]]:
+        pages = self.client("ec2").describe_instances(Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]}])
+        return [i for r in pages["Reservations"] for i in r["Instances"]]
+
+    def put_status(self, status: dict[str, Any]) -> None:
+        key = f"{naming.RUNS_PREFIX}{status['run_id']}/status.json"
+        self.client("s3").put_object(Bucket=self.outputs_bucket, Key=key, Body=json.dumps(status).encode())
+
+
+def _fake_keys() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
+
+
+def deploy(emulator: Emulator, region: str, agent_script: Path) -> Deployment:
+    cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
+    outputs: dict[str, str] = {}
+    for name, template in stack_templates(rendered_user_data(agent_script), region).items():
+        cloudformation.create_stack(StackName=name, TemplateBody=json.dumps(template))
+        stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
+        assert stack["StackStatus"] == "CREATE_COMPLETE", stack
+        outputs.update({o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])})
+    return Deployment(emulator=emulator, region=region, outputs=outputs)
+
+
+@pytest.fixture(scope="session")
+def deployed(emulator, stub_agent) -> Callable[[str], Deployment]:
+    """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region)."""
+    cache: dict[str, Deployment] = {}
+
+    def get(region: str) -> Deployment:
+        if region not in cache:
+            cache[region] = deploy(emulator, region, stub_agent)
+        return cache[region]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def stacks(deployed) -> Deployment:
+    """The default deployment most tests share (each test uses its own run ids)."""
+    return deployed("us-east-1")
+
+
+class Ec2Faults:
+    """A loopback proxy for EC2 that answers RunInstances with a chosen AWS error.
+
+    Capacity and quota errors cannot be produced by moto; everything else is forwarded to it, so
+    the CLI still talks real HTTP and botocore parses a real EC2 error document.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.error_code = "InsufficientInstanceCapacity"
+        self.run_instances_calls: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if b"Action=RunInstances" in body:
+                    proxy.run_instances_calls.append(body.decode())
+                    self._reply(400, _ec2_error(proxy.error_code).encode(), "text/xml")
+                    return
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST")
+                for name in ("Content-Type", "Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
+                    if self.headers.get(name):
+                        request.add_header(name, self.headers[name])
+                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback moto
+                    self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+
+            def _reply(self, status: int, payload: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _ec2_error(code: str) -> str:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+        f"<Code>{code}</Code><Message>injected {code} for the test</Message>"
+        "</Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>"
+    )
+
+
+@pytest.fixture
+def ec2_faults(emulator) -> Iterator[Ec2Faults]:
+    faults = Ec2Faults(emulator.endpoint)
+    yield faults
+    faults.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws_config(monkeypatch, tmp_path) -> None:
+    """Keep a developer's ~/.aws out of the tests."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

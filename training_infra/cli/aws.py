@@ -1,0 +1,105 @@
+"""AWS access for the verbs: one boto3 session, the stacks' outputs, runs found by their tags.
+
+Region and credentials come the standard boto3 way (env, profile, SSO, instance role);
+AWS_ENDPOINT_URL is honoured by botocore itself, which is how the local AWS is reached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from training_infra import naming
+from training_infra.cli.errors import CliError, UsageError
+
+# Which stack publishes which output (DESIGN.md "Outputs").
+OUTPUT_STACKS: dict[str, str] = {
+    naming.OUTPUT_TRAINING_BUCKET: naming.STORAGE_STACK,
+    naming.OUTPUT_OUTPUTS_BUCKET: naming.STORAGE_STACK,
+    naming.OUTPUT_ECR_REPOSITORY_URI: naming.REGISTRY_STACK,
+    naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN: naming.REGISTRY_STACK,
+    naming.OUTPUT_GITHUB_DIFF_ROLE_ARN: naming.REGISTRY_STACK,
+    naming.OUTPUT_ALERTS_TOPIC_ARN: naming.SAFETY_STACK,
+    naming.OUTPUT_LAUNCH_TEMPLATE_ID: naming.COMPUTE_STACK,
+    naming.OUTPUT_LOG_GROUP_NAME: naming.COMPUTE_STACK,
+    naming.OUTPUT_INSTANCE_ID: naming.COMPUTE_STACK,
+}
+SNAKE_TO_KEY = {naming.snake_case(key): key for key in OUTPUT_STACKS}
+# Outputs that exist only with some settings; their absence is not a broken deployment.
+_CONDITIONAL = {
+    naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN: "the stacks were deployed without github_repo",
+    naming.OUTPUT_GITHUB_DIFF_ROLE_ARN: "the stacks were deployed without github_repo",
+    naming.OUTPUT_INSTANCE_ID: "the compute stack was deployed without create_instance=true",
+}
+
+# Standard retry mode unless the user chose one (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS win).
+_CLIENT_CONFIG = botocore.config.Config(retries={"mode": "standard"}, user_agent_extra="training-infra-cli")
+
+
+@dataclass
+class Aws:
+    """Clients and stack outputs for one invocation, created lazily and cached."""
+
+    region: str | None = None
+    _session: boto3.Session | None = field(default=None, init=False, repr=False)
+    _outputs: dict[str, dict[str, str]] = field(default_factory=dict, init=False, repr=False)
+    _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def session(self) -> boto3.Session:
+        if self._session is None:
+            session = boto3.Session(region_name=self.region) if self.region else boto3.Session()
+            if not session.region_name and os.environ.get("AWS_REGION"):
+                # botocore reads AWS_DEFAULT_REGION only; the other AWS SDKs and CLI v2 also read AWS_REGION.
+                session = boto3.Session(region_name=os.environ["AWS_REGION"])
+            self._session = session
+            if not session.region_name:
+                raise botocore.exceptions.NoRegionError()
+        return self._session
+
+    @property
+    def region_name(self) -> str:
+        return self.session.region_name
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self.session.client(service, config=_CLIENT_CONFIG)
+        return self._clients[service]
+
+    def stack_outputs(self, stack: str) -> dict[str, str]:
+        """OutputKey -> OutputValue of a deployed stack, or a clear 'not deployed' error."""
+        if stack not in self._outputs:
+            try:
+                found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
+            except botocore.exceptions.ClientError as error:
+                if "does not exist" in error.response.get("Error", {}).get("Message", ""):
+                    raise CliError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
+                raise
+            status = found[0].get("StackStatus", "") if found else ""
+            if not found or status.startswith("DELETE") or status == "ROLLBACK_COMPLETE":
+                raise CliError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
+            self._outputs[stack] = {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
+        return self._outputs[stack]
+
+    def output(self, key: str) -> str:
+        """One output by its CloudFormation key, explaining why it may be missing."""
+        stack = OUTPUT_STACKS[key]
+        outputs = self.stack_outputs(stack)
+        if key not in outputs:
+            why = _CONDITIONAL.get(key, "the stack is older than this command: run `make deploy`")
+            raise CliError(f"stack {stack} has no output {naming.snake_case(key)} ({why})")
+        return outputs[key]
+
+
+def output_key_for(name: str) -> str:
+    """`training_bucket` (or `TrainingBucket`) -> `TrainingBucket`; usage error otherwise."""
+    if name in SNAKE_TO_KEY:
+        return SNAKE_TO_KEY[name]
+    if name in OUTPUT_STACKS:
+        return name
+    raise UsageError(f"unknown output {name!r}; known outputs: {', '.join(SNAKE_TO_KEY)}")

@@ -1,0 +1,278 @@
+"""Runs as the user sees them: managed instances (by tag) joined with the agent's status.json.
+
+Terminated instances stay visible for about an hour on AWS; after that a run is known only from
+`runs/<run-id>/status.json` in the outputs bucket, so both sources are read and joined. Costs use
+the spot price history actually in effect while the run was up (time-weighted), else the
+on-demand list price.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import botocore.exceptions
+
+from training_infra import naming, pricing
+from training_infra.cli.aws import Aws
+from training_infra.cli.errors import CliError
+
+STATUS_FILE = "status.json"
+LIVE_STATES = ("pending", "running", "shutting-down", "stopping")
+_REASON_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) GMT\)")
+
+
+def utcnow() -> datetime:
+    """The clock every uptime and cost is measured against (one place, so tests can pin it)."""
+    return datetime.now(UTC)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """`<yyyymmdd-hhmmss>-<4 hex>`: sortable by start time, unique enough for one team."""
+    return f"{(now or utcnow()):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def parse_time(value: Any) -> datetime | None:
+    """ISO-8601 (with Z or an offset) or a datetime -> aware UTC datetime; None when absent or garbled."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def iso_z(moment: datetime) -> str:
+    """The deadline tag format: 2026-11-28T18:00:00Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Run:
+    """One attempt of a run: an instance, a status.json, or both joined."""
+
+    run_id: str
+    instance_id: str = ""
+    instance_type: str = ""
+    market: str = ""  # spot | on-demand
+    state: str = ""  # EC2 state, or "finished" when only status.json is left
+    availability_zone: str = ""
+    launched_at: datetime | None = None
+    ended_at: datetime | None = None
+    deadline: datetime | None = None
+    managed: bool = False
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def outcome(self) -> str:
+        return str(self.status.get("outcome", "")) if self.status else ""
+
+    def interval(self, now: datetime) -> tuple[datetime, datetime] | None:
+        """When the run was billed: launch to end (or now while it is up)."""
+        start = self.launched_at or parse_time(self.status.get("started_at"))
+        end = now if self.live else (parse_time(self.status.get("ended_at")) or self.ended_at)
+        if start is None or end is None:
+            return None
+        return start, max(start, end)
+
+
+def run_from_instance(instance: dict[str, Any]) -> Run:
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    state = instance.get("State", {}).get("Name", "")
+    ended = None
+    if state not in LIVE_STATES:
+        match = _REASON_TIME.search(instance.get("StateTransitionReason", ""))
+        ended = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC) if match else None
+    return Run(
+        run_id=tags.get(naming.TAG_RUN_ID, ""),
+        instance_id=instance["InstanceId"],
+        instance_type=instance.get("InstanceType", ""),
+        market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+        state=state,
+        availability_zone=instance.get("Placement", {}).get("AvailabilityZone", ""),
+        launched_at=parse_time(instance.get("LaunchTime")),
+        ended_at=ended,
+        deadline=parse_time(tags.get(naming.TAG_DEADLINE)),
+        managed=tags.get(naming.TAG_MANAGED) == "true",
+    )
+
+
+def run_from_status(status: dict[str, Any]) -> Run:
+    return Run(
+        run_id=str(status.get("run_id", "")),
+        instance_id=str(status.get("instance_id", "")),
+        instance_type=str(status.get("instance_type", "")),
+        market=str(status.get("market", "")),
+        state="finished",
+        availability_zone=str(status.get("availability_zone", "")),
+        launched_at=parse_time(status.get("started_at")),
+        ended_at=parse_time(status.get("ended_at")),
+        managed=True,
+        status=status,
+    )
+
+
+def instances_for(aws: Aws, run_id: str | None = None, *, managed_only: bool = True) -> list[dict[str, Any]]:
+    """Instances tagged with the run id (or every managed one), newest first."""
+    filters = [{"Name": "tag:" + naming.TAG_RUN_ID, "Values": [run_id]}] if run_id else []
+    if managed_only:
+        filters.append({"Name": "tag:" + naming.TAG_MANAGED, "Values": ["true"]})
+    paginator = aws.client("ec2").get_paginator("describe_instances")
+    found = [i for page in paginator.paginate(Filters=filters) for r in page["Reservations"] for i in r["Instances"]]
+    return sorted(found, key=lambda i: i.get("LaunchTime") or datetime.min.replace(tzinfo=UTC), reverse=True)
+
+
+def read_status(aws: Aws, bucket: str, run_id: str) -> dict[str, Any] | None:
+    """The agent's status.json for a run, or None while the run has not finished."""
+    try:
+        body = aws.client("s3").get_object(Bucket=bucket, Key=f"{naming.RUNS_PREFIX}{run_id}/{STATUS_FILE}")["Body"].read()
+    except botocore.exceptions.ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return {"run_id": run_id, "outcome": "unreadable status.json"}
+    return status if isinstance(status, dict) else {"run_id": run_id, "outcome": "unreadable status.json"}
+
+
+def run_ids_in_bucket(aws: Aws, bucket: str) -> list[str]:
+    """Run ids with a folder under runs/ (runs/latest/ is a copy, not a run)."""
+    paginator = aws.client("s3").get_paginator("list_objects_v2")
+    ids = []
+    for page in paginator.paginate(Bucket=bucket, Prefix=naming.RUNS_PREFIX, Delimiter="/"):
+        for prefix in page.get("CommonPrefixes", []):
+            run_id = prefix["Prefix"][len(naming.RUNS_PREFIX) :].rstrip("/")
+            if run_id and f"{naming.RUNS_PREFIX}{run_id}/" != naming.LATEST_PREFIX:
+                ids.append(run_id)
+    return ids
+
+
+def collect_runs(aws: Aws, run_id: str | None = None) -> list[Run]:
+    """Every attempt known from instances and status files, newest first."""
+    bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
+    runs = [run_from_instance(i) for i in instances_for(aws, run_id)]
+    ids = [run_id] if run_id else sorted(set(run_ids_in_bucket(aws, bucket)))
+    for rid in ids:
+        status = read_status(aws, bucket, rid)
+        if status is None:
+            continue
+        status.setdefault("run_id", rid)
+        match = next((r for r in runs if r.run_id == rid and r.instance_id == status.get("instance_id")), None)
+        if match is None:
+            # An instance launched by this CLI whose status names another id (the local agent, an
+            # older attempt): attach to the newest instance of the run only when it has ended.
+            match = next((r for r in runs if r.run_id == rid and not r.live and not r.status), None)
+        if match is not None:
+            match.status = status
+        else:
+            runs.append(run_from_status(status))
+    return sorted(runs, key=lambda r: r.launched_at or datetime.min.replace(tzinfo=UTC), reverse=True)
+
+
+def require_runs(aws: Aws, run_id: str) -> list[Run]:
+    runs = collect_runs(aws, run_id)
+    if not runs:
+        raise CliError(f"unknown run {run_id!r} in {aws.region_name}: no instance tagged {naming.TAG_RUN_ID}={run_id} and no status.json (see `training-infra status`)")
+    return runs
+
+
+# ---- prices and costs ----------------------------------------------------------------------
+
+
+def time_weighted_cost(history: Sequence[tuple[datetime, float]], start: datetime, end: datetime) -> float | None:
+    """USD for [start, end] under a price that changes at the history's timestamps.
+
+    The price in effect at `start` is the last change at or before it (or the first one known);
+    each later change applies from its timestamp on.
+    """
+    if not history:
+        return None
+    points = sorted(history)
+    current = points[0][1]
+    for moment, price in points:
+        if moment <= start:
+            current = price
+    cost, cursor = 0.0, start
+    for moment, price in points:
+        if start < moment < end:
+            cost += current * (moment - cursor).total_seconds() / 3600
+            cursor, current = moment, price
+    return cost + current * (end - cursor).total_seconds() / 3600
+
+
+@dataclass
+class Cost:
+    hours: float
+    usd: float | None
+    on_demand_usd: float | None
+    source: str  # where the price came from: spot history | on-demand list | agent estimate | unknown
+
+
+class PriceBook:
+    """Prices for runs, fetching each spot history window once."""
+
+    def __init__(self, aws: Aws) -> None:
+        self.aws = aws
+
+    def spot_history(self, instance_type: str, zone: str, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
+        paginator = self.aws.client("ec2").get_paginator("describe_spot_price_history")
+        # Entries from before `start` tell which price was in effect when the run began.
+        pages = paginator.paginate(
+            InstanceTypes=[instance_type],
+            ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
+            StartTime=start - timedelta(days=1),
+            EndTime=end,
+            **({"AvailabilityZone": zone} if zone else {}),
+        )
+        entries = [e for page in pages for e in page.get("SpotPriceHistory", []) if e.get("InstanceType") == instance_type]
+        in_zone = [e for e in entries if e.get("AvailabilityZone") == zone] if zone else []
+        chosen = in_zone or entries
+        return [(parse_time(e["Timestamp"]) or start, float(e["SpotPrice"])) for e in chosen]
+
+    def cost(self, run: Run, now: datetime) -> Cost:
+        window = run.interval(now)
+        if window is None:
+            return Cost(0.0, None, None, "unknown")
+        start, end = window
+        hours = (end - start).total_seconds() / 3600
+        list_price = pricing.on_demand_price(run.instance_type)
+        agent_price = _float(run.status.get("hourly_price_usd"))
+        on_demand_rate = list_price if list_price is not None else agent_price
+        on_demand = on_demand_rate * hours if on_demand_rate is not None else None
+        if run.market == "spot" and run.instance_type:
+            try:
+                spot = time_weighted_cost(self.spot_history(run.instance_type, run.availability_zone, start, end), start, end)
+            except botocore.exceptions.ClientError:
+                spot = None  # no ec2:DescribeSpotPriceHistory: fall back to the list price below
+            if spot is not None:
+                return Cost(hours, spot, on_demand, "spot history")
+        if on_demand is not None:
+            return Cost(hours, on_demand, on_demand, "on-demand list")
+        return Cost(hours, None, None, "unknown")
+
+
+def _float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def within_days(runs: Iterable[Run], days: float, now: datetime) -> list[Run]:
+    cutoff = now - timedelta(days=days)
+    return [r for r in runs if (r.launched_at or now) >= cutoff]
