@@ -33,10 +33,14 @@ def aws(monkeypatch):
         monkeypatch.setenv("TOPIC_ARN", topic_arn)
 
         def launch(tags: dict[str, str]) -> str:
-            spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
-            return ec2.run_instances(ImageId=MOTO_AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, TagSpecifications=spec)[
-                "Instances"
-            ][0]["InstanceId"]
+            spec = (
+                [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+                if tags
+                else []
+            )
+            return ec2.run_instances(
+                ImageId=MOTO_AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, TagSpecifications=spec
+            )["Instances"][0]["InstanceId"]
 
         def notices() -> list[dict]:
             messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])

@@ -42,12 +42,18 @@ class Aws:
         self.cloudwatch = boto3.client("cloudwatch", region_name=REGION)
         self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
         self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
-        self.config = reaper.ReaperConfig(topic_arn=self.topic_arn, max_runtime_hours=MAX_HOURS, grace_minutes=GRACE_MINUTES)
+        self.config = reaper.ReaperConfig(
+            topic_arn=self.topic_arn, max_runtime_hours=MAX_HOURS, grace_minutes=GRACE_MINUTES
+        )
 
     def launch(self, tags: dict[str, str], **extra) -> str:
-        tag_spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
+        tag_spec = (
+            [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
+        )
         response = self.ec2.run_instances(
             ImageId=MOTO_AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, TagSpecifications=tag_spec, **extra
         )
@@ -133,8 +139,12 @@ def test_instance_inside_its_deadline_keeps_running_and_nothing_is_sent(aws):
 
 def test_reaper_leaves_the_on_box_shutdown_its_grace_period(aws):
     now = datetime.now(UTC)
-    just_past = aws.launch(managed("just-past", **{naming.TAG_DEADLINE: iso(now - timedelta(minutes=GRACE_MINUTES / 2))}))
-    long_past = aws.launch(managed("long-past", **{naming.TAG_DEADLINE: iso(now - timedelta(minutes=GRACE_MINUTES + 1))}))
+    just_past = aws.launch(
+        managed("just-past", **{naming.TAG_DEADLINE: iso(now - timedelta(minutes=GRACE_MINUTES / 2))})
+    )
+    long_past = aws.launch(
+        managed("long-past", **{naming.TAG_DEADLINE: iso(now - timedelta(minutes=GRACE_MINUTES + 1))})
+    )
 
     result = aws.reap(now)
 
@@ -222,8 +232,12 @@ def test_stopped_instance_past_its_deadline_is_terminated_too(aws):
 def test_many_instances_across_pages_are_all_found_and_terminated(aws, monkeypatch):
     monkeypatch.setattr(reaper, "PAGE_SIZE", 5)
     now = datetime.now(UTC)
-    expired = [aws.launch(managed(f"run-{n}", **{naming.TAG_DEADLINE: iso(now - timedelta(hours=1))})) for n in range(12)]
-    alive = [aws.launch(managed(f"alive-{n}", **{naming.TAG_DEADLINE: iso(now + timedelta(hours=1))})) for n in range(3)]
+    expired = [
+        aws.launch(managed(f"run-{n}", **{naming.TAG_DEADLINE: iso(now - timedelta(hours=1))})) for n in range(12)
+    ]
+    alive = [
+        aws.launch(managed(f"alive-{n}", **{naming.TAG_DEADLINE: iso(now + timedelta(hours=1))})) for n in range(3)
+    ]
 
     result = aws.reap(now)
 

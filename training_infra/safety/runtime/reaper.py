@@ -148,7 +148,9 @@ def _managed_instances(ec2, config: ReaperConfig):
             yield from reservation["Instances"]
 
 
-def _notice(instance: dict, tags: dict[str, str], verdict: Verdict, now: datetime, config: ReaperConfig) -> tuple[str, str]:
+def _notice(
+    instance: dict, tags: dict[str, str], verdict: Verdict, now: datetime, config: ReaperConfig
+) -> tuple[str, str]:
     instance_id = instance["InstanceId"]
     run_id = tags.get(config.run_id_tag, "unknown")
     launched = instance["LaunchTime"].astimezone(UTC)
@@ -179,7 +181,9 @@ def reap(ec2, sns, cloudwatch, config: ReaperConfig, now: datetime) -> ReapResul
         verdict = decide_deadline(tags, instance["LaunchTime"], config)
         if verdict.unreadable_tag:
             result.unreadable_tags[instance_id] = verdict.unreadable_tag
-            log.warning("instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason)
+            log.warning(
+                "instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason
+            )
         if now < verdict.deadline + grace:
             continue
         try:
@@ -199,7 +203,9 @@ def reap(ec2, sns, cloudwatch, config: ReaperConfig, now: datetime) -> ReapResul
     if result.terminated:
         cloudwatch.put_metric_data(
             Namespace=config.namespace,
-            MetricData=[{"MetricName": METRIC_NAME, "Value": len(result.terminated), "Unit": "Count", "Timestamp": now}],
+            MetricData=[
+                {"MetricName": METRIC_NAME, "Value": len(result.terminated), "Unit": "Count", "Timestamp": now}
+            ],
         )
     return result
 

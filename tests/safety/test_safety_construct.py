@@ -1,0 +1,379 @@
+"""Template assertions for TrainingSafety, plus the gates (cdk-nag, cfn-lint, checkov) on its template.
+
+Two configurations, each synthesized once for the module: the cdk.json defaults (no e-mail) and a
+customised one (e-mail, budget, max runtime, retention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aws_cdk import App, Stack, Validations
+from aws_cdk.assertions import Match, Template
+from cdk_nag import AwsSolutionsChecks
+
+from training_infra import naming
+from training_infra.config import parse_settings
+from training_infra.safety.construct import TrainingSafety
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
+CUSTOM = {
+    "alert_email": "ml-team@example.com",
+    "monthly_budget_usd": "250",
+    "max_runtime_hours": "3.5",
+    "log_retention_days": "14",
+}
+
+
+class Synthesized:
+    def __init__(self, outdir: Path, overrides: dict[str, str]) -> None:
+        app = App(outdir=str(outdir), context={**CDK_CONTEXT, **overrides})
+        Validations.of(app).add_plugins(AwsSolutionsChecks(app))  # a violation makes synth raise
+        stack = Stack(app, "SafetyUnderTest")
+        self.settings = parse_settings(app.node.get_all_context())
+        self.safety = TrainingSafety(stack, "Safety", settings=self.settings)
+        app.synth()
+        self.path = outdir / "SafetyUnderTest.template.json"
+        self.json = json.loads(self.path.read_text())
+        self.template = Template.from_json(self.json)
+
+    def resources(self, resource_type: str) -> dict[str, dict]:
+        return {k: v for k, v in self.json["Resources"].items() if v["Type"] == resource_type}
+
+    def one(self, resource_type: str, **match) -> tuple[str, dict]:
+        found = [
+            (k, v)
+            for k, v in self.resources(resource_type).items()
+            if all(v["Properties"].get(key) == value for key, value in match.items())
+        ]
+        assert len(found) == 1, f"expected one {resource_type} with {match}, found {len(found)}"
+        return found[0]
+
+    def logical_id(self, construct) -> str:
+        return Stack.of(construct).resolve(construct.node.default_child.logical_id)
+
+    def statements(self, resource_type: str, document_key: str) -> list[dict]:
+        out = []
+        for resource in self.resources(resource_type).values():
+            out.extend(resource["Properties"][document_key]["Statement"])
+        return out
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory) -> Synthesized:
+    return Synthesized(tmp_path_factory.mktemp("safety-defaults"), {})
+
+
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory) -> Synthesized:
+    return Synthesized(tmp_path_factory.mktemp("safety-custom"), CUSTOM)
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def policy_of_role(synth: Synthesized, function) -> list[dict]:
+    role_id = synth.logical_id(function.role)
+    statements = []
+    for policy in synth.resources("AWS::IAM::Policy").values():
+        if {"Ref": role_id} in policy["Properties"]["Roles"]:
+            statements.extend(policy["Properties"]["PolicyDocument"]["Statement"])
+    return statements
+
+
+# --- alert topic and key ---------------------------------------------------------------------
+
+
+def test_topic_is_encrypted_with_the_rotating_customer_managed_key(defaults):
+    key_id = defaults.logical_id(defaults.safety.alerts_key)
+    defaults.template.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    defaults.template.has_resource_properties("AWS::SNS::Topic", {"KmsMasterKeyId": {"Fn::GetAtt": [key_id, "Arn"]}})
+
+
+def test_key_policy_lets_budgets_eventbridge_and_cloudwatch_use_the_key(defaults):
+    [service_statement] = [s for s in defaults.statements("AWS::KMS::Key", "KeyPolicy") if "Service" in s["Principal"]]
+    assert service_statement["Effect"] == "Allow"
+    assert sorted(as_list(service_statement["Principal"]["Service"])) == [
+        "budgets.amazonaws.com",
+        "cloudwatch.amazonaws.com",
+        "events.amazonaws.com",
+    ]
+    assert sorted(as_list(service_statement["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey*"]
+
+
+def test_topic_policy_denies_publishing_without_tls(defaults):
+    denies = [s for s in defaults.statements("AWS::SNS::TopicPolicy", "PolicyDocument") if s["Effect"] == "Deny"]
+    assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} and s["Principal"] == "*" for s in denies)
+
+
+def test_topic_policy_lets_each_alert_service_publish_only_for_this_account(defaults):
+    allows = [s for s in defaults.statements("AWS::SNS::TopicPolicy", "PolicyDocument") if s["Effect"] == "Allow"]
+    services = sorted(service for s in allows for service in as_list(s["Principal"]["Service"]))
+    assert services == ["budgets.amazonaws.com", "cloudwatch.amazonaws.com", "events.amazonaws.com"]
+    for statement in allows:
+        assert statement["Action"] == "sns:Publish"
+        assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+        assert "aws:SourceArn" in statement["Condition"]["ArnLike"]
+
+
+def test_no_statement_lets_anyone_publish_unconditionally(defaults):
+    for statement in defaults.statements("AWS::SNS::TopicPolicy", "PolicyDocument"):
+        if statement["Effect"] == "Allow":
+            assert statement["Principal"] != "*" and "AWS" not in statement["Principal"]
+            assert statement.get("Condition"), statement
+
+
+def test_email_subscription_exists_only_when_alert_email_is_set(defaults, custom):
+    defaults.template.resource_count_is("AWS::SNS::Subscription", 0)
+    custom.template.resource_count_is("AWS::SNS::Subscription", 1)
+    custom.template.has_resource_properties(
+        "AWS::SNS::Subscription",
+        {
+            "Protocol": "email",
+            "Endpoint": "ml-team@example.com",
+            "TopicArn": {"Ref": custom.logical_id(custom.safety.alerts_topic)},
+        },
+    )
+
+
+# --- budget ----------------------------------------------------------------------------------
+
+
+def test_monthly_cost_budget_uses_the_setting(defaults, custom):
+    for synth, amount in ((defaults, 100), (custom, 250)):
+        synth.template.has_resource_properties(
+            "AWS::Budgets::Budget",
+            {"Budget": {"BudgetType": "COST", "TimeUnit": "MONTHLY", "BudgetLimit": {"Amount": amount, "Unit": "USD"}}},
+        )
+
+
+def test_budget_notifies_the_topic_at_actual_50_80_100_and_forecast_100_percent(defaults):
+    topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
+    [(_, budget)] = defaults.resources("AWS::Budgets::Budget").items()
+    notifications = budget["Properties"]["NotificationsWithSubscribers"]
+    seen = sorted((n["Notification"]["NotificationType"], n["Notification"]["Threshold"]) for n in notifications)
+    assert seen == [("ACTUAL", 50), ("ACTUAL", 80), ("ACTUAL", 100), ("FORECASTED", 100)]
+    for n in notifications:
+        assert n["Notification"]["ThresholdType"] == "PERCENTAGE"
+        assert n["Notification"]["ComparisonOperator"] == "GREATER_THAN"
+        assert n["Subscribers"] == [{"SubscriptionType": "SNS", "Address": topic_ref}]
+
+
+def test_budget_is_created_after_the_topic_policy_that_lets_it_publish(defaults):
+    [(_, budget)] = defaults.resources("AWS::Budgets::Budget").items()
+    [policy_id] = defaults.resources("AWS::SNS::TopicPolicy")
+    assert policy_id in budget.get("DependsOn", [])
+
+
+# --- reaper ----------------------------------------------------------------------------------
+
+
+def test_reaper_runs_the_newest_python_with_one_reserved_slot_and_a_timeout(defaults):
+    reaper_id = defaults.logical_id(defaults.safety.reaper)
+    reaper = defaults.json["Resources"][reaper_id]["Properties"]
+    assert reaper["Runtime"] == "python3.14"
+    assert reaper["Handler"] == "reaper.handler"
+    assert reaper["ReservedConcurrentExecutions"] == 1
+    assert 30 <= reaper["Timeout"] <= 300
+
+
+def test_newest_python_runtime_is_what_this_cdk_offers():
+    """Fails when aws-cdk-lib gains a newer Python runtime, so the reaper does not lag behind."""
+    from aws_cdk import aws_lambda
+
+    offered = [name for name in dir(aws_lambda.Runtime) if name.startswith("PYTHON_3_")]
+    newest = max(offered, key=lambda name: int(name.rsplit("_", 1)[1]))
+    assert newest == "PYTHON_3_14"
+
+
+def test_reaper_gets_settings_and_shared_names_from_the_environment(defaults, custom):
+    for synth, hours in ((defaults, "12"), (custom, "3.5")):
+        env = synth.json["Resources"][synth.logical_id(synth.safety.reaper)]["Properties"]["Environment"]["Variables"]
+        assert env["MAX_RUNTIME_HOURS"] == hours
+        assert env["TOPIC_ARN"] == {"Ref": synth.logical_id(synth.safety.alerts_topic)}
+        assert env["MANAGED_TAG"] == naming.TAG_MANAGED
+        assert env["DEADLINE_TAG"] == naming.TAG_DEADLINE
+        assert env["MAX_RUNTIME_TAG"] == naming.TAG_MAX_RUNTIME_HOURS
+        assert env["METRIC_NAMESPACE"] == naming.METRIC_NAMESPACE
+
+
+def test_reaper_runs_every_five_minutes(defaults):
+    reaper_arn = {"Fn::GetAtt": [defaults.logical_id(defaults.safety.reaper), "Arn"]}
+    defaults.template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "ScheduleExpression": "rate(5 minutes)",
+            "State": "ENABLED",
+            "Targets": [Match.object_like({"Arn": reaper_arn})],
+        },
+    )
+
+
+def test_reaper_may_terminate_only_instances_tagged_managed(defaults):
+    statements = policy_of_role(defaults, defaults.safety.reaper)
+    terminate = [s for s in statements if "ec2:TerminateInstances" in as_list(s["Action"])]
+    assert len(terminate) == 1
+    assert terminate[0]["Condition"] == {"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}}
+    assert terminate[0]["Resource"] != "*"
+
+
+def test_functions_use_resource_star_only_where_aws_has_no_resource_scoping(defaults):
+    expected = {
+        defaults.safety.reaper: ["cloudwatch:PutMetricData", "ec2:DescribeInstances"],
+        defaults.safety.notifier: ["ec2:DescribeInstances"],
+    }
+    for function, actions in expected.items():
+        statements = policy_of_role(defaults, function)
+        assert sorted(a for s in statements if s["Resource"] == "*" for a in as_list(s["Action"])) == actions
+    [metric] = [
+        s for s in policy_of_role(defaults, defaults.safety.reaper) if s["Action"] == "cloudwatch:PutMetricData"
+    ]
+    assert metric["Condition"] == {"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}}
+
+
+def test_function_roles_hold_no_wildcard_actions_and_no_managed_policies(defaults):
+    for function in (defaults.safety.reaper, defaults.safety.notifier):
+        for statement in policy_of_role(defaults, function):
+            for action in as_list(statement["Action"]):
+                assert "*" not in action, statement
+    for role in defaults.resources("AWS::IAM::Role").values():
+        assert "ManagedPolicyArns" not in role["Properties"]
+
+
+def test_no_policy_anywhere_allows_every_action(defaults):
+    documents = [
+        *defaults.statements("AWS::IAM::Policy", "PolicyDocument"),
+        *defaults.statements("AWS::KMS::Key", "KeyPolicy"),
+        *defaults.statements("AWS::SNS::TopicPolicy", "PolicyDocument"),
+    ]
+    assert documents
+    for statement in documents:
+        assert "*" not in as_list(statement["Action"]), statement
+
+
+def test_functions_log_to_their_own_group_with_the_configured_retention(defaults, custom):
+    for synth, days in ((defaults, 30), (custom, 14)):
+        groups = synth.resources("AWS::Logs::LogGroup")
+        assert {g["Properties"]["RetentionInDays"] for g in groups.values()} == {days}
+        for function in (synth.safety.reaper, synth.safety.notifier):
+            config = synth.json["Resources"][synth.logical_id(function)]["Properties"]["LoggingConfig"]
+            assert config["LogGroup"]["Ref"] in groups
+
+
+def test_no_custom_resources_or_extra_functions(defaults):
+    """Custom resources hang on the local emulator and add Lambdas; the safety stack has none."""
+    types = {resource["Type"] for resource in defaults.json["Resources"].values()}
+    assert not [t for t in types if t.startswith("Custom::") or t == "AWS::CloudFormation::CustomResource"]
+    assert len(defaults.resources("AWS::Lambda::Function")) == 2
+
+
+def test_reaper_errors_raise_an_alarm_on_the_topic(defaults):
+    topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
+    reaper_ref = {"Ref": defaults.logical_id(defaults.safety.reaper)}
+    defaults.template.has_resource_properties(
+        "AWS::CloudWatch::Alarm",
+        {
+            "Namespace": "AWS/Lambda",
+            "MetricName": "Errors",
+            "Dimensions": [{"Name": "FunctionName", "Value": reaper_ref}],
+            "Threshold": 1,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+            "AlarmActions": [topic_ref],
+        },
+    )
+
+
+def test_max_runtime_metric_alarm_notifies_the_topic(defaults):
+    topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
+    defaults.template.has_resource_properties(
+        "AWS::CloudWatch::Alarm",
+        {
+            "Namespace": naming.METRIC_NAMESPACE,
+            "MetricName": "InstancesTerminatedForMaxRuntime",
+            "Statistic": "Sum",
+            "Threshold": 1,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+            "TreatMissingData": "notBreaching",
+            "AlarmActions": [topic_ref],
+        },
+    )
+
+
+def test_reaper_publishes_the_metric_the_alarm_watches():
+    from training_infra.safety.runtime import reaper
+
+    assert reaper.METRIC_NAME == "InstancesTerminatedForMaxRuntime"
+
+
+# --- EventBridge notices -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("detail_type", "words"),
+    [
+        ("EC2 Spot Instance Interruption Warning", "Spot interruption warning: instance <detail-instance-id>"),
+        ("EC2 Instance Rebalance Recommendation", "Spot rebalance recommendation: instance <detail-instance-id>"),
+    ],
+)
+def test_spot_warnings_become_readable_notices_on_the_topic(defaults, detail_type, words):
+    topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
+    _, rule = defaults.one("AWS::Events::Rule", EventPattern={"detail-type": [detail_type], "source": ["aws.ec2"]})
+    [target] = rule["Properties"]["Targets"]
+    assert target["Arn"] == topic_ref
+    assert target["InputTransformer"]["InputPathsMap"]["detail-instance-id"] == "$.detail.instance-id"
+    assert words in target["InputTransformer"]["InputTemplate"]
+
+
+def test_instance_state_changes_go_to_the_notifier_that_filters_managed_instances(defaults):
+    notifier_arn = {"Fn::GetAtt": [defaults.logical_id(defaults.safety.notifier), "Arn"]}
+    _, rule = defaults.one(
+        "AWS::Events::Rule",
+        EventPattern={
+            "detail": {"state": ["running", "stopped", "terminated"]},
+            "detail-type": ["EC2 Instance State-change Notification"],
+            "source": ["aws.ec2"],
+        },
+    )
+    assert [t["Arn"] for t in rule["Properties"]["Targets"]] == [notifier_arn]
+    notifier_env = defaults.json["Resources"][defaults.logical_id(defaults.safety.notifier)]["Properties"]
+    assert notifier_env["Environment"]["Variables"]["MANAGED_TAG"] == naming.TAG_MANAGED
+
+
+def test_notifier_may_read_instances_but_not_change_them(defaults):
+    actions = sorted(a for s in policy_of_role(defaults, defaults.safety.notifier) for a in as_list(s["Action"]))
+    assert [a for a in actions if a.startswith("ec2:")] == ["ec2:DescribeInstances"]
+
+
+# --- gates on the synthesized template ----------------------------------------------------------
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_cfn_lint_reports_nothing(custom):
+    result = run_tool(str(VENV_BIN / "cfn-lint"), str(custom.path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_checkov_passes_with_only_commented_skips(custom):
+    result = run_tool(
+        str(VENV_BIN / "checkov"), "-f", str(custom.path), "--framework", "cloudformation",
+        "--output", "json", "--skip-download",
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["summary"]["failed"] == 0, [c["check_id"] for c in report["results"]["failed_checks"]]
+    assert report["summary"]["passed"] > 0
+    skipped = report["results"]["skipped_checks"]
+    assert skipped, "the functions' documented skips should be visible to checkov"
+    for check in skipped:
+        assert len(check["check_result"].get("suppress_comment", "")) > 40, check["check_id"]
