@@ -56,6 +56,7 @@ class AgentConfig:
     market: str = "spot"  # spot | on-demand
     hourly_price_usd: float = 0.0  # on-demand list price, for the cost estimate
     extra_env: str = ""  # newline-separated KEY=VALUE passed to the trainer
+    stop_on_rebalance: bool = True  # false: a rebalance notice only syncs checkpoints early
 
 
 def _export(name: str, value: object) -> str:

@@ -1,0 +1,209 @@
+"""The real agent (rendered user data, run by bash) against moto and a fake IMDS, end to end.
+
+Each test is one way a real run ends; each asserts what a user relies on afterwards: what is in S3,
+what status.json says, and that the box was powered off (or deliberately left running).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+LONG_TRAINING = "EPOCHS=400\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=5"
+
+
+def s3_writes(run, prefix: str) -> list[str]:
+    """Object keys under `prefix` in the order the agent's successful PUTs reached S3."""
+    keys = []
+    for request in run.proxy.requests:
+        path = request.path.split("?", 1)[0]
+        if request.service == "s3" and request.method == "PUT" and request.status == 200:
+            key = path.split("/", 2)[2] if path.count("/") >= 2 else ""
+            if key.startswith(prefix):
+                keys.append(key)
+    return keys
+
+
+def test_happy_path_uploads_outputs_logs_status_and_success_marker_last_then_powers_off(make_run):
+    run = make_run(run_id="", extra_env="EPOCHS=10\nSTEP_SECONDS=0.4").run()
+
+    assert re.fullmatch(r"\d{8}-\d{6}-i-[0-9a-f]+", run.run_id), "derived run id is <UTC date-time>-<instance id>"
+    prefix = f"runs/{run.run_id}/"
+    keys = run.keys(prefix)
+    for expected in ("outputs/model.npz", "outputs/metrics.json", "logs/training.log", "logs/training-setup.log", "status.json", "_SUCCESS"):
+        assert prefix + expected in keys
+    assert s3_writes(run, prefix)[-1] == prefix + "_SUCCESS", "_SUCCESS must be the last object written"
+
+    status = run.status()
+    assert status["outcome"] == "succeeded" and status["exit_code"] == 0
+    assert status["instance_id"] == run.imds.instance_id
+    assert (status["instance_type"], status["market"], status["availability_zone"]) == ("g5.xlarge", "spot", "us-east-1a")
+    assert status["image"] == f"{run.config.image_uri}:v1"
+    assert status["estimated_cost_usd"] == pytest.approx(1.006 * status["duration_seconds"] / 3600, abs=1e-4)
+    for stamp in ("started_at", "ended_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", status[stamp])
+
+    metrics = json.loads(run.read(prefix + "outputs/metrics.json"))
+    assert metrics["epochs_completed"] == 10 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
+    assert "epoch 10/10" in run.read(prefix + "logs/training.log")
+    assert json.loads(run.read("runs/latest/status.json"))["run_id"] == run.run_id
+    assert "runs/latest/_SUCCESS" in run.keys("runs/latest/")
+
+    logs = run.extra["session"].client("logs", endpoint_url=run.aws.endpoint)
+    events = logs.get_log_events(logGroupName=run.config.log_group, logStreamName=run.run_id)["events"]
+    assert any("epoch 10/10" in event["message"] for event in events), "training output streams to CloudWatch under the run id"
+
+    cloudwatch = run.extra["session"].client("cloudwatch", endpoint_url=run.aws.endpoint)
+    gpu = cloudwatch.list_metrics(Namespace="TrainingInfra", MetricName="GPUUtilization")["Metrics"]
+    assert {"Name": "InstanceId", "Value": run.imds.instance_id} in [d for m in gpu for d in m["Dimensions"]]
+
+    notice = run.extra["sqs"].receive_message(QueueUrl=run.extra["queue_url"], WaitTimeSeconds=2)["Messages"][0]
+    assert run.run_id in json.loads(notice["Body"])["Message"] and "succeeded" in json.loads(notice["Body"])["Message"]
+
+    shutdown_calls = [(at, call) for at, call in run.calls if call.startswith("shutdown")]
+    assert shutdown_calls[0][1].startswith("shutdown -h +10 "), "OS deadline = max runtime rounded up to minutes"
+    assert shutdown_calls[0][0] < min(r.at for r in run.imds.requests), "deadline is set before the first network call"
+    assert run.called("poweroff") == ["poweroff "], "powered off exactly once, at the very end"
+
+
+def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(make_run):
+    run = make_run(run_id="spot-run", extra_env=LONG_TRAINING, checkpoint_sync_seconds=300).start()
+    run.wait_for_log(r"epoch 3/")
+    noticed_at = time.time()
+    run.imds.inject_spot_interruption()
+    run.wait(90)
+
+    sigterm_at = float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)").group(1))
+    assert sigterm_at - noticed_at <= 6, "trainer gets SIGTERM within one poll of the notice"
+    checkpoints = run.keys("checkpoints/spot-run/")
+    assert checkpoints, "the checkpoint written on SIGTERM reached S3 (periodic sync was off)"
+    saved_epoch = int(checkpoints[-1].rsplit("-", 1)[1].split(".")[0])
+    assert saved_epoch >= 3
+    status = run.status()
+    assert status["outcome"] == "interrupted" and "spot interruption" in status["message"]
+    assert "runs/spot-run/_SUCCESS" not in run.keys("runs/spot-run/")
+    assert "received SIGTERM" in run.read("runs/spot-run/logs/training.log")
+    assert json.loads(run.read("runs/spot-run/outputs/metrics.json"))["interrupted"] is True
+    assert run.called("poweroff")
+
+
+def test_trainer_crash_reports_failed_with_exit_code_uploads_logs_and_no_success_marker(make_run):
+    run = make_run(run_id="crash-run", extra_env="EPOCHS=6\nSTEP_SECONDS=0.2\nFAIL_AT_EPOCH=2").run()
+
+    status = run.status()
+    assert (status["outcome"], status["exit_code"]) == ("failed", 3)
+    keys = run.keys("runs/crash-run/")
+    assert "runs/crash-run/_SUCCESS" not in keys
+    assert "simulated crash" in run.read("runs/crash-run/logs/training.log")
+    assert "runs/latest/status.json" not in run.keys("runs/latest/"), "a failed run does not replace runs/latest/"
+    assert run.called("poweroff")
+
+
+def test_transient_s3_failures_are_retried_and_the_run_still_succeeds(make_run):
+    run = make_run(run_id="flaky-run", fail_s3_every=3).run()
+
+    assert run.proxy.injected_failures >= 5, "the proxy really failed S3 requests"
+    assert run.status()["outcome"] == "succeeded"
+    assert "runs/flaky-run/_SUCCESS" in run.keys("runs/flaky-run/")
+    assert "runs/flaky-run/outputs/model.npz" in run.keys("runs/flaky-run/")
+
+
+def test_missing_image_fails_the_run_clearly_after_bounded_retries_and_powers_off(make_run):
+    run = make_run(run_id="no-image", with_image=False, env={"TI_RETRY_ATTEMPTS": "2"}).run()
+
+    status = run.status()
+    assert status["outcome"] == "failed" and status["exit_code"] is None
+    assert "could not get image" in status["message"] and run.config.image_uri in status["message"]
+    assert "ImageNotFoundException" in run.read("runs/no-image/logs/training-setup.log")
+    assert run.setup_log.count("failed (attempt 1 of 2)") == 1, "retried a bounded number of times"
+    assert "starting trainer" not in run.setup_log
+    assert run.called("poweroff")
+
+
+def test_data_sync_failing_for_good_is_reported_and_auto_shutdown_false_leaves_box_running(make_run):
+    run = make_run(run_id="no-data", with_data=False, auto_shutdown=False, env={"TI_RETRY_ATTEMPTS": "2"}).run()
+
+    status = run.status()
+    assert status["outcome"] == "failed"
+    assert f"could not sync s3://{run.config.data_bucket}/data/" in status["message"]
+    assert "NoSuchBucket" in run.read("runs/no-data/logs/training-setup.log")
+    assert run.called("poweroff") == []
+    assert run.called("shutdown -h +"), "the OS deadline still guards a box left running"
+
+
+def test_max_runtime_deadline_stops_trainer_and_saves_its_outputs(make_run):
+    run = make_run(run_id="deadline-run", max_runtime_seconds=15, extra_env=LONG_TRAINING).run()
+
+    status = run.status()
+    assert status["outcome"] == "deadline" and "max runtime" in status["message"]
+    assert 15 <= status["duration_seconds"] <= 30
+    assert json.loads(run.read("runs/deadline-run/outputs/metrics.json"))["interrupted"] is True
+    assert run.keys("checkpoints/deadline-run/")
+    assert run.called("shutdown -h +1 "), "15 s rounds up to a 1-minute OS deadline"
+    assert run.called("poweroff")
+
+
+def test_idle_gpu_ends_the_run_as_idle_and_saves_outputs(make_run):
+    run = make_run(run_id="idle-run", idle_seconds=3, idle_gpu_percent=5, extra_env=LONG_TRAINING)
+    (run.tmp / "gpu-util").write_text("0\n3\n")  # two GPUs, both below 5 %
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "idle" and "GPU utilisation below 5" in status["message"]
+    assert status["duration_seconds"] < 30
+    assert "runs/idle-run/outputs/metrics.json" in run.keys("runs/idle-run/")
+    assert run.called("poweroff")
+
+
+def test_stale_heartbeat_counts_as_idle_even_at_full_gpu_and_a_hung_trainer_is_killed(make_run):
+    heartbeat = "/outputs/heartbeat"
+    run = make_run(
+        run_id="hung-run", stop_grace_seconds=2, extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nHANG_AT_EPOCH=4",
+        env={"TI_HEARTBEAT_FILE": heartbeat, "TI_HEARTBEAT_STALE_SECONDS": "3"},
+    )
+    (run.tmp / "gpu-util").write_text("100\n")
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "idle" and "heartbeat" in status["message"]
+    assert status["exit_code"] == 137, "the hung trainer ignored SIGTERM and was killed after the grace period"
+    assert "SIGKILL" in run.read("runs/hung-run/logs/training.log")
+    assert "runs/hung-run/outputs/heartbeat" in run.keys("runs/hung-run/"), "trainer got HEARTBEAT_FILE under its outputs"
+
+
+def _checkpoint(epoch: int, weights: list[float]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, weights=np.array(weights), epoch=epoch)
+    return buffer.getvalue()
+
+
+def test_relaunch_with_same_run_id_restores_its_checkpoint_and_continues(make_run):
+    run = make_run(run_id="resume-run", extra_env="EPOCHS=8\nSTEP_SECONDS=0.2")
+    bucket = run.config.outputs_bucket
+    run.s3.put_object(Bucket=bucket, Key="checkpoints/resume-run/ckpt-000005.npz", Body=_checkpoint(5, [1.5, -2.0, 0.5, 0.25]))
+    # Another run's newer checkpoint must not leak into this one.
+    run.s3.put_object(Bucket=bucket, Key="checkpoints/other-run/ckpt-000007.npz", Body=_checkpoint(7, [9, 9, 9, 9]))
+    run.run()
+
+    assert "resumed from checkpoint ckpt-000005.npz (epoch 5)" in run.training_log
+    metrics = json.loads(run.read("runs/resume-run/outputs/metrics.json"))
+    assert (metrics["resumed_from_epoch"], metrics["epochs_completed"]) == (5, 8)
+    assert run.status()["outcome"] == "succeeded"
+    assert "checkpoints/resume-run/ckpt-000008.npz" in run.keys("checkpoints/resume-run/")
+
+
+def test_bad_setting_fails_with_one_line_naming_it_before_any_network_call(make_run):
+    run = make_run(run_id="bad-setting", env={"TI_RUNTIME": "podman"}).run()
+
+    status = run.status()
+    assert status["outcome"] == "failed"
+    assert status["message"] == "TI_RUNTIME='podman' is not allowed: use one of docker process"
+    assert not run.called("shutdown"), "validation happens before anything else"
+    assert run.called("poweroff")

@@ -1,0 +1,491 @@
+#!/bin/bash
+# training-infra instance agent: runs one training job on this box, saves everything to S3 and
+# powers the box off. Deployed as EC2 user data (training_infra/compute/user_data.py); settings
+# arrive as TI_* variables. Read docs/agent.md first. Order matters and follows DESIGN.md:
+# logging, traps, OS deadline (before any network call), metadata, image, data, checkpoints,
+# trainer + watchers, then upload, status.json, _SUCCESS, notice, power-off.
+# shellcheck disable=SC2317  # functions below are reached through traps and background jobs
+set -Eeuo pipefail
+umask 022
+
+ROOT=${TI_ROOT:-}
+AGENT_DIR=$ROOT/opt/training-infra
+STATE=$AGENT_DIR/state
+LOG_DIR=$ROOT/var/log
+SETUP_LOG=$LOG_DIR/training-setup.log
+TRAIN_LOG=$LOG_DIR/training.log
+DATA_DIR=$ROOT/data
+OUT_DIR=$ROOT/outputs
+CKPT_DIR=$ROOT/checkpoints
+POWEROFF_CMD=${TI_POWEROFF_CMD:-shutdown -h now}
+SHUTDOWN_BIN=${TI_SHUTDOWN_BIN:-shutdown}
+NVIDIA_SMI=${TI_NVIDIA_SMI:-nvidia-smi}
+DOCKER=${TI_DOCKER:-docker}
+IMDS=${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}
+IMDS=${IMDS%/}
+SPOT_GRACE_CAP=80  # a spot notice gives 120 s: leave room to flush after the grace period
+# The AWS CLI retries throttling and 5xx itself with backoff; our loops only cover the rest.
+export AWS_RETRY_MODE=${AWS_RETRY_MODE:-standard} AWS_MAX_ATTEMPTS=${AWS_MAX_ATTEMPTS:-5}
+export AWS_PAGER=""
+[[ -z ${TI_REGION:-} ]] || export AWS_DEFAULT_REGION=$TI_REGION AWS_REGION=$TI_REGION
+
+: "${TI_DATA_BUCKET:=}" "${TI_OUTPUTS_BUCKET:=}" "${TI_IMAGE_URI:=}" "${TI_IMAGE_TAG:=latest}"
+: "${TI_TRAINING_COMMAND:=}" "${TI_RUN_ID:=}" "${TI_REGION:=}" "${TI_LOG_GROUP:=}"
+: "${TI_ALERTS_TOPIC_ARN:=}" "${TI_METRIC_NAMESPACE:=TrainingInfra}" "${TI_MAX_RUNTIME_SECONDS:=43200}"
+: "${TI_AUTO_SHUTDOWN:=true}" "${TI_IDLE_SECONDS:=1800}" "${TI_IDLE_GPU_PERCENT:=5}"
+: "${TI_CHECKPOINT_SYNC_SECONDS:=300}" "${TI_SPOT_POLL_SECONDS:=5}" "${TI_STOP_GRACE_SECONDS:=60}"
+: "${TI_MARKET:=spot}" "${TI_HOURLY_PRICE_USD:=0}" "${TI_EXTRA_ENV:=}" "${TI_STOP_ON_REBALANCE:=true}"
+: "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
+: "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
+RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
+HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
+[[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
+
+OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
+INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
+IMAGE="${TI_IMAGE_URI}:${TI_IMAGE_TAG}" CONTAINER=training-infra-trainer WATCHERS=()
+START_EPOCH=$(date +%s)
+STARTED_AT=$(date -u -d "@$START_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
+
+log() { printf '%s [agent] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
+# Milestones also go to the training log, so the CloudWatch stream tells the whole story.
+note() { log "$*"; printf '%s [training-infra] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >>"$TRAIN_LOG"; }
+fail() { OUTCOME=failed MESSAGE=$*; log "FAILED: $*"; exit 1; }
+awsc() { aws --cli-connect-timeout 10 "$@"; }
+
+# Start a background job in its own process group, so it can be stopped with everything it runs.
+spawn() { set -m; "$@" & LAST_PID=$!; set +m; }
+kill_group() { kill "-${2:-TERM}" -- "-$1" 2>/dev/null || true; }
+alive() { kill -0 -- "-$1" 2>/dev/null; }
+
+retry() {  # retry DESCRIPTION COMMAND...: bounded attempts with exponential backoff
+  local what=$1 n=1 pause
+  shift
+  until "$@"; do
+    if ((n >= RETRIES)); then log "$what failed after $n attempts"; return 1; fi
+    pause=$((TI_RETRY_BASE_SECONDS * 2 ** (n - 1)))
+    log "$what failed (attempt $n of $RETRIES); retrying in ${pause}s"
+    sleep "$pause"
+    n=$((n + 1))
+  done
+}
+
+# ---------------------------------------------------------------- settings (no network yet)
+need_int() { [[ ${!1} =~ ^[0-9]+$ ]] || fail "$1='${!1}' is not allowed: use a whole number of seconds"; }
+need_num() { [[ ${!1} =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "$1='${!1}' is not allowed: use a number such as 5 or 0.5"; }
+need_one() {
+  local name=$1 value=${!1} allowed
+  shift
+  for allowed in "$@"; do [[ $value == "$allowed" ]] && return 0; done
+  fail "$name='$value' is not allowed: use one of $*"
+}
+validate() {
+  local v line
+  for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
+    TI_STOP_GRACE_SECONDS TI_HEARTBEAT_STALE_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
+    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS; do need_int "$v"; done
+  for v in TI_IDLE_GPU_PERCENT TI_HOURLY_PRICE_USD; do need_num "$v"; done
+  need_one TI_AUTO_SHUTDOWN true false
+  need_one TI_STOP_ON_REBALANCE true false
+  need_one TI_MARKET spot on-demand
+  need_one TI_RUNTIME docker process
+  for v in TI_MAX_RUNTIME_SECONDS TI_SPOT_POLL_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_LOG_SHIP_SECONDS TI_RETRY_ATTEMPTS; do
+    ((${!v} > 0)) || fail "$v=0 is not allowed: use at least 1"
+  done
+  [[ -n $TI_DATA_BUCKET && -n $TI_OUTPUTS_BUCKET && -n $TI_IMAGE_URI ]] ||
+    fail "TI_DATA_BUCKET, TI_OUTPUTS_BUCKET and TI_IMAGE_URI must all be set"
+  [[ $TI_RUNTIME == docker || -n $TI_TRAINING_COMMAND ]] ||
+    fail "TI_TRAINING_COMMAND is empty: the process runtime has no image CMD to fall back on"
+  [[ -z $TI_RUN_ID || $TI_RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||
+    fail "TI_RUN_ID='$TI_RUN_ID' is not allowed: use letters, digits, '.', '_' and '-'"
+  [[ $POWEROFF_CMD != *halt* ]] || fail "TI_POWEROFF_CMD='$POWEROFF_CMD' is not allowed: halt leaves the instance billing"
+  : >"$STATE/trainer.env"
+  while IFS= read -r line; do
+    [[ -z $line ]] && continue
+    [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "TI_EXTRA_ENV line '$line' is not allowed: use KEY=VALUE"
+    printf '%s\n' "$line" >>"$STATE/trainer.env"
+  done <<<"$TI_EXTRA_ENV"
+}
+
+# ---------------------------------------------------------------- instance metadata (IMDSv2)
+imds_token() {
+  IMDS_TOKEN=$(curl -sf --max-time 2 --retry 3 --retry-connrefused -X PUT \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$IMDS/latest/api/token")
+}
+imds_get() {  # imds_get PATH: prints the body; fails on 404 and other errors; renews an expired token
+  local out code try
+  for try in 1 2; do
+    out=$(curl -s --max-time 2 -w '\n%{http_code}' -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" "$IMDS/latest/$1") || return 1
+    code=${out##*$'\n'}
+    if [[ $code == 401 && $try == 1 ]]; then imds_token || return 1; continue; fi
+    [[ $code == 200 ]] || return 1
+    printf '%s' "${out%$'\n'*}"
+    return 0
+  done
+  return 1
+}
+read_metadata() {
+  retry "instance metadata token" imds_token || fail "instance metadata (IMDSv2) at $IMDS did not answer"
+  INSTANCE_ID=$(imds_get meta-data/instance-id) || fail "could not read instance-id from IMDS at $IMDS"
+  INSTANCE_TYPE=$(imds_get meta-data/instance-type || echo unknown)
+  AZ=$(imds_get meta-data/placement/availability-zone || echo unknown)
+  MARKET=$(imds_get meta-data/instance-life-cycle || echo "$TI_MARKET")
+  REGION=${TI_REGION:-$(imds_get meta-data/placement/region || true)}
+  [[ -n $REGION ]] || REGION=${AZ%[a-z]}
+  export AWS_DEFAULT_REGION=$REGION AWS_REGION=$REGION
+}
+set_run_id() {
+  local id=$TI_RUN_ID
+  [[ -n $id ]] || id="$(date -u -d "@$START_EPOCH" +%Y%m%d-%H%M%S)-${INSTANCE_ID}"
+  RUN_ID=${id,,}
+  RUN_PREFIX=s3://$TI_OUTPUTS_BUCKET/runs/$RUN_ID
+  CKPT_PREFIX=s3://$TI_OUTPUTS_BUCKET/checkpoints/$RUN_ID
+}
+
+# ---------------------------------------------------------------- CloudWatch Logs (stream = run id)
+open_log_stream() {
+  [[ -n $TI_LOG_GROUP ]] || { log "no TI_LOG_GROUP: training output stays in S3 only"; return 0; }
+  local err
+  if err=$(awsc logs create-log-stream --log-group-name "$TI_LOG_GROUP" --log-stream-name "$RUN_ID" 2>&1) ||
+    [[ $err == *ResourceAlreadyExists* ]]; then
+    LOGS_OK=1
+  else
+    log "WARNING: cannot open log stream $TI_LOG_GROUP/$RUN_ID (training output stays in S3): $err"
+  fi
+}
+ship_logs() {  # ship_logs [final]: send new lines of the training log to CloudWatch in batches
+  [[ -n $LOGS_OK ]] || return 0
+  local count
+  while count=$(python3 - "$TRAIN_LOG" "$STATE/log.offset" "$STATE/log.batch.json" "${1:-}" <<'PY'
+import json, os, sys, time
+path, offset_file, batch_file, final = sys.argv[1:5]
+offset = int(open(offset_file).read() or 0) if os.path.exists(offset_file) else 0
+with open(path, "rb") as f:
+    f.seek(offset)
+    parts = f.read(900_000).splitlines(keepends=True)[:5000]
+if parts and not final and not parts[-1].endswith((b"\n", b"\r")):
+    parts.pop()  # a line still being written goes in the next batch
+now = int(time.time() * 1000)
+lines = [p.decode("utf-8", "replace").rstrip("\r\n")[:200_000] for p in parts]
+json.dump([{"timestamp": now, "message": line} for line in lines if line.strip()], open(batch_file, "w"))
+open(offset_file + ".next", "w").write(str(offset + sum(map(len, parts))))
+print(sum(1 for line in lines if line.strip()) if parts else -1)
+PY
+  ); do
+    ((count >= 0)) || return 0
+    if ((count > 0)); then
+      awsc logs put-log-events --log-group-name "$TI_LOG_GROUP" --log-stream-name "$RUN_ID" \
+        --log-events "file://$STATE/log.batch.json" >/dev/null || return 1
+    fi
+    mv "$STATE/log.offset.next" "$STATE/log.offset"
+  done
+}
+
+# ---------------------------------------------------------------- image, data, checkpoints
+fetch_image() {
+  local registry=${TI_IMAGE_URI%%/*} repo=${TI_IMAGE_URI#*/} password digest registry_id=()
+  if [[ $registry == *.dkr.ecr.*.amazonaws.com* ]]; then
+    [[ ${registry%%.*} =~ ^[0-9]{12}$ ]] && registry_id=(--registry-id "${registry%%.*}")
+    password=$(awsc ecr get-login-password) || return 1
+    if [[ $RUNTIME == docker ]]; then
+      "$DOCKER" login --username AWS --password-stdin "$registry" <<<"$password" >/dev/null || return 1
+    fi
+  fi
+  if [[ $RUNTIME == docker ]]; then
+    "$DOCKER" pull --quiet "$IMAGE"
+  elif [[ ${#registry_id[@]} -gt 0 || $registry == *.dkr.ecr.* ]]; then
+    # No Docker engine here: prove the image exists, then run the same command directly.
+    digest=$(awsc ecr describe-images --repository-name "$repo" "${registry_id[@]}" \
+      --image-ids "imageTag=$TI_IMAGE_TAG" --query 'imageDetails[0].imageDigest' --output text) || return 1
+    log "image $IMAGE is in ECR ($digest); the process runtime runs its command directly"
+  fi
+}
+sync_checkpoints() {  # files ending in .tmp are half-written: trainers write there, then rename
+  awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --only-show-errors
+}
+upload_logs() {
+  mkdir -p "$STATE/logs"
+  cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
+  awsc s3 sync "$STATE/logs/" "$RUN_PREFIX/logs/" --only-show-errors
+}
+
+# ---------------------------------------------------------------- the trainer
+run_process_trainer() {  # the `process` runtime: the container's command, run directly
+  local line
+  export RUN_ID DATA_DIR OUTPUT_DIR=$OUT_DIR CHECKPOINT_DIR=$CKPT_DIR HEARTBEAT_FILE=$HEARTBEAT_HOST
+  trap - ERR
+  while IFS= read -r line; do export "${line?}"; done <"$STATE/trainer.env"
+  exec bash -c "$TI_TRAINING_COMMAND"
+}
+start_trainer() {
+  local command=()
+  TRAINER_STARTED=$(date +%s)
+  note "starting trainer ($RUNTIME runtime, image $IMAGE, run $RUN_ID)"
+  if [[ $RUNTIME == docker ]]; then
+    [[ -z $TI_TRAINING_COMMAND ]] || command=(sh -c "$TI_TRAINING_COMMAND")
+    "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
+    spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init --ipc=host -e TINI_KILL_PROCESS_GROUP=1 \
+      -v "$DATA_DIR:/data:ro" -v "$OUT_DIR:/outputs" -v "$CKPT_DIR:/checkpoints" \
+      -e "RUN_ID=$RUN_ID" -e DATA_DIR=/data -e OUTPUT_DIR=/outputs -e CHECKPOINT_DIR=/checkpoints \
+      -e "HEARTBEAT_FILE=$TI_HEARTBEAT_FILE" -e "STOP_GRACE_SECONDS=$TI_STOP_GRACE_SECONDS" \
+      --env-file "$STATE/trainer.env" "$IMAGE" "${command[@]}" >>"$TRAIN_LOG" 2>&1
+  else
+    spawn run_process_trainer >>"$TRAIN_LOG" 2>&1
+  fi
+  TRAINER_PID=$LAST_PID
+}
+stop_trainer() {  # stop_trainer GRACE: SIGTERM, wait up to GRACE seconds, then SIGKILL
+  local grace=$1 i
+  [[ -n $TRAINER_PID ]] && alive "$TRAINER_PID" || return 0
+  log "SIGTERM to the trainer; ${grace}s grace before SIGKILL"
+  if [[ $RUNTIME == docker ]]; then
+    "$DOCKER" stop -t "$grace" "$CONTAINER" >/dev/null 2>&1 || true
+  else
+    kill_group "$TRAINER_PID" TERM
+    for ((i = 0; i < grace * 5; i++)); do alive "$TRAINER_PID" || return 0; sleep 0.2; done
+    alive "$TRAINER_PID" || return 0
+    note "trainer ignored SIGTERM for ${grace}s: SIGKILL"
+    kill_group "$TRAINER_PID" KILL
+  fi
+}
+request_stop() {  # request_stop OUTCOME MESSAGE GRACE: the first watcher to ask wins
+  mkdir "$STATE/stop" 2>/dev/null || return 0
+  printf '%s\n%s\n' "$1" "$2" >"$STATE/stop/reason"
+  note "$2: stopping the trainer (outcome $1)"
+  stop_trainer "$3"
+}
+
+# ---------------------------------------------------------------- watchers (background jobs)
+watch_spot() {
+  local body grace=$((TI_STOP_GRACE_SECONDS < SPOT_GRACE_CAP ? TI_STOP_GRACE_SECONDS : SPOT_GRACE_CAP)) rebalanced=""
+  while true; do
+    if body=$(imds_get meta-data/spot/instance-action); then
+      request_stop interrupted "spot interruption notice $body" "$grace"
+      return
+    fi
+    if [[ -z $rebalanced ]] && body=$(imds_get meta-data/events/recommendations/rebalance); then
+      rebalanced=1
+      if [[ $TI_STOP_ON_REBALANCE == true ]]; then
+        request_stop interrupted "rebalance recommendation $body" "$grace"
+        return
+      fi
+      note "rebalance recommendation $body: syncing checkpoints now, training continues"
+      sync_checkpoints || log "WARNING: checkpoint sync failed"
+    fi
+    sleep "$TI_SPOT_POLL_SECONDS"
+  done
+}
+watch_deadline() {  # stop early enough to save outputs before the OS-level shutdown fires
+  local margin=$((TI_STOP_GRACE_SECONDS + 60)) stop_at
+  ((TI_MAX_RUNTIME_SECONDS > 2 * margin)) || margin=0
+  stop_at=$((START_EPOCH + TI_MAX_RUNTIME_SECONDS - margin))
+  sleep "$((stop_at > $(date +%s) ? stop_at - $(date +%s) : 0))"
+  request_stop deadline "max runtime of ${TI_MAX_RUNTIME_SECONDS}s reached" "$TI_STOP_GRACE_SECONDS"
+}
+gpu_utilisation() {  # the busiest GPU, so one busy GPU of eight is not "idle"
+  "$NVIDIA_SMI" --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
+    awk 'BEGIN { m = -1 } /^ *[0-9.]+ *$/ { if ($1 + 0 > m) m = $1 + 0 } END { if (m < 0) exit 1; print m }'
+}
+watch_idle() {
+  local poll=$((TI_IDLE_SECONDS / 4)) util now idle_since="" last_metric=0 age warned=""
+  ((poll <= 15)) || poll=15
+  ((poll >= 1)) || poll=1
+  while true; do
+    now=$(date +%s)
+    if ! util=$(gpu_utilisation); then
+      [[ -n $warned ]] || log "WARNING: $NVIDIA_SMI gave no utilisation: GPU idle detection is off"
+      warned=1 util=""
+    elif ((now - last_metric >= 60)); then
+      last_metric=$now
+      awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name GPUUtilization \
+        --dimensions "InstanceId=$INSTANCE_ID" --value "$util" --unit Percent || log "WARNING: metric not sent"
+    fi
+    if [[ -n $HEARTBEAT_HOST ]]; then
+      age=$((now - $(stat -c %Y "$HEARTBEAT_HOST" 2>/dev/null || echo "$TRAINER_STARTED")))
+      if ((age > TI_HEARTBEAT_STALE_SECONDS)); then
+        request_stop idle "no progress heartbeat in $TI_HEARTBEAT_FILE for ${age}s" "$TI_STOP_GRACE_SECONDS"
+        return
+      fi
+    fi
+    if [[ -n $util ]] && awk -v u="$util" -v t="$TI_IDLE_GPU_PERCENT" 'BEGIN { exit !(u < t) }'; then
+      idle_since=${idle_since:-$now}
+      if ((now - idle_since >= TI_IDLE_SECONDS)); then
+        request_stop idle "GPU utilisation below ${TI_IDLE_GPU_PERCENT}% for ${TI_IDLE_SECONDS}s" "$TI_STOP_GRACE_SECONDS"
+        return
+      fi
+    else
+      idle_since=""
+    fi
+    sleep "$poll"
+  done
+}
+watch_checkpoints() {  # only changed files travel; logs ride along so a hard kill loses little
+  while sleep "$TI_CHECKPOINT_SYNC_SECONDS"; do
+    sync_checkpoints || log "WARNING: periodic checkpoint sync failed; next try in ${TI_CHECKPOINT_SYNC_SECONDS}s"
+    upload_logs || true
+  done
+}
+watch_logs() { while sleep "$TI_LOG_SHIP_SECONDS"; do ship_logs || log "WARNING: CloudWatch Logs upload failed"; done; }
+run_watcher() { trap - ERR EXIT TERM INT; set +e; "$1"; }  # never the main traps (finalize)
+start_watchers() {
+  local watcher
+  for watcher in watch_spot watch_deadline watch_idle watch_checkpoints watch_logs; do
+    spawn run_watcher "$watcher"
+    WATCHERS+=("$LAST_PID")
+  done
+}
+
+# ---------------------------------------------------------------- the end of every run
+write_status() {
+  python3 - "$STATE/status.json" "$RUN_ID" "$OUTCOME" "$EXIT_CODE" "$STARTED_AT" "$ENDED_AT" \
+    "$((ENDED_EPOCH - START_EPOCH))" "$INSTANCE_ID" "$INSTANCE_TYPE" "$MARKET" "$AZ" "$TI_HOURLY_PRICE_USD" \
+    "$IMAGE" "$MESSAGE" <<'PY'
+import json, sys
+(path, run_id, outcome, exit_code, started, ended, seconds, instance_id, instance_type, market, az,
+ price, image, message) = sys.argv[1:]
+price = float(price)
+status = {
+    "run_id": run_id, "outcome": outcome, "exit_code": int(exit_code) if exit_code else None,
+    "started_at": started, "ended_at": ended, "duration_seconds": int(seconds),
+    "instance_id": instance_id, "instance_type": instance_type, "market": market,
+    "availability_zone": az, "hourly_price_usd": price,
+    # On-demand list price: an upper bound for spot, which usually costs far less.
+    "estimated_cost_usd": round(price * int(seconds) / 3600, 4), "image": image, "message": message,
+}
+json.dump(status, open(path, "w"), indent=2)
+print(status["estimated_cost_usd"])
+PY
+}
+publish_notice() {
+  [[ -n $TI_ALERTS_TOPIC_ARN ]] || return 0
+  awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" --subject "training-infra run $RUN_ID: $OUTCOME" \
+    --message "Training run $RUN_ID on $INSTANCE_TYPE ($MARKET, $AZ, $INSTANCE_ID) ended: $OUTCOME, exit code ${EXIT_CODE:-none}, after $(((ENDED_EPOCH - START_EPOCH) / 60)) min, estimated cost \$${COST:-?}. ${MESSAGE} Results: $RUN_PREFIX/" >/dev/null
+}
+refresh_latest() {  # runs/latest/ mirrors this run; its _SUCCESS again goes last
+  local latest=s3://$TI_OUTPUTS_BUCKET/runs/latest
+  awsc s3 rm "$latest/_SUCCESS" --only-show-errors || true
+  awsc s3 sync "$RUN_PREFIX/" "$latest/" --delete --exclude _SUCCESS --only-show-errors &&
+    awsc s3 cp "$RUN_PREFIX/_SUCCESS" "$latest/_SUCCESS" --only-show-errors
+}
+power_off() {
+  if [[ $TI_AUTO_SHUTDOWN == true ]]; then
+    log "powering off: $POWEROFF_CMD"
+    bash -c "$POWEROFF_CMD" || log "WARNING: power-off command failed"
+  else
+    log "auto_shutdown is false: leaving the instance running (the OS deadline still applies)"
+  fi
+}
+backstop() { sleep "$TI_FINALIZE_TIMEOUT_SECONDS"; log "finalize is stuck: powering off anyway"; bash -c "$POWEROFF_CMD"; }
+finalize() {
+  local rc=$1 pid backstop=""
+  set +e
+  trap - ERR TERM INT
+  [[ -z $FINALIZING ]] || return 0
+  FINALIZING=1
+  if [[ $TI_AUTO_SHUTDOWN == true ]]; then
+    spawn backstop
+    backstop=$LAST_PID
+  fi
+  for pid in "${WATCHERS[@]}"; do kill_group "$pid"; done
+  if [[ -n $TRAINER_PID ]] && alive "$TRAINER_PID"; then
+    [[ -n $OUTCOME ]] || OUTCOME=failed MESSAGE="agent stopped before the trainer finished (exit $rc)"
+    stop_trainer "$TI_STOP_GRACE_SECONDS"
+  fi
+  [[ -n $OUTCOME ]] || OUTCOME=failed MESSAGE=${MESSAGE:-"agent exited with $rc before the trainer finished"}
+  ENDED_EPOCH=$(date +%s)
+  ENDED_AT=$(date -u -d "@$ENDED_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
+  [[ -n $RUN_ID ]] || set_run_id
+  note "run $RUN_ID finished: outcome=$OUTCOME exit_code=${EXIT_CODE:-none} ${MESSAGE}"
+  if ((TRAINER_STARTED > 0)); then
+    retry "final checkpoint sync" sync_checkpoints || MESSAGE+=" (final checkpoint sync failed)"
+  fi
+  # Interrupted: the box may vanish any second, so logs go up before the (larger) outputs.
+  [[ $OUTCOME != interrupted ]] || upload_logs || true
+  ship_logs final || log "WARNING: final CloudWatch Logs upload failed"
+  if ((TRAINER_STARTED > 0)); then
+    if ! retry "outputs upload" awsc s3 sync "$OUT_DIR/" "$RUN_PREFIX/outputs/" --only-show-errors; then
+      [[ $OUTCOME != succeeded ]] || OUTCOME=failed
+      MESSAGE+=" (outputs upload failed)"
+    fi
+  fi
+  COST=$(write_status) || log "WARNING: status.json not written"
+  log "status: $(tr -d '\n' <"$STATE/status.json")"
+  if ! retry "status upload" awsc s3 cp "$STATE/status.json" "$RUN_PREFIX/status.json" --only-show-errors; then
+    log "WARNING: status.json not uploaded"
+  elif [[ $OUTCOME == succeeded ]]; then
+    upload_logs || log "WARNING: log upload failed"
+    : >"$STATE/_SUCCESS"
+    if awsc s3 cp "$STATE/_SUCCESS" "$RUN_PREFIX/_SUCCESS" --only-show-errors; then
+      log "wrote $RUN_PREFIX/_SUCCESS"
+      refresh_latest || log "WARNING: runs/latest/ not refreshed"
+    else
+      log "WARNING: _SUCCESS not written"
+    fi
+  fi
+  [[ $OUTCOME == succeeded ]] || upload_logs || log "WARNING: log upload failed"
+  publish_notice || log "WARNING: notice not published" &
+  awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name RunsFinished \
+    --dimensions "Outcome=$OUTCOME" --value 1 --unit Count || true
+  wait "$!"
+  power_off
+  [[ -z $backstop ]] || kill_group "$backstop"
+}
+on_error() { log "command failed (exit $1) at line $2: $3"; MESSAGE=${MESSAGE:-"agent error at line $2: $3 (exit $1)"}; }
+on_signal() {
+  log "agent received SIG$1"
+  OUTCOME=${OUTCOME:-interrupted} MESSAGE=${MESSAGE:-"agent received SIG$1 (instance shutting down?)"}
+  exit 143
+}
+
+# ---------------------------------------------------------------- main
+main() {
+  rm -rf "$STATE"
+  mkdir -p "$STATE" "$LOG_DIR" "$DATA_DIR" "$OUT_DIR" "$CKPT_DIR"
+  touch "$TRAIN_LOG"
+  # 1. everything this script says goes to the setup log (and the console, for cloud-init)
+  exec > >(tee -a "$SETUP_LOG") 2>&1
+  # 2. whatever happens next, logs are uploaded and the box powers off
+  trap 'finalize $?' EXIT
+  trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
+  trap 'on_signal TERM' TERM
+  trap 'on_signal INT' INT
+  log "training-infra agent starting (runtime $RUNTIME, root '${ROOT:-/}')"
+  validate
+  # 3. the OS-level deadline, before any network call can hang
+  if "$SHUTDOWN_BIN" -h "+$(((TI_MAX_RUNTIME_SECONDS + 59) / 60))" "training-infra: max runtime reached"; then
+    log "OS deadline set: power-off in $(((TI_MAX_RUNTIME_SECONDS + 59) / 60)) min"
+  else
+    log "WARNING: could not schedule the OS deadline; the agent deadline and the cloud reaper remain"
+  fi
+  read_metadata
+  set_run_id
+  log "run $RUN_ID on $INSTANCE_ID ($INSTANCE_TYPE, $MARKET, $AZ, $REGION)"
+  open_log_stream
+  # 4. image and data, each with bounded retries; a permanent failure ends the run as failed
+  retry "image $IMAGE" fetch_image || fail "could not get image $IMAGE from ECR after $RETRIES attempts"
+  retry "data sync" awsc s3 sync "s3://$TI_DATA_BUCKET/data/" "$DATA_DIR/" --only-show-errors ||
+    fail "could not sync s3://$TI_DATA_BUCKET/data/ to $DATA_DIR after $RETRIES attempts"
+  log "data: $(find "$DATA_DIR" -type f | wc -l) files in $DATA_DIR"
+  # 5. restore this run's checkpoints (a relaunch with the same run id resumes), start the trainer
+  retry "checkpoint restore" awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --only-show-errors ||
+    fail "could not restore checkpoints from $CKPT_PREFIX/"
+  log "checkpoints: $(find "$CKPT_DIR" -type f | wc -l) files restored from $CKPT_PREFIX/"
+  start_trainer
+  # 6. watchers
+  start_watchers
+  EXIT_CODE=0
+  wait "$TRAINER_PID" || EXIT_CODE=$?
+  # The trainer's children may still be writing their last checkpoint.
+  while alive "$TRAINER_PID"; do sleep 0.2; done
+  if [[ -f $STATE/stop/reason ]]; then
+    { read -r OUTCOME; read -r MESSAGE; } <"$STATE/stop/reason"
+  elif ((EXIT_CODE == 0)); then
+    OUTCOME=succeeded MESSAGE="trainer finished"
+  else
+    OUTCOME=failed MESSAGE="trainer exited with code $EXIT_CODE"
+  fi
+  # 7. finalize (the EXIT trap): checkpoints, logs, outputs, status.json, _SUCCESS, notice, power-off
+}
+
+main "$@"
