@@ -145,13 +145,17 @@ class Deployment:
     region: str
     outputs: dict[str, str]
     runner: CliRunner = field(default_factory=CliRunner)
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
         return {**self.emulator.env, "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "COLUMNS": "250"}
 
     def client(self, service: str) -> Any:
-        return boto3.client(service, region_name=self.region, endpoint_url=self.emulator.endpoint, **_fake_keys())
+        """The test's own view of the emulator (one client per service, creating them is slow)."""
+        if service not in self._clients:
+            self._clients[service] = boto3.client(service, region_name=self.region, endpoint_url=self.emulator.endpoint, **_fake_keys())
+        return self._clients[service]
 
     def cli(self, *args: str, env: dict[str, str] | None = None):
         """Run the command in-process, as a user would type it."""

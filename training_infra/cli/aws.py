@@ -13,6 +13,8 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 
 from training_infra import naming
 from training_infra.cli.errors import CliError, UsageError
@@ -41,6 +43,20 @@ _CONDITIONAL = {
 _CLIENT_CONFIG = botocore.config.Config(retries={"mode": "standard"}, user_agent_extra="training-infra-cli")
 
 
+_LOADER = botocore.loaders.create_loader()
+
+
+def _botocore_session() -> botocore.session.Session:
+    """A fresh session (credentials and region read now) sharing one model loader per process.
+
+    Parsing the EC2 model takes most of a second; callers that run several verbs in one process
+    (tests, notebooks) pay it once.
+    """
+    session = botocore.session.get_session()
+    session.register_component("data_loader", _LOADER)
+    return session
+
+
 @dataclass
 class Aws:
     """Clients and stack outputs for one invocation, created lazily and cached."""
@@ -53,10 +69,11 @@ class Aws:
     @property
     def session(self) -> boto3.Session:
         if self._session is None:
-            session = boto3.Session(region_name=self.region) if self.region else boto3.Session()
-            if not session.region_name and os.environ.get("AWS_REGION"):
+            region = self.region or None
+            if not region and not botocore.session.get_session().get_config_variable("region"):
                 # botocore reads AWS_DEFAULT_REGION only; the other AWS SDKs and CLI v2 also read AWS_REGION.
-                session = boto3.Session(region_name=os.environ["AWS_REGION"])
+                region = os.environ.get("AWS_REGION") or None
+            session = boto3.Session(botocore_session=_botocore_session(), region_name=region)
             self._session = session
             if not session.region_name:
                 raise botocore.exceptions.NoRegionError()

@@ -40,6 +40,8 @@ _COPIED_TEMPLATE_KEYS = (
 )  # fmt: skip
 # A spot launch with no template spot options behaves like the stack's: one-time, terminate.
 _DEFAULT_SPOT = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+# Optional compute-stack output (comma-separated subnet ids the stack's own instance may use).
+SUBNET_IDS_OUTPUT = "SubnetIds"
 _CAPACITY_CODES = ("InsufficientInstanceCapacity", "MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "Unsupported", "SpotMaxPriceTooLow", "InstanceLimitExceeded")
 
 
@@ -166,9 +168,12 @@ def _tags(template_data: dict[str, Any], run_id: str, deadline: str, hours: floa
 
 
 def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchRequest) -> list[str | None]:
-    """Where to try: --subnet-id, the template's own network, or one subnet per AZ of the template's VPC."""
+    """Where to try: --subnet-id, the stack's subnets, the template's network, or one subnet per AZ of its VPC."""
     if request.subnet_id:
         return [request.subnet_id]
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(SUBNET_IDS_OUTPUT, "")
+    if published:
+        return [s.strip() for s in published.split(",") if s.strip()]
     if template_data.get("NetworkInterfaces") or template_data.get("Placement", {}).get("AvailabilityZone"):
         return [None]
     groups = template_data.get("SecurityGroupIds") or []

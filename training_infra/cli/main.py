@@ -27,7 +27,11 @@ from training_infra.cli import launching, runs, transfer
 from training_infra.cli.aws import OUTPUT_STACKS, Aws, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 
-console = Console(highlight=False)
+
+def stdout() -> Console:
+    """A console for this invocation: terminal width and COLUMNS are read when a verb runs."""
+    return Console(highlight=False)
+
 
 app = typer.Typer(
     name="training-infra",
@@ -149,7 +153,7 @@ def upload(
         raise UsageError(f"argument 'PATH': got {str(path)!r}; allowed: an existing file or directory")
     bucket = aws.output(naming.OUTPUT_TRAINING_BUCKET)
     result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console)
-    console.print(
+    stdout().print(
         f"uploaded {result.transferred} file(s), {result.bytes:,} bytes; skipped {result.skipped} unchanged "
         f"-> s3://{bucket}/{naming.DATA_PREFIX}"
     )
@@ -190,14 +194,14 @@ def launch(
         sys.stdout.write(launched.run_id + "\n")
         return
     rid = launched.run_id
-    console.print(
+    stdout().print(
         f"launched run [bold]{rid}[/] on {launched.instance_id} ({launched.instance_type}, {launched.market}"
         f"{', ' + launched.availability_zone if launched.availability_zone else ''}) in {time.monotonic() - started:.1f} s; "
         f"deadline {launched.deadline}"
     )
-    console.print("next:", markup=False)
+    stdout().print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
-        console.print(f"  training-infra {line}", markup=False)
+        stdout().print(f"  training-infra {line}", markup=False)
 
 
 # ---- status --------------------------------------------------------------------------------
@@ -254,11 +258,11 @@ def status(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if not rows:
-        console.print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`")
+        stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`")
         return
     table = Table(title=f"training runs ({aws.region_name})", caption="cost: spot price history where available, else on-demand list price")
     for column in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome"):
-        table.add_column(column, justify="right" if column in ("uptime", "cost") else "left", no_wrap=column in ("run", "instance"))
+        table.add_column(column, justify="right" if column in ("uptime", "cost") else "left", no_wrap=column in ("run", "instance"), overflow="fold")
     for row in rows:
         outcome = row["outcome"] or ""
         if row["exit_code"] not in (None, "") and outcome:
@@ -267,7 +271,7 @@ def status(
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
             fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
         )  # fmt: skip
-    console.print(table)
+    stdout().print(table)
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -377,7 +381,7 @@ def fetch(
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, target, err_console)
-    console.print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
+    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
 
 
 # ---- stop ----------------------------------------------------------------------------------
@@ -395,18 +399,18 @@ def stop(run: RunArg, region: Region = None) -> None:
     instances = [runs.run_from_instance(i) for i in runs.instances_for(aws, run, managed_only=False)]
     if not instances:
         runs.require_runs(aws, run)  # unknown run -> clear error; a finished one falls through
-        console.print(f"run {run} has already ended; nothing to stop")
+        stdout().print(f"run {run} has already ended; nothing to stop")
         return
     unmanaged = [r.instance_id for r in instances if not r.managed]
     if unmanaged:
         raise CliError(f"refusing to terminate {', '.join(unmanaged)}: tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true")
     live = [r.instance_id for r in instances if r.live]
     if not live:
-        console.print(f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop")
+        stdout().print(f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop")
         return
     aws.client("ec2").terminate_instances(InstanceIds=live)
-    console.print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
-    console.print(f"  training-infra status {run}", markup=False)
+    stdout().print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
+    stdout().print(f"  training-infra status {run}", markup=False)
 
 
 # ---- cost ----------------------------------------------------------------------------------
@@ -435,11 +439,11 @@ def cost(
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
     if not rows:
-        console.print(f"no runs in the last {days} days in {aws.region_name}")
+        stdout().print(f"no runs in the last {days} days in {aws.region_name}")
         return
     table = Table(title=f"cost of runs in the last {days} days ({aws.region_name})")
     for column in ("run", "type", "market", "hours", "cost", "on-demand", "price from"):
-        table.add_column(column, justify="right" if column in ("hours", "cost", "on-demand") else "left", no_wrap=column == "run")
+        table.add_column(column, justify="right" if column in ("hours", "cost", "on-demand") else "left", no_wrap=column == "run", overflow="fold")
     for row in rows:
         hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
         table.add_row(
@@ -448,9 +452,9 @@ def cost(
         )  # fmt: skip
     table.add_section()
     table.add_row("total", "", "", "", fmt_usd(total), fmt_usd(on_demand), "")
-    console.print(table)
+    stdout().print(table)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
-    console.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
+    stdout().print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
 
 
 def main() -> None:

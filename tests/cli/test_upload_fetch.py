@@ -1,0 +1,131 @@
+"""`upload` and `fetch`: the dataset into data/, a run's results back, unchanged files skipped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training_infra import naming
+from training_infra.cli.transfer import TRANSFER_CONFIG
+
+
+def _bucket_keys(stacks, bucket: str, prefix: str) -> dict[str, bytes]:
+    s3 = stacks.client("s3")
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing}
+
+
+def _dataset(root: Path) -> dict[str, bytes]:
+    files = {
+        "train.csv": b"x,y\n1,2\n3,4\n",
+        "nested/deeper/val.csv": b"x,y\n5,6\n",
+        ".hidden-manifest": b"v1\n",
+        # Above the multipart threshold: uploaded in parts, and its multipart ETag must still match.
+        "shards/big.bin": os.urandom(TRANSFER_CONFIG.multipart_threshold + 1024 * 1024),
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return files
+
+
+def test_upload_syncs_a_directory_to_the_data_prefix_then_moves_only_what_changed(deployed, tmp_path):
+    stacks = deployed("us-west-2")  # its own data bucket: the listing below is exact
+    files = _dataset(tmp_path / "dataset")
+
+    first = stacks.cli("upload", str(tmp_path / "dataset"))
+
+    assert first.exit_code == 0, first.output
+    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX) == {naming.DATA_PREFIX + k: v for k, v in files.items()}
+    assert "uploaded 4 file(s)" in first.stdout and "skipped 0 unchanged" in first.stdout
+
+    second = stacks.cli("upload", str(tmp_path / "dataset"))
+    assert second.exit_code == 0, second.output
+    assert "uploaded 0 file(s), 0 bytes; skipped 4 unchanged" in second.stdout
+
+    (tmp_path / "dataset" / "train.csv").write_bytes(b"x,y\n1,2\n3,4\n7,8\n")
+    third = stacks.cli("upload", str(tmp_path / "dataset"))
+    assert "uploaded 1 file(s)" in third.stdout and "skipped 3 unchanged" in third.stdout
+    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX + "train.csv")[naming.DATA_PREFIX + "train.csv"].endswith(b"7,8\n")
+
+
+def test_upload_of_a_single_file_puts_it_under_data(stacks, tmp_path):
+    single = tmp_path / "labels-upload-single.json"
+    single.write_text('{"a": 1}')
+
+    result = stacks.cli("upload", str(single))
+
+    assert result.exit_code == 0, result.output
+    keys = _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX + single.name)
+    assert keys == {naming.DATA_PREFIX + single.name: b'{"a": 1}'}
+
+
+def _put_run(stacks, prefix: str, files: dict[str, bytes]) -> None:
+    for name, body in files.items():
+        stacks.client("s3").put_object(Bucket=stacks.outputs_bucket, Key=prefix + name, Body=body)
+
+
+RUN_FILES = {
+    "outputs/model.bin": b"\x00weights\x01",
+    "outputs/metrics/history.json": b'{"loss": [1.0, 0.5]}',
+    "logs/training.log": b"epoch 1\nepoch 2\n",
+    "status.json": b'{"run_id": "fetch-done", "outcome": "succeeded"}',
+}
+
+
+def test_fetch_downloads_a_runs_outputs_logs_and_status(stacks, tmp_path):
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-done/", RUN_FILES)
+
+    result = stacks.cli("fetch", "fetch-done", str(tmp_path / "got"))
+
+    assert result.exit_code == 0, result.output
+    fetched = {p.relative_to(tmp_path / "got").as_posix(): p.read_bytes() for p in (tmp_path / "got").rglob("*") if p.is_file()}
+    assert fetched == RUN_FILES
+    assert "fetched 4 file(s)" in result.stdout
+
+
+def test_fetch_latest_reads_the_runs_latest_prefix(stacks, tmp_path):
+    _put_run(stacks, naming.LATEST_PREFIX, {"outputs/model.bin": b"latest weights"})
+
+    result = stacks.cli("fetch", "latest", str(tmp_path / "latest"))
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "latest" / "outputs" / "model.bin").read_bytes() == b"latest weights"
+
+
+def test_fetch_defaults_to_runs_slash_run_id_in_the_current_folder(stacks, tmp_path, monkeypatch):
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-default/", {"outputs/a.txt": b"a"})
+    monkeypatch.chdir(tmp_path)
+
+    result = stacks.cli("fetch", "fetch-default")
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "fetch-default" / "outputs" / "a.txt").read_bytes() == b"a"
+
+
+def test_fetch_never_writes_outside_dest_for_keys_with_dot_dot(stacks, tmp_path):
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-evil/", {"outputs/ok.txt": b"ok", "../../../escaped.txt": b"no"})
+    assert f"{naming.RUNS_PREFIX}fetch-evil/../../../escaped.txt" in _bucket_keys(stacks, stacks.outputs_bucket, f"{naming.RUNS_PREFIX}fetch-evil/")
+
+    result = stacks.cli("fetch", "fetch-evil", str(tmp_path / "dest" / "inner"))
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dest" / "inner" / "outputs" / "ok.txt").read_bytes() == b"ok"
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_fetch_of_a_running_run_says_results_come_at_the_end(stacks, tmp_path):
+    assert stacks.cli("launch", "--run-id", "fetch-running").exit_code == 0
+
+    result = stacks.cli("fetch", "fetch-running", str(tmp_path / "x"))
+
+    assert result.exit_code == 1
+    assert "run fetch-running has no results yet (running)" in result.stderr
+
+
+def test_fetch_of_an_unknown_run_says_so(stacks, tmp_path):
+    result = stacks.cli("fetch", "fetch-nobody", str(tmp_path / "x"))
+
+    assert result.exit_code == 1
+    assert "unknown run 'fetch-nobody'" in result.stderr
+    assert not (tmp_path / "x").exists()
