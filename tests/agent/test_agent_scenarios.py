@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 import time
 
 import numpy as np
@@ -92,6 +93,20 @@ def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(
     assert "received SIGTERM" in run.read("runs/spot-run/logs/training.log")
     assert json.loads(run.read("runs/spot-run/outputs/metrics.json"))["interrupted"] is True
     assert run.called("poweroff")
+
+
+def test_rebalance_with_stop_on_rebalance_false_syncs_checkpoints_early_and_training_continues(make_run):
+    run = make_run(run_id="rebalance-run", stop_on_rebalance=False, checkpoint_sync_seconds=300, extra_env="EPOCHS=45\nSTEP_SECONDS=0.2").start()
+    run.wait_for_log(r"checkpoint ckpt-000006")
+    run.imds.inject_rebalance()
+    run.wait_for_log(r"rebalance recommendation .*training continues")
+    deadline = time.monotonic() + 20
+    while not run.keys("checkpoints/rebalance-run/") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.keys("checkpoints/rebalance-run/"), "checkpoints reach S3 right after the notice, not at the 300 s sync"
+    assert run.process.poll() is None, "the trainer keeps going"
+    run.wait()
+    assert run.status()["outcome"] == "succeeded"
 
 
 def test_trainer_crash_reports_failed_with_exit_code_uploads_logs_and_no_success_marker(make_run):
@@ -207,3 +222,58 @@ def test_bad_setting_fails_with_one_line_naming_it_before_any_network_call(make_
     assert status["message"] == "TI_RUNTIME='podman' is not allowed: use one of docker process"
     assert not run.called("shutdown"), "validation happens before anything else"
     assert run.called("poweroff")
+
+
+FAKE_DOCKER = '''#!{python}
+"""Stands in for the Docker CLI (no engine here): records each call; `run` acts as the container."""
+import json, os, pathlib, signal, sys, time
+state = pathlib.Path({state!r})
+args = sys.argv[1:]
+call = {{"argv": args}}
+if args[0] == "login":
+    call["stdin"] = sys.stdin.read()
+with open(state / "docker-calls.jsonl", "a") as log:
+    log.write(json.dumps(call) + "\\n")
+if args[0] == "run":
+    mounts = dict(reversed(args[i + 1].split(":")[:2]) for i, a in enumerate(args) if a == "-v")
+    (state / "container.pid").write_text(str(os.getpid()))
+    def stop(signum, frame):
+        pathlib.Path(mounts["/outputs"], "result.txt").write_text("saved on SIGTERM")
+        print("container got SIGTERM", flush=True)
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    print("container running", flush=True)
+    time.sleep(120)
+elif args[0] == "stop":
+    os.kill(int((state / "container.pid").read_text()), signal.SIGTERM)
+'''
+
+
+def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stops_on_spot_notice(make_run):
+    run = make_run(run_id="docker-run", training_command="python train.py --fast")
+    fake = run.tmp / "bin" / "docker"
+    fake.write_text(FAKE_DOCKER.format(python=sys.executable, state=str(run.tmp)))
+    fake.chmod(0o755)
+    run.env.update(TI_RUNTIME="docker", TI_DOCKER=str(fake))
+    run.start()
+    run.wait_for_log("container running")
+    run.imds.inject_spot_interruption()
+    run.wait(90)
+
+    calls = [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+    verbs = [call["argv"][0] for call in calls]
+    assert verbs[:2] == ["login", "pull"] and "run" in verbs and verbs[-1] == "stop"
+    registry = run.config.image_uri.split("/")[0]
+    assert calls[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", registry] and calls[0]["stdin"].strip()
+    image = f"{run.config.image_uri}:v1"
+    assert calls[1]["argv"][-1] == image
+    argv = next(call["argv"] for call in calls if call["argv"][0] == "run")
+    assert "--gpus" in argv and argv[argv.index("--gpus") + 1] == "all"
+    root = run.root
+    for mount in (f"{root}/data:/data:ro", f"{root}/outputs:/outputs", f"{root}/checkpoints:/checkpoints"):
+        assert mount in argv
+    assert "RUN_ID=docker-run" in argv and "CHECKPOINT_DIR=/checkpoints" in argv
+    assert argv[argv.index(image) + 1 :] == ["sh", "-c", "python train.py --fast"]
+    assert calls[-1]["argv"][:3] == ["stop", "-t", "10"]
+    assert run.status()["outcome"] == "interrupted"
+    assert run.read("runs/docker-run/outputs/result.txt") == "saved on SIGTERM"

