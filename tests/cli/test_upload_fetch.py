@@ -129,3 +129,18 @@ def test_fetch_of_an_unknown_run_says_so(stacks, tmp_path):
     assert result.exit_code == 1
     assert "unknown run 'fetch-nobody'" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_upload_of_an_unreadable_file_is_one_line_naming_it(stacks, tmp_path):
+    dataset = tmp_path / "broken"
+    dataset.mkdir()
+    (dataset / "ok.csv").write_text("x\n")
+    dangling = dataset / "gone.bin"
+    dangling.symlink_to(tmp_path / "deleted-target")  # listed, but cannot be read (also as root)
+
+    result = stacks.cli("upload", str(dataset))
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert str(dangling) in result.stderr
+    assert result.stderr.count("\n") == 1

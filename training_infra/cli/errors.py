@@ -88,6 +88,11 @@ def reported_errors(command: F) -> F:
             err_console.print(Text.assemble(("error: ", "bold red"), describe_aws_error(error)))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None
+        except OSError as error:
+            # Local files: a dataset file that cannot be read, a full disk while fetching.
+            where = f": {error.filename}" if error.filename else ""
+            err_console.print(Text.assemble(("error: ", "bold red"), f"{error.strerror or error}{where}"))
+            raise typer.Exit(EXIT_RUNTIME) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
