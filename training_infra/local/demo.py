@@ -1,0 +1,226 @@
+"""`make demo`: a whole training run on the local AWS, with the real CDK CLI, CLI and agent.
+
+Each step is what a user does on real AWS, against a moto server instead of an account:
+deploy the stacks, upload data, launch a run, (the instance runs here), watch, fetch, destroy
+compute. `--spot-interruption` also sends a spot notice mid-run and resumes on a second launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from training_infra import naming
+from training_infra.local.emulator import Emulator, EmulatorError
+from training_infra.local.instance import LocalInstance, aws_client
+
+ROOT = Path(__file__).resolve().parents[2]
+CDK = ROOT / "node_modules" / ".bin" / "cdk"
+# moto ships this image id; the emulator cannot resolve the Deep Learning AMI's public SSM parameter.
+LOCAL_AMI = "ami-12c6146b"
+STEP_TIMEOUT_SECONDS = 300
+console = Console(highlight=False, soft_wrap=True)
+
+
+class DemoFailed(RuntimeError):
+    pass
+
+
+class Demo:
+    def __init__(self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool) -> None:
+        self.workdir = workdir
+        self.epochs = epochs
+        self.step_seconds = step_seconds
+        self.spot_interruption = spot_interruption
+        self.emulator = Emulator(workdir / "emulator")
+        self.step_number = 0
+        self.run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        self.cli_outputs: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def env(self) -> dict[str, str]:
+        # COLUMNS: the CLI's tables and values print unwrapped into the narration.
+        return {**os.environ, **self.emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true", "COLUMNS": "160"}
+
+    def step(self, text: str) -> None:
+        self.step_number += 1
+        console.print(f"\n[bold cyan]{self.step_number}.[/] [bold]{text}[/]")
+
+    def run(self, argv: Sequence[str], *, show: bool = True, ok_codes: tuple[int, ...] = (0,)) -> str:
+        printable = " ".join(str(a) for a in argv).replace(str(ROOT) + "/", "")
+        console.print(f"   [dim]$ {printable}[/]")
+        result = subprocess.run([str(a) for a in argv], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=STEP_TIMEOUT_SECONDS)
+        if result.returncode not in ok_codes:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+            raise DemoFailed(f"`{printable}` exited with {result.returncode}:\n{tail}")
+        if show and result.stdout.strip():
+            console.print("   " + result.stdout.rstrip().replace("\n", "\n   "), markup=False, highlight=False)
+        return result.stdout
+
+    def cli(self, *args: str, show: bool = True) -> str:
+        return self.run([sys.executable, "-m", "training_infra", *args], show=show)
+
+    def client(self, service: str):
+        return aws_client(service, self.emulator.env)
+
+    # ------------------------------------------------------------------ the story
+    def main(self) -> Path:
+        started = time.monotonic()
+        self.step("Start the local AWS (a moto server on loopback; no account, no network)")
+        self.emulator.start()
+        console.print(f"   emulator at {self.emulator.endpoint} (pid file and log in {self.emulator.log_dir})")
+
+        self.step("cdk bootstrap and cdk deploy of all four stacks, with the real CDK CLI")
+        self.run([CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices"], show=False)
+        self.run(
+            [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
+             "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+            show=False,
+        )  # fmt: skip
+        self.cli("outputs")
+
+        self.step("Push a training image (stands in for the GitHub image workflow; the local runtime runs the trainer directly)")
+        self._push_stand_in_image()
+
+        self.step("Upload the example dataset to the data bucket")
+        self.cli("upload", str(ROOT / "examples" / "data"))
+
+        if self.spot_interruption:
+            self._spot_story()
+        else:
+            self._launch_and_play(expect="succeeded")
+
+        self.step("Watch: the run's log stream, its status and what it cost")
+        self.cli("logs", self.run_id)
+        self.cli("status", self.run_id)
+        self.cli("cost")
+
+        self.step("Fetch the outputs")
+        destination = self.workdir / "outputs" / self.run_id
+        self.cli("fetch", self.run_id, str(destination))
+        for path in sorted(p for p in destination.rglob("*") if p.is_file()):
+            console.print(f"   {path.relative_to(self.workdir)}  ({path.stat().st_size} bytes)")
+
+        self.step("Destroy the compute stack; data and outputs stay")
+        self.run([CDK, "destroy", naming.COMPUTE_STACK, "--force", "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+                 show=False, ok_codes=(0, 1))  # fmt: skip
+        self._check_compute_gone_and_data_kept()
+
+        console.print(f"\n[bold green]Demo finished in {time.monotonic() - started:.0f} s.[/] Everything is under {self.workdir}:")
+        console.print(f"   outputs fetched:   {destination}")
+        console.print(f"   the instance:      {self.workdir / 'instances'} (user data, console log, its disk)")
+        console.print(f"   emulator log:      {self.emulator.log_dir / 'moto.log'}")
+        console.print("   On real AWS the same steps are: make deploy, then training-infra upload / launch / logs / fetch.")
+        return destination
+
+    def _push_stand_in_image(self) -> None:
+        repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "config": {}, "layers": []}
+        self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
+        console.print(f"   {repository}:latest")
+
+    def _launch_and_play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> None:
+        self.step(f"Launch run {self.run_id} with the CLI (seconds, no redeploy)")
+        self.cli(
+            "launch", "--run-id", self.run_id, "--max-runtime-hours", "1",
+            "--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}",
+            "--env", f"EPOCHS={self.epochs}", "--env", f"STEP_SECONDS={self.step_seconds}",
+        )  # fmt: skip
+        instance_id = self._instance_of(self.run_id)
+        self.step(f"Play the instance {instance_id}: its real user data runs here under bash (process runtime, fake IMDS)")
+        box = LocalInstance(instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env)
+        with box:
+            if interrupt_after_checkpoint:
+                self._wait_for_checkpoint()
+                console.print("   [yellow]AWS sends the 2-minute spot interruption notice[/]")
+                box.interrupt_spot()
+            code = box.wait(timeout=STEP_TIMEOUT_SECONDS)
+        status = self._status_json(self.run_id)
+        console.print(f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}")
+        if status.get("outcome") != expect:
+            raise DemoFailed(f"run {self.run_id} ended '{status.get('outcome')}', expected '{expect}'; see {box.log_path}")
+
+    def _spot_story(self) -> None:
+        self._launch_and_play(expect="interrupted", interrupt_after_checkpoint=True)
+        checkpoints = self._keys(self._output("outputs_bucket"), f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/")
+        console.print(f"   checkpoints saved before the instance went: {len(checkpoints)} object(s)")
+        self.step("Relaunch the same run id: the agent restores the newest checkpoint and the trainer resumes")
+        self._launch_and_play(expect="succeeded")
+
+    # ------------------------------------------------------------------ helpers
+    def _output(self, name: str) -> str:
+        if name not in self.cli_outputs:
+            self.cli_outputs[name] = self.cli("outputs", name, show=False).strip()
+        return self.cli_outputs[name]
+
+    def _instance_of(self, run_id: str) -> str:
+        reservations = self.client("ec2").describe_instances(
+            Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]}, {"Name": "instance-state-name", "Values": ["pending", "running"]}]
+        )["Reservations"]
+        instances = [i for r in reservations for i in r["Instances"]]
+        if not instances:
+            raise DemoFailed(f"no running instance is tagged {naming.TAG_RUN_ID}={run_id}")
+        return instances[-1]["InstanceId"]
+
+    def _keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    def _wait_for_checkpoint(self, timeout: float = 120) -> None:
+        bucket = self._output("outputs_bucket")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._keys(bucket, f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/"):
+                return
+            time.sleep(1)
+        raise DemoFailed(f"no checkpoint of {self.run_id} reached S3 within {timeout:.0f} s")
+
+    def _status_json(self, run_id: str) -> dict:
+        body = self.client("s3").get_object(Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json")["Body"]
+        return json.loads(body.read())
+
+    def _check_compute_gone_and_data_kept(self) -> None:
+        stacks = {s["StackName"]: s["StackStatus"] for s in self.client("cloudformation").describe_stacks()["Stacks"]}
+        if stacks.get(naming.COMPUTE_STACK, "DELETE_COMPLETE") != "DELETE_COMPLETE":
+            raise DemoFailed(f"{naming.COMPUTE_STACK} is {stacks[naming.COMPUTE_STACK]} after cdk destroy")
+        kept = len(self._keys(self._output("training_bucket"), naming.DATA_PREFIX)) + len(self._keys(self._output("outputs_bucket"), naming.RUNS_PREFIX))
+        console.print(f"   {naming.COMPUTE_STACK} is gone; {kept} data and output objects are still in S3")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spot-interruption", action="store_true", help="interrupt the first run mid-way and resume it on a second launch")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".local" / "demo", help="where the emulator log, the instance and fetched outputs go")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of the example trainer")
+    parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
+    args = parser.parse_args(argv)
+    if args.workdir.exists():
+        shutil.rmtree(args.workdir)
+    args.workdir.mkdir(parents=True)
+    demo = Demo(workdir=args.workdir, epochs=args.epochs, step_seconds=args.step_seconds, spot_interruption=args.spot_interruption)
+    try:
+        demo.main()
+        return 0
+    except (DemoFailed, EmulatorError, TimeoutError) as error:
+        console.print(f"\n[bold red]demo failed at step {demo.step_number}:[/] {error}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted: stopping the emulator and the instance[/]")
+        return 130
+    finally:
+        demo.emulator.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Plays an EC2 instance launched into the local AWS: the real user data runs here under bash.
+
+The emulator records the instance (type, tags, user data) but runs nothing. This takes that
+record, serves a fake IMDS with the instance's identity, and runs the rendered agent with the
+`process` runtime, its root paths under a local folder, and power-off wired back to the emulator
+(InstanceInitiatedShutdownBehavior=terminate: powering off terminates the instance).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+
+from training_infra.local.imds import FakeImds
+
+GPU_UTILISATION_PERCENT = "87"  # what the fake nvidia-smi reports: a busy GPU
+
+
+def aws_client(service: str, aws_env: dict[str, str]):
+    """A boto3 client for the emulator described by `Emulator.env`, whatever the caller's environment holds."""
+    return boto3.client(
+        service,
+        endpoint_url=aws_env["AWS_ENDPOINT_URL"],
+        region_name=aws_env["AWS_REGION"],
+        aws_access_key_id=aws_env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=aws_env["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=aws_env["AWS_SESSION_TOKEN"],
+    )
+
+
+class LocalInstance:
+    """`with LocalInstance(instance_id, root=..., aws_env=...) as box: box.wait()`."""
+
+    def __init__(self, instance_id: str, *, root: Path, aws_env: dict[str, str], extra_env: dict[str, str] | None = None) -> None:
+        self.instance_id = instance_id
+        self.root = Path(root)
+        self.aws_env = aws_env
+        self.extra_env = extra_env or {}
+        self.ec2 = aws_client("ec2", aws_env)
+        self.imds: FakeImds | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.powered_off_marker = self.root / "powered-off"
+        self.log_path = self.root / "console.log"
+
+    def start(self) -> LocalInstance:
+        (instance,) = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"]
+        attribute = self.ec2.describe_instance_attribute(InstanceId=self.instance_id, Attribute="userData")
+        user_data = base64.b64decode(attribute["UserData"]["Value"]).decode()
+        self.root.mkdir(parents=True, exist_ok=True)
+        script = self.root / "user-data.sh"
+        script.write_text(user_data)
+        bin_dir = self._fake_binaries()
+        self.imds = FakeImds(
+            instance_id=self.instance_id,
+            instance_type=instance["InstanceType"],
+            region=self.aws_env["AWS_REGION"],
+            availability_zone=instance["Placement"]["AvailabilityZone"],
+            market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+            tags={tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])},
+            image_id=instance["ImageId"],
+        ).start()
+        env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "HOME": str(self.root),
+            **self.aws_env,
+            "TI_ROOT": str(self.root / "fs"),
+            "TI_RUNTIME": "process",
+            "TI_POWEROFF_CMD": f"touch {shlex.quote(str(self.powered_off_marker))}",
+            "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
+            "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds.url,
+            "AWS_EC2_METADATA_DISABLED": "false",
+            **self.extra_env,
+        }
+        with open(self.log_path, "ab") as console:
+            self.process = subprocess.Popen(["bash", str(script)], env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def _fake_binaries(self) -> Path:
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        fakes = {
+            # The OS deadline is real on EC2; here it is recorded so the demo can show it was armed.
+            "shutdown": f'echo "shutdown $*" >> {shlex.quote(str(self.root / "shutdown.log"))}\n',
+            "nvidia-smi": f"echo {GPU_UTILISATION_PERCENT}\n",
+        }
+        for name, body in fakes.items():
+            path = bin_dir / name
+            path.write_text(f"#!/bin/bash\n{body}")
+            path.chmod(0o755)
+        return bin_dir
+
+    def interrupt_spot(self) -> None:
+        """What AWS does two minutes before it reclaims a spot instance."""
+        assert self.imds is not None
+        self.imds.inject_spot_interruption()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the agent to end; a power-off terminates the emulated instance, as on EC2."""
+        assert self.process is not None
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise TimeoutError(f"the agent on {self.instance_id} did not finish within {timeout:.0f} s; see {self.log_path}") from None
+        if self.powered_off_marker.exists():
+            self.ec2.terminate_instances(InstanceIds=[self.instance_id])
+        return code
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.imds is not None:
+            self.imds.stop()
+            self.imds = None
+
+    def __enter__(self) -> LocalInstance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
