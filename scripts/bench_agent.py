@@ -34,9 +34,18 @@ from training_infra.compute.user_data import AgentConfig, render_user_data  # no
 from training_infra.local.emulator import FAKE_CREDENTIALS, Emulator  # noqa: E402
 from training_infra.local.imds import FakeImds  # noqa: E402
 
-MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                       "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 7,
-                                  "digest": "sha256:" + "b" * 64}, "layers": []})
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 7,
+            "digest": "sha256:" + "b" * 64,
+        },
+        "layers": [],
+    }
+)
 
 
 def wait_until(check, timeout: float = 150.0, every: float = 0.1) -> float:
@@ -50,34 +59,57 @@ def wait_until(check, timeout: float = 150.0, every: float = 0.1) -> float:
 
 
 def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
-    session = boto3.Session(region_name=aws.region, aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    session = boto3.Session(
+        region_name=aws.region,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
     s3 = session.client("s3", endpoint_url=aws.endpoint)
     data_bucket, outputs_bucket, repository = f"bench-data-{number}", f"bench-outputs-{number}", f"bench-{number}"
     for bucket in (data_bucket, outputs_bucket):
         s3.create_bucket(Bucket=bucket)
     s3.upload_file(str(REPO / "examples/data/train.csv"), data_bucket, "data/train.csv")
     session.client("ecr", endpoint_url=aws.endpoint).create_repository(repositoryName=repository)
-    session.client("ecr", endpoint_url=aws.endpoint).put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag="v1")
+    session.client("ecr", endpoint_url=aws.endpoint).put_image(
+        repositoryName=repository, imageManifest=MANIFEST, imageTag="v1"
+    )
     run_id = f"bench-{number}"
     root = workdir / run_id
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True)
-    for name, body in {"shutdown": "exit 0", "nvidia-smi": "echo 95", "poweroff": f"date +%s.%N > {root / 'poweroff'}"}.items():
+    for name, body in {
+        "shutdown": "exit 0",
+        "nvidia-smi": "echo 95",
+        "poweroff": f"date +%s.%N > {root / 'poweroff'}",
+    }.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    config = AgentConfig(data_bucket=data_bucket, outputs_bucket=outputs_bucket, run_id=run_id, region=aws.region,
-                         image_uri=f"123456789012.dkr.ecr.{aws.region}.amazonaws.com/{repository}", image_tag="v1",
-                         training_command=f"{sys.executable} {REPO / 'examples/trainer/train.py'}",
-                         hourly_price_usd=1.006, extra_env="EPOCHS=100000")
+    config = AgentConfig(
+        data_bucket=data_bucket,
+        outputs_bucket=outputs_bucket,
+        run_id=run_id,
+        region=aws.region,
+        image_uri=f"123456789012.dkr.ecr.{aws.region}.amazonaws.com/{repository}",
+        image_tag="v1",
+        training_command=f"{sys.executable} {REPO / 'examples/trainer/train.py'}",
+        hourly_price_usd=1.006,
+        extra_env="EPOCHS=100000",
+    )
     script = root / "user-data.sh"
     script.write_text(render_user_data(config))
     training_log = root / "root/var/log/training.log"
     with FakeImds(instance_id=f"i-bench{number:010d}") as imds:
-        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(root), **aws.env,
-               "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url, "TI_ROOT": str(root / "root"), "TI_RUNTIME": "process",
-               "TI_POWEROFF_CMD": str(bin_dir / "poweroff"), "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
-               "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi")}
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "HOME": str(root),
+            **aws.env,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
+            "TI_ROOT": str(root / "root"),
+            "TI_RUNTIME": "process",
+            "TI_POWEROFF_CMD": str(bin_dir / "poweroff"),
+            "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
+            "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
+        }
         agent = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until(lambda: training_log.exists() and "epoch 3/" in training_log.read_text(), timeout=120)
@@ -108,7 +140,9 @@ def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
                 "logs S3": wait_until(lambda: exists(f"runs/{run_id}/logs/training.log", "received SIGTERM")) - noticed,
                 "status": wait_until(lambda: exists(f"runs/{run_id}/status.json", '"interrupted"')) - noticed,
             }
-            figures["poweroff"] = float(wait_until(lambda: (root / "poweroff").exists()) and (root / "poweroff").read_text()) - noticed
+            figures["poweroff"] = (
+                float(wait_until(lambda: (root / "poweroff").exists()) and (root / "poweroff").read_text()) - noticed
+            )
             agent.wait(timeout=60)
             return figures
         finally:
@@ -127,7 +161,10 @@ def main() -> None:
         for number in range(args.rounds):
             figures = one_round(aws, Path(tmp), number)
             rounds.append(figures)
-            print(f"round {number + 1}: " + "  ".join(f"{name} {value:5.1f}s" for name, value in figures.items()), flush=True)
+            print(
+                f"round {number + 1}: " + "  ".join(f"{name} {value:5.1f}s" for name, value in figures.items()),
+                flush=True,
+            )
     print("\nseconds after the spot notice (AWS reclaims the instance at 120 s)")
     print(f"{'':10}{'min':>7}{'median':>8}{'max':>7}")
     for name in rounds[0]:

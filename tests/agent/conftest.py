@@ -39,7 +39,11 @@ MANIFEST = json.dumps(
     {
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 7, "digest": "sha256:" + "a" * 64},
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 7,
+            "digest": "sha256:" + "a" * 64,
+        },
         "layers": [],
     }
 )
@@ -107,7 +111,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             self.proxy.record(ProxiedRequest(self.command, self.path, service, 503))
             return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection", "transfer-encoding")}
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection", "transfer-encoding")
+        }
         upstream = http.client.HTTPConnection(self.proxy.upstream.hostname, self.proxy.upstream.port, timeout=60)
         upstream.request(self.command, self.path, body=body, headers=headers)
         response = upstream.getresponse()
@@ -119,10 +125,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         length = response.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length or str(len(payload)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
         upstream.close()
         self.proxy.record(ProxiedRequest(self.command, self.path, service, response.status))
+        if self.command != "HEAD":
+            self.wfile.write(payload)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815
 
@@ -159,7 +165,11 @@ class AgentRun:
         script.write_text(render_user_data(self.config))
         subprocess.run(["bash", "-n", str(script)], check=True)
         self.process = subprocess.Popen(
-            ["bash", str(script)], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            ["bash", str(script)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         return self
 
@@ -190,7 +200,9 @@ class AgentRun:
     def calls(self) -> list[tuple[float, str]]:
         if not self.calls_file.exists():
             return []
-        return [(float(line.split(" ", 1)[0]), line.split(" ", 1)[1]) for line in self.calls_file.read_text().splitlines()]
+        return [
+            (float(line.split(" ", 1)[0]), line.split(" ", 1)[1]) for line in self.calls_file.read_text().splitlines()
+        ]
 
     def called(self, prefix: str) -> list[str]:
         return [call for _, call in self.calls if call.startswith(prefix)]
@@ -243,7 +255,14 @@ def make_run(aws: Emulator, tmp_path: Path) -> Iterator[Callable[..., AgentRun]]
     """`make_run(**AgentConfig overrides, env={...}, fail_s3_every=N, with_image=True, with_data=True)`."""
     cleanups: list[Callable[[], None]] = []
 
-    def make(*, env: dict[str, str] | None = None, fail_s3_every: int = 0, with_image: bool = True, with_data: bool = True, **overrides) -> AgentRun:
+    def make(
+        *,
+        env: dict[str, str] | None = None,
+        fail_s3_every: int = 0,
+        with_image: bool = True,
+        with_data: bool = True,
+        **overrides,
+    ) -> AgentRun:
         suffix = uuid.uuid4().hex[:10]
         session = boto3.Session(region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
         s3 = session.client("s3", endpoint_url=aws.endpoint)

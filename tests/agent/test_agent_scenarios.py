@@ -38,14 +38,25 @@ def test_happy_path_uploads_outputs_logs_status_and_success_marker_last_then_pow
     assert re.fullmatch(r"\d{8}-\d{6}-i-[0-9a-f]+", run.run_id), "derived run id is <UTC date-time>-<instance id>"
     prefix = f"runs/{run.run_id}/"
     keys = run.keys(prefix)
-    for expected in ("outputs/model.npz", "outputs/metrics.json", "logs/training.log", "logs/training-setup.log", "status.json", "_SUCCESS"):
+    for expected in (
+        "outputs/model.npz",
+        "outputs/metrics.json",
+        "logs/training.log",
+        "logs/training-setup.log",
+        "status.json",
+        "_SUCCESS",
+    ):
         assert prefix + expected in keys
     assert s3_writes(run, prefix)[-1] == prefix + "_SUCCESS", "_SUCCESS must be the last object written"
 
     status = run.status()
     assert status["outcome"] == "succeeded" and status["exit_code"] == 0
     assert status["instance_id"] == run.imds.instance_id
-    assert (status["instance_type"], status["market"], status["availability_zone"]) == ("g5.xlarge", "spot", "us-east-1a")
+    assert (status["instance_type"], status["market"], status["availability_zone"]) == (
+        "g5.xlarge",
+        "spot",
+        "us-east-1a",
+    )
     assert status["image"] == f"{run.config.image_uri}:v1"
     assert status["estimated_cost_usd"] == pytest.approx(1.006 * status["duration_seconds"] / 3600, abs=1e-4)
     for stamp in ("started_at", "ended_at"):
@@ -59,7 +70,9 @@ def test_happy_path_uploads_outputs_logs_status_and_success_marker_last_then_pow
 
     logs = run.extra["session"].client("logs", endpoint_url=run.aws.endpoint)
     events = logs.get_log_events(logGroupName=run.config.log_group, logStreamName=run.run_id)["events"]
-    assert any("epoch 10/10" in event["message"] for event in events), "training output streams to CloudWatch under the run id"
+    assert any("epoch 10/10" in event["message"] for event in events), (
+        "training output streams to CloudWatch under the run id"
+    )
 
     cloudwatch = run.extra["session"].client("cloudwatch", endpoint_url=run.aws.endpoint)
     gpu = cloudwatch.list_metrics(Namespace="TrainingInfra", MetricName="GPUUtilization")["Metrics"]
@@ -96,7 +109,12 @@ def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(
 
 
 def test_rebalance_with_stop_on_rebalance_false_syncs_checkpoints_early_and_training_continues(make_run):
-    run = make_run(run_id="rebalance-run", stop_on_rebalance=False, checkpoint_sync_seconds=300, extra_env="EPOCHS=45\nSTEP_SECONDS=0.2").start()
+    run = make_run(
+        run_id="rebalance-run",
+        stop_on_rebalance=False,
+        checkpoint_sync_seconds=300,
+        extra_env="EPOCHS=45\nSTEP_SECONDS=0.2",
+    ).start()
     run.wait_for_log(r"checkpoint ckpt-000006")
     run.imds.inject_rebalance()
     run.wait_for_log(r"rebalance recommendation .*training continues")
@@ -180,7 +198,9 @@ def test_idle_gpu_ends_the_run_as_idle_and_saves_outputs(make_run):
 def test_stale_heartbeat_counts_as_idle_even_at_full_gpu_and_a_hung_trainer_is_killed(make_run):
     heartbeat = "/outputs/heartbeat"
     run = make_run(
-        run_id="hung-run", stop_grace_seconds=2, extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nHANG_AT_EPOCH=4",
+        run_id="hung-run",
+        stop_grace_seconds=2,
+        extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nHANG_AT_EPOCH=4",
         env={"TI_HEARTBEAT_FILE": heartbeat, "TI_HEARTBEAT_STALE_SECONDS": "3"},
     )
     (run.tmp / "gpu-util").write_text("100\n")
@@ -190,7 +210,9 @@ def test_stale_heartbeat_counts_as_idle_even_at_full_gpu_and_a_hung_trainer_is_k
     assert status["outcome"] == "idle" and "heartbeat" in status["message"]
     assert status["exit_code"] == 137, "the hung trainer ignored SIGTERM and was killed after the grace period"
     assert "SIGKILL" in run.read("runs/hung-run/logs/training.log")
-    assert "runs/hung-run/outputs/heartbeat" in run.keys("runs/hung-run/"), "trainer got HEARTBEAT_FILE under its outputs"
+    assert "runs/hung-run/outputs/heartbeat" in run.keys("runs/hung-run/"), (
+        "trainer got HEARTBEAT_FILE under its outputs"
+    )
 
 
 def _checkpoint(epoch: int, weights: list[float]) -> bytes:
@@ -202,7 +224,9 @@ def _checkpoint(epoch: int, weights: list[float]) -> bytes:
 def test_relaunch_with_same_run_id_restores_its_checkpoint_and_continues(make_run):
     run = make_run(run_id="resume-run", extra_env="EPOCHS=8\nSTEP_SECONDS=0.2")
     bucket = run.config.outputs_bucket
-    run.s3.put_object(Bucket=bucket, Key="checkpoints/resume-run/ckpt-000005.npz", Body=_checkpoint(5, [1.5, -2.0, 0.5, 0.25]))
+    run.s3.put_object(
+        Bucket=bucket, Key="checkpoints/resume-run/ckpt-000005.npz", Body=_checkpoint(5, [1.5, -2.0, 0.5, 0.25])
+    )
     # Another run's newer checkpoint must not leak into this one.
     run.s3.put_object(Bucket=bucket, Key="checkpoints/other-run/ckpt-000007.npz", Body=_checkpoint(7, [9, 9, 9, 9]))
     run.run()
@@ -264,7 +288,9 @@ def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stop
     verbs = [call["argv"][0] for call in calls]
     assert verbs[:2] == ["login", "pull"] and "run" in verbs and verbs[-1] == "stop"
     registry = run.config.image_uri.split("/")[0]
-    assert calls[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", registry] and calls[0]["stdin"].strip()
+    assert (
+        calls[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", registry] and calls[0]["stdin"].strip()
+    )
     image = f"{run.config.image_uri}:v1"
     assert calls[1]["argv"][-1] == image
     argv = next(call["argv"] for call in calls if call["argv"][0] == "run")

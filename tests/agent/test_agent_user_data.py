@@ -37,7 +37,9 @@ SHELL_FILES = sorted(AGENT_DIR.rglob("*.sh"))
 
 
 def test_rendered_user_data_with_run_overrides_fits_the_ec2_limit():
-    rendered = with_run_overrides(render_user_data(PRODUCTION), {"TI_RUN_ID": "20261128-180000-bert-large-sweep-07", "TI_IMAGE_TAG": "v2.3.1"})
+    rendered = with_run_overrides(
+        render_user_data(PRODUCTION), {"TI_RUN_ID": "20261128-180000-bert-large-sweep-07", "TI_IMAGE_TAG": "v2.3.1"}
+    )
     assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES
     # Headroom for longer names and future fields: the agent must not creep up to the limit.
     assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - 2048
@@ -69,4 +71,3 @@ def test_agent_shell_is_shellcheck_clean(tmp_path):
     script.write_text(render_user_data(PRODUCTION))
     result = subprocess.run([shellcheck, *map(str, SHELL_FILES), str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
-

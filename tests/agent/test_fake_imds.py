@@ -23,8 +23,14 @@ def call(url: str, method: str = "GET", headers: dict[str, str] | None = None) -
 
 @pytest.fixture(scope="module")
 def imds():
-    with FakeImds(instance_id="i-0abc", instance_type="g6.xlarge", availability_zone="us-west-2b", region="us-west-2",
-                  market="on-demand", tags={"training-infra:run-id": "r1", "Name": "trainer"}) as server:
+    with FakeImds(
+        instance_id="i-0abc",
+        instance_type="g6.xlarge",
+        availability_zone="us-west-2b",
+        region="us-west-2",
+        market="on-demand",
+        tags={"training-infra:run-id": "r1", "Name": "trainer"},
+    ) as server:
         yield server
 
 
@@ -52,7 +58,11 @@ def test_identity_placement_market_and_tags_are_served(imds):
     assert call(f"{base}/meta-data/tags/instance/training-infra:run-id", headers=headers)[1] == "r1"
     assert call(f"{base}/meta-data/tags/instance/missing", headers=headers)[0] == 404
     document = json.loads(call(f"{base}/dynamic/instance-identity/document", headers=headers)[1])
-    assert (document["instanceId"], document["region"], document["availabilityZone"]) == ("i-0abc", "us-west-2", "us-west-2b")
+    assert (document["instanceId"], document["region"], document["availabilityZone"]) == (
+        "i-0abc",
+        "us-west-2",
+        "us-west-2b",
+    )
 
 
 def test_notices_are_404_until_injected_then_match_the_aws_format():
@@ -75,7 +85,10 @@ def test_notices_are_404_until_injected_then_match_the_aws_format():
 def test_requests_are_recorded_safely_from_many_threads():
     with FakeImds() as imds:
         headers = token(imds)
-        threads = [threading.Thread(target=call, args=(f"{imds.url}/latest/meta-data/instance-id", "GET", headers)) for _ in range(20)]
+        threads = [
+            threading.Thread(target=call, args=(f"{imds.url}/latest/meta-data/instance-id", "GET", headers))
+            for _ in range(20)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

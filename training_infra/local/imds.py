@@ -191,13 +191,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _reply(self, status: int, body: str) -> None:
+        self.imds._record(self.command, self.path, status)  # before replying: callers may check at once
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self.imds._record(self.command, self.path, status)
 
     def do_PUT(self) -> None:  # noqa: N802 - http.server naming
         if self.path != TOKEN_PATH:
