@@ -62,7 +62,7 @@ def rendered_user_data(agent_script: Path) -> str:
         )
 
 
-def stack_templates(user_data: str, region: str) -> dict[str, dict[str, Any]]:
+def stack_templates(user_data: str, region: str, *, use_spot: bool = True) -> dict[str, dict[str, Any]]:
     """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out)."""
     storage = {
         "Resources": {"Data": {"Type": "AWS::S3::Bucket"}, "Outputs": {"Type": "AWS::S3::Bucket"}},
@@ -111,10 +111,16 @@ def stack_templates(user_data: str, region: str) -> dict[str, dict[str, Any]]:
                         "BlockDeviceMappings": [
                             {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 150, "VolumeType": "gp3", "Encrypted": True}}
                         ],
-                        "InstanceMarketOptions": {
-                            "MarketType": "spot",
-                            "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
-                        },
+                        **(
+                            {
+                                "InstanceMarketOptions": {
+                                    "MarketType": "spot",
+                                    "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+                                }
+                            }
+                            if use_spot
+                            else {}
+                        ),
                         "UserData": {"Fn::Base64": user_data},
                         "TagSpecifications": [
                             {"ResourceType": "instance", "Tags": [{"Key": "project", "Value": "training-infra"}]},
@@ -185,10 +191,10 @@ def _fake_keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
 
 
-def deploy(emulator: Emulator, region: str, agent_script: Path) -> Deployment:
+def deploy(emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True) -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
-    for name, template in stack_templates(rendered_user_data(agent_script), region).items():
+    for name, template in stack_templates(rendered_user_data(agent_script), region, use_spot=use_spot).items():
         cloudformation.create_stack(StackName=name, TemplateBody=json.dumps(template))
         stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
         assert stack["StackStatus"] == "CREATE_COMPLETE", stack
@@ -197,13 +203,16 @@ def deploy(emulator: Emulator, region: str, agent_script: Path) -> Deployment:
 
 
 @pytest.fixture(scope="session")
-def deployed(emulator, stub_agent) -> Callable[[str], Deployment]:
-    """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region)."""
+def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
+    """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region).
+
+    `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does.
+    """
     cache: dict[str, Deployment] = {}
 
-    def get(region: str) -> Deployment:
+    def get(region: str, *, use_spot: bool = True) -> Deployment:
         if region not in cache:
-            cache[region] = deploy(emulator, region, stub_agent)
+            cache[region] = deploy(emulator, region, stub_agent, use_spot=use_spot)
         return cache[region]
 
     return get

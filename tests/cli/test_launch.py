@@ -209,3 +209,20 @@ def test_launch_into_an_explicit_subnet(stacks):
     assert result.exit_code == 0, result.output
     [instance] = stacks.run_instances("launch-subnet")
     assert instance["SubnetId"] == subnet_id
+
+
+def test_spot_against_an_on_demand_template_keeps_the_template_and_asks_for_one_time_spot(deployed):
+    on_demand_stacks = deployed("ca-central-1", use_spot=False)
+
+    spot = on_demand_stacks.cli("launch", "--run-id", "od-template-spot", "--spot")
+    default = on_demand_stacks.cli("launch", "--run-id", "od-template-default")
+
+    assert spot.exit_code == 0 and default.exit_code == 0, spot.output + default.output
+    [spot_instance] = on_demand_stacks.run_instances("od-template-spot")
+    [default_instance] = on_demand_stacks.run_instances("od-template-default")
+    template_id = on_demand_stacks.outputs[naming.OUTPUT_LAUNCH_TEMPLATE_ID]
+    assert spot_instance["InstanceLifecycle"] == "spot"
+    assert _tags(spot_instance)["aws:ec2launchtemplate:id"] == template_id
+    assert _exports(_user_data(on_demand_stacks, spot_instance["InstanceId"]))["TI_MARKET"] == "spot"
+    assert default_instance.get("InstanceLifecycle") != "spot", "the stack's market unless told otherwise"
+    assert _tags(default_instance)["aws:ec2launchtemplate:id"] == template_id
