@@ -24,7 +24,7 @@ from rich.table import Table
 
 from training_infra import naming
 from training_infra.cli import launching, runs, transfer
-from training_infra.cli.aws import OUTPUT_STACKS, Aws, output_key_for
+from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 
 
@@ -53,7 +53,7 @@ app = typer.Typer(
 
 Region = Annotated[
     str | None,
-    typer.Option("--region", help="AWS region of the stacks (default: AWS_REGION / your profile's region).", show_default=False),
+    typer.Option("--region", help="AWS region of the stacks (default: AWS_DEFAULT_REGION, your profile's region, else AWS_REGION).", show_default=False),
 ]
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as printed by `launch` and listed by `status`.", show_default=False)]
 SESSION_MANAGER_PLUGIN_URL = "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
@@ -102,7 +102,11 @@ def fmt_time(moment: datetime | None) -> str:
 def outputs(
     name: Annotated[
         str | None,
-        typer.Argument(help="One output (e.g. training_bucket): print only its raw value, like `terraform output -raw`.", show_default=False),
+        typer.Argument(
+            metavar="NAME",
+            help="One output, printed raw like `terraform output -raw`: " + ", ".join(SNAKE_TO_KEY) + ".",
+            show_default=False,
+        ),
     ] = None,
     region: Region = None,
 ) -> None:
@@ -238,7 +242,7 @@ def _run_rows(aws: Aws, found: list[runs.Run]) -> list[dict[str, Any]]:
 @app.command()
 @reported_errors
 def status(
-    run: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Only this run.", show_default=False)] = None,
+    run: Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.", show_default=False)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most this many runs, newest first.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     region: Region = None,
@@ -366,7 +370,7 @@ def connect(run: RunArg, region: Region = None) -> None:
 @reported_errors
 def fetch(
     run: Annotated[str, typer.Argument(metavar="RUN|latest", help="Run id, or `latest` for the most recent finished run.", show_default=False)],
-    dest: Annotated[Path | None, typer.Argument(metavar="[DEST]", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
+    dest: Annotated[Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
     region: Region = None,
 ) -> None:
     """Download a run's results: outputs/, logs/ and status.json, with a progress bar."""
