@@ -142,7 +142,7 @@ class Demo:
         box = LocalInstance(instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env)
         with box:
             if interrupt_after_checkpoint:
-                self._wait_for_checkpoint()
+                self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints")
                 console.print("   [yellow]AWS sends the 2-minute spot interruption notice[/]")
                 box.interrupt_spot()
             code = box.wait(timeout=STEP_TIMEOUT_SECONDS)
@@ -154,7 +154,9 @@ class Demo:
     def _spot_story(self) -> None:
         self._launch_and_play(expect="interrupted", interrupt_after_checkpoint=True)
         checkpoints = self._keys(self._output("outputs_bucket"), f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/")
-        console.print(f"   checkpoints saved before the instance went: {len(checkpoints)} object(s)")
+        if not checkpoints:
+            raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
+        console.print(f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}")
         self.step("Relaunch the same run id: the agent restores the newest checkpoint and the trainer resumes")
         self._launch_and_play(expect="succeeded")
 
@@ -177,14 +179,14 @@ class Demo:
         pages = self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
-    def _wait_for_checkpoint(self, timeout: float = 120) -> None:
-        bucket = self._output("outputs_bucket")
+    def _wait_for_local_checkpoint(self, directory: Path, timeout: float = 120) -> None:
+        """Interrupt only once the trainer has something to lose: its first checkpoint on the instance's disk."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._keys(bucket, f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/"):
+            if directory.is_dir() and any(path.is_file() for path in directory.rglob("*")):
                 return
-            time.sleep(1)
-        raise DemoFailed(f"no checkpoint of {self.run_id} reached S3 within {timeout:.0f} s")
+            time.sleep(0.5)
+        raise DemoFailed(f"the trainer wrote no checkpoint to {directory} within {timeout:.0f} s")
 
     def _status_json(self, run_id: str) -> dict:
         body = self.client("s3").get_object(Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json")["Body"]
@@ -202,13 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spot-interruption", action="store_true", help="interrupt the first run mid-way and resume it on a second launch")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".local" / "demo", help="where the emulator log, the instance and fetched outputs go")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the example trainer")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 30 with --spot-interruption)")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
     args = parser.parse_args(argv)
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
-    demo = Demo(workdir=args.workdir, epochs=args.epochs, step_seconds=args.step_seconds, spot_interruption=args.spot_interruption)
+    epochs = args.epochs or (30 if args.spot_interruption else 12)
+    demo = Demo(workdir=args.workdir, epochs=epochs, step_seconds=args.step_seconds, spot_interruption=args.spot_interruption)
     try:
         demo.main()
         return 0

@@ -1,0 +1,70 @@
+"""End to end on the local AWS: what `make demo-spot` does, with assertions on S3 and the CLI's output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training_infra import naming
+from training_infra.local.demo import Demo
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory):
+    """One whole demo with a spot interruption: deploy, upload, launch, interrupt, resume, fetch, destroy compute."""
+    capture = tmp_path_factory.mktemp("demo-console") / "console.txt"
+    from training_infra.local import demo as demo_module
+
+    demo = Demo(workdir=tmp_path_factory.mktemp("demo"), epochs=24, step_seconds=0.4, spot_interruption=True)
+    with open(capture, "w") as sink:
+        demo_module.console.file = sink
+        try:
+            fetched = demo.main()
+            s3 = demo.client("s3")
+            outputs_bucket, data_bucket = demo._output("outputs_bucket"), demo._output("training_bucket")
+            keys = {
+                "runs": demo._keys(outputs_bucket, f"{naming.RUNS_PREFIX}"),
+                "checkpoints": demo._keys(outputs_bucket, f"{naming.CHECKPOINTS_PREFIX}{demo.run_id}/"),
+                "data": demo._keys(data_bucket, naming.DATA_PREFIX),
+            }
+            status = json.loads(s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/status.json")["Body"].read())
+            stacks = {s["StackName"] for s in demo.client("cloudformation").describe_stacks()["Stacks"]}
+        finally:
+            demo_module.console.file = None
+            demo.emulator.stop()
+    return {"demo": demo, "fetched": fetched, "keys": keys, "status": status, "stacks": stacks, "console": capture.read_text()}
+
+
+def test_resumed_run_succeeded_with_outputs_logs_and_success_marker_in_s3(finished_demo):
+    run_id = finished_demo["demo"].run_id
+    runs = set(finished_demo["keys"]["runs"])
+    prefix = f"runs/{run_id}/"
+    assert {f"{prefix}status.json", f"{prefix}_SUCCESS", f"{prefix}outputs/model.npz", f"{prefix}logs/training.log"} <= runs
+    assert f"{naming.LATEST_PREFIX}_SUCCESS" in runs, "runs/latest/ mirrors the newest finished run"
+    assert finished_demo["status"]["outcome"] == "succeeded"
+    assert finished_demo["status"]["exit_code"] == 0
+
+
+def test_spot_notice_flushed_checkpoints_and_the_second_launch_resumed_from_them(finished_demo):
+    assert finished_demo["keys"]["checkpoints"], "checkpoints reached S3"
+    console = finished_demo["console"]
+    assert "outcome=interrupted" in console
+    assert "received SIGTERM" in console
+    assert "resumed from checkpoint" in console
+
+
+def test_cli_outputs_launch_status_cost_and_fetch_speak_to_the_user(finished_demo):
+    console = finished_demo["console"]
+    run_id = finished_demo["demo"].run_id
+    for expected in ("training_bucket = ", "launch_template_id = ", f"launched run {run_id}", "succeeded (exit 0)", "saving vs on-demand", "fetched "):
+        assert expected in console
+    fetched = finished_demo["fetched"]
+    assert (fetched / "outputs" / "model.npz").stat().st_size > 0
+    assert json.loads((fetched / "status.json").read_text())["run_id"] == run_id
+
+
+def test_destroying_compute_keeps_every_other_stack_and_the_data(finished_demo):
+    assert naming.COMPUTE_STACK not in finished_demo["stacks"]
+    assert {naming.STORAGE_STACK, naming.REGISTRY_STACK, naming.SAFETY_STACK} <= finished_demo["stacks"]
+    assert finished_demo["keys"]["data"], "the uploaded dataset is still there"
