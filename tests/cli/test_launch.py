@@ -226,3 +226,14 @@ def test_spot_against_an_on_demand_template_keeps_the_template_and_asks_for_one_
     assert _exports(_user_data(on_demand_stacks, spot_instance["InstanceId"]))["TI_MARKET"] == "spot"
     assert default_instance.get("InstanceLifecycle") != "spot", "the stack's market unless told otherwise"
     assert _tags(default_instance)["aws:ec2launchtemplate:id"] == template_id
+
+
+def test_launch_accepts_the_longest_run_id_within_ec2s_64_character_client_token(stacks, ec2_faults):
+    run_id = "r" * 63
+
+    result = stacks.cli("launch", "--run-id", run_id, env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})
+
+    token = re.search(r"ClientToken=([^&]+)", ec2_faults.run_instances_calls[0])[1]
+    assert len(token) <= 64, "EC2 rejects longer client tokens"
+    assert token.startswith("r" * 55)
+    assert "no spare spot capacity" in result.stderr

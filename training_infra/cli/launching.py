@@ -208,8 +208,8 @@ def build_run_instances(
         "MaxCount": 1,
         "UserData": user_data,
         "TagSpecifications": tags,
-        # Idempotent across botocore's retries of this call; unique per launch.
-        "ClientToken": f"{run_id}-{secrets.token_hex(4)}",
+        # Idempotent across botocore's retries of this call; unique per launch; EC2 allows 64 characters.
+        "ClientToken": f"{run_id[:55]}-{secrets.token_hex(4)}",
     }
     from_template = want_spot or not template_spot
     if from_template:
