@@ -37,6 +37,7 @@ OUTPUT_GITHUB_DIFF_ROLE_ARN = "GithubDiffRoleArn"
 OUTPUT_ALERTS_TOPIC_ARN = "AlertsTopicArn"
 OUTPUT_LAUNCH_TEMPLATE_ID = "LaunchTemplateId"
 OUTPUT_LOG_GROUP_NAME = "LogGroupName"
+OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
 
 

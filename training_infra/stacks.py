@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import Acknowledgment, App, CfnOutput, Stack, Validations
+from aws_cdk import Acknowledgment, App, CfnOutput, Fn, Stack, Validations
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
@@ -56,6 +56,7 @@ class ComputeStack(Stack):
             alerts_topic=safety.alerts_topic,
         )
         CfnOutput(self, naming.OUTPUT_LAUNCH_TEMPLATE_ID, value=self.compute.launch_template.launch_template_id or "", description="training-infra launch starts runs from this")
+        CfnOutput(self, naming.OUTPUT_SUBNET_IDS, value=Fn.join(",", self.compute.subnet_ids), description="Subnets training-infra launch may use")
         CfnOutput(self, naming.OUTPUT_LOG_GROUP_NAME, value=self.compute.log_group.log_group_name, description="One log stream per run")
         if self.compute.instance is not None:
             CfnOutput(self, naming.OUTPUT_INSTANCE_ID, value=self.compute.instance.ref, description="The training instance of this deploy")

@@ -99,7 +99,7 @@ class Emulator:
 
     def reset(self) -> None:
         """Forget every resource (moto's reset API), keeping the server up."""
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")  # noqa: S310 - loopback
         with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback
             pass
 
