@@ -14,7 +14,7 @@ CDK := node_modules/.bin/cdk
 # The wheel's own npm launcher is broken; npm-cli.js under the same Node is what it would run.
 NPM := node $(NODE_DIR)/lib/node_modules/npm/bin/npm-cli.js
 CDK_FLAGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadscope
 
 .PHONY: help setup test lint synth diff deploy destroy bench demo demo-spot clean
 
@@ -57,8 +57,10 @@ deploy: setup  ## cdk deploy every stack to the account in your AWS credentials
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
-bench: setup  ## Synth time of the whole app as a ratio to an empty CDK app
+bench: setup  ## Benchmarks that print ratios: synth vs empty app, launch vs deploy, spot notice to SIGTERM
 	$(PY) scripts/bench_synth.py
+	$(PY) scripts/bench_launch.py
+	$(PY) scripts/bench_agent.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""How much faster `training-infra launch` starts a run than deploying the compute stack with an instance.
+
+Both on the local AWS, same run: bootstrap and deploy all stacks once, then time
+`cdk deploy TrainingInfra-Compute -c create_instance=true` and the median of several
+`training-infra launch` calls. Prints both and the ratio (target: launch >= 10x faster).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from training_infra import naming
+from training_infra.local.demo import LOCAL_AMI
+from training_infra.local.emulator import Emulator
+
+ROOT = Path(__file__).resolve().parents[1]
+CDK = str(ROOT / "node_modules" / ".bin" / "cdk")
+LAUNCHES = 5
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp, Emulator(Path(tmp) / "emulator") as aws:
+        env = {**os.environ, **aws.env, "CDK_DISABLE_VERSION_CHECK": "true"}
+
+        def run(argv: list[str]) -> float:
+            start = time.perf_counter()
+            subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
+            return time.perf_counter() - start
+
+        deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
+                  "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
+        run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices"])
+        run([*deploy, "--all"])
+        stack_deploy = run([*deploy, naming.COMPUTE_STACK, "-c", "create_instance=true", "-c", "run_id=bench"])
+        launches = [run([sys.executable, "-m", "training_infra", "launch", "-q", "--run-id", f"bench-{i}"]) for i in range(LAUNCHES)]
+        launch = statistics.median(launches)
+        print(f"cdk deploy {naming.COMPUTE_STACK} -c create_instance=true: {stack_deploy:.2f} s")
+        print(f"training-infra launch: {launch:.2f} s (median of {LAUNCHES}; first {launches[0]:.2f} s)")
+        print(f"launch is {stack_deploy / launch:.1f}x faster (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
