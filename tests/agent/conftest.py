@@ -227,6 +227,13 @@ class AgentRun:
         assert len(ids) == 1, ids
         return ids[0]
 
+    def wait_for_s3(self, prefix: str, timeout: float) -> list[str]:
+        """Keys under `prefix` as soon as there are any (empty after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.keys(prefix)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
     def keys(self, prefix: str = "") -> list[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.config.outputs_bucket, Prefix=prefix)
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
@@ -308,7 +315,7 @@ def make_run(aws: Emulator, tmp_path: Path) -> Iterator[Callable[..., AgentRun]]
                 "alerts_topic_arn": topic_arn,
                 "max_runtime_seconds": 600,
                 "idle_seconds": 600,
-                "checkpoint_sync_seconds": 2,
+                "checkpoint_sync_seconds": 60,
                 "spot_poll_seconds": 1,
                 "stop_grace_seconds": 10,
                 "hourly_price_usd": 1.006,
@@ -332,7 +339,7 @@ def make_run(aws: Emulator, tmp_path: Path) -> Iterator[Callable[..., AgentRun]]
             "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
             "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
             "TI_RETRY_BASE_SECONDS": "1",
-            "TI_LOG_SHIP_SECONDS": "2",
+            "TI_LOG_SHIP_SECONDS": "5",
             **(env or {}),
         }
         run = AgentRun(tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import sys
 import time
 
@@ -32,8 +34,12 @@ def s3_writes(run, prefix: str) -> list[str]:
     return keys
 
 
-def test_happy_path_uploads_outputs_logs_status_and_success_marker_last_then_powers_off(make_run):
-    run = make_run(run_id="", extra_env="EPOCHS=10\nSTEP_SECONDS=0.4").run()
+def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_with_success_marker_last(make_run):
+    run = make_run(run_id="", checkpoint_sync_seconds=2, extra_env="EPOCHS=15\nSTEP_SECONDS=0.4").start()
+    run.wait_for_log(r"checkpoint ckpt-000003")
+    synced_early = run.wait_for_s3("checkpoints/", timeout=20)
+    assert run.process.poll() is None and synced_early, "checkpoints reach S3 while the trainer still runs"
+    run.wait()
 
     assert re.fullmatch(r"\d{8}-\d{6}-i-[0-9a-f]+", run.run_id), "derived run id is <UTC date-time>-<instance id>"
     prefix = f"runs/{run.run_id}/"
@@ -63,14 +69,14 @@ def test_happy_path_uploads_outputs_logs_status_and_success_marker_last_then_pow
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", status[stamp])
 
     metrics = json.loads(run.read(prefix + "outputs/metrics.json"))
-    assert metrics["epochs_completed"] == 10 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
-    assert "epoch 10/10" in run.read(prefix + "logs/training.log")
+    assert metrics["epochs_completed"] == 15 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
+    assert "epoch 15/15" in run.read(prefix + "logs/training.log")
     assert json.loads(run.read("runs/latest/status.json"))["run_id"] == run.run_id
     assert "runs/latest/_SUCCESS" in run.keys("runs/latest/")
 
     logs = run.extra["session"].client("logs", endpoint_url=run.aws.endpoint)
     events = logs.get_log_events(logGroupName=run.config.log_group, logStreamName=run.run_id)["events"]
-    assert any("epoch 10/10" in event["message"] for event in events), (
+    assert any("epoch 15/15" in event["message"] for event in events), (
         "training output streams to CloudWatch under the run id"
     )
 
@@ -118,13 +124,26 @@ def test_rebalance_with_stop_on_rebalance_false_syncs_checkpoints_early_and_trai
     run.wait_for_log(r"checkpoint ckpt-000006")
     run.imds.inject_rebalance()
     run.wait_for_log(r"rebalance recommendation .*training continues")
-    deadline = time.monotonic() + 20
-    while not run.keys("checkpoints/rebalance-run/") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert run.keys("checkpoints/rebalance-run/"), "checkpoints reach S3 right after the notice, not at the 300 s sync"
+    assert run.wait_for_s3("checkpoints/rebalance-run/", timeout=20), (
+        "checkpoints reach S3 right after the notice, not at the 300 s sync"
+    )
     assert run.process.poll() is None, "the trainer keeps going"
     run.wait()
     assert run.status()["outcome"] == "succeeded"
+
+
+def test_agent_terminated_by_the_os_stops_trainer_with_grace_and_still_saves_everything(make_run):
+    run = make_run(run_id="sigterm-run", extra_env=LONG_TRAINING, checkpoint_sync_seconds=300).start()
+    run.wait_for_log(r"epoch 3/")
+    os.kill(run.process.pid, signal.SIGTERM)  # what systemd does to cloud-init's job at shutdown
+    run.wait(90)
+
+    status = run.status()
+    assert status["outcome"] == "interrupted" and "SIGTERM" in status["message"]
+    assert "received SIGTERM" in run.training_log, "the trainer was asked to stop, not killed"
+    assert run.keys("checkpoints/sigterm-run/")
+    assert "runs/sigterm-run/outputs/metrics.json" in run.keys("runs/sigterm-run/")
+    assert run.called("poweroff")
 
 
 def test_trainer_crash_reports_failed_with_exit_code_uploads_logs_and_no_success_marker(make_run):

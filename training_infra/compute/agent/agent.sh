@@ -289,6 +289,7 @@ gpu_utilisation() {  # the busiest GPU, so one busy GPU of eight is not "idle"
 }
 watch_idle() {
   local poll=$((TI_IDLE_SECONDS / 4)) util now idle_since="" last_metric=0 age warned=""
+  [[ -z $HEARTBEAT_HOST ]] || ((TI_HEARTBEAT_STALE_SECONDS / 4 >= poll)) || poll=$((TI_HEARTBEAT_STALE_SECONDS / 4))
   ((poll <= 15)) || poll=15
   ((poll >= 1)) || poll=1
   while true; do
@@ -380,7 +381,8 @@ backstop() { sleep "$TI_FINALIZE_TIMEOUT_SECONDS"; log "finalize is stuck: power
 finalize() {
   local rc=$1 pid backstop=""
   set +e
-  trap - ERR TERM INT
+  trap - ERR
+  trap 'log "signal during finalize: carrying on (the backstop still powers off)"' TERM INT
   [[ -z $FINALIZING ]] || return 0
   FINALIZING=1
   if [[ $TI_AUTO_SHUTDOWN == true ]]; then
@@ -429,7 +431,7 @@ finalize() {
     --dimensions "Outcome=$OUTCOME" --value 1 --unit Count || true
   wait "$!"
   power_off
-  [[ -z $backstop ]] || kill_group "$backstop"
+  [[ -z $backstop ]] || kill_group "$backstop" KILL
 }
 on_error() { log "command failed (exit $1) at line $2: $3"; MESSAGE=${MESSAGE:-"agent error at line $2: $3 (exit $1)"}; }
 on_signal() {
