@@ -71,7 +71,7 @@ retry() {  # retry DESCRIPTION COMMAND...: bounded attempts with exponential bac
 }
 
 # ---------------------------------------------------------------- settings (no network yet)
-need_int() { [[ ${!1} =~ ^[0-9]+$ ]] || fail "$1='${!1}' is not allowed: use a whole number of seconds"; }
+need_int() { [[ ${!1} =~ ^[0-9]+$ ]] || fail "$1='${!1}' is not allowed: use a whole number (seconds or a count)"; }
 need_num() { [[ ${!1} =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "$1='${!1}' is not allowed: use a number such as 5 or 0.5"; }
 need_one() {
   local name=$1 value=${!1} allowed
