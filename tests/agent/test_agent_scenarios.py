@@ -135,7 +135,7 @@ def test_rebalance_with_stop_on_rebalance_false_syncs_checkpoints_early_and_trai
 def test_agent_terminated_by_the_os_stops_trainer_with_grace_and_still_saves_everything(make_run):
     run = make_run(run_id="sigterm-run", extra_env=LONG_TRAINING, checkpoint_sync_seconds=300).start()
     run.wait_for_log(r"epoch 3/")
-    os.kill(run.process.pid, signal.SIGTERM)  # what systemd does to cloud-init's job at shutdown
+    os.killpg(run.process.pid, signal.SIGTERM)  # systemd at shutdown: the agent and its log pipe
     run.wait(90)
 
     status = run.status()
@@ -254,7 +254,11 @@ def test_relaunch_with_same_run_id_restores_its_checkpoint_and_continues(make_ru
     metrics = json.loads(run.read("runs/resume-run/outputs/metrics.json"))
     assert (metrics["resumed_from_epoch"], metrics["epochs_completed"]) == (5, 8)
     assert run.status()["outcome"] == "succeeded"
-    assert "checkpoints/resume-run/ckpt-000008.npz" in run.keys("checkpoints/resume-run/")
+    local = sorted(p.name for p in (run.root / "checkpoints").glob("ckpt-*.npz"))
+    assert run.keys("checkpoints/resume-run/") == [f"checkpoints/resume-run/{name}" for name in local], (
+        "S3 mirrors what the trainer kept"
+    )
+    assert "ckpt-000008.npz" in local
 
 
 def test_bad_setting_fails_with_one_line_naming_it_before_any_network_call(make_run):

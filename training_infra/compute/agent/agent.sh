@@ -200,9 +200,9 @@ fetch_image() {
     log "image $IMAGE is in ECR ($digest); the process runtime runs its command directly"
   fi
 }
-sync_checkpoints() {  # files ending in .tmp are half-written: trainers write there, then rename
-  awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --only-show-errors
-}
+# S3 mirrors /checkpoints, so a resume downloads what the trainer kept, not every checkpoint
+# it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
+sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --only-show-errors; }
 upload_logs() {
   mkdir -p "$STATE/logs"
   cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
@@ -446,7 +446,9 @@ main() {
   mkdir -p "$STATE" "$LOG_DIR" "$DATA_DIR" "$OUT_DIR" "$CKPT_DIR"
   touch "$TRAIN_LOG"
   # 1. everything this script says goes to the setup log (and the console, for cloud-init)
-  exec > >(tee -a "$SETUP_LOG") 2>&1
+  # tee ignores TERM/INT: at shutdown every process gets SIGTERM, and the finalizer must still
+  # be able to write (a dead tee would end the agent with SIGPIPE mid-upload).
+  exec > >(trap '' TERM INT; exec tee -a "$SETUP_LOG") 2>&1
   # 2. whatever happens next, logs are uploaded and the box powers off
   trap 'finalize $?' EXIT
   trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
