@@ -35,7 +35,7 @@ def s3_writes(run, prefix: str) -> list[str]:
 
 
 def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_with_success_marker_last(make_run):
-    run = make_run(run_id="", checkpoint_sync_seconds=2, extra_env="EPOCHS=15\nSTEP_SECONDS=0.4").start()
+    run = make_run(run_id="", checkpoint_sync_seconds=2, extra_env="EPOCHS=20\nSTEP_SECONDS=0.4").start()
     run.wait_for_log(r"checkpoint ckpt-000003")
     synced_early = run.wait_for_s3("checkpoints/", timeout=20)
     assert run.process.poll() is None and synced_early, "checkpoints reach S3 while the trainer still runs"
@@ -69,14 +69,14 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", status[stamp])
 
     metrics = json.loads(run.read(prefix + "outputs/metrics.json"))
-    assert metrics["epochs_completed"] == 15 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
-    assert "epoch 15/15" in run.read(prefix + "logs/training.log")
+    assert metrics["epochs_completed"] == 20 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
+    assert "epoch 20/20" in run.read(prefix + "logs/training.log")
     assert json.loads(run.read("runs/latest/status.json"))["run_id"] == run.run_id
     assert "runs/latest/_SUCCESS" in run.keys("runs/latest/")
 
     logs = run.extra["session"].client("logs", endpoint_url=run.aws.endpoint)
     events = logs.get_log_events(logGroupName=run.config.log_group, logStreamName=run.run_id)["events"]
-    assert any("epoch 15/15" in event["message"] for event in events), (
+    assert any("epoch 20/20" in event["message"] for event in events), (
         "training output streams to CloudWatch under the run id"
     )
 
@@ -191,14 +191,14 @@ def test_data_sync_failing_for_good_is_reported_and_auto_shutdown_false_leaves_b
 
 
 def test_max_runtime_deadline_stops_trainer_and_saves_its_outputs(make_run):
-    run = make_run(run_id="deadline-run", max_runtime_seconds=15, extra_env=LONG_TRAINING).run()
+    run = make_run(run_id="deadline-run", max_runtime_seconds=25, extra_env=LONG_TRAINING).run()
 
     status = run.status()
     assert status["outcome"] == "deadline" and "max runtime" in status["message"]
-    assert 15 <= status["duration_seconds"] <= 30
+    assert 25 <= status["duration_seconds"] <= 45
     assert json.loads(run.read("runs/deadline-run/outputs/metrics.json"))["interrupted"] is True
     assert run.keys("checkpoints/deadline-run/")
-    assert run.called("shutdown -h +1 "), "15 s rounds up to a 1-minute OS deadline"
+    assert run.called("shutdown -h +1 "), "25 s rounds up to a 1-minute OS deadline"
     assert run.called("poweroff")
 
 
@@ -209,7 +209,7 @@ def test_idle_gpu_ends_the_run_as_idle_and_saves_outputs(make_run):
 
     status = run.status()
     assert status["outcome"] == "idle" and "GPU utilisation below 5" in status["message"]
-    assert status["duration_seconds"] < 30
+    assert status["duration_seconds"] < 60, "well before the 80 s the trainer would take"
     assert "runs/idle-run/outputs/metrics.json" in run.keys("runs/idle-run/")
     assert run.called("poweroff")
 
