@@ -120,8 +120,8 @@ def test_instance_reads_only_data_and_writes_only_runs_and_checkpoints(synth):
     write = statements["ReadWriteRunsAndCheckpoints"]
     assert sorted(_actions(write)) == ["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"]
     assert sorted(r["Fn::Join"][1][-1] for r in write["Resource"]) == ["/checkpoints/*", "/runs/*"]
-    assert _actions(statements["RefreshLatestRun"]) == ["s3:DeleteObject"]
-    assert statements["RefreshLatestRun"]["Resource"]["Fn::Join"][1][-1] == "/runs/latest/*"
+    assert _actions(statements["MirrorLatestRunAndCheckpoints"]) == ["s3:DeleteObject"]
+    assert sorted(r["Fn::Join"][1][-1] for r in statements["MirrorLatestRunAndCheckpoints"]["Resource"]) == ["/checkpoints/*", "/runs/latest/*"]
     assert statements["ListDataPrefix"]["Condition"] == {"StringLike": {"s3:prefix": ["data/", "data/*"]}}
 
 

@@ -88,7 +88,7 @@ def _acknowledge_compute_findings(stack: ComputeStack) -> None:
     for bucket, prefix, why in (
         ("Data", naming.DATA_PREFIX, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
         ("Outputs", naming.RUNS_PREFIX, "get/put on runs/ of the outputs bucket: each run writes its own objects"),
-        ("Outputs", naming.CHECKPOINTS_PREFIX, "get/put on checkpoints/ of the outputs bucket: resume reads them back"),
+        ("Outputs", naming.CHECKPOINTS_PREFIX, "get/put/delete on checkpoints/ of the outputs bucket: a mirror of the trainer's checkpoints"),
         ("Outputs", naming.LATEST_PREFIX, "delete only under runs/latest/, which mirrors the newest finished run"),
     ):
         acknowledge_nag(policy, f"IAM5[Resource::{storage_arns[bucket]}/{prefix}*]", f"Object keys are per run and unknown at deploy: {why}")

@@ -96,8 +96,13 @@ class TrainingStorage(Construct):
                 actions=["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
                 resources=[self.outputs_bucket.arn_for_objects(f"{naming.RUNS_PREFIX}*"), self.outputs_bucket.arn_for_objects(f"{naming.CHECKPOINTS_PREFIX}*")],
             ),
-            # `aws s3 sync --delete` keeps runs/latest/ an exact copy of the newest finished run.
-            iam.PolicyStatement(sid="RefreshLatestRun", actions=["s3:DeleteObject"], resources=[self.outputs_bucket.arn_for_objects(f"{naming.LATEST_PREFIX}*")]),
+            # `aws s3 sync --delete` keeps runs/latest/ a copy of the newest finished run, and checkpoints/<run>/
+            # a mirror of what the trainer keeps (versioning still holds what a sync deletes).
+            iam.PolicyStatement(
+                sid="MirrorLatestRunAndCheckpoints",
+                actions=["s3:DeleteObject"],
+                resources=[self.outputs_bucket.arn_for_objects(f"{naming.LATEST_PREFIX}*"), self.outputs_bucket.arn_for_objects(f"{naming.CHECKPOINTS_PREFIX}*")],
+            ),
         ]
         for statement in statements:
             grantee.grant_principal.add_to_principal_policy(statement)
