@@ -32,6 +32,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen, *, grace_seconds: float) -> None:
+    """SIGTERM a process started with start_new_session and its children; SIGKILL after the grace."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class EmulatorError(RuntimeError):
     pass
 
@@ -87,13 +99,7 @@ class Emulator:
     def stop(self) -> None:
         if self._process is None:
             return
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait()
+        stop_process_group(self._process, grace_seconds=10)
         self._process = None
         (self.log_dir / "moto.pid").unlink(missing_ok=True)
 

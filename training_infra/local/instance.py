@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import boto3
 
+from training_infra.local.emulator import stop_process_group
 from training_infra.local.imds import FakeImds
 
 GPU_UTILISATION_PERCENT = "87"  # what the fake nvidia-smi reports: a busy GPU
@@ -115,13 +115,9 @@ class LocalInstance:
         return code
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            # The agent's TERM trap uploads logs and status on the way down, as at an OS shutdown.
+            stop_process_group(self.process, grace_seconds=30)
         if self.imds is not None:
             self.imds.stop()
             self.imds = None
