@@ -1,4 +1,4 @@
-"""The reaper handler against moto's EC2, SNS, SQS and CloudWatch (`mock_aws`, in process).
+"""The reaper handler against moto's EC2, SNS, SQS and CloudWatch (`mock_aws`, in process; see conftest.py).
 
 Notices are read back through a real SNS -> SQS subscription, the metric through CloudWatch, and
 instance states through DescribeInstances: what a user would see.
@@ -6,91 +6,32 @@ instance states through DescribeInstances: what a user would see.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from training_infra import naming
 from training_infra.safety.runtime import reaper
 
-REGION = "us-east-1"
 MAX_HOURS = 12.0
 GRACE_MINUTES = 10.0
-MOTO_AMI = "ami-12c6146b"  # one of moto's built-in images (listing them takes seconds)
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    """Fresh in-process moto accounts, a topic with a queue subscribed, and clients for the reaper."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        yield Aws()
+def reap(aws, now: datetime) -> reaper.ReapResult:
+    config = reaper.ReaperConfig(topic_arn=aws.topic_arn, max_runtime_hours=MAX_HOURS, grace_minutes=GRACE_MINUTES)
+    return reaper.reap(aws.ec2, aws.sns, aws.cloudwatch, config, now)
 
 
-class Aws:
-    def __init__(self) -> None:
-        self.ec2 = boto3.client("ec2", region_name=REGION)
-        self.sns = boto3.client("sns", region_name=REGION)
-        self.sqs = boto3.client("sqs", region_name=REGION)
-        self.cloudwatch = boto3.client("cloudwatch", region_name=REGION)
-        self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
-        self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
-        self.config = reaper.ReaperConfig(
-            topic_arn=self.topic_arn, max_runtime_hours=MAX_HOURS, grace_minutes=GRACE_MINUTES
-        )
-
-    def launch(self, tags: dict[str, str], **extra) -> str:
-        tag_spec = (
-            [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
-        )
-        response = self.ec2.run_instances(
-            ImageId=MOTO_AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, TagSpecifications=tag_spec, **extra
-        )
-        return response["Instances"][0]["InstanceId"]
-
-    def launch_time(self, instance_id: str) -> datetime:
-        return self.instance(instance_id)["LaunchTime"]
-
-    def instance(self, instance_id: str) -> dict:
-        return self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-
-    def state(self, instance_id: str) -> str:
-        return self.instance(instance_id)["State"]["Name"]
-
-    def reap(self, now: datetime) -> reaper.ReapResult:
-        return reaper.reap(self.ec2, self.sns, self.cloudwatch, self.config, now)
-
-    def notices(self) -> list[dict]:
-        out = []
-        while True:
-            batch = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
-            if not batch:
-                return out
-            for message in batch:
-                out.append(json.loads(message["Body"]))
-                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-
-    def terminated_metric_sum(self, now: datetime) -> float:
-        stats = self.cloudwatch.get_metric_statistics(
-            Namespace=naming.METRIC_NAMESPACE,
-            MetricName=reaper.METRIC_NAME,
-            StartTime=now - timedelta(hours=1),
-            EndTime=now + timedelta(hours=1),
-            Period=300,
-            Statistics=["Sum"],
-        )
-        return sum(point["Sum"] for point in stats["Datapoints"])
+def terminated_metric_sum(aws, now: datetime) -> float:
+    stats = aws.cloudwatch.get_metric_statistics(
+        Namespace=naming.METRIC_NAMESPACE,
+        MetricName=reaper.METRIC_NAME,
+        StartTime=now - timedelta(hours=1),
+        EndTime=now + timedelta(hours=1),
+        Period=300,
+        Statistics=["Sum"],
+    )
+    return sum(point["Sum"] for point in stats["Datapoints"])
 
 
 def managed(run_id: str = "bert-1", **tags: str) -> dict[str, str]:
@@ -114,7 +55,7 @@ def test_instance_past_its_deadline_is_terminated_with_a_notice_and_a_metric(aws
     deadline = now - timedelta(hours=1)
     instance_id = aws.launch(managed("bert-lr3e4", **{naming.TAG_DEADLINE: iso(deadline)}))
 
-    result = aws.reap(now)
+    result = reap(aws, now)
 
     assert result.terminated == [instance_id]
     assert aws.state(instance_id) in ("shutting-down", "terminated")
@@ -122,19 +63,19 @@ def test_instance_past_its_deadline_is_terminated_with_a_notice_and_a_metric(aws
     assert instance_id in notice["Subject"] and "bert-lr3e4" in notice["Subject"]
     assert f"deadline {iso(deadline)}" in notice["Message"]
     assert "g5.xlarge" in notice["Message"]
-    assert aws.terminated_metric_sum(now) == 1
+    assert terminated_metric_sum(aws, now) == 1
 
 
 def test_instance_inside_its_deadline_keeps_running_and_nothing_is_sent(aws):
     now = datetime.now(UTC)
     instance_id = aws.launch(managed(**{naming.TAG_DEADLINE: iso(now + timedelta(hours=3))}))
 
-    result = aws.reap(now)
+    result = reap(aws, now)
 
     assert result.checked == [instance_id] and result.terminated == []
     assert aws.state(instance_id) == "running"
     assert aws.notices() == []
-    assert aws.terminated_metric_sum(now) == 0
+    assert terminated_metric_sum(aws, now) == 0
 
 
 def test_reaper_leaves_the_on_box_shutdown_its_grace_period(aws):
@@ -146,7 +87,7 @@ def test_reaper_leaves_the_on_box_shutdown_its_grace_period(aws):
         managed("long-past", **{naming.TAG_DEADLINE: iso(now - timedelta(minutes=GRACE_MINUTES + 1))})
     )
 
-    result = aws.reap(now)
+    result = reap(aws, now)
 
     assert result.terminated == [long_past]
     assert aws.state(just_past) == "running"
@@ -159,7 +100,7 @@ def test_unmanaged_instances_are_never_touched_however_old_or_late(aws):
     other_team = aws.launch({"team": "search", **past})
     much_later = aws.launch_time(untagged) + timedelta(days=30)
 
-    result = aws.reap(much_later)
+    result = reap(aws, much_later)
 
     assert result.checked == [] and result.terminated == []
     assert {aws.state(i) for i in (untagged, not_true, other_team)} == {"running"}
@@ -171,10 +112,10 @@ def test_instance_without_deadline_ends_once_older_than_max_runtime_hours(aws):
     launched = aws.launch_time(instance_id)
     grace = timedelta(minutes=GRACE_MINUTES)
 
-    assert aws.reap(launched + timedelta(hours=MAX_HOURS) + grace - timedelta(minutes=1)).terminated == []
+    assert reap(aws, launched + timedelta(hours=MAX_HOURS) + grace - timedelta(minutes=1)).terminated == []
     assert aws.state(instance_id) == "running"
 
-    result = aws.reap(launched + timedelta(hours=MAX_HOURS) + grace + timedelta(minutes=1))
+    result = reap(aws, launched + timedelta(hours=MAX_HOURS) + grace + timedelta(minutes=1))
 
     assert result.terminated == [instance_id]
     [notice] = aws.notices()
@@ -186,7 +127,7 @@ def test_per_instance_max_runtime_tag_overrides_the_stack_default(aws):
     default = aws.launch(managed("default"))
     three_hours_later = aws.launch_time(short) + timedelta(hours=3)
 
-    result = aws.reap(three_hours_later)
+    result = reap(aws, three_hours_later)
 
     assert result.terminated == [short]
     assert aws.state(default) == "running"
@@ -197,13 +138,13 @@ def test_unreadable_deadline_is_reported_and_falls_back_to_max_runtime(aws, bad)
     instance_id = aws.launch(managed("typo", **{naming.TAG_DEADLINE: bad}))
     launched = aws.launch_time(instance_id)
 
-    young = aws.reap(launched + timedelta(hours=1))
+    young = reap(aws, launched + timedelta(hours=1))
 
     assert young.terminated == []
     assert young.unreadable_tags == {instance_id: f"{naming.TAG_DEADLINE}={bad!r}"}
     assert aws.state(instance_id) == "running"
 
-    old = aws.reap(launched + timedelta(hours=MAX_HOURS + 1))
+    old = reap(aws, launched + timedelta(hours=MAX_HOURS + 1))
 
     assert old.terminated == [instance_id]
     [notice] = aws.notices()
@@ -214,7 +155,7 @@ def test_unreadable_max_runtime_tag_is_reported_and_the_default_applies(aws):
     instance_id = aws.launch(managed("typo", **{naming.TAG_MAX_RUNTIME_HOURS: "twelve"}))
     launched = aws.launch_time(instance_id)
 
-    result = aws.reap(launched + timedelta(hours=MAX_HOURS + 1))
+    result = reap(aws, launched + timedelta(hours=MAX_HOURS + 1))
 
     assert result.terminated == [instance_id]
     assert result.unreadable_tags == {instance_id: f"{naming.TAG_MAX_RUNTIME_HOURS}='twelve'"}
@@ -226,7 +167,7 @@ def test_stopped_instance_past_its_deadline_is_terminated_too(aws):
     instance_id = aws.launch(managed(**{naming.TAG_DEADLINE: iso(now - timedelta(hours=2))}))
     aws.ec2.stop_instances(InstanceIds=[instance_id])
 
-    assert aws.reap(now).terminated == [instance_id]
+    assert reap(aws, now).terminated == [instance_id]
 
 
 def test_many_instances_across_pages_are_all_found_and_terminated(aws, monkeypatch):
@@ -239,13 +180,17 @@ def test_many_instances_across_pages_are_all_found_and_terminated(aws, monkeypat
         aws.launch(managed(f"alive-{n}", **{naming.TAG_DEADLINE: iso(now + timedelta(hours=1))})) for n in range(3)
     ]
 
-    result = aws.reap(now)
+    pages = []
+    aws.ec2.meta.events.register("before-call.ec2.DescribeInstances", lambda **_: pages.append(1))
 
+    result = reap(aws, now)
+
+    assert len(pages) == 3  # 15 instances, 5 a page: every page was read
     assert len(result.checked) == 15
     assert sorted(result.terminated) == sorted(expired)
     assert {aws.state(i) for i in alive} == {"running"}
     assert len(aws.notices()) == 12
-    assert aws.terminated_metric_sum(now) == 12
+    assert terminated_metric_sum(aws, now) == 12
 
 
 def test_handler_reports_an_instance_it_cannot_terminate_after_ending_the_others(aws, monkeypatch):
@@ -254,7 +199,6 @@ def test_handler_reports_an_instance_it_cannot_terminate_after_ending_the_others
     protected = aws.launch(managed("protected", **past))
     aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
     normal = aws.launch(managed("normal", **past))
-    monkeypatch.setenv("TOPIC_ARN", aws.topic_arn)
     monkeypatch.setenv("MAX_RUNTIME_HOURS", "12")
 
     with pytest.raises(reaper.ReaperError, match=protected):
@@ -265,17 +209,22 @@ def test_handler_reports_an_instance_it_cannot_terminate_after_ending_the_others
     assert len(aws.notices()) == 1
 
 
-def test_handler_reads_its_settings_from_the_environment(aws, monkeypatch):
-    instance_id = aws.launch(managed("env", **{naming.TAG_MAX_RUNTIME_HOURS: "0.0001"}))
-    monkeypatch.setenv("TOPIC_ARN", aws.topic_arn)
-    monkeypatch.setenv("MAX_RUNTIME_HOURS", "12")
-    monkeypatch.setenv("GRACE_MINUTES", "0")
-    monkeypatch.setattr(reaper, "datetime", _Later)  # 'now' one hour ahead of moto's launch time
+def test_handler_reads_max_runtime_grace_and_tag_names_from_the_environment(aws, monkeypatch):
+    """The variables the construct sets are the ones the handler obeys (defaults would not end this one)."""
+    instance_id = aws.launch({"acme:managed": "true"})
+    monkeypatch.setenv("MANAGED_TAG", "acme:managed")
+    monkeypatch.setenv("MAX_RUNTIME_HOURS", "0.5")
+    monkeypatch.setattr(reaper, "datetime", _Later)  # 'now' one hour after moto's launch time
 
-    summary = reaper.handler({"source": "aws.events"}, None)
+    monkeypatch.setenv("GRACE_MINUTES", "45")  # 30 min + 45 min grace: not yet
+    waiting = reaper.handler({"source": "aws.events"}, None)
+    monkeypatch.setenv("GRACE_MINUTES", "15")  # 30 min + 15 min grace: past
+    ending = reaper.handler({"source": "aws.events"}, None)
 
-    assert summary["terminated"] == [instance_id]
-    assert summary["checked"] == 1
+    assert waiting["checked"] == 1 and waiting["terminated"] == []
+    assert ending["terminated"] == [instance_id]
+    [notice] = aws.notices()
+    assert "0.5 h after launch (the stack's max_runtime_hours)" in notice["Message"]
 
 
 class _Later(datetime):
