@@ -45,8 +45,9 @@ lint: setup  ## ruff, shellcheck and actionlint only
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests/test_lint.py
 
-synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account needed)
+synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account needed) and cfn-lint them
 	$(CDK) synth --quiet $(CDK_FLAGS)
+	cfn-lint cdk.out/*.template.json
 
 diff: setup  ## cdk diff against the account in your AWS credentials
 	$(CDK) diff --all $(CDK_FLAGS)

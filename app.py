@@ -3,14 +3,12 @@
 
 import sys
 
-from aws_cdk import App
-
 from training_infra.config import ConfigError, parse_settings
-from training_infra.stacks import build_app
+from training_infra.stacks import build_app, new_app
 
 
 def main() -> None:
-    app = App()
+    app = new_app()
     try:
         settings = parse_settings(app.node.get_all_context())
     except ConfigError as error:

@@ -62,17 +62,15 @@ class Synth:
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """`synth("full")` -> the synthesized templates of that configuration (cached per session)."""
-    from aws_cdk import App
-
     from training_infra.config import parse_settings
-    from training_infra.stacks import build_app
+    from training_infra.stacks import build_app, new_app
 
     cache: dict[str, Synth] = {}
 
     def get(name: str) -> Synth:
         if name not in cache:
             outdir = tmp_path_factory.mktemp(f"cdk-{name}")
-            app = App(outdir=str(outdir), context={**CDK_JSON_CONTEXT, **CONFIGURATIONS[name]})
+            app = new_app(outdir=str(outdir), context={**CDK_JSON_CONTEXT, **CONFIGURATIONS[name]})
             build_app(parse_settings(app.node.get_all_context()), app=app)
             app.synth()
             templates = {path.name.removesuffix(".template.json"): json.loads(path.read_text()) for path in outdir.glob("*.template.json")}

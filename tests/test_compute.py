@@ -196,7 +196,7 @@ def test_compute_outputs_let_the_cli_launch_and_read_logs(synth):
     assert {naming.OUTPUT_LAUNCH_TEMPLATE_ID, naming.OUTPUT_LOG_GROUP_NAME} <= set(outputs)
 
 
-def test_log_group_is_encrypted_by_default_and_retained_per_setting(synth):
+def test_training_log_group_keeps_logs_for_the_configured_days(synth):
     groups = synth("defaults").resources(STACK, "AWS::Logs::LogGroup")
     training = [g for k, g in groups.items() if k.startswith("ComputeTrainingLogs")][0]
     assert training["Properties"]["RetentionInDays"] == 30

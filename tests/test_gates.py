@@ -43,10 +43,7 @@ def _acknowledgements(outdir: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("config", list(CONFIGURATIONS))
 def test_cdk_nag_passes_and_only_known_findings_are_acknowledged_with_reasons(synth, config):
-    outdir = synth(config).outdir  # synth raised ValidationFailed had any finding been open
-    report = json.loads((outdir / "validation-report.json").read_text()) if (outdir / "validation-report.json").exists() else None
-    if report is not None:
-        assert report.get("success", True), report
+    outdir = synth(config).outdir  # the synth raises ValidationFailed while any finding is open
     acknowledged = {key: reason for key, reason in _acknowledgements(outdir).items() if key.startswith("AwsSolutions-")}
     assert set(acknowledged) <= ACKNOWLEDGED_NAG_FINDINGS, set(acknowledged) - ACKNOWLEDGED_NAG_FINDINGS
     for rule, reason in acknowledged.items():

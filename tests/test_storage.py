@@ -45,7 +45,8 @@ def test_every_bucket_policy_denies_plain_http_and_tls_below_1_2(storage):
         denies = [s for s in statements if s["Effect"] == "Deny"]
         assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in denies)
         assert any(s["Condition"] == {"NumericLessThan": {"s3:TlsVersion": 1.2}} for s in denies)
-        assert all(s["Principal"] != "*" or s["Effect"] == "Deny" for s in statements if s.get("Principal") == {"AWS": "*"}), "nothing public"
+        public_allows = [s for s in statements if s["Effect"] == "Allow" and s.get("Principal") in ("*", {"AWS": "*"})]
+        assert public_allows == [], "nothing public"
 
 
 def test_data_and_outputs_buckets_log_access_to_the_log_bucket(storage):
