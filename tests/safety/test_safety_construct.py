@@ -275,18 +275,26 @@ def test_no_custom_resources_or_extra_functions(defaults):
     assert len(defaults.resources("AWS::Lambda::Function")) == 2
 
 
-def test_reaper_errors_raise_an_alarm_on_the_topic(defaults):
+@pytest.mark.parametrize(
+    ("function", "meaning"),
+    [
+        ("reaper", "An expired instance may still be running."),
+        ("notifier", "Some instance state notices were not sent."),
+    ],
+)
+def test_each_function_has_an_errors_alarm_on_the_topic_that_says_what_was_left_undone(defaults, function, meaning):
     topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
-    reaper_ref = {"Ref": defaults.logical_id(defaults.safety.reaper)}
+    function_ref = {"Ref": defaults.logical_id(getattr(defaults.safety, function))}
     defaults.template.has_resource_properties(
         "AWS::CloudWatch::Alarm",
         {
             "Namespace": "AWS/Lambda",
             "MetricName": "Errors",
-            "Dimensions": [{"Name": "FunctionName", "Value": reaper_ref}],
+            "Dimensions": [{"Name": "FunctionName", "Value": function_ref}],
             "Threshold": 1,
             "ComparisonOperator": "GreaterThanOrEqualToThreshold",
             "AlarmActions": [topic_ref],
+            "AlarmDescription": f"The training-infra {function} failed; see its log group. {meaning}",
         },
     )
 

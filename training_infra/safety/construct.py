@@ -173,8 +173,16 @@ class TrainingSafety(Construct):
         reserved_concurrency: int,
         retry_attempts: int,
         environment: dict[str, str],
+        statements: list[iam.PolicyStatement],
+        acknowledgments: dict[str, str],
+        failure_meaning: str,
     ) -> lambda_.Function:
-        """A small Python function with its own role, log group and an errors alarm."""
+        """A small Python function with its own role, log group and an errors alarm.
+
+        The role may write its logs and publish to the alert topic, plus `statements`;
+        `acknowledgments` maps each cdk-nag finding those raise to its reason. `failure_meaning`
+        completes the errors alarm's description: what a failed run leaves undone.
+        """
         log_group = logs.LogGroup(
             self,
             f"{construct_id}Logs",
@@ -193,6 +201,9 @@ class TrainingSafety(Construct):
         role.add_to_policy(
             iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=[self.alerts_key.key_arn])
         )
+        for statement in statements:
+            role.add_to_policy(statement)
+        Validations.of(role).acknowledge(*(Acknowledgment(id=i, reason=r) for i, r in acknowledgments.items()))
         function = lambda_.Function(
             self,
             construct_id,
@@ -217,8 +228,9 @@ class TrainingSafety(Construct):
         _skip_checkov(
             function,
             {
-                "CKV_AWS_116": "Invoked asynchronously by EventBridge; a failed run raises the Errors alarm and the "
-                "next run redoes the work, so a dead-letter queue would hold nothing actionable.",
+                "CKV_AWS_116": "Invoked asynchronously by EventBridge; a failed run raises the Errors alarm, the "
+                "reaper's next scheduled run redoes its work and a lost notice is only a notice, so a dead-letter "
+                "queue would hold nothing actionable.",
                 "CKV_AWS_117": "Calls only public AWS APIs (EC2, SNS, CloudWatch); a VPC would need a NAT gateway or "
                 "interface endpoints (about $7-$22/month each) for no gain in isolation.",
                 "CKV_AWS_173": "The environment holds no secrets (topic ARN, tag keys, hours); Lambda already "
@@ -237,8 +249,7 @@ class TrainingSafety(Construct):
         function.metric_errors(period=Duration.minutes(REAPER_SCHEDULE_MINUTES)).create_alarm(
             self,
             f"{construct_id}ErrorsAlarm",
-            alarm_description=f"The training-infra {construct_id.lower()} failed; see its log group. "
-            "An expired instance may still be running.",
+            alarm_description=f"The training-infra {construct_id.lower()} failed; see its log group. {failure_meaning}",
             threshold=1,
             evaluation_periods=1,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
@@ -263,40 +274,30 @@ class TrainingSafety(Construct):
                 "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
                 "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
             },
-        )
-        role = reaper.role
-        assert role is not None
-        # DescribeInstances has no resource-level permissions.
-        role.add_to_principal_policy(iam.PolicyStatement(
-            sid="FindManagedInstances", actions=["ec2:DescribeInstances"], resources=["*"]
-        ))  # fmt: skip
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="TerminateOnlyManagedInstances",
-                actions=["ec2:TerminateInstances"],
-                resources=[Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")],
-                conditions={"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}},
-            )
-        )
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="PublishReaperMetric",
-                actions=["cloudwatch:PutMetricData"],
-                resources=["*"],  # PutMetricData has no resource-level permissions; the namespace scopes it
-                conditions={"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}},
-            )
-        )
-        Validations.of(role).acknowledge(
-            Acknowledgment(
-                id="AwsSolutions-IAM5[Resource::*]",
-                reason="ec2:DescribeInstances and cloudwatch:PutMetricData support no resource-level permissions; "
-                "PutMetricData is limited to the TrainingInfra namespace by condition.",
-            ),
-            Acknowledgment(
-                id="AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
-                reason="Instance ids are not known at deploy time (the CLI launches them); TerminateInstances is "
-                "conditioned on the aws:ResourceTag/training-infra:managed=true tag.",
-            ),
+            statements=[
+                _describe_instances("FindManagedInstances"),
+                iam.PolicyStatement(
+                    sid="TerminateOnlyManagedInstances",
+                    actions=["ec2:TerminateInstances"],
+                    resources=[Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")],
+                    conditions={"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}},
+                ),
+                iam.PolicyStatement(
+                    sid="PublishReaperMetric",
+                    actions=["cloudwatch:PutMetricData"],
+                    resources=["*"],  # PutMetricData has no resource-level permissions; the namespace scopes it
+                    conditions={"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}},
+                ),
+            ],
+            acknowledgments={
+                "AwsSolutions-IAM5[Resource::*]": "ec2:DescribeInstances and cloudwatch:PutMetricData support no "
+                "resource-level permissions; PutMetricData is limited to the TrainingInfra namespace by condition.",
+                "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]": (
+                    "Instance ids are not known at deploy time (the CLI launches them); TerminateInstances is "
+                    "conditioned on the aws:ResourceTag/training-infra:managed=true tag."
+                ),
+            },
+            failure_meaning="An expired instance may still be running.",
         )
         events.Rule(
             self,
@@ -316,18 +317,12 @@ class TrainingSafety(Construct):
             reserved_concurrency=2,
             retry_attempts=2,  # Lambda's default for events; a notice is worth a retry
             environment={"MANAGED_TAG": naming.TAG_MANAGED, "RUN_ID_TAG": naming.TAG_RUN_ID},
-        )
-        role = notifier.role
-        assert role is not None
-        role.add_to_principal_policy(iam.PolicyStatement(
-            sid="ReadInstanceTags", actions=["ec2:DescribeInstances"], resources=["*"]
-        ))  # fmt: skip
-        Validations.of(role).acknowledge(
-            Acknowledgment(
-                id="AwsSolutions-IAM5[Resource::*]",
-                reason="ec2:DescribeInstances supports no resource-level permissions; the function reads tags "
-                "to tell managed instances from others.",
-            )
+            statements=[_describe_instances("ReadInstanceTags")],
+            acknowledgments={
+                "AwsSolutions-IAM5[Resource::*]": "ec2:DescribeInstances supports no resource-level permissions; "
+                "the function reads tags to tell managed instances from others.",
+            },
+            failure_meaning="Some instance state notices were not sent.",
         )
         events.Rule(
             self,
@@ -388,6 +383,11 @@ class TrainingSafety(Construct):
         )
         alarm.add_alarm_action(cw_actions.SnsAction(self.alerts_topic))
         return alarm
+
+
+def _describe_instances(sid: str) -> iam.PolicyStatement:
+    """DescribeInstances has no resource-level permissions: `Resource: *` is the only form AWS accepts."""
+    return iam.PolicyStatement(sid=sid, actions=["ec2:DescribeInstances"], resources=["*"])
 
 
 def _retention(days: int) -> logs.RetentionDays:
