@@ -98,7 +98,16 @@ def test_topic_is_encrypted_with_the_rotating_customer_managed_key(defaults):
     defaults.template.has_resource_properties("AWS::SNS::Topic", {"KmsMasterKeyId": {"Fn::GetAtt": [key_id, "Arn"]}})
 
 
-def test_key_policy_lets_budgets_eventbridge_and_cloudwatch_use_the_key(defaults):
+SNS_TOPIC_CONTEXT = "kms:EncryptionContext:aws:sns:topicArn"
+THIS_ACCOUNTS_TOPICS = {
+    "Fn::Join": [
+        "",
+        ["arn:", {"Ref": "AWS::Partition"}, ":sns:", {"Ref": "AWS::Region"}, ":", {"Ref": "AWS::AccountId"}, ":*"],
+    ]
+}
+
+
+def test_key_policy_lets_the_alert_services_make_data_keys_only_for_this_accounts_topics(defaults):
     [service_statement] = [s for s in defaults.statements("AWS::KMS::Key", "KeyPolicy") if "Service" in s["Principal"]]
     assert service_statement["Effect"] == "Allow"
     assert sorted(as_list(service_statement["Principal"]["Service"])) == [
@@ -106,7 +115,22 @@ def test_key_policy_lets_budgets_eventbridge_and_cloudwatch_use_the_key(defaults
         "cloudwatch.amazonaws.com",
         "events.amazonaws.com",
     ]
-    assert sorted(as_list(service_statement["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey*"]
+    assert sorted(as_list(service_statement["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey"]
+    assert service_statement["Condition"] == {"StringLike": {SNS_TOPIC_CONTEXT: THIS_ACCOUNTS_TOPICS}}
+
+
+def test_functions_may_use_the_key_only_through_sns_for_the_alert_topic(defaults):
+    topic_ref = {"Ref": defaults.logical_id(defaults.safety.alerts_topic)}
+    for function in (defaults.safety.reaper, defaults.safety.notifier):
+        [kms_statement] = [
+            s for s in policy_of_role(defaults, function) if any(a.startswith("kms:") for a in as_list(s["Action"]))
+        ]
+        assert sorted(kms_statement["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey"]
+        conditions = kms_statement["Condition"]["StringEquals"]
+        assert conditions[SNS_TOPIC_CONTEXT] == topic_ref
+        assert conditions["kms:ViaService"] == {
+            "Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]
+        }
 
 
 def test_topic_policy_denies_publishing_without_tls(defaults):
@@ -122,6 +146,21 @@ def test_topic_policy_lets_each_alert_service_publish_only_for_this_account(defa
         assert statement["Action"] == "sns:Publish"
         assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
         assert "aws:SourceArn" in statement["Condition"]["ArnLike"]
+
+
+def test_eventbridge_may_publish_only_from_the_two_spot_warning_rules(defaults):
+    [events_statement] = [
+        s
+        for s in defaults.statements("AWS::SNS::TopicPolicy", "PolicyDocument")
+        if s["Effect"] == "Allow" and s["Principal"]["Service"] == "events.amazonaws.com"
+    ]
+    rules = [
+        defaults.one("AWS::Events::Rule", EventPattern={"detail-type": [detail_type], "source": ["aws.ec2"]})[0]
+        for detail_type in ("EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation")
+    ]
+    assert events_statement["Condition"]["ArnLike"]["aws:SourceArn"] == [
+        {"Fn::GetAtt": [rule, "Arn"]} for rule in rules
+    ]
 
 
 def test_no_statement_lets_anyone_publish_unconditionally(defaults):

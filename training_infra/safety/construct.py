@@ -40,6 +40,8 @@ ACTUAL_THRESHOLDS = (50, 80, 100)
 FORECASTED_THRESHOLDS = (100,)
 # Instance states worth a notice; pending/stopping/shutting-down would only add noise.
 NOTICE_STATES = ("running", "stopped", "terminated")
+# SNS names the topic in the encryption context of every data key it asks KMS for.
+SNS_TOPIC_CONTEXT = "kms:EncryptionContext:aws:sns:topicArn"
 
 
 @jsii.implements(events.IRuleTarget)
@@ -84,13 +86,22 @@ class TrainingSafety(Construct):
             pending_window=Duration.days(7),
         )
         # No aws:SourceAccount/SourceArn here: EventBridge's KMS request does not carry them, and
-        # the topic policy below already limits who may publish.
+        # the topic policy below already limits who may publish. What SNS does carry is the topic
+        # in the encryption context; the exact topic ARN would be a cycle (the topic names this
+        # key), so the key serves only topics of this account and region. SNS needs no other
+        # data-key call than GenerateDataKey.
+        stack = Stack.of(self)
         key.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="AllowAlertServicesToUseKeyForTopic",
                 principals=[iam.ServicePrincipal(service) for service in PUBLISHING_SERVICES],
-                actions=["kms:GenerateDataKey*", "kms:Decrypt"],
+                actions=["kms:GenerateDataKey", "kms:Decrypt"],
                 resources=["*"],
+                conditions={
+                    "StringLike": {
+                        SNS_TOPIC_CONTEXT: f"arn:{stack.partition}:sns:{stack.region}:{stack.account}:*",
+                    }
+                },
             )
         )
         return key
@@ -104,26 +115,15 @@ class TrainingSafety(Construct):
             enforce_ssl=True,
         )
         stack = Stack.of(self)
-        account = stack.account
-        source_arns = {
-            "budgets.amazonaws.com": f"arn:{stack.partition}:budgets::{account}:*",
-            "events.amazonaws.com": f"arn:{stack.partition}:events:{stack.region}:{account}:rule/*",
-            "cloudwatch.amazonaws.com": f"arn:{stack.partition}:cloudwatch:{stack.region}:{account}:alarm:*",
-        }
-        for service, source_arn in source_arns.items():
-            name = service.split(".", 1)[0].capitalize()
-            topic.add_to_resource_policy(
-                iam.PolicyStatement(
-                    sid=f"Allow{name}Publish",
-                    principals=[iam.ServicePrincipal(service)],
-                    actions=["sns:Publish"],
-                    resources=[topic.topic_arn],
-                    conditions={
-                        "StringEquals": {"aws:SourceAccount": account},
-                        "ArnLike": {"aws:SourceArn": source_arn},
-                    },
-                )
-            )
+        # Budget names are generated and the budget is created after this policy (Budgets checks
+        # it may publish), so any budget of the account; alarms also come from the compute stack.
+        # EventBridge gets its two rules by ARN in _ec2_warning_rules.
+        _allow_publish(topic, "budgets.amazonaws.com", [f"arn:{stack.partition}:budgets::{stack.account}:*"])
+        _allow_publish(
+            topic,
+            "cloudwatch.amazonaws.com",
+            [f"arn:{stack.partition}:cloudwatch:{stack.region}:{stack.account}:alarm:*"],
+        )
         if self._settings.alert_email:
             topic.add_subscription(subscriptions.EmailSubscription(self._settings.alert_email))
         return topic
@@ -198,8 +198,18 @@ class TrainingSafety(Construct):
         log_group.grant_write(role)
         # Publishing to the encrypted topic: sns:Publish on it and the key's data-key calls.
         role.add_to_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[self.alerts_topic.topic_arn]))
+        stack = Stack.of(self)
         role.add_to_policy(
-            iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=[self.alerts_key.key_arn])
+            iam.PolicyStatement(
+                actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                resources=[self.alerts_key.key_arn],
+                conditions={
+                    "StringEquals": {
+                        "kms:ViaService": f"sns.{stack.region}.{stack.url_suffix}",
+                        SNS_TOPIC_CONTEXT: self.alerts_topic.topic_arn,
+                    }
+                },
+            )
         )
         for statement in statements:
             role.add_to_policy(statement)
@@ -351,10 +361,7 @@ class TrainingSafety(Construct):
             f"Spot rebalance recommendation: instance {instance} is at elevated risk of interruption "
             f"(since {events.EventField.time}). Checkpoints keep the run resumable."
         )
-        for construct_id, detail_type, message in (
-            ("SpotInterruptionRule", "EC2 Spot Instance Interruption Warning", interruption),
-            ("RebalanceRecommendationRule", "EC2 Instance Rebalance Recommendation", rebalance),
-        ):
+        rules = [
             events.Rule(
                 self,
                 construct_id,
@@ -362,6 +369,12 @@ class TrainingSafety(Construct):
                 event_pattern=events.EventPattern(source=["aws.ec2"], detail_type=[detail_type]),
                 targets=[_TopicTarget(self.alerts_topic, message)],
             )
+            for construct_id, detail_type, message in (
+                ("SpotInterruptionRule", "EC2 Spot Instance Interruption Warning", interruption),
+                ("RebalanceRecommendationRule", "EC2 Instance Rebalance Recommendation", rebalance),
+            )
+        ]
+        _allow_publish(self.alerts_topic, "events.amazonaws.com", [rule.rule_arn for rule in rules])
 
     # --- alarms --------------------------------------------------------------------------------
 
@@ -383,6 +396,23 @@ class TrainingSafety(Construct):
         )
         alarm.add_alarm_action(cw_actions.SnsAction(self.alerts_topic))
         return alarm
+
+
+def _allow_publish(topic: sns.Topic, service: str, source_arns: list[str]) -> None:
+    """Let an AWS service publish to the topic, only for this account and only from these sources."""
+    name = service.split(".", 1)[0].capitalize()
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid=f"Allow{name}Publish",
+            principals=[iam.ServicePrincipal(service)],
+            actions=["sns:Publish"],
+            resources=[topic.topic_arn],
+            conditions={
+                "StringEquals": {"aws:SourceAccount": Stack.of(topic).account},
+                "ArnLike": {"aws:SourceArn": source_arns[0] if len(source_arns) == 1 else source_arns},
+            },
+        )
+    )
 
 
 def _describe_instances(sid: str) -> iam.PolicyStatement:
