@@ -1,7 +1,9 @@
-"""AWS access for the verbs: one boto3 session, the stacks' outputs, runs found by their tags.
+"""AWS access for the verbs: one botocore session, the stacks' outputs, runs found by their tags.
 
 Region and credentials come the standard boto3 way (env, profile, SSO, instance role);
 AWS_ENDPOINT_URL is honoured by botocore itself, which is how the local AWS is reached.
+The clients are plain botocore clients: boto3 (and with it s3transfer) is imported only by the
+verbs that move files, so `launch` starts without it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.loaders
@@ -46,46 +47,42 @@ _CLIENT_CONFIG = botocore.config.Config(retries={"mode": "standard"}, user_agent
 _LOADER = botocore.loaders.create_loader()
 
 
-def _botocore_session() -> botocore.session.Session:
-    """A fresh session (credentials and region read now) sharing one model loader per process.
-
-    Parsing the EC2 model takes most of a second; callers that run several verbs in one process
-    (tests, notebooks) pay it once.
-    """
-    session = botocore.session.get_session()
-    session.register_component("data_loader", _LOADER)
-    return session
-
-
 @dataclass
 class Aws:
     """Clients and stack outputs for one invocation, created lazily and cached."""
 
     region: str | None = None
-    _session: boto3.Session | None = field(default=None, init=False, repr=False)
+    _session: botocore.session.Session | None = field(default=None, init=False, repr=False)
     _outputs: dict[str, dict[str, str]] = field(default_factory=dict, init=False, repr=False)
     _clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
-    def session(self) -> boto3.Session:
+    def session(self) -> botocore.session.Session:
+        """One session per invocation (credentials and region read now), its region settled.
+
+        It shares one model loader per process: parsing the EC2 model is the costliest part of
+        creating its client, and callers that run several verbs in one process (tests,
+        notebooks) pay it once.
+        """
         if self._session is None:
-            region = self.region or None
-            if not region and not botocore.session.get_session().get_config_variable("region"):
-                # botocore reads AWS_DEFAULT_REGION only; the other AWS SDKs and CLI v2 also read AWS_REGION.
-                region = os.environ.get("AWS_REGION") or None
-            session = boto3.Session(botocore_session=_botocore_session(), region_name=region)
-            self._session = session
-            if not session.region_name:
+            session = botocore.session.get_session()
+            session.register_component("data_loader", _LOADER)
+            # botocore reads AWS_DEFAULT_REGION only; the other AWS SDKs and CLI v2 also read AWS_REGION.
+            region = self.region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
+            if not region:
                 raise botocore.exceptions.NoRegionError()
+            session.set_config_variable("region", region)
+            self._session = session
         return self._session
 
     @property
     def region_name(self) -> str:
-        return self.session.region_name
+        return self.session.get_config_variable("region")
 
     def client(self, service: str) -> Any:
+        """A botocore client, created once per service (only the services a verb uses)."""
         if service not in self._clients:
-            self._clients[service] = self.session.client(service, config=_CLIENT_CONFIG)
+            self._clients[service] = self.session.create_client(service, config=_CLIENT_CONFIG)
         return self._clients[service]
 
     def stack_outputs(self, stack: str) -> dict[str, str]:
