@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
 import typer
-from rich.console import Console
-from rich.text import Text
 
-# Errors go to stderr so `training-infra outputs NAME` stays pipeable.
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -34,6 +32,22 @@ _CREDENTIAL_CODES = {
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def err_console() -> Console:
+    """stderr for errors and notes, so `training-infra outputs NAME` stays pipeable.
+
+    rich is imported on first use: a verb that prints nothing (`launch -q`) never loads it.
+    """
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _report(message: str) -> None:
+    from rich.text import Text
+
+    err_console().print(Text.assemble(("error: ", "bold red"), message))
 
 
 class CliError(Exception):
@@ -85,16 +99,16 @@ def reported_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            err_console.print(Text.assemble(("error: ", "bold red"), describe_aws_error(error)))
+            _report(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None
         except OSError as error:
             # Local files: a dataset file that cannot be read, a full disk while fetching.
             where = f": {error.filename}" if error.filename else ""
-            err_console.print(Text.assemble(("error: ", "bold red"), f"{error.strerror or error}{where}"))
+            _report(f"{error.strerror or error}{where}")
             raise typer.Exit(EXIT_RUNTIME) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted")
+            err_console().print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -15,21 +15,27 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import botocore.exceptions
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from training_infra import naming
-from training_infra.cli import launching, runs, transfer
+from training_infra.cli import launching, runs
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 def stdout() -> Console:
-    """A console for this invocation: terminal width and COLUMNS are read when a verb runs."""
+    """A console for this invocation: terminal width and COLUMNS are read when a verb runs.
+
+    rich (like boto3's transfer manager) is imported by the verbs that use it, not at start-up.
+    """
+    from rich.console import Console
+
     return Console(highlight=False)
 
 
@@ -135,7 +141,7 @@ def outputs(
     if len(missing) == len(naming.ALL_STACKS):
         raise CliError(f"no training-infra stack is deployed in {aws.region_name}: run `make deploy`")
     for stack in missing:
-        err_console.print(f"note: stack {stack} is not deployed in {aws.region_name}: run `make deploy`")
+        err_console().print(f"note: stack {stack} is not deployed in {aws.region_name}: run `make deploy`")
 
 
 # ---- upload --------------------------------------------------------------------------------
@@ -152,11 +158,13 @@ def upload(
     Multipart and parallel; files already in the bucket with the same content are skipped, so
     running it again after changing a few files uploads only those.
     """
+    from training_infra.cli import transfer
+
     aws = Aws(region)
     if not path.exists():
         raise UsageError(f"argument 'PATH': got {str(path)!r}; allowed: an existing file or directory")
     bucket = aws.output(naming.OUTPUT_TRAINING_BUCKET)
-    result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console)
+    result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console())
     stdout().print(
         f"uploaded {result.transferred} file(s), {result.bytes:,} bytes; skipped {result.skipped} unchanged "
         f"-> s3://{bucket}/{naming.DATA_PREFIX}"
@@ -264,6 +272,8 @@ def status(
     if not rows:
         stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`")
         return
+    from rich.table import Table
+
     table = Table(title=f"training runs ({aws.region_name})", caption="cost: spot price history where available, else on-demand list price")
     for column in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome"):
         table.add_column(column, justify="right" if column in ("uptime", "cost") else "left", no_wrap=column in ("run", "instance"), overflow="fold")
@@ -308,7 +318,7 @@ def logs(
             if not (follow and live):
                 raise CliError(f"no log lines for run {run} yet (stream {run} in {group}): the agent starts logging once the instance has booted") from None
             if not announced:
-                err_console.print(f"waiting for run {run} to start logging ...")
+                err_console().print(f"waiting for run {run} to start logging ...")
                 announced = True
             time.sleep(LOG_POLL_SECONDS)
             continue
@@ -359,7 +369,7 @@ def connect(run: RunArg, region: Region = None) -> None:
         missing = "the Session Manager plugin" if shutil.which("session-manager-plugin") is None else "the AWS CLI"
         sys.stdout.write(shlex.join(command) + "\n")
         raise CliError(f"{missing} is not installed: install it ({SESSION_MANAGER_PLUGIN_URL}), then run the command above")
-    err_console.print(f"connecting to {instance.instance_id} (run {run}); type `exit` to leave")
+    err_console().print(f"connecting to {instance.instance_id} (run {run}); type `exit` to leave")
     raise typer.Exit(subprocess.call(command))
 
 
@@ -374,6 +384,8 @@ def fetch(
     region: Region = None,
 ) -> None:
     """Download a run's results: outputs/, logs/ and status.json, with a progress bar."""
+    from training_infra.cli import transfer
+
     run = run if run == "latest" else _check_run_id(run)
     aws = Aws(region)
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
@@ -384,7 +396,7 @@ def fetch(
             raise CliError(f"no finished run yet: s3://{bucket}/{prefix} is empty")
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
-    result = transfer.download(aws, bucket, prefix, target, err_console)
+    result = transfer.download(aws, bucket, prefix, target, err_console())
     stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
 
 
@@ -445,6 +457,8 @@ def cost(
     if not rows:
         stdout().print(f"no runs in the last {days} days in {aws.region_name}")
         return
+    from rich.table import Table
+
     table = Table(title=f"cost of runs in the last {days} days ({aws.region_name})")
     for column in ("run", "type", "market", "hours", "cost", "on-demand", "price from"):
         table.add_column(column, justify="right" if column in ("hours", "cost", "on-demand") else "left", no_wrap=column == "run", overflow="fold")
