@@ -23,7 +23,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from training_infra import config, naming, pricing
+from training_infra import naming, pricing
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError
 from training_infra.cli.runs import iso_z, new_run_id, utcnow
@@ -72,6 +72,8 @@ class Launched:
 
 def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any:
     """Validate with the same parser the CDK settings use, reported against the CLI option."""
+    from training_infra import config  # the settings module, loaded only when there is something to check
+
     try:
         return config._PARSERS[setting](option, value)  # the shared validators (no copied regexes)
     except config.ConfigError as error:
@@ -92,9 +94,15 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.match(key) or "\n" in value:
             raise UsageError(f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' (not starting with a digit) and a one-line VALUE")
-    if request.subnet_id is not None and not re.match(r"^subnet-[0-9a-f]{8}([0-9a-f]{9})?$", request.subnet_id):
+    if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0")
     return request
+
+
+def _is_subnet_id(value: str) -> bool:
+    from training_infra import config
+
+    return bool(config._SUBNET_ID.match(value))  # the pattern the subnet_ids setting checks
 
 
 def template_exports(user_data: str) -> dict[str, str]:
@@ -259,7 +267,12 @@ def launch(aws: Aws, request: LaunchRequest) -> Launched:
     hours = request.max_runtime_hours
     if hours is None:
         seconds = exports.get("TI_MAX_RUNTIME_SECONDS", "")
-        hours = int(seconds) / 3600 if seconds.isdigit() else config.Settings().max_runtime_hours
+        if seconds.isdigit():
+            hours = int(seconds) / 3600
+        else:
+            from training_infra import config  # a template without the export: the settings' default
+
+            hours = config.Settings().max_runtime_hours
     try:
         user_data = with_run_overrides(base_user_data, _overrides(request, run_id, exports))
     except ValueError as error:
