@@ -1,7 +1,7 @@
 """Benchmark: how fast the real agent reacts to a spot interruption notice.
 
 Runs the rendered user data under bash (process runtime) against a local moto server and a fake
-IMDS, with production timings (5 s spot poll, 60 s grace, checkpoints synced every 300 s, so only
+IMDS, set up by the agent tests' harness (tests/agent/agent_harness.py), with production timings (5 s spot poll, 60 s grace, checkpoints synced every 300 s, so only
 the notice path can save the checkpoint), and the example trainer at its default pace. For each
 round it injects a notice at a random moment and prints, from the notice:
   * SIGTERM  - when the trainer's handler ran (its own log line);
@@ -15,37 +15,20 @@ AWS gives 120 s. Usage: python scripts/bench_agent.py [--rounds 3]. Prints figur
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import boto3
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "agent")]
 
-from training_infra.compute.user_data import AgentConfig, render_user_data  # noqa: E402
-from training_infra.local.emulator import FAKE_CREDENTIALS, Emulator  # noqa: E402
-from training_infra.local.imds import FakeImds  # noqa: E402
+from agent_harness import new_run  # noqa: E402 - the agent tests' harness: same fakes, same setup
 
-MANIFEST = json.dumps(
-    {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": 7,
-            "digest": "sha256:" + "b" * 64,
-        },
-        "layers": [],
-    }
-)
+from training_infra.local.emulator import Emulator  # noqa: E402
 
 
 def wait_until(check, timeout: float = 150.0, every: float = 0.1) -> float:
@@ -59,95 +42,46 @@ def wait_until(check, timeout: float = 150.0, every: float = 0.1) -> float:
 
 
 def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
-    session = boto3.Session(
-        region_name=aws.region,
-        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    )
-    s3 = session.client("s3", endpoint_url=aws.endpoint)
-    data_bucket, outputs_bucket, repository = f"bench-data-{number}", f"bench-outputs-{number}", f"bench-{number}"
-    for bucket in (data_bucket, outputs_bucket):
-        s3.create_bucket(Bucket=bucket)
-    s3.upload_file(str(REPO / "examples/data/train.csv"), data_bucket, "data/train.csv")
-    session.client("ecr", endpoint_url=aws.endpoint).create_repository(repositoryName=repository)
-    session.client("ecr", endpoint_url=aws.endpoint).put_image(
-        repositoryName=repository, imageManifest=MANIFEST, imageTag="v1"
-    )
     run_id = f"bench-{number}"
-    root = workdir / run_id
-    bin_dir = root / "bin"
-    bin_dir.mkdir(parents=True)
-    for name, body in {
-        "shutdown": "exit 0",
-        "nvidia-smi": "echo 95",
-        "poweroff": f"date +%s.%N > {root / 'poweroff'}",
-    }.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    config = AgentConfig(
-        data_bucket=data_bucket,
-        outputs_bucket=outputs_bucket,
-        run_id=run_id,
-        region=aws.region,
-        image_uri=f"123456789012.dkr.ecr.{aws.region}.amazonaws.com/{repository}",
-        image_tag="v1",
-        training_command=f"{sys.executable} {REPO / 'examples/trainer/train.py'}",
-        hourly_price_usd=1.006,
-        extra_env="EPOCHS=100000",
-    )
-    script = root / "user-data.sh"
-    script.write_text(render_user_data(config))
-    training_log = root / "root/var/log/training.log"
-    with FakeImds(instance_id=f"i-bench{number:010d}") as imds:
-        env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "HOME": str(root),
-            **aws.env,
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
-            "TI_ROOT": str(root / "root"),
-            "TI_RUNTIME": "process",
-            "TI_POWEROFF_CMD": str(bin_dir / "poweroff"),
-            "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
-            "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
+    # Production timings (AgentConfig defaults); only the trainer runs "forever".
+    run = new_run(aws, workdir / run_id, run_id=run_id, extra_env="EPOCHS=100000")
+    s3, bucket = run.s3, run.config.outputs_bucket
+    try:
+        run.start()
+        run.wait_for_log(r"epoch 3/", timeout=120)
+        time.sleep(random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
+        noticed = time.time()
+        run.imds.inject_spot_interruption()
+        found: dict[str, re.Match | None] = {}
+
+        def trainer_saved() -> bool:
+            text = run.training_log
+            found["sigterm"] = re.search(r"received SIGTERM at ([0-9.]+)", text)
+            found["ckpt"] = re.search(r"checkpoint (ckpt-\d+\.npz) \(on SIGTERM\)", text)
+            return bool(found["sigterm"] and found["ckpt"])
+
+        wait_until(trainer_saved, every=0.05)
+        ckpt_key = f"checkpoints/{run_id}/{found['ckpt'].group(1)}"
+
+        def exists(key: str, needle: str = "") -> bool:
+            try:
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode(errors="replace")
+            except s3.exceptions.NoSuchKey:
+                return False
+            return needle in body
+
+        figures = {
+            "SIGTERM": float(found["sigterm"].group(1)) - noticed,
+            "ckpt S3": wait_until(lambda: exists(ckpt_key)) - noticed,
+            "logs S3": wait_until(lambda: exists(f"runs/{run_id}/logs/training.log", "received SIGTERM")) - noticed,
+            "status": wait_until(lambda: exists(f"runs/{run_id}/status.json", '"interrupted"')) - noticed,
         }
-        agent = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: training_log.exists() and "epoch 3/" in training_log.read_text(), timeout=120)
-            time.sleep(random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
-            noticed = time.time()
-            imds.inject_spot_interruption()
-            found: dict[str, re.Match] = {}
-
-            def trainer_saved() -> bool:
-                text = training_log.read_text()
-                found["sigterm"] = re.search(r"received SIGTERM at ([0-9.]+)", text)
-                found["ckpt"] = re.search(r"checkpoint (ckpt-\d+\.npz) \(on SIGTERM\)", text)
-                return bool(found["sigterm"] and found["ckpt"])
-
-            wait_until(trainer_saved, every=0.05)
-            ckpt_key = f"checkpoints/{run_id}/{found['ckpt'].group(1)}"
-
-            def exists(key: str, needle: str = "") -> bool:
-                try:
-                    body = s3.get_object(Bucket=outputs_bucket, Key=key)["Body"].read().decode(errors="replace")
-                except s3.exceptions.NoSuchKey:
-                    return False
-                return needle in body
-
-            figures = {
-                "SIGTERM": float(found["sigterm"].group(1)) - noticed,
-                "ckpt S3": wait_until(lambda: exists(ckpt_key)) - noticed,
-                "logs S3": wait_until(lambda: exists(f"runs/{run_id}/logs/training.log", "received SIGTERM")) - noticed,
-                "status": wait_until(lambda: exists(f"runs/{run_id}/status.json", '"interrupted"')) - noticed,
-            }
-            figures["poweroff"] = (
-                float(wait_until(lambda: (root / "poweroff").exists()) and (root / "poweroff").read_text()) - noticed
-            )
-            agent.wait(timeout=60)
-            return figures
-        finally:
-            if agent.poll() is None:
-                agent.kill()
+        wait_until(lambda: run.called("poweroff"))
+        figures["poweroff"] = next(at for at, call in run.calls if call.startswith("poweroff")) - noticed
+        run.wait(timeout=60)
+        return figures
+    finally:
+        run.close()
 
 
 def main() -> None:

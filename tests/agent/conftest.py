@@ -1,254 +1,29 @@
 """Fixtures that run the real agent (bash, AWS CLI) against moto and a fake IMDS on loopback.
 
-One moto server per test module; every run gets its own buckets, ECR repository, log group and
-topic (a uuid in the names), so tests are independent and safe under pytest-xdist. Between the
-agent and moto sits a small reverse proxy that records every AWS request in order (to prove that
-`_SUCCESS` is written last) and can fail S3 requests on purpose (transient-fault scenario).
+One moto server per test module; each run is built by `agent_harness.new_run` (also used by
+scripts/bench_agent.py) with its own resources, fakes and recording proxy. Tests run with faster
+timings than production so each scenario takes seconds.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import boto3
 import pytest
+from agent_harness import AgentRun, new_run
 
-from training_infra.compute.user_data import AgentConfig, render_user_data
 from training_infra.local.emulator import Emulator
-from training_infra.local.imds import FakeImds
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_PY = REPO / "examples" / "trainer" / "train.py"
-DATA_DIR = REPO / "examples" / "data"
-ACCOUNT = "123456789012"
-REGION = "us-east-1"
-MANIFEST = json.dumps(
-    {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": 7,
-            "digest": "sha256:" + "a" * 64,
-        },
-        "layers": [],
-    }
-)
-
-
-# ---------------------------------------------------------------- recording / fault-injecting proxy
-@dataclass(frozen=True)
-class ProxiedRequest:
-    method: str
-    path: str
-    service: str
-    status: int
-
-
-class AwsProxy:
-    """Reverse proxy in front of moto: records requests; `fail_s3_every=N` answers every Nth S3
-    request with 503 SlowDown (what S3 says under load), which the AWS CLI must retry."""
-
-    def __init__(self, upstream: str, fail_s3_every: int = 0) -> None:
-        self.upstream = urlsplit(upstream)
-        self.fail_s3_every = fail_s3_every
-        self.requests: list[ProxiedRequest] = []
-        self.injected_failures = 0
-        self._s3_count = 0
-        self._lock = threading.Lock()
-        handler = type("Handler", (_ProxyHandler,), {"proxy": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def should_fail(self, service: str) -> bool:
-        with self._lock:
-            if service != "s3" or not self.fail_s3_every:
-                return False
-            self._s3_count += 1
-            if self._s3_count % self.fail_s3_every == 0:
-                self.injected_failures += 1
-                return True
-            return False
-
-    def record(self, request: ProxiedRequest) -> None:
-        with self._lock:
-            self.requests.append(request)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    proxy: AwsProxy
-    protocol_version = "HTTP/1.1"
-
-    def _forward(self) -> None:
-        scope = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request", self.headers.get("Authorization", ""))
-        service = scope.group(1) if scope else "?"
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.proxy.should_fail(service):
-            payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            self.proxy.record(ProxiedRequest(self.command, self.path, service, 503))
-            return
-        headers = {
-            k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection", "transfer-encoding")
-        }
-        upstream = http.client.HTTPConnection(self.proxy.upstream.hostname, self.proxy.upstream.port, timeout=60)
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        payload = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                self.send_header(key, value)
-        length = response.getheader("Content-Length") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(payload)))
-        self.end_headers()
-        upstream.close()
-        self.proxy.record(ProxiedRequest(self.command, self.path, service, response.status))
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-# ---------------------------------------------------------------- one agent run
-@dataclass
-class AgentRun:
-    """Everything one scenario needs: its AWS resources, fakes, and the running agent."""
-
-    tmp: Path
-    aws: Emulator
-    imds: FakeImds
-    proxy: AwsProxy
-    config: AgentConfig
-    env: dict[str, str]
-    s3: object
-    process: subprocess.Popen | None = None
-    returncode: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def root(self) -> Path:
-        return self.tmp / "root"
-
-    @property
-    def calls_file(self) -> Path:
-        return self.tmp / "calls.log"
-
-    def start(self) -> AgentRun:
-        script = self.tmp / "user-data.sh"
-        script.write_text(render_user_data(self.config))
-        subprocess.run(["bash", "-n", str(script)], check=True)
-        self.process = subprocess.Popen(
-            ["bash", str(script)],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        return self
-
-    def wait(self, timeout: float = 120) -> AgentRun:
-        assert self.process is not None
-        try:
-            self.returncode = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-            raise AssertionError(f"agent still running after {timeout}s; setup log:\n{self.setup_log}") from None
-        return self
-
-    def run(self, timeout: float = 120) -> AgentRun:
-        return self.start().wait(timeout)
-
-    def wait_for_log(self, pattern: str, timeout: float = 60) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = re.search(pattern, self.training_log)
-            if found:
-                return found
-            assert self.process is None or self.process.poll() is None, f"agent ended early:\n{self.setup_log}"
-            time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} not in the training log after {timeout}s:\n{self.training_log}")
-
-    # what the fakes saw
-    @property
-    def calls(self) -> list[tuple[float, str]]:
-        if not self.calls_file.exists():
-            return []
-        return [
-            (float(line.split(" ", 1)[0]), line.split(" ", 1)[1]) for line in self.calls_file.read_text().splitlines()
-        ]
-
-    def called(self, prefix: str) -> list[str]:
-        return [call for _, call in self.calls if call.startswith(prefix)]
-
-    @property
-    def setup_log(self) -> str:
-        path = self.root / "var/log/training-setup.log"
-        return path.read_text() if path.exists() else ""
-
-    @property
-    def training_log(self) -> str:
-        path = self.root / "var/log/training.log"
-        return path.read_text() if path.exists() else ""
-
-    # what landed in S3
-    @property
-    def run_id(self) -> str:
-        if self.config.run_id:
-            return self.config.run_id
-        prefixes = self.s3.list_objects_v2(Bucket=self.config.outputs_bucket, Prefix="runs/", Delimiter="/")
-        ids = [p["Prefix"].split("/")[1] for p in prefixes.get("CommonPrefixes", []) if p["Prefix"] != "runs/latest/"]
-        assert len(ids) == 1, ids
-        return ids[0]
-
-    def wait_for_s3(self, prefix: str, timeout: float) -> list[str]:
-        """Keys under `prefix` as soon as there are any (empty after `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while not (found := self.keys(prefix)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return found
-
-    def keys(self, prefix: str = "") -> list[str]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.config.outputs_bucket, Prefix=prefix)
-        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
-
-    def read(self, key: str) -> str:
-        return self.s3.get_object(Bucket=self.config.outputs_bucket, Key=key)["Body"].read().decode()
-
-    def status(self) -> dict:
-        return json.loads(self.read(f"runs/{self.run_id}/status.json"))
-
-
-def _fake_bin(path: Path, body: str) -> Path:
-    path.write_text("#!/bin/bash\n" + body)
-    path.chmod(0o755)
-    return path
+TEST_TIMINGS = {
+    "max_runtime_seconds": 600,
+    "idle_seconds": 600,
+    "checkpoint_sync_seconds": 60,
+    "spot_poll_seconds": 1,
+    "stop_grace_seconds": 10,
+    "extra_env": "EPOCHS=6\nSTEP_SECONDS=0.3",
+}
+TEST_ENV = {"TI_RETRY_BASE_SECONDS": "1", "TI_LOG_SHIP_SECONDS": "5"}
 
 
 @pytest.fixture(scope="module")
@@ -260,93 +35,15 @@ def aws(tmp_path_factory) -> Iterator[Emulator]:
 @pytest.fixture
 def make_run(aws: Emulator, tmp_path: Path) -> Iterator[Callable[..., AgentRun]]:
     """`make_run(**AgentConfig overrides, env={...}, fail_s3_every=N, with_image=True, with_data=True)`."""
-    cleanups: list[Callable[[], None]] = []
+    runs: list[AgentRun] = []
 
-    def make(
-        *,
-        env: dict[str, str] | None = None,
-        fail_s3_every: int = 0,
-        with_image: bool = True,
-        with_data: bool = True,
-        **overrides,
-    ) -> AgentRun:
-        suffix = uuid.uuid4().hex[:10]
-        session = boto3.Session(region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
-        s3 = session.client("s3", endpoint_url=aws.endpoint)
-        data_bucket, outputs_bucket = f"data-{suffix}", f"outputs-{suffix}"
-        s3.create_bucket(Bucket=outputs_bucket)
-        if with_data:
-            s3.create_bucket(Bucket=data_bucket)
-            for file in DATA_DIR.rglob("*.csv"):
-                s3.upload_file(str(file), data_bucket, f"data/{file.relative_to(DATA_DIR)}")
-        repository = f"trainer-{suffix}"
-        ecr = session.client("ecr", endpoint_url=aws.endpoint)
-        ecr.create_repository(repositoryName=repository)
-        if with_image:
-            ecr.put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag="v1")
-        log_group = f"/training-infra/{suffix}"
-        session.client("logs", endpoint_url=aws.endpoint).create_log_group(logGroupName=log_group)
-        sns = session.client("sns", endpoint_url=aws.endpoint)
-        sqs = session.client("sqs", endpoint_url=aws.endpoint)
-        topic_arn = sns.create_topic(Name=f"alerts-{suffix}")["TopicArn"]
-        queue_url = sqs.create_queue(QueueName=f"alerts-{suffix}")["QueueUrl"]
-        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn)
-
-        run_dir = tmp_path / suffix
-        bin_dir = run_dir / "bin"
-        bin_dir.mkdir(parents=True)
-        calls = run_dir / "calls.log"
-        (run_dir / "gpu-util").write_text("87\n")
-        _fake_bin(bin_dir / "shutdown", f'echo "$(date +%s.%N) shutdown $*" >> {calls}\n')
-        _fake_bin(bin_dir / "poweroff", f'echo "$(date +%s.%N) poweroff $*" >> {calls}\n')
-        _fake_bin(bin_dir / "nvidia-smi", f"cat {run_dir / 'gpu-util'}\n")
-
-        extra_env = overrides.pop("extra_env", "EPOCHS=6\nSTEP_SECONDS=0.3")
-        config = AgentConfig(
-            **{
-                "data_bucket": data_bucket,
-                "outputs_bucket": outputs_bucket,
-                "image_uri": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repository}",
-                "image_tag": "v1",
-                "training_command": f"{sys.executable} {TRAIN_PY}",
-                "region": REGION,
-                "log_group": log_group,
-                "alerts_topic_arn": topic_arn,
-                "max_runtime_seconds": 600,
-                "idle_seconds": 600,
-                "checkpoint_sync_seconds": 60,
-                "spot_poll_seconds": 1,
-                "stop_grace_seconds": 10,
-                "hourly_price_usd": 1.006,
-                "extra_env": extra_env,
-                **overrides,
-            }
+    def make(*, env: dict[str, str] | None = None, **overrides) -> AgentRun:
+        run = new_run(
+            aws, tmp_path / f"run{len(runs)}", env={**TEST_ENV, **(env or {})}, **{**TEST_TIMINGS, **overrides}
         )
-        imds = FakeImds(instance_id=f"i-{suffix}abcdef0", tags={"training-infra:managed": "true"}).start()
-        proxy = AwsProxy(aws.endpoint, fail_s3_every=fail_s3_every)
-        cleanups.extend([imds.stop, proxy.stop])
-        run_env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "HOME": str(run_dir),
-            "LANG": "C.UTF-8",
-            **aws.env,
-            "AWS_ENDPOINT_URL": proxy.url,
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
-            "TI_ROOT": str(run_dir / "root"),
-            "TI_RUNTIME": "process",
-            "TI_POWEROFF_CMD": str(bin_dir / "poweroff"),
-            "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
-            "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
-            "TI_RETRY_BASE_SECONDS": "1",
-            "TI_LOG_SHIP_SECONDS": "5",
-            **(env or {}),
-        }
-        run = AgentRun(tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3)
-        run.extra.update(queue_url=queue_url, sqs=sqs, session=session)
-        cleanups.append(lambda: run.process and run.process.poll() is None and os.killpg(run.process.pid, 9))
+        runs.append(run)
         return run
 
     yield make
-    for cleanup in reversed(cleanups):
-        cleanup()
+    for run in reversed(runs):
+        run.close()
