@@ -4,7 +4,7 @@ EventBridge state-change events carry no tags, so a rule alone cannot tell a tra
 from any other instance in the account; this function looks at the tags and stays silent for
 instances training-infra does not manage.
 
-Stdlib and boto3 only: this file is the whole Lambda package.
+Stdlib and boto3 only: the runtime folder is the whole Lambda package (one asset for both functions).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ every one that is past its deadline: the `deadline` tag (ISO 8601 UTC) when it i
 otherwise launch time plus the `max-runtime-hours` tag or the stack's default. Each termination
 gets a metric (the max-runtime alarm) and a readable notice on the alert topic.
 
-Stdlib and boto3 only: this file is the whole Lambda package.
+Stdlib and boto3 only: the runtime folder is the whole Lambda package (one asset for both functions).
 """
 
 from __future__ import annotations
