@@ -391,12 +391,13 @@ def fetch(
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
     prefix = naming.LATEST_PREFIX if run == "latest" else f"{naming.RUNS_PREFIX}{run}/"
     target = dest or Path("runs") / run
-    if not transfer.remote_objects(aws, bucket, prefix):
+    objects = transfer.remote_objects(aws, bucket, prefix)
+    if not objects:
         if run == "latest":
             raise CliError(f"no finished run yet: s3://{bucket}/{prefix} is empty")
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
-    result = transfer.download(aws, bucket, prefix, target, err_console())
+    result = transfer.download(aws, bucket, prefix, objects, target, err_console())
     stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
 
 

@@ -110,14 +110,11 @@ def upload(aws: Aws, source: Path, bucket: str, prefix: str, console: Console) -
     return SyncResult(transferred=len(todo), skipped=skipped, bytes=total)
 
 
-def download(aws: Aws, bucket: str, prefix: str, dest: Path, console: Console) -> SyncResult:
-    """Copy every object under s3://bucket/prefix into dest, keeping the layout below the prefix."""
-    remote = remote_objects(aws, bucket, prefix)
-    if not remote:
-        raise CliError(f"nothing under s3://{bucket}/{prefix} yet (the agent uploads when the run ends)")
+def download(aws: Aws, bucket: str, prefix: str, objects: dict[str, tuple[int, str]], dest: Path, console: Console) -> SyncResult:
+    """Copy `objects` (the `remote_objects` listing of s3://bucket/prefix) into dest, keeping the layout below the prefix."""
     root = dest.resolve()
     plan: list[tuple[str, Path, int]] = []
-    for key, (size, _) in sorted(remote.items()):
+    for key, (size, _) in sorted(objects.items()):
         relative = PurePosixPath(key[len(prefix) :])
         target = (root / relative).resolve()
         if key.endswith("/") or root not in target.parents:
