@@ -62,8 +62,12 @@ def rendered_user_data(agent_script: Path) -> str:
         )
 
 
-def stack_templates(user_data: str, region: str, *, use_spot: bool = True) -> dict[str, dict[str, Any]]:
-    """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out)."""
+def stack_templates(user_data: str, region: str, *, use_spot: bool = True, published_zones: str = "") -> dict[str, dict[str, Any]]:
+    """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out).
+
+    `published_zones` ("b"): publish the SubnetIds output with the subnets of those zones, as the
+    real compute stack does; empty leaves it out, as an older stack would.
+    """
     storage = {
         "Resources": {"Data": {"Type": "AWS::S3::Bucket"}, "Outputs": {"Type": "AWS::S3::Bucket"}},
         "Outputs": {
@@ -133,6 +137,11 @@ def stack_templates(user_data: str, region: str, *, use_spot: bool = True) -> di
         "Outputs": {
             naming.OUTPUT_LAUNCH_TEMPLATE_ID: {"Value": {"Ref": "Template"}},
             naming.OUTPUT_LOG_GROUP_NAME: {"Value": {"Ref": "Logs"}},
+            **(
+                {naming.OUTPUT_SUBNET_IDS: {"Value": {"Fn::Join": [",", [{"Ref": f"Subnet{'ab'.index(z)}"} for z in published_zones]]}}}
+                if published_zones
+                else {}
+            ),
         },
     }
     return {
@@ -191,10 +200,11 @@ def _fake_keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
 
 
-def deploy(emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True) -> Deployment:
+def deploy(emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True, published_zones: str = "") -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
-    for name, template in stack_templates(rendered_user_data(agent_script), region, use_spot=use_spot).items():
+    templates = stack_templates(rendered_user_data(agent_script), region, use_spot=use_spot, published_zones=published_zones)
+    for name, template in templates.items():
         cloudformation.create_stack(StackName=name, TemplateBody=json.dumps(template))
         stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
         assert stack["StackStatus"] == "CREATE_COMPLETE", stack
@@ -206,13 +216,14 @@ def deploy(emulator: Emulator, region: str, agent_script: Path, *, use_spot: boo
 def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
     """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region).
 
-    `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does.
+    `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does;
+    `published_zones="b"` publishes the SubnetIds output (see `stack_templates`).
     """
     cache: dict[str, Deployment] = {}
 
-    def get(region: str, *, use_spot: bool = True) -> Deployment:
+    def get(region: str, *, use_spot: bool = True, published_zones: str = "") -> Deployment:
         if region not in cache:
-            cache[region] = deploy(emulator, region, stub_agent, use_spot=use_spot)
+            cache[region] = deploy(emulator, region, stub_agent, use_spot=use_spot, published_zones=published_zones)
         return cache[region]
 
     return get

@@ -211,6 +211,20 @@ def test_launch_into_an_explicit_subnet(stacks):
     assert instance["SubnetId"] == subnet_id
 
 
+def test_launch_places_the_run_in_the_subnets_the_compute_stack_publishes(deployed):
+    # Only zone b is published; without the output, launch would pick zone a of the template's VPC first.
+    published = deployed("eu-north-1", published_zones="b")
+    zone_b_subnet = published.outputs[naming.OUTPUT_SUBNET_IDS]
+
+    result = published.cli("launch", "--run-id", "published-subnet")
+
+    assert result.exit_code == 0, result.output
+    [instance] = published.run_instances("published-subnet")
+    assert instance["SubnetId"] == zone_b_subnet
+    assert instance["Placement"]["AvailabilityZone"] == "eu-north-1b"
+    assert published.cli("outputs", "subnet_ids").stdout == zone_b_subnet + "\n"
+
+
 def test_spot_against_an_on_demand_template_keeps_the_template_and_asks_for_one_time_spot(deployed):
     on_demand_stacks = deployed("ca-central-1", use_spot=False)
 

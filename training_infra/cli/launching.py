@@ -40,8 +40,6 @@ _COPIED_TEMPLATE_KEYS = (
 )  # fmt: skip
 # A spot launch with no template spot options behaves like the stack's: one-time, terminate.
 _DEFAULT_SPOT = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-# Optional compute-stack output (comma-separated subnet ids the stack's own instance may use).
-SUBNET_IDS_OUTPUT = "SubnetIds"
 _CAPACITY_CODES = ("InsufficientInstanceCapacity", "MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "Unsupported", "SpotMaxPriceTooLow", "InstanceLimitExceeded")
 
 
@@ -179,7 +177,7 @@ def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchR
     """Where to try: --subnet-id, the stack's subnets, the template's network, or one subnet per AZ of its VPC."""
     if request.subnet_id:
         return [request.subnet_id]
-    published = aws.stack_outputs(naming.COMPUTE_STACK).get(SUBNET_IDS_OUTPUT, "")
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_SUBNET_IDS, "")
     if published:
         return [s.strip() for s in published.split(",") if s.strip()]
     if template_data.get("NetworkInterfaces") or template_data.get("Placement", {}).get("AvailabilityZone"):
