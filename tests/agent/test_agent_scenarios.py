@@ -6,6 +6,7 @@ what status.json says, and that the box was powered off (or deliberately left ru
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -326,3 +327,20 @@ def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stop
     assert calls[-1]["argv"][:3] == ["stop", "-t", "10"]
     assert run.status()["outcome"] == "interrupted"
     assert run.read("runs/docker-run/outputs/result.txt") == "saved on SIGTERM"
+
+
+def test_child_left_behind_by_a_finished_trainer_is_stopped_after_the_grace_period(make_run):
+    run = make_run(run_id="leftover-run", stop_grace_seconds=2)
+    marker = run.tmp / "leftover-stopped"
+    leftover = run.tmp / "leftover.sh"
+    leftover.write_text(f"#!/bin/bash\ntrap 'echo TERM > {marker}; exit 0' TERM\nsleep 300 & wait\n")
+    leftover.chmod(0o755)
+    # A background helper (a log shipper, a stray data-loader worker) shares the trainer's process group.
+    run.config = dataclasses.replace(run.config, training_command=f"{leftover} & exec {run.config.training_command}")
+    run.run(timeout=60)
+
+    status = run.status()
+    assert (status["outcome"], status["exit_code"]) == ("succeeded", 0)
+    assert marker.read_text() == "TERM\n", "the leftover child got SIGTERM instead of holding the run open"
+    assert status["duration_seconds"] < 40, "the agent waited the grace period, not for the child"
+    assert run.called("poweroff")

@@ -442,6 +442,7 @@ on_signal() {
 
 # ---------------------------------------------------------------- main
 main() {
+  local i
   rm -rf "$STATE"
   mkdir -p "$STATE" "$LOG_DIR" "$DATA_DIR" "$OUT_DIR" "$CKPT_DIR"
   touch "$TRAIN_LOG"
@@ -480,8 +481,9 @@ main() {
   start_watchers
   EXIT_CODE=0
   wait "$TRAINER_PID" || EXIT_CODE=$?
-  # The trainer's children may still be writing their last checkpoint.
-  while alive "$TRAINER_PID"; do sleep 0.2; done
+  # The trainer's children may still be writing their last checkpoint: they get the grace period,
+  # then the finalizer stops what is left of the group (a stray child must not hold the box up).
+  for ((i = 0; i < TI_STOP_GRACE_SECONDS * 5; i++)); do alive "$TRAINER_PID" || break; sleep 0.2; done
   if [[ -f $STATE/stop/reason ]]; then
     { read -r OUTCOME; read -r MESSAGE; } <"$STATE/stop/reason"
   elif ((EXIT_CODE == 0)); then
