@@ -28,6 +28,8 @@ from training_infra.compute import user_data as user_data_module
 from training_infra.local.emulator import Emulator
 
 IMAGE_ID = "ami-0123456789abcdef0"
+# Nothing listens here: a verb that reached AWS would fail with exit 1, not a usage error.
+UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
 TEMPLATE_INSTANCE_TYPE = "g5.xlarge"
 STACK_MAX_RUNTIME_SECONDS = 12 * 3600
 
@@ -175,6 +177,17 @@ class Deployment:
     def cli(self, *args: str, env: dict[str, str] | None = None):
         """Run the command in-process, as a user would type it."""
         return self.runner.invoke(app, list(args), env={**self.env, **(env or {})}, catch_exceptions=False)
+
+    def usage_error(self, *args: str) -> str:
+        """Run the command with AWS unreachable; assert it stopped at a one-line usage error; return it.
+
+        Exit 2 (exit 1 would mean it called AWS), nothing on stdout, `error: ...` on one line.
+        """
+        result = self.cli(*args, env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+        assert result.exit_code == 2, result.output
+        assert result.stdout == ""
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        return result.stderr
 
     @property
     def data_bucket(self) -> str:
