@@ -292,23 +292,33 @@ if args[0] == "run":
     signal.signal(signal.SIGTERM, stop)
     print("container running", flush=True)
     time.sleep(120)
+elif args[0] == "pull" and (state / "pull-stalls").exists():
+    time.sleep(120)
 elif args[0] == "stop":
     os.kill(int((state / "container.pid").read_text()), signal.SIGTERM)
 '''
 
 
-def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stops_on_spot_notice(make_run):
-    run = make_run(run_id="docker-run", training_command="python train.py --fast")
+def use_fake_docker(run) -> None:
     fake = run.tmp / "bin" / "docker"
     fake.write_text(FAKE_DOCKER.format(python=sys.executable, state=str(run.tmp)))
     fake.chmod(0o755)
     run.env.update(TI_RUNTIME="docker", TI_DOCKER=str(fake))
+
+
+def docker_calls(run) -> list[dict]:
+    return [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+
+
+def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stops_on_spot_notice(make_run):
+    run = make_run(run_id="docker-run", training_command="python train.py --fast")
+    use_fake_docker(run)
     run.start()
     run.wait_for_log("container running")
     run.imds.inject_spot_interruption()
     run.wait(90)
 
-    calls = [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+    calls = docker_calls(run)
     verbs = [call["argv"][0] for call in calls]
     assert verbs[:2] == ["login", "pull"] and "run" in verbs and verbs[-1] == "stop"
     registry = run.config.image_uri.split("/")[0]
@@ -343,4 +353,18 @@ def test_child_left_behind_by_a_finished_trainer_is_stopped_after_the_grace_peri
     assert (status["outcome"], status["exit_code"]) == ("succeeded", 0)
     assert marker.read_text() == "TERM\n", "the leftover child got SIGTERM instead of holding the run open"
     assert status["duration_seconds"] < 40, "the agent waited the grace period, not for the child"
+    assert run.called("poweroff")
+
+
+def test_stalled_docker_pull_is_cut_at_the_pull_timeout_and_retried_a_bounded_number_of_times(make_run):
+    run = make_run(run_id="stalled-pull", env={"TI_RETRY_ATTEMPTS": "2", "TI_PULL_TIMEOUT_SECONDS": "2"})
+    use_fake_docker(run)
+    (run.tmp / "pull-stalls").touch()
+    run.run(timeout=60)
+
+    status = run.status()
+    assert status["outcome"] == "failed" and "could not get image" in status["message"]
+    assert [call["argv"][0] for call in docker_calls(run)] == ["login", "pull", "login", "pull"]
+    assert run.setup_log.count("docker pull stalled: cut after 2s") == 2
+    assert "starting trainer" not in run.setup_log
     assert run.called("poweroff")

@@ -37,6 +37,7 @@ export AWS_PAGER=""
 : "${TI_MARKET:=spot}" "${TI_HOURLY_PRICE_USD:=0}" "${TI_EXTRA_ENV:=}" "${TI_STOP_ON_REBALANCE:=true}"
 : "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
+: "${TI_PULL_TIMEOUT_SECONDS:=1800}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
 HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
 [[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
@@ -83,13 +84,14 @@ validate() {
   local v line
   for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
     TI_STOP_GRACE_SECONDS TI_HEARTBEAT_STALE_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
-    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS; do need_int "$v"; done
+    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS; do need_int "$v"; done
   for v in TI_IDLE_GPU_PERCENT TI_HOURLY_PRICE_USD; do need_num "$v"; done
   need_one TI_AUTO_SHUTDOWN true false
   need_one TI_STOP_ON_REBALANCE true false
   need_one TI_MARKET spot on-demand
   need_one TI_RUNTIME docker process
-  for v in TI_MAX_RUNTIME_SECONDS TI_SPOT_POLL_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_LOG_SHIP_SECONDS TI_RETRY_ATTEMPTS; do
+  for v in TI_MAX_RUNTIME_SECONDS TI_SPOT_POLL_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_LOG_SHIP_SECONDS TI_RETRY_ATTEMPTS \
+    TI_PULL_TIMEOUT_SECONDS; do
     ((${!v} > 0)) || fail "$v=0 is not allowed: use at least 1"
   done
   [[ -n $TI_DATA_BUCKET && -n $TI_OUTPUTS_BUCKET && -n $TI_IMAGE_URI ]] ||
@@ -192,7 +194,9 @@ fetch_image() {
     fi
   fi
   if [[ $RUNTIME == docker ]]; then
-    "$DOCKER" pull --quiet "$IMAGE"
+    # A stalled pull never ends by itself, and the deadline watcher only starts with the trainer.
+    timeout "$TI_PULL_TIMEOUT_SECONDS" "$DOCKER" pull --quiet "$IMAGE" ||
+      { local rc=$?; ((rc != 124)) || log "docker pull stalled: cut after ${TI_PULL_TIMEOUT_SECONDS}s"; return "$rc"; }
   elif [[ ${#registry_id[@]} -gt 0 || $registry == *.dkr.ecr.* ]]; then
     # No Docker engine here: prove the image exists, then run the same command directly.
     digest=$(awsc ecr describe-images --repository-name "$repo" "${registry_id[@]}" \
