@@ -176,6 +176,7 @@ def test_missing_image_fails_the_run_clearly_after_bounded_retries_and_powers_of
     assert "could not get image" in status["message"] and run.config.image_uri in status["message"]
     assert "ImageNotFoundException" in run.read("runs/no-image/logs/training-setup.log")
     assert run.setup_log.count("failed (attempt 1 of 2)") == 1, "retried a bounded number of times"
+    assert f"image {run.config.image_uri}:v1 failed after 2 attempts" in run.setup_log
     assert "starting trainer" not in run.setup_log
     assert run.called("poweroff")
 
@@ -269,6 +270,7 @@ def test_bad_setting_fails_with_one_line_naming_it_before_any_network_call(make_
     assert status["outcome"] == "failed"
     assert status["message"] == "TI_RUNTIME='podman' is not allowed: use one of docker process"
     assert not run.called("shutdown"), "validation happens before anything else"
+    assert run.imds.requests == [], "no metadata call either"
     assert run.called("poweroff")
 
 

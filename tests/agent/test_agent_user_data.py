@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import shlex
 import shutil
@@ -45,10 +46,13 @@ def test_rendered_user_data_with_run_overrides_fits_the_ec2_limit():
     assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - 2048
 
 
-def test_user_data_exports_every_setting_and_unpacks_the_exact_agent(tmp_path):
+def test_user_data_exports_every_setting_and_unpacks_the_exact_agent():
     rendered = render_user_data(PRODUCTION)
-    assert "export TI_TRAINING_COMMAND=" + shlex.quote(PRODUCTION.training_command) in rendered
-    assert "export TI_STOP_ON_REBALANCE=true" in rendered
+    for setting in dataclasses.fields(AgentConfig):
+        value = getattr(PRODUCTION, setting.name)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        assert f"export TI_{setting.name.upper()}={shlex.quote(str(value))}\n" in rendered
     encoded = rendered.split("<<'TRAINING_INFRA_AGENT'\n", 1)[1].split("\nTRAINING_INFRA_AGENT", 1)[0]
     assert gzip.decompress(base64.b64decode(encoded)) == AGENT_SCRIPT.read_bytes()
 
