@@ -206,14 +206,15 @@ def launch(
         sys.stdout.write(launched.run_id + "\n")
         return
     rid = launched.run_id
-    stdout().print(
+    out = stdout()
+    out.print(
         f"launched run [bold]{rid}[/] on {launched.instance_id} ({launched.instance_type}, {launched.market}"
         f"{', ' + launched.availability_zone if launched.availability_zone else ''}) in {time.monotonic() - started:.1f} s; "
         f"deadline {launched.deadline}"
     )
-    stdout().print("next:", markup=False)
+    out.print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
-        stdout().print(f"  training-infra {line}", markup=False)
+        out.print(f"  training-infra {line}", markup=False)
 
 
 # ---- status --------------------------------------------------------------------------------
@@ -426,8 +427,9 @@ def stop(run: RunArg, region: Region = None) -> None:
         stdout().print(f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop")
         return
     aws.client("ec2").terminate_instances(InstanceIds=live)
-    stdout().print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
-    stdout().print(f"  training-infra status {run}", markup=False)
+    out = stdout()
+    out.print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
+    out.print(f"  training-infra status {run}", markup=False)
 
 
 # ---- cost ----------------------------------------------------------------------------------
@@ -471,9 +473,10 @@ def cost(
         )  # fmt: skip
     table.add_section()
     table.add_row("total", "", "", "", fmt_usd(total), fmt_usd(on_demand), "")
-    stdout().print(table)
+    out = stdout()
+    out.print(table)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
-    stdout().print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
+    out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
 
 
 def main() -> None:
