@@ -1,9 +1,13 @@
-"""Policy-gate acknowledgements in one shape, so each carries a reason a reviewer can read."""
+"""Helpers every construct shares: gate acknowledgements (each with a reason a reviewer can read)
+and log retention from the settings' days."""
 
 from __future__ import annotations
 
 from aws_cdk import Acknowledgment, CfnResource, Validations
+from aws_cdk import aws_logs as logs
 from constructs import Construct
+
+from training_infra.config import LOG_RETENTION_NAMES
 
 
 def acknowledge_nag(scope: Construct, finding: str, reason: str) -> None:
@@ -18,3 +22,14 @@ def skip_checkov(scope: Construct, check_id: str, comment: str) -> None:
     existing = resource.get_metadata("checkov") or {"skip": []}
     existing["skip"].append({"id": check_id, "comment": comment})
     resource.add_metadata("checkov", existing)
+
+
+def skip_checkovs(scope: Construct, reasons: dict[str, str]) -> None:
+    """Several checkov skips on one resource: check id -> reason."""
+    for check_id, comment in reasons.items():
+        skip_checkov(scope, check_id, comment)
+
+
+def log_retention(days: int) -> logs.RetentionDays:
+    """Settings hold days; the L2 wants its enum (config already refused days CloudWatch lacks)."""
+    return getattr(logs.RetentionDays, LOG_RETENTION_NAMES[days])

@@ -18,8 +18,8 @@ from constructs import Construct
 
 from training_infra import naming
 from training_infra.compute.user_data import AgentConfig, render_user_data, with_run_overrides
-from training_infra.config import LOG_RETENTION_NAMES, Settings
-from training_infra.policy import skip_checkov
+from training_infra.config import Settings
+from training_infra.policy import log_retention, skip_checkov
 from training_infra.pricing import on_demand_price
 from training_infra.storage.construct import TrainingStorage
 
@@ -291,8 +291,3 @@ def _run_tags(settings: Settings, *, run_id: str) -> dict[str, str]:
 
 def _pascal(text: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", text) if part)
-
-
-def log_retention(days: int) -> logs.RetentionDays:
-    """Settings hold days; the L2 wants its enum (config already refused days CloudWatch lacks)."""
-    return getattr(logs.RetentionDays, LOG_RETENTION_NAMES[days])

@@ -24,7 +24,8 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from training_infra import naming
-from training_infra.config import LOG_RETENTION_NAMES, Settings
+from training_infra.config import Settings
+from training_infra.policy import log_retention, skip_checkov, skip_checkovs
 
 RUNTIME_DIR = pathlib.Path(__file__).parent / "runtime"
 # The newest Python runtime in this aws-cdk-lib that AWS has not deprecated.
@@ -186,7 +187,7 @@ class TrainingSafety(Construct):
         log_group = logs.LogGroup(
             self,
             f"{construct_id}Logs",
-            retention=_retention(self._settings.log_retention_days),
+            retention=log_retention(self._settings.log_retention_days),
             removal_policy=RemovalPolicy.DESTROY,
         )
         role = iam.Role(
@@ -224,7 +225,7 @@ class TrainingSafety(Construct):
             code=lambda_.Code.from_asset(str(RUNTIME_DIR), exclude=["__pycache__", "*.pyc"]),
             memory_size=128,
             timeout=timeout,
-            reserved_concurrent_executions=reserved_concurrency,
+            reserved_concurrent_executions=reserved_concurrency if self._settings.reserve_lambda_concurrency else None,
             role=role,
             log_group=log_group,
             environment={"TOPIC_ARN": self.alerts_topic.topic_arn, **environment},
@@ -235,7 +236,7 @@ class TrainingSafety(Construct):
         policy = role.node.find_child("DefaultPolicy").node.default_child
         function_cfn = function.node.default_child
         function_cfn.add_override("DependsOn", [Stack.of(self).get_logical_id(policy)])
-        _skip_checkov(
+        skip_checkovs(
             function,
             {
                 "CKV_AWS_116": "Invoked asynchronously by EventBridge; a failed run raises the Errors alarm, the "
@@ -247,7 +248,14 @@ class TrainingSafety(Construct):
                 "encrypts it at rest with an AWS managed key.",
             },
         )
-        _skip_checkov(
+        if not self._settings.reserve_lambda_concurrency:
+            skip_checkov(
+                function,
+                "CKV_AWS_115",
+                "reserve_lambda_concurrency=false: the account's Lambda quota (10) cannot hold a reservation; "
+                "an overlapping run at worst terminates an instance twice or repeats a notice.",
+            )
+        skip_checkovs(
             log_group,
             {
                 "CKV_AWS_158": "Operational log lines (instance ids, counts), no secrets; CloudWatch Logs encrypts "
@@ -419,13 +427,3 @@ def _describe_instances(sid: str) -> iam.PolicyStatement:
     """DescribeInstances has no resource-level permissions: `Resource: *` is the only form AWS accepts."""
     return iam.PolicyStatement(sid=sid, actions=["ec2:DescribeInstances"], resources=["*"])
 
-
-def _retention(days: int) -> logs.RetentionDays:
-    """config.py already limited days to the periods CloudWatch Logs accepts."""
-    return logs.RetentionDays[LOG_RETENTION_NAMES[days]]
-
-
-def _skip_checkov(construct: Construct, reasons: dict[str, str]) -> None:
-    cfn = construct.node.default_child
-    assert cfn is not None
-    cfn.add_metadata("checkov", {"skip": [{"id": check, "comment": comment} for check, comment in reasons.items()]})
