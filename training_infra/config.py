@@ -162,6 +162,9 @@ class Settings:
     checkpoint_sync_seconds: int = 300
     # Removal policy of the buckets; RETAIN keeps data when a stack is deleted.
     retain_data: bool = True
+    # Reserve Lambda concurrency for the reaper (1: never two runs at once) and the notifier; new
+    # accounts whose concurrency quota is still 10 cannot reserve any and must set this false.
+    reserve_lambda_concurrency: bool = True
 
     @property
     def github_enabled(self) -> bool:
@@ -211,6 +214,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_retention_days": lambda n, v: _log_retention(n, v),
     "checkpoint_sync_seconds": lambda n, v: _number(n, v, integer=True, lo=30, hi=86400),
     "retain_data": _parse_bool,
+    "reserve_lambda_concurrency": _parse_bool,
 }
 
 

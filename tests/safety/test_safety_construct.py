@@ -29,6 +29,7 @@ CUSTOM = {
     "monthly_budget_usd": "250",
     "max_runtime_hours": "3.5",
     "log_retention_days": "14",
+    "reserve_lambda_concurrency": "false",
 }
 
 
@@ -222,6 +223,12 @@ def test_reaper_runs_the_newest_python_with_one_reserved_slot_and_a_timeout(defa
     assert reaper["Handler"] == "reaper.handler"
     assert reaper["ReservedConcurrentExecutions"] == 1
     assert 30 <= reaper["Timeout"] <= 300
+
+
+def test_new_accounts_can_turn_reserved_concurrency_off(custom):
+    functions = custom.resources("AWS::Lambda::Function").values()
+    assert functions
+    assert all("ReservedConcurrentExecutions" not in function["Properties"] for function in functions)
 
 
 def test_newest_python_runtime_is_what_this_cdk_offers():
