@@ -33,6 +33,11 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "image_id": AMI,
         "run_id": "bert-lr3e4",
         "availability_zones": "us-east-1a,us-east-1b,us-east-1c",
+        # Guard-rail values other than the defaults, so tests see each setting arrive.
+        "monthly_budget_usd": "250",
+        "max_runtime_hours": "3.5",
+        "log_retention_days": "14",
+        "reserve_lambda_concurrency": "false",
     },
     "on_demand": {"use_spot": "false", "auto_shutdown": "false", "create_instance": "true", "image_id": AMI},
     "existing_vpc": {"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": "subnet-0123456789abcdef0,subnet-0fedcba9876543210", "create_instance": "true"},
@@ -44,37 +49,99 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
 }
 
 
+class StackView:
+    """One synthesized stack: its template as JSON and as `Template`, plus the constructs that made it."""
+
+    def __init__(self, stack, template_json: dict) -> None:
+        from aws_cdk.assertions import Template
+
+        self.stack = stack
+        self.json = template_json
+        self.template = Template.from_json(template_json)
+
+    def construct(self, path: str):
+        """`view.construct("Safety/Reaper")` -> the construct at that path below the stack."""
+        node = self.stack
+        for part in path.split("/"):
+            node = node.node.find_child(part)
+        return node
+
+    def logical_id(self, construct) -> str:
+        """The logical id of a construct's CloudFormation resource (never a hashed name in a test)."""
+        from aws_cdk import CfnElement, Stack
+
+        resource = construct if isinstance(construct, CfnElement) else construct.node.default_child
+        while not isinstance(resource, CfnElement):
+            resource = resource.node.default_child
+        return Stack.of(resource).resolve(resource.logical_id)
+
+    def ref(self, construct) -> dict:
+        return {"Ref": self.logical_id(construct)}
+
+    def resources(self, resource_type: str) -> dict[str, dict]:
+        return {key: value for key, value in self.json["Resources"].items() if value["Type"] == resource_type}
+
+    def one(self, resource_type: str, **match) -> tuple[str, dict]:
+        found = [
+            (key, value)
+            for key, value in self.resources(resource_type).items()
+            if all(value["Properties"].get(k) == v for k, v in match.items())
+        ]
+        assert len(found) == 1, f"expected one {resource_type} with {match}, found {len(found)}"
+        return found[0]
+
+    def statements(self, resource_type: str, document_key: str) -> list[dict]:
+        return [s for resource in self.resources(resource_type).values() for s in resource["Properties"][document_key]["Statement"]]
+
+    def role_statements(self, role) -> list[dict]:
+        """Every statement of the inline policies attached to `role`."""
+        ref = self.ref(role)
+        return [
+            statement
+            for policy in self.resources("AWS::IAM::Policy").values()
+            if ref in policy["Properties"]["Roles"]
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        ]
+
+
 @dataclass
 class Synth:
     outdir: Path
+    app: object
+    settings: object
     templates: dict[str, dict]
 
-    def template(self, stack_name: str):
-        from aws_cdk.assertions import Template
+    def stack(self, stack_name: str) -> StackView:
+        return StackView(self.app.node.find_child(stack_name), self.templates[stack_name])
 
-        return Template.from_json(self.templates[stack_name])
+    def template(self, stack_name: str):
+        return self.stack(stack_name).template
 
     def resources(self, stack_name: str, resource_type: str) -> dict[str, dict]:
-        resources = self.templates[stack_name]["Resources"]
-        return {key: value for key, value in resources.items() if value["Type"] == resource_type}
+        return self.stack(stack_name).resources(resource_type)
+
+
+def synthesize(outdir: Path, overrides: dict[str, str]) -> Synth:
+    """The whole app as users get it (cdk.json context + overrides), with cdk-nag: a finding raises."""
+    from training_infra.config import parse_settings
+    from training_infra.stacks import build_app, new_app
+
+    app = new_app(outdir=str(outdir), context={**CDK_JSON_CONTEXT, **overrides})
+    settings = parse_settings(app.node.get_all_context())
+    build_app(settings, app=app)
+    app.synth()
+    templates = {path.name.removesuffix(".template.json"): json.loads(path.read_text()) for path in outdir.glob("*.template.json")}
+    return Synth(outdir=outdir, app=app, settings=settings, templates=templates)
 
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
-    """`synth("full")` -> the synthesized templates of that configuration (cached per session)."""
-    from training_infra.config import parse_settings
-    from training_infra.stacks import build_app, new_app
-
+    """`synth("full")` -> the synthesized app of that configuration (cached per session)."""
     cache: dict[str, Synth] = {}
 
     def get(name: str) -> Synth:
         if name not in cache:
-            outdir = tmp_path_factory.mktemp(f"cdk-{name}")
-            app = new_app(outdir=str(outdir), context={**CDK_JSON_CONTEXT, **CONFIGURATIONS[name]})
-            build_app(parse_settings(app.node.get_all_context()), app=app)
-            app.synth()
-            templates = {path.name.removesuffix(".template.json"): json.loads(path.read_text()) for path in outdir.glob("*.template.json")}
-            cache[name] = Synth(outdir=outdir, templates=templates)
+            cache[name] = synthesize(tmp_path_factory.mktemp(f"cdk-{name}"), CONFIGURATIONS[name])
         return cache[name]
 
     return get

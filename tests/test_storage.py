@@ -84,11 +84,10 @@ def test_checkpoint_retention_follows_its_setting():
     from aws_cdk import App, Stack
     from aws_cdk.assertions import Template
 
-    from training_infra.config import parse_settings
-    from training_infra.storage.construct import TrainingStorage
+    from training_infra.storage.construct import StorageProps, TrainingStorage
 
     stack = Stack(App(), "Probe")
-    TrainingStorage(stack, "Storage", settings=parse_settings({"checkpoint_retention_days": "7"}))
+    TrainingStorage(stack, "Storage", props=StorageProps(checkpoint_retention_days=7))
     Template.from_stack(stack).has_resource_properties(
         "AWS::S3::Bucket",
         {"LifecycleConfiguration": {"Rules": Match.array_with([Match.object_like({"Id": "ExpireCheckpoints", "ExpirationInDays": 7})])}},

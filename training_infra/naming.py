@@ -19,10 +19,25 @@ TAG_RUN_ID = "training-infra:run-id"
 TAG_DEADLINE = "training-infra:deadline"  # ISO 8601 UTC, e.g. 2026-11-28T18:00:00Z
 TAG_MAX_RUNTIME_HOURS = "training-infra:max-runtime-hours"
 
+
+
+def run_tags(run_id: str, *, max_runtime_hours: float, deadline: str = "") -> dict[str, str]:
+    """The tags that make an instance a managed run; the only place they are built (construct and CLI)."""
+    tags = {TAG_MANAGED: "true", TAG_RUN_ID: run_id, TAG_MAX_RUNTIME_HOURS: f"{max_runtime_hours:g}"}
+    if deadline:
+        tags[TAG_DEADLINE] = deadline
+    return tags
+
+
+def instance_name(run_id: str) -> str:
+    """The Name tag people see in the EC2 console."""
+    return f"{PROJECT}-{run_id}"
+
+
 # CloudWatch namespace for everything this project publishes (agent and reaper).
 METRIC_NAMESPACE = "TrainingInfra"
 
-# S3 layout (DESIGN.md "S3 layout").
+# S3 layout (docs/architecture.md, "S3 layout").
 DATA_PREFIX = "data/"
 RUNS_PREFIX = "runs/"
 LATEST_PREFIX = "runs/latest/"

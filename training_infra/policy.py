@@ -3,7 +3,9 @@ and log retention from the settings' days."""
 
 from __future__ import annotations
 
-from aws_cdk import Acknowledgment, CfnResource, Validations
+from typing import Any
+
+from aws_cdk import Acknowledgment, CfnResource, Stack, Validations
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
@@ -13,6 +15,32 @@ from training_infra.config import LOG_RETENTION_NAMES
 def acknowledge_nag(scope: Construct, finding: str, reason: str) -> None:
     """Accept one cdk-nag AwsSolutions finding (e.g. `IAM5[Resource::*]`) on the narrowest scope."""
     Validations.of(scope).acknowledge(Acknowledgment(id=f"AwsSolutions::AwsSolutions-{finding}", reason=reason))
+
+
+def nag_name(scope: Construct, value: str) -> str:
+    """How cdk-nag writes `value` (an ARN, often with tokens) in a finding of a resource in `scope`'s stack.
+
+    cdk-nag flattens the resolved CloudFormation: `Ref` -> `<Id>`, `GetAtt` -> `<Id.Attr>`, an import
+    -> its export name, `Join` -> the joined parts. Naming findings this way keeps generated names out
+    of the code: an acknowledgement follows the construct it is about.
+    """
+    return _flatten(Stack.of(scope).resolve(value))
+
+
+def _flatten(node: Any) -> str:
+    if isinstance(node, str):
+        return node.replace("${", "<").replace("}", ">")
+    if isinstance(node, dict) and "Fn::Join" in node:
+        delimiter, items = node["Fn::Join"]
+        return delimiter.join(_flatten(item) for item in items)
+    if isinstance(node, dict) and "Fn::GetAtt" in node:
+        resource, attribute = node["Fn::GetAtt"]
+        return f"<{_flatten(resource)}.{_flatten(attribute)}>"
+    if isinstance(node, dict) and "Fn::ImportValue" in node:
+        return _flatten(node["Fn::ImportValue"])
+    if isinstance(node, dict) and "Ref" in node:
+        return f"<{_flatten(node['Ref'])}>"
+    raise ValueError(f"cannot name {node!r} as cdk-nag would")
 
 
 def skip_checkov(scope: Construct, check_id: str, comment: str) -> None:

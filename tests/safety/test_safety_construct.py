@@ -1,7 +1,7 @@
 """Template assertions for TrainingSafety, plus the gates (cdk-nag, cfn-lint, checkov) on its template.
 
-Two configurations, each synthesized once for the module: the cdk.json defaults (no e-mail) and a
-customised one (e-mail, budget, max runtime, retention).
+Two whole-app configurations from the shared session synth (tests/conftest.py): the cdk.json
+defaults (no e-mail) and "full" (e-mail, budget, max runtime, retention, no reservations).
 """
 
 from __future__ import annotations
@@ -13,81 +13,40 @@ import sys
 from pathlib import Path
 
 import pytest
-from aws_cdk import App, Stack, Validations
-from aws_cdk.assertions import Match, Template
-from cdk_nag import AwsSolutionsChecks
+from aws_cdk.assertions import Match
 
 from training_infra import naming
-from training_infra.config import parse_settings
-from training_infra.safety.construct import TrainingSafety
 
-ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
-CUSTOM = {
-    "alert_email": "ml-team@example.com",
-    "monthly_budget_usd": "250",
-    "max_runtime_hours": "3.5",
-    "log_retention_days": "14",
-    "reserve_lambda_concurrency": "false",
-}
 
 
-class Synthesized:
-    def __init__(self, outdir: Path, overrides: dict[str, str]) -> None:
-        app = App(outdir=str(outdir), context={**CDK_CONTEXT, **overrides})
-        Validations.of(app).add_plugins(AwsSolutionsChecks(app))  # a violation makes synth raise
-        stack = Stack(app, "SafetyUnderTest")
-        self.settings = parse_settings(app.node.get_all_context())
-        self.safety = TrainingSafety(stack, "Safety", settings=self.settings)
-        app.synth()
-        self.path = outdir / "SafetyUnderTest.template.json"
-        self.json = json.loads(self.path.read_text())
-        self.template = Template.from_json(self.json)
-
-    def resources(self, resource_type: str) -> dict[str, dict]:
-        return {k: v for k, v in self.json["Resources"].items() if v["Type"] == resource_type}
-
-    def one(self, resource_type: str, **match) -> tuple[str, dict]:
-        found = [
-            (k, v)
-            for k, v in self.resources(resource_type).items()
-            if all(v["Properties"].get(key) == value for key, value in match.items())
-        ]
-        assert len(found) == 1, f"expected one {resource_type} with {match}, found {len(found)}"
-        return found[0]
-
-    def logical_id(self, construct) -> str:
-        return Stack.of(construct).resolve(construct.node.default_child.logical_id)
-
-    def statements(self, resource_type: str, document_key: str) -> list[dict]:
-        out = []
-        for resource in self.resources(resource_type).values():
-            out.extend(resource["Properties"][document_key]["Statement"])
-        return out
+def _safety_view(synthesized):
+    """The safety stack of a whole-app synth, with its construct at hand."""
+    view = synthesized.stack(naming.SAFETY_STACK)
+    view.safety = view.construct("Safety")
+    view.settings = synthesized.settings
+    view.path = synthesized.outdir / f"{naming.SAFETY_STACK}.template.json"
+    return view
 
 
 @pytest.fixture(scope="module")
-def defaults(tmp_path_factory) -> Synthesized:
-    return Synthesized(tmp_path_factory.mktemp("safety-defaults"), {})
+def defaults(synth):
+    """The cdk.json defaults: no e-mail, 100 USD, 12 h, 30-day logs, reserved concurrency."""
+    return _safety_view(synth("defaults"))
 
 
 @pytest.fixture(scope="module")
-def custom(tmp_path_factory) -> Synthesized:
-    return Synthesized(tmp_path_factory.mktemp("safety-custom"), CUSTOM)
+def custom(synth):
+    """The "full" configuration: e-mail, 250 USD, 3.5 h, 14-day logs, no reserved concurrency."""
+    return _safety_view(synth("full"))
 
 
 def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def policy_of_role(synth: Synthesized, function) -> list[dict]:
-    role_id = synth.logical_id(function.role)
-    statements = []
-    for policy in synth.resources("AWS::IAM::Policy").values():
-        if {"Ref": role_id} in policy["Properties"]["Roles"]:
-            statements.extend(policy["Properties"]["PolicyDocument"]["Statement"])
-    return statements
+def policy_of_role(view, function) -> list[dict]:
+    return view.role_statements(function.role)
 
 
 # --- alert topic and key ---------------------------------------------------------------------

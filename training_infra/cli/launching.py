@@ -151,13 +151,7 @@ def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> 
 
 
 def _tags(template_data: dict[str, Any], run_id: str, deadline: str, hours: float) -> list[dict[str, Any]]:
-    ours = {
-        naming.TAG_MANAGED: "true",
-        naming.TAG_RUN_ID: run_id,
-        naming.TAG_DEADLINE: deadline,
-        naming.TAG_MAX_RUNTIME_HOURS: f"{hours:g}",
-        "Name": f"{naming.PROJECT}-{run_id}",
-    }
+    ours = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
     # RunInstances tags replace the template's for the same resource type: carry them over.
     specs = []
     for resource in ("instance", "volume"):

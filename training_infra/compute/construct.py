@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import jsii
 from aws_cdk import Aws, Duration, Fn, RemovalPolicy, Tags
@@ -13,15 +14,14 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from training_infra import naming
 from training_infra.compute.user_data import AgentConfig, render_user_data, with_run_overrides
-from training_infra.config import Settings
-from training_infra.policy import log_retention, skip_checkov
+from training_infra.policy import acknowledge_nag, log_retention, skip_checkov
 from training_infra.pricing import on_demand_price
-from training_infra.storage.construct import TrainingStorage
 
 # Interface endpoints the agent and Session Manager need when instances have no public IP.
 PRIVATE_ENDPOINTS = {
@@ -47,21 +47,73 @@ class PinnedImage:
         return ec2.MachineImageConfig(image_id=self.image_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux())
 
 
+@dataclass(frozen=True)
+class NetworkProps:
+    """Where instances live: a new VPC (default) or an existing one with named subnets."""
+
+    vpc_id: str = ""
+    subnet_ids: tuple[str, ...] = ()
+    private_networking: bool = False  # isolated subnets + interface endpoints, no public IPs
+    availability_zones: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstanceProps:
+    """What the launch template (and the optional instance) is made of."""
+
+    ami_parameter: str  # SSM parameter that holds the AMI id, used when image_id is empty
+    instance_type: str = "g5.xlarge"
+    use_spot: bool = True
+    spot_max_price: str = ""  # USD/hour; empty: up to the on-demand price
+    auto_shutdown: bool = True  # power-off terminates (never halt: a halted box keeps billing)
+    volume_size_gb: int = 150
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """What a run does unless `training-infra launch` says otherwise (the agent's TI_* settings)."""
+
+    image_tag: str = "latest"
+    training_command: str = ""
+    max_runtime_hours: float = 12
+    idle_minutes: int = 30
+    idle_gpu_percent: float = 5
+    checkpoint_sync_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class ComputeProps:
+    """The settings the compute construct reads (built from Settings in stacks.py)."""
+
+    network: NetworkProps
+    instance: InstanceProps
+    run: RunDefaults
+    create_instance: bool = False  # the seed's path: CloudFormation owns one training instance
+    run_id: str = ""  # that instance's run; a new one asks for a new instance
+    log_retention_days: int = 30
+
+
 class TrainingCompute(Construct):
-    """Everything a run needs at rest costs nothing: no NAT, no endpoints by default, no instance unless asked."""
+    """Everything a run needs at rest costs nothing: no NAT, no endpoints by default, no instance unless asked.
+
+    Takes the buckets, repository and topic as interfaces and grants itself only what the agent
+    uses; the storage grant (`TrainingStorage.grant_run_access`) is wired by the compute stack.
+    """
 
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
-        settings: Settings,
-        storage: TrainingStorage,
+        props: ComputeProps,
+        data_bucket: s3.IBucket,
+        outputs_bucket: s3.IBucket,
         repository: ecr.IRepository,
         alerts_topic: sns.ITopic,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.vpc, self.subnet_ids = self._network(settings)
+        self.vpc, self.subnet_ids = self._network(props.network)
         self.security_group = ec2.SecurityGroup(
             self,
             "InstanceSecurityGroup",
@@ -70,18 +122,18 @@ class TrainingCompute(Construct):
             allow_all_outbound=False,
         )
         self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs (S3, ECR, SSM, Logs)")
-        if settings.private_networking:
+        if props.network.private_networking:
             self._private_endpoints()
 
         self.log_group = logs.LogGroup(
             self,
             "TrainingLogs",
-            retention=log_retention(settings.log_retention_days),
+            retention=log_retention(props.log_retention_days),
             # Every run's logs are also uploaded to the outputs bucket; this group is the live view.
             removal_policy=RemovalPolicy.DESTROY,
         )
-
         skip_checkov(self.log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; training logs hold no secrets and are copied to the encrypted outputs bucket")
+
         self.role = iam.Role(
             self,
             "InstanceRole",
@@ -89,37 +141,46 @@ class TrainingCompute(Construct):
             description="Training instance: SSM shell, pull its image, read data, write runs and checkpoints",
             managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
         )
-        storage.grant_run_access(self.role)
+        acknowledge_nag(
+            self.role,
+            "IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
+            "AmazonSSMManagedInstanceCore is the AWS-maintained minimum for Session Manager shells; it follows SSM API changes",
+        )
         self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
 
-        market = "spot" if settings.use_spot else "on-demand"
+        instance = props.instance
+        run = props.run
         agent = AgentConfig(
-            data_bucket=storage.data_bucket.bucket_name,
-            outputs_bucket=storage.outputs_bucket.bucket_name,
+            data_bucket=data_bucket.bucket_name,
+            outputs_bucket=outputs_bucket.bucket_name,
             image_uri=repository.repository_uri,
-            image_tag=settings.image_tag,
-            training_command=settings.training_command,
-            run_id=settings.run_id,
+            image_tag=run.image_tag,
+            training_command=run.training_command,
+            run_id=props.run_id,
             region=Aws.REGION,
             log_group=self.log_group.log_group_name,
             alerts_topic_arn=alerts_topic.topic_arn,
             metric_namespace=naming.METRIC_NAMESPACE,
-            max_runtime_seconds=int(settings.max_runtime_hours * 3600),
-            auto_shutdown=settings.auto_shutdown,
-            idle_seconds=settings.idle_minutes * 60,
-            idle_gpu_percent=settings.idle_gpu_percent,
-            checkpoint_sync_seconds=settings.checkpoint_sync_seconds,
-            market=market,
-            hourly_price_usd=on_demand_price(settings.instance_type) or 0.0,
+            max_runtime_seconds=int(run.max_runtime_hours * 3600),
+            auto_shutdown=instance.auto_shutdown,
+            idle_seconds=run.idle_minutes * 60,
+            idle_gpu_percent=run.idle_gpu_percent,
+            checkpoint_sync_seconds=run.checkpoint_sync_seconds,
+            market="spot" if instance.use_spot else "on-demand",
+            hourly_price_usd=on_demand_price(instance.instance_type) or 0.0,
         )
         self.user_data_script = render_user_data(agent)
-        self.machine_image = PinnedImage(settings.image_id) if settings.image_id else ec2.MachineImage.from_ssm_parameter(settings.ami_parameter, os=ec2.OperatingSystemType.LINUX)
+        self.machine_image = (
+            PinnedImage(instance.image_id)
+            if instance.image_id
+            else ec2.MachineImage.from_ssm_parameter(instance.ami_parameter, os=ec2.OperatingSystemType.LINUX)
+        )
 
         self.launch_template = ec2.LaunchTemplate(
             self,
             "LaunchTemplate",
             machine_image=self.machine_image,
-            instance_type=ec2.InstanceType(settings.instance_type),
+            instance_type=ec2.InstanceType(instance.instance_type),
             role=self.role,
             security_group=self.security_group,
             user_data=ec2.UserData.custom(self.user_data_script),
@@ -128,7 +189,7 @@ class TrainingCompute(Construct):
             http_put_response_hop_limit=2,
             instance_metadata_tags=True,
             instance_initiated_shutdown_behavior=(
-                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if settings.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
+                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if instance.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
             ),
             detailed_monitoring=True,
             ebs_optimized=True,
@@ -136,49 +197,51 @@ class TrainingCompute(Construct):
                 ec2.LaunchTemplateSpotOptions(
                     request_type=ec2.SpotRequestType.ONE_TIME,
                     interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
-                    max_price=float(settings.spot_max_price) if settings.spot_max_price else None,
+                    max_price=float(instance.spot_max_price) if instance.spot_max_price else None,
                 )
-                if settings.use_spot
+                if instance.use_spot
                 else None
             ),
             block_devices=[
                 ec2.BlockDevice(
                     device_name="/dev/sda1",
                     volume=ec2.BlockDeviceVolume.ebs(
-                        settings.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
+                        instance.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
                     ),
                 )
             ],
         )
-        tags = _run_tags(settings, run_id=settings.run_id or "default")
+        run_id = props.run_id or "default"
+        tags = naming.run_tags(run_id, max_runtime_hours=run.max_runtime_hours)
         for key, value in tags.items():
             Tags.of(self.launch_template).add(key, value)
 
         self.instance: ec2.CfnInstance | None = None
-        if settings.create_instance:
-            self.instance = self._instance(settings, tags=tags, alerts_topic=alerts_topic)
+        self.alarms: tuple[cloudwatch.Alarm, ...] = ()
+        if props.create_instance:
+            self.instance = self._instance(props, run_id=run_id, tags=tags, alerts_topic=alerts_topic)
 
-    def _network(self, settings: Settings) -> tuple[ec2.IVpc, list[str]]:
-        if settings.vpc_id:
+    def _network(self, network: NetworkProps) -> tuple[ec2.IVpc, list[str]]:
+        if network.vpc_id:
             # No lookups at synth: the subnets are named in the settings.
             vpc = ec2.Vpc.from_vpc_attributes(
-                self, "Vpc", vpc_id=settings.vpc_id, availability_zones=Fn.get_azs(), public_subnet_ids=list(settings.subnet_ids)
+                self, "Vpc", vpc_id=network.vpc_id, availability_zones=Fn.get_azs(), public_subnet_ids=list(network.subnet_ids)
             )
-            return vpc, list(settings.subnet_ids)
-        subnet_type = ec2.SubnetType.PRIVATE_ISOLATED if settings.private_networking else ec2.SubnetType.PUBLIC
+            return vpc, list(network.subnet_ids)
+        subnet_type = ec2.SubnetType.PRIVATE_ISOLATED if network.private_networking else ec2.SubnetType.PUBLIC
         vpc = ec2.Vpc(
             self,
             "Vpc",
             ip_addresses=ec2.IpAddresses.cidr("10.42.0.0/16"),
             # Spot capacity differs per AZ: give the scheduler every zone it is told about.
-            availability_zones=list(settings.availability_zones) or None,
-            max_azs=None if settings.availability_zones else 3,
+            availability_zones=list(network.availability_zones) or None,
+            max_azs=None if network.availability_zones else 3,
             nat_gateways=0,
             subnet_configuration=[ec2.SubnetConfiguration(name="Training", subnet_type=subnet_type, cidr_mask=20)],
             gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
             restrict_default_security_group=False,  # True needs a Lambda custom resource; the default SG is unused
         )
-        if settings.availability_zones:
+        if network.availability_zones:
             # The zones are the user's explicit choice (spot capacity), not an accident of a template.
             for subnet in vpc.public_subnets + vpc.isolated_subnets:
                 subnet.node.default_child.add_metadata("cfn-lint", {"config": {"ignore_checks": ["W3010"]}})
@@ -207,6 +270,11 @@ class TrainingCompute(Construct):
         repository.grant_pull(self.role)
         self.log_group.grant_write(self.role)
         alerts_topic.grant_publish(self.role)
+        acknowledge_nag(
+            self.role,
+            "IAM5[Action::kms:GenerateDataKey*]",
+            "From grant_publish on the alerts topic: only the topic's own KMS key, so notices can be encrypted",
+        )
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="PutMetricsInProjectNamespace",
@@ -215,9 +283,14 @@ class TrainingCompute(Construct):
                 conditions={"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}},
             )
         )
+        acknowledge_nag(
+            self.role,
+            "IAM5[Resource::*]",
+            "Only actions without resource types: ecr:GetAuthorizationToken (from grant_pull) and "
+            "cloudwatch:PutMetricData (limited by a namespace condition)",
+        )
 
-    def _instance(self, settings: Settings, *, tags: dict[str, str], alerts_topic: sns.ITopic) -> ec2.CfnInstance:
-        run_id = settings.run_id or "default"
+    def _instance(self, props: ComputeProps, *, run_id: str, tags: dict[str, str], alerts_topic: sns.ITopic) -> ec2.CfnInstance:
         # CloudFormation cannot see that the last instance terminated itself: a new run id, a new logical id.
         instance = ec2.CfnInstance(
             self,
@@ -227,16 +300,17 @@ class TrainingCompute(Construct):
                 version=self.launch_template.latest_version_number,
             ),
             image_id=self.machine_image.get_image(self).image_id,
-            instance_type=settings.instance_type,
+            instance_type=props.instance.instance_type,
             monitoring=True,
             subnet_id=self.subnet_ids[0],
             user_data=Fn.base64(with_run_overrides(self.user_data_script, {"TI_RUN_ID": run_id})),
-            tags=[{"key": key, "value": value} for key, value in {**tags, "Name": f"{naming.PROJECT}-{run_id}"}.items()],
+            tags=[{"key": key, "value": value} for key, value in {**tags, "Name": naming.instance_name(run_id)}.items()],
         )
-        self._instance_alarms(settings, instance=instance, alerts_topic=alerts_topic)
+        acknowledge_nag(instance, "EC29", "Spot instances cannot have termination protection; instances end themselves by design")
+        self.alarms = self._instance_alarms(props.run, instance=instance, alerts_topic=alerts_topic)
         return instance
 
-    def _instance_alarms(self, settings: Settings, *, instance: ec2.CfnInstance, alerts_topic: sns.ITopic) -> None:
+    def _instance_alarms(self, run: RunDefaults, *, instance: ec2.CfnInstance, alerts_topic: sns.ITopic) -> tuple[cloudwatch.Alarm, ...]:
         terminate = cw_actions.Ec2Action(cw_actions.Ec2InstanceAction.TERMINATE)
         notify = cw_actions.SnsAction(alerts_topic)
         period = Duration.minutes(5)
@@ -244,7 +318,7 @@ class TrainingCompute(Construct):
             self,
             "GpuIdleAlarm",
             alarm_description=(
-                f"GPU below {settings.idle_gpu_percent:g}% for {settings.idle_minutes} min on {instance.ref}: "
+                f"GPU below {run.idle_gpu_percent:g}% for {run.idle_minutes} min on {instance.ref}: "
                 "the run is idle or hung, terminating (the agent normally ends it first)"
             ),
             metric=cloudwatch.Metric(
@@ -254,9 +328,9 @@ class TrainingCompute(Construct):
                 statistic="Maximum",
                 period=period,
             ),
-            threshold=settings.idle_gpu_percent,
+            threshold=run.idle_gpu_percent,
             comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-            evaluation_periods=max(1, math.ceil(settings.idle_minutes / 5)),
+            evaluation_periods=max(1, math.ceil(run.idle_minutes / 5)),
             # Booting and pulling the image publish nothing yet: silence is not idleness.
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
@@ -278,15 +352,7 @@ class TrainingCompute(Construct):
         )
         for alarm in (gpu_idle, status_check):
             alarm.add_alarm_action(terminate, notify)
-        self.alarms = (gpu_idle, status_check)
-
-
-def _run_tags(settings: Settings, *, run_id: str) -> dict[str, str]:
-    return {
-        naming.TAG_MANAGED: "true",
-        naming.TAG_RUN_ID: run_id,
-        naming.TAG_MAX_RUNTIME_HOURS: f"{settings.max_runtime_hours:g}",
-    }
+        return gpu_idle, status_check
 
 
 def _pascal(text: str) -> str:

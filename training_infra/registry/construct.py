@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
 from constructs import Construct
 
-from training_infra.config import Settings
-from training_infra.policy import skip_checkov
+from training_infra import naming
+from training_infra.policy import acknowledge_nag, nag_name, skip_checkov
 
 GITHUB_OIDC_HOST = "token.actions.githubusercontent.com"
 # GitHub's certificate thumbprints; IAM no longer checks them for this provider but still stores them.
 GITHUB_THUMBPRINTS = ["6938fd4d98bab03faadb97b34396831e3780aea1", "1c58a3a8518e8759bf075b76b750d4f2df264fcd"]
 
 
-class TrainingRegistry(Construct):
-    """ECR repository plus the two GitHub roles: push images from one branch, read-only diff from pull requests."""
+@dataclass(frozen=True)
+class RegistryProps:
+    """The settings the registry reads (built from Settings in stacks.py)."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+    repository_name: str = "training-infra"
+    github_repo: str = ""  # owner/name; empty: no OIDC provider and no GitHub roles
+    github_branch: str = "main"
+    existing_oidc_provider_arn: str = ""  # reuse the account's provider (one per URL)
+
+
+class TrainingRegistry(Construct):
+    """ECR repository plus the two GitHub roles: push images from one branch, read-only diff from pull requests.
+
+    The repository's construct id is its logical id (tests/test_registry.py pins it): renaming it
+    would replace the repository and its images.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, props: RegistryProps) -> None:
         super().__init__(scope, construct_id)
         self.repository = ecr.Repository(
             self,
             "Repository",
             # An outside system (the image workflow, moto) must know the name.
-            repository_name=settings.ecr_repository_name,
+            repository_name=props.repository_name,
             image_scan_on_push=True,
             # Commit-SHA tags never move; only `latest` follows main, so only it stays mutable.
             image_tag_mutability=ecr.TagMutability.IMMUTABLE_WITH_EXCLUSION,
@@ -41,13 +57,13 @@ class TrainingRegistry(Construct):
         self.oidc_provider: iam.IOidcProvider | None = None
         self.push_role: iam.Role | None = None
         self.diff_role: iam.Role | None = None
-        if settings.github_enabled:
-            self._github_roles(settings)
+        if props.github_repo:
+            self._github_roles(props)
 
-    def _github_roles(self, settings: Settings) -> None:
-        if settings.existing_oidc_provider_arn:
+    def _github_roles(self, props: RegistryProps) -> None:
+        if props.existing_oidc_provider_arn:
             # An account holds one provider per URL; reuse it when another stack made it.
-            self.oidc_provider = iam.OidcProviderNative.from_oidc_provider_arn(self, "GithubOidcProvider", settings.existing_oidc_provider_arn)
+            self.oidc_provider = iam.OidcProviderNative.from_oidc_provider_arn(self, "GithubOidcProvider", props.existing_oidc_provider_arn)
         else:
             self.oidc_provider = iam.OidcProviderNative(
                 self,
@@ -71,17 +87,22 @@ class TrainingRegistry(Construct):
         self.push_role = iam.Role(
             self,
             "GithubPushRole",
-            description=f"GitHub Actions in {settings.github_repo} on {settings.github_branch}: push training images",
-            assumed_by=github_principal(f"repo:{settings.github_repo}:ref:refs/heads/{settings.github_branch}"),
+            description=f"GitHub Actions in {props.github_repo} on {props.github_branch}: push training images",
+            assumed_by=github_principal(f"repo:{props.github_repo}:ref:refs/heads/{props.github_branch}"),
             max_session_duration=Duration.hours(1),
         )
         self.repository.grant_push(self.push_role)
+        acknowledge_nag(
+            self.push_role,
+            "IAM5[Resource::*]",
+            "ecr:GetAuthorizationToken has no resource type; pushes are limited to this repository",
+        )
 
         self.diff_role = iam.Role(
             self,
             "GithubDiffRole",
-            description=f"GitHub Actions on pull requests of {settings.github_repo}: read-only, for cdk diff",
-            assumed_by=github_principal(f"repo:{settings.github_repo}:pull_request"),
+            description=f"GitHub Actions on pull requests of {props.github_repo}: read-only, for cdk diff",
+            assumed_by=github_principal(f"repo:{props.github_repo}:pull_request"),
             max_session_duration=Duration.hours(1),
         )
         # cdk diff reads deployed templates through the bootstrap lookup role; it needs nothing that writes.
@@ -93,10 +114,16 @@ class TrainingRegistry(Construct):
                 resources=[f"arn:{stack.partition}:iam::{stack.account}:role/cdk-hnb659fds-lookup-role-{stack.account}-{stack.region}"],
             )
         )
+        project_stacks = f"arn:{stack.partition}:cloudformation:{stack.region}:{stack.account}:stack/{naming.STACK_PREFIX}-*/*"
         self.diff_role.add_to_policy(
             iam.PolicyStatement(
                 sid="ReadTrainingInfraStacks",
                 actions=["cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"],
-                resources=[f"arn:{stack.partition}:cloudformation:{stack.region}:{stack.account}:stack/TrainingInfra-*/*"],
+                resources=[project_stacks],
             )
+        )
+        acknowledge_nag(
+            self.diff_role,
+            f"IAM5[Resource::{nag_name(self, project_stacks)}]",
+            "Read-only describe/get on this project's stacks; the stack ARN ends in a generated id",
         )

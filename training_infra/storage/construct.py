@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from training_infra import naming
-from training_infra.config import Settings
-from training_infra.policy import acknowledge_nag, skip_checkov
+from training_infra.policy import acknowledge_nag, nag_name, skip_checkov
+
+
+@dataclass(frozen=True)
+class StorageProps:
+    """The settings the buckets read (built from Settings in stacks.py)."""
+
+    retain_data: bool = True  # RETAIN keeps every bucket when its stack is deleted
+    noncurrent_version_days: int = 30
+    checkpoint_retention_days: int = 30
 
 
 class TrainingStorage(Construct):
-    """Encrypted, versioned, TLS-only buckets with lifecycle rules a cost-conscious team expects."""
+    """Encrypted, versioned, TLS-only buckets with lifecycle rules a cost-conscious team expects.
 
-    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+    The construct ids of the three buckets are their logical ids: renaming one replaces the bucket
+    (tests/test_storage.py pins them).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, props: StorageProps) -> None:
         super().__init__(scope, construct_id)
-        removal = RemovalPolicy.RETAIN if settings.retain_data else RemovalPolicy.DESTROY
-        noncurrent = Duration.days(settings.noncurrent_version_days)
+        removal = RemovalPolicy.RETAIN if props.retain_data else RemovalPolicy.DESTROY
+        noncurrent = Duration.days(props.noncurrent_version_days)
         abort_uploads = s3.LifecycleRule(id="AbortIncompleteUploads", abort_incomplete_multipart_upload_after=Duration.days(7))
 
         self.access_logs_bucket = s3.Bucket(
@@ -77,35 +91,62 @@ class TrainingStorage(Construct):
                 s3.LifecycleRule(
                     id="ExpireCheckpoints",
                     prefix=naming.CHECKPOINTS_PREFIX,
-                    expiration=Duration.days(settings.checkpoint_retention_days),
+                    expiration=Duration.days(props.checkpoint_retention_days),
                     noncurrent_version_expiration=Duration.days(1),
                 ),
             ],
         )
 
-    def grant_run_access(self, grantee: iam.IGrantable) -> None:
-        """What a training instance needs, by prefix and exact action: read data/, write runs/ and checkpoints/."""
-        statements = [
-            iam.PolicyStatement(sid="ListDataPrefix", actions=["s3:ListBucket"], resources=[self.data_bucket.bucket_arn],
-                                conditions={"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}}),
-            iam.PolicyStatement(sid="ReadData", actions=["s3:GetObject"], resources=[self.data_bucket.arn_for_objects(f"{naming.DATA_PREFIX}*")]),
-            iam.PolicyStatement(sid="ListRunsAndCheckpoints", actions=["s3:ListBucket"], resources=[self.outputs_bucket.bucket_arn],
-                                conditions={"StringLike": {"s3:prefix": [f"{naming.RUNS_PREFIX}*", f"{naming.CHECKPOINTS_PREFIX}*"]}}),
-            iam.PolicyStatement(
-                sid="ReadWriteRunsAndCheckpoints",
-                actions=["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
-                resources=[self.outputs_bucket.arn_for_objects(f"{naming.RUNS_PREFIX}*"), self.outputs_bucket.arn_for_objects(f"{naming.CHECKPOINTS_PREFIX}*")],
+    def grant_run_access(self, grantee: iam.IGrantable) -> iam.Grant:
+        """What a training run needs, by prefix and exact action: read data/, write runs/ and checkpoints/.
+
+        The object keys are per run and unknown at deploy, so the grant ends in prefix wildcards; the
+        cdk-nag findings that causes are acknowledged here, on the grantee, named as cdk-nag names them.
+        """
+        data_arn = self._arn_seen_from(grantee, self.data_bucket)
+        outputs_arn = self._arn_seen_from(grantee, self.outputs_bucket)
+        data_objects = f"{data_arn}/{naming.DATA_PREFIX}*"
+        runs_objects = f"{outputs_arn}/{naming.RUNS_PREFIX}*"
+        checkpoint_objects = f"{outputs_arn}/{naming.CHECKPOINTS_PREFIX}*"
+        latest_objects = f"{outputs_arn}/{naming.LATEST_PREFIX}*"
+
+        def grant(actions: list[str], resources: list[str], conditions: dict | None = None) -> iam.Grant:
+            return iam.Grant.add_to_principal(grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions)
+
+        grants = [
+            grant(["s3:ListBucket"], [data_arn], {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}}),
+            grant(["s3:GetObject"], [data_objects]),
+            grant(
+                ["s3:ListBucket"],
+                [outputs_arn],
+                {"StringLike": {"s3:prefix": [f"{naming.RUNS_PREFIX}*", f"{naming.CHECKPOINTS_PREFIX}*"]}},
             ),
+            grant(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], [runs_objects, checkpoint_objects]),
             # `aws s3 sync --delete` keeps runs/latest/ a copy of the newest finished run, and checkpoints/<run>/
             # a mirror of what the trainer keeps (versioning still holds what a sync deletes).
-            iam.PolicyStatement(
-                sid="MirrorLatestRunAndCheckpoints",
-                actions=["s3:DeleteObject"],
-                resources=[self.outputs_bucket.arn_for_objects(f"{naming.LATEST_PREFIX}*"), self.outputs_bucket.arn_for_objects(f"{naming.CHECKPOINTS_PREFIX}*")],
-            ),
+            grant(["s3:DeleteObject"], [latest_objects, checkpoint_objects]),
         ]
-        for statement in statements:
-            grantee.grant_principal.add_to_principal_policy(statement)
+        principal = grantee.grant_principal
+        if isinstance(principal, Construct):
+            for resource, why in (
+                (data_objects, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
+                (runs_objects, "get/put on runs/ of the outputs bucket: each run writes its own objects"),
+                (checkpoint_objects, "get/put/delete on checkpoints/ of the outputs bucket: a mirror of the trainer's checkpoints"),
+                (latest_objects, "delete only under runs/latest/, which mirrors the newest finished run"),
+            ):
+                acknowledge_nag(principal, f"IAM5[Resource::{nag_name(principal, resource)}]", f"Object keys are per run and unknown at deploy: {why}")
+        combined = grants[0]
+        for other in grants[1:]:
+            combined = combined.combine(other)
+        return combined
+
+    def _arn_seen_from(self, grantee: iam.IGrantable, bucket: s3.IBucket) -> str:
+        """The bucket ARN as the grantee's stack will reference it: the very export CDK would create."""
+        principal = grantee.grant_principal
+        here = Stack.of(self)
+        if isinstance(principal, Construct) and Stack.of(principal) is not here:
+            return here.export_value(bucket.bucket_arn)
+        return bucket.bucket_arn
 
 
 def _secure_bucket_defaults(removal: RemovalPolicy) -> dict:
