@@ -36,6 +36,10 @@ PRIVATE_ENDPOINTS = {
 }
 
 
+# A launch template's first version: what the run's template held when the run started.
+FROZEN_TEMPLATE_VERSION = "1"
+
+
 @jsii.implements(ec2.IMachineImage)
 class PinnedImage:
     """A literal AMI id: env-agnostic (no region map) and what the local emulator needs."""
@@ -176,47 +180,15 @@ class TrainingCompute(Construct):
             else ec2.MachineImage.from_ssm_parameter(instance.ami_parameter, os=ec2.OperatingSystemType.LINUX)
         )
 
-        self.launch_template = ec2.LaunchTemplate(
-            self,
-            "LaunchTemplate",
-            machine_image=self.machine_image,
-            instance_type=ec2.InstanceType(instance.instance_type),
-            role=self.role,
-            security_group=self.security_group,
-            user_data=ec2.UserData.custom(self.user_data_script),
-            require_imdsv2=True,
-            # 2 hops: containers on the docker bridge reach IMDSv2 (spot notices, region).
-            http_put_response_hop_limit=2,
-            instance_metadata_tags=True,
-            instance_initiated_shutdown_behavior=(
-                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if instance.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
-            ),
-            detailed_monitoring=True,
-            ebs_optimized=True,
-            spot_options=(
-                ec2.LaunchTemplateSpotOptions(
-                    request_type=ec2.SpotRequestType.ONE_TIME,
-                    interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
-                    max_price=float(instance.spot_max_price) if instance.spot_max_price else None,
-                )
-                if instance.use_spot
-                else None
-            ),
-            block_devices=[
-                ec2.BlockDevice(
-                    device_name="/dev/sda1",
-                    volume=ec2.BlockDeviceVolume.ebs(
-                        instance.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
-                    ),
-                )
-            ],
-        )
+        # What `training-infra launch` starts runs from; it follows the newest AMI and settings.
+        self.launch_template = self._launch_template("LaunchTemplate", instance, user_data=self.user_data_script)
         run_id = props.run_id or "default"
         tags = naming.run_tags(run_id, max_runtime_hours=run.max_runtime_hours)
         for key, value in tags.items():
             Tags.of(self.launch_template).add(key, value)
 
         self.instance: ec2.CfnInstance | None = None
+        self.run_launch_template: ec2.LaunchTemplate | None = None
         self.alarms: tuple[cloudwatch.Alarm, ...] = ()
         if props.create_instance:
             self.instance = self._instance(props, run_id=run_id, tags=tags, alerts_topic=alerts_topic)
@@ -290,21 +262,69 @@ class TrainingCompute(Construct):
             "cloudwatch:PutMetricData (limited by a namespace condition)",
         )
 
+    def _launch_template(self, construct_id: str, instance: InstanceProps, *, user_data: str) -> ec2.LaunchTemplate:
+        return ec2.LaunchTemplate(
+            self,
+            construct_id,
+            machine_image=self.machine_image,
+            instance_type=ec2.InstanceType(instance.instance_type),
+            role=self.role,
+            security_group=self.security_group,
+            user_data=ec2.UserData.custom(user_data),
+            require_imdsv2=True,
+            # 2 hops: containers on the docker bridge reach IMDSv2 (spot notices, region).
+            http_put_response_hop_limit=2,
+            instance_metadata_tags=True,
+            instance_initiated_shutdown_behavior=(
+                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if instance.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
+            ),
+            detailed_monitoring=True,
+            ebs_optimized=True,
+            spot_options=(
+                ec2.LaunchTemplateSpotOptions(
+                    request_type=ec2.SpotRequestType.ONE_TIME,
+                    interruption_behavior=ec2.SpotInstanceInterruption.TERMINATE,
+                    max_price=float(instance.spot_max_price) if instance.spot_max_price else None,
+                )
+                if instance.use_spot
+                else None
+            ),
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/sda1",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        instance.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
+                    ),
+                )
+            ],
+        )
+
     def _instance(self, props: ComputeProps, *, run_id: str, tags: dict[str, str], alerts_topic: sns.ITopic) -> ec2.CfnInstance:
-        # CloudFormation cannot see that the last instance terminated itself: a new run id, a new logical id.
+        """The seed's instance, frozen at its run's start so no later deploy replaces or stops it.
+
+        Everything it is made of (AMI, type, user data, market, tags) lives in version 1 of its run's
+        own launch template. Later deploys may add versions to that template (a newer AMI, other
+        settings); the instance keeps naming version 1, so its resource never changes while the run
+        id stays. A new run id is a new template and a new logical id: a new instance
+        (docs/architecture.md, "A redeploy never replaces a running instance").
+        """
+        self.run_launch_template = self._launch_template(
+            f"RunLaunchTemplate{_pascal(run_id)}",
+            props.instance,
+            user_data=with_run_overrides(self.user_data_script, {"TI_RUN_ID": run_id}),
+        )
+        for key, value in {**tags, "Name": naming.instance_name(run_id)}.items():
+            Tags.of(self.run_launch_template).add(key, value)
         instance = ec2.CfnInstance(
             self,
             f"Instance{_pascal(run_id)}",
             launch_template=ec2.CfnInstance.LaunchTemplateSpecificationProperty(
-                launch_template_id=self.launch_template.launch_template_id,
-                version=self.launch_template.latest_version_number,
+                launch_template_id=self.run_launch_template.launch_template_id,
+                version=FROZEN_TEMPLATE_VERSION,
             ),
-            image_id=self.machine_image.get_image(self).image_id,
-            instance_type=props.instance.instance_type,
+            # Also in the template; said here too because cdk-nag (EC28) reads only the instance. A constant.
             monitoring=True,
             subnet_id=self.subnet_ids[0],
-            user_data=Fn.base64(with_run_overrides(self.user_data_script, {"TI_RUN_ID": run_id})),
-            tags=[{"key": key, "value": value} for key, value in {**tags, "Name": naming.instance_name(run_id)}.items()],
         )
         acknowledge_nag(instance, "EC29", "Spot instances cannot have termination protection; instances end themselves by design")
         self.alarms = self._instance_alarms(props.run, instance=instance, alerts_topic=alerts_topic)

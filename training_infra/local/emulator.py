@@ -6,8 +6,8 @@ readiness wait, the log file and the clean stop live in one place.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -73,12 +73,12 @@ class Emulator:
 
     def start(self, timeout: float = 30.0) -> Emulator:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-        if executable is None:
-            raise EmulatorError("moto_server is not installed; run `make setup`")
+        if importlib.util.find_spec("moto") is None:
+            raise EmulatorError("moto is not installed; run `make setup`")
         log = open(self.log_dir / "moto.log", "ab")  # noqa: SIM115 - lives as long as the server
         self._process = subprocess.Popen(
-            [executable, "-H", "127.0.0.1", "-p", str(self.port)],
+            # moto's server plus the launch-template instance it lacks (training_infra/local/moto_server.py).
+            [sys.executable, "-m", "training_infra.local.moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
