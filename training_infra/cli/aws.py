@@ -22,7 +22,7 @@ import botocore.session
 from training_infra import naming
 from training_infra.cli.errors import CliError, UsageError
 
-# Which stack publishes which output (DESIGN.md "Outputs").
+# Which stack publishes which output (docs/architecture.md, "CloudFormation outputs").
 OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_TRAINING_BUCKET: naming.STORAGE_STACK,
     naming.OUTPUT_OUTPUTS_BUCKET: naming.STORAGE_STACK,
