@@ -73,9 +73,9 @@ def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any
     from training_infra import config  # the settings module, loaded only when there is something to check
 
     try:
-        return config._PARSERS[setting](option, value)  # the shared validators (no copied regexes)
+        return config.parse_setting(setting, value, label=f"{kind} '{option}'")  # the settings' parsers, not copies
     except config.ConfigError as error:
-        raise UsageError(str(error).replace("setting '", f"{kind} '", 1)) from None
+        raise UsageError(str(error)) from None
 
 
 def validate(request: LaunchRequest) -> LaunchRequest:
@@ -100,7 +100,10 @@ def validate(request: LaunchRequest) -> LaunchRequest:
 def _is_subnet_id(value: str) -> bool:
     from training_infra import config
 
-    return bool(config._SUBNET_ID.match(value))  # the pattern the subnet_ids setting checks
+    try:
+        return config.parse_setting("subnet_ids", value) == (value,)  # one id, parsed as subnet_ids is
+    except config.ConfigError:
+        return False
 
 
 def template_exports(user_data: str) -> dict[str, str]:
