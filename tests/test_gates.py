@@ -15,7 +15,7 @@ from training_infra import naming
 VENV_BIN = Path(sys.executable).parent
 
 # Every cdk-nag finding the app accepts, with its reason in code. A new one must be added here on purpose.
-# `{data}` / `{outputs}`: the bucket ARN as the compute stack imports it (named through the construct).
+# `{data}` / `{outputs}` / `{runs}`: the bucket or run-table ARN as the compute stack imports it (named through the construct).
 ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-EC29",
     "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
@@ -28,6 +28,15 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:cloudformation:<AWS::Region>:<AWS::AccountId>:stack/TrainingInfra-*/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
     "AwsSolutions-S1",
+    # The supervisor: fleets, run templates, instances, volumes and the user's network are made or chosen at run time.
+    *(
+        f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:{resource}/*]"
+        for resource in ("fleet", "launch-template", "volume", "subnet", "security-group", "network-interface")
+    ),
+    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*]",
+    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:iam::<AWS::AccountId>:role/aws-service-role/ec2fleet.amazonaws.com/*]",
+    "AwsSolutions-IAM5[Resource::{runs}/index/*]",
+    "AwsSolutions-IAM5[Resource::{outputs}/runs/*/attempts/*/status.json]",
 }
 
 
@@ -43,7 +52,8 @@ def _known_findings(synthesized) -> set[str]:
     def imported(bucket) -> str:
         return exports[json.dumps({"Fn::GetAtt": [storage_view.logical_id(bucket), "Arn"]}, sort_keys=True)]
 
-    names = {"data": imported(storage.data_bucket), "outputs": imported(storage.outputs_bucket)}
+    run_table = storage_view.construct("RunTable").table
+    names = {"data": imported(storage.data_bucket), "outputs": imported(storage.outputs_bucket), "runs": imported(run_table)}
     return {finding.format(**names) for finding in ACKNOWLEDGED_NAG_FINDINGS}
 
 

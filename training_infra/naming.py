@@ -18,6 +18,8 @@ TAG_MANAGED = "training-infra:managed"
 TAG_RUN_ID = "training-infra:run-id"
 TAG_DEADLINE = "training-infra:deadline"  # ISO 8601 UTC, e.g. 2026-11-28T18:00:00Z
 TAG_MAX_RUNTIME_HOURS = "training-infra:max-runtime-hours"
+TAG_ATTEMPT = "training-infra:attempt"  # 1, 2, ...: which attempt of its run an instance is
+TAG_STOP = "training-infra:stop"  # set by the supervisor: the agent stops gracefully (user, budget, stall)
 
 
 
@@ -54,6 +56,7 @@ OUTPUT_LAUNCH_TEMPLATE_ID = "LaunchTemplateId"
 OUTPUT_LOG_GROUP_NAME = "LogGroupName"
 OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
+OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
 
 
 def snake_case(output_key: str) -> str:
