@@ -160,10 +160,16 @@ def launch_data(view) -> dict:
 @pytest.mark.parametrize("config", EVERY_NETWORK)
 def test_launch_template_requires_imdsv2_with_two_hops_encrypts_its_only_disk_and_has_no_key_pair(compute, config):
     view = compute(config)
-    view.template.resource_count_is(LAUNCH_TEMPLATE, 1)
+    templates = [t for t in (view.compute.launch_template, view.compute.run_launch_template) if t is not None]
+    view.template.resource_count_is(LAUNCH_TEMPLATE, len(templates))  # the run's own one with create_instance
+    for template in templates:
+        _assert_secure_launch_template(view, template)
+
+
+def _assert_secure_launch_template(view, template) -> None:
     has_properties(
         view,
-        view.compute.launch_template,
+        template,
         {
             "LaunchTemplateData": {
                 "MetadataOptions": Match.exact(
@@ -495,36 +501,40 @@ def test_existing_vpc_is_used_without_creating_a_network(compute):
 # --- the instance of `create_instance` -------------------------------------------------------------
 
 
-def test_created_instance_boots_from_the_launch_template_with_its_run_id_in_tags_and_user_data(compute):
+def test_created_instance_boots_version_1_of_its_runs_template_with_the_run_id_in_tags_and_user_data(compute):
     view = compute("full")
     instance = view.compute.instance
     run_id = CONFIGURATIONS["full"]["run_id"]
-    launch_template = view.logical_id(view.compute.launch_template)
     has_properties(
         view,
         instance,
         {
-            "LaunchTemplate": {
-                "LaunchTemplateId": {"Ref": launch_template},
-                "Version": {"Fn::GetAtt": [launch_template, "LatestVersionNumber"]},
-            },
-            "ImageId": AMI,
+            # Version 1 of the run's own template, not the latest: a later deploy never touches the instance.
+            "LaunchTemplate": {"LaunchTemplateId": view.ref(view.compute.run_launch_template), "Version": "1"},
+            "ImageId": Match.absent(),
+            "UserData": Match.absent(),
             "SubnetId": view.stack.resolve(view.compute.subnet_ids[0]),
-            "Tags": tags({"Name": naming.instance_name(run_id), naming.TAG_MANAGED: "true", naming.TAG_RUN_ID: run_id}),
         },
     )
-    assert UserData.of(properties_of(view, instance)["UserData"]).exports()["TI_RUN_ID"] == run_id
+    run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
+    assert run_data["ImageId"] == AMI
+    instance_tags = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}
+    assert instance_tags[naming.TAG_RUN_ID] == run_id and instance_tags["Name"] == naming.instance_name(run_id)
+    assert instance_tags[naming.TAG_MANAGED] == "true"
+    assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == run_id
     view.template.has_output(naming.OUTPUT_INSTANCE_ID, {"Value": view.ref(instance)})
     assert compute("defaults").template.find_outputs(naming.OUTPUT_INSTANCE_ID) == {}
 
 
 def test_instance_without_a_configured_run_id_boots_with_the_run_id_its_tags_carry(compute):
-    view = compute("private")  # run_id unset: the launch template leaves it to the agent; the instance names it
+    view = compute("private")  # run_id unset: the shared template leaves it to the agent; the run's template names it
     assert UserData.of(launch_data(view)["UserData"]).exports()["TI_RUN_ID"] == ""
-    instance = properties_of(view, view.compute.instance)
-    tag_run_id = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}[naming.TAG_RUN_ID]
+    run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
+    tag_run_id = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}[
+        naming.TAG_RUN_ID
+    ]
     assert tag_run_id
-    assert UserData.of(instance["UserData"]).exports()["TI_RUN_ID"] == tag_run_id
+    assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == tag_run_id
 
 
 def test_a_new_run_id_gives_the_instance_a_new_logical_id_and_nothing_else_does(compute):
@@ -571,7 +581,12 @@ def test_created_instance_has_idle_and_status_alarms_that_terminate_it_and_notif
             "AlarmActions": actions,
         },
     )
-    compute("defaults").template.resource_count_is("AWS::CloudWatch::Alarm", 0)
+    on_instances = [
+        alarm
+        for alarm in compute("defaults").resources("AWS::CloudWatch::Alarm").values()
+        if any(d["Name"] == "InstanceId" for d in alarm["Properties"].get("Dimensions", []))
+    ]
+    assert on_instances == [], "no instance, no instance alarms"
 
 
 # --- outputs and logs --------------------------------------------------------------------------------
