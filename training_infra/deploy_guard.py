@@ -1,0 +1,329 @@
+"""Stop a deploy that would delete what a setting left out this time, or touch a live training run.
+
+`make deploy` synthesizes into cdk.out, runs this, and only then `cdk deploy --app cdk.out`, so
+what was checked is exactly what is deployed. It compares every synthesized stack with the
+template CloudFormation holds for it (GetTemplate) and refuses, one line per finding:
+
+- removal of a protected resource: the GitHub OIDC provider and roles (a deploy without
+  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget;
+- deletion of, or any property change to, an AWS::EC2::Instance whose instance is still
+  running: CloudFormation would replace or modify a training run in the middle.
+
+`--allow-destructive` (`make deploy ALLOW_DESTRUCTIVE=1`) prints the same lines and lets the
+deploy go ahead. A stack that is not deployed yet has nothing to guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+
+from training_infra import naming
+
+ALLOW_VARIABLE = "ALLOW_DESTRUCTIVE=1"
+LIVE_STATES = ("pending", "running", "stopping")
+_EXPORT = re.compile(r"^export (TI_[A-Z0-9_]+)=(.*)$", re.MULTILINE)
+# Which setting reaches the instance through which agent variable (user data).
+_EXPORT_SETTINGS = {
+    "TI_IMAGE_TAG": "image_tag",
+    "TI_TRAINING_COMMAND": "training_command",
+    "TI_MAX_RUNTIME_SECONDS": "max_runtime_hours",
+    "TI_AUTO_SHUTDOWN": "auto_shutdown",
+    "TI_IDLE_SECONDS": "idle_minutes",
+    "TI_IDLE_GPU_PERCENT": "idle_gpu_percent",
+    "TI_CHECKPOINT_SYNC_SECONDS": "checkpoint_sync_seconds",
+    "TI_MARKET": "use_spot",
+    "TI_HOURLY_PRICE_USD": "instance_type",
+    "TI_RUN_ID": "run_id",
+    "TI_ALERTS_TOPIC_ARN": "the alert topic",
+    "TI_IMAGE_URI": "ecr_repository_name",
+}
+# Which setting an instance property comes from.
+_PROPERTY_SETTINGS = {
+    "ImageId": "image_id (or the AMI that ami_parameter resolves to)",
+    "InstanceType": "instance_type",
+    "LaunchTemplate": "a setting of the launch template",
+    "SubnetId": "vpc_id / subnet_ids / availability_zones",
+    "Tags": "max_runtime_hours (instance tags)",
+    "Monitoring": "the compute construct",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    stack: str
+    logical_id: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.stack}: {self.message}"
+
+
+# ---- templates -----------------------------------------------------------------------------
+
+
+def synthesized_stacks(cdk_out: Path) -> dict[str, dict[str, Any]]:
+    """Stack name -> template, from the cloud assembly's manifest (what `cdk deploy --app` deploys)."""
+    manifest = json.loads((cdk_out / "manifest.json").read_text())
+    stacks = {}
+    for artifact_id, artifact in manifest.get("artifacts", {}).items():
+        if artifact.get("type") != "aws:cloudformation:stack":
+            continue
+        properties = artifact.get("properties", {})
+        name = properties.get("stackName") or artifact.get("displayName") or artifact_id
+        stacks[name] = json.loads((cdk_out / properties["templateFile"]).read_text())
+    return stacks
+
+
+def _resources(template: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return (template or {}).get("Resources", {}) or {}
+
+
+def _text(value: Any) -> str:
+    """A template value as text, intrinsic functions written out (`{"Ref": "X"}`), for comparison and messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"Fn::Base64"}:
+        return _text(value["Fn::Base64"])
+    if isinstance(value, dict) and set(value) == {"Fn::Join"} and isinstance(value["Fn::Join"], list) and len(value["Fn::Join"]) == 2:
+        separator, parts = value["Fn::Join"]
+        if isinstance(separator, str) and isinstance(parts, list):
+            return separator.join(_text(part) for part in parts)
+    return json.dumps(value, sort_keys=True)
+
+
+def _web_identity_repo(role: dict[str, Any]) -> str | None:
+    """The GitHub repository a role trusts (`repo:owner/name:...`), or None for a role that is not a GitHub role."""
+    document = role.get("Properties", {}).get("AssumeRolePolicyDocument", {})
+    for statement in document.get("Statement", []) if isinstance(document, dict) else []:
+        actions = statement.get("Action", [])
+        if "sts:AssumeRoleWithWebIdentity" not in (actions if isinstance(actions, list) else [actions]):
+            continue
+        subjects = [v for condition in statement.get("Condition", {}).values() if isinstance(condition, dict) for k, v in condition.items() if k.endswith(":sub")]
+        for subject in subjects:
+            match = re.match(r"^repo:([^:]+):", subject if isinstance(subject, str) else "")
+            if match:
+                return match[1]
+        return "?"
+    return None
+
+
+def _email_subscription(resource: dict[str, Any]) -> bool:
+    return resource.get("Type") == "AWS::SNS::Subscription" and resource.get("Properties", {}).get("Protocol") in ("email", "email-json")
+
+
+def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None) -> list[Finding]:
+    """Protected resources in the deployed template that the synthesized one no longer has."""
+    old, new = _resources(deployed), _resources(synthesized)
+    new_email_topics = {_text(r["Properties"].get("TopicArn")) for r in new.values() if _email_subscription(r)}
+    findings = []
+    for logical_id, resource in sorted(old.items()):
+        if logical_id in new:
+            continue
+        kind = resource.get("Type")
+        properties = resource.get("Properties", {})
+        if kind == "AWS::IAM::OIDCProvider":
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the GitHub OIDC provider ({logical_id}): this deploy has no github_repo (or now sets "
+                "existing_oidc_provider_arn); set github_repo in cdk.json's context"
+            )))  # fmt: skip
+        elif kind == "AWS::IAM::Role" and (repo := _web_identity_repo(resource)) is not None:
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the GitHub role {logical_id} trusted by {repo}: this deploy has no github_repo; "
+                f"set \"github_repo\": \"{repo}\" in cdk.json's context"
+            )))  # fmt: skip
+        elif _email_subscription(resource):
+            if _text(properties.get("TopicArn")) in new_email_topics:
+                continue  # alert_email changed: the new address replaces the old one
+            email = properties.get("Endpoint", "?")
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the alert e-mail subscription of {email}: this deploy has no alert_email; "
+                f"set \"alert_email\": \"{email}\" in cdk.json's context"
+            )))  # fmt: skip
+        elif kind == "AWS::Budgets::Budget":
+            findings.append(Finding(stack, logical_id, f"would delete the budget {logical_id}: check monthly_budget_usd and that this is the training-infra app"))
+    return findings
+
+
+def _exports(user_data: str) -> dict[str, str]:
+    return dict(_EXPORT.findall(user_data))
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two definitions of an instance, named by the settings behind it."""
+    names = []
+    old_props, new_props = old.get("Properties", {}), new.get("Properties", {})
+    for key in sorted(set(old_props) | set(new_props)):
+        before, after = old_props.get(key), new_props.get(key)
+        if before == after:
+            continue
+        if key == "UserData":
+            old_exports, new_exports = _exports(_text(before)), _exports(_text(after))
+            changed = [k for k in sorted(set(old_exports) | set(new_exports)) if old_exports.get(k) != new_exports.get(k)]
+            for export in changed:
+                names.append(f"{_EXPORT_SETTINGS.get(export, export)} ({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})")
+            if not changed:
+                names.append("the agent script (user data)")
+        else:
+            names.append(f"{_PROPERTY_SETTINGS.get(key, key)} ({key})")
+    return names
+
+
+def _run_id_of(resource: dict[str, Any]) -> str:
+    for tag in resource.get("Properties", {}).get("Tags", []) or []:
+        if isinstance(tag, dict) and tag.get("Key") == naming.TAG_RUN_ID:
+            return str(tag.get("Value"))
+    return "?"
+
+
+def instance_changes(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None, live: dict[str, tuple[str, str]]) -> list[Finding]:
+    """Deletions of, and changes to, instances that are still up. `live`: logical id -> (instance id, state)."""
+    old, new = _resources(deployed), _resources(synthesized)
+    findings = []
+    for logical_id, (instance_id, state) in sorted(live.items()):
+        resource = old.get(logical_id)
+        if resource is None:
+            continue
+        run_id = _run_id_of(resource)
+        how = f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), or accept with `make deploy {ALLOW_VARIABLE}`"
+        if logical_id not in new:
+            findings.append(Finding(stack, logical_id, (
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would terminate it "
+                f"(run_id or create_instance changed); {how}"
+            )))  # fmt: skip
+            continue
+        changed = _changed_settings(resource, new[logical_id])
+        if changed:
+            findings.append(Finding(stack, logical_id, (
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would modify or replace it "
+                f"because of {', '.join(changed)}; keep that setting until the run ends, or {how}"
+            )))  # fmt: skip
+    return findings
+
+
+# ---- the deployed side ---------------------------------------------------------------------
+
+
+class Deployed:
+    """What CloudFormation and EC2 hold now, through one botocore session."""
+
+    def __init__(self, region: str | None = None) -> None:
+        import botocore.session
+
+        self.session = botocore.session.get_session()
+        if region:
+            self.session.set_config_variable("region", region)
+        elif not self.session.get_config_variable("region"):
+            import os
+
+            if os.environ.get("AWS_REGION"):
+                self.session.set_config_variable("region", os.environ["AWS_REGION"])
+        self._clients: dict[str, Any] = {}
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self.session.create_client(service)
+        return self._clients[service]
+
+    def template(self, stack: str) -> dict[str, Any] | None:
+        """The deployed template, or None when there is no stack to guard."""
+        cloudformation = self.client("cloudformation")
+        try:
+            found = cloudformation.describe_stacks(StackName=stack)["Stacks"]
+        except botocore.exceptions.ClientError as error:
+            if "does not exist" in error.response.get("Error", {}).get("Message", ""):
+                return None
+            raise
+        if not found or found[0].get("StackStatus") in ("DELETE_COMPLETE", "ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS"):
+            return None
+        body = cloudformation.get_template(StackName=stack)["TemplateBody"]
+        return body if isinstance(body, dict) else json.loads(body)
+
+    def live_instances(self, stack: str) -> dict[str, tuple[str, str]]:
+        """Logical id -> (instance id, state) for the stack's instances that are not terminated."""
+        pages = self.client("cloudformation").get_paginator("list_stack_resources").paginate(StackName=stack)
+        resources = [r for page in pages for r in page["StackResourceSummaries"]]
+        by_instance = {r["PhysicalResourceId"]: r["LogicalResourceId"] for r in resources if r.get("ResourceType") == "AWS::EC2::Instance" and r.get("PhysicalResourceId")}
+        if not by_instance:
+            return {}
+        live = {}
+        for instance_id, logical_id in by_instance.items():
+            try:
+                reservations = self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
+            except botocore.exceptions.ClientError as error:
+                if error.response.get("Error", {}).get("Code", "").startswith("InvalidInstanceID"):
+                    continue  # gone long ago
+                raise
+            for reservation in reservations:
+                for instance in reservation["Instances"]:
+                    state = instance.get("State", {}).get("Name", "")
+                    if state in LIVE_STATES:
+                        live[logical_id] = (instance_id, state)
+        return live
+
+
+def check(stacks: dict[str, dict[str, Any]], deployed: Deployed) -> list[Finding]:
+    findings: list[Finding] = []
+    for stack, synthesized in stacks.items():
+        current = deployed.template(stack)
+        if current is None:
+            continue
+        findings += protected_removals(stack, current, synthesized)
+        if any(r.get("Type") == "AWS::EC2::Instance" for r in _resources(current).values()):
+            findings += instance_changes(stack, current, synthesized, deployed.live_instances(stack))
+    return findings
+
+
+def _print(lines: Iterable[str]) -> None:
+    for line in lines:
+        sys.stderr.write(line + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training_infra.deploy_guard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cdk_out", type=Path, help="the cloud assembly `cdk synth` wrote (cdk.out)")
+    parser.add_argument("--allow-destructive", action="store_true", help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)")
+    parser.add_argument("--report-only", action="store_true", help="report the findings and exit 0 (for `make diff`)")
+    parser.add_argument("--region", help="region of the stacks (default: the standard AWS configuration)")
+    args = parser.parse_args(argv)
+    if not (args.cdk_out / "manifest.json").is_file():
+        _print([f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: a cloud assembly written by `cdk synth` (with manifest.json)"])
+        return 2
+    from training_infra.cli.errors import describe_aws_error
+
+    try:
+        findings = check(synthesized_stacks(args.cdk_out), Deployed(args.region))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as error:
+        try:
+            message = describe_aws_error(error)
+        except ValueError:
+            message = str(error)
+        if args.report_only:
+            _print([f"deploy guard: not checked ({message})"])
+            return 0
+        _print([f"error: deploy guard cannot read the deployed stacks: {message}"])
+        return 1
+    if not findings:
+        return 0
+    if args.report_only:
+        _print([f"deploy guard: {finding}" for finding in findings])
+        _print([f"deploy guard: `make deploy` would stop here (or go ahead with `make deploy {ALLOW_VARIABLE}`)"])
+        return 0
+    if args.allow_destructive:
+        _print([f"deploy guard: accepted by {ALLOW_VARIABLE}: {finding}" for finding in findings])
+        return 0
+    _print([f"error: deploy guard: {finding}" for finding in findings])
+    _print([f"error: deploy guard: nothing was deployed; fix the settings above, or accept with `make deploy {ALLOW_VARIABLE}`"])
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
