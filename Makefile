@@ -19,6 +19,8 @@ CDK_OUT ?= cdk.out
 # `make deploy ALLOW_DESTRUCTIVE=1`: go ahead although the deploy guard found a protected resource
 # to delete or a running training instance to touch.
 ALLOW_DESTRUCTIVE ?=
+# cdk deploy asks before widening IAM or security groups; `never` for scripts without a terminal.
+REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
 
 .PHONY: help setup test lint synth diff deploy destroy bench demo demo-spot clean
@@ -62,7 +64,7 @@ diff: setup  ## cdk diff against the account in your AWS credentials, and what t
 deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
 	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(ALLOW_DESTRUCTIVE),--allow-destructive)
-	$(CDK) deploy --all --app $(CDK_OUT) --require-approval broadening $(CDK_FLAGS)
+	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
+from botocore.parsers import ResponseParserError
 
 from training_infra import naming
 
@@ -195,9 +196,11 @@ def instance_changes(stack: str, deployed: dict[str, Any], synthesized: dict[str
         run_id = _run_id_of(resource)
         how = f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), or accept with `make deploy {ALLOW_VARIABLE}`"
         if logical_id not in new:
+            next_runs = [_run_id_of(r) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
+            why = f"run_id is now {', '.join(next_runs)}" if next_runs else "create_instance is no longer true"
             findings.append(Finding(stack, logical_id, (
                 f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would terminate it "
-                f"(run_id or create_instance changed); {how}"
+                f"({why}); {how}"
             )))  # fmt: skip
             continue
         changed = _changed_settings(resource, new[logical_id])
@@ -301,11 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         findings = check(synthesized_stacks(args.cdk_out), Deployed(args.region))
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as error:
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError, ValueError) as error:
         try:
             message = describe_aws_error(error)
-        except ValueError:
-            message = str(error)
+        except (ResponseParserError, ValueError):
+            message = " ".join(str(error).split())[:300]
         if args.report_only:
             _print([f"deploy guard: not checked ({message})"])
             return 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
 import typer
+from botocore.parsers import ResponseParserError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -88,6 +89,11 @@ def describe_aws_error(error: Exception) -> str:
         return f"AWS refused {operation}: {code}: {message}"
     if isinstance(error, botocore.exceptions.BotoCoreError):
         return f"AWS error: {error}"
+    if isinstance(error, ResponseParserError):
+        # Not a BotoCoreError: an endpoint that answered with something other than AWS's format
+        # (an HTML error page from a proxy, or the emulator failing).
+        first = str(error).split("\n", 1)[0]
+        return f"the AWS endpoint answered something that is not an AWS response ({first}): check AWS_ENDPOINT_URL and retry"
     raise error
 
 
@@ -98,7 +104,7 @@ def reported_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError) as error:
             _report(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None

@@ -23,9 +23,9 @@ from typer.core import TyperGroup
 
 from training_infra import naming
 from training_infra.cli import launching, runs
-from training_infra.cli.render import Column, Listing, output_format, print_json
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
+from training_infra.cli.render import Column, Listing, output_format, print_json
 
 if TYPE_CHECKING:
     from rich.console import Console
