@@ -71,6 +71,10 @@ class _JSONFileLoader:
 _LOADER = botocore.loaders.Loader(file_loader=_JSONFileLoader())
 
 
+class NotDeployedError(CliError):
+    """A stack is absent in this region (as opposed to AWS being unreachable or misconfigured)."""
+
+
 @dataclass
 class Aws:
     """Clients and stack outputs for one invocation, created lazily and cached."""
@@ -119,11 +123,11 @@ class Aws:
                 found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
             except botocore.exceptions.ClientError as error:
                 if "does not exist" in error.response.get("Error", {}).get("Message", ""):
-                    raise CliError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
+                    raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
                 raise
             status = found[0].get("StackStatus", "") if found else ""
             if not found or status.startswith("DELETE") or status == "ROLLBACK_COMPLETE":
-                raise CliError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
+                raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
             self._outputs[stack] = {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
         return self._outputs[stack]
 

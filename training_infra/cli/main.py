@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from training_infra import naming
 from training_infra.cli import launching, runs
-from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
+from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
 
@@ -212,7 +212,7 @@ def outputs(
     for stack in naming.ALL_STACKS:
         try:
             stack_outputs = aws.stack_outputs(stack)
-        except CliError:
+        except NotDeployedError:
             missing.append(stack)
             continue
         for output_key in OUTPUT_STACKS:
