@@ -155,6 +155,22 @@ def test_report_only_prints_the_findings_and_exits_0_for_make_diff(local_aws, sy
     assert "`make deploy` would stop here" in result.stderr
 
 
+def test_a_stack_pinned_to_a_region_is_read_in_that_region_not_the_default_one(local_aws, synth, tmp_path):
+    """An app that pins its environment (`env=Environment(region=...)`) names the region in the manifest."""
+    assembly = tmp_path / "cdk.out"
+    shutil.copytree(synth("guarded_new_run").outdir, assembly)
+    manifest = json.loads((assembly / "manifest.json").read_text())
+    for artifact in manifest["artifacts"].values():
+        if artifact.get("type") == "aws:cloudformation:stack":
+            artifact["environment"] = f"aws://123456789012/{local_aws.emulator.region}"
+    (assembly / "manifest.json").write_text(json.dumps(manifest))
+
+    result = local_aws.guard(assembly, region="eu-west-3")
+
+    assert result.returncode == 3
+    assert "the run guard-run-1 is still running" in result.stderr
+
+
 def test_once_the_run_has_ended_a_new_run_id_deploys(local_aws, synth):
     local_aws.client("ec2").terminate_instances(InstanceIds=[local_aws.instance_id])  # the agent powered off
 

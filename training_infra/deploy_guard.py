@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
+import botocore.session
 from botocore.parsers import ResponseParserError
 
 from training_infra import naming
@@ -71,16 +73,25 @@ class Finding:
 # ---- templates -----------------------------------------------------------------------------
 
 
-def synthesized_stacks(cdk_out: Path) -> dict[str, dict[str, Any]]:
-    """Stack name -> template, from the cloud assembly's manifest (what `cdk deploy --app` deploys)."""
+@dataclass(frozen=True)
+class SynthesizedStack:
+    name: str
+    region: str | None  # None: environment-agnostic, deployed to the credentials' region
+    template: dict[str, Any]
+
+
+def synthesized_stacks(cdk_out: Path) -> list[SynthesizedStack]:
+    """The stacks of the cloud assembly (what `cdk deploy --app cdk.out` deploys), from its manifest."""
     manifest = json.loads((cdk_out / "manifest.json").read_text())
-    stacks = {}
+    stacks = []
     for artifact_id, artifact in manifest.get("artifacts", {}).items():
         if artifact.get("type") != "aws:cloudformation:stack":
             continue
         properties = artifact.get("properties", {})
         name = properties.get("stackName") or artifact.get("displayName") or artifact_id
-        stacks[name] = json.loads((cdk_out / properties["templateFile"]).read_text())
+        region = str(artifact.get("environment", "")).rsplit("/", 1)[-1]
+        template = json.loads((cdk_out / properties["templateFile"]).read_text())
+        stacks.append(SynthesizedStack(name, None if region in ("", "unknown-region") else region, template))
     return stacks
 
 
@@ -219,16 +230,11 @@ class Deployed:
     """What CloudFormation and EC2 hold now, through one botocore session."""
 
     def __init__(self, region: str | None = None) -> None:
-        import botocore.session
-
         self.session = botocore.session.get_session()
+        # botocore reads AWS_DEFAULT_REGION only; the CDK CLI and the other SDKs also read AWS_REGION.
+        region = region or self.session.get_config_variable("region") or os.environ.get("AWS_REGION")
         if region:
             self.session.set_config_variable("region", region)
-        elif not self.session.get_config_variable("region"):
-            import os
-
-            if os.environ.get("AWS_REGION"):
-                self.session.set_config_variable("region", os.environ["AWS_REGION"])
         self._clients: dict[str, Any] = {}
 
     def client(self, service: str) -> Any:
@@ -273,15 +279,19 @@ class Deployed:
         return live
 
 
-def check(stacks: dict[str, dict[str, Any]], deployed: Deployed) -> list[Finding]:
+def check(stacks: list[SynthesizedStack], region: str | None = None) -> list[Finding]:
+    """Every finding for these stacks, each read in its own region (or `region`, else the default one)."""
+    readers: dict[str | None, Deployed] = {}
     findings: list[Finding] = []
-    for stack, synthesized in stacks.items():
-        current = deployed.template(stack)
+    for stack in stacks:
+        where = stack.region or region
+        deployed = readers.setdefault(where, Deployed(where))
+        current = deployed.template(stack.name)
         if current is None:
             continue
-        findings += protected_removals(stack, current, synthesized)
+        findings += protected_removals(stack.name, current, stack.template)
         if any(r.get("Type") == "AWS::EC2::Instance" for r in _resources(current).values()):
-            findings += instance_changes(stack, current, synthesized, deployed.live_instances(stack))
+            findings += instance_changes(stack.name, current, stack.template, deployed.live_instances(stack.name))
     return findings
 
 
@@ -295,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("cdk_out", type=Path, help="the cloud assembly `cdk synth` wrote (cdk.out)")
     parser.add_argument("--allow-destructive", action="store_true", help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)")
     parser.add_argument("--report-only", action="store_true", help="report the findings and exit 0 (for `make diff`)")
-    parser.add_argument("--region", help="region of the stacks (default: the standard AWS configuration)")
+    parser.add_argument("--region", help="region of environment-agnostic stacks (default: the standard AWS configuration)")
     args = parser.parse_args(argv)
     if not (args.cdk_out / "manifest.json").is_file():
         _print([f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: a cloud assembly written by `cdk synth` (with manifest.json)"])
@@ -303,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training_infra.cli.errors import describe_aws_error
 
     try:
-        findings = check(synthesized_stacks(args.cdk_out), Deployed(args.region))
+        findings = check(synthesized_stacks(args.cdk_out), args.region)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError, ValueError) as error:
         try:
             message = describe_aws_error(error)
