@@ -45,7 +45,8 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _report(message: str) -> None:
+def report_error(message: str) -> None:
+    """`error: <message>` on stderr, the message printed as is (no markup)."""
     from rich.text import Text
 
     err_console().print(Text.assemble(("error: ", "bold red"), message))
@@ -105,13 +106,13 @@ def reported_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError) as error:
-            _report(describe_aws_error(error))
+            report_error(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None
         except OSError as error:
             # Local files: a dataset file that cannot be read, a full disk while fetching.
             where = f": {error.filename}" if error.filename else ""
-            _report(f"{error.strerror or error}{where}")
+            report_error(f"{error.strerror or error}{where}")
             raise typer.Exit(EXIT_RUNTIME) from None
         except KeyboardInterrupt:
             err_console().print("interrupted")

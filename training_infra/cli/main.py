@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 from training_infra import naming
 from training_infra.cli import launching, runs
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
-from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class _OneLineUsageErrors(TyperGroup):
             error.show()
             sys.exit(error.exit_code)
         except click.exceptions.UsageError as error:
-            err_console().print(f"[bold red]error:[/] {_one_line(error)}", markup=True, soft_wrap=True, highlight=False)
+            report_error(_one_line(error))
             sys.exit(error.exit_code)
         except click.exceptions.ClickException as error:
             error.show()
@@ -99,6 +99,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 def _version(value: bool) -> None:
     if value:
@@ -474,7 +475,10 @@ def fetch(
     dest: Annotated[Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
     region: Region = None,
 ) -> None:
-    """Download a run's results: outputs/, logs/ and status.json, with a progress bar."""
+    """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal).
+
+    The files come whatever the outcome; a note on stderr says when the run failed or is still running.
+    """
     from training_infra.cli import transfer
 
     run = run if run == "latest" else _check_run_id(run)
