@@ -121,8 +121,8 @@ def test_a_new_run_id_while_the_run_is_running_is_refused_naming_the_run_and_the
     assert "nothing was deployed" in last
 
 
-def test_any_change_that_reaches_the_running_instance_is_refused_naming_the_setting(local_aws, synth, tmp_path):
-    """What a synth with another instance_type and idle_minutes for the same run id gives the instance.
+def test_any_change_to_the_running_instance_is_refused_naming_the_setting(local_aws, synth, tmp_path):
+    """What a synth with another instance_type for the same run id would give the instance.
 
     Written into a copy of the deployed assembly, so the guard is proven whatever the compute
     construct keeps out of the instance: anything that still reaches it must be refused.
@@ -132,10 +132,7 @@ def test_any_change_that_reaches_the_running_instance_is_refused_naming_the_sett
     template_file = assembly / f"{naming.COMPUTE_STACK}.template.json"
     template = json.loads(template_file.read_text())
     [instance] = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance"]
-    instance["Properties"]["InstanceType"] = "g5.2xlarge"
-    user_data = json.dumps(instance["Properties"]["UserData"])
-    assert "export TI_IDLE_SECONDS=1800" in user_data
-    instance["Properties"]["UserData"] = json.loads(user_data.replace("export TI_IDLE_SECONDS=1800", "export TI_IDLE_SECONDS=2700"))
+    instance["Properties"]["InstanceType"] = "g5.48xlarge"
     template_file.write_text(json.dumps(template))
 
     result = local_aws.guard(assembly)
@@ -143,8 +140,7 @@ def test_any_change_that_reaches_the_running_instance_is_refused_naming_the_sett
     assert result.returncode == 3
     [finding, _] = _refusals(result)
     assert f"the run guard-run-1 is still running on {local_aws.instance_id}" in finding
-    assert "instance_type (InstanceType)" in finding
-    assert "idle_minutes (TI_IDLE_SECONDS: 1800 -> 2700)" in finding
+    assert "because of instance_type (InstanceType)" in finding
 
 
 def test_report_only_prints_the_findings_and_exits_0_for_make_diff(local_aws, synth):
@@ -231,3 +227,66 @@ def test_unreachable_aws_is_one_line_and_exit_1(tmp_path, synth, monkeypatch, ca
     assert err.startswith("error: deploy guard cannot read the deployed stacks: cannot reach AWS at http://127.0.0.1:9")
     assert err.count("\n") == 1
 
+
+
+# ---- why an instance would change, on small hand-made templates -----------------------------
+
+
+def _compute(instance_props: dict, template_data: dict, parameters: dict | None = None) -> dict:
+    return {
+        "Parameters": parameters or {},
+        "Resources": {
+            "Template": {"Type": "AWS::EC2::LaunchTemplate", "Properties": {"LaunchTemplateData": template_data}},
+            "Instance": {"Type": "AWS::EC2::Instance", "Properties": instance_props},
+        },
+    }
+
+
+LIVE = {"Instance": ("i-0123456789abcdef0", "running")}
+FOLLOWS_LATEST = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": {"Fn::GetAtt": ["Template", "LatestVersionNumber"]}}}
+PINNED_VERSION = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": "1"}}
+
+
+def test_a_setting_in_the_instances_user_data_is_named_with_its_old_and_new_value():
+    old = _compute({"UserData": {"Fn::Base64": "#!/bin/bash\nexport TI_IDLE_SECONDS=1800\n"}}, {})
+    new = _compute({"UserData": {"Fn::Base64": "#!/bin/bash\nexport TI_IDLE_SECONDS=2700\n"}}, {})
+
+    [finding] = deploy_guard.instance_changes("Compute", old, new, LIVE)
+
+    assert "because of idle_minutes (TI_IDLE_SECONDS: 1800 -> 2700)" in finding.message
+
+
+def test_an_instance_that_follows_the_templates_latest_version_changes_with_the_template():
+    """`Version: !GetAtt Template.LatestVersionNumber`: any launch template change reaches the instance."""
+    old = _compute(FOLLOWS_LATEST, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 150}}]})
+    new = _compute(FOLLOWS_LATEST, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 200}}]})
+
+    [finding] = deploy_guard.instance_changes("Compute", old, new, LIVE)
+
+    assert "volume_size_gb (BlockDeviceMappings) via Template" in finding.message
+
+
+def test_an_instance_pinned_to_a_template_version_does_not_change_with_the_template():
+    old = _compute(PINNED_VERSION, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 150}}]})
+    new = _compute(PINNED_VERSION, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 200}}]})
+
+    assert deploy_guard.instance_changes("Compute", old, new, LIVE) == []
+
+
+def test_an_ami_parameter_that_now_resolves_to_a_newer_ami_is_named():
+    """Issue 16: AWS publishes a new DLAMI; the next deploy would replace the instance."""
+    parameters = {"Ami": {"Type": "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>", "Default": "/aws/service/deeplearning/ami"}}
+    template = _compute({"ImageId": {"Ref": "Ami"}}, {}, parameters)
+    moved = {"Ami": ("ami-0aaaaaaaaaaaaaaaa", "ami-0bbbbbbbbbbbbbbbb")}
+
+    [finding] = deploy_guard.instance_changes("Compute", template, template, LIVE, moved)
+
+    assert "ami-0aaaaaaaaaaaaaaaa -> ami-0bbbbbbbbbbbbbbbb; pin image_id to keep ami-0aaaaaaaaaaaaaaaa" in finding.message
+    assert deploy_guard.instance_changes("Compute", template, template, LIVE, {"Ami": ("ami-0aaaaaaaaaaaaaaaa",) * 2}) == []
+
+
+def test_an_instance_that_is_not_running_may_change():
+    old = _compute({"InstanceType": "g5.xlarge"}, {})
+    new = _compute({"InstanceType": "g5.2xlarge"}, {})
+
+    assert deploy_guard.instance_changes("Compute", old, new, {}) == []

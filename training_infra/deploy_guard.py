@@ -49,15 +49,21 @@ _EXPORT_SETTINGS = {
     "TI_ALERTS_TOPIC_ARN": "the alert topic",
     "TI_IMAGE_URI": "ecr_repository_name",
 }
-# Which setting an instance property comes from.
+# Which setting an instance (or launch template data) property comes from.
 _PROPERTY_SETTINGS = {
     "ImageId": "image_id (or the AMI that ami_parameter resolves to)",
     "InstanceType": "instance_type",
-    "LaunchTemplate": "a setting of the launch template",
+    "LaunchTemplate": "the launch template the instance names",
     "SubnetId": "vpc_id / subnet_ids / availability_zones",
     "Tags": "max_runtime_hours (instance tags)",
-    "Monitoring": "the compute construct",
+    "TagSpecifications": "max_runtime_hours (instance tags)",
+    "BlockDeviceMappings": "volume_size_gb",
+    "InstanceMarketOptions": "use_spot / spot_max_price",
+    "InstanceInitiatedShutdownBehavior": "auto_shutdown",
+    "MetadataOptions": "the instance metadata options",
+    "LaunchTemplateData": "a setting of the launch template",
 }
+_SSM_PARAMETER_TYPE = "AWS::SSM::Parameter::Value<"
 
 
 @dataclass(frozen=True)
@@ -169,10 +175,11 @@ def _exports(user_data: str) -> dict[str, str]:
     return dict(_EXPORT.findall(user_data))
 
 
-def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two definitions of an instance, named by the settings behind it."""
+def _changed_settings(old_props: dict[str, Any], new_props: dict[str, Any]) -> list[str]:
+    """What differs between two sets of properties, named by the settings behind them."""
     names = []
-    old_props, new_props = old.get("Properties", {}), new.get("Properties", {})
+    if not (isinstance(old_props, dict) and isinstance(new_props, dict)):
+        return [] if old_props == new_props else ["a setting"]
     for key in sorted(set(old_props) | set(new_props)):
         before, after = old_props.get(key), new_props.get(key)
         if before == after:
@@ -184,9 +191,56 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 names.append(f"{_EXPORT_SETTINGS.get(export, export)} ({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})")
             if not changed:
                 names.append("the agent script (user data)")
+        elif key == "LaunchTemplateData":
+            names += _changed_settings(before or {}, after or {})
         else:
             names.append(f"{_PROPERTY_SETTINGS.get(key, key)} ({key})")
     return names
+
+
+def _references(value: Any) -> tuple[set[str], set[str]]:
+    """(names in `Ref`, resources in `Fn::GetAtt`) anywhere inside a template value."""
+    refs: set[str] = set()
+    attributes: set[str] = set()
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "Ref" and isinstance(inner, str):
+                refs.add(inner)
+            elif key == "Fn::GetAtt":
+                target = inner[0] if isinstance(inner, list) and inner else str(inner).split(".", 1)[0]
+                attributes.add(target)
+            else:
+                more_refs, more_attributes = _references(inner)
+                refs |= more_refs
+                attributes |= more_attributes
+    elif isinstance(value, list):
+        for inner in value:
+            more_refs, more_attributes = _references(inner)
+            refs |= more_refs
+            attributes |= more_attributes
+    return refs, attributes
+
+
+def _reasons(logical_id: str, old: dict[str, Any], new: dict[str, Any], parameters: dict[str, tuple[str, str]]) -> list[str]:
+    """Why CloudFormation would update this instance: its own properties, a `Fn::GetAtt` of a resource
+    that changes (a launch template's LatestVersionNumber), or an SSM parameter that now resolves to
+    another value (a newer AMI). `parameters`: name -> (value resolved at the last deploy, value now).
+    """
+    old_resources, new_resources = _resources(old), _resources(new)
+    instance_old = old_resources[logical_id].get("Properties", {})
+    instance_new = new_resources[logical_id].get("Properties", {})
+    reasons = _changed_settings(instance_old, instance_new)
+    refs, attributes = _references(instance_new)
+    for target in sorted(attributes):
+        if target in old_resources and target in new_resources:
+            before, after = old_resources[target].get("Properties", {}), new_resources[target].get("Properties", {})
+            if before != after:
+                reasons += [f"{reason} via {target}" for reason in _changed_settings(before, after)]
+    for name in sorted(refs & set(parameters)):
+        resolved, now = parameters[name]
+        if resolved != now:
+            reasons.append(f"ami_parameter / the SSM parameter behind {name} ({resolved} -> {now}; pin image_id to keep {resolved})")
+    return reasons
 
 
 def _run_id_of(resource: dict[str, Any]) -> str:
@@ -196,8 +250,15 @@ def _run_id_of(resource: dict[str, Any]) -> str:
     return "?"
 
 
-def instance_changes(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None, live: dict[str, tuple[str, str]]) -> list[Finding]:
-    """Deletions of, and changes to, instances that are still up. `live`: logical id -> (instance id, state)."""
+def instance_changes(
+    stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None, live: dict[str, tuple[str, str]],
+    parameters: dict[str, tuple[str, str]] | None = None,
+) -> list[Finding]:
+    """Deletions of, and changes to, instances that are still up.
+
+    `live`: logical id -> (instance id, state); `parameters`: SSM-typed parameters the deployed
+    stack resolved, name -> (then, now).
+    """
     old, new = _resources(deployed), _resources(synthesized)
     findings = []
     for logical_id, (instance_id, state) in sorted(live.items()):
@@ -214,7 +275,7 @@ def instance_changes(stack: str, deployed: dict[str, Any], synthesized: dict[str
                 f"({why}); {how}"
             )))  # fmt: skip
             continue
-        changed = _changed_settings(resource, new[logical_id])
+        changed = _reasons(logical_id, deployed, synthesized or {}, parameters or {})
         if changed:
             findings.append(Finding(stack, logical_id, (
                 f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would modify or replace it "
@@ -256,6 +317,24 @@ class Deployed:
         body = cloudformation.get_template(StackName=stack)["TemplateBody"]
         return body if isinstance(body, dict) else json.loads(body)
 
+    def ssm_parameters(self, stack: str, template: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """SSM-typed parameters: the value resolved at the last deploy and the one a deploy would resolve now."""
+        declared = {name: p.get("Default") for name, p in (template.get("Parameters") or {}).items() if str(p.get("Type", "")).startswith(_SSM_PARAMETER_TYPE)}
+        if not declared:
+            return {}
+        stack_parameters = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Parameters", [])
+        resolved = {p["ParameterKey"]: p.get("ResolvedValue") for p in stack_parameters}
+        values = {}
+        for name, path in declared.items():
+            if not resolved.get(name) or not isinstance(path, str):
+                continue
+            try:
+                now = self.client("ssm").get_parameter(Name=path)["Parameter"]["Value"]
+            except botocore.exceptions.ClientError:
+                continue  # not readable here: CloudFormation will say so itself
+            values[name] = (resolved[name], now)
+        return values
+
     def live_instances(self, stack: str) -> dict[str, tuple[str, str]]:
         """Logical id -> (instance id, state) for the stack's instances that are not terminated."""
         pages = self.client("cloudformation").get_paginator("list_stack_resources").paginate(StackName=stack)
@@ -291,7 +370,9 @@ def check(stacks: list[SynthesizedStack], region: str | None = None) -> list[Fin
             continue
         findings += protected_removals(stack.name, current, stack.template)
         if any(r.get("Type") == "AWS::EC2::Instance" for r in _resources(current).values()):
-            findings += instance_changes(stack.name, current, stack.template, deployed.live_instances(stack.name))
+            live = deployed.live_instances(stack.name)
+            parameters = deployed.ssm_parameters(stack.name, stack.template) if live else {}
+            findings += instance_changes(stack.name, current, stack.template, live, parameters)
     return findings
 
 
