@@ -97,7 +97,7 @@ def test_waiting_on_the_instance_shows_the_training_log_as_it_grows_once(finishe
         shown = [line for line in lines if line.startswith("   │ ")]
         assert any("[trainer] epoch" in line for line in shown)
         assert len(shown) == len(set(shown)), "a log line is shown once"
-        assert any(line.startswith("   the instance ran ") for line in lines)
+        assert any(line.startswith("   the agent ended ") and line.endswith(" s later and powered the instance off") for line in lines)
     assert any("resumed from checkpoint" in line for line in plays[1])
 
 

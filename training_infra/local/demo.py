@@ -217,7 +217,7 @@ class Demo:
         return self._training_logs[box.instance_id]
 
     def _wait_for_agent(self, box: LocalInstance) -> int:
-        """Wait for the agent to power off, showing the training log as it grows (no silent minute)."""
+        """Wait for the agent to end, showing the training log as it grows (no silent minute)."""
         log, started = self._training_log(box), time.monotonic()
         assert box.process is not None
         while box.process.poll() is None and time.monotonic() - started < STEP_TIMEOUT_SECONDS:
@@ -225,7 +225,8 @@ class Demo:
             time.sleep(0.5)
         code = box.wait(timeout=max(1.0, STEP_TIMEOUT_SECONDS - (time.monotonic() - started)))
         log.show_new_lines()
-        console.print(f"   [dim]the instance ran {time.monotonic() - started:.0f} s more and powered off[/]")
+        powered_off = " and powered the instance off" if box.powered_off_marker.exists() else ""
+        console.print(f"   [dim]the agent ended {time.monotonic() - started:.0f} s later{powered_off}[/]")
         return code
 
     def _status_json(self, run_id: str) -> dict:
