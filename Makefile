@@ -14,6 +14,13 @@ CDK := node_modules/.bin/cdk
 # The wheel's own npm launcher is broken; npm-cli.js under the same Node is what it would run.
 NPM := node $(NODE_DIR)/lib/node_modules/npm/bin/npm-cli.js
 CDK_FLAGS ?=
+# Where synth writes the cloud assembly that diff and deploy check and deploy.
+CDK_OUT ?= cdk.out
+# `make deploy ALLOW_DESTRUCTIVE=1`: go ahead although the deploy guard found a protected resource
+# to delete or a running training instance to touch.
+ALLOW_DESTRUCTIVE ?=
+# cdk deploy asks before widening IAM or security groups; `never` for scripts without a terminal.
+REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
 
 .PHONY: help setup test lint synth diff deploy destroy bench demo demo-spot clean
@@ -49,11 +56,15 @@ synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account n
 	$(CDK) synth --quiet $(CDK_FLAGS)
 	cfn-lint cdk.out/*.template.json
 
-diff: setup  ## cdk diff against the account in your AWS credentials
-	$(CDK) diff --all $(CDK_FLAGS)
+diff: setup  ## cdk diff against the account in your AWS credentials, and what the deploy guard would stop
+	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(CDK) diff --all --app $(CDK_OUT)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
-deploy: setup  ## cdk deploy every stack to the account in your AWS credentials
-	$(CDK) deploy --all --require-approval broadening $(CDK_FLAGS)
+deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
+	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(ALLOW_DESTRUCTIVE),--allow-destructive)
+	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)

@@ -155,7 +155,8 @@ def test_launch_generates_a_sortable_run_id_when_none_is_given(stacks):
         (("--run-id", "a" * 64), "option '--run-id'"),
         (("--instance-type", "g5.huge"), "option '--instance-type': got 'g5.huge'; allowed: an EC2 instance type"),
         (("--instance-type", "x1e.xlarge"), "option '--instance-type': got 'x1e.xlarge'; allowed: a type in one of the families"),
-        (("--max-runtime-hours", "0"), "option '--max-runtime-hours': got 0.0; allowed: a number greater than 0"),
+        (("--max-runtime-hours", "0"), "option '--max-runtime-hours': got '0'; allowed: a number greater than 0"),
+        (("--max-runtime-hours", "abc"), "option '--max-runtime-hours': got 'abc'; allowed: a number greater than 0 up to 168"),
         (("--image-tag", "bad tag"), "option '--image-tag': got 'bad tag'"),
         (("--env", "NOEQUALS"), "option '--env': got 'NOEQUALS'; allowed: KEY=VALUE"),
         (("--env", "1BAD=x"), "option '--env': got '1BAD=x'"),
@@ -246,3 +247,28 @@ def test_launch_accepts_the_longest_run_id_within_ec2s_64_character_client_token
     assert len(token) <= 64, "EC2 rejects longer client tokens"
     assert token.startswith("r" * 55)
     assert "no spare spot capacity" in result.stderr
+
+
+def test_launch_uses_the_newest_template_version_even_when_the_default_stays_1(deployed):
+    """Issue 14: the local AWS keeps the default version at 1 after a deploy updates the template
+    (AWS moves it), so `launch` used a stale training_command. It now launches `$Latest` by number."""
+    deployment = deployed("ca-central-1")
+    ec2 = deployment.client("ec2")
+    template_id = deployment.outputs[naming.OUTPUT_LAUNCH_TEMPLATE_ID]
+    [first] = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"]
+    updated = base64.b64decode(first["LaunchTemplateData"]["UserData"]).decode().replace(
+        "export TI_TRAINING_COMMAND='python train.py'", "export TI_TRAINING_COMMAND='python train_v2.py'"
+    )
+    assert "train_v2.py" in updated
+    new_version = ec2.create_launch_template_version(
+        LaunchTemplateId=template_id, SourceVersion=str(first["VersionNumber"]),
+        LaunchTemplateData={"UserData": base64.b64encode(updated.encode()).decode()},
+    )["LaunchTemplateVersion"]["VersionNumber"]  # fmt: skip
+    assert ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"][0]["DefaultVersionNumber"] == first["VersionNumber"]
+
+    result = deployment.cli("launch", "--run-id", "launch-latest-version")
+
+    assert result.exit_code == 0, result.output
+    [instance] = deployment.run_instances("launch-latest-version")
+    assert _exports(_user_data(deployment, instance["InstanceId"]))["TI_TRAINING_COMMAND"] == "python train_v2.py"
+    assert _tags(instance).get("aws:ec2launchtemplate:version") in (None, str(new_version))

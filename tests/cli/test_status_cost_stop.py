@@ -218,3 +218,25 @@ def test_stop_an_unknown_run_says_so(stacks):
 
     assert result.exit_code == 1
     assert "unknown run 'no-such-run'" in result.stderr
+
+
+def test_an_instance_ended_on_the_local_aws_has_a_cost_although_its_reason_says_utc(stacks):
+    """AWS writes "User initiated (2026-11-28 10:00:00 GMT)", moto "... UTC": both are the end of the bill."""
+    instance = _launch(stacks, "status-utc-reason", "--on-demand")
+    stacks.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
+    assert stacks.instance(instance["InstanceId"])["StateTransitionReason"].endswith(" UTC)")
+
+    row = _status_json(stacks, "status-utc-reason")
+
+    assert row["state"] == "terminated"
+    assert row["price_source"] == "on-demand list"
+    assert row["cost_usd"] is not None and row["uptime_seconds"] is not None
+
+
+@pytest.mark.parametrize("zone_name", ["GMT", "UTC"])
+def test_the_end_of_an_instance_is_read_from_either_spelling_of_the_reason(zone_name):
+    ended = runs.run_from_instance({
+        "InstanceId": "i-0123456789abcdef0", "State": {"Name": "terminated"},
+        "StateTransitionReason": f"User initiated (2026-11-28 10:00:00 {zone_name})",
+    })  # fmt: skip
+    assert ended.ended_at == datetime(2026, 11, 28, 10, 0, tzinfo=UTC)

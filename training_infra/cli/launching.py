@@ -125,12 +125,19 @@ def template_exports(user_data: str) -> dict[str, str]:
     return values
 
 
-def default_template_data(aws: Aws) -> tuple[str, dict[str, Any]]:
+def latest_template_data(aws: Aws) -> tuple[str, str, dict[str, Any]]:
+    """The template id, its newest version number and that version's data: what the last deploy wrote.
+
+    CloudFormation makes each update the default version, but the local emulator leaves the
+    default at 1; reading `$Latest` and launching that exact number is right on both and
+    launches the very data read here, even if a deploy adds a version in between.
+    """
     template_id = aws.output(naming.OUTPUT_LAUNCH_TEMPLATE_ID)
-    versions = aws.client("ec2").describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Default"])
+    versions = aws.client("ec2").describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])
     if not versions.get("LaunchTemplateVersions"):
-        raise CliError(f"launch template {template_id} has no default version: redeploy the compute stack (`make deploy`)")
-    return template_id, versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        raise CliError(f"launch template {template_id} has no version: redeploy the compute stack (`make deploy`)")
+    latest = versions["LaunchTemplateVersions"][0]
+    return template_id, str(latest["VersionNumber"]), latest["LaunchTemplateData"]
 
 
 def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> dict[str, str]:
@@ -200,7 +207,8 @@ def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchR
 
 
 def build_run_instances(
-    template_id: str, template_data: dict[str, Any], request: LaunchRequest, run_id: str, user_data: str, tags: list[dict[str, Any]]
+    template_id: str, template_data: dict[str, Any], request: LaunchRequest, run_id: str, user_data: str, tags: list[dict[str, Any]],
+    version: str = "$Latest",
 ) -> tuple[dict[str, Any], str, bool]:
     """The RunInstances parameters, the market they give, and whether the template is referenced."""
     template_market = template_data.get("InstanceMarketOptions") or {}
@@ -216,7 +224,7 @@ def build_run_instances(
     }
     from_template = want_spot or not template_spot
     if from_template:
-        params["LaunchTemplate"] = {"LaunchTemplateId": template_id, "Version": "$Default"}
+        params["LaunchTemplate"] = {"LaunchTemplateId": template_id, "Version": version}
         if want_spot:
             # Explicit even when the template has it: the instance is spot either way, and the
             # template's own spot options (max price, interruption behaviour) are kept.
@@ -252,7 +260,7 @@ def capacity_hint(code: str, message: str, instance_type: str, market: str, regi
 
 
 def launch(aws: Aws, request: LaunchRequest) -> Launched:
-    template_id, data = default_template_data(aws)
+    template_id, version, data = latest_template_data(aws)
     encoded = data.get("UserData")
     if not encoded:
         raise CliError(f"launch template {template_id} has no user data: redeploy the compute stack (`make deploy`)")
@@ -274,7 +282,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Launched:
         raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
     now = utcnow()
     deadline = iso_z(now + timedelta(hours=hours))
-    params, market, from_template = build_run_instances(template_id, data, request, run_id, user_data, _tags(data, run_id, deadline, hours))
+    params, market, from_template = build_run_instances(template_id, data, request, run_id, user_data, _tags(data, run_id, deadline, hours), version)
     instance_type = params.get("InstanceType") or data.get("InstanceType") or "?"
     ec2 = aws.client("ec2")
     tried: list[str] = []

@@ -7,7 +7,6 @@ the local AWS.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import subprocess
@@ -19,11 +18,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import botocore.exceptions
 import typer
+from typer import _click as click  # typer's own copy of click: its exceptions are what parsing raises
+from typer.core import TyperGroup
 
 from training_infra import naming
 from training_infra.cli import launching, runs
-from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
-from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
+from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
+from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
+from training_infra.cli.render import Column, Listing, output_format, print_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,13 +35,54 @@ def stdout() -> Console:
     """A console for this invocation: terminal width and COLUMNS are read when a verb runs.
 
     rich (like boto3's transfer manager) is imported by the verbs that use it, not at start-up.
+    Soft wrap: a line longer than the screen is left for the terminal to fold, never broken by
+    us mid-word (an S3 URL stays one line for copy and grep).
     """
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _one_line(error: click.exceptions.UsageError) -> str:
+    """click's usage errors (unknown option, missing argument, a value of the wrong type) as one line."""
+    if isinstance(error, click.exceptions.BadParameter) and not isinstance(error, click.exceptions.MissingParameter) and error.param is not None:
+        param = error.param
+        if param.param_type_name == "option":
+            where = f"option '{max(param.opts, key=len)}'"
+        else:
+            where = f"argument '{param.human_readable_name}'"
+        message = f"{where}: {error.message}"
+    else:
+        message = error.format_message()
+    command = error.ctx.command_path if error.ctx is not None else "training-infra"
+    return " ".join(f"{message} (see `{command} --help`)".split())
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors as the one `error: ...` line every other error is, exit 2 (not a boxed panel)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.UsageError as error:
+            report_error(_one_line(error))
+            sys.exit(error.exit_code)
+        except click.exceptions.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.Abort:
+            err_console().print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="training-infra",
     help=(
         "Run GPU training on the stacks deployed by `make deploy`.\n\n"
@@ -57,10 +100,36 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("training-infra")
+        except PackageNotFoundError:
+            number = "unknown (not installed; run `make setup`)"
+        sys.stdout.write(f"training-infra {number}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_version)] = False,
+) -> None:
+    """Options before the verb."""
+
+
 Region = Annotated[
     str | None,
     typer.Option("--region", help="AWS region of the stacks (default: AWS_DEFAULT_REGION, your profile's region, else AWS_REGION).", show_default=False),
 ]
+Output = Annotated[
+    str,
+    typer.Option("--output", "-o", metavar="table|json", help="table (for people; one block per run when the screen is narrow) or json (for scripts)."),
+]
+# The older spelling of `--output json`, kept for scripts written against it.
+JsonFlag = Annotated[bool, typer.Option("--json", hidden=True)]
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as printed by `launch` and listed by `status`.", show_default=False)]
 SESSION_MANAGER_PLUGIN_URL = "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
 LOG_POLL_SECONDS = 2.0
@@ -72,6 +141,13 @@ def _check_run_id(run_id: str) -> str:
     if not value:
         raise UsageError("argument 'RUN': got ''; allowed: a run id such as 20261128-160000-ab12")
     return value
+
+
+def _whole_number(option: str, value: str) -> int:
+    """Counts are parsed here, so a bad one is the same one-line error as every other option."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"option '{option}': got {value!r}; allowed: a whole number of at least 1")
+    return int(value)
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -114,30 +190,41 @@ def outputs(
             show_default=False,
         ),
     ] = None,
+    output: Output = "table",
     region: Region = None,
 ) -> None:
     """Print the deployed stacks' outputs under the seed's snake_case names.
 
     Without NAME: every output of every deployed stack as `name = value`. With NAME: the bare
     value, for scripts: `aws s3 ls s3://$(training-infra outputs training_bucket)/data/`.
+    `--output json`: one JSON object of name -> value (with NAME too).
     """
+    fmt = output_format(output)
+    key = output_key_for(name) if name is not None else None
     aws = Aws(region)
-    if name is not None:
-        key = output_key_for(name)
+    if key is not None:
         value = aws.output(key)
-        sys.stdout.write(value + "\n")
+        if fmt == "json":
+            print_json({naming.snake_case(key): value})
+        else:
+            sys.stdout.write(value + "\n")
         return
-    missing, shown = [], 0
+    missing, found = [], {}
     for stack in naming.ALL_STACKS:
         try:
             stack_outputs = aws.stack_outputs(stack)
-        except CliError:
+        except NotDeployedError:
             missing.append(stack)
             continue
-        for key in OUTPUT_STACKS:
-            if OUTPUT_STACKS[key] == stack and key in stack_outputs:
-                sys.stdout.write(f"{naming.snake_case(key)} = {stack_outputs[key]}\n")
-                shown += 1
+        for output_key in OUTPUT_STACKS:
+            if OUTPUT_STACKS[output_key] == stack and output_key in stack_outputs:
+                found[naming.snake_case(output_key)] = stack_outputs[output_key]
+    if fmt == "json" and len(missing) < len(naming.ALL_STACKS):
+        print_json(found)
+    else:
+        # One plain line each, never wrapped: ARNs and bucket names stay whole for copy and grep.
+        for output_name, value in found.items():
+            sys.stdout.write(f"{output_name} = {value}\n")
     if len(missing) == len(naming.ALL_STACKS):
         raise CliError(f"no training-infra stack is deployed in {aws.region_name}: run `make deploy`")
     for stack in missing:
@@ -167,7 +254,8 @@ def upload(
     result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console())
     stdout().print(
         f"uploaded {result.transferred} file(s), {result.bytes:,} bytes; skipped {result.skipped} unchanged "
-        f"-> s3://{bucket}/{naming.DATA_PREFIX}"
+        f"-> s3://{bucket}/{naming.DATA_PREFIX}",
+        markup=False,
     )
 
 
@@ -179,7 +267,7 @@ def upload(
 def launch(
     instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="EC2 type, e.g. g5.xlarge (default: the stack's).", show_default=False)] = None,
     spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Market (default: the stack's use_spot).", show_default=False)] = None,
-    max_runtime_hours: Annotated[float | None, typer.Option("--max-runtime-hours", help="Hard limit; the instance ends itself and the reaper ends it after this (default: the stack's).", show_default=False)] = None,
+    max_runtime_hours: Annotated[str | None, typer.Option("--max-runtime-hours", metavar="HOURS", help="Hard limit, more than 0 and at most 168; the instance ends itself and the reaper ends it after this (default: the stack's).", show_default=False)] = None,
     image_tag: Annotated[str | None, typer.Option("--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False)] = None,
     command: Annotated[str | None, typer.Option("--command", help="Training command run in the container (default: the stack's, else the image's CMD).", show_default=False)] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False)] = None,
@@ -252,8 +340,9 @@ def _run_rows(aws: Aws, found: list[runs.Run]) -> list[dict[str, Any]]:
 @reported_errors
 def status(
     run: Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.", show_default=False)] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most this many runs, newest first.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    limit: Annotated[str, typer.Option("--limit", "-n", metavar="N", help="Show at most this many runs, newest first.")] = "20",
+    output: Output = "table",
+    as_json: JsonFlag = False,
     region: Region = None,
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
@@ -262,31 +351,33 @@ def status(
     status.json in the outputs bucket. Cost uses the spot price history in effect while the run
     was up, else the on-demand list price.
     """
+    fmt = output_format(output, as_json=as_json)
+    count = _whole_number("--limit", limit)
     if run is not None:
         run = _check_run_id(run)
     aws = Aws(region)
     found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
-    rows = _run_rows(aws, found[:limit])
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    rows = _run_rows(aws, found[:count])
+    if fmt == "json":
+        print_json(rows)
         return
     if not rows:
-        stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`")
+        stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`", markup=False)
         return
-    from rich.table import Table
-
-    table = Table(title=f"training runs ({aws.region_name})", caption="cost: spot price history where available, else on-demand list price")
-    for column in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome"):
-        table.add_column(column, justify="right" if column in ("uptime", "cost") else "left", no_wrap=column in ("run", "instance"), overflow="fold")
+    listing = Listing(
+        title=f"training runs ({aws.region_name})",
+        columns=[Column(name, right=name in ("uptime", "cost")) for name in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome")],
+        caption="cost: spot price history where available, else on-demand list price",
+    )
     for row in rows:
         outcome = row["outcome"] or ""
         if row["exit_code"] not in (None, "") and outcome:
             outcome += f" (exit {row['exit_code']})"
-        table.add_row(
+        listing.rows.append([
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
             fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
-        )  # fmt: skip
-    stdout().print(table)
+        ])  # fmt: skip
+    listing.print(stdout())
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -384,7 +475,10 @@ def fetch(
     dest: Annotated[Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
     region: Region = None,
 ) -> None:
-    """Download a run's results: outputs/, logs/ and status.json, with a progress bar."""
+    """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal).
+
+    The files come whatever the outcome; a note on stderr says when the run failed or is still running.
+    """
     from training_infra.cli import transfer
 
     run = run if run == "latest" else _check_run_id(run)
@@ -399,7 +493,28 @@ def fetch(
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, objects, target, err_console())
-    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
+    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}", markup=False)
+    if run != "latest":
+        note = _fetch_note(aws, run, target)
+        if note:
+            err_console().print(f"note: {note}", markup=False)
+
+
+def _fetch_note(aws: Aws, run: str, target: Path) -> str:
+    """What the user must know about the files just fetched: the run failed, or has not ended."""
+    status = runs.read_status_file(target / runs.STATUS_FILE)
+    if status is not None:
+        outcome = status.get("outcome", "unknown")
+        if outcome == "succeeded":
+            return ""
+        code = status.get("exit_code")
+        detail = f" (exit {code})" if code not in (None, "") else ""
+        message = f": {status['message']}" if status.get("message") else ""
+        return f"run {run} ended {outcome}{detail}{message}; these are the files it left, see {target / 'logs'}"
+    live = [r for r in runs.collect_runs(aws, run) if r.live]
+    if live:
+        return f"run {run} is still {live[0].state} on {live[0].instance_id}: these are only the files uploaded so far; fetch again after it ends"
+    return f"run {run} has no status.json: it ended without the agent's last upload; see {target / 'logs'}"
 
 
 # ---- stop ----------------------------------------------------------------------------------
@@ -438,8 +553,9 @@ def stop(run: RunArg, region: Region = None) -> None:
 @app.command()
 @reported_errors
 def cost(
-    days: Annotated[int, typer.Option("--days", "-d", min=1, help="Runs launched in the last N days.")] = 30,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    days: Annotated[str, typer.Option("--days", "-d", metavar="N", help="Runs launched in the last N days.")] = "30",
+    output: Output = "table",
+    as_json: JsonFlag = False,
     region: Region = None,
 ) -> None:
     """Cost per run and in total, and the saving against on-demand prices.
@@ -447,36 +563,35 @@ def cost(
     Spot runs are priced from the spot price history in effect while they were up; on-demand
     runs (and spot runs without price history) at the on-demand list price.
     """
+    fmt = output_format(output, as_json=as_json)
+    days_back = _whole_number("--days", days)
     aws = Aws(region)
     now = runs.utcnow()
-    rows = _run_rows(aws, runs.within_days(runs.collect_runs(aws), days, now))
+    rows = _run_rows(aws, runs.within_days(runs.collect_runs(aws), days_back, now))
     total = sum(r["cost_usd"] or 0 for r in rows)
     on_demand = sum(r["on_demand_usd"] if r["on_demand_usd"] is not None else (r["cost_usd"] or 0) for r in rows)
     saving = on_demand - total
-    if as_json:
-        summary = {"days": days, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving}
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if fmt == "json":
+        print_json({"days": days_back, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving})
         return
     if not rows:
-        stdout().print(f"no runs in the last {days} days in {aws.region_name}")
+        stdout().print(f"no runs in the last {days_back} days in {aws.region_name}", markup=False)
         return
-    from rich.table import Table
-
-    table = Table(title=f"cost of runs in the last {days} days ({aws.region_name})")
-    for column in ("run", "type", "market", "hours", "cost", "on-demand", "price from"):
-        table.add_column(column, justify="right" if column in ("hours", "cost", "on-demand") else "left", no_wrap=column == "run", overflow="fold")
+    listing = Listing(
+        title=f"cost of runs in the last {days_back} days ({aws.region_name})",
+        columns=[Column(name, right=name in ("hours", "cost", "on-demand")) for name in ("run", "type", "market", "hours", "cost", "on-demand", "price from")],
+        footer=["total", "", "", "", fmt_usd(total), fmt_usd(on_demand), ""],
+    )
     for row in rows:
         hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
-        table.add_row(
+        listing.rows.append([
             row["run_id"], row["instance_type"] or "-", row["market"] or "-", f"{hours:.2f}" if hours is not None else "-",
             fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"],
-        )  # fmt: skip
-    table.add_section()
-    table.add_row("total", "", "", "", fmt_usd(total), fmt_usd(on_demand), "")
+        ])  # fmt: skip
     out = stdout()
-    out.print(table)
+    listing.print(out)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
-    out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
+    out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}", markup=False)
 
 
 def main() -> None:

@@ -36,6 +36,26 @@ class DemoFailed(RuntimeError):
     pass
 
 
+class _TrainingLog:
+    """The instance's /var/log/training.log (trainer output and the agent's milestones), shown as it grows."""
+
+    def __init__(self, box: LocalInstance) -> None:
+        self.path = box.root / "fs" / "var" / "log" / "training.log"
+        self.offset = 0
+
+    def show_new_lines(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            console.print(f"   │ {line}", markup=False, highlight=False)
+
+
 class Demo:
     def __init__(self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool) -> None:
         self.workdir = workdir
@@ -46,6 +66,7 @@ class Demo:
         self.step_number = 0
         self.run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
         self.cli_outputs: dict[str, str] = {}
+        self._training_logs: dict[str, _TrainingLog] = {}
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -128,7 +149,7 @@ class Demo:
         repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "config": {}, "layers": []}
         self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
-        console.print(f"   {repository}:latest")
+        console.print(f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest (on AWS, the image workflow pushes the real one)")
 
     def _launch_and_play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> None:
         self.step(f"Launch run {self.run_id} with the CLI (seconds, no redeploy)")
@@ -142,10 +163,10 @@ class Demo:
         box = LocalInstance(instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env)
         with box:
             if interrupt_after_checkpoint:
-                self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints")
+                self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints", log=self._training_log(box))
                 console.print("   [yellow]AWS sends the 2-minute spot interruption notice[/]")
                 box.interrupt_spot()
-            code = box.wait(timeout=STEP_TIMEOUT_SECONDS)
+            code = self._wait_for_agent(box)
         status = self._status_json(self.run_id)
         console.print(f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}")
         if status.get("outcome") != expect:
@@ -157,7 +178,7 @@ class Demo:
         if not checkpoints:
             raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         console.print(f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}")
-        self.step("Relaunch the same run id: the agent restores the newest checkpoint and the trainer resumes")
+        console.print("   next: launch the same run id again; its agent restores the newest checkpoint and the trainer resumes")
         self._launch_and_play(expect="succeeded")
 
     # ------------------------------------------------------------------ helpers
@@ -179,14 +200,34 @@ class Demo:
         pages = self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
-    def _wait_for_local_checkpoint(self, directory: Path, timeout: float = 120) -> None:
+    def _wait_for_local_checkpoint(self, directory: Path, *, log: _TrainingLog, timeout: float = 120) -> None:
         """Interrupt only once the trainer has something to lose: its first checkpoint on the instance's disk."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            log.show_new_lines()
             if directory.is_dir() and any(path.is_file() for path in directory.rglob("*")):
                 return
             time.sleep(0.5)
         raise DemoFailed(f"the trainer wrote no checkpoint to {directory} within {timeout:.0f} s")
+
+    def _training_log(self, box: LocalInstance) -> _TrainingLog:
+        """One reader per instance, so a line shown while waiting for the checkpoint is not shown again."""
+        if box.instance_id not in self._training_logs:
+            self._training_logs[box.instance_id] = _TrainingLog(box)
+        return self._training_logs[box.instance_id]
+
+    def _wait_for_agent(self, box: LocalInstance) -> int:
+        """Wait for the agent to end, showing the training log as it grows (no silent minute)."""
+        log, started = self._training_log(box), time.monotonic()
+        assert box.process is not None
+        while box.process.poll() is None and time.monotonic() - started < STEP_TIMEOUT_SECONDS:
+            log.show_new_lines()
+            time.sleep(0.5)
+        code = box.wait(timeout=max(1.0, STEP_TIMEOUT_SECONDS - (time.monotonic() - started)))
+        log.show_new_lines()
+        powered_off = " and powered the instance off" if box.powered_off_marker.exists() else ""
+        console.print(f"   [dim]the agent ended {time.monotonic() - started:.0f} s later{powered_off}[/]")
+        return code
 
     def _status_json(self, run_id: str) -> dict:
         body = self.client("s3").get_object(Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json")["Body"]
