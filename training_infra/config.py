@@ -152,6 +152,39 @@ class InstanceType:
         return text
 
 
+# Families whose instances are arm64 (Graviton); every other family here is x86_64.
+ARM64_FAMILIES = ("g5g",)
+
+
+def architecture(instance_type: str) -> str:
+    """The CPU architecture of an instance type: one AMI (and one image) serves one architecture."""
+    return "arm64" if instance_type.split(".", 1)[0] in ARM64_FAMILIES else "x86_64"
+
+
+class InstanceTypes:
+    """The types one managed run may use: every attempt takes whichever has capacity (and is cheapest)."""
+
+    allowed = "empty (instance_type alone) or comma-separated instance types, no repeats, all of one CPU architecture"
+
+    def __call__(self, value: Any) -> tuple[str, ...]:
+        if isinstance(value, (list, tuple)):
+            items = [str(item).strip() for item in value]
+        elif isinstance(value, str):
+            items = [item.strip() for item in value.split(",")] if value.strip() else []
+        else:
+            raise ValueError(value)
+        if any(item == "" for item in items):
+            raise Refused("comma-separated instance types with no empty entry, e.g. g5.xlarge,g6.xlarge")
+        types = tuple(InstanceType()(item) for item in items)
+        repeated = sorted({t for t in types if types.count(t) > 1})
+        if repeated:
+            raise Refused(f"each type once ({', '.join(repeated)} repeated)")
+        if len({architecture(t) for t in types}) > 1:
+            arm = [t for t in types if architecture(t) == "arm64"]
+            raise Refused(f"types of one CPU architecture ({', '.join(arm)} arm64, the others x86_64): one AMI serves one")
+        return types
+
+
 class LogRetention:
     allowed = "one of " + ", ".join(map(str, LOG_RETENTION_DAYS))
 
@@ -197,6 +230,12 @@ class Settings:
         "g5.xlarge",
         InstanceType(),
         "EC2 type of the training instance; the CPU families are for a cheap dry run of the pipeline",
+    )
+    instance_types: tuple[str, ...] = declare(
+        (),
+        InstanceTypes(),
+        "the types a managed run may use, e.g. g5.xlarge,g6.xlarge: each attempt gets whichever has capacity, "
+        "cheapest first (`launch --instance-types` overrides); empty: instance_type alone",
     )
     use_spot: bool = declare(
         True, Flag(), "spot market (one-time request, terminated on interruption); false: on-demand"
@@ -421,6 +460,11 @@ RULES = (
         "github_repo",
         "owner/name when existing_oidc_provider_arn is set (the provider is only used by the GitHub roles)",
         lambda s: bool(s.github_repo) or not s.existing_oidc_provider_arn,
+    ),
+    Rule(
+        "instance_types",
+        "types of instance_type's CPU architecture (the launch template's AMI serves one)",
+        lambda s: all(architecture(t) == architecture(s.instance_type) for t in s.instance_types),
     ),
     Rule("spot_max_price", "empty when use_spot is false", lambda s: s.use_spot or not s.spot_max_price),
     Rule(

@@ -57,6 +57,7 @@ OUTPUT_LOG_GROUP_NAME = "LogGroupName"
 OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
 OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
+OUTPUT_INSTANCE_TYPES = "InstanceTypes"  # comma-joined; what a managed run may use unless launch says otherwise
 
 
 def snake_case(output_key: str) -> str:

@@ -89,6 +89,12 @@ class ComputeStack(Stack):
         )
         CfnOutput(self, naming.OUTPUT_LAUNCH_TEMPLATE_ID, value=self.compute.launch_template.launch_template_id or "", description="training-infra launch starts runs from this")
         CfnOutput(self, naming.OUTPUT_SUBNET_IDS, value=Fn.join(",", self.compute.subnet_ids), description="Subnets training-infra launch may use")
+        CfnOutput(
+            self,
+            naming.OUTPUT_INSTANCE_TYPES,
+            value=",".join(settings.instance_types or (settings.instance_type,)),
+            description="Instance types a managed run may use (training-infra launch --instance-types overrides)",
+        )
         CfnOutput(self, naming.OUTPUT_LOG_GROUP_NAME, value=self.compute.log_group.log_group_name, description="One log stream per run")
         if self.compute.instance is not None:
             CfnOutput(self, naming.OUTPUT_INSTANCE_ID, value=self.compute.instance.ref, description="The training instance of this deploy")

@@ -356,3 +356,22 @@ def test_events_for_unmanaged_instances_and_rebalances_change_nothing(account):
     account.supervisor().handle(event(REBALANCE, run.attempts[0]["instance_id"]))
     after = account.run()
     assert after.attempts[0]["rebalance_at"] and len(after.attempts) == 1
+
+
+def test_a_launch_ec2_refuses_outright_fails_the_run_instead_of_retrying_forever(account):
+    class Refusing(FleetWithErrors):
+        def create_fleet(self, **request):
+            raise ClientError({"Error": {"Code": "InvalidParameterValue", "Message": "The AMI is not available"}}, "CreateFleet")
+
+    account.new_run()
+    account.supervisor(ec2=Refusing(account.ec2, set())).reconcile("bert")
+    run = account.run()
+    assert run.state == "failed" and "InvalidParameterValue: The AMI is not available" in run.message
+    assert run.attempts[0]["end_reason"] == "launch-refused"
+
+
+def test_throttling_is_waited_out_like_capacity(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"spot"}, code="RequestLimitExceeded")
+    account.new_run()
+    account.supervisor(ec2=fleet).reconcile("bert")
+    assert account.run().active and account.run().attempts[0]["end_reason"] == "capacity"

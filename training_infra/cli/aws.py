@@ -26,6 +26,7 @@ from training_infra.cli.errors import CliError, UsageError
 OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_TRAINING_BUCKET: naming.STORAGE_STACK,
     naming.OUTPUT_OUTPUTS_BUCKET: naming.STORAGE_STACK,
+    naming.OUTPUT_RUN_TABLE: naming.STORAGE_STACK,
     naming.OUTPUT_ECR_REPOSITORY_URI: naming.REGISTRY_STACK,
     naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN: naming.REGISTRY_STACK,
     naming.OUTPUT_GITHUB_DIFF_ROLE_ARN: naming.REGISTRY_STACK,
@@ -33,6 +34,7 @@ OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_LAUNCH_TEMPLATE_ID: naming.COMPUTE_STACK,
     naming.OUTPUT_LOG_GROUP_NAME: naming.COMPUTE_STACK,
     naming.OUTPUT_SUBNET_IDS: naming.COMPUTE_STACK,
+    naming.OUTPUT_INSTANCE_TYPES: naming.COMPUTE_STACK,
     naming.OUTPUT_INSTANCE_ID: naming.COMPUTE_STACK,
 }
 SNAKE_TO_KEY = {naming.snake_case(key): key for key in OUTPUT_STACKS}

@@ -265,41 +265,51 @@ def upload(
 @app.command()
 @reported_errors
 def launch(
-    instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="EC2 type, e.g. g5.xlarge (default: the stack's).", show_default=False)] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Market (default: the stack's use_spot).", show_default=False)] = None,
-    max_runtime_hours: Annotated[str | None, typer.Option("--max-runtime-hours", metavar="HOURS", help="Hard limit, more than 0 and at most 168; the instance ends itself and the reaper ends it after this (default: the stack's).", show_default=False)] = None,
+    instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="One EC2 type, e.g. g5.xlarge (same as --instance-types with one).", show_default=False)] = None,
+    instance_types: Annotated[str | None, typer.Option("--instance-types", metavar="TYPES", help="Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types).", show_default=False)] = None,
+    market: Annotated[str | None, typer.Option("--market", metavar="MARKET", help="spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). Default: the stack's use_spot.", show_default=False)] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Short for --market spot / --market on-demand.", show_default=False)] = None,
+    max_restarts_on_errors: Annotated[str | None, typer.Option("--max-restarts-on-errors", metavar="N", help="Relaunch after a trainer failure or stall at most N times (default 0). Spot reclaims never count.", show_default=False)] = None,
+    max_runtime_hours: Annotated[str | None, typer.Option("--max-runtime-hours", metavar="HOURS", help="One deadline for the whole run, counted from now across every attempt: more than 0, at most 168 (default: the stack's).", show_default=False)] = None,
     image_tag: Annotated[str | None, typer.Option("--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False)] = None,
     command: Annotated[str | None, typer.Option("--command", help="Training command run in the container (default: the stack's, else the image's CMD).", show_default=False)] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False)] = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (lowercase letters, digits, '-'; max 63). Reuse one to resume from its checkpoints. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.", show_default=False)] = None,
-    subnet_id: Annotated[str | None, typer.Option("--subnet-id", help="Launch in this subnet (default: the template's network, else one subnet per zone of its VPC, tried in turn).", show_default=False)] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.", show_default=False)] = None,
+    subnet_id: Annotated[str | None, typer.Option("--subnet-id", help="Only this subnet (default: every subnet the compute stack publishes).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
     region: Region = None,
 ) -> None:
-    """Start a training run in seconds from the compute stack's launch template.
+    """Start a managed training run in seconds; the supervisor keeps it going until it ends.
 
-    The instance boots the same agent, with the same tags, as `cdk deploy -c create_instance=true`;
-    the options override the stack's settings for this run only. It is tagged as managed with its
-    deadline, so the reaper ends it even if it hangs.
+    Attempt 1 starts now, on the cheapest type and zone with capacity. When AWS reclaims a spot
+    attempt, the supervisor relaunches on other capacity and the agent resumes from the newest
+    checkpoint, all within the run's one deadline. `stop` ends the run for good.
     """
     request = launching.validate(
         launching.LaunchRequest(
-            instance_type=instance_type, spot=spot, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
+            instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
+            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
             command=command, env=list(env or []), run_id=run_id, subnet_id=subnet_id,
         )
     )  # fmt: skip
-    started = time.monotonic()
-    launched = launching.launch(Aws(region), request)
+    started = launching.launch(Aws(region), request)
+    managed = started.run
     if quiet:
-        sys.stdout.write(launched.run_id + "\n")
+        sys.stdout.write(managed.run_id + "\n")
         return
-    rid = launched.run_id
+    rid = managed.run_id
     out = stdout()
-    out.print(
-        f"launched run [bold]{rid}[/] on {launched.instance_id} ({launched.instance_type}, {launched.market}"
-        f"{', ' + launched.availability_zone if launched.availability_zone else ''}) in {time.monotonic() - started:.1f} s; "
-        f"deadline {launched.deadline}"
-    )
+    attempt = managed.attempts[-1] if managed.attempts else {}
+    if attempt.get("instance_id"):
+        out.print(
+            f"launched run {rid}: attempt {attempt['n']} on {attempt['instance_id']} ({attempt['instance_type']}, "
+            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; managed until {managed.deadline_at}",
+            markup=False,
+        )
+    elif managed.active:
+        out.print(f"run {rid} is waiting for capacity ({managed.message}); the supervisor retries every minute until {managed.deadline_at}", markup=False)
+    else:
+        raise CliError(f"run {rid} could not start: {managed.message}")
     out.print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
         out.print(f"  training-infra {line}", markup=False)
@@ -356,8 +366,20 @@ def status(
     if run is not None:
         run = _check_run_id(run)
     aws = Aws(region)
-    found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
-    rows = _run_rows(aws, found[:count])
+    store = _run_store(aws)
+    record = store.get(run) if run is not None and store is not None else None
+    if record is not None:
+        row = _managed_row(aws, record)
+        if fmt == "json":
+            print_json([row])
+        else:
+            _show_managed_run(row)
+        return
+    managed = store.newest(count) if store is not None and run is None else []
+    # Runs from before the run table (status.json and tags only) are still listed after the managed ones.
+    known = {m.run_id for m in managed}
+    found = runs.require_runs(aws, run) if run else [r for r in runs.collect_runs(aws) if r.run_id not in known]
+    rows = [_managed_row(aws, m) for m in managed] + _run_rows(aws, found[: max(0, count - len(managed))])
     if fmt == "json":
         print_json(rows)
         return
@@ -366,8 +388,8 @@ def status(
         return
     listing = Listing(
         title=f"training runs ({aws.region_name})",
-        columns=[Column(name, right=name in ("uptime", "cost")) for name in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome")],
-        caption="cost: spot price history where available, else on-demand list price",
+        columns=[Column(name, right=name in ("uptime", "cost", "tries")) for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")],
+        caption="tries: attempts of a managed run; cost: spot history, else list price",
     )
     for row in rows:
         outcome = row["outcome"] or ""
@@ -375,9 +397,120 @@ def status(
             outcome += f" (exit {row['exit_code']})"
         listing.rows.append([
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
-            fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
+            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
         ])  # fmt: skip
     listing.print(stdout())
+
+
+def _run_store(aws: Aws):
+    """The run table of managed runs; None for a deployment from before it existed."""
+    table = aws.stack_outputs(naming.STORAGE_STACK).get(naming.OUTPUT_RUN_TABLE)
+    if not table:
+        return None
+    from training_infra.supervisor.runtime.records import RunStore
+
+    return RunStore(aws.client("dynamodb"), table)
+
+
+def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
+    """A managed run as a `status` row: its current (or last) attempt, and uptime and cost over every attempt.
+
+    Each attempt is priced as a run always was (spot price history while it was up, else the list
+    price), from its instance while EC2 still knows it, else from the agent's own estimate.
+    """
+    now = runs.utcnow()
+    book = runs.PriceBook(aws)
+    instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_for(aws, record.run_id)}
+    attempts = []
+    for attempt in record.attempts:
+        instance = instances.get(attempt.get("instance_id") or "")
+        cost = book.cost(instance, now) if instance else None
+        window = instance.interval(now) if instance else None
+        attempts.append(
+            {
+                "attempt": attempt.get("n"),
+                "instance_id": attempt.get("instance_id"),
+                "instance_type": attempt.get("instance_type"),
+                "zone": attempt.get("zone"),
+                "market": attempt.get("market"),
+                "instance_state": instance.state if instance else None,
+                "started_at": attempt.get("started_at") or attempt.get("claimed_at"),
+                "ended_at": attempt.get("ended_at"),
+                "end_reason": attempt.get("end_reason"),
+                "exit_code": attempt.get("exit_code"),
+                "message": attempt.get("message"),
+                "tries": attempt.get("tries"),
+                "uptime_seconds": (window[1] - window[0]).total_seconds() if window else None,
+                "cost_usd": cost.usd if cost and cost.usd is not None else attempt.get("cost_usd"),
+                "on_demand_usd": cost.on_demand_usd if cost else None,
+                "price_source": cost.source if cost else ("agent estimate" if attempt.get("cost_usd") is not None else "unknown"),
+            }
+        )
+    launched = [a for a in attempts if a["instance_id"]]
+    last = launched[-1] if launched else {}
+
+    def total(key: str) -> float | None:
+        values = [a[key] for a in launched if a[key] is not None]
+        return sum(values) if values else None
+
+    state = record.state
+    if state in ("launching", "recovering") and last.get("instance_state") == "running" and not last.get("ended_at"):
+        state = "running"  # the supervisor records it at its next look; EC2 already says so
+    return {
+        "run_id": record.run_id,
+        "instance_id": last.get("instance_id") if record.active else None,
+        "instance_type": last.get("instance_type"),
+        "market": last.get("market"),
+        "state": state,
+        "tries": len(launched),
+        "uptime_seconds": total("uptime_seconds"),
+        "deadline": fmt_time(runs.parse_time(record.deadline_at)),
+        "cost_usd": total("cost_usd"),
+        "on_demand_usd": total("on_demand_usd"),
+        "price_source": last.get("price_source"),
+        "launched_at": record.created_at,
+        "outcome": None if record.active else record.state,
+        "exit_code": last.get("exit_code"),
+        "message": record.message,
+        "managed": {
+            "spec": record.spec,
+            "errors_used": record.errors_used,
+            "stop_requested_at": record.stop_requested_at or None,
+            "ended_at": record.ended_at or None,
+        },
+        "attempts": attempts,
+    }
+
+
+def _show_managed_run(row: dict[str, Any]) -> None:
+    out = stdout()
+    spec = row["managed"]["spec"]
+    # Short lines: readable at 80 columns and piped; a long message stays one line for grep.
+    for line in (
+        f"run {row['run_id']}: {row['state']}",
+        f"  {row['message']}",
+        f"  deadline {row['deadline']}",
+        f"  market {spec.get('market')}; types {', '.join(spec.get('instance_types', []))}",
+        f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
+        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}",
+    ):
+        out.print(line, markup=False)
+    listing = Listing(
+        title=f"attempts of {row['run_id']}",
+        columns=[Column(name, right=name in ("#", "uptime", "cost")) for name in ("#", "instance", "type", "zone", "market", "state", "uptime", "cost", "why it ended")],
+        caption="cost: spot history, else list price",
+    )
+    for a in row["attempts"]:
+        why = a["end_reason"] or ("-" if a["instance_id"] else "launching")
+        if a["end_reason"] == "capacity" and a.get("tries"):
+            why += f" ({a['tries']} tries)"
+        if a["message"] and a["end_reason"] not in (None, "succeeded"):
+            why += f": {a['message']}"
+        listing.rows.append([
+            str(a["attempt"]), a["instance_id"] or "-", a["instance_type"] or "-", a["zone"] or "-", a["market"] or "-",
+            a["instance_state"] or "-", fmt_duration(a["uptime_seconds"]), fmt_usd(a["cost_usd"]), why,
+        ])  # fmt: skip
+    listing.print(out)
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -523,12 +656,30 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
 @app.command()
 @reported_errors
 def stop(run: RunArg, region: Region = None) -> None:
-    """End a run now. The agent uploads outputs, logs and status.json on its way down.
+    """End a run for good: no relaunch; its instance stops the trainer gracefully first.
 
-    Only instances tagged `training-infra:managed=true` are terminated.
+    A managed run's instance is told to stop (checkpoint flushed, outputs and logs uploaded,
+    status written, power-off) and is terminated by the supervisor if it has not gone after
+    ten minutes. Only instances tagged `training-infra:managed=true` are ever terminated.
     """
     run = _check_run_id(run)
     aws = Aws(region)
+    store = _run_store(aws)
+    record = store.get(run) if store is not None else None
+    if record is not None:
+        if not record.active:
+            stdout().print(f"run {run} has already ended ({record.state}); nothing to stop", markup=False)
+            return
+        if record.stop_requested_at:
+            stdout().print(f"run {run} is already stopping (asked at {record.stop_requested_at})", markup=False)
+            return
+        record = launching.supervisor_for(aws).request_stop(run)
+        current = record.current or {}
+        out = stdout()
+        where = f" on {current['instance_id']}" if current.get("instance_id") else ""
+        out.print(f"stopping run {run}{where}: no more attempts; the trainer gets its grace period, then outputs and logs are uploaded", markup=False)
+        out.print(f"  training-infra status {run}", markup=False)
+        return
     instances = [runs.run_from_instance(i) for i in runs.instances_for(aws, run, managed_only=False)]
     if not instances:
         runs.require_runs(aws, run)  # unknown run -> clear error; a finished one falls through

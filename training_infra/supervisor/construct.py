@@ -160,13 +160,14 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="LaunchOnlyTaggedInstances",
                 actions=["ec2:RunInstances"],
-                resources=[arn("instance"), arn("volume")],
+                resources=[arn("instance")],
                 conditions={"StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}},
             ),
             iam.PolicyStatement(
                 sid="LaunchIntoTheNetwork",
                 actions=["ec2:RunInstances"],
-                resources=[arn("subnet"), arn("security-group"), arn("network-interface"), f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
+                # The root volume comes with the instance (tagged by the run template).
+                resources=[arn("volume"), arn("subnet"), arn("security-group"), arn("network-interface"), f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
             ),
             iam.PolicyStatement(
                 sid="TagAtLaunch",

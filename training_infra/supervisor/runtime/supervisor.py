@@ -62,6 +62,8 @@ CAPACITY_ERRORS = (
     "InsufficientFreeAddressesInSubnet",
     "VcpuLimitExceeded",
 )
+# Answers that may pass by themselves: the next reconcile asks again.
+TRANSIENT_ERRORS = ("RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable")
 # A run's agent outcome -> how the attempt ended.
 AGENT_OUTCOMES = {
     "succeeded": "succeeded",
@@ -72,6 +74,10 @@ AGENT_OUTCOMES = {
     "interrupted": "reclaimed",
     "stopped": "stopped",
 }
+
+
+class LaunchRefused(RuntimeError):
+    """EC2 refused the run's launch request itself (not capacity): asking again cannot help."""
 
 
 class SupervisorError(RuntimeError):
@@ -161,9 +167,8 @@ def _fleet_request(run: Run, attempt: int, market: str, overrides: list[dict[str
                 "Overrides": overrides,
             }
         ],
-        "TagSpecifications": [
-            {"ResourceType": kind, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]} for kind in ("instance", "volume")
-        ],
+        # An instant fleet tags only instances (and itself); volumes get the run template's tags.
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}],
     }
     if market == "spot":
         request["SpotOptions"] = {"AllocationStrategy": "price-capacity-optimized"}
@@ -217,7 +222,10 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
         try:
             response = clients.ec2.create_fleet(**_fleet_request(run, attempt["n"], market, overrides, cfg))
         except ClientError as error:
-            errors.append({"market": market, "code": error.response["Error"]["Code"], "message": error.response["Error"].get("Message", "")})
+            code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
+            if code not in CAPACITY_ERRORS and code not in TRANSIENT_ERRORS:
+                raise LaunchRefused(f"EC2 refused the launch: {code}: {message}") from None
+            errors.append({"market": market, "code": code, "message": message})
             continue
         for launched in response.get("Instances", []):
             for instance_id in launched.get("InstanceIds", []):
@@ -226,9 +234,14 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
                 _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"), zones.get(subnet),
                                  subnet, launched.get("Lifecycle", market), now)  # fmt: skip
                 return attempt
+        pool_errors = response.get("Errors", [])
+        refused = [e for e in pool_errors if e.get("ErrorCode") not in CAPACITY_ERRORS and e.get("ErrorCode") not in TRANSIENT_ERRORS]
+        if refused and len(refused) == len(pool_errors):
+            first = refused[0]
+            raise LaunchRefused(f"EC2 refused the launch in every pool: {first.get('ErrorCode')}: {first.get('ErrorMessage', '')}")
         errors.extend(
             {"market": market, "code": e.get("ErrorCode", ""), "message": e.get("ErrorMessage", ""), "pool": _override_name(e, zones)}
-            for e in response.get("Errors", [])
+            for e in pool_errors
         )
     attempt.update(end_reason="capacity", ended_at=iso(now), errors=errors[-12:], message=_capacity_message(errors))
     return attempt
@@ -431,7 +444,11 @@ class Supervisor:
         return self._launch_open_attempt(run, relaunch=n > 1, why=why)
 
     def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
-        attempt = launch(self.clients, run, self.cfg, self.now())
+        try:
+            attempt = launch(self.clients, run, self.cfg, self.now())
+        except LaunchRefused as refused:
+            run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
+            return self._finish(run, "failed", str(refused))
         if attempt.get("instance_id"):
             run.message = f"attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']})"
             self.store.save(run)
