@@ -13,8 +13,11 @@ KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-3} FAIL_AT_EPOCH=${FAIL_AT_EPOCH:-0} HANG_A
 FLUSH_SECONDS=${FLUSH_SECONDS:-0} HEARTBEAT_FILE=${HEARTBEAT_FILE:-} RUN_ID=${RUN_ID:-?}
 STOP=""
 
-now() {  # wall-clock seconds with microseconds (busybox date has no %N)
-  adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d.%06d", s, u }'
+now() {  # wall-clock seconds with a fraction: busybox date has no %N, busybox adjtimex has
+  case $(date +%s.%N) in
+    *N) adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d.%06d", s, u }' ;;
+    *) date +%s.%N ;;
+  esac
 }
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) [trainer] $*"; }
 checkpoints() {  # names of the checkpoints in CHECKPOINT_DIR, oldest first
