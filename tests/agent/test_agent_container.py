@@ -63,10 +63,10 @@ def test_container_run_logs_in_to_ecr_pulls_and_runs_the_image_with_the_contract
 
 
 def test_container_spot_notice_sigterms_the_trainer_inside_within_6s_and_the_grace_lets_it_flush(make_container_run):
-    # A compound command keeps `sh -c` as the trainer's parent: --init must still reach the trainer.
+    # A compound command as docs/agent.md asks for it: `exec` makes the trainer the init's child.
     run = make_container_run(
         run_id="ctr-spot",
-        training_command="cd /app && ./train.sh; exit $?",
+        training_command="cd /app && exec ./train.sh",
         extra_env=f"{LONG_TRAINING}\nFLUSH_SECONDS=3",
     ).start()
     run.wait_for_log(r"epoch 3/")
@@ -75,7 +75,7 @@ def test_container_spot_notice_sigterms_the_trainer_inside_within_6s_and_the_gra
     run.wait(90)
 
     log = run.read("runs/ctr-spot/logs/training.log")
-    assert re.search(r"\[trainer\] started at [0-9.]+ as pid ([3-9]|\d\d+) ", log), "pid 1 is the init, 2 the shell"
+    assert "has no exec" not in log
     sigterm_at = float(re.search(r"received SIGTERM at ([0-9.]+)", log).group(1))
     assert sigterm_at - noticed_at <= 6, "SIGTERM reaches the trainer inside the container within one poll"
     saved = re.search(r"checkpoint (ckpt-\d+\.txt) \(on SIGTERM\)", log)
@@ -89,11 +89,17 @@ def test_container_spot_notice_sigterms_the_trainer_inside_within_6s_and_the_gra
 
 
 def test_container_trainer_crash_puts_its_exit_code_in_status_json(make_container_run):
-    run = make_container_run(run_id="ctr-crash", extra_env="EPOCHS=6\nSTEP_SECONDS=0.2\nFAIL_AT_EPOCH=2").run()
+    run = make_container_run(
+        run_id="ctr-crash",
+        training_command="cd /app && ./train.sh; exit $?",  # the shell passes the trainer's exit code on
+        extra_env="EPOCHS=6\nSTEP_SECONDS=0.2\nFAIL_AT_EPOCH=2",
+    ).run()
 
     status = run.status()
     assert (status["outcome"], status["exit_code"]) == ("failed", 3)
-    assert "simulated crash" in run.read("runs/ctr-crash/logs/training.log")
+    log = run.read("runs/ctr-crash/logs/training.log")
+    assert "simulated crash" in log
+    assert "WARNING: TI_TRAINING_COMMAND has no exec: on SIGTERM its shell exits" in log, "measured: it would"
     assert "runs/ctr-crash/_SUCCESS" not in run.keys("runs/ctr-crash/")
     assert run.called("poweroff")
     assert_no_container_left(run)
@@ -199,4 +205,27 @@ def test_container_stalled_pull_is_cut_after_the_pull_timeout_and_retried_a_boun
     assert status["outcome"] == "failed" and "could not get image" in status["message"]
     assert "starting trainer" not in run.setup_log
     assert run.called("poweroff")
+    assert_no_container_left(run)
+
+
+@pytest.fixture(scope="module")
+def example_trainer_image(container_engine) -> str:
+    """examples/trainer/Dockerfile built by the engine (its Docker Hub base swapped for a local Debian one)."""
+    return container_engine.build_example_trainer()
+
+
+def test_example_trainer_dockerfile_builds_here_and_its_image_trains_through_the_docker_path(
+    make_container_run, example_trainer_image
+):
+    run = make_container_run(run_id="ctr-example", with_image=False, extra_env="EPOCHS=6\nSTEP_SECONDS=0.2")
+    run.engine.push_trainer(run.config.image_uri.rsplit("/", 1)[1], "v1", image=example_trainer_image)
+    run.run()
+
+    status = run.status()
+    assert (status["outcome"], status["exit_code"]) == ("succeeded", 0), run.training_log
+    metrics = json.loads(run.read("runs/ctr-example/outputs/metrics.json"))
+    assert (metrics["run_id"], metrics["epochs_completed"]) == ("ctr-example", 6), "the image's CMD ran train.py"
+    assert metrics["final_loss"] < 0.05, "numpy in the image fitted the synced /data"
+    assert "runs/ctr-example/outputs/model.npz" in run.keys("runs/ctr-example/")
+    assert "epoch 6/6 loss" in run.read("runs/ctr-example/logs/training.log")
     assert_no_container_left(run)

@@ -12,7 +12,10 @@ The agent on EC2 logs in to ECR, pulls the training image, runs it with `docker 
   namespace with its own /etc/hosts), as a box in a VPC sees ECR through its endpoint; so the
   agent's real ECR login (`aws ecr get-login-password | docker login`) is what lets it pull;
 - a trainer image built here with no base from the internet: `FROM scratch`, busybox and its
-  applets, and training_infra/local/busybox_trainer.sh as the CMD.
+  applets, and training_infra/local/busybox_trainer.sh as the CMD;
+- on request, examples/trainer/Dockerfile itself, its `FROM python:3.12-slim` (Docker Hub, out of
+  reach here) replaced by a Debian python3 + pip base made from this machine's installed Debian
+  packages (`build_example_trainer`; its `pip install` reaches PyPI through the host network).
 `stop()` removes every container and image it made and stops the registry by its process id.
 Needs root and Debian's podman, runc, catatonit, busybox-static, docker-registry and apache2-utils
 (scripts/setup_container_engine.sh installs them); `unavailable_reason()` says what is missing.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import socket
@@ -35,6 +39,14 @@ from pathlib import Path
 TOOLS = ("podman", "runc", "catatonit", "busybox", "docker-registry", "htpasswd", "unshare")
 TRAINER_SCRIPT = Path(__file__).with_name("busybox_trainer.sh")
 LOCAL_IMAGE = "localhost/training-infra-busybox-trainer:local"
+PYTHON_BASE_IMAGE = "localhost/training-infra-debian-python:local"
+EXAMPLE_IMAGE = "localhost/training-infra-example-trainer:local"
+EXAMPLE_CONTEXT = Path(__file__).resolve().parents[2] / "examples" / "trainer"
+# python3 and pip as Debian installs them, /bin/sh for the Dockerfile's RUN lines, and the C++
+# runtime that python:3.12-slim also has (numpy's wheels need it).
+PYTHON_BASE_PACKAGES = ("python3", "python3-pip", "dash", "libstdc++6")
+# Documentation, configuration and state stay out of the base; pip may install (no PEP 668 marker).
+_NOT_IN_BASE = re.compile(r"^/(usr/share/(doc|man|info|locale|lintian)/|etc/|var/)|/EXTERNALLY-MANAGED$")
 ECR_USER = "AWS"
 
 
@@ -98,6 +110,10 @@ class ContainerEngine:
             if (self.workdir / "storage").exists():
                 self.podman("rm", "--all", "--force", "--time", "0", check=False)
                 self.podman("rmi", "--all", "--force", check=False)
+            # podman's overlay driver bind-mounts its folder on itself; in this namespace only if podman ran here.
+            overlay = self.workdir / "storage" / "overlay"
+            if os.path.ismount(overlay):
+                subprocess.run(["umount", str(overlay)], check=False)
         finally:
             if self._registry is not None and self._registry.poll() is None:
                 self._registry.terminate()
@@ -149,10 +165,10 @@ class ContainerEngine:
             timeout=timeout,
         )
 
-    def push_trainer(self, repository: str, tag: str) -> str:
-        """Push the busybox trainer image as `<ECR host>/<repository>:<tag>`; return that reference."""
+    def push_trainer(self, repository: str, tag: str, *, image: str = LOCAL_IMAGE) -> str:
+        """Push a local image (the busybox trainer by default) as `<ECR host>/<repository>:<tag>`."""
         reference = f"{self.image_uri(repository)}:{tag}"
-        self.podman("tag", LOCAL_IMAGE, reference)
+        self.podman("tag", image, reference)
         self.podman("push", "--quiet", reference)
         self.podman("rmi", reference)  # the agent's pull, not this push, must bring the image into use
         return reference
@@ -193,8 +209,10 @@ class ContainerEngine:
             "#!/bin/sh\n"
             "# `docker` on the local box: podman, configured by training_infra/local/containers.py.\n"
             f"export {exports}\n"
-            "# Logins go where Docker keeps them: $HOME/.docker/config.json (podman reads that format).\n"
+            "# Logins go where Docker keeps them: $HOME/.docker/config.json (podman reads that format,\n"
+            "# but refuses one that does not exist yet).\n"
             'export REGISTRY_AUTH_FILE="${REGISTRY_AUTH_FILE:-${HOME:-/root}/.docker/config.json}"\n'
+            '[ -f "$REGISTRY_AUTH_FILE" ] || { mkdir -p "${REGISTRY_AUTH_FILE%/*}" && echo "{}" >"$REGISTRY_AUTH_FILE"; }\n'
             f'exec {self._podman} "$@"\n'
         )
         self.docker.chmod(0o755)
@@ -266,6 +284,67 @@ class ContainerEngine:
             "build", "--quiet", "--network", "none", "--tag", LOCAL_IMAGE,
             "--file", str(context / "Containerfile"), str(context),
         )  # fmt: skip
+
+    def build_example_trainer(self) -> str:
+        """examples/trainer/Dockerfile as written, but `FROM` a python base made here (see module doc)."""
+        context = self.workdir / "python-base"
+        rootfs = context / "rootfs"
+        shutil.rmtree(rootfs, ignore_errors=True)
+        _copy_installed_packages(PYTHON_BASE_PACKAGES, rootfs)
+        for link, target in (("sh", "dash"), ("python", "python3")):  # as dash's and python-is-python3's
+            if not (rootfs / "usr" / "bin" / link).is_symlink():
+                (rootfs / "usr" / "bin" / link).symlink_to(target)
+        (rootfs / "etc" / "ssl" / "certs").mkdir(parents=True)
+        shutil.copy2("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc" / "ssl" / "certs")  # pip's TLS to PyPI
+        (rootfs / "tmp").mkdir(mode=0o1777)
+        (context / "Containerfile").write_text(
+            'FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8\nCMD ["python3"]\n'
+        )
+        self.podman("build", "--quiet", "--network", "none", "--tag", PYTHON_BASE_IMAGE, str(context))
+        self.podman(
+            "build", "--quiet", "--network", "host", "--from", PYTHON_BASE_IMAGE, "--tag", EXAMPLE_IMAGE,
+            str(EXAMPLE_CONTEXT), timeout=900,
+        )  # fmt: skip
+        return EXAMPLE_IMAGE
+
+
+def _copy_installed_packages(roots: tuple[str, ...], rootfs: Path) -> None:
+    """The files of `roots` and of everything they depend on, as dpkg installed them on this machine."""
+    listing = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${db:Status-Abbrev}\t${Package}\t${binary:Package}\t${Pre-Depends},${Depends}\n"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    installed: dict[str, tuple[str, list[str]]] = {}
+    for line in listing.splitlines():
+        status, name, qualified, depends = line.split("\t")
+        if status.startswith("ii"):
+            installed[name] = (qualified, [d for d in depends.split(",") if d.strip()])
+    wanted, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        for alternatives in installed[name][1]:  # "libc6 (>= 2.34)", "a | b", "python3:any"
+            names = [re.sub(r"\(.*?\)", "", a).strip().split(":")[0] for a in alternatives.split("|")]
+            chosen = next((n for n in names if n in installed), None)
+            if chosen:
+                todo.append(chosen)
+    for top in ("bin", "sbin", "lib", "lib64"):  # Debian 12 merges /bin into /usr/bin and so on
+        (rootfs / "usr" / top).mkdir(parents=True, exist_ok=True)
+        (rootfs / top).symlink_to(f"usr/{top}")
+    for name in sorted(wanted):
+        for listed in Path(f"/var/lib/dpkg/info/{installed[name][0]}.list").read_text().splitlines():
+            source, target = Path(listed), rootfs / listed.lstrip("/")
+            if _NOT_IN_BASE.search(listed) or (source.is_dir() and not source.is_symlink()):
+                continue
+            if target.exists() or target.is_symlink() or not (source.exists() or source.is_symlink()):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                target.symlink_to(os.readlink(source))
+            else:
+                shutil.copy2(source, target)
 
 
 def _hard_limit(name: str, wanted: int) -> int:

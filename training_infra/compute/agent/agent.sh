@@ -234,6 +234,9 @@ start_trainer() {
   note "starting trainer ($RUNTIME runtime, image $IMAGE, run $RUN_ID)"
   if [[ $RUNTIME == docker ]]; then
     [[ -z $TI_TRAINING_COMMAND ]] || command=(sh -c "$TI_TRAINING_COMMAND")
+    # In a container the shell is the init's child: on SIGTERM it exits and the container ends with it.
+    [[ $TI_TRAINING_COMMAND != *[\;\&\|]* || $TI_TRAINING_COMMAND == *exec\ * ]] ||
+      note "WARNING: TI_TRAINING_COMMAND has no exec: on SIGTERM its shell exits and the trainer dies unsaved"
     "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
     spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init --ipc=host -e TINI_KILL_PROCESS_GROUP=1 \
