@@ -1,12 +1,6 @@
-"""The agent's Python helpers: CloudWatch log batches and status.json, called by agent.sh.
+"""The agent's Python helpers (CloudWatch log batches, status.json), run by agent.sh on the instance.
 
-Shipped beside agent.sh in the user data (training_infra/compute/user_data.py packs both) and run
-with the instance's own python3: standard library only (the Deep Learning AMI promises no boto3;
-the agent talks to AWS through the AWS CLI). Each command reads its inputs from the command line,
-writes files the agent then hands to the AWS CLI, and prints one value for the agent to capture.
-
-    python3 agent_tools.py log-batch LOG OFFSET_FILE BATCH_FILE [--final]
-    python3 agent_tools.py status PATH --run-id ID --outcome ... (see `status --help`)
+Standard library only: the AMI's python3 promises no boto3; the agent calls the AWS CLI itself.
 """
 
 from __future__ import annotations
@@ -25,11 +19,8 @@ EVENT_MAX_CHARS = 200_000
 
 
 def next_log_batch(log: Path, offset: int, *, final: bool, now_ms: int) -> tuple[list[dict], int] | None:
-    """The log events after byte `offset` and the offset after them; None when nothing new.
-
-    A last line without its newline is still being written: it waits for the next batch, unless
-    this is the final flush. Blank lines are skipped but their bytes are consumed.
-    """
+    """Events after byte `offset` and the offset after them (None: nothing new). A last line with no
+    newline is still being written and waits, unless `final`; blank lines are consumed, not sent."""
     with open(log, "rb") as handle:
         handle.seek(offset)
         parts = handle.read(BATCH_READ_BYTES).splitlines(keepends=True)[:BATCH_MAX_EVENTS]
@@ -43,8 +34,8 @@ def next_log_batch(log: Path, offset: int, *, final: bool, now_ms: int) -> tuple
 
 
 def log_batch(log: Path, offset_file: Path, batch_file: Path, *, final: bool) -> int:
-    """Write the next batch for `aws logs put-log-events` and the offset it reaches (committed by
-    the agent only after the upload worked); return its event count, or -1 when the log is shipped."""
+    """Write the next batch and the offset it reaches (the agent commits it after the upload worked);
+    return its event count, or -1 when all is shipped."""
     offset = int(offset_file.read_text() or 0) if offset_file.exists() else 0
     batch = next_log_batch(log, offset, final=final, now_ms=int(time.time() * 1000))
     if batch is None:
@@ -71,7 +62,7 @@ def build_status(
     image: str,
     message: str,
 ) -> dict:
-    """runs/<id>/status.json (docs/agent.md lists the fields); `exit_code` "" means the trainer never ran."""
+    """runs/<id>/status.json (fields in docs/agent.md); `exit_code` "": the trainer never ran."""
     return {
         "run_id": run_id,
         "outcome": outcome,
@@ -92,7 +83,7 @@ def build_status(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agent_tools.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="agent_tools.py")
     commands = parser.add_subparsers(dest="command", required=True)
     batch = commands.add_parser("log-batch", help="next CloudWatch Logs batch of the training log")
     batch.add_argument("log", type=Path)
