@@ -23,10 +23,10 @@ ALLOW_DESTRUCTIVE ?=
 REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
 
-.PHONY: help setup test lint synth diff deploy destroy bench demo demo-spot clean
+.PHONY: help setup container-engine test lint synth diff deploy destroy bench demo demo-spot demo-container clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 # Reinstall only when a pin changes: the stamp files are newer than the pins otherwise.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -45,7 +45,12 @@ node_modules/.installed: package.json package-lock.json $(VENV)/.installed
 
 setup: $(VENV)/.installed node_modules/.installed  ## Create .venv, install pinned Python and Node tools
 
-test: setup  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
+# Debian's podman, runc and docker-registry for the agent's production (docker) path; needs root,
+# does nothing when installed; without root it says so and the container tests skip (fail if CI=true).
+container-engine:  ## Install the local container engine (podman, a registry) when missing
+	@bash scripts/setup_container_engine.sh
+
+test: setup container-engine  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup  ## ruff, shellcheck and actionlint only
@@ -69,7 +74,7 @@ deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
-bench: setup  ## Benchmarks that print ratios: synth vs empty app, launch vs deploy, spot notice to SIGTERM
+bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs deploy, agent (process and container)
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
@@ -79,6 +84,9 @@ demo: setup  ## A whole training run on the local AWS emulator (no account neede
 
 demo-spot: setup  ## The demo with a spot interruption mid-run and a resumed second run
 	$(PY) -m training_infra.local.demo --spot-interruption
+
+demo-container: setup container-engine  ## The demo on the production docker path (podman, local registry as ECR; root)
+	$(PY) -m training_infra.local.demo --runtime docker
 
 clean:  ## Remove generated files (keeps .venv and node_modules)
 	rm -rf cdk.out .pytest_cache .ruff_cache demo-output .local

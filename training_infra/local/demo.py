@@ -3,6 +3,7 @@
 Each step is what a user does on real AWS, against a moto server instead of an account:
 deploy the stacks, upload data, launch a run, (the instance runs here), watch, fetch, destroy
 compute. `--spot-interruption` also sends a spot notice mid-run and resumes on a second launch.
+`--runtime docker` runs the production container path on podman (training_infra/local/containers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from training_infra import naming
+from training_infra.local.containers import ContainerEngine, unavailable_reason
 from training_infra.local.emulator import Emulator, EmulatorError
 from training_infra.local.instance import LocalInstance, aws_client
 
@@ -57,8 +59,12 @@ class _TrainingLog:
 
 
 class Demo:
-    def __init__(self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool) -> None:
+    def __init__(
+        self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool, runtime: str = "process"
+    ) -> None:
         self.workdir = workdir
+        self.runtime = runtime
+        self.engine: ContainerEngine | None = None
         self.epochs = epochs
         self.step_seconds = step_seconds
         self.spot_interruption = spot_interruption
@@ -111,7 +117,10 @@ class Demo:
         )  # fmt: skip
         self.cli("outputs")
 
-        self.step("Push a training image (stands in for the GitHub image workflow; the local runtime runs the trainer directly)")
+        self.step(
+            "Push a training image (stands in for the GitHub image workflow; "
+            + ("podman runs it)" if self.runtime == "docker" else "the local runtime runs the trainer directly)")
+        )
         self._push_stand_in_image()
 
         self.step("Upload the example dataset to the data bucket")
@@ -146,21 +155,43 @@ class Demo:
         return destination
 
     def _push_stand_in_image(self) -> None:
+        if self.runtime == "docker":
+            self._push_container_image()
+            return
         repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "config": {}, "layers": []}
         self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
         console.print(f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest (on AWS, the image workflow pushes the real one)")
 
+    def _push_container_image(self) -> None:
+        """A real image in a local registry that answers as the stack's ECR repository (the image's CMD is the
+        busybox trainer: same knobs and contract as examples/trainer/train.py, no base from the internet)."""
+        uri = self.cli("outputs", "ecr_repository_uri", show=False).strip()
+        host, repository = uri.split("/", 1)
+        account, _, _, region = host.split(".")[:4]
+        self.engine = ContainerEngine(self.workdir / "container-engine", account=account, region=region)
+        try:
+            self.engine.start()
+        except subprocess.CalledProcessError as error:
+            raise DemoFailed(f"`{' '.join(error.cmd[-6:])}` exited {error.returncode}: {error.stderr.strip()}") from None
+        except RuntimeError as error:
+            raise DemoFailed(str(error)) from None
+        console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
+        console.print(f"   pushed {self.engine.push_trainer(repository, 'latest')}")
+
     def _launch_and_play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> None:
         self.step(f"Launch run {self.run_id} with the CLI (seconds, no redeploy)")
+        # The container runs its image's CMD; the process runtime runs the example trainer directly.
+        command = [] if self.engine else ["--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}"]
         self.cli(
-            "launch", "--run-id", self.run_id, "--max-runtime-hours", "1",
-            "--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}",
+            "launch", "--run-id", self.run_id, "--max-runtime-hours", "1", *command,
             "--env", f"EPOCHS={self.epochs}", "--env", f"STEP_SECONDS={self.step_seconds}",
         )  # fmt: skip
         instance_id = self._instance_of(self.run_id)
-        self.step(f"Play the instance {instance_id}: its real user data runs here under bash (process runtime, fake IMDS)")
-        box = LocalInstance(instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env)
+        self.step(f"Play the instance {instance_id}: its real user data runs here under bash ({self.runtime} runtime, fake IMDS)")
+        box = LocalInstance(
+            instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env, engine=self.engine
+        )
         with box:
             if interrupt_after_checkpoint:
                 self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints", log=self._training_log(box))
@@ -247,12 +278,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".local" / "demo", help="where the emulator log, the instance and fetched outputs go")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 30 with --spot-interruption)")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
+    parser.add_argument(
+        "--runtime", choices=("process", "docker"), default="process",
+        help="process: the trainer runs directly; docker: the production container path on podman (needs root)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.runtime == "docker" and (reason := unavailable_reason()):
+        console.print(f"make demo: --runtime docker is not available here: {reason}")
+        return 2
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
     epochs = args.epochs or (30 if args.spot_interruption else 12)
-    demo = Demo(workdir=args.workdir, epochs=epochs, step_seconds=args.step_seconds, spot_interruption=args.spot_interruption)
+    demo = Demo(
+        workdir=args.workdir,
+        epochs=epochs,
+        step_seconds=args.step_seconds,
+        spot_interruption=args.spot_interruption,
+        runtime=args.runtime,
+    )
     try:
         demo.main()
         return 0
@@ -264,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         demo.emulator.stop()
+        if demo.engine is not None:
+            demo.engine.stop()
 
 
 if __name__ == "__main__":
