@@ -78,6 +78,7 @@ bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs depl
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
+	$(PY) scripts/bench_supervisor.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo
