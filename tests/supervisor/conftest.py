@@ -11,6 +11,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from training_infra.local.events import ec2_event
 from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, iso
 from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
@@ -125,19 +126,8 @@ class Account:
 
 
 def event(detail_type: str, instance_id: str = "", **detail) -> dict:
-    """The envelope EventBridge delivers (EventBridge user guide, "EC2 events"), with the given detail."""
-    body = {"instance-id": instance_id, **detail} if instance_id else detail
-    return {
-        "version": "0",
-        "id": "7bf73129-1428-4cd3-a780-95db273d1602",
-        "detail-type": detail_type,
-        "source": "aws.events" if detail_type == "Scheduled Event" else "aws.ec2",
-        "account": "123456789012",
-        "time": iso(START),
-        "region": REGION,
-        "resources": [f"arn:aws:ec2:{REGION}:123456789012:instance/{instance_id}"] if instance_id else [],
-        "detail": body,
-    }
+    """The envelope EventBridge delivers, with the given detail (training_infra/local/events.py)."""
+    return ec2_event(detail_type, instance_id, region=REGION, time=START, **detail)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from rich.console import Console
 from training_infra import naming
 from training_infra.local.containers import ContainerEngine, unavailable_reason
 from training_infra.local.emulator import Emulator, EmulatorError
+from training_infra.local.events import SPOT_WARNING, STATE_CHANGE, ec2_event
 from training_infra.local.instance import LocalInstance, aws_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,14 +180,17 @@ class Demo:
         console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
         console.print(f"   pushed {self.engine.push_trainer(repository, 'latest')}")
 
-    def _launch_and_play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> None:
-        self.step(f"Launch run {self.run_id} with the CLI (seconds, no redeploy)")
+    def _launch(self) -> None:
+        self.step(f"Launch run {self.run_id} with the CLI: a managed run, attempt 1 starts in seconds")
         # The container runs its image's CMD; the process runtime runs the example trainer directly.
         command = [] if self.engine else ["--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}"]
         self.cli(
             "launch", "--run-id", self.run_id, "--max-runtime-hours", "1", *command,
             "--env", f"EPOCHS={self.epochs}", "--env", f"STEP_SECONDS={self.step_seconds}",
         )  # fmt: skip
+
+    def _play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> str:
+        """Run the newest attempt's instance here until its agent ends; returns the instance id."""
         instance_id = self._instance_of(self.run_id)
         self.step(f"Play the instance {instance_id}: its real user data runs here under bash ({self.runtime} runtime, fake IMDS)")
         box = LocalInstance(
@@ -202,15 +206,57 @@ class Demo:
         console.print(f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}")
         if status.get("outcome") != expect:
             raise DemoFailed(f"run {self.run_id} ended '{status.get('outcome')}', expected '{expect}'; see {box.log_path}")
+        return instance_id
+
+    def _tell_supervisor(self, instance_id: str, *, spot_warning: bool = False) -> dict:
+        """What EventBridge does on AWS: the instance's events go to the supervisor (its real code, here)."""
+        supervisor = self._supervisor()
+        region = self.emulator.region
+        if spot_warning:
+            supervisor.handle(ec2_event(SPOT_WARNING, instance_id, region=region, **{"instance-action": "terminate"}))
+        console.print(f"   [dim]EventBridge -> supervisor: {STATE_CHANGE} {{instance-id: {instance_id}, state: terminated}}[/]")
+        result = supervisor.handle(ec2_event(STATE_CHANGE, instance_id, region=region, state="terminated"))
+        console.print(f"   supervisor: {json.dumps(result, default=str)}", markup=False, highlight=False)
+        return result
+
+    def _supervisor(self):
+        from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+
+        config = SupervisorConfig(
+            table=self._output("run_table_name"),
+            outputs_bucket=self._output("outputs_bucket"),
+            topic_arn=self._output("alerts_topic_arn"),
+            managed_tag=naming.TAG_MANAGED,
+            run_id_tag=naming.TAG_RUN_ID,
+            attempt_tag=naming.TAG_ATTEMPT,
+            deadline_tag=naming.TAG_DEADLINE,
+            stop_tag=naming.TAG_STOP,
+        )
+        clients = Clients(ec2=self.client("ec2"), dynamodb=self.client("dynamodb"), s3=self.client("s3"), sns=self.client("sns"))
+        return Supervisor(clients, config)
+
+    def _launch_and_play(self, *, expect: str) -> None:
+        self._launch()
+        instance_id = self._play(expect=expect)
+        self.step("The instance powered off: EC2's state-change event reaches the supervisor, which ends the run")
+        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact event AWS sends to the supervisor's real handler)")
+        self._tell_supervisor(instance_id)
 
     def _spot_story(self) -> None:
-        self._launch_and_play(expect="interrupted", interrupt_after_checkpoint=True)
+        self._launch()
+        first = self._play(expect="interrupted", interrupt_after_checkpoint=True)
         checkpoints = self._keys(self._output("outputs_bucket"), f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         if not checkpoints:
             raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         console.print(f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}")
-        console.print("   next: launch the same run id again; its agent restores the newest checkpoint and the trainer resumes")
-        self._launch_and_play(expect="succeeded")
+        self.step("AWS reclaimed attempt 1: the supervisor (not you) relaunches the run on other capacity")
+        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact events AWS sends to the supervisor's real handler)")
+        result = self._tell_supervisor(first, spot_warning=True)
+        if "launched" not in result:
+            raise DemoFailed(f"the supervisor did not relaunch run {self.run_id}: {result}")
+        second = self._play(expect="succeeded")
+        self.step("Attempt 2 finished: its state-change event tells the supervisor, which ends the run")
+        self._tell_supervisor(second)
 
     # ------------------------------------------------------------------ helpers
     def _output(self, name: str) -> str:
