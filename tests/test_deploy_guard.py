@@ -27,7 +27,7 @@ from training_infra.local.instance import aws_client
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = ROOT / "node_modules" / ".bin" / "cdk"
-# What moto needs to deploy (DESIGN.md field notes).
+# What moto needs to deploy (docs/architecture.md, "The local AWS emulator").
 LOCAL_DEPLOY_FLAGS = "--method=direct --no-previous-parameters --no-notices"
 # tests/conftest.py's `guarded` configuration as a user passes it: flags on the make command line.
 DEPLOYED_FLAGS = " ".join(f"-c {key}={value}" for key, value in LOCAL_AWS_CONFIGURATIONS["guarded"].items())
