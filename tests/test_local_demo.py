@@ -30,11 +30,19 @@ def finished_demo(tmp_path_factory):
                 "data": demo._keys(data_bucket, naming.DATA_PREFIX),
             }
             status = json.loads(s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/status.json")["Body"].read())
+            attempt_status = {
+                n: json.loads(s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/attempts/{n}/status.json")["Body"].read())
+                for n in (1, 2)
+            }
+            record = demo._supervisor().store.get(demo.run_id)
             stacks = {s["StackName"] for s in demo.client("cloudformation").describe_stacks()["Stacks"]}
         finally:
             demo_module.console.file = None
             demo.emulator.stop()
-    return {"demo": demo, "fetched": fetched, "keys": keys, "status": status, "stacks": stacks, "console": capture.read_text()}
+    return {
+        "demo": demo, "fetched": fetched, "keys": keys, "status": status, "attempt_status": attempt_status, "record": record,
+        "stacks": stacks, "console": capture.read_text(),
+    }  # fmt: skip
 
 
 def test_resumed_run_succeeded_with_outputs_logs_and_success_marker_in_s3(finished_demo):
@@ -55,10 +63,43 @@ def test_spot_notice_flushed_checkpoints_and_the_second_launch_resumed_from_them
     assert "resumed from checkpoint" in console
 
 
+def test_the_supervisor_not_the_user_relaunched_on_other_capacity_and_the_run_succeeded(finished_demo):
+    record = finished_demo["record"]
+    first, second = record.attempts
+    assert record.state == "succeeded" and not record.active
+    assert (first["end_reason"], second["end_reason"]) == ("reclaimed", "succeeded")
+    assert (first["instance_type"], first["zone"]) != (second["instance_type"], second["zone"]), "the reclaimed pool cooled down"
+    assert record.errors_used == 0, "a reclaim is not an error"
+    console = finished_demo["console"]
+    assert console.count(f"launch --run-id {finished_demo['demo'].run_id}") == 1, "one launch by the user"
+    assert '"launched": "' + second["instance_id"] + '"' in console, "the supervisor's relaunch"
+
+
+def test_each_attempt_keeps_its_own_record_in_s3(finished_demo):
+    one, two = finished_demo["attempt_status"][1], finished_demo["attempt_status"][2]
+    assert (one["outcome"], two["outcome"]) == ("interrupted", "succeeded")
+    assert one["instance_id"] != two["instance_id"]
+    prefix = f"runs/{finished_demo['demo'].run_id}/attempts/"
+    assert {f"{prefix}1/status.json", f"{prefix}2/status.json"} <= set(finished_demo["keys"]["runs"])
+
+
+def test_attempt_2_restored_exactly_the_last_checkpoint_attempt_1_wrote(finished_demo):
+    plays = [lines for heading, lines in _steps(finished_demo["console"]) if "Play the instance" in heading]
+    written = [re.search(r"\[trainer\] checkpoint (\S+)", line)[1] for line in plays[0] if re.search(r"\[trainer\] checkpoint \S+", line)]
+    [resumed] = [re.search(r"resumed from checkpoint (\S+)", line)[1] for line in plays[1] if "resumed from checkpoint" in line]
+    assert written and resumed == written[-1], f"attempt 1 wrote {written}, attempt 2 resumed from {resumed}"
+
+
+def test_status_shows_the_two_attempts(finished_demo):
+    console = finished_demo["console"]
+    assert f"run {finished_demo['demo'].run_id}: succeeded" in console
+    assert "reclaimed: spot reclaimed by AWS" in console
+
+
 def test_cli_outputs_launch_status_cost_and_fetch_speak_to_the_user(finished_demo):
     console = finished_demo["console"]
     run_id = finished_demo["demo"].run_id
-    for expected in ("training_bucket = ", "launch_template_id = ", f"launched run {run_id}", "succeeded (exit 0)", "saving vs on-demand", "fetched "):
+    for expected in ("training_bucket = ", "launch_template_id = ", f"launched run {run_id}: attempt 1 on ", "saving vs on-demand", "fetched "):
         assert expected in console
     fetched = finished_demo["fetched"]
     assert (fetched / "outputs" / "model.npz").stat().st_size > 0
