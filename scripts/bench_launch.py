@@ -39,7 +39,10 @@ def main() -> None:
         run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices"])
         run([*deploy, "--all"])
         stack_deploy = run([*deploy, naming.COMPUTE_STACK, "-c", "create_instance=true", "-c", "run_id=bench"])
-        launches = [run([sys.executable, "-m", "training_infra", "launch", "-q", "--run-id", f"bench-{i}"]) for i in range(LAUNCHES)]
+        launches = [
+            run([sys.executable, "-m", "training_infra", "launch", "-q", "--run-id", f"bench-{i}"])
+            for i in range(LAUNCHES)
+        ]
         launch = statistics.median(launches)
         print(f"cdk deploy {naming.COMPUTE_STACK} -c create_instance=true: {stack_deploy:.2f} s")
         print(f"training-infra launch: {launch:.2f} s (median of {LAUNCHES}; first {launches[0]:.2f} s)")

@@ -518,7 +518,12 @@ def test_created_instance_boots_version_1_of_its_runs_template_with_the_run_id_i
     )
     run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
     assert run_data["ImageId"] == AMI
-    instance_tags = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}
+    instance_tags = {
+        t["Key"]: t["Value"]
+        for spec in run_data["TagSpecifications"]
+        if spec["ResourceType"] == "instance"
+        for t in spec["Tags"]
+    }
     assert instance_tags[naming.TAG_RUN_ID] == run_id and instance_tags["Name"] == naming.instance_name(run_id)
     assert instance_tags[naming.TAG_MANAGED] == "true"
     assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == run_id
@@ -530,9 +535,12 @@ def test_instance_without_a_configured_run_id_boots_with_the_run_id_its_tags_car
     view = compute("private")  # run_id unset: the shared template leaves it to the agent; the run's template names it
     assert UserData.of(launch_data(view)["UserData"]).exports()["TI_RUN_ID"] == ""
     run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
-    tag_run_id = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}[
-        naming.TAG_RUN_ID
-    ]
+    tag_run_id = {
+        t["Key"]: t["Value"]
+        for spec in run_data["TagSpecifications"]
+        if spec["ResourceType"] == "instance"
+        for t in spec["Tags"]
+    }[naming.TAG_RUN_ID]
     assert tag_run_id
     assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == tag_run_id
 

@@ -125,11 +125,15 @@ class Aws:
                 found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
             except botocore.exceptions.ClientError as error:
                 if "does not exist" in error.response.get("Error", {}).get("Message", ""):
-                    raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
+                    raise NotDeployedError(
+                        f"stack {stack} is not deployed in {self.region_name}: run `make deploy`"
+                    ) from None
                 raise
             status = found[0].get("StackStatus", "") if found else ""
             if not found or status.startswith("DELETE") or status == "ROLLBACK_COMPLETE":
-                raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
+                raise NotDeployedError(
+                    f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`"
+                )
             self._outputs[stack] = {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
         return self._outputs[stack]
 

@@ -105,7 +105,12 @@ def reported_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError) as error:
+        except (
+            CliError,
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            ResponseParserError,
+        ) as error:
             report_error(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None
