@@ -34,8 +34,8 @@ def main() -> None:
             subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
             return time.perf_counter() - start
 
-        deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
-                  "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
+        deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
+                  "--no-notices", "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
         run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices"])
         run([*deploy, "--all"])
         stack_deploy = run([*deploy, naming.COMPUTE_STACK, "-c", "create_instance=true", "-c", "run_id=bench"])

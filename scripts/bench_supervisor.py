@@ -66,10 +66,12 @@ def main() -> None:
         print(f"supervisor: instance ended -> next attempt's fleet request: {statistics.median(to_fleet):.3f} s median "
               f"(max {max(to_fleet):.3f} s over {ROUNDS} relaunches; target < 2 s)")  # fmt: skip
         print(
-            f"supervisor: whole relaunch decision (classify, claim, fleet, record, notice): {statistics.median(whole):.3f} s median"
+            f"supervisor: whole relaunch decision (classify, claim, fleet, record, notice): "
+            f"{statistics.median(whole):.3f} s median"
         )
         print(
-            f"supervisor: AWS calls per relaunch decision: {statistics.median(calls):.0f} (min {min(calls)}, max {max(calls)})"
+            f"supervisor: AWS calls per relaunch decision: {statistics.median(calls):.0f} "
+            f"(min {min(calls)}, max {max(calls)})"
         )
         print(f"supervisor: to-fleet time is {2.0 / statistics.median(to_fleet):.1f}x inside the 2 s target")
 

@@ -46,7 +46,8 @@ def main() -> None:
     for name, ctx in configurations.items():
         whole = statistics.median(timed([sys.executable, "app.py"], ctx) for _ in range(ROUNDS))
         print(
-            f"training-infra synth ({name}, 4 stacks, cdk-nag): {whole:.2f} s -> ratio {whole / empty:.2f}x (target <= 1.5x)"
+            f"training-infra synth ({name}, 4 stacks, cdk-nag): {whole:.2f} s "
+            f"-> ratio {whole / empty:.2f}x (target <= 1.5x)"
         )
 
 

@@ -76,7 +76,8 @@ class LocalAws:
 
 @pytest.fixture(scope="module")
 def local_aws(tmp_path_factory):
-    """The `guarded` settings deployed by `make deploy` (real CDK CLI; the guard finds no stack yet) into a moto server."""
+    """The `guarded` settings deployed by `make deploy` (real CDK CLI; the guard finds no stack yet)
+    into a moto server."""
     with Emulator(tmp_path_factory.mktemp("moto-guard")) as emulator:
         env = {**os.environ, **emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true"}
         bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices"]

@@ -46,8 +46,8 @@ def finished_demo(tmp_path_factory):
             demo_module.console.file = None
             demo.emulator.stop()
     return {
-        "demo": demo, "fetched": fetched, "keys": keys, "status": status, "attempt_status": attempt_status, "record": record,
-        "stacks": stacks, "console": capture.read_text(),
+        "demo": demo, "fetched": fetched, "keys": keys, "status": status, "attempt_status": attempt_status,
+        "record": record, "stacks": stacks, "console": capture.read_text(),
     }  # fmt: skip
 
 
@@ -175,5 +175,6 @@ def test_the_image_step_prints_nothing_the_command_above_it_did_not_print(finish
     [(_, lines)] = [step for step in _steps(finished_demo["console"]) if "Push a training image" in step[0]]
     assert lines[0].strip().startswith("$ ") and lines[0].endswith("outputs ecr_repository_uri")
     assert lines[1:] == [
-        "   ECR PutImage: a stand-in manifest tagged training-infra:latest (on AWS, the image workflow pushes the real one)"
+        "   ECR PutImage: a stand-in manifest tagged training-infra:latest "
+        "(on AWS, the image workflow pushes the real one)"
     ]

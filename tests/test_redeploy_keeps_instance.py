@@ -95,8 +95,8 @@ def deployed_twice(tmp_path_factory):
 
         def deploy(settings: dict[str, str]) -> str:
             cdk(
-                "deploy", naming.COMPUTE_STACK, "--method=direct", "--no-previous-parameters", "--require-approval", "never",
-                "--output", str(workdir / "cdk.out"), settings=settings,
+                "deploy", naming.COMPUTE_STACK, "--method=direct", "--no-previous-parameters",
+                "--require-approval", "never", "--output", str(workdir / "cdk.out"), settings=settings,
             )  # fmt: skip
             stack = aws_client("cloudformation", emulator.env).describe_stacks(StackName=naming.COMPUTE_STACK)[
                 "Stacks"

@@ -185,7 +185,8 @@ def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[s
                 Finding(
                     stack,
                     logical_id,
-                    f"would delete the budget {logical_id}: check monthly_budget_usd and that this is the training-infra app",
+                    f"would delete the budget {logical_id}: "
+                    "check monthly_budget_usd and that this is the training-infra app",
                 )
             )
     return findings
@@ -211,7 +212,8 @@ def _changed_settings(old_props: dict[str, Any], new_props: dict[str, Any]) -> l
             ]
             for export in changed:
                 names.append(
-                    f"{_EXPORT_SETTINGS.get(export, export)} ({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})"
+                    f"{_EXPORT_SETTINGS.get(export, export)} "
+                    f"({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})"
                 )
             if not changed:
                 names.append("the agent script (user data)")
@@ -266,7 +268,8 @@ def _reasons(
         resolved, now = parameters[name]
         if resolved != now:
             reasons.append(
-                f"ami_parameter / the SSM parameter behind {name} ({resolved} -> {now}; pin image_id to keep {resolved})"
+                f"ami_parameter / the SSM parameter behind {name} "
+                f"({resolved} -> {now}; pin image_id to keep {resolved})"
             )
     return reasons
 
@@ -297,7 +300,10 @@ def instance_changes(
         if resource is None:
             continue
         run_id = _run_id_of(resource)
-        how = f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), or accept with `make deploy {ALLOW_VARIABLE}`"
+        how = (
+            f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), "
+            f"or accept with `make deploy {ALLOW_VARIABLE}`"
+        )
         if logical_id not in new:
             next_runs = [_run_id_of(r) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
             why = f"run_id is now {', '.join(next_runs)}" if next_runs else "create_instance is no longer true"
@@ -309,7 +315,8 @@ def instance_changes(
         changed = _reasons(logical_id, deployed, synthesized or {}, parameters or {})
         if changed:
             findings.append(Finding(stack, logical_id, (
-                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would modify or replace it "
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) "
+                f"and this deploy would modify or replace it "
                 f"because of {', '.join(changed)}; keep that setting until the run ends, or {how}"
             )))  # fmt: skip
     return findings
@@ -442,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.cdk_out / "manifest.json").is_file():
         _print(
             [
-                f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: a cloud assembly written by `cdk synth` (with manifest.json)"
+                f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; "
+                "allowed: a cloud assembly written by `cdk synth` (with manifest.json)"
             ]
         )
         return 2
@@ -477,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print([f"error: deploy guard: {finding}" for finding in findings])
     _print(
         [
-            f"error: deploy guard: nothing was deployed; fix the settings above, or accept with `make deploy {ALLOW_VARIABLE}`"
+            "error: deploy guard: nothing was deployed; fix the settings above, "
+            f"or accept with `make deploy {ALLOW_VARIABLE}`"
         ]
     )
     return 3

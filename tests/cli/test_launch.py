@@ -155,9 +155,9 @@ def test_a_run_id_in_use_is_refused_and_nothing_is_launched(stacks):
     again = stacks.cli("launch", "--run-id", "launch-twice")
 
     assert again.exit_code == 1
-    assert (
-        again.stderr
-        == "error: run launch-twice already exists: choose another --run-id (`training-infra status launch-twice` shows it)\n"
+    assert again.stderr == (
+        "error: run launch-twice already exists: choose another --run-id "
+        "(`training-infra status launch-twice` shows it)\n"
     )
     assert len(stacks.run_instances("launch-twice")) == 1
 
@@ -296,8 +296,9 @@ def test_launch_uses_the_newest_template_version_even_when_the_default_stays_1(d
     )
     assert "train_v2.py" in updated
     ec2.create_launch_template_version(
-        LaunchTemplateId=template_id, LaunchTemplateData={**first["LaunchTemplateData"], "UserData": base64.b64encode(updated.encode()).decode()},
-    )  # fmt: skip
+        LaunchTemplateId=template_id,
+        LaunchTemplateData={**first["LaunchTemplateData"], "UserData": base64.b64encode(updated.encode()).decode()},
+    )
     assert (
         ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"][0]["DefaultVersionNumber"]
         == first["VersionNumber"]

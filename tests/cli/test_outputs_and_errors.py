@@ -154,9 +154,9 @@ def test_aws_endpoint_url_without_a_scheme_is_one_line_naming_the_variable(stack
     )
 
     assert result.returncode == 1
-    assert (
-        result.stderr
-        == f"error: environment variable 'AWS_ENDPOINT_URL': got {endpoint!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com\n"
+    assert result.stderr == (
+        f"error: environment variable 'AWS_ENDPOINT_URL': got {endpoint!r}; allowed: a URL with its scheme, "
+        "such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com\n"
     )
 
 

@@ -40,7 +40,8 @@ def _legacy_instance(stacks, run_id: str, *, market: str = "on-demand") -> dict:
     extra = {"InstanceMarketOptions": {"MarketType": "spot"}} if market == "spot" else {}
     return stacks.client("ec2").run_instances(
         ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}], **extra,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+        **extra,
     )["Instances"][0]  # fmt: skip
 
 

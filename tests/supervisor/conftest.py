@@ -128,8 +128,9 @@ class Account:
 
     def agent_wrote(self, run_id: str, attempt: int, outcome: str, exit_code: int | None = None) -> None:
         """What the agent leaves at the end of an attempt (docs/agent.md, status.json)."""
-        status = {"run_id": run_id, "attempt": attempt, "outcome": outcome, "exit_code": exit_code, "ended_at": iso(self.clock()),
-                  "hourly_price_usd": 1.006, "estimated_cost_usd": 0.5, "message": f"trainer {outcome}"}  # fmt: skip
+        status = {"run_id": run_id, "attempt": attempt, "outcome": outcome, "exit_code": exit_code,
+                  "ended_at": iso(self.clock()), "hourly_price_usd": 1.006, "estimated_cost_usd": 0.5,
+                  "message": f"trainer {outcome}"}  # fmt: skip
         self.s3.put_object(
             Bucket=self.bucket, Key=f"runs/{run_id}/attempts/{attempt}/status.json", Body=json.dumps(status).encode()
         )

@@ -57,7 +57,10 @@ class FleetWithErrors:
                 },
                 "Lifecycle": market,
                 "ErrorCode": self.code,
-                "ErrorMessage": f"We currently do not have sufficient {override['InstanceType']} capacity in the Availability Zone you requested.",
+                "ErrorMessage": (
+                    f"We currently do not have sufficient {override['InstanceType']} capacity "
+                    "in the Availability Zone you requested."
+                ),
             }
             for override in template["Overrides"]
         ]

@@ -152,7 +152,10 @@ def _configuration_error(service: str, error: ValueError) -> str:
     for variable in (f"AWS_ENDPOINT_URL_{service.upper()}", "AWS_ENDPOINT_URL"):
         value = os.environ.get(variable)
         if value is not None and "endpoint" in str(error).lower():
-            return f"environment variable '{variable}': got {value!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com"
+            return (
+                f"environment variable '{variable}': got {value!r}; allowed: a URL with its scheme, "
+                "such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com"
+            )
     return f"AWS configuration error: {error}: check AWS_* variables and ~/.aws/config"
 
 

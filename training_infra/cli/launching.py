@@ -81,7 +81,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         types = check("instance_types", "--instance-types", request.instance_types)
         if not types:
             raise UsageError(
-                f"option '--instance-types': got {request.instance_types!r}; allowed: one or more instance types, e.g. g5.xlarge,g6.xlarge"
+                f"option '--instance-types': got {request.instance_types!r}; "
+                "allowed: one or more instance types, e.g. g5.xlarge,g6.xlarge"
             )
         request.instance_types = ",".join(types)
     if request.market is not None and request.spot is not None:
@@ -92,7 +93,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         text = str(request.max_restarts_on_errors).strip()
         if not text.isdigit() or int(text) > MAX_RESTARTS:
             raise UsageError(
-                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; allowed: a whole number from 0 to {MAX_RESTARTS}"
+                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; "
+                f"allowed: a whole number from 0 to {MAX_RESTARTS}"
             )
         request.max_restarts_on_errors = text
     if request.max_runtime_hours is not None:
@@ -105,7 +107,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.match(key) or "\n" in value:
             raise UsageError(
-                f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' (not starting with a digit) and a one-line VALUE"
+                f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' "
+                "(not starting with a digit) and a one-line VALUE"
             )
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(
@@ -218,7 +221,8 @@ class Started:
 
 
 def supervisor_for(aws: Aws):
-    """The supervisor's own code with this user's credentials: the first launch is the same decision as every relaunch."""
+    """The supervisor's own code with this user's credentials: the first launch is the same decision
+    as every relaunch."""
     from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
     topic = aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, "")
@@ -249,7 +253,8 @@ def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:
     types = [t.strip() for t in published.split(",") if t.strip()]
     if not types:
         raise CliError(
-            f"the compute stack publishes no {naming.OUTPUT_INSTANCE_TYPES}: redeploy it (`make deploy`) or pass --instance-types"
+            f"the compute stack publishes no {naming.OUTPUT_INSTANCE_TYPES}: "
+            "redeploy it (`make deploy`) or pass --instance-types"
         )
     return types
 
@@ -326,7 +331,8 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     subnets = [s for s in _candidate_subnets(aws, data, request) if s]
     if not subnets:
         raise CliError(
-            f"the compute stack publishes no {naming.OUTPUT_SUBNET_IDS}: redeploy it (`make deploy`) or pass --subnet-id"
+            f"the compute stack publishes no {naming.OUTPUT_SUBNET_IDS}: "
+            "redeploy it (`make deploy`) or pass --subnet-id"
         )
     now = utcnow()
     deadline = iso_z(now + timedelta(hours=hours))

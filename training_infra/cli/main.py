@@ -301,7 +301,10 @@ def launch(
         typer.Option(
             "--instance-types",
             metavar="TYPES",
-            help="Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types).",
+            help=(
+                "Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: "
+                "EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types)."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -310,7 +313,10 @@ def launch(
         typer.Option(
             "--market",
             metavar="MARKET",
-            help="spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). Default: the stack's use_spot.",
+            help=(
+                "spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). "
+                "Default: the stack's use_spot."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -332,7 +338,10 @@ def launch(
         typer.Option(
             "--max-runtime-hours",
             metavar="HOURS",
-            help="One deadline for the whole run, counted from now across every attempt: more than 0, at most 168 (default: the stack's).",
+            help=(
+                "One deadline for the whole run, counted from now across every attempt: "
+                "more than 0, at most 168 (default: the stack's)."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -360,7 +369,10 @@ def launch(
         str | None,
         typer.Option(
             "--run-id",
-            help="Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.",
+            help=(
+                "Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. "
+                "Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -399,12 +411,14 @@ def launch(
     if attempt.get("instance_id"):
         out.print(
             f"launched run {rid}: attempt {attempt['n']} on {attempt['instance_id']} ({attempt['instance_type']}, "
-            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; managed until {managed.deadline_at}",
+            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; "
+            f"managed until {managed.deadline_at}",
             markup=False,
         )
     elif managed.active:
         out.print(
-            f"run {rid} is waiting for capacity ({managed.message}); the supervisor retries every minute until {managed.deadline_at}",
+            f"run {rid} is waiting for capacity ({managed.message}); "
+            f"the supervisor retries every minute until {managed.deadline_at}",
             markup=False,
         )
     else:
@@ -501,7 +515,8 @@ def status(
             outcome += f" (exit {row['exit_code']})"
         listing.rows.append([
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
-            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
+            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-",
+            fmt_usd(row["cost_usd"]), outcome or "-",
         ])  # fmt: skip
     listing.print(stdout())
 
@@ -653,7 +668,8 @@ def logs(
             live = [r for r in runs.require_runs(aws, run) if r.live]  # unknown run: a clear error
             if not (follow and live):
                 raise CliError(
-                    f"no log lines for run {run} yet (stream {run} in {group}): the agent starts logging once the instance has booted"
+                    f"no log lines for run {run} yet (stream {run} in {group}): "
+                    "the agent starts logging once the instance has booted"
                 ) from None
             if not announced:
                 err_console().print(f"waiting for run {run} to start logging ...")
@@ -775,7 +791,10 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
         return f"run {run} ended {outcome}{detail}{message}; these are the files it left, see {target / 'logs'}"
     live = [r for r in runs.collect_runs(aws, run) if r.live]
     if live:
-        return f"run {run} is still {live[0].state} on {live[0].instance_id}: these are only the files uploaded so far; fetch again after it ends"
+        return (
+            f"run {run} is still {live[0].state} on {live[0].instance_id}: "
+            "these are only the files uploaded so far; fetch again after it ends"
+        )
     return f"run {run} has no status.json: it ended without the agent's last upload; see {target / 'logs'}"
 
 
@@ -807,7 +826,8 @@ def stop(run: RunArg, region: Region = None) -> None:
         out = stdout()
         where = f" on {current['instance_id']}" if current.get("instance_id") else ""
         out.print(
-            f"stopping run {run}{where}: no more attempts; the trainer gets its grace period, then outputs and logs are uploaded",
+            f"stopping run {run}{where}: no more attempts; "
+            "the trainer gets its grace period, then outputs and logs are uploaded",
             markup=False,
         )
         out.print(f"  training-infra status {run}", markup=False)
@@ -820,7 +840,8 @@ def stop(run: RunArg, region: Region = None) -> None:
     unmanaged = [r.instance_id for r in instances if not r.managed]
     if unmanaged:
         raise CliError(
-            f"refusing to terminate {', '.join(unmanaged)}: tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true"
+            f"refusing to terminate {', '.join(unmanaged)}: "
+            f"tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true"
         )
     live = [r.instance_id for r in instances if r.live]
     if not live:
@@ -877,7 +898,8 @@ def cost(
     for row in rows:
         hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
         listing.rows.append([
-            row["run_id"], row["instance_type"] or "-", row["market"] or "-", f"{hours:.2f}" if hours is not None else "-",
+            row["run_id"], row["instance_type"] or "-", row["market"] or "-",
+            f"{hours:.2f}" if hours is not None else "-",
             fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"],
         ])  # fmt: skip
     out = stdout()

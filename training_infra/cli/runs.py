@@ -200,7 +200,8 @@ def require_runs(aws: Aws, run_id: str) -> list[Run]:
     runs = collect_runs(aws, run_id)
     if not runs:
         raise CliError(
-            f"unknown run {run_id!r} in {aws.region_name}: no instance tagged {naming.TAG_RUN_ID}={run_id} and no status.json (see `training-infra status`)"
+            f"unknown run {run_id!r} in {aws.region_name}: no instance tagged {naming.TAG_RUN_ID}={run_id} "
+            "and no status.json (see `training-infra status`)"
         )
     return runs
 

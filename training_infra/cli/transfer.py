@@ -48,8 +48,8 @@ class _Progress(BaseSubscriber):
 def _bar(console: Console) -> Progress:
     """The bar is drawn only on a terminal: piped or logged, a redrawn line is just noise cut at 80 columns."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal,
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
     )  # fmt: skip
 
 
@@ -118,7 +118,8 @@ def upload(aws: Aws, source: Path, bucket: str, prefix: str, console: Console) -
 def download(
     aws: Aws, bucket: str, prefix: str, objects: dict[str, tuple[int, str]], dest: Path, console: Console
 ) -> SyncResult:
-    """Copy `objects` (the `remote_objects` listing of s3://bucket/prefix) into dest, keeping the layout below the prefix."""
+    """Copy `objects` (the `remote_objects` listing of s3://bucket/prefix) into dest, keeping the layout
+    below the prefix."""
     root = dest.resolve()
     plan: list[tuple[str, Path, int]] = []
     for key, (size, _) in sorted(objects.items()):

@@ -120,8 +120,8 @@ class Demo:
         self.step("cdk bootstrap and cdk deploy of all four stacks, with the real CDK CLI")
         self.run([CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices"], show=False)
         self.run(
-            [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
-             "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+            [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
+             "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
             show=False,
         )  # fmt: skip
         self.cli("outputs")
@@ -152,7 +152,8 @@ class Demo:
             console.print(f"   {path.relative_to(self.workdir)}  ({path.stat().st_size} bytes)")
 
         self.step("Destroy the compute stack; data and outputs stay")
-        self.run([CDK, "destroy", naming.COMPUTE_STACK, "--force", "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+        self.run([CDK, "destroy", naming.COMPUTE_STACK, "--force", "--no-notices", "--output", self.workdir / "cdk.out",
+                  "-c", f"image_id={LOCAL_AMI}"],
                  show=False, ok_codes=(0, 1))  # fmt: skip
         self._check_compute_gone_and_data_kept()
 
@@ -180,7 +181,8 @@ class Demo:
         }
         self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
         console.print(
-            f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest (on AWS, the image workflow pushes the real one)"
+            f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest "
+            "(on AWS, the image workflow pushes the real one)"
         )
 
     def _push_container_image(self) -> None:
@@ -214,7 +216,8 @@ class Demo:
         """Run the newest attempt's instance here until its agent ends; returns the instance id."""
         instance_id = self._instance_of(self.run_id)
         self.step(
-            f"Play the instance {instance_id}: its real user data runs here under bash ({self.runtime} runtime, fake IMDS)"
+            f"Play the instance {instance_id}: its real user data runs here under bash "
+            f"({self.runtime} runtime, fake IMDS)"
         )
         box = LocalInstance(
             instance_id,
@@ -274,7 +277,8 @@ class Demo:
         instance_id = self._play(expect=expect)
         self.step("The instance powered off: EC2's state-change event reaches the supervisor, which ends the run")
         console.print(
-            "   (the local AWS delivers no events and runs no Lambda: the demo hands the exact event AWS sends to the supervisor's real handler)"
+            "   (the local AWS delivers no events and runs no Lambda: "
+            "the demo hands the exact event AWS sends to the supervisor's real handler)"
         )
         self._tell_supervisor(instance_id)
 
@@ -285,11 +289,13 @@ class Demo:
         if not checkpoints:
             raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         console.print(
-            f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}"
+            "   checkpoints flushed to S3 inside the notice: "
+            f"{', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}"
         )
         self.step("AWS reclaimed attempt 1: the supervisor (not you) relaunches the run on other capacity")
         console.print(
-            "   (the local AWS delivers no events and runs no Lambda: the demo hands the exact events AWS sends to the supervisor's real handler)"
+            "   (the local AWS delivers no events and runs no Lambda: "
+            "the demo hands the exact events AWS sends to the supervisor's real handler)"
         )
         result = self._tell_supervisor(first, spot_warning=True)
         if "launched" not in result:

@@ -141,7 +141,10 @@ class TrainingSupervisor(Construct):
             f"IAM5[Resource::{nag_name(fn.role, f'{table_arn}/index/*')}]",
             "Query on the run table's own two indexes (Active, ByCreated); no other table.",
         )
-        statuses = f"{as_seen_from(fn.role, outputs_bucket, outputs_bucket.bucket_arn)}/{naming.RUNS_PREFIX}*/attempts/*/status.json"
+        statuses = (
+            f"{as_seen_from(fn.role, outputs_bucket, outputs_bucket.bucket_arn)}/"
+            f"{naming.RUNS_PREFIX}*/attempts/*/status.json"
+        )
         fn.add_to_role_policy(
             iam.PolicyStatement(sid="ReadAttemptStatus", actions=["s3:GetObject"], resources=[statuses])
         )
@@ -241,10 +244,12 @@ class TrainingSupervisor(Construct):
             )
         fn.acknowledge(
             f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
-            "The AMI comes from the run's launch template (the Deep Learning AMI of the day); RunInstances needs the image.",
+            "The AMI comes from the run's launch template (the Deep Learning AMI of the day); "
+            "RunInstances needs the image.",
         )
+        fleet_role = f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*')}]",
+            f"IAM5[Resource::{nag_name(self, fleet_role)}]",
             "Only EC2 Fleet's own service-linked role, created once per account on the first fleet.",
         )
         fn.acknowledge(

@@ -231,8 +231,9 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
     assert attempt is not None and not attempt.get("instance_id"), "launch needs an open attempt without an instance"
     existing = _adopt(clients, run, attempt["n"], cfg)
     if existing is not None:
-        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"), existing.get("Placement", {}).get("AvailabilityZone"),
-                         existing.get("SubnetId"), "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
+        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"),
+                         existing.get("Placement", {}).get("AvailabilityZone"), existing.get("SubnetId"),
+                         "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
         return attempt
     zones = _subnet_zones(clients, list(run.spec["subnet_ids"]))
     cooled = {key for key, until in run.cooldown.items() if (parse_iso(until) or now) > now}
@@ -253,8 +254,8 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
             for instance_id in launched.get("InstanceIds", []):
                 chosen = launched["LaunchTemplateAndOverrides"]["Overrides"]
                 subnet = chosen.get("SubnetId", "")
-                _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"), zones.get(subnet),
-                                 subnet, launched.get("Lifecycle", market), now)  # fmt: skip
+                _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"),
+                                 zones.get(subnet), subnet, launched.get("Lifecycle", market), now)  # fmt: skip
                 return attempt
         pool_errors = response.get("Errors", [])
         refused = [
@@ -423,7 +424,8 @@ class Supervisor:
         raise RuntimeError(f"run {run_id} kept changing; the next reconcile finishes it")
 
     def request_stop(self, run_id: str, reason: str = "user") -> Run:
-        """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate after the grace."""
+        """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate
+        after the grace."""
         for _ in range(5):
             run = self.store.get(run_id)
             if run is None:
@@ -511,7 +513,8 @@ class Supervisor:
             return self._finish(
                 run,
                 "deadline",
-                f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline is too little for another attempt",
+                f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline "
+                "is too little for another attempt",
             )
         n = len(run.attempts) + 1
         run.attempts.append({"n": n, "why": why, "claimed_at": iso(now)})
@@ -535,7 +538,8 @@ class Supervisor:
             if relaunch:
                 self._notify(
                     run,
-                    f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']}): {why}",
+                    f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} "
+                    f"({attempt['market']}): {why}",
                 )
             return {"run_id": run.run_id, "launched": attempt["instance_id"], "attempt": attempt["n"]}
         # No capacity anywhere: record it and stay recovering; the next reconcile tries again.
