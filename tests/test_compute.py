@@ -8,8 +8,9 @@ no test holds a generated CloudFormation name. One synth per configuration (test
 from __future__ import annotations
 
 import base64
-import gzip
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +20,7 @@ from aws_cdk.assertions import Match, Matcher, Template
 from tests.conftest import AMI, CDK_JSON_CONTEXT, CONFIGURATIONS
 from training_infra import naming
 from training_infra.cli.launching import template_exports
-from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER
+from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER, shipped_bytes
 
 STACK = naming.COMPUTE_STACK
 EVERY_NETWORK = ["defaults", "full", "on_demand", "existing_vpc", "private"]
@@ -142,8 +143,10 @@ class UserData:
         return placeholder
 
     def embedded_agent(self) -> bytes:
+        """agent.sh as the user data's tar.xz carries it."""
         encoded = self.text.split("<<'TRAINING_INFRA_AGENT'\n", 1)[1].split("\nTRAINING_INFRA_AGENT", 1)[0]
-        return gzip.decompress(base64.b64decode(encoded))
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(encoded)), mode="r:xz") as tar:
+            return tar.extractfile(AGENT_SCRIPT.name).read()
 
 
 def group_id(view, security_group) -> dict:
@@ -269,7 +272,7 @@ def test_user_data_boots_the_exact_agent_with_a_place_for_run_overrides(compute)
     script = UserData.of(launch_data(compute("full"))["UserData"])
     assert script.text.startswith("#!/bin/bash\n")
     assert OVERRIDES_MARKER in script.text
-    assert script.embedded_agent() == AGENT_SCRIPT.read_bytes()
+    assert script.embedded_agent() == shipped_bytes(AGENT_SCRIPT)
     assert script.text.rstrip().endswith('exec bash "$agent_dir/agent.sh"')
 
 
