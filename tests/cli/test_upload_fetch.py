@@ -183,7 +183,7 @@ def test_fetch_of_a_run_still_running_with_some_files_says_they_are_partial(stac
 
     assert result.exit_code == 0, result.output
     assert (
-        f"note: run fetch-partial is still running on {instance['InstanceId']}: "
+        f"note: run fetch-partial (attempt 1) is still running on {instance['InstanceId']}: "
         "these are only the files uploaded so far"
     ) in result.stderr
 

@@ -785,11 +785,11 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
     if record is not None and record.active:
         # A managed run's status.json is its latest attempt's: the run itself may go on.
         current = record.current or {}
-        where = f" (attempt {current['n']} on {current['instance_id']})" if current.get("instance_id") else ""
-        return (
-            f"run {run} is still {record.state}{where}: "
-            "these are only the files uploaded so far; fetch again after it ends"
-        )
+        if current.get("instance_id"):
+            where = f"run {run} (attempt {current['n']}) is still running on {current['instance_id']}"
+        else:
+            where = f"run {run} is still {record.state}"
+        return f"{where}: these are only the files uploaded so far; fetch again after it ends"
     if record is not None and record.state != "succeeded":
         return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {target / 'logs'}"
     status = runs.read_status_file(target / runs.STATUS_FILE)
