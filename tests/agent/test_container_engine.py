@@ -44,7 +44,9 @@ def test_setup_script_without_root_says_so_in_one_line_and_leaves_the_tests_to_s
 
 
 @pytest.mark.slow
-def test_engine_stop_removes_every_container_and_image_and_stops_the_registry_by_pid(container_engine, tmp_path):
+def test_engine_stop_ends_running_containers_and_the_registry_by_pid_and_deletes_every_image(
+    container_engine, tmp_path
+):
     """A second engine (the session's is busy with the scenarios) with a running container at stop()."""
     engine = ContainerEngine(tmp_path / "engine").start()
     try:
@@ -52,9 +54,13 @@ def test_engine_stop_removes_every_container_and_image_and_stops_the_registry_by
         engine.podman("pull", "--quiet", reference)
         engine.podman("run", "--detach", "--name", "still-running", reference, "sleep", "300")
         assert engine.containers() == ["still-running"]
+        assert set(engine.images()) == {reference, containers.LOCAL_IMAGE}
+        container_pid = int(engine.podman("inspect", "--format", "{{.State.Pid}}", "still-running").stdout)
         registry_pid = engine._registry.pid
     finally:
         engine.stop()
-    assert engine.containers() == [] and engine.images() == []
-    with pytest.raises(ProcessLookupError):
-        os.kill(registry_pid, 0)
+    for pid in (container_pid, registry_pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (tmp_path / "engine" / "storage").exists(), "the image store (every image) is deleted"
+    assert not (tmp_path / "engine" / "registry" / "data").exists(), "the registry's blobs are deleted"

@@ -105,7 +105,8 @@ class ContainerEngine:
         return self
 
     def stop(self) -> None:
-        """Every container and image of this engine removed, the registry stopped by its pid."""
+        """Every container and image of this engine removed, the registry stopped by its pid, and
+        their storage deleted."""
         try:
             if (self.workdir / "storage").exists():
                 self.podman("rm", "--all", "--force", "--time", "0", check=False)
@@ -123,6 +124,8 @@ class ContainerEngine:
                     self._registry.kill()
                     self._registry.wait()
             self._registry = None
+            for folder in ("registry/data", "storage", "run", "tmp"):
+                shutil.rmtree(self.workdir / folder, ignore_errors=True)
 
     def __enter__(self) -> ContainerEngine:
         return self.start()

@@ -189,22 +189,24 @@ class Demo:
         )
 
     def _push_container_image(self) -> None:
-        """A real image in a local registry that answers as the stack's ECR repository (the image's CMD is the
-        busybox trainer: same knobs and contract as examples/trainer/train.py, no base from the internet)."""
+        """examples/trainer/Dockerfile built here (its Docker Hub base swapped for a local Debian one) and
+        pushed to a local registry that answers as the stack's ECR repository."""
         uri = self.cli("outputs", "ecr_repository_uri", show=False).strip()
         host, repository = uri.split("/", 1)
         account, _, _, region = host.split(".")[:4]
         self.engine = ContainerEngine(self.workdir / "container-engine", account=account, region=region)
         try:
             self.engine.start()
+            console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
+            console.print("   podman build examples/trainer (about a minute: numpy from PyPI)")
+            image = self.engine.build_example_trainer()
         except subprocess.CalledProcessError as error:
             raise DemoFailed(
                 f"`{' '.join(error.cmd[-6:])}` exited {error.returncode}: {error.stderr.strip()}"
             ) from None
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
-        console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
-        console.print(f"   pushed {self.engine.push_trainer(repository, 'latest')}")
+        console.print(f"   pushed {self.engine.push_trainer(repository, 'latest', image=image)}")
 
     def _launch(self) -> None:
         self.step(f"Launch run {self.run_id} with the CLI: a managed run, attempt 1 starts in seconds")
