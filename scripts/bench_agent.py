@@ -91,7 +91,8 @@ def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
         figures = {
             "SIGTERM": float(found["sigterm"].group(1)) - noticed,
             "ckpt S3": wait_until(lambda: exists(ckpt_key)) - noticed,
-            "logs S3": wait_until(lambda: exists(f"runs/{run_id}/attempts/1/logs/training.log", "received SIGTERM")) - noticed,
+            "logs S3": wait_until(lambda: exists(f"runs/{run_id}/attempts/1/logs/training.log", "received SIGTERM"))
+            - noticed,
             "status": wait_until(lambda: exists(f"runs/{run_id}/status.json", '"interrupted"')) - noticed,
         }
         wait_until(lambda: run.called("poweroff"))

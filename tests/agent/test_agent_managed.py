@@ -42,7 +42,9 @@ def stream_messages(run) -> list[str]:
 
 def test_attempt_2_resumes_writes_its_own_record_and_leaves_attempt_1_alone(make_run):
     training = "EPOCHS=30\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=5"
-    first = make_run(run_id="managed", checkpoint_sync_seconds=300, extra_env=training, tags={"training-infra:attempt": "1"})
+    first = make_run(
+        run_id="managed", checkpoint_sync_seconds=300, extra_env=training, tags={"training-infra:attempt": "1"}
+    )
     first.start().wait_for_log(r"checkpoint ckpt-000005")
     first.imds.inject_spot_interruption()
     first.wait(90)
@@ -139,6 +141,20 @@ def test_bad_deadline_at_fails_with_one_line_before_any_network_call(make_run):
         "TI_DEADLINE_AT='tomorrow 6pm' is not allowed: use an ISO 8601 UTC time such as 2026-11-29T18:00:00Z"
     )
     assert run.imds.requests == [] and not run.called("shutdown")
+    assert run.called("poweroff")
+
+
+def test_malformed_attempt_tag_fails_the_run_and_records_it_where_no_real_attempt_writes(make_run):
+    run = make_run(run_id="bad-attempt", tags={"training-infra:attempt": "two"}).run(timeout=60)
+
+    status = run.attempt_status(0)
+    assert (status["attempt"], status["outcome"]) == (0, "failed")
+    assert status["message"] == "tag training-infra:attempt='two' is not allowed: use a whole number from 1"
+    assert run.keys("runs/bad-attempt/attempts/") == [
+        "runs/bad-attempt/attempts/0/logs/training-setup.log",
+        "runs/bad-attempt/attempts/0/logs/training.log",
+        "runs/bad-attempt/attempts/0/status.json",
+    ]
     assert run.called("poweroff")
 
 
