@@ -38,6 +38,8 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "max_runtime_hours": "3.5",
         "log_retention_days": "14",
         "reserve_lambda_concurrency": "false",
+        # The opt-in trainer role (issue 15, item 1).
+        "trainer_s3_access": "true",
     },
     "on_demand": {"use_spot": "false", "auto_shutdown": "false", "create_instance": "true", "image_id": AMI},
     "existing_vpc": {"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": "subnet-0123456789abcdef0,subnet-0fedcba9876543210", "create_instance": "true"},

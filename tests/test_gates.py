@@ -18,13 +18,14 @@ VENV_BIN = Path(sys.executable).parent
 # `{data}` / `{outputs}`: the bucket ARN as the compute stack imports it (named through the construct).
 ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-EC29",
-    "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
-    "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]",
     "AwsSolutions-IAM5[Resource::*]",
     "AwsSolutions-IAM5[Resource::{data}/data/*]",
     "AwsSolutions-IAM5[Resource::{outputs}/runs/*]",
     "AwsSolutions-IAM5[Resource::{outputs}/checkpoints/*]",
     "AwsSolutions-IAM5[Resource::{outputs}/runs/latest/*]",
+    # The opt-in trainer role: its own run's prefixes, by the run-id session tag.
+    "AwsSolutions-IAM5[Resource::{outputs}/runs/<aws:PrincipalTag/training-infra:run-id>/*]",
+    "AwsSolutions-IAM5[Resource::{outputs}/checkpoints/<aws:PrincipalTag/training-infra:run-id>/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:cloudformation:<AWS::Region>:<AWS::AccountId>:stack/TrainingInfra-*/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
     "AwsSolutions-S1",

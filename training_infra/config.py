@@ -165,6 +165,9 @@ class Settings:
     # Reserve Lambda concurrency for the reaper (1: never two runs at once) and the notifier; new
     # accounts whose concurrency quota is still 10 cannot reserve any and must set this false.
     reserve_lambda_concurrency: bool = True
+    # Opt-in: a trainer role scoped to data/ and the run's own prefixes, for trainers that read S3
+    # themselves (streaming datasets). Off: the container holds no AWS credentials at all.
+    trainer_s3_access: bool = False
 
     @property
     def github_enabled(self) -> bool:
@@ -215,6 +218,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "checkpoint_sync_seconds": lambda n, v: _number(n, v, integer=True, lo=30, hi=86400),
     "retain_data": _parse_bool,
     "reserve_lambda_concurrency": _parse_bool,
+    "trainer_s3_access": _parse_bool,
 }
 
 

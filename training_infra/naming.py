@@ -18,7 +18,11 @@ TAG_MANAGED = "training-infra:managed"
 TAG_RUN_ID = "training-infra:run-id"
 TAG_DEADLINE = "training-infra:deadline"  # ISO 8601 UTC, e.g. 2026-11-28T18:00:00Z
 TAG_MAX_RUNTIME_HOURS = "training-infra:max-runtime-hours"
-
+# No run is longer, whatever its tags say (the max_runtime_hours setting's bound; the reaper holds to it).
+MAX_RUNTIME_HOURS_LIMIT = 168
+# The IAM path of the instance profile every run is launched with. A tag anyone with ec2:CreateTags
+# can add; this profile only someone allowed to pass the instance role: the reaper requires both.
+INSTANCE_PROFILE_PATH = f"/{PROJECT}/"
 
 
 def run_tags(run_id: str, *, max_runtime_hours: float, deadline: str = "") -> dict[str, str]:
@@ -54,6 +58,7 @@ OUTPUT_LAUNCH_TEMPLATE_ID = "LaunchTemplateId"
 OUTPUT_LOG_GROUP_NAME = "LogGroupName"
 OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
+OUTPUT_TRAINER_ROLE_ARN = "TrainerRoleArn"  # only with trainer_s3_access
 
 
 def snake_case(output_key: str) -> str:

@@ -69,6 +69,15 @@ class ComputeStack(Stack):
         )
         # A run reads data/ and writes runs/ and checkpoints/, nothing else of the buckets.
         storage.grant_run_access(self.compute.role)
+        if self.compute.trainer_role is not None:
+            # The opt-in trainer role: data/ and its own run's prefixes only (session tag = run id).
+            storage.grant_trainer_access(self.compute.trainer_role)
+            CfnOutput(
+                self,
+                naming.OUTPUT_TRAINER_ROLE_ARN,
+                value=self.compute.trainer_role.role_arn,
+                description="trainer_s3_access: the agent assumes this role (session tag training-infra:run-id) for the container",
+            )
         CfnOutput(self, naming.OUTPUT_LAUNCH_TEMPLATE_ID, value=self.compute.launch_template.launch_template_id or "", description="training-infra launch starts runs from this")
         CfnOutput(self, naming.OUTPUT_SUBNET_IDS, value=Fn.join(",", self.compute.subnet_ids), description="Subnets training-infra launch may use")
         CfnOutput(self, naming.OUTPUT_LOG_GROUP_NAME, value=self.compute.log_group.log_group_name, description="One log stream per run")
@@ -134,6 +143,7 @@ def compute_props(settings: Settings) -> ComputeProps:
         create_instance=settings.create_instance,
         run_id=settings.run_id,
         log_retention_days=settings.log_retention_days,
+        trainer_s3_access=settings.trainer_s3_access,
     )
 
 
