@@ -50,7 +50,7 @@ synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account n
 	cfn-lint cdk.out/*.template.json
 
 diff: setup  ## cdk diff against the account in your AWS credentials
-	$(CDK) diff --all $(CDK_FLAGS)
+	$(CDK) diff $(CDK_FLAGS)
 
 deploy: setup  ## cdk deploy every stack to the account in your AWS credentials
 	$(CDK) deploy --all --require-approval broadening $(CDK_FLAGS)

@@ -7,6 +7,8 @@ shipped) and "full" (which also turns the opt-in trainer role on).
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from aws_cdk.assertions import Match
@@ -221,3 +223,19 @@ def test_security_group_has_no_ingress_and_only_https_out(defaults):
             "SecurityGroupEgress": [Match.object_like({"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "CidrIp": "0.0.0.0/0"})],
         },
     )
+
+
+# --- info item: workflows that hold AWS credentials pin their actions ------------------------
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / ".github" / "workflows").glob("*.yml"))
+
+
+def test_workflows_that_get_aws_credentials_pin_every_action_to_a_commit_sha_with_its_version():
+    holding = [path for path in WORKFLOWS if "id-token: write" in path.read_text()]
+    assert {path.name for path in holding} == {"cdk-diff.yml", "image.yml"}
+    for path in holding:
+        uses = re.findall(r"uses:\s*(\S+)(.*)", path.read_text())
+        assert uses, path.name
+        for action, comment in uses:
+            assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", action), f"{path.name}: {action} is not pinned to a commit"
+            assert re.fullmatch(r"\s+# v\d+(\.\d+)*", comment), f"{path.name}: {action} names no version"
