@@ -93,7 +93,12 @@ def test_no_trainer_role_and_no_assume_grant_unless_opted_in(defaults):
     assert defaults.compute.trainer_role is None
     assert not any(a.startswith("sts:") for a in actions_of(defaults.role_statements(defaults.compute.role)))
     assert naming.OUTPUT_TRAINER_ROLE_ARN not in defaults.json.get("Outputs", {})
-    assert len(defaults.resources("AWS::IAM::Role")) == 2  # the instance role and the flow-log role
+    instance_role = {"Fn::GetAtt": [defaults.logical_id(defaults.compute.role), "Arn"]}
+    assert instance_role not in [
+        s["Principal"].get("AWS")
+        for r in defaults.resources("AWS::IAM::Role").values()
+        for s in r["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    ]
 
 
 def test_opt_in_trainer_role_trusts_only_the_instance_role_with_the_run_id_session_tag_for_an_hour(full):
@@ -212,6 +217,35 @@ def _statements_in(node):
     elif isinstance(node, list):
         for item in node:
             yield from _statements_in(item)
+
+
+@pytest.mark.parametrize("config", ["defaults", "private"])
+def test_default_security_group_is_emptied_once_by_aws_runbook_with_a_role_limited_to_that_group(synth, config):
+    view = _compute(synth(config))
+    vpc = view.logical_id(view.compute.vpc)
+    default_group = {"Fn::GetAtt": [vpc, "DefaultSecurityGroup"]}
+    [association] = view.resources("AWS::SSM::Association").values()
+    assert association["Properties"]["Name"] == "AWSConfigRemediation-RemoveVPCDefaultSecurityGroupRules"
+    assert association["Properties"]["Parameters"]["GroupId"] == [default_group]
+    [role_arn] = association["Properties"]["Parameters"]["AutomationAssumeRole"]
+    role_id = role_arn["Fn::GetAtt"][0]
+    role = view.json["Resources"][role_id]["Properties"]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "ssm.amazonaws.com"}
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    statements = [
+        s
+        for policy in view.resources("AWS::IAM::Policy").values()
+        if {"Ref": role_id} in policy["Properties"]["Roles"]
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    [revoke] = [s for s in statements if "ec2:RevokeSecurityGroupIngress" in as_list(s["Action"])]
+    assert sorted(revoke["Action"]) == ["ec2:RevokeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress"]
+    assert revoke["Resource"]["Fn::Join"][1][-2:] == [":security-group/", default_group]
+    assert "Lambda" not in json.dumps(view.json["Resources"]), "no custom resource: the local AWS cannot run one"
+
+
+def test_an_existing_vpcs_default_security_group_is_left_to_its_owner(synth):
+    assert _compute(synth("existing_vpc")).resources("AWS::SSM::Association") == {}
 
 
 def test_security_group_has_no_ingress_and_only_https_out(defaults):

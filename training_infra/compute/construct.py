@@ -16,6 +16,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
+from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from training_infra import naming
@@ -62,6 +63,8 @@ SSM_AGENT_MESSAGE_ACTIONS = (
 TRAINER_SESSION = Duration.hours(1)
 # The bucket ECR keeps image layers in; pulls through the S3 gateway endpoint read from it.
 ECR_LAYER_BUCKET = "prod-{region}-starport-layer-bucket"
+# AWS's own runbook that removes every rule of a VPC's default security group (no Lambda of ours).
+EMPTY_DEFAULT_SG_RUNBOOK = "AWSConfigRemediation-RemoveVPCDefaultSecurityGroupRules"
 # What the training instances do with S3 (the agent's sync/cp and a trainer's reads and writes).
 S3_ENDPOINT_ACTIONS = (
     "s3:AbortMultipartUpload",
@@ -247,6 +250,7 @@ class TrainingCompute(Construct):
             restrict_default_security_group=False,  # True needs a Lambda custom resource; the default SG is unused
         )
         self._limit_s3_endpoint(vpc.node.find_child("S3"))
+        self._empty_default_security_group(vpc)
         if network.availability_zones:
             # The zones are the user's explicit choice (spot capacity), not an accident of a template.
             for subnet in vpc.public_subnets + vpc.isolated_subnets:
@@ -281,6 +285,59 @@ class TrainingCompute(Construct):
                 resources=[f"arn:{stack.partition}:s3:::{layer_bucket}/*"],
             )
         )
+
+    def _empty_default_security_group(self, vpc: ec2.Vpc) -> None:
+        """Remove the default security group's rules (all traffic within the group, all out) once, at creation.
+
+        CloudFormation cannot revoke rules it did not create, and CDK's `restrict_default_security_group`
+        needs a Lambda custom resource (which the local AWS cannot run). A State Manager association
+        runs AWS's own runbook instead, once, with a role that may revoke rules of this group only.
+        Nothing uses the group (instances and endpoints have their own); this keeps a resource that
+        someone attaches it to later from talking to everything else that carries it.
+        """
+        stack = Stack.of(self)
+        group_arn = stack.format_arn(service="ec2", resource="security-group", resource_name=vpc.vpc_default_security_group)
+        role = iam.Role(
+            self,
+            "DefaultSecurityGroupRole",
+            description="Systems Manager Automation: remove the rules of this VPC's default security group, once",
+            assumed_by=iam.PrincipalWithConditions(
+                iam.ServicePrincipal("ssm.amazonaws.com"), {"StringEquals": {"aws:SourceAccount": stack.account}}
+            ),
+            max_session_duration=Duration.hours(1),
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(actions=["ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources=[group_arn])
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["ec2:DescribeSecurityGroups"],
+                resources=["*"],  # DescribeSecurityGroups has no resource-level permissions
+            )
+        )
+        # The runbook's documented needs: start itself and read its own execution.
+        runbook = f"arn:{stack.partition}:ssm:{stack.region}:{stack.account}:automation-definition/{EMPTY_DEFAULT_SG_RUNBOOK}:*"
+        executions = stack.format_arn(service="ssm", resource="automation-execution", resource_name="*")
+        role.add_to_policy(iam.PolicyStatement(actions=["ssm:StartAutomationExecution"], resources=[runbook]))
+        role.add_to_policy(iam.PolicyStatement(actions=["ssm:GetAutomationExecution"], resources=[executions]))
+        acknowledge_nag(
+            role,
+            "IAM5[Resource::*]",
+            "ec2:DescribeSecurityGroups has no resource-level permissions; the runbook reads the group before revoking its rules",
+        )
+        for resource, why in (
+            (runbook, "any version of the one AWS runbook this role exists for"),
+            (executions, "execution ids are made when the association runs"),
+        ):
+            acknowledge_nag(role, f"IAM5[Resource::{nag_name(role, resource)}]", f"Systems Manager Automation: {why}")
+        association = ssm.CfnAssociation(
+            self,
+            "EmptyDefaultSecurityGroup",
+            name=EMPTY_DEFAULT_SG_RUNBOOK,
+            parameters={"GroupId": [vpc.vpc_default_security_group], "AutomationAssumeRole": [role.role_arn]},
+        )
+        # The GetAtt already orders the role first; the policy must exist too before the runbook runs.
+        association.add_dependency(role.node.find_child("DefaultPolicy").node.default_child)
 
     def _private_endpoints(self) -> None:
         """Interface endpoints reachable only from the training instances' security group."""
