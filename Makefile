@@ -14,12 +14,19 @@ CDK := node_modules/.bin/cdk
 # The wheel's own npm launcher is broken; npm-cli.js under the same Node is what it would run.
 NPM := node $(NODE_DIR)/lib/node_modules/npm/bin/npm-cli.js
 CDK_FLAGS ?=
+# Where synth writes the cloud assembly that diff and deploy check and deploy.
+CDK_OUT ?= cdk.out
+# `make deploy ALLOW_DESTRUCTIVE=1`: go ahead although the deploy guard found a protected resource
+# to delete or a running training instance to touch.
+ALLOW_DESTRUCTIVE ?=
+# cdk deploy asks before widening IAM or security groups; `never` for scripts without a terminal.
+REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
 
-.PHONY: help setup test lint synth diff deploy destroy bench demo demo-spot clean
+.PHONY: help setup container-engine test lint synth diff deploy destroy bench demo demo-spot demo-container clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 # Reinstall only when a pin changes: the stamp files are newer than the pins otherwise.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -38,7 +45,12 @@ node_modules/.installed: package.json package-lock.json $(VENV)/.installed
 
 setup: $(VENV)/.installed node_modules/.installed  ## Create .venv, install pinned Python and Node tools
 
-test: setup  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
+# Debian's podman, runc and docker-registry for the agent's production (docker) path; needs root,
+# does nothing when installed; without root it says so and the container tests skip (fail if CI=true).
+container-engine:  ## Install the local container engine (podman, a registry) when missing
+	@bash scripts/setup_container_engine.sh
+
+test: setup container-engine  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup  ## ruff, shellcheck and actionlint only
@@ -49,25 +61,33 @@ synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account n
 	$(CDK) synth --quiet $(CDK_FLAGS)
 	cfn-lint cdk.out/*.template.json
 
-diff: setup  ## cdk diff against the account in your AWS credentials
-	$(CDK) diff $(CDK_FLAGS)
+diff: setup  ## cdk diff against the account in your AWS credentials, and what the deploy guard would stop
+	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(CDK) diff --app $(CDK_OUT)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
-deploy: setup  ## cdk deploy every stack to the account in your AWS credentials
-	$(CDK) deploy --all --require-approval broadening $(CDK_FLAGS)
+deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
+	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(ALLOW_DESTRUCTIVE),--allow-destructive)
+	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
-bench: setup  ## Benchmarks that print ratios: synth vs empty app, launch vs deploy, spot notice to SIGTERM
+bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs deploy, agent (process and container)
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
+	$(PY) scripts/bench_supervisor.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo
 
 demo-spot: setup  ## The demo with a spot interruption mid-run and a resumed second run
 	$(PY) -m training_infra.local.demo --spot-interruption
+
+demo-container: setup container-engine  ## The demo on the production docker path (podman, local registry as ECR; root)
+	$(PY) -m training_infra.local.demo --runtime docker
 
 clean:  ## Remove generated files (keeps .venv and node_modules)
 	rm -rf cdk.out .pytest_cache .ruff_cache demo-output .local

@@ -1,15 +1,32 @@
-"""Benchmark: how fast the real agent reacts to a spot interruption notice.
+"""Benchmark: how fast the real agent reacts to a spot interruption notice, and what the container costs.
 
-Runs the rendered user data under bash (process runtime) against a local moto server and a fake
-IMDS, set up by the agent tests' harness (tests/agent/agent_harness.py), with production timings (5 s spot poll, 60 s grace, checkpoints synced every 300 s, so only
-the notice path can save the checkpoint), and the example trainer at its default pace. For each
-round it injects a notice at a random moment and prints, from the notice:
+Runs the rendered user data under bash against a local moto server and a fake IMDS, set up by the
+agent tests' harness (tests/agent/agent_harness.py), with production timings (5 s spot poll, 60 s
+grace, checkpoints synced every 300 s, so only the notice path can save the checkpoint).
+
+Process runtime, the example trainer at its default pace: each round injects a notice at a random
+moment and prints, from the notice:
   * SIGTERM  - when the trainer's handler ran (its own log line);
   * ckpt S3  - when the checkpoint written on SIGTERM was readable in S3;
   * logs S3  - when runs/<id>/logs/training.log in S3 contained the SIGTERM line;
   * status   - when status.json (outcome interrupted) was in S3;
   * poweroff - when the power-off command ran.
-AWS gives 120 s. Usage: python scripts/bench_agent.py [--rounds 3]. Prints figures; asserts nothing.
+AWS gives 120 s.
+
+Container (docker) runtime on the local engine (podman, the local registry as ECR;
+training_infra/local/containers.py; skipped with one line where it cannot run), the busybox
+trainer, the image already in the engine's store (the agent's pull checks the registry but
+transfers no layer). A `docker` wrapper stamps each call, so each round prints the container
+path's own steps and overhead:
+  * login     - `docker login` (the password from `aws ecr get-login-password` is not counted:
+                the process runtime makes an AWS CLI call there too);
+  * pull      - `docker pull` with every layer present;
+  * run       - `docker run` to the trainer's first line inside the container;
+  * overhead  - their sum (target < 2 s);
+  * agent     - for scale: agent start to the trainer's first line (mostly AWS CLI calls);
+  * SIGTERM   - spot notice to the trainer's SIGTERM handler inside the container (target <= 6 s).
+Usage: python scripts/bench_agent.py [--rounds 3] [--skip-process|--skip-container]. Prints
+figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "agent")]
 
 from agent_harness import new_run  # noqa: E402 - the agent tests' harness: same fakes, same setup
 
+from training_infra.local.containers import ContainerEngine, unavailable_reason  # noqa: E402
 from training_infra.local.emulator import Emulator  # noqa: E402
 
 
@@ -84,26 +102,93 @@ def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
         run.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="notices to inject (one agent run each)")
-    args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds} is not allowed: use 1 or more")
-    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp, Emulator(Path(tmp) / "moto") as aws:
-        rounds = []
-        for number in range(args.rounds):
-            figures = one_round(aws, Path(tmp), number)
-            rounds.append(figures)
-            print(
-                f"round {number + 1}: " + "  ".join(f"{name} {value:5.1f}s" for name, value in figures.items()),
-                flush=True,
-            )
-    print("\nseconds after the spot notice (AWS reclaims the instance at 120 s)")
+TRAINER_STARTED = r"\[trainer\] started at ([0-9.]+)"
+
+
+TIMING_DOCKER = """#!/bin/bash
+# bench only: stamps each docker call, then runs the engine's docker script
+printf '%s %s\\n' "$1" "$(date +%s.%N)" >>{trace}
+[[ $1 != run ]] || exec {docker} "$@"
+{docker} "$@"
+rc=$?
+printf '%s-end %s\\n' "$1" "$(date +%s.%N)" >>{trace}
+exit $rc
+"""
+
+
+def container_round(aws: Emulator, engine: ContainerEngine, workdir: Path, number: int) -> dict[str, float]:
+    """One docker run of the busybox trainer, its docker calls stamped; a spot notice ends it."""
+    run = new_run(
+        aws, workdir / f"docker-{number}", run_id=f"bench-docker-{number}", engine=engine, extra_env="EPOCHS=100000"
+    )
+    trace = run.tmp / "docker-trace"
+    wrapper = run.tmp / "bin" / "docker-timed"
+    wrapper.write_text(TIMING_DOCKER.format(trace=trace, docker=engine.docker))
+    wrapper.chmod(0o755)
+    run.env["TI_DOCKER"] = str(wrapper)
+    try:
+        engine.podman("pull", "--quiet", f"{run.config.image_uri}:{run.config.image_tag}")  # no layer transfer
+        trainer_at = float(run.start().wait_for_log(TRAINER_STARTED, timeout=180).group(1))
+        stamps = {verb: float(at) for verb, at in (line.split() for line in trace.read_text().splitlines())}
+        figures = {
+            "login": stamps["login-end"] - stamps["login"],
+            "pull": stamps["pull-end"] - stamps["pull"],
+            "run": trainer_at - stamps["run"],
+        }
+        figures["overhead"] = sum(figures.values())
+        figures["agent"] = trainer_at - run.started_at
+        run.wait_for_log(r"epoch 2/", timeout=60)
+        time.sleep(random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
+        noticed = time.time()
+        run.imds.inject_spot_interruption()
+        figures["SIGTERM"] = float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)", timeout=60).group(1)) - noticed
+        run.wait(timeout=180)
+    finally:
+        run.close()
+    return figures
+
+
+def report(title: str, rounds: list[dict[str, float]]) -> None:
+    print(f"\n{title}")
     print(f"{'':10}{'min':>7}{'median':>8}{'max':>7}")
     for name in rounds[0]:
         values = [r[name] for r in rounds]
         print(f"{name:10}{min(values):7.1f}{statistics.median(values):8.1f}{max(values):7.1f}")
+
+
+def print_round(number: int, figures: dict[str, float]) -> None:
+    print(f"round {number + 1}: " + "  ".join(f"{name} {value:5.1f}s" for name, value in figures.items()), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="notices to inject (one agent run each)")
+    parser.add_argument("--skip-process", action="store_true", help="only the container runtime's figures")
+    parser.add_argument("--skip-container", action="store_true", help="only the process runtime's figures")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} is not allowed: use 1 or more")
+    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp, Emulator(Path(tmp) / "moto") as aws:
+        if not args.skip_process:
+            print("process runtime, example trainer, production timings", flush=True)
+            rounds = []
+            for number in range(args.rounds):
+                rounds.append(one_round(aws, Path(tmp), number))
+                print_round(number, rounds[-1])
+            report("seconds after the spot notice (AWS reclaims the instance at 120 s)", rounds)
+        reason = unavailable_reason()
+        if args.skip_container:
+            return
+        if reason:
+            print(f"\ncontainer runtime: skipped ({reason})")
+            return
+        print("\ncontainer runtime (podman, local registry as ECR), busybox trainer", flush=True)
+        with ContainerEngine(Path(tmp) / "engine") as engine:
+            rounds = []
+            for number in range(args.rounds):
+                rounds.append(container_round(aws, engine, Path(tmp), number))
+                print_round(number, rounds[-1])
+        report("seconds: the container path's own steps (overhead target < 2 s); notice to SIGTERM (<= 6 s)", rounds)
 
 
 if __name__ == "__main__":

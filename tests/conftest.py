@@ -49,6 +49,24 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "existing_oidc_provider_arn": "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com",
     },
 }
+# Deployed to the local AWS by tests/test_deploy_guard.py (moto knows this AMI id), then the same with
+# a new run id; the gates above need not see them again.
+LOCAL_AWS_CONFIGURATIONS: dict[str, dict[str, str]] = {
+    "guarded": {
+        "github_repo": "acme/trainer",
+        "alert_email": "ml-team@example.com",
+        "create_instance": "true",
+        "image_id": "ami-12c6146b",
+        "run_id": "guard-run-1",
+    },
+    "guarded_new_run": {
+        "github_repo": "acme/trainer",
+        "alert_email": "ml-team@example.com",
+        "create_instance": "true",
+        "image_id": "ami-12c6146b",
+        "run_id": "guard-run-2",
+    },
+}
 
 
 class StackView:
@@ -143,7 +161,7 @@ def synth(tmp_path_factory):
 
     def get(name: str) -> Synth:
         if name not in cache:
-            cache[name] = synthesize(tmp_path_factory.mktemp(f"cdk-{name}"), CONFIGURATIONS[name])
+            cache[name] = synthesize(tmp_path_factory.mktemp(f"cdk-{name}"), {**CONFIGURATIONS, **LOCAL_AWS_CONFIGURATIONS}[name])
         return cache[name]
 
     return get

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -68,3 +69,40 @@ def test_destroying_compute_keeps_every_other_stack_and_the_data(finished_demo):
     assert naming.COMPUTE_STACK not in finished_demo["stacks"]
     assert {naming.STORAGE_STACK, naming.REGISTRY_STACK, naming.SAFETY_STACK} <= finished_demo["stacks"]
     assert finished_demo["keys"]["data"], "the uploaded dataset is still there"
+
+
+def _steps(console: str) -> list[tuple[str, list[str]]]:
+    """The narration as (heading, lines under it), headings being `N. text`."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in console.splitlines():
+        if re.match(r"^\d+\. ", line):
+            steps.append((line, []))
+        elif steps and line.strip():
+            steps[-1][1].append(line)
+    return steps
+
+
+def test_every_step_heading_is_followed_by_what_the_step_did(finished_demo):
+    """Issue 14: step 7 ("Relaunch ...") was an empty heading followed at once by step 8."""
+    steps = _steps(finished_demo["console"])
+    assert [number for number, (heading, _) in enumerate(steps, 1) if not heading.startswith(f"{number}. ")] == []
+    assert [heading for heading, lines in steps if not lines] == []
+
+
+def test_waiting_on_the_instance_shows_the_training_log_as_it_grows_once(finished_demo):
+    """Issue 14: the steps that wait on the instance sat silent for about 20 s."""
+    plays = [lines for heading, lines in _steps(finished_demo["console"]) if "Play the instance" in heading]
+    assert len(plays) == 2
+    for lines in plays:
+        shown = [line for line in lines if line.startswith("   │ ")]
+        assert any("[trainer] epoch" in line for line in shown)
+        assert len(shown) == len(set(shown)), "a log line is shown once"
+        assert any(line.startswith("   the agent ended ") and line.endswith(" s later and powered the instance off") for line in lines)
+    assert any("resumed from checkpoint" in line for line in plays[1])
+
+
+def test_the_image_step_prints_nothing_the_command_above_it_did_not_print(finished_demo):
+    """Issue 14: step 3 printed `training-infra:latest` under `training-infra outputs ecr_repository_uri`."""
+    [(_, lines)] = [step for step in _steps(finished_demo["console"]) if "Push a training image" in step[0]]
+    assert lines[0].strip().startswith("$ ") and lines[0].endswith("outputs ecr_repository_uri")
+    assert lines[1:] == ["   ECR PutImage: a stand-in manifest tagged training-infra:latest (on AWS, the image workflow pushes the real one)"]

@@ -18,6 +18,7 @@ PINNED = {
         "StorageAccessLogsBucketFEE4D6FB": "AWS::S3::Bucket",
         "StorageDataBucketB1B922FA": "AWS::S3::Bucket",
         "StorageOutputsBucket49742862": "AWS::S3::Bucket",
+        "RunTableEC064379": "AWS::DynamoDB::Table",
     },
     naming.REGISTRY_STACK: {
         "RegistryRepositoryC6C96DCD": "AWS::ECR::Repository",

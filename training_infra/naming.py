@@ -23,6 +23,9 @@ MAX_RUNTIME_HOURS_LIMIT = 168
 # The IAM path of the instance profile every run is launched with. A tag anyone with ec2:CreateTags
 # can add; this profile only someone allowed to pass the instance role: the reaper requires both.
 INSTANCE_PROFILE_PATH = f"/{PROJECT}/"
+TAG_ATTEMPT = "training-infra:attempt"  # 1, 2, ...: which attempt of its run an instance is
+TAG_STOP = "training-infra:stop"  # set by the supervisor: the agent stops gracefully (user, budget, stall)
+
 
 
 def run_tags(run_id: str, *, max_runtime_hours: float, deadline: str = "") -> dict[str, str]:
@@ -59,6 +62,8 @@ OUTPUT_LOG_GROUP_NAME = "LogGroupName"
 OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
 OUTPUT_TRAINER_ROLE_ARN = "TrainerRoleArn"  # only with trainer_s3_access
+OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
+OUTPUT_INSTANCE_TYPES = "InstanceTypes"  # comma-joined; what a managed run may use unless launch says otherwise
 
 
 def snake_case(output_key: str) -> str:

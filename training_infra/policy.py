@@ -20,6 +20,16 @@ def acknowledge_nag(scope: Construct, finding: str, reason: str) -> None:
     Validations.of(scope).acknowledge(Acknowledgment(id=f"AwsSolutions::AwsSolutions-{finding}", reason=reason))
 
 
+def as_seen_from(consumer: Construct, producer: Construct, value: str) -> str:
+    """`value` (an attribute of `producer`, e.g. a bucket ARN) as `consumer`'s stack will reference it.
+
+    Across stacks that is an import of the very export CDK would create for the reference anyway,
+    so a policy and the cdk-nag acknowledgement for it name the same thing (see `nag_name`).
+    """
+    home = Stack.of(producer)
+    return home.export_value(value) if Stack.of(consumer) is not home else value
+
+
 def nag_name(scope: Construct, value: str) -> str:
     """How cdk-nag writes `value` (an ARN, often with tokens) in a finding of a resource in `scope`'s stack.
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from aws_cdk import App, CfnOutput, Fn, Stack, Validations
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
@@ -14,6 +16,7 @@ from training_infra.config import Settings
 from training_infra.registry.construct import RegistryProps, TrainingRegistry
 from training_infra.safety.construct import SafetyProps, TrainingSafety
 from training_infra.storage.construct import StorageProps, TrainingStorage
+from training_infra.supervisor.construct import RunTable, SupervisorProps, TrainingSupervisor
 
 DESCRIPTION = "training-infra: cheap, safe spot GPU training"
 
@@ -22,8 +25,10 @@ class StorageStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
         super().__init__(scope, construct_id, description=f"{DESCRIPTION} - data and outputs (retained)", termination_protection=True)
         self.storage = TrainingStorage(self, "Storage", props=storage_props(settings))
+        self.run_table = RunTable(self, "RunTable", retain=settings.retain_data)
         CfnOutput(self, naming.OUTPUT_TRAINING_BUCKET, value=self.storage.data_bucket.bucket_name, description="Training data: upload to data/")
         CfnOutput(self, naming.OUTPUT_OUTPUTS_BUCKET, value=self.storage.outputs_bucket.bucket_name, description="Run outputs: runs/<run-id>/")
+        CfnOutput(self, naming.OUTPUT_RUN_TABLE, value=self.run_table.table.table_name, description="Managed runs and their attempts")
 
 
 class RegistryStack(Stack):
@@ -54,8 +59,10 @@ class ComputeStack(Stack):
         *,
         settings: Settings,
         storage: TrainingStorage,
+        run_table: dynamodb.ITable,
         repository: ecr.IRepository,
         alerts_topic: sns.ITopic,
+        alerts_key: kms.IKey,
     ) -> None:
         super().__init__(scope, construct_id, description=f"{DESCRIPTION} - network, launch template, training instance")
         self.compute = TrainingCompute(
@@ -78,8 +85,25 @@ class ComputeStack(Stack):
                 value=self.compute.trainer_role.role_arn,
                 description="trainer_s3_access: the agent assumes this role (session tag training-infra:run-id) for the container",
             )
+        # The supervisor keeps managed runs going: it launches with the instance role, records in the run table.
+        self.supervisor = TrainingSupervisor(
+            self,
+            "Supervisor",
+            props=SupervisorProps(log_retention_days=settings.log_retention_days, reserve_lambda_concurrency=settings.reserve_lambda_concurrency),
+            run_table=run_table,
+            outputs_bucket=storage.outputs_bucket,
+            instance_role=self.compute.role,
+            alerts_topic=alerts_topic,
+            alerts_key=alerts_key,
+        )
         CfnOutput(self, naming.OUTPUT_LAUNCH_TEMPLATE_ID, value=self.compute.launch_template.launch_template_id or "", description="training-infra launch starts runs from this")
         CfnOutput(self, naming.OUTPUT_SUBNET_IDS, value=Fn.join(",", self.compute.subnet_ids), description="Subnets training-infra launch may use")
+        CfnOutput(
+            self,
+            naming.OUTPUT_INSTANCE_TYPES,
+            value=",".join(settings.instance_types or (settings.instance_type,)),
+            description="Instance types a managed run may use (training-infra launch --instance-types overrides)",
+        )
         CfnOutput(self, naming.OUTPUT_LOG_GROUP_NAME, value=self.compute.log_group.log_group_name, description="One log stream per run")
         if self.compute.instance is not None:
             CfnOutput(self, naming.OUTPUT_INSTANCE_ID, value=self.compute.instance.ref, description="The training instance of this deploy")
@@ -169,7 +193,9 @@ def build_app(settings: Settings, *, app: App | None = None) -> App:
         naming.COMPUTE_STACK,
         settings=settings,
         storage=storage.storage,
+        run_table=storage.run_table.table,
         repository=registry.registry.repository,
         alerts_topic=safety.safety.alerts_topic,
+        alerts_key=safety.safety.alerts_key,
     )
     return app

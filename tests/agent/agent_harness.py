@@ -4,8 +4,11 @@
 dataset uploaded), ECR repository with an image, log group and alert topic (a uuid in the names,
 so runs are independent and safe under pytest-xdist), fake `shutdown`/`poweroff`/`nvidia-smi`,
 a fresh `FakeImds`, and the environment that runs the real rendered user data under bash with the
-`process` runtime. Between the agent and moto sits a small reverse proxy that records every AWS
-request in order (to prove that `_SUCCESS` is written last) and can fail S3 requests on purpose.
+`process` runtime, or, given a `ContainerEngine` (training_infra/local/containers.py), with the
+production `docker` runtime: the busybox trainer image pushed to the engine's registry under the
+run's ECR repository name, and the agent started where that registry answers as ECR. Between the
+agent and moto sits a small reverse proxy that records every AWS request in order (to prove that
+`_SUCCESS` is written last) and can fail S3 requests on purpose.
 Timings not given are the production defaults of `AgentConfig`; the tests pass faster ones.
 """
 
@@ -29,6 +32,7 @@ from urllib.parse import urlsplit
 import boto3
 
 from training_infra.compute.user_data import AgentConfig, render_user_data
+from training_infra.local.containers import ContainerEngine
 from training_infra.local.emulator import FAKE_CREDENTIALS, Emulator
 from training_infra.local.imds import FakeImds
 
@@ -152,6 +156,9 @@ class AgentRun:
     process: subprocess.Popen | None = None
     returncode: int | None = None
     extra: dict = field(default_factory=dict)
+    engine: ContainerEngine | None = None  # the docker runtime on a real engine, else the process runtime
+    registry_address: str | None = None  # where the ECR host name points (None: the engine's registry)
+    started_at: float = 0.0  # time.time() when the agent was started
 
     @property
     def root(self) -> Path:
@@ -165,8 +172,12 @@ class AgentRun:
         script = self.tmp / "user-data.sh"
         script.write_text(render_user_data(self.config))
         subprocess.run(["bash", "-n", str(script)], check=True)
+        argv = ["bash", str(script)]
+        if self.engine is not None:
+            argv = self.engine.in_namespace(argv, registry_address=self.registry_address)
+        self.started_at = time.time()
         self.process = subprocess.Popen(
-            ["bash", str(script)],
+            argv,
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -268,6 +279,7 @@ def new_run(
     fail_s3_every: int = 0,
     with_image: bool = True,
     with_data: bool = True,
+    engine: ContainerEngine | None = None,
     **overrides,
 ) -> AgentRun:
     """A ready, not yet started agent run in `run_dir`; `overrides` are AgentConfig fields."""
@@ -287,7 +299,9 @@ def new_run(
     repository = f"trainer-{suffix}"
     ecr = session.client("ecr", endpoint_url=aws.endpoint)
     ecr.create_repository(repositoryName=repository)
-    if with_image:
+    if with_image and engine is not None:
+        engine.push_trainer(repository, "v1")
+    elif with_image:
         ecr.put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag="v1")
     log_group = f"/training-infra/{suffix}"
     session.client("logs", endpoint_url=aws.endpoint).create_log_group(logGroupName=log_group)
@@ -312,7 +326,8 @@ def new_run(
             "outputs_bucket": outputs_bucket,
             "image_uri": f"{ACCOUNT}.dkr.ecr.{aws.region}.amazonaws.com/{repository}",
             "image_tag": "v1",
-            "training_command": f"{sys.executable} {TRAIN_PY}",
+            # The container runs its image's CMD (the busybox trainer); the process runtime, train.py.
+            "training_command": "" if engine else f"{sys.executable} {TRAIN_PY}",
             "region": aws.region,
             "log_group": log_group,
             "alerts_topic_arn": topic_arn,
@@ -330,12 +345,13 @@ def new_run(
         "AWS_ENDPOINT_URL": proxy.url,
         "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
         "TI_ROOT": str(run_dir / "root"),
-        "TI_RUNTIME": "process",
+        "TI_RUNTIME": "docker" if engine else "process",
+        **({"TI_DOCKER": str(engine.docker)} if engine else {}),
         "TI_POWEROFF_CMD": str(bin_dir / "poweroff"),
         "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
         "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
         **(env or {}),
     }
-    run = AgentRun(tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3)
+    run = AgentRun(tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3, engine=engine)
     run.extra.update(queue_url=queue_url, sqs=sqs, session=session)
     return run

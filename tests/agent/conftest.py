@@ -7,12 +7,14 @@ timings than production so each scenario takes seconds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from agent_harness import AgentRun, new_run
 
+from training_infra.local.containers import ContainerEngine, unavailable_reason
 from training_infra.local.emulator import Emulator
 
 TEST_TIMINGS = {
@@ -30,6 +32,23 @@ TEST_ENV = {"TI_RETRY_BASE_SECONDS": "1", "TI_LOG_SHIP_SECONDS": "5"}
 def aws(tmp_path_factory) -> Iterator[Emulator]:
     with Emulator(tmp_path_factory.mktemp("moto")) as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def container_engine(tmp_path_factory) -> Iterator[ContainerEngine]:
+    """podman + a registry playing ECR + the busybox trainer image, for the whole session.
+
+    Skipped with one line where the engine cannot run (no root, packages missing); with CI=true
+    that is a failure: CI runs as root and `make test` installs the engine first.
+    """
+    reason = unavailable_reason()
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and the container engine is missing: {reason}", pytrace=False)
+    if reason:
+        pytest.skip(reason)
+    engine = ContainerEngine(tmp_path_factory.mktemp("container-engine")).start()
+    yield engine
+    engine.stop()
 
 
 @pytest.fixture

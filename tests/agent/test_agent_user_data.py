@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import gzip
+import io
 import shlex
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from training_infra.compute.user_data import (
     AGENT_DIR,
+    AGENT_FILES,
     AGENT_SCRIPT,
     USER_DATA_LIMIT_BYTES,
     AgentConfig,
+    pack_agent,
     render_user_data,
+    shipped_bytes,
     with_run_overrides,
 )
 
@@ -46,15 +50,39 @@ def test_rendered_user_data_with_run_overrides_fits_the_ec2_limit():
     assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - 2048
 
 
-def test_user_data_exports_every_setting_and_unpacks_the_exact_agent():
+def test_user_data_exports_every_setting_and_unpacks_agent_sh_and_its_python_tools(tmp_path):
     rendered = render_user_data(PRODUCTION)
     for setting in dataclasses.fields(AgentConfig):
         value = getattr(PRODUCTION, setting.name)
         if isinstance(value, bool):
             value = "true" if value else "false"
         assert f"export TI_{setting.name.upper()}={shlex.quote(str(value))}\n" in rendered
-    encoded = rendered.split("<<'TRAINING_INFRA_AGENT'\n", 1)[1].split("\nTRAINING_INFRA_AGENT", 1)[0]
-    assert gzip.decompress(base64.b64decode(encoded)) == AGENT_SCRIPT.read_bytes()
+    # Run the user data's own unpacking lines (everything but the final exec) under bash.
+    unpack = rendered.rsplit('exec bash "$agent_dir/agent.sh"', 1)[0]
+    subprocess.run(["bash", "-c", unpack], env={"TI_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
+    unpacked = tmp_path / "opt" / "training-infra"
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in AGENT_FILES)
+    assert (unpacked / "agent_tools.py").read_bytes() == (AGENT_DIR / "agent_tools.py").read_bytes()
+    assert (unpacked / "agent.sh").read_bytes() == shipped_bytes(AGENT_SCRIPT)
+    assert (unpacked / "agent.sh").stat().st_mode & 0o111, "agent.sh is executable"
+
+
+def test_shipped_agent_sh_drops_only_comment_lines():
+    source = AGENT_SCRIPT.read_text().splitlines()
+    shipped = shipped_bytes(AGENT_SCRIPT).decode().splitlines()
+    assert shipped[0] == "#!/bin/bash"
+    assert [line for line in source if not line.lstrip().startswith("#")] == shipped[1:]
+    assert len(shipped) < len(source)
+
+
+def test_agent_package_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
+    first, second = pack_agent(), pack_agent()
+    assert first == second
+    with tarfile.open(fileobj=io.BytesIO(first), mode="r:gz") as tar:
+        assert {(m.name, m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {
+            (p.name, 0, 0, "") for p in AGENT_FILES
+        }
+    assert base64.b64encode(first).decode()[:76] in render_user_data(PRODUCTION)
 
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)

@@ -32,6 +32,24 @@ IMAGE_ID = "ami-0123456789abcdef0"
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"
 TEMPLATE_INSTANCE_TYPE = "g5.xlarge"
 STACK_MAX_RUNTIME_SECONDS = 12 * 3600
+STACK_INSTANCE_TYPES = (TEMPLATE_INSTANCE_TYPE, "g6.xlarge")
+# The run table as the storage stack declares it (training_infra/supervisor/construct.py).
+RUN_TABLE = {
+    "Type": "AWS::DynamoDB::Table",
+    "Properties": {
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [{"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")],
+        "KeySchema": [{"AttributeName": "run_id", "KeyType": "HASH"}],
+        "GlobalSecondaryIndexes": [
+            {"IndexName": "Active", "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}], "Projection": {"ProjectionType": "ALL"}},
+            {
+                "IndexName": "ByCreated",
+                "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+        ],
+    },
+}
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +89,11 @@ def stack_templates(user_data: str, region: str, *, use_spot: bool = True, publi
     real compute stack does; empty leaves it out, as an older stack would.
     """
     storage = {
-        "Resources": {"Data": {"Type": "AWS::S3::Bucket"}, "Outputs": {"Type": "AWS::S3::Bucket"}},
+        "Resources": {"Data": {"Type": "AWS::S3::Bucket"}, "Outputs": {"Type": "AWS::S3::Bucket"}, "Runs": RUN_TABLE},
         "Outputs": {
             naming.OUTPUT_TRAINING_BUCKET: {"Value": {"Ref": "Data"}},
             naming.OUTPUT_OUTPUTS_BUCKET: {"Value": {"Ref": "Outputs"}},
+            naming.OUTPUT_RUN_TABLE: {"Value": {"Ref": "Runs"}},
         },
     }
     registry = {
@@ -139,6 +158,7 @@ def stack_templates(user_data: str, region: str, *, use_spot: bool = True, publi
         "Outputs": {
             naming.OUTPUT_LAUNCH_TEMPLATE_ID: {"Value": {"Ref": "Template"}},
             naming.OUTPUT_LOG_GROUP_NAME: {"Value": {"Ref": "Logs"}},
+            naming.OUTPUT_INSTANCE_TYPES: {"Value": ",".join(STACK_INSTANCE_TYPES)},
             **(
                 {naming.OUTPUT_SUBNET_IDS: {"Value": {"Fn::Join": [",", [{"Ref": f"Subnet{'ab'.index(z)}"} for z in published_zones]]}}}
                 if published_zones
@@ -249,24 +269,24 @@ def stacks(deployed) -> Deployment:
 
 
 class Ec2Faults:
-    """A loopback proxy for EC2 that answers RunInstances with a chosen AWS error.
+    """A loopback proxy for EC2 that answers CreateFleet with a chosen per-pool error in every pool.
 
     Capacity and quota errors cannot be produced by moto; everything else is forwarded to it, so
-    the CLI still talks real HTTP and botocore parses a real EC2 error document.
+    the CLI still talks real HTTP and botocore parses a real CreateFleet response (its errorSet).
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.error_code = "InsufficientInstanceCapacity"
-        self.run_instances_calls: list[str] = []
+        self.fleet_calls: list[str] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if b"Action=RunInstances" in body:
-                    proxy.run_instances_calls.append(body.decode())
-                    self._reply(400, _ec2_error(proxy.error_code).encode(), "text/xml")
+                if b"Action=CreateFleet" in body:
+                    proxy.fleet_calls.append(body.decode())
+                    self._reply(200, _fleet_errors(body.decode(), proxy.error_code).encode(), "text/xml")
                     return
                 request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST")
                 for name in ("Content-Type", "Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
@@ -295,11 +315,29 @@ class Ec2Faults:
         self.server.server_close()
 
 
-def _ec2_error(code: str) -> str:
+def _fleet_errors(request: str, code: str) -> str:
+    """CreateFleet's answer when no pool can launch: an errorSet entry per override, no instances."""
+    import re
+    from urllib.parse import unquote
+
+    fields = dict(pair.split("=", 1) for pair in request.split("&") if "=" in pair)
+    market = unquote(fields.get("TargetCapacitySpecification.DefaultTargetCapacityType", "spot"))
+    template = unquote(fields.get("LaunchTemplateConfigs.1.LaunchTemplateSpecification.LaunchTemplateId", ""))
+    items = []
+    for index in sorted({int(m) for m in re.findall(r"LaunchTemplateConfigs\.1\.Overrides\.(\d+)\.InstanceType", request)}):
+        instance_type = unquote(fields[f"LaunchTemplateConfigs.1.Overrides.{index}.InstanceType"])
+        subnet = unquote(fields.get(f"LaunchTemplateConfigs.1.Overrides.{index}.SubnetId", ""))
+        items.append(
+            "<item><launchTemplateAndOverrides><launchTemplateSpecification>"
+            f"<launchTemplateId>{template}</launchTemplateId><version>1</version></launchTemplateSpecification>"
+            f"<overrides><instanceType>{instance_type}</instanceType><subnetId>{subnet}</subnetId></overrides>"
+            f"</launchTemplateAndOverrides><lifecycle>{market}</lifecycle><errorCode>{code}</errorCode>"
+            f"<errorMessage>injected {code} for the test</errorMessage></item>"
+        )
     return (
-        '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-        f"<Code>{code}</Code><Message>injected {code} for the test</Message>"
-        "</Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>"
+        '<?xml version="1.0" encoding="UTF-8"?><CreateFleetResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        "<requestId>00000000-0000-0000-0000-000000000000</requestId><fleetId>fleet-00000000-0000-0000-0000-000000000000</fleetId>"
+        f"<errorSet>{''.join(items)}</errorSet><fleetInstanceSet/></CreateFleetResponse>"
     )
 
 

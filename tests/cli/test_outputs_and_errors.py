@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -132,3 +134,75 @@ def test_console_script_entry_point_is_the_typer_app():
 
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts")}
     assert scripts["training-infra"].load() is main
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:5610", "not a url at all"])
+def test_aws_endpoint_url_without_a_scheme_is_one_line_naming_the_variable(stacks, endpoint):
+    """Issue 14: botocore's "Invalid endpoint" was a 62-line traceback; the AWS CLI prints one line."""
+    env = {**os.environ, **stacks.env, "AWS_ENDPOINT_URL": endpoint}
+    result = subprocess.run([sys.executable, "-m", "training_infra", "status"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr == f"error: environment variable 'AWS_ENDPOINT_URL': got {endpoint!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com\n"
+
+
+def test_other_botocore_configuration_errors_are_one_line(stacks):
+    result = stacks.cli("outputs", env={"AWS_ENDPOINT_URL": "http://[not-an-ipv6"})
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: AWS configuration error: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_an_endpoint_answering_an_html_error_page_is_one_line_not_a_parser_traceback(stacks):
+    """What a proxy, or the emulator failing, answers: botocore's ResponseParserError is not a BotoCoreError."""
+
+    class HtmlErrorPage(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b"<!doctype html><title>500 Internal Server Error</title>"
+            self.send_response(500)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HtmlErrorPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = stacks.cli("outputs", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_MAX_ATTEMPTS": "1"})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: the AWS endpoint answered something that is not an AWS response")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (("status", "--limit", "x"), "option '--limit': got 'x'; allowed: a whole number of at least 1"),
+        (("cost", "--days", "0"), "option '--days': got '0'; allowed: a whole number of at least 1"),
+        (("status", "--bogus"), "No such option: --bogus (see `training-infra status --help`)"),
+        (("logs",), "Missing argument 'RUN'. (see `training-infra logs --help`)"),
+        (("lanch",), "No such command 'lanch'."),
+        (("status", "--region"), "Option '--region' requires an argument."),
+    ],
+)
+def test_every_usage_error_is_the_same_one_line_as_the_others_with_exit_2(stacks, argv, fragment):
+    """Issue 14: `--max-runtime-hours abc` (and every click-parsed mistake) printed a boxed multi-line panel."""
+    assert fragment in stacks.usage_error(*argv)
+
+
+def test_version_prints_the_installed_version(stacks):
+    from importlib.metadata import version
+
+    result = stacks.cli("--version")
+
+    assert result.exit_code == 0
+    assert result.stdout == f"training-infra {version('training-infra')}\n"

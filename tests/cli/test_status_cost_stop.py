@@ -31,6 +31,16 @@ def _launch(stacks, run_id: str, *args: str) -> dict:
     return instance
 
 
+def _legacy_instance(stacks, run_id: str, *, market: str = "on-demand") -> dict:
+    """An instance as `launch` made them before managed runs (tags, no run record): still shown and stopped."""
+    tags = {**naming.run_tags(run_id, max_runtime_hours=12, deadline="2030-01-01T00:00:00Z"), "Name": naming.instance_name(run_id)}
+    extra = {"InstanceMarketOptions": {"MarketType": "spot"}} if market == "spot" else {}
+    return stacks.client("ec2").run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}], **extra,
+    )["Instances"][0]  # fmt: skip
+
+
 def _status_json(stacks, run_id: str) -> dict:
     result = stacks.cli("status", run_id, "--json")
     assert result.exit_code == 0, result.output
@@ -63,10 +73,12 @@ def test_status_of_a_running_on_demand_run_shows_uptime_deadline_and_list_price_
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
     assert row["deadline"] == tags[naming.TAG_DEADLINE]
 
+    assert [a["attempt"] for a in row["attempts"]] == [1] and row["tries"] == 1
     table = stacks.cli("status", "status-live").stdout
-    line = next(line for line in table.splitlines() if "status-live" in line)
-    for cell in (instance["InstanceId"], "g5.xlarge", "on-demand", "running", "1h 30m", tags[naming.TAG_DEADLINE], "$1.51"):
-        assert cell in line
+    assert "run status-live: running" in table and f"deadline {tags[naming.TAG_DEADLINE]}" in table
+    line = next(line for line in table.splitlines() if instance["InstanceId"] in line)
+    for cell in ("g5.xlarge", "on-demand", "running", "1h 30m", "$1.51"):
+        assert cell in line, "the attempt's row"
 
 
 def test_status_of_a_running_spot_run_prices_it_from_the_spot_price_history(stacks, monkeypatch):
@@ -96,8 +108,8 @@ def test_status_of_a_finished_run_shows_its_outcome_from_status_json(stacks):
         assert cell in line
 
 
-def test_status_joins_an_ended_instance_with_its_status_json(stacks):
-    instance = _launch(stacks, "status-joined", "--on-demand")
+def test_status_joins_an_ended_legacy_instance_with_its_status_json(stacks):
+    instance = _legacy_instance(stacks, "status-joined")
     stacks.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
     stacks.put_status(
         _finished("status-joined", start="2026-11-21T08:00:00Z", end="2026-11-21T09:00:00Z", market="on-demand",
@@ -186,15 +198,31 @@ def test_cost_with_no_runs_in_the_window_says_so(cost_region, monkeypatch):
 # ---- stop ---------------------------------------------------------------------------------
 
 
-def test_stop_terminates_the_runs_instance(stacks):
+def test_stop_asks_a_managed_run_to_end_gracefully_and_never_relaunch(stacks):
     instance = _launch(stacks, "stop-me")
 
     result = stacks.cli("stop", "stop-me")
 
     assert result.exit_code == 0, result.output
+    assert f"stopping run stop-me on {instance['InstanceId']}: no more attempts" in result.stdout
+    tags = {t["Key"]: t["Value"] for t in stacks.instance(instance["InstanceId"])["Tags"]}
+    assert tags[naming.TAG_STOP] == "user", "the agent sees the stop through IMDS tags and stops the trainer gracefully"
+    assert stacks.instance(instance["InstanceId"])["State"]["Name"] == "running", "terminated only after the grace"
+    row = _status_json(stacks, "stop-me")
+    assert row["state"] == "stopping" and row["managed"]["stop_requested_at"]
+    again = stacks.cli("stop", "stop-me")
+    assert again.exit_code == 0 and "already stopping" in again.stdout
+
+
+def test_stop_terminates_a_legacy_runs_instance(stacks):
+    instance = _legacy_instance(stacks, "stop-legacy")
+
+    result = stacks.cli("stop", "stop-legacy")
+
+    assert result.exit_code == 0, result.output
     assert stacks.instance(instance["InstanceId"])["State"]["Name"] in ("shutting-down", "terminated")
     assert f"terminating {instance['InstanceId']}" in result.stdout
-    again = stacks.cli("stop", "stop-me")
+    again = stacks.cli("stop", "stop-legacy")
     assert again.exit_code == 0
     assert "already ended" in again.stdout
 
@@ -218,3 +246,25 @@ def test_stop_an_unknown_run_says_so(stacks):
 
     assert result.exit_code == 1
     assert "unknown run 'no-such-run'" in result.stderr
+
+
+def test_an_instance_ended_on_the_local_aws_has_a_cost_although_its_reason_says_utc(stacks):
+    """AWS writes "User initiated (2026-11-28 10:00:00 GMT)", moto "... UTC": both are the end of the bill."""
+    instance = _legacy_instance(stacks, "status-utc-reason")
+    stacks.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
+    assert stacks.instance(instance["InstanceId"])["StateTransitionReason"].endswith(" UTC)")
+
+    row = _status_json(stacks, "status-utc-reason")
+
+    assert row["state"] == "terminated"
+    assert row["price_source"] == "on-demand list"
+    assert row["cost_usd"] is not None and row["uptime_seconds"] is not None
+
+
+@pytest.mark.parametrize("zone_name", ["GMT", "UTC"])
+def test_the_end_of_an_instance_is_read_from_either_spelling_of_the_reason(zone_name):
+    ended = runs.run_from_instance({
+        "InstanceId": "i-0123456789abcdef0", "State": {"Name": "terminated"},
+        "StateTransitionReason": f"User initiated (2026-11-28 10:00:00 {zone_name})",
+    })  # fmt: skip
+    assert ended.ended_at == datetime(2026, 11, 28, 10, 0, tzinfo=UTC)

@@ -144,3 +144,35 @@ def test_upload_of_an_unreadable_file_is_one_line_naming_it(stacks, tmp_path):
     assert "Traceback" not in result.output
     assert str(dangling) in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_fetch_of_a_failed_run_fetches_and_says_it_failed(stacks, tmp_path):
+    """Issue 14: the files are wanted (exit 0), but nobody should mistake them for a finished model."""
+    failed = {**RUN_FILES, "status.json": b'{"run_id": "fetch-failed", "outcome": "failed", "exit_code": 3, "message": "trainer exited 3"}'}
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-failed/", failed)
+
+    result = stacks.cli("fetch", "fetch-failed", str(tmp_path / "got"))
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "got" / "outputs" / "model.bin").read_bytes() == RUN_FILES["outputs/model.bin"]
+    assert result.stderr == f"note: run fetch-failed ended failed (exit 3): trainer exited 3; these are the files it left, see {tmp_path / 'got' / 'logs'}\n"
+
+
+def test_fetch_of_a_run_still_running_with_some_files_says_they_are_partial(stacks, tmp_path):
+    assert stacks.cli("launch", "--run-id", "fetch-partial").exit_code == 0
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-partial/", {"logs/training.log": b"epoch 1\n"})
+    [instance] = stacks.run_instances("fetch-partial")
+
+    result = stacks.cli("fetch", "fetch-partial", str(tmp_path / "got"))
+
+    assert result.exit_code == 0, result.output
+    assert f"note: run fetch-partial is still running on {instance['InstanceId']}: these are only the files uploaded so far" in result.stderr
+
+
+def test_fetch_of_a_succeeded_run_adds_no_note(stacks, tmp_path):
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-quiet/", {**RUN_FILES, "status.json": b'{"run_id": "fetch-quiet", "outcome": "succeeded"}'})
+
+    result = stacks.cli("fetch", "fetch-quiet", str(tmp_path / "got"))
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""

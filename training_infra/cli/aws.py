@@ -22,10 +22,11 @@ import botocore.session
 from training_infra import naming
 from training_infra.cli.errors import CliError, UsageError
 
-# Which stack publishes which output (DESIGN.md "Outputs").
+# Which stack publishes which output (docs/architecture.md, "CloudFormation outputs").
 OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_TRAINING_BUCKET: naming.STORAGE_STACK,
     naming.OUTPUT_OUTPUTS_BUCKET: naming.STORAGE_STACK,
+    naming.OUTPUT_RUN_TABLE: naming.STORAGE_STACK,
     naming.OUTPUT_ECR_REPOSITORY_URI: naming.REGISTRY_STACK,
     naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN: naming.REGISTRY_STACK,
     naming.OUTPUT_GITHUB_DIFF_ROLE_ARN: naming.REGISTRY_STACK,
@@ -33,6 +34,7 @@ OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_LAUNCH_TEMPLATE_ID: naming.COMPUTE_STACK,
     naming.OUTPUT_LOG_GROUP_NAME: naming.COMPUTE_STACK,
     naming.OUTPUT_SUBNET_IDS: naming.COMPUTE_STACK,
+    naming.OUTPUT_INSTANCE_TYPES: naming.COMPUTE_STACK,
     naming.OUTPUT_INSTANCE_ID: naming.COMPUTE_STACK,
 }
 SNAKE_TO_KEY = {naming.snake_case(key): key for key in OUTPUT_STACKS}
@@ -71,6 +73,10 @@ class _JSONFileLoader:
 _LOADER = botocore.loaders.Loader(file_loader=_JSONFileLoader())
 
 
+class NotDeployedError(CliError):
+    """A stack is absent in this region (as opposed to AWS being unreachable or misconfigured)."""
+
+
 @dataclass
 class Aws:
     """Clients and stack outputs for one invocation, created lazily and cached."""
@@ -106,7 +112,10 @@ class Aws:
     def client(self, service: str) -> Any:
         """A botocore client, created once per service (only the services a verb uses)."""
         if service not in self._clients:
-            self._clients[service] = self.session.create_client(service, config=_CLIENT_CONFIG)
+            try:
+                self._clients[service] = self.session.create_client(service, config=_CLIENT_CONFIG)
+            except ValueError as error:  # botocore's configuration checks (endpoint URL, region name, ...)
+                raise CliError(_configuration_error(service, error)) from None
         return self._clients[service]
 
     def stack_outputs(self, stack: str) -> dict[str, str]:
@@ -116,11 +125,11 @@ class Aws:
                 found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
             except botocore.exceptions.ClientError as error:
                 if "does not exist" in error.response.get("Error", {}).get("Message", ""):
-                    raise CliError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
+                    raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
                 raise
             status = found[0].get("StackStatus", "") if found else ""
             if not found or status.startswith("DELETE") or status == "ROLLBACK_COMPLETE":
-                raise CliError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
+                raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
             self._outputs[stack] = {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
         return self._outputs[stack]
 
@@ -132,6 +141,15 @@ class Aws:
             why = _CONDITIONAL.get(key, "the stack is older than this command: run `make deploy`")
             raise CliError(f"stack {stack} has no output {naming.snake_case(key)} ({why})")
         return outputs[key]
+
+
+def _configuration_error(service: str, error: ValueError) -> str:
+    """One line for a configuration botocore refuses, naming the variable that holds it when it is one."""
+    for variable in (f"AWS_ENDPOINT_URL_{service.upper()}", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(variable)
+        if value is not None and "endpoint" in str(error).lower():
+            return f"environment variable '{variable}': got {value!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com"
+    return f"AWS configuration error: {error}: check AWS_* variables and ~/.aws/config"
 
 
 def output_key_for(name: str) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
 import typer
+from botocore.parsers import ResponseParserError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -44,7 +45,8 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _report(message: str) -> None:
+def report_error(message: str) -> None:
+    """`error: <message>` on stderr, the message printed as is (no markup)."""
     from rich.text import Text
 
     err_console().print(Text.assemble(("error: ", "bold red"), message))
@@ -88,6 +90,11 @@ def describe_aws_error(error: Exception) -> str:
         return f"AWS refused {operation}: {code}: {message}"
     if isinstance(error, botocore.exceptions.BotoCoreError):
         return f"AWS error: {error}"
+    if isinstance(error, ResponseParserError):
+        # Not a BotoCoreError: an endpoint that answered with something other than AWS's format
+        # (an HTML error page from a proxy, or the emulator failing).
+        first = str(error).split("\n", 1)[0]
+        return f"the AWS endpoint answered something that is not an AWS response ({first}): check AWS_ENDPOINT_URL and retry"
     raise error
 
 
@@ -98,14 +105,14 @@ def reported_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            _report(describe_aws_error(error))
+        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError) as error:
+            report_error(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None
         except OSError as error:
             # Local files: a dataset file that cannot be read, a full disk while fetching.
             where = f": {error.filename}" if error.filename else ""
-            _report(f"{error.strerror or error}{where}")
+            report_error(f"{error.strerror or error}{where}")
             raise typer.Exit(EXIT_RUNTIME) from None
         except KeyboardInterrupt:
             err_console().print("interrupted")

@@ -1,14 +1,13 @@
-"""`launch`: one RunInstances call from the compute stack's launch template.
+"""`launch`: a managed run from the compute stack's launch template (docs/architecture.md, "Managed runs").
+
+One call makes three things and hands over: the run's own launch template (the stack template's
+newest data with this run's settings in the user data, no market: the fleet chooses), the run
+record (spec, one absolute deadline), and attempt 1, started by the supervisor's own code in this
+process (one EC2 Fleet over every type x subnet). From then on the supervisor Lambda keeps the run
+going; `stop` asks it to end the run gracefully.
 
 The instance boots the same agent as `cdk deploy -c create_instance=true`: the template's user
-data with per-run overrides (`with_run_overrides`) and the same tags.
-
-Market: RunInstances parameters override the template's, so `--spot` against an on-demand
-template is just `InstanceMarketOptions` next to the template reference. The opposite cannot be
-expressed (RunInstances has no on-demand MarketType and cannot remove the template's spot
-options), so `--on-demand` against a spot template launches WITHOUT the template reference,
-passing the template's own data (AMI, security groups, profile, volumes, metadata options,
-shutdown behaviour, monitoring, ...) explicitly. Either way the requested market is what runs.
+data with per-run overrides (`with_run_overrides`).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import base64
 import re
 import secrets
 import shlex
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -38,9 +38,10 @@ _COPIED_TEMPLATE_KEYS = (
     "DisableApiTermination", "DisableApiStop", "PrivateDnsNameOptions", "MaintenanceOptions",
     "EnclaveOptions", "CapacityReservationSpecification", "LicenseSpecifications", "KernelId", "RamdiskId",
 )  # fmt: skip
-# A spot launch with no template spot options behaves like the stack's: one-time, terminate.
-_DEFAULT_SPOT = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-_CAPACITY_CODES = ("InsufficientInstanceCapacity", "MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "Unsupported", "SpotMaxPriceTooLow", "InstanceLimitExceeded")
+
+
+MARKETS = ("spot", "on-demand", "spot-then-on-demand")
+MAX_RESTARTS = 100
 
 
 @dataclass
@@ -48,6 +49,9 @@ class LaunchRequest:
     """What the user asked for; None means 'as the stack was deployed'."""
 
     instance_type: str | None = None
+    instance_types: str | None = None  # comma-separated, as typed
+    market: str | None = None
+    max_restarts_on_errors: str | None = None
     spot: bool | None = None
     max_runtime_hours: float | None = None
     image_tag: str | None = None
@@ -57,31 +61,36 @@ class LaunchRequest:
     subnet_id: str | None = None
 
 
-@dataclass
-class Launched:
-    run_id: str
-    instance_id: str
-    instance_type: str
-    market: str
-    deadline: str
-    availability_zone: str
-    from_template: bool
-
-
 def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any:
     """Validate with the same parser the CDK settings use, reported against the CLI option."""
     from training_infra import config  # the settings module, loaded only when there is something to check
 
     try:
-        return config._PARSERS[setting](option, value)  # the shared validators (no copied regexes)
+        return config.parse_setting(setting, value, label=f"{kind} '{option}'")  # the settings' parsers, not copies
     except config.ConfigError as error:
-        raise UsageError(str(error).replace("setting '", f"{kind} '", 1)) from None
+        raise UsageError(str(error)) from None
 
 
 def validate(request: LaunchRequest) -> LaunchRequest:
     """Usage errors before any AWS call."""
+    if request.instance_type is not None and request.instance_types is not None:
+        raise UsageError("options '--instance-type' and '--instance-types': give one (a single type is a list of one)")
     if request.instance_type is not None:
         request.instance_type = check("instance_type", "--instance-type", request.instance_type)
+    if request.instance_types is not None:
+        types = check("instance_types", "--instance-types", request.instance_types)
+        if not types:
+            raise UsageError(f"option '--instance-types': got {request.instance_types!r}; allowed: one or more instance types, e.g. g5.xlarge,g6.xlarge")
+        request.instance_types = ",".join(types)
+    if request.market is not None and request.spot is not None:
+        raise UsageError("options '--market' and '--spot/--on-demand': give one")
+    if request.market is not None and request.market not in MARKETS:
+        raise UsageError(f"option '--market': got {request.market!r}; allowed: {', '.join(MARKETS)}")
+    if request.max_restarts_on_errors is not None:
+        text = str(request.max_restarts_on_errors).strip()
+        if not text.isdigit() or int(text) > MAX_RESTARTS:
+            raise UsageError(f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; allowed: a whole number from 0 to {MAX_RESTARTS}")
+        request.max_restarts_on_errors = text
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
     if request.image_tag is not None:
@@ -100,7 +109,10 @@ def validate(request: LaunchRequest) -> LaunchRequest:
 def _is_subnet_id(value: str) -> bool:
     from training_infra import config
 
-    return bool(config._SUBNET_ID.match(value))  # the pattern the subnet_ids setting checks
+    try:
+        return config.parse_setting("subnet_ids", value) == (value,)  # one id, parsed as subnet_ids is
+    except config.ConfigError:
+        return False
 
 
 def template_exports(user_data: str) -> dict[str, str]:
@@ -122,12 +134,19 @@ def template_exports(user_data: str) -> dict[str, str]:
     return values
 
 
-def default_template_data(aws: Aws) -> tuple[str, dict[str, Any]]:
+def latest_template_data(aws: Aws) -> tuple[str, str, dict[str, Any]]:
+    """The template id, its newest version number and that version's data: what the last deploy wrote.
+
+    CloudFormation makes each update the default version, but the local emulator leaves the
+    default at 1; reading `$Latest` and launching that exact number is right on both and
+    launches the very data read here, even if a deploy adds a version in between.
+    """
     template_id = aws.output(naming.OUTPUT_LAUNCH_TEMPLATE_ID)
-    versions = aws.client("ec2").describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Default"])
+    versions = aws.client("ec2").describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])
     if not versions.get("LaunchTemplateVersions"):
-        raise CliError(f"launch template {template_id} has no default version: redeploy the compute stack (`make deploy`)")
-    return template_id, versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        raise CliError(f"launch template {template_id} has no version: redeploy the compute stack (`make deploy`)")
+    latest = versions["LaunchTemplateVersions"][0]
+    return template_id, str(latest["VersionNumber"]), latest["LaunchTemplateData"]
 
 
 def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> dict[str, str]:
@@ -138,33 +157,11 @@ def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> 
         overrides["TI_TRAINING_COMMAND"] = request.command
     if request.max_runtime_hours is not None:
         overrides["TI_MAX_RUNTIME_SECONDS"] = str(round(request.max_runtime_hours * 3600))
-    if request.spot is not None:
-        overrides["TI_MARKET"] = "spot" if request.spot else "on-demand"
-    if request.instance_type is not None:
-        price = pricing.on_demand_price(request.instance_type)
-        overrides["TI_HOURLY_PRICE_USD"] = f"{price:g}" if price is not None else "0"
     if request.env:
         # The stack's extra env first, so a --env KEY=... given now wins in the trainer.
         lines = [line for line in exports.get("TI_EXTRA_ENV", "").splitlines() if line.strip()]
         overrides["TI_EXTRA_ENV"] = "\n".join([*lines, *request.env])
     return overrides
-
-
-def _tags(template_data: dict[str, Any], run_id: str, deadline: str, hours: float) -> list[dict[str, Any]]:
-    ours = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
-    # RunInstances tags replace the template's for the same resource type: carry them over.
-    specs = []
-    for resource in ("instance", "volume"):
-        inherited = {
-            t["Key"]: t["Value"]
-            for spec in template_data.get("TagSpecifications", [])
-            if spec.get("ResourceType") == resource
-            for t in spec.get("Tags", [])
-            if not t["Key"].startswith("aws:")
-        }
-        merged = {**inherited, **ours}
-        specs.append({"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in merged.items()]})
-    return specs
 
 
 def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchRequest) -> list[str | None]:
@@ -196,60 +193,99 @@ def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchR
     return chosen or [None]
 
 
-def build_run_instances(
-    template_id: str, template_data: dict[str, Any], request: LaunchRequest, run_id: str, user_data: str, tags: list[dict[str, Any]]
-) -> tuple[dict[str, Any], str, bool]:
-    """The RunInstances parameters, the market they give, and whether the template is referenced."""
-    template_market = template_data.get("InstanceMarketOptions") or {}
-    template_spot = template_market.get("MarketType") == "spot"
-    want_spot = template_spot if request.spot is None else request.spot
-    params: dict[str, Any] = {
-        "MinCount": 1,
-        "MaxCount": 1,
-        "UserData": user_data,
-        "TagSpecifications": tags,
-        # Idempotent across botocore's retries of this call; unique per launch; EC2 allows 64 characters.
-        "ClientToken": f"{run_id[:55]}-{secrets.token_hex(4)}",
-    }
-    from_template = want_spot or not template_spot
-    if from_template:
-        params["LaunchTemplate"] = {"LaunchTemplateId": template_id, "Version": "$Default"}
-        if want_spot:
-            # Explicit even when the template has it: the instance is spot either way, and the
-            # template's own spot options (max price, interruption behaviour) are kept.
-            params["InstanceMarketOptions"] = template_market if template_spot else _DEFAULT_SPOT
-    else:
-        for key in _COPIED_TEMPLATE_KEYS:
-            if key in template_data:
-                params[key] = template_data[key]
-        if "MetadataOptions" in params:
-            params["MetadataOptions"] = {k: v for k, v in params["MetadataOptions"].items() if k != "State"}
+# LaunchTemplateData keys the run's own template keeps; the market and type are the fleet's to choose.
+_RUN_TEMPLATE_KEYS = tuple(key for key in _COPIED_TEMPLATE_KEYS if key not in ("InstanceType", "Placement"))
+
+
+@dataclass
+class Started:
+    run: Any  # training_infra.supervisor.runtime.records.Run
+    elapsed_seconds: float
+
+
+def supervisor_for(aws: Aws):
+    """The supervisor's own code with this user's credentials: the first launch is the same decision as every relaunch."""
+    from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+
+    topic = aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, "")
+    config = SupervisorConfig(
+        table=aws.output(naming.OUTPUT_RUN_TABLE),
+        outputs_bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET),
+        topic_arn=topic,
+        managed_tag=naming.TAG_MANAGED,
+        run_id_tag=naming.TAG_RUN_ID,
+        attempt_tag=naming.TAG_ATTEMPT,
+        deadline_tag=naming.TAG_DEADLINE,
+        max_runtime_tag=naming.TAG_MAX_RUNTIME_HOURS,
+        stop_tag=naming.TAG_STOP,
+        runs_prefix=naming.RUNS_PREFIX,
+    )
+    clients = Clients(ec2=aws.client("ec2"), dynamodb=aws.client("dynamodb"), s3=aws.client("s3"), sns=aws.client("sns"))
+    return Supervisor(clients, config)
+
+
+def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:
+    if request.instance_types:
+        return request.instance_types.split(",")
     if request.instance_type:
-        params["InstanceType"] = request.instance_type
-    return params, ("spot" if want_spot else "on-demand"), from_template
+        return [request.instance_type]
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_INSTANCE_TYPES, "")
+    types = [t.strip() for t in published.split(",") if t.strip()]
+    if not types:
+        raise CliError(f"the compute stack publishes no {naming.OUTPUT_INSTANCE_TYPES}: redeploy it (`make deploy`) or pass --instance-types")
+    return types
 
 
-def capacity_hint(code: str, message: str, instance_type: str, market: str, region: str, zones: list[str]) -> str:
-    """One line for the errors that mean 'not now, not here, or not with this quota'."""
-    where = ", ".join(z for z in zones if z) or region
-    other_market = "--on-demand" if market == "spot" else "--spot"
-    if code == "InsufficientInstanceCapacity":
-        return (f"AWS has no spare {market} capacity for {instance_type} in {where} right now: try another zone "
-                f"(--subnet-id), another type (--instance-type), {other_market}, or again in a few minutes")
-    if code == "MaxSpotInstanceCountExceeded":
-        return ("the account's spot instance limit is reached: end other runs (`training-infra status`, `stop`), "
-                "launch with --on-demand, or request a higher spot quota in Service Quotas")
-    if code in ("VcpuLimitExceeded", "InstanceLimitExceeded"):
-        kind = "Spot Instance Requests" if market == "spot" else "Running On-Demand instances"
-        return (f"the {market} vCPU quota in {region} is too low for {instance_type} ({message}): request an "
-                f"increase in Service Quotas (EC2 '{kind}' for this family), pick a smaller type, or try {other_market}")
-    if code == "Unsupported":
-        return f"{instance_type} is not offered in {where} ({message}): try another zone (--subnet-id) or another type"
-    return f"the spot price is above the template's max price ({message}): raise spot_max_price, retry later, or use --on-demand"
+def _market(request: LaunchRequest, template_data: dict[str, Any]) -> str:
+    """--market, else --spot/--on-demand, else the stack's use_spot (its template's market)."""
+    if request.market:
+        return request.market
+    if request.spot is not None:
+        return "spot" if request.spot else "on-demand"
+    return "spot" if template_data.get("InstanceMarketOptions", {}).get("MarketType") == "spot" else "on-demand"
 
 
-def launch(aws: Aws, request: LaunchRequest) -> Launched:
-    template_id, data = default_template_data(aws)
+def _run_template(aws: Aws, run_id: str, data: dict[str, Any], user_data: str, run_tags: dict[str, str]) -> str:
+    """The run's own launch template: the stack template's data, this run's user data and tags, no market.
+
+    Its tags reach every attempt's instance and volume (an instant fleet tags only instances, with
+    the attempt number on top).
+    """
+    run_data = {key: data[key] for key in _RUN_TEMPLATE_KEYS if key in data}
+    if "MetadataOptions" in run_data:
+        run_data["MetadataOptions"] = {k: v for k, v in run_data["MetadataOptions"].items() if k != "State"}
+    run_data["UserData"] = base64.b64encode(user_data.encode()).decode()
+    for resource in ("instance", "volume"):
+        inherited = {
+            t["Key"]: t["Value"]
+            for spec in data.get("TagSpecifications", [])
+            if spec.get("ResourceType") == resource
+            for t in spec.get("Tags", [])
+            if not t["Key"].startswith("aws:")
+        }
+        run_data.setdefault("TagSpecifications", []).append(
+            {"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in {**inherited, **run_tags}.items()]}
+        )
+    tags = [{"Key": naming.TAG_MANAGED, "Value": "true"}, {"Key": naming.TAG_RUN_ID, "Value": run_id}]
+    try:
+        created = aws.client("ec2").create_launch_template(
+            LaunchTemplateName=f"{naming.PROJECT}-run-{run_id}",
+            LaunchTemplateData=run_data,
+            TagSpecifications=[{"ResourceType": "launch-template", "Tags": tags}],
+            ClientToken=f"{run_id[:50]}-{secrets.token_hex(4)}",
+        )
+    except botocore.exceptions.ClientError as error:
+        if "AlreadyExists" in error.response.get("Error", {}).get("Code", ""):
+            raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)") from None
+        raise
+    return created["LaunchTemplate"]["LaunchTemplateId"]
+
+
+def launch(aws: Aws, request: LaunchRequest) -> Started:
+    from training_infra.supervisor.runtime.records import Run, StaleRecord
+
+    started = time.monotonic()
+    template_id, _version, data = latest_template_data(aws)
     encoded = data.get("UserData")
     if not encoded:
         raise CliError(f"launch template {template_id} has no user data: redeploy the compute stack (`make deploy`)")
@@ -265,50 +301,45 @@ def launch(aws: Aws, request: LaunchRequest) -> Launched:
             from training_infra import config  # a template without the export: the settings' default
 
             hours = config.Settings().max_runtime_hours
-    try:
-        user_data = with_run_overrides(base_user_data, _overrides(request, run_id, exports))
-    except ValueError as error:
-        raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
+    types = _instance_types(aws, request)
+    market = _market(request, data)
+    subnets = [s for s in _candidate_subnets(aws, data, request) if s]
+    if not subnets:
+        raise CliError(f"the compute stack publishes no {naming.OUTPUT_SUBNET_IDS}: redeploy it (`make deploy`) or pass --subnet-id")
     now = utcnow()
     deadline = iso_z(now + timedelta(hours=hours))
-    params, market, from_template = build_run_instances(template_id, data, request, run_id, user_data, _tags(data, run_id, deadline, hours))
-    instance_type = params.get("InstanceType") or data.get("InstanceType") or "?"
-    ec2 = aws.client("ec2")
-    tried: list[str] = []
-    subnets = _candidate_subnets(aws, data, request)
-    for index, subnet in enumerate(subnets):
-        attempt = dict(params)
-        if subnet:
-            if "NetworkInterfaces" in attempt:
-                attempt["NetworkInterfaces"] = [{**nic, "SubnetId": subnet} if nic.get("DeviceIndex", 0) == 0 else nic for nic in attempt["NetworkInterfaces"]]
-            else:
-                attempt["SubnetId"] = subnet
-        try:
-            instance = ec2.run_instances(**attempt)["Instances"][0]
-        except botocore.exceptions.ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "")
-            if code not in _CAPACITY_CODES:
-                raise
-            tried.append(_zone_of(aws, subnet))
-            if code == "InsufficientInstanceCapacity" and index + 1 < len(subnets):
-                continue  # the next zone may have capacity: that is what a person would try first
-            raise CliError(capacity_hint(code, error.response["Error"].get("Message", ""), instance_type, market, aws.region_name, tried)) from None
-        return Launched(
-            run_id=run_id,
-            instance_id=instance["InstanceId"],
-            instance_type=instance.get("InstanceType", instance_type),
-            market=market,
-            deadline=deadline,
-            availability_zone=instance.get("Placement", {}).get("AvailabilityZone", ""),
-            from_template=from_template,
-        )
-    raise CliError("no subnet to launch into")  # unreachable: _candidate_subnets is never empty
-
-
-def _zone_of(aws: Aws, subnet: str | None) -> str:
-    if not subnet:
-        return ""
+    overrides = _overrides(request, run_id, exports)
+    overrides["TI_DEADLINE_AT"] = deadline  # one absolute deadline for every attempt
+    overrides["TI_MARKET"] = "on-demand" if market == "on-demand" else "spot"
+    prices = [p for p in (pricing.on_demand_price(t) for t in types) if p is not None]
+    overrides["TI_HOURLY_PRICE_USD"] = f"{max(prices):g}" if prices else "0"  # list price: an upper bound
     try:
-        return aws.client("ec2").describe_subnets(SubnetIds=[subnet])["Subnets"][0]["AvailabilityZone"]
-    except (botocore.exceptions.ClientError, IndexError, KeyError):
-        return subnet
+        user_data = with_run_overrides(base_user_data, overrides)
+    except ValueError as error:
+        raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
+    supervisor = supervisor_for(aws)
+    if supervisor.store.get(run_id) is not None:
+        raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)")
+    tags = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
+    run_template = _run_template(aws, run_id, data, user_data, tags)
+    spec = {
+        "instance_types": types,
+        "subnet_ids": subnets,
+        "market": market,
+        "max_restarts_on_errors": int(request.max_restarts_on_errors or 0),
+        "launch_template_id": run_template,
+        "launch_template_version": "1",
+        "owns_launch_template": True,
+        "max_runtime_hours": hours,
+        "checkpoint_sync_seconds": int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300),
+        "image_tag": request.image_tag or exports.get("TI_IMAGE_TAG", ""),
+        "command": request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
+    }
+    record = Run(run_id=run_id, spec=spec, created_at=iso_z(now), deadline_at=deadline)
+    try:
+        supervisor.store.create(record)
+    except StaleRecord:
+        aws.client("ec2").delete_launch_template(LaunchTemplateId=run_template)
+        raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)") from None
+    supervisor.reconcile(run_id)
+    return Started(run=supervisor.store.get(run_id), elapsed_seconds=time.monotonic() - started)

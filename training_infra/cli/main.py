@@ -7,7 +7,6 @@ the local AWS.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import subprocess
@@ -19,11 +18,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import botocore.exceptions
 import typer
+from typer import _click as click  # typer's own copy of click: its exceptions are what parsing raises
+from typer.core import TyperGroup
 
 from training_infra import naming
 from training_infra.cli import launching, runs
-from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, output_key_for
-from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
+from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
+from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
+from training_infra.cli.render import Column, Listing, output_format, print_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,13 +35,54 @@ def stdout() -> Console:
     """A console for this invocation: terminal width and COLUMNS are read when a verb runs.
 
     rich (like boto3's transfer manager) is imported by the verbs that use it, not at start-up.
+    Soft wrap: a line longer than the screen is left for the terminal to fold, never broken by
+    us mid-word (an S3 URL stays one line for copy and grep).
     """
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _one_line(error: click.exceptions.UsageError) -> str:
+    """click's usage errors (unknown option, missing argument, a value of the wrong type) as one line."""
+    if isinstance(error, click.exceptions.BadParameter) and not isinstance(error, click.exceptions.MissingParameter) and error.param is not None:
+        param = error.param
+        if param.param_type_name == "option":
+            where = f"option '{max(param.opts, key=len)}'"
+        else:
+            where = f"argument '{param.human_readable_name}'"
+        message = f"{where}: {error.message}"
+    else:
+        message = error.format_message()
+    command = error.ctx.command_path if error.ctx is not None else "training-infra"
+    return " ".join(f"{message} (see `{command} --help`)".split())
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors as the one `error: ...` line every other error is, exit 2 (not a boxed panel)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.UsageError as error:
+            report_error(_one_line(error))
+            sys.exit(error.exit_code)
+        except click.exceptions.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.exceptions.Abort:
+            err_console().print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="training-infra",
     help=(
         "Run GPU training on the stacks deployed by `make deploy`.\n\n"
@@ -57,10 +100,36 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("training-infra")
+        except PackageNotFoundError:
+            number = "unknown (not installed; run `make setup`)"
+        sys.stdout.write(f"training-infra {number}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_version)] = False,
+) -> None:
+    """Options before the verb."""
+
+
 Region = Annotated[
     str | None,
     typer.Option("--region", help="AWS region of the stacks (default: AWS_DEFAULT_REGION, your profile's region, else AWS_REGION).", show_default=False),
 ]
+Output = Annotated[
+    str,
+    typer.Option("--output", "-o", metavar="table|json", help="table (for people; one block per run when the screen is narrow) or json (for scripts)."),
+]
+# The older spelling of `--output json`, kept for scripts written against it.
+JsonFlag = Annotated[bool, typer.Option("--json", hidden=True)]
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as printed by `launch` and listed by `status`.", show_default=False)]
 SESSION_MANAGER_PLUGIN_URL = "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
 LOG_POLL_SECONDS = 2.0
@@ -72,6 +141,13 @@ def _check_run_id(run_id: str) -> str:
     if not value:
         raise UsageError("argument 'RUN': got ''; allowed: a run id such as 20261128-160000-ab12")
     return value
+
+
+def _whole_number(option: str, value: str) -> int:
+    """Counts are parsed here, so a bad one is the same one-line error as every other option."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"option '{option}': got {value!r}; allowed: a whole number of at least 1")
+    return int(value)
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -114,30 +190,41 @@ def outputs(
             show_default=False,
         ),
     ] = None,
+    output: Output = "table",
     region: Region = None,
 ) -> None:
     """Print the deployed stacks' outputs under the seed's snake_case names.
 
     Without NAME: every output of every deployed stack as `name = value`. With NAME: the bare
     value, for scripts: `aws s3 ls s3://$(training-infra outputs training_bucket)/data/`.
+    `--output json`: one JSON object of name -> value (with NAME too).
     """
+    fmt = output_format(output)
+    key = output_key_for(name) if name is not None else None
     aws = Aws(region)
-    if name is not None:
-        key = output_key_for(name)
+    if key is not None:
         value = aws.output(key)
-        sys.stdout.write(value + "\n")
+        if fmt == "json":
+            print_json({naming.snake_case(key): value})
+        else:
+            sys.stdout.write(value + "\n")
         return
-    missing, shown = [], 0
+    missing, found = [], {}
     for stack in naming.ALL_STACKS:
         try:
             stack_outputs = aws.stack_outputs(stack)
-        except CliError:
+        except NotDeployedError:
             missing.append(stack)
             continue
-        for key in OUTPUT_STACKS:
-            if OUTPUT_STACKS[key] == stack and key in stack_outputs:
-                sys.stdout.write(f"{naming.snake_case(key)} = {stack_outputs[key]}\n")
-                shown += 1
+        for output_key in OUTPUT_STACKS:
+            if OUTPUT_STACKS[output_key] == stack and output_key in stack_outputs:
+                found[naming.snake_case(output_key)] = stack_outputs[output_key]
+    if fmt == "json" and len(missing) < len(naming.ALL_STACKS):
+        print_json(found)
+    else:
+        # One plain line each, never wrapped: ARNs and bucket names stay whole for copy and grep.
+        for output_name, value in found.items():
+            sys.stdout.write(f"{output_name} = {value}\n")
     if len(missing) == len(naming.ALL_STACKS):
         raise CliError(f"no training-infra stack is deployed in {aws.region_name}: run `make deploy`")
     for stack in missing:
@@ -167,7 +254,8 @@ def upload(
     result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console())
     stdout().print(
         f"uploaded {result.transferred} file(s), {result.bytes:,} bytes; skipped {result.skipped} unchanged "
-        f"-> s3://{bucket}/{naming.DATA_PREFIX}"
+        f"-> s3://{bucket}/{naming.DATA_PREFIX}",
+        markup=False,
     )
 
 
@@ -177,41 +265,51 @@ def upload(
 @app.command()
 @reported_errors
 def launch(
-    instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="EC2 type, e.g. g5.xlarge (default: the stack's).", show_default=False)] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Market (default: the stack's use_spot).", show_default=False)] = None,
-    max_runtime_hours: Annotated[float | None, typer.Option("--max-runtime-hours", help="Hard limit; the instance ends itself and the reaper ends it after this (default: the stack's).", show_default=False)] = None,
+    instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="One EC2 type, e.g. g5.xlarge (same as --instance-types with one).", show_default=False)] = None,
+    instance_types: Annotated[str | None, typer.Option("--instance-types", metavar="TYPES", help="Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types).", show_default=False)] = None,
+    market: Annotated[str | None, typer.Option("--market", metavar="MARKET", help="spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). Default: the stack's use_spot.", show_default=False)] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Short for --market spot / --market on-demand.", show_default=False)] = None,
+    max_restarts_on_errors: Annotated[str | None, typer.Option("--max-restarts-on-errors", metavar="N", help="Relaunch after a trainer failure or stall at most N times (default 0). Spot reclaims never count.", show_default=False)] = None,
+    max_runtime_hours: Annotated[str | None, typer.Option("--max-runtime-hours", metavar="HOURS", help="One deadline for the whole run, counted from now across every attempt: more than 0, at most 168 (default: the stack's).", show_default=False)] = None,
     image_tag: Annotated[str | None, typer.Option("--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False)] = None,
     command: Annotated[str | None, typer.Option("--command", help="Training command run in the container (default: the stack's, else the image's CMD).", show_default=False)] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False)] = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (lowercase letters, digits, '-'; max 63). Reuse one to resume from its checkpoints. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.", show_default=False)] = None,
-    subnet_id: Annotated[str | None, typer.Option("--subnet-id", help="Launch in this subnet (default: the template's network, else one subnet per zone of its VPC, tried in turn).", show_default=False)] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.", show_default=False)] = None,
+    subnet_id: Annotated[str | None, typer.Option("--subnet-id", help="Only this subnet (default: every subnet the compute stack publishes).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
     region: Region = None,
 ) -> None:
-    """Start a training run in seconds from the compute stack's launch template.
+    """Start a managed training run in seconds; the supervisor keeps it going until it ends.
 
-    The instance boots the same agent, with the same tags, as `cdk deploy -c create_instance=true`;
-    the options override the stack's settings for this run only. It is tagged as managed with its
-    deadline, so the reaper ends it even if it hangs.
+    Attempt 1 starts now, on the cheapest type and zone with capacity. When AWS reclaims a spot
+    attempt, the supervisor relaunches on other capacity and the agent resumes from the newest
+    checkpoint, all within the run's one deadline. `stop` ends the run for good.
     """
     request = launching.validate(
         launching.LaunchRequest(
-            instance_type=instance_type, spot=spot, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
+            instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
+            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
             command=command, env=list(env or []), run_id=run_id, subnet_id=subnet_id,
         )
     )  # fmt: skip
-    started = time.monotonic()
-    launched = launching.launch(Aws(region), request)
+    started = launching.launch(Aws(region), request)
+    managed = started.run
     if quiet:
-        sys.stdout.write(launched.run_id + "\n")
+        sys.stdout.write(managed.run_id + "\n")
         return
-    rid = launched.run_id
+    rid = managed.run_id
     out = stdout()
-    out.print(
-        f"launched run [bold]{rid}[/] on {launched.instance_id} ({launched.instance_type}, {launched.market}"
-        f"{', ' + launched.availability_zone if launched.availability_zone else ''}) in {time.monotonic() - started:.1f} s; "
-        f"deadline {launched.deadline}"
-    )
+    attempt = managed.attempts[-1] if managed.attempts else {}
+    if attempt.get("instance_id"):
+        out.print(
+            f"launched run {rid}: attempt {attempt['n']} on {attempt['instance_id']} ({attempt['instance_type']}, "
+            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; managed until {managed.deadline_at}",
+            markup=False,
+        )
+    elif managed.active:
+        out.print(f"run {rid} is waiting for capacity ({managed.message}); the supervisor retries every minute until {managed.deadline_at}", markup=False)
+    else:
+        raise CliError(f"run {rid} could not start: {managed.message}")
     out.print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
         out.print(f"  training-infra {line}", markup=False)
@@ -252,8 +350,9 @@ def _run_rows(aws: Aws, found: list[runs.Run]) -> list[dict[str, Any]]:
 @reported_errors
 def status(
     run: Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.", show_default=False)] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most this many runs, newest first.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    limit: Annotated[str, typer.Option("--limit", "-n", metavar="N", help="Show at most this many runs, newest first.")] = "20",
+    output: Output = "table",
+    as_json: JsonFlag = False,
     region: Region = None,
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
@@ -262,31 +361,156 @@ def status(
     status.json in the outputs bucket. Cost uses the spot price history in effect while the run
     was up, else the on-demand list price.
     """
+    fmt = output_format(output, as_json=as_json)
+    count = _whole_number("--limit", limit)
     if run is not None:
         run = _check_run_id(run)
     aws = Aws(region)
-    found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
-    rows = _run_rows(aws, found[:limit])
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    store = _run_store(aws)
+    record = store.get(run) if run is not None and store is not None else None
+    if record is not None:
+        row = _managed_row(aws, record)
+        if fmt == "json":
+            print_json([row])
+        else:
+            _show_managed_run(row)
+        return
+    managed = store.newest(count) if store is not None and run is None else []
+    # Runs from before the run table (status.json and tags only) are still listed after the managed ones.
+    known = {m.run_id for m in managed}
+    found = runs.require_runs(aws, run) if run else [r for r in runs.collect_runs(aws) if r.run_id not in known]
+    rows = [_managed_row(aws, m) for m in managed] + _run_rows(aws, found[: max(0, count - len(managed))])
+    if fmt == "json":
+        print_json(rows)
         return
     if not rows:
-        stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`")
+        stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`", markup=False)
         return
-    from rich.table import Table
-
-    table = Table(title=f"training runs ({aws.region_name})", caption="cost: spot price history where available, else on-demand list price")
-    for column in ("run", "instance", "type", "market", "state", "uptime", "deadline", "cost", "outcome"):
-        table.add_column(column, justify="right" if column in ("uptime", "cost") else "left", no_wrap=column in ("run", "instance"), overflow="fold")
+    listing = Listing(
+        title=f"training runs ({aws.region_name})",
+        columns=[Column(name, right=name in ("uptime", "cost", "tries")) for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")],
+        caption="tries: attempts of a managed run; cost: spot history, else list price",
+    )
     for row in rows:
         outcome = row["outcome"] or ""
         if row["exit_code"] not in (None, "") and outcome:
             outcome += f" (exit {row['exit_code']})"
-        table.add_row(
+        listing.rows.append([
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
-            fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
-        )  # fmt: skip
-    stdout().print(table)
+            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
+        ])  # fmt: skip
+    listing.print(stdout())
+
+
+def _run_store(aws: Aws):
+    """The run table of managed runs; None for a deployment from before it existed."""
+    table = aws.stack_outputs(naming.STORAGE_STACK).get(naming.OUTPUT_RUN_TABLE)
+    if not table:
+        return None
+    from training_infra.supervisor.runtime.records import RunStore
+
+    return RunStore(aws.client("dynamodb"), table)
+
+
+def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
+    """A managed run as a `status` row: its current (or last) attempt, and uptime and cost over every attempt.
+
+    Each attempt is priced as a run always was (spot price history while it was up, else the list
+    price), from its instance while EC2 still knows it, else from the agent's own estimate.
+    """
+    now = runs.utcnow()
+    book = runs.PriceBook(aws)
+    instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_for(aws, record.run_id)}
+    attempts = []
+    for attempt in record.attempts:
+        instance = instances.get(attempt.get("instance_id") or "")
+        cost = book.cost(instance, now) if instance else None
+        window = instance.interval(now) if instance else None
+        attempts.append(
+            {
+                "attempt": attempt.get("n"),
+                "instance_id": attempt.get("instance_id"),
+                "instance_type": attempt.get("instance_type"),
+                "zone": attempt.get("zone"),
+                "market": attempt.get("market"),
+                "instance_state": instance.state if instance else None,
+                "started_at": attempt.get("started_at") or attempt.get("claimed_at"),
+                "ended_at": attempt.get("ended_at"),
+                "end_reason": attempt.get("end_reason"),
+                "exit_code": attempt.get("exit_code"),
+                "message": attempt.get("message"),
+                "tries": attempt.get("tries"),
+                "uptime_seconds": (window[1] - window[0]).total_seconds() if window else None,
+                "cost_usd": cost.usd if cost and cost.usd is not None else attempt.get("cost_usd"),
+                "on_demand_usd": cost.on_demand_usd if cost else None,
+                "price_source": cost.source if cost else ("agent estimate" if attempt.get("cost_usd") is not None else "unknown"),
+            }
+        )
+    launched = [a for a in attempts if a["instance_id"]]
+    last = launched[-1] if launched else {}
+
+    def total(key: str) -> float | None:
+        values = [a[key] for a in launched if a[key] is not None]
+        return sum(values) if values else None
+
+    state = record.state
+    if state in ("launching", "recovering") and last.get("instance_state") == "running" and not last.get("ended_at"):
+        state = "running"  # the supervisor records it at its next look; EC2 already says so
+    return {
+        "run_id": record.run_id,
+        "instance_id": last.get("instance_id") if record.active else None,
+        "instance_type": last.get("instance_type"),
+        "market": last.get("market"),
+        "state": state,
+        "tries": len(launched),
+        "uptime_seconds": total("uptime_seconds"),
+        "deadline": fmt_time(runs.parse_time(record.deadline_at)),
+        "cost_usd": total("cost_usd"),
+        "on_demand_usd": total("on_demand_usd"),
+        "price_source": last.get("price_source"),
+        "launched_at": record.created_at,
+        "outcome": None if record.active else record.state,
+        "exit_code": last.get("exit_code"),
+        "message": record.message,
+        "managed": {
+            "spec": record.spec,
+            "errors_used": record.errors_used,
+            "stop_requested_at": record.stop_requested_at or None,
+            "ended_at": record.ended_at or None,
+        },
+        "attempts": attempts,
+    }
+
+
+def _show_managed_run(row: dict[str, Any]) -> None:
+    out = stdout()
+    spec = row["managed"]["spec"]
+    # Short lines: readable at 80 columns and piped; a long message stays one line for grep.
+    for line in (
+        f"run {row['run_id']}: {row['state']}",
+        f"  {row['message']}",
+        f"  deadline {row['deadline']}",
+        f"  market {spec.get('market')}; types {', '.join(spec.get('instance_types', []))}",
+        f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
+        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}",
+    ):
+        out.print(line, markup=False)
+    listing = Listing(
+        title=f"attempts of {row['run_id']}",
+        columns=[Column(name, right=name in ("#", "uptime", "cost")) for name in ("#", "instance", "type", "zone", "market", "state", "uptime", "cost", "why it ended")],
+        caption="cost: spot history, else list price",
+    )
+    for a in row["attempts"]:
+        why = a["end_reason"] or ("-" if a["instance_id"] else "launching")
+        if a["end_reason"] == "capacity" and a.get("tries"):
+            why += f" ({a['tries']} tries)"
+        if a["message"] and a["end_reason"] not in (None, "succeeded"):
+            why += f": {a['message']}"
+        listing.rows.append([
+            str(a["attempt"]), a["instance_id"] or "-", a["instance_type"] or "-", a["zone"] or "-", a["market"] or "-",
+            a["instance_state"] or "-", fmt_duration(a["uptime_seconds"]), fmt_usd(a["cost_usd"]), why,
+        ])  # fmt: skip
+    listing.print(out)
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -384,7 +608,10 @@ def fetch(
     dest: Annotated[Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
     region: Region = None,
 ) -> None:
-    """Download a run's results: outputs/, logs/ and status.json, with a progress bar."""
+    """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal).
+
+    The files come whatever the outcome; a note on stderr says when the run failed or is still running.
+    """
     from training_infra.cli import transfer
 
     run = run if run == "latest" else _check_run_id(run)
@@ -399,7 +626,28 @@ def fetch(
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, objects, target, err_console())
-    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}")
+    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}", markup=False)
+    if run != "latest":
+        note = _fetch_note(aws, run, target)
+        if note:
+            err_console().print(f"note: {note}", markup=False)
+
+
+def _fetch_note(aws: Aws, run: str, target: Path) -> str:
+    """What the user must know about the files just fetched: the run failed, or has not ended."""
+    status = runs.read_status_file(target / runs.STATUS_FILE)
+    if status is not None:
+        outcome = status.get("outcome", "unknown")
+        if outcome == "succeeded":
+            return ""
+        code = status.get("exit_code")
+        detail = f" (exit {code})" if code not in (None, "") else ""
+        message = f": {status['message']}" if status.get("message") else ""
+        return f"run {run} ended {outcome}{detail}{message}; these are the files it left, see {target / 'logs'}"
+    live = [r for r in runs.collect_runs(aws, run) if r.live]
+    if live:
+        return f"run {run} is still {live[0].state} on {live[0].instance_id}: these are only the files uploaded so far; fetch again after it ends"
+    return f"run {run} has no status.json: it ended without the agent's last upload; see {target / 'logs'}"
 
 
 # ---- stop ----------------------------------------------------------------------------------
@@ -408,12 +656,30 @@ def fetch(
 @app.command()
 @reported_errors
 def stop(run: RunArg, region: Region = None) -> None:
-    """End a run now. The agent uploads outputs, logs and status.json on its way down.
+    """End a run for good: no relaunch; its instance stops the trainer gracefully first.
 
-    Only instances tagged `training-infra:managed=true` are terminated.
+    A managed run's instance is told to stop (checkpoint flushed, outputs and logs uploaded,
+    status written, power-off) and is terminated by the supervisor if it has not gone after
+    ten minutes. Only instances tagged `training-infra:managed=true` are ever terminated.
     """
     run = _check_run_id(run)
     aws = Aws(region)
+    store = _run_store(aws)
+    record = store.get(run) if store is not None else None
+    if record is not None:
+        if not record.active:
+            stdout().print(f"run {run} has already ended ({record.state}); nothing to stop", markup=False)
+            return
+        if record.stop_requested_at:
+            stdout().print(f"run {run} is already stopping (asked at {record.stop_requested_at})", markup=False)
+            return
+        record = launching.supervisor_for(aws).request_stop(run)
+        current = record.current or {}
+        out = stdout()
+        where = f" on {current['instance_id']}" if current.get("instance_id") else ""
+        out.print(f"stopping run {run}{where}: no more attempts; the trainer gets its grace period, then outputs and logs are uploaded", markup=False)
+        out.print(f"  training-infra status {run}", markup=False)
+        return
     instances = [runs.run_from_instance(i) for i in runs.instances_for(aws, run, managed_only=False)]
     if not instances:
         runs.require_runs(aws, run)  # unknown run -> clear error; a finished one falls through
@@ -438,8 +704,9 @@ def stop(run: RunArg, region: Region = None) -> None:
 @app.command()
 @reported_errors
 def cost(
-    days: Annotated[int, typer.Option("--days", "-d", min=1, help="Runs launched in the last N days.")] = 30,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    days: Annotated[str, typer.Option("--days", "-d", metavar="N", help="Runs launched in the last N days.")] = "30",
+    output: Output = "table",
+    as_json: JsonFlag = False,
     region: Region = None,
 ) -> None:
     """Cost per run and in total, and the saving against on-demand prices.
@@ -447,36 +714,35 @@ def cost(
     Spot runs are priced from the spot price history in effect while they were up; on-demand
     runs (and spot runs without price history) at the on-demand list price.
     """
+    fmt = output_format(output, as_json=as_json)
+    days_back = _whole_number("--days", days)
     aws = Aws(region)
     now = runs.utcnow()
-    rows = _run_rows(aws, runs.within_days(runs.collect_runs(aws), days, now))
+    rows = _run_rows(aws, runs.within_days(runs.collect_runs(aws), days_back, now))
     total = sum(r["cost_usd"] or 0 for r in rows)
     on_demand = sum(r["on_demand_usd"] if r["on_demand_usd"] is not None else (r["cost_usd"] or 0) for r in rows)
     saving = on_demand - total
-    if as_json:
-        summary = {"days": days, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving}
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if fmt == "json":
+        print_json({"days": days_back, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving})
         return
     if not rows:
-        stdout().print(f"no runs in the last {days} days in {aws.region_name}")
+        stdout().print(f"no runs in the last {days_back} days in {aws.region_name}", markup=False)
         return
-    from rich.table import Table
-
-    table = Table(title=f"cost of runs in the last {days} days ({aws.region_name})")
-    for column in ("run", "type", "market", "hours", "cost", "on-demand", "price from"):
-        table.add_column(column, justify="right" if column in ("hours", "cost", "on-demand") else "left", no_wrap=column == "run", overflow="fold")
+    listing = Listing(
+        title=f"cost of runs in the last {days_back} days ({aws.region_name})",
+        columns=[Column(name, right=name in ("hours", "cost", "on-demand")) for name in ("run", "type", "market", "hours", "cost", "on-demand", "price from")],
+        footer=["total", "", "", "", fmt_usd(total), fmt_usd(on_demand), ""],
+    )
     for row in rows:
         hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
-        table.add_row(
+        listing.rows.append([
             row["run_id"], row["instance_type"] or "-", row["market"] or "-", f"{hours:.2f}" if hours is not None else "-",
             fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"],
-        )  # fmt: skip
-    table.add_section()
-    table.add_row("total", "", "", "", fmt_usd(total), fmt_usd(on_demand), "")
+        ])  # fmt: skip
     out = stdout()
-    out.print(table)
+    listing.print(out)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
-    out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}")
+    out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}", markup=False)
 
 
 def main() -> None:

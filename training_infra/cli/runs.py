@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
@@ -24,7 +25,8 @@ from training_infra.cli.errors import CliError
 
 STATUS_FILE = "status.json"
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping")
-_REASON_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) GMT\)")
+# "User initiated (2026-11-29 01:02:03 GMT)"; the local emulator writes "UTC" for the same instant.
+_REASON_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
 
 
 def utcnow() -> datetime:
@@ -147,6 +149,15 @@ def read_status(aws: Aws, bucket: str, run_id: str) -> dict[str, Any] | None:
     except ValueError:
         return {"run_id": run_id, "outcome": "unreadable status.json"}
     return status if isinstance(status, dict) else {"run_id": run_id, "outcome": "unreadable status.json"}
+
+
+def read_status_file(path: Path) -> dict[str, Any] | None:
+    """A status.json on this machine (as `fetch` wrote it), or None when absent or unreadable."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def run_ids_in_bucket(aws: Aws, bucket: str) -> list[str]:

@@ -44,9 +44,10 @@ class _Progress(BaseSubscriber):
 
 
 def _bar(console: Console) -> Progress:
+    """The bar is drawn only on a terminal: piped or logged, a redrawn line is just noise cut at 80 columns."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
+        console=console, transient=False, disable=not console.is_terminal,
     )  # fmt: skip
 
 

@@ -8,10 +8,11 @@ Layout of the rendered script:
     #!/bin/bash
     export TI_...='stack value'            # one line per AgentConfig field (tokens allowed)
     #@run-overrides                        # `with_run_overrides` puts per-run exports here
-    <decode the gzip+base64 agent and exec it>
+    <unpack the agent folder (tar+gzip+base64) and exec agent.sh>
 
-The agent body is compressed (deterministically, so `cdk diff` stays quiet) to stay well under
-EC2's 16 KB user-data limit.
+The agent folder (agent.sh and the Python helpers it calls) is packed deterministically (fixed
+times, owners and order, so `cdk diff` stays quiet) and compressed to stay well under EC2's
+16 KB user-data limit.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from __future__ import annotations
 import base64
 import dataclasses
 import gzip
+import io
 import re
 import shlex
+import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 AGENT_DIR = Path(__file__).parent / "agent"
 AGENT_SCRIPT = AGENT_DIR / "agent.sh"
+AGENT_FILES = (AGENT_SCRIPT, AGENT_DIR / "agent_tools.py")  # what the instance unpacks, beside each other
 OVERRIDES_MARKER = "#@run-overrides"
 USER_DATA_LIMIT_BYTES = 16 * 1024
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -65,21 +69,44 @@ def _export(name: str, value: object) -> str:
     return f"export {name}={shlex.quote(str(value))}"
 
 
+def shipped_bytes(path: Path) -> bytes:
+    """A file as the instance gets it: shell comment lines (for readers of this repository, about a
+    quarter of agent.sh) stay here, so the agent fits the user-data limit. agent.sh has no heredoc
+    or multi-line string, so no line of data starts with `#`; the tests run what is shipped."""
+    if path.suffix != ".sh":
+        return path.read_bytes()
+    first, *rest = path.read_text().splitlines(keepends=True)
+    return (first + "".join(line for line in rest if not line.lstrip().startswith("#"))).encode()
+
+
+def pack_agent() -> bytes:
+    """AGENT_FILES as a tar.gz that is byte-for-byte the same for the same files."""
+    buffer = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        for path in AGENT_FILES:
+            data = shipped_bytes(path)
+            info = tarfile.TarInfo(path.name)
+            info.size, info.mode, info.mtime = len(data), 0o755 if path.suffix == ".sh" else 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def render_user_data(config: AgentConfig) -> str:
     lines = ["#!/bin/bash", "# training-infra instance agent (rendered by training_infra/compute/user_data.py)"]
     for field in dataclasses.fields(config):
         lines.append(_export(f"TI_{field.name.upper()}", getattr(config, field.name)))
     lines.append(OVERRIDES_MARKER)
-    body = gzip.compress(AGENT_SCRIPT.read_bytes(), compresslevel=9, mtime=0)
-    encoded = base64.b64encode(body).decode("ascii")
+    encoded = base64.b64encode(pack_agent()).decode("ascii")
     wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
     lines += [
         'agent_dir="${TI_ROOT:-}/opt/training-infra"',
         'mkdir -p "$agent_dir"',
-        "base64 -d > \"$agent_dir/agent.sh.gz\" <<'TRAINING_INFRA_AGENT'",
+        "base64 -d <<'TRAINING_INFRA_AGENT' | tar -xz --no-same-owner -C \"$agent_dir\"",
         wrapped,
         "TRAINING_INFRA_AGENT",
-        'gunzip -f "$agent_dir/agent.sh.gz"',
         'exec bash "$agent_dir/agent.sh"',
         "",
     ]

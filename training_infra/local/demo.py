@@ -3,6 +3,7 @@
 Each step is what a user does on real AWS, against a moto server instead of an account:
 deploy the stacks, upload data, launch a run, (the instance runs here), watch, fetch, destroy
 compute. `--spot-interruption` also sends a spot notice mid-run and resumes on a second launch.
+`--runtime docker` runs the production container path on podman (training_infra/local/containers.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 from rich.console import Console
 
 from training_infra import naming
+from training_infra.local.containers import ContainerEngine, unavailable_reason
 from training_infra.local.emulator import Emulator, EmulatorError
+from training_infra.local.events import SPOT_WARNING, STATE_CHANGE, ec2_event
 from training_infra.local.instance import LocalInstance, aws_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +39,33 @@ class DemoFailed(RuntimeError):
     pass
 
 
+class _TrainingLog:
+    """The instance's /var/log/training.log (trainer output and the agent's milestones), shown as it grows."""
+
+    def __init__(self, box: LocalInstance) -> None:
+        self.path = box.root / "fs" / "var" / "log" / "training.log"
+        self.offset = 0
+
+    def show_new_lines(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            console.print(f"   │ {line}", markup=False, highlight=False)
+
+
 class Demo:
-    def __init__(self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool) -> None:
+    def __init__(
+        self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool, runtime: str = "process"
+    ) -> None:
         self.workdir = workdir
+        self.runtime = runtime
+        self.engine: ContainerEngine | None = None
         self.epochs = epochs
         self.step_seconds = step_seconds
         self.spot_interruption = spot_interruption
@@ -46,6 +73,7 @@ class Demo:
         self.step_number = 0
         self.run_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
         self.cli_outputs: dict[str, str] = {}
+        self._training_logs: dict[str, _TrainingLog] = {}
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -90,7 +118,10 @@ class Demo:
         )  # fmt: skip
         self.cli("outputs")
 
-        self.step("Push a training image (stands in for the GitHub image workflow; the local runtime runs the trainer directly)")
+        self.step(
+            "Push a training image (stands in for the GitHub image workflow; "
+            + ("podman runs it)" if self.runtime == "docker" else "the local runtime runs the trainer directly)")
+        )
         self._push_stand_in_image()
 
         self.step("Upload the example dataset to the data bucket")
@@ -125,40 +156,107 @@ class Demo:
         return destination
 
     def _push_stand_in_image(self) -> None:
+        if self.runtime == "docker":
+            self._push_container_image()
+            return
         repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "config": {}, "layers": []}
         self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
-        console.print(f"   {repository}:latest")
+        console.print(f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest (on AWS, the image workflow pushes the real one)")
 
-    def _launch_and_play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> None:
-        self.step(f"Launch run {self.run_id} with the CLI (seconds, no redeploy)")
+    def _push_container_image(self) -> None:
+        """A real image in a local registry that answers as the stack's ECR repository (the image's CMD is the
+        busybox trainer: same knobs and contract as examples/trainer/train.py, no base from the internet)."""
+        uri = self.cli("outputs", "ecr_repository_uri", show=False).strip()
+        host, repository = uri.split("/", 1)
+        account, _, _, region = host.split(".")[:4]
+        self.engine = ContainerEngine(self.workdir / "container-engine", account=account, region=region)
+        try:
+            self.engine.start()
+        except subprocess.CalledProcessError as error:
+            raise DemoFailed(f"`{' '.join(error.cmd[-6:])}` exited {error.returncode}: {error.stderr.strip()}") from None
+        except RuntimeError as error:
+            raise DemoFailed(str(error)) from None
+        console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
+        console.print(f"   pushed {self.engine.push_trainer(repository, 'latest')}")
+
+    def _launch(self) -> None:
+        self.step(f"Launch run {self.run_id} with the CLI: a managed run, attempt 1 starts in seconds")
+        # The container runs its image's CMD; the process runtime runs the example trainer directly.
+        command = [] if self.engine else ["--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}"]
         self.cli(
-            "launch", "--run-id", self.run_id, "--max-runtime-hours", "1",
-            "--command", f"python3 {ROOT / 'examples' / 'trainer' / 'train.py'}",
+            "launch", "--run-id", self.run_id, "--max-runtime-hours", "1", *command,
             "--env", f"EPOCHS={self.epochs}", "--env", f"STEP_SECONDS={self.step_seconds}",
         )  # fmt: skip
+
+    def _play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> str:
+        """Run the newest attempt's instance here until its agent ends; returns the instance id."""
         instance_id = self._instance_of(self.run_id)
-        self.step(f"Play the instance {instance_id}: its real user data runs here under bash (process runtime, fake IMDS)")
-        box = LocalInstance(instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env)
+        self.step(f"Play the instance {instance_id}: its real user data runs here under bash ({self.runtime} runtime, fake IMDS)")
+        box = LocalInstance(
+            instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env, engine=self.engine
+        )
         with box:
             if interrupt_after_checkpoint:
-                self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints")
+                self._wait_for_local_checkpoint(box.root / "fs" / "checkpoints", log=self._training_log(box))
                 console.print("   [yellow]AWS sends the 2-minute spot interruption notice[/]")
                 box.interrupt_spot()
-            code = box.wait(timeout=STEP_TIMEOUT_SECONDS)
+            code = self._wait_for_agent(box)
         status = self._status_json(self.run_id)
         console.print(f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}")
         if status.get("outcome") != expect:
             raise DemoFailed(f"run {self.run_id} ended '{status.get('outcome')}', expected '{expect}'; see {box.log_path}")
+        return instance_id
+
+    def _tell_supervisor(self, instance_id: str, *, spot_warning: bool = False) -> dict:
+        """What EventBridge does on AWS: the instance's events go to the supervisor (its real code, here)."""
+        supervisor = self._supervisor()
+        region = self.emulator.region
+        if spot_warning:
+            supervisor.handle(ec2_event(SPOT_WARNING, instance_id, region=region, **{"instance-action": "terminate"}))
+        console.print(f"   [dim]EventBridge -> supervisor: {STATE_CHANGE} {{instance-id: {instance_id}, state: terminated}}[/]")
+        result = supervisor.handle(ec2_event(STATE_CHANGE, instance_id, region=region, state="terminated"))
+        console.print(f"   supervisor: {json.dumps(result, default=str)}", markup=False, highlight=False)
+        return result
+
+    def _supervisor(self):
+        from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+
+        config = SupervisorConfig(
+            table=self._output("run_table_name"),
+            outputs_bucket=self._output("outputs_bucket"),
+            topic_arn=self._output("alerts_topic_arn"),
+            managed_tag=naming.TAG_MANAGED,
+            run_id_tag=naming.TAG_RUN_ID,
+            attempt_tag=naming.TAG_ATTEMPT,
+            deadline_tag=naming.TAG_DEADLINE,
+            stop_tag=naming.TAG_STOP,
+        )
+        clients = Clients(ec2=self.client("ec2"), dynamodb=self.client("dynamodb"), s3=self.client("s3"), sns=self.client("sns"))
+        return Supervisor(clients, config)
+
+    def _launch_and_play(self, *, expect: str) -> None:
+        self._launch()
+        instance_id = self._play(expect=expect)
+        self.step("The instance powered off: EC2's state-change event reaches the supervisor, which ends the run")
+        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact event AWS sends to the supervisor's real handler)")
+        self._tell_supervisor(instance_id)
 
     def _spot_story(self) -> None:
-        self._launch_and_play(expect="interrupted", interrupt_after_checkpoint=True)
+        self._launch()
+        first = self._play(expect="interrupted", interrupt_after_checkpoint=True)
         checkpoints = self._keys(self._output("outputs_bucket"), f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         if not checkpoints:
             raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         console.print(f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}")
-        self.step("Relaunch the same run id: the agent restores the newest checkpoint and the trainer resumes")
-        self._launch_and_play(expect="succeeded")
+        self.step("AWS reclaimed attempt 1: the supervisor (not you) relaunches the run on other capacity")
+        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact events AWS sends to the supervisor's real handler)")
+        result = self._tell_supervisor(first, spot_warning=True)
+        if "launched" not in result:
+            raise DemoFailed(f"the supervisor did not relaunch run {self.run_id}: {result}")
+        second = self._play(expect="succeeded")
+        self.step("Attempt 2 finished: its state-change event tells the supervisor, which ends the run")
+        self._tell_supervisor(second)
 
     # ------------------------------------------------------------------ helpers
     def _output(self, name: str) -> str:
@@ -179,14 +277,34 @@ class Demo:
         pages = self.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
-    def _wait_for_local_checkpoint(self, directory: Path, timeout: float = 120) -> None:
+    def _wait_for_local_checkpoint(self, directory: Path, *, log: _TrainingLog, timeout: float = 120) -> None:
         """Interrupt only once the trainer has something to lose: its first checkpoint on the instance's disk."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            log.show_new_lines()
             if directory.is_dir() and any(path.is_file() for path in directory.rglob("*")):
                 return
             time.sleep(0.5)
         raise DemoFailed(f"the trainer wrote no checkpoint to {directory} within {timeout:.0f} s")
+
+    def _training_log(self, box: LocalInstance) -> _TrainingLog:
+        """One reader per instance, so a line shown while waiting for the checkpoint is not shown again."""
+        if box.instance_id not in self._training_logs:
+            self._training_logs[box.instance_id] = _TrainingLog(box)
+        return self._training_logs[box.instance_id]
+
+    def _wait_for_agent(self, box: LocalInstance) -> int:
+        """Wait for the agent to end, showing the training log as it grows (no silent minute)."""
+        log, started = self._training_log(box), time.monotonic()
+        assert box.process is not None
+        while box.process.poll() is None and time.monotonic() - started < STEP_TIMEOUT_SECONDS:
+            log.show_new_lines()
+            time.sleep(0.5)
+        code = box.wait(timeout=max(1.0, STEP_TIMEOUT_SECONDS - (time.monotonic() - started)))
+        log.show_new_lines()
+        powered_off = " and powered the instance off" if box.powered_off_marker.exists() else ""
+        console.print(f"   [dim]the agent ended {time.monotonic() - started:.0f} s later{powered_off}[/]")
+        return code
 
     def _status_json(self, run_id: str) -> dict:
         body = self.client("s3").get_object(Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json")["Body"]
@@ -206,12 +324,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".local" / "demo", help="where the emulator log, the instance and fetched outputs go")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 30 with --spot-interruption)")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
+    parser.add_argument(
+        "--runtime", choices=("process", "docker"), default="process",
+        help="process: the trainer runs directly; docker: the production container path on podman (needs root)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.runtime == "docker" and (reason := unavailable_reason()):
+        console.print(f"make demo: --runtime docker is not available here: {reason}")
+        return 2
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
     epochs = args.epochs or (30 if args.spot_interruption else 12)
-    demo = Demo(workdir=args.workdir, epochs=epochs, step_seconds=args.step_seconds, spot_interruption=args.spot_interruption)
+    demo = Demo(
+        workdir=args.workdir,
+        epochs=epochs,
+        step_seconds=args.step_seconds,
+        spot_interruption=args.spot_interruption,
+        runtime=args.runtime,
+    )
     try:
         demo.main()
         return 0
@@ -223,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         demo.emulator.stop()
+        if demo.engine is not None:
+            demo.engine.stop()
 
 
 if __name__ == "__main__":

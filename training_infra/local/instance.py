@@ -1,9 +1,11 @@
 """Plays an EC2 instance launched into the local AWS: the real user data runs here under bash.
 
 The emulator records the instance (type, tags, user data) but runs nothing. This takes that
-record, serves a fake IMDS with the instance's identity, and runs the rendered agent with the
-`process` runtime, its root paths under a local folder, and power-off wired back to the emulator
-(InstanceInitiatedShutdownBehavior=terminate: powering off terminates the instance).
+record, serves a fake IMDS with the instance's identity, and runs the rendered agent with its root
+paths under a local folder and power-off wired back to the emulator
+(InstanceInitiatedShutdownBehavior=terminate: powering off terminates the instance). The runtime
+is `process` (the trainer command runs directly), or, given a `ContainerEngine`, the production
+`docker` runtime on podman with the engine's registry answering as the account's ECR.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import boto3
 
+from training_infra.local.containers import ContainerEngine
 from training_infra.local.emulator import stop_process_group
 from training_infra.local.imds import FakeImds
 
@@ -38,11 +41,20 @@ def aws_client(service: str, aws_env: dict[str, str]):
 class LocalInstance:
     """`with LocalInstance(instance_id, root=..., aws_env=...) as box: box.wait()`."""
 
-    def __init__(self, instance_id: str, *, root: Path, aws_env: dict[str, str], extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        root: Path,
+        aws_env: dict[str, str],
+        extra_env: dict[str, str] | None = None,
+        engine: ContainerEngine | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self.root = Path(root)
         self.aws_env = aws_env
         self.extra_env = extra_env or {}
+        self.engine = engine
         self.ec2 = aws_client("ec2", aws_env)
         self.imds: FakeImds | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -71,7 +83,8 @@ class LocalInstance:
             "HOME": str(self.root),
             **self.aws_env,
             "TI_ROOT": str(self.root / "fs"),
-            "TI_RUNTIME": "process",
+            "TI_RUNTIME": "docker" if self.engine else "process",
+            **({"TI_DOCKER": str(self.engine.docker)} if self.engine else {}),
             "TI_POWEROFF_CMD": f"touch {shlex.quote(str(self.powered_off_marker))}",
             "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
             "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
@@ -79,8 +92,13 @@ class LocalInstance:
             "AWS_EC2_METADATA_DISABLED": "false",
             **self.extra_env,
         }
+        argv = ["bash", str(script)]
+        if self.engine is not None:  # where the engine's registry answers as ECR
+            argv = self.engine.in_namespace(argv)
         with open(self.log_path, "ab") as console:
-            self.process = subprocess.Popen(["bash", str(script)], env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def _fake_binaries(self) -> Path:
@@ -109,7 +127,9 @@ class LocalInstance:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise TimeoutError(f"the agent on {self.instance_id} did not finish within {timeout:.0f} s; see {self.log_path}") from None
+            raise TimeoutError(
+                f"the agent on {self.instance_id} did not finish within {timeout:.0f} s; see {self.log_path}"
+            ) from None
         if self.powered_off_marker.exists():
             self.ec2.terminate_instances(InstanceIds=[self.instance_id])
         return code

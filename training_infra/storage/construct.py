@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from training_infra import naming
-from training_infra.policy import acknowledge_nag, nag_name, skip_checkov
+from training_infra.policy import acknowledge_nag, as_seen_from, nag_name, skip_checkov
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,10 @@ class TrainingStorage(Construct):
         The object keys are per run and unknown at deploy, so the grant ends in prefix wildcards; the
         cdk-nag findings that causes are acknowledged here, on the grantee, named as cdk-nag names them.
         """
-        data_arn = self._arn_seen_from(grantee, self.data_bucket)
-        outputs_arn = self._arn_seen_from(grantee, self.outputs_bucket)
+        principal = grantee.grant_principal
+        consumer = principal if isinstance(principal, Construct) else self
+        data_arn = as_seen_from(consumer, self.data_bucket, self.data_bucket.bucket_arn)
+        outputs_arn = as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)
         data_objects = f"{data_arn}/{naming.DATA_PREFIX}*"
         runs_objects = f"{outputs_arn}/{naming.RUNS_PREFIX}*"
         checkpoint_objects = f"{outputs_arn}/{naming.CHECKPOINTS_PREFIX}*"
@@ -126,7 +128,6 @@ class TrainingStorage(Construct):
             # a mirror of what the trainer keeps (versioning still holds what a sync deletes).
             grant(["s3:DeleteObject"], [latest_objects, checkpoint_objects]),
         ]
-        principal = grantee.grant_principal
         if isinstance(principal, Construct):
             for resource, why in (
                 (data_objects, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
@@ -147,8 +148,10 @@ class TrainingStorage(Construct):
         role, so one run's credentials cannot touch another run's objects. No delete, no runs/latest/.
         """
         run = f"${{aws:PrincipalTag/{naming.TAG_RUN_ID}}}"
-        data_arn = self._arn_seen_from(grantee, self.data_bucket)
-        outputs_arn = self._arn_seen_from(grantee, self.outputs_bucket)
+        principal = grantee.grant_principal
+        consumer = principal if isinstance(principal, Construct) else self
+        data_arn = as_seen_from(consumer, self.data_bucket, self.data_bucket.bucket_arn)
+        outputs_arn = as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)
         data_objects = f"{data_arn}/{naming.DATA_PREFIX}*"
         run_prefixes = [f"{naming.RUNS_PREFIX}{run}/", f"{naming.CHECKPOINTS_PREFIX}{run}/"]
         run_objects = [f"{outputs_arn}/{prefix}*" for prefix in run_prefixes]
@@ -162,7 +165,6 @@ class TrainingStorage(Construct):
             grant(["s3:ListBucket"], [outputs_arn], {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in run_prefixes]}}),
             grant(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], run_objects),
         ]
-        principal = grantee.grant_principal
         if isinstance(principal, Construct):
             reasons = [
                 (data_objects, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
@@ -175,14 +177,6 @@ class TrainingStorage(Construct):
         for other in grants[1:]:
             combined = combined.combine(other)
         return combined
-
-    def _arn_seen_from(self, grantee: iam.IGrantable, bucket: s3.IBucket) -> str:
-        """The bucket ARN as the grantee's stack will reference it: the very export CDK would create."""
-        principal = grantee.grant_principal
-        here = Stack.of(self)
-        if isinstance(principal, Construct) and Stack.of(principal) is not here:
-            return here.export_value(bucket.bucket_arn)
-        return bucket.bucket_arn
 
 
 def _secure_bucket_defaults(removal: RemovalPolicy) -> dict:

@@ -10,6 +10,7 @@ umask 022
 
 ROOT=${TI_ROOT:-}
 AGENT_DIR=$ROOT/opt/training-infra
+AGENT_TOOLS=$(dirname "${BASH_SOURCE[0]}")/agent_tools.py  # unpacked beside this script
 STATE=$AGENT_DIR/state
 LOG_DIR=$ROOT/var/log
 SETUP_LOG=$LOG_DIR/training-setup.log
@@ -50,15 +51,19 @@ STARTED_AT=$(date -u -d "@$START_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 
 log() { printf '%s [agent] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 # Milestones also go to the training log, so the CloudWatch stream tells the whole story.
+# globals: reads TRAIN_LOG
 note() { log "$*"; printf '%s [training-infra] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >>"$TRAIN_LOG"; }
+# globals: sets OUTCOME MESSAGE
 fail() { OUTCOME=failed MESSAGE=$*; log "FAILED: $*"; exit 1; }
 awsc() { aws --cli-connect-timeout 10 "$@"; }
 
 # Start a background job in its own process group, so it can be stopped with everything it runs.
+# globals: sets LAST_PID
 spawn() { set -m; "$@" & LAST_PID=$!; set +m; }
 kill_group() { kill "-${2:-TERM}" -- "-$1" 2>/dev/null || true; }
 alive() { kill -0 -- "-$1" 2>/dev/null; }
 
+# globals: reads RETRIES TI_RETRY_BASE_SECONDS
 retry() {  # retry DESCRIPTION COMMAND...: bounded attempts with exponential backoff
   local what=$1 n=1 pause
   shift
@@ -72,14 +77,18 @@ retry() {  # retry DESCRIPTION COMMAND...: bounded attempts with exponential bac
 }
 
 # ---------------------------------------------------------------- settings (no network yet)
+# globals: reads the setting named by $1
 need_int() { [[ ${!1} =~ ^[0-9]+$ ]] || fail "$1='${!1}' is not allowed: use a whole number (seconds or a count)"; }
+# globals: reads the setting named by $1
 need_num() { [[ ${!1} =~ ^[0-9]+([.][0-9]+)?$ ]] || fail "$1='${!1}' is not allowed: use a number such as 5 or 0.5"; }
+# globals: reads the setting named by $1
 need_one() {
   local name=$1 value=${!1} allowed
   shift
   for allowed in "$@"; do [[ $value == "$allowed" ]] && return 0; done
   fail "$name='$value' is not allowed: use one of $*"
 }
+# globals: reads the TI_* settings, POWEROFF_CMD, STATE (writes $STATE/trainer.env)
 validate() {
   local v line
   for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
@@ -110,10 +119,12 @@ validate() {
 }
 
 # ---------------------------------------------------------------- instance metadata (IMDSv2)
+# globals: reads IMDS; sets IMDS_TOKEN
 imds_token() {
   IMDS_TOKEN=$(curl -sf --max-time 2 --retry 3 --retry-connrefused -X PUT \
     -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$IMDS/latest/api/token")
 }
+# globals: reads IMDS; sets IMDS_TOKEN (renewed when expired)
 imds_get() {  # imds_get PATH: prints the body; fails on 404 and other errors; renews an expired token
   local out code try
   for try in 1 2; do
@@ -126,6 +137,7 @@ imds_get() {  # imds_get PATH: prints the body; fails on 404 and other errors; r
   done
   return 1
 }
+# globals: reads TI_MARKET TI_REGION; sets INSTANCE_ID INSTANCE_TYPE AZ MARKET REGION
 read_metadata() {
   retry "instance metadata token" imds_token || fail "instance metadata (IMDSv2) at $IMDS did not answer"
   INSTANCE_ID=$(imds_get meta-data/instance-id) || fail "could not read instance-id from IMDS at $IMDS"
@@ -136,6 +148,7 @@ read_metadata() {
   [[ -n $REGION ]] || REGION=${AZ%[a-z]}
   export AWS_DEFAULT_REGION=$REGION AWS_REGION=$REGION
 }
+# globals: reads TI_RUN_ID START_EPOCH INSTANCE_ID TI_OUTPUTS_BUCKET; sets RUN_ID RUN_PREFIX CKPT_PREFIX
 set_run_id() {
   local id=$TI_RUN_ID
   [[ -n $id ]] || id="$(date -u -d "@$START_EPOCH" +%Y%m%d-%H%M%S)-${INSTANCE_ID}"
@@ -145,6 +158,7 @@ set_run_id() {
 }
 
 # ---------------------------------------------------------------- CloudWatch Logs (stream = run id)
+# globals: reads TI_LOG_GROUP RUN_ID; sets LOGS_OK
 open_log_stream() {
   [[ -n $TI_LOG_GROUP ]] || { log "no TI_LOG_GROUP: training output stays in S3 only"; return 0; }
   local err
@@ -155,25 +169,11 @@ open_log_stream() {
     log "WARNING: cannot open log stream $TI_LOG_GROUP/$RUN_ID (training output stays in S3): $err"
   fi
 }
-ship_logs() {  # ship_logs [final]: send new lines of the training log to CloudWatch in batches
+# globals: reads LOGS_OK TRAIN_LOG STATE TI_LOG_GROUP RUN_ID
+ship_logs() {  # ship_logs [--final]: send new lines of the training log to CloudWatch in batches
   [[ -n $LOGS_OK ]] || return 0
   local count
-  while count=$(python3 - "$TRAIN_LOG" "$STATE/log.offset" "$STATE/log.batch.json" "${1:-}" <<'PY'
-import json, os, sys, time
-path, offset_file, batch_file, final = sys.argv[1:5]
-offset = int(open(offset_file).read() or 0) if os.path.exists(offset_file) else 0
-with open(path, "rb") as f:
-    f.seek(offset)
-    parts = f.read(900_000).splitlines(keepends=True)[:5000]
-if parts and not final and not parts[-1].endswith((b"\n", b"\r")):
-    parts.pop()  # a line still being written goes in the next batch
-now = int(time.time() * 1000)
-lines = [p.decode("utf-8", "replace").rstrip("\r\n")[:200_000] for p in parts]
-json.dump([{"timestamp": now, "message": line} for line in lines if line.strip()], open(batch_file, "w"))
-open(offset_file + ".next", "w").write(str(offset + sum(map(len, parts))))
-print(sum(1 for line in lines if line.strip()) if parts else -1)
-PY
-  ); do
+  while count=$(python3 "$AGENT_TOOLS" log-batch "$TRAIN_LOG" "$STATE/log.offset" "$STATE/log.batch.json" "$@"); do
     ((count >= 0)) || return 0
     if ((count > 0)); then
       awsc logs put-log-events --log-group-name "$TI_LOG_GROUP" --log-stream-name "$RUN_ID" \
@@ -184,13 +184,16 @@ PY
 }
 
 # ---------------------------------------------------------------- image, data, checkpoints
+# globals: reads TI_IMAGE_URI TI_IMAGE_TAG IMAGE RUNTIME DOCKER TI_PULL_TIMEOUT_SECONDS
 fetch_image() {
   local registry=${TI_IMAGE_URI%%/*} repo=${TI_IMAGE_URI#*/} password digest registry_id=()
   if [[ $registry == *.dkr.ecr.*.amazonaws.com* ]]; then
     [[ ${registry%%.*} =~ ^[0-9]{12}$ ]] && registry_id=(--registry-id "${registry%%.*}")
     password=$(awsc ecr get-login-password) || return 1
     if [[ $RUNTIME == docker ]]; then
-      "$DOCKER" login --username AWS --password-stdin "$registry" <<<"$password" >/dev/null || return 1
+      # A registry that accepts the connection and never answers would hold a login for ever, too.
+      timeout "$TI_PULL_TIMEOUT_SECONDS" "$DOCKER" login --username AWS --password-stdin "$registry" \
+        <<<"$password" >/dev/null || return 1
     fi
   fi
   if [[ $RUNTIME == docker ]]; then
@@ -206,7 +209,9 @@ fetch_image() {
 }
 # S3 mirrors /checkpoints, so a resume downloads what the trainer kept, not every checkpoint
 # it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
+# globals: reads CKPT_DIR CKPT_PREFIX
 sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --only-show-errors; }
+# globals: reads STATE SETUP_LOG TRAIN_LOG RUN_PREFIX
 upload_logs() {
   mkdir -p "$STATE/logs"
   cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
@@ -214,6 +219,7 @@ upload_logs() {
 }
 
 # ---------------------------------------------------------------- the trainer
+# globals: reads RUN_ID DATA_DIR OUT_DIR CKPT_DIR HEARTBEAT_HOST STATE TI_TRAINING_COMMAND
 run_process_trainer() {  # the `process` runtime: the container's command, run directly
   local line
   export RUN_ID DATA_DIR OUTPUT_DIR=$OUT_DIR CHECKPOINT_DIR=$CKPT_DIR HEARTBEAT_FILE=$HEARTBEAT_HOST
@@ -221,12 +227,16 @@ run_process_trainer() {  # the `process` runtime: the container's command, run d
   while IFS= read -r line; do export "${line?}"; done <"$STATE/trainer.env"
   exec bash -c "$TI_TRAINING_COMMAND"
 }
+# globals: reads RUNTIME IMAGE RUN_ID CONTAINER DOCKER STATE the paths and TI_*; sets TRAINER_STARTED TRAINER_PID
 start_trainer() {
   local command=()
   TRAINER_STARTED=$(date +%s)
   note "starting trainer ($RUNTIME runtime, image $IMAGE, run $RUN_ID)"
   if [[ $RUNTIME == docker ]]; then
     [[ -z $TI_TRAINING_COMMAND ]] || command=(sh -c "$TI_TRAINING_COMMAND")
+    # In a container the shell is the init's child: on SIGTERM it exits and the container ends with it.
+    [[ $TI_TRAINING_COMMAND != *[\;\&\|]* || $TI_TRAINING_COMMAND == *exec\ * ]] ||
+      note "WARNING: TI_TRAINING_COMMAND has no exec: on SIGTERM its shell exits and the trainer dies unsaved"
     "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
     spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init --ipc=host -e TINI_KILL_PROCESS_GROUP=1 \
@@ -239,6 +249,7 @@ start_trainer() {
   fi
   TRAINER_PID=$LAST_PID
 }
+# globals: reads TRAINER_PID RUNTIME DOCKER CONTAINER
 stop_trainer() {  # stop_trainer GRACE: SIGTERM, wait up to GRACE seconds, then SIGKILL
   local grace=$1 i
   [[ -n $TRAINER_PID ]] && alive "$TRAINER_PID" || return 0
@@ -253,6 +264,7 @@ stop_trainer() {  # stop_trainer GRACE: SIGTERM, wait up to GRACE seconds, then 
     kill_group "$TRAINER_PID" KILL
   fi
 }
+# globals: reads STATE
 request_stop() {  # request_stop OUTCOME MESSAGE GRACE: the first watcher to ask wins
   mkdir "$STATE/stop" 2>/dev/null || return 0
   printf '%s\n%s\n' "$1" "$2" >"$STATE/stop/reason"
@@ -261,6 +273,7 @@ request_stop() {  # request_stop OUTCOME MESSAGE GRACE: the first watcher to ask
 }
 
 # ---------------------------------------------------------------- watchers (background jobs)
+# globals: reads TI_STOP_GRACE_SECONDS SPOT_GRACE_CAP TI_STOP_ON_REBALANCE TI_SPOT_POLL_SECONDS
 watch_spot() {
   local body grace=$((TI_STOP_GRACE_SECONDS < SPOT_GRACE_CAP ? TI_STOP_GRACE_SECONDS : SPOT_GRACE_CAP)) rebalanced=""
   while true; do
@@ -280,6 +293,7 @@ watch_spot() {
     sleep "$TI_SPOT_POLL_SECONDS"
   done
 }
+# globals: reads START_EPOCH TI_MAX_RUNTIME_SECONDS TI_STOP_GRACE_SECONDS
 watch_deadline() {  # stop early enough to save outputs before the OS-level shutdown fires
   local margin=$((TI_STOP_GRACE_SECONDS + 60)) stop_at
   ((TI_MAX_RUNTIME_SECONDS > 2 * margin)) || margin=0
@@ -287,10 +301,12 @@ watch_deadline() {  # stop early enough to save outputs before the OS-level shut
   sleep "$((stop_at > $(date +%s) ? stop_at - $(date +%s) : 0))"
   request_stop deadline "max runtime of ${TI_MAX_RUNTIME_SECONDS}s reached" "$TI_STOP_GRACE_SECONDS"
 }
+# globals: reads NVIDIA_SMI
 gpu_utilisation() {  # the busiest GPU, so one busy GPU of eight is not "idle"
   "$NVIDIA_SMI" --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
     awk 'BEGIN { m = -1 } /^ *[0-9.]+ *$/ { if ($1 + 0 > m) m = $1 + 0 } END { if (m < 0) exit 1; print m }'
 }
+# globals: reads HEARTBEAT_HOST TRAINER_STARTED INSTANCE_ID NVIDIA_SMI and the TI_IDLE/HEARTBEAT/METRIC settings
 watch_idle() {
   local poll=$((TI_IDLE_SECONDS / 4)) util now idle_since="" last_metric=0 age warned=""
   [[ -z $HEARTBEAT_HOST ]] || ((TI_HEARTBEAT_STALE_SECONDS / 4 >= poll)) || poll=$((TI_HEARTBEAT_STALE_SECONDS / 4))
@@ -325,14 +341,17 @@ watch_idle() {
     sleep "$poll"
   done
 }
+# globals: reads TI_CHECKPOINT_SYNC_SECONDS
 watch_checkpoints() {  # only changed files travel; logs ride along so a hard kill loses little
   while sleep "$TI_CHECKPOINT_SYNC_SECONDS"; do
     sync_checkpoints || log "WARNING: periodic checkpoint sync failed; next try in ${TI_CHECKPOINT_SYNC_SECONDS}s"
     upload_logs || true
   done
 }
+# globals: reads TI_LOG_SHIP_SECONDS
 watch_logs() { while sleep "$TI_LOG_SHIP_SECONDS"; do ship_logs || log "WARNING: CloudWatch Logs upload failed"; done; }
 run_watcher() { trap - ERR EXIT TERM INT; set +e; "$1"; }  # never the main traps (finalize)
+# globals: sets WATCHERS
 start_watchers() {
   local watcher
   for watcher in watch_spot watch_deadline watch_idle watch_checkpoints watch_logs; do
@@ -342,37 +361,29 @@ start_watchers() {
 }
 
 # ---------------------------------------------------------------- the end of every run
-write_status() {
-  python3 - "$STATE/status.json" "$RUN_ID" "$OUTCOME" "$EXIT_CODE" "$STARTED_AT" "$ENDED_AT" \
-    "$((ENDED_EPOCH - START_EPOCH))" "$INSTANCE_ID" "$INSTANCE_TYPE" "$MARKET" "$AZ" "$TI_HOURLY_PRICE_USD" \
-    "$IMAGE" "$MESSAGE" <<'PY'
-import json, sys
-(path, run_id, outcome, exit_code, started, ended, seconds, instance_id, instance_type, market, az,
- price, image, message) = sys.argv[1:]
-price = float(price)
-status = {
-    "run_id": run_id, "outcome": outcome, "exit_code": int(exit_code) if exit_code else None,
-    "started_at": started, "ended_at": ended, "duration_seconds": int(seconds),
-    "instance_id": instance_id, "instance_type": instance_type, "market": market,
-    "availability_zone": az, "hourly_price_usd": price,
-    # On-demand list price: an upper bound for spot, which usually costs far less.
-    "estimated_cost_usd": round(price * int(seconds) / 3600, 4), "image": image, "message": message,
+# globals: reads STATE RUN_ID OUTCOME EXIT_CODE STARTED_AT ENDED_AT START_EPOCH ENDED_EPOCH IMAGE MESSAGE
+# and the instance's (INSTANCE_ID INSTANCE_TYPE MARKET AZ)
+write_status() {  # prints the cost estimate
+  python3 "$AGENT_TOOLS" status "$STATE/status.json" --run-id="$RUN_ID" --outcome="$OUTCOME" \
+    --exit-code="$EXIT_CODE" --started-at="$STARTED_AT" --ended-at="$ENDED_AT" \
+    --duration-seconds="$((ENDED_EPOCH - START_EPOCH))" --instance-id="$INSTANCE_ID" \
+    --instance-type="$INSTANCE_TYPE" --market="$MARKET" --availability-zone="$AZ" \
+    --hourly-price-usd="$TI_HOURLY_PRICE_USD" --image="$IMAGE" --message="$MESSAGE"
 }
-json.dump(status, open(path, "w"), indent=2)
-print(status["estimated_cost_usd"])
-PY
-}
+# globals: reads TI_ALERTS_TOPIC_ARN RUN_ID RUN_PREFIX OUTCOME EXIT_CODE MESSAGE COST START_EPOCH ENDED_EPOCH and the instance's
 publish_notice() {
   [[ -n $TI_ALERTS_TOPIC_ARN ]] || return 0
   awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" --subject "training-infra run $RUN_ID: $OUTCOME" \
     --message "Training run $RUN_ID on $INSTANCE_TYPE ($MARKET, $AZ, $INSTANCE_ID) ended: $OUTCOME, exit code ${EXIT_CODE:-none}, after $(((ENDED_EPOCH - START_EPOCH) / 60)) min, estimated cost \$${COST:-?}. ${MESSAGE} Results: $RUN_PREFIX/" >/dev/null
 }
+# globals: reads TI_OUTPUTS_BUCKET RUN_PREFIX
 refresh_latest() {  # runs/latest/ mirrors this run; its _SUCCESS again goes last
   local latest=s3://$TI_OUTPUTS_BUCKET/runs/latest
   awsc s3 rm "$latest/_SUCCESS" --only-show-errors || true
   awsc s3 sync "$RUN_PREFIX/" "$latest/" --delete --exclude _SUCCESS --only-show-errors &&
     awsc s3 cp "$RUN_PREFIX/_SUCCESS" "$latest/_SUCCESS" --only-show-errors
 }
+# globals: reads TI_AUTO_SHUTDOWN POWEROFF_CMD
 power_off() {
   if [[ $TI_AUTO_SHUTDOWN == true ]]; then
     log "powering off: $POWEROFF_CMD"
@@ -381,7 +392,9 @@ power_off() {
     log "auto_shutdown is false: leaving the instance running (the OS deadline still applies)"
   fi
 }
+# globals: reads TI_FINALIZE_TIMEOUT_SECONDS POWEROFF_CMD
 backstop() { sleep "$TI_FINALIZE_TIMEOUT_SECONDS"; log "finalize is stuck: powering off anyway"; bash -c "$POWEROFF_CMD"; }
+# globals: reads WATCHERS TRAINER_PID TRAINER_STARTED RUN_ID STATE; sets FINALIZING OUTCOME MESSAGE ENDED_EPOCH ENDED_AT COST
 finalize() {
   local rc=$1 pid backstop=""
   set +e
@@ -408,7 +421,7 @@ finalize() {
   fi
   # Interrupted: the box may vanish any second, so logs go up before the (larger) outputs.
   [[ $OUTCOME != interrupted ]] || upload_logs || true
-  ship_logs final || log "WARNING: final CloudWatch Logs upload failed"
+  ship_logs --final || log "WARNING: final CloudWatch Logs upload failed"
   if ((TRAINER_STARTED > 0)); then
     if ! retry "outputs upload" awsc s3 sync "$OUT_DIR/" "$RUN_PREFIX/outputs/" --only-show-errors; then
       [[ $OUTCOME != succeeded ]] || OUTCOME=failed
@@ -437,7 +450,9 @@ finalize() {
   power_off
   [[ -z $backstop ]] || kill_group "$backstop" KILL
 }
+# globals: sets MESSAGE
 on_error() { log "command failed (exit $1) at line $2: $3"; MESSAGE=${MESSAGE:-"agent error at line $2: $3 (exit $1)"}; }
+# globals: sets OUTCOME MESSAGE
 on_signal() {
   log "agent received SIG$1"
   OUTCOME=${OUTCOME:-interrupted} MESSAGE=${MESSAGE:-"agent received SIG$1 (instance shutting down?)"}
@@ -445,6 +460,7 @@ on_signal() {
 }
 
 # ---------------------------------------------------------------- main
+# globals: sets EXIT_CODE OUTCOME MESSAGE (and, through what it calls, every run global)
 main() {
   local i
   rm -rf "$STATE"
@@ -490,6 +506,8 @@ main() {
   for ((i = 0; i < TI_STOP_GRACE_SECONDS * 5; i++)); do alive "$TRAINER_PID" || break; sleep 0.2; done
   if [[ -f $STATE/stop/reason ]]; then
     { read -r OUTCOME; read -r MESSAGE; } <"$STATE/stop/reason"
+    # `docker stop` kills silently after the grace period: say so, as the process runtime does.
+    [[ $RUNTIME != docker || $EXIT_CODE != 137 ]] || note "trainer ignored SIGTERM for the grace period: killed"
   elif ((EXIT_CODE == 0)); then
     OUTCOME=succeeded MESSAGE="trainer finished"
   else

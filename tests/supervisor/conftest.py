@@ -1,0 +1,136 @@
+"""One in-process moto account for the supervisor: the run table, a VPC with two zones, the launch
+template, the outputs bucket and an alert topic with a queue subscribed (to read the notices)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from training_infra.local.events import ec2_event
+from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, iso
+from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+
+REGION = "us-east-1"
+MOTO_AMI = "ami-12c6146b"
+START = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+class Account:
+    """A fresh moto account with everything a managed run touches."""
+
+    def __init__(self) -> None:
+        self.ec2 = boto3.client("ec2", region_name=REGION)
+        self.dynamodb = boto3.client("dynamodb", region_name=REGION)
+        self.s3 = boto3.client("s3", region_name=REGION)
+        self.sns = boto3.client("sns", region_name=REGION)
+        self.sqs = boto3.client("sqs", region_name=REGION)
+        self.table = "runs"
+        self.dynamodb.create_table(
+            TableName=self.table,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")],
+            KeySchema=[{"AttributeName": "run_id", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[
+                {"IndexName": ACTIVE_INDEX, "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}], "Projection": {"ProjectionType": "ALL"}},
+                {
+                    "IndexName": CREATED_INDEX,
+                    "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                    "Projection": {"ProjectionType": "ALL"},
+                },
+            ],
+        )
+        self.bucket = "outputs"
+        self.s3.create_bucket(Bucket=self.bucket)
+        vpc = self.ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        self.subnets = {
+            zone: self.ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
+            for zone, cidr in (("us-east-1a", "10.0.1.0/24"), ("us-east-1b", "10.0.2.0/24"))
+        }
+        # The run's own launch template, as `training-infra launch` makes it (no market: the fleet picks).
+        self.template_id = self.ec2.create_launch_template(
+            LaunchTemplateName="training-infra-run-bert",
+            LaunchTemplateData={"ImageId": MOTO_AMI, "UserData": base64.b64encode(b"#!/bin/bash\nexport TI_RUN_ID=bert\n").decode()},
+        )["LaunchTemplate"]["LaunchTemplateId"]
+        self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
+        self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
+        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
+        self.clock = Clock()
+        self.cfg = SupervisorConfig(table=self.table, outputs_bucket=self.bucket, topic_arn=self.topic_arn)
+
+    def clients(self, ec2=None) -> Clients:
+        return Clients(ec2=ec2 or self.ec2, dynamodb=self.dynamodb, s3=self.s3, sns=self.sns)
+
+    def supervisor(self, ec2=None) -> Supervisor:
+        return Supervisor(self.clients(ec2), self.cfg, now=self.clock)
+
+    def new_run(self, run_id: str = "bert", **spec) -> Run:
+        full = {
+            "instance_types": ["g5.xlarge", "g6.xlarge"],
+            "subnet_ids": list(self.subnets.values()),
+            "market": "spot",
+            "max_restarts_on_errors": 0,
+            "launch_template_id": self.template_id,
+            "launch_template_version": "1",
+            "owns_launch_template": True,
+            "max_runtime_hours": 24,
+            "checkpoint_sync_seconds": 300,
+            **spec,
+        }
+        hours = full["max_runtime_hours"]
+        run = Run(run_id=run_id, spec=full, created_at=iso(self.clock()), deadline_at=iso(self.clock() + timedelta(hours=hours)))
+        self.supervisor().store.create(run)
+        return run
+
+    def run(self, run_id: str = "bert") -> Run:
+        return self.supervisor().store.get(run_id)
+
+    def instances_of(self, run_id: str) -> list[dict]:
+        reservations = self.ec2.describe_instances(Filters=[{"Name": "tag:training-infra:run-id", "Values": [run_id]}])["Reservations"]
+        return [i for r in reservations for i in r["Instances"]]
+
+    def agent_wrote(self, run_id: str, attempt: int, outcome: str, exit_code: int | None = None) -> None:
+        """What the agent leaves at the end of an attempt (docs/agent.md, status.json)."""
+        status = {"run_id": run_id, "attempt": attempt, "outcome": outcome, "exit_code": exit_code, "ended_at": iso(self.clock()),
+                  "hourly_price_usd": 1.006, "estimated_cost_usd": 0.5, "message": f"trainer {outcome}"}  # fmt: skip
+        self.s3.put_object(Bucket=self.bucket, Key=f"runs/{run_id}/attempts/{attempt}/status.json", Body=json.dumps(status).encode())
+
+    def end_instance(self, instance_id: str) -> None:
+        self.ec2.terminate_instances(InstanceIds=[instance_id])
+
+    def notices(self) -> list[str]:
+        out = []
+        while True:
+            messages = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get("Messages", [])
+            if not messages:
+                return out
+            for message in messages:
+                out.append(json.loads(message["Body"])["Message"])
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def event(detail_type: str, instance_id: str = "", **detail) -> dict:
+    """The envelope EventBridge delivers, with the given detail (training_infra/local/events.py)."""
+    return ec2_event(detail_type, instance_id, region=REGION, time=START, **detail)
+
+
+@pytest.fixture
+def account():
+    with mock_aws():
+        yield Account()

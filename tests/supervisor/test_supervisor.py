@@ -1,0 +1,377 @@
+"""The supervisor's decisions against moto, with the exact event shapes EventBridge delivers.
+
+moto runs no Lambda and delivers no events, so each test calls the real handler logic in-process;
+per-pool capacity errors, which moto's fleets never return, are injected in the response shape
+CreateFleet documents (`Errors` with `LaunchTemplateAndOverrides`, `Lifecycle`, `ErrorCode`).
+"""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.supervisor.conftest import event
+from training_infra.supervisor.runtime.records import RunStore, StaleRecord
+from training_infra.supervisor.runtime.supervisor import (
+    REBALANCE,
+    SCHEDULED,
+    SPOT_WARNING,
+    STATE_CHANGE,
+    SupervisorError,
+)
+
+
+def start(account, **spec):
+    account.new_run(**spec)
+    account.supervisor().reconcile("bert")
+    return account.run()
+
+
+def reclaim(account, instance_id):
+    """AWS's two-minute warning, then the instance goes away."""
+    account.supervisor().handle(event(SPOT_WARNING, instance_id, **{"instance-action": "terminate"}))
+    account.end_instance(instance_id)
+    return account.supervisor().handle(event(STATE_CHANGE, instance_id, state="terminated"))
+
+
+class FleetWithErrors:
+    """The account's EC2 client, but CreateFleet answers with per-pool errors for some markets."""
+
+    def __init__(self, ec2, failing_markets: set[str], code: str = "InsufficientInstanceCapacity") -> None:
+        self._ec2, self.failing, self.code, self.requests = ec2, failing_markets, code, []
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def create_fleet(self, **request):
+        self.requests.append(request)
+        market = request["TargetCapacitySpecification"]["DefaultTargetCapacityType"]
+        if market not in self.failing:
+            return self._ec2.create_fleet(**request)
+        template = request["LaunchTemplateConfigs"][0]
+        errors = [
+            {
+                "LaunchTemplateAndOverrides": {"LaunchTemplateSpecification": template["LaunchTemplateSpecification"], "Overrides": override},
+                "Lifecycle": market,
+                "ErrorCode": self.code,
+                "ErrorMessage": f"We currently do not have sufficient {override['InstanceType']} capacity in the Availability Zone you requested.",
+            }
+            for override in template["Overrides"]
+        ]
+        return {"FleetId": "fleet-0123", "Errors": errors, "Instances": []}
+
+
+# --- launching ------------------------------------------------------------------------------------
+
+
+def test_first_launch_asks_one_instant_fleet_for_every_type_in_every_zone(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets=set())
+    account.new_run()
+    account.supervisor(ec2=fleet).reconcile("bert")
+    (request,) = fleet.requests
+    assert request["Type"] == "instant"
+    assert request["TargetCapacitySpecification"] == {"TotalTargetCapacity": 1, "DefaultTargetCapacityType": "spot"}
+    assert request["SpotOptions"] == {"AllocationStrategy": "price-capacity-optimized"}
+    overrides = {(o["InstanceType"], o["SubnetId"]) for o in request["LaunchTemplateConfigs"][0]["Overrides"]}
+    assert overrides == {(t, s) for t in ("g5.xlarge", "g6.xlarge") for s in account.subnets.values()}
+    run = account.run()
+    assert run.state == "launching" and run.attempts[0]["instance_id"]
+
+
+def test_every_attempt_carries_the_runs_one_deadline_and_its_number_as_tags(account):
+    run = start(account)
+    (instance,) = account.instances_of("bert")
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["training-infra:managed"] == "true"
+    assert tags["training-infra:attempt"] == "1"
+    assert tags["training-infra:deadline"] == run.deadline_at
+    reclaim(account, instance["InstanceId"])
+    second = account.run().attempts[1]
+    tags = {t["Key"]: t["Value"] for t in account.ec2.describe_instances(InstanceIds=[second["instance_id"]])["Reservations"][0]["Instances"][0]["Tags"]}
+    assert tags["training-infra:attempt"] == "2"
+    assert tags["training-infra:deadline"] == run.deadline_at, "one absolute deadline across attempts"
+
+
+def test_instance_running_moves_the_run_to_running(account):
+    run = start(account)
+    account.supervisor().handle(event(STATE_CHANGE, run.attempts[0]["instance_id"], state="running"))
+    assert account.run().state == "running"
+
+
+# --- classification --------------------------------------------------------------------------------
+
+
+def test_reclaimed_attempt_is_relaunched_on_another_pool_without_spending_the_error_budget(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    reclaim(account, first["instance_id"])
+    run = account.run()
+    assert [a.get("end_reason") for a in run.attempts] == ["reclaimed", None]
+    assert run.errors_used == 0
+    second = run.attempts[1]
+    assert (second["instance_type"], second["zone"]) != (first["instance_type"], first["zone"])
+    assert run.state == "recovering"
+    assert any("relaunched as attempt 2" in n and "spot reclaimed" in n for n in account.notices())
+
+
+def test_instance_gone_without_a_status_counts_as_reclaimed(account):
+    first = start(account).attempts[0]
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(SCHEDULED))
+    run = account.run()
+    assert run.attempts[0]["end_reason"] == "reclaimed"
+    assert len(run.attempts) == 2 and run.errors_used == 0
+
+
+def test_trainer_failure_without_restarts_left_fails_the_run_and_launches_nothing(account):
+    first = start(account).attempts[0]
+    account.agent_wrote("bert", 1, "failed", exit_code=3)
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    run = account.run()
+    assert run.state == "failed"
+    assert run.attempts[0]["message"] == "trainer failed with exit 3"
+    assert len(account.instances_of("bert")) == 1
+    assert any("gave up: failed" in n and "no restarts on errors left (0 of 0 used)" in n for n in account.notices())
+
+
+def test_trainer_failure_with_restarts_left_relaunches_and_counts_it(account):
+    first = start(account, max_restarts_on_errors=1).attempts[0]
+    account.agent_wrote("bert", 1, "failed", exit_code=1)
+    account.end_instance(first["instance_id"])
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert run.errors_used == 1 and len(run.attempts) == 2 and run.state == "recovering"
+    account.agent_wrote("bert", 2, "failed", exit_code=1)
+    account.end_instance(run.attempts[1]["instance_id"])
+    account.supervisor().reconcile("bert")
+    assert account.run().state == "failed", "the second failure has no restart left"
+
+
+def test_stalled_attempt_is_an_error(account):
+    first = start(account).attempts[0]
+    account.agent_wrote("bert", 1, "stalled")
+    account.end_instance(first["instance_id"])
+    account.supervisor().reconcile("bert")
+    assert account.run().state == "stalled"
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "idle", "deadline"])
+def test_succeeded_idle_and_deadline_end_the_run_and_delete_its_launch_template(account, outcome):
+    first = start(account).attempts[0]
+    account.agent_wrote("bert", 1, outcome, exit_code=0 if outcome == "succeeded" else None)
+    account.end_instance(first["instance_id"])
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert run.state == outcome and not run.active
+    templates = account.ec2.describe_launch_templates()["LaunchTemplates"]
+    assert account.template_id not in {t["LaunchTemplateId"] for t in templates}
+    assert len(account.instances_of("bert")) == 1
+
+
+def test_no_relaunch_when_the_time_left_is_too_short_to_be_useful(account):
+    first = start(account, max_runtime_hours=1).attempts[0]
+    account.clock.advance(minutes=50)  # 10 min left < boot (10 min) + one checkpoint interval (5 min)
+    reclaim(account, first["instance_id"])
+    run = account.run()
+    assert run.state == "deadline" and len(run.attempts) == 1
+    assert "too little for another attempt" in run.message
+
+
+def test_a_stopped_instance_is_terminated_so_its_volume_stops_billing(account):
+    first = start(account).attempts[0]
+    account.ec2.stop_instances(InstanceIds=[first["instance_id"]])
+    account.agent_wrote("bert", 1, "succeeded", exit_code=0)
+    account.supervisor().reconcile("bert")
+    (instance,) = account.instances_of("bert")
+    assert instance["State"]["Name"] in ("shutting-down", "terminated")
+    assert account.run().state == "succeeded"
+
+
+# --- pools ----------------------------------------------------------------------------------------
+
+
+def test_reclaimed_pool_cools_down_then_is_offered_again(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets=set())
+    account.new_run(instance_types=["g5.xlarge"])
+    supervisor = account.supervisor(ec2=fleet)
+    supervisor.reconcile("bert")
+    first = account.run().attempts[0]
+    supervisor.handle(event(SPOT_WARNING, first["instance_id"], **{"instance-action": "terminate"}))
+    account.end_instance(first["instance_id"])
+    supervisor.reconcile("bert")
+    reclaimed_subnet = account.subnets[first["zone"]]
+    offered = {o["SubnetId"] for o in fleet.requests[-1]["LaunchTemplateConfigs"][0]["Overrides"]}
+    assert reclaimed_subnet not in offered, "the pool just reclaimed is not offered to attempt 2"
+    second = account.run().attempts[1]
+    account.clock.advance(minutes=31)
+    supervisor.handle(event(SPOT_WARNING, second["instance_id"], **{"instance-action": "terminate"}))
+    account.end_instance(second["instance_id"])
+    supervisor.reconcile("bert")
+    offered = {o["SubnetId"] for o in fleet.requests[-1]["LaunchTemplateConfigs"][0]["Overrides"]}
+    assert reclaimed_subnet in offered, "after its cooldown the first pool is offered again"
+
+
+def test_capacity_errors_in_every_pool_keep_the_run_waiting_and_retrying(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"spot"})
+    account.new_run()
+    supervisor = account.supervisor(ec2=fleet)
+    supervisor.reconcile("bert")
+    account.clock.advance(minutes=1)
+    supervisor.handle(event(SCHEDULED))
+    run = account.run()
+    assert run.active and run.state == "launching"
+    (row,) = run.attempts
+    assert row["end_reason"] == "capacity" and row["tries"] == 2
+    assert "InsufficientInstanceCapacity in 4 pool(s)" in row["message"]
+    assert len([n for n in account.notices() if "waiting for capacity" in n]) == 1, "one notice per streak"
+    fleet.failing = set()
+    account.clock.advance(minutes=1)
+    supervisor.handle(event(SCHEDULED))
+    run = account.run()
+    assert run.attempts[-1]["instance_id"] and run.attempts[-1]["n"] == 2
+    assert len({r["ClientToken"] for r in fleet.requests}) == 3, "each try is a new request, not a replay"
+
+
+def test_spot_then_on_demand_falls_back_when_no_pool_has_spot_capacity(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"spot"})
+    account.new_run(market="spot-then-on-demand")
+    account.supervisor(ec2=fleet).reconcile("bert")
+    markets = [r["TargetCapacitySpecification"]["DefaultTargetCapacityType"] for r in fleet.requests]
+    assert markets == ["spot", "on-demand"]
+    attempt = account.run().attempts[0]
+    assert attempt["market"] == "on-demand" and attempt["instance_id"]
+
+
+def test_on_demand_market_never_asks_for_spot(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"on-demand"})
+    account.new_run(market="on-demand")
+    account.supervisor(ec2=fleet).reconcile("bert")
+    assert [r["TargetCapacitySpecification"]["DefaultTargetCapacityType"] for r in fleet.requests] == ["on-demand"]
+    assert account.run().attempts[0]["end_reason"] == "capacity"
+
+
+# --- races and repeats -----------------------------------------------------------------------------
+
+
+def test_the_same_event_twice_launches_one_instance(account):
+    first = start(account).attempts[0]
+    account.end_instance(first["instance_id"])
+    terminated = event(STATE_CHANGE, first["instance_id"], state="terminated")
+    account.supervisor().handle(terminated)
+    account.supervisor().handle(terminated)
+    assert len(account.instances_of("bert")) == 2
+    assert len(account.run().attempts) == 2
+
+
+def test_an_event_and_the_reconcile_at_once_launch_one_instance(account):
+    """Decider A reads the run; decider B (the reconcile) relaunches; A's write then loses and A re-decides."""
+    first = start(account).attempts[0]
+    account.end_instance(first["instance_id"])
+    other = account.supervisor()
+
+    class Interleaved(RunStore):
+        raced = False
+
+        def save(self, run):
+            if not Interleaved.raced:
+                Interleaved.raced = True
+                other.handle(event(SCHEDULED))  # B runs to completion between A's read and A's write
+            return super().save(run)
+
+    decider = account.supervisor()
+    decider.store = Interleaved(account.dynamodb, account.table)
+    decider.handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    assert len(account.instances_of("bert")) == 2, "one instance for attempt 1, one for attempt 2"
+    assert [a["n"] for a in account.run().attempts] == [1, 2]
+
+
+def test_a_launch_that_died_before_recording_is_adopted_not_repeated(account):
+    account.new_run()
+    supervisor = account.supervisor()
+
+    def crash_after_fleet(run):
+        if run.current and run.current.get("instance_id"):
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "PutItem")
+        return RunStore.save(supervisor.store, run)
+
+    supervisor.store.save = crash_after_fleet
+    with pytest.raises(ClientError):
+        supervisor.reconcile("bert")
+    account.supervisor().reconcile("bert")
+    (instance,) = account.instances_of("bert")
+    assert account.run().attempts[0]["instance_id"] == instance["InstanceId"]
+
+
+def test_a_failed_reconcile_of_one_run_lets_the_others_proceed_and_then_raises(account):
+    account.new_run("bert")
+    account.new_run("gpt", subnet_ids=["subnet-00000000000000000"])  # DescribeSubnets fails for this one
+    with pytest.raises(SupervisorError, match="gpt"):
+        account.supervisor().handle(event(SCHEDULED))
+    assert account.run("bert").attempts[0]["instance_id"]
+
+
+def test_a_stale_write_is_refused(account):
+    account.new_run()
+    store = RunStore(account.dynamodb, account.table)
+    one, two = store.get("bert"), store.get("bert")
+    store.save(one)
+    with pytest.raises(StaleRecord):
+        store.save(two)
+
+
+# --- stop -----------------------------------------------------------------------------------------
+
+
+def test_stop_tags_the_instance_then_terminates_after_the_grace_and_never_relaunches(account):
+    first = start(account).attempts[0]
+    supervisor = account.supervisor()
+    supervisor.request_stop("bert")
+    tags = {t["Key"]: t["Value"] for t in account.instances_of("bert")[0]["Tags"]}
+    assert tags["training-infra:stop"] == "user", "the agent sees the stop request through IMDS tags"
+    account.clock.advance(minutes=11)
+    supervisor.reconcile("bert")
+    assert account.instances_of("bert")[0]["State"]["Name"] in ("shutting-down", "terminated")
+    supervisor.handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    run = account.run()
+    assert run.state == "stopped" and len(run.attempts) == 1
+
+
+def test_stop_during_recovery_ends_the_run_without_a_launch(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"spot"})
+    account.new_run()
+    supervisor = account.supervisor(ec2=fleet)
+    supervisor.reconcile("bert")
+    supervisor.request_stop("bert")
+    fleet.failing = set()
+    supervisor.handle(event(SCHEDULED))
+    assert account.run().state == "stopped"
+    assert account.instances_of("bert") == []
+
+
+def test_events_for_unmanaged_instances_and_rebalances_change_nothing(account):
+    other = account.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    assert "ignored" in account.supervisor().handle(event(STATE_CHANGE, other, state="terminated"))
+    run = start(account)
+    account.supervisor().handle(event(REBALANCE, run.attempts[0]["instance_id"]))
+    after = account.run()
+    assert after.attempts[0]["rebalance_at"] and len(after.attempts) == 1
+
+
+def test_a_launch_ec2_refuses_outright_fails_the_run_instead_of_retrying_forever(account):
+    class Refusing(FleetWithErrors):
+        def create_fleet(self, **request):
+            raise ClientError({"Error": {"Code": "InvalidParameterValue", "Message": "The AMI is not available"}}, "CreateFleet")
+
+    account.new_run()
+    account.supervisor(ec2=Refusing(account.ec2, set())).reconcile("bert")
+    run = account.run()
+    assert run.state == "failed" and "InvalidParameterValue: The AMI is not available" in run.message
+    assert run.attempts[0]["end_reason"] == "launch-refused"
+
+
+def test_throttling_is_waited_out_like_capacity(account):
+    fleet = FleetWithErrors(account.ec2, failing_markets={"spot"}, code="RequestLimitExceeded")
+    account.new_run()
+    account.supervisor(ec2=fleet).reconcile("bert")
+    assert account.run().active and account.run().attempts[0]["end_reason"] == "capacity"

@@ -1,0 +1,292 @@
+"""The deploy guard on the local AWS: the real stacks deployed by `make deploy`, then redeploys that would hurt.
+
+One deployment for the module (GitHub roles, alert e-mail, an instance for run guard-run-1), then,
+in this order: the same settings (nothing to say); `make deploy` with the settings forgotten
+(refused, nothing deployed); a new run id while guard-run-1 runs (refused, naming the run); a
+change that reaches the running instance (refused, naming the setting); the run ended (allowed);
+`make deploy ALLOW_DESTRUCTIVE=1` (deploys, roles gone). The tests share the deployment and
+change it, so they run in file order (pytest's default; xdist's loadscope keeps a module together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOCAL_AWS_CONFIGURATIONS
+from training_infra import deploy_guard, naming
+from training_infra.local.emulator import Emulator
+from training_infra.local.instance import aws_client
+
+ROOT = Path(__file__).resolve().parents[1]
+CDK = ROOT / "node_modules" / ".bin" / "cdk"
+# What moto needs to deploy (DESIGN.md field notes).
+LOCAL_DEPLOY_FLAGS = "--method=direct --no-previous-parameters --no-notices"
+# tests/conftest.py's `guarded` configuration as a user passes it: flags on the make command line.
+DEPLOYED_FLAGS = " ".join(f"-c {key}={value}" for key, value in LOCAL_AWS_CONFIGURATIONS["guarded"].items())
+# The same minus the ones a user passed as flags last time (github_repo, alert_email).
+FORGOTTEN_FLAGS = "-c create_instance=true -c image_id=ami-12c6146b -c run_id=guard-run-1"
+
+
+@dataclass
+class LocalAws:
+    emulator: Emulator
+    env: dict[str, str]
+    instance_id: str
+
+    def client(self, service: str):
+        return aws_client(service, self.emulator.env)
+
+    def guard(self, cdk_out: Path, *args: str, region: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, **({"AWS_REGION": region, "AWS_DEFAULT_REGION": region} if region else {})}
+        return subprocess.run(
+            [sys.executable, "-m", "training_infra.deploy_guard", str(cdk_out), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    def make_deploy(self, cdk_out: Path, flags: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = ["make", "-C", str(ROOT), "deploy", f"CDK_OUT={cdk_out}", f"CDK_FLAGS={flags} {LOCAL_DEPLOY_FLAGS}", "REQUIRE_APPROVAL=never", *extra]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=600)
+
+    def template(self, stack: str) -> dict:
+        return self.client("cloudformation").get_template(StackName=stack)["TemplateBody"]
+
+    def resources_of_type(self, stack: str, kind: str) -> set[str]:
+        return {key for key, value in self.template(stack)["Resources"].items() if value["Type"] == kind}
+
+
+@pytest.fixture(scope="module")
+def local_aws(tmp_path_factory):
+    """The `guarded` settings deployed by `make deploy` (real CDK CLI; the guard finds no stack yet) into a moto server."""
+    with Emulator(tmp_path_factory.mktemp("moto-guard")) as emulator:
+        env = {**os.environ, **emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true"}
+        bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices"]
+        done = subprocess.run(bootstrap, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        local = LocalAws(emulator=emulator, env=env, instance_id="")
+        done = local.make_deploy(tmp_path_factory.mktemp("first-deploy") / "cdk.out", DEPLOYED_FLAGS)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "deploy guard" not in done.stderr, "nothing was deployed before: nothing to guard"
+        stack = local.client("cloudformation").describe_stacks(StackName=naming.COMPUTE_STACK)["Stacks"][0]
+        local.instance_id = next(o["OutputValue"] for o in stack["Outputs"] if o["OutputKey"] == naming.OUTPUT_INSTANCE_ID)
+        yield local
+
+
+def _refusals(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: deploy guard: ")]
+
+
+def test_redeploying_the_deployed_settings_passes_silently(local_aws, synth):
+    result = local_aws.guard(synth("guarded").outdir)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_make_deploy_with_settings_forgotten_stops_before_deleting_github_roles_and_alert_subscription(local_aws, tmp_path):
+    """Issue 14: step 1 passed github_repo and alert_email as flags, step 4 did not."""
+    registry_before = local_aws.template(naming.REGISTRY_STACK)
+    safety_before = local_aws.template(naming.SAFETY_STACK)
+
+    result = local_aws.make_deploy(tmp_path / "cdk.out", FORGOTTEN_FLAGS)
+
+    assert result.returncode != 0
+    refusals = _refusals(result)
+    assert [line for line in refusals if "GitHub role RegistryGithubPushRole" in line and "trusted by acme/trainer" in line]
+    assert [line for line in refusals if "GitHub role RegistryGithubDiffRole" in line]
+    assert [line for line in refusals if "GitHub OIDC provider" in line]
+    assert [line for line in refusals if "alert e-mail subscription of ml-team@example.com" in line and '"alert_email": "ml-team@example.com"' in line]
+    assert refusals[-1].endswith("accept with `make deploy ALLOW_DESTRUCTIVE=1`")
+    assert "Traceback" not in result.stderr
+    # cdk deploy never ran: the stacks hold exactly what they held.
+    assert "deploying..." not in result.stdout + result.stderr
+    assert local_aws.template(naming.REGISTRY_STACK) == registry_before
+    assert local_aws.template(naming.SAFETY_STACK) == safety_before
+
+
+def test_a_new_run_id_while_the_run_is_running_is_refused_naming_the_run_and_the_way_out(local_aws, synth):
+    result = local_aws.guard(synth("guarded_new_run").outdir)
+
+    assert result.returncode == 3
+    [finding, last] = _refusals(result)
+    assert f"the run guard-run-1 is still running on {local_aws.instance_id}" in finding
+    assert "run_id is now guard-run-2" in finding
+    assert "`training-infra stop guard-run-1`" in finding
+    assert "nothing was deployed" in last
+
+
+def test_any_change_to_the_running_instance_is_refused_naming_the_setting(local_aws, synth, tmp_path):
+    """What a synth with another instance_type for the same run id would give the instance.
+
+    Written into a copy of the deployed assembly, so the guard is proven whatever the compute
+    construct keeps out of the instance: anything that still reaches it must be refused.
+    """
+    assembly = tmp_path / "cdk.out"
+    shutil.copytree(synth("guarded").outdir, assembly)
+    template_file = assembly / f"{naming.COMPUTE_STACK}.template.json"
+    template = json.loads(template_file.read_text())
+    [instance] = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance"]
+    instance["Properties"]["InstanceType"] = "g5.48xlarge"
+    template_file.write_text(json.dumps(template))
+
+    result = local_aws.guard(assembly)
+
+    assert result.returncode == 3
+    [finding, _] = _refusals(result)
+    assert f"the run guard-run-1 is still running on {local_aws.instance_id}" in finding
+    assert "because of instance_type (InstanceType)" in finding
+
+
+def test_report_only_prints_the_findings_and_exits_0_for_make_diff(local_aws, synth):
+    result = local_aws.guard(synth("guarded_new_run").outdir, "--report-only")
+
+    assert result.returncode == 0
+    assert "deploy guard: TrainingInfra-Compute: the run guard-run-1 is still running" in result.stderr
+    assert "`make deploy` would stop here" in result.stderr
+
+
+def test_a_stack_pinned_to_a_region_is_read_in_that_region_not_the_default_one(local_aws, synth, tmp_path):
+    """An app that pins its environment (`env=Environment(region=...)`) names the region in the manifest."""
+    assembly = tmp_path / "cdk.out"
+    shutil.copytree(synth("guarded_new_run").outdir, assembly)
+    manifest = json.loads((assembly / "manifest.json").read_text())
+    for artifact in manifest["artifacts"].values():
+        if artifact.get("type") == "aws:cloudformation:stack":
+            artifact["environment"] = f"aws://123456789012/{local_aws.emulator.region}"
+    (assembly / "manifest.json").write_text(json.dumps(manifest))
+
+    result = local_aws.guard(assembly, region="eu-west-3")
+
+    assert result.returncode == 3
+    assert "the run guard-run-1 is still running" in result.stderr
+
+
+def test_once_the_run_has_ended_a_new_run_id_deploys(local_aws, synth):
+    local_aws.client("ec2").terminate_instances(InstanceIds=[local_aws.instance_id])  # the agent powered off
+
+    result = local_aws.guard(synth("guarded_new_run").outdir)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_no_deployed_stack_means_nothing_to_guard(local_aws, synth):
+    result = local_aws.guard(synth("guarded_new_run").outdir, region="eu-west-3")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_make_deploy_allow_destructive_deploys_and_the_github_roles_go(local_aws, tmp_path):
+    """Last: it changes the deployment. alert_email stays, so only the registry changes."""
+    assert local_aws.resources_of_type(naming.REGISTRY_STACK, "AWS::IAM::Role")
+
+    result = local_aws.make_deploy(tmp_path / "cdk.out", f"{FORGOTTEN_FLAGS} -c alert_email=ml-team@example.com", "ALLOW_DESTRUCTIVE=1")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deploy guard: accepted by ALLOW_DESTRUCTIVE=1: TrainingInfra-Registry: would delete the GitHub role" in result.stderr
+    assert not local_aws.resources_of_type(naming.REGISTRY_STACK, "AWS::IAM::Role")
+    assert local_aws.resources_of_type(naming.SAFETY_STACK, "AWS::SNS::Subscription"), "the e-mail subscription stays"
+
+
+def test_a_changed_alert_email_replaces_the_subscription_without_a_finding(synth):
+    """A new address is a new subscription (a new logical id): that is a change the user asked for."""
+    deployed = synth("guarded").templates[naming.SAFETY_STACK]
+    changed = json.loads(json.dumps(deployed))
+    [(logical_id, subscription)] = [(k, v) for k, v in changed["Resources"].items() if v["Type"] == "AWS::SNS::Subscription"]
+    del changed["Resources"][logical_id]
+    changed["Resources"]["AlertsTopicOncallExampleCom"] = {**subscription, "Properties": {**subscription["Properties"], "Endpoint": "oncall@example.com"}}
+
+    assert deploy_guard.protected_removals(naming.SAFETY_STACK, deployed, changed) == []
+    del changed["Resources"]["AlertsTopicOncallExampleCom"]
+    [finding] = deploy_guard.protected_removals(naming.SAFETY_STACK, deployed, changed)
+    assert "would delete the alert e-mail subscription of ml-team@example.com" in finding.message
+
+
+def test_a_cdk_out_without_a_manifest_is_a_one_line_usage_error(tmp_path, capsys):
+    assert deploy_guard.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument 'cdk_out': got ") and err.count("\n") == 1
+
+
+def test_unreachable_aws_is_one_line_and_exit_1(tmp_path, synth, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    assert deploy_guard.main([str(synth("guarded").outdir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: deploy guard cannot read the deployed stacks: cannot reach AWS at http://127.0.0.1:9")
+    assert err.count("\n") == 1
+
+
+
+# ---- why an instance would change, on small hand-made templates -----------------------------
+
+
+def _compute(instance_props: dict, template_data: dict, parameters: dict | None = None) -> dict:
+    return {
+        "Parameters": parameters or {},
+        "Resources": {
+            "Template": {"Type": "AWS::EC2::LaunchTemplate", "Properties": {"LaunchTemplateData": template_data}},
+            "Instance": {"Type": "AWS::EC2::Instance", "Properties": instance_props},
+        },
+    }
+
+
+LIVE = {"Instance": ("i-0123456789abcdef0", "running")}
+FOLLOWS_LATEST = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": {"Fn::GetAtt": ["Template", "LatestVersionNumber"]}}}
+PINNED_VERSION = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": "1"}}
+
+
+def test_a_setting_in_the_instances_user_data_is_named_with_its_old_and_new_value():
+    old = _compute({"UserData": {"Fn::Base64": "#!/bin/bash\nexport TI_IDLE_SECONDS=1800\n"}}, {})
+    new = _compute({"UserData": {"Fn::Base64": "#!/bin/bash\nexport TI_IDLE_SECONDS=2700\n"}}, {})
+
+    [finding] = deploy_guard.instance_changes("Compute", old, new, LIVE)
+
+    assert "because of idle_minutes (TI_IDLE_SECONDS: 1800 -> 2700)" in finding.message
+
+
+def test_an_instance_that_follows_the_templates_latest_version_changes_with_the_template():
+    """`Version: !GetAtt Template.LatestVersionNumber`: any launch template change reaches the instance."""
+    old = _compute(FOLLOWS_LATEST, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 150}}]})
+    new = _compute(FOLLOWS_LATEST, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 200}}]})
+
+    [finding] = deploy_guard.instance_changes("Compute", old, new, LIVE)
+
+    assert "volume_size_gb (BlockDeviceMappings) via Template" in finding.message
+
+
+def test_an_instance_pinned_to_a_template_version_does_not_change_with_the_template():
+    old = _compute(PINNED_VERSION, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 150}}]})
+    new = _compute(PINNED_VERSION, {"BlockDeviceMappings": [{"Ebs": {"VolumeSize": 200}}]})
+
+    assert deploy_guard.instance_changes("Compute", old, new, LIVE) == []
+
+
+def test_an_ami_parameter_that_now_resolves_to_a_newer_ami_is_named():
+    """Issue 16: AWS publishes a new DLAMI; the next deploy would replace the instance."""
+    parameters = {"Ami": {"Type": "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>", "Default": "/aws/service/deeplearning/ami"}}
+    template = _compute({"ImageId": {"Ref": "Ami"}}, {}, parameters)
+    moved = {"Ami": ("ami-0aaaaaaaaaaaaaaaa", "ami-0bbbbbbbbbbbbbbbb")}
+
+    [finding] = deploy_guard.instance_changes("Compute", template, template, LIVE, moved)
+
+    assert "ami-0aaaaaaaaaaaaaaaa -> ami-0bbbbbbbbbbbbbbbb; pin image_id to keep ami-0aaaaaaaaaaaaaaaa" in finding.message
+    assert deploy_guard.instance_changes("Compute", template, template, LIVE, {"Ami": ("ami-0aaaaaaaaaaaaaaaa",) * 2}) == []
+
+
+def test_an_instance_that_is_not_running_may_change():
+    old = _compute({"InstanceType": "g5.xlarge"}, {})
+    new = _compute({"InstanceType": "g5.2xlarge"}, {})
+
+    assert deploy_guard.instance_changes("Compute", old, new, {}) == []

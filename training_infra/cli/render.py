@@ -1,0 +1,93 @@
+"""Tables that stay readable at any width, and `--output json` for scripts.
+
+A table is drawn only when every cell fits on one line at the console's width (a terminal's
+width, else COLUMNS, else 80 when piped). Otherwise each row becomes a block of `column  value`
+lines: nothing is wrapped into fragments or cut mid-word, and a value longer than the screen
+stays one line for the terminal to soft-wrap (and for grep).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from training_infra.cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+OUTPUT_FORMATS = ("table", "json")
+
+
+def output_format(value: str, *, as_json: bool = False) -> str:
+    """`--output table|json` (the AWS CLI's convention); the older `--json` flag means json."""
+    if as_json:
+        return "json"
+    if value not in OUTPUT_FORMATS:
+        raise UsageError(f"option '--output': got {value!r}; allowed: {', '.join(OUTPUT_FORMATS)}")
+    return value
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+@dataclass
+class Column:
+    name: str
+    right: bool = False  # numbers line up on the right
+
+
+@dataclass
+class Listing:
+    """A titled table: rows of plain strings, an optional footer row (totals) and caption."""
+
+    title: str
+    columns: Sequence[Column]
+    rows: list[Sequence[str]] = field(default_factory=list)
+    footer: Sequence[str] | None = None
+    caption: str = ""
+
+    def table_width(self) -> int:
+        """Width of the boxed table with every cell on one line: cells, one space either side, the rules."""
+        from rich.cells import cell_len
+
+        lines = [[c.name for c in self.columns], *self.rows, *([self.footer] if self.footer else [])]
+        widths = [max(cell_len(str(line[i])) for line in lines) for i in range(len(self.columns))]
+        return sum(widths) + 3 * len(widths) + 1
+
+    def print(self, console: Console) -> None:
+        if self.table_width() <= console.width:
+            self._table(console)
+        else:
+            self._records(console)
+
+    def _table(self, console: Console) -> None:
+        from rich.table import Table
+
+        table = Table(title=self.title, caption=self.caption or None)
+        for column in self.columns:
+            table.add_column(column.name, justify="right" if column.right else "left", no_wrap=True)
+        for row in self.rows:
+            table.add_row(*row)
+        if self.footer:
+            table.add_section()
+            table.add_row(*self.footer)
+        console.print(table)
+
+    def _records(self, console: Console) -> None:
+        """One block per row, `column  value`, values never wrapped by us."""
+        label = max(len(c.name) for c in self.columns)
+        console.print(self.title, markup=False, soft_wrap=True)
+        for row in [*self.rows, *([self.footer] if self.footer else [])]:
+            console.print("", soft_wrap=True)
+            for column, value in zip(self.columns, row, strict=True):
+                if value == "" and row is self.footer:
+                    continue
+                console.print(f"{column.name:<{label}}  {value}", markup=False, soft_wrap=True)
+        if self.caption:
+            console.print("", soft_wrap=True)
+            console.print(self.caption, markup=False, soft_wrap=True)

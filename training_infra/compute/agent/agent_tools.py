@@ -1,0 +1,116 @@
+"""The agent's Python helpers (CloudWatch log batches, status.json), run by agent.sh on the instance.
+
+Standard library only: the AMI's python3 promises no boto3; the agent calls the AWS CLI itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# CloudWatch PutLogEvents limits: 1,048,576 bytes (26 bytes of overhead per event), 10,000 events,
+# 256 KB per event. Reading less keeps every batch inside them whatever the lines look like.
+BATCH_READ_BYTES = 900_000
+BATCH_MAX_EVENTS = 5_000
+EVENT_MAX_CHARS = 200_000
+
+
+def next_log_batch(log: Path, offset: int, *, final: bool, now_ms: int) -> tuple[list[dict], int] | None:
+    """Events after byte `offset` and the offset after them (None: nothing new). A last line with no
+    newline is still being written and waits, unless `final`; blank lines are consumed, not sent."""
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        parts = handle.read(BATCH_READ_BYTES).splitlines(keepends=True)[:BATCH_MAX_EVENTS]
+    if parts and not final and not parts[-1].endswith((b"\n", b"\r")):
+        parts.pop()
+    if not parts:
+        return None
+    lines = (part.decode("utf-8", "replace").rstrip("\r\n")[:EVENT_MAX_CHARS] for part in parts)
+    events = [{"timestamp": now_ms, "message": line} for line in lines if line.strip()]
+    return events, offset + sum(map(len, parts))
+
+
+def log_batch(log: Path, offset_file: Path, batch_file: Path, *, final: bool) -> int:
+    """Write the next batch and the offset it reaches (the agent commits it after the upload worked);
+    return its event count, or -1 when all is shipped."""
+    offset = int(offset_file.read_text() or 0) if offset_file.exists() else 0
+    batch = next_log_batch(log, offset, final=final, now_ms=int(time.time() * 1000))
+    if batch is None:
+        return -1
+    events, next_offset = batch
+    batch_file.write_text(json.dumps(events))
+    Path(f"{offset_file}.next").write_text(str(next_offset))
+    return len(events)
+
+
+def build_status(
+    *,
+    run_id: str,
+    outcome: str,
+    exit_code: str,
+    started_at: str,
+    ended_at: str,
+    duration_seconds: int,
+    instance_id: str,
+    instance_type: str,
+    market: str,
+    availability_zone: str,
+    hourly_price_usd: float,
+    image: str,
+    message: str,
+) -> dict:
+    """runs/<id>/status.json (fields in docs/agent.md); `exit_code` "": the trainer never ran."""
+    return {
+        "run_id": run_id,
+        "outcome": outcome,
+        "exit_code": int(exit_code) if exit_code else None,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "duration_seconds": duration_seconds,
+        "instance_id": instance_id,
+        "instance_type": instance_type,
+        "market": market,
+        "availability_zone": availability_zone,
+        "hourly_price_usd": hourly_price_usd,
+        # On-demand list price: an upper bound for spot, which usually costs far less.
+        "estimated_cost_usd": round(hourly_price_usd * duration_seconds / 3600, 4),
+        "image": image,
+        "message": message,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent_tools.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    batch = commands.add_parser("log-batch", help="next CloudWatch Logs batch of the training log")
+    batch.add_argument("log", type=Path)
+    batch.add_argument("offset_file", type=Path)
+    batch.add_argument("batch_file", type=Path)
+    batch.add_argument("--final", action="store_true", help="ship a last line even without its newline")
+    status = commands.add_parser("status", help="write status.json and print the cost estimate")
+    status.add_argument("path", type=Path)
+    for name in ("run-id", "outcome", "exit-code", "started-at", "ended-at", "instance-id", "instance-type",
+                 "market", "availability-zone", "image", "message"):  # fmt: skip
+        status.add_argument(f"--{name}", required=True)
+    status.add_argument("--duration-seconds", type=int, required=True)
+    status.add_argument("--hourly-price-usd", type=float, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "log-batch":
+        print(log_batch(args.log, args.offset_file, args.batch_file, final=args.final))
+        return 0
+    fields = {key: value for key, value in vars(args).items() if key not in ("command", "path")}
+    status = build_status(**fields)
+    args.path.write_text(json.dumps(status, indent=2) + "\n")
+    print(status["estimated_cost_usd"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

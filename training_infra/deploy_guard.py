@@ -1,0 +1,423 @@
+"""Stop a deploy that would delete what a setting left out this time, or touch a live training run.
+
+`make deploy` synthesizes into cdk.out, runs this, and only then `cdk deploy --app cdk.out`, so
+what was checked is exactly what is deployed. It compares every synthesized stack with the
+template CloudFormation holds for it (GetTemplate) and refuses, one line per finding:
+
+- removal of a protected resource: the GitHub OIDC provider and roles (a deploy without
+  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget;
+- deletion of, or any property change to, an AWS::EC2::Instance whose instance is still
+  running: CloudFormation would replace or modify a training run in the middle.
+
+`--allow-destructive` (`make deploy ALLOW_DESTRUCTIVE=1`) prints the same lines and lets the
+deploy go ahead. A stack that is not deployed yet has nothing to guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import botocore.session
+from botocore.parsers import ResponseParserError
+
+from training_infra import naming
+
+ALLOW_VARIABLE = "ALLOW_DESTRUCTIVE=1"
+LIVE_STATES = ("pending", "running", "stopping")
+_EXPORT = re.compile(r"^export (TI_[A-Z0-9_]+)=(.*)$", re.MULTILINE)
+# Which setting reaches the instance through which agent variable (user data).
+_EXPORT_SETTINGS = {
+    "TI_IMAGE_TAG": "image_tag",
+    "TI_TRAINING_COMMAND": "training_command",
+    "TI_MAX_RUNTIME_SECONDS": "max_runtime_hours",
+    "TI_AUTO_SHUTDOWN": "auto_shutdown",
+    "TI_IDLE_SECONDS": "idle_minutes",
+    "TI_IDLE_GPU_PERCENT": "idle_gpu_percent",
+    "TI_CHECKPOINT_SYNC_SECONDS": "checkpoint_sync_seconds",
+    "TI_MARKET": "use_spot",
+    "TI_HOURLY_PRICE_USD": "instance_type",
+    "TI_RUN_ID": "run_id",
+    "TI_ALERTS_TOPIC_ARN": "the alert topic",
+    "TI_IMAGE_URI": "ecr_repository_name",
+}
+# Which setting an instance (or launch template data) property comes from.
+_PROPERTY_SETTINGS = {
+    "ImageId": "image_id (or the AMI that ami_parameter resolves to)",
+    "InstanceType": "instance_type",
+    "LaunchTemplate": "the launch template the instance names",
+    "SubnetId": "vpc_id / subnet_ids / availability_zones",
+    "Tags": "max_runtime_hours (instance tags)",
+    "TagSpecifications": "max_runtime_hours (instance tags)",
+    "BlockDeviceMappings": "volume_size_gb",
+    "InstanceMarketOptions": "use_spot / spot_max_price",
+    "InstanceInitiatedShutdownBehavior": "auto_shutdown",
+    "MetadataOptions": "the instance metadata options",
+    "LaunchTemplateData": "a setting of the launch template",
+}
+_SSM_PARAMETER_TYPE = "AWS::SSM::Parameter::Value<"
+
+
+@dataclass(frozen=True)
+class Finding:
+    stack: str
+    logical_id: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.stack}: {self.message}"
+
+
+# ---- templates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SynthesizedStack:
+    name: str
+    region: str | None  # None: environment-agnostic, deployed to the credentials' region
+    template: dict[str, Any]
+
+
+def synthesized_stacks(cdk_out: Path) -> list[SynthesizedStack]:
+    """The stacks of the cloud assembly (what `cdk deploy --app cdk.out` deploys), from its manifest."""
+    manifest = json.loads((cdk_out / "manifest.json").read_text())
+    stacks = []
+    for artifact_id, artifact in manifest.get("artifacts", {}).items():
+        if artifact.get("type") != "aws:cloudformation:stack":
+            continue
+        properties = artifact.get("properties", {})
+        name = properties.get("stackName") or artifact.get("displayName") or artifact_id
+        region = str(artifact.get("environment", "")).rsplit("/", 1)[-1]
+        template = json.loads((cdk_out / properties["templateFile"]).read_text())
+        stacks.append(SynthesizedStack(name, None if region in ("", "unknown-region") else region, template))
+    return stacks
+
+
+def _resources(template: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return (template or {}).get("Resources", {}) or {}
+
+
+def _text(value: Any) -> str:
+    """A template value as text, intrinsic functions written out (`{"Ref": "X"}`), for comparison and messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"Fn::Base64"}:
+        return _text(value["Fn::Base64"])
+    if isinstance(value, dict) and set(value) == {"Fn::Join"} and isinstance(value["Fn::Join"], list) and len(value["Fn::Join"]) == 2:
+        separator, parts = value["Fn::Join"]
+        if isinstance(separator, str) and isinstance(parts, list):
+            return separator.join(_text(part) for part in parts)
+    return json.dumps(value, sort_keys=True)
+
+
+def _web_identity_repo(role: dict[str, Any]) -> str | None:
+    """The GitHub repository a role trusts (`repo:owner/name:...`), or None for a role that is not a GitHub role."""
+    document = role.get("Properties", {}).get("AssumeRolePolicyDocument", {})
+    for statement in document.get("Statement", []) if isinstance(document, dict) else []:
+        actions = statement.get("Action", [])
+        if "sts:AssumeRoleWithWebIdentity" not in (actions if isinstance(actions, list) else [actions]):
+            continue
+        subjects = [v for condition in statement.get("Condition", {}).values() if isinstance(condition, dict) for k, v in condition.items() if k.endswith(":sub")]
+        for subject in subjects:
+            match = re.match(r"^repo:([^:]+):", subject if isinstance(subject, str) else "")
+            if match:
+                return match[1]
+        return "?"
+    return None
+
+
+def _email_subscription(resource: dict[str, Any]) -> bool:
+    return resource.get("Type") == "AWS::SNS::Subscription" and resource.get("Properties", {}).get("Protocol") in ("email", "email-json")
+
+
+def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None) -> list[Finding]:
+    """Protected resources in the deployed template that the synthesized one no longer has."""
+    old, new = _resources(deployed), _resources(synthesized)
+    new_email_topics = {_text(r["Properties"].get("TopicArn")) for r in new.values() if _email_subscription(r)}
+    findings = []
+    for logical_id, resource in sorted(old.items()):
+        if logical_id in new:
+            continue
+        kind = resource.get("Type")
+        properties = resource.get("Properties", {})
+        if kind == "AWS::IAM::OIDCProvider":
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the GitHub OIDC provider ({logical_id}): this deploy has no github_repo (or now sets "
+                "existing_oidc_provider_arn); set github_repo in cdk.json's context"
+            )))  # fmt: skip
+        elif kind == "AWS::IAM::Role" and (repo := _web_identity_repo(resource)) is not None:
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the GitHub role {logical_id} trusted by {repo}: this deploy has no github_repo; "
+                f"set \"github_repo\": \"{repo}\" in cdk.json's context"
+            )))  # fmt: skip
+        elif _email_subscription(resource):
+            if _text(properties.get("TopicArn")) in new_email_topics:
+                continue  # alert_email changed: the new address replaces the old one
+            email = properties.get("Endpoint", "?")
+            findings.append(Finding(stack, logical_id, (
+                f"would delete the alert e-mail subscription of {email}: this deploy has no alert_email; "
+                f"set \"alert_email\": \"{email}\" in cdk.json's context"
+            )))  # fmt: skip
+        elif kind == "AWS::Budgets::Budget":
+            findings.append(Finding(stack, logical_id, f"would delete the budget {logical_id}: check monthly_budget_usd and that this is the training-infra app"))
+    return findings
+
+
+def _exports(user_data: str) -> dict[str, str]:
+    return dict(_EXPORT.findall(user_data))
+
+
+def _changed_settings(old_props: dict[str, Any], new_props: dict[str, Any]) -> list[str]:
+    """What differs between two sets of properties, named by the settings behind them."""
+    names = []
+    if not (isinstance(old_props, dict) and isinstance(new_props, dict)):
+        return [] if old_props == new_props else ["a setting"]
+    for key in sorted(set(old_props) | set(new_props)):
+        before, after = old_props.get(key), new_props.get(key)
+        if before == after:
+            continue
+        if key == "UserData":
+            old_exports, new_exports = _exports(_text(before)), _exports(_text(after))
+            changed = [k for k in sorted(set(old_exports) | set(new_exports)) if old_exports.get(k) != new_exports.get(k)]
+            for export in changed:
+                names.append(f"{_EXPORT_SETTINGS.get(export, export)} ({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})")
+            if not changed:
+                names.append("the agent script (user data)")
+        elif key == "LaunchTemplateData":
+            names += _changed_settings(before or {}, after or {})
+        else:
+            names.append(f"{_PROPERTY_SETTINGS.get(key, key)} ({key})")
+    return names
+
+
+def _references(value: Any) -> tuple[set[str], set[str]]:
+    """(names in `Ref`, resources in `Fn::GetAtt`) anywhere inside a template value."""
+    refs: set[str] = set()
+    attributes: set[str] = set()
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "Ref" and isinstance(inner, str):
+                refs.add(inner)
+            elif key == "Fn::GetAtt":
+                target = inner[0] if isinstance(inner, list) and inner else str(inner).split(".", 1)[0]
+                attributes.add(target)
+            else:
+                more_refs, more_attributes = _references(inner)
+                refs |= more_refs
+                attributes |= more_attributes
+    elif isinstance(value, list):
+        for inner in value:
+            more_refs, more_attributes = _references(inner)
+            refs |= more_refs
+            attributes |= more_attributes
+    return refs, attributes
+
+
+def _reasons(logical_id: str, old: dict[str, Any], new: dict[str, Any], parameters: dict[str, tuple[str, str]]) -> list[str]:
+    """Why CloudFormation would update this instance: its own properties, a `Fn::GetAtt` of a resource
+    that changes (a launch template's LatestVersionNumber), or an SSM parameter that now resolves to
+    another value (a newer AMI). `parameters`: name -> (value resolved at the last deploy, value now).
+    """
+    old_resources, new_resources = _resources(old), _resources(new)
+    instance_old = old_resources[logical_id].get("Properties", {})
+    instance_new = new_resources[logical_id].get("Properties", {})
+    reasons = _changed_settings(instance_old, instance_new)
+    refs, attributes = _references(instance_new)
+    for target in sorted(attributes):
+        if target in old_resources and target in new_resources:
+            before, after = old_resources[target].get("Properties", {}), new_resources[target].get("Properties", {})
+            if before != after:
+                reasons += [f"{reason} via {target}" for reason in _changed_settings(before, after)]
+    for name in sorted(refs & set(parameters)):
+        resolved, now = parameters[name]
+        if resolved != now:
+            reasons.append(f"ami_parameter / the SSM parameter behind {name} ({resolved} -> {now}; pin image_id to keep {resolved})")
+    return reasons
+
+
+def _run_id_of(resource: dict[str, Any]) -> str:
+    for tag in resource.get("Properties", {}).get("Tags", []) or []:
+        if isinstance(tag, dict) and tag.get("Key") == naming.TAG_RUN_ID:
+            return str(tag.get("Value"))
+    return "?"
+
+
+def instance_changes(
+    stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None, live: dict[str, tuple[str, str]],
+    parameters: dict[str, tuple[str, str]] | None = None,
+) -> list[Finding]:
+    """Deletions of, and changes to, instances that are still up.
+
+    `live`: logical id -> (instance id, state); `parameters`: SSM-typed parameters the deployed
+    stack resolved, name -> (then, now).
+    """
+    old, new = _resources(deployed), _resources(synthesized)
+    findings = []
+    for logical_id, (instance_id, state) in sorted(live.items()):
+        resource = old.get(logical_id)
+        if resource is None:
+            continue
+        run_id = _run_id_of(resource)
+        how = f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), or accept with `make deploy {ALLOW_VARIABLE}`"
+        if logical_id not in new:
+            next_runs = [_run_id_of(r) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
+            why = f"run_id is now {', '.join(next_runs)}" if next_runs else "create_instance is no longer true"
+            findings.append(Finding(stack, logical_id, (
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would terminate it "
+                f"({why}); {how}"
+            )))  # fmt: skip
+            continue
+        changed = _reasons(logical_id, deployed, synthesized or {}, parameters or {})
+        if changed:
+            findings.append(Finding(stack, logical_id, (
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would modify or replace it "
+                f"because of {', '.join(changed)}; keep that setting until the run ends, or {how}"
+            )))  # fmt: skip
+    return findings
+
+
+# ---- the deployed side ---------------------------------------------------------------------
+
+
+class Deployed:
+    """What CloudFormation and EC2 hold now, through one botocore session."""
+
+    def __init__(self, region: str | None = None) -> None:
+        self.session = botocore.session.get_session()
+        # botocore reads AWS_DEFAULT_REGION only; the CDK CLI and the other SDKs also read AWS_REGION.
+        region = region or self.session.get_config_variable("region") or os.environ.get("AWS_REGION")
+        if region:
+            self.session.set_config_variable("region", region)
+        self._clients: dict[str, Any] = {}
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self.session.create_client(service)
+        return self._clients[service]
+
+    def template(self, stack: str) -> dict[str, Any] | None:
+        """The deployed template, or None when there is no stack to guard."""
+        cloudformation = self.client("cloudformation")
+        try:
+            found = cloudformation.describe_stacks(StackName=stack)["Stacks"]
+        except botocore.exceptions.ClientError as error:
+            if "does not exist" in error.response.get("Error", {}).get("Message", ""):
+                return None
+            raise
+        if not found or found[0].get("StackStatus") in ("DELETE_COMPLETE", "ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS"):
+            return None
+        body = cloudformation.get_template(StackName=stack)["TemplateBody"]
+        return body if isinstance(body, dict) else json.loads(body)
+
+    def ssm_parameters(self, stack: str, template: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """SSM-typed parameters: the value resolved at the last deploy and the one a deploy would resolve now."""
+        declared = {name: p.get("Default") for name, p in (template.get("Parameters") or {}).items() if str(p.get("Type", "")).startswith(_SSM_PARAMETER_TYPE)}
+        if not declared:
+            return {}
+        stack_parameters = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Parameters", [])
+        resolved = {p["ParameterKey"]: p.get("ResolvedValue") for p in stack_parameters}
+        values = {}
+        for name, path in declared.items():
+            if not resolved.get(name) or not isinstance(path, str):
+                continue
+            try:
+                now = self.client("ssm").get_parameter(Name=path)["Parameter"]["Value"]
+            except botocore.exceptions.ClientError:
+                continue  # not readable here: CloudFormation will say so itself
+            values[name] = (resolved[name], now)
+        return values
+
+    def live_instances(self, stack: str) -> dict[str, tuple[str, str]]:
+        """Logical id -> (instance id, state) for the stack's instances that are not terminated."""
+        pages = self.client("cloudformation").get_paginator("list_stack_resources").paginate(StackName=stack)
+        resources = [r for page in pages for r in page["StackResourceSummaries"]]
+        by_instance = {r["PhysicalResourceId"]: r["LogicalResourceId"] for r in resources if r.get("ResourceType") == "AWS::EC2::Instance" and r.get("PhysicalResourceId")}
+        if not by_instance:
+            return {}
+        live = {}
+        for instance_id, logical_id in by_instance.items():
+            try:
+                reservations = self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"]
+            except botocore.exceptions.ClientError as error:
+                if error.response.get("Error", {}).get("Code", "").startswith("InvalidInstanceID"):
+                    continue  # gone long ago
+                raise
+            for reservation in reservations:
+                for instance in reservation["Instances"]:
+                    state = instance.get("State", {}).get("Name", "")
+                    if state in LIVE_STATES:
+                        live[logical_id] = (instance_id, state)
+        return live
+
+
+def check(stacks: list[SynthesizedStack], region: str | None = None) -> list[Finding]:
+    """Every finding for these stacks, each read in its own region (or `region`, else the default one)."""
+    readers: dict[str | None, Deployed] = {}
+    findings: list[Finding] = []
+    for stack in stacks:
+        where = stack.region or region
+        deployed = readers.setdefault(where, Deployed(where))
+        current = deployed.template(stack.name)
+        if current is None:
+            continue
+        findings += protected_removals(stack.name, current, stack.template)
+        if any(r.get("Type") == "AWS::EC2::Instance" for r in _resources(current).values()):
+            live = deployed.live_instances(stack.name)
+            parameters = deployed.ssm_parameters(stack.name, stack.template) if live else {}
+            findings += instance_changes(stack.name, current, stack.template, live, parameters)
+    return findings
+
+
+def _print(lines: Iterable[str]) -> None:
+    for line in lines:
+        sys.stderr.write(line + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training_infra.deploy_guard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cdk_out", type=Path, help="the cloud assembly `cdk synth` wrote (cdk.out)")
+    parser.add_argument("--allow-destructive", action="store_true", help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)")
+    parser.add_argument("--report-only", action="store_true", help="report the findings and exit 0 (for `make diff`)")
+    parser.add_argument("--region", help="region of environment-agnostic stacks (default: the standard AWS configuration)")
+    args = parser.parse_args(argv)
+    if not (args.cdk_out / "manifest.json").is_file():
+        _print([f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: a cloud assembly written by `cdk synth` (with manifest.json)"])
+        return 2
+    from training_infra.cli.errors import describe_aws_error
+
+    try:
+        findings = check(synthesized_stacks(args.cdk_out), args.region)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError, ValueError) as error:
+        try:
+            message = describe_aws_error(error)
+        except (ResponseParserError, ValueError):
+            message = " ".join(str(error).split())[:300]
+        if args.report_only:
+            _print([f"deploy guard: not checked ({message})"])
+            return 0
+        _print([f"error: deploy guard cannot read the deployed stacks: {message}"])
+        return 1
+    if not findings:
+        return 0
+    if args.report_only:
+        _print([f"deploy guard: {finding}" for finding in findings])
+        _print([f"deploy guard: `make deploy` would stop here (or go ahead with `make deploy {ALLOW_VARIABLE}`)"])
+        return 0
+    if args.allow_destructive:
+        _print([f"deploy guard: accepted by {ALLOW_VARIABLE}: {finding}" for finding in findings])
+        return 0
+    _print([f"error: deploy guard: {finding}" for finding in findings])
+    _print([f"error: deploy guard: nothing was deployed; fix the settings above, or accept with `make deploy {ALLOW_VARIABLE}`"])
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The run record: one DynamoDB item per run, changed only by conditional writes on its version.
+
+A run is what the user asked for; an attempt is one instance working on it. Every decider (the
+CLI's first launch, EventBridge events, the one-minute reconcile) reads the item, decides, and
+writes it back only if nobody wrote in between (`version` unchanged). The loser re-reads and
+decides again, so two deciders never both launch (docs/architecture.md, "Managed runs").
+
+Stdlib and boto3 only: this folder is the supervisor's whole Lambda package, and the CLI imports
+it too (the first launch is the same code).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+# The run's states. Active ones are kept in the sparse "Active" index the reconcile reads.
+ACTIVE_STATES = ("launching", "running", "recovering", "stopping")
+FINAL_STATES = ("succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled")
+MARKETS = ("spot", "on-demand", "spot-then-on-demand")
+# Index names the construct creates (training_infra/supervisor/construct.py).
+ACTIVE_INDEX = "Active"
+CREATED_INDEX = "ByCreated"
+RUN_KIND = "run"
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+
+class StaleRecord(RuntimeError):
+    """Someone else changed the run since it was read: re-read and decide again."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+@dataclass
+class Run:
+    """The record as Python values; `attempts` are plain dicts (see `Attempt` keys in supervisor.py)."""
+
+    run_id: str
+    spec: dict[str, Any]
+    deadline_at: str
+    created_at: str
+    state: str = "launching"
+    version: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    errors_used: int = 0
+    cooldown: dict[str, str] = field(default_factory=dict)  # "type@zone" -> until (ISO)
+    stop_requested_at: str = ""
+    stop_reason: str = ""  # user | budget | stall
+    message: str = ""
+    ended_at: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        """The attempt still open (launched or being launched), if any."""
+        if self.attempts and not self.attempts[-1].get("ended_at"):
+            return self.attempts[-1]
+        return None
+
+    def to_item(self) -> dict[str, Any]:
+        item = {
+            "run_id": self.run_id,
+            "kind": RUN_KIND,
+            "created_at": self.created_at,
+            "state": self.state,
+            "version": self.version,
+            "spec": self.spec,
+            "deadline_at": self.deadline_at,
+            "attempts": self.attempts,
+            "errors_used": self.errors_used,
+            "cooldown": self.cooldown,
+            "stop_requested_at": self.stop_requested_at,
+            "stop_reason": self.stop_reason,
+            "message": self.message,
+            "ended_at": self.ended_at,
+        }
+        if self.active:
+            item["active"] = "1"  # sparse index: only active runs are in it
+        return {key: _serializer.serialize(_to_dynamo(value)) for key, value in item.items()}
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> Run:
+        values = {key: _from_dynamo(_deserializer.deserialize(value)) for key, value in item.items()}
+        names = set(cls.__dataclass_fields__)
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+    def copy(self) -> Run:
+        return copy.deepcopy(self)
+
+
+def _to_dynamo(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return Decimal(str(value))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return {key: _to_dynamo(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_dynamo(v) for v in value]
+    raise TypeError(f"cannot store {type(value).__name__} in a run record")
+
+
+def _from_dynamo(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {key: _from_dynamo(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_from_dynamo(v) for v in value]
+    return value
+
+
+class RunStore:
+    """Reads and conditional writes of run records."""
+
+    def __init__(self, dynamodb: Any, table: str) -> None:
+        self._db = dynamodb
+        self.table = table
+
+    def get(self, run_id: str) -> Run | None:
+        item = self._db.get_item(TableName=self.table, Key={"run_id": {"S": run_id}}, ConsistentRead=True).get("Item")
+        return Run.from_item(item) if item else None
+
+    def create(self, run: Run) -> Run:
+        """Store a new run; refuses an id that exists (a finished run is resumed, never overwritten)."""
+        run.version = 1
+        try:
+            self._db.put_item(TableName=self.table, Item=run.to_item(), ConditionExpression="attribute_not_exists(run_id)")
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise StaleRecord(f"run {run.run_id} already exists") from None
+            raise
+        return run
+
+    def save(self, run: Run) -> Run:
+        """Write `run` if its stored version is still the one it was read at; bump the version."""
+        expected = run.version
+        run.version = expected + 1
+        try:
+            self._db.put_item(
+                TableName=self.table,
+                Item=run.to_item(),
+                ConditionExpression="version = :expected",
+                ExpressionAttributeValues={":expected": {"N": str(expected)}},
+            )
+        except ClientError as error:
+            run.version = expected
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise StaleRecord(f"run {run.run_id} changed since version {expected}") from None
+            raise
+        return run
+
+    def active(self) -> Iterator[Run]:
+        """Every run that is not finished (the sparse index holds only those)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": ACTIVE_INDEX,
+            "KeyConditionExpression": "active = :one",
+            "ExpressionAttributeValues": {":one": {"S": "1"}},
+        }
+        while True:
+            page = self._db.query(**kwargs)
+            for item in page.get("Items", []):
+                yield Run.from_item(item)
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def newest(self, limit: int) -> list[Run]:
+        """The newest runs first, at most `limit`: one query, whatever the table holds."""
+        page = self._db.query(
+            TableName=self.table,
+            IndexName=CREATED_INDEX,
+            KeyConditionExpression="kind = :run",
+            ExpressionAttributeValues={":run": {"S": RUN_KIND}},
+            ScanIndexForward=False,
+            Limit=limit,
+        )
+        return [Run.from_item(item) for item in page.get("Items", [])]

@@ -1,0 +1,557 @@
+"""The supervisor: keeps every managed run going until it ends, across as many attempts as it takes.
+
+One function, three kinds of trigger (docs/architecture.md, "Managed runs"):
+- EC2 instance state changes: an attempt's instance stopped or went away -> classify, then
+  relaunch or end the run;
+- spot interruption warnings: remembered on the attempt (AWS reclaimed it, not the trainer);
+- a one-minute schedule: reconcile every active run, because AWS delivers events best effort.
+Every decision is a conditional write on the run record (records.py): handling the same event
+twice, or an event and the reconcile at once, never launches a second instance for one attempt.
+
+Classification (as SkyPilot's managed jobs): reclaimed by AWS -> relaunch, not an error; trainer
+failed or stalled -> relaunch only while `max_restarts_on_errors` allows; succeeded, idle, deadline
+or a requested stop -> the run ends. The pool (type + zone) just reclaimed cools down before it is
+offered again. Launches are one EC2 Fleet request of type `instant` over every type x subnet, with
+the run id and attempt number as the ClientToken and as tags (a retried request adopts the
+instance tagged with that attempt instead of starting a second one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    from records import FINAL_STATES, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
+except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+    from training_infra.supervisor.runtime.records import (
+        FINAL_STATES,
+        Run,
+        RunStore,
+        StaleRecord,
+        iso,
+        parse_iso,
+        utc_now,
+    )
+
+log = logging.getLogger()
+log.setLevel(logging.INFO)
+
+STATE_CHANGE = "EC2 Instance State-change Notification"
+SPOT_WARNING = "EC2 Spot Instance Interruption Warning"
+REBALANCE = "EC2 Instance Rebalance Recommendation"
+SCHEDULED = "Scheduled Event"
+# Instance states in which the attempt is over (stopped ones still bill their volume: terminated).
+ENDED_STATES = ("shutting-down", "terminated")
+STOPPED_STATES = ("stopping", "stopped")
+# Fleet error codes that mean "no capacity here", as opposed to a request that can never work.
+CAPACITY_ERRORS = (
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow",
+    "UnfulfillableCapacity",
+    "InsufficientFreeAddressesInSubnet",
+    "VcpuLimitExceeded",
+)
+# Answers that may pass by themselves: the next reconcile asks again.
+TRANSIENT_ERRORS = ("RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable")
+# A run's agent outcome -> how the attempt ended.
+AGENT_OUTCOMES = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "stalled": "stalled",
+    "idle": "idle",
+    "deadline": "deadline",
+    "interrupted": "reclaimed",
+    "stopped": "stopped",
+}
+
+
+class LaunchRefused(RuntimeError):
+    """EC2 refused the run's launch request itself (not capacity): asking again cannot help."""
+
+
+class SupervisorError(RuntimeError):
+    """Some runs were not reconciled; raised after the others were, so the errors alarm fires."""
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    table: str
+    outputs_bucket: str
+    topic_arn: str = ""
+    managed_tag: str = "training-infra:managed"
+    run_id_tag: str = "training-infra:run-id"
+    attempt_tag: str = "training-infra:attempt"
+    deadline_tag: str = "training-infra:deadline"
+    max_runtime_tag: str = "training-infra:max-runtime-hours"
+    stop_tag: str = "training-infra:stop"
+    runs_prefix: str = "runs/"
+    # A reclaimed pool is offered again only after this long (another type or zone first).
+    cooldown_seconds: int = 1800
+    # Boot, image pull and checkpoint restore: a relaunch with less time left than this plus one
+    # checkpoint interval cannot get anything done, so the run ends as `deadline` instead.
+    boot_seconds: int = 600
+    # After a stop request the agent has the trainer's grace period plus the upload; then we terminate.
+    stop_timeout_seconds: int = 600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
+        fields = {name.upper(): name for name in cls.__dataclass_fields__}
+        values: dict[str, Any] = {}
+        for key, name in fields.items():
+            if key in env:
+                default = cls.__dataclass_fields__[name].default
+                values[name] = int(env[key]) if isinstance(default, int) else env[key]
+        return cls(**values)
+
+
+@dataclass
+class Clients:
+    """Low-level AWS clients (boto3 or botocore); the tests pass moto-backed ones."""
+
+    ec2: Any
+    dynamodb: Any
+    s3: Any
+    sns: Any | None = None
+
+
+# ------------------------------------------------------------------------------------ launching
+
+
+def pools(spec: Mapping[str, Any], subnet_zones: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every (instance type, subnet) the run may use."""
+    return [(instance_type, subnet) for instance_type in spec["instance_types"] for subnet in spec["subnet_ids"] if subnet in subnet_zones]
+
+
+def pool_key(instance_type: str, zone: str) -> str:
+    return f"{instance_type}@{zone}"
+
+
+def _subnet_zones(clients: Clients, subnet_ids: list[str]) -> dict[str, str]:
+    subnets = clients.ec2.describe_subnets(SubnetIds=subnet_ids)["Subnets"]
+    return {subnet["SubnetId"]: subnet["AvailabilityZone"] for subnet in subnets}
+
+
+def _fleet_request(run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig) -> dict[str, Any]:
+    spec = run.spec
+    tags = {
+        cfg.managed_tag: "true",
+        cfg.run_id_tag: run.run_id,
+        cfg.attempt_tag: str(attempt),
+        cfg.deadline_tag: run.deadline_at,
+        cfg.max_runtime_tag: f"{float(spec.get('max_runtime_hours', 0)):g}",
+        "Name": f"training-infra-{run.run_id}",
+    }
+    request: dict[str, Any] = {
+        # One token per claim of an attempt: a retried request for the same claim cannot start a
+        # second instance, while the next try after a capacity failure is a new request.
+        "ClientToken": _client_token(run.run_id, attempt, market, run.current.get("claimed_at", "") if run.current else ""),
+        "Type": "instant",
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "DefaultTargetCapacityType": market},
+        "LaunchTemplateConfigs": [
+            {
+                "LaunchTemplateSpecification": {
+                    "LaunchTemplateId": spec["launch_template_id"],
+                    "Version": str(spec["launch_template_version"]),
+                },
+                "Overrides": overrides,
+            }
+        ],
+        # An instant fleet tags only instances (and itself); volumes get the run template's tags.
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}],
+    }
+    if market == "spot":
+        request["SpotOptions"] = {"AllocationStrategy": "price-capacity-optimized"}
+    else:
+        request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
+    return request
+
+
+def _client_token(run_id: str, attempt: int, market: str, claimed_at: str) -> str:
+    digest = hashlib.sha256(f"{run_id}/{attempt}/{market}/{claimed_at}".encode()).hexdigest()
+    return f"ti-{digest[:48]}"  # EC2 allows 64 characters; a run id alone may have 63
+
+
+def _markets(spec: Mapping[str, Any]) -> list[str]:
+    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"]}[spec["market"]]
+
+
+def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> dict[str, Any] | None:
+    """An instance a previous (crashed or raced) launch of this attempt already started, if any."""
+    reservations = clients.ec2.describe_instances(
+        Filters=[
+            {"Name": f"tag:{cfg.run_id_tag}", "Values": [run.run_id]},
+            {"Name": f"tag:{cfg.attempt_tag}", "Values": [str(attempt)]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"]},
+        ]
+    )["Reservations"]
+    instances = [instance for reservation in reservations for instance in reservation["Instances"]]
+    return instances[0] if instances else None
+
+
+def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> dict[str, Any]:
+    """Start the open attempt's instance: adopt one already started for it, else one fleet per market.
+
+    Returns the attempt (updated in place): `instance_id` set, or `end_reason` "capacity" with the
+    per-pool errors when no pool had capacity (the next reconcile tries again).
+    """
+    attempt = run.current
+    assert attempt is not None and not attempt.get("instance_id"), "launch needs an open attempt without an instance"
+    existing = _adopt(clients, run, attempt["n"], cfg)
+    if existing is not None:
+        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"), existing.get("Placement", {}).get("AvailabilityZone"),
+                         existing.get("SubnetId"), "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
+        return attempt
+    zones = _subnet_zones(clients, list(run.spec["subnet_ids"]))
+    cooled = {key for key, until in run.cooldown.items() if (parse_iso(until) or now) > now}
+    every = pools(run.spec, zones)
+    preferred = [(t, s) for t, s in every if pool_key(t, zones[s]) not in cooled] or every
+    errors: list[dict[str, str]] = []
+    for market in _markets(run.spec):
+        overrides = [{"InstanceType": t, "SubnetId": s} for t, s in preferred]
+        try:
+            response = clients.ec2.create_fleet(**_fleet_request(run, attempt["n"], market, overrides, cfg))
+        except ClientError as error:
+            code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
+            if code not in CAPACITY_ERRORS and code not in TRANSIENT_ERRORS:
+                raise LaunchRefused(f"EC2 refused the launch: {code}: {message}") from None
+            errors.append({"market": market, "code": code, "message": message})
+            continue
+        for launched in response.get("Instances", []):
+            for instance_id in launched.get("InstanceIds", []):
+                chosen = launched["LaunchTemplateAndOverrides"]["Overrides"]
+                subnet = chosen.get("SubnetId", "")
+                _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"), zones.get(subnet),
+                                 subnet, launched.get("Lifecycle", market), now)  # fmt: skip
+                return attempt
+        pool_errors = response.get("Errors", [])
+        refused = [e for e in pool_errors if e.get("ErrorCode") not in CAPACITY_ERRORS and e.get("ErrorCode") not in TRANSIENT_ERRORS]
+        if refused and len(refused) == len(pool_errors):
+            first = refused[0]
+            raise LaunchRefused(f"EC2 refused the launch in every pool: {first.get('ErrorCode')}: {first.get('ErrorMessage', '')}")
+        errors.extend(
+            {"market": market, "code": e.get("ErrorCode", ""), "message": e.get("ErrorMessage", ""), "pool": _override_name(e, zones)}
+            for e in pool_errors
+        )
+    attempt.update(end_reason="capacity", ended_at=iso(now), errors=errors[-12:], message=_capacity_message(errors))
+    return attempt
+
+
+def _override_name(error: Mapping[str, Any], zones: Mapping[str, str]) -> str:
+    overrides = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+    return pool_key(overrides.get("InstanceType", "?"), zones.get(overrides.get("SubnetId", ""), "?"))
+
+
+def _capacity_message(errors: list[dict[str, str]]) -> str:
+    if not errors:
+        return "no capacity in any pool"
+    codes = sorted({e["code"] for e in errors})
+    return f"no capacity: {', '.join(codes)} in {len(errors)} pool(s)"
+
+
+def _record_instance(attempt: dict, instance_id: str | None, instance_type: str | None, zone: str | None, subnet: str | None, market: str, now: datetime) -> None:
+    attempt.update(instance_id=instance_id, instance_type=instance_type or "", zone=zone or "", subnet_id=subnet or "", market=market, started_at=iso(now))
+
+
+# -------------------------------------------------------------------------------- classifying
+
+
+def _instance(clients: Clients, instance_id: str) -> dict[str, Any] | None:
+    try:
+        reservations = clients.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "InvalidInstanceID.NotFound":
+            return None
+        raise
+    instances = [instance for reservation in reservations for instance in reservation["Instances"]]
+    return instances[0] if instances else None
+
+
+def attempt_status_key(cfg: SupervisorConfig, run_id: str, attempt: int) -> str:
+    return f"{cfg.runs_prefix}{run_id}/attempts/{attempt}/status.json"
+
+
+def _attempt_status(clients: Clients, cfg: SupervisorConfig, run: Run, attempt: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=attempt_status_key(cfg, run.run_id, attempt["n"]))["Body"].read()
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def classify(instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Mapping[str, Any]) -> tuple[str, str]:
+    """How an attempt ended: (reason, words for people)."""
+    if status and status.get("outcome") in AGENT_OUTCOMES:
+        reason = AGENT_OUTCOMES[status["outcome"]]
+        if reason == "failed" and status.get("exit_code") is not None:
+            return reason, f"trainer failed with exit {status['exit_code']}"
+        return reason, str(status.get("message") or reason)
+    state_reason = (instance or {}).get("StateReason", {}).get("Code", "")
+    if attempt.get("reclaim_warned_at") or state_reason.startswith("Server.SpotInstance"):
+        return "reclaimed", "spot reclaimed by AWS"
+    if instance is None:
+        return "reclaimed", "instance vanished without a status.json"
+    return "reclaimed", f"instance ended without a status.json ({state_reason or 'no reason given'})"
+
+
+# ---------------------------------------------------------------------------------- deciding
+
+
+class Supervisor:
+    def __init__(self, clients: Clients, cfg: SupervisorConfig, *, now: Callable[[], datetime] = utc_now) -> None:
+        self.clients = clients
+        self.cfg = cfg
+        self.store = RunStore(clients.dynamodb, cfg.table)
+        self.now = now
+
+    # --- entry points ---------------------------------------------------------------------
+
+    def handle(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        kind = event.get("detail-type", "")
+        detail = event.get("detail", {}) or {}
+        if kind == SCHEDULED:
+            return self.reconcile_all()
+        instance_id = detail.get("instance-id", "")
+        if kind not in (STATE_CHANGE, SPOT_WARNING, REBALANCE) or not instance_id:
+            return {"ignored": kind or "unknown event"}
+        run_id, attempt = self._run_of(instance_id)
+        if not run_id:
+            return {"ignored": f"{instance_id} is not a managed run's instance"}
+        if kind == SPOT_WARNING:
+            return self._mark(run_id, attempt, "reclaim_warned_at", event.get("time") or iso(self.now()))
+        if kind == REBALANCE:
+            return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
+        return self.reconcile(run_id)
+
+    def reconcile_all(self) -> dict[str, Any]:
+        """Every active run in isolation: one run's failure is recorded, the rest still get their turn."""
+        results, failures = [], []
+        for run in list(self.store.active()):
+            try:
+                results.append(self.reconcile(run.run_id))
+            except Exception as error:  # noqa: BLE001 - reported below so the errors alarm fires
+                log.exception("reconcile of %s failed", run.run_id)
+                failures.append(f"{run.run_id}: {error}")
+        if failures:
+            raise SupervisorError(f"{len(failures)} run(s) not reconciled (the next minute retries): {'; '.join(failures)}")
+        return {"reconciled": results}
+
+    def reconcile(self, run_id: str) -> dict[str, Any]:
+        """Bring one run one step closer to where it should be; safe to call at any time, any number of times."""
+        for _ in range(5):
+            run = self.store.get(run_id)
+            if run is None:
+                return {"run_id": run_id, "ignored": "no such run"}
+            if not run.active:
+                return {"run_id": run_id, "state": run.state}
+            try:
+                return self._step(run)
+            except StaleRecord:
+                log.info("run %s changed under us; deciding again", run_id)
+        raise RuntimeError(f"run {run_id} kept changing; the next reconcile finishes it")
+
+    def request_stop(self, run_id: str, reason: str = "user") -> Run:
+        """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate after the grace."""
+        for _ in range(5):
+            run = self.store.get(run_id)
+            if run is None:
+                raise KeyError(run_id)
+            if not run.active or run.stop_requested_at:
+                return run
+            run.stop_requested_at, run.stop_reason = iso(self.now()), reason
+            run.state = "stopping"
+            try:
+                self.store.save(run)
+            except StaleRecord:
+                continue
+            self._tag_stop(run)
+            return run
+        raise RuntimeError(f"run {run_id} kept changing; try again")
+
+    # --- the decisions ----------------------------------------------------------------------
+
+    def _step(self, run: Run) -> dict[str, Any]:
+        now = self.now()
+        attempt = run.current
+        if run.stop_requested_at and (attempt is None or not attempt.get("instance_id")):
+            # Stopped while waiting for capacity (or between attempts): nothing runs, nothing to launch.
+            if attempt is not None:
+                attempt.update(ended_at=iso(now), end_reason="stopped", message="stop requested before an instance started")
+            return self._finish(run, run.stop_reason if run.stop_reason == "budget" else "stopped", "stopped on request before an instance started")
+        if attempt is None:
+            return self._next_attempt(run, why="first launch" if not run.attempts else run.message)
+        if not attempt.get("instance_id"):
+            return self._launch_open_attempt(run)
+        instance = _instance(self.clients, attempt["instance_id"])
+        state = (instance or {}).get("State", {}).get("Name", "gone")
+        if state in ("pending", "running"):
+            return self._watch(run, attempt, instance, now)
+        if state in STOPPED_STATES:
+            # auto_shutdown=false or a manual stop: the volume still bills. The attempt is over.
+            self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+        status = _attempt_status(self.clients, self.cfg, run, attempt)
+        reason, words = classify(instance, status, attempt)
+        ended = parse_iso((status or {}).get("ended_at")) or now
+        attempt.update(ended_at=iso(ended), end_reason=reason, message=words)
+        if status:
+            attempt.update(exit_code=status.get("exit_code"), price_usd=status.get("hourly_price_usd"), cost_usd=status.get("estimated_cost_usd"))
+        if reason == "reclaimed" and attempt.get("zone"):
+            run.cooldown[pool_key(attempt.get("instance_type", ""), attempt["zone"])] = iso(now + timedelta(seconds=self.cfg.cooldown_seconds))
+        return self._after(run, reason, words, now)
+
+    def _after(self, run: Run, reason: str, words: str, now: datetime) -> dict[str, Any]:
+        if run.stop_requested_at:
+            return self._finish(run, run.stop_reason if run.stop_reason == "budget" else "stopped", f"stopped on request ({run.stop_reason}); last attempt: {words}")
+        if reason in ("succeeded", "idle", "deadline", "stopped"):
+            return self._finish(run, reason, words)
+        if reason in ("failed", "stalled"):
+            allowed = int(run.spec.get("max_restarts_on_errors", 0))
+            if run.errors_used >= allowed:
+                final = "stalled" if reason == "stalled" else "failed"
+                return self._finish(run, final, f"{words}; no restarts on errors left ({run.errors_used} of {allowed} used)")
+            run.errors_used += 1
+            return self._next_attempt(run, why=f"{words} (restart {run.errors_used} of {allowed})")
+        return self._next_attempt(run, why=words)
+
+    def _next_attempt(self, run: Run, *, why: str) -> dict[str, Any]:
+        now = self.now()
+        deadline = parse_iso(run.deadline_at) or now
+        needed = self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300))
+        if run.attempts and (deadline - now).total_seconds() < needed:
+            return self._finish(run, "deadline", f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline is too little for another attempt")
+        n = len(run.attempts) + 1
+        run.attempts.append({"n": n, "why": why, "claimed_at": iso(now)})
+        # Launching until an instance ever started; recovering after that.
+        run.state = "recovering" if any(a.get("instance_id") for a in run.attempts) else "launching"
+        run.message = why
+        self.store.save(run)  # the claim: only one decider gets past this for attempt n
+        return self._launch_open_attempt(run, relaunch=n > 1, why=why)
+
+    def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
+        try:
+            attempt = launch(self.clients, run, self.cfg, self.now())
+        except LaunchRefused as refused:
+            run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
+            return self._finish(run, "failed", str(refused))
+        if attempt.get("instance_id"):
+            run.message = f"attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']})"
+            self.store.save(run)
+            if relaunch:
+                self._notify(run, f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']}): {why}")
+            return {"run_id": run.run_id, "launched": attempt["instance_id"], "attempt": attempt["n"]}
+        # No capacity anywhere: record it and stay recovering; the next reconcile tries again.
+        streak = len(run.attempts) >= 2 and run.attempts[-2].get("end_reason") == "capacity"
+        run.message = attempt["message"]
+        if streak:  # one row per streak of capacity failures, with a count
+            previous = run.attempts[-2]
+            previous.update(ended_at=attempt["ended_at"], errors=attempt["errors"], message=attempt["message"], tries=int(previous.get("tries", 1)) + 1)
+            run.attempts.pop()
+        self.store.save(run)
+        if not streak:
+            self._notify(run, f"waiting for capacity: {attempt['message']}; retrying every minute until the deadline")
+        return {"run_id": run.run_id, "capacity": attempt["message"]}
+
+    def _watch(self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
+        changed = False
+        if run.state in ("launching", "recovering"):
+            run.state, changed = "running", True
+        if run.stop_requested_at:
+            if not attempt.get("stop_tagged_at"):
+                self._tag_stop(run)
+                attempt["stop_tagged_at"], changed = iso(now), True
+            requested = parse_iso(run.stop_requested_at) or now
+            if (now - requested).total_seconds() > self.cfg.stop_timeout_seconds:
+                self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+                attempt["terminated_at"], changed = iso(now), True
+        if changed:
+            self.store.save(run)
+        return {"run_id": run.run_id, "state": run.state, "instance": attempt["instance_id"]}
+
+    def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
+        assert state in FINAL_STATES, state
+        run.state, run.message, run.ended_at = state, words, iso(self.now())
+        self.store.save(run)
+        self._release_launch_template(run)
+        verb = "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
+        self._notify(run, f"{verb}: {state} after {len([a for a in run.attempts if a.get('instance_id')])} attempt(s); {words}")
+        return {"run_id": run.run_id, "state": state, "message": words}
+
+    # --- side effects ----------------------------------------------------------------------
+
+    def _run_of(self, instance_id: str) -> tuple[str, int]:
+        instance = _instance(self.clients, instance_id)
+        tags = {t["Key"]: t["Value"] for t in (instance or {}).get("Tags", [])}
+        if tags.get(self.cfg.managed_tag) != "true":
+            return "", 0
+        try:
+            return tags.get(self.cfg.run_id_tag, ""), int(tags.get(self.cfg.attempt_tag, "0"))
+        except ValueError:
+            return tags.get(self.cfg.run_id_tag, ""), 0
+
+    def _mark(self, run_id: str, attempt_number: int, key: str, when: str) -> dict[str, Any]:
+        for _ in range(5):
+            run = self.store.get(run_id)
+            if run is None:
+                return {"ignored": f"no run {run_id}"}
+            matching = [a for a in run.attempts if a.get("n") == attempt_number]
+            if not matching or matching[0].get(key):
+                return {"run_id": run_id, "noted": key, "already": True}
+            matching[0][key] = when
+            try:
+                self.store.save(run)
+                return {"run_id": run_id, "noted": key}
+            except StaleRecord:
+                continue
+        raise RuntimeError(f"run {run_id} kept changing")
+
+    def _tag_stop(self, run: Run) -> None:
+        attempt = run.current
+        if attempt and attempt.get("instance_id"):
+            try:
+                self.clients.ec2.create_tags(Resources=[attempt["instance_id"]], Tags=[{"Key": self.cfg.stop_tag, "Value": run.stop_reason or "user"}])
+            except ClientError as error:
+                log.warning("could not tag %s for a graceful stop: %s", attempt["instance_id"], error)
+
+    def _release_launch_template(self, run: Run) -> None:
+        """The run's own launch template (made by `training-infra launch`) is deleted once no attempt can need it."""
+        if not run.spec.get("owns_launch_template"):
+            return
+        try:
+            self.clients.ec2.delete_launch_template(LaunchTemplateId=run.spec["launch_template_id"])
+        except ClientError as error:
+            log.warning("could not delete launch template %s: %s", run.spec["launch_template_id"], error)
+
+    def _notify(self, run: Run, text: str) -> None:
+        message = f"training-infra run {run.run_id} {text}"
+        log.info(message)
+        if self.clients.sns is None or not self.cfg.topic_arn:
+            return
+        try:
+            self.clients.sns.publish(TopicArn=self.cfg.topic_arn, Subject=f"training-infra: run {run.run_id}"[:100], Message=message)
+        except ClientError as error:  # a lost notice must not undo a decision already written
+            log.warning("notice not sent: %s", error)
+
+
+def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
+    import boto3
+
+    clients = Clients(ec2=boto3.client("ec2"), dynamodb=boto3.client("dynamodb"), s3=boto3.client("s3"), sns=boto3.client("sns"))
+    result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
+    log.info(json.dumps(result, default=str))
+    return result
