@@ -8,7 +8,7 @@ Process runtime, the example trainer at its default pace: each round injects a n
 moment and prints, from the notice:
   * SIGTERM  - when the trainer's handler ran (its own log line);
   * ckpt S3  - when the checkpoint written on SIGTERM was readable in S3;
-  * logs S3  - when runs/<id>/logs/training.log in S3 contained the SIGTERM line;
+  * logs S3  - when runs/<id>/attempts/1/logs/training.log in S3 contained the SIGTERM line;
   * status   - when status.json (outcome interrupted) was in S3;
   * poweroff - when the power-off command ran.
 AWS gives 120 s.
@@ -91,7 +91,7 @@ def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
         figures = {
             "SIGTERM": float(found["sigterm"].group(1)) - noticed,
             "ckpt S3": wait_until(lambda: exists(ckpt_key)) - noticed,
-            "logs S3": wait_until(lambda: exists(f"runs/{run_id}/logs/training.log", "received SIGTERM")) - noticed,
+            "logs S3": wait_until(lambda: exists(f"runs/{run_id}/attempts/1/logs/training.log", "received SIGTERM")) - noticed,
             "status": wait_until(lambda: exists(f"runs/{run_id}/status.json", '"interrupted"')) - noticed,
         }
         wait_until(lambda: run.called("poweroff"))

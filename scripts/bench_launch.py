@@ -34,12 +34,15 @@ def main() -> None:
             subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True)
             return time.perf_counter() - start
 
-        deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
-                  "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
+        deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
+                  "--no-notices", "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
         run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices"])
         run([*deploy, "--all"])
         stack_deploy = run([*deploy, naming.COMPUTE_STACK, "-c", "create_instance=true", "-c", "run_id=bench"])
-        launches = [run([sys.executable, "-m", "training_infra", "launch", "-q", "--run-id", f"bench-{i}"]) for i in range(LAUNCHES)]
+        launches = [
+            run([sys.executable, "-m", "training_infra", "launch", "-q", "--run-id", f"bench-{i}"])
+            for i in range(LAUNCHES)
+        ]
         launch = statistics.median(launches)
         print(f"cdk deploy {naming.COMPUTE_STACK} -c create_instance=true: {stack_deploy:.2f} s")
         print(f"training-infra launch: {launch:.2f} s (median of {LAUNCHES}; first {launches[0]:.2f} s)")

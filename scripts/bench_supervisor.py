@@ -42,7 +42,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Emulator(Path(tmp) / "emulator") as aws:
         os.environ.update(aws.env)  # boto3 clients of the account go to the emulator
         account = Account()
-        account.cfg = dataclasses.replace(account.cfg, cooldown_seconds=0)  # every pool stays eligible round after round
+        account.cfg = dataclasses.replace(
+            account.cfg, cooldown_seconds=0
+        )  # every pool stays eligible round after round
         account.new_run(max_runtime_hours=48)
         supervisor = account.supervisor()
         supervisor.reconcile("bert")
@@ -63,8 +65,14 @@ def main() -> None:
         assert len(run.attempts) == ROUNDS + 1, run.attempts
         print(f"supervisor: instance ended -> next attempt's fleet request: {statistics.median(to_fleet):.3f} s median "
               f"(max {max(to_fleet):.3f} s over {ROUNDS} relaunches; target < 2 s)")  # fmt: skip
-        print(f"supervisor: whole relaunch decision (classify, claim, fleet, record, notice): {statistics.median(whole):.3f} s median")
-        print(f"supervisor: AWS calls per relaunch decision: {statistics.median(calls):.0f} (min {min(calls)}, max {max(calls)})")
+        print(
+            f"supervisor: whole relaunch decision (classify, claim, fleet, record, notice): "
+            f"{statistics.median(whole):.3f} s median"
+        )
+        print(
+            f"supervisor: AWS calls per relaunch decision: {statistics.median(calls):.0f} "
+            f"(min {min(calls)}, max {max(calls)})"
+        )
         print(f"supervisor: to-fleet time is {2.0 / statistics.median(to_fleet):.1f}x inside the 2 s target")
 
 

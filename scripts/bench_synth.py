@@ -33,13 +33,22 @@ def main() -> None:
     context = json.loads((ROOT / "cdk.json").read_text())["context"]
     configurations = {
         "defaults": context,
-        "everything on": {**context, "github_repo": "acme/trainer", "alert_email": "ml@example.com", "create_instance": True, "image_id": "ami-0123456789abcdef0"},
+        "everything on": {
+            **context,
+            "github_repo": "acme/trainer",
+            "alert_email": "ml@example.com",
+            "create_instance": True,
+            "image_id": "ami-0123456789abcdef0",
+        },
     }
     empty = statistics.median(timed([sys.executable, "-c", EMPTY_APP], context) for _ in range(ROUNDS))
     print(f"empty CDK app synth: {empty:.2f} s (median of {ROUNDS})")
     for name, ctx in configurations.items():
         whole = statistics.median(timed([sys.executable, "app.py"], ctx) for _ in range(ROUNDS))
-        print(f"training-infra synth ({name}, 4 stacks, cdk-nag): {whole:.2f} s -> ratio {whole / empty:.2f}x (target <= 1.5x)")
+        print(
+            f"training-infra synth ({name}, 4 stacks, cdk-nag): {whole:.2f} s "
+            f"-> ratio {whole / empty:.2f}x (target <= 1.5x)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # jsii and the CDK CLI need the pinned Node 24 from the venv, even when pytest is run by hand.
 os.environ["PATH"] = os.pathsep.join(
-    [str(VENV_BIN), str(ROOT / ".venv" / "nodejs" / "bin"), str(ROOT / "node_modules" / ".bin"), os.environ.get("PATH", "")]
+    [
+        str(VENV_BIN),
+        str(ROOT / ".venv" / "nodejs" / "bin"),
+        str(ROOT / "node_modules" / ".bin"),
+        os.environ.get("PATH", ""),
+    ]
 )
 os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
 os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
@@ -42,7 +47,11 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "trainer_s3_access": "true",
     },
     "on_demand": {"use_spot": "false", "auto_shutdown": "false", "create_instance": "true", "image_id": AMI},
-    "existing_vpc": {"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": "subnet-0123456789abcdef0,subnet-0fedcba9876543210", "create_instance": "true"},
+    "existing_vpc": {
+        "vpc_id": "vpc-0123456789abcdef0",
+        "subnet_ids": "subnet-0123456789abcdef0,subnet-0fedcba9876543210",
+        "create_instance": "true",
+    },
     "private": {"private_networking": "true", "spot_max_price": "0.5", "create_instance": "true", "image_id": AMI},
     "existing_oidc": {
         "github_repo": "acme/trainer",
@@ -111,7 +120,11 @@ class StackView:
         return found[0]
 
     def statements(self, resource_type: str, document_key: str) -> list[dict]:
-        return [s for resource in self.resources(resource_type).values() for s in resource["Properties"][document_key]["Statement"]]
+        return [
+            s
+            for resource in self.resources(resource_type).values()
+            for s in resource["Properties"][document_key]["Statement"]
+        ]
 
     def role_statements(self, role) -> list[dict]:
         """Every statement of the inline policies attached to `role`."""
@@ -150,7 +163,10 @@ def synthesize(outdir: Path, overrides: dict[str, str]) -> Synth:
     settings = parse_settings(app.node.get_all_context())
     build_app(settings, app=app)
     app.synth()
-    templates = {path.name.removesuffix(".template.json"): json.loads(path.read_text()) for path in outdir.glob("*.template.json")}
+    templates = {
+        path.name.removesuffix(".template.json"): json.loads(path.read_text())
+        for path in outdir.glob("*.template.json")
+    }
     return Synth(outdir=outdir, app=app, settings=settings, templates=templates)
 
 
@@ -161,7 +177,9 @@ def synth(tmp_path_factory):
 
     def get(name: str) -> Synth:
         if name not in cache:
-            cache[name] = synthesize(tmp_path_factory.mktemp(f"cdk-{name}"), {**CONFIGURATIONS, **LOCAL_AWS_CONFIGURATIONS}[name])
+            cache[name] = synthesize(
+                tmp_path_factory.mktemp(f"cdk-{name}"), {**CONFIGURATIONS, **LOCAL_AWS_CONFIGURATIONS}[name]
+            )
         return cache[name]
 
     return get

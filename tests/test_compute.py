@@ -8,8 +8,9 @@ no test holds a generated CloudFormation name. One synth per configuration (test
 from __future__ import annotations
 
 import base64
-import gzip
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +21,7 @@ from tests.conftest import AMI, CDK_JSON_CONTEXT, CONFIGURATIONS
 from training_infra import naming
 from training_infra.cli.launching import template_exports
 from training_infra.compute.construct import SESSION_CHANNEL_ACTIONS, SSM_AGENT_MESSAGE_ACTIONS
-from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER
+from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER, pack_agent, shipped_bytes
 
 STACK = naming.COMPUTE_STACK
 EVERY_NETWORK = ["defaults", "full", "on_demand", "existing_vpc", "private"]
@@ -143,8 +144,9 @@ class UserData:
         return placeholder
 
     def embedded_agent(self) -> bytes:
-        encoded = self.text.split("<<'TRAINING_INFRA_AGENT'\n", 1)[1].split("\nTRAINING_INFRA_AGENT", 1)[0]
-        return gzip.decompress(base64.b64decode(encoded))
+        """The packed agent folder the user data carries (the heredoc after `<<'TRAINING_INFRA_AGENT'`)."""
+        after = self.text.split("<<'TRAINING_INFRA_AGENT'", 1)[1].split("\n", 1)[1]
+        return base64.b64decode(after.split("\nTRAINING_INFRA_AGENT", 1)[0])
 
 
 def group_id(view, security_group) -> dict:
@@ -271,7 +273,10 @@ def test_user_data_boots_the_exact_agent_with_a_place_for_run_overrides(compute)
     script = UserData.of(launch_data(compute("full"))["UserData"])
     assert script.text.startswith("#!/bin/bash\n")
     assert OVERRIDES_MARKER in script.text
-    assert script.embedded_agent() == AGENT_SCRIPT.read_bytes()
+    packed = script.embedded_agent()
+    assert packed == pack_agent(), "the agent folder as user_data.pack_agent packs it, byte for byte"
+    with tarfile.open(fileobj=io.BytesIO(packed), mode="r:xz") as tar:
+        assert tar.extractfile(AGENT_SCRIPT.name).read() == shipped_bytes(AGENT_SCRIPT)
     assert script.text.rstrip().endswith('exec bash "$agent_dir/agent.sh"')
 
 
@@ -535,7 +540,12 @@ def test_created_instance_boots_version_1_of_its_runs_template_with_the_run_id_i
     )
     run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
     assert run_data["ImageId"] == AMI
-    instance_tags = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}
+    instance_tags = {
+        t["Key"]: t["Value"]
+        for spec in run_data["TagSpecifications"]
+        if spec["ResourceType"] == "instance"
+        for t in spec["Tags"]
+    }
     assert instance_tags[naming.TAG_RUN_ID] == run_id and instance_tags["Name"] == naming.instance_name(run_id)
     assert instance_tags[naming.TAG_MANAGED] == "true"
     assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == run_id
@@ -547,9 +557,12 @@ def test_instance_without_a_configured_run_id_boots_with_the_run_id_its_tags_car
     view = compute("private")  # run_id unset: the shared template leaves it to the agent; the run's template names it
     assert UserData.of(launch_data(view)["UserData"]).exports()["TI_RUN_ID"] == ""
     run_data = properties_of(view, view.compute.run_launch_template)["LaunchTemplateData"]
-    tag_run_id = {t["Key"]: t["Value"] for spec in run_data["TagSpecifications"] if spec["ResourceType"] == "instance" for t in spec["Tags"]}[
-        naming.TAG_RUN_ID
-    ]
+    tag_run_id = {
+        t["Key"]: t["Value"]
+        for spec in run_data["TagSpecifications"]
+        if spec["ResourceType"] == "instance"
+        for t in spec["Tags"]
+    }[naming.TAG_RUN_ID]
     assert tag_run_id
     assert UserData.of(run_data["UserData"]).exports()["TI_RUN_ID"] == tag_run_id
 

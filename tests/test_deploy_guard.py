@@ -27,7 +27,7 @@ from training_infra.local.instance import aws_client
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = ROOT / "node_modules" / ".bin" / "cdk"
-# What moto needs to deploy (DESIGN.md field notes).
+# What moto needs to deploy (docs/architecture.md, "The local AWS emulator").
 LOCAL_DEPLOY_FLAGS = "--method=direct --no-previous-parameters --no-notices"
 # tests/conftest.py's `guarded` configuration as a user passes it: flags on the make command line.
 DEPLOYED_FLAGS = " ".join(f"-c {key}={value}" for key, value in LOCAL_AWS_CONFIGURATIONS["guarded"].items())
@@ -47,11 +47,24 @@ class LocalAws:
     def guard(self, cdk_out: Path, *args: str, region: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {**self.env, **({"AWS_REGION": region, "AWS_DEFAULT_REGION": region} if region else {})}
         return subprocess.run(
-            [sys.executable, "-m", "training_infra.deploy_guard", str(cdk_out), *args], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "training_infra.deploy_guard", str(cdk_out), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def make_deploy(self, cdk_out: Path, flags: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        command = ["make", "-C", str(ROOT), "deploy", f"CDK_OUT={cdk_out}", f"CDK_FLAGS={flags} {LOCAL_DEPLOY_FLAGS}", "REQUIRE_APPROVAL=never", *extra]
+        command = [
+            "make",
+            "-C",
+            str(ROOT),
+            "deploy",
+            f"CDK_OUT={cdk_out}",
+            f"CDK_FLAGS={flags} {LOCAL_DEPLOY_FLAGS}",
+            "REQUIRE_APPROVAL=never",
+            *extra,
+        ]
         return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=600)
 
     def template(self, stack: str) -> dict:
@@ -63,7 +76,8 @@ class LocalAws:
 
 @pytest.fixture(scope="module")
 def local_aws(tmp_path_factory):
-    """The `guarded` settings deployed by `make deploy` (real CDK CLI; the guard finds no stack yet) into a moto server."""
+    """The `guarded` settings deployed by `make deploy` (real CDK CLI; the guard finds no stack yet)
+    into a moto server."""
     with Emulator(tmp_path_factory.mktemp("moto-guard")) as emulator:
         env = {**os.environ, **emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true"}
         bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices"]
@@ -74,7 +88,9 @@ def local_aws(tmp_path_factory):
         assert done.returncode == 0, done.stderr[-3000:]
         assert "deploy guard" not in done.stderr, "nothing was deployed before: nothing to guard"
         stack = local.client("cloudformation").describe_stacks(StackName=naming.COMPUTE_STACK)["Stacks"][0]
-        local.instance_id = next(o["OutputValue"] for o in stack["Outputs"] if o["OutputKey"] == naming.OUTPUT_INSTANCE_ID)
+        local.instance_id = next(
+            o["OutputValue"] for o in stack["Outputs"] if o["OutputKey"] == naming.OUTPUT_INSTANCE_ID
+        )
         yield local
 
 
@@ -89,7 +105,9 @@ def test_redeploying_the_deployed_settings_passes_silently(local_aws, synth):
     assert result.stderr == ""
 
 
-def test_make_deploy_with_settings_forgotten_stops_before_deleting_github_roles_and_alert_subscription(local_aws, tmp_path):
+def test_make_deploy_with_settings_forgotten_stops_before_deleting_github_roles_and_alert_subscription(
+    local_aws, tmp_path
+):
     """Issue 14: step 1 passed github_repo and alert_email as flags, step 4 did not."""
     registry_before = local_aws.template(naming.REGISTRY_STACK)
     safety_before = local_aws.template(naming.SAFETY_STACK)
@@ -98,10 +116,16 @@ def test_make_deploy_with_settings_forgotten_stops_before_deleting_github_roles_
 
     assert result.returncode != 0
     refusals = _refusals(result)
-    assert [line for line in refusals if "GitHub role RegistryGithubPushRole" in line and "trusted by acme/trainer" in line]
+    assert [
+        line for line in refusals if "GitHub role RegistryGithubPushRole" in line and "trusted by acme/trainer" in line
+    ]
     assert [line for line in refusals if "GitHub role RegistryGithubDiffRole" in line]
     assert [line for line in refusals if "GitHub OIDC provider" in line]
-    assert [line for line in refusals if "alert e-mail subscription of ml-team@example.com" in line and '"alert_email": "ml-team@example.com"' in line]
+    assert [
+        line
+        for line in refusals
+        if "alert e-mail subscription of ml-team@example.com" in line and '"alert_email": "ml-team@example.com"' in line
+    ]
     assert refusals[-1].endswith("accept with `make deploy ALLOW_DESTRUCTIVE=1`")
     assert "Traceback" not in result.stderr
     # cdk deploy never ran: the stacks hold exactly what they held.
@@ -187,10 +211,15 @@ def test_make_deploy_allow_destructive_deploys_and_the_github_roles_go(local_aws
     """Last: it changes the deployment. alert_email stays, so only the registry changes."""
     assert local_aws.resources_of_type(naming.REGISTRY_STACK, "AWS::IAM::Role")
 
-    result = local_aws.make_deploy(tmp_path / "cdk.out", f"{FORGOTTEN_FLAGS} -c alert_email=ml-team@example.com", "ALLOW_DESTRUCTIVE=1")
+    result = local_aws.make_deploy(
+        tmp_path / "cdk.out", f"{FORGOTTEN_FLAGS} -c alert_email=ml-team@example.com", "ALLOW_DESTRUCTIVE=1"
+    )
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "deploy guard: accepted by ALLOW_DESTRUCTIVE=1: TrainingInfra-Registry: would delete the GitHub role" in result.stderr
+    assert (
+        "deploy guard: accepted by ALLOW_DESTRUCTIVE=1: TrainingInfra-Registry: would delete the GitHub role"
+        in result.stderr
+    )
     assert not local_aws.resources_of_type(naming.REGISTRY_STACK, "AWS::IAM::Role")
     assert local_aws.resources_of_type(naming.SAFETY_STACK, "AWS::SNS::Subscription"), "the e-mail subscription stays"
 
@@ -199,9 +228,14 @@ def test_a_changed_alert_email_replaces_the_subscription_without_a_finding(synth
     """A new address is a new subscription (a new logical id): that is a change the user asked for."""
     deployed = synth("guarded").templates[naming.SAFETY_STACK]
     changed = json.loads(json.dumps(deployed))
-    [(logical_id, subscription)] = [(k, v) for k, v in changed["Resources"].items() if v["Type"] == "AWS::SNS::Subscription"]
+    [(logical_id, subscription)] = [
+        (k, v) for k, v in changed["Resources"].items() if v["Type"] == "AWS::SNS::Subscription"
+    ]
     del changed["Resources"][logical_id]
-    changed["Resources"]["AlertsTopicOncallExampleCom"] = {**subscription, "Properties": {**subscription["Properties"], "Endpoint": "oncall@example.com"}}
+    changed["Resources"]["AlertsTopicOncallExampleCom"] = {
+        **subscription,
+        "Properties": {**subscription["Properties"], "Endpoint": "oncall@example.com"},
+    }
 
     assert deploy_guard.protected_removals(naming.SAFETY_STACK, deployed, changed) == []
     del changed["Resources"]["AlertsTopicOncallExampleCom"]
@@ -228,7 +262,6 @@ def test_unreachable_aws_is_one_line_and_exit_1(tmp_path, synth, monkeypatch, ca
     assert err.count("\n") == 1
 
 
-
 # ---- why an instance would change, on small hand-made templates -----------------------------
 
 
@@ -243,7 +276,12 @@ def _compute(instance_props: dict, template_data: dict, parameters: dict | None 
 
 
 LIVE = {"Instance": ("i-0123456789abcdef0", "running")}
-FOLLOWS_LATEST = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": {"Fn::GetAtt": ["Template", "LatestVersionNumber"]}}}
+FOLLOWS_LATEST = {
+    "LaunchTemplate": {
+        "LaunchTemplateId": {"Ref": "Template"},
+        "Version": {"Fn::GetAtt": ["Template", "LatestVersionNumber"]},
+    }
+}
 PINNED_VERSION = {"LaunchTemplate": {"LaunchTemplateId": {"Ref": "Template"}, "Version": "1"}}
 
 
@@ -275,14 +313,21 @@ def test_an_instance_pinned_to_a_template_version_does_not_change_with_the_templ
 
 def test_an_ami_parameter_that_now_resolves_to_a_newer_ami_is_named():
     """Issue 16: AWS publishes a new DLAMI; the next deploy would replace the instance."""
-    parameters = {"Ami": {"Type": "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>", "Default": "/aws/service/deeplearning/ami"}}
+    parameters = {
+        "Ami": {"Type": "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>", "Default": "/aws/service/deeplearning/ami"}
+    }
     template = _compute({"ImageId": {"Ref": "Ami"}}, {}, parameters)
     moved = {"Ami": ("ami-0aaaaaaaaaaaaaaaa", "ami-0bbbbbbbbbbbbbbbb")}
 
     [finding] = deploy_guard.instance_changes("Compute", template, template, LIVE, moved)
 
-    assert "ami-0aaaaaaaaaaaaaaaa -> ami-0bbbbbbbbbbbbbbbb; pin image_id to keep ami-0aaaaaaaaaaaaaaaa" in finding.message
-    assert deploy_guard.instance_changes("Compute", template, template, LIVE, {"Ami": ("ami-0aaaaaaaaaaaaaaaa",) * 2}) == []
+    assert (
+        "ami-0aaaaaaaaaaaaaaaa -> ami-0bbbbbbbbbbbbbbbb; pin image_id to keep ami-0aaaaaaaaaaaaaaaa" in finding.message
+    )
+    assert (
+        deploy_guard.instance_changes("Compute", template, template, LIVE, {"Ami": ("ami-0aaaaaaaaaaaaaaaa",) * 2})
+        == []
+    )
 
 
 def test_an_instance_that_is_not_running_may_change():

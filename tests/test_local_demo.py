@@ -29,19 +29,38 @@ def finished_demo(tmp_path_factory):
                 "checkpoints": demo._keys(outputs_bucket, f"{naming.CHECKPOINTS_PREFIX}{demo.run_id}/"),
                 "data": demo._keys(data_bucket, naming.DATA_PREFIX),
             }
-            status = json.loads(s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/status.json")["Body"].read())
+            status = json.loads(
+                s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/status.json")["Body"].read()
+            )
+            attempt_status = {
+                n: json.loads(
+                    s3.get_object(Bucket=outputs_bucket, Key=f"runs/{demo.run_id}/attempts/{n}/status.json")[
+                        "Body"
+                    ].read()
+                )
+                for n in (1, 2)
+            }
+            record = demo._supervisor().store.get(demo.run_id)
             stacks = {s["StackName"] for s in demo.client("cloudformation").describe_stacks()["Stacks"]}
         finally:
             demo_module.console.file = None
             demo.emulator.stop()
-    return {"demo": demo, "fetched": fetched, "keys": keys, "status": status, "stacks": stacks, "console": capture.read_text()}
+    return {
+        "demo": demo, "fetched": fetched, "keys": keys, "status": status, "attempt_status": attempt_status,
+        "record": record, "stacks": stacks, "console": capture.read_text(),
+    }  # fmt: skip
 
 
 def test_resumed_run_succeeded_with_outputs_logs_and_success_marker_in_s3(finished_demo):
     run_id = finished_demo["demo"].run_id
     runs = set(finished_demo["keys"]["runs"])
     prefix = f"runs/{run_id}/"
-    assert {f"{prefix}status.json", f"{prefix}_SUCCESS", f"{prefix}outputs/model.npz", f"{prefix}logs/training.log"} <= runs
+    assert {
+        f"{prefix}status.json",
+        f"{prefix}_SUCCESS",
+        f"{prefix}outputs/model.npz",
+        f"{prefix}logs/training.log",
+    } <= runs
     assert f"{naming.LATEST_PREFIX}_SUCCESS" in runs, "runs/latest/ mirrors the newest finished run"
     assert finished_demo["status"]["outcome"] == "succeeded"
     assert finished_demo["status"]["exit_code"] == 0
@@ -55,10 +74,57 @@ def test_spot_notice_flushed_checkpoints_and_the_second_launch_resumed_from_them
     assert "resumed from checkpoint" in console
 
 
+def test_the_supervisor_not_the_user_relaunched_on_other_capacity_and_the_run_succeeded(finished_demo):
+    record = finished_demo["record"]
+    first, second = record.attempts
+    assert record.state == "succeeded" and not record.active
+    assert (first["end_reason"], second["end_reason"]) == ("reclaimed", "succeeded")
+    assert (first["instance_type"], first["zone"]) != (second["instance_type"], second["zone"]), (
+        "the reclaimed pool cooled down"
+    )
+    assert record.errors_used == 0, "a reclaim is not an error"
+    console = finished_demo["console"]
+    assert console.count(f"launch --run-id {finished_demo['demo'].run_id}") == 1, "one launch by the user"
+    assert '"launched": "' + second["instance_id"] + '"' in console, "the supervisor's relaunch"
+
+
+def test_each_attempt_keeps_its_own_record_in_s3(finished_demo):
+    one, two = finished_demo["attempt_status"][1], finished_demo["attempt_status"][2]
+    assert (one["outcome"], two["outcome"]) == ("interrupted", "succeeded")
+    assert one["instance_id"] != two["instance_id"]
+    prefix = f"runs/{finished_demo['demo'].run_id}/attempts/"
+    assert {f"{prefix}1/status.json", f"{prefix}2/status.json"} <= set(finished_demo["keys"]["runs"])
+
+
+def test_attempt_2_restored_exactly_the_last_checkpoint_attempt_1_wrote(finished_demo):
+    plays = [lines for heading, lines in _steps(finished_demo["console"]) if "Play the instance" in heading]
+    written = [
+        re.search(r"\[trainer\] checkpoint (\S+)", line)[1]
+        for line in plays[0]
+        if re.search(r"\[trainer\] checkpoint \S+", line)
+    ]
+    [resumed] = [
+        re.search(r"resumed from checkpoint (\S+)", line)[1] for line in plays[1] if "resumed from checkpoint" in line
+    ]
+    assert written and resumed == written[-1], f"attempt 1 wrote {written}, attempt 2 resumed from {resumed}"
+
+
+def test_status_shows_the_two_attempts(finished_demo):
+    console = finished_demo["console"]
+    assert f"run {finished_demo['demo'].run_id}: succeeded" in console
+    assert "reclaimed: spot reclaimed by AWS" in console
+
+
 def test_cli_outputs_launch_status_cost_and_fetch_speak_to_the_user(finished_demo):
     console = finished_demo["console"]
     run_id = finished_demo["demo"].run_id
-    for expected in ("training_bucket = ", "launch_template_id = ", f"launched run {run_id}", "succeeded (exit 0)", "saving vs on-demand", "fetched "):
+    for expected in (
+        "training_bucket = ",
+        "launch_template_id = ",
+        f"launched run {run_id}: attempt 1 on ",
+        "saving vs on-demand",
+        "fetched ",
+    ):
         assert expected in console
     fetched = finished_demo["fetched"]
     assert (fetched / "outputs" / "model.npz").stat().st_size > 0
@@ -97,7 +163,10 @@ def test_waiting_on_the_instance_shows_the_training_log_as_it_grows_once(finishe
         shown = [line for line in lines if line.startswith("   │ ")]
         assert any("[trainer] epoch" in line for line in shown)
         assert len(shown) == len(set(shown)), "a log line is shown once"
-        assert any(line.startswith("   the agent ended ") and line.endswith(" s later and powered the instance off") for line in lines)
+        assert any(
+            line.startswith("   the agent ended ") and line.endswith(" s later and powered the instance off")
+            for line in lines
+        )
     assert any("resumed from checkpoint" in line for line in plays[1])
 
 
@@ -105,4 +174,7 @@ def test_the_image_step_prints_nothing_the_command_above_it_did_not_print(finish
     """Issue 14: step 3 printed `training-infra:latest` under `training-infra outputs ecr_repository_uri`."""
     [(_, lines)] = [step for step in _steps(finished_demo["console"]) if "Push a training image" in step[0]]
     assert lines[0].strip().startswith("$ ") and lines[0].endswith("outputs ecr_repository_uri")
-    assert lines[1:] == ["   ECR PutImage: a stand-in manifest tagged training-infra:latest (on AWS, the image workflow pushes the real one)"]
+    assert lines[1:] == [
+        "   ECR PutImage: a stand-in manifest tagged training-infra:latest "
+        "(on AWS, the image workflow pushes the real one)"
+    ]

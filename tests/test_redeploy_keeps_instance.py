@@ -60,10 +60,15 @@ def test_newer_ami_and_other_settings_leave_the_instance_resource_identical(temp
 
 def test_the_changes_land_in_the_launch_templates_for_the_next_run(templates):
     def images(synthesized) -> set[str]:
-        return {t["Properties"]["LaunchTemplateData"]["ImageId"] for t in synthesized.resources(naming.COMPUTE_STACK, "AWS::EC2::LaunchTemplate").values()}
+        return {
+            t["Properties"]["LaunchTemplateData"]["ImageId"]
+            for t in synthesized.resources(naming.COMPUTE_STACK, "AWS::EC2::LaunchTemplate").values()
+        }
 
     assert images(templates["run_start"]) == {AMI_AT_RUN_START}
-    assert images(templates["changed"]) == {NEWER_AMI}, "launch follows the newest AMI; the run's template gets a new version"
+    assert images(templates["changed"]) == {NEWER_AMI}, (
+        "launch follows the newest AMI; the run's template gets a new version"
+    )
 
 
 def test_a_new_run_id_is_a_new_instance(templates):
@@ -79,16 +84,23 @@ def deployed_twice(tmp_path_factory):
         def cdk(*args: str, settings: dict[str, str] | None = None) -> None:
             context = [arg for key, value in (settings or {}).items() for arg in ("-c", f"{key}={value}")]
             result = subprocess.run(
-                [str(CDK), *args, "--no-notices", *context], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+                [str(CDK), *args, "--no-notices", *context],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
         def deploy(settings: dict[str, str]) -> str:
             cdk(
-                "deploy", naming.COMPUTE_STACK, "--method=direct", "--no-previous-parameters", "--require-approval", "never",
-                "--output", str(workdir / "cdk.out"), settings=settings,
+                "deploy", naming.COMPUTE_STACK, "--method=direct", "--no-previous-parameters",
+                "--require-approval", "never", "--output", str(workdir / "cdk.out"), settings=settings,
             )  # fmt: skip
-            stack = aws_client("cloudformation", emulator.env).describe_stacks(StackName=naming.COMPUTE_STACK)["Stacks"][0]
+            stack = aws_client("cloudformation", emulator.env).describe_stacks(StackName=naming.COMPUTE_STACK)[
+                "Stacks"
+            ][0]
             return {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}[naming.OUTPUT_INSTANCE_ID]
 
         cdk("bootstrap", f"aws://123456789012/{emulator.region}")
@@ -97,7 +109,9 @@ def deployed_twice(tmp_path_factory):
         ec2 = aws_client("ec2", emulator.env)
         (instance,) = [i for r in ec2.describe_instances(InstanceIds=[second])["Reservations"] for i in r["Instances"]]
         tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        versions = ec2.describe_launch_template_versions(LaunchTemplateId=tags["aws:ec2launchtemplate:id"])["LaunchTemplateVersions"]
+        versions = ec2.describe_launch_template_versions(LaunchTemplateId=tags["aws:ec2launchtemplate:id"])[
+            "LaunchTemplateVersions"
+        ]
         yield {"first": first, "second": second, "instance": instance, "tags": tags, "versions": versions}
 
 

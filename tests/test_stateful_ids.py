@@ -42,7 +42,9 @@ PINNED_EXPORTS = {
 def test_stateful_resources_keep_the_logical_ids_deployed_accounts_have(synth, stack):
     resources = synth("full").templates[stack]["Resources"]
     for logical_id, resource_type in PINNED[stack].items():
-        assert logical_id in resources, f"{resource_type} {logical_id} would be replaced: its construct id or path changed"
+        assert logical_id in resources, (
+            f"{resource_type} {logical_id} would be replaced: its construct id or path changed"
+        )
         assert resources[logical_id]["Type"] == resource_type
 
 

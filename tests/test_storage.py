@@ -30,7 +30,9 @@ def test_three_buckets_all_private_encrypted_versioned_and_retained(storage):
         assert props["PublicAccessBlockConfiguration"] == {
             "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True,
         }  # fmt: skip
-        assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]["SSEAlgorithm"]
+        assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"][
+            "SSEAlgorithm"
+        ]
         assert props["VersioningConfiguration"] == {"Status": "Enabled"}
         assert bucket["DeletionPolicy"] == "Retain" and bucket["UpdateReplacePolicy"] == "Retain"
         assert "BucketName" not in props, "physical names are generated"
@@ -67,7 +69,9 @@ def test_lifecycle_aborts_uploads_expires_old_versions_and_tiers_data(storage):
     data = _rules(_bucket(storage, "StorageDataBucket"))
     assert data["ExpireNoncurrentVersions"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": 30}
     assert data["DataIntelligentTiering"]["Prefix"] == "data/"
-    assert data["DataIntelligentTiering"]["Transitions"] == [{"StorageClass": "INTELLIGENT_TIERING", "TransitionInDays": 0}]
+    assert data["DataIntelligentTiering"]["Transitions"] == [
+        {"StorageClass": "INTELLIGENT_TIERING", "TransitionInDays": 0}
+    ]
 
 
 def test_older_runs_move_to_cheaper_classes_and_checkpoints_expire(storage):
@@ -90,7 +94,11 @@ def test_checkpoint_retention_follows_its_setting():
     TrainingStorage(stack, "Storage", props=StorageProps(checkpoint_retention_days=7))
     Template.from_stack(stack).has_resource_properties(
         "AWS::S3::Bucket",
-        {"LifecycleConfiguration": {"Rules": Match.array_with([Match.object_like({"Id": "ExpireCheckpoints", "ExpirationInDays": 7})])}},
+        {
+            "LifecycleConfiguration": {
+                "Rules": Match.array_with([Match.object_like({"Id": "ExpireCheckpoints", "ExpirationInDays": 7})])
+            }
+        },
     )
 
 

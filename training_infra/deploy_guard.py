@@ -111,7 +111,12 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, dict) and set(value) == {"Fn::Base64"}:
         return _text(value["Fn::Base64"])
-    if isinstance(value, dict) and set(value) == {"Fn::Join"} and isinstance(value["Fn::Join"], list) and len(value["Fn::Join"]) == 2:
+    if (
+        isinstance(value, dict)
+        and set(value) == {"Fn::Join"}
+        and isinstance(value["Fn::Join"], list)
+        and len(value["Fn::Join"]) == 2
+    ):
         separator, parts = value["Fn::Join"]
         if isinstance(separator, str) and isinstance(parts, list):
             return separator.join(_text(part) for part in parts)
@@ -125,7 +130,13 @@ def _web_identity_repo(role: dict[str, Any]) -> str | None:
         actions = statement.get("Action", [])
         if "sts:AssumeRoleWithWebIdentity" not in (actions if isinstance(actions, list) else [actions]):
             continue
-        subjects = [v for condition in statement.get("Condition", {}).values() if isinstance(condition, dict) for k, v in condition.items() if k.endswith(":sub")]
+        subjects = [
+            v
+            for condition in statement.get("Condition", {}).values()
+            if isinstance(condition, dict)
+            for k, v in condition.items()
+            if k.endswith(":sub")
+        ]
         for subject in subjects:
             match = re.match(r"^repo:([^:]+):", subject if isinstance(subject, str) else "")
             if match:
@@ -135,7 +146,10 @@ def _web_identity_repo(role: dict[str, Any]) -> str | None:
 
 
 def _email_subscription(resource: dict[str, Any]) -> bool:
-    return resource.get("Type") == "AWS::SNS::Subscription" and resource.get("Properties", {}).get("Protocol") in ("email", "email-json")
+    return resource.get("Type") == "AWS::SNS::Subscription" and resource.get("Properties", {}).get("Protocol") in (
+        "email",
+        "email-json",
+    )
 
 
 def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None) -> list[Finding]:
@@ -167,7 +181,14 @@ def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[s
                 f"set \"alert_email\": \"{email}\" in cdk.json's context"
             )))  # fmt: skip
         elif kind == "AWS::Budgets::Budget":
-            findings.append(Finding(stack, logical_id, f"would delete the budget {logical_id}: check monthly_budget_usd and that this is the training-infra app"))
+            findings.append(
+                Finding(
+                    stack,
+                    logical_id,
+                    f"would delete the budget {logical_id}: "
+                    "check monthly_budget_usd and that this is the training-infra app",
+                )
+            )
     return findings
 
 
@@ -186,9 +207,14 @@ def _changed_settings(old_props: dict[str, Any], new_props: dict[str, Any]) -> l
             continue
         if key == "UserData":
             old_exports, new_exports = _exports(_text(before)), _exports(_text(after))
-            changed = [k for k in sorted(set(old_exports) | set(new_exports)) if old_exports.get(k) != new_exports.get(k)]
+            changed = [
+                k for k in sorted(set(old_exports) | set(new_exports)) if old_exports.get(k) != new_exports.get(k)
+            ]
             for export in changed:
-                names.append(f"{_EXPORT_SETTINGS.get(export, export)} ({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})")
+                names.append(
+                    f"{_EXPORT_SETTINGS.get(export, export)} "
+                    f"({export}: {old_exports.get(export, '-')} -> {new_exports.get(export, '-')})"
+                )
             if not changed:
                 names.append("the agent script (user data)")
         elif key == "LaunchTemplateData":
@@ -221,7 +247,9 @@ def _references(value: Any) -> tuple[set[str], set[str]]:
     return refs, attributes
 
 
-def _reasons(logical_id: str, old: dict[str, Any], new: dict[str, Any], parameters: dict[str, tuple[str, str]]) -> list[str]:
+def _reasons(
+    logical_id: str, old: dict[str, Any], new: dict[str, Any], parameters: dict[str, tuple[str, str]]
+) -> list[str]:
     """Why CloudFormation would update this instance: its own properties, a `Fn::GetAtt` of a resource
     that changes (a launch template's LatestVersionNumber), or an SSM parameter that now resolves to
     another value (a newer AMI). `parameters`: name -> (value resolved at the last deploy, value now).
@@ -239,7 +267,10 @@ def _reasons(logical_id: str, old: dict[str, Any], new: dict[str, Any], paramete
     for name in sorted(refs & set(parameters)):
         resolved, now = parameters[name]
         if resolved != now:
-            reasons.append(f"ami_parameter / the SSM parameter behind {name} ({resolved} -> {now}; pin image_id to keep {resolved})")
+            reasons.append(
+                f"ami_parameter / the SSM parameter behind {name} "
+                f"({resolved} -> {now}; pin image_id to keep {resolved})"
+            )
     return reasons
 
 
@@ -251,7 +282,10 @@ def _run_id_of(resource: dict[str, Any]) -> str:
 
 
 def instance_changes(
-    stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None, live: dict[str, tuple[str, str]],
+    stack: str,
+    deployed: dict[str, Any],
+    synthesized: dict[str, Any] | None,
+    live: dict[str, tuple[str, str]],
     parameters: dict[str, tuple[str, str]] | None = None,
 ) -> list[Finding]:
     """Deletions of, and changes to, instances that are still up.
@@ -266,7 +300,10 @@ def instance_changes(
         if resource is None:
             continue
         run_id = _run_id_of(resource)
-        how = f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), or accept with `make deploy {ALLOW_VARIABLE}`"
+        how = (
+            f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), "
+            f"or accept with `make deploy {ALLOW_VARIABLE}`"
+        )
         if logical_id not in new:
             next_runs = [_run_id_of(r) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
             why = f"run_id is now {', '.join(next_runs)}" if next_runs else "create_instance is no longer true"
@@ -278,7 +315,8 @@ def instance_changes(
         changed = _reasons(logical_id, deployed, synthesized or {}, parameters or {})
         if changed:
             findings.append(Finding(stack, logical_id, (
-                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would modify or replace it "
+                f"the run {run_id} is still {state} on {instance_id} ({logical_id}) "
+                f"and this deploy would modify or replace it "
                 f"because of {', '.join(changed)}; keep that setting until the run ends, or {how}"
             )))  # fmt: skip
     return findings
@@ -319,10 +357,16 @@ class Deployed:
 
     def ssm_parameters(self, stack: str, template: dict[str, Any]) -> dict[str, tuple[str, str]]:
         """SSM-typed parameters: the value resolved at the last deploy and the one a deploy would resolve now."""
-        declared = {name: p.get("Default") for name, p in (template.get("Parameters") or {}).items() if str(p.get("Type", "")).startswith(_SSM_PARAMETER_TYPE)}
+        declared = {
+            name: p.get("Default")
+            for name, p in (template.get("Parameters") or {}).items()
+            if str(p.get("Type", "")).startswith(_SSM_PARAMETER_TYPE)
+        }
         if not declared:
             return {}
-        stack_parameters = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Parameters", [])
+        stack_parameters = (
+            self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Parameters", [])
+        )
         resolved = {p["ParameterKey"]: p.get("ResolvedValue") for p in stack_parameters}
         values = {}
         for name, path in declared.items():
@@ -339,7 +383,11 @@ class Deployed:
         """Logical id -> (instance id, state) for the stack's instances that are not terminated."""
         pages = self.client("cloudformation").get_paginator("list_stack_resources").paginate(StackName=stack)
         resources = [r for page in pages for r in page["StackResourceSummaries"]]
-        by_instance = {r["PhysicalResourceId"]: r["LogicalResourceId"] for r in resources if r.get("ResourceType") == "AWS::EC2::Instance" and r.get("PhysicalResourceId")}
+        by_instance = {
+            r["PhysicalResourceId"]: r["LogicalResourceId"]
+            for r in resources
+            if r.get("ResourceType") == "AWS::EC2::Instance" and r.get("PhysicalResourceId")
+        }
         if not by_instance:
             return {}
         live = {}
@@ -382,20 +430,40 @@ def _print(lines: Iterable[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training_infra.deploy_guard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training_infra.deploy_guard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("cdk_out", type=Path, help="the cloud assembly `cdk synth` wrote (cdk.out)")
-    parser.add_argument("--allow-destructive", action="store_true", help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)")
+    parser.add_argument(
+        "--allow-destructive",
+        action="store_true",
+        help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)",
+    )
     parser.add_argument("--report-only", action="store_true", help="report the findings and exit 0 (for `make diff`)")
-    parser.add_argument("--region", help="region of environment-agnostic stacks (default: the standard AWS configuration)")
+    parser.add_argument(
+        "--region", help="region of environment-agnostic stacks (default: the standard AWS configuration)"
+    )
     args = parser.parse_args(argv)
     if not (args.cdk_out / "manifest.json").is_file():
-        _print([f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: a cloud assembly written by `cdk synth` (with manifest.json)"])
+        _print(
+            [
+                f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; "
+                "allowed: a cloud assembly written by `cdk synth` (with manifest.json)"
+            ]
+        )
         return 2
     from training_infra.cli.errors import describe_aws_error
 
     try:
         findings = check(synthesized_stacks(args.cdk_out), args.region)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError, ValueError) as error:
+    except (
+        botocore.exceptions.BotoCoreError,
+        botocore.exceptions.ClientError,
+        ResponseParserError,
+        ValueError,
+    ) as error:
         try:
             message = describe_aws_error(error)
         except (ResponseParserError, ValueError):
@@ -415,7 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print([f"deploy guard: accepted by {ALLOW_VARIABLE}: {finding}" for finding in findings])
         return 0
     _print([f"error: deploy guard: {finding}" for finding in findings])
-    _print([f"error: deploy guard: nothing was deployed; fix the settings above, or accept with `make deploy {ALLOW_VARIABLE}`"])
+    _print(
+        [
+            "error: deploy guard: nothing was deployed; fix the settings above, "
+            f"or accept with `make deploy {ALLOW_VARIABLE}`"
+        ]
+    )
     return 3
 
 

@@ -262,7 +262,15 @@ class AgentRun:
         return self.s3.get_object(Bucket=self.config.outputs_bucket, Key=key)["Body"].read().decode()
 
     def status(self) -> dict:
+        """The run's summary, runs/<id>/status.json (what the CLI reads)."""
         return json.loads(self.read(f"runs/{self.run_id}/status.json"))
+
+    def attempt_status(self, attempt: int = 1) -> dict:
+        """One attempt's own record, runs/<id>/attempts/<n>/status.json (what the supervisor reads)."""
+        return json.loads(self.read(f"runs/{self.run_id}/attempts/{attempt}/status.json"))
+
+    def log_key(self, name: str = "training.log", attempt: int = 1) -> str:
+        return f"runs/{self.run_id}/attempts/{attempt}/logs/{name}"
 
 
 def _fake_bin(path: Path, body: str) -> Path:
@@ -280,9 +288,11 @@ def new_run(
     with_image: bool = True,
     with_data: bool = True,
     engine: ContainerEngine | None = None,
+    tags: dict[str, str] | None = None,
     **overrides,
 ) -> AgentRun:
-    """A ready, not yet started agent run in `run_dir`; `overrides` are AgentConfig fields."""
+    """A ready, not yet started agent run in `run_dir`; `overrides` are AgentConfig fields, `tags`
+    the instance's tags besides `training-infra:managed` (IMDS serves them; `run.imds.set_tag`)."""
     suffix = uuid.uuid4().hex[:10]
     session = boto3.Session(
         region_name=aws.region,
@@ -335,7 +345,7 @@ def new_run(
             **overrides,
         }
     )
-    imds = FakeImds(instance_id=f"i-{suffix}abcdef0", tags={"training-infra:managed": "true"}).start()
+    imds = FakeImds(instance_id=f"i-{suffix}abcdef0", tags={"training-infra:managed": "true", **(tags or {})}).start()
     proxy = AwsProxy(aws.endpoint, fail_s3_every=fail_s3_every)
     run_env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",

@@ -53,7 +53,7 @@ def container_engine(tmp_path_factory) -> Iterator[ContainerEngine]:
 
 @pytest.fixture
 def make_run(aws: Emulator, tmp_path: Path) -> Iterator[Callable[..., AgentRun]]:
-    """`make_run(**AgentConfig overrides, env={...}, fail_s3_every=N, with_image=True, with_data=True)`."""
+    """`make_run(**AgentConfig overrides, env={...}, tags={...}, fail_s3_every=N, with_image=True, with_data=True)`."""
     runs: list[AgentRun] = []
 
     def make(*, env: dict[str, str] | None = None, **overrides) -> AgentRun:

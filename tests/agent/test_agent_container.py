@@ -57,7 +57,7 @@ def test_container_run_logs_in_to_ecr_pulls_and_runs_the_image_with_the_contract
     assert metrics["data_read_only"] is True and metrics["data_rows"] == 161, "/data is the synced data, read-only"
     assert run.keys("checkpoints/ctr-happy/") == [f"checkpoints/ctr-happy/ckpt-00000{n}.txt" for n in (2, 4, 5)]
     assert "runs/ctr-happy/_SUCCESS" in run.keys("runs/ctr-happy/")
-    assert re.search(r"\[trainer\] started at [0-9.]+ as pid \d+ \(0:0\)", run.read("runs/ctr-happy/logs/training.log"))
+    assert re.search(r"\[trainer\] started at [0-9.]+ as pid \d+ \(0:0\)", run.read(run.log_key("training.log")))
     assert run.called("poweroff")
     assert_no_container_left(run)
 
@@ -74,7 +74,7 @@ def test_container_spot_notice_sigterms_the_trainer_inside_within_6s_and_the_gra
     run.imds.inject_spot_interruption()
     run.wait(90)
 
-    log = run.read("runs/ctr-spot/logs/training.log")
+    log = run.read(run.log_key("training.log"))
     assert "has no exec" not in log
     sigterm_at = float(re.search(r"received SIGTERM at ([0-9.]+)", log).group(1))
     assert sigterm_at - noticed_at <= 6, "SIGTERM reaches the trainer inside the container within one poll"
@@ -97,7 +97,7 @@ def test_container_trainer_crash_puts_its_exit_code_in_status_json(make_containe
 
     status = run.status()
     assert (status["outcome"], status["exit_code"]) == ("failed", 3)
-    log = run.read("runs/ctr-crash/logs/training.log")
+    log = run.read(run.log_key("training.log"))
     assert "simulated crash" in log
     assert "WARNING: TI_TRAINING_COMMAND has no exec: on SIGTERM its shell exits" in log, "measured: it would"
     assert "runs/ctr-crash/_SUCCESS" not in run.keys("runs/ctr-crash/")
@@ -146,7 +146,7 @@ def test_container_image_missing_from_ecr_fails_clearly_uploads_logs_and_powers_
     status = run.status()
     assert (status["outcome"], status["exit_code"]) == ("failed", None)
     assert status["message"] == f"could not get image {run.config.image_uri}:v1 from ECR after 2 attempts"
-    setup_log = run.read("runs/ctr-no-image/logs/training-setup.log")
+    setup_log = run.read(run.log_key("training-setup.log"))
     assert "manifest unknown" in setup_log, "the engine's own error is in the uploaded setup log"
     assert "starting trainer" not in setup_log
     assert run.called("poweroff")
@@ -227,5 +227,5 @@ def test_example_trainer_dockerfile_builds_here_and_its_image_trains_through_the
     assert (metrics["run_id"], metrics["epochs_completed"]) == ("ctr-example", 6), "the image's CMD ran train.py"
     assert metrics["final_loss"] < 0.05, "numpy in the image fitted the synced /data"
     assert "runs/ctr-example/outputs/model.npz" in run.keys("runs/ctr-example/")
-    assert "epoch 6/6 loss" in run.read("runs/ctr-example/logs/training.log")
+    assert "epoch 6/6 loss" in run.read(run.log_key("training.log"))
     assert_no_container_left(run)

@@ -45,18 +45,23 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
     assert re.fullmatch(r"\d{8}-\d{6}-i-[0-9a-f]+", run.run_id), "derived run id is <UTC date-time>-<instance id>"
     prefix = f"runs/{run.run_id}/"
     keys = run.keys(prefix)
-    for expected in (
-        "outputs/model.npz",
-        "outputs/metrics.json",
-        "logs/training.log",
-        "logs/training-setup.log",
-        "status.json",
-        "_SUCCESS",
-    ):
-        assert prefix + expected in keys
+    assert keys == [
+        prefix + name
+        for name in (
+            "_SUCCESS",
+            "attempts/1/logs/training-setup.log",
+            "attempts/1/logs/training.log",
+            "attempts/1/status.json",
+            "outputs/metrics.json",
+            "outputs/model.npz",
+            "status.json",
+        )
+    ], "no attempt tag: the seed's single instance is attempt 1"
     assert s3_writes(run, prefix)[-1] == prefix + "_SUCCESS", "_SUCCESS must be the last object written"
 
     status = run.status()
+    assert status == run.attempt_status(1), "the run's summary is its latest attempt's record"
+    assert status["attempt"] == 1
     assert status["outcome"] == "succeeded" and status["exit_code"] == 0
     assert status["instance_id"] == run.imds.instance_id
     assert (status["instance_type"], status["market"], status["availability_zone"]) == (
@@ -71,7 +76,7 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
 
     metrics = json.loads(run.read(prefix + "outputs/metrics.json"))
     assert metrics["epochs_completed"] == 20 and metrics["run_id"] == run.run_id, "trainer got RUN_ID and TI_EXTRA_ENV"
-    assert "epoch 20/20" in run.read(prefix + "logs/training.log")
+    assert "epoch 20/20" in run.read(run.log_key("training.log"))
     assert json.loads(run.read("runs/latest/status.json"))["run_id"] == run.run_id
     assert "runs/latest/_SUCCESS" in run.keys("runs/latest/")
 
@@ -79,6 +84,9 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
     events = logs.get_log_events(logGroupName=run.config.log_group, logStreamName=run.run_id)["events"]
     assert any("epoch 20/20" in event["message"] for event in events), (
         "training output streams to CloudWatch under the run id"
+    )
+    assert events[0]["message"].endswith("[training-infra] attempt 1 started on g5.xlarge in us-east-1a (spot)"), (
+        "the attempt's first line in the run's stream says where it runs"
     )
 
     cloudwatch = run.extra["session"].client("cloudwatch", endpoint_url=run.aws.endpoint)
@@ -110,7 +118,7 @@ def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(
     status = run.status()
     assert status["outcome"] == "interrupted" and "spot interruption" in status["message"]
     assert "runs/spot-run/_SUCCESS" not in run.keys("runs/spot-run/")
-    assert "received SIGTERM" in run.read("runs/spot-run/logs/training.log")
+    assert "received SIGTERM" in run.read(run.log_key("training.log"))
     assert json.loads(run.read("runs/spot-run/outputs/metrics.json"))["interrupted"] is True
     assert run.called("poweroff")
 
@@ -154,7 +162,7 @@ def test_trainer_crash_reports_failed_with_exit_code_uploads_logs_and_no_success
     assert (status["outcome"], status["exit_code"]) == ("failed", 3)
     keys = run.keys("runs/crash-run/")
     assert "runs/crash-run/_SUCCESS" not in keys
-    assert "simulated crash" in run.read("runs/crash-run/logs/training.log")
+    assert "simulated crash" in run.read(run.log_key("training.log"))
     assert "runs/latest/status.json" not in run.keys("runs/latest/"), "a failed run does not replace runs/latest/"
     assert run.called("poweroff")
 
@@ -174,7 +182,7 @@ def test_missing_image_fails_the_run_clearly_after_bounded_retries_and_powers_of
     status = run.status()
     assert status["outcome"] == "failed" and status["exit_code"] is None
     assert "could not get image" in status["message"] and run.config.image_uri in status["message"]
-    assert "ImageNotFoundException" in run.read("runs/no-image/logs/training-setup.log")
+    assert "ImageNotFoundException" in run.read(run.log_key("training-setup.log"))
     assert run.setup_log.count("failed (attempt 1 of 2)") == 1, "retried a bounded number of times"
     assert f"image {run.config.image_uri}:v1 failed after 2 attempts" in run.setup_log
     assert "starting trainer" not in run.setup_log
@@ -187,7 +195,7 @@ def test_data_sync_failing_for_good_is_reported_and_auto_shutdown_false_leaves_b
     status = run.status()
     assert status["outcome"] == "failed"
     assert f"could not sync s3://{run.config.data_bucket}/data/" in status["message"]
-    assert "NoSuchBucket" in run.read("runs/no-data/logs/training-setup.log")
+    assert "NoSuchBucket" in run.read(run.log_key("training-setup.log"))
     assert run.called("poweroff") == []
     assert run.called("shutdown -h +"), "the OS deadline still guards a box left running"
 
@@ -230,7 +238,7 @@ def test_stale_heartbeat_counts_as_idle_even_at_full_gpu_and_a_hung_trainer_is_k
     status = run.status()
     assert status["outcome"] == "idle" and "heartbeat" in status["message"]
     assert status["exit_code"] == 137, "the hung trainer ignored SIGTERM and was killed after the grace period"
-    assert "SIGKILL" in run.read("runs/hung-run/logs/training.log")
+    assert "SIGKILL" in run.read(run.log_key("training.log"))
     assert "runs/hung-run/outputs/heartbeat" in run.keys("runs/hung-run/"), (
         "trainer got HEARTBEAT_FILE under its outputs"
     )

@@ -62,6 +62,7 @@ def test_log_batch_command_commits_nothing_itself_and_ends_with_minus_one(tmp_pa
 
 STATUS_ARGS = {
     "run-id": "r1",
+    "attempt": "2",
     "outcome": "failed",
     "started-at": "2026-11-29T00:00:00Z",
     "ended-at": "2026-11-29T00:30:00Z",
@@ -88,8 +89,9 @@ def test_status_command_writes_the_documented_fields_and_prints_the_cost(tmp_pat
     assert status["estimated_cost_usd"] == 0.503 and printed == "0.503\n", "1.006 USD/h for half an hour"
     assert (status["duration_seconds"], status["hourly_price_usd"]) == (1800, 1.006)
     assert status["message"] == STATUS_ARGS["message"]
+    assert status["attempt"] == 2, "the attempt number as a JSON number"
     assert list(status) == [
-        "run_id", "outcome", "exit_code", "started_at", "ended_at", "duration_seconds", "instance_id",
+        "run_id", "attempt", "outcome", "exit_code", "started_at", "ended_at", "duration_seconds", "instance_id",
         "instance_type", "market", "availability_zone", "hourly_price_usd", "estimated_cost_usd", "image", "message",
     ]  # fmt: skip
 

@@ -62,23 +62,32 @@ def test_user_data_exports_every_setting_and_unpacks_agent_sh_and_its_python_too
     subprocess.run(["bash", "-c", unpack], env={"TI_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
     unpacked = tmp_path / "opt" / "training-infra"
     assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in AGENT_FILES)
-    assert (unpacked / "agent_tools.py").read_bytes() == (AGENT_DIR / "agent_tools.py").read_bytes()
+    assert (unpacked / "agent_tools.py").read_bytes() == shipped_bytes(AGENT_DIR / "agent_tools.py")
     assert (unpacked / "agent.sh").read_bytes() == shipped_bytes(AGENT_SCRIPT)
     assert (unpacked / "agent.sh").stat().st_mode & 0o111, "agent.sh is executable"
 
 
-def test_shipped_agent_sh_drops_only_comment_lines():
+def test_shipped_agent_sh_drops_only_comment_lines_blank_lines_and_indentation():
     source = AGENT_SCRIPT.read_text().splitlines()
     shipped = shipped_bytes(AGENT_SCRIPT).decode().splitlines()
     assert shipped[0] == "#!/bin/bash"
-    assert [line for line in source if not line.lstrip().startswith("#")] == shipped[1:]
+    assert [line.lstrip() for line in source if line.strip() and not line.lstrip().startswith("#")] == shipped[1:]
     assert len(shipped) < len(source)
+
+
+def test_shipped_agent_tools_drops_only_comment_lines_and_keeps_python_indentation():
+    tools = AGENT_DIR / "agent_tools.py"
+    source = tools.read_text().splitlines()
+    shipped = shipped_bytes(tools).decode().splitlines()
+    assert [line for line in source if not line.lstrip().startswith("#")] == shipped
+    assert len(shipped) < len(source)
+    compile(shipped_bytes(tools), "agent_tools.py", "exec")
 
 
 def test_agent_package_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
     first, second = pack_agent(), pack_agent()
     assert first == second
-    with tarfile.open(fileobj=io.BytesIO(first), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(first), mode="r:xz") as tar:
         assert {(m.name, m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {
             (p.name, 0, 0, "") for p in AGENT_FILES
         }

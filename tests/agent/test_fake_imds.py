@@ -65,6 +65,39 @@ def test_identity_placement_market_and_tags_are_served(imds):
     )
 
 
+def test_a_tag_set_or_removed_while_running_is_served_at_the_next_request():
+    with FakeImds(tags={"training-infra:attempt": "2"}) as imds:
+        headers = token(imds)
+        stop_url = f"{imds.url}/latest/meta-data/tags/instance/training-infra:stop"
+        assert call(stop_url, headers=headers)[0] == 404
+        imds.set_tag("training-infra:stop", "budget")
+        assert call(stop_url, headers=headers) == (200, "budget")
+        keys = call(f"{imds.url}/latest/meta-data/tags/instance", headers=headers)[1].splitlines()
+        assert keys == ["training-infra:attempt", "training-infra:stop"]
+        imds.remove_tag("training-infra:stop")
+        assert call(stop_url, headers=headers)[0] == 404
+
+
+def test_tags_from_a_function_are_read_at_every_request_and_its_failure_is_a_500():
+    source = {"training-infra:deadline": "2026-11-29T18:00:00Z"}
+
+    def read_tags() -> dict[str, str]:
+        if "broken" in source:
+            raise ConnectionError("the local AWS is down")
+        return source
+
+    with FakeImds(tags=read_tags) as imds:
+        headers = token(imds)
+        url = f"{imds.url}/latest/meta-data/tags/instance/training-infra:deadline"
+        assert call(url, headers=headers) == (200, "2026-11-29T18:00:00Z")
+        source["training-infra:deadline"] = "2026-11-30T06:00:00Z"
+        assert call(url, headers=headers) == (200, "2026-11-30T06:00:00Z")
+        source["broken"] = "yes"
+        assert call(url, headers=headers)[0] == 500
+        with pytest.raises(RuntimeError, match="reads its tags from a function"):
+            imds.set_tag("training-infra:stop", "user")
+
+
 def test_notices_are_404_until_injected_then_match_the_aws_format():
     with FakeImds() as imds:
         headers = token(imds)

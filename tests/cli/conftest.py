@@ -38,13 +38,22 @@ RUN_TABLE = {
     "Type": "AWS::DynamoDB::Table",
     "Properties": {
         "BillingMode": "PAY_PER_REQUEST",
-        "AttributeDefinitions": [{"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")],
+        "AttributeDefinitions": [
+            {"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")
+        ],
         "KeySchema": [{"AttributeName": "run_id", "KeyType": "HASH"}],
         "GlobalSecondaryIndexes": [
-            {"IndexName": "Active", "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}], "Projection": {"ProjectionType": "ALL"}},
+            {
+                "IndexName": "Active",
+                "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}],
+                "Projection": {"ProjectionType": "ALL"},
+            },
             {
                 "IndexName": "ByCreated",
-                "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                "KeySchema": [
+                    {"AttributeName": "kind", "KeyType": "HASH"},
+                    {"AttributeName": "created_at", "KeyType": "RANGE"},
+                ],
                 "Projection": {"ProjectionType": "ALL"},
             },
         ],
@@ -82,7 +91,9 @@ def rendered_user_data(agent_script: Path) -> str:
         )
 
 
-def stack_templates(user_data: str, region: str, *, use_spot: bool = True, published_zones: str = "") -> dict[str, dict[str, Any]]:
+def stack_templates(
+    user_data: str, region: str, *, use_spot: bool = True, published_zones: str = ""
+) -> dict[str, dict[str, Any]]:
     """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out).
 
     `published_zones` ("b"): publish the SubnetIds output with the subnets of those zones, as the
@@ -134,13 +145,19 @@ def stack_templates(user_data: str, region: str, *, use_spot: bool = True, publi
                         "InstanceInitiatedShutdownBehavior": "terminate",
                         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2},
                         "BlockDeviceMappings": [
-                            {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 150, "VolumeType": "gp3", "Encrypted": True}}
+                            {
+                                "DeviceName": "/dev/sda1",
+                                "Ebs": {"VolumeSize": 150, "VolumeType": "gp3", "Encrypted": True},
+                            }
                         ],
                         **(
                             {
                                 "InstanceMarketOptions": {
                                     "MarketType": "spot",
-                                    "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+                                    "SpotOptions": {
+                                        "SpotInstanceType": "one-time",
+                                        "InstanceInterruptionBehavior": "terminate",
+                                    },
                                 }
                             }
                             if use_spot
@@ -160,7 +177,11 @@ def stack_templates(user_data: str, region: str, *, use_spot: bool = True, publi
             naming.OUTPUT_LOG_GROUP_NAME: {"Value": {"Ref": "Logs"}},
             naming.OUTPUT_INSTANCE_TYPES: {"Value": ",".join(STACK_INSTANCE_TYPES)},
             **(
-                {naming.OUTPUT_SUBNET_IDS: {"Value": {"Fn::Join": [",", [{"Ref": f"Subnet{'ab'.index(z)}"} for z in published_zones]]}}}
+                {
+                    naming.OUTPUT_SUBNET_IDS: {
+                        "Value": {"Fn::Join": [",", [{"Ref": f"Subnet{'ab'.index(z)}"} for z in published_zones]]}
+                    }
+                }
                 if published_zones
                 else {}
             ),
@@ -191,7 +212,9 @@ class Deployment:
     def client(self, service: str) -> Any:
         """The test's own view of the emulator (one client per service, creating them is slow)."""
         if service not in self._clients:
-            self._clients[service] = boto3.client(service, region_name=self.region, endpoint_url=self.emulator.endpoint, **_fake_keys())
+            self._clients[service] = boto3.client(
+                service, region_name=self.region, endpoint_url=self.emulator.endpoint, **_fake_keys()
+            )
         return self._clients[service]
 
     def cli(self, *args: str, env: dict[str, str] | None = None):
@@ -221,7 +244,9 @@ class Deployment:
         return self.client("ec2").describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
 
     def run_instances(self, run_id: str) -> list[dict[str, Any]]:
-        pages = self.client("ec2").describe_instances(Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]}])
+        pages = self.client("ec2").describe_instances(
+            Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]}]
+        )
         return [i for r in pages["Reservations"] for i in r["Instances"]]
 
     def put_status(self, status: dict[str, Any]) -> None:
@@ -233,10 +258,14 @@ def _fake_keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
 
 
-def deploy(emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True, published_zones: str = "") -> Deployment:
+def deploy(
+    emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True, published_zones: str = ""
+) -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
-    templates = stack_templates(rendered_user_data(agent_script), region, use_spot=use_spot, published_zones=published_zones)
+    templates = stack_templates(
+        rendered_user_data(agent_script), region, use_spot=use_spot, published_zones=published_zones
+    )
     for name, template in templates.items():
         cloudformation.create_stack(StackName=name, TemplateBody=json.dumps(template))
         stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
@@ -324,7 +353,9 @@ def _fleet_errors(request: str, code: str) -> str:
     market = unquote(fields.get("TargetCapacitySpecification.DefaultTargetCapacityType", "spot"))
     template = unquote(fields.get("LaunchTemplateConfigs.1.LaunchTemplateSpecification.LaunchTemplateId", ""))
     items = []
-    for index in sorted({int(m) for m in re.findall(r"LaunchTemplateConfigs\.1\.Overrides\.(\d+)\.InstanceType", request)}):
+    for index in sorted(
+        {int(m) for m in re.findall(r"LaunchTemplateConfigs\.1\.Overrides\.(\d+)\.InstanceType", request)}
+    ):
         instance_type = unquote(fields[f"LaunchTemplateConfigs.1.Overrides.{index}.InstanceType"])
         subnet = unquote(fields.get(f"LaunchTemplateConfigs.1.Overrides.{index}.SubnetId", ""))
         items.append(

@@ -42,15 +42,21 @@ def test_a_running_run_is_billed_until_now_and_a_finished_one_until_it_ended():
 
     assert running.interval(T0 + hours(2)) == (T0, T0 + hours(2))
     assert finished.interval(T0 + hours(9)) == (T0, T0 + hours(1.5))
-    assert Run(run_id="x", state="terminated", launched_at=T0).interval(T0) is None, "no end time: cost unknown, not guessed"
+    assert Run(run_id="x", state="terminated", launched_at=T0).interval(T0) is None, (
+        "no end time: cost unknown, not guessed"
+    )
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0, "0h 00m"), (5400, "1h 30m"), (26 * 3600 + 60, "1d 2h 01m"), (None, "-")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0h 00m"), (5400, "1h 30m"), (26 * 3600 + 60, "1d 2h 01m"), (None, "-")]
+)
 def test_durations_read_as_hours_and_minutes(seconds, text):
     assert fmt_duration(seconds) == text
 
 
-@pytest.mark.parametrize(("usd", "text"), [(None, "-"), (0, "$0.00"), (0.00002, "<$0.01"), (1.509, "$1.51"), (1234.5, "$1,234.50")])
+@pytest.mark.parametrize(
+    ("usd", "text"), [(None, "-"), (0, "$0.00"), (0.00002, "<$0.01"), (1.509, "$1.51"), (1234.5, "$1,234.50")]
+)
 def test_money_reads_as_dollars_and_cents(usd, text):
     assert fmt_usd(usd) == text
 

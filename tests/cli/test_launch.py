@@ -75,9 +75,13 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
 def test_the_runs_own_template_copies_the_stacks_without_a_market_and_is_tagged_managed(stacks):
     assert stacks.cli("launch", "--run-id", "launch-template").exit_code == 0
     ec2 = stacks.client("ec2")
-    [template] = ec2.describe_launch_templates(LaunchTemplateNames=["training-infra-run-launch-template"])["LaunchTemplates"]
+    [template] = ec2.describe_launch_templates(LaunchTemplateNames=["training-infra-run-launch-template"])[
+        "LaunchTemplates"
+    ]
     assert _tags(template)[naming.TAG_MANAGED] == "true" and _tags(template)[naming.TAG_RUN_ID] == "launch-template"
-    data = ec2.describe_launch_template_versions(LaunchTemplateId=template["LaunchTemplateId"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    data = ec2.describe_launch_template_versions(LaunchTemplateId=template["LaunchTemplateId"])[
+        "LaunchTemplateVersions"
+    ][0]["LaunchTemplateData"]
     stack = _template_data(stacks)
     assert "InstanceMarketOptions" not in data and "InstanceType" not in data, "the fleet chooses market and type"
     for key in ("ImageId", "SecurityGroupIds", "InstanceInitiatedShutdownBehavior", "BlockDeviceMappings"):
@@ -100,11 +104,16 @@ def test_instance_types_market_and_restarts_reach_the_run_record(stacks):
     assert instance["InstanceType"] in ("g6.xlarge", "g4dn.xlarge")
     exports = _run_exports(stacks, instance["InstanceId"])
     assert exports["TI_MARKET"] == "on-demand"
-    assert float(exports["TI_HOURLY_PRICE_USD"]) == max(pricing.on_demand_price("g6.xlarge"), pricing.on_demand_price("g4dn.xlarge"))
+    assert float(exports["TI_HOURLY_PRICE_USD"]) == max(
+        pricing.on_demand_price("g6.xlarge"), pricing.on_demand_price("g4dn.xlarge")
+    )
 
 
 def test_a_single_instance_type_is_a_list_of_one(stacks):
-    assert stacks.cli("launch", "--run-id", "launch-one-type", "--instance-type", "g6.xlarge", "--on-demand").exit_code == 0
+    assert (
+        stacks.cli("launch", "--run-id", "launch-one-type", "--instance-type", "g6.xlarge", "--on-demand").exit_code
+        == 0
+    )
     record = _record(stacks, "launch-one-type")
     assert record.spec["instance_types"] == ["g6.xlarge"] and record.spec["market"] == "on-demand"
 
@@ -116,8 +125,12 @@ def test_the_run_template_tags_every_attempts_volume_so_the_reaper_and_cost_repo
 
     assert result.exit_code == 0, result.output
     ec2 = stacks.client("ec2")
-    [template] = ec2.describe_launch_templates(LaunchTemplateNames=["training-infra-run-launch-volume"])["LaunchTemplates"]
-    data = ec2.describe_launch_template_versions(LaunchTemplateId=template["LaunchTemplateId"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    [template] = ec2.describe_launch_templates(LaunchTemplateNames=["training-infra-run-launch-volume"])[
+        "LaunchTemplates"
+    ]
+    data = ec2.describe_launch_template_versions(LaunchTemplateId=template["LaunchTemplateId"])[
+        "LaunchTemplateVersions"
+    ][0]["LaunchTemplateData"]
     specs = {spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec["Tags"]} for spec in data["TagSpecifications"]}
     for resource in ("instance", "volume"):
         assert specs[resource][naming.TAG_RUN_ID] == "launch-volume"
@@ -142,7 +155,10 @@ def test_a_run_id_in_use_is_refused_and_nothing_is_launched(stacks):
     again = stacks.cli("launch", "--run-id", "launch-twice")
 
     assert again.exit_code == 1
-    assert again.stderr == "error: run launch-twice already exists: choose another --run-id (`training-infra status launch-twice` shows it)\n"
+    assert again.stderr == (
+        "error: run launch-twice already exists: choose another --run-id "
+        "(`training-infra status launch-twice` shows it)\n"
+    )
     assert len(stacks.run_instances("launch-twice")) == 1
 
 
@@ -152,18 +168,33 @@ def test_a_run_id_in_use_is_refused_and_nothing_is_launched(stacks):
         (("--run-id", "My Run"), "option '--run-id': got 'My Run'; allowed: empty or lowercase letters"),
         (("--run-id", "a" * 64), "option '--run-id'"),
         (("--instance-type", "g5.huge"), "option '--instance-type': got 'g5.huge'; allowed: an EC2 instance type"),
-        (("--instance-type", "x1e.xlarge"), "option '--instance-type': got 'x1e.xlarge'; allowed: a type in one of the families"),
-        (("--instance-types", "g5.xlarge,x9.large"), "option '--instance-types': got 'g5.xlarge,x9.large'; allowed: a type in one of the families"),
+        (
+            ("--instance-type", "x1e.xlarge"),
+            "option '--instance-type': got 'x1e.xlarge'; allowed: a type in one of the families",
+        ),
+        (
+            ("--instance-types", "g5.xlarge,x9.large"),
+            "option '--instance-types': got 'g5.xlarge,x9.large'; allowed: a type in one of the families",
+        ),
         (("--instance-types", "g5.xlarge,g5.xlarge"), "allowed: each type once (g5.xlarge repeated)"),
         (("--instance-types", ""), "option '--instance-types': got ''; allowed: one or more instance types"),
         (("--instance-types", "g5.xlarge,g5g.xlarge"), "allowed: types of one CPU architecture (g5g.xlarge arm64"),
-        (("--instance-type", "g5.xlarge", "--instance-types", "g6.xlarge"), "options '--instance-type' and '--instance-types': give one"),
+        (
+            ("--instance-type", "g5.xlarge", "--instance-types", "g6.xlarge"),
+            "options '--instance-type' and '--instance-types': give one",
+        ),
         (("--market", "cheap"), "option '--market': got 'cheap'; allowed: spot, on-demand, spot-then-on-demand"),
         (("--market", "spot", "--on-demand"), "options '--market' and '--spot/--on-demand': give one"),
-        (("--max-restarts-on-errors", "-1"), "option '--max-restarts-on-errors': got '-1'; allowed: a whole number from 0 to 100"),
+        (
+            ("--max-restarts-on-errors", "-1"),
+            "option '--max-restarts-on-errors': got '-1'; allowed: a whole number from 0 to 100",
+        ),
         (("--max-restarts-on-errors", "two"), "option '--max-restarts-on-errors': got 'two'"),
         (("--max-runtime-hours", "0"), "option '--max-runtime-hours': got '0'; allowed: a number greater than 0"),
-        (("--max-runtime-hours", "abc"), "option '--max-runtime-hours': got 'abc'; allowed: a number greater than 0 up to 168"),
+        (
+            ("--max-runtime-hours", "abc"),
+            "option '--max-runtime-hours': got 'abc'; allowed: a number greater than 0 up to 168",
+        ),
         (("--image-tag", "bad tag"), "option '--image-tag': got 'bad tag'"),
         (("--env", "NOEQUALS"), "option '--env': got 'NOEQUALS'; allowed: KEY=VALUE"),
         (("--env", "1BAD=x"), "option '--env': got '1BAD=x'"),
@@ -178,11 +209,16 @@ def test_no_capacity_in_any_pool_leaves_the_run_waiting_for_the_supervisor(stack
     result = stacks.cli("launch", "--run-id", "cap-everywhere", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})
 
     assert result.exit_code == 0, result.output
-    assert "run cap-everywhere is waiting for capacity (no capacity: InsufficientInstanceCapacity in 4 pool(s))" in result.stdout
+    assert (
+        "run cap-everywhere is waiting for capacity (no capacity: InsufficientInstanceCapacity in 4 pool(s))"
+        in result.stdout
+    )
     assert "the supervisor retries every minute" in result.stdout
     [request] = ec2_faults.fleet_calls
     assert "Type=instant" in request and "price-capacity-optimized" in request
-    assert len(set(re.findall(r"Overrides\.\d+\.SubnetId=(subnet-[0-9a-f]+)", request))) == 2, "every zone of the stack's network"
+    assert len(set(re.findall(r"Overrides\.\d+\.SubnetId=(subnet-[0-9a-f]+)", request))) == 2, (
+        "every zone of the stack's network"
+    )
     assert not stacks.run_instances("cap-everywhere")
     record = _record(stacks, "cap-everywhere")
     assert record.active and record.attempts[0]["end_reason"] == "capacity"
@@ -190,7 +226,14 @@ def test_no_capacity_in_any_pool_leaves_the_run_waiting_for_the_supervisor(stack
 
 def test_spot_then_on_demand_asks_for_on_demand_when_no_zone_has_spot(stacks, ec2_faults):
     ec2_faults.error_code = "InsufficientInstanceCapacity"
-    result = stacks.cli("launch", "--run-id", "cap-fallback", "--market", "spot-then-on-demand", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})
+    result = stacks.cli(
+        "launch",
+        "--run-id",
+        "cap-fallback",
+        "--market",
+        "spot-then-on-demand",
+        env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url},
+    )
 
     assert result.exit_code == 0, result.output
     markets = [re.search(r"DefaultTargetCapacityType=([a-z-]+)", call)[1] for call in ec2_faults.fleet_calls]
@@ -198,7 +241,9 @@ def test_spot_then_on_demand_asks_for_on_demand_when_no_zone_has_spot(stacks, ec
 
 
 def test_launch_into_an_explicit_subnet(stacks):
-    subnet = stacks.client("ec2").describe_subnets(Filters=[{"Name": "availability-zone", "Values": [f"{stacks.region}b"]}])["Subnets"]
+    subnet = stacks.client("ec2").describe_subnets(
+        Filters=[{"Name": "availability-zone", "Values": [f"{stacks.region}b"]}]
+    )["Subnets"]
     subnet_id = next(s["SubnetId"] for s in subnet if s["CidrBlock"].startswith("10.20."))
     result = stacks.cli("launch", "--run-id", "launch-subnet", "--subnet-id", subnet_id)
 
@@ -241,15 +286,23 @@ def test_launch_uses_the_newest_template_version_even_when_the_default_stays_1(d
     deployment = deployed("ca-central-1")
     ec2 = deployment.client("ec2")
     template_id = deployment.outputs[naming.OUTPUT_LAUNCH_TEMPLATE_ID]
-    [first] = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"]
-    updated = base64.b64decode(first["LaunchTemplateData"]["UserData"]).decode().replace(
-        "export TI_TRAINING_COMMAND='python train.py'", "export TI_TRAINING_COMMAND='python train_v2.py'"
+    [first] = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])[
+        "LaunchTemplateVersions"
+    ]
+    updated = (
+        base64.b64decode(first["LaunchTemplateData"]["UserData"])
+        .decode()
+        .replace("export TI_TRAINING_COMMAND='python train.py'", "export TI_TRAINING_COMMAND='python train_v2.py'")
     )
     assert "train_v2.py" in updated
     ec2.create_launch_template_version(
-        LaunchTemplateId=template_id, LaunchTemplateData={**first["LaunchTemplateData"], "UserData": base64.b64encode(updated.encode()).decode()},
-    )  # fmt: skip
-    assert ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"][0]["DefaultVersionNumber"] == first["VersionNumber"]
+        LaunchTemplateId=template_id,
+        LaunchTemplateData={**first["LaunchTemplateData"], "UserData": base64.b64encode(updated.encode()).decode()},
+    )
+    assert (
+        ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"][0]["DefaultVersionNumber"]
+        == first["VersionNumber"]
+    )
 
     result = deployment.cli("launch", "--run-id", "launch-latest-version")
 

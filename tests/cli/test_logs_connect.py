@@ -18,7 +18,11 @@ def _put_lines(stacks, run_id: str, lines: list[str]) -> None:
     with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
         logs.create_log_stream(logGroupName=group, logStreamName=run_id)
     now_ms = int(time.time() * 1000)
-    logs.put_log_events(logGroupName=group, logStreamName=run_id, logEvents=[{"timestamp": now_ms + i, "message": m} for i, m in enumerate(lines)])
+    logs.put_log_events(
+        logGroupName=group,
+        logStreamName=run_id,
+        logEvents=[{"timestamp": now_ms + i, "message": m} for i, m in enumerate(lines)],
+    )
 
 
 def test_logs_prints_the_runs_stream_in_order(stacks):
@@ -37,7 +41,11 @@ def test_logs_follow_prints_new_lines_until_the_run_ends(stacks, tmp_path):
     _put_lines(stacks, "logs-follow", ["booting"])
     env = {**os.environ, **stacks.env}
     follower = subprocess.Popen(
-        [sys.executable, "-m", "training_infra", "logs", "logs-follow", "-f"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "training_infra", "logs", "logs-follow", "-f"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert follower.stdout.readline() == "booting\n"
@@ -92,7 +100,14 @@ def test_connect_opens_an_ssm_session_to_the_runs_instance(stacks, tmp_path):
     result = stacks.cli("connect", "connect-me", env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"})
 
     assert result.exit_code == 0, result.output
-    assert record.read_text().split() == ["ssm", "start-session", "--target", instance["InstanceId"], "--region", stacks.region]
+    assert record.read_text().split() == [
+        "ssm",
+        "start-session",
+        "--target",
+        instance["InstanceId"],
+        "--region",
+        stacks.region,
+    ]
 
 
 def test_connect_without_the_plugin_prints_the_exact_command_and_how_to_install_it(stacks, tmp_path):

@@ -32,7 +32,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def narrow(deployed):
     """One live spot run launched by the CLI and one failed run known from its status.json."""
     deployment = deployed(REGION)
-    launched = deployment.cli("launch", "--run-id", LIVE_RUN, "--instance-type", "g5.12xlarge", "--max-runtime-hours", "6")
+    launched = deployment.cli(
+        "launch", "--run-id", LIVE_RUN, "--instance-type", "g5.12xlarge", "--max-runtime-hours", "6"
+    )
     assert launched.exit_code == 0, launched.output
     deployment.put_status({
         "run_id": FAILED_RUN, "outcome": "failed", "exit_code": 3, "message": "trainer exited 3",
@@ -71,7 +73,9 @@ def test_status_at_80_columns_and_wide_piped_keeps_every_cell_whole_without_cont
         assert max(len(line) for line in result.stdout.splitlines()) <= 80
         assert f"run       {LIVE_RUN}" in result.stdout.splitlines(), "narrow: one `column  value` block per run"
     else:
-        assert any(LIVE_RUN in line and "g5.12xlarge" in line and "running" in line for line in result.stdout.splitlines()), "wide: one row per run"
+        assert any(
+            LIVE_RUN in line and "g5.12xlarge" in line and "running" in line for line in result.stdout.splitlines()
+        ), "wide: one row per run"
 
 
 def test_cost_at_80_columns_piped_keeps_every_cell_whole_without_control_characters(narrow):
@@ -99,9 +103,15 @@ def _on_a_terminal(narrow, *argv: str, columns: int = 80) -> str:
     """Run the real command on a pseudo-terminal of `columns` x 40, as a user at a terminal would."""
     leader, follower = pty.openpty()
     ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    env = {k: v for k, v in {**os.environ, **narrow.env}.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM")}
+    env = {
+        k: v
+        for k, v in {**os.environ, **narrow.env}.items()
+        if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM")
+    }
     env["TERM"] = "xterm-256color"
-    process = subprocess.Popen([sys.executable, "-m", "training_infra", *argv], stdin=follower, stdout=follower, stderr=follower, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training_infra", *argv], stdin=follower, stdout=follower, stderr=follower, env=env
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -152,7 +162,9 @@ def test_upload_and_fetch_piped_print_no_progress_bar(narrow, tmp_path):
     (tmp_path / "data" / "a.csv").write_bytes(b"x\n" * 1000)
 
     uploaded = narrow.cli("upload", str(tmp_path / "data"), env={"COLUMNS": "80"})
-    narrow.client("s3").put_object(Bucket=narrow.outputs_bucket, Key=f"{naming.RUNS_PREFIX}{FAILED_RUN}/outputs/m.bin", Body=b"m")
+    narrow.client("s3").put_object(
+        Bucket=narrow.outputs_bucket, Key=f"{naming.RUNS_PREFIX}{FAILED_RUN}/outputs/m.bin", Body=b"m"
+    )
     fetched = narrow.cli("fetch", FAILED_RUN, str(tmp_path / "got"), env={"COLUMNS": "80"})
 
     assert uploaded.exit_code == 0 and fetched.exit_code == 0, uploaded.output + fetched.output
@@ -160,7 +172,9 @@ def test_upload_and_fetch_piped_print_no_progress_bar(narrow, tmp_path):
     assert "━" not in fetched.stderr and "upload to" not in uploaded.stderr and "fetch s3://" not in fetched.stderr
     # The summary line keeps its S3 URL whole even at 80 columns.
     assert f"-> s3://{narrow.data_bucket}/{naming.DATA_PREFIX}" in uploaded.stdout.splitlines()[0]
-    _assert_whole_and_clean(uploaded.stdout + fetched.stdout, {f"s3://{narrow.outputs_bucket}/{naming.RUNS_PREFIX}{FAILED_RUN}/"})
+    _assert_whole_and_clean(
+        uploaded.stdout + fetched.stdout, {f"s3://{narrow.outputs_bucket}/{naming.RUNS_PREFIX}{FAILED_RUN}/"}
+    )
 
 
 def test_upload_on_a_terminal_shows_the_progress_bar(narrow, tmp_path):

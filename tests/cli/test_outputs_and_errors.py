@@ -30,7 +30,14 @@ def test_outputs_lists_every_deployed_output_under_the_seeds_snake_case_names(st
     assert result.exit_code == 0, result.output
     lines = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
     assert lines == {naming.snake_case(key): value for key, value in stacks.outputs.items()}
-    assert set(lines) >= {"training_bucket", "outputs_bucket", "ecr_repository_uri", "alerts_topic_arn", "launch_template_id", "log_group_name"}
+    assert set(lines) >= {
+        "training_bucket",
+        "outputs_bucket",
+        "ecr_repository_uri",
+        "alerts_topic_arn",
+        "launch_template_id",
+        "log_group_name",
+    }
 
 
 def test_outputs_name_prints_only_the_raw_value_for_scripts(stacks):
@@ -79,7 +86,9 @@ def test_missing_credentials_is_one_clear_line_from_python_m_training_infra(stac
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
         AWS_EC2_METADATA_DISABLED="true",
     )
-    result = subprocess.run([sys.executable, "-m", "training_infra", "status"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "training_infra", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 1
     assert result.stderr.startswith("error: no AWS credentials found")
@@ -140,10 +149,15 @@ def test_console_script_entry_point_is_the_typer_app():
 def test_aws_endpoint_url_without_a_scheme_is_one_line_naming_the_variable(stacks, endpoint):
     """Issue 14: botocore's "Invalid endpoint" was a 62-line traceback; the AWS CLI prints one line."""
     env = {**os.environ, **stacks.env, "AWS_ENDPOINT_URL": endpoint}
-    result = subprocess.run([sys.executable, "-m", "training_infra", "status"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "training_infra", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
 
     assert result.returncode == 1
-    assert result.stderr == f"error: environment variable 'AWS_ENDPOINT_URL': got {endpoint!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com\n"
+    assert result.stderr == (
+        f"error: environment variable 'AWS_ENDPOINT_URL': got {endpoint!r}; allowed: a URL with its scheme, "
+        "such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com\n"
+    )
 
 
 def test_other_botocore_configuration_errors_are_one_line(stacks):
@@ -173,7 +187,9 @@ def test_an_endpoint_answering_an_html_error_page_is_one_line_not_a_parser_trace
     server = ThreadingHTTPServer(("127.0.0.1", 0), HtmlErrorPage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = stacks.cli("outputs", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_MAX_ATTEMPTS": "1"})
+        result = stacks.cli(
+            "outputs", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}", "AWS_MAX_ATTEMPTS": "1"}
+        )
     finally:
         server.shutdown()
         server.server_close()

@@ -33,11 +33,15 @@ def _launch(stacks, run_id: str, *args: str) -> dict:
 
 def _legacy_instance(stacks, run_id: str, *, market: str = "on-demand") -> dict:
     """An instance as `launch` made them before managed runs (tags, no run record): still shown and stopped."""
-    tags = {**naming.run_tags(run_id, max_runtime_hours=12, deadline="2030-01-01T00:00:00Z"), "Name": naming.instance_name(run_id)}
+    tags = {
+        **naming.run_tags(run_id, max_runtime_hours=12, deadline="2030-01-01T00:00:00Z"),
+        "Name": naming.instance_name(run_id),
+    }
     extra = {"InstanceMarketOptions": {"MarketType": "spot"}} if market == "spot" else {}
     return stacks.client("ec2").run_instances(
         ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}], **extra,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+        **extra,
     )["Instances"][0]  # fmt: skip
 
 
@@ -48,7 +52,17 @@ def _status_json(stacks, run_id: str) -> dict:
     return row
 
 
-def _finished(run_id: str, *, start: str, end: str, market: str, instance_type: str, zone: str, outcome: str = "succeeded", exit_code: int = 0) -> dict:
+def _finished(
+    run_id: str,
+    *,
+    start: str,
+    end: str,
+    market: str,
+    instance_type: str,
+    zone: str,
+    outcome: str = "succeeded",
+    exit_code: int = 0,
+) -> dict:
     return {
         "run_id": run_id, "outcome": outcome, "exit_code": exit_code, "started_at": start, "ended_at": end,
         "instance_id": f"i-{abs(hash(run_id)) % 16**17:017x}", "instance_type": instance_type, "market": market,
@@ -138,9 +152,36 @@ def test_status_of_an_unknown_run_says_so(stacks):
 def cost_region(deployed):
     """Three finished runs with known times in a region of their own."""
     deployment = deployed(COST_REGION)
-    deployment.put_status(_finished("cost-spot", start="2026-11-27T10:00:00Z", end="2026-11-27T12:00:00Z", market="spot", instance_type="g5.xlarge", zone=f"{COST_REGION}a"))
-    deployment.put_status(_finished("cost-od", start="2026-11-26T08:00:00Z", end="2026-11-26T09:30:00Z", market="on-demand", instance_type="g4dn.xlarge", zone=f"{COST_REGION}b"))
-    deployment.put_status(_finished("cost-old", start="2026-10-01T08:00:00Z", end="2026-10-01T09:00:00Z", market="on-demand", instance_type="g5.xlarge", zone=f"{COST_REGION}a"))
+    deployment.put_status(
+        _finished(
+            "cost-spot",
+            start="2026-11-27T10:00:00Z",
+            end="2026-11-27T12:00:00Z",
+            market="spot",
+            instance_type="g5.xlarge",
+            zone=f"{COST_REGION}a",
+        )
+    )
+    deployment.put_status(
+        _finished(
+            "cost-od",
+            start="2026-11-26T08:00:00Z",
+            end="2026-11-26T09:30:00Z",
+            market="on-demand",
+            instance_type="g4dn.xlarge",
+            zone=f"{COST_REGION}b",
+        )
+    )
+    deployment.put_status(
+        _finished(
+            "cost-old",
+            start="2026-10-01T08:00:00Z",
+            end="2026-10-01T09:00:00Z",
+            market="on-demand",
+            instance_type="g5.xlarge",
+            zone=f"{COST_REGION}a",
+        )
+    )
     return deployment
 
 

@@ -36,7 +36,9 @@ def test_upload_syncs_a_directory_to_the_data_prefix_then_moves_only_what_change
     first = stacks.cli("upload", str(tmp_path / "dataset"))
 
     assert first.exit_code == 0, first.output
-    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX) == {naming.DATA_PREFIX + k: v for k, v in files.items()}
+    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX) == {
+        naming.DATA_PREFIX + k: v for k, v in files.items()
+    }
     assert "uploaded 4 file(s)" in first.stdout and "skipped 0 unchanged" in first.stdout
 
     second = stacks.cli("upload", str(tmp_path / "dataset"))
@@ -46,7 +48,9 @@ def test_upload_syncs_a_directory_to_the_data_prefix_then_moves_only_what_change
     (tmp_path / "dataset" / "train.csv").write_bytes(b"x,y\n1,2\n3,4\n7,8\n")
     third = stacks.cli("upload", str(tmp_path / "dataset"))
     assert "uploaded 1 file(s)" in third.stdout and "skipped 3 unchanged" in third.stdout
-    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX + "train.csv")[naming.DATA_PREFIX + "train.csv"].endswith(b"7,8\n")
+    assert _bucket_keys(stacks, stacks.data_bucket, naming.DATA_PREFIX + "train.csv")[
+        naming.DATA_PREFIX + "train.csv"
+    ].endswith(b"7,8\n")
 
 
 def test_upload_of_a_single_file_puts_it_under_data(stacks, tmp_path):
@@ -79,7 +83,9 @@ def test_fetch_downloads_a_runs_outputs_logs_and_status(stacks, tmp_path):
     result = stacks.cli("fetch", "fetch-done", str(tmp_path / "got"))
 
     assert result.exit_code == 0, result.output
-    fetched = {p.relative_to(tmp_path / "got").as_posix(): p.read_bytes() for p in (tmp_path / "got").rglob("*") if p.is_file()}
+    fetched = {
+        p.relative_to(tmp_path / "got").as_posix(): p.read_bytes() for p in (tmp_path / "got").rglob("*") if p.is_file()
+    }
     assert fetched == RUN_FILES
     assert "fetched 4 file(s)" in result.stdout
 
@@ -105,7 +111,9 @@ def test_fetch_defaults_to_runs_slash_run_id_in_the_current_folder(stacks, tmp_p
 
 def test_fetch_never_writes_outside_dest_for_keys_with_dot_dot(stacks, tmp_path):
     _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-evil/", {"outputs/ok.txt": b"ok", "../../../escaped.txt": b"no"})
-    assert f"{naming.RUNS_PREFIX}fetch-evil/../../../escaped.txt" in _bucket_keys(stacks, stacks.outputs_bucket, f"{naming.RUNS_PREFIX}fetch-evil/")
+    assert f"{naming.RUNS_PREFIX}fetch-evil/../../../escaped.txt" in _bucket_keys(
+        stacks, stacks.outputs_bucket, f"{naming.RUNS_PREFIX}fetch-evil/"
+    )
 
     result = stacks.cli("fetch", "fetch-evil", str(tmp_path / "dest" / "inner"))
 
@@ -148,14 +156,22 @@ def test_upload_of_an_unreadable_file_is_one_line_naming_it(stacks, tmp_path):
 
 def test_fetch_of_a_failed_run_fetches_and_says_it_failed(stacks, tmp_path):
     """Issue 14: the files are wanted (exit 0), but nobody should mistake them for a finished model."""
-    failed = {**RUN_FILES, "status.json": b'{"run_id": "fetch-failed", "outcome": "failed", "exit_code": 3, "message": "trainer exited 3"}'}
+    failed = {
+        **RUN_FILES,
+        "status.json": (
+            b'{"run_id": "fetch-failed", "outcome": "failed", "exit_code": 3, "message": "trainer exited 3"}'
+        ),
+    }
     _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-failed/", failed)
 
     result = stacks.cli("fetch", "fetch-failed", str(tmp_path / "got"))
 
     assert result.exit_code == 0, result.output
     assert (tmp_path / "got" / "outputs" / "model.bin").read_bytes() == RUN_FILES["outputs/model.bin"]
-    assert result.stderr == f"note: run fetch-failed ended failed (exit 3): trainer exited 3; these are the files it left, see {tmp_path / 'got' / 'logs'}\n"
+    assert result.stderr == (
+        "note: run fetch-failed ended failed (exit 3): trainer exited 3; "
+        f"these are the files it left, see {tmp_path / 'got' / 'logs'}\n"
+    )
 
 
 def test_fetch_of_a_run_still_running_with_some_files_says_they_are_partial(stacks, tmp_path):
@@ -166,11 +182,18 @@ def test_fetch_of_a_run_still_running_with_some_files_says_they_are_partial(stac
     result = stacks.cli("fetch", "fetch-partial", str(tmp_path / "got"))
 
     assert result.exit_code == 0, result.output
-    assert f"note: run fetch-partial is still running on {instance['InstanceId']}: these are only the files uploaded so far" in result.stderr
+    assert (
+        f"note: run fetch-partial is still running on {instance['InstanceId']}: "
+        "these are only the files uploaded so far"
+    ) in result.stderr
 
 
 def test_fetch_of_a_succeeded_run_adds_no_note(stacks, tmp_path):
-    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-quiet/", {**RUN_FILES, "status.json": b'{"run_id": "fetch-quiet", "outcome": "succeeded"}'})
+    _put_run(
+        stacks,
+        f"{naming.RUNS_PREFIX}fetch-quiet/",
+        {**RUN_FILES, "status.json": b'{"run_id": "fetch-quiet", "outcome": "succeeded"}'},
+    )
 
     result = stacks.cli("fetch", "fetch-quiet", str(tmp_path / "got"))
 

@@ -44,13 +44,22 @@ class Account:
         self.dynamodb.create_table(
             TableName=self.table,
             BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")],
+            AttributeDefinitions=[
+                {"AttributeName": n, "AttributeType": "S"} for n in ("run_id", "active", "kind", "created_at")
+            ],
             KeySchema=[{"AttributeName": "run_id", "KeyType": "HASH"}],
             GlobalSecondaryIndexes=[
-                {"IndexName": ACTIVE_INDEX, "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}], "Projection": {"ProjectionType": "ALL"}},
+                {
+                    "IndexName": ACTIVE_INDEX,
+                    "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}],
+                    "Projection": {"ProjectionType": "ALL"},
+                },
                 {
                     "IndexName": CREATED_INDEX,
-                    "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                    "KeySchema": [
+                        {"AttributeName": "kind", "KeyType": "HASH"},
+                        {"AttributeName": "created_at", "KeyType": "RANGE"},
+                    ],
                     "Projection": {"ProjectionType": "ALL"},
                 },
             ],
@@ -65,11 +74,16 @@ class Account:
         # The run's own launch template, as `training-infra launch` makes it (no market: the fleet picks).
         self.template_id = self.ec2.create_launch_template(
             LaunchTemplateName="training-infra-run-bert",
-            LaunchTemplateData={"ImageId": MOTO_AMI, "UserData": base64.b64encode(b"#!/bin/bash\nexport TI_RUN_ID=bert\n").decode()},
+            LaunchTemplateData={
+                "ImageId": MOTO_AMI,
+                "UserData": base64.b64encode(b"#!/bin/bash\nexport TI_RUN_ID=bert\n").decode(),
+            },
         )["LaunchTemplate"]["LaunchTemplateId"]
         self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
         self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
-        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
         self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
         self.clock = Clock()
         self.cfg = SupervisorConfig(table=self.table, outputs_bucket=self.bucket, topic_arn=self.topic_arn)
@@ -94,7 +108,12 @@ class Account:
             **spec,
         }
         hours = full["max_runtime_hours"]
-        run = Run(run_id=run_id, spec=full, created_at=iso(self.clock()), deadline_at=iso(self.clock() + timedelta(hours=hours)))
+        run = Run(
+            run_id=run_id,
+            spec=full,
+            created_at=iso(self.clock()),
+            deadline_at=iso(self.clock() + timedelta(hours=hours)),
+        )
         self.supervisor().store.create(run)
         return run
 
@@ -102,14 +121,19 @@ class Account:
         return self.supervisor().store.get(run_id)
 
     def instances_of(self, run_id: str) -> list[dict]:
-        reservations = self.ec2.describe_instances(Filters=[{"Name": "tag:training-infra:run-id", "Values": [run_id]}])["Reservations"]
+        reservations = self.ec2.describe_instances(Filters=[{"Name": "tag:training-infra:run-id", "Values": [run_id]}])[
+            "Reservations"
+        ]
         return [i for r in reservations for i in r["Instances"]]
 
     def agent_wrote(self, run_id: str, attempt: int, outcome: str, exit_code: int | None = None) -> None:
         """What the agent leaves at the end of an attempt (docs/agent.md, status.json)."""
-        status = {"run_id": run_id, "attempt": attempt, "outcome": outcome, "exit_code": exit_code, "ended_at": iso(self.clock()),
-                  "hourly_price_usd": 1.006, "estimated_cost_usd": 0.5, "message": f"trainer {outcome}"}  # fmt: skip
-        self.s3.put_object(Bucket=self.bucket, Key=f"runs/{run_id}/attempts/{attempt}/status.json", Body=json.dumps(status).encode())
+        status = {"run_id": run_id, "attempt": attempt, "outcome": outcome, "exit_code": exit_code,
+                  "ended_at": iso(self.clock()), "hourly_price_usd": 1.006, "estimated_cost_usd": 0.5,
+                  "message": f"trainer {outcome}"}  # fmt: skip
+        self.s3.put_object(
+            Bucket=self.bucket, Key=f"runs/{run_id}/attempts/{attempt}/status.json", Body=json.dumps(status).encode()
+        )
 
     def end_instance(self, instance_id: str) -> None:
         self.ec2.terminate_instances(InstanceIds=[instance_id])

@@ -51,10 +51,16 @@ class FleetWithErrors:
         template = request["LaunchTemplateConfigs"][0]
         errors = [
             {
-                "LaunchTemplateAndOverrides": {"LaunchTemplateSpecification": template["LaunchTemplateSpecification"], "Overrides": override},
+                "LaunchTemplateAndOverrides": {
+                    "LaunchTemplateSpecification": template["LaunchTemplateSpecification"],
+                    "Overrides": override,
+                },
                 "Lifecycle": market,
                 "ErrorCode": self.code,
-                "ErrorMessage": f"We currently do not have sufficient {override['InstanceType']} capacity in the Availability Zone you requested.",
+                "ErrorMessage": (
+                    f"We currently do not have sufficient {override['InstanceType']} capacity "
+                    "in the Availability Zone you requested."
+                ),
             }
             for override in template["Overrides"]
         ]
@@ -87,7 +93,12 @@ def test_every_attempt_carries_the_runs_one_deadline_and_its_number_as_tags(acco
     assert tags["training-infra:deadline"] == run.deadline_at
     reclaim(account, instance["InstanceId"])
     second = account.run().attempts[1]
-    tags = {t["Key"]: t["Value"] for t in account.ec2.describe_instances(InstanceIds=[second["instance_id"]])["Reservations"][0]["Instances"][0]["Tags"]}
+    tags = {
+        t["Key"]: t["Value"]
+        for t in account.ec2.describe_instances(InstanceIds=[second["instance_id"]])["Reservations"][0]["Instances"][0][
+            "Tags"
+        ]
+    }
     assert tags["training-infra:attempt"] == "2"
     assert tags["training-infra:deadline"] == run.deadline_at, "one absolute deadline across attempts"
 
@@ -361,7 +372,9 @@ def test_events_for_unmanaged_instances_and_rebalances_change_nothing(account):
 def test_a_launch_ec2_refuses_outright_fails_the_run_instead_of_retrying_forever(account):
     class Refusing(FleetWithErrors):
         def create_fleet(self, **request):
-            raise ClientError({"Error": {"Code": "InvalidParameterValue", "Message": "The AMI is not available"}}, "CreateFleet")
+            raise ClientError(
+                {"Error": {"Code": "InvalidParameterValue", "Message": "The AMI is not available"}}, "CreateFleet"
+            )
 
     account.new_run()
     account.supervisor(ec2=Refusing(account.ec2, set())).reconcile("bert")

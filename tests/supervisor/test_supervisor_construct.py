@@ -52,11 +52,16 @@ def test_run_table_indexes_serve_the_reconcile_and_newest_first_listing(storage)
         {
             "GlobalSecondaryIndexes": Match.array_with(
                 [
-                    Match.object_like({"IndexName": "Active", "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}]}),
+                    Match.object_like(
+                        {"IndexName": "Active", "KeySchema": [{"AttributeName": "active", "KeyType": "HASH"}]}
+                    ),
                     Match.object_like(
                         {
                             "IndexName": "ByCreated",
-                            "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                            "KeySchema": [
+                                {"AttributeName": "kind", "KeyType": "HASH"},
+                                {"AttributeName": "created_at", "KeyType": "RANGE"},
+                            ],
                         }
                     ),
                 ]
@@ -89,25 +94,34 @@ def test_supervisor_reacts_to_instance_states_spot_warnings_and_a_one_minute_rec
         },
     )
     compute.template.has_resource_properties(
-        "AWS::Events::Rule", {"ScheduleExpression": "rate(1 minute)", "Targets": [Match.object_like({"Arn": function_arn})]}
+        "AWS::Events::Rule",
+        {"ScheduleExpression": "rate(1 minute)", "Targets": [Match.object_like({"Arn": function_arn})]},
     )
 
 
 def test_supervisor_gets_the_table_bucket_and_tag_names_it_must_agree_on(compute, supervisor):
-    env = compute.json["Resources"][compute.logical_id(supervisor.function.function)]["Properties"]["Environment"]["Variables"]
+    env = compute.json["Resources"][compute.logical_id(supervisor.function.function)]["Properties"]["Environment"][
+        "Variables"
+    ]
     assert env["ATTEMPT_TAG"] == naming.TAG_ATTEMPT and env["STOP_TAG"] == naming.TAG_STOP
     assert env["RUN_ID_TAG"] == naming.TAG_RUN_ID and env["MANAGED_TAG"] == naming.TAG_MANAGED
     assert "Fn::ImportValue" in env["TABLE"] and "Fn::ImportValue" in env["OUTPUTS_BUCKET"]
 
 
-def test_supervisor_launches_only_tagged_instances_from_managed_templates_and_passes_only_the_instance_role(compute, supervisor):
+def test_supervisor_launches_only_tagged_instances_from_managed_templates_and_passes_only_the_instance_role(
+    compute, supervisor
+):
     statements = {s["Sid"]: s for s in compute.role_statements(supervisor.function.role) if "Sid" in s}
     managed = {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}
     assert statements["LaunchOnlyFromRunTemplates"]["Condition"] == {"StringEquals": managed}
-    assert statements["LaunchOnlyTaggedInstances"]["Condition"] == {"StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}}
+    assert statements["LaunchOnlyTaggedInstances"]["Condition"] == {
+        "StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}
+    }
     assert statements["StopAndEndManagedInstances"]["Condition"] == {"StringEquals": managed}
     assert statements["DeleteFinishedRunTemplates"]["Condition"] == {"StringEquals": managed}
-    assert statements["TagAtLaunch"]["Condition"] == {"StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}}
+    assert statements["TagAtLaunch"]["Condition"] == {
+        "StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}
+    }
     pass_role = statements["PassOnlyTheInstanceRole"]
     assert pass_role["Resource"] == {"Fn::GetAtt": [compute.logical_id(compute.construct("Compute").role), "Arn"]}
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}

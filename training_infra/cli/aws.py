@@ -125,11 +125,15 @@ class Aws:
                 found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
             except botocore.exceptions.ClientError as error:
                 if "does not exist" in error.response.get("Error", {}).get("Message", ""):
-                    raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name}: run `make deploy`") from None
+                    raise NotDeployedError(
+                        f"stack {stack} is not deployed in {self.region_name}: run `make deploy`"
+                    ) from None
                 raise
             status = found[0].get("StackStatus", "") if found else ""
             if not found or status.startswith("DELETE") or status == "ROLLBACK_COMPLETE":
-                raise NotDeployedError(f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`")
+                raise NotDeployedError(
+                    f"stack {stack} is not deployed in {self.region_name} ({status or 'absent'}): run `make deploy`"
+                )
             self._outputs[stack] = {o["OutputKey"]: o["OutputValue"] for o in found[0].get("Outputs", [])}
         return self._outputs[stack]
 
@@ -148,7 +152,10 @@ def _configuration_error(service: str, error: ValueError) -> str:
     for variable in (f"AWS_ENDPOINT_URL_{service.upper()}", "AWS_ENDPOINT_URL"):
         value = os.environ.get(variable)
         if value is not None and "endpoint" in str(error).lower():
-            return f"environment variable '{variable}': got {value!r}; allowed: a URL with its scheme, such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com"
+            return (
+                f"environment variable '{variable}': got {value!r}; allowed: a URL with its scheme, "
+                "such as http://localhost:5000 or https://s3.us-east-1.amazonaws.com"
+            )
     return f"AWS configuration error: {error}: check AWS_* variables and ~/.aws/config"
 
 

@@ -80,7 +80,10 @@ def describe_aws_error(error: Exception) -> str:
     if isinstance(error, botocore.exceptions.TokenRetrievalError | botocore.exceptions.SSOTokenLoadError):
         return f"AWS login expired ({error}): run `aws sso login`"
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
-        return f"cannot reach AWS at {error.kwargs.get('endpoint_url', '?')}: check the network, the region and AWS_ENDPOINT_URL"
+        return (
+            f"cannot reach AWS at {error.kwargs.get('endpoint_url', '?')}: "
+            "check the network, the region and AWS_ENDPOINT_URL"
+        )
     if isinstance(error, botocore.exceptions.ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "") or str(error)
@@ -94,7 +97,10 @@ def describe_aws_error(error: Exception) -> str:
         # Not a BotoCoreError: an endpoint that answered with something other than AWS's format
         # (an HTML error page from a proxy, or the emulator failing).
         first = str(error).split("\n", 1)[0]
-        return f"the AWS endpoint answered something that is not an AWS response ({first}): check AWS_ENDPOINT_URL and retry"
+        return (
+            f"the AWS endpoint answered something that is not an AWS response ({first}): "
+            "check AWS_ENDPOINT_URL and retry"
+        )
     raise error
 
 
@@ -105,7 +111,12 @@ def reported_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (CliError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ResponseParserError) as error:
+        except (
+            CliError,
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+            ResponseParserError,
+        ) as error:
             report_error(describe_aws_error(error))
             code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
             raise typer.Exit(code) from None

@@ -80,7 +80,10 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     if request.instance_types is not None:
         types = check("instance_types", "--instance-types", request.instance_types)
         if not types:
-            raise UsageError(f"option '--instance-types': got {request.instance_types!r}; allowed: one or more instance types, e.g. g5.xlarge,g6.xlarge")
+            raise UsageError(
+                f"option '--instance-types': got {request.instance_types!r}; "
+                "allowed: one or more instance types, e.g. g5.xlarge,g6.xlarge"
+            )
         request.instance_types = ",".join(types)
     if request.market is not None and request.spot is not None:
         raise UsageError("options '--market' and '--spot/--on-demand': give one")
@@ -89,7 +92,10 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     if request.max_restarts_on_errors is not None:
         text = str(request.max_restarts_on_errors).strip()
         if not text.isdigit() or int(text) > MAX_RESTARTS:
-            raise UsageError(f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; allowed: a whole number from 0 to {MAX_RESTARTS}")
+            raise UsageError(
+                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; "
+                f"allowed: a whole number from 0 to {MAX_RESTARTS}"
+            )
         request.max_restarts_on_errors = text
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
@@ -100,9 +106,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     for item in request.env:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.match(key) or "\n" in value:
-            raise UsageError(f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' (not starting with a digit) and a one-line VALUE")
+            raise UsageError(
+                f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' "
+                "(not starting with a digit) and a one-line VALUE"
+            )
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
-        raise UsageError(f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0")
+        raise UsageError(
+            f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0"
+        )
     return request
 
 
@@ -183,7 +194,13 @@ def _candidate_subnets(aws: Aws, template_data: dict[str, Any], request: LaunchR
         return [None]
     subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": sorted(vpc_ids)}])["Subnets"]
     # Public subnets first (the stack's default network), one per AZ, most free addresses first.
-    subnets.sort(key=lambda s: (not s.get("MapPublicIpOnLaunch", False), -s.get("AvailableIpAddressCount", 0), s["AvailabilityZone"]))
+    subnets.sort(
+        key=lambda s: (
+            not s.get("MapPublicIpOnLaunch", False),
+            -s.get("AvailableIpAddressCount", 0),
+            s["AvailabilityZone"],
+        )
+    )
     seen: set[str] = set()
     chosen: list[str | None] = []
     for subnet in subnets:
@@ -204,7 +221,8 @@ class Started:
 
 
 def supervisor_for(aws: Aws):
-    """The supervisor's own code with this user's credentials: the first launch is the same decision as every relaunch."""
+    """The supervisor's own code with this user's credentials: the first launch is the same decision
+    as every relaunch."""
     from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
     topic = aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, "")
@@ -220,7 +238,9 @@ def supervisor_for(aws: Aws):
         stop_tag=naming.TAG_STOP,
         runs_prefix=naming.RUNS_PREFIX,
     )
-    clients = Clients(ec2=aws.client("ec2"), dynamodb=aws.client("dynamodb"), s3=aws.client("s3"), sns=aws.client("sns"))
+    clients = Clients(
+        ec2=aws.client("ec2"), dynamodb=aws.client("dynamodb"), s3=aws.client("s3"), sns=aws.client("sns")
+    )
     return Supervisor(clients, config)
 
 
@@ -232,7 +252,10 @@ def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:
     published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_INSTANCE_TYPES, "")
     types = [t.strip() for t in published.split(",") if t.strip()]
     if not types:
-        raise CliError(f"the compute stack publishes no {naming.OUTPUT_INSTANCE_TYPES}: redeploy it (`make deploy`) or pass --instance-types")
+        raise CliError(
+            f"the compute stack publishes no {naming.OUTPUT_INSTANCE_TYPES}: "
+            "redeploy it (`make deploy`) or pass --instance-types"
+        )
     return types
 
 
@@ -276,7 +299,9 @@ def _run_template(aws: Aws, run_id: str, data: dict[str, Any], user_data: str, r
         )
     except botocore.exceptions.ClientError as error:
         if "AlreadyExists" in error.response.get("Error", {}).get("Code", ""):
-            raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)") from None
+            raise CliError(
+                f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
+            ) from None
         raise
     return created["LaunchTemplate"]["LaunchTemplateId"]
 
@@ -305,7 +330,10 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     market = _market(request, data)
     subnets = [s for s in _candidate_subnets(aws, data, request) if s]
     if not subnets:
-        raise CliError(f"the compute stack publishes no {naming.OUTPUT_SUBNET_IDS}: redeploy it (`make deploy`) or pass --subnet-id")
+        raise CliError(
+            f"the compute stack publishes no {naming.OUTPUT_SUBNET_IDS}: "
+            "redeploy it (`make deploy`) or pass --subnet-id"
+        )
     now = utcnow()
     deadline = iso_z(now + timedelta(hours=hours))
     overrides = _overrides(request, run_id, exports)
@@ -319,7 +347,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
     supervisor = supervisor_for(aws)
     if supervisor.store.get(run_id) is not None:
-        raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)")
+        raise CliError(
+            f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
+        )
     tags = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
     run_template = _run_template(aws, run_id, data, user_data, tags)
     spec = {
@@ -340,6 +370,8 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         supervisor.store.create(record)
     except StaleRecord:
         aws.client("ec2").delete_launch_template(LaunchTemplateId=run_template)
-        raise CliError(f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)") from None
+        raise CliError(
+            f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
+        ) from None
     supervisor.reconcile(run_id)
     return Started(run=supervisor.store.get(run_id), elapsed_seconds=time.monotonic() - started)

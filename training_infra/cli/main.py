@@ -45,7 +45,11 @@ def stdout() -> Console:
 
 def _one_line(error: click.exceptions.UsageError) -> str:
     """click's usage errors (unknown option, missing argument, a value of the wrong type) as one line."""
-    if isinstance(error, click.exceptions.BadParameter) and not isinstance(error, click.exceptions.MissingParameter) and error.param is not None:
+    if (
+        isinstance(error, click.exceptions.BadParameter)
+        and not isinstance(error, click.exceptions.MissingParameter)
+        and error.param is not None
+    ):
         param = error.param
         if param.param_type_name == "option":
             where = f"option '{max(param.opts, key=len)}'"
@@ -115,23 +119,39 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global_options(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_version)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_version)
+    ] = False,
 ) -> None:
     """Options before the verb."""
 
 
 Region = Annotated[
     str | None,
-    typer.Option("--region", help="AWS region of the stacks (default: AWS_DEFAULT_REGION, your profile's region, else AWS_REGION).", show_default=False),
+    typer.Option(
+        "--region",
+        help="AWS region of the stacks (default: AWS_DEFAULT_REGION, your profile's region, else AWS_REGION).",
+        show_default=False,
+    ),
 ]
 Output = Annotated[
     str,
-    typer.Option("--output", "-o", metavar="table|json", help="table (for people; one block per run when the screen is narrow) or json (for scripts)."),
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="table|json",
+        help="table (for people; one block per run when the screen is narrow) or json (for scripts).",
+    ),
 ]
 # The older spelling of `--output json`, kept for scripts written against it.
 JsonFlag = Annotated[bool, typer.Option("--json", hidden=True)]
-RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as printed by `launch` and listed by `status`.", show_default=False)]
-SESSION_MANAGER_PLUGIN_URL = "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
+RunArg = Annotated[
+    str,
+    typer.Argument(metavar="RUN", help="Run id, as printed by `launch` and listed by `status`.", show_default=False),
+]
+SESSION_MANAGER_PLUGIN_URL = (
+    "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
+)
 LOG_POLL_SECONDS = 2.0
 
 
@@ -237,7 +257,9 @@ def outputs(
 @app.command()
 @reported_errors
 def upload(
-    path: Annotated[Path, typer.Argument(help="A dataset directory (or one file) on this machine.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="A dataset directory (or one file) on this machine.", show_default=False)
+    ],
     region: Region = None,
 ) -> None:
     """Sync a local dataset to the data bucket's `data/` prefix (what the instance mounts at /data).
@@ -265,17 +287,103 @@ def upload(
 @app.command()
 @reported_errors
 def launch(
-    instance_type: Annotated[str | None, typer.Option("--instance-type", "-t", help="One EC2 type, e.g. g5.xlarge (same as --instance-types with one).", show_default=False)] = None,
-    instance_types: Annotated[str | None, typer.Option("--instance-types", metavar="TYPES", help="Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types).", show_default=False)] = None,
-    market: Annotated[str | None, typer.Option("--market", metavar="MARKET", help="spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). Default: the stack's use_spot.", show_default=False)] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Short for --market spot / --market on-demand.", show_default=False)] = None,
-    max_restarts_on_errors: Annotated[str | None, typer.Option("--max-restarts-on-errors", metavar="N", help="Relaunch after a trainer failure or stall at most N times (default 0). Spot reclaims never count.", show_default=False)] = None,
-    max_runtime_hours: Annotated[str | None, typer.Option("--max-runtime-hours", metavar="HOURS", help="One deadline for the whole run, counted from now across every attempt: more than 0, at most 168 (default: the stack's).", show_default=False)] = None,
-    image_tag: Annotated[str | None, typer.Option("--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False)] = None,
-    command: Annotated[str | None, typer.Option("--command", help="Training command run in the container (default: the stack's, else the image's CMD).", show_default=False)] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False)] = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12.", show_default=False)] = None,
-    subnet_id: Annotated[str | None, typer.Option("--subnet-id", help="Only this subnet (default: every subnet the compute stack publishes).", show_default=False)] = None,
+    instance_type: Annotated[
+        str | None,
+        typer.Option(
+            "--instance-type",
+            "-t",
+            help="One EC2 type, e.g. g5.xlarge (same as --instance-types with one).",
+            show_default=False,
+        ),
+    ] = None,
+    instance_types: Annotated[
+        str | None,
+        typer.Option(
+            "--instance-types",
+            metavar="TYPES",
+            help=(
+                "Types each attempt may take, comma-separated, e.g. g5.xlarge,g6.xlarge: "
+                "EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    market: Annotated[
+        str | None,
+        typer.Option(
+            "--market",
+            metavar="MARKET",
+            help=(
+                "spot, on-demand, or spot-then-on-demand (on-demand only when no zone has spot capacity). "
+                "Default: the stack's use_spot."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    spot: Annotated[
+        bool | None,
+        typer.Option("--spot/--on-demand", help="Short for --market spot / --market on-demand.", show_default=False),
+    ] = None,
+    max_restarts_on_errors: Annotated[
+        str | None,
+        typer.Option(
+            "--max-restarts-on-errors",
+            metavar="N",
+            help="Relaunch after a trainer failure or stall at most N times (default 0). Spot reclaims never count.",
+            show_default=False,
+        ),
+    ] = None,
+    max_runtime_hours: Annotated[
+        str | None,
+        typer.Option(
+            "--max-runtime-hours",
+            metavar="HOURS",
+            help=(
+                "One deadline for the whole run, counted from now across every attempt: "
+                "more than 0, at most 168 (default: the stack's)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    image_tag: Annotated[
+        str | None,
+        typer.Option(
+            "--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False
+        ),
+    ] = None,
+    command: Annotated[
+        str | None,
+        typer.Option(
+            "--command",
+            help="Training command run in the container (default: the stack's, else the image's CMD).",
+            show_default=False,
+        ),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False
+        ),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id",
+            help=(
+                "Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. "
+                "Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    subnet_id: Annotated[
+        str | None,
+        typer.Option(
+            "--subnet-id",
+            help="Only this subnet (default: every subnet the compute stack publishes).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
     region: Region = None,
 ) -> None:
@@ -303,11 +411,16 @@ def launch(
     if attempt.get("instance_id"):
         out.print(
             f"launched run {rid}: attempt {attempt['n']} on {attempt['instance_id']} ({attempt['instance_type']}, "
-            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; managed until {managed.deadline_at}",
+            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; "
+            f"managed until {managed.deadline_at}",
             markup=False,
         )
     elif managed.active:
-        out.print(f"run {rid} is waiting for capacity ({managed.message}); the supervisor retries every minute until {managed.deadline_at}", markup=False)
+        out.print(
+            f"run {rid} is waiting for capacity ({managed.message}); "
+            f"the supervisor retries every minute until {managed.deadline_at}",
+            markup=False,
+        )
     else:
         raise CliError(f"run {rid} could not start: {managed.message}")
     out.print("next:", markup=False)
@@ -350,7 +463,9 @@ def _run_rows(aws: Aws, found: list[runs.Run]) -> list[dict[str, Any]]:
 @reported_errors
 def status(
     run: Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.", show_default=False)] = None,
-    limit: Annotated[str, typer.Option("--limit", "-n", metavar="N", help="Show at most this many runs, newest first.")] = "20",
+    limit: Annotated[
+        str, typer.Option("--limit", "-n", metavar="N", help="Show at most this many runs, newest first.")
+    ] = "20",
     output: Output = "table",
     as_json: JsonFlag = False,
     region: Region = None,
@@ -388,7 +503,10 @@ def status(
         return
     listing = Listing(
         title=f"training runs ({aws.region_name})",
-        columns=[Column(name, right=name in ("uptime", "cost", "tries")) for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")],
+        columns=[
+            Column(name, right=name in ("uptime", "cost", "tries"))
+            for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")
+        ],
         caption="tries: attempts of a managed run; cost: spot history, else list price",
     )
     for row in rows:
@@ -397,7 +515,8 @@ def status(
             outcome += f" (exit {row['exit_code']})"
         listing.rows.append([
             row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
-            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-", fmt_usd(row["cost_usd"]), outcome or "-",
+            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-",
+            fmt_usd(row["cost_usd"]), outcome or "-",
         ])  # fmt: skip
     listing.print(stdout())
 
@@ -443,7 +562,9 @@ def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
                 "uptime_seconds": (window[1] - window[0]).total_seconds() if window else None,
                 "cost_usd": cost.usd if cost and cost.usd is not None else attempt.get("cost_usd"),
                 "on_demand_usd": cost.on_demand_usd if cost else None,
-                "price_source": cost.source if cost else ("agent estimate" if attempt.get("cost_usd") is not None else "unknown"),
+                "price_source": cost.source
+                if cost
+                else ("agent estimate" if attempt.get("cost_usd") is not None else "unknown"),
             }
         )
     launched = [a for a in attempts if a["instance_id"]]
@@ -497,7 +618,10 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         out.print(line, markup=False)
     listing = Listing(
         title=f"attempts of {row['run_id']}",
-        columns=[Column(name, right=name in ("#", "uptime", "cost")) for name in ("#", "instance", "type", "zone", "market", "state", "uptime", "cost", "why it ended")],
+        columns=[
+            Column(name, right=name in ("#", "uptime", "cost"))
+            for name in ("#", "instance", "type", "zone", "market", "state", "uptime", "cost", "why it ended")
+        ],
         caption="cost: spot history, else list price",
     )
     for a in row["attempts"]:
@@ -520,7 +644,9 @@ def _show_managed_run(row: dict[str, Any]) -> None:
 @reported_errors
 def logs(
     run: RunArg,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends (Ctrl-C to stop).")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends (Ctrl-C to stop).")
+    ] = False,
     region: Region = None,
 ) -> None:
     """Print the run's training log from CloudWatch Logs (one stream per run)."""
@@ -541,7 +667,10 @@ def logs(
                 raise
             live = [r for r in runs.require_runs(aws, run) if r.live]  # unknown run: a clear error
             if not (follow and live):
-                raise CliError(f"no log lines for run {run} yet (stream {run} in {group}): the agent starts logging once the instance has booted") from None
+                raise CliError(
+                    f"no log lines for run {run} yet (stream {run} in {group}): "
+                    "the agent starts logging once the instance has booted"
+                ) from None
             if not announced:
                 err_console().print(f"waiting for run {run} to start logging ...")
                 announced = True
@@ -559,7 +688,11 @@ def logs(
             return
         if not any(r.live for r in runs.collect_runs(aws, run)):
             # One last read after the end, for lines flushed on the way down.
-            last = client.get_log_events(logGroupName=group, logStreamName=run, startFromHead=True, nextToken=token) if token else {"events": []}
+            last = (
+                client.get_log_events(logGroupName=group, logStreamName=run, startFromHead=True, nextToken=token)
+                if token
+                else {"events": []}
+            )
             for event in last.get("events", []):
                 sys.stdout.write(event.get("message", "").rstrip("\n") + "\n")
             return
@@ -593,7 +726,9 @@ def connect(run: RunArg, region: Region = None) -> None:
     if shutil.which("session-manager-plugin") is None or shutil.which("aws") is None:
         missing = "the Session Manager plugin" if shutil.which("session-manager-plugin") is None else "the AWS CLI"
         sys.stdout.write(shlex.join(command) + "\n")
-        raise CliError(f"{missing} is not installed: install it ({SESSION_MANAGER_PLUGIN_URL}), then run the command above")
+        raise CliError(
+            f"{missing} is not installed: install it ({SESSION_MANAGER_PLUGIN_URL}), then run the command above"
+        )
     err_console().print(f"connecting to {instance.instance_id} (run {run}); type `exit` to leave")
     raise typer.Exit(subprocess.call(command))
 
@@ -604,8 +739,15 @@ def connect(run: RunArg, region: Region = None) -> None:
 @app.command()
 @reported_errors
 def fetch(
-    run: Annotated[str, typer.Argument(metavar="RUN|latest", help="Run id, or `latest` for the most recent finished run.", show_default=False)],
-    dest: Annotated[Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)] = None,
+    run: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN|latest", help="Run id, or `latest` for the most recent finished run.", show_default=False
+        ),
+    ],
+    dest: Annotated[
+        Path | None, typer.Argument(metavar="DEST", help="Local folder (default: ./runs/<run>).", show_default=False)
+    ] = None,
     region: Region = None,
 ) -> None:
     """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal).
@@ -626,7 +768,10 @@ def fetch(
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, objects, target, err_console())
-    stdout().print(f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}", markup=False)
+    stdout().print(
+        f"fetched {result.transferred} file(s), {result.bytes:,} bytes from s3://{bucket}/{prefix} -> {target}",
+        markup=False,
+    )
     if run != "latest":
         note = _fetch_note(aws, run, target)
         if note:
@@ -646,7 +791,10 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
         return f"run {run} ended {outcome}{detail}{message}; these are the files it left, see {target / 'logs'}"
     live = [r for r in runs.collect_runs(aws, run) if r.live]
     if live:
-        return f"run {run} is still {live[0].state} on {live[0].instance_id}: these are only the files uploaded so far; fetch again after it ends"
+        return (
+            f"run {run} is still {live[0].state} on {live[0].instance_id}: "
+            "these are only the files uploaded so far; fetch again after it ends"
+        )
     return f"run {run} has no status.json: it ended without the agent's last upload; see {target / 'logs'}"
 
 
@@ -677,7 +825,11 @@ def stop(run: RunArg, region: Region = None) -> None:
         current = record.current or {}
         out = stdout()
         where = f" on {current['instance_id']}" if current.get("instance_id") else ""
-        out.print(f"stopping run {run}{where}: no more attempts; the trainer gets its grace period, then outputs and logs are uploaded", markup=False)
+        out.print(
+            f"stopping run {run}{where}: no more attempts; "
+            "the trainer gets its grace period, then outputs and logs are uploaded",
+            markup=False,
+        )
         out.print(f"  training-infra status {run}", markup=False)
         return
     instances = [runs.run_from_instance(i) for i in runs.instances_for(aws, run, managed_only=False)]
@@ -687,10 +839,15 @@ def stop(run: RunArg, region: Region = None) -> None:
         return
     unmanaged = [r.instance_id for r in instances if not r.managed]
     if unmanaged:
-        raise CliError(f"refusing to terminate {', '.join(unmanaged)}: tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true")
+        raise CliError(
+            f"refusing to terminate {', '.join(unmanaged)}: "
+            f"tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true"
+        )
     live = [r.instance_id for r in instances if r.live]
     if not live:
-        stdout().print(f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop")
+        stdout().print(
+            f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop"
+        )
         return
     aws.client("ec2").terminate_instances(InstanceIds=live)
     out = stdout()
@@ -723,20 +880,26 @@ def cost(
     on_demand = sum(r["on_demand_usd"] if r["on_demand_usd"] is not None else (r["cost_usd"] or 0) for r in rows)
     saving = on_demand - total
     if fmt == "json":
-        print_json({"days": days_back, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving})
+        print_json(
+            {"days": days_back, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving}
+        )
         return
     if not rows:
         stdout().print(f"no runs in the last {days_back} days in {aws.region_name}", markup=False)
         return
     listing = Listing(
         title=f"cost of runs in the last {days_back} days ({aws.region_name})",
-        columns=[Column(name, right=name in ("hours", "cost", "on-demand")) for name in ("run", "type", "market", "hours", "cost", "on-demand", "price from")],
+        columns=[
+            Column(name, right=name in ("hours", "cost", "on-demand"))
+            for name in ("run", "type", "market", "hours", "cost", "on-demand", "price from")
+        ],
         footer=["total", "", "", "", fmt_usd(total), fmt_usd(on_demand), ""],
     )
     for row in rows:
         hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
         listing.rows.append([
-            row["run_id"], row["instance_type"] or "-", row["market"] or "-", f"{hours:.2f}" if hours is not None else "-",
+            row["run_id"], row["instance_type"] or "-", row["market"] or "-",
+            f"{hours:.2f}" if hours is not None else "-",
             fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"],
         ])  # fmt: skip
     out = stdout()

@@ -139,7 +139,9 @@ def instances_for(aws: Aws, run_id: str | None = None, *, managed_only: bool = T
 def read_status(aws: Aws, bucket: str, run_id: str) -> dict[str, Any] | None:
     """The agent's status.json for a run, or None while the run has not finished."""
     try:
-        body = aws.client("s3").get_object(Bucket=bucket, Key=f"{naming.RUNS_PREFIX}{run_id}/{STATUS_FILE}")["Body"].read()
+        body = (
+            aws.client("s3").get_object(Bucket=bucket, Key=f"{naming.RUNS_PREFIX}{run_id}/{STATUS_FILE}")["Body"].read()
+        )
     except botocore.exceptions.ClientError as error:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
@@ -197,7 +199,10 @@ def collect_runs(aws: Aws, run_id: str | None = None) -> list[Run]:
 def require_runs(aws: Aws, run_id: str) -> list[Run]:
     runs = collect_runs(aws, run_id)
     if not runs:
-        raise CliError(f"unknown run {run_id!r} in {aws.region_name}: no instance tagged {naming.TAG_RUN_ID}={run_id} and no status.json (see `training-infra status`)")
+        raise CliError(
+            f"unknown run {run_id!r} in {aws.region_name}: no instance tagged {naming.TAG_RUN_ID}={run_id} "
+            "and no status.json (see `training-infra status`)"
+        )
     return runs
 
 
@@ -239,7 +244,9 @@ class PriceBook:
     def __init__(self, aws: Aws) -> None:
         self.aws = aws
 
-    def spot_history(self, instance_type: str, zone: str, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
+    def spot_history(
+        self, instance_type: str, zone: str, start: datetime, end: datetime
+    ) -> list[tuple[datetime, float]]:
         paginator = self.aws.client("ec2").get_paginator("describe_spot_price_history")
         # Entries from before `start` tell which price was in effect when the run began.
         pages = paginator.paginate(
@@ -249,7 +256,9 @@ class PriceBook:
             EndTime=end,
             **({"AvailabilityZone": zone} if zone else {}),
         )
-        entries = [e for page in pages for e in page.get("SpotPriceHistory", []) if e.get("InstanceType") == instance_type]
+        entries = [
+            e for page in pages for e in page.get("SpotPriceHistory", []) if e.get("InstanceType") == instance_type
+        ]
         in_zone = [e for e in entries if e.get("AvailabilityZone") == zone] if zone else []
         chosen = in_zone or entries
         return [(parse_time(e["Timestamp"]) or start, float(e["SpotPrice"])) for e in chosen]
@@ -266,7 +275,9 @@ class PriceBook:
         on_demand = on_demand_rate * hours if on_demand_rate is not None else None
         if run.market == "spot" and run.instance_type:
             try:
-                spot = time_weighted_cost(self.spot_history(run.instance_type, run.availability_zone, start, end), start, end)
+                spot = time_weighted_cost(
+                    self.spot_history(run.instance_type, run.availability_zone, start, end), start, end
+                )
             except botocore.exceptions.ClientError:
                 spot = None  # no ec2:DescribeSpotPriceHistory: fall back to the list price below
             if spot is not None:

@@ -23,7 +23,9 @@ from s3transfer.utils import ChunksizeAdjuster
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError
 
-TRANSFER_CONFIG = TransferConfig(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024, max_concurrency=10)
+TRANSFER_CONFIG = TransferConfig(
+    multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024, max_concurrency=10
+)
 
 
 @dataclass
@@ -46,8 +48,8 @@ class _Progress(BaseSubscriber):
 def _bar(console: Console) -> Progress:
     """The bar is drawn only on a terminal: piped or logged, a redrawn line is just noise cut at 80 columns."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal,
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
     )  # fmt: skip
 
 
@@ -105,14 +107,19 @@ def upload(aws: Aws, source: Path, bucket: str, prefix: str, console: Console) -
     total = sum(size for _, _, size in todo)
     with _bar(console) as progress, create_transfer_manager(aws.client("s3"), TRANSFER_CONFIG) as manager:
         task = progress.add_task(f"upload to s3://{bucket}/{prefix}", total=total)
-        futures = [manager.upload(str(path), bucket, key, subscribers=[_Progress(progress, task)]) for path, key, _ in todo]
+        futures = [
+            manager.upload(str(path), bucket, key, subscribers=[_Progress(progress, task)]) for path, key, _ in todo
+        ]
         for future in futures:
             future.result()
     return SyncResult(transferred=len(todo), skipped=skipped, bytes=total)
 
 
-def download(aws: Aws, bucket: str, prefix: str, objects: dict[str, tuple[int, str]], dest: Path, console: Console) -> SyncResult:
-    """Copy `objects` (the `remote_objects` listing of s3://bucket/prefix) into dest, keeping the layout below the prefix."""
+def download(
+    aws: Aws, bucket: str, prefix: str, objects: dict[str, tuple[int, str]], dest: Path, console: Console
+) -> SyncResult:
+    """Copy `objects` (the `remote_objects` listing of s3://bucket/prefix) into dest, keeping the layout
+    below the prefix."""
     root = dest.resolve()
     plan: list[tuple[str, Path, int]] = []
     for key, (size, _) in sorted(objects.items()):

@@ -79,7 +79,13 @@ class Demo:
     @property
     def env(self) -> dict[str, str]:
         # COLUMNS: the CLI's tables and values print unwrapped into the narration.
-        return {**os.environ, **self.emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true", "COLUMNS": "160"}
+        return {
+            **os.environ,
+            **self.emulator.env,
+            "CDK_DISABLE_VERSION_CHECK": "true",
+            "CDK_DISABLE_CLI_TELEMETRY": "true",
+            "COLUMNS": "160",
+        }
 
     def step(self, text: str) -> None:
         self.step_number += 1
@@ -88,7 +94,9 @@ class Demo:
     def run(self, argv: Sequence[str], *, show: bool = True, ok_codes: tuple[int, ...] = (0,)) -> str:
         printable = " ".join(str(a) for a in argv).replace(str(ROOT) + "/", "")
         console.print(f"   [dim]$ {printable}[/]")
-        result = subprocess.run([str(a) for a in argv], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=STEP_TIMEOUT_SECONDS)
+        result = subprocess.run(
+            [str(a) for a in argv], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=STEP_TIMEOUT_SECONDS
+        )
         if result.returncode not in ok_codes:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
             raise DemoFailed(f"`{printable}` exited with {result.returncode}:\n{tail}")
@@ -112,8 +120,8 @@ class Demo:
         self.step("cdk bootstrap and cdk deploy of all four stacks, with the real CDK CLI")
         self.run([CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices"], show=False)
         self.run(
-            [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never", "--no-notices",
-             "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+            [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
+             "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
             show=False,
         )  # fmt: skip
         self.cli("outputs")
@@ -144,15 +152,20 @@ class Demo:
             console.print(f"   {path.relative_to(self.workdir)}  ({path.stat().st_size} bytes)")
 
         self.step("Destroy the compute stack; data and outputs stay")
-        self.run([CDK, "destroy", naming.COMPUTE_STACK, "--force", "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],
+        self.run([CDK, "destroy", naming.COMPUTE_STACK, "--force", "--no-notices", "--output", self.workdir / "cdk.out",
+                  "-c", f"image_id={LOCAL_AMI}"],
                  show=False, ok_codes=(0, 1))  # fmt: skip
         self._check_compute_gone_and_data_kept()
 
-        console.print(f"\n[bold green]Demo finished in {time.monotonic() - started:.0f} s.[/] Everything is under {self.workdir}:")
+        console.print(
+            f"\n[bold green]Demo finished in {time.monotonic() - started:.0f} s.[/] Everything is under {self.workdir}:"
+        )
         console.print(f"   outputs fetched:   {destination}")
         console.print(f"   the instance:      {self.workdir / 'instances'} (user data, console log, its disk)")
         console.print(f"   emulator log:      {self.emulator.log_dir / 'moto.log'}")
-        console.print("   On real AWS the same steps are: make deploy, then training-infra upload / launch / logs / fetch.")
+        console.print(
+            "   On real AWS the same steps are: make deploy, then training-infra upload / launch / logs / fetch."
+        )
         return destination
 
     def _push_stand_in_image(self) -> None:
@@ -160,9 +173,17 @@ class Demo:
             self._push_container_image()
             return
         repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "config": {}, "layers": []}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {},
+            "layers": [],
+        }
         self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
-        console.print(f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest (on AWS, the image workflow pushes the real one)")
+        console.print(
+            f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest "
+            "(on AWS, the image workflow pushes the real one)"
+        )
 
     def _push_container_image(self) -> None:
         """A real image in a local registry that answers as the stack's ECR repository (the image's CMD is the
@@ -174,7 +195,9 @@ class Demo:
         try:
             self.engine.start()
         except subprocess.CalledProcessError as error:
-            raise DemoFailed(f"`{' '.join(error.cmd[-6:])}` exited {error.returncode}: {error.stderr.strip()}") from None
+            raise DemoFailed(
+                f"`{' '.join(error.cmd[-6:])}` exited {error.returncode}: {error.stderr.strip()}"
+            ) from None
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
         console.print(f"   podman + docker-registry at {self.engine.registry_address}:80 as {host}")
@@ -192,9 +215,15 @@ class Demo:
     def _play(self, *, expect: str, interrupt_after_checkpoint: bool = False) -> str:
         """Run the newest attempt's instance here until its agent ends; returns the instance id."""
         instance_id = self._instance_of(self.run_id)
-        self.step(f"Play the instance {instance_id}: its real user data runs here under bash ({self.runtime} runtime, fake IMDS)")
+        self.step(
+            f"Play the instance {instance_id}: its real user data runs here under bash "
+            f"({self.runtime} runtime, fake IMDS)"
+        )
         box = LocalInstance(
-            instance_id, root=self.workdir / "instances" / f"{instance_id}", aws_env=self.emulator.env, engine=self.engine
+            instance_id,
+            root=self.workdir / "instances" / f"{instance_id}",
+            aws_env=self.emulator.env,
+            engine=self.engine,
         )
         with box:
             if interrupt_after_checkpoint:
@@ -203,9 +232,13 @@ class Demo:
                 box.interrupt_spot()
             code = self._wait_for_agent(box)
         status = self._status_json(self.run_id)
-        console.print(f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}")
+        console.print(
+            f"   agent exited {code}; status.json: outcome={status.get('outcome')} exit_code={status.get('exit_code')}"
+        )
         if status.get("outcome") != expect:
-            raise DemoFailed(f"run {self.run_id} ended '{status.get('outcome')}', expected '{expect}'; see {box.log_path}")
+            raise DemoFailed(
+                f"run {self.run_id} ended '{status.get('outcome')}', expected '{expect}'; see {box.log_path}"
+            )
         return instance_id
 
     def _tell_supervisor(self, instance_id: str, *, spot_warning: bool = False) -> dict:
@@ -214,7 +247,9 @@ class Demo:
         region = self.emulator.region
         if spot_warning:
             supervisor.handle(ec2_event(SPOT_WARNING, instance_id, region=region, **{"instance-action": "terminate"}))
-        console.print(f"   [dim]EventBridge -> supervisor: {STATE_CHANGE} {{instance-id: {instance_id}, state: terminated}}[/]")
+        console.print(
+            f"   [dim]EventBridge -> supervisor: {STATE_CHANGE} {{instance-id: {instance_id}, state: terminated}}[/]"
+        )
         result = supervisor.handle(ec2_event(STATE_CHANGE, instance_id, region=region, state="terminated"))
         console.print(f"   supervisor: {json.dumps(result, default=str)}", markup=False, highlight=False)
         return result
@@ -232,14 +267,19 @@ class Demo:
             deadline_tag=naming.TAG_DEADLINE,
             stop_tag=naming.TAG_STOP,
         )
-        clients = Clients(ec2=self.client("ec2"), dynamodb=self.client("dynamodb"), s3=self.client("s3"), sns=self.client("sns"))
+        clients = Clients(
+            ec2=self.client("ec2"), dynamodb=self.client("dynamodb"), s3=self.client("s3"), sns=self.client("sns")
+        )
         return Supervisor(clients, config)
 
     def _launch_and_play(self, *, expect: str) -> None:
         self._launch()
         instance_id = self._play(expect=expect)
         self.step("The instance powered off: EC2's state-change event reaches the supervisor, which ends the run")
-        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact event AWS sends to the supervisor's real handler)")
+        console.print(
+            "   (the local AWS delivers no events and runs no Lambda: "
+            "the demo hands the exact event AWS sends to the supervisor's real handler)"
+        )
         self._tell_supervisor(instance_id)
 
     def _spot_story(self) -> None:
@@ -248,9 +288,15 @@ class Demo:
         checkpoints = self._keys(self._output("outputs_bucket"), f"{naming.CHECKPOINTS_PREFIX}{self.run_id}/")
         if not checkpoints:
             raise DemoFailed(f"the interrupted run left no checkpoint under {naming.CHECKPOINTS_PREFIX}{self.run_id}/")
-        console.print(f"   checkpoints flushed to S3 inside the notice: {', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}")
+        console.print(
+            "   checkpoints flushed to S3 inside the notice: "
+            f"{', '.join(key.rsplit('/', 1)[-1] for key in checkpoints)}"
+        )
         self.step("AWS reclaimed attempt 1: the supervisor (not you) relaunches the run on other capacity")
-        console.print("   (the local AWS delivers no events and runs no Lambda: the demo hands the exact events AWS sends to the supervisor's real handler)")
+        console.print(
+            "   (the local AWS delivers no events and runs no Lambda: "
+            "the demo hands the exact events AWS sends to the supervisor's real handler)"
+        )
         result = self._tell_supervisor(first, spot_warning=True)
         if "launched" not in result:
             raise DemoFailed(f"the supervisor did not relaunch run {self.run_id}: {result}")
@@ -266,7 +312,10 @@ class Demo:
 
     def _instance_of(self, run_id: str) -> str:
         reservations = self.client("ec2").describe_instances(
-            Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]}, {"Name": "instance-state-name", "Values": ["pending", "running"]}]
+            Filters=[
+                {"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [run_id]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
         )["Reservations"]
         instances = [i for r in reservations for i in r["Instances"]]
         if not instances:
@@ -307,22 +356,42 @@ class Demo:
         return code
 
     def _status_json(self, run_id: str) -> dict:
-        body = self.client("s3").get_object(Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json")["Body"]
+        body = self.client("s3").get_object(
+            Bucket=self._output("outputs_bucket"), Key=f"{naming.RUNS_PREFIX}{run_id}/status.json"
+        )["Body"]
         return json.loads(body.read())
 
     def _check_compute_gone_and_data_kept(self) -> None:
         stacks = {s["StackName"]: s["StackStatus"] for s in self.client("cloudformation").describe_stacks()["Stacks"]}
         if stacks.get(naming.COMPUTE_STACK, "DELETE_COMPLETE") != "DELETE_COMPLETE":
             raise DemoFailed(f"{naming.COMPUTE_STACK} is {stacks[naming.COMPUTE_STACK]} after cdk destroy")
-        kept = len(self._keys(self._output("training_bucket"), naming.DATA_PREFIX)) + len(self._keys(self._output("outputs_bucket"), naming.RUNS_PREFIX))
+        kept = len(self._keys(self._output("training_bucket"), naming.DATA_PREFIX)) + len(
+            self._keys(self._output("outputs_bucket"), naming.RUNS_PREFIX)
+        )
         console.print(f"   {naming.COMPUTE_STACK} is gone; {kept} data and output objects are still in S3")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spot-interruption", action="store_true", help="interrupt the first run mid-way and resume it on a second launch")
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".local" / "demo", help="where the emulator log, the instance and fetched outputs go")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 30 with --spot-interruption)")
+    parser = argparse.ArgumentParser(
+        prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--spot-interruption",
+        action="store_true",
+        help="interrupt the first run mid-way and resume it on a second launch",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=ROOT / ".local" / "demo",
+        help="where the emulator log, the instance and fetched outputs go",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of the example trainer (default 12; 30 with --spot-interruption)",
+    )
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
     parser.add_argument(
         "--runtime", choices=("process", "docker"), default="process",

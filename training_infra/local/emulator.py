@@ -87,7 +87,9 @@ class Emulator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise EmulatorError(f"moto_server exited with {self._process.returncode}; see {self.log_dir / 'moto.log'}")
+                raise EmulatorError(
+                    f"moto_server exited with {self._process.returncode}; see {self.log_dir / 'moto.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2):  # noqa: S310 - loopback
                     return self

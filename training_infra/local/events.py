@@ -32,7 +32,9 @@ def ec2_event(detail_type: str, instance_id: str = "", *, region: str = "us-east
         "time": when,
         "region": region,
         "resources": (
-            [f"arn:aws:events:{region}:{account}:rule/reconcile"] if scheduled else [f"arn:aws:ec2:{region}:{account}:instance/{instance_id}"]
+            [f"arn:aws:events:{region}:{account}:rule/reconcile"]
+            if scheduled
+            else [f"arn:aws:ec2:{region}:{account}:instance/{instance_id}"]
         ),
         "detail": {} if scheduled else {"instance-id": instance_id, **detail},
     }

@@ -3,8 +3,12 @@
 The instance agent reads its identity, tags and spot notices from IMDS. Off AWS there is none, so
 tests and the local demo point `AWS_EC2_METADATA_SERVICE_ENDPOINT` at this server and inject spot
 interruptions and rebalance recommendations when they want one. It follows the real protocol where
-the agent depends on it: a token from `PUT /latest/api/token` is required (401 without it), and the
-notice paths answer 404 until a notice exists.
+the agent depends on it: a token from `PUT /latest/api/token` is required (401 without it), the
+notice paths answer 404 until a notice exists, and instance tags (`meta-data/tags/instance`, a key
+per line, and `.../tags/instance/<key>`) answer as they are now, so a tag added while the agent
+runs (the supervisor's `training-infra:stop`) is seen at the next poll. The tags are a dict the
+caller changes with `set_tag`/`remove_tag`, or a function read on every request (the local instance
+reads its tags from the local AWS that way).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,7 +51,7 @@ class FakeImds:
         region: str = "us-east-1",
         availability_zone: str = "us-east-1a",
         market: str = "spot",
-        tags: dict[str, str] | None = None,
+        tags: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
         account_id: str = "123456789012",
         image_id: str = "ami-0123456789abcdef0",
     ) -> None:
@@ -57,7 +62,8 @@ class FakeImds:
         self.region = region
         self.availability_zone = availability_zone
         self.market = market
-        self.tags = dict(tags or {})
+        self._tags_source = tags if callable(tags) else None
+        self.tags: dict[str, str] = {} if callable(tags) else dict(tags or {})
         self.account_id = account_id
         self.image_id = image_id
         self._lock = threading.Lock()
@@ -112,6 +118,27 @@ class FakeImds:
     def clear_notices(self) -> None:
         with self._lock:
             self._instance_action = self._rebalance = None
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Tag the instance, as `ec2 create-tags` does (the agent sees it at its next poll)."""
+        self._own_tags()
+        with self._lock:
+            self.tags[key] = value
+
+    def remove_tag(self, key: str) -> None:
+        self._own_tags()
+        with self._lock:
+            self.tags.pop(key, None)
+
+    def _own_tags(self) -> None:
+        if self._tags_source is not None:
+            raise RuntimeError("this FakeImds reads its tags from a function: change them where it reads them")
+
+    def current_tags(self) -> dict[str, str]:
+        if self._tags_source is not None:
+            return dict(self._tags_source())
+        with self._lock:
+            return dict(self.tags)
 
     @property
     def requests(self) -> list[ImdsRequest]:
@@ -168,6 +195,11 @@ class FakeImds:
             }
         if path in notices:
             return notices[path]
+        if path == "meta-data/tags/instance" or path.startswith("meta-data/tags/instance/"):
+            tags = self.current_tags()
+            if path == "meta-data/tags/instance":
+                return "\n".join(tags)
+            return tags.get(path.removeprefix("meta-data/tags/instance/"))
         fixed = {
             "meta-data/instance-id": self.instance_id,
             "meta-data/instance-type": self.instance_type,
@@ -175,15 +207,9 @@ class FakeImds:
             "meta-data/placement/availability-zone": self.availability_zone,
             "meta-data/placement/region": self.region,
             "meta-data/instance-life-cycle": self.market,
-            "meta-data/tags/instance": "\n".join(self.tags),
             "dynamic/instance-identity/document": self._document(),
         }
-        if path in fixed:
-            return fixed[path]
-        prefix = "meta-data/tags/instance/"
-        if path.startswith(prefix):
-            return self.tags.get(path[len(prefix) :])
-        return None
+        return fixed.get(path)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -212,7 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.imds._token_valid(self.headers.get(TOKEN_HEADER)):
             self._reply(401, "Unauthorized")
             return
-        body = self.imds._lookup(self.path[len("/latest/") :].rstrip("/"))
+        try:
+            body = self.imds._lookup(self.path[len("/latest/") :].rstrip("/"))
+        except Exception:  # noqa: BLE001 - a tag source that failed: IMDS answers 500, the agent asks again
+            self._reply(500, "Internal Server Error")
+            return
         if body is None:
             self._reply(404, "Not Found")
         else:

@@ -1,8 +1,10 @@
 """Plays an EC2 instance launched into the local AWS: the real user data runs here under bash.
 
 The emulator records the instance (type, tags, user data) but runs nothing. This takes that
-record, serves a fake IMDS with the instance's identity, and runs the rendered agent with its root
-paths under a local folder and power-off wired back to the emulator
+record, serves a fake IMDS with the instance's identity and its tags (read from the emulator at
+every request, as EC2's IMDS serves them: the agent learns its attempt and the run's deadline, and
+sees a stop request at its next poll once `training-infra stop` tags the instance), and runs the
+rendered agent with its root paths under a local folder and power-off wired back to the emulator
 (InstanceInitiatedShutdownBehavior=terminate: powering off terminates the instance). The runtime
 is `process` (the trainer command runs directly), or, given a `ContainerEngine`, the production
 `docker` runtime on podman with the engine's registry answering as the account's ECR.
@@ -75,7 +77,7 @@ class LocalInstance:
             region=self.aws_env["AWS_REGION"],
             availability_zone=instance["Placement"]["AvailabilityZone"],
             market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
-            tags={tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])},
+            tags=self.tags,
             image_id=instance["ImageId"],
         ).start()
         env = {
@@ -100,6 +102,11 @@ class LocalInstance:
                 argv, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
             )
         return self
+
+    def tags(self) -> dict[str, str]:
+        """The instance's tags as the local AWS holds them now."""
+        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return {tag["Key"]: tag["Value"] for r in reservations for i in r["Instances"] for tag in i.get("Tags", [])}
 
     def _fake_binaries(self) -> Path:
         bin_dir = self.root / "bin"

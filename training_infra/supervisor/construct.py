@@ -46,7 +46,9 @@ class RunTable(Construct):
             "Table",
             partition_key=dynamodb.Attribute(name="run_id", type=dynamodb.AttributeType.STRING),
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
-            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(point_in_time_recovery_enabled=True),
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
             encryption=dynamodb.TableEncryption.AWS_MANAGED,
             deletion_protection=retain,
             removal_policy=RemovalPolicy.RETAIN if retain else RemovalPolicy.DESTROY,
@@ -126,15 +128,26 @@ class TrainingSupervisor(Construct):
         fn = self.function
         table_arn = as_seen_from(fn.role, run_table, run_table.table_arn)
         fn.add_to_role_policy(
-            iam.PolicyStatement(sid="RunRecords", actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"], resources=[table_arn])
+            iam.PolicyStatement(
+                sid="RunRecords",
+                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"],
+                resources=[table_arn],
+            )
         )
-        fn.add_to_role_policy(iam.PolicyStatement(sid="RunIndexes", actions=["dynamodb:Query"], resources=[f"{table_arn}/index/*"]))
+        fn.add_to_role_policy(
+            iam.PolicyStatement(sid="RunIndexes", actions=["dynamodb:Query"], resources=[f"{table_arn}/index/*"])
+        )
         fn.acknowledge(
             f"IAM5[Resource::{nag_name(fn.role, f'{table_arn}/index/*')}]",
             "Query on the run table's own two indexes (Active, ByCreated); no other table.",
         )
-        statuses = f"{as_seen_from(fn.role, outputs_bucket, outputs_bucket.bucket_arn)}/{naming.RUNS_PREFIX}*/attempts/*/status.json"
-        fn.add_to_role_policy(iam.PolicyStatement(sid="ReadAttemptStatus", actions=["s3:GetObject"], resources=[statuses]))
+        statuses = (
+            f"{as_seen_from(fn.role, outputs_bucket, outputs_bucket.bucket_arn)}/"
+            f"{naming.RUNS_PREFIX}*/attempts/*/status.json"
+        )
+        fn.add_to_role_policy(
+            iam.PolicyStatement(sid="ReadAttemptStatus", actions=["s3:GetObject"], resources=[statuses])
+        )
         fn.acknowledge(
             f"IAM5[Resource::{nag_name(fn.role, statuses)}]",
             "Reads only the status.json each attempt's agent writes, for runs and attempts made at run time.",
@@ -167,7 +180,13 @@ class TrainingSupervisor(Construct):
                 sid="LaunchIntoTheNetwork",
                 actions=["ec2:RunInstances"],
                 # The root volume comes with the instance (tagged by the run template).
-                resources=[arn("volume"), arn("subnet"), arn("security-group"), arn("network-interface"), f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
+                resources=[
+                    arn("volume"),
+                    arn("subnet"),
+                    arn("security-group"),
+                    arn("network-interface"),
+                    f"arn:{stack.partition}:ec2:{stack.region}::image/*",
+                ],
             ),
             iam.PolicyStatement(
                 sid="TagAtLaunch",
@@ -201,13 +220,23 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="FleetServiceLinkedRole",
                 actions=["iam:CreateServiceLinkedRole"],
-                resources=[f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"],
+                resources=[
+                    f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"
+                ],
                 conditions={"StringEquals": {"iam:AWSServiceName": "ec2fleet.amazonaws.com"}},
             ),
         ]
         for statement in statements:
             fn.add_to_role_policy(statement)
-        for resource in ("fleet", "launch-template", "instance", "volume", "subnet", "security-group", "network-interface"):
+        for resource in (
+            "fleet",
+            "launch-template",
+            "instance",
+            "volume",
+            "subnet",
+            "security-group",
+            "network-interface",
+        ):
             fn.acknowledge(
                 f"IAM5[Resource::{nag_name(self, arn(resource))}]",
                 f"{resource} ids are made at launch (fleets, run templates, instances) or are the user's network; "
@@ -215,10 +244,12 @@ class TrainingSupervisor(Construct):
             )
         fn.acknowledge(
             f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
-            "The AMI comes from the run's launch template (the Deep Learning AMI of the day); RunInstances needs the image.",
+            "The AMI comes from the run's launch template (the Deep Learning AMI of the day); "
+            "RunInstances needs the image.",
         )
+        fleet_role = f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*')}]",
+            f"IAM5[Resource::{nag_name(self, fleet_role)}]",
             "Only EC2 Fleet's own service-linked role, created once per account on the first fleet.",
         )
         fn.acknowledge(

@@ -2,8 +2,10 @@
 # training-infra instance agent: runs one training job on this box, saves everything to S3 and
 # powers the box off. Deployed as EC2 user data (training_infra/compute/user_data.py); settings
 # arrive as TI_* variables. Read docs/agent.md first. Order matters and follows DESIGN.md:
-# logging, traps, OS deadline (before any network call), metadata, image, data, checkpoints,
-# trainer + watchers, then upload, status.json, _SUCCESS, notice, power-off.
+# logging, traps, OS deadline (before any network call), metadata and tags, image, data,
+# checkpoints, trainer + watchers, then upload, status.json, _SUCCESS, notice, power-off.
+# A managed run has many attempts (one instance each): the instance tags say which attempt this
+# is, the run's one deadline and whether the supervisor asks it to stop.
 # shellcheck disable=SC2317  # functions below are reached through traps and background jobs
 set -Eeuo pipefail
 umask 022
@@ -38,7 +40,7 @@ export AWS_PAGER=""
 : "${TI_MARKET:=spot}" "${TI_HOURLY_PRICE_USD:=0}" "${TI_EXTRA_ENV:=}" "${TI_STOP_ON_REBALANCE:=true}"
 : "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
-: "${TI_PULL_TIMEOUT_SECONDS:=1800}"
+: "${TI_PULL_TIMEOUT_SECONDS:=1800}" "${TI_DEADLINE_AT:=}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
 HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
 [[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
@@ -46,6 +48,8 @@ HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the c
 OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
 INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
 IMAGE="${TI_IMAGE_URI}:${TI_IMAGE_TAG}" CONTAINER=training-infra-trainer WATCHERS=()
+# ATTEMPT 0: not known (no answer from IMDS), so this record never overwrites a real attempt's.
+ATTEMPT=0 DEADLINE_EPOCH="" DEADLINE_WHY="" TAG=training-infra
 START_EPOCH=$(date +%s)
 STARTED_AT=$(date -u -d "@$START_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 
@@ -110,12 +114,37 @@ validate() {
   [[ -z $TI_RUN_ID || $TI_RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||
     fail "TI_RUN_ID='$TI_RUN_ID' is not allowed: use letters, digits, '.', '_' and '-'"
   [[ $POWEROFF_CMD != *halt* ]] || fail "TI_POWEROFF_CMD='$POWEROFF_CMD' is not allowed: halt leaves the instance billing"
+  if [[ -n $TI_DEADLINE_AT ]]; then
+    set_deadline "$TI_DEADLINE_AT" ||
+      fail "TI_DEADLINE_AT='$TI_DEADLINE_AT' is not allowed: use an ISO 8601 UTC time such as 2026-11-29T18:00:00Z"
+  else
+    DEADLINE_EPOCH=$((START_EPOCH + TI_MAX_RUNTIME_SECONDS)) DEADLINE_WHY="max runtime of ${TI_MAX_RUNTIME_SECONDS}s"
+  fi
   : >"$STATE/trainer.env"
   while IFS= read -r line; do
     [[ -z $line ]] && continue
     [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "TI_EXTRA_ENV line '$line' is not allowed: use KEY=VALUE"
     printf '%s\n' "$line" >>"$STATE/trainer.env"
   done <<<"$TI_EXTRA_ENV"
+}
+
+# ---------------------------------------------------------------- the run's deadline
+# globals: sets DEADLINE_EPOCH DEADLINE_WHY
+set_deadline() {  # set_deadline ISO-TIME: the run's one absolute deadline; fails on anything else
+  local epoch
+  [[ $1 =~ ^[0-9]{4}-[0-9-]{5}T[0-9:.]+(Z|[+-][0-9:]+)$ ]] &&
+    epoch=$(date -u -d "$1" +%s 2>/dev/null) || return 1
+  DEADLINE_EPOCH=$epoch DEADLINE_WHY="the run's deadline $1"
+}
+# globals: reads DEADLINE_EPOCH DEADLINE_WHY SHUTDOWN_BIN
+arm_os_deadline() {  # shutdown -h +N at the deadline, rounded up to minutes; one minute when it has passed
+  local left=$((DEADLINE_EPOCH - $(date +%s))) minutes=1
+  ((left <= 0)) || minutes=$(((left + 59) / 60))
+  if "$SHUTDOWN_BIN" -h "+$minutes" "training-infra: $DEADLINE_WHY reached"; then
+    log "OS deadline set: power-off in $minutes min ($DEADLINE_WHY)"
+  else
+    log "WARNING: could not schedule the OS deadline; the agent deadline and the cloud reaper remain"
+  fi
 }
 
 # ---------------------------------------------------------------- instance metadata (IMDSv2)
@@ -147,13 +176,38 @@ read_metadata() {
   REGION=${TI_REGION:-$(imds_get meta-data/placement/region || true)}
   [[ -n $REGION ]] || REGION=${AZ%[a-z]}
   export AWS_DEFAULT_REGION=$REGION AWS_REGION=$REGION
+  read_tags
 }
-# globals: reads TI_RUN_ID START_EPOCH INSTANCE_ID TI_OUTPUTS_BUCKET; sets RUN_ID RUN_PREFIX CKPT_PREFIX
+# globals: reads TAG TI_DEADLINE_AT; sets ATTEMPT (and, through set_deadline, the deadline)
+read_tags() {  # which attempt this is and the run's deadline, from the instance tags (404: tags off or none)
+  local keys value=""
+  keys=$(imds_get meta-data/tags/instance || true)
+  ATTEMPT=1
+  if grep -qxF "$TAG:attempt" <<<"$keys"; then
+    value=$(tag attempt) && [[ $value =~ ^[1-9][0-9]{0,5}$ ]] ||
+      { ATTEMPT=0; fail "tag $TAG:attempt='$value' is not allowed: use a whole number from 1"; }
+    ATTEMPT=$value
+  fi
+  if [[ -z $TI_DEADLINE_AT ]] && grep -qxF "$TAG:deadline" <<<"$keys"; then
+    { value=$(tag deadline) && set_deadline "$value"; } || fail "tag $TAG:deadline='$value' is not allowed: use an ISO 8601 UTC time"
+    arm_os_deadline  # the tag's instant replaces the max-runtime deadline set before
+  fi
+}
+tag() { imds_get "meta-data/tags/instance/$TAG:$1"; }  # tag NAME: its value; fails when absent
+# globals: reads TAG IMDS_TOKEN; sets STOP_OUTCOME STOP_MESSAGE
+stop_requested() {  # the supervisor tags the instance stop=user|budget|stall; fails while there is none
+  local reason
+  reason=$(tag stop) || return 1
+  case $reason in budget) STOP_OUTCOME=budget ;; stall) STOP_OUTCOME=stalled ;; *) STOP_OUTCOME=stopped ;; esac
+  STOP_MESSAGE="stop requested (tag $TAG:stop=${reason//[^A-Za-z0-9._-]/?})"
+}
+# globals: reads TI_RUN_ID START_EPOCH INSTANCE_ID TI_OUTPUTS_BUCKET ATTEMPT; sets RUN_ID RUN_PREFIX ATTEMPT_PREFIX CKPT_PREFIX
 set_run_id() {
   local id=$TI_RUN_ID
   [[ -n $id ]] || id="$(date -u -d "@$START_EPOCH" +%Y%m%d-%H%M%S)-${INSTANCE_ID}"
   RUN_ID=${id,,}
   RUN_PREFIX=s3://$TI_OUTPUTS_BUCKET/runs/$RUN_ID
+  ATTEMPT_PREFIX=$RUN_PREFIX/attempts/$ATTEMPT  # this attempt's own status.json and logs
   CKPT_PREFIX=s3://$TI_OUTPUTS_BUCKET/checkpoints/$RUN_ID
 }
 
@@ -211,11 +265,11 @@ fetch_image() {
 # it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
 # globals: reads CKPT_DIR CKPT_PREFIX
 sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --only-show-errors; }
-# globals: reads STATE SETUP_LOG TRAIN_LOG RUN_PREFIX
+# globals: reads STATE SETUP_LOG TRAIN_LOG ATTEMPT_PREFIX
 upload_logs() {
   mkdir -p "$STATE/logs"
   cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
-  awsc s3 sync "$STATE/logs/" "$RUN_PREFIX/logs/" --only-show-errors
+  awsc s3 sync "$STATE/logs/" "$ATTEMPT_PREFIX/logs/" --only-show-errors
 }
 
 # ---------------------------------------------------------------- the trainer
@@ -293,13 +347,18 @@ watch_spot() {
     sleep "$TI_SPOT_POLL_SECONDS"
   done
 }
-# globals: reads START_EPOCH TI_MAX_RUNTIME_SECONDS TI_STOP_GRACE_SECONDS
+# globals: reads START_EPOCH DEADLINE_EPOCH DEADLINE_WHY TI_STOP_GRACE_SECONDS
 watch_deadline() {  # stop early enough to save outputs before the OS-level shutdown fires
   local margin=$((TI_STOP_GRACE_SECONDS + 60)) stop_at
-  ((TI_MAX_RUNTIME_SECONDS > 2 * margin)) || margin=0
-  stop_at=$((START_EPOCH + TI_MAX_RUNTIME_SECONDS - margin))
+  ((DEADLINE_EPOCH - START_EPOCH > 2 * margin)) || margin=0
+  stop_at=$((DEADLINE_EPOCH - margin))
   sleep "$((stop_at > $(date +%s) ? stop_at - $(date +%s) : 0))"
-  request_stop deadline "max runtime of ${TI_MAX_RUNTIME_SECONDS}s reached" "$TI_STOP_GRACE_SECONDS"
+  request_stop deadline "$DEADLINE_WHY reached" "$TI_STOP_GRACE_SECONDS"
+}
+# globals: reads TI_SPOT_POLL_SECONDS TI_STOP_GRACE_SECONDS
+watch_stop() {  # a stop request from the supervisor: the same graceful stop as a spot notice
+  until stop_requested; do sleep "$TI_SPOT_POLL_SECONDS"; done
+  request_stop "$STOP_OUTCOME" "$STOP_MESSAGE" "$TI_STOP_GRACE_SECONDS"
 }
 # globals: reads NVIDIA_SMI
 gpu_utilisation() {  # the busiest GPU, so one busy GPU of eight is not "idle"
@@ -354,7 +413,7 @@ run_watcher() { trap - ERR EXIT TERM INT; set +e; "$1"; }  # never the main trap
 # globals: sets WATCHERS
 start_watchers() {
   local watcher
-  for watcher in watch_spot watch_deadline watch_idle watch_checkpoints watch_logs; do
+  for watcher in watch_spot watch_stop watch_deadline watch_idle watch_checkpoints watch_logs; do
     spawn run_watcher "$watcher"
     WATCHERS+=("$LAST_PID")
   done
@@ -364,7 +423,7 @@ start_watchers() {
 # globals: reads STATE RUN_ID OUTCOME EXIT_CODE STARTED_AT ENDED_AT START_EPOCH ENDED_EPOCH IMAGE MESSAGE
 # and the instance's (INSTANCE_ID INSTANCE_TYPE MARKET AZ)
 write_status() {  # prints the cost estimate
-  python3 "$AGENT_TOOLS" status "$STATE/status.json" --run-id="$RUN_ID" --outcome="$OUTCOME" \
+  python3 "$AGENT_TOOLS" status "$STATE/status.json" --run-id="$RUN_ID" --attempt="$ATTEMPT" --outcome="$OUTCOME" \
     --exit-code="$EXIT_CODE" --started-at="$STARTED_AT" --ended-at="$ENDED_AT" \
     --duration-seconds="$((ENDED_EPOCH - START_EPOCH))" --instance-id="$INSTANCE_ID" \
     --instance-type="$INSTANCE_TYPE" --market="$MARKET" --availability-zone="$AZ" \
@@ -430,7 +489,9 @@ finalize() {
   fi
   COST=$(write_status) || log "WARNING: status.json not written"
   log "status: $(tr -d '\n' <"$STATE/status.json")"
-  if ! retry "status upload" awsc s3 cp "$STATE/status.json" "$RUN_PREFIX/status.json" --only-show-errors; then
+  # The attempt's own record first (the supervisor reads it), then the run's summary (the CLI's).
+  if ! retry "status upload" awsc s3 cp "$STATE/status.json" "$ATTEMPT_PREFIX/status.json" --only-show-errors ||
+    ! retry "run summary upload" awsc s3 cp "$STATE/status.json" "$RUN_PREFIX/status.json" --only-show-errors; then
     log "WARNING: status.json not uploaded"
   elif [[ $OUTCOME == succeeded ]]; then
     upload_logs || log "WARNING: log upload failed"
@@ -460,6 +521,18 @@ on_signal() {
 }
 
 # ---------------------------------------------------------------- main
+# globals: reads DEADLINE_EPOCH DEADLINE_WHY; sets OUTCOME MESSAGE
+end_if_over() {  # no training once the deadline has passed or the supervisor asked to stop
+  if ((DEADLINE_EPOCH <= $(date +%s))); then
+    OUTCOME=deadline MESSAGE="$DEADLINE_WHY passed before the trainer started"
+  elif stop_requested; then
+    OUTCOME=$STOP_OUTCOME MESSAGE="$STOP_MESSAGE before the trainer started"
+  else
+    return 0
+  fi
+  note "$MESSAGE"
+  exit 0
+}
 # globals: sets EXIT_CODE OUTCOME MESSAGE (and, through what it calls, every run global)
 main() {
   local i
@@ -477,16 +550,15 @@ main() {
   trap 'on_signal INT' INT
   log "training-infra agent starting (runtime $RUNTIME, root '${ROOT:-/}')"
   validate
-  # 3. the OS-level deadline, before any network call can hang
-  if "$SHUTDOWN_BIN" -h "+$(((TI_MAX_RUNTIME_SECONDS + 59) / 60))" "training-infra: max runtime reached"; then
-    log "OS deadline set: power-off in $(((TI_MAX_RUNTIME_SECONDS + 59) / 60)) min"
-  else
-    log "WARNING: could not schedule the OS deadline; the agent deadline and the cloud reaper remain"
-  fi
+  # 3. the OS-level deadline, before any network call can hang (a deadline tag moves it later)
+  arm_os_deadline
   read_metadata
   set_run_id
-  log "run $RUN_ID on $INSTANCE_ID ($INSTANCE_TYPE, $MARKET, $AZ, $REGION)"
+  log "run $RUN_ID attempt $ATTEMPT on $INSTANCE_ID ($INSTANCE_TYPE, $MARKET, $AZ, $REGION)"
+  # The first line of this attempt in the run's one log stream: `logs RUN` shows where it starts.
+  note "attempt $ATTEMPT started on $INSTANCE_TYPE in $AZ ($MARKET)"
   open_log_stream
+  end_if_over
   # 4. image and data, each with bounded retries; a permanent failure ends the run as failed
   retry "image $IMAGE" fetch_image || fail "could not get image $IMAGE from ECR after $RETRIES attempts"
   retry "data sync" awsc s3 sync "s3://$TI_DATA_BUCKET/data/" "$DATA_DIR/" --only-show-errors ||
@@ -496,6 +568,7 @@ main() {
   retry "checkpoint restore" awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --only-show-errors ||
     fail "could not restore checkpoints from $CKPT_PREFIX/"
   log "checkpoints: $(find "$CKPT_DIR" -type f | wc -l) files restored from $CKPT_PREFIX/"
+  end_if_over
   start_trainer
   # 6. watchers
   start_watchers

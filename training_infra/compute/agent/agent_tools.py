@@ -49,6 +49,7 @@ def log_batch(log: Path, offset_file: Path, batch_file: Path, *, final: bool) ->
 def build_status(
     *,
     run_id: str,
+    attempt: int,
     outcome: str,
     exit_code: str,
     started_at: str,
@@ -62,9 +63,10 @@ def build_status(
     image: str,
     message: str,
 ) -> dict:
-    """runs/<id>/status.json (fields in docs/agent.md); `exit_code` "": the trainer never ran."""
+    """runs/<id>/attempts/<n>/status.json and the run summary (docs/agent.md); `exit_code` "": no trainer ran."""
     return {
         "run_id": run_id,
+        "attempt": attempt,
         "outcome": outcome,
         "exit_code": int(exit_code) if exit_code else None,
         "started_at": started_at,
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("run-id", "outcome", "exit-code", "started-at", "ended-at", "instance-id", "instance-type",
                  "market", "availability-zone", "image", "message"):  # fmt: skip
         status.add_argument(f"--{name}", required=True)
+    status.add_argument("--attempt", type=int, required=True)
     status.add_argument("--duration-seconds", type=int, required=True)
     status.add_argument("--hourly-price-usd", type=float, required=True)
     return parser

@@ -154,7 +154,9 @@ class RunStore:
         """Store a new run; refuses an id that exists (a finished run is resumed, never overwritten)."""
         run.version = 1
         try:
-            self._db.put_item(TableName=self.table, Item=run.to_item(), ConditionExpression="attribute_not_exists(run_id)")
+            self._db.put_item(
+                TableName=self.table, Item=run.to_item(), ConditionExpression="attribute_not_exists(run_id)"
+            )
         except ClientError as error:
             if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 raise StaleRecord(f"run {run.run_id} already exists") from None

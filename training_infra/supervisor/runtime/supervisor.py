@@ -63,7 +63,15 @@ CAPACITY_ERRORS = (
     "VcpuLimitExceeded",
 )
 # Answers that may pass by themselves: the next reconcile asks again.
-TRANSIENT_ERRORS = ("RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable")
+TRANSIENT_ERRORS = (
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+)
 # A run's agent outcome -> how the attempt ended.
 AGENT_OUTCOMES = {
     "succeeded": "succeeded",
@@ -130,7 +138,12 @@ class Clients:
 
 def pools(spec: Mapping[str, Any], subnet_zones: Mapping[str, str]) -> list[tuple[str, str]]:
     """Every (instance type, subnet) the run may use."""
-    return [(instance_type, subnet) for instance_type in spec["instance_types"] for subnet in spec["subnet_ids"] if subnet in subnet_zones]
+    return [
+        (instance_type, subnet)
+        for instance_type in spec["instance_types"]
+        for subnet in spec["subnet_ids"]
+        if subnet in subnet_zones
+    ]
 
 
 def pool_key(instance_type: str, zone: str) -> str:
@@ -142,7 +155,9 @@ def _subnet_zones(clients: Clients, subnet_ids: list[str]) -> dict[str, str]:
     return {subnet["SubnetId"]: subnet["AvailabilityZone"] for subnet in subnets}
 
 
-def _fleet_request(run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig) -> dict[str, Any]:
+def _fleet_request(
+    run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig
+) -> dict[str, Any]:
     spec = run.spec
     tags = {
         cfg.managed_tag: "true",
@@ -155,7 +170,9 @@ def _fleet_request(run: Run, attempt: int, market: str, overrides: list[dict[str
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
         # second instance, while the next try after a capacity failure is a new request.
-        "ClientToken": _client_token(run.run_id, attempt, market, run.current.get("claimed_at", "") if run.current else ""),
+        "ClientToken": _client_token(
+            run.run_id, attempt, market, run.current.get("claimed_at", "") if run.current else ""
+        ),
         "Type": "instant",
         "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "DefaultTargetCapacityType": market},
         "LaunchTemplateConfigs": [
@@ -168,7 +185,9 @@ def _fleet_request(run: Run, attempt: int, market: str, overrides: list[dict[str
             }
         ],
         # An instant fleet tags only instances (and itself); volumes get the run template's tags.
-        "TagSpecifications": [{"ResourceType": "instance", "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}],
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
+        ],
     }
     if market == "spot":
         request["SpotOptions"] = {"AllocationStrategy": "price-capacity-optimized"}
@@ -192,7 +211,10 @@ def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> d
         Filters=[
             {"Name": f"tag:{cfg.run_id_tag}", "Values": [run.run_id]},
             {"Name": f"tag:{cfg.attempt_tag}", "Values": [str(attempt)]},
-            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"]},
+            {
+                "Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"],
+            },
         ]
     )["Reservations"]
     instances = [instance for reservation in reservations for instance in reservation["Instances"]]
@@ -209,8 +231,9 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
     assert attempt is not None and not attempt.get("instance_id"), "launch needs an open attempt without an instance"
     existing = _adopt(clients, run, attempt["n"], cfg)
     if existing is not None:
-        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"), existing.get("Placement", {}).get("AvailabilityZone"),
-                         existing.get("SubnetId"), "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
+        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"),
+                         existing.get("Placement", {}).get("AvailabilityZone"), existing.get("SubnetId"),
+                         "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
         return attempt
     zones = _subnet_zones(clients, list(run.spec["subnet_ids"]))
     cooled = {key for key, until in run.cooldown.items() if (parse_iso(until) or now) > now}
@@ -231,16 +254,27 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
             for instance_id in launched.get("InstanceIds", []):
                 chosen = launched["LaunchTemplateAndOverrides"]["Overrides"]
                 subnet = chosen.get("SubnetId", "")
-                _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"), zones.get(subnet),
-                                 subnet, launched.get("Lifecycle", market), now)  # fmt: skip
+                _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"),
+                                 zones.get(subnet), subnet, launched.get("Lifecycle", market), now)  # fmt: skip
                 return attempt
         pool_errors = response.get("Errors", [])
-        refused = [e for e in pool_errors if e.get("ErrorCode") not in CAPACITY_ERRORS and e.get("ErrorCode") not in TRANSIENT_ERRORS]
+        refused = [
+            e
+            for e in pool_errors
+            if e.get("ErrorCode") not in CAPACITY_ERRORS and e.get("ErrorCode") not in TRANSIENT_ERRORS
+        ]
         if refused and len(refused) == len(pool_errors):
             first = refused[0]
-            raise LaunchRefused(f"EC2 refused the launch in every pool: {first.get('ErrorCode')}: {first.get('ErrorMessage', '')}")
+            raise LaunchRefused(
+                f"EC2 refused the launch in every pool: {first.get('ErrorCode')}: {first.get('ErrorMessage', '')}"
+            )
         errors.extend(
-            {"market": market, "code": e.get("ErrorCode", ""), "message": e.get("ErrorMessage", ""), "pool": _override_name(e, zones)}
+            {
+                "market": market,
+                "code": e.get("ErrorCode", ""),
+                "message": e.get("ErrorMessage", ""),
+                "pool": _override_name(e, zones),
+            }
             for e in pool_errors
         )
     attempt.update(end_reason="capacity", ended_at=iso(now), errors=errors[-12:], message=_capacity_message(errors))
@@ -259,8 +293,23 @@ def _capacity_message(errors: list[dict[str, str]]) -> str:
     return f"no capacity: {', '.join(codes)} in {len(errors)} pool(s)"
 
 
-def _record_instance(attempt: dict, instance_id: str | None, instance_type: str | None, zone: str | None, subnet: str | None, market: str, now: datetime) -> None:
-    attempt.update(instance_id=instance_id, instance_type=instance_type or "", zone=zone or "", subnet_id=subnet or "", market=market, started_at=iso(now))
+def _record_instance(
+    attempt: dict,
+    instance_id: str | None,
+    instance_type: str | None,
+    zone: str | None,
+    subnet: str | None,
+    market: str,
+    now: datetime,
+) -> None:
+    attempt.update(
+        instance_id=instance_id,
+        instance_type=instance_type or "",
+        zone=zone or "",
+        subnet_id=subnet or "",
+        market=market,
+        started_at=iso(now),
+    )
 
 
 # -------------------------------------------------------------------------------- classifying
@@ -281,9 +330,13 @@ def attempt_status_key(cfg: SupervisorConfig, run_id: str, attempt: int) -> str:
     return f"{cfg.runs_prefix}{run_id}/attempts/{attempt}/status.json"
 
 
-def _attempt_status(clients: Clients, cfg: SupervisorConfig, run: Run, attempt: Mapping[str, Any]) -> dict[str, Any] | None:
+def _attempt_status(
+    clients: Clients, cfg: SupervisorConfig, run: Run, attempt: Mapping[str, Any]
+) -> dict[str, Any] | None:
     try:
-        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=attempt_status_key(cfg, run.run_id, attempt["n"]))["Body"].read()
+        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=attempt_status_key(cfg, run.run_id, attempt["n"]))[
+            "Body"
+        ].read()
     except ClientError as error:
         if error.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
             return None
@@ -295,7 +348,9 @@ def _attempt_status(clients: Clients, cfg: SupervisorConfig, run: Run, attempt: 
     return status if isinstance(status, dict) else None
 
 
-def classify(instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Mapping[str, Any]) -> tuple[str, str]:
+def classify(
+    instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Mapping[str, Any]
+) -> tuple[str, str]:
     """How an attempt ended: (reason, words for people)."""
     if status and status.get("outcome") in AGENT_OUTCOMES:
         reason = AGENT_OUTCOMES[status["outcome"]]
@@ -349,7 +404,9 @@ class Supervisor:
                 log.exception("reconcile of %s failed", run.run_id)
                 failures.append(f"{run.run_id}: {error}")
         if failures:
-            raise SupervisorError(f"{len(failures)} run(s) not reconciled (the next minute retries): {'; '.join(failures)}")
+            raise SupervisorError(
+                f"{len(failures)} run(s) not reconciled (the next minute retries): {'; '.join(failures)}"
+            )
         return {"reconciled": results}
 
     def reconcile(self, run_id: str) -> dict[str, Any]:
@@ -367,7 +424,8 @@ class Supervisor:
         raise RuntimeError(f"run {run_id} kept changing; the next reconcile finishes it")
 
     def request_stop(self, run_id: str, reason: str = "user") -> Run:
-        """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate after the grace."""
+        """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate
+        after the grace."""
         for _ in range(5):
             run = self.store.get(run_id)
             if run is None:
@@ -392,8 +450,14 @@ class Supervisor:
         if run.stop_requested_at and (attempt is None or not attempt.get("instance_id")):
             # Stopped while waiting for capacity (or between attempts): nothing runs, nothing to launch.
             if attempt is not None:
-                attempt.update(ended_at=iso(now), end_reason="stopped", message="stop requested before an instance started")
-            return self._finish(run, run.stop_reason if run.stop_reason == "budget" else "stopped", "stopped on request before an instance started")
+                attempt.update(
+                    ended_at=iso(now), end_reason="stopped", message="stop requested before an instance started"
+                )
+            return self._finish(
+                run,
+                run.stop_reason if run.stop_reason == "budget" else "stopped",
+                "stopped on request before an instance started",
+            )
         if attempt is None:
             return self._next_attempt(run, why="first launch" if not run.attempts else run.message)
         if not attempt.get("instance_id"):
@@ -410,21 +474,33 @@ class Supervisor:
         ended = parse_iso((status or {}).get("ended_at")) or now
         attempt.update(ended_at=iso(ended), end_reason=reason, message=words)
         if status:
-            attempt.update(exit_code=status.get("exit_code"), price_usd=status.get("hourly_price_usd"), cost_usd=status.get("estimated_cost_usd"))
+            attempt.update(
+                exit_code=status.get("exit_code"),
+                price_usd=status.get("hourly_price_usd"),
+                cost_usd=status.get("estimated_cost_usd"),
+            )
         if reason == "reclaimed" and attempt.get("zone"):
-            run.cooldown[pool_key(attempt.get("instance_type", ""), attempt["zone"])] = iso(now + timedelta(seconds=self.cfg.cooldown_seconds))
+            run.cooldown[pool_key(attempt.get("instance_type", ""), attempt["zone"])] = iso(
+                now + timedelta(seconds=self.cfg.cooldown_seconds)
+            )
         return self._after(run, reason, words, now)
 
     def _after(self, run: Run, reason: str, words: str, now: datetime) -> dict[str, Any]:
         if run.stop_requested_at:
-            return self._finish(run, run.stop_reason if run.stop_reason == "budget" else "stopped", f"stopped on request ({run.stop_reason}); last attempt: {words}")
+            return self._finish(
+                run,
+                run.stop_reason if run.stop_reason == "budget" else "stopped",
+                f"stopped on request ({run.stop_reason}); last attempt: {words}",
+            )
         if reason in ("succeeded", "idle", "deadline", "stopped"):
             return self._finish(run, reason, words)
         if reason in ("failed", "stalled"):
             allowed = int(run.spec.get("max_restarts_on_errors", 0))
             if run.errors_used >= allowed:
                 final = "stalled" if reason == "stalled" else "failed"
-                return self._finish(run, final, f"{words}; no restarts on errors left ({run.errors_used} of {allowed} used)")
+                return self._finish(
+                    run, final, f"{words}; no restarts on errors left ({run.errors_used} of {allowed} used)"
+                )
             run.errors_used += 1
             return self._next_attempt(run, why=f"{words} (restart {run.errors_used} of {allowed})")
         return self._next_attempt(run, why=words)
@@ -434,7 +510,12 @@ class Supervisor:
         deadline = parse_iso(run.deadline_at) or now
         needed = self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300))
         if run.attempts and (deadline - now).total_seconds() < needed:
-            return self._finish(run, "deadline", f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline is too little for another attempt")
+            return self._finish(
+                run,
+                "deadline",
+                f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline "
+                "is too little for another attempt",
+            )
         n = len(run.attempts) + 1
         run.attempts.append({"n": n, "why": why, "claimed_at": iso(now)})
         # Launching until an instance ever started; recovering after that.
@@ -450,24 +531,37 @@ class Supervisor:
             run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
             return self._finish(run, "failed", str(refused))
         if attempt.get("instance_id"):
-            run.message = f"attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']})"
+            run.message = (
+                f"attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']})"
+            )
             self.store.save(run)
             if relaunch:
-                self._notify(run, f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']}): {why}")
+                self._notify(
+                    run,
+                    f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} "
+                    f"({attempt['market']}): {why}",
+                )
             return {"run_id": run.run_id, "launched": attempt["instance_id"], "attempt": attempt["n"]}
         # No capacity anywhere: record it and stay recovering; the next reconcile tries again.
         streak = len(run.attempts) >= 2 and run.attempts[-2].get("end_reason") == "capacity"
         run.message = attempt["message"]
         if streak:  # one row per streak of capacity failures, with a count
             previous = run.attempts[-2]
-            previous.update(ended_at=attempt["ended_at"], errors=attempt["errors"], message=attempt["message"], tries=int(previous.get("tries", 1)) + 1)
+            previous.update(
+                ended_at=attempt["ended_at"],
+                errors=attempt["errors"],
+                message=attempt["message"],
+                tries=int(previous.get("tries", 1)) + 1,
+            )
             run.attempts.pop()
         self.store.save(run)
         if not streak:
             self._notify(run, f"waiting for capacity: {attempt['message']}; retrying every minute until the deadline")
         return {"run_id": run.run_id, "capacity": attempt["message"]}
 
-    def _watch(self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
+    def _watch(
+        self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None, now: datetime
+    ) -> dict[str, Any]:
         changed = False
         if run.state in ("launching", "recovering"):
             run.state, changed = "running", True
@@ -488,8 +582,12 @@ class Supervisor:
         run.state, run.message, run.ended_at = state, words, iso(self.now())
         self.store.save(run)
         self._release_launch_template(run)
-        verb = "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
-        self._notify(run, f"{verb}: {state} after {len([a for a in run.attempts if a.get('instance_id')])} attempt(s); {words}")
+        verb = (
+            "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
+        )
+        self._notify(
+            run, f"{verb}: {state} after {len([a for a in run.attempts if a.get('instance_id')])} attempt(s); {words}"
+        )
         return {"run_id": run.run_id, "state": state, "message": words}
 
     # --- side effects ----------------------------------------------------------------------
@@ -524,7 +622,10 @@ class Supervisor:
         attempt = run.current
         if attempt and attempt.get("instance_id"):
             try:
-                self.clients.ec2.create_tags(Resources=[attempt["instance_id"]], Tags=[{"Key": self.cfg.stop_tag, "Value": run.stop_reason or "user"}])
+                self.clients.ec2.create_tags(
+                    Resources=[attempt["instance_id"]],
+                    Tags=[{"Key": self.cfg.stop_tag, "Value": run.stop_reason or "user"}],
+                )
             except ClientError as error:
                 log.warning("could not tag %s for a graceful stop: %s", attempt["instance_id"], error)
 
@@ -543,7 +644,9 @@ class Supervisor:
         if self.clients.sns is None or not self.cfg.topic_arn:
             return
         try:
-            self.clients.sns.publish(TopicArn=self.cfg.topic_arn, Subject=f"training-infra: run {run.run_id}"[:100], Message=message)
+            self.clients.sns.publish(
+                TopicArn=self.cfg.topic_arn, Subject=f"training-infra: run {run.run_id}"[:100], Message=message
+            )
         except ClientError as error:  # a lost notice must not undo a decision already written
             log.warning("notice not sent: %s", error)
 
@@ -551,7 +654,9 @@ class Supervisor:
 def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
     import boto3
 
-    clients = Clients(ec2=boto3.client("ec2"), dynamodb=boto3.client("dynamodb"), s3=boto3.client("s3"), sns=boto3.client("sns"))
+    clients = Clients(
+        ec2=boto3.client("ec2"), dynamodb=boto3.client("dynamodb"), s3=boto3.client("s3"), sns=boto3.client("sns")
+    )
     result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
     log.info(json.dumps(result, default=str))
     return result
