@@ -67,8 +67,9 @@ diff: setup  ## cdk diff against the account in your AWS credentials, and what t
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
 deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
+	@case "$(ALLOW_DESTRUCTIVE)" in ""|1) ;; *) echo "error: ALLOW_DESTRUCTIVE: got '$(ALLOW_DESTRUCTIVE)'; allowed: 1 (or leave it unset)" >&2; exit 2;; esac
 	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
-	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(ALLOW_DESTRUCTIVE),--allow-destructive)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(filter 1,$(ALLOW_DESTRUCTIVE)),--allow-destructive)
 	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)

@@ -36,7 +36,7 @@ def main() -> None:
 
         deploy = [CDK, "deploy", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
                   "--no-notices", "--output", f"{tmp}/cdk.out", "-c", f"image_id={LOCAL_AMI}"]  # fmt: skip
-        run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices"])
+        run([CDK, "bootstrap", f"aws://123456789012/{aws.region}", "--no-notices", "--output", f"{tmp}/cdk.out"])
         run([*deploy, "--all"])
         stack_deploy = run([*deploy, naming.COMPUTE_STACK, "-c", "create_instance=true", "-c", "run_id=bench"])
         launches = [

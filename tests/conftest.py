@@ -43,6 +43,7 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "max_runtime_hours": "3.5",
         "log_retention_days": "14",
         "reserve_lambda_concurrency": "false",
+        "checkpoint_retention_days": "7",
         # The opt-in trainer role (issue 15, item 1).
         "trainer_s3_access": "true",
     },
@@ -61,6 +62,19 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
 # Deployed to the local AWS by tests/test_deploy_guard.py (moto knows this AMI id), then the same with
 # a new run id; the gates above need not see them again.
 LOCAL_AWS_CONFIGURATIONS: dict[str, dict[str, str]] = {
+    # tests/test_redeploy_keeps_instance.py: a run's start, then a newer AMI and other settings, then a new run id.
+    "redeploy_run_start": {"create_instance": "true", "run_id": "keep-me", "image_id": "ami-0123456789abcdef0"},
+    "redeploy_changed": {
+        "create_instance": "true",
+        "run_id": "keep-me",
+        "image_id": "ami-0fedcba987654321f",
+        "idle_minutes": "45",
+        "max_runtime_hours": "20",
+        "instance_type": "g6.xlarge",
+        "training_command": "python train.py --epochs 3",
+        "volume_size_gb": "200",
+    },
+    "redeploy_new_run": {"create_instance": "true", "run_id": "next-run", "image_id": "ami-0123456789abcdef0"},
     "guarded": {
         "github_repo": "acme/trainer",
         "alert_email": "ml-team@example.com",

@@ -80,7 +80,8 @@ def local_aws(tmp_path_factory):
     into a moto server."""
     with Emulator(tmp_path_factory.mktemp("moto-guard")) as emulator:
         env = {**os.environ, **emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true"}
-        bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices"]
+        bootstrap_out = str(tmp_path_factory.mktemp("bootstrap") / "cdk.out")  # never the shared ./cdk.out
+        bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices", "--output", bootstrap_out]
         done = subprocess.run(bootstrap, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         local = LocalAws(emulator=emulator, env=env, instance_id="")
@@ -330,8 +331,54 @@ def test_an_ami_parameter_that_now_resolves_to_a_newer_ami_is_named():
     )
 
 
-def test_an_instance_that_is_not_running_may_change():
+def test_an_instance_ec2_no_longer_knows_may_change():
     old = _compute({"InstanceType": "g5.xlarge"}, {})
     new = _compute({"InstanceType": "g5.2xlarge"}, {})
 
     assert deploy_guard.instance_changes("Compute", old, new, {}) == []
+
+
+def test_replacing_the_instance_of_a_run_that_ended_would_start_a_new_billed_one_and_is_refused():
+    """An ended run's instance resource that changes is replaced: CloudFormation launches a new GPU box."""
+    old = _compute({"InstanceType": "g5.xlarge"}, {})
+    new = _compute({"InstanceType": "g5.2xlarge"}, {})
+
+    [finding] = deploy_guard.instance_changes(
+        "Compute", old, new, {"Instance": ("i-0123456789abcdef0", "terminated", "bert")}
+    )
+
+    assert finding.message.startswith(
+        "this deploy would start a new instance for run bert, whose instance i-0123456789abcdef0 has ended"
+    )
+    assert "set a new run_id" in finding.message and deploy_guard.ALLOW_VARIABLE in finding.message
+
+
+def test_a_changed_subnet_replaces_the_instance_in_it_and_is_named():
+    """availability_zones moves the subnet to another zone: CloudFormation replaces it and the instance."""
+
+    def network(zone: str) -> dict:
+        template = _compute({**PINNED_VERSION, "SubnetId": {"Ref": "Subnet"}}, {})
+        template["Resources"]["Subnet"] = {
+            "Type": "AWS::EC2::Subnet",
+            "Properties": {"AvailabilityZone": zone, "CidrBlock": "10.42.0.0/20"},
+        }
+        return template
+
+    [finding] = deploy_guard.instance_changes("Compute", network("us-east-1a"), network("us-east-1b"), LIVE)
+
+    assert (
+        "because of the network (AvailabilityZone of Subnet; availability_zones, vpc_id or subnet_ids)"
+        in finding.message
+    )
+
+
+def test_the_run_id_comes_from_the_runs_launch_template_when_the_instance_has_no_tags():
+    template_data = {
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": [{"Key": naming.TAG_RUN_ID, "Value": "bert"}]}]
+    }
+    old = _compute({**PINNED_VERSION, "InstanceType": "g5.xlarge"}, template_data)
+    new = _compute({**PINNED_VERSION, "InstanceType": "g5.2xlarge"}, template_data)
+
+    [finding] = deploy_guard.instance_changes("Compute", old, new, LIVE)
+
+    assert finding.message.startswith("the run bert is still running on i-0123456789abcdef0")

@@ -59,7 +59,7 @@ def test_resumed_run_succeeded_with_outputs_logs_and_success_marker_in_s3(finish
         f"{prefix}status.json",
         f"{prefix}_SUCCESS",
         f"{prefix}outputs/model.npz",
-        f"{prefix}logs/training.log",
+        f"{prefix}attempts/2/logs/training.log",
     } <= runs
     assert f"{naming.LATEST_PREFIX}_SUCCESS" in runs, "runs/latest/ mirrors the newest finished run"
     assert finished_demo["status"]["outcome"] == "succeeded"
@@ -112,7 +112,7 @@ def test_attempt_2_restored_exactly_the_last_checkpoint_attempt_1_wrote(finished
 def test_status_shows_the_two_attempts(finished_demo):
     console = finished_demo["console"]
     assert f"run {finished_demo['demo'].run_id}: succeeded" in console
-    assert "reclaimed: spot reclaimed by AWS" in console
+    assert "reclaimed: spot interruption notice" in console, "attempt 1's row says AWS reclaimed it"
 
 
 def test_cli_outputs_launch_status_cost_and_fetch_speak_to_the_user(finished_demo):

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import CDK_JSON_CONTEXT, ROOT, synthesize
+from tests.conftest import CDK_JSON_CONTEXT, LOCAL_AWS_CONFIGURATIONS, ROOT
 from training_infra import naming
 from training_infra.local.emulator import Emulator
 from training_infra.local.instance import aws_client
@@ -24,17 +24,11 @@ from training_infra.local.instance import aws_client
 CDK = ROOT / "node_modules" / ".bin" / "cdk"
 AMI_AT_RUN_START = "ami-0123456789abcdef0"
 NEWER_AMI = "ami-0fedcba987654321f"
-RUN = {"create_instance": "true", "run_id": "keep-me", "image_id": AMI_AT_RUN_START}
+# The settings of each deploy, declared once in tests/conftest.py (the session synth uses them too).
+RUN = LOCAL_AWS_CONFIGURATIONS["redeploy_run_start"]
 # A newer AMI and most settings that reach the launch template, all changed at once.
-CHANGED = {
-    **RUN,
-    "image_id": NEWER_AMI,
-    "idle_minutes": "45",
-    "max_runtime_hours": "20",
-    "instance_type": "g6.xlarge",
-    "training_command": "python train.py --epochs 3",
-    "volume_size_gb": "200",
-}
+CHANGED = LOCAL_AWS_CONFIGURATIONS["redeploy_changed"]
+assert RUN["image_id"] == AMI_AT_RUN_START and CHANGED["image_id"] == NEWER_AMI
 assert set(CHANGED) <= set(CDK_JSON_CONTEXT) | {"image_id"}
 
 
@@ -43,11 +37,9 @@ def _instances(synthesized) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    return {
-        name: synthesize(tmp_path_factory.mktemp(f"cdk-redeploy-{name}"), overrides)
-        for name, overrides in (("run_start", RUN), ("changed", CHANGED), ("new_run", {**RUN, "run_id": "next-run"}))
-    }
+def templates(synth):
+    """The shared session synth of the three configurations tests/conftest.py declares for this module."""
+    return {name: synth(f"redeploy_{name}") for name in ("run_start", "changed", "new_run")}
 
 
 def test_newer_ami_and_other_settings_leave_the_instance_resource_identical(templates):
@@ -103,7 +95,7 @@ def deployed_twice(tmp_path_factory):
             ][0]
             return {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}[naming.OUTPUT_INSTANCE_ID]
 
-        cdk("bootstrap", f"aws://123456789012/{emulator.region}")
+        cdk("bootstrap", f"aws://123456789012/{emulator.region}", "--output", str(workdir / "cdk.out"))
         first = deploy(RUN)
         second = deploy(CHANGED)
         ec2 = aws_client("ec2", emulator.env)
@@ -118,6 +110,11 @@ def deployed_twice(tmp_path_factory):
 def test_redeploy_on_the_local_aws_keeps_the_same_instance_running(deployed_twice):
     assert deployed_twice["first"] == deployed_twice["second"]
     assert deployed_twice["instance"]["State"]["Name"] == "running"
+
+
+def test_the_seed_instance_runs_in_the_market_its_template_says(deployed_twice):
+    """Issue 14: the emulator's create_instance instance reported on-demand while its status.json said spot."""
+    assert deployed_twice["instance"]["InstanceLifecycle"] == "spot"
 
 
 def test_the_instance_booted_its_runs_first_template_version_while_the_template_moved_on(deployed_twice):

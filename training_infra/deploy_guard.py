@@ -64,6 +64,8 @@ _PROPERTY_SETTINGS = {
     "LaunchTemplateData": "a setting of the launch template",
 }
 _SSM_PARAMETER_TYPE = "AWS::SSM::Parameter::Value<"
+# Resources an instance names by `Ref` whose change replaces them, and so the instance in them.
+_REPLACES_ITS_INSTANCE = ("AWS::EC2::Subnet", "AWS::EC2::VPC")
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,13 @@ def _reasons(
     instance_new = new_resources[logical_id].get("Properties", {})
     reasons = _changed_settings(instance_old, instance_new)
     refs, attributes = _references(instance_new)
+    # A subnet or VPC whose properties change is replaced, and the instance in it with it.
+    for target in sorted(refs & set(new_resources)):
+        if new_resources[target].get("Type") in _REPLACES_ITS_INSTANCE and target in old_resources:
+            before, after = old_resources[target].get("Properties", {}), new_resources[target].get("Properties", {})
+            if before != after:
+                keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+                reasons.append(f"the network ({', '.join(keys)} of {target}; availability_zones, vpc_id or subnet_ids)")
     for target in sorted(attributes):
         if target in old_resources and target in new_resources:
             before, after = old_resources[target].get("Properties", {}), new_resources[target].get("Properties", {})
@@ -274,8 +283,17 @@ def _reasons(
     return reasons
 
 
-def _run_id_of(resource: dict[str, Any]) -> str:
-    for tag in resource.get("Properties", {}).get("Tags", []) or []:
+def _run_id_of(resource: dict[str, Any], resources: dict[str, Any]) -> str:
+    """The run id an instance resource carries: its own tags, else its launch template's instance tags."""
+    properties = resource.get("Properties", {})
+    tags = list(properties.get("Tags", []) or [])
+    template_ref = (properties.get("LaunchTemplate") or {}).get("LaunchTemplateId")
+    if isinstance(template_ref, dict) and template_ref.get("Ref") in resources:
+        data = resources[template_ref["Ref"]].get("Properties", {}).get("LaunchTemplateData", {})
+        for spec in data.get("TagSpecifications", []) or []:
+            if spec.get("ResourceType") == "instance":
+                tags += spec.get("Tags", [])
+    for tag in tags:
         if isinstance(tag, dict) and tag.get("Key") == naming.TAG_RUN_ID:
             return str(tag.get("Value"))
     return "?"
@@ -295,17 +313,28 @@ def instance_changes(
     """
     old, new = _resources(deployed), _resources(synthesized)
     findings = []
-    for logical_id, (instance_id, state) in sorted(live.items()):
+    for logical_id, (instance_id, state, *tagged) in sorted(live.items()):
         resource = old.get(logical_id)
         if resource is None:
             continue
-        run_id = _run_id_of(resource)
+        run_id = tagged[0] if tagged and tagged[0] else _run_id_of(resource, old)
+        if state not in LIVE_STATES:
+            # The run's instance ended; replacing the resource would start a new, billed one.
+            if logical_id in new:
+                changed = _reasons(logical_id, deployed, synthesized or {}, parameters or {})
+                if changed:
+                    findings.append(Finding(stack, logical_id, (
+                        f"this deploy would start a new instance for run {run_id}, whose instance {instance_id} has "
+                        f"ended ({state}), because of {', '.join(changed)}; for a new run set a new run_id, for none "
+                        f"set create_instance to false, or accept with `make deploy {ALLOW_VARIABLE}`"
+                    )))  # fmt: skip
+            continue
         how = (
             f"wait for it to end (`training-infra status {run_id}`), end it (`training-infra stop {run_id}`), "
             f"or accept with `make deploy {ALLOW_VARIABLE}`"
         )
         if logical_id not in new:
-            next_runs = [_run_id_of(r) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
+            next_runs = [_run_id_of(r, new) for r in new.values() if r.get("Type") == "AWS::EC2::Instance"]
             why = f"run_id is now {', '.join(next_runs)}" if next_runs else "create_instance is no longer true"
             findings.append(Finding(stack, logical_id, (
                 f"the run {run_id} is still {state} on {instance_id} ({logical_id}) and this deploy would terminate it "
@@ -379,8 +408,8 @@ class Deployed:
             values[name] = (resolved[name], now)
         return values
 
-    def live_instances(self, stack: str) -> dict[str, tuple[str, str]]:
-        """Logical id -> (instance id, state) for the stack's instances that are not terminated."""
+    def live_instances(self, stack: str) -> dict[str, tuple[str, str, str]]:
+        """Logical id -> (instance id, state, run-id tag) for the stack's instances EC2 still knows."""
         pages = self.client("cloudformation").get_paginator("list_stack_resources").paginate(StackName=stack)
         resources = [r for page in pages for r in page["StackResourceSummaries"]]
         by_instance = {
@@ -401,8 +430,8 @@ class Deployed:
             for reservation in reservations:
                 for instance in reservation["Instances"]:
                     state = instance.get("State", {}).get("Name", "")
-                    if state in LIVE_STATES:
-                        live[logical_id] = (instance_id, state)
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    live[logical_id] = (instance_id, state, tags.get(naming.TAG_RUN_ID, ""))
         return live
 
 
@@ -419,7 +448,7 @@ def check(stacks: list[SynthesizedStack], region: str | None = None) -> list[Fin
         findings += protected_removals(stack.name, current, stack.template)
         if any(r.get("Type") == "AWS::EC2::Instance" for r in _resources(current).values()):
             live = deployed.live_instances(stack.name)
-            parameters = deployed.ssm_parameters(stack.name, stack.template) if live else {}
+            parameters = deployed.ssm_parameters(stack.name, stack.template) if live else {}  # also for ended ones
             findings += instance_changes(stack.name, current, stack.template, live, parameters)
     return findings
 

@@ -40,6 +40,7 @@ __all__ = ["SNS_TOPIC_CONTEXT", "MonitoredFunction", "MonitoredFunctionProps", "
 class MonitoredFunctionProps:
     """What differs between the project's functions; everything else is the shared shape."""
 
+    name: str  # what people read in alarms and role descriptions, e.g. "reaper"
     code_dir: Path  # the runtime folder beside the construct that deploys it
     handler: str
     description: str
@@ -87,7 +88,7 @@ class MonitoredFunction(Construct):
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"training-infra {construct_id.lower()}: only what the function needs",
+            description=f"training-infra {props.name}: only what the function needs",
         )
         self.log_group.grant_write(self.role)
         grant_encrypted_publish(self.role, alerts_topic, alerts_key)
@@ -135,7 +136,7 @@ class MonitoredFunction(Construct):
         self.errors_alarm = self.function.metric_errors(period=props.alarm_period).create_alarm(
             self,
             "ErrorsAlarm",
-            alarm_description=f"The training-infra {construct_id.lower()} failed; see its log group. {props.failure_meaning}",
+            alarm_description=f"The training-infra {props.name} failed; see its log group. {props.failure_meaning}",
             threshold=1,
             evaluation_periods=1,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from aws_cdk import App, CfnOutput, Fn, Stack, Validations
-from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
@@ -23,30 +22,67 @@ DESCRIPTION = "training-infra: cheap, safe spot GPU training"
 
 class StorageStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
-        super().__init__(scope, construct_id, description=f"{DESCRIPTION} - data and outputs (retained)", termination_protection=True)
+        super().__init__(
+            scope, construct_id, description=f"{DESCRIPTION} - data and outputs (retained)", termination_protection=True
+        )
         self.storage = TrainingStorage(self, "Storage", props=storage_props(settings))
         self.run_table = RunTable(self, "RunTable", retain=settings.retain_data)
-        CfnOutput(self, naming.OUTPUT_TRAINING_BUCKET, value=self.storage.data_bucket.bucket_name, description="Training data: upload to data/")
-        CfnOutput(self, naming.OUTPUT_OUTPUTS_BUCKET, value=self.storage.outputs_bucket.bucket_name, description="Run outputs: runs/<run-id>/")
-        CfnOutput(self, naming.OUTPUT_RUN_TABLE, value=self.run_table.table.table_name, description="Managed runs and their attempts")
+        CfnOutput(
+            self,
+            naming.OUTPUT_TRAINING_BUCKET,
+            value=self.storage.data_bucket.bucket_name,
+            description="Training data: upload to data/",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_OUTPUTS_BUCKET,
+            value=self.storage.outputs_bucket.bucket_name,
+            description="Run outputs: runs/<run-id>/",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_RUN_TABLE,
+            value=self.run_table.table.table_name,
+            description="Managed runs and their attempts",
+        )
 
 
 class RegistryStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
         super().__init__(scope, construct_id, description=f"{DESCRIPTION} - training images and GitHub OIDC roles")
         self.registry = TrainingRegistry(self, "Registry", props=registry_props(settings))
-        CfnOutput(self, naming.OUTPUT_ECR_REPOSITORY_URI, value=self.registry.repository.repository_uri, description="Push training images here")
+        CfnOutput(
+            self,
+            naming.OUTPUT_ECR_REPOSITORY_URI,
+            value=self.registry.repository.repository_uri,
+            description="Push training images here",
+        )
         if self.registry.push_role is not None:
-            CfnOutput(self, naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN, value=self.registry.push_role.role_arn, description="GitHub secret AWS_ROLE_ARN (image push)")
+            CfnOutput(
+                self,
+                naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN,
+                value=self.registry.push_role.role_arn,
+                description="GitHub secret AWS_ROLE_ARN (image push)",
+            )
         if self.registry.diff_role is not None:
-            CfnOutput(self, naming.OUTPUT_GITHUB_DIFF_ROLE_ARN, value=self.registry.diff_role.role_arn, description="GitHub secret AWS_DIFF_ROLE_ARN (cdk diff on PRs)")
+            CfnOutput(
+                self,
+                naming.OUTPUT_GITHUB_DIFF_ROLE_ARN,
+                value=self.registry.diff_role.role_arn,
+                description="GitHub secret AWS_DIFF_ROLE_ARN (cdk diff on PRs)",
+            )
 
 
 class SafetyStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
         super().__init__(scope, construct_id, description=f"{DESCRIPTION} - guard rails: reaper, budgets, notices")
         self.safety = TrainingSafety(self, "Safety", props=safety_props(settings))
-        CfnOutput(self, naming.OUTPUT_ALERTS_TOPIC_ARN, value=self.safety.alerts_topic.topic_arn, description="Alerts and run notices")
+        CfnOutput(
+            self,
+            naming.OUTPUT_ALERTS_TOPIC_ARN,
+            value=self.safety.alerts_topic.topic_arn,
+            description="Alerts and run notices",
+        )
 
 
 class ComputeStack(Stack):
@@ -59,12 +95,14 @@ class ComputeStack(Stack):
         *,
         settings: Settings,
         storage: TrainingStorage,
-        run_table: dynamodb.ITable,
+        run_table: RunTable,
         repository: ecr.IRepository,
         alerts_topic: sns.ITopic,
         alerts_key: kms.IKey,
     ) -> None:
-        super().__init__(scope, construct_id, description=f"{DESCRIPTION} - network, launch template, training instance")
+        super().__init__(
+            scope, construct_id, description=f"{DESCRIPTION} - network, launch template, training instance"
+        )
         self.compute = TrainingCompute(
             self,
             "Compute",
@@ -89,24 +127,50 @@ class ComputeStack(Stack):
         self.supervisor = TrainingSupervisor(
             self,
             "Supervisor",
-            props=SupervisorProps(log_retention_days=settings.log_retention_days, reserve_lambda_concurrency=settings.reserve_lambda_concurrency),
-            run_table=run_table,
+            props=SupervisorProps(
+                log_retention_days=settings.log_retention_days,
+                reserve_lambda_concurrency=settings.reserve_lambda_concurrency,
+            ),
+            run_table=run_table.table,
             outputs_bucket=storage.outputs_bucket,
             instance_role=self.compute.role,
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
         )
-        CfnOutput(self, naming.OUTPUT_LAUNCH_TEMPLATE_ID, value=self.compute.launch_template.launch_template_id or "", description="training-infra launch starts runs from this")
-        CfnOutput(self, naming.OUTPUT_SUBNET_IDS, value=Fn.join(",", self.compute.subnet_ids), description="Subnets training-infra launch may use")
+        # It keeps the run records and reads how each attempt ended.
+        run_table.grant_records(self.supervisor.function.role)
+        storage.grant_read_attempt_status(self.supervisor.function.role)
+        CfnOutput(
+            self,
+            naming.OUTPUT_LAUNCH_TEMPLATE_ID,
+            value=self.compute.launch_template.launch_template_id or "",
+            description="training-infra launch starts runs from this",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_SUBNET_IDS,
+            value=Fn.join(",", self.compute.subnet_ids),
+            description="Subnets training-infra launch may use",
+        )
         CfnOutput(
             self,
             naming.OUTPUT_INSTANCE_TYPES,
             value=",".join(settings.instance_types or (settings.instance_type,)),
             description="Instance types a managed run may use (training-infra launch --instance-types overrides)",
         )
-        CfnOutput(self, naming.OUTPUT_LOG_GROUP_NAME, value=self.compute.log_group.log_group_name, description="One log stream per run")
+        CfnOutput(
+            self,
+            naming.OUTPUT_LOG_GROUP_NAME,
+            value=self.compute.log_group.log_group_name,
+            description="One log stream per run",
+        )
         if self.compute.instance is not None:
-            CfnOutput(self, naming.OUTPUT_INSTANCE_ID, value=self.compute.instance.ref, description="The training instance of this deploy")
+            CfnOutput(
+                self,
+                naming.OUTPUT_INSTANCE_ID,
+                value=self.compute.instance.ref,
+                description="The training instance of this deploy",
+            )
 
 
 # --- props: each construct gets only the settings it reads ------------------------------------
@@ -193,7 +257,7 @@ def build_app(settings: Settings, *, app: App | None = None) -> App:
         naming.COMPUTE_STACK,
         settings=settings,
         storage=storage.storage,
-        run_table=storage.run_table.table,
+        run_table=storage.run_table,
         repository=registry.registry.repository,
         alerts_topic=safety.safety.alerts_topic,
         alerts_key=safety.safety.alerts_key,

@@ -289,7 +289,7 @@ def _run_template(aws: Aws, run_id: str, data: dict[str, Any], user_data: str, r
         run_data.setdefault("TagSpecifications", []).append(
             {"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in {**inherited, **run_tags}.items()]}
         )
-    tags = [{"Key": naming.TAG_MANAGED, "Value": "true"}, {"Key": naming.TAG_RUN_ID, "Value": run_id}]
+    tags = [{"Key": key, "Value": value} for key, value in run_tags.items()]
     try:
         created = aws.client("ec2").create_launch_template(
             LaunchTemplateName=f"{naming.PROJECT}-run-{run_id}",
@@ -353,6 +353,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     tags = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
     run_template = _run_template(aws, run_id, data, user_data, tags)
     spec = {
+        "instance_tags": tags,
         "instance_types": types,
         "subnet_ids": subnets,
         "market": market,

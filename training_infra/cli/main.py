@@ -79,7 +79,7 @@ class _OneLineUsageErrors(TyperGroup):
         except click.exceptions.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:
             err_console().print("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -780,6 +780,18 @@ def fetch(
 
 def _fetch_note(aws: Aws, run: str, target: Path) -> str:
     """What the user must know about the files just fetched: the run failed, or has not ended."""
+    store = _run_store(aws)
+    record = store.get(run) if store is not None else None
+    if record is not None and record.active:
+        # A managed run's status.json is its latest attempt's: the run itself may go on.
+        current = record.current or {}
+        where = f" (attempt {current['n']} on {current['instance_id']})" if current.get("instance_id") else ""
+        return (
+            f"run {run} is still {record.state}{where}: "
+            "these are only the files uploaded so far; fetch again after it ends"
+        )
+    if record is not None and record.state != "succeeded":
+        return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {target / 'logs'}"
     status = runs.read_status_file(target / runs.STATUS_FILE)
     if status is not None:
         outcome = status.get("outcome", "unknown")

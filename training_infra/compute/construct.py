@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import jsii
@@ -465,7 +464,7 @@ class TrainingCompute(Construct):
         (docs/architecture.md, "A redeploy never replaces a running instance").
         """
         self.run_launch_template = self._launch_template(
-            f"RunLaunchTemplate{_pascal(run_id)}",
+            f"RunLaunchTemplate-{run_id}",
             props.instance,
             user_data=with_run_overrides(self.user_data_script, {"TI_RUN_ID": run_id}),
         )
@@ -473,7 +472,8 @@ class TrainingCompute(Construct):
             Tags.of(self.run_launch_template).add(key, value)
         instance = ec2.CfnInstance(
             self,
-            f"Instance{_pascal(run_id)}",
+            # The run id as is: ids made from it must differ whenever run ids differ (ab-1 vs ab1).
+            f"Instance-{run_id}",
             launch_template=ec2.CfnInstance.LaunchTemplateSpecificationProperty(
                 launch_template_id=self.run_launch_template.launch_template_id,
                 version=FROZEN_TEMPLATE_VERSION,
@@ -529,7 +529,3 @@ class TrainingCompute(Construct):
         for alarm in (gpu_idle, status_check):
             alarm.add_alarm_action(terminate, notify)
         return gpu_idle, status_check
-
-
-def _pascal(text: str) -> str:
-    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", text) if part)

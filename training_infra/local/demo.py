@@ -118,7 +118,10 @@ class Demo:
         console.print(f"   emulator at {self.emulator.endpoint} (pid file and log in {self.emulator.log_dir})")
 
         self.step("cdk bootstrap and cdk deploy of all four stacks, with the real CDK CLI")
-        self.run([CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices"], show=False)
+        self.run(
+            [CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices", "--output", self.workdir / "cdk.out"],
+            show=False,
+        )
         self.run(
             [CDK, "deploy", "--all", "--method=direct", "--no-previous-parameters", "--require-approval", "never",
              "--no-notices", "--output", self.workdir / "cdk.out", "-c", f"image_id={LOCAL_AMI}"],

@@ -174,15 +174,31 @@ class TrainingSafety(Construct):
     def _function(self, construct_id: str, props: MonitoredFunctionProps) -> MonitoredFunction:
         return MonitoredFunction(self, construct_id, props=props, alerts_topic=self.alerts_topic, alerts_key=self.alerts_key)
 
-    def _function_props(self, **kwargs) -> MonitoredFunctionProps:
-        """The settings every guard-rail function shares: its code folder, retention, reservations."""
-        reserved = kwargs.pop("reserved_concurrency")
+    def _function_props(
+        self,
+        *,
+        name: str,
+        handler: str,
+        description: str,
+        failure_meaning: str,
+        timeout: Duration,
+        reserved_concurrency: int,
+        retry_attempts: int,
+        environment: dict[str, str],
+    ) -> MonitoredFunctionProps:
+        """A guard-rail function's props: its own parts, plus the code folder, retention and reservation rule they share."""
         return MonitoredFunctionProps(
+            name=name,
             code_dir=RUNTIME_DIR,
+            handler=handler,
+            description=description,
+            failure_meaning=failure_meaning,
+            timeout=timeout,
             log_retention_days=self._props.log_retention_days,
-            reserved_concurrency=reserved if self._props.reserve_lambda_concurrency else None,
+            reserved_concurrency=reserved_concurrency if self._props.reserve_lambda_concurrency else None,
+            retry_attempts=retry_attempts,
+            environment=environment,
             alarm_period=Duration.minutes(REAPER_SCHEDULE_MINUTES),
-            **kwargs,
         )
 
     def _reaper(self) -> MonitoredFunction:
@@ -192,6 +208,7 @@ class TrainingSafety(Construct):
         reaper = self._function(
             "Reaper",
             self._function_props(
+                name="reaper",
                 handler="reaper.handler",
                 description="Terminates managed training instances past their deadline",
                 failure_meaning="An expired instance may still be running.",
@@ -255,6 +272,7 @@ class TrainingSafety(Construct):
         notifier = self._function(
             "Notifier",
             self._function_props(
+                name="notifier",
                 handler="notifier.handler",
                 description="Turns state changes of managed training instances into notices",
                 failure_meaning="Some instance state notices were not sent.",

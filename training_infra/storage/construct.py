@@ -33,7 +33,9 @@ class TrainingStorage(Construct):
         super().__init__(scope, construct_id)
         removal = RemovalPolicy.RETAIN if props.retain_data else RemovalPolicy.DESTROY
         noncurrent = Duration.days(props.noncurrent_version_days)
-        abort_uploads = s3.LifecycleRule(id="AbortIncompleteUploads", abort_incomplete_multipart_upload_after=Duration.days(7))
+        abort_uploads = s3.LifecycleRule(
+            id="AbortIncompleteUploads", abort_incomplete_multipart_upload_after=Duration.days(7)
+        )
 
         self.access_logs_bucket = s3.Bucket(
             self,
@@ -43,11 +45,19 @@ class TrainingStorage(Construct):
             encryption=s3.BucketEncryption.S3_MANAGED,
             lifecycle_rules=[
                 abort_uploads,
-                s3.LifecycleRule(id="ExpireAccessLogs", expiration=Duration.days(365), noncurrent_version_expiration=noncurrent),
+                s3.LifecycleRule(
+                    id="ExpireAccessLogs", expiration=Duration.days(365), noncurrent_version_expiration=noncurrent
+                ),
             ],
         )
-        skip_checkov(self.access_logs_bucket, "CKV_AWS_18", "This is the access-log bucket; logging it into itself would loop")
-        acknowledge_nag(self.access_logs_bucket, "S1", "This is the server access log destination; logging it into itself would loop")
+        skip_checkov(
+            self.access_logs_bucket, "CKV_AWS_18", "This is the access-log bucket; logging it into itself would loop"
+        )
+        acknowledge_nag(
+            self.access_logs_bucket,
+            "S1",
+            "This is the server access log destination; logging it into itself would loop",
+        )
 
         self.data_bucket = s3.Bucket(
             self,
@@ -63,7 +73,11 @@ class TrainingStorage(Construct):
                 s3.LifecycleRule(
                     id="DataIntelligentTiering",
                     prefix=naming.DATA_PREFIX,
-                    transitions=[s3.Transition(storage_class=s3.StorageClass.INTELLIGENT_TIERING, transition_after=Duration.days(0))],
+                    transitions=[
+                        s3.Transition(
+                            storage_class=s3.StorageClass.INTELLIGENT_TIERING, transition_after=Duration.days(0)
+                        )
+                    ],
                 ),
             ],
         )
@@ -83,8 +97,12 @@ class TrainingStorage(Construct):
                     id="OlderRunsToCheaperClasses",
                     prefix=naming.RUNS_PREFIX,
                     transitions=[
-                        s3.Transition(storage_class=s3.StorageClass.INFREQUENT_ACCESS, transition_after=Duration.days(30)),
-                        s3.Transition(storage_class=s3.StorageClass.GLACIER_INSTANT_RETRIEVAL, transition_after=Duration.days(90)),
+                        s3.Transition(
+                            storage_class=s3.StorageClass.INFREQUENT_ACCESS, transition_after=Duration.days(30)
+                        ),
+                        s3.Transition(
+                            storage_class=s3.StorageClass.GLACIER_INSTANT_RETRIEVAL, transition_after=Duration.days(90)
+                        ),
                     ],
                 ),
                 # Checkpoints only matter while a run can still resume.
@@ -113,10 +131,16 @@ class TrainingStorage(Construct):
         latest_objects = f"{outputs_arn}/{naming.LATEST_PREFIX}*"
 
         def grant(actions: list[str], resources: list[str], conditions: dict | None = None) -> iam.Grant:
-            return iam.Grant.add_to_principal(grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions)
+            return iam.Grant.add_to_principal(
+                grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions
+            )
 
         grants = [
-            grant(["s3:ListBucket"], [data_arn], {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}}),
+            grant(
+                ["s3:ListBucket"],
+                [data_arn],
+                {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}},
+            ),
             grant(["s3:GetObject"], [data_objects]),
             grant(
                 ["s3:ListBucket"],
@@ -132,10 +156,17 @@ class TrainingStorage(Construct):
             for resource, why in (
                 (data_objects, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
                 (runs_objects, "get/put on runs/ of the outputs bucket: each run writes its own objects"),
-                (checkpoint_objects, "get/put/delete on checkpoints/ of the outputs bucket: a mirror of the trainer's checkpoints"),
+                (
+                    checkpoint_objects,
+                    "get/put/delete on checkpoints/ of the outputs bucket: a mirror of the trainer's checkpoints",
+                ),
                 (latest_objects, "delete only under runs/latest/, which mirrors the newest finished run"),
             ):
-                acknowledge_nag(principal, f"IAM5[Resource::{nag_name(principal, resource)}]", f"Object keys are per run and unknown at deploy: {why}")
+                acknowledge_nag(
+                    principal,
+                    f"IAM5[Resource::{nag_name(principal, resource)}]",
+                    f"Object keys are per run and unknown at deploy: {why}",
+                )
         combined = grants[0]
         for other in grants[1:]:
             combined = combined.combine(other)
@@ -177,6 +208,23 @@ class TrainingStorage(Construct):
         for other in grants[1:]:
             combined = combined.combine(other)
         return combined
+
+    def grant_read_attempt_status(self, grantee: iam.IGrantable) -> iam.Grant:
+        """Read each attempt's status.json (what the supervisor classifies an ended attempt by), nothing else."""
+        principal = grantee.grant_principal
+        consumer = principal if isinstance(principal, Construct) else self
+        statuses = (
+            f"{as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)}/"
+            f"{naming.RUNS_PREFIX}*/attempts/*/status.json"
+        )
+        grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=[statuses])
+        if isinstance(principal, Construct):
+            acknowledge_nag(
+                principal,
+                f"IAM5[Resource::{nag_name(principal, statuses)}]",
+                "Reads only the status.json each attempt's agent writes, for runs and attempts made at run time.",
+            )
+        return grant
 
 
 def _secure_bucket_defaults(removal: RemovalPolicy) -> dict:

@@ -159,13 +159,13 @@ def _fleet_request(
     run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig
 ) -> dict[str, Any]:
     spec = run.spec
+    # The run's tags as `launch` built them (training_infra.naming.run_tags, the one place), this
+    # attempt's number on top; managed and run id always, since the supervisor finds instances by them.
     tags = {
+        **spec.get("instance_tags", {}),
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
-        cfg.deadline_tag: run.deadline_at,
-        cfg.max_runtime_tag: f"{float(spec.get('max_runtime_hours', 0)):g}",
-        "Name": f"training-infra-{run.run_id}",
     }
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
