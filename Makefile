@@ -63,7 +63,7 @@ synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account n
 
 diff: setup  ## cdk diff against the account in your AWS credentials, and what the deploy guard would stop
 	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
-	$(CDK) diff --all --app $(CDK_OUT)
+	$(CDK) diff --app $(CDK_OUT)
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
 deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack

@@ -44,6 +44,8 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "log_retention_days": "14",
         "reserve_lambda_concurrency": "false",
         "checkpoint_retention_days": "7",
+        # The opt-in trainer role (issue 15, item 1).
+        "trainer_s3_access": "true",
     },
     "on_demand": {"use_spot": "false", "auto_shutdown": "false", "create_instance": "true", "image_id": AMI},
     "existing_vpc": {

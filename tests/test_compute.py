@@ -20,6 +20,7 @@ from aws_cdk.assertions import Match, Matcher, Template
 from tests.conftest import AMI, CDK_JSON_CONTEXT, CONFIGURATIONS
 from training_infra import naming
 from training_infra.cli.launching import template_exports
+from training_infra.compute.construct import SESSION_CHANNEL_ACTIONS, SSM_AGENT_MESSAGE_ACTIONS
 from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER, pack_agent, shipped_bytes
 
 STACK = naming.COMPUTE_STACK
@@ -160,7 +161,7 @@ def launch_data(view) -> dict:
 
 
 @pytest.mark.parametrize("config", EVERY_NETWORK)
-def test_launch_template_requires_imdsv2_with_two_hops_encrypts_its_only_disk_and_has_no_key_pair(compute, config):
+def test_launch_template_requires_imdsv2_with_one_hop_encrypts_its_only_disk_and_has_no_key_pair(compute, config):
     view = compute(config)
     templates = [t for t in (view.compute.launch_template, view.compute.run_launch_template) if t is not None]
     view.template.resource_count_is(LAUNCH_TEMPLATE, len(templates))  # the run's own one with create_instance
@@ -175,7 +176,8 @@ def _assert_secure_launch_template(view, template) -> None:
         {
             "LaunchTemplateData": {
                 "MetadataOptions": Match.exact(
-                    {"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "InstanceMetadataTags": "enabled"}
+                    # One hop: a container behind Docker's bridge cannot reach the instance's credentials.
+                    {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "InstanceMetadataTags": "enabled"}
                 ),
                 "KeyName": Match.absent(),
                 # A literal list: exactly one device, and it is encrypted, gp3 and deleted with the instance.
@@ -319,7 +321,9 @@ def test_instance_role_has_no_wildcard_action_no_terminate_and_resource_star_onl
     assert "ec2:TerminateInstances" not in actions, "the box ends itself by powering off"
     for statement in statements:
         if statement["Resource"] == "*":
-            assert set(as_list(statement["Action"])) <= {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+            assert set(as_list(statement["Action"])) <= {
+                "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData", *SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS
+            }  # fmt: skip
     view.template.has_resource_properties(
         "AWS::IAM::Policy",
         {
@@ -368,8 +372,13 @@ def test_instance_reads_only_data_and_writes_only_runs_and_checkpoints_deleting_
 def test_instance_pulls_only_its_repository_logs_only_to_its_group_and_publishes_only_to_the_alerts_topic(compute):
     view = compute("full")
     safety = view.safety.construct("Safety")
+    topic = imported(view.safety, safety.alerts_topic)
+    # Session Manager and the opt-in trainer role are asserted in tests/test_security.py.
+    elsewhere = ("s3:", "ssm:", "ssmmessages:", "ec2messages:", "sts:")
     other_statements = [
-        s for s in view.role_statements(view.compute.role) if not any(a.startswith("s3:") for a in as_list(s["Action"]))
+        s
+        for s in view.role_statements(view.compute.role)
+        if not any(a.startswith(elsewhere) for a in as_list(s["Action"]))
     ]
     assert permissions(other_statements) == permissions(
         [
@@ -382,9 +391,18 @@ def test_instance_pulls_only_its_repository_logs_only_to_its_group_and_publishes
                 ["logs:CreateLogStream", "logs:PutLogEvents"],
                 [{"Fn::GetAtt": [view.logical_id(view.compute.log_group), "Arn"]}],
             ),
-            allow(["sns:Publish"], [imported(view.safety, safety.alerts_topic)]),
-            # The topic is encrypted: publishing needs its key, and only its key.
-            allow(["kms:Decrypt", "kms:GenerateDataKey*"], [imported(view.safety, safety.alerts_key, "Arn")]),
+            allow(["sns:Publish"], [topic]),
+            # The topic is encrypted: publishing needs its key, only its key, only through SNS for that topic.
+            allow(
+                ["kms:Decrypt", "kms:GenerateDataKey"],
+                [imported(view.safety, safety.alerts_key, "Arn")],
+                {
+                    "StringEquals": {
+                        "kms:ViaService": {"Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]},
+                        "kms:EncryptionContext:aws:sns:topicArn": topic,
+                    }
+                },
+            ),
             allow(
                 ["cloudwatch:PutMetricData"], ["*"], {"StringEquals": {"cloudwatch:namespace": naming.METRIC_NAMESPACE}}
             ),
@@ -392,7 +410,7 @@ def test_instance_pulls_only_its_repository_logs_only_to_its_group_and_publishes
     )
 
 
-def test_instance_role_is_for_ec2_and_its_only_managed_policy_is_session_manager_core(compute):
+def test_instance_role_is_for_ec2_and_holds_no_managed_policy(compute):
     view = compute("defaults")
     has_properties(
         view,
@@ -403,9 +421,8 @@ def test_instance_role_is_for_ec2_and_its_only_managed_policy_is_session_manager
                     {"Action": "sts:AssumeRole", "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}}
                 ]
             },
-            "ManagedPolicyArns": [
-                {"Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":iam::aws:policy/AmazonSSMManagedInstanceCore"]]}
-            ],
+            # Not AmazonSSMManagedInstanceCore (ssm:GetParameter* on *): tests/test_security.py lists what replaces it.
+            "ManagedPolicyArns": Match.absent(),
         },
     )
 

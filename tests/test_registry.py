@@ -72,12 +72,14 @@ def test_push_role_may_only_push_to_this_repository(full):
     assert {"ecr:PutImage", "ecr:CompleteLayerUpload", "ecr:UploadLayerPart", "ecr:InitiateLayerUpload"} <= pushed
 
 
-def test_diff_role_is_for_pull_requests_and_cannot_change_anything(full):
+def test_diff_role_is_for_pull_requests_and_only_reads_this_projects_stacks_assuming_no_other_role(full):
+    """Issue 15, item 2: no bootstrap lookup role (ReadOnlyAccess: every bucket's data) behind the PR role."""
     role = _role(full, "RegistryGithubDiffRole")
     (statement,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert statement["Condition"]["StringEquals"][SUB] == "repo:acme/trainer:pull_request"
-    actions = {a for s in _policy_of(full, "RegistryGithubDiffRole") for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
-    assert actions == {"sts:AssumeRole", "cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"}
+    (policy,) = _policy_of(full, "RegistryGithubDiffRole")
+    assert policy["Action"] == ["cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"]
+    assert policy["Resource"]["Fn::Join"][1][-1] == f":stack/{naming.STACK_PREFIX}-*/*"
 
 
 def test_outputs_carry_the_seed_names(full):

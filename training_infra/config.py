@@ -384,6 +384,13 @@ class Settings:
         "reserve concurrency for the reaper (1: never two at once) and notifier (2) Lambdas; "
         "false for new accounts whose concurrency quota is still 10",
     )
+    trainer_s3_access: bool = declare(
+        False,
+        Flag(),
+        "a separate trainer role for trainers that read S3 themselves (streaming datasets): read `data/`, write only "
+        "the run's own `runs/<id>/` and `checkpoints/<id>/` (README, Security model); false: the container holds no "
+        "AWS credentials",
+    )
 
     @property
     def github_enabled(self) -> bool:

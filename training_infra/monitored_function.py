@@ -22,12 +22,18 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from training_infra.policy import acknowledge_nag, log_retention, skip_checkov, skip_checkovs
+from training_infra.policy import (
+    SNS_TOPIC_CONTEXT,
+    acknowledge_nag,
+    grant_encrypted_publish,
+    log_retention,
+    skip_checkov,
+    skip_checkovs,
+)
 
 # The newest Python runtime in this aws-cdk-lib that AWS has not deprecated.
 PYTHON_RUNTIME = lambda_.Runtime.PYTHON_3_14
-# SNS names the topic in the encryption context of every data key it asks KMS for.
-SNS_TOPIC_CONTEXT = "kms:EncryptionContext:aws:sns:topicArn"
+__all__ = ["SNS_TOPIC_CONTEXT", "MonitoredFunction", "MonitoredFunctionProps", "PYTHON_RUNTIME"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class MonitoredFunction(Construct):
             description=f"training-infra {props.name}: only what the function needs",
         )
         self.log_group.grant_write(self.role)
-        self._grant_publish(alerts_topic, alerts_key)
+        grant_encrypted_publish(self.role, alerts_topic, alerts_key)
 
         # "Default" keeps the function's logical id what it was before this construct existed.
         self.function = lambda_.Function(
@@ -137,23 +143,6 @@ class MonitoredFunction(Construct):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         self.errors_alarm.add_alarm_action(cw_actions.SnsAction(alerts_topic))
-
-    def _grant_publish(self, topic: sns.ITopic, key: kms.IKey) -> None:
-        """sns:Publish on the topic, and the key's data-key calls only through SNS for that topic."""
-        self.role.add_to_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[topic.topic_arn]))
-        stack = Stack.of(self)
-        self.role.add_to_policy(
-            iam.PolicyStatement(
-                actions=["kms:GenerateDataKey", "kms:Decrypt"],
-                resources=[key.key_arn],
-                conditions={
-                    "StringEquals": {
-                        "kms:ViaService": f"sns.{stack.region}.{stack.url_suffix}",
-                        SNS_TOPIC_CONTEXT: topic.topic_arn,
-                    }
-                },
-            )
-        )
 
     def add_to_role_policy(self, statement: iam.PolicyStatement) -> None:
         self.role.add_to_policy(statement)

@@ -18,6 +18,11 @@ TAG_MANAGED = "training-infra:managed"
 TAG_RUN_ID = "training-infra:run-id"
 TAG_DEADLINE = "training-infra:deadline"  # ISO 8601 UTC, e.g. 2026-11-28T18:00:00Z
 TAG_MAX_RUNTIME_HOURS = "training-infra:max-runtime-hours"
+# No run is longer, whatever its tags say (the max_runtime_hours setting's bound; the reaper holds to it).
+MAX_RUNTIME_HOURS_LIMIT = 168
+# The IAM path of the instance profile every run is launched with. A tag anyone with ec2:CreateTags
+# can add; this profile only someone allowed to pass the instance role: the reaper requires both.
+INSTANCE_PROFILE_PATH = f"/{PROJECT}/"
 TAG_ATTEMPT = "training-infra:attempt"  # 1, 2, ...: which attempt of its run an instance is
 TAG_STOP = "training-infra:stop"  # set by the supervisor: the agent stops gracefully (user, budget, stall)
 
@@ -56,6 +61,7 @@ OUTPUT_LAUNCH_TEMPLATE_ID = "LaunchTemplateId"
 OUTPUT_LOG_GROUP_NAME = "LogGroupName"
 OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` may place runs
 OUTPUT_INSTANCE_ID = "InstanceId"
+OUTPUT_TRAINER_ROLE_ARN = "TrainerRoleArn"  # only with trainer_s3_access
 OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
 OUTPUT_INSTANCE_TYPES = "InstanceTypes"  # comma-joined; what a managed run may use unless launch says otherwise
 

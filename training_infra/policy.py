@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from aws_cdk import Acknowledgment, CfnResource, Stack, Validations
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from training_infra.config import LOG_RETENTION_NAMES
@@ -66,6 +69,34 @@ def skip_checkovs(scope: Construct, reasons: dict[str, str]) -> None:
     """Several checkov skips on one resource: check id -> reason."""
     for check_id, comment in reasons.items():
         skip_checkov(scope, check_id, comment)
+
+
+# SNS names the topic in the encryption context of every data key it asks KMS for.
+SNS_TOPIC_CONTEXT = "kms:EncryptionContext:aws:sns:topicArn"
+
+
+def grant_encrypted_publish(grantee: iam.IGrantable, topic: sns.ITopic, key: kms.IKey | None) -> None:
+    """sns:Publish on the topic, and its key's data-key calls only through SNS and only for that topic.
+
+    `topic.grant_publish` would allow `kms:GenerateDataKey*` on the key for any use; this is what
+    publishing to an encrypted topic needs (kms:GenerateDataKey and kms:Decrypt, through SNS).
+    """
+    grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[topic.topic_arn]))
+    if key is None:
+        return
+    stack = Stack.of(topic)
+    grantee.grant_principal.add_to_principal_policy(
+        iam.PolicyStatement(
+            actions=["kms:GenerateDataKey", "kms:Decrypt"],
+            resources=[key.key_arn],
+            conditions={
+                "StringEquals": {
+                    "kms:ViaService": f"sns.{stack.region}.{stack.url_suffix}",
+                    SNS_TOPIC_CONTEXT: topic.topic_arn,
+                }
+            },
+        )
+    )
 
 
 def log_retention(days: int) -> logs.RetentionDays:

@@ -114,6 +114,15 @@ class ComputeStack(Stack):
         )
         # A run reads data/ and writes runs/ and checkpoints/, nothing else of the buckets.
         storage.grant_run_access(self.compute.role)
+        if self.compute.trainer_role is not None:
+            # The opt-in trainer role: data/ and its own run's prefixes only (session tag = run id).
+            storage.grant_trainer_access(self.compute.trainer_role)
+            CfnOutput(
+                self,
+                naming.OUTPUT_TRAINER_ROLE_ARN,
+                value=self.compute.trainer_role.role_arn,
+                description="trainer_s3_access: the agent assumes this role (session tag training-infra:run-id) for the container",
+            )
         # The supervisor keeps managed runs going: it launches with the instance role, records in the run table.
         self.supervisor = TrainingSupervisor(
             self,
@@ -222,6 +231,7 @@ def compute_props(settings: Settings) -> ComputeProps:
         create_instance=settings.create_instance,
         run_id=settings.run_id,
         log_retention_days=settings.log_retention_days,
+        trainer_s3_access=settings.trainer_s3_access,
     )
 
 

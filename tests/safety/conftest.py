@@ -10,6 +10,9 @@ from moto import mock_aws
 
 REGION = "us-east-1"
 MOTO_AMI = "ami-12c6146b"  # one of moto's built-in images (listing them takes seconds)
+ACCOUNT = "123456789012"  # moto's default account
+# What the compute stack's instance profile ARN starts with (its path is the project's).
+PROFILE_ARN_PREFIX = f"arn:aws:iam::{ACCOUNT}:instance-profile/training-infra/"
 
 
 class Aws:
@@ -26,11 +29,22 @@ class Aws:
             "QueueArn"
         ]
         self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
+        iam = boto3.client("iam", region_name=REGION)
+        # The project's instance profile (path /training-infra/, as the compute stack makes it) and another one.
+        self.profile_arn = iam.create_instance_profile(InstanceProfileName="TrainingProfile", Path="/training-infra/")[
+            "InstanceProfile"
+        ]["Arn"]
+        self.other_profile_arn = iam.create_instance_profile(InstanceProfileName="WebServers", Path="/")[
+            "InstanceProfile"
+        ]["Arn"]
 
-    def launch(self, tags: dict[str, str], **extra) -> str:
+    def launch(self, tags: dict[str, str], *, profile: str | None = "project", **extra) -> str:
+        """Launch like `training-infra launch` does: with the project's instance profile unless told otherwise."""
         tag_spec = (
             [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
         )
+        if profile is not None:
+            extra["IamInstanceProfile"] = {"Arn": self.profile_arn if profile == "project" else self.other_profile_arn}
         response = self.ec2.run_instances(
             ImageId=MOTO_AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, TagSpecifications=tag_spec, **extra
         )
@@ -68,4 +82,5 @@ def aws(monkeypatch):
     with mock_aws():
         account = Aws()
         monkeypatch.setenv("TOPIC_ARN", account.topic_arn)
+        monkeypatch.setenv("INSTANCE_PROFILE_ARN_PREFIX", PROFILE_ARN_PREFIX)
         yield account

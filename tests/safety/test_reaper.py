@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.safety.conftest import PROFILE_ARN_PREFIX
 from training_infra import naming
 from training_infra.safety.runtime import reaper
 
@@ -18,7 +19,12 @@ GRACE_MINUTES = 10.0
 
 
 def reap(aws, now: datetime) -> reaper.ReapResult:
-    config = reaper.ReaperConfig(topic_arn=aws.topic_arn, max_runtime_hours=MAX_HOURS, grace_minutes=GRACE_MINUTES)
+    config = reaper.ReaperConfig(
+        topic_arn=aws.topic_arn,
+        max_runtime_hours=MAX_HOURS,
+        instance_profile_arn_prefix=PROFILE_ARN_PREFIX,
+        grace_minutes=GRACE_MINUTES,
+    )
     return reaper.reap(aws.ec2, aws.sns, aws.cloudwatch, config, now)
 
 
@@ -48,6 +54,10 @@ def test_defaults_match_the_names_the_construct_and_cli_use():
     assert reaper.DEFAULT_DEADLINE_TAG == naming.TAG_DEADLINE
     assert reaper.DEFAULT_MAX_RUNTIME_TAG == naming.TAG_MAX_RUNTIME_HOURS
     assert reaper.DEFAULT_NAMESPACE == naming.METRIC_NAMESPACE
+
+
+def test_the_longest_runtime_is_the_one_the_settings_allow():
+    assert reaper.RUNTIME_LIMIT_HOURS == naming.MAX_RUNTIME_HOURS_LIMIT == 168
 
 
 def test_instance_past_its_deadline_is_terminated_with_a_notice_and_a_metric(aws):
@@ -240,7 +250,103 @@ class _Later(datetime):
         ("2026-11-28T19:00:00+01:00", datetime(2026, 11, 28, 18, tzinfo=UTC)),
         ("2026-11-28T18:00:00", None),  # no zone: refused rather than guessed
         ("not a date", None),
+        ("9999-12-31T23:59:59-01:00", None),  # past the calendar's end once in UTC
     ],
 )
 def test_parse_deadline_accepts_only_zoned_iso_times(text, expected):
     assert reaper.parse_deadline(text) == expected
+
+
+# --- a bad tag on one instance never shields the others (issue 15, item 3) -------------------
+
+
+@pytest.mark.parametrize(
+    ("far", "hours", "why"),
+    [
+        ("9999-12-31T23:59:59Z", 168, "168 h after launch (the longest run allowed)"),
+        # Out of the calendar once in UTC: unreadable, so the stack's max runtime applies.
+        ("9999-12-31T23:59:59-01:00", MAX_HOURS, "12 h after launch (the stack's max_runtime_hours)"),
+        ("0001-01-01T00:00:00+01:00", MAX_HOURS, "12 h after launch (the stack's max_runtime_hours)"),
+    ],
+)
+def test_deadline_at_the_calendars_edge_neither_stops_the_sweep_nor_outlives_the_168_hour_limit(aws, far, hours, why):
+    now = datetime.now(UTC)
+    odd = aws.launch(managed("odd", **{naming.TAG_DEADLINE: far}))  # listed first: it used to stop the sweep
+    expired = aws.launch(managed("expired", **{naming.TAG_DEADLINE: iso(now - timedelta(hours=1))}))
+
+    result = reap(aws, now)
+
+    assert result.terminated == [expired]
+    assert result.failed == {}
+    assert aws.state(odd) == "running"
+
+    limit = aws.launch_time(odd) + timedelta(hours=hours, minutes=GRACE_MINUTES)
+    assert reap(aws, limit - timedelta(minutes=1)).terminated == []
+    assert reap(aws, limit + timedelta(minutes=1)).terminated == [odd]
+    assert why in aws.notices()[-1]["Message"]
+
+
+def test_deadline_tag_later_than_launch_plus_168_hours_is_held_to_the_limit(aws):
+    instance_id = aws.launch(managed("extended"))
+    launched = aws.launch_time(instance_id)
+    aws.ec2.create_tags(
+        Resources=[instance_id], Tags=[{"Key": naming.TAG_DEADLINE, "Value": iso(launched + timedelta(hours=400))}]
+    )
+
+    result = reap(aws, launched + timedelta(hours=169))
+
+    assert result.terminated == [instance_id]
+
+
+def test_max_runtime_tag_above_168_hours_is_held_to_the_limit(aws):
+    instance_id = aws.launch(managed("long", **{naming.TAG_MAX_RUNTIME_HOURS: "8000"}))
+    launched = aws.launch_time(instance_id)
+
+    result = reap(aws, launched + timedelta(hours=169))
+
+    assert result.terminated == [instance_id]
+    assert result.unreadable_tags == {instance_id: f"{naming.TAG_MAX_RUNTIME_HOURS}='8000'"}
+
+
+def test_an_instance_that_fails_unexpectedly_is_recorded_the_sweep_goes_on_and_the_handler_fails(aws, monkeypatch):
+    """Any error on one instance (here a network error on its TerminateInstances) is that instance's alone."""
+    past = {naming.TAG_DEADLINE: iso(datetime.now(UTC) - timedelta(hours=1))}
+    unlucky = aws.launch(managed("unlucky", **past))
+    others = [aws.launch(managed(f"other-{n}", **past)) for n in range(2)]
+    ec2 = reaper.boto3.client("ec2")
+
+    def flaky(params, **_):
+        if params.get("InstanceIds") == [unlucky]:
+            raise ConnectionResetError("connection reset by peer")
+
+    ec2.meta.events.register("before-parameter-build.ec2.TerminateInstances", flaky)
+    real_client = reaper.boto3.client
+    monkeypatch.setattr(reaper.boto3, "client", lambda name, **kw: ec2 if name == "ec2" else real_client(name, **kw))
+    monkeypatch.setenv("MAX_RUNTIME_HOURS", "12")
+
+    with pytest.raises(reaper.ReaperError, match=f"{unlucky}.*ConnectionResetError"):
+        reaper.handler({}, None)
+
+    assert {aws.state(i) for i in others} <= {"shutting-down", "terminated"}
+    assert aws.state(unlucky) == "running"
+    assert len(aws.notices()) == 2
+
+
+# --- the reaper cannot be aimed at other instances (issue 15, item 4) ------------------------
+
+
+@pytest.mark.parametrize("profile", [None, "other"])
+def test_instance_tagged_managed_but_not_launched_with_the_project_profile_is_never_touched(aws, profile):
+    """Anyone with ec2:CreateTags can add the managed tag; only the project's launches carry its instance profile."""
+    now = datetime.now(UTC)
+    past = {naming.TAG_DEADLINE: iso(now - timedelta(days=3))}
+    production = aws.launch(managed("not-ours", **past), profile=profile)
+    ours = aws.launch(managed("ours", **past))
+
+    result = reap(aws, now)
+
+    assert result.terminated == [ours]
+    assert result.checked == [ours]
+    assert result.ignored == [production]
+    assert aws.state(production) == "running"
+    assert len(aws.notices()) == 1

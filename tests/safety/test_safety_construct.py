@@ -222,12 +222,30 @@ def test_reaper_runs_every_five_minutes(defaults):
     )
 
 
-def test_reaper_may_terminate_only_instances_tagged_managed(defaults):
+PROFILE_ARNS = {
+    "Fn::Join": [
+        "",
+        ["arn:", {"Ref": "AWS::Partition"}, ":iam::", {"Ref": "AWS::AccountId"}, f":instance-profile{naming.INSTANCE_PROFILE_PATH}"],
+    ]
+}
+
+
+def test_reaper_may_terminate_only_instances_tagged_managed_and_launched_with_the_project_profile(defaults):
+    """Issue 15, item 4: a tag anyone who may tag can add is not enough; the instance profile path is the second key."""
     statements = policy_of_role(defaults, defaults.safety.reaper)
     terminate = [s for s in statements if "ec2:TerminateInstances" in as_list(s["Action"])]
     assert len(terminate) == 1
-    assert terminate[0]["Condition"] == {"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}}
+    profile_pattern = {"Fn::Join": ["", [*PROFILE_ARNS["Fn::Join"][1][:-1], f"{PROFILE_ARNS['Fn::Join'][1][-1]}*"]]}
+    assert terminate[0]["Condition"] == {
+        "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+        "ArnLike": {"ec2:InstanceProfile": profile_pattern},
+    }
     assert terminate[0]["Resource"] != "*"
+
+
+def test_reaper_selects_by_the_same_instance_profile_path_its_role_is_limited_to(defaults):
+    env = defaults.json["Resources"][defaults.logical_id(defaults.safety.reaper)]["Properties"]["Environment"]["Variables"]
+    assert env["INSTANCE_PROFILE_ARN_PREFIX"] == PROFILE_ARNS
 
 
 def test_functions_use_resource_star_only_where_aws_has_no_resource_scoping(defaults):

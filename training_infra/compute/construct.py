@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import jsii
-from aws_cdk import Aws, Duration, Fn, RemovalPolicy, Tags
+from aws_cdk import Aws, Duration, Fn, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_ec2 as ec2
@@ -15,11 +15,12 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
+from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from training_infra import naming
 from training_infra.compute.user_data import AgentConfig, render_user_data, with_run_overrides
-from training_infra.policy import acknowledge_nag, log_retention, skip_checkov
+from training_infra.policy import acknowledge_nag, grant_encrypted_publish, log_retention, nag_name, skip_checkov
 from training_infra.pricing import on_demand_price
 
 # Interface endpoints the agent and Session Manager need when instances have no public IP.
@@ -37,6 +38,41 @@ PRIVATE_ENDPOINTS = {
 
 # A launch template's first version: what the run's template held when the run started.
 FROZEN_TEMPLATE_VERSION = "1"
+# One hop: only the host (the agent) reaches IMDS, never a container behind the docker bridge,
+# so the trainer cannot read the instance role's credentials (the agent passes it the region).
+IMDS_HOP_LIMIT = 1
+# What SSM Session Manager needs on the instance (AWS's own minimum for Session Manager, the
+# AWSCloud9SSMInstanceProfile managed policy), plus the SSM agent's ec2messages command channel,
+# which it polls whether or not Run Command is used. No Parameter Store, documents or inventory.
+SESSION_CHANNEL_ACTIONS = (
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+)
+SSM_AGENT_MESSAGE_ACTIONS = (
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+)
+# The trainer role's sessions are short; the agent refreshes them (role chaining caps them at 1 h).
+TRAINER_SESSION = Duration.hours(1)
+# The bucket ECR keeps image layers in; pulls through the S3 gateway endpoint read from it.
+ECR_LAYER_BUCKET = "prod-{region}-starport-layer-bucket"
+# AWS's own runbook that removes every rule of a VPC's default security group (no Lambda of ours).
+EMPTY_DEFAULT_SG_RUNBOOK = "AWSConfigRemediation-RemoveVPCDefaultSecurityGroupRules"
+# What the training instances do with S3 (the agent's sync/cp and a trainer's reads and writes).
+S3_ENDPOINT_ACTIONS = (
+    "s3:AbortMultipartUpload",
+    "s3:DeleteObject",
+    "s3:GetBucketLocation",
+    "s3:GetObject",
+    "s3:ListBucket",
+    "s3:PutObject",
+)
 
 
 @jsii.implements(ec2.IMachineImage)
@@ -95,6 +131,9 @@ class ComputeProps:
     create_instance: bool = False  # the seed's path: CloudFormation owns one training instance
     run_id: str = ""  # that instance's run; a new one asks for a new instance
     log_retention_days: int = 30
+    # Opt-in: a separate trainer role the agent assumes (session-tagged with the run id) and whose
+    # short-lived credentials it hands to the container; the instance role never reaches it.
+    trainer_s3_access: bool = False
 
 
 class TrainingCompute(Construct):
@@ -142,14 +181,11 @@ class TrainingCompute(Construct):
             "InstanceRole",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description="Training instance: SSM shell, pull its image, read data, write runs and checkpoints",
-            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
         )
-        acknowledge_nag(
-            self.role,
-            "IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
-            "AmazonSSMManagedInstanceCore is the AWS-maintained minimum for Session Manager shells; it follows SSM API changes",
-        )
+        # Every run is launched with this profile; its path is the reaper's second key (with the tag).
+        self.instance_profile = iam.InstanceProfile(self, "InstanceProfile", role=self.role, path=naming.INSTANCE_PROFILE_PATH)
         self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
+        self.trainer_role: iam.Role | None = self._trainer_role() if props.trainer_s3_access else None
 
         instance = props.instance
         run = props.run
@@ -212,6 +248,8 @@ class TrainingCompute(Construct):
             gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
             restrict_default_security_group=False,  # True needs a Lambda custom resource; the default SG is unused
         )
+        self._limit_s3_endpoint(vpc.node.find_child("S3"))
+        self._empty_default_security_group(vpc)
         if network.availability_zones:
             # The zones are the user's explicit choice (spot capacity), not an accident of a template.
             for subnet in vpc.public_subnets + vpc.isolated_subnets:
@@ -220,6 +258,85 @@ class TrainingCompute(Construct):
         skip_checkov(flow_log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; flow logs of rejected packets hold no payloads")
         vpc.add_flow_log("FlowLog", destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group), traffic_type=ec2.FlowLogTrafficType.REJECT)
         return vpc, vpc.select_subnets(subnet_type=subnet_type).subnet_ids
+
+    def _limit_s3_endpoint(self, endpoint: ec2.GatewayVpcEndpoint) -> None:
+        """Through the gateway endpoint: this account's buckets and ECR's layer bucket, nothing else.
+
+        Credentials that reach the box (any account's) cannot move data to a bucket outside the
+        account through the VPC's S3 route.
+        """
+        stack = Stack.of(self)
+        endpoint.add_to_policy(
+            iam.PolicyStatement(
+                sid="ThisAccountsBuckets",
+                principals=[iam.AnyPrincipal()],
+                actions=list(S3_ENDPOINT_ACTIONS),
+                resources=["*"],
+                conditions={"StringEquals": {"aws:ResourceAccount": stack.account}},
+            )
+        )
+        layer_bucket = ECR_LAYER_BUCKET.format(region=stack.region)
+        endpoint.add_to_policy(
+            iam.PolicyStatement(
+                sid="EcrImageLayers",
+                principals=[iam.AnyPrincipal()],
+                actions=["s3:GetObject"],
+                resources=[f"arn:{stack.partition}:s3:::{layer_bucket}/*"],
+            )
+        )
+
+    def _empty_default_security_group(self, vpc: ec2.Vpc) -> None:
+        """Remove the default security group's rules (all traffic within the group, all out) once, at creation.
+
+        CloudFormation cannot revoke rules it did not create, and CDK's `restrict_default_security_group`
+        needs a Lambda custom resource (which the local AWS cannot run). A State Manager association
+        runs AWS's own runbook instead, once, with a role that may revoke rules of this group only.
+        Nothing uses the group (instances and endpoints have their own); this keeps a resource that
+        someone attaches it to later from talking to everything else that carries it.
+        """
+        stack = Stack.of(self)
+        group_arn = stack.format_arn(service="ec2", resource="security-group", resource_name=vpc.vpc_default_security_group)
+        role = iam.Role(
+            self,
+            "DefaultSecurityGroupRole",
+            description="Systems Manager Automation: remove the rules of this VPC's default security group, once",
+            assumed_by=iam.PrincipalWithConditions(
+                iam.ServicePrincipal("ssm.amazonaws.com"), {"StringEquals": {"aws:SourceAccount": stack.account}}
+            ),
+            max_session_duration=Duration.hours(1),
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(actions=["ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources=[group_arn])
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["ec2:DescribeSecurityGroups"],
+                resources=["*"],  # DescribeSecurityGroups has no resource-level permissions
+            )
+        )
+        # The runbook's documented needs: start itself and read its own execution.
+        runbook = f"arn:{stack.partition}:ssm:{stack.region}:{stack.account}:automation-definition/{EMPTY_DEFAULT_SG_RUNBOOK}:*"
+        executions = stack.format_arn(service="ssm", resource="automation-execution", resource_name="*")
+        role.add_to_policy(iam.PolicyStatement(actions=["ssm:StartAutomationExecution"], resources=[runbook]))
+        role.add_to_policy(iam.PolicyStatement(actions=["ssm:GetAutomationExecution"], resources=[executions]))
+        acknowledge_nag(
+            role,
+            "IAM5[Resource::*]",
+            "ec2:DescribeSecurityGroups has no resource-level permissions; the runbook reads the group before revoking its rules",
+        )
+        for resource, why in (
+            (runbook, "any version of the one AWS runbook this role exists for"),
+            (executions, "execution ids are made when the association runs"),
+        ):
+            acknowledge_nag(role, f"IAM5[Resource::{nag_name(role, resource)}]", f"Systems Manager Automation: {why}")
+        association = ssm.CfnAssociation(
+            self,
+            "EmptyDefaultSecurityGroup",
+            name=EMPTY_DEFAULT_SG_RUNBOOK,
+            parameters={"GroupId": [vpc.vpc_default_security_group], "AutomationAssumeRole": [role.role_arn]},
+        )
+        # The GetAtt already orders the role first; the policy must exist too before the runbook runs.
+        association.add_dependency(role.node.find_child("DefaultPolicy").node.default_child)
 
     def _private_endpoints(self) -> None:
         """Interface endpoints reachable only from the training instances' security group."""
@@ -240,12 +357,8 @@ class TrainingCompute(Construct):
     def _grant_instance_access(self, *, repository: ecr.IRepository, alerts_topic: sns.ITopic) -> None:
         repository.grant_pull(self.role)
         self.log_group.grant_write(self.role)
-        alerts_topic.grant_publish(self.role)
-        acknowledge_nag(
-            self.role,
-            "IAM5[Action::kms:GenerateDataKey*]",
-            "From grant_publish on the alerts topic: only the topic's own KMS key, so notices can be encrypted",
-        )
+        grant_encrypted_publish(self.role, alerts_topic, alerts_topic.master_key)
+        self._grant_session_manager()
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="PutMetricsInProjectNamespace",
@@ -257,9 +370,53 @@ class TrainingCompute(Construct):
         acknowledge_nag(
             self.role,
             "IAM5[Resource::*]",
-            "Only actions without resource types: ecr:GetAuthorizationToken (from grant_pull) and "
-            "cloudwatch:PutMetricData (limited by a namespace condition)",
+            "Only actions without resource types: ecr:GetAuthorizationToken (from grant_pull), "
+            "cloudwatch:PutMetricData (limited by a namespace condition) and the SSM agent's ssmmessages/ec2messages channels",
         )
+
+    def _grant_session_manager(self) -> None:
+        """Session Manager shells, instead of AmazonSSMManagedInstanceCore (which reads every SSM parameter)."""
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SsmAgentChannels",
+                actions=[*SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS],
+                resources=["*"],  # ssmmessages and ec2messages have no resource types
+            )
+        )
+        instances = Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")
+        self.role.add_to_policy(
+            iam.PolicyStatement(sid="SsmAgentRegistersThisInstance", actions=["ssm:UpdateInstanceInformation"], resources=[instances])
+        )
+        acknowledge_nag(
+            self.role,
+            f"IAM5[Resource::{nag_name(self, instances)}]",
+            "ssm:UpdateInstanceInformation names the calling instance, whose id is unknown at deploy: instances of this account and region",
+        )
+
+    def _trainer_role(self) -> iam.Role:
+        """The opt-in trainer role: assumed by the agent with the run id as a session tag, nothing else.
+
+        The storage construct's `grant_trainer_access` scopes it to data/ and to the run's own
+        prefixes through `${aws:PrincipalTag/training-infra:run-id}`; the trust refuses a session
+        without that tag or with any other tag key.
+        """
+        trainer = iam.Role(
+            self,
+            "TrainerRole",
+            description="Trainer container (opt-in): read data/, write only its own run's runs/ and checkpoints/ prefixes",
+            assumed_by=iam.PrincipalWithConditions(
+                iam.SessionTagsPrincipal(iam.ArnPrincipal(self.role.role_arn)),
+                {
+                    "StringLike": {f"aws:RequestTag/{naming.TAG_RUN_ID}": "?*"},
+                    "ForAllValues:StringEquals": {"aws:TagKeys": [naming.TAG_RUN_ID]},
+                },
+            ),
+            max_session_duration=TRAINER_SESSION,
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(sid="AssumeTrainerRoleWithRunTag", actions=["sts:AssumeRole", "sts:TagSession"], resources=[trainer.role_arn])
+        )
+        return trainer
 
     def _launch_template(self, construct_id: str, instance: InstanceProps, *, user_data: str) -> ec2.LaunchTemplate:
         return ec2.LaunchTemplate(
@@ -267,12 +424,11 @@ class TrainingCompute(Construct):
             construct_id,
             machine_image=self.machine_image,
             instance_type=ec2.InstanceType(instance.instance_type),
-            role=self.role,
+            instance_profile=self.instance_profile,
             security_group=self.security_group,
             user_data=ec2.UserData.custom(user_data),
             require_imdsv2=True,
-            # 2 hops: containers on the docker bridge reach IMDSv2 (spot notices, region).
-            http_put_response_hop_limit=2,
+            http_put_response_hop_limit=IMDS_HOP_LIMIT,
             instance_metadata_tags=True,
             instance_initiated_shutdown_behavior=(
                 ec2.InstanceInitiatedShutdownBehavior.TERMINATE if instance.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP

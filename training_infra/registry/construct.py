@@ -101,19 +101,14 @@ class TrainingRegistry(Construct):
         self.diff_role = iam.Role(
             self,
             "GithubDiffRole",
-            description=f"GitHub Actions on pull requests of {props.github_repo}: read-only, for cdk diff",
+            description=f"GitHub Actions on pull requests of {props.github_repo}: read this project's stacks, for cdk diff",
             assumed_by=github_principal(f"repo:{props.github_repo}:pull_request"),
             max_session_duration=Duration.hours(1),
         )
-        # cdk diff reads deployed templates through the bootstrap lookup role; it needs nothing that writes.
+        # cdk diff of this app needs no lookups: it reads the deployed templates with these
+        # credentials alone. No bootstrap role to assume (the lookup role carries ReadOnlyAccess,
+        # every bucket's objects included), and pull requests run their own code with this role.
         stack = Stack.of(self)
-        self.diff_role.add_to_policy(
-            iam.PolicyStatement(
-                sid="AssumeCdkLookupRole",
-                actions=["sts:AssumeRole"],
-                resources=[f"arn:{stack.partition}:iam::{stack.account}:role/cdk-hnb659fds-lookup-role-{stack.account}-{stack.region}"],
-            )
-        )
         project_stacks = f"arn:{stack.partition}:cloudformation:{stack.region}:{stack.account}:stack/{naming.STACK_PREFIX}-*/*"
         self.diff_role.add_to_policy(
             iam.PolicyStatement(

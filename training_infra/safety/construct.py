@@ -24,6 +24,7 @@ from constructs import Construct
 
 from training_infra import naming
 from training_infra.monitored_function import SNS_TOPIC_CONTEXT, MonitoredFunction, MonitoredFunctionProps
+from training_infra.policy import nag_name
 
 RUNTIME_DIR = pathlib.Path(__file__).parent / "runtime"
 REAPER_SCHEDULE_MINUTES = 5
@@ -201,6 +202,9 @@ class TrainingSafety(Construct):
         )
 
     def _reaper(self) -> MonitoredFunction:
+        stack = Stack.of(self)
+        # The compute stack's instance profile lives under this path; the reaper needs tag AND profile.
+        profile_arns = f"arn:{stack.partition}:iam::{stack.account}:instance-profile{naming.INSTANCE_PROFILE_PATH}"
         reaper = self._function(
             "Reaper",
             self._function_props(
@@ -219,6 +223,7 @@ class TrainingSafety(Construct):
                     "DEADLINE_TAG": naming.TAG_DEADLINE,
                     "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
                     "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
+                    "INSTANCE_PROFILE_ARN_PREFIX": profile_arns,
                 },
             ),
         )
@@ -227,14 +232,19 @@ class TrainingSafety(Construct):
             iam.PolicyStatement(
                 sid="TerminateOnlyManagedInstances",
                 actions=["ec2:TerminateInstances"],
-                resources=[Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")],
-                conditions={"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}},
+                resources=[stack.format_arn(service="ec2", resource="instance", resource_name="*")],
+                # The tag alone could be added to any instance by whoever may tag it; the instance
+                # profile is set at launch and changed only by someone allowed to pass the role.
+                conditions={
+                    "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+                    "ArnLike": {"ec2:InstanceProfile": f"{profile_arns}*"},
+                },
             )
         )
         reaper.acknowledge(
-            "IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
+            f"IAM5[Resource::{nag_name(self, stack.format_arn(service='ec2', resource='instance', resource_name='*'))}]",
             "Instance ids are not known at deploy time (the CLI launches them); TerminateInstances is "
-            "conditioned on the aws:ResourceTag/training-infra:managed=true tag.",
+            "conditioned on the training-infra:managed=true tag and the project's instance profile path.",
         )
         reaper.add_to_role_policy(
             iam.PolicyStatement(

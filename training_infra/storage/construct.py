@@ -172,6 +172,43 @@ class TrainingStorage(Construct):
             combined = combined.combine(other)
         return combined
 
+    def grant_trainer_access(self, grantee: iam.IGrantable) -> iam.Grant:
+        """The opt-in trainer role: read data/, write only its own run's runs/<id>/ and checkpoints/<id>/.
+
+        The run id is the `training-infra:run-id` session tag the agent sets when it assumes the
+        role, so one run's credentials cannot touch another run's objects. No delete, no runs/latest/.
+        """
+        run = f"${{aws:PrincipalTag/{naming.TAG_RUN_ID}}}"
+        principal = grantee.grant_principal
+        consumer = principal if isinstance(principal, Construct) else self
+        data_arn = as_seen_from(consumer, self.data_bucket, self.data_bucket.bucket_arn)
+        outputs_arn = as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)
+        data_objects = f"{data_arn}/{naming.DATA_PREFIX}*"
+        run_prefixes = [f"{naming.RUNS_PREFIX}{run}/", f"{naming.CHECKPOINTS_PREFIX}{run}/"]
+        run_objects = [f"{outputs_arn}/{prefix}*" for prefix in run_prefixes]
+
+        def grant(actions: list[str], resources: list[str], conditions: dict | None = None) -> iam.Grant:
+            return iam.Grant.add_to_principal(grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions)
+
+        grants = [
+            grant(["s3:ListBucket"], [data_arn], {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}}),
+            grant(["s3:GetObject"], [data_objects]),
+            grant(["s3:ListBucket"], [outputs_arn], {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in run_prefixes]}}),
+            grant(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], run_objects),
+        ]
+        if isinstance(principal, Construct):
+            reasons = [
+                (data_objects, "read-only (s3:GetObject) on the data/ prefix of the data bucket"),
+                (run_objects[0], "get/put only under runs/<its run id>/ (the session tag), never another run's"),
+                (run_objects[1], "get/put only under checkpoints/<its run id>/ (the session tag), never another run's"),
+            ]
+            for resource, why in reasons:
+                acknowledge_nag(principal, f"IAM5[Resource::{nag_name(principal, resource)}]", f"Object keys are written by the trainer: {why}")
+        combined = grants[0]
+        for other in grants[1:]:
+            combined = combined.combine(other)
+        return combined
+
     def grant_read_attempt_status(self, grantee: iam.IGrantable) -> iam.Grant:
         """Read each attempt's status.json (what the supervisor classifies an ended attempt by), nothing else."""
         principal = grantee.grant_principal

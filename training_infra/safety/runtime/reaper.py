@@ -1,9 +1,12 @@
 """Max-runtime reaper: the cloud-side backstop for a hung or forgotten training instance.
 
-Runs every few minutes. It finds instances tagged as managed by training-infra and terminates
-every one that is past its deadline: the `deadline` tag (ISO 8601 UTC) when it is readable,
-otherwise launch time plus the `max-runtime-hours` tag or the stack's default. Each termination
-gets a metric (the max-runtime alarm) and a readable notice on the alert topic.
+Runs every few minutes. It finds instances tagged as managed by training-infra AND launched with
+the project's instance profile (a tag anyone with ec2:CreateTags can add; the profile only someone
+allowed to pass the instance role), and terminates every one that is past its deadline: the
+`deadline` tag (ISO 8601 UTC) when it is readable, otherwise launch time plus the
+`max-runtime-hours` tag or the stack's default; never later than launch + 168 h. Each instance is
+handled on its own: one that fails is recorded, the sweep goes on, and the run then fails so the
+Errors alarm fires. Each termination gets a metric (the max-runtime alarm) and a readable notice.
 
 Stdlib and boto3 only: the runtime folder is the whole Lambda package (one asset for both functions).
 """
@@ -35,6 +38,8 @@ METRIC_NAME = "InstancesTerminatedForMaxRuntime"
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 # DescribeInstances page size; small values only matter in tests.
 PAGE_SIZE = 500
+# No run is longer than this, whatever its tags say (training_infra.naming.MAX_RUNTIME_HOURS_LIMIT).
+RUNTIME_LIMIT_HOURS = 168
 
 
 class ReaperError(RuntimeError):
@@ -45,6 +50,8 @@ class ReaperError(RuntimeError):
 class ReaperConfig:
     topic_arn: str
     max_runtime_hours: float
+    # Only instances whose instance profile ARN starts with this are the project's (its path).
+    instance_profile_arn_prefix: str
     grace_minutes: float = 0
     managed_tag: str = DEFAULT_MANAGED_TAG
     run_id_tag: str = DEFAULT_RUN_ID_TAG
@@ -57,6 +64,7 @@ class ReaperConfig:
         return cls(
             topic_arn=env["TOPIC_ARN"],
             max_runtime_hours=float(env["MAX_RUNTIME_HOURS"]),
+            instance_profile_arn_prefix=env["INSTANCE_PROFILE_ARN_PREFIX"],
             grace_minutes=float(env.get("GRACE_MINUTES", "0")),
             managed_tag=env.get("MANAGED_TAG", DEFAULT_MANAGED_TAG),
             run_id_tag=env.get("RUN_ID_TAG", DEFAULT_RUN_ID_TAG),
@@ -82,10 +90,13 @@ class ReapResult:
     failed: dict[str, str] = field(default_factory=dict)
     notices_failed: dict[str, str] = field(default_factory=dict)
     unreadable_tags: dict[str, str] = field(default_factory=dict)
+    # Tagged managed, but not launched with the project's instance profile: never touched.
+    ignored: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "checked": len(self.checked),
+            "ignored": self.ignored,
             "terminated": self.terminated,
             "failed": self.failed,
             "notices_failed": self.notices_failed,
@@ -100,23 +111,35 @@ def parse_deadline(text: str) -> datetime | None:
     """
     try:
         value = datetime.fromisoformat(text.strip())
-    except ValueError:
+        # Times at the calendar's edges overflow when moved to UTC or when a grace is added.
+        return value.astimezone(UTC) if value.tzinfo is not None else None
+    except (ValueError, OverflowError, TypeError, AttributeError):
         return None
-    if value.tzinfo is None:
-        return None
-    return value.astimezone(UTC)
 
 
 def _positive_hours(text: str) -> float | None:
+    """Hours in (0, 168], or None: a tag cannot make a run longer than any run may be."""
     try:
         hours = float(text)
-    except ValueError:
+    except (ValueError, OverflowError, TypeError):
         return None
-    return hours if 0 < hours < 24 * 366 else None
+    return hours if 0 < hours <= RUNTIME_LIMIT_HOURS else None
 
 
 def decide_deadline(tags: dict[str, str], launch_time: datetime, config: ReaperConfig) -> Verdict:
-    """The instance's deadline: its deadline tag, else launch time plus its own or the default max runtime."""
+    """The instance's deadline: its deadline tag, else launch time plus its own or the default max runtime.
+
+    Never later than launch + 168 h: a deadline tag is a plain tag that anyone who may tag the
+    instance can move, and no run may outlive the longest runtime the settings allow.
+    """
+    limit = launch_time + timedelta(hours=RUNTIME_LIMIT_HOURS)
+    verdict = _tagged_deadline(tags, launch_time, config)
+    if verdict.deadline > limit:
+        return Verdict(limit, f"{RUNTIME_LIMIT_HOURS} h after launch (the longest run allowed)", verdict.unreadable_tag)
+    return verdict
+
+
+def _tagged_deadline(tags: dict[str, str], launch_time: datetime, config: ReaperConfig) -> Verdict:
     unreadable = None
     raw_deadline = tags.get(config.deadline_tag)
     if raw_deadline is not None:
@@ -169,37 +192,35 @@ def _notice(
     return subject, "\n".join(lines)
 
 
+def _launched_by_the_project(instance: dict, config: ReaperConfig) -> bool:
+    """The instance profile is set at launch (or by someone allowed to pass the instance role), not by a tag."""
+    profile_arn = (instance.get("IamInstanceProfile") or {}).get("Arn", "")
+    return profile_arn.startswith(config.instance_profile_arn_prefix)
+
+
 def reap(ec2, sns, cloudwatch, config: ReaperConfig, now: datetime) -> ReapResult:
-    """Terminate every managed instance past its deadline (plus grace); report each one."""
+    """Terminate every managed instance past its deadline (plus grace); report each one.
+
+    Each instance is handled in isolation: whatever goes wrong with one is recorded in `failed`
+    and the sweep goes on with the next.
+    """
     result = ReapResult()
-    grace = timedelta(minutes=config.grace_minutes)
     # Read every page before terminating: terminations change the filtered list under the page token.
     for instance in list(_managed_instances(ec2, config)):
-        instance_id = instance["InstanceId"]
-        result.checked.append(instance_id)
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        verdict = decide_deadline(tags, instance["LaunchTime"], config)
-        if verdict.unreadable_tag:
-            result.unreadable_tags[instance_id] = verdict.unreadable_tag
-            log.warning(
-                "instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason
-            )
-        if now < verdict.deadline + grace:
+        instance_id = instance.get("InstanceId", "?")
+        if not _launched_by_the_project(instance, config):
+            result.ignored.append(instance_id)
+            log.warning("instance %s carries %s but not the project's instance profile: left alone", instance_id, config.managed_tag)
             continue
+        result.checked.append(instance_id)
         try:
-            ec2.terminate_instances(InstanceIds=[instance_id])
+            _reap_one(ec2, sns, config, now, instance, result)
         except ClientError as error:
             result.failed[instance_id] = _code(error)
-            log.error("could not terminate %s: %s", instance_id, error)
-            continue
-        result.terminated.append(instance_id)
-        subject, message = _notice(instance, tags, verdict, now, config)
-        log.info("%s", message.replace("\n", " "))
-        try:
-            sns.publish(TopicArn=config.topic_arn, Subject=subject, Message=message)
-        except ClientError as error:
-            result.notices_failed[instance_id] = _code(error)
-            log.error("terminated %s but could not publish the notice: %s", instance_id, error)
+            log.error("could not reap %s: %s", instance_id, error)
+        except Exception as error:  # noqa: BLE001 - one instance's surprise must not shield the others
+            result.failed[instance_id] = f"{type(error).__name__}: {error}"
+            log.exception("could not reap %s", instance_id)
     if result.terminated:
         cloudwatch.put_metric_data(
             Namespace=config.namespace,
@@ -208,6 +229,26 @@ def reap(ec2, sns, cloudwatch, config: ReaperConfig, now: datetime) -> ReapResul
             ],
         )
     return result
+
+
+def _reap_one(ec2, sns, config: ReaperConfig, now: datetime, instance: dict, result: ReapResult) -> None:
+    instance_id = instance["InstanceId"]
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    verdict = decide_deadline(tags, instance["LaunchTime"], config)
+    if verdict.unreadable_tag:
+        result.unreadable_tags[instance_id] = verdict.unreadable_tag
+        log.warning("instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason)
+    if now < verdict.deadline + timedelta(minutes=config.grace_minutes):
+        return
+    ec2.terminate_instances(InstanceIds=[instance_id])
+    result.terminated.append(instance_id)
+    subject, message = _notice(instance, tags, verdict, now, config)
+    log.info("%s", message.replace("\n", " "))
+    try:
+        sns.publish(TopicArn=config.topic_arn, Subject=subject, Message=message)
+    except ClientError as error:
+        result.notices_failed[instance_id] = _code(error)
+        log.error("terminated %s but could not publish the notice: %s", instance_id, error)
 
 
 def handler(event, context):
