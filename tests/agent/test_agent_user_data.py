@@ -112,3 +112,22 @@ def test_agent_shell_is_shellcheck_clean(tmp_path):
     script.write_text(render_user_data(PRODUCTION))
     result = subprocess.run([shellcheck, *map(str, SHELL_FILES), str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["python train.py  # see #@run-overrides", "python train.py \\\n#@run-overrides\n--epochs 3"],
+    ids=["marker-inside-a-line", "marker-as-a-line-of-the-command"],
+)
+def test_training_command_containing_the_overrides_marker_keeps_user_data_and_command_intact(tmp_path, command):
+    rendered = with_run_overrides(
+        render_user_data(dataclasses.replace(PRODUCTION, training_command=command)), {"TI_RUN_ID": "marker-run"}
+    )
+    # What bash sees: the command unchanged and the override in effect (not swallowed by the quoted command).
+    exports = rendered.split('agent_dir="${TI_ROOT:-}', 1)[0] + 'printf "%s\\0" "$TI_TRAINING_COMMAND" "$TI_RUN_ID"\n'
+    shown = subprocess.run(["bash", "-c", exports], capture_output=True, check=True).stdout.decode()
+    assert shown.split("\0")[:2] == [command, "marker-run"]
+    # The agent body still decodes to the packed agent.
+    unpack = rendered.rsplit('exec bash "$agent_dir/agent.sh"', 1)[0]
+    subprocess.run(["bash", "-c", unpack], env={"TI_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
+    assert (tmp_path / "opt/training-infra/agent.sh").read_bytes() == shipped_bytes(AGENT_SCRIPT)

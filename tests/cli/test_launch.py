@@ -309,3 +309,52 @@ def test_launch_uses_the_newest_template_version_even_when_the_default_stays_1(d
     assert result.exit_code == 0, result.output
     [instance] = deployment.run_instances("launch-latest-version")
     assert _run_exports(deployment, instance["InstanceId"])["TI_TRAINING_COMMAND"] == "python train_v2.py"
+
+
+SECRET_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:training-infra/wandb-AbCdEf"
+
+
+def test_secrets_reach_the_agent_as_references_only_in_ti_secrets(stacks):
+    result = stacks.cli(
+        "launch", "--run-id", "with-secrets", "--secret", "HF_TOKEN=ssm:/training-infra/hf/token",
+        "--secret", f"WANDB_API_KEY={SECRET_ARN}",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    [instance] = stacks.run_instances("with-secrets")
+    exports = _run_exports(stacks, instance["InstanceId"])
+    assert exports["TI_SECRETS"].splitlines() == [
+        "HF_TOKEN=ssm:/training-infra/hf/token",
+        f"WANDB_API_KEY={SECRET_ARN}",
+    ]
+    assert "HF_TOKEN" not in exports.get("TI_EXTRA_ENV", ""), "secrets are not plain environment"
+
+
+@pytest.mark.parametrize(
+    ("secret", "fragment"),
+    [
+        ("HF_TOKEN", "option '--secret': got 'HF_TOKEN'; allowed: NAME=ssm:/training-infra/PATH"),
+        ("HF_TOKEN=hf_abc123", "option '--secret': got 'HF_TOKEN=hf_abc123'"),
+        ("HF_TOKEN=ssm:/other/team/token", "got 'HF_TOKEN=ssm:/other/team/token'; allowed: NAME=ssm:/training-infra/"),
+        ("1BAD=ssm:/training-infra/x", "option '--secret': got '1BAD=ssm:/training-infra/x'"),
+        ("TOKEN=arn:aws:s3:::bucket/key", "option '--secret': got 'TOKEN=arn:aws:s3:::bucket/key'"),
+        ("AWS_SECRET_ACCESS_KEY=ssm:/training-infra/k", "got name 'AWS_SECRET_ACCESS_KEY'; allowed: any name but"),
+        ("RUN_ID=ssm:/training-infra/k", "got name 'RUN_ID'"),
+    ],
+)
+def test_launch_rejects_a_bad_secret_in_one_line_before_calling_aws(stacks, secret, fragment):
+    assert fragment in stacks.usage_error("launch", "--secret", secret)
+
+
+def test_launch_reports_every_bad_secret_one_line_each_and_launches_nothing(stacks):
+    result = stacks.cli(
+        "launch", "--run-id", "bad-secrets", "--secret", "A=plain", "--secret", "B=ssm:/training-infra/ok",
+        "--secret", "B=ssm:/training-infra/again", "--env", "C=1", "--secret", "C=ssm:/training-infra/c",
+        env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: option '--secret': got ") for line in lines), lines
+    assert "'A=plain'" in lines[0] and "name 'B' twice" in lines[1] and "name 'C' twice (or also in --env)" in lines[2]

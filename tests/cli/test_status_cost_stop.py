@@ -309,3 +309,16 @@ def test_the_end_of_an_instance_is_read_from_either_spelling_of_the_reason(zone_
         "StateTransitionReason": f"User initiated (2026-11-28 10:00:00 {zone_name})",
     })  # fmt: skip
     assert ended.ended_at == datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+
+
+def test_stop_terminates_a_legacy_runs_stopped_instance_whose_volume_still_bills(stacks):
+    instance = _legacy_instance(stacks, "stopped-legacy")
+    ec2 = stacks.client("ec2")
+    ec2.stop_instances(InstanceIds=[instance["InstanceId"]])  # auto_shutdown=false then a manual stop
+    assert stacks.instance(instance["InstanceId"])["State"]["Name"] == "stopped"
+
+    result = stacks.cli("stop", "stopped-legacy")
+
+    assert result.exit_code == 0, result.output
+    assert f"terminating stopped {instance['InstanceId']}" in result.stdout
+    assert stacks.instance(instance["InstanceId"])["State"]["Name"] in ("shutting-down", "terminated")

@@ -46,10 +46,11 @@ def err_console() -> Console:
 
 
 def report_error(message: str) -> None:
-    """`error: <message>` on stderr, the message printed as is (no markup)."""
+    """`error: <message>` on stderr, the message printed as is (no markup); one such line per line."""
     from rich.text import Text
 
-    err_console().print(Text.assemble(("error: ", "bold red"), message))
+    for line in message.splitlines() or [""]:
+        err_console().print(Text.assemble(("error: ", "bold red"), line))
 
 
 class CliError(Exception):

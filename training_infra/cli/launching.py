@@ -30,6 +30,15 @@ from training_infra.cli.runs import iso_z, new_run_id, utcnow
 from training_infra.compute.user_data import OVERRIDES_MARKER, with_run_overrides
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What the instance role may read (the compute construct): SecureStrings under PARAMETER_PATH,
+# and Secrets Manager secrets tagged training-infra:managed=true (their ARN is all we can check here).
+PARAMETER_PATH = "/training-infra/"
+_SECRET_REF = re.compile(
+    rf"^ssm:{re.escape(PARAMETER_PATH)}[A-Za-z0-9_.\-/]{{1,1000}}$"
+    r"|^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
+)
+# The contract's own variables, and the AWS_/TI_ families the agent sets: a secret must not shadow them.
+_RESERVED_NAMES = ("RUN_ID", "DATA_DIR", "OUTPUT_DIR", "CHECKPOINT_DIR", "HEARTBEAT_FILE", "STOP_GRACE_SECONDS")
 # LaunchTemplateData keys that RunInstances accepts under the same name and shape.
 _COPIED_TEMPLATE_KEYS = (
     "ImageId", "InstanceType", "KeyName", "SecurityGroupIds", "SecurityGroups", "IamInstanceProfile",
@@ -57,6 +66,7 @@ class LaunchRequest:
     image_tag: str | None = None
     command: str | None = None
     env: list[str] = field(default_factory=list)
+    secret_refs: list[str] = field(default_factory=list)  # NAME=ssm:/path or NAME=arn:...:secretsmanager:...
     run_id: str | None = None
     subnet_id: str | None = None
 
@@ -110,11 +120,35 @@ def validate(request: LaunchRequest) -> LaunchRequest:
                 f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' "
                 "(not starting with a digit) and a one-line VALUE"
             )
+    _check_secrets(request)
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(
             f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0"
         )
     return request
+
+
+def _check_secrets(request: LaunchRequest) -> None:
+    """Every bad --secret at once, one line each: names and references only, a value is never given here."""
+    env_names = {item.partition("=")[0] for item in request.env}
+    seen: set[str] = set()
+    problems = []
+    for item in request.secret_refs:
+        name, sep, ref = item.partition("=")
+        if not sep or not _ENV_KEY.match(name) or not _SECRET_REF.match(ref):
+            problems.append(
+                f"option '--secret': got {item!r}; allowed: NAME=ssm:{PARAMETER_PATH}PATH (an SSM SecureString) "
+                "or NAME=arn:aws:secretsmanager:REGION:ACCOUNT:secret:ID (tagged training-infra:managed=true)"
+            )
+        elif name in _RESERVED_NAMES or name.startswith(("AWS_", "TI_")):
+            problems.append(
+                f"option '--secret': got name {name!r}; allowed: any name but {', '.join(_RESERVED_NAMES)}, AWS_* and TI_*"
+            )
+        elif name in seen or name in env_names:
+            problems.append(f"option '--secret': got name {name!r} twice (or also in --env); allowed: each name once")
+        seen.add(name)
+    if problems:
+        raise UsageError("\n".join(problems))
 
 
 def _is_subnet_id(value: str) -> bool:
@@ -131,7 +165,7 @@ def template_exports(user_data: str) -> dict[str, str]:
 
     Read as bash would (shell quoting, multi-line values such as TI_EXTRA_ENV).
     """
-    lexer = shlex.shlex(user_data.split(OVERRIDES_MARKER, 1)[0], posix=True)
+    lexer = shlex.shlex(user_data.rsplit(f"\n{OVERRIDES_MARKER}\n", 1)[0], posix=True)
     lexer.whitespace_split, lexer.commenters = True, "#"
     values: dict[str, str] = {}
     try:
@@ -172,6 +206,8 @@ def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> 
         # The stack's extra env first, so a --env KEY=... given now wins in the trainer.
         lines = [line for line in exports.get("TI_EXTRA_ENV", "").splitlines() if line.strip()]
         overrides["TI_EXTRA_ENV"] = "\n".join([*lines, *request.env])
+    if request.secret_refs:
+        overrides["TI_SECRETS"] = "\n".join(request.secret_refs)  # references only: the agent fetches the values
     return overrides
 
 

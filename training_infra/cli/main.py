@@ -26,6 +26,7 @@ from training_infra.cli import launching, runs
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
+from training_infra.cli.safe_text import remote_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -362,7 +363,19 @@ def launch(
     env: Annotated[
         list[str] | None,
         typer.Option(
-            "--env", "-e", help="KEY=VALUE for the trainer's environment; repeat for more.", show_default=False
+            "--env",
+            "-e",
+            help="KEY=VALUE for the trainer's environment; repeat for more. Not for secrets: the value is readable in the instance's user data (use --secret).",
+            show_default=False,
+        ),
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="NAME=REF",
+            help="A secret for the trainer's environment, read on the instance at start: NAME=ssm:/training-infra/PATH (SecureString) or NAME=arn:aws:secretsmanager:... (tagged training-infra:managed=true); repeat for more. Never in user data, logs or status.json; --env is not for secrets.",
+            show_default=False,
         ),
     ] = None,
     run_id: Annotated[
@@ -397,7 +410,7 @@ def launch(
         launching.LaunchRequest(
             instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
-            command=command, env=list(env or []), run_id=run_id, subnet_id=subnet_id,
+            command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
         )
     )  # fmt: skip
     started = launching.launch(Aws(region), request)
@@ -417,12 +430,12 @@ def launch(
         )
     elif managed.active:
         out.print(
-            f"run {rid} is waiting for capacity ({managed.message}); "
+            f"run {rid} is waiting for capacity ({remote_text(managed.message)}); "
             f"the supervisor retries every minute until {managed.deadline_at}",
             markup=False,
         )
     else:
-        raise CliError(f"run {rid} could not start: {managed.message}")
+        raise CliError(f"run {rid} could not start: {remote_text(managed.message)}")
     out.print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
         out.print(f"  training-infra {line}", markup=False)
@@ -615,7 +628,7 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
         f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}",
     ):
-        out.print(line, markup=False)
+        out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(
         title=f"attempts of {row['run_id']}",
         columns=[
@@ -677,7 +690,7 @@ def logs(
             time.sleep(LOG_POLL_SECONDS)
             continue
         for event in page.get("events", []):
-            sys.stdout.write(event.get("message", "").rstrip("\n") + "\n")
+            sys.stdout.write(remote_text(event.get("message", "").rstrip("\n")) + "\n")
         sys.stdout.flush()
         new_token = page.get("nextForwardToken")
         if new_token != token:
@@ -694,7 +707,7 @@ def logs(
                 else {"events": []}
             )
             for event in last.get("events", []):
-                sys.stdout.write(event.get("message", "").rstrip("\n") + "\n")
+                sys.stdout.write(remote_text(event.get("message", "").rstrip("\n")) + "\n")
             return
         time.sleep(LOG_POLL_SECONDS)
 
@@ -775,7 +788,7 @@ def fetch(
     if run != "latest":
         note = _fetch_note(aws, run, target)
         if note:
-            err_console().print(f"note: {note}", markup=False)
+            err_console().print(f"note: {remote_text(note)}", markup=False)  # the note quotes status.json
 
 
 def _fetch_note(aws: Aws, run: str, target: Path) -> str:
@@ -856,14 +869,19 @@ def stop(run: RunArg, region: Region = None) -> None:
             f"tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true"
         )
     live = [r.instance_id for r in instances if r.live]
-    if not live:
+    # A stopped instance (auto_shutdown=false, or stopped by hand) runs nothing but its volume still bills.
+    stopped = [r.instance_id for r in instances if r.state == "stopped"]
+    if not live and not stopped:
         stdout().print(
             f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop"
         )
         return
-    aws.client("ec2").terminate_instances(InstanceIds=live)
+    aws.client("ec2").terminate_instances(InstanceIds=live + stopped)
     out = stdout()
-    out.print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
+    if live:
+        out.print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
+    if stopped:
+        out.print(f"run {run}: terminating stopped {', '.join(stopped)} (its volume bills while it is stopped)")
     out.print(f"  training-infra status {run}", markup=False)
 
 

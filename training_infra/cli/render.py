@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from training_infra.cli.errors import UsageError
+from training_infra.cli.safe_text import remote_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -43,7 +44,10 @@ class Column:
 
 @dataclass
 class Listing:
-    """A titled table: rows of plain strings, an optional footer row (totals) and caption."""
+    """A titled table: rows of plain strings, an optional footer row (totals) and caption.
+
+    Cells are printed as text, never as markup or escape sequences: many come from the box (status.json).
+    """
 
     title: str
     columns: Sequence[Column]
@@ -56,7 +60,7 @@ class Listing:
         from rich.cells import cell_len
 
         lines = [[c.name for c in self.columns], *self.rows, *([self.footer] if self.footer else [])]
-        widths = [max(cell_len(str(line[i])) for line in lines) for i in range(len(self.columns))]
+        widths = [max(cell_len(remote_text(line[i])) for line in lines) for i in range(len(self.columns))]
         return sum(widths) + 3 * len(widths) + 1
 
     def print(self, console: Console) -> None:
@@ -72,10 +76,10 @@ class Listing:
         for column in self.columns:
             table.add_column(column.name, justify="right" if column.right else "left", no_wrap=True)
         for row in self.rows:
-            table.add_row(*row)
+            table.add_row(*(remote_text(cell, markup=True) for cell in row))
         if self.footer:
             table.add_section()
-            table.add_row(*self.footer)
+            table.add_row(*(remote_text(cell, markup=True) for cell in self.footer))
         console.print(table)
 
     def _records(self, console: Console) -> None:
@@ -87,7 +91,7 @@ class Listing:
             for column, value in zip(self.columns, row, strict=True):
                 if value == "" and row is self.footer:
                     continue
-                console.print(f"{column.name:<{label}}  {value}", markup=False, soft_wrap=True)
+                console.print(f"{column.name:<{label}}  {remote_text(value)}", markup=False, soft_wrap=True)
         if self.caption:
             console.print("", soft_wrap=True)
             console.print(self.caption, markup=False, soft_wrap=True)

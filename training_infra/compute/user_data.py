@@ -65,6 +65,7 @@ class AgentConfig:
     hourly_price_usd: float = 0.0  # on-demand list price, for the cost estimate
     extra_env: str = ""  # newline-separated KEY=VALUE passed to the trainer
     stop_on_rebalance: bool = True  # false: a rebalance notice only syncs checkpoints early
+    trainer_role_arn: str = ""  # empty: the container gets no AWS credentials, only the region
 
 
 def _export(name: str, value: object) -> str:
@@ -117,15 +118,21 @@ def render_user_data(config: AgentConfig) -> str:
 
 
 def with_run_overrides(user_data: str, overrides: Mapping[str, object]) -> str:
-    """Add per-run settings (TI_RUN_ID, TI_IMAGE_TAG, ...) to rendered user data."""
-    if OVERRIDES_MARKER not in user_data:
+    """Add per-run settings (TI_RUN_ID, TI_IMAGE_TAG, ...) to rendered user data.
+
+    The marker is the last line that is exactly the marker: nothing after it (the packed agent) can
+    contain one, while a quoted value before it (a training command) may, and must stay intact.
+    """
+    line = f"\n{OVERRIDES_MARKER}\n"
+    position = user_data.rfind(line)
+    if position < 0:
         raise ValueError("user data was not rendered by training-infra (no run-overrides marker)")
     exports = []
     for name, value in overrides.items():
         if not _ENV_NAME.match(name):
             raise ValueError(f"environment variable name {name!r} is not valid")
         exports.append(_export(name, value))
-    rendered = user_data.replace(OVERRIDES_MARKER, "\n".join([*exports, OVERRIDES_MARKER]), 1)
+    rendered = user_data[: position + 1] + "".join(f"{export}\n" for export in exports) + user_data[position + 1 :]
     if len(rendered.encode()) > USER_DATA_LIMIT_BYTES:
         raise ValueError(f"user data is {len(rendered.encode())} bytes; EC2 allows {USER_DATA_LIMIT_BYTES}")
     return rendered

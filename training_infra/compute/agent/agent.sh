@@ -41,6 +41,7 @@ export AWS_PAGER=""
 : "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
 : "${TI_PULL_TIMEOUT_SECONDS:=1800}" "${TI_DEADLINE_AT:=}"
+: "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=2700}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
 HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
 [[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
@@ -97,7 +98,7 @@ validate() {
   local v line
   for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
     TI_STOP_GRACE_SECONDS TI_HEARTBEAT_STALE_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
-    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS; do need_int "$v"; done
+    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS TI_CREDENTIALS_REFRESH_SECONDS; do need_int "$v"; done
   for v in TI_IDLE_GPU_PERCENT TI_HOURLY_PRICE_USD; do need_num "$v"; done
   need_one TI_AUTO_SHUTDOWN true false
   need_one TI_STOP_ON_REBALANCE true false
@@ -113,6 +114,11 @@ validate() {
     fail "TI_TRAINING_COMMAND is empty: the process runtime has no image CMD to fall back on"
   [[ -z $TI_RUN_ID || $TI_RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||
     fail "TI_RUN_ID='$TI_RUN_ID' is not allowed: use letters, digits, '.', '_' and '-'"
+  # References only: a literal value here would be logged by the AWS error that names it.
+  while read -r line; do
+    [[ -z $line || $line =~ ^[A-Za-z_][A-Za-z0-9_]*=(ssm:/|arn:aws[a-z-]*:secretsmanager:). ]] ||
+      fail "TI_SECRETS line '$line' is not allowed: use NAME=ssm:/PATH or NAME=arn:aws:secretsmanager:..."
+  done <<<"$TI_SECRETS"
   [[ $POWEROFF_CMD != *halt* ]] || fail "TI_POWEROFF_CMD='$POWEROFF_CMD' is not allowed: halt leaves the instance billing"
   if [[ -n $TI_DEADLINE_AT ]]; then
     set_deadline "$TI_DEADLINE_AT" ||
@@ -120,7 +126,8 @@ validate() {
   else
     DEADLINE_EPOCH=$((START_EPOCH + TI_MAX_RUNTIME_SECONDS)) DEADLINE_WHY="max runtime of ${TI_MAX_RUNTIME_SECONDS}s"
   fi
-  : >"$STATE/trainer.env"
+  # --env values are not secrets, but they are the trainer's business only.
+  (umask 077 && : >"$STATE/trainer.env")
   while IFS= read -r line; do
     [[ -z $line ]] && continue
     [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "TI_EXTRA_ENV line '$line' is not allowed: use KEY=VALUE"
@@ -205,6 +212,9 @@ stop_requested() {  # the supervisor tags the instance stop=user|budget|stall; f
 set_run_id() {
   local id=$TI_RUN_ID
   [[ -n $id ]] || id="$(date -u -d "@$START_EPOCH" +%Y%m%d-%H%M%S)-${INSTANCE_ID}"
+  # A rejected TI_RUN_ID (the finalizer still names the run) must not reach an S3 key.
+  [[ $id =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || id=invalid-$([[ $INSTANCE_ID != unknown ]] && echo "$INSTANCE_ID" ||
+    { imds_token && imds_get meta-data/instance-id; } || date -u +unknown-%Y%m%d-%H%M%S)
   RUN_ID=${id,,}
   RUN_PREFIX=s3://$TI_OUTPUTS_BUCKET/runs/$RUN_ID
   ATTEMPT_PREFIX=$RUN_PREFIX/attempts/$ATTEMPT  # this attempt's own status.json and logs
@@ -264,13 +274,48 @@ fetch_image() {
 # S3 mirrors /checkpoints, so a resume downloads what the trainer kept, not every checkpoint
 # it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
 # globals: reads CKPT_DIR CKPT_PREFIX
-sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --only-show-errors; }
+# --no-follow-symlinks: the trainer writes here, and a link to a host file must not upload that file.
+sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --no-follow-symlinks --only-show-errors; }
 # globals: reads STATE SETUP_LOG TRAIN_LOG ATTEMPT_PREFIX
 upload_logs() {
   mkdir -p "$STATE/logs"
   cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
   awsc s3 sync "$STATE/logs/" "$ATTEMPT_PREFIX/logs/" --only-show-errors
 }
+
+# ---------------------------------------------------------------- secrets and AWS access for the trainer
+# Secret values live only in a 0600 file under $STATE until the trainer has started, then in its
+# environment: never in user data, a log or status.json. Errors name the reference, not the value.
+# globals: reads TI_SECRETS STATE
+fetch_secrets() {
+  local line ref value
+  (umask 077 && : >"$STATE/secrets.env")
+  while read -r line; do
+    ref=${line#*=}
+    case $ref in
+      "") continue ;;
+      ssm:*) value=$(awsc ssm get-parameter --name "${ref#ssm:}" --with-decryption --query Parameter.Value --output text) ;;
+      *) value=$(awsc secretsmanager get-secret-value --secret-id "$ref" --query SecretString --output text) ;;
+    esac || return 1
+    # A second line would be read by `docker --env-file` as a variable to copy from the agent's environment.
+    [[ $value != *$'\n'* ]] || fail "secret $ref has more than one line"
+    printf '%s=%s\n' "${line%%=*}" "$value" >>"$STATE/secrets.env"
+  done <<<"$TI_SECRETS"
+}
+# Without a trainer role the container gets no AWS credentials (IMDS is one hop away only for the host).
+# globals: reads TI_TRAINER_ROLE_ARN RUN_ID STATE
+assume_trainer_role() {
+  local keys
+  keys=$(awsc sts assume-role --role-arn "$TI_TRAINER_ROLE_ARN" --role-session-name "ti-${RUN_ID:0:61}" --duration-seconds 3600 \
+    --tags "Key=training-infra:run-id,Value=$RUN_ID" --query 'Credentials.[AccessKeyId,SecretAccessKey,SessionToken]' --output text) || return 1
+  mkdir -p "$STATE/aws"
+  # Written beside, then renamed: the container (which mounts the folder) never reads half a file.
+  # shellcheck disable=SC2086  # the three keys, split on the tabs of text output
+  (umask 077 && printf '[default]\naws_access_key_id=%s\naws_secret_access_key=%s\naws_session_token=%s\n' $keys >"$STATE/aws/new") &&
+    mv "$STATE/aws/new" "$STATE/aws/credentials" && log "trainer role session written"
+}
+# PyTorch data loaders pass batches through /dev/shm: half the memory, at least 1 GiB (Docker's default is 64 MiB).
+shm_size() { awk '/^MemTotal:/ { k = int($2 / 2); print (k < 1048576 ? 1048576 : k) "k" }' /proc/meminfo; }
 
 # ---------------------------------------------------------------- the trainer
 # globals: reads RUN_ID DATA_DIR OUT_DIR CKPT_DIR HEARTBEAT_HOST STATE TI_TRAINING_COMMAND
@@ -279,6 +324,9 @@ run_process_trainer() {  # the `process` runtime: the container's command, run d
   export RUN_ID DATA_DIR OUTPUT_DIR=$OUT_DIR CHECKPOINT_DIR=$CKPT_DIR HEARTBEAT_FILE=$HEARTBEAT_HOST
   trap - ERR
   while IFS= read -r line; do export "${line?}"; done <"$STATE/trainer.env"
+  while IFS= read -r line; do export "${line?}"; done <"$STATE/secrets.env" && rm "$STATE/secrets.env"
+  [[ -z $TI_TRAINER_ROLE_ARN ]] || { unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE
+    export AWS_SHARED_CREDENTIALS_FILE=$STATE/aws/credentials; }
   exec bash -c "$TI_TRAINING_COMMAND"
 }
 # globals: reads RUNTIME IMAGE RUN_ID CONTAINER DOCKER STATE the paths and TI_*; sets TRAINER_STARTED TRAINER_PID
@@ -292,16 +340,29 @@ start_trainer() {
     [[ $TI_TRAINING_COMMAND != *[\;\&\|]* || $TI_TRAINING_COMMAND == *exec\ * ]] ||
       note "WARNING: TI_TRAINING_COMMAND has no exec: on SIGTERM its shell exits and the trainer dies unsaved"
     "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    local aws=(-e "AWS_REGION=$REGION" -e "AWS_DEFAULT_REGION=$REGION" -e AWS_EC2_METADATA_DISABLED=true)
+    [[ -z $TI_TRAINER_ROLE_ARN ]] ||
+      aws+=(-v "$STATE/aws:/run/training-infra/aws:ro" -e AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials)
     # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
-    spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init --ipc=host -e TINI_KILL_PROCESS_GROUP=1 \
+    spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init -e TINI_KILL_PROCESS_GROUP=1 \
+      --security-opt no-new-privileges --shm-size "$(shm_size)" \
       -v "$DATA_DIR:/data:ro" -v "$OUT_DIR:/outputs" -v "$CKPT_DIR:/checkpoints" \
       -e "RUN_ID=$RUN_ID" -e DATA_DIR=/data -e OUTPUT_DIR=/outputs -e CHECKPOINT_DIR=/checkpoints \
-      -e "HEARTBEAT_FILE=$TI_HEARTBEAT_FILE" -e "STOP_GRACE_SECONDS=$TI_STOP_GRACE_SECONDS" \
-      --env-file "$STATE/trainer.env" "$IMAGE" "${command[@]}" >>"$TRAIN_LOG" 2>&1
+      -e "HEARTBEAT_FILE=$TI_HEARTBEAT_FILE" -e "STOP_GRACE_SECONDS=$TI_STOP_GRACE_SECONDS" "${aws[@]}" \
+      --env-file "$STATE/trainer.env" --env-file "$STATE/secrets.env" "$IMAGE" "${command[@]}" >>"$TRAIN_LOG" 2>&1
+    forget_secrets
   else
     spawn run_process_trainer >>"$TRAIN_LOG" 2>&1
   fi
   TRAINER_PID=$LAST_PID
+}
+# `docker run` reads its --env-file before it creates the container: once that exists, the file goes.
+# globals: reads TI_SECRETS DOCKER CONTAINER LAST_PID STATE
+forget_secrets() {
+  local i=0
+  [[ -n $TI_SECRETS ]] || return 0
+  while ((i++ < 600)) && alive "$LAST_PID" && ! "$DOCKER" container inspect "$CONTAINER" &>/dev/null; do sleep 0.1; done
+  rm -f "$STATE/secrets.env"
 }
 # globals: reads TRAINER_PID RUNTIME DOCKER CONTAINER
 stop_trainer() {  # stop_trainer GRACE: SIGTERM, wait up to GRACE seconds, then SIGKILL
@@ -407,13 +468,20 @@ watch_checkpoints() {  # only changed files travel; logs ride along so a hard ki
     upload_logs || true
   done
 }
+# globals: reads TI_TRAINER_ROLE_ARN TI_CREDENTIALS_REFRESH_SECONDS
+# Sessions last 1 h: renewed every 45 min by default (a failed renewal is retried with backoff).
+watch_credentials() {
+  while [[ -n $TI_TRAINER_ROLE_ARN ]] && sleep "$TI_CREDENTIALS_REFRESH_SECONDS"; do
+    retry "trainer role" assume_trainer_role || log "WARNING: trainer role session not renewed"
+  done
+}
 # globals: reads TI_LOG_SHIP_SECONDS
 watch_logs() { while sleep "$TI_LOG_SHIP_SECONDS"; do ship_logs || log "WARNING: CloudWatch Logs upload failed"; done; }
 run_watcher() { trap - ERR EXIT TERM INT; set +e; "$1"; }  # never the main traps (finalize)
 # globals: sets WATCHERS
 start_watchers() {
   local watcher
-  for watcher in watch_spot watch_stop watch_deadline watch_idle watch_checkpoints watch_logs; do
+  for watcher in watch_spot watch_stop watch_deadline watch_idle watch_checkpoints watch_logs watch_credentials; do
     spawn run_watcher "$watcher"
     WATCHERS+=("$LAST_PID")
   done
@@ -466,6 +534,7 @@ finalize() {
     backstop=$LAST_PID
   fi
   for pid in "${WATCHERS[@]}"; do kill_group "$pid"; done
+  rm -f "$STATE/secrets.env"
   if [[ -n $TRAINER_PID ]] && alive "$TRAINER_PID"; then
     [[ -n $OUTCOME ]] || OUTCOME=failed MESSAGE="agent stopped before the trainer finished (exit $rc)"
     stop_trainer "$TI_STOP_GRACE_SECONDS"
@@ -482,7 +551,7 @@ finalize() {
   [[ $OUTCOME != interrupted ]] || upload_logs || true
   ship_logs --final || log "WARNING: final CloudWatch Logs upload failed"
   if ((TRAINER_STARTED > 0)); then
-    if ! retry "outputs upload" awsc s3 sync "$OUT_DIR/" "$RUN_PREFIX/outputs/" --only-show-errors; then
+    if ! retry "outputs upload" awsc s3 sync "$OUT_DIR/" "$RUN_PREFIX/outputs/" --no-follow-symlinks --only-show-errors; then
       [[ $OUTCOME != succeeded ]] || OUTCOME=failed
       MESSAGE+=" (outputs upload failed)"
     fi
@@ -569,6 +638,8 @@ main() {
     fail "could not restore checkpoints from $CKPT_PREFIX/"
   log "checkpoints: $(find "$CKPT_DIR" -type f | wc -l) files restored from $CKPT_PREFIX/"
   end_if_over
+  retry secrets fetch_secrets || fail "could not read TI_SECRETS (see the setup log)"
+  [[ -z $TI_TRAINER_ROLE_ARN ]] || retry "trainer role" assume_trainer_role || fail "could not assume $TI_TRAINER_ROLE_ARN"
   start_trainer
   # 6. watchers
   start_watchers

@@ -1,0 +1,317 @@
+"""What the trainer can reach on the box, and what it can make the agent do (issue 15).
+
+The real agent against moto (SSM, Secrets Manager, STS and S3 answer as AWS does): uploads do not
+follow the trainer's symlinks, a rejected run id never becomes an S3 key, secrets reach the trainer
+and nothing else, the container gets AWS credentials only from the opt-in trainer role, and it runs
+with `no-new-privileges` and a sized /dev/shm instead of the host's IPC namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HF_TOKEN = "hf_s3cr3t-value-0123456789"  # noqa: S105 - a test value, and what must never leak
+WANDB_KEY = "wandb-key 42 with spaces"
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def everything_uploaded(run) -> str:
+    """Every object the run left in S3 plus the box's own logs, as one text to search."""
+    texts = [run.read(key) for key in run.keys(prefix="")]
+    return "\n".join([*texts, run.setup_log, run.training_log])
+
+
+def recording_aws(run, services: tuple[str, ...] = ("sts",)) -> Path:
+    """The real AWS CLI behind a script that records the arguments of calls to `services`."""
+    real = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
+    wrapper_dir = run.tmp / "aws-wrapper"
+    wrapper_dir.mkdir()
+    calls = run.tmp / "aws-calls.jsonl"
+    wrapper = wrapper_dir / "aws"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "args = sys.argv[1:]\n"
+        "args = args[2:] if args[:1] == ['--cli-connect-timeout'] else args\n"
+        f"if args and args[0] in {list(services)!r}:\n"
+        f"    with open({str(calls)!r}, 'a') as log: log.write(json.dumps(args) + '\\n')\n"
+        f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(0o755)
+    run.env["PATH"] = f"{wrapper_dir}:{run.env['PATH']}"
+    return calls
+
+
+def aws_calls(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def put_secrets(run) -> tuple[str, str]:
+    """An SSM SecureString under /training-infra/ and a Secrets Manager secret: their references."""
+    session = run.extra["session"]
+    name = f"/training-infra/{run.config.outputs_bucket}/hf-token"
+    session.client("ssm", endpoint_url=run.aws.endpoint).put_parameter(Name=name, Value=HF_TOKEN, Type="SecureString")
+    arn = session.client("secretsmanager", endpoint_url=run.aws.endpoint).create_secret(
+        Name=f"training-infra/{run.config.outputs_bucket}/wandb", SecretString=WANDB_KEY
+    )["ARN"]
+    return f"ssm:{name}", arn
+
+
+def trainer_role(run) -> str:
+    iam = run.extra["session"].client("iam", endpoint_url=run.aws.endpoint)
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "*"}]}
+    name = f"trainer-{run.config.outputs_bucket}"
+    return iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+
+
+# ---------------------------------------------------------------- uploads and run ids (process runtime)
+
+
+def test_symlinks_in_outputs_and_checkpoints_to_host_files_are_not_uploaded(make_run, tmp_path):
+    host = tmp_path / "host-only"
+    host.mkdir()
+    (host / "shadow").write_text("root:HOST-SECRET:0:0\n")
+    trainer = (
+        f'ln -s {host}/shadow "$OUTPUT_DIR/shadow"; ln -s {host} "$OUTPUT_DIR/etc"; '
+        f'ln -s {host}/shadow "$CHECKPOINT_DIR/ckpt-999.pt"; echo real > "$OUTPUT_DIR/model.txt"; '
+        'echo epoch > "$CHECKPOINT_DIR/ckpt-001.pt"'
+    )
+    run = make_run(run_id="symlinks", training_command=trainer).run(timeout=90)
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assert run.keys("runs/symlinks/outputs/") == ["runs/symlinks/outputs/model.txt"]
+    assert run.keys("checkpoints/symlinks/") == ["checkpoints/symlinks/ckpt-001.pt"]
+    assert "HOST-SECRET" not in everything_uploaded(run)
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "a b"], ids=["dot-dot-slash", "space"])
+def test_a_rejected_run_id_is_replaced_by_a_safe_fallback_in_every_s3_key(make_run, bad_id):
+    run = make_run(run_id=bad_id).run(timeout=60)
+
+    fallback = f"invalid-{run.imds.instance_id}"
+    keys = run.keys()
+    assert keys and all(key.startswith(f"runs/{fallback}/") for key in keys), keys
+    status = json.loads(run.read(f"runs/{fallback}/status.json"))
+    assert status["outcome"] == "failed" and status["run_id"] == fallback
+    assert f"TI_RUN_ID='{bad_id}' is not allowed" in status["message"]
+    assert run.called("poweroff")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def test_secrets_reach_the_trainer_environment_and_never_user_data_logs_or_status(make_run):
+    run = make_run(run_id="secrets", training_command="true")
+    hf_ref, wandb_ref = put_secrets(run)
+    trainer = (
+        'printf %s "$HF_TOKEN" | sha256sum > "$OUTPUT_DIR/hf.sha"; '
+        'printf %s "$WANDB_API_KEY" | sha256sum > "$OUTPUT_DIR/wandb.sha"; '
+        f'ls {run.root}/opt/training-infra/state > "$OUTPUT_DIR/state-files.txt"'
+    )
+    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}\nWANDB_API_KEY={wandb_ref}"
+    run.config = dataclasses.replace(run.config, training_command=trainer)
+    calls = recording_aws(run, ("ssm", "secretsmanager"))
+    run.run(timeout=90)
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assert run.read("runs/secrets/outputs/hf.sha").split()[0] == sha256(HF_TOKEN)
+    assert run.read("runs/secrets/outputs/wandb.sha").split()[0] == sha256(WANDB_KEY)
+    assert "secrets.env" not in run.read("runs/secrets/outputs/state-files.txt"), "removed once the trainer has it"
+    assert not (run.root / "opt/training-infra/state/secrets.env").exists()
+    assert [call[:2] for call in aws_calls(calls)] == [["ssm", "get-parameter"], ["secretsmanager", "get-secret-value"]]
+    assert "--with-decryption" in aws_calls(calls)[0]
+    user_data = (run.tmp / "user-data.sh").read_text()
+    for value in (HF_TOKEN, WANDB_KEY):
+        assert value not in everything_uploaded(run) and value not in user_data
+
+
+def test_an_unreadable_secret_fails_the_run_naming_the_reference_before_the_trainer_starts(make_run):
+    missing = "ssm:/training-infra/does-not-exist"
+    run = make_run(run_id="secret-missing", env={"TI_SECRETS": f"HF_TOKEN={missing}", "TI_RETRY_ATTEMPTS": "2"})
+    run.run(timeout=60)
+
+    status = run.status()
+    assert (status["outcome"], status["exit_code"]) == ("failed", None)
+    assert status["message"] == "could not read TI_SECRETS (see the setup log)"
+    assert "ParameterNotFound" in run.setup_log and "starting trainer" not in run.setup_log
+
+
+def test_a_secret_setting_that_is_not_a_reference_is_refused_before_any_network_call(make_run):
+    run = make_run(run_id="secret-literal", env={"TI_SECRETS": "HF_TOKEN=hf_literal_value"}).run(timeout=60)
+
+    assert run.status()["message"] == (
+        "TI_SECRETS line 'HF_TOKEN=hf_literal_value' is not allowed: "
+        "use NAME=ssm:/PATH or NAME=arn:aws:secretsmanager:..."
+    )
+    assert run.imds.requests == []
+
+
+# ---------------------------------------------------------------- the trainer role (process runtime)
+
+
+def test_trainer_role_is_assumed_with_the_run_id_session_tag_and_refreshed_before_expiry(make_run):
+    run = make_run(run_id="role-run", training_command="true")
+    role_arn = trainer_role(run)
+    keys_seen = run.tmp / "keys-seen.txt"
+    trainer = (
+        # Until the keys change (a renewal every 2 s, each AWS CLI call taking seconds on a loaded box), 30 s at most.
+        f'for i in $(seq 60); do grep aws_access_key_id "$AWS_SHARED_CREDENTIALS_FILE" >> {keys_seen}; '
+        f'[ "$(sort -u {keys_seen} | wc -l)" -ge 2 ] && break; sleep 0.5; done; '
+        'env | grep -c "^AWS_ACCESS_KEY_ID=" > "$OUTPUT_DIR/env-keys.txt"; '
+        'aws sts get-caller-identity --query Arn --output text > "$OUTPUT_DIR/identity.txt"'
+    )
+    run.config = dataclasses.replace(run.config, training_command=trainer, trainer_role_arn=role_arn)
+    run.env["TI_CREDENTIALS_REFRESH_SECONDS"] = "2"
+    calls = recording_aws(run)
+    run.run(timeout=90)
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assumes = [call for call in aws_calls(calls) if call[:2] == ["sts", "assume-role"]]
+    assert len(assumes) >= 2, "assumed at start, then renewed every 2 s while the trainer ran"
+    first = assumes[0]
+    assert first[first.index("--role-arn") + 1] == role_arn
+    assert first[first.index("--tags") + 1] == "Key=training-infra:run-id,Value=role-run"
+    assert first[first.index("--duration-seconds") + 1] == "3600"
+    assert len(set(keys_seen.read_text().splitlines())) >= 2, "the trainer saw renewed keys"
+    assert run.read("runs/role-run/outputs/env-keys.txt").strip() == "0", "no instance credentials in its environment"
+    assert re.fullmatch(
+        r"arn:aws:sts::\d{12}:assumed-role/trainer-[^/]+/ti-role-run\n", run.read("runs/role-run/outputs/identity.txt")
+    ), "the trainer's AWS calls are the trainer role's"
+    credentials = run.root / "opt/training-infra/state/aws/credentials"
+    assert credentials.stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------- docker flags (stand-in Docker CLI)
+
+FAKE_DOCKER = """#!{python}
+'''Stands in for the Docker CLI: records each call; `run` records what its files held and exits 0.'''
+import json, os, pathlib, sys, time
+state = pathlib.Path({state!r})
+args = sys.argv[1:]
+call = {{"argv": args, "files": {{}}}}
+if args[0] == "login":
+    sys.stdin.read()
+if args[0] == "run":
+    paths = [args[i + 1] for i, a in enumerate(args) if a == "--env-file"]
+    paths += [args[i + 1].split(":")[0] + "/credentials" for i, a in enumerate(args) if a == "-v" and "/run/" in args[i + 1]]
+    for path in paths:
+        call["files"][path] = {{"mode": oct(os.stat(path).st_mode & 0o777), "text": open(path).read()}}
+    (state / "container-created").touch()
+with open(state / "docker-calls.jsonl", "a") as log:
+    log.write(json.dumps(call) + "\\n")
+if args[:2] == ["container", "inspect"]:
+    sys.exit(0 if (state / "container-created").exists() else 1)
+if args[0] == "run":
+    time.sleep(1)
+"""
+
+
+def fake_docker_run(make_run, **overrides):
+    run = make_run(**overrides)
+    fake = run.tmp / "bin" / "docker"
+    fake.write_text(FAKE_DOCKER.format(python=sys.executable, state=str(run.tmp)))
+    fake.chmod(0o755)
+    run.env.update(TI_RUNTIME="docker", TI_DOCKER=str(fake))
+    return run
+
+
+def docker_run_call(run) -> dict:
+    calls = [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+    runs = [call for call in calls if call["argv"][0] == "run"]
+    assert len(runs) == 1, f"{calls}\n{run.setup_log}"
+    return runs[0]
+
+
+def half_the_memory_or_1g() -> str:
+    total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])
+    return f"{max(total // 2, 1024 * 1024)}k"
+
+
+def test_container_runs_without_new_privileges_host_ipc_or_aws_credentials_only_the_region(make_run):
+    run = fake_docker_run(make_run, run_id="flags", training_command="python train.py")
+    run.run(timeout=60)
+
+    argv = docker_run_call(run)["argv"]
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assert "--ipc=host" not in argv
+    assert argv[argv.index("--security-opt") + 1] == "no-new-privileges"
+    assert argv[argv.index("--shm-size") + 1] == half_the_memory_or_1g()
+    env = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
+    assert f"AWS_REGION={run.aws.region}" in env and "AWS_EC2_METADATA_DISABLED=true" in env
+    assert not [e for e in env if e.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET", "AWS_SESSION", "AWS_SHARED"))]
+    assert not [a for a in argv if "/run/training-infra" in a], "no credentials mount without a trainer role"
+
+
+def test_container_gets_secrets_from_a_0600_env_file_removed_after_start_and_role_credentials_read_only(make_run):
+    run = fake_docker_run(make_run, run_id="docker-secrets", training_command="python train.py")
+    hf_ref, _ = put_secrets(run)
+    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}"
+    run.config = dataclasses.replace(run.config, trainer_role_arn=trainer_role(run))
+    run.run(timeout=60)
+
+    call = docker_run_call(run)
+    argv, files = call["argv"], call["files"]
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    secrets_file = str(run.root / "opt/training-infra/state/secrets.env")
+    assert files[secrets_file] == {"mode": "0o600", "text": f"HF_TOKEN={HF_TOKEN}\n"}
+    assert files[str(run.root / "opt/training-infra/state/trainer.env")]["mode"] == "0o600", "--env values too"
+    assert not Path(secrets_file).exists(), "removed once the container exists"
+    state = run.root / "opt/training-infra/state"
+    assert f"{state}/aws:/run/training-infra/aws:ro" in argv
+    assert "AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials" in argv
+    credentials = files[f"{state}/aws/credentials"]
+    assert credentials["mode"] == "0o600" and "aws_session_token=" in credentials["text"]
+    assert HF_TOKEN not in json.dumps(argv) and HF_TOKEN not in everything_uploaded(run)
+
+
+# ---------------------------------------------------------------- on a real container engine
+
+
+def test_container_on_a_real_engine_has_no_new_privileges_a_sized_shm_secrets_and_read_only_role_credentials(
+    make_run, container_engine
+):
+    run = make_run(run_id="ctr-secure", engine=container_engine)
+    hf_ref, _ = put_secrets(run)
+    trainer = (
+        "grep NoNewPrivs /proc/self/status > /outputs/nnp.txt; df -k /dev/shm | tail -n 1 > /outputs/shm.txt; "
+        # what a PyTorch DataLoader worker does: put a batch larger than Docker's 64 MiB default in /dev/shm
+        "dd if=/dev/zero of=/dev/shm/batch bs=1048576 count=256 2>/dev/null && echo written > /outputs/shm-write.txt; "
+        'printf %s "$HF_TOKEN" | sha256sum > /outputs/hf.sha; env | grep ^AWS_ | sort > /outputs/aws-env.txt; '
+        'grep -c aws_session_token "$AWS_SHARED_CREDENTIALS_FILE" > /outputs/creds.txt; '
+        '(echo x >> "$AWS_SHARED_CREDENTIALS_FILE") 2>/dev/null || echo read-only > /outputs/creds-write.txt'
+    )
+    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}"
+    run.config = dataclasses.replace(run.config, training_command=trainer, trainer_role_arn=trainer_role(run))
+    run.run(timeout=120)
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+
+    def output(name: str) -> str:
+        return run.read(f"runs/ctr-secure/outputs/{name}")
+
+    assert output("nnp.txt").split() == ["NoNewPrivs:", "1"]
+    assert abs(int(output("shm.txt").split()[1]) - int(half_the_memory_or_1g()[:-1])) <= 4, "rounded to pages"
+    assert output("shm-write.txt") == "written\n"
+    assert output("hf.sha").split()[0] == sha256(HF_TOKEN)
+    region = run.aws.region
+    assert output("aws-env.txt").splitlines() == [
+        f"AWS_DEFAULT_REGION={region}",
+        "AWS_EC2_METADATA_DISABLED=true",
+        f"AWS_REGION={region}",
+        "AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials",
+    ]
+    assert output("creds.txt") == "1\n" and output("creds-write.txt") == "read-only\n"
+    assert run.engine.containers() == []

@@ -1,0 +1,33 @@
+"""Text that came from a training box or S3, made harmless for the user's terminal.
+
+The instance, and so the trainer in its container, writes status.json, the log lines and the
+messages that run records repeat. Printed as they are, an escape sequence could clear the screen
+(`ESC [2J`), retitle the window or plant a hyperlink (OSC 8), and rich would render markup such
+as `[link=...]`. Every such string is printed through `remote_text`: escape sequences and every
+other C0/C1 control character except newline and tab are removed, and, for output that rich
+renders with markup, the markup is escaped. (`--output json` needs neither: JSON escapes them.)
+"""
+
+from __future__ import annotations
+
+import re
+
+# CSI (ESC [ or 0x9b ... final byte), OSC / DCS / SOS / PM / APC strings (up to BEL or ST), then any
+# other ESC pair: whole sequences go, so no parameter bytes are left behind as visible junk.
+_ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[]PX^_]|[\x90\x98\x9d-\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+def remote_text(value: object, *, markup: bool = False) -> str:
+    """`value` as text with no control character but newline and tab; `markup=True` also escapes
+    rich markup, for a string printed where rich interprets it."""
+    text = _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", str(value)))
+    if markup:
+        from rich.markup import escape
+
+        text = escape(text)
+    return text
