@@ -62,9 +62,12 @@ def test_instance_role_carries_no_managed_policy(defaults):
     assert "ManagedPolicyArns" not in role["Properties"]
 
 
-def test_instance_role_cannot_read_parameter_store_or_any_ssm_api_beyond_registering_itself(defaults):
-    ssm_actions = {a for a in actions_of(defaults.role_statements(defaults.compute.role)) if a.startswith("ssm:")}
-    assert ssm_actions == {"ssm:UpdateInstanceInformation"}
+def test_instance_role_reads_only_the_trainer_secrets_path_of_parameter_store_and_otherwise_only_registers(defaults):
+    statements = defaults.role_statements(defaults.compute.role)
+    ssm_actions = {a for a in actions_of(statements) if a.startswith("ssm:")}
+    assert ssm_actions == {"ssm:UpdateInstanceInformation", "ssm:GetParameter"}
+    [reads] = [s for s in statements if "ssm:GetParameter" in as_list(s["Action"])]
+    assert json.dumps(reads["Resource"]).endswith(':parameter/training-infra/*"]]}'), reads["Resource"]
 
 
 def test_session_manager_gets_exactly_its_channels_and_the_instance_registration(defaults):

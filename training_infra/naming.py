@@ -41,6 +41,10 @@ def instance_name(run_id: str) -> str:
     return f"{PROJECT}-{run_id}"
 
 
+# `launch --secret NAME=ssm:/PATH`: the instance role may read SSM parameters only below this path.
+SECRETS_PARAMETER_PATH = "/training-infra/"
+
+
 # CloudWatch namespace for everything this project publishes (agent and reaper).
 METRIC_NAMESPACE = "TrainingInfra"
 

@@ -32,7 +32,7 @@ from training_infra.compute.user_data import OVERRIDES_MARKER, with_run_override
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # What the instance role may read (the compute construct): SecureStrings under PARAMETER_PATH,
 # and Secrets Manager secrets tagged training-infra:managed=true (their ARN is all we can check here).
-PARAMETER_PATH = "/training-infra/"
+PARAMETER_PATH = naming.SECRETS_PARAMETER_PATH  # what the instance role may read (compute construct)
 _SECRET_REF = re.compile(
     rf"^ssm:{re.escape(PARAMETER_PATH)}[A-Za-z0-9_.\-/]{{1,1000}}$"
     r"|^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"

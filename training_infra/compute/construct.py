@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import jsii
-from aws_cdk import Aws, Duration, Fn, RemovalPolicy, Stack, Tags
+from aws_cdk import ArnFormat, Aws, Duration, Fn, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_ec2 as ec2
@@ -185,6 +185,7 @@ class TrainingCompute(Construct):
         # Every run is launched with this profile; its path is the reaper's second key (with the tag).
         self.instance_profile = iam.InstanceProfile(self, "InstanceProfile", role=self.role, path=naming.INSTANCE_PROFILE_PATH)
         self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
+        self._grant_trainer_secrets()
         self.trainer_role: iam.Role | None = self._trainer_role() if props.trainer_s3_access else None
 
         instance = props.instance
@@ -207,6 +208,8 @@ class TrainingCompute(Construct):
             checkpoint_sync_seconds=run.checkpoint_sync_seconds,
             market="spot" if instance.use_spot else "on-demand",
             hourly_price_usd=on_demand_price(instance.instance_type) or 0.0,
+            # trainer_s3_access: the agent hands the container this role's short sessions; else no credentials.
+            trainer_role_arn=self.trainer_role.role_arn if self.trainer_role is not None else "",
         )
         self.user_data_script = render_user_data(agent)
         self.machine_image = (
@@ -391,6 +394,34 @@ class TrainingCompute(Construct):
             self.role,
             f"IAM5[Resource::{nag_name(self, instances)}]",
             "ssm:UpdateInstanceInformation names the calling instance, whose id is unknown at deploy: instances of this account and region",
+        )
+
+    def _grant_trainer_secrets(self) -> None:
+        """`launch --secret`: the agent reads only SSM parameters under /training-infra/ and secrets tagged managed."""
+        stack = Stack.of(self)
+        parameters = stack.format_arn(service="ssm", resource="parameter", resource_name=naming.SECRETS_PARAMETER_PATH.strip("/") + "/*")
+        self.role.add_to_policy(
+            iam.PolicyStatement(sid="ReadTrainerSecretParameters", actions=["ssm:GetParameter"], resources=[parameters])
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadTrainerSecretsTaggedManaged",
+                actions=["secretsmanager:GetSecretValue"],
+                resources=[stack.format_arn(service="secretsmanager", resource="secret", resource_name="*", arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+                conditions={"StringEquals": {f"secretsmanager:ResourceTag/{naming.TAG_MANAGED}": "true"}},
+            )
+        )
+        acknowledge_nag(
+            self.role,
+            f"IAM5[Resource::{nag_name(self, parameters)}]",
+            "Trainer secrets (launch --secret) are the user's own parameters, named at launch: only those under "
+            "/training-infra/ are readable, decrypted through SSM's own KMS grant.",
+        )
+        acknowledge_nag(
+            self.role,
+            "IAM5[Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:*]",
+            "Trainer secrets (launch --secret) are named at launch; GetSecretValue is limited to secrets tagged "
+            "training-infra:managed=true.",
         )
 
     def _trainer_role(self) -> iam.Role:
