@@ -322,7 +322,8 @@ def test_instance_role_has_no_wildcard_action_no_terminate_and_resource_star_onl
     for statement in statements:
         if statement["Resource"] == "*":
             assert set(as_list(statement["Action"])) <= {
-                "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData", *SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS
+                "ecr:GetAuthorizationToken", "cloudwatch:PutMetricData",
+                *SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS,
             }  # fmt: skip
     view.template.has_resource_properties(
         "AWS::IAM::Policy",
@@ -398,7 +399,9 @@ def test_instance_pulls_only_its_repository_logs_only_to_its_group_and_publishes
                 [imported(view.safety, safety.alerts_key, "Arn")],
                 {
                     "StringEquals": {
-                        "kms:ViaService": {"Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]},
+                        "kms:ViaService": {
+                            "Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]
+                        },
                         "kms:EncryptionContext:aws:sns:topicArn": topic,
                     }
                 },

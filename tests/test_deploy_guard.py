@@ -81,7 +81,14 @@ def local_aws(tmp_path_factory):
     with Emulator(tmp_path_factory.mktemp("moto-guard")) as emulator:
         env = {**os.environ, **emulator.env, "CDK_DISABLE_VERSION_CHECK": "true", "CDK_DISABLE_CLI_TELEMETRY": "true"}
         bootstrap_out = str(tmp_path_factory.mktemp("bootstrap") / "cdk.out")  # never the shared ./cdk.out
-        bootstrap = [str(CDK), "bootstrap", f"aws://123456789012/{emulator.region}", "--no-notices", "--output", bootstrap_out]
+        bootstrap = [
+            str(CDK),
+            "bootstrap",
+            f"aws://123456789012/{emulator.region}",
+            "--no-notices",
+            "--output",
+            bootstrap_out,
+        ]
         done = subprocess.run(bootstrap, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         local = LocalAws(emulator=emulator, env=env, instance_id="")

@@ -38,14 +38,20 @@ LOCAL_ONLY = ["-c", f"image_id={AMI}"]
 
 def workflow_diff_command() -> list[str]:
     """The cdk diff command line of the workflow's diff step, as GitHub would run it for REPOSITORY."""
-    [line] = [line.strip() for line in WORKFLOW.read_text().splitlines() if line.strip().startswith("node_modules/.bin/cdk diff")]
+    [line] = [
+        line.strip()
+        for line in WORKFLOW.read_text().splitlines()
+        if line.strip().startswith("node_modules/.bin/cdk diff")
+    ]
     line = line.replace("${{ github.repository }}", REPOSITORY)
     line = re.sub(r"\s*>\s*diff\.txt\s*2>&1\s*$", "", line)
     return shlex.split(line)
 
 
 def _statement_actions(document: dict) -> list[str]:
-    return sorted({a for s in document["Statement"] for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])})
+    return sorted(
+        {a for s in document["Statement"] for a in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +84,16 @@ def deployed(tmp_path_factory):
 def _credentials_with_only(emulator: Emulator, name: str, actions: list[str]) -> dict[str, str]:
     """Temporary credentials of a new role allowed exactly `actions` (moto checks actions, on Resource "*")."""
     iam = aws_client("iam", emulator.env)
-    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+    }
     role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
     iam.put_role_policy(RoleName=name, PolicyName="only", PolicyDocument=json.dumps(policy))
-    credentials = aws_client("sts", emulator.env).assume_role(RoleArn=role["Arn"], RoleSessionName="pull-request")["Credentials"]
+    credentials = aws_client("sts", emulator.env).assume_role(RoleArn=role["Arn"], RoleSessionName="pull-request")[
+        "Credentials"
+    ]
     return {
         "AWS_ACCESS_KEY_ID": credentials["AccessKeyId"],
         "AWS_SECRET_ACCESS_KEY": credentials["SecretAccessKey"],
@@ -104,10 +115,15 @@ def diff_runs(deployed):
     emulator, cdk = deployed
     iam = aws_client("iam", emulator.env)
     [diff_role] = [r["RoleName"] for r in iam.list_roles()["Roles"] if "GithubDiffRole" in r["RoleName"]]
-    documents = [iam.get_role_policy(RoleName=diff_role, PolicyName=n)["PolicyDocument"] for n in iam.list_role_policies(RoleName=diff_role)["PolicyNames"]]
+    documents = [
+        iam.get_role_policy(RoleName=diff_role, PolicyName=n)["PolicyDocument"]
+        for n in iam.list_role_policies(RoleName=diff_role)["PolicyNames"]
+    ]
     actions = sorted({a for d in documents for a in _statement_actions(d)})
     as_diff_role = _credentials_with_only(emulator, "as-diff-role", actions)
-    without_templates = _credentials_with_only(emulator, "diff-role-without-gettemplate", [a for a in actions if a != "cloudformation:GetTemplate"])
+    without_templates = _credentials_with_only(
+        emulator, "diff-role-without-gettemplate", [a for a in actions if a != "cloudformation:GetTemplate"]
+    )
     _enforce_iam(emulator)
     command = workflow_diff_command()
     command[0] = str(ROOT / command[0])
@@ -127,7 +143,11 @@ def test_workflow_diffs_without_a_change_set_and_holds_no_write_flag():
 
 
 def test_deployed_diff_role_holds_only_cloudformation_reads(diff_runs):
-    assert diff_runs["actions"] == ["cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"]
+    assert diff_runs["actions"] == [
+        "cloudformation:DescribeStacks",
+        "cloudformation:GetTemplate",
+        "cloudformation:ListStackResources",
+    ]
 
 
 def test_workflow_diff_succeeds_with_only_the_diff_roles_permissions_and_reads_every_deployed_template(diff_runs):
@@ -135,7 +155,9 @@ def test_workflow_diff_succeeds_with_only_the_diff_roles_permissions_and_reads_e
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     for stack in naming.ALL_STACKS:
-        assert re.search(rf"Stack {stack} .*\n(.*\n)?There were no differences", output), f"{stack} not compared:\n{output[-4000:]}"
+        assert re.search(rf"Stack {stack} .*\n(.*\n)?There were no differences", output), (
+            f"{stack} not compared:\n{output[-4000:]}"
+        )
     assert "Number of stacks with differences: 0" in output
     assert "was not assumed" in output  # the CLI tried the bootstrap lookup role and was refused
 
@@ -148,4 +170,3 @@ def test_iam_is_really_enforced_the_same_diff_fails_without_get_template_or_with
         result = diff_runs[name]
         output = result.stdout + result.stderr
         assert result.returncode != 0 and refusal in output, f"{name}:\n{output[-3000:]}"
-

@@ -17,7 +17,8 @@ from training_infra import naming
 VENV_BIN = Path(sys.executable).parent
 
 # Every cdk-nag finding the app accepts, with its reason in code. A new one must be added here on purpose.
-# `{data}` / `{outputs}` / `{runs}`: the bucket or run-table ARN as the compute stack imports it (named through the construct).
+# `{data}` / `{outputs}` / `{runs}`: the bucket or run-table ARN as the compute stack imports it
+# (named through the construct).
 ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-EC29",
     "AwsSolutions-IAM5[Resource::*]",
@@ -62,7 +63,11 @@ def _known_findings(synthesized) -> set[str]:
         return exports[json.dumps({"Fn::GetAtt": [storage_view.logical_id(bucket), "Arn"]}, sort_keys=True)]
 
     run_table = storage_view.construct("RunTable").table
-    names = {"data": imported(storage.data_bucket), "outputs": imported(storage.outputs_bucket), "runs": imported(run_table)}
+    names = {
+        "data": imported(storage.data_bucket),
+        "outputs": imported(storage.outputs_bucket),
+        "runs": imported(run_table),
+    }
     return {finding.format(**names) for finding in ACKNOWLEDGED_NAG_FINDINGS}
 
 
@@ -81,7 +86,9 @@ def _acknowledgements(outdir: Path) -> dict[str, str]:
 @pytest.mark.parametrize("config", list(CONFIGURATIONS))
 def test_cdk_nag_passes_and_only_known_findings_are_acknowledged_with_reasons(synth, config):
     synthesized = synth(config)  # the synth raises ValidationFailed while any finding is open
-    acknowledged = {key: reason for key, reason in _acknowledgements(synthesized.outdir).items() if key.startswith("AwsSolutions-")}
+    acknowledged = {
+        key: reason for key, reason in _acknowledgements(synthesized.outdir).items() if key.startswith("AwsSolutions-")
+    }
     known = _known_findings(synthesized)
     assert set(acknowledged) <= known, set(acknowledged) - known
     for rule, reason in acknowledged.items():
@@ -99,19 +106,33 @@ def test_cfn_lint_reports_no_error_and_no_warning(synth, config):
 def test_checkov_fails_nothing_and_every_skip_has_a_comment(synth, config):
     outdir = synth(config).outdir
     result = subprocess.run(
-        [str(VENV_BIN / "checkov"), "-d", str(outdir), "--framework", "cloudformation", "--skip-download", "--quiet", "-o", "json"],
+        [
+            str(VENV_BIN / "checkov"),
+            "-d",
+            str(outdir),
+            "--framework",
+            "cloudformation",
+            "--skip-download",
+            "--quiet",
+            "-o",
+            "json",
+        ],
         capture_output=True,
         text=True,
     )
     reports = json.loads(result.stdout)
     reports = reports if isinstance(reports, list) else [reports]
-    failed = [(check["check_id"], check["resource"]) for report in reports for check in report["results"]["failed_checks"]]
+    failed = [
+        (check["check_id"], check["resource"]) for report in reports for check in report["results"]["failed_checks"]
+    ]
     assert failed == [], failed
     assert result.returncode == 0
     for template in outdir.glob("*.template.json"):
         for logical_id, resource in json.loads(template.read_text())["Resources"].items():
             for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []):
-                assert len(skip.get("comment", "")) > 30, f"{template.name}:{logical_id} skips {skip['id']} without a real reason"
+                assert len(skip.get("comment", "")) > 30, (
+                    f"{template.name}:{logical_id} skips {skip['id']} without a real reason"
+                )
 
 
 # --- cfripper and parliament (issue 15): every finding they report is accepted here, with its reason ---------
@@ -126,20 +147,41 @@ BUCKET_POLICIES = "TrainingInfra-Storage:Storage/*Bucket/Policy/*"
 SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/Function/Role/DefaultPolicy/*"
 SSM_AGENT_ACTIONS = (
     "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
-    "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage", "ec2messages:FailMessage",
+    "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
     "ec2messages:GetEndpoint", "ec2messages:GetMessages", "ec2messages:SendReply",
 )  # fmt: skip
-ENDPOINT_ACTIONS = ("s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetBucketLocation", "s3:GetObject", "s3:ListBucket", "s3:PutObject")
+ENDPOINT_ACTIONS = (
+    "s3:AbortMultipartUpload",
+    "s3:DeleteObject",
+    "s3:GetBucketLocation",
+    "s3:GetObject",
+    "s3:ListBucket",
+    "s3:PutObject",
+)
 
 # (rule, resource pattern, action or None) -> why the finding stays.
 CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
-    ("GenericResourceFullWildcardPrincipalRule", ENDPOINT, None): "A gateway endpoint policy grants nothing by itself: it "
-    "filters what any caller in the VPC may reach through the endpoint (Principal * is AWS's form); the caller's own IAM "
+    (
+        "GenericResourceFullWildcardPrincipalRule",
+        ENDPOINT,
+        None,
+    ): "A gateway endpoint policy grants nothing by itself: it "
+    "filters what any caller in the VPC may reach through the endpoint (Principal * is AWS's form); the caller's "
+    "own IAM "
     "policy must allow too. The destination is limited by aws:ResourceAccount and the ECR layer bucket's ARN.",
-    ("GenericCrossAccountTrustRule", ENDPOINT, None): "The same Principal * of the endpoint policy; no account is trusted "
+    (
+        "GenericCrossAccountTrustRule",
+        ENDPOINT,
+        None,
+    ): "The same Principal * of the endpoint policy; no account is trusted "
     "by it (an endpoint policy cannot grant access, only narrow it).",
     **{
-        ("WildcardResourceRule", ENDPOINT, action): "Resource * with aws:ResourceAccount = this account: every bucket of "
+        (
+            "WildcardResourceRule",
+            ENDPOINT,
+            action,
+        ): "Resource * with aws:ResourceAccount = this account: every bucket of "
         "the account (names unknown to the compute stack) and none of any other account."
         for action in ENDPOINT_ACTIONS
     },
@@ -156,27 +198,49 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
 # checks identity and resource policies and reports a trust policy's missing Resource as MALFORMED
 # (its statement.py says so); they are asserted in tests/test_registry.py and tests/test_security.py.
 PARLIAMENT_ACCEPTED: dict[tuple[str, str], str] = {
-    ("RESOURCE_STAR", ENDPOINT): "Endpoint policy: Resource * narrowed to this account's buckets by aws:ResourceAccount.",
+    (
+        "RESOURCE_STAR",
+        ENDPOINT,
+    ): "Endpoint policy: Resource * narrowed to this account's buckets by aws:ResourceAccount.",
     ("RESOURCE_STAR", ALERTS_KEY): "In a key policy Resource * is the key itself: the only form a key policy accepts.",
-    ("PERMISSIONS_MANAGEMENT_ACTIONS", ALERTS_KEY): "kms:* for the account root: the default key-administration statement.",
-    ("CREDENTIALS_EXPOSURE", INSTANCE_POLICY): "ecr:GetAuthorizationToken is how the box logs in to pull its image, and "
+    (
+        "PERMISSIONS_MANAGEMENT_ACTIONS",
+        ALERTS_KEY,
+    ): "kms:* for the account root: the default key-administration statement.",
+    (
+        "CREDENTIALS_EXPOSURE",
+        INSTANCE_POLICY,
+    ): "ecr:GetAuthorizationToken is how the box logs in to pull its image, and "
     "sts:AssumeRole (trainer_s3_access only) is how the agent gets the narrower trainer role's credentials.",
-    ("CREDENTIALS_EXPOSURE", "TrainingInfra-Registry:Registry/GithubPushRole/DefaultPolicy/*"): "ecr:GetAuthorizationToken: "
-    "the image workflow must log in to ECR to push.",
+    (
+        "CREDENTIALS_EXPOSURE",
+        "TrainingInfra-Registry:Registry/GithubPushRole/DefaultPolicy/*",
+    ): "ecr:GetAuthorizationToken: the image workflow must log in to ECR to push.",
     ("RESOURCE_MISMATCH", "TrainingInfra-Compute:Compute/TrainerRole/DefaultPolicy/*"): "parliament 1.6.4 strips only "
-    "policy variables matching ${aws.[\\w/]+}; the run-id tag's '-' and ':' keep ${aws:PrincipalTag/training-infra:run-id} "
+    "policy variables matching ${aws.[\\w/]+}; the run-id tag's '-' and ':' keep "
+    "${aws:PrincipalTag/training-infra:run-id} "
     "in the object ARNs, which then look malformed to it.",
-    ("PERMISSIONS_MANAGEMENT_ACTIONS", SUPERVISOR_POLICY): "The supervisor launches the training instances: iam:PassRole "
+    (
+        "PERMISSIONS_MANAGEMENT_ACTIONS",
+        SUPERVISOR_POLICY,
+    ): "The supervisor launches the training instances: iam:PassRole "
     "of the instance role only (condition iam:PassedToService = ec2.amazonaws.com) and iam:CreateServiceLinkedRole of "
     "the EC2 Fleet service-linked role only.",
     ("PRIVILEGE_ESCALATION", SUPERVISOR_POLICY): "CreateEC2WithExistingIP: passing the instance role to a new instance "
     "is what a launch is; what the supervisor could gain is the instance role's own run permissions.",
     ("RESOURCE_MISMATCH", SUPERVISOR_POLICY): "ec2:RunInstances and "
     "ec2:CreateFleet are authorized per resource (instance, template, volume, subnet, ...); the supervisor grants each "
-    "resource in its own statement with its own condition, which parliament reads statement by statement as mismatches.",
-    ("MISMATCHED_TYPE", BUCKET_POLICIES): "The TLS-floor deny's s3:TlsVersion 1.2: parliament's Numeric check accepts only "
+    "resource in its own statement with its own condition, which parliament reads statement by statement as "
+    "mismatches.",
+    (
+        "MISMATCHED_TYPE",
+        BUCKET_POLICIES,
+    ): "The TLS-floor deny's s3:TlsVersion 1.2: parliament's Numeric check accepts only "
     "integers (a known false positive).",
-    ("UNKNOWN_CONDITION_FOR_ACTION", BUCKET_POLICIES): "The TLS-floor deny covers s3:* (so every request below TLS 1.2 is "
+    (
+        "UNKNOWN_CONDITION_FOR_ACTION",
+        BUCKET_POLICIES,
+    ): "The TLS-floor deny covers s3:* (so every request below TLS 1.2 is "
     "refused); parliament reports each expanded action whose own keys do not list s3:TlsVersion.",
 }
 PARLIAMENT_POLICY_DOCUMENTS = {
@@ -256,11 +320,19 @@ def test_parliament_reports_only_accepted_findings_on_every_policy(synth, config
             if not document:
                 continue
             checked += 1
-            policy = parliament.analyze_policy_string(json.dumps(resolver.resolve(document, name)), include_community_auditors=True)
+            policy = parliament.analyze_policy_string(
+                json.dumps(resolver.resolve(document, name)), include_community_auditors=True
+            )
             path = paths[(name, logical_id)]
             for finding in policy.findings:
-                patterns = [(pattern, reason) for (issue, pattern), reason in PARLIAMENT_ACCEPTED.items() if issue == finding.issue]
-                if finding.issue in ("MISMATCHED_TYPE", "UNKNOWN_CONDITION_FOR_ACTION") and "s3:TlsVersion" not in str(finding.detail):
+                patterns = [
+                    (pattern, reason)
+                    for (issue, pattern), reason in PARLIAMENT_ACCEPTED.items()
+                    if issue == finding.issue
+                ]
+                if finding.issue in ("MISMATCHED_TYPE", "UNKNOWN_CONDITION_FOR_ACTION") and "s3:TlsVersion" not in str(
+                    finding.detail
+                ):
                     patterns = []
                 if finding.issue == "PRIVILEGE_ESCALATION" and "CreateEC2WithExistingIP" not in str(finding.location):
                     patterns = []
@@ -281,7 +353,12 @@ class _PolicyResolver:
     s3:TlsVersion 1.2 becomes the string "1.2" (parliament's regex check needs a string).
     """
 
-    PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "AWS::URLSuffix": "amazonaws.com"}
+    PSEUDO = {
+        "AWS::Partition": "aws",
+        "AWS::Region": "us-east-1",
+        "AWS::AccountId": "123456789012",
+        "AWS::URLSuffix": "amazonaws.com",
+    }
     ARNS = {
         "AWS::S3::Bucket": "arn:aws:s3:::{name}",
         "AWS::IAM::Role": "arn:aws:iam::123456789012:role/{name}",

@@ -25,7 +25,9 @@ def _role(synthed, prefix: str) -> dict:
 
 def _policy_of(synthed, role_prefix: str) -> list[dict]:
     policies = [
-        p for p in synthed.resources(STACK, "AWS::IAM::Policy").values() if any(r["Ref"].startswith(role_prefix) for r in p["Properties"]["Roles"])
+        p
+        for p in synthed.resources(STACK, "AWS::IAM::Policy").values()
+        if any(r["Ref"].startswith(role_prefix) for r in p["Properties"]["Roles"])
     ]
     return [statement for policy in policies for statement in policy["Properties"]["PolicyDocument"]["Statement"]]
 
@@ -36,10 +38,17 @@ def test_repository_scans_on_push_keeps_sha_tags_immutable_and_expires_old_image
     assert props["RepositoryName"] == "training-infra"
     assert props["ImageScanningConfiguration"] == {"ScanOnPush": True}
     assert props["ImageTagMutability"] == "IMMUTABLE_WITH_EXCLUSION"
-    assert props["ImageTagMutabilityExclusionFilters"] == [{"ImageTagMutabilityExclusionFilterType": "WILDCARD", "ImageTagMutabilityExclusionFilterValue": "latest"}]
+    assert props["ImageTagMutabilityExclusionFilters"] == [
+        {"ImageTagMutabilityExclusionFilterType": "WILDCARD", "ImageTagMutabilityExclusionFilterValue": "latest"}
+    ]
     policy = json.loads(props["LifecyclePolicy"]["LifecyclePolicyText"])
     selections = [rule["selection"] for rule in policy["rules"]]
-    assert {"tagStatus": "untagged", "countType": "sinceImagePushed", "countNumber": 1, "countUnit": "days"} in selections
+    assert {
+        "tagStatus": "untagged",
+        "countType": "sinceImagePushed",
+        "countNumber": 1,
+        "countUnit": "days",
+    } in selections
     assert any(s["countType"] == "imageCountMoreThan" for s in selections)
     assert repo["DeletionPolicy"] == "Retain"
 
@@ -54,7 +63,9 @@ def test_push_role_trusts_exactly_the_configured_repository_and_branch_for_one_h
     role = _role(full, "RegistryGithubPushRole")
     (statement,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
-    assert statement["Condition"] == {"StringEquals": {AUD: "sts.amazonaws.com", SUB: "repo:acme/trainer:ref:refs/heads/release"}}
+    assert statement["Condition"] == {
+        "StringEquals": {AUD: "sts.amazonaws.com", SUB: "repo:acme/trainer:ref:refs/heads/release"}
+    }
     assert "StringLike" not in statement["Condition"], "no wildcard subject"
     assert role["Properties"]["MaxSessionDuration"] == 3600
 
@@ -78,13 +89,21 @@ def test_diff_role_is_for_pull_requests_and_only_reads_this_projects_stacks_assu
     (statement,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert statement["Condition"]["StringEquals"][SUB] == "repo:acme/trainer:pull_request"
     (policy,) = _policy_of(full, "RegistryGithubDiffRole")
-    assert policy["Action"] == ["cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"]
+    assert policy["Action"] == [
+        "cloudformation:DescribeStacks",
+        "cloudformation:GetTemplate",
+        "cloudformation:ListStackResources",
+    ]
     assert policy["Resource"]["Fn::Join"][1][-1] == f":stack/{naming.STACK_PREFIX}-*/*"
 
 
 def test_outputs_carry_the_seed_names(full):
     outputs = full.templates[STACK]["Outputs"]
-    assert {naming.OUTPUT_ECR_REPOSITORY_URI, naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN, naming.OUTPUT_GITHUB_DIFF_ROLE_ARN} <= set(outputs)
+    assert {
+        naming.OUTPUT_ECR_REPOSITORY_URI,
+        naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN,
+        naming.OUTPUT_GITHUB_DIFF_ROLE_ARN,
+    } <= set(outputs)
     assert naming.snake_case(naming.OUTPUT_GITHUB_ACTIONS_ROLE_ARN) == "github_actions_role_arn"
 
 
@@ -100,4 +119,7 @@ def test_existing_oidc_provider_is_imported_not_created(synth):
     assert existing.resources(STACK, "AWS::IAM::OIDCProvider") == {}
     role = _role(existing, "RegistryGithubPushRole")
     (statement,) = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
-    assert statement["Principal"]["Federated"] == "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com"
+    assert (
+        statement["Principal"]["Federated"]
+        == "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com"
+    )

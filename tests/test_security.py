@@ -38,7 +38,9 @@ def full(synth):
 
 
 def launch_templates(view) -> list[dict]:
-    return [resource["Properties"]["LaunchTemplateData"] for resource in view.resources("AWS::EC2::LaunchTemplate").values()]
+    return [
+        resource["Properties"]["LaunchTemplateData"] for resource in view.resources("AWS::EC2::LaunchTemplate").values()
+    ]
 
 
 def actions_of(statements: list[dict]) -> set[str]:
@@ -49,7 +51,9 @@ def actions_of(statements: list[dict]) -> set[str]:
 
 
 @pytest.mark.parametrize("config", ["defaults", "full", "private", "on_demand"])
-def test_every_launch_template_keeps_imds_one_hop_away_so_containers_cannot_read_the_instance_credentials(synth, config):
+def test_every_launch_template_keeps_imds_one_hop_away_so_containers_cannot_read_the_instance_credentials(
+    synth, config
+):
     templates = launch_templates(_compute(synth(config)))
     assert templates
     for data in templates:
@@ -72,7 +76,9 @@ def test_instance_role_reads_only_the_trainer_secrets_path_of_parameter_store_an
 
 def test_session_manager_gets_exactly_its_channels_and_the_instance_registration(defaults):
     statements = defaults.role_statements(defaults.compute.role)
-    channels = [s for s in statements if set(as_list(s["Action"])) & {*SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS}]
+    channels = [
+        s for s in statements if set(as_list(s["Action"])) & {*SESSION_CHANNEL_ACTIONS, *SSM_AGENT_MESSAGE_ACTIONS}
+    ]
     assert len(channels) == 1
     assert set(channels[0]["Action"]) == {
         "ssmmessages:CreateControlChannel",
@@ -88,7 +94,18 @@ def test_session_manager_gets_exactly_its_channels_and_the_instance_registration
     }
     [register] = [s for s in statements if "ssm:UpdateInstanceInformation" in as_list(s["Action"])]
     assert register["Resource"] == {
-        "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":ec2:", {"Ref": "AWS::Region"}, ":", {"Ref": "AWS::AccountId"}, ":instance/*"]]
+        "Fn::Join": [
+            "",
+            [
+                "arn:",
+                {"Ref": "AWS::Partition"},
+                ":ec2:",
+                {"Ref": "AWS::Region"},
+                ":",
+                {"Ref": "AWS::AccountId"},
+                ":instance/*",
+            ],
+        ]
     }
 
 
@@ -122,7 +139,9 @@ def test_opt_in_trainer_role_trusts_only_the_instance_role_with_the_run_id_sessi
 
 
 def test_instance_role_may_assume_and_tag_only_the_trainer_role(full):
-    statements = [s for s in full.role_statements(full.compute.role) if any(a.startswith("sts:") for a in as_list(s["Action"]))]
+    statements = [
+        s for s in full.role_statements(full.compute.role) if any(a.startswith("sts:") for a in as_list(s["Action"]))
+    ]
     assert statements == [
         {
             "Sid": "AssumeTrainerRoleWithRunTag",
@@ -150,7 +169,9 @@ def test_trainer_role_reads_data_and_writes_only_its_own_runs_prefixes_by_sessio
 
 
 def test_trainer_role_arn_is_a_stack_output_for_the_agent(full):
-    full.template.has_output(naming.OUTPUT_TRAINER_ROLE_ARN, {"Value": {"Fn::GetAtt": [full.logical_id(full.compute.trainer_role), "Arn"]}})
+    full.template.has_output(
+        naming.OUTPUT_TRAINER_ROLE_ARN, {"Value": {"Fn::GetAtt": [full.logical_id(full.compute.trainer_role), "Arn"]}}
+    )
 
 
 # --- item 4: the reaper's second key is the instance profile ----------------------------------
@@ -175,7 +196,9 @@ def test_instance_role_uses_the_alert_key_only_through_sns_for_the_alert_topic(f
     assert len(kms) == 1
     assert sorted(kms[0]["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey"]
     conditions = kms[0]["Condition"]["StringEquals"]
-    assert conditions["kms:ViaService"] == {"Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]}
+    assert conditions["kms:ViaService"] == {
+        "Fn::Join": ["", ["sns.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]
+    }
     [publish] = [s for s in statements if s["Action"] == "sns:Publish"]
     assert conditions["kms:EncryptionContext:aws:sns:topicArn"] == publish["Resource"]
 
@@ -184,7 +207,9 @@ def test_instance_role_uses_the_alert_key_only_through_sns_for_the_alert_topic(f
 def test_s3_gateway_endpoint_reaches_only_this_accounts_buckets_and_ecr_layers(synth, config):
     view = _compute(synth(config))
     [(_, endpoint)] = [
-        item for item in view.resources("AWS::EC2::VPCEndpoint").items() if item[1]["Properties"].get("VpcEndpointType") == "Gateway"
+        item
+        for item in view.resources("AWS::EC2::VPCEndpoint").items()
+        if item[1]["Properties"].get("VpcEndpointType") == "Gateway"
     ]
     statements = endpoint["Properties"]["PolicyDocument"]["Statement"]
     own, layers = statements
@@ -192,7 +217,10 @@ def test_s3_gateway_endpoint_reaches_only_this_accounts_buckets_and_ecr_layers(s
     assert not any("*" in action for action in as_list(own["Action"]))
     assert layers["Action"] == "s3:GetObject"
     assert layers["Resource"] == {
-        "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":s3:::prod-", {"Ref": "AWS::Region"}, "-starport-layer-bucket/*"]]
+        "Fn::Join": [
+            "",
+            ["arn:", {"Ref": "AWS::Partition"}, ":s3:::prod-", {"Ref": "AWS::Region"}, "-starport-layer-bucket/*"],
+        ]
     }
     assert "Condition" not in layers
 
@@ -207,7 +235,9 @@ def test_wildcard_actions_appear_only_in_denies_and_in_the_alert_keys_account_ro
                     wild = [a for a in as_list(statement.get("Action", [])) if isinstance(a, str) and "*" in a]
                     if not wild or statement["Effect"] == "Deny":
                         continue
-                    assert resource["Type"] == "AWS::KMS::Key" and wild == ["kms:*"], f"{config}/{name}/{logical_id}: {wild}"
+                    assert resource["Type"] == "AWS::KMS::Key" and wild == ["kms:*"], (
+                        f"{config}/{name}/{logical_id}: {wild}"
+                    )
                     assert statement["Principal"]["AWS"]["Fn::Join"][1][-1] == ":root"
 
 
@@ -234,7 +264,9 @@ def test_default_security_group_is_emptied_once_by_aws_runbook_with_a_role_limit
     role_id = role_arn["Fn::GetAtt"][0]
     role = view.json["Resources"][role_id]["Properties"]
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "ssm.amazonaws.com"}
-    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == {
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    }
     statements = [
         s
         for policy in view.resources("AWS::IAM::Policy").values()
@@ -244,7 +276,11 @@ def test_default_security_group_is_emptied_once_by_aws_runbook_with_a_role_limit
     [revoke] = [s for s in statements if "ec2:RevokeSecurityGroupIngress" in as_list(s["Action"])]
     assert sorted(revoke["Action"]) == ["ec2:RevokeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress"]
     assert revoke["Resource"]["Fn::Join"][1][-2:] == [":security-group/", default_group]
-    custom = [r["Type"] for r in view.json["Resources"].values() if r["Type"].startswith("Custom::") or r["Type"] == "AWS::CloudFormation::CustomResource"]
+    custom = [
+        r["Type"]
+        for r in view.json["Resources"].values()
+        if r["Type"].startswith("Custom::") or r["Type"] == "AWS::CloudFormation::CustomResource"
+    ]
     assert custom == [], "no custom resource: the local AWS cannot run one"
 
 
@@ -258,7 +294,9 @@ def test_security_group_has_no_ingress_and_only_https_out(defaults):
         {
             "GroupDescription": Match.string_like_regexp("Training instances"),
             "SecurityGroupIngress": Match.absent(),
-            "SecurityGroupEgress": [Match.object_like({"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "CidrIp": "0.0.0.0/0"})],
+            "SecurityGroupEgress": [
+                Match.object_like({"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "CidrIp": "0.0.0.0/0"})
+            ],
         },
     )
 
@@ -275,5 +313,7 @@ def test_workflows_that_get_aws_credentials_pin_every_action_to_a_commit_sha_wit
         uses = re.findall(r"uses:\s*(\S+)(.*)", path.read_text())
         assert uses, path.name
         for action, comment in uses:
-            assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", action), f"{path.name}: {action} is not pinned to a commit"
+            assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", action), (
+                f"{path.name}: {action} is not pinned to a commit"
+            )
             assert re.fullmatch(r"\s+# v\d+(\.\d+)*", comment), f"{path.name}: {action} names no version"

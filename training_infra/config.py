@@ -181,7 +181,9 @@ class InstanceTypes:
             raise Refused(f"each type once ({', '.join(repeated)} repeated)")
         if len({architecture(t) for t in types}) > 1:
             arm = [t for t in types if architecture(t) == "arm64"]
-            raise Refused(f"types of one CPU architecture ({', '.join(arm)} arm64, the others x86_64): one AMI serves one")
+            raise Refused(
+                f"types of one CPU architecture ({', '.join(arm)} arm64, the others x86_64): one AMI serves one"
+            )
         return types
 
 

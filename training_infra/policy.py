@@ -81,7 +81,9 @@ def grant_encrypted_publish(grantee: iam.IGrantable, topic: sns.ITopic, key: kms
     `topic.grant_publish` would allow `kms:GenerateDataKey*` on the key for any use; this is what
     publishing to an encrypted topic needs (kms:GenerateDataKey and kms:Decrypt, through SNS).
     """
-    grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[topic.topic_arn]))
+    grantee.grant_principal.add_to_principal_policy(
+        iam.PolicyStatement(actions=["sns:Publish"], resources=[topic.topic_arn])
+    )
     if key is None:
         return
     stack = Stack.of(topic)

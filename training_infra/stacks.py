@@ -121,7 +121,10 @@ class ComputeStack(Stack):
                 self,
                 naming.OUTPUT_TRAINER_ROLE_ARN,
                 value=self.compute.trainer_role.role_arn,
-                description="trainer_s3_access: the agent assumes this role (session tag training-infra:run-id) for the container",
+                description=(
+                    "trainer_s3_access: the agent assumes this role (session tag training-infra:run-id) "
+                    "for the container"
+                ),
             )
         # The supervisor keeps managed runs going: it launches with the instance role, records in the run table.
         self.supervisor = TrainingSupervisor(

@@ -206,7 +206,8 @@ if args[0] == "login":
     sys.stdin.read()
 if args[0] == "run":
     paths = [args[i + 1] for i, a in enumerate(args) if a == "--env-file"]
-    paths += [args[i + 1].split(":")[0] + "/credentials" for i, a in enumerate(args) if a == "-v" and "/run/" in args[i + 1]]
+    mounts = [args[i + 1] for i, a in enumerate(args) if a == "-v" and "/run/" in args[i + 1]]
+    paths += [mount.split(":")[0] + "/credentials" for mount in mounts]
     for path in paths:
         call["files"][path] = {{"mode": oct(os.stat(path).st_mode & 0o777), "text": open(path).read()}}
     (state / "container-created").touch()

@@ -225,7 +225,13 @@ def test_reaper_runs_every_five_minutes(defaults):
 PROFILE_ARNS = {
     "Fn::Join": [
         "",
-        ["arn:", {"Ref": "AWS::Partition"}, ":iam::", {"Ref": "AWS::AccountId"}, f":instance-profile{naming.INSTANCE_PROFILE_PATH}"],
+        [
+            "arn:",
+            {"Ref": "AWS::Partition"},
+            ":iam::",
+            {"Ref": "AWS::AccountId"},
+            f":instance-profile{naming.INSTANCE_PROFILE_PATH}",
+        ],
     ]
 }
 
@@ -244,7 +250,9 @@ def test_reaper_may_terminate_only_instances_tagged_managed_and_launched_with_th
 
 
 def test_reaper_selects_by_the_same_instance_profile_path_its_role_is_limited_to(defaults):
-    env = defaults.json["Resources"][defaults.logical_id(defaults.safety.reaper)]["Properties"]["Environment"]["Variables"]
+    env = defaults.json["Resources"][defaults.logical_id(defaults.safety.reaper)]["Properties"]["Environment"][
+        "Variables"
+    ]
     assert env["INSTANCE_PROFILE_ARN_PREFIX"] == PROFILE_ARNS
 
 

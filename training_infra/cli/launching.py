@@ -142,7 +142,8 @@ def _check_secrets(request: LaunchRequest) -> None:
             )
         elif name in _RESERVED_NAMES or name.startswith(("AWS_", "TI_")):
             problems.append(
-                f"option '--secret': got name {name!r}; allowed: any name but {', '.join(_RESERVED_NAMES)}, AWS_* and TI_*"
+                f"option '--secret': got name {name!r}; allowed: any name but {', '.join(_RESERVED_NAMES)}, AWS_* "
+                f"and TI_*"
             )
         elif name in seen or name in env_names:
             problems.append(f"option '--secret': got name {name!r} twice (or also in --env); allowed: each name once")

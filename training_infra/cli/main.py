@@ -365,7 +365,10 @@ def launch(
         typer.Option(
             "--env",
             "-e",
-            help="KEY=VALUE for the trainer's environment; repeat for more. Not for secrets: the value is readable in the instance's user data (use --secret).",
+            help=(
+                "KEY=VALUE for the trainer's environment; repeat for more. Not for secrets: the value is "
+                "readable in the instance's user data (use --secret)."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -374,7 +377,12 @@ def launch(
         typer.Option(
             "--secret",
             metavar="NAME=REF",
-            help="A secret for the trainer's environment, read on the instance at start: NAME=ssm:/training-infra/PATH (SecureString) or NAME=arn:aws:secretsmanager:... (tagged training-infra:managed=true); repeat for more. Never in user data, logs or status.json; --env is not for secrets.",
+            help=(
+                "A secret for the trainer's environment, read on the instance at start: "
+                "NAME=ssm:/training-infra/PATH (SecureString) or NAME=arn:aws:secretsmanager:... (tagged "
+                "training-infra:managed=true); repeat for more. Never in user data, logs or status.json; --env "
+                "is not for secrets."
+            ),
             show_default=False,
         ),
     ] = None,

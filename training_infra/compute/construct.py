@@ -83,7 +83,9 @@ class PinnedImage:
         self.image_id = image_id
 
     def get_image(self, scope: Construct) -> ec2.MachineImageConfig:
-        return ec2.MachineImageConfig(image_id=self.image_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux())
+        return ec2.MachineImageConfig(
+            image_id=self.image_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux()
+        )
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,9 @@ class TrainingCompute(Construct):
             description="Training instances: no ingress (shell through SSM); HTTPS out to AWS APIs and registries",
             allow_all_outbound=False,
         )
-        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs (S3, ECR, SSM, Logs)")
+        self.security_group.add_egress_rule(
+            ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs (S3, ECR, SSM, Logs)"
+        )
         if props.network.private_networking:
             self._private_endpoints()
 
@@ -174,7 +178,12 @@ class TrainingCompute(Construct):
             # Every run's logs are also uploaded to the outputs bucket; this group is the live view.
             removal_policy=RemovalPolicy.DESTROY,
         )
-        skip_checkov(self.log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; training logs hold no secrets and are copied to the encrypted outputs bucket")
+        skip_checkov(
+            self.log_group,
+            "CKV_AWS_158",
+            "CloudWatch Logs encrypts at rest by default; training logs hold no secrets and are copied to the "
+            "encrypted outputs bucket",
+        )
 
         self.role = iam.Role(
             self,
@@ -183,7 +192,9 @@ class TrainingCompute(Construct):
             description="Training instance: SSM shell, pull its image, read data, write runs and checkpoints",
         )
         # Every run is launched with this profile; its path is the reaper's second key (with the tag).
-        self.instance_profile = iam.InstanceProfile(self, "InstanceProfile", role=self.role, path=naming.INSTANCE_PROFILE_PATH)
+        self.instance_profile = iam.InstanceProfile(
+            self, "InstanceProfile", role=self.role, path=naming.INSTANCE_PROFILE_PATH
+        )
         self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
         self._grant_trainer_secrets()
         self.trainer_role: iam.Role | None = self._trainer_role() if props.trainer_s3_access else None
@@ -235,7 +246,11 @@ class TrainingCompute(Construct):
         if network.vpc_id:
             # No lookups at synth: the subnets are named in the settings.
             vpc = ec2.Vpc.from_vpc_attributes(
-                self, "Vpc", vpc_id=network.vpc_id, availability_zones=Fn.get_azs(), public_subnet_ids=list(network.subnet_ids)
+                self,
+                "Vpc",
+                vpc_id=network.vpc_id,
+                availability_zones=Fn.get_azs(),
+                public_subnet_ids=list(network.subnet_ids),
             )
             return vpc, list(network.subnet_ids)
         subnet_type = ec2.SubnetType.PRIVATE_ISOLATED if network.private_networking else ec2.SubnetType.PUBLIC
@@ -257,9 +272,19 @@ class TrainingCompute(Construct):
             # The zones are the user's explicit choice (spot capacity), not an accident of a template.
             for subnet in vpc.public_subnets + vpc.isolated_subnets:
                 subnet.node.default_child.add_metadata("cfn-lint", {"config": {"ignore_checks": ["W3010"]}})
-        flow_log_group = logs.LogGroup(self, "FlowLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY)
-        skip_checkov(flow_log_group, "CKV_AWS_158", "CloudWatch Logs encrypts at rest by default; flow logs of rejected packets hold no payloads")
-        vpc.add_flow_log("FlowLog", destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group), traffic_type=ec2.FlowLogTrafficType.REJECT)
+        flow_log_group = logs.LogGroup(
+            self, "FlowLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+        )
+        skip_checkov(
+            flow_log_group,
+            "CKV_AWS_158",
+            "CloudWatch Logs encrypts at rest by default; flow logs of rejected packets hold no payloads",
+        )
+        vpc.add_flow_log(
+            "FlowLog",
+            destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
+            traffic_type=ec2.FlowLogTrafficType.REJECT,
+        )
         return vpc, vpc.select_subnets(subnet_type=subnet_type).subnet_ids
 
     def _limit_s3_endpoint(self, endpoint: ec2.GatewayVpcEndpoint) -> None:
@@ -298,7 +323,9 @@ class TrainingCompute(Construct):
         someone attaches it to later from talking to everything else that carries it.
         """
         stack = Stack.of(self)
-        group_arn = stack.format_arn(service="ec2", resource="security-group", resource_name=vpc.vpc_default_security_group)
+        group_arn = stack.format_arn(
+            service="ec2", resource="security-group", resource_name=vpc.vpc_default_security_group
+        )
         role = iam.Role(
             self,
             "DefaultSecurityGroupRole",
@@ -309,7 +336,9 @@ class TrainingCompute(Construct):
             max_session_duration=Duration.hours(1),
         )
         role.add_to_policy(
-            iam.PolicyStatement(actions=["ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources=[group_arn])
+            iam.PolicyStatement(
+                actions=["ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress"], resources=[group_arn]
+            )
         )
         role.add_to_policy(
             iam.PolicyStatement(
@@ -318,14 +347,18 @@ class TrainingCompute(Construct):
             )
         )
         # The runbook's documented needs: start itself and read its own execution.
-        runbook = f"arn:{stack.partition}:ssm:{stack.region}:{stack.account}:automation-definition/{EMPTY_DEFAULT_SG_RUNBOOK}:*"
+        runbook = (
+            f"arn:{stack.partition}:ssm:{stack.region}:{stack.account}:"
+            f"automation-definition/{EMPTY_DEFAULT_SG_RUNBOOK}:*"
+        )
         executions = stack.format_arn(service="ssm", resource="automation-execution", resource_name="*")
         role.add_to_policy(iam.PolicyStatement(actions=["ssm:StartAutomationExecution"], resources=[runbook]))
         role.add_to_policy(iam.PolicyStatement(actions=["ssm:GetAutomationExecution"], resources=[executions]))
         acknowledge_nag(
             role,
             "IAM5[Resource::*]",
-            "ec2:DescribeSecurityGroups has no resource-level permissions; the runbook reads the group before revoking its rules",
+            "ec2:DescribeSecurityGroups has no resource-level permissions; the runbook reads the group before "
+            "revoking its rules",
         )
         for resource, why in (
             (runbook, "any version of the one AWS runbook this role exists for"),
@@ -344,7 +377,11 @@ class TrainingCompute(Construct):
     def _private_endpoints(self) -> None:
         """Interface endpoints reachable only from the training instances' security group."""
         endpoint_sg = ec2.SecurityGroup(
-            self, "EndpointSecurityGroup", vpc=self.vpc, description="VPC endpoints: HTTPS from training instances only", allow_all_outbound=False
+            self,
+            "EndpointSecurityGroup",
+            vpc=self.vpc,
+            description="VPC endpoints: HTTPS from training instances only",
+            allow_all_outbound=False,
         )
         endpoint_sg.add_ingress_rule(self.security_group, ec2.Port.tcp(443), "HTTPS from training instances")
         for name, service in PRIVATE_ENDPOINTS.items():
@@ -374,7 +411,8 @@ class TrainingCompute(Construct):
             self.role,
             "IAM5[Resource::*]",
             "Only actions without resource types: ecr:GetAuthorizationToken (from grant_pull), "
-            "cloudwatch:PutMetricData (limited by a namespace condition) and the SSM agent's ssmmessages/ec2messages channels",
+            "cloudwatch:PutMetricData (limited by a namespace condition) and the SSM agent's "
+            "ssmmessages/ec2messages channels",
         )
 
     def _grant_session_manager(self) -> None:
@@ -388,18 +426,23 @@ class TrainingCompute(Construct):
         )
         instances = Stack.of(self).format_arn(service="ec2", resource="instance", resource_name="*")
         self.role.add_to_policy(
-            iam.PolicyStatement(sid="SsmAgentRegistersThisInstance", actions=["ssm:UpdateInstanceInformation"], resources=[instances])
+            iam.PolicyStatement(
+                sid="SsmAgentRegistersThisInstance", actions=["ssm:UpdateInstanceInformation"], resources=[instances]
+            )
         )
         acknowledge_nag(
             self.role,
             f"IAM5[Resource::{nag_name(self, instances)}]",
-            "ssm:UpdateInstanceInformation names the calling instance, whose id is unknown at deploy: instances of this account and region",
+            "ssm:UpdateInstanceInformation names the calling instance, whose id is unknown at deploy: instances "
+            "of this account and region",
         )
 
     def _grant_trainer_secrets(self) -> None:
         """`launch --secret`: the agent reads only SSM parameters under /training-infra/ and secrets tagged managed."""
         stack = Stack.of(self)
-        parameters = stack.format_arn(service="ssm", resource="parameter", resource_name=naming.SECRETS_PARAMETER_PATH.strip("/") + "/*")
+        parameters = stack.format_arn(
+            service="ssm", resource="parameter", resource_name=naming.SECRETS_PARAMETER_PATH.strip("/") + "/*"
+        )
         self.role.add_to_policy(
             iam.PolicyStatement(sid="ReadTrainerSecretParameters", actions=["ssm:GetParameter"], resources=[parameters])
         )
@@ -407,7 +450,14 @@ class TrainingCompute(Construct):
             iam.PolicyStatement(
                 sid="ReadTrainerSecretsTaggedManaged",
                 actions=["secretsmanager:GetSecretValue"],
-                resources=[stack.format_arn(service="secretsmanager", resource="secret", resource_name="*", arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+                resources=[
+                    stack.format_arn(
+                        service="secretsmanager",
+                        resource="secret",
+                        resource_name="*",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
                 conditions={"StringEquals": {f"secretsmanager:ResourceTag/{naming.TAG_MANAGED}": "true"}},
             )
         )
@@ -434,7 +484,9 @@ class TrainingCompute(Construct):
         trainer = iam.Role(
             self,
             "TrainerRole",
-            description="Trainer container (opt-in): read data/, write only its own run's runs/ and checkpoints/ prefixes",
+            description=(
+                "Trainer container (opt-in): read data/, write only its own run's runs/ and checkpoints/ prefixes"
+            ),
             assumed_by=iam.PrincipalWithConditions(
                 iam.SessionTagsPrincipal(iam.ArnPrincipal(self.role.role_arn)),
                 {
@@ -445,7 +497,11 @@ class TrainingCompute(Construct):
             max_session_duration=TRAINER_SESSION,
         )
         self.role.add_to_policy(
-            iam.PolicyStatement(sid="AssumeTrainerRoleWithRunTag", actions=["sts:AssumeRole", "sts:TagSession"], resources=[trainer.role_arn])
+            iam.PolicyStatement(
+                sid="AssumeTrainerRoleWithRunTag",
+                actions=["sts:AssumeRole", "sts:TagSession"],
+                resources=[trainer.role_arn],
+            )
         )
         return trainer
 
@@ -462,7 +518,9 @@ class TrainingCompute(Construct):
             http_put_response_hop_limit=IMDS_HOP_LIMIT,
             instance_metadata_tags=True,
             instance_initiated_shutdown_behavior=(
-                ec2.InstanceInitiatedShutdownBehavior.TERMINATE if instance.auto_shutdown else ec2.InstanceInitiatedShutdownBehavior.STOP
+                ec2.InstanceInitiatedShutdownBehavior.TERMINATE
+                if instance.auto_shutdown
+                else ec2.InstanceInitiatedShutdownBehavior.STOP
             ),
             detailed_monitoring=True,
             ebs_optimized=True,
@@ -479,13 +537,18 @@ class TrainingCompute(Construct):
                 ec2.BlockDevice(
                     device_name="/dev/sda1",
                     volume=ec2.BlockDeviceVolume.ebs(
-                        instance.volume_size_gb, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3, delete_on_termination=True
+                        instance.volume_size_gb,
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
                     ),
                 )
             ],
         )
 
-    def _instance(self, props: ComputeProps, *, run_id: str, tags: dict[str, str], alerts_topic: sns.ITopic) -> ec2.CfnInstance:
+    def _instance(
+        self, props: ComputeProps, *, run_id: str, tags: dict[str, str], alerts_topic: sns.ITopic
+    ) -> ec2.CfnInstance:
         """The seed's instance, frozen at its run's start so no later deploy replaces or stops it.
 
         Everything it is made of (AMI, type, user data, market, tags) lives in version 1 of its run's
@@ -513,11 +576,15 @@ class TrainingCompute(Construct):
             monitoring=True,
             subnet_id=self.subnet_ids[0],
         )
-        acknowledge_nag(instance, "EC29", "Spot instances cannot have termination protection; instances end themselves by design")
+        acknowledge_nag(
+            instance, "EC29", "Spot instances cannot have termination protection; instances end themselves by design"
+        )
         self.alarms = self._instance_alarms(props.run, instance=instance, alerts_topic=alerts_topic)
         return instance
 
-    def _instance_alarms(self, run: RunDefaults, *, instance: ec2.CfnInstance, alerts_topic: sns.ITopic) -> tuple[cloudwatch.Alarm, ...]:
+    def _instance_alarms(
+        self, run: RunDefaults, *, instance: ec2.CfnInstance, alerts_topic: sns.ITopic
+    ) -> tuple[cloudwatch.Alarm, ...]:
         terminate = cw_actions.Ec2Action(cw_actions.Ec2InstanceAction.TERMINATE)
         notify = cw_actions.SnsAction(alerts_topic)
         period = Duration.minutes(5)

@@ -215,7 +215,8 @@ class ContainerEngine:
             "# Logins go where Docker keeps them: $HOME/.docker/config.json (podman reads that format,\n"
             "# but refuses one that does not exist yet).\n"
             'export REGISTRY_AUTH_FILE="${REGISTRY_AUTH_FILE:-${HOME:-/root}/.docker/config.json}"\n'
-            '[ -f "$REGISTRY_AUTH_FILE" ] || { mkdir -p "${REGISTRY_AUTH_FILE%/*}" && echo "{}" >"$REGISTRY_AUTH_FILE"; }\n'
+            '[ -f "$REGISTRY_AUTH_FILE" ] ||\n'
+            '  { mkdir -p "${REGISTRY_AUTH_FILE%/*}" && echo "{}" >"$REGISTRY_AUTH_FILE"; }\n'
             f'exec {self._podman} "$@"\n'
         )
         self.docker.chmod(0o755)

@@ -119,7 +119,14 @@ class Demo:
 
         self.step("cdk bootstrap and cdk deploy of all four stacks, with the real CDK CLI")
         self.run(
-            [CDK, "bootstrap", f"aws://123456789012/{self.emulator.region}", "--no-notices", "--output", self.workdir / "cdk.out"],
+            [
+                CDK,
+                "bootstrap",
+                f"aws://123456789012/{self.emulator.region}",
+                "--no-notices",
+                "--output",
+                self.workdir / "cdk.out",
+            ],
             show=False,
         )
         self.run(

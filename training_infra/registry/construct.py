@@ -48,12 +48,30 @@ class TrainingRegistry(Construct):
             encryption=ecr.RepositoryEncryption.AES_256,
             removal_policy=RemovalPolicy.RETAIN,
             lifecycle_rules=[
-                ecr.LifecycleRule(rule_priority=1, description="Drop untagged layers after a day", tag_status=ecr.TagStatus.UNTAGGED, max_image_age=Duration.days(1)),
-                ecr.LifecycleRule(rule_priority=2, description="Keep the newest 50 images", tag_status=ecr.TagStatus.ANY, max_image_count=50),
+                ecr.LifecycleRule(
+                    rule_priority=1,
+                    description="Drop untagged layers after a day",
+                    tag_status=ecr.TagStatus.UNTAGGED,
+                    max_image_age=Duration.days(1),
+                ),
+                ecr.LifecycleRule(
+                    rule_priority=2,
+                    description="Keep the newest 50 images",
+                    tag_status=ecr.TagStatus.ANY,
+                    max_image_count=50,
+                ),
             ],
         )
-        skip_checkov(self.repository, "CKV_AWS_136", "AES-256 encryption at rest; a KMS key adds cost and key policy without protecting training images further")
-        skip_checkov(self.repository, "CKV_AWS_51", "Tags are immutable except `latest`, which the image workflow moves to the newest main build")
+        skip_checkov(
+            self.repository,
+            "CKV_AWS_136",
+            "AES-256 encryption at rest; a KMS key adds cost and key policy without protecting training images further",
+        )
+        skip_checkov(
+            self.repository,
+            "CKV_AWS_51",
+            "Tags are immutable except `latest`, which the image workflow moves to the newest main build",
+        )
         self.oidc_provider: iam.IOidcProvider | None = None
         self.push_role: iam.Role | None = None
         self.diff_role: iam.Role | None = None
@@ -63,7 +81,9 @@ class TrainingRegistry(Construct):
     def _github_roles(self, props: RegistryProps) -> None:
         if props.existing_oidc_provider_arn:
             # An account holds one provider per URL; reuse it when another stack made it.
-            self.oidc_provider = iam.OidcProviderNative.from_oidc_provider_arn(self, "GithubOidcProvider", props.existing_oidc_provider_arn)
+            self.oidc_provider = iam.OidcProviderNative.from_oidc_provider_arn(
+                self, "GithubOidcProvider", props.existing_oidc_provider_arn
+            )
         else:
             self.oidc_provider = iam.OidcProviderNative(
                 self,
@@ -101,7 +121,9 @@ class TrainingRegistry(Construct):
         self.diff_role = iam.Role(
             self,
             "GithubDiffRole",
-            description=f"GitHub Actions on pull requests of {props.github_repo}: read this project's stacks, for cdk diff",
+            description=(
+                f"GitHub Actions on pull requests of {props.github_repo}: read this project's stacks, for cdk diff"
+            ),
             assumed_by=github_principal(f"repo:{props.github_repo}:pull_request"),
             max_session_duration=Duration.hours(1),
         )
@@ -109,11 +131,17 @@ class TrainingRegistry(Construct):
         # credentials alone. No bootstrap role to assume (the lookup role carries ReadOnlyAccess,
         # every bucket's objects included), and pull requests run their own code with this role.
         stack = Stack.of(self)
-        project_stacks = f"arn:{stack.partition}:cloudformation:{stack.region}:{stack.account}:stack/{naming.STACK_PREFIX}-*/*"
+        project_stacks = (
+            f"arn:{stack.partition}:cloudformation:{stack.region}:{stack.account}:stack/{naming.STACK_PREFIX}-*/*"
+        )
         self.diff_role.add_to_policy(
             iam.PolicyStatement(
                 sid="ReadTrainingInfraStacks",
-                actions=["cloudformation:DescribeStacks", "cloudformation:GetTemplate", "cloudformation:ListStackResources"],
+                actions=[
+                    "cloudformation:DescribeStacks",
+                    "cloudformation:GetTemplate",
+                    "cloudformation:ListStackResources",
+                ],
                 resources=[project_stacks],
             )
         )

@@ -172,7 +172,9 @@ class TrainingSafety(Construct):
     # --- functions ---------------------------------------------------------------------------
 
     def _function(self, construct_id: str, props: MonitoredFunctionProps) -> MonitoredFunction:
-        return MonitoredFunction(self, construct_id, props=props, alerts_topic=self.alerts_topic, alerts_key=self.alerts_key)
+        return MonitoredFunction(
+            self, construct_id, props=props, alerts_topic=self.alerts_topic, alerts_key=self.alerts_key
+        )
 
     def _function_props(
         self,
@@ -186,7 +188,7 @@ class TrainingSafety(Construct):
         retry_attempts: int,
         environment: dict[str, str],
     ) -> MonitoredFunctionProps:
-        """A guard-rail function's props: its own parts, plus the code folder, retention and reservation rule they share."""
+        """A guard-rail function's props: its own parts, plus the code folder, retention and reservation they share."""
         return MonitoredFunctionProps(
             name=name,
             code_dir=RUNTIME_DIR,
@@ -242,7 +244,7 @@ class TrainingSafety(Construct):
             )
         )
         reaper.acknowledge(
-            f"IAM5[Resource::{nag_name(self, stack.format_arn(service='ec2', resource='instance', resource_name='*'))}]",
+            f"IAM5[Resource::{nag_name(self, stack.format_arn(service='ec2', resource='instance', resource_name='*'))}]",  # noqa: E501
             "Instance ids are not known at deploy time (the CLI launches them); TerminateInstances is "
             "conditioned on the training-infra:managed=true tag and the project's instance profile path.",
         )
@@ -372,4 +374,3 @@ def _allow_publish(topic: sns.Topic, service: str, source_arns: list[str]) -> No
 def _describe_instances(sid: str) -> iam.PolicyStatement:
     """DescribeInstances has no resource-level permissions: `Resource: *` is the only form AWS accepts."""
     return iam.PolicyStatement(sid=sid, actions=["ec2:DescribeInstances"], resources=["*"])
-

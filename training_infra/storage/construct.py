@@ -188,12 +188,22 @@ class TrainingStorage(Construct):
         run_objects = [f"{outputs_arn}/{prefix}*" for prefix in run_prefixes]
 
         def grant(actions: list[str], resources: list[str], conditions: dict | None = None) -> iam.Grant:
-            return iam.Grant.add_to_principal(grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions)
+            return iam.Grant.add_to_principal(
+                grantee=grantee, actions=actions, resource_arns=resources, conditions=conditions
+            )
 
         grants = [
-            grant(["s3:ListBucket"], [data_arn], {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}}),
+            grant(
+                ["s3:ListBucket"],
+                [data_arn],
+                {"StringLike": {"s3:prefix": [naming.DATA_PREFIX, f"{naming.DATA_PREFIX}*"]}},
+            ),
             grant(["s3:GetObject"], [data_objects]),
-            grant(["s3:ListBucket"], [outputs_arn], {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in run_prefixes]}}),
+            grant(
+                ["s3:ListBucket"],
+                [outputs_arn],
+                {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in run_prefixes]}},
+            ),
             grant(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], run_objects),
         ]
         if isinstance(principal, Construct):
@@ -203,7 +213,11 @@ class TrainingStorage(Construct):
                 (run_objects[1], "get/put only under checkpoints/<its run id>/ (the session tag), never another run's"),
             ]
             for resource, why in reasons:
-                acknowledge_nag(principal, f"IAM5[Resource::{nag_name(principal, resource)}]", f"Object keys are written by the trainer: {why}")
+                acknowledge_nag(
+                    principal,
+                    f"IAM5[Resource::{nag_name(principal, resource)}]",
+                    f"Object keys are written by the trainer: {why}",
+                )
         combined = grants[0]
         for other in grants[1:]:
             combined = combined.combine(other)

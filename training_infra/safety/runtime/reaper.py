@@ -210,7 +210,11 @@ def reap(ec2, sns, cloudwatch, config: ReaperConfig, now: datetime) -> ReapResul
         instance_id = instance.get("InstanceId", "?")
         if not _launched_by_the_project(instance, config):
             result.ignored.append(instance_id)
-            log.warning("instance %s carries %s but not the project's instance profile: left alone", instance_id, config.managed_tag)
+            log.warning(
+                "instance %s carries %s but not the project's instance profile: left alone",
+                instance_id,
+                config.managed_tag,
+            )
             continue
         result.checked.append(instance_id)
         try:
@@ -237,7 +241,9 @@ def _reap_one(ec2, sns, config: ReaperConfig, now: datetime, instance: dict, res
     verdict = decide_deadline(tags, instance["LaunchTime"], config)
     if verdict.unreadable_tag:
         result.unreadable_tags[instance_id] = verdict.unreadable_tag
-        log.warning("instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason)
+        log.warning(
+            "instance %s has an unreadable tag %s; using %s", instance_id, verdict.unreadable_tag, verdict.reason
+        )
     if now < verdict.deadline + timedelta(minutes=config.grace_minutes):
         return
     ec2.terminate_instances(InstanceIds=[instance_id])
