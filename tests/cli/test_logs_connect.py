@@ -36,6 +36,19 @@ def test_logs_prints_the_runs_stream_in_order(stacks):
     assert result.stdout.splitlines() == lines
 
 
+def _supervisor_sees_the_end(stacks, instance_id: str) -> None:
+    """The instance's state-change event, handed to the supervisor's real handler (the local AWS runs no Lambda)."""
+    from training_infra import naming
+    from training_infra.local.events import STATE_CHANGE, ec2_event
+    from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+
+    clients = Clients(
+        ec2=stacks.client("ec2"), dynamodb=stacks.client("dynamodb"), s3=stacks.client("s3"), sns=stacks.client("sns")
+    )
+    config = SupervisorConfig(table=stacks.outputs[naming.OUTPUT_RUN_TABLE], outputs_bucket=stacks.outputs_bucket)
+    Supervisor(clients, config).handle(ec2_event(STATE_CHANGE, instance_id, region=stacks.region, state="terminated"))
+
+
 def test_logs_follow_prints_new_lines_until_the_run_ends(stacks, tmp_path):
     assert stacks.cli("launch", "--run-id", "logs-follow").exit_code == 0
     _put_lines(stacks, "logs-follow", ["booting"])
@@ -54,6 +67,7 @@ def test_logs_follow_prints_new_lines_until_the_run_ends(stacks, tmp_path):
         [instance] = stacks.run_instances("logs-follow")
         _put_lines(stacks, "logs-follow", ["saving outputs"])
         stacks.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
+        _supervisor_sees_the_end(stacks, instance["InstanceId"])  # what EventBridge and the Lambda do on AWS
         follower.wait(timeout=30)
         rest, errors = follower.stdout.read(), follower.stderr.read()
     finally:

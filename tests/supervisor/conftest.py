@@ -41,6 +41,7 @@ class Account:
         self.s3 = boto3.client("s3", region_name=REGION)
         self.sns = boto3.client("sns", region_name=REGION)
         self.sqs = boto3.client("sqs", region_name=REGION)
+        self.cloudwatch = boto3.client("cloudwatch", region_name=REGION)
         self.table = "runs"
         self.dynamodb.create_table(
             TableName=self.table,
@@ -90,7 +91,9 @@ class Account:
         self.cfg = SupervisorConfig(table=self.table, outputs_bucket=self.bucket, topic_arn=self.topic_arn)
 
     def clients(self, ec2=None) -> Clients:
-        return Clients(ec2=ec2 or self.ec2, dynamodb=self.dynamodb, s3=self.s3, sns=self.sns)
+        return Clients(
+            ec2=ec2 or self.ec2, dynamodb=self.dynamodb, s3=self.s3, sns=self.sns, cloudwatch=self.cloudwatch
+        )
 
     def supervisor(self, ec2=None) -> Supervisor:
         return Supervisor(self.clients(ec2), self.cfg, now=self.clock)

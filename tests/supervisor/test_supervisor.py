@@ -7,6 +7,8 @@ CreateFleet documents (`Errors` with `LaunchTemplateAndOverrides`, `Lifecycle`, 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from botocore.exceptions import ClientError
 
@@ -125,13 +127,50 @@ def test_reclaimed_attempt_is_relaunched_on_another_pool_without_spending_the_er
     assert any("relaunched as attempt 2" in n and "spot reclaimed" in n for n in account.notices())
 
 
-def test_instance_gone_without_a_status_counts_as_reclaimed(account):
+class Vanished:
+    """The account's EC2 client, but some instances are unknown to DescribeInstances (gone, or not listed yet)."""
+
+    def __init__(self, ec2, missing: set[str]) -> None:
+        self._ec2, self.missing = ec2, missing
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def describe_instances(self, **kwargs):
+        if set(kwargs.get("InstanceIds", [])) & self.missing:
+            raise ClientError(
+                {"Error": {"Code": "InvalidInstanceID.NotFound", "Message": "not found"}}, "DescribeInstances"
+            )
+        return self._ec2.describe_instances(**kwargs)
+
+
+def test_an_instance_that_vanished_without_a_status_counts_as_reclaimed(account):
     first = start(account).attempts[0]
     account.end_instance(first["instance_id"])
-    account.supervisor().handle(event(SCHEDULED))
+    account.clock.advance(minutes=10)
+    account.supervisor(ec2=Vanished(account.ec2, {first["instance_id"]})).handle(event(SCHEDULED))
     run = account.run()
     assert run.attempts[0]["end_reason"] == "reclaimed"
     assert len(run.attempts) == 2 and run.errors_used == 0
+
+
+def test_an_instance_just_launched_and_not_listed_yet_is_not_taken_for_gone(account):
+    """EC2 lists a new instance with a delay: right after the launch, NotFound means 'not yet', not 'reclaimed'."""
+    first = start(account).attempts[0]
+    account.supervisor(ec2=Vanished(account.ec2, {first["instance_id"]})).handle(event(SCHEDULED))
+    run = account.run()
+    assert len(run.attempts) == 1 and not run.attempts[0].get("ended_at")
+    assert len(account.instances_of("bert")) == 1
+
+
+def test_an_instance_shut_down_from_inside_without_a_status_is_an_error_not_a_reclaim(account):
+    """No status.json and a Client.* reason (a failed boot, a manual terminate): relaunching it forever burns money."""
+    first = start(account).attempts[0]
+    account.end_instance(first["instance_id"])  # moto: Client.UserInitiatedShutdown
+    account.supervisor().handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    run = account.run()
+    assert run.state == "failed" and run.attempts[0]["end_reason"] == "failed"
+    assert "Client.UserInitiatedShutdown" in run.attempts[0]["message"]
 
 
 def test_trainer_failure_without_restarts_left_fails_the_run_and_launches_nothing(account):
@@ -267,6 +306,7 @@ def test_on_demand_market_never_asks_for_spot(account):
 
 def test_the_same_event_twice_launches_one_instance(account):
     first = start(account).attempts[0]
+    account.supervisor().handle(event(SPOT_WARNING, first["instance_id"], **{"instance-action": "terminate"}))
     account.end_instance(first["instance_id"])
     terminated = event(STATE_CHANGE, first["instance_id"], state="terminated")
     account.supervisor().handle(terminated)
@@ -278,6 +318,7 @@ def test_the_same_event_twice_launches_one_instance(account):
 def test_an_event_and_the_reconcile_at_once_launch_one_instance(account):
     """Decider A reads the run; decider B (the reconcile) relaunches; A's write then loses and A re-decides."""
     first = start(account).attempts[0]
+    account.supervisor().handle(event(SPOT_WARNING, first["instance_id"], **{"instance-action": "terminate"}))
     account.end_instance(first["instance_id"])
     other = account.supervisor()
 
@@ -388,3 +429,116 @@ def test_throttling_is_waited_out_like_capacity(account):
     account.new_run()
     account.supervisor(ec2=fleet).reconcile("bert")
     assert account.run().active and account.run().attempts[0]["end_reason"] == "capacity"
+
+
+# --- the cloud-side health layer (issue 15): a box too hung to end itself -------------------------
+
+
+class ImpairedStatus:
+    """The account's EC2 client, but DescribeInstanceStatus says the checks fail (moto always says ok)."""
+
+    def __init__(self, ec2) -> None:
+        self._ec2 = ec2
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def describe_instance_status(self, InstanceIds):  # noqa: N803 - boto3's parameter name
+        impaired = {"Status": "impaired", "Details": [{"Name": "reachability", "Status": "failed"}]}
+        return {
+            "InstanceStatuses": [
+                {"InstanceId": i, "SystemStatus": {"Status": "ok"}, "InstanceStatus": impaired} for i in InstanceIds
+            ]
+        }
+
+
+def test_failed_status_checks_for_three_minutes_end_the_attempt_and_the_run_relaunches_without_an_error(account):
+    first = start(account).attempts[0]
+    sick = account.supervisor(ec2=ImpairedStatus(account.ec2))
+    sick.handle(event(SCHEDULED))
+    assert account.run().attempts[0].get("impaired_since"), "first seen, not yet acted on"
+    assert account.instances_of("bert")[0]["State"]["Name"] == "running"
+    account.clock.advance(minutes=4)
+    sick.handle(event(SCHEDULED))
+    assert account.ec2.describe_instances(InstanceIds=[first["instance_id"]])["Reservations"][0]["Instances"][0][
+        "State"
+    ]["Name"] in (
+        "shutting-down",
+        "terminated",
+    )
+    account.supervisor().handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    run = account.run()
+    assert run.attempts[0]["end_reason"] == "reclaimed" and "status checks impaired" in run.attempts[0]["message"]
+    assert run.errors_used == 0 and len(run.attempts) == 2
+    assert any("is hung" in n for n in account.notices())
+
+
+def _gpu_metric(account, instance_id: str, minutes_ago: float) -> None:
+    account.cloudwatch.put_metric_data(
+        Namespace="TrainingInfra",
+        MetricData=[{
+            "MetricName": "GPUUtilization", "Dimensions": [{"Name": "InstanceId", "Value": instance_id}],
+            "Value": 97.0, "Unit": "Percent", "Timestamp": account.clock() - timedelta(minutes=minutes_ago),
+        }],
+    )  # fmt: skip
+
+
+def test_an_agent_that_went_silent_for_thirty_minutes_gets_its_box_terminated(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=70)
+    _gpu_metric(account, first["instance_id"], minutes_ago=45)  # heard once, then nothing for 45 min
+    account.supervisor().handle(event(SCHEDULED))
+    attempt = account.run().attempts[0]
+    assert "GPU metric stopped" in attempt["unhealthy"]
+    assert account.instances_of("bert")[0]["State"]["Name"] in ("shutting-down", "terminated")
+
+
+def test_an_agent_still_publishing_or_never_heard_from_is_left_alone(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=70)
+    _gpu_metric(account, first["instance_id"], minutes_ago=2)
+    account.supervisor().handle(event(SCHEDULED))
+    assert not account.run().attempts[0].get("unhealthy")
+    # A CPU-only dry run publishes no GPU metric at all: silence without a first word is not a hang.
+    account.new_run("cpu", instance_types=["c6i.xlarge"])
+    account.supervisor().reconcile("cpu")
+    account.clock.advance(minutes=70)
+    account.supervisor().handle(event(SCHEDULED))
+    assert not account.run("cpu").attempts[0].get("unhealthy")
+
+
+def test_stop_while_a_relaunch_was_starting_its_instance_stops_that_instance_too(account):
+    """The fleet started attempt 2's instance, then `stop` won the record before the launch was written."""
+    first = start(account).attempts[0]
+    supervisor = account.supervisor()
+    supervisor.handle(event(SPOT_WARNING, first["instance_id"], **{"instance-action": "terminate"}))
+    account.end_instance(first["instance_id"])
+    stopper = account.supervisor()
+
+    class StopWinsTheRace(RunStore):
+        def save(self, run):
+            if run.current and run.current.get("instance_id") and run.current["n"] == 2 and not run.stop_requested_at:
+                stopper.request_stop("bert")  # lands between the fleet request and the record
+            return super().save(run)
+
+    supervisor.store = StopWinsTheRace(account.dynamodb, account.table)
+    supervisor.reconcile("bert")
+    account.supervisor().reconcile("bert")
+    [second] = [i for i in account.instances_of("bert") if i["InstanceId"] != first["instance_id"]]
+    tags = {t["Key"]: t["Value"] for t in second["Tags"]}
+    assert tags.get("training-infra:stop") == "user", "the instance the stop raced with is told to stop"
+    run = account.run()
+    assert run.attempts[1]["instance_id"] == second["InstanceId"] and run.state == "stopping"
+
+
+def test_a_stall_stop_ends_the_run_stalled_and_a_budget_stop_ends_it_budget(account):
+    for run_id, reason, final in (("stall-run", "stall", "stalled"), ("budget-run", "budget", "budget")):
+        account.new_run(run_id, owns_launch_template=False)  # both runs share the account's one run template
+        supervisor = account.supervisor()
+        supervisor.reconcile(run_id)
+        supervisor.request_stop(run_id, reason=reason)
+        instance = account.run(run_id).attempts[0]["instance_id"]
+        account.agent_wrote(run_id, 1, "stalled" if reason == "stall" else "budget")
+        account.end_instance(instance)
+        supervisor.reconcile(run_id)
+        assert account.run(run_id).state == final

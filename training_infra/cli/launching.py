@@ -411,5 +411,25 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         raise CliError(
             f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
         ) from None
-    supervisor.reconcile(run_id)
+    try:
+        supervisor.reconcile(run_id)
+    except Exception:
+        # Nothing half done: a run whose first launch could not even be tried is not left for the
+        # supervisor to start a minute later behind the user's back.
+        _abandon(supervisor, run_id)
+        raise
     return Started(run=supervisor.store.get(run_id), elapsed_seconds=time.monotonic() - started)
+
+
+def _abandon(supervisor: Any, run_id: str) -> None:
+    from training_infra.supervisor.runtime.records import StaleRecord
+
+    record = supervisor.store.get(run_id)
+    if record is None or not record.active or (record.current or {}).get("instance_id"):
+        return  # an instance started: the supervisor keeps the run
+    record.state, record.message = "failed", "launch failed before any instance started (see the error launch printed)"
+    try:
+        supervisor.store.save(record)
+        supervisor.clients.ec2.delete_launch_template(LaunchTemplateId=record.spec["launch_template_id"])
+    except (StaleRecord, botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+        pass  # the error the user sees is the one that stopped the launch

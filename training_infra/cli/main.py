@@ -641,7 +641,19 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         title=f"attempts of {row['run_id']}",
         columns=[
             Column(name, right=name in ("#", "uptime", "cost"))
-            for name in ("#", "instance", "type", "zone", "market", "state", "uptime", "cost", "why it ended")
+            for name in (
+                "#",
+                "instance",
+                "type",
+                "zone",
+                "market",
+                "state",
+                "start",
+                "end",
+                "uptime",
+                "cost",
+                "why it ended",
+            )
         ],
         caption="cost: spot history, else list price",
     )
@@ -653,9 +665,16 @@ def _show_managed_run(row: dict[str, Any]) -> None:
             why += f": {a['message']}"
         listing.rows.append([
             str(a["attempt"]), a["instance_id"] or "-", a["instance_type"] or "-", a["zone"] or "-", a["market"] or "-",
-            a["instance_state"] or "-", fmt_duration(a["uptime_seconds"]), fmt_usd(a["cost_usd"]), why,
+            a["instance_state"] or "-", _hhmm(a["started_at"]), _hhmm(a["ended_at"]), fmt_duration(a["uptime_seconds"]),
+            fmt_usd(a["cost_usd"]), why,
         ])  # fmt: skip
     listing.print(out)
+
+
+def _hhmm(moment: str | None) -> str:
+    """A start or end as `MM-DD HH:MM` (UTC): short enough for the attempts table; JSON has the full time."""
+    parsed = runs.parse_time(moment)
+    return parsed.strftime("%m-%d %H:%M") if parsed else "-"
 
 
 # ---- logs ----------------------------------------------------------------------------------
@@ -707,7 +726,10 @@ def logs(
                 continue  # drain everything already there before deciding to wait
         if not follow:
             return
-        if not any(r.live for r in runs.collect_runs(aws, run)):
+        store = _run_store(aws)
+        record = store.get(run) if store is not None else None
+        still_going = record.active if record is not None else any(r.live for r in runs.collect_runs(aws, run))
+        if not still_going:  # a managed run goes on between attempts and while it waits for capacity
             # One last read after the end, for lines flushed on the way down.
             last = (
                 client.get_log_events(logGroupName=group, logStreamName=run, startFromHead=True, nextToken=token)
@@ -812,7 +834,8 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
             where = f"run {run} is still {record.state}"
         return f"{where}: these are only the files uploaded so far; fetch again after it ends"
     if record is not None and record.state != "succeeded":
-        return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {target / 'logs'}"
+        logs = target / "attempts" / str((record.attempts[-1] if record.attempts else {}).get("n", 1)) / "logs"
+        return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {logs}"
     status = runs.read_status_file(target / runs.STATUS_FILE)
     if status is not None:
         outcome = status.get("outcome", "unknown")

@@ -140,6 +140,7 @@ class TrainingSupervisor(Construct):
                     "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
                     "STOP_TAG": naming.TAG_STOP,
                     "RUNS_PREFIX": naming.RUNS_PREFIX,
+                    "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
                 },
             ),
             alerts_topic=alerts_topic,
@@ -203,8 +204,13 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 sid="ReadInstancesAndSubnets",
-                actions=["ec2:DescribeInstances", "ec2:DescribeSubnets"],
+                actions=["ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:DescribeInstanceStatus"],
                 resources=["*"],  # Describe* has no resource-level permissions
+            ),
+            iam.PolicyStatement(
+                sid="ReadTheAgentsGpuMetric",
+                actions=["cloudwatch:GetMetricStatistics"],
+                resources=["*"],  # CloudWatch metrics have no resource-level permissions
             ),
             iam.PolicyStatement(
                 sid="PassOnlyTheInstanceRole",
@@ -249,7 +255,8 @@ class TrainingSupervisor(Construct):
         )
         fn.acknowledge(
             "IAM5[Resource::*]",
-            "ec2:DescribeInstances and ec2:DescribeSubnets support no resource-level permissions.",
+            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus and cloudwatch:GetMetricStatistics "
+            "support no resource-level permissions; they only read.",
         )
 
     def _rules(self) -> None:

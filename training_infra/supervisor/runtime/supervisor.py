@@ -81,7 +81,12 @@ AGENT_OUTCOMES = {
     "deadline": "deadline",
     "interrupted": "reclaimed",
     "stopped": "stopped",
+    "budget": "stopped",
 }
+# A stop request's reason -> the state the run ends in.
+STOP_STATES = {"user": "stopped", "budget": "budget", "stall": "stalled"}
+# A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
+JUST_LAUNCHED_SECONDS = 300
 
 
 class LaunchRefused(RuntimeError):
@@ -111,6 +116,12 @@ class SupervisorConfig:
     boot_seconds: int = 600
     # After a stop request the agent has the trainer's grace period plus the upload; then we terminate.
     stop_timeout_seconds: int = 600
+    # The cloud-side layer for a box too hung to end itself: EC2 status checks impaired this long,
+    # or no GPU metric from the agent (it publishes one every few seconds) this long once booted.
+    impaired_seconds: int = 180
+    silent_seconds: int = 1800
+    boot_grace_seconds: int = 1200
+    metric_namespace: str = "TrainingInfra"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
@@ -131,6 +142,7 @@ class Clients:
     dynamodb: Any
     s3: Any
     sns: Any | None = None
+    cloudwatch: Any | None = None  # the cloud-side health check; None (the CLI's first launch) skips it
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -358,10 +370,17 @@ def classify(
             return reason, f"trainer failed with exit {status['exit_code']}"
         return reason, str(status.get("message") or reason)
     state_reason = (instance or {}).get("StateReason", {}).get("Code", "")
+    if attempt.get("unhealthy"):
+        # The supervisor ended a hung box: failed status checks are AWS's hardware; a silent agent is a stall.
+        reason = "reclaimed" if "status checks" in attempt["unhealthy"] else "stalled"
+        return reason, f"the supervisor ended it: {attempt['unhealthy']}"
     if attempt.get("reclaim_warned_at") or state_reason.startswith("Server.SpotInstance"):
         return "reclaimed", "spot reclaimed by AWS"
     if instance is None:
         return "reclaimed", "instance vanished without a status.json"
+    if state_reason.startswith("Client."):
+        # Shut down or terminated from inside or by a person, with no status: the run's own doing, an error.
+        return "failed", f"instance ended without a status.json ({state_reason})"
     return "reclaimed", f"instance ended without a status.json ({state_reason or 'no reason given'})"
 
 
@@ -447,6 +466,17 @@ class Supervisor:
     def _step(self, run: Run) -> dict[str, Any]:
         now = self.now()
         attempt = run.current
+        if run.stop_requested_at and attempt is not None and not attempt.get("instance_id"):
+            # A launch may have started an instance for this claim before the stop: find it, then stop it.
+            started = _adopt(self.clients, run, attempt["n"], self.cfg)
+            if started is not None:
+                _record_instance(
+                    attempt, started.get("InstanceId"), started.get("InstanceType"),
+                    started.get("Placement", {}).get("AvailabilityZone"), started.get("SubnetId"),
+                    "spot" if started.get("InstanceLifecycle") == "spot" else "on-demand", now,
+                )  # fmt: skip
+                self.store.save(run)
+                return self._step(run)
         if run.stop_requested_at and (attempt is None or not attempt.get("instance_id")):
             # Stopped while waiting for capacity (or between attempts): nothing runs, nothing to launch.
             if attempt is not None:
@@ -454,9 +484,7 @@ class Supervisor:
                     ended_at=iso(now), end_reason="stopped", message="stop requested before an instance started"
                 )
             return self._finish(
-                run,
-                run.stop_reason if run.stop_reason == "budget" else "stopped",
-                "stopped on request before an instance started",
+                run, STOP_STATES.get(run.stop_reason, "stopped"), "stopped on request before an instance started"
             )
         if attempt is None:
             return self._next_attempt(run, why="first launch" if not run.attempts else run.message)
@@ -464,8 +492,16 @@ class Supervisor:
             return self._launch_open_attempt(run)
         instance = _instance(self.clients, attempt["instance_id"])
         state = (instance or {}).get("State", {}).get("Name", "gone")
+        launched = parse_iso(attempt.get("started_at")) or now
+        if instance is None and (now - launched).total_seconds() < JUST_LAUNCHED_SECONDS:
+            return {
+                "run_id": run.run_id,
+                "state": run.state,
+                "instance": attempt["instance_id"],
+                "note": "not listed yet",
+            }
         if state in ("pending", "running"):
-            return self._watch(run, attempt, instance, now)
+            return self._watch(run, attempt, now)
         if state in STOPPED_STATES:
             # auto_shutdown=false or a manual stop: the volume still bills. The attempt is over.
             self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
@@ -489,7 +525,7 @@ class Supervisor:
         if run.stop_requested_at:
             return self._finish(
                 run,
-                run.stop_reason if run.stop_reason == "budget" else "stopped",
+                STOP_STATES.get(run.stop_reason, "stopped"),
                 f"stopped on request ({run.stop_reason}); last attempt: {words}",
             )
         if reason in ("succeeded", "idle", "deadline", "stopped"):
@@ -559,9 +595,7 @@ class Supervisor:
             self._notify(run, f"waiting for capacity: {attempt['message']}; retrying every minute until the deadline")
         return {"run_id": run.run_id, "capacity": attempt["message"]}
 
-    def _watch(
-        self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None, now: datetime
-    ) -> dict[str, Any]:
+    def _watch(self, run: Run, attempt: dict[str, Any], now: datetime) -> dict[str, Any]:
         changed = False
         if run.state in ("launching", "recovering"):
             run.state, changed = "running", True
@@ -573,9 +607,60 @@ class Supervisor:
             if (now - requested).total_seconds() > self.cfg.stop_timeout_seconds:
                 self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
                 attempt["terminated_at"], changed = iso(now), True
+        if not run.stop_requested_at and not attempt.get("unhealthy"):
+            before = attempt.get("impaired_since")
+            unhealthy = self._unhealthy(attempt, now)
+            changed = changed or attempt.get("impaired_since") != before
+            if unhealthy:
+                attempt["unhealthy"], changed = unhealthy, True
+                self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+                self._notify(
+                    run, f"attempt {attempt['n']} on {attempt['instance_id']} is hung ({unhealthy}): terminated"
+                )
         if changed:
             self.store.save(run)
         return {"run_id": run.run_id, "state": run.state, "instance": attempt["instance_id"]}
+
+    def _unhealthy(self, attempt: dict[str, Any], now: datetime) -> str:
+        """Why a running attempt's box is hung, or "": status checks impaired, or the agent's GPU metric silent.
+
+        The cloud-side layer every managed run gets (issue 15): the agent ends an idle run itself,
+        but a box too hung to act needs someone outside it. Keeps `impaired_since` on the attempt.
+        """
+        statuses = self.clients.ec2.describe_instance_status(InstanceIds=[attempt["instance_id"]])
+        checks = (statuses.get("InstanceStatuses") or [{}])[0]
+        impaired = [
+            name
+            for name, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
+            if checks.get(key, {}).get("Status") == "impaired"
+        ]
+        if not impaired:
+            attempt.pop("impaired_since", None)
+        else:
+            since = parse_iso(attempt.get("impaired_since"))
+            if since is None:
+                attempt["impaired_since"] = iso(now)
+            elif (now - since).total_seconds() >= self.cfg.impaired_seconds:
+                return f"EC2 {' and '.join(impaired)} status checks impaired since {attempt['impaired_since']}"
+        launched = parse_iso(attempt.get("started_at")) or now
+        if self.clients.cloudwatch is None or (now - launched).total_seconds() < self.cfg.boot_grace_seconds:
+            return ""
+        # Silence only means "hung" after the agent was heard: a CPU-only dry run never publishes the metric.
+        silent = timedelta(seconds=self.cfg.silent_seconds)
+        points = self.clients.cloudwatch.get_metric_statistics(
+            Namespace=self.cfg.metric_namespace,
+            MetricName="GPUUtilization",
+            Dimensions=[{"Name": "InstanceId", "Value": attempt["instance_id"]}],
+            StartTime=max(launched, now - 3 * silent),
+            EndTime=now,
+            Period=300,
+            Statistics=["Maximum"],
+        ).get("Datapoints", [])
+        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
+        if heard and max(heard) < now - silent:
+            minutes = self.cfg.silent_seconds // 60
+            return f"its agent's GPU metric stopped {minutes}+ min ago (a box too hung to end itself)"
+        return ""
 
     def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
         assert state in FINAL_STATES, state
@@ -655,7 +740,11 @@ def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
     import boto3
 
     clients = Clients(
-        ec2=boto3.client("ec2"), dynamodb=boto3.client("dynamodb"), s3=boto3.client("s3"), sns=boto3.client("sns")
+        ec2=boto3.client("ec2"),
+        dynamodb=boto3.client("dynamodb"),
+        s3=boto3.client("s3"),
+        sns=boto3.client("sns"),
+        cloudwatch=boto3.client("cloudwatch"),
     )
     result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
     log.info(json.dumps(result, default=str))
