@@ -374,8 +374,8 @@ def test_instance_pulls_only_its_repository_logs_only_to_its_group_and_publishes
     view = compute("full")
     safety = view.safety.construct("Safety")
     topic = imported(view.safety, safety.alerts_topic)
-    # Session Manager and the opt-in trainer role are asserted in tests/test_security.py.
-    elsewhere = ("s3:", "ssm:", "ssmmessages:", "ec2messages:", "sts:")
+    # Session Manager, the trainer secrets and the opt-in trainer role are asserted in tests/test_security.py.
+    elsewhere = ("s3:", "ssm:", "ssmmessages:", "ec2messages:", "sts:", "secretsmanager:")
     other_statements = [
         s
         for s in view.role_statements(view.compute.role)

@@ -317,3 +317,13 @@ def test_workflows_that_get_aws_credentials_pin_every_action_to_a_commit_sha_wit
                 f"{path.name}: {action} is not pinned to a commit"
             )
             assert re.fullmatch(r"\s+# v\d+(\.\d+)*", comment), f"{path.name}: {action} names no version"
+
+
+def test_instance_role_reads_only_secrets_tagged_managed_for_launch_secret(defaults):
+    [reads] = [
+        s
+        for s in defaults.role_statements(defaults.compute.role)
+        if "secretsmanager:GetSecretValue" in as_list(s["Action"])
+    ]
+    assert as_list(reads["Action"]) == ["secretsmanager:GetSecretValue"]
+    assert reads["Condition"] == {"StringEquals": {"secretsmanager:ResourceTag/training-infra:managed": "true"}}
