@@ -39,14 +39,13 @@ def test_logs_prints_the_runs_stream_in_order(stacks):
 def _supervisor_sees_the_end(stacks, instance_id: str) -> None:
     """The instance's state-change event, handed to the supervisor's real handler (the local AWS runs no Lambda)."""
     from training_infra import naming
+    from training_infra.cli.launching import supervisor_with
     from training_infra.local.events import STATE_CHANGE, ec2_event
-    from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
-    clients = Clients(
-        ec2=stacks.client("ec2"), dynamodb=stacks.client("dynamodb"), s3=stacks.client("s3"), sns=stacks.client("sns")
+    supervisor = supervisor_with(
+        stacks.client, table=stacks.outputs[naming.OUTPUT_RUN_TABLE], outputs_bucket=stacks.outputs_bucket
     )
-    config = SupervisorConfig(table=stacks.outputs[naming.OUTPUT_RUN_TABLE], outputs_bucket=stacks.outputs_bucket)
-    Supervisor(clients, config).handle(ec2_event(STATE_CHANGE, instance_id, region=stacks.region, state="terminated"))
+    supervisor.handle(ec2_event(STATE_CHANGE, instance_id, region=stacks.region, state="terminated"))
 
 
 def test_logs_follow_prints_new_lines_until_the_run_ends(stacks, tmp_path):

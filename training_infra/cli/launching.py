@@ -257,16 +257,15 @@ class Started:
     elapsed_seconds: float
 
 
-def supervisor_for(aws: Aws):
-    """The supervisor's own code with this user's credentials: the first launch is the same decision
-    as every relaunch."""
+def supervisor_with(client: Any, *, table: str, outputs_bucket: str, topic_arn: str = ""):
+    """The supervisor's own code outside its Lambda (the CLI's first launch and stop, the local demo),
+    with the names the construct passes it as environment, from `naming`. `client(service)` makes clients."""
     from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
-    topic = aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, "")
     config = SupervisorConfig(
-        table=aws.output(naming.OUTPUT_RUN_TABLE),
-        outputs_bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET),
-        topic_arn=topic,
+        table=table,
+        outputs_bucket=outputs_bucket,
+        topic_arn=topic_arn,
         managed_tag=naming.TAG_MANAGED,
         run_id_tag=naming.TAG_RUN_ID,
         attempt_tag=naming.TAG_ATTEMPT,
@@ -274,11 +273,20 @@ def supervisor_for(aws: Aws):
         max_runtime_tag=naming.TAG_MAX_RUNTIME_HOURS,
         stop_tag=naming.TAG_STOP,
         runs_prefix=naming.RUNS_PREFIX,
+        metric_namespace=naming.METRIC_NAMESPACE,
     )
-    clients = Clients(
-        ec2=aws.client("ec2"), dynamodb=aws.client("dynamodb"), s3=aws.client("s3"), sns=aws.client("sns")
-    )
+    clients = Clients(ec2=client("ec2"), dynamodb=client("dynamodb"), s3=client("s3"), sns=client("sns"))
     return Supervisor(clients, config)
+
+
+def supervisor_for(aws: Aws):
+    """The supervisor with this user's credentials: the first launch is the same decision as every relaunch."""
+    return supervisor_with(
+        aws.client,
+        table=aws.output(naming.OUTPUT_RUN_TABLE),
+        outputs_bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET),
+        topic_arn=aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, ""),
+    )
 
 
 def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:

@@ -267,22 +267,14 @@ class Demo:
         return result
 
     def _supervisor(self):
-        from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
+        from training_infra.cli.launching import supervisor_with
 
-        config = SupervisorConfig(
+        return supervisor_with(
+            self.client,
             table=self._output("run_table_name"),
             outputs_bucket=self._output("outputs_bucket"),
             topic_arn=self._output("alerts_topic_arn"),
-            managed_tag=naming.TAG_MANAGED,
-            run_id_tag=naming.TAG_RUN_ID,
-            attempt_tag=naming.TAG_ATTEMPT,
-            deadline_tag=naming.TAG_DEADLINE,
-            stop_tag=naming.TAG_STOP,
         )
-        clients = Clients(
-            ec2=self.client("ec2"), dynamodb=self.client("dynamodb"), s3=self.client("s3"), sns=self.client("sns")
-        )
-        return Supervisor(clients, config)
 
     def _launch_and_play(self, *, expect: str) -> None:
         self._launch()
