@@ -410,6 +410,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "checkpoint_sync_seconds": int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300),
         "image_tag": request.image_tag or exports.get("TI_IMAGE_TAG", ""),
         "command": request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
+        # What the supervisor and `cost` price attempts with (supervisor/runtime/ledger.py).
+        "list_prices": {t: price for t in types if (price := pricing.on_demand_price(t)) is not None},
+        "volume_gb": sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", [])),
     }
     record = Run(run_id=run_id, spec=spec, created_at=iso_z(now), deadline_at=deadline)
     try:

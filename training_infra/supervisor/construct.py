@@ -204,7 +204,13 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 sid="ReadInstancesAndSubnets",
-                actions=["ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:DescribeInstanceStatus"],
+                actions=[
+                    "ec2:DescribeInstances",
+                    "ec2:DescribeSubnets",
+                    "ec2:DescribeInstanceStatus",
+                    # Pricing an attempt when it ends (ledger.py).
+                    "ec2:DescribeSpotPriceHistory",
+                ],
                 resources=["*"],  # Describe* has no resource-level permissions
             ),
             iam.PolicyStatement(
