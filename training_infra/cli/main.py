@@ -386,6 +386,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    max_cost_usd: Annotated[
+        str | None,
+        typer.Option(
+            "--max-cost-usd",
+            metavar="USD",
+            help=(
+                "Most the run may cost across every attempt (instance and volume): it is stopped gracefully "
+                "before it passes this, ends as budget and is never relaunched past it."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
@@ -419,6 +431,7 @@ def launch(
             instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
+            max_cost_usd=max_cost_usd,
         )
     )  # fmt: skip
     started = launching.launch(Aws(region), request)
@@ -644,6 +657,10 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
         "outcome": None if record.active else record.state,
         "exit_code": last.get("exit_code"),
         "message": record.message,
+        "max_cost_usd": record.spec.get("max_cost_usd"),
+        "left_usd": max(0.0, record.spec["max_cost_usd"] - (total("cost_usd") or 0))
+        if record.spec.get("max_cost_usd")
+        else None,
         "managed": {
             "spec": record.spec,
             "errors_used": record.errors_used,
@@ -664,7 +681,8 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         f"  deadline {row['deadline']}",
         f"  market {spec.get('market')}; types {', '.join(spec.get('instance_types', []))}",
         f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
-        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}",
+        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}"
+        + (f" of {fmt_usd(row['max_cost_usd'])} ({fmt_usd(row['left_usd'])} left)" if row["max_cost_usd"] else ""),
     ):
         out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(
