@@ -689,9 +689,16 @@ class Supervisor:
         spent, _ = self._spend(run, None, now)
         run.spent_usd = round(spent, 4)
         prices = [float(p) for p in (run.spec.get("list_prices") or {}).values()] or [0.0]
-        grace = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * self.cfg.grace_hours
-        if limit and spent + grace >= limit:
-            return f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt would pass it"
+        # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
+        useful = (
+            self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300)) + self.cfg.stop_timeout_seconds
+        )
+        least = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * useful / 3600
+        if limit and spent + least >= limit:
+            return (
+                f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt (boot, one checkpoint "
+                f"interval and a graceful stop, ${least:,.2f}) would pass it"
+            )
         month = run.spec.get("budget_month")
         if self.cfg.monthly_limit_usd and month:
             finished, reserved, left = self.month_ledger().left(month)
