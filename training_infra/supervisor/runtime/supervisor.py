@@ -676,7 +676,9 @@ class Supervisor:
             return spent, 0.0
         window = ledger.attempt_window(open_attempt, now)
         try:
-            cost = ledger.price_attempt(open_attempt, run.spec, now, ledger.SpotHistory(self.clients.ec2, *window))
+            cost = ledger.price_attempt(
+                open_attempt, run.spec, now, ledger.RecentSpotHistory(self.clients.ec2, *window)
+            )
         except ClientError as error:
             log.warning("no spot price history for %s: %s", run.run_id, error)
             cost = ledger.price_attempt(open_attempt, run.spec, now, None)
