@@ -20,7 +20,7 @@ from training_infra.cli.aws import Aws
 from training_infra.supervisor.runtime import ledger
 from training_infra.supervisor.runtime.records import Run, RunStore, iso
 
-REGION = "ap-southeast-2"
+REGION = "eu-central-1"  # this module's own (ap-southeast-2 stays empty for the not-deployed tests)
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 G5 = pricing.on_demand_price("g5.xlarge")
 
@@ -71,7 +71,7 @@ def _store(region) -> RunStore:
     return RunStore(region.client("dynamodb"), region.outputs[naming.OUTPUT_RUN_TABLE])
 
 
-def _attempt(n: int, start: datetime, hours: float | None, *, market="on-demand", zone="ap-southeast-2a", **extra):
+def _attempt(n: int, start: datetime, hours: float | None, *, market="on-demand", zone="eu-central-1a", **extra):
     attempt = {"n": n, "instance_id": f"i-{n:017x}", "instance_type": "g5.xlarge", "zone": zone, "market": market,
                "started_at": iso(start), **extra}  # fmt: skip
     if hours is not None:
@@ -91,7 +91,7 @@ def _record(run_id: str, created: datetime, attempts: list[dict], state: str = "
 def _legacy_status(run_id: str, start: datetime, hours: float) -> dict:
     return {"run_id": run_id, "outcome": "succeeded", "exit_code": 0, "started_at": iso(start),
             "ended_at": iso(start + timedelta(hours=hours)), "instance_id": "i-0123456789abcdef0",
-            "instance_type": "g5.xlarge", "market": "on-demand", "availability_zone": "ap-southeast-2a",
+            "instance_type": "g5.xlarge", "market": "on-demand", "availability_zone": "eu-central-1a",
             "hourly_price_usd": G5, "estimated_cost_usd": G5 * hours, "message": "done"}  # fmt: skip
 
 
