@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -258,8 +259,26 @@ def _fake_keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
 
 
+# What a user has done before a launch passes the preflight: images pushed, a dataset uploaded.
+PUSHED_TAGS = ("latest", "v2")
+STAND_IN_MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {},
+        "layers": [],
+    }
+)
+
+
 def deploy(
-    emulator: Emulator, region: str, agent_script: Path, *, use_spot: bool = True, published_zones: str = ""
+    emulator: Emulator,
+    region: str,
+    agent_script: Path,
+    *,
+    use_spot: bool = True,
+    published_zones: str = "",
+    empty_data: bool = False,
 ) -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
@@ -271,7 +290,15 @@ def deploy(
         stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
         assert stack["StackStatus"] == "CREATE_COMPLETE", stack
         outputs.update({o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])})
-    return Deployment(emulator=emulator, region=region, outputs=outputs)
+    deployment = Deployment(emulator=emulator, region=region, outputs=outputs)
+    repository = outputs[naming.OUTPUT_ECR_REPOSITORY_URI].rsplit("/", 1)[-1]
+    for tag in PUSHED_TAGS:
+        deployment.client("ecr").put_image(repositoryName=repository, imageManifest=STAND_IN_MANIFEST, imageTag=tag)
+    if not empty_data:
+        deployment.client("s3").put_object(
+            Bucket=deployment.data_bucket, Key=naming.DATA_PREFIX + "train.csv", Body=b"x\n"
+        )
+    return deployment
 
 
 @pytest.fixture(scope="session")
@@ -279,13 +306,16 @@ def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
     """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region).
 
     `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does;
-    `published_zones="b"` publishes the SubnetIds output (see `stack_templates`).
+    `published_zones="b"` publishes the SubnetIds output (see `stack_templates`); every deployment
+    has the images PUSHED_TAGS and, unless `empty_data`, one object under data/.
     """
     cache: dict[str, Deployment] = {}
 
-    def get(region: str, *, use_spot: bool = True, published_zones: str = "") -> Deployment:
+    def get(region: str, *, use_spot: bool = True, published_zones: str = "", empty_data: bool = False) -> Deployment:
         if region not in cache:
-            cache[region] = deploy(emulator, region, stub_agent, use_spot=use_spot, published_zones=published_zones)
+            cache[region] = deploy(
+                emulator, region, stub_agent, use_spot=use_spot, published_zones=published_zones, empty_data=empty_data
+            )
         return cache[region]
 
     return get
@@ -321,8 +351,11 @@ class Ec2Faults:
                 for name in ("Content-Type", "Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
                     if self.headers.get(name):
                         request.add_header(name, self.headers[name])
-                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback moto
-                    self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback moto
+                        self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+                except urllib.error.HTTPError as error:  # an AWS error answer (e.g. DryRunOperation) is passed on
+                    self._reply(error.code, error.read(), error.headers.get("Content-Type", "text/xml"))
 
             def _reply(self, status: int, payload: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -385,4 +418,5 @@ def _no_real_aws_config(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the price cache, never the user's
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

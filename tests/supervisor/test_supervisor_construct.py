@@ -127,11 +127,21 @@ def test_supervisor_launches_only_tagged_instances_from_managed_templates_and_pa
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
 
 
+def test_supervisor_may_read_spot_and_list_prices_for_price_caps(compute, supervisor):
+    statements = {s["Sid"]: s for s in compute.role_statements(supervisor.function.role) if "Sid" in s}
+    actions = sorted(_as_list(statements["ReadPrices"]["Action"]))
+    assert actions == ["ec2:DescribeSpotPriceHistory", "pricing:GetProducts"]
+    assert statements["ReadPrices"]["Resource"] == "*"
+
+
 def test_supervisor_role_has_no_wildcard_action_and_star_only_for_describe(compute, supervisor):
     for statement in compute.role_statements(supervisor.function.role):
         actions = _as_list(statement["Action"])
         assert not any(a == "*" or a.endswith(":*") for a in actions), statement
         if statement["Resource"] == "*":
-            assert all(a.startswith("ec2:Describe") or a == "cloudwatch:GetMetricStatistics" for a in actions), (
+            assert all(
+                a.startswith("ec2:Describe") or a in ("cloudwatch:GetMetricStatistics", "pricing:GetProducts")
+                for a in actions
+            ), (
                 statement
             )

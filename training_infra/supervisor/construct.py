@@ -208,6 +208,11 @@ class TrainingSupervisor(Construct):
                 resources=["*"],  # Describe* has no resource-level permissions
             ),
             iam.PolicyStatement(
+                sid="ReadPrices",  # a run's price cap: spot prices now, on-demand list prices
+                actions=["ec2:DescribeSpotPriceHistory", "pricing:GetProducts"],
+                resources=["*"],  # neither has resource-level permissions
+            ),
+            iam.PolicyStatement(
                 sid="ReadTheAgentsGpuMetric",
                 actions=["cloudwatch:GetMetricStatistics"],
                 resources=["*"],  # CloudWatch metrics have no resource-level permissions
@@ -255,8 +260,9 @@ class TrainingSupervisor(Construct):
         )
         fn.acknowledge(
             "IAM5[Resource::*]",
-            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus and cloudwatch:GetMetricStatistics "
-            "support no resource-level permissions; they only read.",
+            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeSpotPriceHistory, "
+            "pricing:GetProducts and cloudwatch:GetMetricStatistics support no resource-level permissions; "
+            "they only read.",
         )
 
     def _rules(self) -> None:
