@@ -27,6 +27,7 @@ BUILT_IN_NOTE = "list price from the built-in table"
 PRICE_LIST = "price list"
 BUILT_IN = "built-in table"
 SPOT_HISTORY = "spot history"
+NO_SPOT_PRICE = "no spot price"  # AWS quotes none for the pool: spot is not sold there
 
 # Linux on-demand USD per hour in us-east-1 (AWS price list, 2026): the offline fallback only.
 # Other regions differ by a few per cent.
@@ -155,7 +156,7 @@ class Prices:
                     MaxResults=10,
                 )
             except (ClientError, BotoCoreError) as error:
-                self.fallback_reason = f"the Price List API did not answer ({_why(error)})"
+                self.fallback_reason = f"the Price List API did not answer: {_why(error)}"
             else:
                 usd = on_demand_from_price_list(answer.get("PriceList", []))
                 if usd is not None:
@@ -193,16 +194,23 @@ class Prices:
         pools = list(pools)
         if market == "spot":
             spot = self.spot([t for t, _ in pools], [z for _, z in pools])
-            return {pool: Quote(spot.get(pool), SPOT_HISTORY if pool in spot else "unknown") for pool in pools}
+            return {pool: Quote(spot.get(pool), SPOT_HISTORY if pool in spot else NO_SPOT_PRICE) for pool in pools}
         return {(t, z): self.on_demand(t) for t, z in pools}
 
 
 def under_cap(
     priced: dict[tuple[str, str], Quote], cap: float
 ) -> tuple[list[tuple[str, str]], tuple[tuple[str, str], float] | None]:
-    """Pools at or under the cap (a pool without a known price stays: the fleet's own caps hold it),
-    and the cheapest known pool with its price (to name when nothing fits)."""
-    fitting = [pool for pool, quote in priced.items() if quote.usd is None or quote.usd <= cap]
+    """Pools at or under the cap, and the cheapest known pool with its price (to name when nothing fits).
+
+    A type with no list price anywhere stays (the fleet's own MaxTotalPrice holds it to the cap); a
+    spot pool AWS quotes no price for does not (spot is not sold there).
+    """
+    fitting = [
+        pool
+        for pool, quote in priced.items()
+        if (quote.usd is None and quote.source != NO_SPOT_PRICE) or (quote.usd is not None and quote.usd <= cap)
+    ]
     known = [(pool, quote.usd) for pool, quote in priced.items() if quote.usd is not None]
     cheapest = min(known, key=lambda item: (item[1], item[0])) if known else None
     return fitting, cheapest
