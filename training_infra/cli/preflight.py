@@ -275,7 +275,6 @@ def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
                     values[code] = float(quotas.get_service_quota(ServiceCode="ec2", QuotaCode=code)["Quota"]["Value"])
                 except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                     report.notes.append(f"vCPU quota: {SKIPPED} ({_reason(error)})")
-                    report.lines.append(("quota", SKIPPED))
                     return
             need = vcpus[instance_type]
             if need <= values[code]:
