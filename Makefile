@@ -80,6 +80,7 @@ bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs depl
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
 	$(PY) scripts/bench_supervisor.py
+	$(PY) scripts/bench_preflight.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo
