@@ -437,6 +437,10 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
             supervisor.store.create(record)
     except StaleRecord:
         aws.client("ec2").delete_launch_template(LaunchTemplateId=run_template)
+        if checked.resumed is not None:
+            raise CliError(
+                f"run {run_id} changed while it was being resumed: see `training-infra status {run_id}`"
+            ) from None
         raise CliError(
             f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
         ) from None

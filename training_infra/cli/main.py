@@ -435,7 +435,9 @@ def launch(
 
     Attempt 1 starts now, on the cheapest type and zone with capacity. When AWS reclaims a spot
     attempt, the supervisor relaunches on other capacity and the agent resumes from the newest
-    checkpoint, all within the run's one deadline. `stop` ends the run for good.
+    checkpoint, all within the run's one deadline. `stop` ends the run for good. First a preflight
+    refuses what cannot work (image not in ECR, no data, no quota, nothing under --max-price, ...)
+    before anything is created; --dry-run stops after it.
     """
     request = launching.validate(
         launching.LaunchRequest(
