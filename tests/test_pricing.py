@@ -8,15 +8,20 @@ expects is the exact filter set, so a wrong filter fails the test.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import botocore.session
 import pytest
 from botocore.stub import ANY, Stubber
 
 from training_infra import pricing
+from training_infra.supervisor.runtime import prices as prices_module
 from training_infra.supervisor.runtime.prices import (
     BUILT_IN,
     NO_SPOT_PRICE,
@@ -31,6 +36,7 @@ from training_infra.supervisor.runtime.prices import (
 )
 
 REGION = "eu-west-1"
+RUNTIME_DIR = Path(prices_module.__file__).parent  # the supervisor Lambda's whole package (construct.RUNTIME_DIR)
 
 
 def client(service: str, *, region: str = "us-east-1", endpoint: str | None = None):
@@ -294,3 +300,27 @@ def test_under_the_cap_keeps_pools_at_or_under_it_and_those_without_a_price_and_
     assert cap_message(0.5, (("g5.xlarge", "b"), 0.6, "spot")) == (
         "no pool at or under the price cap of $0.50/hour: the cheapest seen is $0.60/hour (g5.xlarge, spot, b)"
     )
+
+
+def test_the_supervisors_lambda_package_imports_only_the_standard_library_boto3_and_itself():
+    """The Lambda's package is runtime/ alone: a third-party import there would fail only in AWS."""
+    own = {path.stem for path in RUNTIME_DIR.glob("*.py")}
+    for path in RUNTIME_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in {"boto3", "botocore", "training_infra"} | own, (
+                    f"{path.name} imports {name}"
+                )
+
+
+def test_the_lambda_imports_the_price_module_as_a_sibling_as_aws_loads_it():
+    """In Lambda, runtime/ is the import root: `from prices import ...`, not the package path the CLI uses."""
+    probe = "import supervisor; print(supervisor.Prices.__module__, supervisor.PRICE_LIST_REGION)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=RUNTIME_DIR, capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.split() == ["prices", "us-east-1"]

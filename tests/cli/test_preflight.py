@@ -112,6 +112,23 @@ def test_an_image_tag_not_in_ecr_is_refused_before_anything_is_created(stacks):
     _nothing_created(stacks, "pf-no-image")
 
 
+def test_a_missing_ecr_repository_says_to_deploy():
+    ecr = _client("ecr")
+    report = _report()
+    with Stubber(ecr) as stub:
+        stub.add_client_error(
+            "describe_images",
+            "RepositoryNotFoundException",
+            "The repository with name 'training-infra' does not exist in the registry with id '123456789012'",
+            expected_params={
+                "registryId": "123456789012", "repositoryName": "training-infra", "imageIds": [{"imageTag": "latest"}]
+            },
+        )  # fmt: skip
+        preflight.check_image(report, ecr, "123456789012.dkr.ecr.us-east-1.amazonaws.com/training-infra")
+
+    assert report.failures == ["ECR repository training-infra does not exist: deploy the stacks (`make deploy`)"]
+
+
 def test_an_empty_data_prefix_is_refused_unless_allowed(deployed):
     empty = deployed("ap-southeast-2", empty_data=True)
 

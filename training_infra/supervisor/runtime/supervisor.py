@@ -331,6 +331,8 @@ def _under_cap(
     except (ClientError, BotoCoreError) as error:  # offer them all: the fleet's MaxTotalPrice still holds the cap
         log.warning("prices not read (%s): every pool offered under the fleet's own price cap", error)
         return pools_, None
+    if prices.used_built_in:
+        log.info("list price from the built-in table (%s)", prices.fallback_reason or "no Price List answer")
     fitting, cheapest = under_cap(priced, cap)
     allowed = set(fitting)
     return [(t, s) for t, s in pools_ if (t, zones[s]) in allowed], cheapest
