@@ -27,7 +27,6 @@ TAG_ATTEMPT = "training-infra:attempt"  # 1, 2, ...: which attempt of its run an
 TAG_STOP = "training-infra:stop"  # set by the supervisor: the agent stops gracefully (user, budget, stall)
 
 
-
 def run_tags(run_id: str, *, max_runtime_hours: float, deadline: str = "") -> dict[str, str]:
     """The tags that make an instance a managed run; the only place they are built (construct and CLI)."""
     tags = {TAG_MANAGED: "true", TAG_RUN_ID: run_id, TAG_MAX_RUNTIME_HOURS: f"{max_runtime_hours:g}"}

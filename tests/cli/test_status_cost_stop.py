@@ -9,9 +9,12 @@ import pytest
 
 from training_infra import naming, pricing
 from training_infra.cli import runs
+from training_infra.supervisor.runtime import ledger
 
 COST_REGION = "eu-west-1"  # this module's own region: `cost` and `status` list every run in it
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+# The run template's 150 GB gp3 root volume bills beside the instance (conftest.stack_templates).
+VOLUME_USD_PER_HOUR = ledger.volume_usd_per_hour({"volume_gb": 150})
 
 
 def _pin_clock(monkeypatch, moment: datetime) -> None:
@@ -83,7 +86,7 @@ def test_status_of_a_running_on_demand_run_shows_uptime_deadline_and_list_price_
     assert row["market"] == "on-demand"
     assert row["instance_id"] == instance["InstanceId"]
     assert row["uptime_seconds"] == 5400
-    assert row["cost_usd"] == pytest.approx(1.5 * pricing.on_demand_price("g5.xlarge"))
+    assert row["cost_usd"] == pytest.approx(1.5 * (pricing.on_demand_price("g5.xlarge") + VOLUME_USD_PER_HOUR))
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
     assert row["deadline"] == tags[naming.TAG_DEADLINE]
 
@@ -91,7 +94,7 @@ def test_status_of_a_running_on_demand_run_shows_uptime_deadline_and_list_price_
     table = stacks.cli("status", "status-live").stdout
     assert "run status-live: running" in table and f"deadline {tags[naming.TAG_DEADLINE]}" in table
     line = next(line for line in table.splitlines() if instance["InstanceId"] in line)
-    for cell in ("g5.xlarge", "on-demand", "running", "1h 30m", "$1.51"):
+    for cell in ("g5.xlarge", "on-demand", "running", "1h 30m", "$1.53"):
         assert cell in line, "the attempt's row"
 
 
@@ -103,7 +106,7 @@ def test_status_of_a_running_spot_run_prices_it_from_the_spot_price_history(stac
     assert row["market"] == "spot"
     assert row["price_source"] == "spot history"
     zone = instance["Placement"]["AvailabilityZone"]
-    assert row["cost_usd"] == pytest.approx(2 * _moto_spot_price(stacks, "g5.xlarge", zone))
+    assert row["cost_usd"] == pytest.approx(2 * (_moto_spot_price(stacks, "g5.xlarge", zone) + VOLUME_USD_PER_HOUR))
     assert row["on_demand_usd"] == pytest.approx(2 * pricing.on_demand_price("g5.xlarge"))
 
 

@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.supervisor.conftest import event
-from training_infra.supervisor.runtime.records import RunStore, StaleRecord
+from training_infra.supervisor.runtime.records import RunStore, StaleRecord, parse_iso
 from training_infra.supervisor.runtime.supervisor import (
     REBALANCE,
     SCHEDULED,
@@ -542,3 +542,22 @@ def test_a_stall_stop_ends_the_run_stalled_and_a_budget_stop_ends_it_budget(acco
         account.end_instance(instance)
         supervisor.reconcile(run_id)
         assert account.run(run_id).state == final
+
+
+# --- what an attempt cost ----------------------------------------------------------------------
+
+
+def test_an_ended_attempt_is_priced_once_from_the_spot_history_and_keeps_its_figure(account):
+    first = start(account).attempts[0]
+    account.clock.advance(hours=2)
+    account.agent_wrote("bert", 1, "succeeded", exit_code=0)
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(SCHEDULED))
+
+    ended = account.run().attempts[0]
+    history = account.ec2.describe_spot_price_history(
+        InstanceTypes=[first["instance_type"]], AvailabilityZone=first["zone"]
+    )["SpotPriceHistory"]
+    hours = (parse_iso(ended["ended_at"]) - parse_iso(ended["started_at"])).total_seconds() / 3600
+    assert ended["priced"] is True and ended["price_source"] == "spot history"
+    assert ended["cost_usd"] == pytest.approx(float(history[0]["SpotPrice"]) * hours)

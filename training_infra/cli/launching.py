@@ -426,6 +426,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "checkpoint_sync_seconds": int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300),
         "image_tag": request.image_tag or exports.get("TI_IMAGE_TAG", ""),
         "command": request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
+        # What the supervisor and `cost` price attempts with (supervisor/runtime/ledger.py).
+        "list_prices": checked.list_prices(),  # from the Price List API (the built-in table where it cannot answer)
+        "volume_gb": sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", [])),
     }
     if request.max_price:
         spec["max_price_usd"] = request.max_price

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -525,9 +525,9 @@ def status(
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
 
-    Runs are found by their `training-infra:run-id` tag and, once finished, by the agent's
-    status.json in the outputs bucket. Cost uses the spot price history in effect while the run
-    was up, else the on-demand list price.
+    The newest runs come from the run table (one query, however many runs the team has made);
+    EC2 and prices are asked only for the runs shown that are still going. Runs known only from
+    their status.json (made before the run table) are recorded in it the first time they are seen.
     """
     fmt = output_format(output, as_json=as_json)
     count = _whole_number("--limit", limit)
@@ -535,19 +535,21 @@ def status(
         run = _check_run_id(run)
     aws = Aws(region)
     store = _run_store(aws)
-    record = store.get(run) if run is not None and store is not None else None
-    if record is not None:
-        row = _managed_row(aws, record)
-        if fmt == "json":
-            print_json([row])
-        else:
-            _show_managed_run(row)
-        return
-    managed = store.newest(count) if store is not None and run is None else []
-    # Runs from before the run table (status.json and tags only) are still listed after the managed ones.
-    known = {m.run_id for m in managed}
-    found = runs.require_runs(aws, run) if run else [r for r in runs.collect_runs(aws) if r.run_id not in known]
-    rows = [_managed_row(aws, m) for m in managed] + _run_rows(aws, found[: max(0, count - len(managed))])
+    if store is None:  # a deployment from before the run table: status files and tags only
+        found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
+        rows = _run_rows(aws, found[:count])
+    elif run is not None:
+        record = store.get(run)
+        rows = _managed_rows(aws, [record]) if record else _run_rows(aws, runs.require_runs(aws, run))
+        if record is not None and fmt != "json":
+            _show_managed_run(rows[0])
+            return
+    else:
+        runs.record_bucket_runs(aws, store)
+        records = store.newest(count)
+        rows = _managed_rows(aws, records) + _run_rows(aws, _unrecorded_live_runs(aws, store, records))
+        rows.sort(key=lambda row: row["launched_at"] or "", reverse=True)
+        rows = rows[:count]
     if fmt == "json":
         print_json(rows)
         return
@@ -584,20 +586,49 @@ def _run_store(aws: Aws):
     return RunStore(aws.client("dynamodb"), table)
 
 
-def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
-    """A managed run as a `status` row: its current (or last) attempt, and uptime and cost over every attempt.
+def _unrecorded_live_runs(aws: Aws, store: Any, records: list[Any]) -> list[runs.Run]:
+    """Live managed instances without a run record (the stack's own instance, an older CLI's launch)."""
+    shown = {record.run_id for record in records}
+    live = [runs.run_from_instance(i) for i in runs.instances_for(aws, states=runs.LIVE_STATES)]
+    candidates = sorted({r.run_id for r in live if r.run_id and r.run_id not in shown})
+    recorded = store.existing(candidates) if candidates else set()
+    return [r for r in live if r.run_id and r.run_id not in shown and r.run_id not in recorded]
 
-    Each attempt is priced as a run always was (spot price history while it was up, else the list
-    price), from its instance while EC2 still knows it, else from the agent's own estimate.
-    """
+
+def _managed_rows(aws: Aws, records: list[Any]) -> list[dict[str, Any]]:
+    """Rows for recorded runs. Ended attempts carry their price; EC2 and the spot price history are
+    asked only for the attempts still open: one DescribeInstances for all of them, one price
+    history per type and zone."""
+    from training_infra.supervisor.runtime import ledger
+
     now = runs.utcnow()
-    book = runs.PriceBook(aws)
-    instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_for(aws, record.run_id)}
+    open_attempts = [(r, a) for r in records for a in r.attempts if a.get("instance_id") and not a.get("ended_at")]
+    instances: dict[str, runs.Run] = {}
+    if open_attempts:
+        ids = sorted({a["instance_id"] for _, a in open_attempts})
+        instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_by_id(aws, ids)}
+    unpriced = [a for r in records for a in r.attempts if a.get("instance_id") and not a.get("priced")]
+    starts = [w[0] for a in unpriced if (w := ledger.attempt_window(a, now))]
+    spot = ledger.SpotHistory(aws.client("ec2"), min(starts), now) if starts else None
+    if spot is not None:
+        try:
+            spot.prefetch((a.get("instance_type", ""), a.get("zone", "")) for a in unpriced if a["market"] == "spot")
+        except botocore.exceptions.ClientError:
+            spot = None  # no ec2:DescribeSpotPriceHistory: list prices below
+    return [_managed_row(record, instances, spot, now) for record in records]
+
+
+def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: datetime) -> dict[str, Any]:
+    """A managed run as a `status` row: its current (or last) attempt, and uptime and cost over every attempt."""
+    from training_infra.supervisor.runtime import ledger
+
     attempts = []
     for attempt in record.attempts:
         instance = instances.get(attempt.get("instance_id") or "")
-        cost = book.cost(instance, now) if instance else None
-        window = instance.interval(now) if instance else None
+        if instance is not None and instance.launched_at and not attempt.get("ended_at"):
+            attempt = {**attempt, "started_at": runs.iso_z(instance.launched_at)}  # EC2 bills from its launch time
+        cost = ledger.recorded_or_priced(attempt, record.spec, now, spot)
+        window = ledger.attempt_window(attempt, now)
         attempts.append(
             {
                 "attempt": attempt.get("n"),
@@ -605,7 +636,7 @@ def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
                 "instance_type": attempt.get("instance_type"),
                 "zone": attempt.get("zone"),
                 "market": attempt.get("market"),
-                "instance_state": instance.state if instance else None,
+                "instance_state": instance.state if instance else ("terminated" if attempt.get("ended_at") else None),
                 "started_at": attempt.get("started_at") or attempt.get("claimed_at"),
                 "ended_at": attempt.get("ended_at"),
                 "end_reason": attempt.get("end_reason"),
@@ -613,11 +644,10 @@ def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
                 "message": attempt.get("message"),
                 "tries": attempt.get("tries"),
                 "uptime_seconds": (window[1] - window[0]).total_seconds() if window else None,
-                "cost_usd": cost.usd if cost and cost.usd is not None else attempt.get("cost_usd"),
-                "on_demand_usd": cost.on_demand_usd if cost else None,
-                "price_source": cost.source
-                if cost
-                else ("agent estimate" if attempt.get("cost_usd") is not None else "unknown"),
+                "cost_usd": cost.usd,
+                "on_demand_usd": cost.on_demand_usd,
+                "hourly_usd": cost.hourly_usd,
+                "price_source": cost.source,
             }
         )
     launched = [a for a in attempts if a["instance_id"]]
@@ -638,7 +668,7 @@ def _managed_row(aws: Aws, record: Any) -> dict[str, Any]:
         "state": state,
         "tries": len(launched),
         "uptime_seconds": total("uptime_seconds"),
-        "deadline": fmt_time(runs.parse_time(record.deadline_at)),
+        "deadline": fmt_time(runs.parse_time(record.deadline_at)) if record.deadline_at else None,
         "cost_usd": total("cost_usd"),
         "on_demand_usd": total("on_demand_usd"),
         "price_source": last.get("price_source"),
@@ -954,51 +984,197 @@ def stop(run: RunArg, region: Region = None) -> None:
 @app.command()
 @reported_errors
 def cost(
-    days: Annotated[str, typer.Option("--days", "-d", metavar="N", help="Runs launched in the last N days.")] = "30",
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            metavar="DATE",
+            help="Start of the period: YYYY-MM-DD or YYYY-MM (UTC). Default: the 1st of this month.",
+            show_default=False,
+        ),
+    ] = None,
+    days: Annotated[
+        str | None,
+        typer.Option("--days", "-d", metavar="N", help="The last N days instead of --since.", show_default=False),
+    ] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", metavar="RUN", help="Only this run, per attempt.", show_default=False)
+    ] = None,
     output: Output = "table",
     as_json: JsonFlag = False,
     region: Region = None,
 ) -> None:
-    """Cost per run and in total, and the saving against on-demand prices.
+    """Cost per run in a period, in total, and the saving against on-demand prices.
 
-    Spot runs are priced from the spot price history in effect while they were up; on-demand
-    runs (and spot runs without price history) at the on-demand list price.
+    Read from what the run table records per attempt (the supervisor prices each attempt when it
+    ends); only attempts still going are priced now, with one spot price history per type and
+    zone. An attempt that began before the period counts for the hours inside it.
     """
     fmt = output_format(output, as_json=as_json)
-    days_back = _whole_number("--days", days)
-    aws = Aws(region)
     now = runs.utcnow()
-    rows = _run_rows(aws, runs.within_days(runs.collect_runs(aws), days_back, now))
+    start, period = _period(since, days, now)
+    if run is not None:
+        run = _check_run_id(run)
+    aws = Aws(region)
+    store = _run_store(aws)
+    if store is None:  # a deployment from before the run table: status files and tags only
+        found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
+        rows = [r for r in _run_rows(aws, found) if (runs.parse_time(r["launched_at"]) or now) >= start]
+        attempts: dict[str, list[dict[str, Any]]] = {}
+    else:
+        if run is not None:
+            record = store.get(run)
+            if record is None:
+                raise CliError(f"unknown run {run!r} in {aws.region_name} (see `training-infra status`)")
+            records = [record]
+        else:
+            runs.record_bucket_runs(aws, store)
+            # A run's attempts all end by its deadline, at most the longest runtime after it was made.
+            earliest = start - timedelta(hours=naming.MAX_RUNTIME_HOURS_LIMIT + 1)
+            records = list(store.created_since(runs.iso_z(earliest)))
+        rows, attempts = _costs_within(_managed_rows(aws, records), start, now)
     total = sum(r["cost_usd"] or 0 for r in rows)
     on_demand = sum(r["on_demand_usd"] if r["on_demand_usd"] is not None else (r["cost_usd"] or 0) for r in rows)
     saving = on_demand - total
     if fmt == "json":
         print_json(
-            {"days": days_back, "runs": rows, "total_usd": total, "on_demand_usd": on_demand, "saving_usd": saving}
+            {
+                "since": runs.iso_z(start),
+                "until": runs.iso_z(now),
+                "runs": [{**row, "attempts": attempts.get(row["run_id"], [])} for row in rows],
+                "total_usd": total,
+                "on_demand_usd": on_demand,
+                "saving_usd": saving,
+            }
         )
         return
     if not rows:
-        stdout().print(f"no runs in the last {days_back} days in {aws.region_name}", markup=False)
+        stdout().print(f"no runs {period} in {aws.region_name}", markup=False)
         return
-    listing = Listing(
-        title=f"cost of runs in the last {days_back} days ({aws.region_name})",
-        columns=[
-            Column(name, right=name in ("hours", "cost", "on-demand"))
-            for name in ("run", "type", "market", "hours", "cost", "on-demand", "price from")
-        ],
-        footer=["total", "", "", "", fmt_usd(total), fmt_usd(on_demand), ""],
-    )
-    for row in rows:
-        hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
-        listing.rows.append([
-            row["run_id"], row["instance_type"] or "-", row["market"] or "-",
-            f"{hours:.2f}" if hours is not None else "-",
-            fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"],
-        ])  # fmt: skip
     out = stdout()
-    listing.print(out)
+    if run is not None:
+        _cost_attempts_listing(run, period, attempts.get(run, [])).print(out)
+    else:
+        listing = Listing(
+            title=f"cost of runs {period} ({aws.region_name})",
+            columns=[
+                Column(name, right=name in ("tries", "hours", "cost", "on-demand"))
+                for name in ("run", "type", "market", "tries", "hours", "cost", "on-demand", "price from")
+            ],
+            footer=["total", "", "", "", "", fmt_usd(total), fmt_usd(on_demand), ""],
+        )
+        for row in rows:
+            hours = row["uptime_seconds"] / 3600 if row["uptime_seconds"] is not None else None
+            listing.rows.append([
+                row["run_id"], row["instance_type"] or "-", row["market"] or "-", str(row.get("tries") or "-"),
+                f"{hours:.2f}" if hours is not None else "-",
+                fmt_usd(row["cost_usd"]), fmt_usd(row["on_demand_usd"]), row["price_source"] or "-",
+            ])  # fmt: skip
+        listing.print(out)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
     out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}", markup=False)
+
+
+def _period(since: str | None, days: str | None, now: datetime) -> tuple[datetime, str]:
+    """The period's start and its words: --since DATE, --days N, or this month."""
+    if since is not None and days is not None:
+        raise UsageError("options '--since' and '--days': got both; allowed: one of them")
+    if days is not None:
+        count = _whole_number("--days", days)
+        return now - timedelta(days=count), f"in the last {count} days"
+    if since is None:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return start, f"since {start:%Y-%m-%d}"
+    for pattern in ("%Y-%m-%d", "%Y-%m"):
+        try:
+            start = datetime.strptime(since, pattern).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if start > now:
+            raise UsageError(f"option '--since': got {since!r}; allowed: a date not in the future")
+        return start, f"since {start:%Y-%m-%d}"
+    raise UsageError(f"option '--since': got {since!r}; allowed: a date as YYYY-MM-DD or YYYY-MM")
+
+
+def _costs_within(
+    rows: list[dict[str, Any]], start: datetime, now: datetime
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Each run's hours and cost inside [start, now]: an attempt that straddles `start` counts pro rata."""
+    kept, per_run = [], {}
+    for row in rows:
+        parts = []
+        for attempt in row["attempts"]:
+            began = runs.parse_time(attempt["started_at"]) if attempt["instance_id"] else None
+            if began is None or attempt["uptime_seconds"] is None:
+                continue
+            ended = began + timedelta(seconds=attempt["uptime_seconds"])
+            inside = (min(ended, now) - max(began, start)).total_seconds()
+            if inside <= 0 and ended > began:
+                continue
+            share = 1.0 if ended <= began else min(1.0, inside / (ended - began).total_seconds())
+
+            def part(value: float | None, share: float = share) -> float | None:
+                return value * share if value is not None else None
+
+            parts.append(
+                {
+                    **attempt,
+                    "uptime_seconds": max(0.0, inside) if ended > began else 0.0,
+                    "cost_usd": part(attempt["cost_usd"]),
+                    "on_demand_usd": part(attempt["on_demand_usd"]),
+                }
+            )
+        if not parts:
+            continue
+
+        def total(key: str, parts: list[dict[str, Any]] = parts) -> float | None:
+            values = [p[key] for p in parts if p[key] is not None]
+            return sum(values) if values else None
+
+        kept.append(
+            {
+                "run_id": row["run_id"],
+                "instance_type": row["instance_type"],
+                "market": row["market"],
+                "state": row["state"],
+                "tries": len(parts),
+                "uptime_seconds": total("uptime_seconds"),
+                "cost_usd": total("cost_usd"),
+                "on_demand_usd": total("on_demand_usd"),
+                "price_source": parts[-1]["price_source"],
+                "launched_at": row["launched_at"],
+            }
+        )
+        per_run[row["run_id"]] = parts
+    return kept, per_run
+
+
+def _cost_attempts_listing(run: str, period: str, attempts: list[dict[str, Any]]) -> Listing:
+    listing = Listing(
+        title=f"cost of run {run} {period}",
+        columns=[
+            Column(name, right=name in ("#", "hours", "$/hour", "cost", "on-demand"))
+            for name in ("#", "type", "zone", "market", "hours", "$/hour", "cost", "on-demand", "price from")
+        ],
+        footer=[
+            "total",
+            "",
+            "",
+            "",
+            "",
+            "",
+            fmt_usd(sum(a["cost_usd"] or 0 for a in attempts)),
+            fmt_usd(sum(a["on_demand_usd"] or 0 for a in attempts)),
+            "",
+        ],  # fmt: skip
+    )
+    for a in attempts:
+        listing.rows.append([
+            str(a["attempt"]), a["instance_type"] or "-", a["zone"] or "-", a["market"] or "-",
+            f"{a['uptime_seconds'] / 3600:.2f}", f"{a['hourly_usd']:.4f}" if a["hourly_usd"] else "-",
+            fmt_usd(a["cost_usd"]), fmt_usd(a["on_demand_usd"]), a["price_source"],
+        ])  # fmt: skip
+    return listing
 
 
 def main() -> None:

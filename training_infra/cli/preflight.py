@@ -108,6 +108,10 @@ class Report:
     prices: dict[str, dict[tuple[str, str], Quote]] = field(default_factory=dict)  # market -> pool -> price
     resumed: Any = None  # the finished run record `--resume` continues (None: a new run)
 
+    def list_prices(self) -> dict[str, float]:
+        """Type -> on-demand list price, for the run's spec (what the ledger prices on-demand attempts with)."""
+        return {t: q.usd for (t, _zone), q in self.prices.get("on-demand", {}).items() if q.usd is not None}
+
     def highest_list_price(self) -> float | None:
         """An upper bound of the hourly price for the agent's estimate: the dearest list price, or the cap."""
         quotes = [q.usd for q in self.prices.get("on-demand", {}).values() if q.usd is not None]

@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ import botocore.exceptions
 from training_infra import naming, pricing
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError
+from training_infra.supervisor.runtime.ledger import time_weighted_cost
 
 STATUS_FILE = "status.json"
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping")
@@ -126,11 +128,24 @@ def run_from_status(status: dict[str, Any]) -> Run:
     )
 
 
-def instances_for(aws: Aws, run_id: str | None = None, *, managed_only: bool = True) -> list[dict[str, Any]]:
-    """Instances tagged with the run id (or every managed one), newest first."""
+def instances_for(
+    aws: Aws, run_id: str | None = None, *, managed_only: bool = True, states: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """Instances tagged with the run id (or every managed one), in `states` if given, newest first."""
     filters = [{"Name": "tag:" + naming.TAG_RUN_ID, "Values": [run_id]}] if run_id else []
     if managed_only:
         filters.append({"Name": "tag:" + naming.TAG_MANAGED, "Values": ["true"]})
+    if states:
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+    return _described(aws, filters)
+
+
+def instances_by_id(aws: Aws, instance_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """These instances, in one call; an id EC2 no longer knows is left out, not an error."""
+    return _described(aws, [{"Name": "instance-id", "Values": list(instance_ids)}])
+
+
+def _described(aws: Aws, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
     paginator = aws.client("ec2").get_paginator("describe_instances")
     found = [i for page in paginator.paginate(Filters=filters) for r in page["Reservations"] for i in r["Instances"]]
     return sorted(found, key=lambda i: i.get("LaunchTime") or datetime.min.replace(tzinfo=UTC), reverse=True)
@@ -209,27 +224,6 @@ def require_runs(aws: Aws, run_id: str) -> list[Run]:
 # ---- prices and costs ----------------------------------------------------------------------
 
 
-def time_weighted_cost(history: Sequence[tuple[datetime, float]], start: datetime, end: datetime) -> float | None:
-    """USD for [start, end] under a price that changes at the history's timestamps.
-
-    The price in effect at `start` is the last change at or before it (or the first one known);
-    each later change applies from its timestamp on.
-    """
-    if not history:
-        return None
-    points = sorted(history)
-    current = points[0][1]
-    for moment, price in points:
-        if moment <= start:
-            current = price
-    cost, cursor = 0.0, start
-    for moment, price in points:
-        if start < moment < end:
-            cost += current * (moment - cursor).total_seconds() / 3600
-            cursor, current = moment, price
-    return cost + current * (end - cursor).total_seconds() / 3600
-
-
 @dataclass
 class Cost:
     hours: float
@@ -298,3 +292,107 @@ def _float(value: Any) -> float | None:
 def within_days(runs: Iterable[Run], days: float, now: datetime) -> list[Run]:
     cutoff = now - timedelta(days=days)
     return [r for r in runs if (r.launched_at or now) >= cutoff]
+
+
+# ---- runs known only from status.json: recorded in the run table once --------------------------
+
+# The agent's outcome -> the state a recorded run ends in.
+_OUTCOME_STATES = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "stalled": "stalled",
+    "idle": "idle",
+    "deadline": "deadline",
+    "interrupted": "interrupted",
+    "stopped": "stopped",
+    "budget": "budget",
+}
+
+
+def concurrently(work: Any, items: Sequence[Any], workers: int = 16) -> list[Any]:
+    """`work(item)` for each item, several at once (botocore clients are thread-safe), in order."""
+    if len(items) < 2:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(work, items))
+
+
+def record_from_status(status: dict[str, Any], ec2: Any, now: datetime) -> Any:
+    """A run from before the run table (or the stack's own instance) as a finished record of one attempt."""
+    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime.records import Run as Record
+
+    run = run_from_status(status)
+    started = iso_z(run.launched_at) if run.launched_at else ""
+    ended = iso_z(run.ended_at) if run.ended_at else started
+    list_price = pricing.on_demand_price(run.instance_type)
+    spec = {
+        "imported_from": STATUS_FILE,
+        "market": run.market,
+        "instance_types": [run.instance_type] if run.instance_type else [],
+        "list_prices": {run.instance_type: list_price} if list_price is not None else {},
+    }
+    outcome = str(status.get("outcome") or "")
+    attempt = {
+        "n": 1,
+        "instance_id": run.instance_id,
+        "instance_type": run.instance_type,
+        "zone": run.availability_zone,
+        "market": run.market,
+        "started_at": started,
+        "ended_at": ended,
+        "end_reason": outcome,
+        "exit_code": status.get("exit_code"),
+        "message": status.get("message"),
+        "price_usd": status.get("hourly_price_usd"),
+    }
+    window = ledger.attempt_window(attempt, now)
+    spot = ledger.SpotHistory(ec2, *window) if window and run.market == "spot" else None
+    try:
+        cost = ledger.price_attempt(attempt, spec, now, spot)
+    except botocore.exceptions.ClientError:
+        cost = ledger.price_attempt(attempt, spec, now, None)
+    ledger.record_price(attempt, cost)
+    return Record(
+        run_id=run.run_id,
+        spec=spec,
+        deadline_at="",
+        created_at=started or iso_z(now),
+        state=_OUTCOME_STATES.get(outcome, "failed"),
+        attempts=[attempt],
+        message=str(status.get("message") or outcome),
+        ended_at=ended,
+    )
+
+
+def record_bucket_runs(aws: Aws, store: Any) -> int:
+    """Record the runs under runs/ that the table does not know yet; returns how many were added.
+
+    Listing runs/ is one request per thousand runs; only ids not seen before are looked up, and
+    only those without a record have their status.json read (at once, not one after another). A
+    run still going (no status.json yet) is left for a later call: `status` shows it from EC2.
+    """
+    from training_infra.supervisor.runtime.records import StaleRecord
+
+    bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
+    unseen = sorted(set(run_ids_in_bucket(aws, bucket)) - store.seen_in_bucket())
+    if not unseen:
+        return 0
+    recorded = store.existing(unseen)
+    missing = [run_id for run_id in unseen if run_id not in recorded]
+    statuses = concurrently(lambda run_id: read_status(aws, bucket, run_id), missing)
+    now, ec2 = utcnow(), aws.client("ec2")
+    found = [(run_id, status) for run_id, status in zip(missing, statuses, strict=True) if status is not None]
+
+    def add(item: tuple[str, dict[str, Any]]) -> bool:
+        run_id, status = item
+        status["run_id"] = run_id  # the folder names the run, whatever the file says
+        try:
+            store.create(record_from_status(status, ec2, now))
+        except StaleRecord:
+            return False  # another `status` recorded it first
+        return True
+
+    added = sum(concurrently(add, found))
+    store.mark_seen(recorded | {run_id for run_id, _ in found})
+    return added

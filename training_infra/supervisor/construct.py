@@ -204,13 +204,19 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 sid="ReadInstancesAndSubnets",
-                actions=["ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:DescribeInstanceStatus"],
+                actions=[
+                    "ec2:DescribeInstances",
+                    "ec2:DescribeSubnets",
+                    "ec2:DescribeInstanceStatus",
+                    # Pricing an attempt when it ends (ledger.py).
+                    "ec2:DescribeSpotPriceHistory",
+                ],
                 resources=["*"],  # Describe* has no resource-level permissions
             ),
             iam.PolicyStatement(
-                sid="ReadPrices",  # a run's price cap: spot prices now, on-demand list prices
-                actions=["ec2:DescribeSpotPriceHistory", "pricing:GetProducts"],
-                resources=["*"],  # neither has resource-level permissions
+                sid="ReadListPrices",  # a run's price cap: on-demand list prices (spot prices: the statement above)
+                actions=["pricing:GetProducts"],
+                resources=["*"],  # the Price List API has no resource-level permissions
             ),
             iam.PolicyStatement(
                 sid="ReadTheAgentsGpuMetric",

@@ -23,12 +23,17 @@ from botocore.exceptions import ClientError
 
 # The run's states. Active ones are kept in the sparse "Active" index the reconcile reads.
 ACTIVE_STATES = ("launching", "running", "recovering", "stopping")
-FINAL_STATES = ("succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled")
+# "interrupted": a run from before managed runs (imported from its status.json) that spot ended.
+FINAL_STATES = ("succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled", "interrupted")
 MARKETS = ("spot", "on-demand", "spot-then-on-demand")
 # Index names the construct creates (training_infra/supervisor/construct.py).
 ACTIVE_INDEX = "Active"
 CREATED_INDEX = "ByCreated"
 RUN_KIND = "run"
+# One bookkeeping item (not a run: run ids cannot start with "#"): the ids under runs/ in the outputs
+# bucket already recorded or imported, so `status` reads only status files it has not seen.
+META_KIND = "meta"
+SEEN_ITEM = "#seen-in-bucket"
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -208,3 +213,47 @@ class RunStore:
             Limit=limit,
         )
         return [Run.from_item(item) for item in page.get("Items", [])]
+
+    def created_since(self, since: str) -> Iterator[Run]:
+        """Runs created at or after `since` (ISO), newest first: one paginated query on the time index."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": CREATED_INDEX,
+            "KeyConditionExpression": "kind = :run AND created_at >= :since",
+            "ExpressionAttributeValues": {":run": {"S": RUN_KIND}, ":since": {"S": since}},
+            "ScanIndexForward": False,
+        }
+        while True:
+            page = self._db.query(**kwargs)
+            for item in page.get("Items", []):
+                yield Run.from_item(item)
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def existing(self, run_ids: list[str]) -> set[str]:
+        """Which of these ids have a record (BatchGetItem, 100 keys a call, keys only)."""
+        found: set[str] = set()
+        for start in range(0, len(run_ids), 100):
+            keys = [{"run_id": {"S": run_id}} for run_id in run_ids[start : start + 100]]
+            request = {self.table: {"Keys": keys, "ProjectionExpression": "run_id"}}
+            while request:
+                answer = self._db.batch_get_item(RequestItems=request)
+                found.update(item["run_id"]["S"] for item in answer.get("Responses", {}).get(self.table, []))
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    def seen_in_bucket(self) -> set[str]:
+        """Run ids under runs/ in the outputs bucket already accounted for (recorded or imported)."""
+        item = self._db.get_item(TableName=self.table, Key={"run_id": {"S": SEEN_ITEM}}, ConsistentRead=True)
+        return set(item.get("Item", {}).get("seen", {}).get("SS", []))
+
+    def mark_seen(self, run_ids: set[str]) -> None:
+        """Add to the accounted-for ids; an atomic ADD, so two CLIs at once lose nothing."""
+        if run_ids:
+            self._db.update_item(
+                TableName=self.table,
+                Key={"run_id": {"S": SEEN_ITEM}},
+                UpdateExpression="ADD seen :ids SET kind = :meta",
+                ExpressionAttributeValues={":ids": {"SS": sorted(run_ids)}, ":meta": {"S": META_KIND}},
+            )

@@ -30,9 +30,11 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    import ledger
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import FINAL_STATES, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+    from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         FINAL_STATES,
@@ -563,11 +565,8 @@ class Supervisor:
         ended = parse_iso((status or {}).get("ended_at")) or now
         attempt.update(ended_at=iso(ended), end_reason=reason, message=words)
         if status:
-            attempt.update(
-                exit_code=status.get("exit_code"),
-                price_usd=status.get("hourly_price_usd"),
-                cost_usd=status.get("estimated_cost_usd"),
-            )
+            attempt.update(exit_code=status.get("exit_code"), price_usd=status.get("hourly_price_usd"))
+        self._price(run, attempt, now)
         if reason == "reclaimed" and attempt.get("zone"):
             run.cooldown[pool_key(attempt.get("instance_type", ""), attempt["zone"])] = iso(
                 now + timedelta(seconds=self.cfg.cooldown_seconds)
@@ -714,6 +713,19 @@ class Supervisor:
             minutes = self.cfg.silent_seconds // 60
             return f"its agent's GPU metric stopped {minutes}+ min ago (a box too hung to end itself)"
         return ""
+
+    def _price(self, run: Run, attempt: dict[str, Any], now: datetime) -> None:
+        """Price an ended attempt once and keep the figure on it (`status` and `cost` read it from there)."""
+        window = ledger.attempt_window(attempt, now)
+        if window is None:
+            return
+        spot = ledger.SpotHistory(self.clients.ec2, *window)
+        try:
+            cost = ledger.price_attempt(attempt, run.spec, now, spot)
+        except ClientError as error:  # no price history: the list price or the agent's estimate will do
+            log.warning("no spot price history for attempt %s of %s: %s", attempt.get("n"), run.run_id, error)
+            cost = ledger.price_attempt(attempt, run.spec, now, None)
+        ledger.record_price(attempt, cost)
 
     def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
         assert state in FINAL_STATES, state

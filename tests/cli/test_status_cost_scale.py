@@ -1,0 +1,194 @@
+"""`status` and `cost` cost what they show: the run table answers, S3 and EC2 only for what is shown.
+
+Each test counts the AWS calls the command makes (botocore's `before-call` event on every client
+the CLI creates), in a region of this module's own so the run counts are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from training_infra import naming, pricing
+from training_infra.cli import runs
+from training_infra.cli.aws import Aws
+from training_infra.supervisor.runtime import ledger
+from training_infra.supervisor.runtime.records import Run, RunStore, iso
+
+REGION = "ap-southeast-2"
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+G5 = pricing.on_demand_price("g5.xlarge")
+
+
+@pytest.fixture(scope="module")
+def region(deployed):
+    return deployed(REGION)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> Counter:
+    """Every AWS operation the CLI calls, counted as `service.Operation`."""
+    counted: Counter = Counter()
+    original = Aws.client
+
+    def counting(self, service):
+        client = original(self, service)
+        if not getattr(client, "_counted", False):
+            client.meta.events.register("before-call", lambda model, **_: counted.update([f"{service}.{model.name}"]))
+            client._counted = True
+        return client
+
+    monkeypatch.setattr(Aws, "client", counting)
+    monkeypatch.setattr(runs, "utcnow", lambda: NOW)
+    return counted
+
+
+def _store(region) -> RunStore:
+    return RunStore(region.client("dynamodb"), region.outputs[naming.OUTPUT_RUN_TABLE])
+
+
+def _attempt(n: int, start: datetime, hours: float | None, *, market="on-demand", zone="ap-southeast-2a", **extra):
+    attempt = {"n": n, "instance_id": f"i-{n:017x}", "instance_type": "g5.xlarge", "zone": zone, "market": market,
+               "started_at": iso(start), **extra}  # fmt: skip
+    if hours is not None:
+        attempt["ended_at"] = iso(start + timedelta(hours=hours))
+    return attempt
+
+
+def _record(run_id: str, created: datetime, attempts: list[dict], state: str = "succeeded") -> Run:
+    spec = {"market": "on-demand", "instance_types": ["g5.xlarge"], "list_prices": {"g5.xlarge": G5}, "volume_gb": 0}
+    for attempt in attempts:
+        if attempt.get("ended_at") and not attempt.get("priced"):
+            ledger.record_price(attempt, ledger.price_attempt(attempt, spec, NOW, None))
+    return Run(run_id=run_id, spec=spec, deadline_at=iso(created + timedelta(hours=12)), created_at=iso(created),
+               state=state, attempts=attempts, ended_at=attempts[-1].get("ended_at", ""))  # fmt: skip
+
+
+def _legacy_status(run_id: str, start: datetime, hours: float) -> dict:
+    return {"run_id": run_id, "outcome": "succeeded", "exit_code": 0, "started_at": iso(start),
+            "ended_at": iso(start + timedelta(hours=hours)), "instance_id": "i-0123456789abcdef0",
+            "instance_type": "g5.xlarge", "market": "on-demand", "availability_zone": "ap-southeast-2a",
+            "hourly_price_usd": G5, "estimated_cost_usd": G5 * hours, "message": "done"}  # fmt: skip
+
+
+def _status_rows(region, *args: str) -> list[dict]:
+    result = region.cli("status", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_status_reads_each_older_runs_status_json_once_then_only_the_run_table(region, calls):
+    region.put_status(_legacy_status("scale-legacy-1", NOW - timedelta(days=40), 2))
+    region.put_status(_legacy_status("scale-legacy-2", NOW - timedelta(days=39), 1))
+
+    first = _status_rows(region)
+    assert {"scale-legacy-1", "scale-legacy-2"} <= {row["run_id"] for row in first}
+    assert calls["s3.GetObject"] >= 2, "the first look reads the status files it has not seen"
+    calls.clear()
+
+    second = _status_rows(region)
+
+    assert [row["run_id"] for row in second] == [row["run_id"] for row in first]
+    assert calls["s3.GetObject"] == 0, "a status file already recorded is never read again"
+    assert calls["dynamodb.Query"] == 1, "one query for the newest runs"
+    assert calls["s3.ListObjectsV2"] == 1, "one listing of runs/ finds runs made outside the table"
+    assert calls["ec2.DescribeSpotPriceHistory"] == 0, "finished attempts carry their price"
+    legacy = next(row for row in second if row["run_id"] == "scale-legacy-1")
+    assert legacy["outcome"] == "succeeded" and legacy["cost_usd"] == pytest.approx(2 * G5)
+
+
+def test_a_run_whose_status_json_lands_after_a_listing_appears_at_the_next_one(region, calls):
+    _status_rows(region)
+    region.put_status(_legacy_status("scale-late", NOW - timedelta(days=2), 1))
+
+    rows = _status_rows(region)
+
+    assert "scale-late" in [row["run_id"] for row in rows]
+
+
+def test_status_limit_bounds_the_rows_and_reads_ec2_only_for_the_open_attempts_shown(region, calls):
+    store = _store(region)
+    for day in range(5):
+        store.create(_record(f"scale-done-{day}", NOW - timedelta(days=10 - day), [_attempt(1, NOW - timedelta(days=10 - day), 1)]))  # noqa: E501  # fmt: skip
+    store.create(_record("scale-open", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
+    _status_rows(region)
+    calls.clear()
+
+    rows = _status_rows(region, "--limit", "3")
+
+    assert len(rows) == 3 and rows[0]["run_id"] == "scale-open"
+    assert [row["launched_at"] for row in rows] == sorted((row["launched_at"] for row in rows), reverse=True)
+    assert calls["ec2.DescribeInstances"] == 2, "one for the open attempts shown, one for unrecorded live instances"
+    assert rows[0]["cost_usd"] == pytest.approx(G5), "the open attempt priced until now: one hour at list price"
+
+
+def test_cost_this_month_counts_only_the_hours_inside_the_period(region, calls):
+    store = _store(region)
+    month_start = NOW.replace(day=1, hour=0)
+    straddling = _attempt(1, month_start - timedelta(hours=3), 4)  # 3 h in October, 1 h in November
+    store.create(_record("scale-straddle", month_start - timedelta(hours=3), [straddling]))
+
+    result = region.cli("cost", "--json")
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["since"] == "2026-11-01T00:00:00Z"
+    by_run = {row["run_id"]: row for row in report["runs"]}
+    assert by_run["scale-straddle"]["uptime_seconds"] == 3600
+    assert by_run["scale-straddle"]["cost_usd"] == pytest.approx(G5)
+    assert "scale-legacy-1" not in by_run, "a run that ended in October is not this month's"
+    assert calls["s3.GetObject"] == 0 and calls["ec2.DescribeSpotPriceHistory"] <= 1
+
+
+def test_cost_asks_the_spot_price_history_once_per_type_and_zone_not_per_run(region, calls):
+    store = _store(region)
+    for i in range(3):
+        start = NOW - timedelta(hours=2 + i)
+        store.create(_record(f"scale-spot-{i}", start, [_attempt(1, start, None, market="spot")], "running"))
+    _status_rows(region)
+    calls.clear()
+
+    result = region.cli("cost", "--days", "1", "--json")
+
+    assert result.exit_code == 0, result.output
+    rows = {row["run_id"]: row for row in json.loads(result.stdout)["runs"]}
+    assert {f"scale-spot-{i}" for i in range(3)} <= set(rows)
+    assert all(rows[f"scale-spot-{i}"]["price_source"] == "spot history" for i in range(3))
+    assert calls["ec2.DescribeSpotPriceHistory"] == 1, "three runs in one pool: one history"
+
+
+def test_cost_of_one_run_lists_each_attempt_with_its_price(region, calls):
+    store = _store(region)
+    first = _attempt(1, NOW - timedelta(hours=5), 2, market="on-demand")
+    second = _attempt(2, NOW - timedelta(hours=3), 1, market="on-demand")
+    store.create(_record("scale-two", NOW - timedelta(hours=5), [first, second]))
+
+    result = region.cli("cost", "--run", "scale-two")
+
+    assert result.exit_code == 0, result.output
+    assert "cost of run scale-two since 2026-11-01" in result.stdout
+    cells = {
+        row[0]: row
+        for row in ([c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines())
+        if row
+    }
+    assert cells["1"][4:] == ["2.00", f"{G5:.4f}", f"${2 * G5:.2f}", f"${2 * G5:.2f}", "on-demand list"]
+    assert cells["2"][4:] == ["1.00", f"{G5:.4f}", f"${G5:.2f}", f"${G5:.2f}", "on-demand list"]
+    assert cells["total"][6] == f"${3 * G5:.2f}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--since", "2026-13-01"), "option '--since': got '2026-13-01'; allowed: a date as YYYY-MM-DD or YYYY-MM"),
+        (("--since", "last week"), "option '--since': got 'last week'; allowed: a date as YYYY-MM-DD or YYYY-MM"),
+        (("--since", "2999-01"), "option '--since': got '2999-01'; allowed: a date not in the future"),
+        (("--since", "2026-11", "--days", "3"), "options '--since' and '--days': got both; allowed: one of them"),
+        (("--days", "0"), "option '--days': got '0'; allowed: a whole number of at least 1"),
+    ],
+)
+def test_cost_refuses_a_bad_period_in_one_line_before_calling_aws(region, args, message):
+    assert region.usage_error("cost", *args) == f"error: {message}\n"

@@ -1,0 +1,189 @@
+"""What a run has cost: each attempt's price times its time, plus its volume (docs/architecture.md, "Costs").
+
+The supervisor prices an attempt once, when it ends, and keeps the figure on the attempt; `status`
+and `cost` read those figures and price only the attempts still open. Spot attempts are priced
+from the spot price history in effect while they ran (time-weighted), on-demand attempts at the
+list price the run's spec recorded at launch, and attempts with neither at the agent's estimate.
+
+Stdlib and boto3 only: this folder is the supervisor's Lambda package; the CLI imports it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    from records import parse_iso
+except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+    from training_infra.supervisor.runtime.records import parse_iso
+
+# gp3 list price (us-east-1) per GB-month, and AWS's month for per-hour figures.
+EBS_USD_PER_GB_MONTH = 0.08
+HOURS_PER_MONTH = 730
+SPOT_PRODUCTS = ["Linux/UNIX", "Linux/UNIX (Amazon VPC)"]
+
+
+def time_weighted_cost(history: Sequence[tuple[datetime, float]], start: datetime, end: datetime) -> float | None:
+    """USD for [start, end] under a price that changes at the history's timestamps.
+
+    The price in effect at `start` is the last change at or before it (or the first one known);
+    each later change applies from its timestamp on.
+    """
+    if not history:
+        return None
+    points = sorted(history)
+    current = points[0][1]
+    for moment, price in points:
+        if moment <= start:
+            current = price
+    cost, cursor = 0.0, start
+    for moment, price in points:
+        if start < moment < end:
+            cost += current * (moment - cursor).total_seconds() / 3600
+            cursor, current = moment, price
+    return cost + max(0.0, current * (end - cursor).total_seconds() / 3600)
+
+
+class SpotHistory:
+    """Spot prices over one window, asked once per (type, zone) however many attempts need them.
+
+    botocore clients are thread-safe: `prefetch` asks for several pools at once.
+    """
+
+    def __init__(self, ec2: Any, start: datetime, end: datetime) -> None:
+        self._ec2 = ec2
+        # Entries from before `start` tell which price was in effect when the window began.
+        self.start, self.end = start - timedelta(days=1), end
+        self._cache: dict[tuple[str, str], list[tuple[datetime, float]]] = {}
+
+    def prices(self, instance_type: str, zone: str) -> list[tuple[datetime, float]]:
+        key = (instance_type, zone)
+        if key not in self._cache:
+            self._cache[key] = self._ask(instance_type, zone)
+        return self._cache[key]
+
+    def prefetch(self, pools: Iterable[tuple[str, str]]) -> None:
+        wanted = sorted({pool for pool in pools if pool[0] and pool not in self._cache})
+        if len(wanted) < 2:
+            for pool in wanted:
+                self.prices(*pool)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(wanted))) as workers:
+            for pool, prices in zip(wanted, workers.map(lambda pool: self._ask(*pool), wanted), strict=True):
+                self._cache[pool] = prices
+
+    def _ask(self, instance_type: str, zone: str) -> list[tuple[datetime, float]]:
+        paginator = self._ec2.get_paginator("describe_spot_price_history")
+        pages = paginator.paginate(
+            InstanceTypes=[instance_type],
+            ProductDescriptions=SPOT_PRODUCTS,
+            StartTime=self.start,
+            EndTime=self.end,
+            **({"AvailabilityZone": zone} if zone else {}),
+        )
+        entries = [
+            e for page in pages for e in page.get("SpotPriceHistory", []) if e.get("InstanceType") == instance_type
+        ]
+        in_zone = [e for e in entries if e.get("AvailabilityZone") == zone] if zone else []
+        chosen = in_zone or entries
+        return [(_moment(e["Timestamp"]) or self.start, float(e["SpotPrice"])) for e in chosen]
+
+
+def _moment(value: Any) -> datetime | None:
+    return value if isinstance(value, datetime) else parse_iso(str(value))
+
+
+@dataclass(frozen=True)
+class AttemptCost:
+    hours: float
+    usd: float | None  # compute and volume
+    on_demand_usd: float | None  # the same hours at the list price, for the saving spot brought
+    hourly_usd: float | None  # the price in effect at the attempt's end (or now)
+    source: str  # spot history | on-demand list | agent estimate | unknown
+
+
+def attempt_window(attempt: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime] | None:
+    """When the attempt's instance ran: from its launch to its end (or now, while it runs)."""
+    start = parse_iso(attempt.get("started_at"))
+    if start is None or not attempt.get("instance_id"):
+        return None
+    end = parse_iso(attempt.get("ended_at")) or now
+    return start, max(start, end)
+
+
+def volume_usd_per_hour(spec: Mapping[str, Any]) -> float:
+    return float(spec.get("volume_gb") or 0) * EBS_USD_PER_GB_MONTH / HOURS_PER_MONTH
+
+
+def price_attempt(
+    attempt: Mapping[str, Any], spec: Mapping[str, Any], now: datetime, spot: SpotHistory | None
+) -> AttemptCost:
+    """What the attempt cost from its start to its end (or now)."""
+    window = attempt_window(attempt, now)
+    if window is None:
+        return AttemptCost(0.0, None, None, None, "unknown")
+    start, end = window
+    hours = (end - start).total_seconds() / 3600
+    instance_type = attempt.get("instance_type") or ""
+    list_price = _positive((spec.get("list_prices") or {}).get(instance_type))
+    agent_price = _positive(attempt.get("price_usd"))
+    on_demand_rate = list_price if list_price is not None else agent_price
+    on_demand = on_demand_rate * hours if on_demand_rate is not None else None
+    volume = volume_usd_per_hour(spec) * hours
+    if attempt.get("market") == "spot" and spot is not None and instance_type:
+        history = spot.prices(instance_type, attempt.get("zone") or "")
+        compute = time_weighted_cost(history, start, end)
+        if compute is not None:
+            in_effect = [price for moment, price in sorted(history) if moment <= end] or [history[0][1]]
+            return AttemptCost(hours, compute + volume, on_demand, in_effect[-1], "spot history")
+    if list_price is not None and attempt.get("market") != "spot":
+        return AttemptCost(hours, list_price * hours + volume, on_demand, list_price, "on-demand list")
+    if agent_price is not None:
+        return AttemptCost(hours, agent_price * hours + volume, on_demand, agent_price, "agent estimate")
+    if list_price is not None:  # a spot attempt without history: the list price is its upper bound
+        return AttemptCost(hours, list_price * hours + volume, on_demand, list_price, "on-demand list")
+    return AttemptCost(hours, None, None, None, "unknown")
+
+
+def recorded_or_priced(
+    attempt: Mapping[str, Any], spec: Mapping[str, Any], now: datetime, spot: SpotHistory | None
+) -> AttemptCost:
+    """An ended attempt's recorded figure (the supervisor priced it once), else priced now."""
+    window = attempt_window(attempt, now)
+    if attempt.get("ended_at") and attempt.get("priced") and window is not None:
+        hours = (window[1] - window[0]).total_seconds() / 3600
+        return AttemptCost(
+            hours,
+            _number(attempt.get("cost_usd")),
+            _number(attempt.get("on_demand_usd")),
+            _number(attempt.get("hourly_usd")),
+            str(attempt.get("price_source") or "unknown"),
+        )
+    return price_attempt(attempt, spec, now, spot)
+
+
+def record_price(attempt: dict[str, Any], cost: AttemptCost) -> None:
+    """Keep an ended attempt's cost on it: `status` and `cost` read it instead of pricing it again."""
+    attempt.update(
+        priced=True,
+        cost_usd=cost.usd,
+        on_demand_usd=cost.on_demand_usd,
+        hourly_usd=cost.hourly_usd,
+        price_source=cost.source,
+    )
+
+
+def _positive(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and number > 0 else None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
