@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,17 +125,14 @@ class Report:
 def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = False) -> Report:
     """Every check; raises CliError with one line per failure, else returns what it found."""
     report = Report(plan)
-    checks: list[Callable[[], None]] = [
-        lambda: check_run_id(report, store, aws.client("s3"), aws.output(naming.OUTPUT_OUTPUTS_BUCKET)),
-        lambda: check_image(report, aws.client("ecr"), aws.output(naming.OUTPUT_ECR_REPOSITORY_URI)),
-        lambda: check_data(report, aws.client("s3"), aws.output(naming.OUTPUT_TRAINING_BUCKET)),
-        lambda: check_offerings(report, aws.client("ec2"), aws.region_name),
-        lambda: check_quotas(report, aws.client("ec2"), aws.client("service-quotas"), aws.region_name),
-        lambda: check_prices(report, prices, all_markets=dry_run),
-        lambda: check_permissions(report, aws.client("ec2")),
-    ]
-    for check in checks:
-        check()
+    ec2, s3 = aws.client("ec2"), aws.client("s3")
+    check_run_id(report, store, s3, aws.output(naming.OUTPUT_OUTPUTS_BUCKET))
+    check_image(report, aws.client("ecr"), aws.output(naming.OUTPUT_ECR_REPOSITORY_URI))
+    check_data(report, s3, aws.output(naming.OUTPUT_TRAINING_BUCKET))
+    check_offerings(report, ec2, aws.region_name)  # the zones and pools the checks below look at
+    check_quotas(report, ec2, aws.client("service-quotas"), aws.region_name)
+    check_prices(report, prices, all_markets=dry_run)
+    check_permissions(report, ec2)
     if prices.used_built_in:
         report.notes.append(f"{BUILT_IN_NOTE} ({prices.fallback_reason or 'the Price List API has no price for it'})")
     if report.failures:
@@ -336,11 +332,8 @@ def check_prices(report: Report, prices: Prices, *, all_markets: bool) -> None:
 def check_permissions(report: Report, ec2: Any) -> None:
     """A dry-run RunInstances from the stack's template, as the run's copy of it will launch: allowed or not."""
     plan = report.plan
-    subnet = next((s for s, z in report.zones.items() if (plan.instance_types[0], z) in set(report.offered)), None)
-    instance_type = plan.instance_types[0]
-    if subnet is None and report.offered:
-        instance_type, zone = report.offered[0]
-        subnet = next(s for s, z in report.zones.items() if z == zone)
+    instance_type, zone = report.offered[0] if report.offered else (plan.instance_types[0], None)
+    subnet = next((s for s, z in report.zones.items() if z == zone), None)
     try:
         ec2.run_instances(
             DryRun=True,
