@@ -143,6 +143,7 @@ def test_checkov_fails_nothing_and_every_skip_has_a_comment(synth, config):
 ENDPOINT = "TrainingInfra-Compute:Compute/Vpc/S3/*"
 INSTANCE_POLICY = "TrainingInfra-Compute:Compute/InstanceRole/DefaultPolicy/*"
 ALERTS_KEY = "TrainingInfra-Safety:Safety/AlertsKey/*"
+BUDGET_ACTION_POLICY = "TrainingInfra-Compute:Supervisor/BudgetActionRole/DefaultPolicy/*"
 BUCKET_POLICIES = "TrainingInfra-Storage:Storage/*Bucket/Policy/*"
 SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/Function/Role/DefaultPolicy/*"
 SSM_AGENT_ACTIONS = (
@@ -190,6 +191,9 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
         "(Service Authorization Reference); the SSM agent's channels can only be granted on *."
         for action in SSM_AGENT_ACTIONS
     },
+    ("PrivilegeEscalationRule", BUDGET_ACTION_POLICY, None): "AWS Budgets' action role may attach exactly one "
+    "policy (iam:PolicyARN condition: the deny-launches policy) to exactly one role (the supervisor's): it can "
+    "only take permissions away, which is the point of the budget action.",
     ("GenericResourceWildcardPolicyRule", ALERTS_KEY, None): "The key policy's default statement (kms:* for this "
     "account's root) keeps the key manageable by the account's IAM; without it a key can become unmanageable.",
 }
@@ -202,6 +206,11 @@ PARLIAMENT_ACCEPTED: dict[tuple[str, str], str] = {
         "RESOURCE_STAR",
         ENDPOINT,
     ): "Endpoint policy: Resource * narrowed to this account's buckets by aws:ResourceAccount.",
+    (
+        "PERMISSIONS_MANAGEMENT_ACTIONS",
+        BUDGET_ACTION_POLICY,
+    ): "AWS Budgets' action role attaches and detaches one deny policy (iam:PolicyARN condition) on the "
+    "supervisor's role only: it can take permissions away, never add any.",
     ("RESOURCE_STAR", ALERTS_KEY): "In a key policy Resource * is the key itself: the only form a key policy accepts.",
     (
         "PERMISSIONS_MANAGEMENT_ACTIONS",
@@ -342,7 +351,7 @@ def test_parliament_reports_only_accepted_findings_on_every_policy(synth, config
                 if _accepted(path, patterns) is None:
                     unexplained.append((finding.issue, path, str(finding.detail)[:200]))
     assert checked >= 8  # bucket, topic, key, endpoint and role policies were all analysed
-    assert unexplained == []
+    assert unexplained == [], "\n".join(map(str, unexplained))
 
 
 class _PolicyResolver:
@@ -369,6 +378,7 @@ class _PolicyResolver:
         "AWS::Events::Rule": "arn:aws:events:us-east-1:123456789012:rule/{name}",
         "AWS::IAM::InstanceProfile": "arn:aws:iam::123456789012:instance-profile/{name}",
         "AWS::DynamoDB::Table": "arn:aws:dynamodb:us-east-1:123456789012:table/{name}",
+        "AWS::IAM::ManagedPolicy": "arn:aws:iam::123456789012:policy/{name}",
     }
 
     def __init__(self, templates: dict[str, dict]) -> None:
@@ -397,8 +407,10 @@ class _PolicyResolver:
                 if value in self.PSEUDO:
                     return self.PSEUDO[value]
                 resource_type = self.templates[stack]["Resources"][value]["Type"]
-                # Ref is the ARN for topics, the name for buckets and repositories, the id for the rest.
-                return self._arn(stack, value) if resource_type == "AWS::SNS::Topic" else value.lower()
+                # Ref is the ARN for topics and managed policies, the name for buckets and repositories, the id
+                # for the rest.
+                arn_refs = ("AWS::SNS::Topic", "AWS::IAM::ManagedPolicy")
+                return self._arn(stack, value) if resource_type in arn_refs else value.lower()
             if function == "Fn::GetAtt":
                 return self._arn(stack, value[0])
             if function == "Fn::Join":

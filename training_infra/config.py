@@ -79,19 +79,25 @@ def _g(number: float) -> str:
 
 
 class Number:
-    def __init__(self, lo: float, hi: float, *, whole: bool = False, above_lo: bool = False) -> None:
+    def __init__(
+        self, lo: float, hi: float, *, whole: bool = False, above_lo: bool = False, optional: bool = False
+    ) -> None:
         self.lo, self.hi, self.whole, self.above_lo = lo, hi, whole, above_lo  # above_lo: lo itself is refused
+        self.optional = optional  # empty means "none", stored as None
 
     @property
     def allowed(self) -> str:
         kind = "a whole number" if self.whole else "a number"
+        empty = "empty for none, or " if self.optional else ""
         if self.above_lo:
-            return f"{kind} greater than {_g(self.lo)} up to {_g(self.hi)}"
-        return f"{kind} from {_g(self.lo)} to {_g(self.hi)}"
+            return f"{empty}{kind} greater than {_g(self.lo)} up to {_g(self.hi)}"
+        return f"{empty}{kind} from {_g(self.lo)} to {_g(self.hi)}"
 
-    def __call__(self, value: Any) -> float:
+    def __call__(self, value: Any) -> float | None:
         if isinstance(value, bool):
             raise ValueError(value)
+        if self.optional and (value is None or (isinstance(value, str) and not value.strip())):
+            return None
         number = float(value.strip()) if isinstance(value, str) else float(value)
         if not math.isfinite(number) or (self.whole and not number.is_integer()):
             raise ValueError(value)
@@ -282,7 +288,16 @@ class Settings:
         "e-mail subscription to the alert topic (confirm the mail AWS sends)",
     )
     monthly_budget_usd: float = declare(
-        100, Number(1, 1_000_000), "AWS Budgets limit in USD: alerts at 50/80/100 % actual and 100 % forecast"
+        100,
+        Number(1, 1_000_000),
+        "AWS Budgets limit in USD: alerts at 50/80/100 % actual and 100 % forecast; past 100 % actual a budget "
+        "action denies the supervisor new instances",
+    )
+    monthly_limit_usd: float | None = declare(
+        None,
+        Number(1, 1_000_000, optional=True),
+        "hard dollar limit per calendar month (UTC) for all managed runs: each launch reserves what its run may "
+        "cost and is refused when that does not fit; empty: none",
     )
     # Guard rails.
     idle_minutes: int = declare(
@@ -508,7 +523,7 @@ def parse_settings(context: Mapping[str, Any]) -> Settings:
 
 
 def _markdown_default(value: Any) -> str:
-    if value in ("", ()):
+    if value in ("", ()) or value is None:
         return "empty"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"

@@ -66,6 +66,7 @@ OUTPUT_SUBNET_IDS = "SubnetIds"  # comma-joined; where `training-infra launch` m
 OUTPUT_INSTANCE_ID = "InstanceId"
 OUTPUT_TRAINER_ROLE_ARN = "TrainerRoleArn"  # only with trainer_s3_access
 OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
+OUTPUT_MONTHLY_LIMIT_USD = "MonthlyLimitUsd"  # 0: none; `launch` reserves against it
 OUTPUT_INSTANCE_TYPES = "InstanceTypes"  # comma-joined; what a managed run may use unless launch says otherwise
 
 

@@ -99,6 +99,7 @@ class ComputeStack(Stack):
         repository: ecr.IRepository,
         alerts_topic: sns.ITopic,
         alerts_key: kms.IKey,
+        monthly_budget_name: str | None = None,
     ) -> None:
         super().__init__(
             scope, construct_id, description=f"{DESCRIPTION} - network, launch template, training instance"
@@ -133,12 +134,14 @@ class ComputeStack(Stack):
             props=SupervisorProps(
                 log_retention_days=settings.log_retention_days,
                 reserve_lambda_concurrency=settings.reserve_lambda_concurrency,
+                monthly_limit_usd=settings.monthly_limit_usd or 0,
             ),
             run_table=run_table.table,
             outputs_bucket=storage.outputs_bucket,
             instance_role=self.compute.role,
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
+            monthly_budget_name=monthly_budget_name,
         )
         # It keeps the run records and reads how each attempt ended.
         run_table.grant_records(self.supervisor.function.role)
@@ -154,6 +157,12 @@ class ComputeStack(Stack):
             naming.OUTPUT_SUBNET_IDS,
             value=Fn.join(",", self.compute.subnet_ids),
             description="Subnets training-infra launch may use",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_MONTHLY_LIMIT_USD,
+            value=f"{settings.monthly_limit_usd or 0:g}",
+            description="monthly_limit_usd: training-infra launch reserves each run's most against it (0: none)",
         )
         CfnOutput(
             self,
@@ -264,5 +273,6 @@ def build_app(settings: Settings, *, app: App | None = None) -> App:
         repository=registry.registry.repository,
         alerts_topic=safety.safety.alerts_topic,
         alerts_key=safety.safety.alerts_key,
+        monthly_budget_name=safety.safety.budget.ref,
     )
     return app

@@ -146,3 +146,36 @@ def test_supervisor_role_has_no_wildcard_action_and_star_only_for_describe(compu
             ), (
                 statement
             )
+
+
+def test_the_monthly_limit_reaches_the_supervisor_and_launch(compute, supervisor):
+    env = compute.json["Resources"][compute.logical_id(supervisor.function.function)]["Properties"]["Environment"][
+        "Variables"
+    ]
+    assert env["MONTHLY_LIMIT_USD"] == "300"
+    assert compute.json["Outputs"][naming.OUTPUT_MONTHLY_LIMIT_USD]["Value"] == "300"
+
+
+def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances(compute, supervisor):
+    deny_id = compute.logical_id(supervisor.deny_launches)
+    deny = compute.json["Resources"][deny_id]["Properties"]["PolicyDocument"]["Statement"]
+    assert deny == [{"Effect": "Deny", "Action": ["ec2:CreateFleet", "ec2:RunInstances"], "Resource": "*"}]
+    _, action = compute.one("AWS::Budgets::BudgetsAction")
+    props = action["Properties"]
+    assert (props["ActionType"], props["NotificationType"], props["ApprovalModel"]) == (
+        "APPLY_IAM_POLICY",
+        "ACTUAL",
+        "AUTOMATIC",
+    )
+    assert props["ActionThreshold"] == {"Type": "PERCENTAGE", "Value": 100}
+    assert props["Definition"]["IamActionDefinition"] == {
+        "PolicyArn": {"Ref": deny_id},
+        "Roles": [{"Ref": compute.logical_id(supervisor.function.role)}],
+    }
+    assert "Fn::ImportValue" in props["BudgetName"], "the safety stack's monthly budget"
+    trusts = [
+        r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
+        for r in compute.resources("AWS::IAM::Role").values()
+    ]
+    [executor] = [t for t in trusts if t["Principal"] == {"Service": "budgets.amazonaws.com"}]
+    assert executor["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}

@@ -35,6 +35,7 @@ OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_LOG_GROUP_NAME: naming.COMPUTE_STACK,
     naming.OUTPUT_SUBNET_IDS: naming.COMPUTE_STACK,
     naming.OUTPUT_INSTANCE_TYPES: naming.COMPUTE_STACK,
+    naming.OUTPUT_MONTHLY_LIMIT_USD: naming.COMPUTE_STACK,
     naming.OUTPUT_INSTANCE_ID: naming.COMPUTE_STACK,
 }
 SNAKE_TO_KEY = {naming.snake_case(key): key for key in OUTPUT_STACKS}

@@ -12,6 +12,7 @@ import pathlib
 from dataclasses import dataclass
 
 from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_budgets as budgets
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -98,6 +99,7 @@ class RunTable(Construct):
 class SupervisorProps:
     log_retention_days: int = 30
     reserve_lambda_concurrency: bool = True
+    monthly_limit_usd: float = 0  # 0: none
 
 
 class TrainingSupervisor(Construct):
@@ -114,6 +116,7 @@ class TrainingSupervisor(Construct):
         instance_role: iam.IRole,
         alerts_topic: sns.ITopic,
         alerts_key: kms.IKey,
+        monthly_budget_name: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.function = MonitoredFunction(
@@ -141,6 +144,7 @@ class TrainingSupervisor(Construct):
                     "STOP_TAG": naming.TAG_STOP,
                     "RUNS_PREFIX": naming.RUNS_PREFIX,
                     "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
+                    "MONTHLY_LIMIT_USD": f"{props.monthly_limit_usd:g}",
                 },
             ),
             alerts_topic=alerts_topic,
@@ -148,6 +152,8 @@ class TrainingSupervisor(Construct):
         )
         self._grant_launching(instance_role)
         self._rules()
+        if monthly_budget_name:
+            self._stop_launching_past(monthly_budget_name, alerts_topic)
 
     def _grant_launching(self, instance_role: iam.IRole) -> None:
         """Fleets only from the project's run templates, only tagged instances, only the instance role."""
@@ -269,6 +275,58 @@ class TrainingSupervisor(Construct):
             "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeSpotPriceHistory, "
             "pricing:GetProducts and cloudwatch:GetMetricStatistics support no resource-level permissions; "
             "they only read.",
+        )
+
+    def _stop_launching_past(self, budget_name: str, alerts_topic: sns.ITopic) -> None:
+        """AWS Budgets as the backstop of the run ledger: past 100 % of the monthly budget (actual
+        spend), Budgets attaches a policy denying new instances to this function's role, so even a
+        bug in our own ledger cannot launch without end. Detach it (after raising the budget) to
+        launch again; the reaper and stop keep working meanwhile."""
+        stack = Stack.of(self)
+        role = self.function.role
+        self.deny_launches = iam.ManagedPolicy(
+            self,
+            "DenyLaunchesPastBudget",
+            description="Attached by AWS Budgets when the monthly budget is passed: no new training instances",
+            statements=[
+                iam.PolicyStatement(
+                    effect=iam.Effect.DENY,
+                    actions=["ec2:RunInstances", "ec2:CreateFleet"],
+                    resources=["*"],
+                )
+            ],
+        )
+        executor = iam.Role(
+            self,
+            "BudgetActionRole",
+            description="AWS Budgets attaches the deny-launches policy to the supervisor's role with this",
+            assumed_by=iam.ServicePrincipal(
+                "budgets.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": stack.account}}
+            ),
+        )
+        executor.add_to_policy(
+            iam.PolicyStatement(
+                sid="AttachOnlyTheDenyPolicyToTheSupervisor",
+                actions=["iam:AttachRolePolicy", "iam:DetachRolePolicy"],
+                resources=[role.role_arn],
+                conditions={"ArnEquals": {"iam:PolicyARN": self.deny_launches.managed_policy_arn}},
+            )
+        )
+        budgets.CfnBudgetsAction(
+            self,
+            "StopLaunchingPastBudget",
+            budget_name=budget_name,
+            action_type="APPLY_IAM_POLICY",
+            notification_type="ACTUAL",
+            approval_model="AUTOMATIC",
+            action_threshold=budgets.CfnBudgetsAction.ActionThresholdProperty(type="PERCENTAGE", value=100),
+            execution_role_arn=executor.role_arn,
+            definition=budgets.CfnBudgetsAction.DefinitionProperty(
+                iam_action_definition=budgets.CfnBudgetsAction.IamActionDefinitionProperty(
+                    policy_arn=self.deny_launches.managed_policy_arn, roles=[role.role_name]
+                )
+            ),
+            subscribers=[budgets.CfnBudgetsAction.SubscriberProperty(type="SNS", address=alerts_topic.topic_arn)],
         )
 
     def _rules(self) -> None:

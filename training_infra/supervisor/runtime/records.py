@@ -77,6 +77,7 @@ class Run:
     stop_reason: str = ""  # user | budget | stall
     message: str = ""
     ended_at: str = ""
+    spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits
 
     @property
     def active(self) -> bool:
@@ -105,6 +106,7 @@ class Run:
             "stop_reason": self.stop_reason,
             "message": self.message,
             "ended_at": self.ended_at,
+            "spent_usd": self.spent_usd,
         }
         if self.active:
             item["active"] = "1"  # sparse index: only active runs are in it
@@ -257,3 +259,91 @@ class RunStore:
                 UpdateExpression="ADD seen :ids SET kind = :meta",
                 ExpressionAttributeValues={":ids": {"SS": sorted(run_ids)}, ":meta": {"S": META_KIND}},
             )
+
+
+class OverLimit(RuntimeError):
+    """The monthly limit cannot take this run's reservation; the message says what was spent and what is left."""
+
+
+class MonthlyLedger:
+    """The account's monthly dollar limit, kept in one item per month of the run table.
+
+    A launch reserves the most its run can cost (its `--max-cost-usd`, else its list price for its
+    whole runtime); the run's end turns the reservation into what it spent. Every change is a put
+    conditional on the item's version, so two launches reading the same remainder cannot both
+    take it: the second re-reads and is refused (docs/architecture.md, "Dollar limits").
+    """
+
+    def __init__(self, dynamodb: Any, table: str, limit_usd: float) -> None:
+        self._db, self.table, self.limit_usd = dynamodb, table, float(limit_usd or 0)
+
+    @staticmethod
+    def key(moment: datetime) -> str:
+        return f"#month-{moment:%Y-%m}"
+
+    def read(self, month: str) -> dict[str, Any]:
+        item = self._db.get_item(TableName=self.table, Key={"run_id": {"S": month}}, ConsistentRead=True).get("Item")
+        values = {k: _from_dynamo(_deserializer.deserialize(v)) for k, v in (item or {}).items()}
+        values.setdefault("version", 0)
+        values.setdefault("spent_usd", 0)
+        values.setdefault("reservations", {})
+        return values
+
+    def left(self, month: str) -> tuple[float, float, float]:
+        """(spent by finished runs, reserved by active ones, left) this month."""
+        values = self.read(month)
+        reserved = sum(float(v) for v in values["reservations"].values())
+        return float(values["spent_usd"]), reserved, self.limit_usd - float(values["spent_usd"]) - reserved
+
+    def reserve(self, month: str, run_id: str, amount: float, why: str) -> None:
+        """Take `amount` for `run_id`, or raise OverLimit; a no-op without a limit."""
+        if self.limit_usd <= 0:
+            return
+        for _ in range(10):
+            values = self.read(month)
+            reservations = dict(values["reservations"])
+            spent = float(values["spent_usd"])
+            reserved = sum(float(v) for k, v in reservations.items() if k != run_id)
+            left = self.limit_usd - spent - reserved
+            if amount > left + 1e-9:
+                raise OverLimit(
+                    f"monthly_limit_usd {self.limit_usd:g}: spent ${spent:,.2f} and reserved ${reserved:,.2f} by "
+                    f"active runs this month, ${max(0.0, left):,.2f} left; this run may cost up to "
+                    f"${amount:,.2f} ({why})"
+                )
+            reservations[run_id] = round(amount, 4)
+            if self._put(month, values, reservations=reservations):
+                return
+        raise StaleRecord(f"the {month} ledger kept changing; try again")
+
+    def settle(self, month: str, run_id: str, spent_usd: float) -> None:
+        """The run ended: its reservation goes, what it spent stays. Idempotent per run."""
+        for _ in range(10):
+            values = self.read(month)
+            reservations = dict(values["reservations"])
+            if run_id not in reservations:
+                return
+            del reservations[run_id]
+            spent = round(float(values["spent_usd"]) + float(spent_usd or 0), 4)
+            if self._put(month, values, reservations=reservations, spent_usd=spent):
+                return
+        raise StaleRecord(f"the {month} ledger kept changing")
+
+    def _put(self, month: str, values: dict[str, Any], **changes: Any) -> bool:
+        expected = int(values["version"])
+        item = {**values, **changes, "run_id": month, "kind": META_KIND, "version": expected + 1}
+        condition = "attribute_not_exists(run_id)" if expected == 0 else "version = :expected"
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "Item": {k: _serializer.serialize(_to_dynamo(v)) for k, v in item.items()},
+            "ConditionExpression": condition,
+        }
+        if expected:
+            kwargs["ExpressionAttributeValues"] = {":expected": {"N": str(expected)}}
+        try:
+            self._db.put_item(**kwargs)
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True

@@ -32,12 +32,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
-    from records import FINAL_STATES, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
+    from records import FINAL_STATES, MonthlyLedger, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         FINAL_STATES,
+        MonthlyLedger,
         Run,
         RunStore,
         StaleRecord,
@@ -126,6 +127,8 @@ class SupervisorConfig:
     silent_seconds: int = 1800
     boot_grace_seconds: int = 1200
     metric_namespace: str = "TrainingInfra"
+    # The account's dollar limit per calendar month (UTC) for all runs; 0: none (config.monthly_limit_usd).
+    monthly_limit_usd: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
@@ -134,8 +137,14 @@ class SupervisorConfig:
         for key, name in fields.items():
             if key in env:
                 default = cls.__dataclass_fields__[name].default
-                values[name] = int(env[key]) if isinstance(default, int) else env[key]
+                kind = type(default) if isinstance(default, (int, float)) else str
+                values[name] = kind(env[key] or 0) if kind is not str else env[key]
         return cls(**values)
+
+    @property
+    def grace_hours(self) -> float:
+        """A graceful stop's longest time: what a dollar limit keeps in hand."""
+        return self.stop_timeout_seconds / 3600
 
 
 @dataclass
@@ -471,7 +480,10 @@ class Supervisor:
     def reconcile_all(self) -> dict[str, Any]:
         """Every active run in isolation: one run's failure is recorded, the rest still get their turn."""
         results, failures = [], []
-        for run in list(self.store.active()):
+        active = list(self.store.active())
+        if self.cfg.monthly_limit_usd:
+            self._sweep_reservations({run.run_id for run in active})
+        for run in active:
             try:
                 results.append(self.reconcile(run.run_id))
             except Exception as error:  # noqa: BLE001 - reported below so the errors alarm fires
@@ -482,6 +494,15 @@ class Supervisor:
                 f"{len(failures)} run(s) not reconciled (the next minute retries): {'; '.join(failures)}"
             )
         return {"reconciled": results}
+
+    def _sweep_reservations(self, active: set[str]) -> None:
+        """Settle reservations of runs that ended while their settle failed (this month's and last month's)."""
+        now = self.now()
+        for month in {MonthlyLedger.key(now), MonthlyLedger.key(now.replace(day=1) - timedelta(days=1))}:
+            for run_id in self._ledger().read(month)["reservations"]:
+                run = self.store.get(run_id) if run_id not in active else None
+                if run is not None and not run.active:
+                    self._settle(run)
 
     def reconcile(self, run_id: str) -> dict[str, Any]:
         """Bring one run one step closer to where it should be; safe to call at any time, any number of times."""
@@ -604,6 +625,9 @@ class Supervisor:
                 f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline "
                 "is too little for another attempt",
             )
+        over = self._over_budget(run, now) if run.attempts else ""
+        if over:
+            return self._finish(run, "budget", f"{why}; {over}")
         n = len(run.attempts) + 1
         run.attempts.append({"n": n, "why": why, "claimed_at": iso(now)})
         # Launching until an instance ever started; recovering after that.
@@ -659,6 +683,8 @@ class Supervisor:
             if (now - requested).total_seconds() > self.cfg.stop_timeout_seconds:
                 self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
                 attempt["terminated_at"], changed = iso(now), True
+        if not run.stop_requested_at and run.spec.get("max_cost_usd"):
+            changed = self._keep_within_limit(run, attempt, now) or changed
         if not run.stop_requested_at and not attempt.get("unhealthy"):
             before = attempt.get("impaired_since")
             unhealthy = self._unhealthy(attempt, now)
@@ -672,6 +698,75 @@ class Supervisor:
         if changed:
             self.store.save(run)
         return {"run_id": run.run_id, "state": run.state, "instance": attempt["instance_id"]}
+
+    def _keep_within_limit(self, run: Run, attempt: dict[str, Any], now: datetime) -> bool:
+        """Track the run's spend; stop it gracefully when spent + one grace period would pass its limit.
+
+        Returns whether the record changed (its spend moved by a cent or more, or the stop began).
+        """
+        limit = float(run.spec["max_cost_usd"])
+        spent, hourly = self._spend(run, attempt, now)
+        changed = abs(spent - run.spent_usd) >= 0.01
+        if changed:
+            run.spent_usd = round(spent, 4)
+        if spent + hourly * self.cfg.grace_hours < limit:
+            return changed
+        run.spent_usd = round(spent, 4)
+        run.stop_requested_at, run.stop_reason, run.state = iso(now), "budget", "stopping"
+        attempt["stop_tagged_at"] = iso(now)
+        self._tag_stop(run)
+        self._notify(
+            run,
+            f"spent ${spent:,.2f} of its ${limit:,.2f} limit (${hourly:,.2f}/hour, one grace period "
+            f"${hourly * self.cfg.grace_hours:,.2f}): stopping gracefully; no relaunch",
+        )
+        return True
+
+    def _spend(self, run: Run, open_attempt: dict[str, Any] | None, now: datetime) -> tuple[float, float]:
+        """(USD spent by every attempt so far, the open attempt's USD per hour now)."""
+        spent = sum(float(a.get("cost_usd") or 0) for a in run.attempts if a.get("priced"))
+        if open_attempt is None or ledger.attempt_window(open_attempt, now) is None:
+            return spent, 0.0
+        window = ledger.attempt_window(open_attempt, now)
+        try:
+            cost = ledger.price_attempt(open_attempt, run.spec, now, ledger.SpotHistory(self.clients.ec2, *window))
+        except ClientError as error:
+            log.warning("no spot price history for %s: %s", run.run_id, error)
+            cost = ledger.price_attempt(open_attempt, run.spec, now, None)
+        hourly = (cost.hourly_usd or 0.0) + ledger.volume_usd_per_hour(run.spec)
+        return spent + (cost.usd or 0.0), hourly
+
+    def _over_budget(self, run: Run, now: datetime) -> str:
+        """Why another attempt may not start (its run's limit, or the month's), or ""."""
+        limit = float(run.spec.get("max_cost_usd") or 0)
+        spent, _ = self._spend(run, None, now)
+        run.spent_usd = round(spent, 4)
+        prices = [float(p) for p in (run.spec.get("list_prices") or {}).values()] or [0.0]
+        grace = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * self.cfg.grace_hours
+        if limit and spent + grace >= limit:
+            return f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt would pass it"
+        month = run.spec.get("budget_month")
+        if self.cfg.monthly_limit_usd and month:
+            finished, reserved, left = self._ledger().left(month)
+            if left < 0:
+                return (
+                    f"the month is over monthly_limit_usd {self.cfg.monthly_limit_usd:g} "
+                    f"(spent ${finished:,.2f}, reserved ${reserved:,.2f})"
+                )
+        return ""
+
+    def _ledger(self) -> MonthlyLedger:
+        return MonthlyLedger(self.clients.dynamodb, self.cfg.table, self.cfg.monthly_limit_usd)
+
+    def _settle(self, run: Run) -> None:
+        """A finished run's month reservation becomes what it spent (the sweep in reconcile_all retries)."""
+        month = run.spec.get("budget_month")
+        if not month:
+            return
+        try:
+            self._ledger().settle(month, run.run_id, run.spent_usd)
+        except (ClientError, StaleRecord) as error:
+            log.warning("month ledger not settled for %s (the next reconcile retries): %s", run.run_id, error)
 
     def _unhealthy(self, attempt: dict[str, Any], now: datetime) -> str:
         """Why a running attempt's box is hung, or "": status checks impaired, or the agent's GPU metric silent.
@@ -730,7 +825,9 @@ class Supervisor:
     def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
         assert state in FINAL_STATES, state
         run.state, run.message, run.ended_at = state, words, iso(self.now())
+        run.spent_usd = round(self._spend(run, None, self.now())[0], 4)
         self.store.save(run)
+        self._settle(run)
         self._release_launch_template(run)
         verb = (
             "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
