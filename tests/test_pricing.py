@@ -177,6 +177,9 @@ def test_without_the_price_list_api_the_built_in_table_answers_and_says_why_once
     assert prices.on_demand("g6.xlarge") == Quote(0.805, BUILT_IN), "asked once: the API is not asked again"
     assert prices.used_built_in
     assert prices.fallback_reason == "the Price List API did not answer: AccessDeniedException"
+    later = Prices(ec2=None, region=REGION, pricing=pricing_client, cache=prices.cache)
+    assert later.on_demand("g5.xlarge").source == BUILT_IN, "not asked again for 10 minutes: no second stub needed"
+    assert later.fallback_reason == prices.fallback_reason
 
 
 def test_a_type_neither_aws_nor_the_table_knows_has_no_price():
@@ -240,15 +243,29 @@ def test_the_spot_price_of_a_pool_is_its_latest_entry_and_zones_outside_the_run_
 
 
 def test_the_cache_keeps_answers_of_different_endpoints_apart(price_list):
-    """The local AWS's made-up prices must never stand in for AWS's."""
+    """The local AWS's made-up prices must never stand in for AWS's (the EC2 endpoint says which AWS)."""
     pricing_client, stub = price_list
     stub.add_response("get_products", {"PriceList": [price_list_product("g5.xlarge", "1.0060000000")]})
+    stub.add_response("get_products", {"PriceList": [price_list_product("g5.xlarge", "9.0000000000")]})
     cache = MemoryCache()
-    Prices(ec2=None, region=REGION, pricing=pricing_client, cache=cache).on_demand("g5.xlarge")
-    local = client("pricing", endpoint="http://localhost:5999")
-    with Stubber(local) as local_stub:
-        local_stub.add_response("get_products", {"PriceList": [price_list_product("g5.xlarge", "9.0000000000")]})
-        assert Prices(ec2=None, region=REGION, pricing=local, cache=cache).on_demand("g5.xlarge").usd == 9.0
+    aws_ec2, local_ec2 = client("ec2", region=REGION), client("ec2", region=REGION, endpoint="http://localhost:5999")
+
+    assert Prices(ec2=aws_ec2, region=REGION, pricing=pricing_client, cache=cache).on_demand("g5.xlarge").usd == 1.006
+    assert Prices(ec2=local_ec2, region=REGION, pricing=pricing_client, cache=cache).on_demand("g5.xlarge").usd == 9.0
+
+
+def test_the_price_list_client_is_made_only_when_a_price_is_not_cached(price_list):
+    pricing_client, stub = price_list
+    stub.add_response("get_products", {"PriceList": [price_list_product("g5.xlarge", "1.0060000000")]})
+    cache, made = MemoryCache(), []
+
+    def make():
+        made.append(1)
+        return pricing_client
+
+    for _ in range(3):
+        assert Prices(ec2=None, region=REGION, pricing=make, cache=cache).on_demand("g5.xlarge").usd == 1.006
+    assert made == [1]
 
 
 def test_the_cli_file_cache_survives_the_process_and_expires(tmp_path, monkeypatch):

@@ -99,6 +99,10 @@ class FileCache:
 
 
 def prices_for(aws: Aws, *, cache: FileCache | None = None) -> Prices:
-    """Prices in the CLI's region: the Price List client in us-east-1 (AWS_ENDPOINT_URL honoured), the file cache."""
-    pricing = aws.session.create_client("pricing", region_name=PRICE_LIST_REGION, config=_PRICE_LIST_CONFIG)
-    return Prices(ec2=aws.client("ec2"), region=aws.region_name, pricing=pricing, cache=cache or FileCache())
+    """Prices in the CLI's region with the file cache; the Price List client (us-east-1, AWS_ENDPOINT_URL
+    honoured) is made only when a list price is not cached."""
+
+    def price_list() -> Any:
+        return aws.session.create_client("pricing", region_name=PRICE_LIST_REGION, config=_PRICE_LIST_CONFIG)
+
+    return Prices(ec2=aws.client("ec2"), region=aws.region_name, pricing=price_list, cache=cache or FileCache())

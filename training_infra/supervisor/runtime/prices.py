@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 PRICE_LIST_REGION = "us-east-1"
 LIST_PRICE_TTL_SECONDS = 24 * 3600  # list prices change a few times a year
 SPOT_PRICE_TTL_SECONDS = 300  # spot prices move at most every few minutes
+UNANSWERED_TTL_SECONDS = 600  # a Price List API that did not answer is not asked again for this long
 SPOT_PRODUCTS = ("Linux/UNIX", "Linux/UNIX (Amazon VPC)")
 BUILT_IN_NOTE = "list price from the built-in table"
 PRICE_LIST = "price list"
@@ -127,24 +128,36 @@ def _why(error: Exception) -> str:
 class Prices:
     """Prices for one region: `on_demand(type)` and `spot(types, zones)`, each asked once per cache period.
 
-    `pricing` is a Price List client (us-east-1), or None where there is none: then every list
-    price comes from the built-in table and `fallback_reason` says why.
+    `pricing` is a Price List client (us-east-1), a function that makes one when a price is not
+    cached (making a client costs more than a cached answer), or None where there is none: then
+    every list price comes from the built-in table and `fallback_reason` says why.
     """
 
-    def __init__(self, *, ec2: Any, region: str, pricing: Any | None = None, cache: Cache | None = None) -> None:
-        self.ec2, self.region, self.pricing = ec2, region, pricing
+    def __init__(
+        self, *, ec2: Any, region: str, pricing: Any | Callable[[], Any] | None = None, cache: Cache | None = None
+    ) -> None:
+        self.ec2, self.region, self._pricing = ec2, region, pricing
         self.cache = cache if cache is not None else CONTAINER_CACHE
         self.fallback_reason = "" if pricing is not None else "no Price List client"
         self.used_built_in = False
 
-    def _key(self, client: Any, *parts: str) -> str:
-        # The endpoint is part of the key: the local AWS's answers never stand in for AWS's.
-        endpoint = getattr(getattr(client, "meta", None), "endpoint_url", "") or ""
+    @property
+    def pricing(self) -> Any:
+        if self._pricing is not None and not hasattr(self._pricing, "get_products"):
+            self._pricing = self._pricing()  # the factory, called once
+        return self._pricing
+
+    def _key(self, *parts: str) -> str:
+        # Which AWS answered is part of the key (the EC2 endpoint): the local AWS's answers never
+        # stand in for AWS's.
+        endpoint = getattr(getattr(self.ec2, "meta", None), "endpoint_url", "") or ""
         return "|".join((endpoint, self.region, *parts))
 
     def on_demand(self, instance_type: str) -> Quote:
-        if self.pricing is not None and not self.fallback_reason:
-            key = self._key(self.pricing, "on-demand", instance_type)
+        if not self.fallback_reason:
+            self.fallback_reason = self.cache.get(self._key("price-list-unanswered"), UNANSWERED_TTL_SECONDS) or ""
+        if not self.fallback_reason:
+            key = self._key("on-demand", instance_type)
             cached = self.cache.get(key, LIST_PRICE_TTL_SECONDS)
             if cached is not None:
                 return Quote(float(cached), PRICE_LIST)
@@ -157,6 +170,7 @@ class Prices:
                 )
             except (ClientError, BotoCoreError) as error:
                 self.fallback_reason = f"the Price List API did not answer: {_why(error)}"
+                self.cache.put(self._key("price-list-unanswered"), self.fallback_reason)
             else:
                 usd = on_demand_from_price_list(answer.get("PriceList", []))
                 if usd is not None:
@@ -171,7 +185,7 @@ class Prices:
     def spot(self, instance_types: Iterable[str], zones: Iterable[str]) -> dict[tuple[str, str], float]:
         """The spot price in effect now for each (type, zone) AWS quotes; pools it does not quote are absent."""
         types, wanted = sorted(set(instance_types)), set(zones)
-        key = self._key(self.ec2, "spot", ",".join(types))
+        key = self._key("spot", ",".join(types))
         cached = self.cache.get(key, SPOT_PRICE_TTL_SECONDS)
         if cached is None:
             # With a start time, AWS also returns the last change before it: the price in effect now.

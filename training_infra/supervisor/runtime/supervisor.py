@@ -156,7 +156,8 @@ class Clients:
     s3: Any
     sns: Any | None = None
     cloudwatch: Any | None = None  # the cloud-side health check; None (the CLI's first launch) skips it
-    pricing: Any | None = None  # the Price List API (us-east-1); None: list prices from the built-in table
+    # The Price List API (us-east-1): a client or a function making one; None: list prices from the built-in table.
+    pricing: Any | None = None
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -907,7 +908,7 @@ def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
         s3=boto3.client("s3"),
         sns=boto3.client("sns"),
         cloudwatch=boto3.client("cloudwatch"),
-        pricing=boto3.client("pricing", region_name=PRICE_LIST_REGION),
+        pricing=lambda: boto3.client("pricing", region_name=PRICE_LIST_REGION),  # made only for a price not cached
     )
     result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
     log.info(json.dumps(result, default=str))
