@@ -375,6 +375,25 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
     assert "--quota-code L-DB2E81BA --desired-value 4" in report.failures[1]
 
 
+@pytest.mark.parametrize(
+    ("instance_type", "market", "code"),
+    [
+        ("g6e.xlarge", "spot", "L-3819A6DF"),
+        ("gr6.4xlarge", "on-demand", "L-DB2E81BA"),
+        ("p4d.24xlarge", "spot", "L-7212CCBC"),
+        ("p5.48xlarge", "on-demand", "L-417A185B"),
+        ("p5.48xlarge", "spot", None),
+        ("inf2.xlarge", "spot", "L-B5D1601B"),
+        ("trn1.2xlarge", "on-demand", "L-2C3B7624"),
+        ("c7i.large", "spot", "L-34B43A08"),
+        ("t3.micro", "on-demand", "L-1216C47A"),
+    ],
+)
+def test_each_type_is_checked_against_its_familys_quota_for_the_market(instance_type, market, code):
+    found = preflight.QUOTAS.get((preflight.family_group(instance_type) or "", market))
+    assert (found[0] if found else None) == code
+
+
 def test_a_dry_run_launch_ec2_refuses_names_the_permissions_to_ask_for():
     ec2 = _client("ec2")
     report = _report()

@@ -37,6 +37,7 @@ QUOTAS: dict[tuple[str, str], tuple[str, str]] = {
     ("G", "spot"): ("L-3819A6DF", "All G and VT Spot Instance Requests"),
     ("P", "on-demand"): ("L-417A185B", "Running On-Demand P instances"),
     ("P", "spot"): ("L-7212CCBC", "All P4, P3 and P2 Spot Instance Requests"),
+    ("P5+", "on-demand"): ("L-417A185B", "Running On-Demand P instances"),
     ("Inf", "on-demand"): ("L-1945791B", "Running On-Demand Inf instances"),
     ("Inf", "spot"): ("L-B5D1601B", "All Inf Spot Instance Requests"),
     ("Trn", "on-demand"): ("L-2C3B7624", "Running On-Demand Trn instances"),
@@ -276,6 +277,8 @@ def family_group(instance_type: str) -> str | None:
         return "Inf"
     if letters == "trn":
         return "Trn"
+    if letters in ("dl", "hpc"):
+        return None  # quotas of their own, not listed
     if letters[0] in "acdhimrtz":
         return "Standard"
     return None
