@@ -93,7 +93,7 @@ def rendered_user_data(agent_script: Path) -> str:
 
 
 def stack_templates(
-    user_data: str, region: str, *, use_spot: bool = True, published_zones: str = ""
+    user_data: str, region: str, *, use_spot: bool = True, published_zones: str = "", monthly_limit_usd: str = ""
 ) -> dict[str, dict[str, Any]]:
     """The four stacks with the outputs the real ones publish (GitHub roles and InstanceId left out).
 
@@ -177,6 +177,7 @@ def stack_templates(
             naming.OUTPUT_LAUNCH_TEMPLATE_ID: {"Value": {"Ref": "Template"}},
             naming.OUTPUT_LOG_GROUP_NAME: {"Value": {"Ref": "Logs"}},
             naming.OUTPUT_INSTANCE_TYPES: {"Value": ",".join(STACK_INSTANCE_TYPES)},
+            **({naming.OUTPUT_MONTHLY_LIMIT_USD: {"Value": monthly_limit_usd}} if monthly_limit_usd else {}),
             **(
                 {
                     naming.OUTPUT_SUBNET_IDS: {
@@ -279,11 +280,16 @@ def deploy(
     use_spot: bool = True,
     published_zones: str = "",
     empty_data: bool = False,
+    monthly_limit_usd: str = "",
 ) -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
     templates = stack_templates(
-        rendered_user_data(agent_script), region, use_spot=use_spot, published_zones=published_zones
+        rendered_user_data(agent_script),
+        region,
+        use_spot=use_spot,
+        published_zones=published_zones,
+        monthly_limit_usd=monthly_limit_usd,
     )
     for name, template in templates.items():
         cloudformation.create_stack(StackName=name, TemplateBody=json.dumps(template))
@@ -306,15 +312,29 @@ def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
     """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region).
 
     `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does;
-    `published_zones="b"` publishes the SubnetIds output (see `stack_templates`); every deployment
-    has the images PUSHED_TAGS and, unless `empty_data`, one object under data/.
+    `published_zones="b"` publishes the SubnetIds output (see `stack_templates`); `monthly_limit_usd="30"`
+    publishes the MonthlyLimitUsd output, as `-c monthly_limit_usd=30` does; every deployment has the
+    images PUSHED_TAGS and, unless `empty_data`, one object under data/.
     """
     cache: dict[str, Deployment] = {}
 
-    def get(region: str, *, use_spot: bool = True, published_zones: str = "", empty_data: bool = False) -> Deployment:
+    def get(
+        region: str,
+        *,
+        use_spot: bool = True,
+        published_zones: str = "",
+        monthly_limit_usd: str = "",
+        empty_data: bool = False,
+    ) -> Deployment:
         if region not in cache:
             cache[region] = deploy(
-                emulator, region, stub_agent, use_spot=use_spot, published_zones=published_zones, empty_data=empty_data
+                emulator,
+                region,
+                stub_agent,
+                use_spot=use_spot,
+                published_zones=published_zones,
+                monthly_limit_usd=monthly_limit_usd,
+                empty_data=empty_data,
             )
         return cache[region]
 

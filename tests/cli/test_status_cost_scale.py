@@ -6,11 +6,13 @@ the CLI creates), in a region of this module's own so the run counts are exact.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from botocore.exceptions import ClientError
 
 from training_infra import naming, pricing
 from training_infra.cli import runs
@@ -28,16 +30,35 @@ def region(deployed):
     return deployed(REGION)
 
 
+class Calls(Counter):
+    """Every AWS operation the CLI calls, counted as `service.Operation`, with each call's parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params: list[tuple[str, dict]] = []
+        self.refuse: set[str] = set()  # operations answered with AccessDeniedException, as IAM would
+
+    def clear(self) -> None:
+        super().clear()
+        self.params.clear()
+
+
 @pytest.fixture
-def calls(monkeypatch) -> Counter:
-    """Every AWS operation the CLI calls, counted as `service.Operation`."""
-    counted: Counter = Counter()
+def calls(monkeypatch) -> Calls:
+    counted = Calls()
     original = Aws.client
+
+    def seen(service: str, model, params, **_) -> None:  # the call's API parameters, before serializing
+        name = f"{service}.{model.name}"
+        counted.update([name])
+        counted.params.append((name, dict(params)))
+        if name in counted.refuse:
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, model.name)
 
     def counting(self, service):
         client = original(self, service)
         if not getattr(client, "_counted", False):
-            client.meta.events.register("before-call", lambda model, **_: counted.update([f"{service}.{model.name}"]))
+            client.meta.events.register("before-parameter-build", functools.partial(seen, service))
             client._counted = True
         return client
 
@@ -100,13 +121,64 @@ def test_status_reads_each_older_runs_status_json_once_then_only_the_run_table(r
     assert legacy["outcome"] == "succeeded" and legacy["cost_usd"] == pytest.approx(2 * G5)
 
 
-def test_a_run_whose_status_json_lands_after_a_listing_appears_at_the_next_one(region, calls):
-    _status_rows(region)
+def _live_legacy_instance(region, run_id: str) -> str:
+    tags = naming.run_tags(run_id, max_runtime_hours=12)
+    return region.client("ec2").run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+
+
+def test_a_running_run_without_a_record_is_shown_from_ec2_and_recorded_once_its_status_json_lands(region, calls):
+    """The stack's own instance (or an older CLI's launch): logs under runs/ while it runs, status.json at its end."""
+    instance_id = _live_legacy_instance(region, "scale-late")
+    region.client("s3").put_object(Bucket=region.outputs_bucket, Key="runs/scale-late/logs/training.log", Body=b"x")
+
+    running = {row["run_id"]: row for row in _status_rows(region)}
+    assert running["scale-late"]["instance_id"] == instance_id and running["scale-late"]["state"] == "running"
+    region.client("ec2").terminate_instances(InstanceIds=[instance_id])
     region.put_status(_legacy_status("scale-late", NOW - timedelta(days=2), 1))
 
-    rows = _status_rows(region)
+    ended = {row["run_id"]: row for row in _status_rows(region)}
 
-    assert "scale-late" in [row["run_id"] for row in rows]
+    assert ended["scale-late"]["outcome"] == "succeeded" and ended["scale-late"]["cost_usd"] == pytest.approx(G5)
+
+
+def test_a_folder_that_never_got_a_status_json_is_read_once_not_at_every_call(region, calls):
+    """A run killed before it wrote one (no instance left): looked at once, then accounted for."""
+    region.client("s3").put_object(Bucket=region.outputs_bucket, Key="runs/scale-dead/logs/training.log", Body=b"x")
+    _status_rows(region)
+    calls.clear()
+
+    _status_rows(region)
+
+    assert calls["s3.GetObject"] == 0 and calls["dynamodb.BatchGetItem"] == 1, "only the seen-ids read"
+
+
+def test_a_user_who_may_not_write_the_table_still_sees_runs_made_outside_it(region, calls):
+    region.put_status(_legacy_status("scale-readonly", NOW - timedelta(days=1), 1))
+    calls.refuse = {"dynamodb.PutItem", "dynamodb.UpdateItem"}
+
+    rows = {row["run_id"]: row for row in _status_rows(region)}
+    cost = region.cli("cost", "--days", "3", "--json")
+
+    assert rows["scale-readonly"]["outcome"] == "succeeded", "read from S3 for this call"
+    assert cost.exit_code == 0, cost.output
+    assert "scale-readonly" in {row["run_id"] for row in json.loads(cost.stdout)["runs"]}
+    calls.refuse = set()
+    assert "scale-readonly" in {row["run_id"] for row in _status_rows(region)}, "recorded by the next user who may"
+
+
+def test_status_of_one_run_reads_that_run_alone(region, calls):
+    region.put_status(_legacy_status("scale-one", NOW - timedelta(days=3), 1))
+    _status_rows(region)
+    calls.clear()
+
+    [row] = _status_rows(region, "scale-one")
+
+    assert row["run_id"] == "scale-one"
+    assert calls["s3.ListObjectsV2"] == 0 and calls["s3.GetObject"] == 0 and calls["dynamodb.Query"] == 0
+    assert calls["dynamodb.GetItem"] == 1
 
 
 def test_status_limit_bounds_the_rows_and_reads_ec2_only_for_the_open_attempts_shown(region, calls):
@@ -120,6 +192,11 @@ def test_status_limit_bounds_the_rows_and_reads_ec2_only_for_the_open_attempts_s
     rows = _status_rows(region, "--limit", "3")
 
     assert len(rows) == 3 and rows[0]["run_id"] == "scale-open"
+    asked = [params for name, params in calls.params if name == "ec2.DescribeInstances"]
+    assert {"Name": "instance-id", "Values": [f"i-{1:017x}"]} in asked[0]["Filters"] + asked[1]["Filters"], (
+        "the open attempt's instance, and no other"
+    )
+    assert not any(f["Name"] == "instance-id" and len(f["Values"]) > 1 for p in asked for f in p["Filters"])
     assert [row["launched_at"] for row in rows] == sorted((row["launched_at"] for row in rows), reverse=True)
     assert calls["ec2.DescribeInstances"] == 2, "one for the open attempts shown, one for unrecorded live instances"
     assert rows[0]["cost_usd"] == pytest.approx(G5), "the open attempt priced until now: one hour at list price"
@@ -139,8 +216,10 @@ def test_cost_this_month_counts_only_the_hours_inside_the_period(region, calls):
     by_run = {row["run_id"]: row for row in report["runs"]}
     assert by_run["scale-straddle"]["uptime_seconds"] == 3600
     assert by_run["scale-straddle"]["cost_usd"] == pytest.approx(G5)
-    assert "scale-legacy-1" not in by_run, "a run that ended in October is not this month's"
     assert calls["s3.GetObject"] == 0 and calls["ec2.DescribeSpotPriceHistory"] <= 1
+    region.put_status(_legacy_status("scale-october", NOW - timedelta(days=40), 2))
+    later = json.loads(region.cli("cost", "--json").stdout)["runs"]
+    assert "scale-october" not in {row["run_id"] for row in later}, "a run that ended in October is not this month's"
 
 
 def test_cost_asks_the_spot_price_history_once_per_type_and_zone_not_per_run(region, calls):
@@ -169,7 +248,7 @@ def test_cost_of_one_run_lists_each_attempt_with_its_price(region, calls):
     result = region.cli("cost", "--run", "scale-two")
 
     assert result.exit_code == 0, result.output
-    assert "cost of run scale-two since 2026-11-01" in result.stdout
+    assert "cost of run scale-two over its whole run" in result.stdout
     cells = {
         row[0]: row
         for row in ([c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines())
@@ -192,3 +271,45 @@ def test_cost_of_one_run_lists_each_attempt_with_its_price(region, calls):
 )
 def test_cost_refuses_a_bad_period_in_one_line_before_calling_aws(region, args, message):
     assert region.usage_error("cost", *args) == f"error: {message}\n"
+
+
+def test_cost_of_one_older_run_covers_its_whole_life_even_before_it_was_recorded(region, calls):
+    region.put_status(_legacy_status("scale-september", datetime(2026, 9, 3, 8, 0, tzinfo=UTC), 2))
+
+    result = region.cli("cost", "--run", "scale-september", "--json")
+
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)["runs"]
+    assert row["cost_usd"] == pytest.approx(2 * G5) and row["uptime_seconds"] == 2 * 3600
+    assert calls["s3.ListObjectsV2"] == 0, "that run's status.json alone, not a listing of every run"
+
+
+def test_cost_of_one_run_on_a_deployment_from_before_the_run_table_shows_the_run(region, calls, monkeypatch):
+    from training_infra.cli import main
+
+    monkeypatch.setattr(main, "_run_store", lambda aws: None)
+
+    region.put_status(_legacy_status("scale-no-table", NOW - timedelta(days=40), 2))
+
+    result = region.cli("cost", "--run", "scale-no-table", "--since", "2026-10")
+
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "scale-no-table" in line)
+    assert f"${2 * G5:.2f}" in line and "on-demand list" in line
+
+
+def test_cost_reads_a_finished_runs_summary_not_its_attempts(region, calls):
+    store = _store(region)
+    start = NOW - timedelta(days=2)
+    store.create(_record("scale-summary", start, [_attempt(1, start, 1), _attempt(2, start + timedelta(hours=2), 2)]))
+
+    result = region.cli("cost", "--days", "7", "--json")
+
+    rows = {row["run_id"]: row for row in json.loads(result.stdout)["runs"]}
+    assert rows["scale-summary"]["cost_usd"] == pytest.approx(3 * G5) and rows["scale-summary"]["tries"] == 2
+    assert rows["scale-summary"]["uptime_seconds"] == 3 * 3600
+    [query] = [params for name, params in calls.params if name == "dynamodb.Query"]
+    assert "attempts" not in query["ProjectionExpression"]
+    fetched = [key["run_id"]["S"] for name, p in calls.params if name == "dynamodb.BatchGetItem"
+               for request in p["RequestItems"].values() for key in request["Keys"]]  # fmt: skip
+    assert "scale-summary" not in fetched, "its whole record was not read"

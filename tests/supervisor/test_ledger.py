@@ -86,3 +86,18 @@ def test_a_recorded_price_is_read_back_not_asked_again():
     cost = ledger.recorded_or_priced(ended, SPEC, T0 + timedelta(days=30), history)
 
     assert cost.usd == pytest.approx(0.50) and history.asked == []
+
+
+def test_a_runs_summary_adds_up_its_priced_attempts_and_is_complete_only_once_it_ended():
+    from training_infra.supervisor.runtime.records import Run
+
+    first, second = attempt(1, market="on-demand"), attempt(2, market="on-demand", start=T0 + timedelta(hours=2))
+    for a in (first, second):
+        ledger.record_price(a, ledger.price_attempt(a, SPEC, T0 + timedelta(hours=9), History([])))
+    run = Run(run_id="r", spec=SPEC, deadline_at="", created_at=iso(T0), state="running", attempts=[first, second])
+
+    assert run.summary()["complete"] is False, "still going: cost reads the whole record"
+    run.state = "succeeded"
+    summary = run.summary()
+    assert summary["complete"] is True and summary["tries"] == 2 and summary["seconds"] == 3 * 3600
+    assert summary["cost_usd"] == pytest.approx(3 * 1.006) and summary["price_source"] == "on-demand list"

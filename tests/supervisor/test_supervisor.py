@@ -7,13 +7,14 @@ CreateFleet documents (`Errors` with `LaunchTemplateAndOverrides`, `Lifecycle`, 
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
 from botocore.exceptions import ClientError
 
 from tests.supervisor.conftest import event
-from training_infra.supervisor.runtime.records import RunStore, StaleRecord, parse_iso
+from training_infra.supervisor.runtime.records import MonthlyLedger, RunStore, StaleRecord, parse_iso
 from training_infra.supervisor.runtime.supervisor import (
     REBALANCE,
     SCHEDULED,
@@ -561,3 +562,75 @@ def test_an_ended_attempt_is_priced_once_from_the_spot_history_and_keeps_its_fig
     hours = (parse_iso(ended["ended_at"]) - parse_iso(ended["started_at"])).total_seconds() / 3600
     assert ended["priced"] is True and ended["price_source"] == "spot history"
     assert ended["cost_usd"] == pytest.approx(float(history[0]["SpotPrice"]) * hours)
+
+
+# --- dollar limits ---------------------------------------------------------------------------------
+
+ONE_DOLLAR_AN_HOUR = {"market": "on-demand", "list_prices": {"g5.xlarge": 1.0, "g6.xlarge": 1.0}, "volume_gb": 0}
+
+
+def test_a_run_about_to_pass_its_limit_is_stopped_gracefully_and_ends_budget_without_a_relaunch(account):
+    """$1 limit at $1/hour: a graceful stop (10 min, $0.17) must still fit, so the stop comes at 50 min."""
+    first = start(account, max_cost_usd=1.0, **ONE_DOLLAR_AN_HOUR).attempts[0]
+    tags = lambda: {t["Key"]: t["Value"] for t in account.instances_of("bert")[0]["Tags"]}  # noqa: E731
+    account.clock.advance(minutes=40)
+    account.supervisor().handle(event(SCHEDULED))
+    assert account.run().state == "running" and "training-infra:stop" not in tags()
+    assert account.run().spent_usd == pytest.approx(40 / 60, abs=0.01)
+
+    account.clock.advance(minutes=10)
+    account.supervisor().handle(event(SCHEDULED))
+
+    run = account.run()
+    assert (run.state, run.stop_reason) == ("stopping", "budget")
+    assert tags()["training-infra:stop"] == "budget", "the agent's graceful stop: checkpoint, outputs, logs"
+    assert any("spent $0.83 of its $1.00 limit" in n and "stopping gracefully" in n for n in account.notices())
+    account.agent_wrote("bert", 1, "budget")
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    run = account.run()
+    assert run.state == "budget" and len(run.attempts) == 1, "never relaunched past its limit"
+    assert run.spent_usd == pytest.approx(50 / 60, abs=0.01)
+
+
+def test_a_relaunch_that_could_not_stop_within_the_limit_ends_the_run_as_budget(account):
+    first = start(account, max_cost_usd=1.0, **ONE_DOLLAR_AN_HOUR).attempts[0]
+    account.clock.advance(minutes=45)  # $0.75 spent; boot, 5 min of work and a graceful stop: 25 min, $0.42
+    reclaim(account, first["instance_id"])  # before the per-minute check stopped it
+
+    run = account.run()
+    assert run.state == "budget" and len(run.attempts) == 1
+    assert run.attempts[0]["end_reason"] == "reclaimed"
+    assert "spent $0.75 of its $1.00 limit: another attempt (boot, one checkpoint interval" in run.message
+
+
+def test_a_finished_runs_month_reservation_becomes_what_it_spent(account):
+    account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
+    month = MonthlyLedger.key(account.clock())
+    supervisor = account.supervisor()
+    supervisor.month_ledger().reserve(month, "bert", 12.0, "g5.xlarge for 12 h")
+    first = start(account, budget_month=month, reserved_usd=12.0, **ONE_DOLLAR_AN_HOUR).attempts[0]
+    assert supervisor.month_ledger().left(month) == (0.0, 12.0, 38.0)
+
+    account.clock.advance(hours=2)
+    account.agent_wrote("bert", 1, "succeeded", exit_code=0)
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(SCHEDULED))
+
+    assert account.run().state == "succeeded"
+    assert supervisor.month_ledger().left(month) == (pytest.approx(2.0), 0.0, pytest.approx(48.0))
+
+
+def test_a_month_reservation_left_by_a_failed_settle_is_swept_at_the_next_reconcile(account):
+    account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
+    month = MonthlyLedger.key(account.clock())
+    ledger = account.supervisor().month_ledger()
+    ledger.reserve(month, "bert", 12.0, "test")
+    run = account.new_run(budget_month=month, reserved_usd=12.0, **ONE_DOLLAR_AN_HOUR)
+    run = account.run()
+    run.state, run.spent_usd = "failed", 3.0  # ended, but the settle never happened
+    account.supervisor().store.save(run)
+
+    account.supervisor().handle(event(SCHEDULED))
+
+    assert ledger.left(month) == (3.0, 0.0, 47.0)

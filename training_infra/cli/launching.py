@@ -74,6 +74,17 @@ class LaunchRequest:
     dry_run: bool = False  # stop after the preflight
     allow_empty_data: bool = False
     resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
+    max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
+
+
+def _positive_usd(option: str, value: Any) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if not (0 < number <= 1_000_000):  # also refuses nan and inf
+        raise UsageError(f"option '{option}': got {value!r}; allowed: a number of US dollars greater than 0")
+    return number
 
 
 def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any:
@@ -114,6 +125,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.max_restarts_on_errors = text
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
+    if request.max_cost_usd is not None:
+        request.max_cost_usd = _positive_usd("--max-cost-usd", request.max_cost_usd)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.run_id is not None:
@@ -267,7 +280,15 @@ class Started:
     preflight: Any = None  # training_infra.cli.preflight.Report
 
 
-def supervisor_with(client: Any, *, table: str, outputs_bucket: str, topic_arn: str = "", prices: Any = None):
+def supervisor_with(
+    client: Any,
+    *,
+    table: str,
+    outputs_bucket: str,
+    topic_arn: str = "",
+    monthly_limit_usd: float = 0,
+    prices: Any = None,
+):
     """The supervisor's own code outside its Lambda (the CLI's first launch and stop, the local demo),
     with the names the construct passes it as environment, from `naming`. `client(service)` makes clients."""
     from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
@@ -284,6 +305,7 @@ def supervisor_with(client: Any, *, table: str, outputs_bucket: str, topic_arn: 
         stop_tag=naming.TAG_STOP,
         runs_prefix=naming.RUNS_PREFIX,
         metric_namespace=naming.METRIC_NAMESPACE,
+        monthly_limit_usd=monthly_limit_usd,
     )
     clients = Clients(ec2=client("ec2"), dynamodb=client("dynamodb"), s3=client("s3"), sns=client("sns"))
     return Supervisor(clients, config, prices=prices)
@@ -296,8 +318,17 @@ def supervisor_for(aws: Aws, prices: Any = None):
         table=aws.output(naming.OUTPUT_RUN_TABLE),
         outputs_bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET),
         topic_arn=aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, ""),
+        monthly_limit_usd=_monthly_limit(aws),
         prices=prices,
     )
+
+
+def _monthly_limit(aws: Aws) -> float:
+    """The deployed monthly_limit_usd (0: none, or a stack from before the setting)."""
+    try:
+        return float(aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_MONTHLY_LIMIT_USD) or 0)
+    except ValueError:
+        return 0.0
 
 
 def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:
@@ -363,8 +394,6 @@ def _run_template(aws: Aws, run_id: str, data: dict[str, Any], user_data: str, r
 
 
 def launch(aws: Aws, request: LaunchRequest) -> Started:
-    from training_infra.supervisor.runtime.records import Run, StaleRecord
-
     started = time.monotonic()
     template_id, template_version, data = latest_template_data(aws)
     encoded = data.get("UserData")
@@ -401,6 +430,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         run_tags=tags, max_price=request.max_price, allow_empty_data=request.allow_empty_data, resume=request.resume,
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=supervisor.store, dry_run=request.dry_run)
+    list_prices = checked.list_prices()  # from the Price List API (the built-in table where it cannot answer)
+    volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
+    money = _money(request, supervisor, types, list_prices, volume_gb, hours)
     if request.dry_run:
         return Started(run=None, elapsed_seconds=time.monotonic() - started, preflight=checked)
     overrides = _overrides(request, run_id, exports)
@@ -412,12 +444,109 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         user_data = with_run_overrides(base_user_data, overrides)
     except ValueError as error:
         raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
+    month = money.reserve(supervisor, run_id, now)
+    try:
+        chosen = {"instance_types": types, "subnet_ids": subnets, "market": market, "list_prices": list_prices,
+                  "volume_gb": volume_gb, **money.spec(month)}  # fmt: skip
+        return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports, chosen,
+                      started, checked)  # fmt: skip
+    except BaseException:
+        money.release(supervisor, run_id, month)  # a run that never started holds none of the month's dollars
+        raise
+
+
+@dataclass(frozen=True)
+class _Money:
+    """A run's dollar limits, checked before anything is created (issue 11; docs/architecture.md, "Dollar limits")."""
+
+    max_cost_usd: float | None
+    reserve_usd: float  # what the month's ledger must hold for this run; 0 without a monthly limit
+    why: str
+
+    def reserve(self, supervisor: Any, run_id: str, now: Any) -> str:
+        from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit
+
+        month = MonthlyLedger.key(now)
+        if self.reserve_usd <= 0:
+            return ""
+        try:
+            supervisor.month_ledger().reserve(month, run_id, self.reserve_usd, self.why)
+        except OverLimit as refused:
+            raise CliError(
+                f"launch refused: {refused}; set a lower --max-cost-usd or --max-runtime-hours, "
+                "or raise monthly_limit_usd"
+            ) from None
+        return month
+
+    def release(self, supervisor: Any, run_id: str, month: str) -> None:
+        if month:
+            supervisor.month_ledger().settle(month, run_id, 0.0)
+
+    def spec(self, month: str) -> dict[str, Any]:
+        limits: dict[str, Any] = {}
+        if self.max_cost_usd is not None:
+            limits["max_cost_usd"] = self.max_cost_usd
+        if month:
+            limits.update(budget_month=month, reserved_usd=round(self.reserve_usd, 4))
+        return limits
+
+
+def _money(
+    request: LaunchRequest,
+    supervisor: Any,
+    types: list[str],
+    list_prices: dict[str, float],
+    volume_gb: int,
+    hours: float,
+) -> _Money:
+    """The run's limit must leave room for one graceful stop; the month's limit needs a price to reserve with."""
+    from training_infra.supervisor.runtime import ledger
+
+    volume_hourly = ledger.volume_usd_per_hour({"volume_gb": volume_gb})
+    dearest = max(list_prices, key=list_prices.__getitem__) if list_prices else ""
+    hourly = (list_prices[dearest] if dearest else 0.0) + volume_hourly
+    limit = float(request.max_cost_usd) if request.max_cost_usd is not None else None
+    grace_minutes = supervisor.cfg.stop_timeout_seconds / 60
+    grace = hourly * supervisor.cfg.grace_hours
+    if limit is not None and dearest and limit <= grace:
+        raise UsageError(
+            f"option '--max-cost-usd': got {limit:g}; allowed: more than one graceful stop's cost, ${grace:.2f} "
+            f"({dearest} at ${hourly:.3f}/hour for {grace_minutes:g} min)"
+        )
+    if not supervisor.cfg.monthly_limit_usd:
+        return _Money(limit, 0.0, "")
+    worst = hourly * hours
+    if limit is None and not dearest:
+        raise CliError(
+            f"monthly_limit_usd is set and no list price is known for {', '.join(types)}: "
+            "pass --max-cost-usd so the launch can reserve what the run may cost"
+        )
+    if limit is not None and (not dearest or limit < worst):
+        return _Money(limit, limit, f"its --max-cost-usd {limit:g}")
+    return _Money(limit, worst, f"{dearest} at ${hourly:.3f}/hour for {hours:g} h")
+
+
+def _start(
+    aws: Aws,
+    supervisor: Any,
+    request: LaunchRequest,
+    run_id: str,
+    now: Any,
+    hours: float,
+    deadline: str,
+    data: dict[str, Any],
+    user_data: str,
+    exports: dict[str, str],
+    chosen: dict[str, Any],
+    started: float,
+    checked: preflight.Report,
+) -> Started:
+    from training_infra.supervisor.runtime.records import Run, StaleRecord
+
+    tags = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
     run_template = _run_template(aws, run_id, data, user_data, tags)
     spec = {
         "instance_tags": tags,
-        "instance_types": types,
-        "subnet_ids": subnets,
-        "market": market,
         "max_restarts_on_errors": int(request.max_restarts_on_errors or 0),
         "launch_template_id": run_template,
         "launch_template_version": "1",
@@ -426,9 +555,8 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "checkpoint_sync_seconds": int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300),
         "image_tag": request.image_tag or exports.get("TI_IMAGE_TAG", ""),
         "command": request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
-        # What the supervisor and `cost` price attempts with (supervisor/runtime/ledger.py).
-        "list_prices": checked.list_prices(),  # from the Price List API (the built-in table where it cannot answer)
-        "volume_gb": sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", [])),
+        # types, subnets, market; list prices and volume (what ledger.py prices attempts with); the dollar limits
+        **chosen,
     }
     if request.max_price:
         spec["max_price_usd"] = request.max_price
@@ -475,7 +603,7 @@ def _abandon(supervisor: Any, run_id: str) -> None:
 
     record = supervisor.store.get(run_id)
     if record is None or not record.active or (record.current or {}).get("instance_id"):
-        return  # an instance started: the supervisor keeps the run
+        return  # an instance started: the supervisor keeps the run (and its reservation)
     record.state, record.message = "failed", "launch failed before any instance started (see the error launch printed)"
     try:
         supervisor.store.save(record)

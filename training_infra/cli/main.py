@@ -7,6 +7,7 @@ the local AWS.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 import subprocess
@@ -386,6 +387,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    max_cost_usd: Annotated[
+        str | None,
+        typer.Option(
+            "--max-cost-usd",
+            metavar="USD",
+            help=(
+                "Most the run may cost across every attempt (instance and volume): it is stopped gracefully "
+                "before it passes this, ends as budget and is never relaunched past it."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
@@ -445,6 +458,7 @@ def launch(
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
+            max_cost_usd=max_cost_usd,
         )
     )  # fmt: skip
     started = launching.launch(Aws(region), request)
@@ -545,9 +559,22 @@ def status(
             _show_managed_run(rows[0])
             return
     else:
-        runs.record_bucket_runs(aws, store)
-        records = store.newest(count)
-        rows = _managed_rows(aws, records) + _run_rows(aws, _unrecorded_live_runs(aws, store, records))
+        for service in ("s3", "ec2"):  # clients are thread-safe, their creation is not: made here, used below
+            aws.client(service)
+        aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
+        # Independent reads at once: runs made outside the table, the newest records, live instances.
+        recorded, records, live = runs.concurrently(
+            lambda read: read(),
+            [
+                lambda: runs.record_bucket_runs(aws, store),
+                lambda: store.newest(count),
+                lambda: runs.instances_for(aws, states=runs.LIVE_STATES),
+            ],
+        )
+        if recorded.added:
+            records = store.newest(count)  # the runs just recorded may be among the newest
+        unrecorded = _unrecorded_live_runs(store, records, live) + recorded.unrecorded
+        rows = _managed_rows(aws, records) + _run_rows(aws, unrecorded)
         rows.sort(key=lambda row: row["launched_at"] or "", reverse=True)
         rows = rows[:count]
     if fmt == "json":
@@ -562,7 +589,7 @@ def status(
             Column(name, right=name in ("uptime", "cost", "tries"))
             for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")
         ],
-        caption="tries: attempts of a managed run; cost: spot history, else list price",
+        caption="tries: attempts of a managed run; cost: spot history (else list price) + volume",
     )
     for row in rows:
         outcome = row["outcome"] or ""
@@ -586,10 +613,10 @@ def _run_store(aws: Aws):
     return RunStore(aws.client("dynamodb"), table)
 
 
-def _unrecorded_live_runs(aws: Aws, store: Any, records: list[Any]) -> list[runs.Run]:
+def _unrecorded_live_runs(store: Any, records: list[Any], instances: list[dict[str, Any]]) -> list[runs.Run]:
     """Live managed instances without a run record (the stack's own instance, an older CLI's launch)."""
     shown = {record.run_id for record in records}
-    live = [runs.run_from_instance(i) for i in runs.instances_for(aws, states=runs.LIVE_STATES)]
+    live = [runs.run_from_instance(i) for i in instances]
     candidates = sorted({r.run_id for r in live if r.run_id and r.run_id not in shown})
     recorded = store.existing(candidates) if candidates else set()
     return [r for r in live if r.run_id and r.run_id not in shown and r.run_id not in recorded]
@@ -636,7 +663,7 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
                 "instance_type": attempt.get("instance_type"),
                 "zone": attempt.get("zone"),
                 "market": attempt.get("market"),
-                "instance_state": instance.state if instance else ("terminated" if attempt.get("ended_at") else None),
+                "instance_state": instance.state if instance else ("ended" if attempt.get("ended_at") else None),
                 "started_at": attempt.get("started_at") or attempt.get("claimed_at"),
                 "ended_at": attempt.get("ended_at"),
                 "end_reason": attempt.get("end_reason"),
@@ -676,6 +703,10 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
         "outcome": None if record.active else record.state,
         "exit_code": last.get("exit_code"),
         "message": record.message,
+        "max_cost_usd": record.spec.get("max_cost_usd"),
+        "left_usd": max(0.0, record.spec["max_cost_usd"] - (total("cost_usd") or 0))
+        if record.spec.get("max_cost_usd")
+        else None,
         "managed": {
             "spec": record.spec,
             "errors_used": record.errors_used,
@@ -696,7 +727,8 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         f"  deadline {row['deadline']}",
         f"  market {spec.get('market')}; types {', '.join(spec.get('instance_types', []))}",
         f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
-        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}",
+        f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}"
+        + (f" of {fmt_usd(row['max_cost_usd'])} ({fmt_usd(row['left_usd'])} left)" if row["max_cost_usd"] else ""),
     ):
         out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(
@@ -717,7 +749,7 @@ def _show_managed_run(row: dict[str, Any]) -> None:
                 "why it ended",
             )
         ],
-        caption="cost: spot history, else list price",
+        caption="cost: spot history (else list price) + volume",
     )
     for a in row["attempts"]:
         why = a["end_reason"] or ("-" if a["instance_id"] else "launching")
@@ -1012,27 +1044,30 @@ def cost(
     """
     fmt = output_format(output, as_json=as_json)
     now = runs.utcnow()
-    start, period = _period(since, days, now)
+    # One run: its whole life unless a period is given.
+    whole_run = run is not None and since is None and days is None
+    start, period = (datetime(1970, 1, 1, tzinfo=UTC), "over its whole run") if whole_run else _period(since, days, now)
     if run is not None:
         run = _check_run_id(run)
     aws = Aws(region)
     store = _run_store(aws)
+    attempts: dict[str, list[dict[str, Any]]] = {}
     if store is None:  # a deployment from before the run table: status files and tags only
         found = runs.require_runs(aws, run) if run else runs.collect_runs(aws)
         rows = [r for r in _run_rows(aws, found) if (runs.parse_time(r["launched_at"]) or now) >= start]
-        attempts: dict[str, list[dict[str, Any]]] = {}
     else:
+        unrecorded: list[runs.Run] = []
+        summarized: list[dict[str, Any]] = []
         if run is not None:
-            record = store.get(run)
-            if record is None:
-                raise CliError(f"unknown run {run!r} in {aws.region_name} (see `training-infra status`)")
-            records = [record]
+            records = [_record_of(aws, store, run)]
         else:
-            runs.record_bucket_runs(aws, store)
-            # A run's attempts all end by its deadline, at most the longest runtime after it was made.
-            earliest = start - timedelta(hours=naming.MAX_RUNTIME_HOURS_LIMIT + 1)
-            records = list(store.created_since(runs.iso_z(earliest)))
+            recorded = runs.record_bucket_runs(aws, store)
+            unrecorded = recorded.unrecorded
+            records, summarized = _period_runs(store, start)
         rows, attempts = _costs_within(_managed_rows(aws, records), start, now)
+        rows += summarized
+        rows += [r for r in _run_rows(aws, unrecorded) if (runs.parse_time(r["launched_at"]) or now) >= start]
+        rows.sort(key=lambda row: row["launched_at"] or "", reverse=True)
     total = sum(r["cost_usd"] or 0 for r in rows)
     on_demand = sum(r["on_demand_usd"] if r["on_demand_usd"] is not None else (r["cost_usd"] or 0) for r in rows)
     saving = on_demand - total
@@ -1052,8 +1087,8 @@ def cost(
         stdout().print(f"no runs {period} in {aws.region_name}", markup=False)
         return
     out = stdout()
-    if run is not None:
-        _cost_attempts_listing(run, period, attempts.get(run, [])).print(out)
+    if run is not None and attempts.get(run):
+        _cost_attempts_listing(run, period, attempts[run]).print(out)
     else:
         listing = Listing(
             title=f"cost of runs {period} ({aws.region_name})",
@@ -1073,6 +1108,56 @@ def cost(
         listing.print(out)
     percent = f" ({saving / on_demand:.0%})" if on_demand > 0 else ""
     out.print(f"saving vs on-demand: {fmt_usd(saving)}{percent}", markup=False)
+
+
+def _period_runs(store: Any, start: datetime) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The runs that may have cost something since `start`: finished ones wholly inside the period as
+    rows from their summaries (no attempts read); whole records only for the rest (still going,
+    straddling the start, or recorded before summaries existed)."""
+    since = runs.iso_z(start)
+    # A run's attempts all end by its deadline, at most the longest runtime after it was made.
+    earliest = runs.iso_z(start - timedelta(hours=naming.MAX_RUNTIME_HOURS_LIMIT + 1))
+    rows, detailed = [], []
+    for found in store.summaries_since(earliest):
+        summary = found.get("summary") or {}
+        if summary.get("complete") and found.get("ended_at") and found["ended_at"] < since:
+            continue  # ended before the period
+        if not summary.get("complete") or (summary.get("first_started_at") or found["created_at"]) < since:
+            detailed.append(found["run_id"])
+            continue
+        if summary.get("tries"):
+            rows.append(
+                {
+                    "run_id": found["run_id"],
+                    "instance_type": summary.get("instance_type") or None,
+                    "market": summary.get("market") or None,
+                    "state": found.get("state"),
+                    "tries": summary["tries"],
+                    "uptime_seconds": summary.get("seconds"),
+                    "cost_usd": summary.get("cost_usd"),
+                    "on_demand_usd": summary.get("on_demand_usd"),
+                    "price_source": summary.get("price_source") or None,
+                    "launched_at": found["created_at"],
+                }
+            )
+    return store.get_many(detailed) if detailed else [], rows
+
+
+def _record_of(aws: Aws, store: Any, run: str) -> Any:
+    """The run's record; a run known only from its status.json is recorded now (or just read, without write access)."""
+    record = store.get(run)
+    if record is not None:
+        return record
+    status = runs.read_status(aws, aws.output(naming.OUTPUT_OUTPUTS_BUCKET), run)
+    if status is None:
+        raise CliError(f"unknown run {run!r} in {aws.region_name} (see `training-infra status`)")
+    record = runs.record_from_status({**status, "run_id": run}, aws.client("ec2"), runs.utcnow())
+    from training_infra.supervisor.runtime.records import StaleRecord
+
+    # No write access, or recorded meanwhile: the figures shown are the same either way.
+    with contextlib.suppress(StaleRecord, botocore.exceptions.ClientError):
+        store.create(record)
+    return record
 
 
 def _period(since: str | None, days: str | None, now: datetime) -> tuple[datetime, str]:

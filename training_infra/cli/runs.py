@@ -8,6 +8,7 @@ on-demand list price.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -154,9 +155,8 @@ def _described(aws: Aws, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def read_status(aws: Aws, bucket: str, run_id: str) -> dict[str, Any] | None:
     """The agent's status.json for a run, or None while the run has not finished."""
     try:
-        body = (
-            aws.client("s3").get_object(Bucket=bucket, Key=f"{naming.RUNS_PREFIX}{run_id}/{STATUS_FILE}")["Body"].read()
-        )
+        answer = aws.client("s3").get_object(Bucket=bucket, Key=f"{naming.RUNS_PREFIX}{run_id}/{STATUS_FILE}")
+        body = answer["Body"].read()
     except botocore.exceptions.ClientError as error:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
@@ -164,8 +164,17 @@ def read_status(aws: Aws, bucket: str, run_id: str) -> dict[str, Any] | None:
     try:
         status = json.loads(body)
     except ValueError:
-        return {"run_id": run_id, "outcome": "unreadable status.json"}
-    return status if isinstance(status, dict) else {"run_id": run_id, "outcome": "unreadable status.json"}
+        status = None
+    if isinstance(status, dict):
+        return status
+    # Garbled: at least when it was written (the run's end), so it sorts where it belongs.
+    written = answer.get("LastModified")
+    return {
+        "run_id": run_id,
+        "outcome": "unreadable status.json",
+        "message": "its status.json is not a JSON object",
+        **({"ended_at": iso_z(written), "started_at": iso_z(written)} if isinstance(written, datetime) else {}),
+    }
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
@@ -352,6 +361,8 @@ def record_from_status(status: dict[str, Any], ec2: Any, now: datetime) -> Any:
         cost = ledger.price_attempt(attempt, spec, now, spot)
     except botocore.exceptions.ClientError:
         cost = ledger.price_attempt(attempt, spec, now, None)
+    if not run.ended_at:  # no end recorded: its hours, and so its cost, are unknown
+        cost = ledger.AttemptCost(0.0, None, None, cost.hourly_usd, "unknown")
     ledger.record_price(attempt, cost)
     return Record(
         run_id=run.run_id,
@@ -365,34 +376,54 @@ def record_from_status(status: dict[str, Any], ec2: Any, now: datetime) -> Any:
     )
 
 
-def record_bucket_runs(aws: Aws, store: Any) -> int:
-    """Record the runs under runs/ that the table does not know yet; returns how many were added.
+@dataclass
+class Recorded:
+    added: int = 0  # runs recorded in the table by this call
+    unrecorded: list[Run] = field(default_factory=list)  # read from S3 but not recordable (no write access)
+
+
+def record_bucket_runs(aws: Aws, store: Any) -> Recorded:
+    """Record the runs under runs/ that the table does not know yet.
 
     Listing runs/ is one request per thousand runs; only ids not seen before are looked up, and
     only those without a record have their status.json read (at once, not one after another). A
-    run still going (no status.json yet) is left for a later call: `status` shows it from EC2.
+    run still going (no status.json yet, an instance live) is left for a later call: `status`
+    shows it from EC2. Recording needs dynamodb:PutItem and UpdateItem; a user without them (or a
+    table that refuses) still sees those runs: they are returned, read from S3, for this call.
     """
+    from training_infra import config
     from training_infra.supervisor.runtime.records import StaleRecord
 
+    def is_run_id(name: str) -> bool:
+        try:
+            return bool(config.parse_setting("run_id", name))
+        except config.ConfigError:
+            return False  # not a folder `launch` could have made (and never one of the table's own items)
+
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
-    unseen = sorted(set(run_ids_in_bucket(aws, bucket)) - store.seen_in_bucket())
+    unseen = sorted({i for i in run_ids_in_bucket(aws, bucket) if is_run_id(i)} - store.seen_in_bucket())
     if not unseen:
-        return 0
+        return Recorded()
     recorded = store.existing(unseen)
     missing = [run_id for run_id in unseen if run_id not in recorded]
     statuses = concurrently(lambda run_id: read_status(aws, bucket, run_id), missing)
     now, ec2 = utcnow(), aws.client("ec2")
-    found = [(run_id, status) for run_id, status in zip(missing, statuses, strict=True) if status is not None]
+    found = [(run_id, {**status, "run_id": run_id}) for run_id, status in zip(missing, statuses, strict=True) if status]
+    without_status = [run_id for run_id, status in zip(missing, statuses, strict=True) if not status]
+    if without_status:  # still going (an instance is live), or died before it could write one: never look again
+        live = {r.run_id for r in map(run_from_instance, instances_for(aws, states=LIVE_STATES))}
+        without_status = [run_id for run_id in without_status if run_id not in live]
 
-    def add(item: tuple[str, dict[str, Any]]) -> bool:
-        run_id, status = item
-        status["run_id"] = run_id  # the folder names the run, whatever the file says
-        try:
-            store.create(record_from_status(status, ec2, now))
-        except StaleRecord:
-            return False  # another `status` recorded it first
-        return True
+    def add(item: tuple[str, dict[str, Any]]) -> None:
+        with contextlib.suppress(StaleRecord):  # another `status` recorded it first
+            store.create(record_from_status(item[1], ec2, now))
 
-    added = sum(concurrently(add, found))
-    store.mark_seen(recorded | {run_id for run_id, _ in found})
-    return added
+    try:
+        concurrently(add, found)
+        store.mark_seen(recorded | {run_id for run_id, _ in found} | set(without_status))
+    except botocore.exceptions.ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code not in ("AccessDeniedException", "AccessDenied", "ValidationException", "UnauthorizedOperation"):
+            raise
+        return Recorded(0, [run_from_status(status) for _, status in found])  # shown from S3 this time
+    return Recorded(len(found))

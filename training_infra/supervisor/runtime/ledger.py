@@ -10,11 +10,12 @@ Stdlib and boto3 only: this folder is the supervisor's Lambda package; the CLI i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     from records import parse_iso
@@ -91,6 +92,23 @@ class SpotHistory:
         in_zone = [e for e in entries if e.get("AvailabilityZone") == zone] if zone else []
         chosen = in_zone or entries
         return [(_moment(e["Timestamp"]) or self.start, float(e["SpotPrice"])) for e in chosen]
+
+
+class RecentSpotHistory(SpotHistory):
+    """The supervisor's per-minute spend check: each pool's history asked at most every five minutes
+    in a warm Lambda (prices change a few times a day; the ended attempt is priced exactly later)."""
+
+    TTL_SECONDS = 300
+    _shared: ClassVar[dict[tuple[int, str, str], tuple[datetime, float, list[tuple[datetime, float]]]]] = {}
+
+    def prices(self, instance_type: str, zone: str) -> list[tuple[datetime, float]]:
+        key = (id(self._ec2), instance_type, zone)
+        hit = self._shared.get(key)
+        if hit and hit[0] <= self.start and time.monotonic() - hit[1] < self.TTL_SECONDS:
+            return hit[2]
+        prices = self._ask(instance_type, zone)
+        self._shared[key] = (self.start, time.monotonic(), prices)
+        return prices
 
 
 def _moment(value: Any) -> datetime | None:

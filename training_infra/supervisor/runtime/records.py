@@ -12,6 +12,7 @@ it too (the first launch is the same code).
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ RUN_KIND = "run"
 # bucket already recorded or imported, so `status` reads only status files it has not seen.
 META_KIND = "meta"
 SEEN_ITEM = "#seen-in-bucket"
+SEEN_SHARDS = 16
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -90,6 +92,33 @@ class Run:
             return self.attempts[-1]
         return None
 
+    def summary(self) -> dict[str, Any]:
+        """What `cost` lists for a finished run, kept beside the attempts so a period's runs are read
+        without them (a projection): the attempts' recorded prices added up. `complete` only when the
+        run has ended and every attempt that had an instance was priced."""
+        launched = [a for a in self.attempts if a.get("instance_id")]
+
+        def total(key: str) -> float | None:
+            values = [float(a[key]) for a in launched if a.get(key) is not None]
+            return round(sum(values), 6) if values else None
+
+        seconds = 0.0
+        for attempt in launched:
+            start, end = parse_iso(attempt.get("started_at")), parse_iso(attempt.get("ended_at"))
+            seconds += (end - start).total_seconds() if start and end and end > start else 0.0
+        last = launched[-1] if launched else {}
+        return {
+            "complete": not self.active and all(a.get("priced") for a in launched),
+            "tries": len(launched),
+            "first_started_at": (launched[0].get("started_at") or "") if launched else "",
+            "seconds": seconds,
+            "cost_usd": total("cost_usd"),
+            "on_demand_usd": total("on_demand_usd"),
+            "price_source": last.get("price_source") or "",
+            "instance_type": last.get("instance_type") or "",
+            "market": last.get("market") or "",
+        }
+
     def to_item(self) -> dict[str, Any]:
         item = {
             "run_id": self.run_id,
@@ -107,6 +136,7 @@ class Run:
             "message": self.message,
             "ended_at": self.ended_at,
             "spent_usd": self.spent_usd,
+            "summary": self.summary(),
         }
         if self.active:
             item["active"] = "1"  # sparse index: only active runs are in it
@@ -216,22 +246,37 @@ class RunStore:
         )
         return [Run.from_item(item) for item in page.get("Items", [])]
 
-    def created_since(self, since: str) -> Iterator[Run]:
-        """Runs created at or after `since` (ISO), newest first: one paginated query on the time index."""
+    def summaries_since(self, since: str) -> Iterator[dict[str, Any]]:
+        """Run id, creation, state and `summary` of the runs created at or after `since` (ISO), newest
+        first: one paginated query on the time index that leaves the attempts behind."""
         kwargs: dict[str, Any] = {
             "TableName": self.table,
             "IndexName": CREATED_INDEX,
             "KeyConditionExpression": "kind = :run AND created_at >= :since",
             "ExpressionAttributeValues": {":run": {"S": RUN_KIND}, ":since": {"S": since}},
+            "ProjectionExpression": "run_id, created_at, ended_at, #state, summary",
+            "ExpressionAttributeNames": {"#state": "state"},
             "ScanIndexForward": False,
         }
         while True:
             page = self._db.query(**kwargs)
             for item in page.get("Items", []):
-                yield Run.from_item(item)
+                yield {key: _from_dynamo(_deserializer.deserialize(value)) for key, value in item.items()}
             if "LastEvaluatedKey" not in page:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def get_many(self, run_ids: list[str]) -> list[Run]:
+        """Whole records, 100 a call (BatchGetItem), in no particular order."""
+        found: list[Run] = []
+        for start in range(0, len(run_ids), 100):
+            keys = [{"run_id": {"S": run_id}} for run_id in run_ids[start : start + 100]]
+            request = {self.table: {"Keys": keys, "ConsistentRead": True}}
+            while request:
+                answer = self._db.batch_get_item(RequestItems=request)
+                found.extend(Run.from_item(item) for item in answer.get("Responses", {}).get(self.table, []))
+                request = answer.get("UnprocessedKeys") or {}
+        return found
 
     def existing(self, run_ids: list[str]) -> set[str]:
         """Which of these ids have a record (BatchGetItem, 100 keys a call, keys only)."""
@@ -246,19 +291,37 @@ class RunStore:
         return found
 
     def seen_in_bucket(self) -> set[str]:
-        """Run ids under runs/ in the outputs bucket already accounted for (recorded or imported)."""
-        item = self._db.get_item(TableName=self.table, Key={"run_id": {"S": SEEN_ITEM}}, ConsistentRead=True)
-        return set(item.get("Item", {}).get("seen", {}).get("SS", []))
+        """Run ids under runs/ in the outputs bucket already accounted for (recorded or imported).
+
+        Kept in SEEN_SHARDS items (one BatchGetItem reads them all): DynamoDB's 400 KB per item
+        would stop one item at about 15,000 ids; sixteen hold a quarter of a million.
+        """
+        keys = [{"run_id": {"S": f"{SEEN_ITEM}-{shard:x}"}} for shard in range(SEEN_SHARDS)]
+        seen: set[str] = set()
+        request = {self.table: {"Keys": keys, "ConsistentRead": True}}
+        while request:
+            answer = self._db.batch_get_item(RequestItems=request)
+            for item in answer.get("Responses", {}).get(self.table, []):
+                seen.update(item.get("seen", {}).get("SS", []))
+            request = answer.get("UnprocessedKeys") or {}
+        return seen
 
     def mark_seen(self, run_ids: set[str]) -> None:
-        """Add to the accounted-for ids; an atomic ADD, so two CLIs at once lose nothing."""
-        if run_ids:
+        """Add to the accounted-for ids: an atomic ADD per shard, so two CLIs at once lose nothing."""
+        shards: dict[int, list[str]] = {}
+        for run_id in run_ids:
+            shards.setdefault(seen_shard(run_id), []).append(run_id)
+        for shard, ids in sorted(shards.items()):
             self._db.update_item(
                 TableName=self.table,
-                Key={"run_id": {"S": SEEN_ITEM}},
+                Key={"run_id": {"S": f"{SEEN_ITEM}-{shard:x}"}},
                 UpdateExpression="ADD seen :ids SET kind = :meta",
-                ExpressionAttributeValues={":ids": {"SS": sorted(run_ids)}, ":meta": {"S": META_KIND}},
+                ExpressionAttributeValues={":ids": {"SS": sorted(ids)}, ":meta": {"S": META_KIND}},
             )
+
+
+def seen_shard(run_id: str) -> int:
+    return zlib.crc32(run_id.encode()) % SEEN_SHARDS
 
 
 class OverLimit(RuntimeError):

@@ -500,10 +500,10 @@ class Supervisor:
         """Settle reservations of runs that ended while their settle failed (this month's and last month's)."""
         now = self.now()
         for month in {MonthlyLedger.key(now), MonthlyLedger.key(now.replace(day=1) - timedelta(days=1))}:
-            for run_id in self._ledger().read(month)["reservations"]:
+            for run_id in self.month_ledger().read(month)["reservations"]:
                 run = self.store.get(run_id) if run_id not in active else None
                 if run is not None and not run.active:
-                    self._settle(run)
+                    self.settle_month(run)
 
     def reconcile(self, run_id: str) -> dict[str, Any]:
         """Bring one run one step closer to where it should be; safe to call at any time, any number of times."""
@@ -730,7 +730,9 @@ class Supervisor:
             return spent, 0.0
         window = ledger.attempt_window(open_attempt, now)
         try:
-            cost = ledger.price_attempt(open_attempt, run.spec, now, ledger.SpotHistory(self.clients.ec2, *window))
+            cost = ledger.price_attempt(
+                open_attempt, run.spec, now, ledger.RecentSpotHistory(self.clients.ec2, *window)
+            )
         except ClientError as error:
             log.warning("no spot price history for %s: %s", run.run_id, error)
             cost = ledger.price_attempt(open_attempt, run.spec, now, None)
@@ -743,12 +745,19 @@ class Supervisor:
         spent, _ = self._spend(run, None, now)
         run.spent_usd = round(spent, 4)
         prices = [float(p) for p in (run.spec.get("list_prices") or {}).values()] or [0.0]
-        grace = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * self.cfg.grace_hours
-        if limit and spent + grace >= limit:
-            return f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt would pass it"
+        # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
+        useful = (
+            self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300)) + self.cfg.stop_timeout_seconds
+        )
+        least = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * useful / 3600
+        if limit and spent + least >= limit:
+            return (
+                f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt (boot, one checkpoint "
+                f"interval and a graceful stop, ${least:,.2f}) would pass it"
+            )
         month = run.spec.get("budget_month")
         if self.cfg.monthly_limit_usd and month:
-            finished, reserved, left = self._ledger().left(month)
+            finished, reserved, left = self.month_ledger().left(month)
             if left < 0:
                 return (
                     f"the month is over monthly_limit_usd {self.cfg.monthly_limit_usd:g} "
@@ -756,16 +765,16 @@ class Supervisor:
                 )
         return ""
 
-    def _ledger(self) -> MonthlyLedger:
+    def month_ledger(self) -> MonthlyLedger:
         return MonthlyLedger(self.clients.dynamodb, self.cfg.table, self.cfg.monthly_limit_usd)
 
-    def _settle(self, run: Run) -> None:
+    def settle_month(self, run: Run) -> None:
         """A finished run's month reservation becomes what it spent (the sweep in reconcile_all retries)."""
         month = run.spec.get("budget_month")
         if not month:
             return
         try:
-            self._ledger().settle(month, run.run_id, run.spent_usd)
+            self.month_ledger().settle(month, run.run_id, run.spent_usd)
         except (ClientError, StaleRecord) as error:
             log.warning("month ledger not settled for %s (the next reconcile retries): %s", run.run_id, error)
 
@@ -828,7 +837,7 @@ class Supervisor:
         run.state, run.message, run.ended_at = state, words, iso(self.now())
         run.spent_usd = round(self._spend(run, None, self.now())[0], 4)
         self.store.save(run)
-        self._settle(run)
+        self.settle_month(run)
         self._release_launch_template(run)
         verb = (
             "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
