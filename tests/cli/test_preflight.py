@@ -19,6 +19,7 @@ from training_infra.cli import preflight
 from training_infra.cli.launching import supervisor_with
 from training_infra.supervisor.runtime.records import RunStore
 
+EMPTY_DATA_REGION = "sa-east-1"  # this module's own: no other module deploys there (ap-southeast-2 must stay empty)
 NOTES = [
     "note: vCPU quota: skipped: not available here (NoSuchResourceException)",
     "note: list price from the built-in table (the Price List API did not answer: HTTP 500)",
@@ -130,7 +131,7 @@ def test_a_missing_ecr_repository_says_to_deploy():
 
 
 def test_an_empty_data_prefix_is_refused_unless_allowed(deployed):
-    empty = deployed("ap-southeast-2", empty_data=True)
+    empty = deployed(EMPTY_DATA_REGION, empty_data=True)
 
     assert _refused(empty, "--run-id", "pf-no-data") == (
         f"error: no training data: s3://{empty.data_bucket}/data/ is empty: upload it first "
@@ -143,7 +144,7 @@ def test_an_empty_data_prefix_is_refused_unless_allowed(deployed):
 
 
 def test_every_failure_is_reported_at_once_one_line_each(deployed):
-    empty = deployed("ap-southeast-2", empty_data=True)
+    empty = deployed(EMPTY_DATA_REGION, empty_data=True)
 
     lines = _refused(empty, "--run-id", "pf-two-problems", "--image-tag", "nope").splitlines()
 
