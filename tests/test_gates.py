@@ -46,6 +46,8 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     # launch --secret: SSM parameters under /training-infra/ and secrets tagged managed, named at launch.
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter/training-infra/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:*]",
+    # The secrets reader role: customer-managed keys of SecureStrings and secrets, only through SSM/Secrets Manager.
+    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*]",
     "AwsSolutions-IAM5[Resource::{outputs}/runs/*/attempts/*/status.json]",
 }
 
@@ -197,6 +199,12 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
     ("PrivilegeEscalationRule", BUDGET_ACTION_POLICY, None): "AWS Budgets' action role may attach exactly one "
     "policy (iam:PolicyARN condition: the deny-launches policy) to exactly one role (the supervisor's): it can "
     "only take permissions away, which is the point of the budget action.",
+    **{
+        (rule, "TrainingInfra-Compute:Compute/SecretsReaderRole/Resource", None): "cfripper cannot resolve a GetAtt "
+        "principal and calls it cross-account: it is this stack's own instance role (tests/test_security.py asserts "
+        "the trust names exactly that role)."
+        for rule in ("CrossAccountTrustRule", "GenericCrossAccountTrustRule")
+    },
     ("GenericResourceWildcardPolicyRule", ALERTS_KEY, None): "The key policy's default statement (kms:* for this "
     "account's root) keeps the key manageable by the account's IAM; without it a key can become unmanageable.",
 }

@@ -66,12 +66,11 @@ def test_instance_role_carries_no_managed_policy(defaults):
     assert "ManagedPolicyArns" not in role["Properties"]
 
 
-def test_instance_role_reads_only_the_trainer_secrets_path_of_parameter_store_and_otherwise_only_registers(defaults):
+def test_instance_role_reads_no_parameter_or_secret_itself_and_only_registers_with_ssm(defaults):
     statements = defaults.role_statements(defaults.compute.role)
-    ssm_actions = {a for a in actions_of(statements) if a.startswith("ssm:")}
-    assert ssm_actions == {"ssm:UpdateInstanceInformation", "ssm:GetParameter"}
-    [reads] = [s for s in statements if "ssm:GetParameter" in as_list(s["Action"])]
-    assert json.dumps(reads["Resource"]).endswith(':parameter/training-infra/*"]]}'), reads["Resource"]
+    assert {a for a in actions_of(statements) if a.startswith(("ssm:", "secretsmanager:"))} == {
+        "ssm:UpdateInstanceInformation"
+    }
 
 
 def test_session_manager_gets_exactly_its_channels_and_the_instance_registration(defaults):
@@ -111,14 +110,20 @@ def test_session_manager_gets_exactly_its_channels_and_the_instance_registration
 
 def test_no_trainer_role_and_no_assume_grant_unless_opted_in(defaults):
     assert defaults.compute.trainer_role is None
-    assert not any(a.startswith("sts:") for a in actions_of(defaults.role_statements(defaults.compute.role)))
+    assumable = {
+        json.dumps(s["Resource"])
+        for s in defaults.role_statements(defaults.compute.role)
+        if any(a.startswith("sts:") for a in as_list(s["Action"]))
+    }
+    assert assumable == {json.dumps({"Fn::GetAtt": [defaults.logical_id(defaults.compute.secrets_reader_role), "Arn"]})}
     assert naming.OUTPUT_TRAINER_ROLE_ARN not in defaults.json.get("Outputs", {})
     instance_role = {"Fn::GetAtt": [defaults.logical_id(defaults.compute.role), "Arn"]}
-    assert instance_role not in [
-        s["Principal"].get("AWS")
-        for r in defaults.resources("AWS::IAM::Role").values()
+    assert [
+        logical_id
+        for logical_id, r in defaults.resources("AWS::IAM::Role").items()
         for s in r["Properties"]["AssumeRolePolicyDocument"]["Statement"]
-    ]
+        if s["Principal"].get("AWS") == instance_role
+    ] == [defaults.logical_id(defaults.compute.secrets_reader_role)], "only the secrets reader trusts it"
 
 
 def test_opt_in_trainer_role_trusts_only_the_instance_role_with_the_run_id_session_tag_for_an_hour(full):
@@ -138,11 +143,17 @@ def test_opt_in_trainer_role_trusts_only_the_instance_role_with_the_run_id_sessi
     assert "ManagedPolicyArns" not in trainer
 
 
-def test_instance_role_may_assume_and_tag_only_the_trainer_role(full):
+def test_instance_role_may_assume_and_tag_only_the_trainer_role_and_assume_the_secrets_reader(full):
     statements = [
         s for s in full.role_statements(full.compute.role) if any(a.startswith("sts:") for a in as_list(s["Action"]))
     ]
     assert statements == [
+        {
+            "Sid": "AssumeSecretsReaderRole",
+            "Action": "sts:AssumeRole",
+            "Effect": "Allow",
+            "Resource": {"Fn::GetAtt": [full.logical_id(full.compute.secrets_reader_role), "Arn"]},
+        },
         {
             "Sid": "AssumeTrainerRoleWithRunTag",
             "Action": ["sts:AssumeRole", "sts:TagSession"],
@@ -319,11 +330,43 @@ def test_workflows_that_get_aws_credentials_pin_every_action_to_a_commit_sha_wit
             assert re.fullmatch(r"\s+# v\d+(\.\d+)*", comment), f"{path.name}: {action} names no version"
 
 
-def test_instance_role_reads_only_secrets_tagged_managed_for_launch_secret(defaults):
-    [reads] = [
-        s
-        for s in defaults.role_statements(defaults.compute.role)
-        if "secretsmanager:GetSecretValue" in as_list(s["Action"])
+def test_instance_role_reaches_secrets_only_by_assuming_the_secrets_reader_role(defaults):
+    reader = defaults.compute.secrets_reader_role
+    assumes = [s for s in defaults.role_statements(defaults.compute.role) if "sts:AssumeRole" in as_list(s["Action"])]
+    assert [(s["Action"], s["Resource"]) for s in assumes] == [
+        ("sts:AssumeRole", {"Fn::GetAtt": [defaults.logical_id(reader), "Arn"]})
+    ], "defaults has no trainer role: the reader is the one role it may assume"
+
+
+def test_secrets_reader_role_is_trusted_by_the_instance_role_only(defaults):
+    reader = defaults.json["Resources"][defaults.logical_id(defaults.compute.secrets_reader_role)]
+    assert reader["Properties"]["AssumeRolePolicyDocument"]["Statement"] == [
+        {
+            "Action": "sts:AssumeRole",
+            "Effect": "Allow",
+            "Principal": {"AWS": {"Fn::GetAtt": [defaults.logical_id(defaults.compute.role), "Arn"]}},
+        }
     ]
-    assert as_list(reads["Action"]) == ["secretsmanager:GetSecretValue"]
-    assert reads["Condition"] == {"StringEquals": {"secretsmanager:ResourceTag/training-infra:managed": "true"}}
+    assert "ManagedPolicyArns" not in reader["Properties"]
+
+
+def test_secrets_reader_role_reads_the_parameter_path_secrets_tagged_managed_and_decrypts_only_through_them(defaults):
+    statements = {s["Sid"]: s for s in defaults.role_statements(defaults.compute.secrets_reader_role)}
+    assert set(statements) == {
+        "ReadTrainerSecretParameters",
+        "ReadTrainerSecretsTaggedManaged",
+        "DecryptThroughSsmAndSecretsManagerOnly",
+    }
+    parameters = statements["ReadTrainerSecretParameters"]
+    assert parameters["Action"] == "ssm:GetParameter"
+    assert json.dumps(parameters["Resource"]).endswith(':parameter/training-infra/*"]]}'), parameters["Resource"]
+    secrets = statements["ReadTrainerSecretsTaggedManaged"]
+    assert secrets["Action"] == "secretsmanager:GetSecretValue"
+    assert secrets["Condition"] == {"StringEquals": {"secretsmanager:ResourceTag/training-infra:managed": "true"}}
+    decrypt = statements["DecryptThroughSsmAndSecretsManagerOnly"]
+    assert decrypt["Action"] == "kms:Decrypt"
+    services = decrypt["Condition"]["StringEquals"]["kms:ViaService"]
+    assert [json.dumps(service) for service in services] == [
+        json.dumps({"Fn::Join": ["", [f"{service}.", {"Ref": "AWS::Region"}, ".amazonaws.com"]]})
+        for service in ("ssm", "secretsmanager")
+    ]

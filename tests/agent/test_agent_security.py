@@ -9,17 +9,24 @@ with `no-new-privileges` and a sized /dev/shm instead of the host's IPC namespac
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from training_infra.compute.user_data import AGENT_SCRIPT as AGENT_SH
+
 pytestmark = pytest.mark.slow
 
+ACCOUNT = "123456789012"  # moto's account
 HF_TOKEN = "hf_s3cr3t-value-0123456789"  # noqa: S105 - a test value, and what must never leak
 WANDB_KEY = "wandb-key 42 with spaces"
 
@@ -35,7 +42,8 @@ def everything_uploaded(run) -> str:
 
 
 def recording_aws(run, services: tuple[str, ...] = ("sts",)) -> Path:
-    """The real AWS CLI behind a script that records the arguments of calls to `services`."""
+    """The real AWS CLI behind a script that records the arguments of calls to `services` and the
+    access key each call signs with (from its environment; empty: the instance's own)."""
     real = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
     wrapper_dir = run.tmp / "aws-wrapper"
     wrapper_dir.mkdir()
@@ -47,7 +55,8 @@ def recording_aws(run, services: tuple[str, ...] = ("sts",)) -> Path:
         "args = sys.argv[1:]\n"
         "args = args[2:] if args[:1] == ['--cli-connect-timeout'] else args\n"
         f"if args and args[0] in {list(services)!r}:\n"
-        f"    with open({str(calls)!r}, 'a') as log: log.write(json.dumps(args) + '\\n')\n"
+        "    record = {'args': args, 'key': os.environ.get('AWS_ACCESS_KEY_ID', '')}\n"
+        f"    with open({str(calls)!r}, 'a') as log: log.write(json.dumps(record) + '\\n')\n"
         f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n"
     )
     wrapper.chmod(0o755)
@@ -55,8 +64,12 @@ def recording_aws(run, services: tuple[str, ...] = ("sts",)) -> Path:
     return calls
 
 
-def aws_calls(path: Path) -> list[list[str]]:
+def aws_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def aws_calls(path: Path) -> list[list[str]]:
+    return [record["args"] for record in aws_records(path)]
 
 
 def put_secrets(run) -> tuple[str, str]:
@@ -70,11 +83,24 @@ def put_secrets(run) -> tuple[str, str]:
     return f"ssm:{name}", arn
 
 
-def trainer_role(run) -> str:
+def new_role(run, prefix: str) -> str:
+    """A role on the local AWS (moto does not enforce trust or session policies; the templates are asserted)."""
     iam = run.extra["session"].client("iam", endpoint_url=run.aws.endpoint)
     trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "*"}]}
-    name = f"trainer-{run.config.outputs_bucket}"
+    name = f"{prefix}-{run.config.outputs_bucket}"
     return iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+
+
+def trainer_role(run) -> str:
+    return new_role(run, "trainer")
+
+
+def give_secrets(run, references: str) -> str:
+    """TI_SECRETS for the run, and the secrets reader role the compute construct makes: its ARN."""
+    reader = new_role(run, "secrets-reader")
+    run.env["TI_SECRETS"] = references
+    run.config = dataclasses.replace(run.config, secrets_reader_role_arn=reader)
+    return reader
 
 
 # ---------------------------------------------------------------- uploads and run ids (process runtime)
@@ -121,7 +147,7 @@ def test_secrets_reach_the_trainer_environment_and_never_user_data_logs_or_statu
         'printf %s "$WANDB_API_KEY" | sha256sum > "$OUTPUT_DIR/wandb.sha"; '
         f'ls {run.root}/opt/training-infra/state > "$OUTPUT_DIR/state-files.txt"'
     )
-    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}\nWANDB_API_KEY={wandb_ref}"
+    give_secrets(run, f"HF_TOKEN={hf_ref}\nWANDB_API_KEY={wandb_ref}")
     run.config = dataclasses.replace(run.config, training_command=trainer)
     calls = recording_aws(run, ("ssm", "secretsmanager"))
     run.run(timeout=90)
@@ -138,9 +164,56 @@ def test_secrets_reach_the_trainer_environment_and_never_user_data_logs_or_statu
         assert value not in everything_uploaded(run) and value not in user_data
 
 
+def test_secrets_are_read_with_a_reader_session_whose_policy_names_only_the_given_references(make_run):
+    run = make_run(run_id="secret-policy", training_command="true")
+    hf_ref, wandb_ref = put_secrets(run)
+    reader = give_secrets(run, f"HF_TOKEN={hf_ref}\nWANDB_API_KEY={wandb_ref}")
+    calls = recording_aws(run, ("sts", "ssm", "secretsmanager", "s3"))
+    run.run(timeout=90)
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    records = aws_records(calls)
+    [assume] = [r["args"] for r in records if r["args"][:2] == ["sts", "assume-role"]]
+    assert assume[assume.index("--role-arn") + 1] == reader
+    assert assume[assume.index("--duration-seconds") + 1] == "900"
+    region, parameter = run.aws.region, hf_ref.removeprefix("ssm:")
+    assert json.loads(assume[assume.index("--policy") + 1]) == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": [f"arn:aws:ssm:{region}:{ACCOUNT}:parameter{parameter}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": [wandb_ref, f"{wandb_ref}-??????"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {
+                    "StringEquals": {
+                        "kms:ViaService": [f"ssm.{region}.amazonaws.com", f"secretsmanager.{region}.amazonaws.com"]
+                    }
+                },
+            },
+        ],
+    }
+    reads = [r for r in records if r["args"][0] in ("ssm", "secretsmanager")]
+    own_key = run.env["AWS_ACCESS_KEY_ID"]
+    assert len(reads) == 2 and all(r["key"] not in ("", own_key) for r in reads), "the reader session's keys"
+    assert len({r["key"] for r in reads}) == 1, "one session for all the run's references"
+    later = [r for r in records if r["args"][0] == "s3"]
+    assert later and all(r["key"] == own_key for r in later), "the session is dropped: uploads use the instance's"
+
+
 def test_an_unreadable_secret_fails_the_run_naming_the_reference_before_the_trainer_starts(make_run):
     missing = "ssm:/training-infra/does-not-exist"
-    run = make_run(run_id="secret-missing", env={"TI_SECRETS": f"HF_TOKEN={missing}", "TI_RETRY_ATTEMPTS": "2"})
+    run = make_run(run_id="secret-missing", env={"TI_RETRY_ATTEMPTS": "2"})
+    give_secrets(run, f"HF_TOKEN={missing}")
     run.run(timeout=60)
 
     status = run.status()
@@ -162,21 +235,38 @@ def test_a_secret_setting_that_is_not_a_reference_is_refused_before_any_network_
 # ---------------------------------------------------------------- the trainer role (process runtime)
 
 
-def test_trainer_role_is_assumed_with_the_run_id_session_tag_and_refreshed_before_expiry(make_run):
+# A trainer with an AWS SDK: records the access key its one boto3 session signs with until it has
+# seen the agent's renewed session (60 s at most), then makes a real call with it.
+SDK_TRAINER = """
+import json, os, time
+import boto3
+session, seen = boto3.Session(), []
+for _ in range(120):
+    key = session.get_credentials().get_frozen_credentials().access_key
+    seen += [key] if key not in seen else []
+    if len(seen) >= 2:
+        break
+    time.sleep(0.5)
+arn = session.client("sts").get_caller_identity()["Arn"]
+names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+instance_keys = [name for name in names if name in os.environ]
+with open(os.path.join(os.environ["OUTPUT_DIR"], "sdk.json"), "w") as out:
+    json.dump({"keys": seen, "arn": arn, "instance_keys": instance_keys}, out)
+"""
+
+
+def test_trainer_role_session_is_credential_process_json_that_a_running_sdk_picks_up_when_renewed(make_run):
     run = make_run(run_id="role-run", training_command="true")
     role_arn = trainer_role(run)
-    keys_seen = run.tmp / "keys-seen.txt"
-    trainer = (
-        # Until the keys change (a renewal every 2 s, each AWS CLI call taking seconds on a loaded box), 30 s at most.
-        f'for i in $(seq 60); do grep aws_access_key_id "$AWS_SHARED_CREDENTIALS_FILE" >> {keys_seen}; '
-        f'[ "$(sort -u {keys_seen} | wc -l)" -ge 2 ] && break; sleep 0.5; done; '
-        'env | grep -c "^AWS_ACCESS_KEY_ID=" > "$OUTPUT_DIR/env-keys.txt"; '
-        'aws sts get-caller-identity --query Arn --output text > "$OUTPUT_DIR/identity.txt"'
-    )
-    run.config = dataclasses.replace(run.config, training_command=trainer, trainer_role_arn=role_arn)
-    run.env["TI_CREDENTIALS_REFRESH_SECONDS"] = "2"
+    script = run.tmp / "sdk_trainer.py"
+    script.write_text(SDK_TRAINER)
+    command = f"{sys.executable} {script}"
+    run.config = dataclasses.replace(run.config, training_command=command, trainer_role_arn=role_arn)
+    # STS's shortest session (15 min) is inside botocore's 15-minute refresh window: the SDK re-reads
+    # the session on every use, so the agent's renewal every 2 s shows within seconds.
+    run.env.update(TI_CREDENTIALS_REFRESH_SECONDS="2", TI_TRAINER_SESSION_SECONDS="900")
     calls = recording_aws(run)
-    run.run(timeout=90)
+    run.run(timeout=120)
 
     assert run.status()["outcome"] == "succeeded", run.setup_log
     assumes = [call for call in aws_calls(calls) if call[:2] == ["sts", "assume-role"]]
@@ -184,14 +274,69 @@ def test_trainer_role_is_assumed_with_the_run_id_session_tag_and_refreshed_befor
     first = assumes[0]
     assert first[first.index("--role-arn") + 1] == role_arn
     assert first[first.index("--tags") + 1] == "Key=training-infra:run-id,Value=role-run"
-    assert first[first.index("--duration-seconds") + 1] == "3600"
-    assert len(set(keys_seen.read_text().splitlines())) >= 2, "the trainer saw renewed keys"
-    assert run.read("runs/role-run/outputs/env-keys.txt").strip() == "0", "no instance credentials in its environment"
-    assert re.fullmatch(
-        r"arn:aws:sts::\d{12}:assumed-role/trainer-[^/]+/ti-role-run\n", run.read("runs/role-run/outputs/identity.txt")
-    ), "the trainer's AWS calls are the trainer role's"
-    credentials = run.root / "opt/training-infra/state/aws/credentials"
-    assert credentials.stat().st_mode & 0o777 == 0o600
+    assert first[first.index("--duration-seconds") + 1] == "900"
+    sdk = json.loads(run.read("runs/role-run/outputs/sdk.json"))
+    assert len(sdk["keys"]) == 2, "one boto3 session saw the renewed keys without a restart"
+    assert sdk["instance_keys"] == [], "no instance credentials in its environment"
+    assert re.fullmatch(r"arn:aws:sts::\d{12}:assumed-role/trainer-[^/]+/ti-role-run", sdk["arn"]), sdk["arn"]
+    aws_dir = run.root / "opt/training-infra/state/aws"
+    session = json.loads((aws_dir / "session.json").read_text())
+    assert set(session) == {"Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"}
+    assert session["Version"] == 1
+    assert (aws_dir / "session.json").stat().st_mode & 0o777 == 0o600
+    assert (aws_dir / "config").read_text() == f"[default]\ncredential_process = cat '{aws_dir}/session.json'\n"
+    assert not list(aws_dir.glob("*.new")), "each renewal is renamed into place"
+
+
+# A long-running SDK user: prints the access key of its one session each time it reads a line.
+KEY_PRINTER = """
+import sys
+import boto3
+session = boto3.Session()
+for _ in sys.stdin:
+    print(session.get_credentials().get_frozen_credentials().access_key, flush=True)
+"""
+
+
+def write_session(path: Path, key: str, expires_in: float) -> None:
+    """What the agent writes (credential_process JSON), beside and renamed as the agent does."""
+    expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=expires_in)
+    body = {"Version": 1, "AccessKeyId": key, "SecretAccessKey": "s", "SessionToken": "t",
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+    path.with_suffix(".new").write_text(json.dumps(body))
+    path.with_suffix(".new").rename(path)
+
+
+def test_a_running_boto3_session_keeps_its_keys_until_the_refresh_window_then_reads_the_rewritten_session(tmp_path):
+    """botocore refreshes credential_process credentials 15 minutes before Expiration (10: mandatory)."""
+    aws_dir = tmp_path / "aws"
+    aws_dir.mkdir()
+    config, session = aws_dir / "config", aws_dir / "session.json"
+    # The agent's own function writes the config (the process runtime's: the host path).
+    function = re.search(r"^trainer_aws_config\(\) \{.*\}$", AGENT_SH.read_text(), re.M)[0]
+    script = f'{function}\nSTATE="$1"; trainer_aws_config "$1/aws"'
+    subprocess.run(["bash", "-c", script, "-", str(tmp_path)], check=True)
+    write_session(session, "KEY-FIRST", expires_in=15 * 60 + 6)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(config),
+           "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", KEY_PRINTER], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def key_now() -> str:
+        child.stdin.write("\n")
+        child.stdin.flush()
+        return child.stdout.readline().strip()
+
+    try:
+        first = key_now()
+        write_session(session, "KEY-RENEWED", expires_in=3600)
+        before_window = key_now()
+        time.sleep(8)  # the first session is now inside the 15-minute window
+        after_window = key_now()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert (first, before_window, after_window) == ("KEY-FIRST", "KEY-FIRST", "KEY-RENEWED")
 
 
 # ---------------------------------------------------------------- docker flags (stand-in Docker CLI)
@@ -207,7 +352,7 @@ if args[0] == "login":
 if args[0] == "run":
     paths = [args[i + 1] for i, a in enumerate(args) if a == "--env-file"]
     mounts = [args[i + 1] for i, a in enumerate(args) if a == "-v" and "/run/" in args[i + 1]]
-    paths += [mount.split(":")[0] + "/credentials" for mount in mounts]
+    paths += [mount.split(":")[0] + name for mount in mounts for name in ("/config", "/session.json")]
     for path in paths:
         call["files"][path] = {{"mode": oct(os.stat(path).st_mode & 0o777), "text": open(path).read()}}
     (state / "container-created").touch()
@@ -252,14 +397,14 @@ def test_container_runs_without_new_privileges_host_ipc_or_aws_credentials_only_
     assert argv[argv.index("--shm-size") + 1] == half_the_memory_or_1g()
     env = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
     assert f"AWS_REGION={run.aws.region}" in env and "AWS_EC2_METADATA_DISABLED=true" in env
-    assert not [e for e in env if e.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET", "AWS_SESSION", "AWS_SHARED"))]
+    assert not [e for e in env if e.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET", "AWS_SESSION", "AWS_CONFIG"))]
     assert not [a for a in argv if "/run/training-infra" in a], "no credentials mount without a trainer role"
 
 
 def test_container_gets_secrets_from_a_0600_env_file_removed_after_start_and_role_credentials_read_only(make_run):
     run = fake_docker_run(make_run, run_id="docker-secrets", training_command="python train.py")
     hf_ref, _ = put_secrets(run)
-    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}"
+    give_secrets(run, f"HF_TOKEN={hf_ref}")
     run.config = dataclasses.replace(run.config, trainer_role_arn=trainer_role(run))
     run.run(timeout=60)
 
@@ -272,9 +417,11 @@ def test_container_gets_secrets_from_a_0600_env_file_removed_after_start_and_rol
     assert not Path(secrets_file).exists(), "removed once the container exists"
     state = run.root / "opt/training-infra/state"
     assert f"{state}/aws:/run/training-infra/aws:ro" in argv
-    assert "AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials" in argv
-    credentials = files[f"{state}/aws/credentials"]
-    assert credentials["mode"] == "0o600" and "aws_session_token=" in credentials["text"]
+    assert "AWS_CONFIG_FILE=/run/training-infra/aws/config" in argv
+    config = files[f"{state}/aws/config"]["text"]
+    assert config == "[default]\ncredential_process = cat '/run/training-infra/aws/session.json'\n", "container path"
+    session = files[f"{state}/aws/session.json"]
+    assert session["mode"] == "0o600" and json.loads(session["text"])["SessionToken"]
     assert HF_TOKEN not in json.dumps(argv) and HF_TOKEN not in everything_uploaded(run)
 
 
@@ -291,10 +438,12 @@ def test_container_on_a_real_engine_has_no_new_privileges_a_sized_shm_secrets_an
         # what a PyTorch DataLoader worker does: put a batch larger than Docker's 64 MiB default in /dev/shm
         "dd if=/dev/zero of=/dev/shm/batch bs=1048576 count=256 2>/dev/null && echo written > /outputs/shm-write.txt; "
         'printf %s "$HF_TOKEN" | sha256sum > /outputs/hf.sha; env | grep ^AWS_ | sort > /outputs/aws-env.txt; '
-        'grep -c aws_session_token "$AWS_SHARED_CREDENTIALS_FILE" > /outputs/creds.txt; '
-        '(echo x >> "$AWS_SHARED_CREDENTIALS_FILE") 2>/dev/null || echo read-only > /outputs/creds-write.txt'
+        # what an SDK does with the config: run its credential_process (cat, in the image) and read the JSON
+        'sh -c "$(sed -n "s/^credential_process = //p" "$AWS_CONFIG_FILE")" | grep -c SessionToken '
+        "> /outputs/creds.txt; "
+        '(echo x >> /run/training-infra/aws/session.json) 2>/dev/null || echo read-only > /outputs/creds-write.txt'
     )
-    run.env["TI_SECRETS"] = f"HF_TOKEN={hf_ref}"
+    give_secrets(run, f"HF_TOKEN={hf_ref}")
     run.config = dataclasses.replace(run.config, training_command=trainer, trainer_role_arn=trainer_role(run))
     run.run(timeout=120)
 
@@ -309,10 +458,10 @@ def test_container_on_a_real_engine_has_no_new_privileges_a_sized_shm_secrets_an
     assert output("hf.sha").split()[0] == sha256(HF_TOKEN)
     region = run.aws.region
     assert output("aws-env.txt").splitlines() == [
+        "AWS_CONFIG_FILE=/run/training-infra/aws/config",
         f"AWS_DEFAULT_REGION={region}",
         "AWS_EC2_METADATA_DISABLED=true",
         f"AWS_REGION={region}",
-        "AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials",
     ]
     assert output("creds.txt") == "1\n" and output("creds-write.txt") == "read-only\n"
     assert run.engine.containers() == []

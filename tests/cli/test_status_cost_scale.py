@@ -313,3 +313,7 @@ def test_cost_reads_a_finished_runs_summary_not_its_attempts(region, calls):
     fetched = [key["run_id"]["S"] for name, p in calls.params if name == "dynamodb.BatchGetItem"
                for request in p["RequestItems"].values() for key in request["Keys"]]  # fmt: skip
     assert "scale-summary" not in fetched, "its whole record was not read"
+
+
+def test_cost_of_one_run_refuses_a_bad_run_id_naming_the_option(region):
+    assert region.usage_error("cost", "--run", "BAD/ID").startswith("error: option '--run': got 'BAD/ID'; allowed: ")

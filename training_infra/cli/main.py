@@ -1048,7 +1048,9 @@ def cost(
     whole_run = run is not None and since is None and days is None
     start, period = (datetime(1970, 1, 1, tzinfo=UTC), "over its whole run") if whole_run else _period(since, days, now)
     if run is not None:
-        run = _check_run_id(run)
+        run = launching.check("run_id", "--run", run)
+        if not run:
+            raise UsageError("option '--run': got ''; allowed: a run id such as 20261128-160000-ab12")
     aws = Aws(region)
     store = _run_store(aws)
     attempts: dict[str, list[dict[str, Any]]] = {}

@@ -60,6 +60,8 @@ SSM_AGENT_MESSAGE_ACTIONS = (
 )
 # The trainer role's sessions are short; the agent refreshes them (role chaining caps them at 1 h).
 TRAINER_SESSION = Duration.hours(1)
+# Where the secrets reader role may use KMS keys (kms:ViaService): SecureString parameters and secrets.
+SECRET_SERVICES = ("ssm", "secretsmanager")
 # The bucket ECR keeps image layers in; pulls through the S3 gateway endpoint read from it.
 ECR_LAYER_BUCKET = "prod-{region}-starport-layer-bucket"
 # AWS's own runbook that removes every rule of a VPC's default security group (no Lambda of ours).
@@ -196,7 +198,7 @@ class TrainingCompute(Construct):
             self, "InstanceProfile", role=self.role, path=naming.INSTANCE_PROFILE_PATH
         )
         self._grant_instance_access(repository=repository, alerts_topic=alerts_topic)
-        self._grant_trainer_secrets()
+        self.secrets_reader_role = self._secrets_reader_role()
         self.trainer_role: iam.Role | None = self._trainer_role() if props.trainer_s3_access else None
 
         instance = props.instance
@@ -221,6 +223,7 @@ class TrainingCompute(Construct):
             hourly_price_usd=on_demand_price(instance.instance_type) or 0.0,
             # trainer_s3_access: the agent hands the container this role's short sessions; else no credentials.
             trainer_role_arn=self.trainer_role.role_arn if self.trainer_role is not None else "",
+            secrets_reader_role_arn=self.secrets_reader_role.role_arn,
         )
         self.user_data_script = render_user_data(agent)
         self.machine_image = (
@@ -437,16 +440,28 @@ class TrainingCompute(Construct):
             "of this account and region",
         )
 
-    def _grant_trainer_secrets(self) -> None:
-        """`launch --secret`: the agent reads only SSM parameters under /training-infra/ and secrets tagged managed."""
+    def _secrets_reader_role(self) -> iam.Role:
+        """`launch --secret`: a role that reads SSM parameters under /training-infra/ and secrets tagged managed.
+
+        Only the instance role may assume it, and the agent does so with a session policy naming
+        the run's own references, so a run reads only the names it was given; the instance role
+        itself reads no parameter and no secret.
+        """
         stack = Stack.of(self)
+        reader = iam.Role(
+            self,
+            "SecretsReaderRole",
+            description="Agent at run start (launch --secret): read the run's named trainer secrets, then dropped",
+            assumed_by=iam.ArnPrincipal(self.role.role_arn),
+            max_session_duration=Duration.hours(1),
+        )
         parameters = stack.format_arn(
             service="ssm", resource="parameter", resource_name=naming.SECRETS_PARAMETER_PATH.strip("/") + "/*"
         )
-        self.role.add_to_policy(
+        reader.add_to_policy(
             iam.PolicyStatement(sid="ReadTrainerSecretParameters", actions=["ssm:GetParameter"], resources=[parameters])
         )
-        self.role.add_to_policy(
+        reader.add_to_policy(
             iam.PolicyStatement(
                 sid="ReadTrainerSecretsTaggedManaged",
                 actions=["secretsmanager:GetSecretValue"],
@@ -461,18 +476,41 @@ class TrainingCompute(Construct):
                 conditions={"StringEquals": {f"secretsmanager:ResourceTag/{naming.TAG_MANAGED}": "true"}},
             )
         )
+        keys = stack.format_arn(service="kms", resource="key", resource_name="*")
+        reader.add_to_policy(
+            iam.PolicyStatement(
+                sid="DecryptThroughSsmAndSecretsManagerOnly",
+                actions=["kms:Decrypt"],
+                resources=[keys],
+                conditions={
+                    "StringEquals": {
+                        "kms:ViaService": [f"{service}.{stack.region}.amazonaws.com" for service in SECRET_SERVICES]
+                    }
+                },
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(sid="AssumeSecretsReaderRole", actions=["sts:AssumeRole"], resources=[reader.role_arn])
+        )
         acknowledge_nag(
-            self.role,
+            reader,
             f"IAM5[Resource::{nag_name(self, parameters)}]",
             "Trainer secrets (launch --secret) are the user's own parameters, named at launch: only those under "
-            "/training-infra/ are readable, decrypted through SSM's own KMS grant.",
+            "/training-infra/; each session's policy names the run's own parameters.",
         )
         acknowledge_nag(
-            self.role,
+            reader,
             "IAM5[Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:*]",
             "Trainer secrets (launch --secret) are named at launch; GetSecretValue is limited to secrets tagged "
-            "training-infra:managed=true.",
+            "training-infra:managed=true, and each session's policy names the run's own secrets.",
         )
+        acknowledge_nag(
+            reader,
+            f"IAM5[Resource::{nag_name(self, keys)}]",
+            "Customer-managed keys of SecureString parameters and secrets are the user's; kms:Decrypt only "
+            "through SSM and Secrets Manager (kms:ViaService).",
+        )
+        return reader
 
     def _trainer_role(self) -> iam.Role:
         """The opt-in trainer role: assumed by the agent with the run id as a session tag, nothing else.

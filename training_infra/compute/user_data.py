@@ -67,6 +67,7 @@ class AgentConfig:
     extra_env: str = ""  # newline-separated KEY=VALUE passed to the trainer
     stop_on_rebalance: bool = True  # false: a rebalance notice only syncs checkpoints early
     trainer_role_arn: str = ""  # empty: the container gets no AWS credentials, only the region
+    secrets_reader_role_arn: str = ""  # assumed with a session policy naming only the run's TI_SECRETS
 
 
 def _export(name: str, value: object) -> str:

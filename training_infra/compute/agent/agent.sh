@@ -41,7 +41,8 @@ export AWS_PAGER=""
 : "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
 : "${TI_PULL_TIMEOUT_SECONDS:=1800}" "${TI_DEADLINE_AT:=}"
-: "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=2700}"
+: "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=2700}" "${TI_TRAINER_SESSION_SECONDS:=3600}"
+: "${TI_SECRETS_READER_ROLE_ARN:=}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
 HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
 [[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
@@ -98,7 +99,7 @@ validate() {
   local v line
   for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
     TI_STOP_GRACE_SECONDS TI_HEARTBEAT_STALE_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
-    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS TI_CREDENTIALS_REFRESH_SECONDS; do need_int "$v"; done
+    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS TI_CREDENTIALS_REFRESH_SECONDS TI_TRAINER_SESSION_SECONDS; do need_int "$v"; done
   for v in TI_IDLE_GPU_PERCENT TI_HOURLY_PRICE_USD; do need_num "$v"; done
   need_one TI_AUTO_SHUTDOWN true false
   need_one TI_STOP_ON_REBALANCE true false
@@ -119,6 +120,7 @@ validate() {
     [[ -z $line || $line =~ ^[A-Za-z_][A-Za-z0-9_]*=(ssm:/|arn:aws[a-z-]*:secretsmanager:). ]] ||
       fail "TI_SECRETS line '$line' is not allowed: use NAME=ssm:/PATH or NAME=arn:aws:secretsmanager:..."
   done <<<"$TI_SECRETS"
+  [[ -z $TI_SECRETS || -n $TI_SECRETS_READER_ROLE_ARN ]] || fail "TI_SECRETS is set but TI_SECRETS_READER_ROLE_ARN is empty: nothing may read them"
   [[ $POWEROFF_CMD != *halt* ]] || fail "TI_POWEROFF_CMD='$POWEROFF_CMD' is not allowed: halt leaves the instance billing"
   if [[ -n $TI_DEADLINE_AT ]]; then
     set_deadline "$TI_DEADLINE_AT" ||
@@ -286,34 +288,46 @@ upload_logs() {
 # ---------------------------------------------------------------- secrets and AWS access for the trainer
 # Secret values live only in a 0600 file under $STATE until the trainer has started, then in its
 # environment: never in user data, a log or status.json. Errors name the reference, not the value.
-# globals: reads TI_SECRETS STATE
+# They are read with a short session of the secrets reader role whose session policy names only
+# the references in TI_SECRETS (the instance role itself reads no secret); the session is dropped after.
+# globals: reads TI_SECRETS TI_SECRETS_READER_ROLE_ARN REGION RUN_ID STATE
 fetch_secrets() {
-  local line ref value
+  local line ref value policy keys reader
   (umask 077 && : >"$STATE/secrets.env")
+  [[ -n $TI_SECRETS ]] || return 0
+  policy=$(python3 "$AGENT_TOOLS" secrets-policy "$TI_SECRETS_READER_ROLE_ARN" "$REGION" <<<"$TI_SECRETS") || return 1
+  keys=$(awsc sts assume-role --role-arn "$TI_SECRETS_READER_ROLE_ARN" --role-session-name "ti-secrets-${RUN_ID:0:53}" \
+    --duration-seconds 900 --policy "$policy" --query 'Credentials.[AccessKeyId,SecretAccessKey,SessionToken]' --output text) || return 1
+  read -r -a reader <<<"$keys"
   while read -r line; do
     ref=${line#*=}
     case $ref in
       "") continue ;;
-      ssm:*) value=$(awsc ssm get-parameter --name "${ref#ssm:}" --with-decryption --query Parameter.Value --output text) ;;
-      *) value=$(awsc secretsmanager get-secret-value --secret-id "$ref" --query SecretString --output text) ;;
+      ssm:*) value=$(as_reader ssm get-parameter --name "${ref#ssm:}" --with-decryption --query Parameter.Value --output text) ;;
+      *) value=$(as_reader secretsmanager get-secret-value --secret-id "$ref" --query SecretString --output text) ;;
     esac || return 1
     # A second line would be read by `docker --env-file` as a variable to copy from the agent's environment.
     [[ $value != *$'\n'* ]] || fail "secret $ref has more than one line"
     printf '%s=%s\n' "${line%%=*}" "$value" >>"$STATE/secrets.env"
   done <<<"$TI_SECRETS"
 }
+# globals: reads reader (fetch_secrets' session): in the AWS CLI's environment only, never the agent's
+as_reader() { AWS_ACCESS_KEY_ID=${reader[0]} AWS_SECRET_ACCESS_KEY=${reader[1]} AWS_SESSION_TOKEN=${reader[2]} awsc "$@"; }
 # Without a trainer role the container gets no AWS credentials (IMDS is one hop away only for the host).
-# globals: reads TI_TRAINER_ROLE_ARN RUN_ID STATE
+# The session is credential_process JSON behind an AWS config file: SDKs run `cat` again before its
+# Expiration, so a renewed session reaches a trainer that runs for days (a credentials file is read once).
+# globals: reads TI_TRAINER_ROLE_ARN TI_TRAINER_SESSION_SECONDS RUN_ID STATE
 assume_trainer_role() {
-  local keys
-  keys=$(awsc sts assume-role --role-arn "$TI_TRAINER_ROLE_ARN" --role-session-name "ti-${RUN_ID:0:61}" --duration-seconds 3600 \
-    --tags "Key=training-infra:run-id,Value=$RUN_ID" --query 'Credentials.[AccessKeyId,SecretAccessKey,SessionToken]' --output text) || return 1
   mkdir -p "$STATE/aws"
   # Written beside, then renamed: the container (which mounts the folder) never reads half a file.
-  # shellcheck disable=SC2086  # the three keys, split on the tabs of text output
-  (umask 077 && printf '[default]\naws_access_key_id=%s\naws_secret_access_key=%s\naws_session_token=%s\n' $keys >"$STATE/aws/new") &&
-    mv "$STATE/aws/new" "$STATE/aws/credentials" && log "trainer role session written"
+  # shellcheck disable=SC2016  # `1` is a JMESPath literal
+  (umask 077 && awsc sts assume-role --role-arn "$TI_TRAINER_ROLE_ARN" --role-session-name "ti-${RUN_ID:0:61}" \
+    --duration-seconds "$TI_TRAINER_SESSION_SECONDS" --tags "Key=training-infra:run-id,Value=$RUN_ID" --output json \
+    --query 'merge({Version: `1`}, Credentials)' >"$STATE/aws/session.new") && mv "$STATE/aws/session.new" "$STATE/aws/session.json" && log "trainer role session written"
 }
+# trainer_aws_config DIR: the config file the trainer's SDKs read, DIR being $STATE/aws as the trainer sees it.
+# globals: reads STATE
+trainer_aws_config() { printf "[default]\ncredential_process = cat '%s/session.json'\n" "$1" >"$STATE/aws/config"; }
 # PyTorch data loaders pass batches through /dev/shm: half the memory, at least 1 GiB (Docker's default is 64 MiB).
 shm_size() { awk '/^MemTotal:/ { k = int($2 / 2); print (k < 1048576 ? 1048576 : k) "k" }' /proc/meminfo; }
 
@@ -326,7 +340,7 @@ run_process_trainer() {  # the `process` runtime: the container's command, run d
   while IFS= read -r line; do export "${line?}"; done <"$STATE/trainer.env"
   while IFS= read -r line; do export "${line?}"; done <"$STATE/secrets.env" && rm "$STATE/secrets.env"
   [[ -z $TI_TRAINER_ROLE_ARN ]] || { unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_PROFILE
-    export AWS_SHARED_CREDENTIALS_FILE=$STATE/aws/credentials; }
+    export AWS_CONFIG_FILE=$STATE/aws/config AWS_SHARED_CREDENTIALS_FILE=/dev/null; }
   exec bash -c "$TI_TRAINING_COMMAND"
 }
 # globals: reads RUNTIME IMAGE RUN_ID CONTAINER DOCKER STATE the paths and TI_*; sets TRAINER_STARTED TRAINER_PID
@@ -342,7 +356,7 @@ start_trainer() {
     "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     local aws=(-e "AWS_REGION=$REGION" -e "AWS_DEFAULT_REGION=$REGION" -e AWS_EC2_METADATA_DISABLED=true)
     [[ -z $TI_TRAINER_ROLE_ARN ]] ||
-      aws+=(-v "$STATE/aws:/run/training-infra/aws:ro" -e AWS_SHARED_CREDENTIALS_FILE=/run/training-infra/aws/credentials)
+      aws+=(-v "$STATE/aws:/run/training-infra/aws:ro" -e AWS_CONFIG_FILE=/run/training-infra/aws/config)
     # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
     spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init -e TINI_KILL_PROCESS_GROUP=1 \
       --security-opt no-new-privileges --shm-size "$(shm_size)" \
@@ -639,7 +653,10 @@ main() {
   log "checkpoints: $(find "$CKPT_DIR" -type f | wc -l) files restored from $CKPT_PREFIX/"
   end_if_over
   retry secrets fetch_secrets || fail "could not read TI_SECRETS (see the setup log)"
-  [[ -z $TI_TRAINER_ROLE_ARN ]] || retry "trainer role" assume_trainer_role || fail "could not assume $TI_TRAINER_ROLE_ARN"
+  if [[ -n $TI_TRAINER_ROLE_ARN ]]; then
+    retry "trainer role" assume_trainer_role || fail "could not assume $TI_TRAINER_ROLE_ARN"
+    trainer_aws_config "$([[ $RUNTIME == docker ]] && echo /run/training-infra/aws || echo "$STATE/aws")"
+  fi
   start_trainer
   # 6. watchers
   start_watchers

@@ -84,6 +84,27 @@ def build_status(
     }
 
 
+def secrets_policy(lines: list[str], *, role_arn: str, region: str) -> dict:
+    """The secrets reader role's session policy: exactly the parameters and secrets TI_SECRETS names
+    (`NAME=ssm:/path`, `NAME=arn:...:secretsmanager:...`), and KMS only through those two services.
+
+    A Secrets Manager ARN may be partial (the name without AWS's 6-character suffix): `-??????`
+    matches its full ARN, and no other secret's.
+    """
+    partition, account = role_arn.split(":")[1::3]
+    refs = [line.partition("=")[2] for line in lines]
+    parameter = f"arn:{partition}:ssm:{region}:{account}:parameter/"
+    resources = {
+        "ssm:GetParameter": [parameter + r[5:] for r in refs if r[:4] == "ssm:"],
+        "secretsmanager:GetSecretValue": [x for r in refs if r[:4] == "arn:" for x in (r, r + "-??????")],
+    }
+    statements = [{"Effect": "Allow", "Action": k, "Resource": v} for k, v in resources.items() if v]
+    via = [f"{service}.{region}.amazonaws.com" for service in ("ssm", "secretsmanager")]
+    condition = {"StringEquals": {"kms:ViaService": via}}
+    statements.append({"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*", "Condition": condition})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent_tools.py")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("offset_file", type=Path)
     batch.add_argument("batch_file", type=Path)
     batch.add_argument("--final", action="store_true", help="ship a last line even without its newline")
+    policy = commands.add_parser("secrets-policy", help="session policy for the TI_SECRETS lines on stdin")
+    policy.add_argument("role_arn")
+    policy.add_argument("region")
     status = commands.add_parser("status", help="write status.json and print the cost estimate")
     status.add_argument("path", type=Path)
     for name in ("run-id", "outcome", "exit-code", "started-at", "ended-at", "instance-id", "instance-type",
@@ -107,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "log-batch":
         print(log_batch(args.log, args.offset_file, args.batch_file, final=args.final))
+        return 0
+    if args.command == "secrets-policy":
+        policy = secrets_policy(sys.stdin.read().splitlines(), role_arn=args.role_arn, region=args.region)
+        print(json.dumps(policy, separators=(",", ":")))
         return 0
     fields = {key: value for key, value in vars(args).items() if key not in ("command", "path")}
     status = build_status(**fields)
