@@ -193,6 +193,9 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
         "(Service Authorization Reference); the SSM agent's channels can only be granted on *."
         for action in SSM_AGENT_ACTIONS
     },
+    ("WildcardResourceRule", SUPERVISOR_POLICY, "pricing:GetProducts"): "The Price List API has no resource types "
+    "(Service Authorization Reference): GetProducts can only be granted on *, and it reads AWS's public prices "
+    "(a run's price cap).",
     ("PrivilegeEscalationRule", BUDGET_ACTION_POLICY, None): "AWS Budgets' action role may attach exactly one "
     "policy (iam:PolicyARN condition: the deny-launches policy) to exactly one role (the supervisor's): it can "
     "only take permissions away, which is the point of the budget action.",

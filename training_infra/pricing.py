@@ -1,27 +1,108 @@
-"""On-demand list prices, for cost estimates and the saving that spot brings.
+"""Hourly prices for the CLI: AWS's own (Price List API, spot price history), cached in a small file.
 
-Linux on-demand USD per hour in us-east-1 (AWS price list, 2026). Other regions differ by a few
-per cent; the CLI prefers live spot price history where it can read it.
+The price code lives with the supervisor (`training_infra/supervisor/runtime/prices.py`: its
+Lambda package is stdlib and boto3 only) and is shared from there, as the run records are. This
+module adds what only the CLI has: a file cache under the user's cache directory, and clients
+made from the CLI's session. `on_demand_price` is the built-in table, the offline fallback.
 """
 
 from __future__ import annotations
 
-ON_DEMAND_USD_PER_HOUR: dict[str, float] = {
-    "g4dn.xlarge": 0.526, "g4dn.2xlarge": 0.752, "g4dn.4xlarge": 1.204, "g4dn.8xlarge": 2.176,
-    "g4dn.12xlarge": 3.912, "g4dn.16xlarge": 4.352, "g4dn.metal": 7.824,
-    "g5.xlarge": 1.006, "g5.2xlarge": 1.212, "g5.4xlarge": 1.624, "g5.8xlarge": 2.448,
-    "g5.12xlarge": 5.672, "g5.16xlarge": 4.096, "g5.24xlarge": 8.144, "g5.48xlarge": 16.288,
-    "g6.xlarge": 0.805, "g6.2xlarge": 0.978, "g6.4xlarge": 1.323, "g6.8xlarge": 2.014,
-    "g6.12xlarge": 4.602, "g6.16xlarge": 3.397, "g6.24xlarge": 6.675, "g6.48xlarge": 13.35,
-    "g6e.xlarge": 1.861, "g6e.2xlarge": 2.242, "g6e.4xlarge": 3.004, "g6e.8xlarge": 4.529,
-    "g6e.12xlarge": 10.493, "g6e.16xlarge": 7.577, "g6e.24xlarge": 15.066, "g6e.48xlarge": 30.131,
-    "p3.2xlarge": 3.06, "p3.8xlarge": 12.24, "p3.16xlarge": 24.48,
-    "p4d.24xlarge": 21.958, "p5.48xlarge": 55.04,
-    "t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416, "t3.large": 0.0832,
-    "m5.large": 0.096, "m5.xlarge": 0.192, "c5.large": 0.085, "c5.xlarge": 0.17,
-}  # fmt: skip
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import botocore.config
+
+from training_infra.supervisor.runtime.prices import (
+    BUILT_IN_NOTE,
+    BUILT_IN_ON_DEMAND,
+    PRICE_LIST_REGION,
+    Prices,
+    Quote,
+    cap_message,
+    dollars,
+    under_cap,
+)
+
+if TYPE_CHECKING:
+    from training_infra.cli.aws import Aws
+
+__all__ = [
+    "BUILT_IN_NOTE",
+    "ON_DEMAND_USD_PER_HOUR",
+    "FileCache",
+    "Prices",
+    "Quote",
+    "cap_message",
+    "dollars",
+    "on_demand_price",
+    "prices_for",
+    "under_cap",
+]
+
+ON_DEMAND_USD_PER_HOUR = BUILT_IN_ON_DEMAND
+# One try, short timeouts: a Price List API that does not answer means the built-in table, not a wait.
+_PRICE_LIST_CONFIG = botocore.config.Config(
+    retries={"mode": "standard", "max_attempts": 1}, connect_timeout=3, read_timeout=5
+)
 
 
 def on_demand_price(instance_type: str) -> float | None:
-    """The list price, or None for a type this table does not know."""
+    """The built-in table's list price, or None for a type it does not know (the offline fallback)."""
     return ON_DEMAND_USD_PER_HOUR.get(instance_type)
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/training-infra, else ~/.cache/training-infra."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "training-infra"
+
+
+class FileCache:
+    """A JSON file of {key: [saved_at, value]}: read once per process, written whole on each put.
+
+    A cache that cannot be read or written is an empty cache: prices are asked again, never wrong.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "prices.json"
+        self._entries: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._entries is None:
+            try:
+                entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                entries = {}
+            self._entries = entries if isinstance(entries, dict) else {}
+        return self._entries
+
+    def get(self, key: str, max_age: float) -> Any:
+        saved = self._load().get(key)
+        fresh = isinstance(saved, list) and len(saved) == 2 and isinstance(saved[0], (int, float))
+        return saved[1] if fresh and 0 <= time.time() - saved[0] <= max_age else None
+
+    def put(self, key: str, value: Any) -> None:
+        entries = self._load()
+        entries[key] = [time.time(), value]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as handle:
+                json.dump(entries, handle)
+            os.replace(handle.name, self.path)
+        except OSError:
+            pass  # a read-only home: no cache, same prices
+
+
+def prices_for(aws: Aws, *, cache: FileCache | None = None) -> Prices:
+    """Prices in the CLI's region with the file cache; the Price List client (us-east-1, AWS_ENDPOINT_URL
+    honoured) is made only when a list price is not cached."""
+
+    def price_list() -> Any:
+        return aws.session.create_client("pricing", region_name=PRICE_LIST_REGION, config=_PRICE_LIST_CONFIG)
+
+    return Prices(ec2=aws.client("ec2"), region=aws.region_name, pricing=price_list, cache=cache or FileCache())

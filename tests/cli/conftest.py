@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -259,6 +260,18 @@ def _fake_keys() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_session_token": "testing"}  # noqa: S106
 
 
+# What a user has done before a launch passes the preflight: images pushed, a dataset uploaded.
+PUSHED_TAGS = ("latest", "v2")
+STAND_IN_MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {},
+        "layers": [],
+    }
+)
+
+
 def deploy(
     emulator: Emulator,
     region: str,
@@ -266,6 +279,7 @@ def deploy(
     *,
     use_spot: bool = True,
     published_zones: str = "",
+    empty_data: bool = False,
     monthly_limit_usd: str = "",
 ) -> Deployment:
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
@@ -282,7 +296,15 @@ def deploy(
         stack = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
         assert stack["StackStatus"] == "CREATE_COMPLETE", stack
         outputs.update({o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])})
-    return Deployment(emulator=emulator, region=region, outputs=outputs)
+    deployment = Deployment(emulator=emulator, region=region, outputs=outputs)
+    repository = outputs[naming.OUTPUT_ECR_REPOSITORY_URI].rsplit("/", 1)[-1]
+    for tag in PUSHED_TAGS:
+        deployment.client("ecr").put_image(repositoryName=repository, imageManifest=STAND_IN_MANIFEST, imageTag=tag)
+    if not empty_data:
+        deployment.client("s3").put_object(
+            Bucket=deployment.data_bucket, Key=naming.DATA_PREFIX + "train.csv", Body=b"x\n"
+        )
+    return deployment
 
 
 @pytest.fixture(scope="session")
@@ -291,12 +313,18 @@ def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
 
     `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does;
     `published_zones="b"` publishes the SubnetIds output (see `stack_templates`); `monthly_limit_usd="30"`
-    publishes the MonthlyLimitUsd output, as `-c monthly_limit_usd=30` does.
+    publishes the MonthlyLimitUsd output, as `-c monthly_limit_usd=30` does; every deployment has the
+    images PUSHED_TAGS and, unless `empty_data`, one object under data/.
     """
     cache: dict[str, Deployment] = {}
 
     def get(
-        region: str, *, use_spot: bool = True, published_zones: str = "", monthly_limit_usd: str = ""
+        region: str,
+        *,
+        use_spot: bool = True,
+        published_zones: str = "",
+        monthly_limit_usd: str = "",
+        empty_data: bool = False,
     ) -> Deployment:
         if region not in cache:
             cache[region] = deploy(
@@ -306,6 +334,7 @@ def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
                 use_spot=use_spot,
                 published_zones=published_zones,
                 monthly_limit_usd=monthly_limit_usd,
+                empty_data=empty_data,
             )
         return cache[region]
 
@@ -342,8 +371,11 @@ class Ec2Faults:
                 for name in ("Content-Type", "Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
                     if self.headers.get(name):
                         request.add_header(name, self.headers[name])
-                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback moto
-                    self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback moto
+                        self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+                except urllib.error.HTTPError as error:  # an AWS error answer (e.g. DryRunOperation) is passed on
+                    self._reply(error.code, error.read(), error.headers.get("Content-Type", "text/xml"))
 
             def _reply(self, status: int, payload: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -406,4 +438,5 @@ def _no_real_aws_config(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the price cache, never the user's
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

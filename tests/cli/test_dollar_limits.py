@@ -13,7 +13,7 @@ from training_infra import naming
 from training_infra.supervisor.runtime import ledger
 from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit, RunStore
 
-LIMIT_REGION = "eu-south-1"  # this module's own region, deployed with monthly_limit_usd=30
+LIMIT_REGION = "us-east-2"  # this module's own region (EC2 offers g5.xlarge in its zones a and b), monthly_limit_usd=30
 # g5.xlarge at its list price plus the stack template's 150 GB gp3 volume.
 HOURLY = 1.006 + ledger.volume_usd_per_hour({"volume_gb": 150})
 

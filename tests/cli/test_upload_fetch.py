@@ -30,7 +30,7 @@ def _dataset(root: Path) -> dict[str, bytes]:
 
 
 def test_upload_syncs_a_directory_to_the_data_prefix_then_moves_only_what_changed(deployed, tmp_path):
-    stacks = deployed("us-west-2")  # its own data bucket: the listing below is exact
+    stacks = deployed("us-west-2", empty_data=True)  # its own data bucket: the listing below is exact
     files = _dataset(tmp_path / "dataset")
 
     first = stacks.cli("upload", str(tmp_path / "dataset"))

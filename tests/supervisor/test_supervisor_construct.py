@@ -127,12 +127,23 @@ def test_supervisor_launches_only_tagged_instances_from_managed_templates_and_pa
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
 
 
+def test_supervisor_may_read_spot_and_list_prices_for_price_caps(compute, supervisor):
+    statements = compute.role_statements(supervisor.function.role)
+    allowed = {action for statement in statements for action in _as_list(statement["Action"])}
+    assert {"ec2:DescribeSpotPriceHistory", "pricing:GetProducts"} <= allowed
+    (list_prices,) = [s for s in statements if "pricing:GetProducts" in _as_list(s["Action"])]
+    assert _as_list(list_prices["Action"]) == ["pricing:GetProducts"] and list_prices["Resource"] == "*"
+
+
 def test_supervisor_role_has_no_wildcard_action_and_star_only_for_describe(compute, supervisor):
     for statement in compute.role_statements(supervisor.function.role):
         actions = _as_list(statement["Action"])
         assert not any(a == "*" or a.endswith(":*") for a in actions), statement
         if statement["Resource"] == "*":
-            assert all(a.startswith("ec2:Describe") or a == "cloudwatch:GetMetricStatistics" for a in actions), (
+            assert all(
+                a.startswith("ec2:Describe") or a in ("cloudwatch:GetMetricStatistics", "pricing:GetProducts")
+                for a in actions
+            ), (
                 statement
             )
 

@@ -24,6 +24,7 @@ from typing import Any
 import botocore.exceptions
 
 from training_infra import naming, pricing
+from training_infra.cli import preflight
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError
 from training_infra.cli.runs import iso_z, new_run_id, utcnow
@@ -69,6 +70,10 @@ class LaunchRequest:
     secret_refs: list[str] = field(default_factory=list)  # NAME=ssm:/path or NAME=arn:...:secretsmanager:...
     run_id: str | None = None
     subnet_id: str | None = None
+    max_price: str | float | None = None  # USD/hour cap on every attempt (issue 11)
+    dry_run: bool = False  # stop after the preflight
+    allow_empty_data: bool = False
+    resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
 
 
@@ -126,6 +131,10 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.run_id is not None:
         request.run_id = check("run_id", "--run-id", request.run_id) or None
+    preflight.check_run_id_name(request.run_id)
+    if request.resume and not request.run_id:
+        raise UsageError("option '--resume': needs --run-id, the finished run to continue")
+    request.max_price = preflight.parse_max_price(request.max_price)
     for item in request.env:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.match(key) or "\n" in value:
@@ -266,11 +275,20 @@ _RUN_TEMPLATE_KEYS = tuple(key for key in _COPIED_TEMPLATE_KEYS if key not in ("
 
 @dataclass
 class Started:
-    run: Any  # training_infra.supervisor.runtime.records.Run
+    run: Any  # training_infra.supervisor.runtime.records.Run (None after --dry-run)
     elapsed_seconds: float
+    preflight: Any = None  # training_infra.cli.preflight.Report
 
 
-def supervisor_with(client: Any, *, table: str, outputs_bucket: str, topic_arn: str = "", monthly_limit_usd: float = 0):
+def supervisor_with(
+    client: Any,
+    *,
+    table: str,
+    outputs_bucket: str,
+    topic_arn: str = "",
+    monthly_limit_usd: float = 0,
+    prices: Any = None,
+):
     """The supervisor's own code outside its Lambda (the CLI's first launch and stop, the local demo),
     with the names the construct passes it as environment, from `naming`. `client(service)` makes clients."""
     from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
@@ -290,10 +308,10 @@ def supervisor_with(client: Any, *, table: str, outputs_bucket: str, topic_arn: 
         monthly_limit_usd=monthly_limit_usd,
     )
     clients = Clients(ec2=client("ec2"), dynamodb=client("dynamodb"), s3=client("s3"), sns=client("sns"))
-    return Supervisor(clients, config)
+    return Supervisor(clients, config, prices=prices)
 
 
-def supervisor_for(aws: Aws):
+def supervisor_for(aws: Aws, prices: Any = None):
     """The supervisor with this user's credentials: the first launch is the same decision as every relaunch."""
     return supervisor_with(
         aws.client,
@@ -301,6 +319,7 @@ def supervisor_for(aws: Aws):
         outputs_bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET),
         topic_arn=aws.stack_outputs(naming.SAFETY_STACK).get(naming.OUTPUT_ALERTS_TOPIC_ARN, ""),
         monthly_limit_usd=_monthly_limit(aws),
+        prices=prices,
     )
 
 
@@ -375,9 +394,8 @@ def _run_template(aws: Aws, run_id: str, data: dict[str, Any], user_data: str, r
 
 
 def launch(aws: Aws, request: LaunchRequest) -> Started:
-
     started = time.monotonic()
-    template_id, _version, data = latest_template_data(aws)
+    template_id, template_version, data = latest_template_data(aws)
     encoded = data.get("UserData")
     if not encoded:
         raise CliError(f"launch template {template_id} has no user data: redeploy the compute stack (`make deploy`)")
@@ -403,28 +421,35 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         )
     now = utcnow()
     deadline = iso_z(now + timedelta(hours=hours))
+    tags = {**naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline), "Name": naming.instance_name(run_id)}
+    prices = pricing.prices_for(aws)
+    supervisor = supervisor_for(aws, prices)
+    plan = preflight.Plan(
+        run_id=run_id, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", "latest"), instance_types=types,
+        market=market, subnets=subnets, deadline=deadline, template_id=template_id, template_version=template_version,
+        run_tags=tags, max_price=request.max_price, allow_empty_data=request.allow_empty_data, resume=request.resume,
+    )  # fmt: skip
+    checked = preflight.run(aws, plan, prices=prices, store=supervisor.store, dry_run=request.dry_run)
+    list_prices = checked.list_prices()  # from the Price List API (the built-in table where it cannot answer)
+    volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
+    money = _money(request, supervisor, types, list_prices, volume_gb, hours)
+    if request.dry_run:
+        return Started(run=None, elapsed_seconds=time.monotonic() - started, preflight=checked)
     overrides = _overrides(request, run_id, exports)
     overrides["TI_DEADLINE_AT"] = deadline  # one absolute deadline for every attempt
     overrides["TI_MARKET"] = "on-demand" if market == "on-demand" else "spot"
-    prices = [p for p in (pricing.on_demand_price(t) for t in types) if p is not None]
-    overrides["TI_HOURLY_PRICE_USD"] = f"{max(prices):g}" if prices else "0"  # list price: an upper bound
+    hourly = checked.highest_list_price()
+    overrides["TI_HOURLY_PRICE_USD"] = f"{hourly:g}" if hourly else "0"  # an upper bound: dearest list price or cap
     try:
         user_data = with_run_overrides(base_user_data, overrides)
     except ValueError as error:
         raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
-    supervisor = supervisor_for(aws)
-    list_prices = {t: price for t in types if (price := pricing.on_demand_price(t)) is not None}
-    volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
-    money = _money(request, supervisor, types, list_prices, volume_gb, hours)
-    if supervisor.store.get(run_id) is not None:
-        raise CliError(
-            f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
-        )
     month = money.reserve(supervisor, run_id, now)
     try:
-        return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports,
-                      {"instance_types": types, "subnet_ids": subnets, "market": market, "list_prices": list_prices,
-                       "volume_gb": volume_gb, **money.spec(month)}, started)  # fmt: skip
+        chosen = {"instance_types": types, "subnet_ids": subnets, "market": market, "list_prices": list_prices,
+                  "volume_gb": volume_gb, **money.spec(month)}  # fmt: skip
+        return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports, chosen,
+                      started, checked)  # fmt: skip
     except BaseException:
         money.release(supervisor, run_id, month)  # a run that never started holds none of the month's dollars
         raise
@@ -514,6 +539,7 @@ def _start(
     exports: dict[str, str],
     chosen: dict[str, Any],
     started: float,
+    checked: preflight.Report,
 ) -> Started:
     from training_infra.supervisor.runtime.records import Run, StaleRecord
 
@@ -532,11 +558,20 @@ def _start(
         # types, subnets, market; list prices and volume (what ledger.py prices attempts with); the dollar limits
         **chosen,
     }
+    if request.max_price:
+        spec["max_price_usd"] = request.max_price
     record = Run(run_id=run_id, spec=spec, created_at=iso_z(now), deadline_at=deadline)
     try:
-        supervisor.store.create(record)
+        if checked.resumed is not None:
+            _reopen(supervisor, checked.resumed, spec, deadline)
+        else:
+            supervisor.store.create(record)
     except StaleRecord:
         aws.client("ec2").delete_launch_template(LaunchTemplateId=run_template)
+        if checked.resumed is not None:
+            raise CliError(
+                f"run {run_id} changed while it was being resumed: see `training-infra status {run_id}`"
+            ) from None
         raise CliError(
             f"run {run_id} already exists: choose another --run-id (`training-infra status {run_id}` shows it)"
         ) from None
@@ -547,7 +582,20 @@ def _start(
         # supervisor to start a minute later behind the user's back.
         _abandon(supervisor, run_id)
         raise
-    return Started(run=supervisor.store.get(run_id), elapsed_seconds=time.monotonic() - started)
+    return Started(run=supervisor.store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked)
+
+
+def _reopen(supervisor: Any, finished: Any, spec: dict[str, Any], deadline: str) -> None:
+    """`--resume`: the finished run's record goes on with this launch's spec and deadline.
+
+    Its attempts stay (the next is numbered after them, so nothing in runs/<id>/attempts/ is
+    overwritten) and the agent restores checkpoints/<id>/ as for any attempt. A conditional write:
+    a run someone changed since the preflight read it is refused as in use.
+    """
+    finished.spec, finished.deadline_at, finished.state = spec, deadline, "launching"
+    finished.message, finished.ended_at, finished.errors_used, finished.cooldown = "resumed", "", 0, {}
+    finished.stop_requested_at = finished.stop_reason = ""
+    supervisor.store.save(finished)
 
 
 def _abandon(supervisor: Any, run_id: str) -> None:

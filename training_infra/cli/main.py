@@ -23,7 +23,7 @@ from typer import _click as click  # typer's own copy of click: its exceptions a
 from typer.core import TyperGroup
 
 from training_infra import naming
-from training_infra.cli import launching, runs
+from training_infra.cli import launching, preflight, runs
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
@@ -418,6 +418,29 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    max_price: Annotated[
+        str | None,
+        typer.Option(
+            "--max-price",
+            metavar="USD",
+            help=(
+                "Never pay more than this per hour (spot or on-demand), e.g. 0.60: pools priced above it are not "
+                "offered, and the fleet's own price caps are set."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the finished run --run-id from its checkpoints (new attempts)."),
+    ] = False,
+    allow_empty_data: Annotated[
+        bool, typer.Option("--allow-empty-data", help="Launch although the data prefix has no objects.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Run the preflight checks, print what would be launched, create nothing."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
     region: Region = None,
 ) -> None:
@@ -425,17 +448,26 @@ def launch(
 
     Attempt 1 starts now, on the cheapest type and zone with capacity. When AWS reclaims a spot
     attempt, the supervisor relaunches on other capacity and the agent resumes from the newest
-    checkpoint, all within the run's one deadline. `stop` ends the run for good.
+    checkpoint, all within the run's one deadline. `stop` ends the run for good. First a preflight
+    refuses what cannot work (image not in ECR, no data, no quota, nothing under --max-price, ...)
+    before anything is created; --dry-run stops after it.
     """
     request = launching.validate(
         launching.LaunchRequest(
             instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
+            max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
             max_cost_usd=max_cost_usd,
         )
     )  # fmt: skip
     started = launching.launch(Aws(region), request)
+    if dry_run:
+        for line in preflight.dry_run_lines(started.preflight):
+            stdout().print(line, markup=False)
+        return
+    for note in started.preflight.notes:  # what the preflight could not check here, once (stderr: -q stays clean)
+        err_console().print(f"note: {note}", markup=False)
     managed = started.run
     if quiet:
         sys.stdout.write(managed.run_id + "\n")

@@ -220,6 +220,11 @@ class TrainingSupervisor(Construct):
                 resources=["*"],  # Describe* has no resource-level permissions
             ),
             iam.PolicyStatement(
+                sid="ReadListPrices",  # a run's price cap: on-demand list prices (spot prices: the statement above)
+                actions=["pricing:GetProducts"],
+                resources=["*"],  # the Price List API has no resource-level permissions
+            ),
+            iam.PolicyStatement(
                 sid="ReadTheAgentsGpuMetric",
                 actions=["cloudwatch:GetMetricStatistics"],
                 resources=["*"],  # CloudWatch metrics have no resource-level permissions
@@ -267,8 +272,9 @@ class TrainingSupervisor(Construct):
         )
         fn.acknowledge(
             "IAM5[Resource::*]",
-            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeSpotPriceHistory and "
-            "cloudwatch:GetMetricStatistics support no resource-level permissions; they only read.",
+            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeSpotPriceHistory, "
+            "pricing:GetProducts and cloudwatch:GetMetricStatistics support no resource-level permissions; "
+            "they only read.",
         )
 
     def _stop_launching_past(self, budget_name: str, alerts_topic: sns.ITopic) -> None:

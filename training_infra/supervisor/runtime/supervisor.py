@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
+    from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import FINAL_STATES, MonthlyLedger, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         FINAL_STATES,
         MonthlyLedger,
@@ -154,6 +156,8 @@ class Clients:
     s3: Any
     sns: Any | None = None
     cloudwatch: Any | None = None  # the cloud-side health check; None (the CLI's first launch) skips it
+    # The Price List API (us-east-1): a client or a function making one; None: list prices from the built-in table.
+    pricing: Any | None = None
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -216,6 +220,9 @@ def _fleet_request(
         request["SpotOptions"] = {"AllocationStrategy": "price-capacity-optimized"}
     else:
         request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
+    cap = spec.get("max_price_usd")
+    if cap:  # the fleet's own cap on top of the pools offered: EC2 holds to it if a price moved since
+        request["SpotOptions" if market == "spot" else "OnDemandOptions"]["MaxTotalPrice"] = f"{cap:g}"
     return request
 
 
@@ -244,11 +251,15 @@ def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> d
     return instances[0] if instances else None
 
 
-def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> dict[str, Any]:
+def launch(
+    clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, prices: Prices | None = None
+) -> dict[str, Any]:
     """Start the open attempt's instance: adopt one already started for it, else one fleet per market.
 
     Returns the attempt (updated in place): `instance_id` set, or `end_reason` "capacity" with the
-    per-pool errors when no pool had capacity (the next reconcile tries again).
+    per-pool errors when no pool had capacity (the next reconcile tries again). With a price cap
+    (`max_price_usd`), only pools priced at or under it are offered; when none is, the first launch
+    is refused and a relaunch waits as for capacity (prices move).
     """
     attempt = run.current
     assert attempt is not None and not attempt.get("instance_id"), "launch needs an open attempt without an instance"
@@ -263,8 +274,21 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
     every = pools(run.spec, zones)
     preferred = [(t, s) for t, s in every if pool_key(t, zones[s]) not in cooled] or every
     errors: list[dict[str, str]] = []
+    cap = run.spec.get("max_price_usd")
+    priced_out: list[tuple[tuple[str, str], float, str]] = []
     for market in _markets(run.spec):
-        overrides = [{"InstanceType": t, "SubnetId": s} for t, s in preferred]
+        offered = preferred
+        if cap:
+            prices = prices or Prices(ec2=clients.ec2, region=clients.ec2.meta.region_name, pricing=clients.pricing)
+            offered, cheapest = _under_cap(prices, market, preferred, zones, cap)
+            if not offered:
+                if cheapest is not None:
+                    priced_out.append((*cheapest, market))
+                continue
+        overrides = [
+            {"InstanceType": t, "SubnetId": s, **({"MaxPrice": f"{cap:g}"} if cap and market == "spot" else {})}
+            for t, s in offered
+        ]
         try:
             response = clients.ec2.create_fleet(**_fleet_request(run, attempt["n"], market, overrides, cfg))
         except ClientError as error:
@@ -300,8 +324,30 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime) -> 
             }
             for e in pool_errors
         )
+    if priced_out and not errors:
+        message = cap_message(cap, min(priced_out, key=lambda item: item[1]))
+        if not any(a.get("instance_id") for a in run.attempts):
+            raise LaunchRefused(f"{message}: raise --max-price or add cheaper --instance-types")
+        attempt.update(end_reason="capacity", ended_at=iso(now), errors=[], message=f"{message} (prices move)")
+        return attempt
     attempt.update(end_reason="capacity", ended_at=iso(now), errors=errors[-12:], message=_capacity_message(errors))
     return attempt
+
+
+def _under_cap(
+    prices: Prices, market: str, pools_: list[tuple[str, str]], zones: Mapping[str, str], cap: float
+) -> tuple[list[tuple[str, str]], tuple[tuple[str, str], float] | None]:
+    """(type, subnet) pools whose price now is at or under the cap; the cheapest (type, zone) and its price."""
+    try:
+        priced = prices.pool_prices(market, [(t, zones[s]) for t, s in pools_])
+    except (ClientError, BotoCoreError) as error:  # offer them all: the fleet's MaxTotalPrice still holds the cap
+        log.warning("prices not read (%s): every pool offered under the fleet's own price cap", error)
+        return pools_, None
+    if prices.used_built_in:
+        log.info("list price from the built-in table (%s)", prices.fallback_reason or "no Price List answer")
+    fitting, cheapest = under_cap(priced, cap)
+    allowed = set(fitting)
+    return [(t, s) for t, s in pools_ if (t, zones[s]) in allowed], cheapest
 
 
 def _override_name(error: Mapping[str, Any], zones: Mapping[str, str]) -> str:
@@ -399,11 +445,19 @@ def classify(
 
 
 class Supervisor:
-    def __init__(self, clients: Clients, cfg: SupervisorConfig, *, now: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        clients: Clients,
+        cfg: SupervisorConfig,
+        *,
+        now: Callable[[], datetime] = utc_now,
+        prices: Prices | None = None,
+    ) -> None:
         self.clients = clients
         self.cfg = cfg
         self.store = RunStore(clients.dynamodb, cfg.table)
         self.now = now
+        self.prices = prices
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -585,7 +639,7 @@ class Supervisor:
 
     def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
         try:
-            attempt = launch(self.clients, run, self.cfg, self.now())
+            attempt = launch(self.clients, run, self.cfg, self.now(), self.prices)
         except LaunchRefused as refused:
             run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
             return self._finish(run, "failed", str(refused))
@@ -863,6 +917,7 @@ def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
         s3=boto3.client("s3"),
         sns=boto3.client("sns"),
         cloudwatch=boto3.client("cloudwatch"),
+        pricing=lambda: boto3.client("pricing", region_name=PRICE_LIST_REGION),  # made only for a price not cached
     )
     result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
     log.info(json.dumps(result, default=str))
