@@ -634,3 +634,35 @@ def test_a_month_reservation_left_by_a_failed_settle_is_swept_at_the_next_reconc
     account.supervisor().handle(event(SCHEDULED))
 
     assert ledger.left(month) == (3.0, 0.0, 47.0)
+
+
+def test_a_resumed_runs_limit_and_month_count_only_what_it_spends_after_the_resume(account):
+    """`launch --resume` records what the run had spent (settled in its month when it first ended)."""
+    account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
+    month = MonthlyLedger.key(account.clock())
+    supervisor = account.supervisor()
+    supervisor.month_ledger().reserve(month, "bert", 2.0, "test")
+    account.new_run(max_cost_usd=2.0, spent_before_usd=5.0, budget_month=month, **ONE_DOLLAR_AN_HOUR)
+    run = account.run()
+    earlier = {
+        "n": 1,
+        "instance_id": "i-0000000000000aaaa",
+        "started_at": "2026-11-20T08:00:00Z",
+        "ended_at": "2026-11-20T13:00:00Z",
+        "end_reason": "succeeded",
+        "priced": True,
+        "cost_usd": 5.0,
+    }
+    run.attempts, run.spent_usd = [earlier], 5.0
+    account.supervisor().store.save(run)
+    account.supervisor().reconcile("bert")
+    first = account.run().attempts[1]
+    account.clock.advance(minutes=30)
+    account.supervisor().handle(event(SCHEDULED))
+    assert account.run().state == "running", "$0.50 of this launch's $2, not the $5 spent before"
+
+    account.agent_wrote("bert", 2, "succeeded", exit_code=0)
+    account.end_instance(first["instance_id"])
+    account.supervisor().handle(event(SCHEDULED))
+
+    assert supervisor.month_ledger().left(month) == (pytest.approx(0.5), 0.0, pytest.approx(49.5))

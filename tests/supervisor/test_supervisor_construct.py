@@ -143,9 +143,7 @@ def test_supervisor_role_has_no_wildcard_action_and_star_only_for_describe(compu
             assert all(
                 a.startswith("ec2:Describe") or a in ("cloudwatch:GetMetricStatistics", "pricing:GetProducts")
                 for a in actions
-            ), (
-                statement
-            )
+            ), statement
 
 
 def test_the_monthly_limit_reaches_the_supervisor_and_launch(compute, supervisor):

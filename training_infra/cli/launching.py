@@ -592,6 +592,8 @@ def _reopen(supervisor: Any, finished: Any, spec: dict[str, Any], deadline: str)
     overwritten) and the agent restores checkpoints/<id>/ as for any attempt. A conditional write:
     a run someone changed since the preflight read it is refused as in use.
     """
+    # Its limits count from here: what it spent before was settled in its month when it ended.
+    spec = {**spec, "spent_before_usd": round(float(finished.spent_usd or 0), 4)}
     finished.spec, finished.deadline_at, finished.state = spec, deadline, "launching"
     finished.message, finished.ended_at, finished.errors_used, finished.cooldown = "resumed", "", 0, {}
     finished.stop_requested_at = finished.stop_reason = ""

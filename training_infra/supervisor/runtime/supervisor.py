@@ -706,13 +706,14 @@ class Supervisor:
         Returns whether the record changed (its spend moved by a cent or more, or the stop began).
         """
         limit = float(run.spec["max_cost_usd"])
-        spent, hourly = self._spend(run, attempt, now)
-        changed = abs(spent - run.spent_usd) >= 0.01
+        total, hourly = self._spend(run, attempt, now)
+        changed = abs(total - run.spent_usd) >= 0.01
         if changed:
-            run.spent_usd = round(spent, 4)
+            run.spent_usd = round(total, 4)
+        spent = total - _spent_before(run)
         if spent + hourly * self.cfg.grace_hours < limit:
             return changed
-        run.spent_usd = round(spent, 4)
+        run.spent_usd = round(total, 4)
         run.stop_requested_at, run.stop_reason, run.state = iso(now), "budget", "stopping"
         attempt["stop_tagged_at"] = iso(now)
         self._tag_stop(run)
@@ -742,8 +743,9 @@ class Supervisor:
     def _over_budget(self, run: Run, now: datetime) -> str:
         """Why another attempt may not start (its run's limit, or the month's), or ""."""
         limit = float(run.spec.get("max_cost_usd") or 0)
-        spent, _ = self._spend(run, None, now)
-        run.spent_usd = round(spent, 4)
+        total, _ = self._spend(run, None, now)
+        run.spent_usd = round(total, 4)
+        spent = total - _spent_before(run)
         prices = [float(p) for p in (run.spec.get("list_prices") or {}).values()] or [0.0]
         # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
         useful = (
@@ -774,7 +776,7 @@ class Supervisor:
         if not month:
             return
         try:
-            self.month_ledger().settle(month, run.run_id, run.spent_usd)
+            self.month_ledger().settle(month, run.run_id, max(0.0, run.spent_usd - _spent_before(run)))
         except (ClientError, StaleRecord) as error:
             log.warning("month ledger not settled for %s (the next reconcile retries): %s", run.run_id, error)
 
@@ -906,6 +908,11 @@ class Supervisor:
             )
         except ClientError as error:  # a lost notice must not undo a decision already written
             log.warning("notice not sent: %s", error)
+
+
+def _spent_before(run: Run) -> float:
+    """What a resumed run had spent before `launch --resume`: its limits and its month count from there."""
+    return float(run.spec.get("spent_before_usd") or 0)
 
 
 def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
