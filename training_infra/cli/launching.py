@@ -504,7 +504,10 @@ def _money(
 
     volume_hourly = ledger.volume_usd_per_hour({"volume_gb": volume_gb})
     dearest = max(list_prices, key=list_prices.__getitem__) if list_prices else ""
-    hourly = (list_prices[dearest] if dearest else 0.0) + volume_hourly
+    compute = list_prices[dearest] if dearest else 0.0
+    if request.max_price is not None and dearest:
+        compute = min(compute, float(request.max_price))  # no attempt may run dearer than the cap
+    hourly = compute + volume_hourly
     limit = float(request.max_cost_usd) if request.max_cost_usd is not None else None
     grace_minutes = supervisor.cfg.stop_timeout_seconds / 60
     grace = hourly * supervisor.cfg.grace_hours

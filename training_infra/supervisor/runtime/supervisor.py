@@ -751,7 +751,8 @@ class Supervisor:
         useful = (
             self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300)) + self.cfg.stop_timeout_seconds
         )
-        least = (max(prices) + ledger.volume_usd_per_hour(run.spec)) * useful / 3600
+        dearest = min(max(prices), float(run.spec.get("max_price_usd") or max(prices)))  # --max-price caps it
+        least = (dearest + ledger.volume_usd_per_hour(run.spec)) * useful / 3600
         if limit and spent + least >= limit:
             return (
                 f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt (boot, one checkpoint "
