@@ -75,11 +75,12 @@ deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
-bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs deploy, agent (process and container)
+bench: setup container-engine  ## Benchmarks: synth vs empty app, launch vs deploy, agent (process and container), stall
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
 	$(PY) scripts/bench_supervisor.py
+	$(PY) scripts/bench_stall.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo

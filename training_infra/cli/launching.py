@@ -63,6 +63,7 @@ class LaunchRequest:
     max_restarts_on_errors: str | None = None
     spot: bool | None = None
     max_runtime_hours: float | None = None
+    stall_minutes: int | None = None
     image_tag: str | None = None
     command: str | None = None
     env: list[str] = field(default_factory=list)
@@ -109,6 +110,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.max_restarts_on_errors = text
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
+    if request.stall_minutes is not None:
+        request.stall_minutes = check("stall_minutes", "--stall-minutes", request.stall_minutes)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.run_id is not None:
@@ -203,6 +206,8 @@ def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> 
         overrides["TI_TRAINING_COMMAND"] = request.command
     if request.max_runtime_hours is not None:
         overrides["TI_MAX_RUNTIME_SECONDS"] = str(round(request.max_runtime_hours * 3600))
+    if request.stall_minutes is not None:
+        overrides["TI_STALL_SECONDS"] = str(request.stall_minutes * 60)
     if request.env:
         # The stack's extra env first, so a --env KEY=... given now wins in the trainer.
         lines = [line for line in exports.get("TI_EXTRA_ENV", "").splitlines() if line.strip()]
@@ -408,6 +413,8 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "owns_launch_template": True,
         "max_runtime_hours": hours,
         "checkpoint_sync_seconds": int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300),
+        # The supervisor's stall backstop (0: off); the agent has the same value in its user data.
+        "stall_seconds": int(overrides.get("TI_STALL_SECONDS") or exports.get("TI_STALL_SECONDS", "1200") or 0),
         "image_tag": request.image_tag or exports.get("TI_IMAGE_TAG", ""),
         "command": request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
     }

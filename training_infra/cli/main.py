@@ -346,6 +346,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    stall_minutes: Annotated[
+        str | None,
+        typer.Option(
+            "--stall-minutes",
+            metavar="MINUTES",
+            help=(
+                "No progress in HEARTBEAT_FILE for this long ends the attempt as stalled (diagnostics first); "
+                "0 turns it off (default: the stack's, 20)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     image_tag: Annotated[
         str | None,
         typer.Option(
@@ -417,7 +429,8 @@ def launch(
     request = launching.validate(
         launching.LaunchRequest(
             instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
-            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
+            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours,
+            stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
         )
     )  # fmt: skip

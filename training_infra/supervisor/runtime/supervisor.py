@@ -121,6 +121,7 @@ class SupervisorConfig:
     impaired_seconds: int = 180
     silent_seconds: int = 1800
     boot_grace_seconds: int = 1200
+    stall_margin_seconds: int = 300  # beyond a run's stall_seconds before the supervisor acts on a silent Progress
     metric_namespace: str = "TrainingInfra"
 
     @classmethod
@@ -609,7 +610,7 @@ class Supervisor:
                 attempt["terminated_at"], changed = iso(now), True
         if not run.stop_requested_at and not attempt.get("unhealthy"):
             before = attempt.get("impaired_since")
-            unhealthy = self._unhealthy(attempt, now)
+            unhealthy = self._unhealthy(attempt, now) or self._progress_stalled(run, attempt, now)
             changed = changed or attempt.get("impaired_since") != before
             if unhealthy:
                 attempt["unhealthy"], changed = unhealthy, True
@@ -660,6 +661,30 @@ class Supervisor:
         if heard and max(heard) < now - silent:
             minutes = self.cfg.silent_seconds // 60
             return f"its agent's GPU metric stopped {minutes}+ min ago (a box too hung to end itself)"
+        return ""
+
+    def _progress_stalled(self, run: Run, attempt: dict[str, Any], now: datetime) -> str:
+        """Why the attempt counts as stalled from outside, or "": the agent's `Progress` metric (put in
+        each minute the trainer made progress) was heard this attempt, then nothing for the run's
+        stall_seconds + a margin (issue 12's backstop for a box too hung to end its own stall).
+        """
+        stall = int(run.spec.get("stall_seconds") or 0)
+        if not stall or self.clients.cloudwatch is None:
+            return ""
+        launched = parse_iso(attempt.get("started_at")) or now
+        quiet = timedelta(seconds=stall + self.cfg.stall_margin_seconds)
+        points = self.clients.cloudwatch.get_metric_statistics(
+            Namespace=self.cfg.metric_namespace,
+            MetricName="Progress",
+            Dimensions=[{"Name": "RunId", "Value": run.run_id}],
+            StartTime=max(launched, now - 3 * quiet),
+            EndTime=now,
+            Period=60,
+            Statistics=["Sum"],
+        ).get("Datapoints", [])
+        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
+        if heard and max(heard) < now - quiet:
+            return f"no training progress for {int(quiet.total_seconds()) // 60}+ min (stall_minutes + margin)"
         return ""
 
     def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
