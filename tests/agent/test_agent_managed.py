@@ -52,9 +52,11 @@ def test_attempt_2_resumes_writes_its_own_record_and_leaves_attempt_1_alone(make
     assert sorted(attempt_1) == [
         "runs/managed/attempts/1/logs/training-setup.log",
         "runs/managed/attempts/1/logs/training.log",
+        "runs/managed/attempts/1/progress.json",
         "runs/managed/attempts/1/status.json",
     ]
-    saved = max(int(re.search(r"ckpt-(\d+)", key).group(1)) for key in first.keys("checkpoints/managed/"))
+    numbers = [re.search(r"ckpt-(\d+)", key) for key in first.keys("checkpoints/managed/")]
+    saved = max(int(found.group(1)) for found in numbers if found)  # not the _manifest.json
 
     # Attempt 2: another instance (type, zone) of the same run, same buckets and log group.
     second = make_run(run_id="managed", tags={"training-infra:attempt": "2"})

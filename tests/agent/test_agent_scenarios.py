@@ -51,6 +51,7 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
             "_SUCCESS",
             "attempts/1/logs/training-setup.log",
             "attempts/1/logs/training.log",
+            "attempts/1/progress.json",
             "attempts/1/status.json",
             "outputs/metrics.json",
             "outputs/model.npz",
@@ -111,7 +112,7 @@ def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(
 
     sigterm_at = float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)").group(1))
     assert sigterm_at - noticed_at <= 6, "trainer gets SIGTERM within one poll of the notice"
-    checkpoints = run.keys("checkpoints/spot-run/")
+    checkpoints = [key for key in run.keys("checkpoints/spot-run/") if "/ckpt-" in key]
     assert checkpoints, "the checkpoint written on SIGTERM reached S3 (periodic sync was off)"
     saved_epoch = int(checkpoints[-1].rsplit("-", 1)[1].split(".")[0])
     assert saved_epoch >= 3
@@ -245,9 +246,10 @@ def test_relaunch_with_same_run_id_restores_its_checkpoint_and_continues(make_ru
     assert (metrics["resumed_from_epoch"], metrics["epochs_completed"]) == (5, 8)
     assert run.status()["outcome"] == "succeeded"
     local = sorted(p.name for p in (run.root / "checkpoints").glob("ckpt-*.npz"))
-    assert run.keys("checkpoints/resume-run/") == [f"checkpoints/resume-run/{name}" for name in local], (
-        "S3 mirrors what the trainer kept"
-    )
+    assert run.keys("checkpoints/resume-run/") == [
+        f"checkpoints/resume-run/{name}" for name in ["_manifest.json", *local]
+    ], "S3 mirrors what the trainer kept, and the manifest names it"
+    assert sorted(json.loads(run.read("checkpoints/resume-run/_manifest.json"))["files"]) == local
     assert "ckpt-000008.npz" in local
 
 
