@@ -52,6 +52,7 @@ def wait_until(check, timeout: float = 300.0, every: float = 0.2) -> float:
 
 
 def one_round(aws: Emulator, workdir: Path) -> dict[str, float]:
+    workdir.mkdir(parents=True)
     script = workdir / "hang.py"
     script.write_text(HANGING_TRAINER)
     run = new_run(aws, workdir, run_id="stall-bench", stall_seconds=60, training_command=f"{sys.executable} {script}")
