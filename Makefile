@@ -75,13 +75,14 @@ deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
-bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, supervisor, status and cost at scale, preflight
+bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, supervisor, status/cost at scale, preflight, stall
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
 	$(PY) scripts/bench_supervisor.py
 	$(PY) scripts/bench_status_cost.py
 	$(PY) scripts/bench_preflight.py
+	$(PY) scripts/bench_stall.py
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo

@@ -7,11 +7,13 @@ no test holds a generated CloudFormation name. One synth per configuration (test
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aws_cdk import Fn
@@ -43,6 +45,7 @@ def compute(synth):
             synthesized = synth(name)
             view = synthesized.stack(STACK)
             view.compute = view.construct("Compute")
+            view.outdir = synthesized.outdir
             view.storage = synthesized.stack(naming.STORAGE_STACK)
             view.registry = synthesized.stack(naming.REGISTRY_STACK)
             view.safety = synthesized.stack(naming.SAFETY_STACK)
@@ -143,10 +146,9 @@ class UserData:
         (placeholder,) = [name for name, value in self.tokens.items() if value == token]
         return placeholder
 
-    def embedded_agent(self) -> bytes:
-        """The packed agent folder the user data carries (the heredoc after `<<'TRAINING_INFRA_AGENT'`)."""
-        after = self.text.split("<<'TRAINING_INFRA_AGENT'", 1)[1].split("\n", 1)[1]
-        return base64.b64decode(after.split("\nTRAINING_INFRA_AGENT", 1)[0])
+    def bootstrap_value(self, name: str) -> str:
+        """`agent_bucket`, `agent_key` or `agent_sha256` as the bootstrap sets it (a token: its placeholder)."""
+        return re.search(rf"^agent_{name}=(\S+)$", self.text, re.M)[1].strip("'")
 
 
 def group_id(view, security_group) -> dict:
@@ -269,15 +271,35 @@ def test_launch_template_tags_instances_and_volumes_as_managed_with_the_run_id_a
 # --- user data: the agent and its settings -----------------------------------------------------
 
 
-def test_user_data_boots_the_exact_agent_with_a_place_for_run_overrides(compute):
-    script = UserData.of(launch_data(compute("full"))["UserData"])
+def test_user_data_boots_the_exact_agent_from_its_asset_with_a_place_for_run_overrides(compute):
+    view = compute("full")
+    script = UserData.of(launch_data(view)["UserData"])
     assert script.text.startswith("#!/bin/bash\n")
     assert OVERRIDES_MARKER in script.text
-    packed = script.embedded_agent()
-    assert packed == pack_agent(), "the agent folder as user_data.pack_agent packs it, byte for byte"
-    with tarfile.open(fileobj=io.BytesIO(packed), mode="r:xz") as tar:
+    asset = view.compute.agent_asset
+    # The file cdk deploy uploads is the packed agent, byte for byte, and user data pins its sha256.
+    staged = Path(view.outdir) / asset.asset_path
+    assert staged.read_bytes() == pack_agent(), "the agent folder as user_data.pack_agent packs it"
+    assert script.bootstrap_value("sha256") == hashlib.sha256(pack_agent()).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(staged.read_bytes()), mode="r:xz") as tar:
         assert tar.extractfile(AGENT_SCRIPT.name).read() == shipped_bytes(AGENT_SCRIPT)
-    assert script.text.rstrip().endswith('exec bash "$agent_dir/agent.sh"')
+    assert script.tokens[script.bootstrap_value("bucket")] == view.stack.resolve(asset.s3_bucket_name)
+    assert script.bootstrap_value("key") == asset.s3_object_key
+    assert 'exec bash "$agent_dir/agent.sh"' in script.text
+
+
+def test_instance_role_reads_the_agent_object_and_nothing_else_of_the_asset_bucket(compute):
+    view = compute("defaults")
+    asset = view.compute.agent_asset
+    reads = [s for s in view.role_statements(view.compute.role) if s.get("Sid") == "ReadTheAgent"]
+    assert reads == [
+        {
+            "Sid": "ReadTheAgent",
+            "Action": "s3:GetObject",
+            "Effect": "Allow",
+            "Resource": view.stack.resolve(asset.bucket.arn_for_objects(asset.s3_object_key)),
+        }
+    ]
 
 
 def test_user_data_gives_the_agent_the_configured_max_runtime_market_and_shutdown(compute):
@@ -352,8 +374,10 @@ def test_instance_reads_only_data_and_writes_only_runs_and_checkpoints_deleting_
     data = imported(view.storage, storage.data_bucket, "Arn")
     outputs = imported(view.storage, storage.outputs_bucket, "Arn")
     s3_statements = [
-        s for s in view.role_statements(view.compute.role) if any(a.startswith("s3:") for a in as_list(s["Action"]))
-    ]
+        s
+        for s in view.role_statements(view.compute.role)
+        if any(a.startswith("s3:") for a in as_list(s["Action"])) and s.get("Sid") != "ReadTheAgent"
+    ]  # the agent's own object: test_instance_role_reads_the_agent_object_and_nothing_else_of_the_asset_bucket
     assert permissions(s3_statements) == permissions(
         [
             allow(["s3:ListBucket"], [data], {"StringLike": {"s3:prefix": ["data/", "data/*"]}}),

@@ -429,4 +429,6 @@ class _PolicyResolver:
             if function == "Fn::ImportValue":
                 exporter, exported = self.exports[value]
                 return self.resolve(exported, exporter)
+            if function == "Fn::Sub" and isinstance(value, str):  # the CDK asset bucket's name
+                return re.sub(r"\$\{([\w:]+)\}", lambda found: self.PSEUDO[found[1]], value)
         return {key: self.resolve(item, stack) for key, item in node.items()}

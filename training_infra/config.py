@@ -306,6 +306,12 @@ class Settings:
         "GPU below `idle_gpu_percent` for this long ends the run (agent) and the alarm terminates the instance (cloud)",
     )
     idle_gpu_percent: float = declare(5, Number(0, 100), "GPU utilization under which the instance counts as idle")
+    stall_minutes: int = declare(
+        20,
+        Number(0, 1440, whole=True),
+        "no progress in `HEARTBEAT_FILE` (a new step or a touch) for this long while the trainer lives: diagnostics, "
+        "then the attempt ends `stalled` (agent; the supervisor stops a box that went silent); 0 turns it off",
+    )
     # The instance.
     volume_size_gb: int = declare(150, Number(100, 16384, whole=True), "size of the encrypted gp3 root volume")
     image_tag: str = declare(

@@ -237,6 +237,7 @@ def compute_props(settings: Settings) -> ComputeProps:
             training_command=settings.training_command,
             max_runtime_hours=settings.max_runtime_hours,
             idle_minutes=settings.idle_minutes,
+            stall_minutes=settings.stall_minutes,
             idle_gpu_percent=settings.idle_gpu_percent,
             checkpoint_sync_seconds=settings.checkpoint_sync_seconds,
         ),

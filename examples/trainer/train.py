@@ -6,7 +6,9 @@ per STEP_SECONDS so a run takes a realistic while. What it shows, and what your 
   * checkpoints to CHECKPOINT_DIR (/checkpoints) atomically (write *.tmp, then rename) every few
     epochs, and resumes from the newest checkpoint there, so a relaunched spot run continues;
   * on SIGTERM (spot notice, idle, deadline) saves a checkpoint and its outputs, then exits 143;
-  * touches HEARTBEAT_FILE, when set, once per epoch so a hung loop can be told from slow work.
+  * reports progress once per epoch by writing HEARTBEAT_FILE as JSON, {"step": N, "loss": L} (written
+    beside and renamed, so the agent never reads half a beat): a run whose step stops changing for
+    stall_minutes is stopped as stalled, so a hung loop is told from slow work.
 
 Knobs (environment): EPOCHS (30), STEP_SECONDS (1.0), CHECKPOINT_EVERY (3 epochs),
 KEEP_CHECKPOINTS (3), LEARNING_RATE (0.05); for tests: FAIL_AT_EPOCH (exit 3 there),
@@ -69,6 +71,14 @@ def save_outputs(output_dir: Path, weights: np.ndarray, metrics: dict) -> None:
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def beat(path: Path, step: int, loss: float) -> None:
+    """The progress contract: {"step": N} (other keys optional), replaced whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps({"step": step, "loss": loss}))
+    partial.replace(path)
+
+
 def main() -> int:
     data_dir = Path(setting("DATA_DIR", "/data"))
     output_dir = Path(setting("OUTPUT_DIR", "/outputs"))
@@ -115,7 +125,7 @@ def main() -> int:
         loss = float(np.mean((inputs @ weights - target) ** 2))
         log(f"epoch {epoch}/{epochs} loss {loss:.6f}")
         if heartbeat:
-            Path(heartbeat).touch()
+            beat(Path(heartbeat), epoch, loss)
         if epoch == fail_at:
             log(f"epoch {epoch}: simulated crash (FAIL_AT_EPOCH)")
             return 3

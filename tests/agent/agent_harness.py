@@ -3,7 +3,8 @@
 `new_run(aws, run_dir, **AgentConfig overrides)` gives every run its own buckets (the example
 dataset uploaded), ECR repository with an image, log group and alert topic (a uuid in the names,
 so runs are independent and safe under pytest-xdist), fake `shutdown`/`poweroff`/`nvidia-smi`,
-a fresh `FakeImds`, and the environment that runs the real rendered user data under bash with the
+a fresh `FakeImds`, the packed agent in an assets bucket (as cdk deploy uploads the compute
+construct's asset), and the environment that runs the real rendered user data under bash with the
 `process` runtime, or, given a `ContainerEngine` (training_infra/local/containers.py), with the
 production `docker` runtime: the busybox trainer image pushed to the engine's registry under the
 run's ECR repository name, and the agent started where that registry answers as ECR. Between the
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import boto3
 
-from training_infra.compute.user_data import AgentConfig, render_user_data
+from training_infra.compute.user_data import AgentConfig, AgentObject, agent_sha256, pack_agent, render_user_data
 from training_infra.local.containers import ContainerEngine
 from training_infra.local.emulator import FAKE_CREDENTIALS, Emulator
 from training_infra.local.imds import FakeImds
@@ -65,11 +66,14 @@ class ProxiedRequest:
 
 class AwsProxy:
     """Reverse proxy in front of moto: records requests; `fail_s3_every=N` answers every Nth S3
-    request with 503 SlowDown (what S3 says under load), which the AWS CLI must retry."""
+    request with 503 SlowDown (what S3 says under load), which the AWS CLI must retry;
+    `refuse_s3_writes_under` refuses S3 writes to matching paths (a bucket policy gone wrong)."""
 
     def __init__(self, upstream: str, fail_s3_every: int = 0) -> None:
         self.upstream = urlsplit(upstream)
         self.fail_s3_every = fail_s3_every
+        # Set to a path part such as "/checkpoints/": S3 writes there are refused with 403 AccessDenied.
+        self.refuse_s3_writes_under = ""
         self.requests: list[ProxiedRequest] = []
         self.injected_failures = 0
         self._s3_count = 0
@@ -79,6 +83,10 @@ class AwsProxy:
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def refuses(self, service: str, method: str, path: str) -> bool:
+        under = self.refuse_s3_writes_under
+        return bool(under) and service == "s3" and method in ("PUT", "POST") and under in path
 
     def should_fail(self, service: str) -> bool:
         with self._lock:
@@ -107,6 +115,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         scope = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request", self.headers.get("Authorization", ""))
         service = scope.group(1) if scope else "?"
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.proxy.refuses(service, self.command, self.path):
+            payload = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.proxy.record(ProxiedRequest(self.command, self.path, service, 403))
+            return
         if self.proxy.should_fail(service):
             payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
             self.send_response(503)
@@ -159,6 +176,12 @@ class AgentRun:
     engine: ContainerEngine | None = None  # the docker runtime on a real engine, else the process runtime
     registry_address: str | None = None  # where the ECR host name points (None: the engine's registry)
     started_at: float = 0.0  # time.time() when the agent was started
+    agent: AgentObject | None = None  # where the bootstrap downloads the agent (an asset bucket on moto)
+
+    def user_data(self) -> str:
+        """The user data as the launch template holds it: settings, then the bootstrap."""
+        assert self.agent is not None
+        return render_user_data(self.config, self.agent)
 
     @property
     def root(self) -> Path:
@@ -170,7 +193,7 @@ class AgentRun:
 
     def start(self) -> AgentRun:
         script = self.tmp / "user-data.sh"
-        script.write_text(render_user_data(self.config))
+        script.write_text(self.user_data())
         subprocess.run(["bash", "-n", str(script)], check=True)
         argv = ["bash", str(script)]
         if self.engine is not None:
@@ -226,6 +249,10 @@ class AgentRun:
 
     def called(self, prefix: str) -> list[str]:
         return [call for _, call in self.calls if call.startswith(prefix)]
+
+    def agent_called(self, prefix: str) -> list[str]:
+        """`called`, without the user-data bootstrap's own OS deadline (armed before the agent exists)."""
+        return [call for call in self.called(prefix) if not call.endswith("training-infra: bootstrap deadline")]
 
     @property
     def setup_log(self) -> str:
@@ -313,6 +340,10 @@ def new_run(
         engine.push_trainer(repository, "v1")
     elif with_image:
         ecr.put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag="v1")
+    # What cdk deploy does with the compute construct's file asset: the packed agent in a bucket.
+    agent = AgentObject(bucket=f"assets-{suffix}", key=f"{agent_sha256()}.tar.xz", sha256=agent_sha256())
+    s3.create_bucket(Bucket=agent.bucket)
+    s3.put_object(Bucket=agent.bucket, Key=agent.key, Body=pack_agent())
     log_group = f"/training-infra/{suffix}"
     session.client("logs", endpoint_url=aws.endpoint).create_log_group(logGroupName=log_group)
     sns = session.client("sns", endpoint_url=aws.endpoint)
@@ -362,6 +393,8 @@ def new_run(
         "TI_NVIDIA_SMI": str(bin_dir / "nvidia-smi"),
         **(env or {}),
     }
-    run = AgentRun(tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3, engine=engine)
+    run = AgentRun(
+        tmp=run_dir, aws=aws, imds=imds, proxy=proxy, config=config, env=run_env, s3=s3, engine=engine, agent=agent
+    )
     run.extra.update(queue_url=queue_url, sqs=sqs, session=session)
     return run

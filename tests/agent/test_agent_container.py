@@ -55,7 +55,9 @@ def test_container_run_logs_in_to_ecr_pulls_and_runs_the_image_with_the_contract
     assert metrics["run_id"] == "ctr-happy", "RUN_ID reaches the container"
     assert metrics["epochs_completed"] == 5, "TI_EXTRA_ENV reaches the container"
     assert metrics["data_read_only"] is True and metrics["data_rows"] == 161, "/data is the synced data, read-only"
-    assert run.keys("checkpoints/ctr-happy/") == [f"checkpoints/ctr-happy/ckpt-00000{n}.txt" for n in (2, 4, 5)]
+    assert run.keys("checkpoints/ctr-happy/") == [
+        "checkpoints/ctr-happy/_manifest.json", *(f"checkpoints/ctr-happy/ckpt-00000{n}.txt" for n in (2, 4, 5))
+    ]
     assert "runs/ctr-happy/_SUCCESS" in run.keys("runs/ctr-happy/")
     assert re.search(r"\[trainer\] started at [0-9.]+ as pid \d+ \(0:0\)", run.read(run.log_key("training.log")))
     assert run.called("poweroff")
@@ -105,16 +107,16 @@ def test_container_trainer_crash_puts_its_exit_code_in_status_json(make_containe
     assert_no_container_left(run)
 
 
-def test_container_trainer_ignoring_sigterm_is_killed_after_the_grace_period(make_container_run):
+def test_container_trainer_that_stalls_and_ignores_sigterm_is_killed_after_the_grace_period(make_container_run):
     run = make_container_run(
         run_id="ctr-hung",
         stop_grace_seconds=3,
+        stall_seconds=3,
         extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nHANG_AT_EPOCH=4",
-        env={"TI_HEARTBEAT_FILE": "/outputs/heartbeat", "TI_HEARTBEAT_STALE_SECONDS": "3"},
     ).run()
 
     status = run.status()
-    assert status["outcome"] == "idle" and "heartbeat" in status["message"]
+    assert status["outcome"] == "stalled" and "no progress" in status["message"], run.setup_log
     assert status["exit_code"] == 137, "killed (SIGKILL) after ignoring SIGTERM for the grace period"
     stopped = re.search(r"T(\d\d:\d\d:\d\d)Z \[agent\] SIGTERM to the trainer; 3s grace", run.setup_log)
     killed = re.search(
@@ -123,7 +125,8 @@ def test_container_trainer_ignoring_sigterm_is_killed_after_the_grace_period(mak
     assert stopped and killed, run.setup_log
     waited = seconds_between(stopped.group(1), killed.group(1))
     assert 2 <= waited <= 6, f"the kill came after the 3 s grace, not before and not much later ({waited} s)"
-    assert "runs/ctr-hung/outputs/heartbeat" in run.keys("runs/ctr-hung/"), "HEARTBEAT_FILE is the container's /outputs"
+    beats = run.root / "opt/training-infra/state/progress/heartbeat.json"
+    assert beats.exists(), "the busybox trainer touched HEARTBEAT_FILE through the progress mount"
     assert run.called("poweroff")
     assert_no_container_left(run)
 

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from training_infra.compute.user_data import render_user_data
 from training_infra.local.instance import LocalInstance
 
 pytestmark = pytest.mark.slow
@@ -53,9 +52,11 @@ def test_attempt_2_resumes_writes_its_own_record_and_leaves_attempt_1_alone(make
     assert sorted(attempt_1) == [
         "runs/managed/attempts/1/logs/training-setup.log",
         "runs/managed/attempts/1/logs/training.log",
+        "runs/managed/attempts/1/progress.json",
         "runs/managed/attempts/1/status.json",
     ]
-    saved = max(int(re.search(r"ckpt-(\d+)", key).group(1)) for key in first.keys("checkpoints/managed/"))
+    numbers = [re.search(r"ckpt-(\d+)", key) for key in first.keys("checkpoints/managed/")]
+    saved = max(int(found.group(1)) for found in numbers if found)  # not the _manifest.json
 
     # Attempt 2: another instance (type, zone) of the same run, same buckets and log group.
     second = make_run(run_id="managed", tags={"training-infra:attempt": "2"})
@@ -112,8 +113,8 @@ def test_deadline_at_near_stops_the_trainer_at_that_instant_whatever_max_runtime
     assert abs((ended - datetime.strptime(deadline, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)).total_seconds()) <= 15
     assert json.loads(run.read("runs/near-deadline/outputs/metrics.json"))["interrupted"] is True
     assert run.keys("checkpoints/near-deadline/"), "the checkpoint written on SIGTERM reached S3"
-    assert [call.split(" training-infra")[0] for call in run.called("shutdown")] == ["shutdown -h +1"], (
-        "the OS deadline is the deadline's minute, not max runtime's 60"
+    assert [call.split(" training-infra")[0] for call in run.called("shutdown")] == ["shutdown -h +1"] * 2, (
+        "the OS deadline (the bootstrap's, then the agent's) is the deadline's minute, not max runtime's 60"
     )
     assert run.called("poweroff")
 
@@ -126,7 +127,11 @@ def test_deadline_tag_is_the_deadline_when_deadline_at_is_empty(make_run):
 
     status = run.status()
     assert status["outcome"] == "deadline" and status["message"] == f"the run's deadline {deadline} reached"
-    shutdowns = [(at, call.split(" training-infra")[0]) for at, call in run.calls if call.startswith("shutdown")]
+    shutdowns = [
+        (at, call.split(" training-infra")[0])
+        for at, call in run.calls
+        if call.startswith("shutdown") and call in run.agent_called("shutdown")
+    ]
     assert [call for _, call in shutdowns] == ["shutdown -h +60", "shutdown -h +1"], (
         "max runtime before any network call, then the tag's deadline replaces it"
     )
@@ -140,7 +145,7 @@ def test_bad_deadline_at_fails_with_one_line_before_any_network_call(make_run):
     assert run.status()["message"] == (
         "TI_DEADLINE_AT='tomorrow 6pm' is not allowed: use an ISO 8601 UTC time such as 2026-11-29T18:00:00Z"
     )
-    assert run.imds.requests == [] and not run.called("shutdown")
+    assert run.imds.requests == [] and not run.agent_called("shutdown")
     assert run.called("poweroff")
 
 
@@ -183,7 +188,7 @@ def test_stop_tag_put_on_the_instance_in_the_local_aws_stops_its_agent_as_stoppe
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     tags = {"training-infra:managed": "true", "training-infra:run-id": "stop-user", "training-infra:attempt": "3"}
     instance_id = ec2.run_instances(
-        ImageId=image, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", UserData=render_user_data(run.config),
+        ImageId=image, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", UserData=run.user_data(),
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
     )["Instances"][0]["InstanceId"]  # fmt: skip
     fast = {name: run.env[name] for name in ("TI_RETRY_BASE_SECONDS", "TI_LOG_SHIP_SECONDS")}

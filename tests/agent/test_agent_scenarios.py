@@ -51,6 +51,7 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
             "_SUCCESS",
             "attempts/1/logs/training-setup.log",
             "attempts/1/logs/training.log",
+            "attempts/1/progress.json",
             "attempts/1/status.json",
             "outputs/metrics.json",
             "outputs/model.npz",
@@ -111,7 +112,7 @@ def test_spot_notice_sigterms_trainer_saves_checkpoint_and_records_interruption(
 
     sigterm_at = float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)").group(1))
     assert sigterm_at - noticed_at <= 6, "trainer gets SIGTERM within one poll of the notice"
-    checkpoints = run.keys("checkpoints/spot-run/")
+    checkpoints = [key for key in run.keys("checkpoints/spot-run/") if "/ckpt-" in key]
     assert checkpoints, "the checkpoint written on SIGTERM reached S3 (periodic sync was off)"
     saved_epoch = int(checkpoints[-1].rsplit("-", 1)[1].split(".")[0])
     assert saved_epoch >= 3
@@ -224,26 +225,6 @@ def test_idle_gpu_ends_the_run_as_idle_and_saves_outputs(make_run):
     assert run.called("poweroff")
 
 
-def test_stale_heartbeat_counts_as_idle_even_at_full_gpu_and_a_hung_trainer_is_killed(make_run):
-    heartbeat = "/outputs/heartbeat"
-    run = make_run(
-        run_id="hung-run",
-        stop_grace_seconds=2,
-        extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nHANG_AT_EPOCH=4",
-        env={"TI_HEARTBEAT_FILE": heartbeat, "TI_HEARTBEAT_STALE_SECONDS": "3"},
-    )
-    (run.tmp / "gpu-util").write_text("100\n")
-    run.run()
-
-    status = run.status()
-    assert status["outcome"] == "idle" and "heartbeat" in status["message"]
-    assert status["exit_code"] == 137, "the hung trainer ignored SIGTERM and was killed after the grace period"
-    assert "SIGKILL" in run.read(run.log_key("training.log"))
-    assert "runs/hung-run/outputs/heartbeat" in run.keys("runs/hung-run/"), (
-        "trainer got HEARTBEAT_FILE under its outputs"
-    )
-
-
 def _checkpoint(epoch: int, weights: list[float]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, weights=np.array(weights), epoch=epoch)
@@ -265,9 +246,10 @@ def test_relaunch_with_same_run_id_restores_its_checkpoint_and_continues(make_ru
     assert (metrics["resumed_from_epoch"], metrics["epochs_completed"]) == (5, 8)
     assert run.status()["outcome"] == "succeeded"
     local = sorted(p.name for p in (run.root / "checkpoints").glob("ckpt-*.npz"))
-    assert run.keys("checkpoints/resume-run/") == [f"checkpoints/resume-run/{name}" for name in local], (
-        "S3 mirrors what the trainer kept"
-    )
+    assert run.keys("checkpoints/resume-run/") == [
+        f"checkpoints/resume-run/{name}" for name in ["_manifest.json", *local]
+    ], "S3 mirrors what the trainer kept, and the manifest names it"
+    assert sorted(json.loads(run.read("checkpoints/resume-run/_manifest.json"))["files"]) == local
     assert "ckpt-000008.npz" in local
 
 
@@ -277,7 +259,7 @@ def test_bad_setting_fails_with_one_line_naming_it_before_any_network_call(make_
     status = run.status()
     assert status["outcome"] == "failed"
     assert status["message"] == "TI_RUNTIME='podman' is not allowed: use one of docker process"
-    assert not run.called("shutdown"), "validation happens before anything else"
+    assert not run.agent_called("shutdown"), "validation happens before anything else"
     assert run.imds.requests == [], "no metadata call either"
     assert run.called("poweroff")
 

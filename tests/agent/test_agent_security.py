@@ -119,7 +119,11 @@ def test_symlinks_in_outputs_and_checkpoints_to_host_files_are_not_uploaded(make
 
     assert run.status()["outcome"] == "succeeded", run.setup_log
     assert run.keys("runs/symlinks/outputs/") == ["runs/symlinks/outputs/model.txt"]
-    assert run.keys("checkpoints/symlinks/") == ["checkpoints/symlinks/ckpt-001.pt"]
+    assert run.keys("checkpoints/symlinks/") == [
+        "checkpoints/symlinks/_manifest.json",
+        "checkpoints/symlinks/ckpt-001.pt",
+    ]
+    assert json.loads(run.read("checkpoints/symlinks/_manifest.json"))["files"] == {"ckpt-001.pt": 6}, "no link"
     assert "HOST-SECRET" not in everything_uploaded(run)
 
 
@@ -351,7 +355,7 @@ if args[0] == "login":
     sys.stdin.read()
 if args[0] == "run":
     paths = [args[i + 1] for i, a in enumerate(args) if a == "--env-file"]
-    mounts = [args[i + 1] for i, a in enumerate(args) if a == "-v" and "/run/" in args[i + 1]]
+    mounts = [args[i + 1] for i, a in enumerate(args) if a == "-v" and "/run/training-infra/aws" in args[i + 1]]
     paths += [mount.split(":")[0] + name for mount in mounts for name in ("/config", "/session.json")]
     for path in paths:
         call["files"][path] = {{"mode": oct(os.stat(path).st_mode & 0o777), "text": open(path).read()}}
@@ -398,7 +402,7 @@ def test_container_runs_without_new_privileges_host_ipc_or_aws_credentials_only_
     env = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
     assert f"AWS_REGION={run.aws.region}" in env and "AWS_EC2_METADATA_DISABLED=true" in env
     assert not [e for e in env if e.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET", "AWS_SESSION", "AWS_CONFIG"))]
-    assert not [a for a in argv if "/run/training-infra" in a], "no credentials mount without a trainer role"
+    assert not [a for a in argv if "/run/training-infra/aws" in a], "no credentials mount without a trainer role"
 
 
 def test_container_gets_secrets_from_a_0600_env_file_removed_after_start_and_role_credentials_read_only(make_run):

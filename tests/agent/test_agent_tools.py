@@ -7,6 +7,7 @@ edge cases a scenario rarely hits: partial lines, blank lines, batch limits, a t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -93,7 +94,9 @@ def test_status_command_writes_the_documented_fields_and_prints_the_cost(tmp_pat
     assert list(status) == [
         "run_id", "attempt", "outcome", "exit_code", "started_at", "ended_at", "duration_seconds", "instance_id",
         "instance_type", "market", "availability_zone", "hourly_price_usd", "estimated_cost_usd", "image", "message",
+        "progress",
     ]  # fmt: skip
+    assert status["progress"] is None, "no --progress-file: the trainer never reported progress"
 
 
 def test_status_command_refuses_a_missing_field_with_usage_exit_2(tmp_path):
@@ -102,6 +105,66 @@ def test_status_command_refuses_a_missing_field_with_usage_exit_2(tmp_path):
     )
     assert result.returncode == 2 and "the following arguments are required" in result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def write_at(path, text: str, at: float) -> None:
+    """Write `text` as the trainer would at time `at` (the file's modification time)."""
+    path.write_text(text)
+    os.utime(path, ns=(int(at * 1e9), int(at * 1e9)))
+
+
+def test_progress_counts_a_changed_step_with_its_rate_and_a_rewrite_without_a_step_as_a_touch(tmp_path):
+    beat, state = tmp_path / "heartbeat.json", tmp_path / "progress.state.json"
+    assert agent_tools.observe_progress(beat, state, now=100) == {}, "no file yet: never reported"
+    write_at(beat, '{"step": 10, "loss": 0.5}', at=100)
+    assert agent_tools.observe_progress(beat, state, now=103)["changed_epoch"] == 100, "the write's time"
+    write_at(beat, '{"step": 10}', at=104)  # written again, same step: a heartbeat thread is not progress
+    assert agent_tools.observe_progress(beat, state, now=105)["changed_epoch"] == 100
+    write_at(beat, '{"step": 30}', at=110)
+    seen = agent_tools.observe_progress(beat, state, now=130)
+    assert (seen["step"], seen["steps_per_second"], seen["changed_at"]) == (30, 2.0, "1970-01-01T00:01:50Z")
+    record = {"step": 30, "steps_per_second": 2.0, "changed_at": "1970-01-01T00:01:50Z"}
+    assert agent_tools.progress_record(seen) == record
+    write_at(beat, "", at=120)  # a touch
+    assert agent_tools.observe_progress(beat, state, now=140)["changed_epoch"] == 120
+    assert agent_tools.observe_progress(beat, state, now=150)["changed_epoch"] == 120, "not written again"
+
+
+def test_progress_says_once_that_a_heartbeat_is_not_json_and_never_fails(tmp_path, capsys):
+    beat, state = tmp_path / "heartbeat.json", tmp_path / "progress.state.json"
+    for now, text in ((1, "{broken"), (2, "still [broken"), (3, '"a string"')):
+        beat.write_text(text)
+        assert agent_tools.observe_progress(beat, state, now=now)["step"] is None
+    assert capsys.readouterr().err.count("is not JSON") == 1
+
+
+def test_progress_command_prints_the_change_and_writes_the_public_record(tmp_path):
+    beat, state = tmp_path / "heartbeat.json", tmp_path / "progress.state.json"
+    argv = [sys.executable, str(TOOLS), "progress", str(beat), str(state)]
+    assert subprocess.run([*argv, "50"], capture_output=True, text=True, check=True).stdout == "none\n"
+    write_at(beat, '{"step": 7}', at=60)
+    assert subprocess.run([*argv, "61"], capture_output=True, text=True, check=True).stdout == "60 7 -\n"
+    assert json.loads((tmp_path / "progress.json").read_text()) == {
+        "step": 7, "steps_per_second": None, "changed_at": "1970-01-01T00:01:00Z"
+    }
+
+
+def test_manifest_names_only_files_present_at_the_sync_start_and_unchanged_at_its_end(tmp_path):
+    (tmp_path / "shard").mkdir()
+    for name in ("ckpt-1.pt", "shard/part-0.pt", "ckpt-2.pt.tmp", "_manifest.json"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "link.pt").symlink_to(tmp_path / "ckpt-1.pt")
+    snapshot = agent_tools.checkpoint_files(tmp_path)
+    assert sorted(snapshot) == ["ckpt-1.pt", "shard/part-0.pt"], "no .tmp, symlink or manifest"
+    (tmp_path / "shard/part-0.pt").write_text("rewritten during the sync")
+    (tmp_path / "ckpt-3.pt").write_text("new during the sync")
+    manifest = agent_tools.commit_manifest(tmp_path, snapshot, now=0)
+    assert manifest == {"files": {"ckpt-1.pt": 9}, "written_at": "1970-01-01T00:00:00Z"}
+
+
+def test_restore_filters_take_exactly_the_manifest_files_with_glob_characters_escaped():
+    filters = agent_tools.restore_filters({"files": {"b.pt": 1, "a[1]*.pt": 2}})
+    assert filters == ["--exclude", "*", "--include", "a[[]1][*].pt", "--include", "b.pt"]
 
 
 def test_tools_use_only_the_standard_library():

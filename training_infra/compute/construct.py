@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import jsii
 from aws_cdk import ArnFormat, Aws, Duration, Fn, RemovalPolicy, Stack, Tags
@@ -14,12 +17,13 @@ from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from training_infra import naming
-from training_infra.compute.user_data import AgentConfig, render_user_data, with_run_overrides
+from training_infra.compute.user_data import AgentConfig, AgentObject, pack_agent, render_user_data, with_run_overrides
 from training_infra.policy import acknowledge_nag, grant_encrypted_publish, log_retention, nag_name, skip_checkov
 from training_infra.pricing import on_demand_price
 
@@ -122,6 +126,7 @@ class RunDefaults:
     max_runtime_hours: float = 12
     idle_minutes: int = 30
     idle_gpu_percent: float = 5
+    stall_minutes: int = 20
     checkpoint_sync_seconds: int = 300
 
 
@@ -218,6 +223,7 @@ class TrainingCompute(Construct):
             auto_shutdown=instance.auto_shutdown,
             idle_seconds=run.idle_minutes * 60,
             idle_gpu_percent=run.idle_gpu_percent,
+            stall_seconds=run.stall_minutes * 60,
             checkpoint_sync_seconds=run.checkpoint_sync_seconds,
             market="spot" if instance.use_spot else "on-demand",
             hourly_price_usd=on_demand_price(instance.instance_type) or 0.0,
@@ -225,7 +231,7 @@ class TrainingCompute(Construct):
             trainer_role_arn=self.trainer_role.role_arn if self.trainer_role is not None else "",
             secrets_reader_role_arn=self.secrets_reader_role.role_arn,
         )
-        self.user_data_script = render_user_data(agent)
+        self.user_data_script = render_user_data(agent, self._agent_object())
         self.machine_image = (
             PinnedImage(instance.image_id)
             if instance.image_id
@@ -244,6 +250,26 @@ class TrainingCompute(Construct):
         self.alarms: tuple[cloudwatch.Alarm, ...] = ()
         if props.create_instance:
             self.instance = self._instance(props, run_id=run_id, tags=tags, alerts_topic=alerts_topic)
+
+    def _agent_object(self) -> AgentObject:
+        """The packed agent as a file asset (cdk deploy uploads it to the bootstrap bucket); only its
+        object is readable by the instance role, and user data pins its sha256."""
+        packed = pack_agent()
+        digest = hashlib.sha256(packed).hexdigest()
+        # A folder named by the content: the same agent is the same path, synth after synth.
+        staged = Path(tempfile.gettempdir()) / f"training-infra-agent-{digest[:16]}" / "agent.tar.xz"
+        if not staged.exists() or staged.read_bytes() != packed:
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            staged.write_bytes(packed)
+        self.agent_asset = s3_assets.Asset(self, "Agent", path=str(staged))
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadTheAgent",
+                actions=["s3:GetObject"],
+                resources=[self.agent_asset.bucket.arn_for_objects(self.agent_asset.s3_object_key)],
+            )
+        )
+        return AgentObject(bucket=self.agent_asset.s3_bucket_name, key=self.agent_asset.s3_object_key, sha256=digest)
 
     def _network(self, network: NetworkProps) -> tuple[ec2.IVpc, list[str]]:
         if network.vpc_id:

@@ -1,4 +1,4 @@
-"""Render the instance agent as EC2 user data.
+"""Render the instance agent's EC2 user data: its settings and a small bootstrap that fetches the agent.
 
 One renderer serves both launch paths: the launch template (CDK, values may be CloudFormation
 tokens) and `training-infra launch` (which takes the template's user data and adds per-run
@@ -8,19 +8,22 @@ Layout of the rendered script:
     #!/bin/bash
     export TI_...='stack value'            # one line per AgentConfig field (tokens allowed)
     #@run-overrides                        # `with_run_overrides` puts per-run exports here
-    <unpack the agent folder (tar+xz+base64) and exec agent.sh>
+    <bootstrap: OS deadline, download the agent from S3, check its sha256, unpack, exec agent.sh>
 
 The agent folder (agent.sh and the Python helpers it calls) is packed deterministically (fixed
-times, owners and order, so `cdk diff` stays quiet) and compressed with xz (about 6 % smaller than
-gzip -9 here; `tar -J` needs xz-utils, in every Ubuntu and Amazon Linux image) to stay well under
-EC2's 16 KB user-data limit.
+times, owners and order, so `cdk diff` stays quiet) and compressed with xz (`tar -J` needs
+xz-utils, in every Ubuntu and Amazon Linux image). It no longer fits EC2's 16 KB user-data limit
+with room for a run's overrides, so it travels as an S3 object (a CDK file asset in the bootstrap
+bucket, readable by the instance role alone): user data pins its sha256, so a changed object is
+refused, and arms the on-box deadline before the download, so a box whose agent never arrives
+still powers off.
 """
 
 from __future__ import annotations
 
 import ast
-import base64
 import dataclasses
+import hashlib
 import io
 import lzma
 import re
@@ -36,6 +39,15 @@ AGENT_FILES = (AGENT_SCRIPT, AGENT_DIR / "agent_tools.py")  # what the instance 
 OVERRIDES_MARKER = "#@run-overrides"
 USER_DATA_LIMIT_BYTES = 16 * 1024
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class AgentObject:
+    """Where the packed agent lives in S3 (values may be CloudFormation tokens) and its sha256."""
+
+    bucket: str
+    key: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class AgentConfig:
     auto_shutdown: bool = True
     idle_seconds: int = 30 * 60
     idle_gpu_percent: float = 5
+    # No progress in HEARTBEAT_FILE for this long (after the first beat) ends the attempt `stalled`; 0: off.
+    stall_seconds: int = 20 * 60
     checkpoint_sync_seconds: int = 300
     spot_poll_seconds: int = 5
     stop_grace_seconds: int = 60
@@ -114,28 +128,53 @@ def pack_agent() -> bytes:
     return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
 
 
-def render_user_data(config: AgentConfig) -> str:
+def agent_sha256() -> str:
+    return hashlib.sha256(pack_agent()).hexdigest()
+
+
+# Runs before the agent exists on the box: the OS deadline first (the agent re-arms it for the run's
+# own deadline), then the download with bounded retries, the pinned checksum, and exec. Anything that
+# fails powers the box off (auto_shutdown) or leaves it to that deadline; a bad agent never runs.
+_BOOTSTRAP = r"""agent_dir=${TI_ROOT:-}/opt/training-infra
+setup_log=${TI_ROOT:-}/var/log/training-setup.log
+mkdir -p "$agent_dir" "${setup_log%/*}"
+say() { echo "$(date -u +%FT%TZ) [bootstrap] $*" | tee -a "$setup_log"; }
+started=$(date +%s%N)
+left=${TI_MAX_RUNTIME_SECONDS:-43200}
+at=$(date -u -d "${TI_DEADLINE_AT:-}" +%s 2>/dev/null) && [[ -n ${TI_DEADLINE_AT:-} ]] && left=$((at - $(date +%s)))
+"${TI_SHUTDOWN_BIN:-shutdown}" -h "+$((left > 60 ? (left + 59) / 60 : 1))" "training-infra: bootstrap deadline" ||
+  say "WARNING: could not schedule the OS deadline"
+region=()  # the regional endpoint: what a private subnet's S3 gateway endpoint carries
+[[ -z ${TI_REGION:-} ]] || region=(--region "$TI_REGION")
+for try in 1 2 3 4; do
+  aws --cli-connect-timeout 10 s3 cp "s3://$agent_bucket/$agent_key" "$agent_dir/agent.tar.xz" "${region[@]}" \
+    --only-show-errors && break
+  say "agent download failed (attempt $try of 4)"
+  sleep $((try * ${TI_RETRY_BASE_SECONDS:-5}))
+done
+if echo "$agent_sha256  $agent_dir/agent.tar.xz" | sha256sum -c --status &&
+  tar -xJf "$agent_dir/agent.tar.xz" --no-same-owner -C "$agent_dir"; then
+  say "agent s3://$agent_bucket/$agent_key fetched and checked in $((($(date +%s%N) - started) / 1000000)) ms"
+  exec bash "$agent_dir/agent.sh"
+fi
+say "no agent: s3://$agent_bucket/$agent_key missing, unreadable or not sha256 $agent_sha256"
+[[ ${TI_AUTO_SHUTDOWN:-true} != true ]] || bash -c "${TI_POWEROFF_CMD:-shutdown -h now}"
+"""
+
+
+def render_user_data(config: AgentConfig, agent: AgentObject) -> str:
     lines = ["#!/bin/bash", "# training-infra instance agent (rendered by training_infra/compute/user_data.py)"]
     for field in dataclasses.fields(config):
         lines.append(_export(f"TI_{field.name.upper()}", getattr(config, field.name)))
     lines.append(OVERRIDES_MARKER)
-    encoded = base64.b64encode(pack_agent()).decode("ascii")  # one line: 76-column wrapping costs 170 bytes
-    lines += [
-        'agent_dir="${TI_ROOT:-}/opt/training-infra"',
-        'mkdir -p "$agent_dir"',
-        "base64 -d <<'TRAINING_INFRA_AGENT' | tar -xJ --no-same-owner -C \"$agent_dir\"",
-        encoded,
-        "TRAINING_INFRA_AGENT",
-        'exec bash "$agent_dir/agent.sh"',
-        "",
-    ]
-    return "\n".join(lines)
+    lines += [f"agent_{name}={shlex.quote(getattr(agent, name))}" for name in ("bucket", "key", "sha256")]
+    return "\n".join(lines) + "\n" + _BOOTSTRAP
 
 
 def with_run_overrides(user_data: str, overrides: Mapping[str, object]) -> str:
     """Add per-run settings (TI_RUN_ID, TI_IMAGE_TAG, ...) to rendered user data.
 
-    The marker is the last line that is exactly the marker: nothing after it (the packed agent) can
+    The marker is the last line that is exactly the marker: nothing after it (the bootstrap) can
     contain one, while a quoted value before it (a training command) may, and must stay intact.
     """
     line = f"\n{OVERRIDES_MARKER}\n"

@@ -38,14 +38,18 @@ export AWS_PAGER=""
 : "${TI_AUTO_SHUTDOWN:=true}" "${TI_IDLE_SECONDS:=1800}" "${TI_IDLE_GPU_PERCENT:=5}"
 : "${TI_CHECKPOINT_SYNC_SECONDS:=300}" "${TI_SPOT_POLL_SECONDS:=5}" "${TI_STOP_GRACE_SECONDS:=60}"
 : "${TI_MARKET:=spot}" "${TI_HOURLY_PRICE_USD:=0}" "${TI_EXTRA_ENV:=}" "${TI_STOP_ON_REBALANCE:=true}"
-: "${TI_HEARTBEAT_FILE:=}" "${TI_HEARTBEAT_STALE_SECONDS:=$TI_IDLE_SECONDS}" "${TI_RUNTIME:=docker}"
+: "${TI_HEARTBEAT_FILE:=/run/training-infra/progress/heartbeat.json}" "${TI_STALL_SECONDS:=1200}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
 : "${TI_PULL_TIMEOUT_SECONDS:=1800}" "${TI_DEADLINE_AT:=}"
 : "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=2700}" "${TI_TRAINER_SESSION_SECONDS:=3600}"
-: "${TI_SECRETS_READER_ROLE_ARN:=}"
+: "${TI_SECRETS_READER_ROLE_ARN:=}" "${TI_PROGRESS_METRIC_SECONDS:=60}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
-HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # /outputs/... and /checkpoints/... are the container's view
-[[ ! $HEARTBEAT_HOST =~ ^/(outputs|checkpoints)/ ]] || HEARTBEAT_HOST=$ROOT$HEARTBEAT_HOST
+PROGRESS_DIR=$STATE/progress  # the container's /run/training-infra/progress: where the trainer beats
+HEARTBEAT_HOST=$TI_HEARTBEAT_FILE  # the container's view of /outputs, /checkpoints and the progress folder
+case $TI_HEARTBEAT_FILE in
+  /outputs/* | /checkpoints/*) HEARTBEAT_HOST=$ROOT$TI_HEARTBEAT_FILE ;;
+  /run/training-infra/progress/*) HEARTBEAT_HOST=$PROGRESS_DIR/${TI_HEARTBEAT_FILE#/run/training-infra/progress/} ;;
+esac
 
 OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
 INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
@@ -98,8 +102,10 @@ need_one() {
 validate() {
   local v line
   for v in TI_MAX_RUNTIME_SECONDS TI_IDLE_SECONDS TI_CHECKPOINT_SYNC_SECONDS TI_SPOT_POLL_SECONDS \
-    TI_STOP_GRACE_SECONDS TI_HEARTBEAT_STALE_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
-    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS TI_CREDENTIALS_REFRESH_SECONDS TI_TRAINER_SESSION_SECONDS; do need_int "$v"; done
+    TI_STOP_GRACE_SECONDS TI_STALL_SECONDS TI_RETRY_ATTEMPTS TI_RETRY_BASE_SECONDS \
+    TI_LOG_SHIP_SECONDS TI_FINALIZE_TIMEOUT_SECONDS TI_PULL_TIMEOUT_SECONDS TI_CREDENTIALS_REFRESH_SECONDS TI_TRAINER_SESSION_SECONDS TI_PROGRESS_METRIC_SECONDS; do
+    need_int "$v"
+  done
   for v in TI_IDLE_GPU_PERCENT TI_HOURLY_PRICE_USD; do need_num "$v"; done
   need_one TI_AUTO_SHUTDOWN true false
   need_one TI_STOP_ON_REBALANCE true false
@@ -275,13 +281,57 @@ fetch_image() {
 }
 # S3 mirrors /checkpoints, so a resume downloads what the trainer kept, not every checkpoint
 # it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
-# globals: reads CKPT_DIR CKPT_PREFIX
+# After a complete sync, _manifest.json names the files it carried (those present when it started
+# and unchanged when it ended); a restore takes exactly that set, so files of a checkpoint that was
+# half uploaded when the box died are never restored.
+# globals: reads CKPT_DIR CKPT_PREFIX STATE; sets LAST_SYNC_SECONDS
 # --no-follow-symlinks: the trainer writes here, and a link to a host file must not upload that file.
-sync_checkpoints() { awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --no-follow-symlinks --only-show-errors; }
+sync_checkpoints() {
+  local began=$SECONDS
+  python3 "$AGENT_TOOLS" manifest snapshot "$CKPT_DIR" "$STATE/ckpt.snapshot.json" &&
+    awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --exclude _manifest.json --no-follow-symlinks \
+      --only-show-errors &&
+    python3 "$AGENT_TOOLS" manifest commit "$CKPT_DIR" "$STATE/ckpt.snapshot.json" "$STATE/_manifest.json" &&
+    awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors &&
+    LAST_SYNC_SECONDS=$((SECONDS - began))
+}
+# globals: reads CKPT_PREFIX CKPT_DIR STATE
+restore_checkpoints() {  # the last complete sync's set; a run from before manifests: everything
+  local filters=()
+  if awsc s3 cp "$CKPT_PREFIX/_manifest.json" "$STATE/restored-manifest.json" --only-show-errors 2>/dev/null; then
+    mapfile -t filters < <(python3 "$AGENT_TOOLS" manifest filters "$STATE/restored-manifest.json")
+    log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2)) files of the last complete sync"
+  fi
+  awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
+}
+# When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the
+# trainer keeps writing newer ones locally (uploads failing silently), say so once per run: the log,
+# a CheckpointStale metric and a notice on the alert topic.
+# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN
+check_checkpoint_freshness() {
+  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words
+  [[ ! -e $STATE/checkpoint-stale-noticed ]] || return 0
+  newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' -printf '%T@\n' | sort -n | tail -n 1)
+  [[ -n $newest_local ]] || return 0
+  # shellcheck disable=SC2016  # a JMESPath literal
+  newest_s3=$(awsc s3api list-objects-v2 --bucket "${bucket%%/*}" --prefix "${bucket#*/}/" --output text \
+    --query 'max_by(Contents || `[]`, &LastModified).LastModified') || return 0
+  newest_s3=$(date -u -d "${newest_s3/None/@0}" +%s) now=$(date +%s)
+  ((${newest_local%.*} > newest_s3 && now - newest_s3 > 2 * TI_CHECKPOINT_SYNC_SECONDS + ${LAST_SYNC_SECONDS:-0})) ||
+    return 0
+  : >"$STATE/checkpoint-stale-noticed"
+  words="checkpoints in $CKPT_PREFIX/ are $((now - newest_s3))s old while the trainer wrote newer ones locally: uploads are failing"
+  note "WARNING: $words (said once)"
+  awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name CheckpointStale \
+    --dimensions "RunId=$RUN_ID" --value 1 --unit Count || true
+  [[ -z $TI_ALERTS_TOPIC_ARN ]] || awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" \
+    --subject "training-infra run $RUN_ID: checkpoints are not reaching S3" --message "Run $RUN_ID: $words." >/dev/null || true
+}
 # globals: reads STATE SETUP_LOG TRAIN_LOG ATTEMPT_PREFIX
 upload_logs() {
   mkdir -p "$STATE/logs"
   cp "$SETUP_LOG" "$TRAIN_LOG" "$STATE/logs/"
+  [[ ! -f $LOG_DIR/training-diagnostics.txt ]] || cp "$LOG_DIR/training-diagnostics.txt" "$STATE/logs/"
   awsc s3 sync "$STATE/logs/" "$ATTEMPT_PREFIX/logs/" --only-show-errors
 }
 
@@ -360,7 +410,7 @@ start_trainer() {
     # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
     spawn "$DOCKER" run --rm --name "$CONTAINER" --gpus all --init -e TINI_KILL_PROCESS_GROUP=1 \
       --security-opt no-new-privileges --shm-size "$(shm_size)" \
-      -v "$DATA_DIR:/data:ro" -v "$OUT_DIR:/outputs" -v "$CKPT_DIR:/checkpoints" \
+      -v "$DATA_DIR:/data:ro" -v "$OUT_DIR:/outputs" -v "$CKPT_DIR:/checkpoints" -v "$PROGRESS_DIR:/run/training-infra/progress" \
       -e "RUN_ID=$RUN_ID" -e DATA_DIR=/data -e OUTPUT_DIR=/outputs -e CHECKPOINT_DIR=/checkpoints \
       -e "HEARTBEAT_FILE=$TI_HEARTBEAT_FILE" -e "STOP_GRACE_SECONDS=$TI_STOP_GRACE_SECONDS" "${aws[@]}" \
       --env-file "$STATE/trainer.env" --env-file "$STATE/secrets.env" "$IMAGE" "${command[@]}" >>"$TRAIN_LOG" 2>&1
@@ -440,10 +490,9 @@ gpu_utilisation() {  # the busiest GPU, so one busy GPU of eight is not "idle"
   "$NVIDIA_SMI" --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
     awk 'BEGIN { m = -1 } /^ *[0-9.]+ *$/ { if ($1 + 0 > m) m = $1 + 0 } END { if (m < 0) exit 1; print m }'
 }
-# globals: reads HEARTBEAT_HOST TRAINER_STARTED INSTANCE_ID NVIDIA_SMI and the TI_IDLE/HEARTBEAT/METRIC settings
+# globals: reads INSTANCE_ID NVIDIA_SMI and the TI_IDLE/METRIC settings
 watch_idle() {
-  local poll=$((TI_IDLE_SECONDS / 4)) util now idle_since="" last_metric=0 age warned=""
-  [[ -z $HEARTBEAT_HOST ]] || ((TI_HEARTBEAT_STALE_SECONDS / 4 >= poll)) || poll=$((TI_HEARTBEAT_STALE_SECONDS / 4))
+  local poll=$((TI_IDLE_SECONDS / 4)) util now idle_since="" last_metric=0 warned=""
   ((poll <= 15)) || poll=15
   ((poll >= 1)) || poll=1
   while true; do
@@ -455,13 +504,6 @@ watch_idle() {
       last_metric=$now
       awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name GPUUtilization \
         --dimensions "InstanceId=$INSTANCE_ID" --value "$util" --unit Percent || log "WARNING: metric not sent"
-    fi
-    if [[ -n $HEARTBEAT_HOST ]]; then
-      age=$((now - $(stat -c %Y "$HEARTBEAT_HOST" 2>/dev/null || echo "$TRAINER_STARTED")))
-      if ((age > TI_HEARTBEAT_STALE_SECONDS)); then
-        request_stop idle "no progress heartbeat in $TI_HEARTBEAT_FILE for ${age}s" "$TI_STOP_GRACE_SECONDS"
-        return
-      fi
     fi
     if [[ -n $util ]] && awk -v u="$util" -v t="$TI_IDLE_GPU_PERCENT" 'BEGIN { exit !(u < t) }'; then
       idle_since=${idle_since:-$now}
@@ -475,10 +517,61 @@ watch_idle() {
     sleep "$poll"
   done
 }
+# The trainer's beats (HEARTBEAT_FILE: JSON such as {"step": 1200}, or a touch). A JSON step counts
+# as progress when it changes, a file without one when it is written again. Once a minute with
+# progress (TI_PROGRESS_METRIC_SECONDS): metrics (Progress, which the supervisor's backstop watches,
+# TrainingStep, StepsPerSecond; dimension RunId) and the attempt's progress.json. A trainer that never beats is never judged.
+# globals: reads HEARTBEAT_HOST TI_HEARTBEAT_FILE TI_STALL_SECONDS TI_STOP_GRACE_SECONDS TI_METRIC_NAMESPACE STATE RUN_ID
+# ATTEMPT_PREFIX TRAINER_PID TI_PROGRESS_METRIC_SECONDS
+watch_progress() {
+  local poll=5 now changed step rate sent_at=0 sent_change="" metrics dims
+  ((TI_STALL_SECONDS == 0 || TI_STALL_SECONDS >= 30)) || poll=1
+  while sleep "$poll"; do
+    now=$(date +%s)
+    read -r changed step rate < <(python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$now") ||
+      continue
+    [[ $changed != none ]] || continue
+    if [[ $changed != "$sent_change" ]] && ((now - sent_at >= TI_PROGRESS_METRIC_SECONDS)); then
+      sent_at=$now sent_change=$changed dims='"Dimensions": [{"Name": "RunId", "Value": "'$RUN_ID'"}]'
+      metrics='{"MetricName": "Progress", "Value": 1, "Unit": "Count", '$dims'}'
+      [[ $step == - ]] || metrics+=', {"MetricName": "TrainingStep", "Value": '$step', "Unit": "None", '$dims'}'
+      [[ $rate == - ]] || metrics+=', {"MetricName": "StepsPerSecond", "Value": '$rate', "Unit": "Count/Second", '$dims'}'
+      awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-data "[$metrics]" ||
+        log "WARNING: progress metrics not sent"
+      awsc s3 cp "$STATE/progress.json" "$ATTEMPT_PREFIX/progress.json" --only-show-errors || true
+    fi
+    if ((TI_STALL_SECONDS > 0 && now - changed >= TI_STALL_SECONDS)) && alive "$TRAINER_PID"; then
+      collect_diagnostics
+      request_stop stalled "no progress in $TI_HEARTBEAT_FILE for $((now - changed))s (last step $step)" "$TI_STOP_GRACE_SECONDS"
+      return
+    fi
+  done
+}
+# What a stalled trainer was doing, into the attempt's logs (logs/training-diagnostics.txt) before it is stopped.
+# globals: reads LOG_DIR RUNTIME DOCKER CONTAINER TRAINER_PID NVIDIA_SMI TRAIN_LOG
+collect_diagnostics() {
+  local pids pid
+  {
+    echo "== $(date -u +%FT%TZ) process tree"
+    ps -eo pid,ppid,pgid,stat,etime,pcpu,rss,args --forest
+    echo "== $NVIDIA_SMI"
+    "$NVIDIA_SMI" || echo "($NVIDIA_SMI not available)"
+    if [[ $RUNTIME == docker ]]; then pids=$("$DOCKER" top "$CONTAINER" -eo pid | tail -n +2); else pids=$(pgrep -g "$TRAINER_PID"); fi
+    if command -v py-spy >/dev/null; then
+      for pid in $pids; do echo "== py-spy dump --pid $pid"; timeout 30 py-spy dump --pid "$pid"; done
+    else
+      echo "== py-spy is not installed: no Python stacks"
+    fi
+    echo "== the trainer's last 200 log lines"
+    tail -n 200 "$TRAIN_LOG"
+  } >"$LOG_DIR/training-diagnostics.txt" 2>&1
+  note "stall diagnostics (process tree, $NVIDIA_SMI, py-spy, last 200 lines) in logs/training-diagnostics.txt"
+}
 # globals: reads TI_CHECKPOINT_SYNC_SECONDS
 watch_checkpoints() {  # only changed files travel; logs ride along so a hard kill loses little
   while sleep "$TI_CHECKPOINT_SYNC_SECONDS"; do
     sync_checkpoints || log "WARNING: periodic checkpoint sync failed; next try in ${TI_CHECKPOINT_SYNC_SECONDS}s"
+    check_checkpoint_freshness
     upload_logs || true
   done
 }
@@ -495,7 +588,7 @@ run_watcher() { trap - ERR EXIT TERM INT; set +e; "$1"; }  # never the main trap
 # globals: sets WATCHERS
 start_watchers() {
   local watcher
-  for watcher in watch_spot watch_stop watch_deadline watch_idle watch_checkpoints watch_logs watch_credentials; do
+  for watcher in watch_spot watch_stop watch_deadline watch_idle watch_progress watch_checkpoints watch_logs watch_credentials; do
     spawn run_watcher "$watcher"
     WATCHERS+=("$LAST_PID")
   done
@@ -509,7 +602,7 @@ write_status() {  # prints the cost estimate
     --exit-code="$EXIT_CODE" --started-at="$STARTED_AT" --ended-at="$ENDED_AT" \
     --duration-seconds="$((ENDED_EPOCH - START_EPOCH))" --instance-id="$INSTANCE_ID" \
     --instance-type="$INSTANCE_TYPE" --market="$MARKET" --availability-zone="$AZ" \
-    --hourly-price-usd="$TI_HOURLY_PRICE_USD" --image="$IMAGE" --message="$MESSAGE"
+    --hourly-price-usd="$TI_HOURLY_PRICE_USD" --image="$IMAGE" --message="$MESSAGE" --progress-file="$STATE/progress.state.json"
 }
 # globals: reads TI_ALERTS_TOPIC_ARN RUN_ID RUN_PREFIX OUTCOME EXIT_CODE MESSAGE COST START_EPOCH ENDED_EPOCH and the instance's
 publish_notice() {
@@ -570,6 +663,10 @@ finalize() {
       MESSAGE+=" (outputs upload failed)"
     fi
   fi
+  # The trainer's last beats since the progress watcher's last look.
+  python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$(date +%s)" >/dev/null &&
+    [[ -s $STATE/progress.state.json ]] &&
+    { awsc s3 cp "$STATE/progress.json" "$ATTEMPT_PREFIX/progress.json" --only-show-errors || log "WARNING: progress.json not uploaded"; }
   COST=$(write_status) || log "WARNING: status.json not written"
   log "status: $(tr -d '\n' <"$STATE/status.json")"
   # The attempt's own record first (the supervisor reads it), then the run's summary (the CLI's).
@@ -621,6 +718,8 @@ main() {
   local i
   rm -rf "$STATE"
   mkdir -p "$STATE" "$LOG_DIR" "$DATA_DIR" "$OUT_DIR" "$CKPT_DIR"
+  mkdir -m 1777 "$PROGRESS_DIR"  # a trainer image with a non-root USER beats too
+  rm -f "$LOG_DIR/training-diagnostics.txt"
   touch "$TRAIN_LOG"
   # 1. everything this script says goes to the setup log (and the console, for cloud-init)
   # tee ignores TERM/INT: at shutdown every process gets SIGTERM, and the finalizer must still
@@ -648,7 +747,7 @@ main() {
     fail "could not sync s3://$TI_DATA_BUCKET/data/ to $DATA_DIR after $RETRIES attempts"
   log "data: $(find "$DATA_DIR" -type f | wc -l) files in $DATA_DIR"
   # 5. restore this run's checkpoints (a relaunch with the same run id resumes), start the trainer
-  retry "checkpoint restore" awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --only-show-errors ||
+  retry "checkpoint restore" restore_checkpoints ||
     fail "could not restore checkpoints from $CKPT_PREFIX/"
   log "checkpoints: $(find "$CKPT_DIR" -type f | wc -l) files restored from $CKPT_PREFIX/"
   end_if_over

@@ -46,6 +46,82 @@ def log_batch(log: Path, offset_file: Path, batch_file: Path, *, final: bool) ->
     return len(events)
 
 
+def observe_progress(heartbeat: Path, state_file: Path, now: float) -> dict:
+    """Fold the trainer's heartbeat file into the agent's progress state (kept in `state_file`).
+
+    A JSON object with a numeric `step` is progress when the step changes; any other content
+    (a touch, other keys, text that is not JSON: said once on stderr) when the file is written
+    again; its time is the file's modification time. The state: step, steps_per_second (between the
+    last two changes), changed_at (ISO) and changed_epoch; {} until a beat.
+    """
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    try:
+        written = heartbeat.stat().st_mtime_ns
+        text = heartbeat.read_text(errors="replace")[:65536]
+    except OSError:
+        return state
+    step = None
+    try:
+        beat = json.loads(text) if text.strip() else None
+        if isinstance(beat, dict) and isinstance(beat.get("step"), int | float) and not isinstance(beat["step"], bool):
+            step = beat["step"]
+    except ValueError:
+        if not state.get("said_not_json"):
+            print(f"heartbeat file {heartbeat} is not JSON: counted as a touch (said once)", file=sys.stderr)
+            state["said_not_json"] = True
+    progressed = state.get("step") != step if step is not None else state.get("written") != written
+    if progressed or "changed_epoch" not in state:
+        at = min(written / 1e9, now)  # when the trainer wrote it, not when the agent looked
+        previous_step, previous_at = state.get("step"), state.get("changed_epoch")
+        rate = state.get("steps_per_second")
+        if step is not None and previous_step is not None and previous_at is not None and at > previous_at:
+            rate = round((step - previous_step) / (at - previous_at), 3)
+        state.update(
+            step=step,
+            steps_per_second=rate if step is not None else None,
+            changed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+            changed_epoch=at,
+        )
+    state["written"] = written
+    state_file.with_suffix(".new").write_text(json.dumps(state))
+    state_file.with_suffix(".new").replace(state_file)
+    return state
+
+
+def progress_record(state: dict) -> dict | None:
+    """What status.json and progress.json say: null when the trainer never reported progress."""
+    if "changed_epoch" not in state:
+        return None
+    return {key: state.get(key) for key in ("step", "steps_per_second", "changed_at")}
+
+
+MANIFEST = "_manifest.json"
+
+
+def checkpoint_files(folder: Path) -> dict[str, list[int]]:
+    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest; name -> [size, mtime_ns]."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name != MANIFEST:
+            found[name] = [path.stat().st_size, path.stat().st_mtime_ns]
+    return found
+
+
+def commit_manifest(folder: Path, snapshot: dict[str, list[int]], now: float) -> dict:
+    """The files a finished sync carried: present when it started and unchanged since (a trainer that
+    rewrote one meanwhile gets it into the next sync's manifest)."""
+    current = checkpoint_files(folder)
+    files = {name: meta[0] for name, meta in snapshot.items() if current.get(name) == meta}
+    return {"files": files, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+
+
+def restore_filters(manifest: dict) -> list[str]:
+    """`aws s3 sync` arguments that take exactly the manifest's files (glob characters escaped)."""
+    escaped = ("".join(f"[{c}]" if c in "*?[" else c for c in name) for name in sorted(manifest["files"]))
+    return ["--exclude", "*", *(arg for name in escaped for arg in ("--include", name))]
+
+
 def build_status(
     *,
     run_id: str,
@@ -62,6 +138,7 @@ def build_status(
     hourly_price_usd: float,
     image: str,
     message: str,
+    progress: dict | None = None,
 ) -> dict:
     """runs/<id>/attempts/<n>/status.json and the run summary (docs/agent.md); `exit_code` "": no trainer ran."""
     return {
@@ -81,6 +158,8 @@ def build_status(
         "estimated_cost_usd": round(hourly_price_usd * duration_seconds / 3600, 4),
         "image": image,
         "message": message,
+        # The trainer's last progress (HEARTBEAT_FILE): {step, steps_per_second, changed_at}; null: never reported.
+        "progress": progress,
     }
 
 
@@ -105,6 +184,18 @@ def secrets_policy(lines: list[str], *, role_arn: str, region: str) -> dict:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def manifest_command(action: str, paths: list[Path]) -> int:
+    """snapshot FOLDER OUT | commit FOLDER SNAPSHOT OUT | filters MANIFEST (one argument a line)."""
+    if action == "snapshot":
+        paths[1].write_text(json.dumps(checkpoint_files(paths[0])))
+    elif action == "commit":
+        manifest = commit_manifest(paths[0], json.loads(paths[1].read_text()), time.time())
+        paths[2].write_text(json.dumps(manifest, indent=1) + "\n")
+    else:
+        print("\n".join(restore_filters(json.loads(paths[0].read_text()))))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent_tools.py")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +204,13 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("offset_file", type=Path)
     batch.add_argument("batch_file", type=Path)
     batch.add_argument("--final", action="store_true", help="ship a last line even without its newline")
+    manifest = commands.add_parser("manifest", help="checkpoint manifest: snapshot, commit or restore filters")
+    manifest.add_argument("action", choices=["snapshot", "commit", "filters"])
+    manifest.add_argument("paths", type=Path, nargs="+")
+    beat = commands.add_parser("progress", help="fold HEARTBEAT_FILE into the progress state; print changed step rate")
+    beat.add_argument("heartbeat", type=Path)
+    beat.add_argument("state_file", type=Path)
+    beat.add_argument("now", type=float)
     policy = commands.add_parser("secrets-policy", help="session policy for the TI_SECRETS lines on stdin")
     policy.add_argument("role_arn")
     policy.add_argument("region")
@@ -124,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--attempt", type=int, required=True)
     status.add_argument("--duration-seconds", type=int, required=True)
     status.add_argument("--hourly-price-usd", type=float, required=True)
+    status.add_argument("--progress-file", type=Path, help="the progress state (absent: never reported)")
     return parser
 
 
@@ -132,12 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "log-batch":
         print(log_batch(args.log, args.offset_file, args.batch_file, final=args.final))
         return 0
+    if args.command == "manifest":
+        return manifest_command(args.action, args.paths)
+    if args.command == "progress":
+        state = observe_progress(args.heartbeat, args.state_file, args.now)
+        if "changed_epoch" not in state:
+            print("none")
+        else:
+            shown = [int(state["changed_epoch"]), state.get("step"), state.get("steps_per_second")]
+            print(" ".join("-" if value is None else str(value) for value in shown))
+        # What the agent uploads as the attempt's progress.json (status.json has the same record).
+        args.state_file.with_name("progress.json").write_text(json.dumps(progress_record(state)) + "\n")
+        return 0
     if args.command == "secrets-policy":
         policy = secrets_policy(sys.stdin.read().splitlines(), role_arn=args.role_arn, region=args.region)
         print(json.dumps(policy, separators=(",", ":")))
         return 0
-    fields = {key: value for key, value in vars(args).items() if key not in ("command", "path")}
-    status = build_status(**fields)
+    fields = {key: value for key, value in vars(args).items() if key not in ("command", "path", "progress_file")}
+    state = json.loads(args.progress_file.read_text()) if args.progress_file and args.progress_file.exists() else {}
+    status = build_status(**fields, progress=progress_record(state))
     args.path.write_text(json.dumps(status, indent=2) + "\n")
     print(status["estimated_cost_usd"])
     return 0

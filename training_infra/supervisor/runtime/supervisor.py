@@ -126,6 +126,7 @@ class SupervisorConfig:
     impaired_seconds: int = 180
     silent_seconds: int = 1800
     boot_grace_seconds: int = 1200
+    stall_margin_seconds: int = 300  # beyond a run's stall_seconds before the supervisor acts on a silent Progress
     metric_namespace: str = "TrainingInfra"
     # The account's dollar limit per calendar month (UTC) for all runs; 0: none (config.monthly_limit_usd).
     monthly_limit_usd: float = 0.0
@@ -688,7 +689,7 @@ class Supervisor:
             changed = self._keep_within_limit(run, attempt, now) or changed
         if not run.stop_requested_at and not attempt.get("unhealthy"):
             before = attempt.get("impaired_since")
-            unhealthy = self._unhealthy(attempt, now)
+            unhealthy = self._unhealthy(attempt, now) or self._progress_stalled(run, attempt, now)
             changed = changed or attempt.get("impaired_since") != before
             if unhealthy:
                 attempt["unhealthy"], changed = unhealthy, True
@@ -834,6 +835,30 @@ class Supervisor:
             log.warning("no spot price history for attempt %s of %s: %s", attempt.get("n"), run.run_id, error)
             cost = ledger.price_attempt(attempt, run.spec, now, None)
         ledger.record_price(attempt, cost)
+
+    def _progress_stalled(self, run: Run, attempt: dict[str, Any], now: datetime) -> str:
+        """Why the attempt counts as stalled from outside, or "": the agent's `Progress` metric (put in
+        each minute the trainer made progress) was heard this attempt, then nothing for the run's
+        stall_seconds + a margin (issue 12's backstop for a box too hung to end its own stall).
+        """
+        stall = int(run.spec.get("stall_seconds") or 0)
+        if not stall or self.clients.cloudwatch is None:
+            return ""
+        launched = parse_iso(attempt.get("started_at")) or now
+        quiet = timedelta(seconds=stall + self.cfg.stall_margin_seconds)
+        points = self.clients.cloudwatch.get_metric_statistics(
+            Namespace=self.cfg.metric_namespace,
+            MetricName="Progress",
+            Dimensions=[{"Name": "RunId", "Value": run.run_id}],
+            StartTime=max(launched, now - 3 * quiet),
+            EndTime=now,
+            Period=60,
+            Statistics=["Sum"],
+        ).get("Datapoints", [])
+        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
+        if heard and max(heard) < now - quiet:
+            return f"no training progress for {int(quiet.total_seconds()) // 60}+ min (stall_minutes + margin)"
+        return ""
 
     def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
         assert state in FINAL_STATES, state
