@@ -227,7 +227,7 @@ def test_a_run_about_to_pass_its_dollar_limit_is_stopped_gracefully_by_the_super
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     tags = {"training-infra:managed": "true", "training-infra:run-id": "over-budget", "training-infra:attempt": "1"}
     instance = ec2.run_instances(
-        ImageId=image, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", UserData=render_user_data(run.config),
+        ImageId=image, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", UserData=run.user_data(),
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
     )["Instances"][0]  # fmt: skip
     supervisor = supervisor_with(

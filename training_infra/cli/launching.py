@@ -451,10 +451,10 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         raise CliError(f"cannot add the run settings to the template's user data: {error}") from None
     month = money.reserve(supervisor, run_id, now)
     try:
+        # The supervisor's stall backstop (0: off); the agent has the same value in its user data.
+        stall_seconds = int(overrides.get("TI_STALL_SECONDS") or exports.get("TI_STALL_SECONDS") or 0)
         chosen = {"instance_types": types, "subnet_ids": subnets, "market": market, "list_prices": list_prices,
-                  "volume_gb": volume_gb, **money.spec(month),
-                  # The supervisor's stall backstop (0: off); the agent has the same value in its user data.
-                  "stall_seconds": int(overrides.get("TI_STALL_SECONDS") or exports.get("TI_STALL_SECONDS") or 0)}  # fmt: skip
+                  "volume_gb": volume_gb, "stall_seconds": stall_seconds, **money.spec(month)}  # fmt: skip
         return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports, chosen,
                       started, checked)  # fmt: skip
     except BaseException:
