@@ -159,7 +159,7 @@ def test_instance_role_may_assume_and_tag_only_the_trainer_role_and_assume_the_s
             "Action": ["sts:AssumeRole", "sts:TagSession"],
             "Effect": "Allow",
             "Resource": {"Fn::GetAtt": [full.logical_id(full.compute.trainer_role), "Arn"]},
-        }
+        },
     ]
 
 

@@ -56,7 +56,8 @@ def test_container_run_logs_in_to_ecr_pulls_and_runs_the_image_with_the_contract
     assert metrics["epochs_completed"] == 5, "TI_EXTRA_ENV reaches the container"
     assert metrics["data_read_only"] is True and metrics["data_rows"] == 161, "/data is the synced data, read-only"
     assert run.keys("checkpoints/ctr-happy/") == [
-        "checkpoints/ctr-happy/_manifest.json", *(f"checkpoints/ctr-happy/ckpt-00000{n}.txt" for n in (2, 4, 5))
+        "checkpoints/ctr-happy/_manifest.json",
+        *(f"checkpoints/ctr-happy/ckpt-00000{n}.txt" for n in (2, 4, 5)),
     ]
     assert "runs/ctr-happy/_SUCCESS" in run.keys("runs/ctr-happy/")
     assert re.search(r"\[trainer\] started at [0-9.]+ as pid \d+ \(0:0\)", run.read(run.log_key("training.log")))

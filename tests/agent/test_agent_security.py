@@ -445,7 +445,7 @@ def test_container_on_a_real_engine_has_no_new_privileges_a_sized_shm_secrets_an
         # what an SDK does with the config: run its credential_process (cat, in the image) and read the JSON
         'sh -c "$(sed -n "s/^credential_process = //p" "$AWS_CONFIG_FILE")" | grep -c SessionToken '
         "> /outputs/creds.txt; "
-        '(echo x >> /run/training-infra/aws/session.json) 2>/dev/null || echo read-only > /outputs/creds-write.txt'
+        "(echo x >> /run/training-infra/aws/session.json) 2>/dev/null || echo read-only > /outputs/creds-write.txt"
     )
     give_secrets(run, f"HF_TOKEN={hf_ref}")
     run.config = dataclasses.replace(run.config, training_command=trainer, trainer_role_arn=trainer_role(run))

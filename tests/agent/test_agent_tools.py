@@ -145,7 +145,9 @@ def test_progress_command_prints_the_change_and_writes_the_public_record(tmp_pat
     write_at(beat, '{"step": 7}', at=60)
     assert subprocess.run([*argv, "61"], capture_output=True, text=True, check=True).stdout == "60 7 -\n"
     assert json.loads((tmp_path / "progress.json").read_text()) == {
-        "step": 7, "steps_per_second": None, "changed_at": "1970-01-01T00:01:00Z"
+        "step": 7,
+        "steps_per_second": None,
+        "changed_at": "1970-01-01T00:01:00Z",
     }
 
 
