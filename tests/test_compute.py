@@ -523,7 +523,8 @@ def test_private_networking_has_no_public_ip_and_reaches_aws_through_endpoints(c
     view.template.resource_count_is("AWS::EC2::InternetGateway", 0)
     view.template.resource_count_is("AWS::EC2::NatGateway", 0)
     endpoints = group_id(view, view.construct("Compute/EndpointSecurityGroup"))
-    services = ["ssm", "ssmmessages", "ec2messages", "ecr.api", "ecr.dkr", "logs", "monitoring", "sns"]
+    services = ["ssm", "ssmmessages", "ec2messages", "ecr.api", "ecr.dkr", "logs", "monitoring", "sns", "sts"]
+    services += ["secretsmanager"]  # --secret and the trainer role reach STS and Secrets Manager too
     view.template.resource_properties_count_is("AWS::EC2::VPCEndpoint", {"VpcEndpointType": "Interface"}, len(services))
     for service in services:
         view.template.has_resource_properties(

@@ -108,7 +108,7 @@ def test_session_manager_gets_exactly_its_channels_and_the_instance_registration
     }
 
 
-def test_no_trainer_role_and_no_assume_grant_unless_opted_in(defaults):
+def test_without_trainer_s3_access_the_instance_role_may_assume_only_the_secrets_reader(defaults):
     assert defaults.compute.trainer_role is None
     assumable = {
         json.dumps(s["Resource"])

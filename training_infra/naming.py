@@ -40,7 +40,7 @@ def instance_name(run_id: str) -> str:
     return f"{PROJECT}-{run_id}"
 
 
-# `launch --secret NAME=ssm:/PATH`: the instance role may read SSM parameters only below this path.
+# `launch --secret NAME=ssm:/PATH`: the secrets reader role may read SSM parameters only below this path.
 SECRETS_PARAMETER_PATH = "/training-infra/"
 
 

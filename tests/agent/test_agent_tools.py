@@ -174,3 +174,19 @@ def test_tools_use_only_the_standard_library():
     probe = "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]; import runpy; "
     probe += f"runpy.run_path({str(TOOLS)!r}, run_name='not_main')"
     subprocess.run([sys.executable, "-I", "-c", probe], check=True)
+
+
+def test_secrets_policy_widens_only_a_partial_secrets_manager_arn_with_the_suffix_pattern():
+    partial = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:team/hf-token"
+    full = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:team/wandb-AbC123"
+    policy = agent_tools.secrets_policy(
+        [f"HF={partial}", f"WB={full}"], role_arn="arn:aws:iam::123456789012:role/reader", region="eu-west-1"
+    )
+
+    [secrets, kms] = policy["Statement"]
+    assert secrets["Resource"] == [partial, f"{partial}-??????", full]
+    assert kms["Resource"] == "arn:aws:kms:eu-west-1:123456789012:key/*"
+    assert kms["Condition"]["StringEquals"]["kms:ViaService"] == [
+        "ssm.eu-west-1.amazonaws.com",
+        "secretsmanager.eu-west-1.amazonaws.com",
+    ]

@@ -361,3 +361,16 @@ def test_launch_reports_every_bad_secret_one_line_each_and_launches_nothing(stac
     lines = result.stderr.splitlines()
     assert len(lines) == 3 and all(line.startswith("error: option '--secret': got ") for line in lines), lines
     assert "'A=plain'" in lines[0] and "name 'B' twice" in lines[1] and "name 'C' twice (or also in --env)" in lines[2]
+
+
+def test_launch_refuses_more_secrets_than_one_sts_session_policy_can_name_before_calling_aws(stacks):
+    partial = "arn:aws:secretsmanager:us-east-1:123456789012:secret:training-infra/team/api-token-number"
+    argv = [arg for i in range(12) for arg in ("--secret", f"S{i}={partial}{i}")]
+
+    message = stacks.usage_error("launch", *argv)
+
+    assert message.startswith("error: option '--secret': got 12 references whose reader policy is ")
+    assert message.endswith("allowed: at most 2048 (STS's limit for a session policy): give fewer, or full Secrets "
+                            "Manager ARNs\n")  # fmt: skip
+    fits = stacks.cli("launch", *argv[:8], env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert fits.exit_code == 1, "four such references pass the check and go on to AWS (unreachable here)"

@@ -13,6 +13,7 @@ data with per-run overrides (`with_run_overrides`).
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 import shlex
@@ -31,9 +32,9 @@ from training_infra.cli.runs import iso_z, new_run_id, utcnow
 from training_infra.compute.user_data import OVERRIDES_MARKER, with_run_overrides
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# What the instance role may read (the compute construct): SecureStrings under PARAMETER_PATH,
+# What the secrets reader role may read (the compute construct): SecureStrings under PARAMETER_PATH,
 # and Secrets Manager secrets tagged training-infra:managed=true (their ARN is all we can check here).
-PARAMETER_PATH = naming.SECRETS_PARAMETER_PATH  # what the instance role may read (compute construct)
+PARAMETER_PATH = naming.SECRETS_PARAMETER_PATH
 _SECRET_REF = re.compile(
     rf"^ssm:{re.escape(PARAMETER_PATH)}[A-Za-z0-9_.\-/]{{1,1000}}$"
     r"|^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
@@ -173,8 +174,28 @@ def _check_secrets(request: LaunchRequest) -> None:
         elif name in seen or name in env_names:
             problems.append(f"option '--secret': got name {name!r} twice (or also in --env); allowed: each name once")
         seen.add(name)
+    if not problems and request.secret_refs:
+        problems += _secrets_policy_too_long(request.secret_refs)
     if problems:
         raise UsageError("\n".join(problems))
+
+
+# STS refuses a session policy longer than this; the agent sends the reader role one per run.
+SESSION_POLICY_LIMIT = 2048
+
+
+def _secrets_policy_too_long(refs: list[str]) -> list[str]:
+    """The policy the agent will send, built by its own function, with the longest account and region."""
+    from training_infra.compute.agent.agent_tools import secrets_policy
+
+    policy = secrets_policy(refs, role_arn="arn:aws:iam::123456789012:role/reader", region="ap-southeast-4")
+    size = len(json.dumps(policy, separators=(",", ":")))
+    if size <= SESSION_POLICY_LIMIT:
+        return []
+    return [
+        f"option '--secret': got {len(refs)} references whose reader policy is {size} characters; allowed: at most "
+        f"{SESSION_POLICY_LIMIT} (STS's limit for a session policy): give fewer, or full Secrets Manager ARNs"
+    ]
 
 
 def _is_subnet_id(value: str) -> bool:

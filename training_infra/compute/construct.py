@@ -37,6 +37,9 @@ PRIVATE_ENDPOINTS = {
     "Logs": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_LOGS,
     "Monitoring": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_MONITORING,
     "Sns": ec2.InterfaceVpcEndpointAwsService.SNS,
+    # The secrets reader role's session (launch --secret) and the trainer role's (trainer_s3_access).
+    "Sts": ec2.InterfaceVpcEndpointAwsService.STS,
+    "SecretsManager": ec2.InterfaceVpcEndpointAwsService.SECRETS_MANAGER,
 }
 
 
@@ -510,7 +513,9 @@ class TrainingCompute(Construct):
                 resources=[keys],
                 conditions={
                     "StringEquals": {
-                        "kms:ViaService": [f"{service}.{stack.region}.amazonaws.com" for service in SECRET_SERVICES]
+                        "kms:ViaService": [
+                            f"{service}.{stack.region}.{stack.url_suffix}" for service in SECRET_SERVICES
+                        ]
                     }
                 },
             )

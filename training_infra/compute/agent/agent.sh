@@ -41,7 +41,7 @@ export AWS_PAGER=""
 : "${TI_HEARTBEAT_FILE:=/run/training-infra/progress/heartbeat.json}" "${TI_STALL_SECONDS:=1200}" "${TI_RUNTIME:=docker}"
 : "${TI_RETRY_ATTEMPTS:=4}" "${TI_RETRY_BASE_SECONDS:=5}" "${TI_LOG_SHIP_SECONDS:=10}" "${TI_FINALIZE_TIMEOUT_SECONDS:=900}"
 : "${TI_PULL_TIMEOUT_SECONDS:=1800}" "${TI_DEADLINE_AT:=}"
-: "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=2700}" "${TI_TRAINER_SESSION_SECONDS:=3600}"
+: "${TI_SECRETS:=}" "${TI_TRAINER_ROLE_ARN:=}" "${TI_CREDENTIALS_REFRESH_SECONDS:=1800}" "${TI_TRAINER_SESSION_SECONDS:=3600}"
 : "${TI_SECRETS_READER_ROLE_ARN:=}" "${TI_PROGRESS_METRIC_SECONDS:=60}"
 RUNTIME=$TI_RUNTIME RETRIES=$TI_RETRY_ATTEMPTS
 PROGRESS_DIR=$STATE/progress  # the container's /run/training-infra/progress: where the trainer beats
@@ -576,10 +576,16 @@ watch_checkpoints() {  # only changed files travel; logs ride along so a hard ki
   done
 }
 # globals: reads TI_TRAINER_ROLE_ARN TI_CREDENTIALS_REFRESH_SECONDS
-# Sessions last 1 h: renewed every 45 min by default (a failed renewal is retried with backoff).
-watch_credentials() {
-  while [[ -n $TI_TRAINER_ROLE_ARN ]] && sleep "$TI_CREDENTIALS_REFRESH_SECONDS"; do
-    retry "trainer role" assume_trainer_role || log "WARNING: trainer role session not renewed"
+# Sessions last 1 h: renewed every 30 min by default (half-life, clear of the SDKs' 15-minute refresh window).
+watch_credentials() {  # at half-life; after a failed renewal, every minute until one succeeds
+  local wait=$TI_CREDENTIALS_REFRESH_SECONDS
+  while [[ -n $TI_TRAINER_ROLE_ARN ]] && sleep "$wait"; do
+    if retry "trainer role" assume_trainer_role; then
+      wait=$TI_CREDENTIALS_REFRESH_SECONDS
+    else
+      log "WARNING: trainer role session not renewed; trying again in 60 s"
+      wait=60
+    fi
   done
 }
 # globals: reads TI_LOG_SHIP_SECONDS

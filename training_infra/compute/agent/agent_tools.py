@@ -168,19 +168,28 @@ def secrets_policy(lines: list[str], *, role_arn: str, region: str) -> dict:
     (`NAME=ssm:/path`, `NAME=arn:...:secretsmanager:...`), and KMS only through those two services.
 
     A Secrets Manager ARN may be partial (the name without AWS's 6-character suffix): `-??????`
-    matches its full ARN, and no other secret's.
+    matches its full ARN, and no other secret's; a full ARN (ending in `-` and 6 characters) is
+    named as it is. STS refuses a session policy over 2,048 characters: `launch` checks the size
+    with the same function before anything starts.
     """
     partition, account = role_arn.split(":")[1::3]
     refs = [line.partition("=")[2] for line in lines]
     parameter = f"arn:{partition}:ssm:{region}:{account}:parameter/"
+
+    def secret_arns(ref: str) -> list[str]:
+        full = len(ref) > 7 and ref[-7] == "-" and ref[-6:].isalnum()
+        return [ref] if full else [ref, ref + "-??????"]
+
     resources = {
         "ssm:GetParameter": [parameter + r[5:] for r in refs if r[:4] == "ssm:"],
-        "secretsmanager:GetSecretValue": [x for r in refs if r[:4] == "arn:" for x in (r, r + "-??????")],
+        "secretsmanager:GetSecretValue": [x for r in refs if r[:4] == "arn:" for x in secret_arns(r)],
     }
     statements = [{"Effect": "Allow", "Action": k, "Resource": v} for k, v in resources.items() if v]
-    via = [f"{service}.{region}.amazonaws.com" for service in ("ssm", "secretsmanager")]
+    suffix = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
+    via = [f"{service}.{region}.{suffix}" for service in ("ssm", "secretsmanager")]
     condition = {"StringEquals": {"kms:ViaService": via}}
-    statements.append({"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*", "Condition": condition})
+    keys = f"arn:{partition}:kms:{region}:{account}:key/*"
+    statements.append({"Effect": "Allow", "Action": "kms:Decrypt", "Resource": keys, "Condition": condition})
     return {"Version": "2012-10-17", "Statement": statements}
 
 
