@@ -177,7 +177,10 @@ def test_status_of_one_run_reads_that_run_alone(region, calls):
     [row] = _status_rows(region, "scale-one")
 
     assert row["run_id"] == "scale-one"
-    assert calls["s3.ListObjectsV2"] == 0 and calls["s3.GetObject"] == 0 and calls["dynamodb.Query"] == 0
+    assert calls["s3.ListObjectsV2"] == 0 and calls["dynamodb.Query"] == 0
+    assert [p["Key"] for name, p in calls.params if name == "s3.GetObject"] == [
+        "runs/scale-one/attempts/1/progress.json"
+    ], "its last attempt's progress, nothing else"
     assert calls["dynamodb.GetItem"] == 1
 
 
@@ -317,3 +320,21 @@ def test_cost_reads_a_finished_runs_summary_not_its_attempts(region, calls):
 
 def test_cost_of_one_run_refuses_a_bad_run_id_naming_the_option(region):
     assert region.usage_error("cost", "--run", "BAD/ID").startswith("error: option '--run': got 'BAD/ID'; allowed: ")
+
+
+def test_status_of_a_run_shows_its_trainers_progress_or_that_it_reports_none(region, calls):
+    store = _store(region)
+    store.create(_record("scale-beats", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
+    store.create(_record("scale-quiet", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
+    progress = {"step": 1200, "steps_per_second": 3.14, "changed_at": iso(NOW - timedelta(seconds=40))}
+    region.client("s3").put_object(
+        Bucket=region.outputs_bucket, Key="runs/scale-beats/attempts/1/progress.json", Body=json.dumps(progress)
+    )
+
+    beats = region.cli("status", "scale-beats").stdout
+    quiet = region.cli("status", "scale-quiet").stdout
+
+    assert "  progress: step 1200, 3.14 steps/s, last progress 40 s ago" in beats
+    assert "  progress: not reported (the trainer writes no HEARTBEAT_FILE; only an idle GPU ends it)" in quiet
+    [row] = _status_rows(region, "scale-beats")
+    assert row["progress"] == progress

@@ -8,6 +8,7 @@ the local AWS.
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import shutil
 import subprocess
@@ -568,6 +569,8 @@ def status(
     elif run is not None:
         record = store.get(run)
         rows = _managed_rows(aws, [record]) if record else _run_rows(aws, runs.require_runs(aws, run))
+        if record is not None:
+            rows[0]["progress"] = _progress(aws, record)
         if record is not None and fmt != "json":
             _show_managed_run(rows[0])
             return
@@ -730,6 +733,40 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
     }
 
 
+def _progress(aws: Aws, record: Any) -> dict[str, Any] | None:
+    """The last attempt's progress.json (the agent uploads it once a minute with progress), or None."""
+    launched = [a for a in record.attempts if a.get("instance_id")]
+    if not launched:
+        return None
+    key = f"{naming.RUNS_PREFIX}{record.run_id}/attempts/{launched[-1]['n']}/progress.json"
+    try:
+        body = aws.client("s3").get_object(Bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET), Key=key)["Body"].read()
+        progress = json.loads(body)
+    except botocore.exceptions.ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+    except ValueError:
+        return None
+    return progress if isinstance(progress, dict) else None
+
+
+def _progress_words(progress: dict[str, Any] | None) -> str:
+    """`step 1200, 3.1 steps/s, last progress 40 s ago`, or why there is none."""
+    if not progress:
+        return "not reported (the trainer writes no HEARTBEAT_FILE; only an idle GPU ends it)"
+    parts = []
+    if isinstance(progress.get("step"), (int, float)):
+        parts.append(f"step {progress['step']:g}")
+    if isinstance(progress.get("steps_per_second"), (int, float)):
+        parts.append(f"{progress['steps_per_second']:.3g} steps/s")
+    changed = runs.parse_time(progress.get("changed_at"))
+    if changed is not None:
+        ago = max(0.0, (runs.utcnow() - changed).total_seconds())
+        parts.append(f"last progress {fmt_duration(ago) if ago >= 120 else f'{ago:.0f} s'} ago")
+    return ", ".join(parts) or "beats without a step"
+
+
 def _show_managed_run(row: dict[str, Any]) -> None:
     out = stdout()
     spec = row["managed"]["spec"]
@@ -742,6 +779,7 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         f"  restarts on errors: {row['managed']['errors_used']} of {spec.get('max_restarts_on_errors', 0)} used",
         f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}"
         + (f" of {fmt_usd(row['max_cost_usd'])} ({fmt_usd(row['left_usd'])} left)" if row["max_cost_usd"] else ""),
+        f"  progress: {_progress_words(row.get('progress'))}",
     ):
         out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(
