@@ -40,7 +40,7 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "availability_zones": "us-east-1a,us-east-1b,us-east-1c",
         # Guard-rail values other than the defaults, so tests see each setting arrive.
         "monthly_budget_usd": "250",
-        "monthly_limit_usd": "300",
+        "monthly_limit_usd": "200",
         "max_runtime_hours": "3.5",
         "log_retention_days": "14",
         "reserve_lambda_concurrency": "false",

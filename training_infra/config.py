@@ -508,6 +508,11 @@ RULES = (
         lambda s: bool(s.vpc_id) == bool(s.subnet_ids),
     ),
     Rule("availability_zones", "empty when vpc_id is set", lambda s: not (s.availability_zones and s.vpc_id)),
+    Rule(
+        "monthly_limit_usd",
+        "at most monthly_budget_usd (past the budget, its AWS Budgets action stops the supervisor's launches)",
+        lambda s: not s.monthly_limit_usd or s.monthly_limit_usd <= s.monthly_budget_usd,
+    ),
 )
 
 

@@ -274,6 +274,7 @@ def build_app(settings: Settings, *, app: App | None = None) -> App:
         repository=registry.registry.repository,
         alerts_topic=safety.safety.alerts_topic,
         alerts_key=safety.safety.alerts_key,
-        monthly_budget_name=safety.safety.budget.ref,
+        # Hard limits are opt-in: only with monthly_limit_usd does the budget also stop launches.
+        monthly_budget_name=safety.safety.budget.ref if settings.monthly_limit_usd else None,
     )
     return app

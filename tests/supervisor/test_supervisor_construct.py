@@ -150,8 +150,8 @@ def test_the_monthly_limit_reaches_the_supervisor_and_launch(compute, supervisor
     env = compute.json["Resources"][compute.logical_id(supervisor.function.function)]["Properties"]["Environment"][
         "Variables"
     ]
-    assert env["MONTHLY_LIMIT_USD"] == "300"
-    assert compute.json["Outputs"][naming.OUTPUT_MONTHLY_LIMIT_USD]["Value"] == "300"
+    assert env["MONTHLY_LIMIT_USD"] == "200"
+    assert compute.json["Outputs"][naming.OUTPUT_MONTHLY_LIMIT_USD]["Value"] == "200"
 
 
 def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances(compute, supervisor):

@@ -479,7 +479,11 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         return _start(aws, supervisor, request, run_id, now, hours, deadline, data, user_data, exports, chosen,
                       started, checked)  # fmt: skip
     except BaseException:
-        money.release(supervisor, run_id, month)  # a run that never started holds none of the month's dollars
+        # A run that never started holds none of the month's dollars; one whose instance started keeps
+        # its reservation (the supervisor goes on with it and settles it when it ends).
+        record = supervisor.store.get(run_id) if month else None
+        if month and (record is None or not (record.active or any(a.get("instance_id") for a in record.attempts))):
+            money.release(supervisor, run_id, month)
         raise
 
 
@@ -492,13 +496,17 @@ class _Money:
     why: str
 
     def reserve(self, supervisor: Any, run_id: str, now: Any) -> str:
-        from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit
+        from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit, StaleRecord
 
         month = MonthlyLedger.key(now)
         if self.reserve_usd <= 0:
             return ""
         try:
             supervisor.month_ledger().reserve(month, run_id, self.reserve_usd, self.why)
+        except StaleRecord:
+            raise CliError(
+                f"run {run_id} is being launched by someone else right now: choose another --run-id"
+            ) from None
         except OverLimit as refused:
             raise CliError(
                 f"launch refused: {refused}; set a lower --max-cost-usd or --max-runtime-hours, "
@@ -531,6 +539,15 @@ def _money(
     from training_infra.supervisor.runtime import ledger
 
     volume_hourly = ledger.volume_usd_per_hour({"volume_gb": volume_gb})
+    unpriced = [t for t in types if t not in list_prices]
+    if unpriced and request.max_price is not None:
+        list_prices = {**list_prices, **{t: float(request.max_price) for t in unpriced}}  # the cap bounds them
+    elif unpriced and (request.max_cost_usd is not None or supervisor.cfg.monthly_limit_usd):
+        what = "option '--max-cost-usd'" if request.max_cost_usd is not None else "setting 'monthly_limit_usd'"
+        raise CliError(
+            f"{what}: no price is known for {', '.join(unpriced)} (AWS Price List or the built-in table), so its "
+            "spend cannot be tracked; allowed: types with a known price, or --max-price to bound them"
+        )
     dearest = max(list_prices, key=list_prices.__getitem__) if list_prices else ""
     compute = list_prices[dearest] if dearest else 0.0
     if request.max_price is not None and dearest:

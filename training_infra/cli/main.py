@@ -720,7 +720,11 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
         "exit_code": last.get("exit_code"),
         "message": record.message,
         "max_cost_usd": record.spec.get("max_cost_usd"),
-        "left_usd": max(0.0, record.spec["max_cost_usd"] - (total("cost_usd") or 0))
+        # A resumed run's limit counts from its resume (spent_before_usd), as the supervisor's does.
+        "left_usd": max(
+            0.0,
+            record.spec["max_cost_usd"] - ((total("cost_usd") or 0) - float(record.spec.get("spent_before_usd") or 0)),
+        )
         if record.spec.get("max_cost_usd")
         else None,
         "managed": {

@@ -99,10 +99,10 @@ class RecentSpotHistory(SpotHistory):
     in a warm Lambda (prices change a few times a day; the ended attempt is priced exactly later)."""
 
     TTL_SECONDS = 300
-    _shared: ClassVar[dict[tuple[int, str, str], tuple[datetime, float, list[tuple[datetime, float]]]]] = {}
+    _shared: ClassVar[dict[tuple[str, str, str], tuple[datetime, float, list[tuple[datetime, float]]]]] = {}
 
     def prices(self, instance_type: str, zone: str) -> list[tuple[datetime, float]]:
-        key = (id(self._ec2), instance_type, zone)
+        key = (self._ec2.meta.endpoint_url, instance_type, zone)  # one region's prices, whichever client asks
         hit = self._shared.get(key)
         if hit and hit[0] <= self.start and time.monotonic() - hit[1] < self.TTL_SECONDS:
             return hit[2]

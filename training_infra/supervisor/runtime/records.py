@@ -365,8 +365,10 @@ class MonthlyLedger:
         for _ in range(10):
             values = self.read(month)
             reservations = dict(values["reservations"])
+            if run_id in reservations:  # another launch of the same id holds it: never take or free its dollars
+                raise StaleRecord(f"run {run_id} is being launched by someone else")
             spent = float(values["spent_usd"])
-            reserved = sum(float(v) for k, v in reservations.items() if k != run_id)
+            reserved = sum(float(v) for v in reservations.values())
             left = self.limit_usd - spent - reserved
             if amount > left + 1e-9:
                 raise OverLimit(

@@ -18,6 +18,7 @@ instance tagged with that attempt instead of starting a second one).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -294,6 +295,12 @@ def launch(
             response = clients.ec2.create_fleet(**_fleet_request(run, attempt["n"], market, overrides, cfg))
         except ClientError as error:
             code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
+            if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+                # One line, without AWS's long encoded message; the budget action is the likely cause here.
+                raise LaunchRefused(
+                    f"EC2 refused the launch: {code} (not allowed to launch; past the monthly budget, AWS Budgets "
+                    "attaches DenyLaunchesPastBudget to the supervisor's role: see docs/architecture.md)"
+                ) from None
             if code not in CAPACITY_ERRORS and code not in TRANSIENT_ERRORS:
                 raise LaunchRefused(f"EC2 refused the launch: {code}: {message}") from None
             errors.append({"market": market, "code": code, "message": message})
@@ -941,10 +948,12 @@ def _spent_before(run: Run) -> float:
     return float(run.spec.get("spent_before_usd") or 0)
 
 
-def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
+@functools.cache
+def _lambda_clients() -> Clients:
+    """Made once per Lambda container and reused while it is warm (and with them the price caches)."""
     import boto3
 
-    clients = Clients(
+    return Clients(
         ec2=boto3.client("ec2"),
         dynamodb=boto3.client("dynamodb"),
         s3=boto3.client("s3"),
@@ -952,6 +961,9 @@ def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
         cloudwatch=boto3.client("cloudwatch"),
         pricing=lambda: boto3.client("pricing", region_name=PRICE_LIST_REGION),  # made only for a price not cached
     )
-    result = Supervisor(clients, SupervisorConfig.from_env(os.environ)).handle(event)
+
+
+def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
+    result = Supervisor(_lambda_clients(), SupervisorConfig.from_env(os.environ)).handle(event)
     log.info(json.dumps(result, default=str))
     return result
