@@ -11,7 +11,7 @@ import pytest
 
 from training_infra import naming
 from training_infra.supervisor.runtime import ledger
-from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit, RunStore
+from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit, RunStore, StaleRecord
 
 LIMIT_REGION = "us-east-2"  # this module's own region (EC2 offers g5.xlarge in its zones a and b), monthly_limit_usd=30
 # g5.xlarge at its list price plus the stack template's 150 GB gp3 volume.
@@ -128,3 +128,25 @@ def test_two_launches_racing_for_the_last_dollars_of_the_month_cannot_both_get_t
     refused = next(text for text in outcomes.values() if text != "reserved")
     assert "$1.00 left; this run may cost up to $3.00" in refused
     assert _month_ledger(limited).left(key) == (0.0, 29.0, pytest.approx(1.0))
+
+
+def test_a_second_launch_of_the_same_id_neither_takes_nor_frees_the_first_ones_reservation(limited):
+    key = "#month-2031-02"
+    month = _month_ledger(limited)
+    month.reserve(key, "same-id", 5.0, "the first launch")
+
+    with pytest.raises(StaleRecord, match="run same-id is being launched by someone else"):
+        month.reserve(key, "same-id", 5.0, "the second launch")
+
+    assert month.left(key) == (0.0, 5.0, 25.0)
+
+
+def test_a_limit_on_a_type_without_any_known_price_is_refused_because_its_spend_could_not_be_tracked(stacks):
+    result = stacks.cli("launch", "--run-id", "limit-unpriced", "--instance-type", "c6i.xlarge", "--max-cost-usd", "5")
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "error: option '--max-cost-usd': no price is known for c6i.xlarge (AWS Price List or the built-in table), "
+        "so its spend cannot be tracked; allowed: types with a known price, or --max-price to bound them\n"
+    )
+    _nothing_created(stacks, "limit-unpriced")
