@@ -288,16 +288,19 @@ def test_user_data_boots_the_exact_agent_from_its_asset_with_a_place_for_run_ove
     assert 'exec bash "$agent_dir/agent.sh"' in script.text
 
 
-def test_instance_role_reads_the_agent_object_and_nothing_else_of_the_asset_bucket(compute):
+def test_instance_role_reads_the_packed_agents_of_the_asset_bucket_and_nothing_else_of_it(compute):
+    """Every `<hash>.xz`, not only this deploy's: a run launched before a deploy that changed the agent
+    relaunches with the agent its own template pins (its sha256 decides what runs)."""
     view = compute("defaults")
     asset = view.compute.agent_asset
+    assert asset.s3_object_key.endswith(".xz"), "the pattern below must match the packed agent"
     reads = [s for s in view.role_statements(view.compute.role) if s.get("Sid") == "ReadTheAgent"]
     assert reads == [
         {
             "Sid": "ReadTheAgent",
             "Action": "s3:GetObject",
             "Effect": "Allow",
-            "Resource": view.stack.resolve(asset.bucket.arn_for_objects(asset.s3_object_key)),
+            "Resource": view.stack.resolve(asset.bucket.arn_for_objects("*.xz")),
         }
     ]
 

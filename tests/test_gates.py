@@ -43,6 +43,7 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:iam::<AWS::AccountId>:role/aws-service-role/ec2fleet.amazonaws.com/*]",
     "AwsSolutions-IAM5[Resource::{runs}/index/*]",
+    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>/*.xz]",
     # launch --secret: SSM parameters under /training-infra/ and secrets tagged managed, named at launch.
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:parameter/training-infra/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:<AWS::AccountId>:secret:*]",

@@ -53,6 +53,8 @@ def _flatten(node: Any) -> str:
         return _flatten(node["Fn::ImportValue"])
     if isinstance(node, dict) and "Ref" in node:
         return f"<{_flatten(node['Ref'])}>"
+    if isinstance(node, dict) and isinstance(node.get("Fn::Sub"), str):  # the bootstrap bucket's name
+        return _flatten(node["Fn::Sub"])
     raise ValueError(f"cannot name {node!r} as cdk-nag would")
 
 

@@ -326,7 +326,7 @@ def test_status_of_a_run_shows_its_trainers_progress_or_that_it_reports_none(reg
     store = _store(region)
     store.create(_record("scale-beats", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
     store.create(_record("scale-quiet", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
-    progress = {"step": 1200, "steps_per_second": 3.14, "changed_at": iso(NOW - timedelta(seconds=40))}
+    progress = {"step": 1234567, "steps_per_second": 3.14, "changed_at": iso(NOW - timedelta(seconds=40))}
     region.client("s3").put_object(
         Bucket=region.outputs_bucket, Key="runs/scale-beats/attempts/1/progress.json", Body=json.dumps(progress)
     )
@@ -334,7 +334,7 @@ def test_status_of_a_run_shows_its_trainers_progress_or_that_it_reports_none(reg
     beats = region.cli("status", "scale-beats").stdout
     quiet = region.cli("status", "scale-quiet").stdout
 
-    assert "  progress: step 1200, 3.14 steps/s, last progress 40 s ago" in beats
-    assert "  progress: not reported (the trainer writes no HEARTBEAT_FILE; only an idle GPU ends it)" in quiet
+    assert "  progress: step 1234567, 3.14 steps/s, last progress 40 s ago" in beats
+    assert "  progress: none reported yet this attempt (a trainer that never writes HEARTBEAT_FILE is judged" in quiet
     [row] = _status_rows(region, "scale-beats")
     assert row["progress"] == progress

@@ -666,3 +666,14 @@ def test_a_resumed_runs_limit_and_month_count_only_what_it_spends_after_the_resu
     account.supervisor().handle(event(SCHEDULED))
 
     assert supervisor.month_ledger().left(month) == (pytest.approx(0.5), 0.0, pytest.approx(49.5))
+
+
+def test_a_box_the_supervisor_ended_for_no_progress_counts_as_stalled_even_if_its_agent_said_interrupted():
+    """The agent may catch the supervisor's SIGTERM and write `interrupted`: that must not read as a spot reclaim."""
+    from training_infra.supervisor.runtime.supervisor import classify
+
+    attempt = {"unhealthy": "no training progress for 25+ min (stall_minutes + margin)"}
+    reason, words = classify({"State": {"Name": "terminated"}}, {"outcome": "interrupted"}, attempt)
+
+    assert reason == "stalled" and words.startswith("the supervisor ended it: no training progress")
+    assert classify(None, {"outcome": "succeeded"}, attempt)[0] == "succeeded", "an outcome of its own stands"

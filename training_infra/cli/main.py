@@ -758,10 +758,11 @@ def _progress(aws: Aws, record: Any) -> dict[str, Any] | None:
 def _progress_words(progress: dict[str, Any] | None) -> str:
     """`step 1200, 3.1 steps/s, last progress 40 s ago`, or why there is none."""
     if not progress:
-        return "not reported (the trainer writes no HEARTBEAT_FILE; only an idle GPU ends it)"
+        return "none reported yet this attempt (a trainer that never writes HEARTBEAT_FILE is judged by idle GPU only)"
     parts = []
-    if isinstance(progress.get("step"), (int, float)):
-        parts.append(f"step {progress['step']:g}")
+    step = progress.get("step")
+    if isinstance(step, (int, float)):
+        parts.append(f"step {int(step)}" if float(step).is_integer() else f"step {step}")
     if isinstance(progress.get("steps_per_second"), (int, float)):
         parts.append(f"{progress['steps_per_second']:.3g} steps/s")
     changed = runs.parse_time(progress.get("changed_at"))

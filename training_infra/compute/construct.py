@@ -43,6 +43,8 @@ PRIVATE_ENDPOINTS = {
 }
 
 
+# Every packed agent in the bootstrap bucket: CDK names a file asset `<sha256>.<extension>` (agent.tar.xz).
+AGENT_OBJECTS = "*.xz"
 # A launch template's first version: what the run's template held when the run started.
 FROZEN_TEMPLATE_VERSION = "1"
 # One hop: only the host (the agent) reaches IMDS, never a container behind the docker bridge,
@@ -255,8 +257,12 @@ class TrainingCompute(Construct):
             self.instance = self._instance(props, run_id=run_id, tags=tags, alerts_topic=alerts_topic)
 
     def _agent_object(self) -> AgentObject:
-        """The packed agent as a file asset (cdk deploy uploads it to the bootstrap bucket); only its
-        object is readable by the instance role, and user data pins its sha256."""
+        """The packed agent as a file asset (cdk deploy uploads it to the bootstrap bucket); user data pins
+        its sha256, so only the agent it names ever runs.
+
+        The instance role reads the agents (`<hash>.xz` objects of the bootstrap bucket), not just this
+        deploy's: a run launched before a deploy that changed the agent keeps its own template, whose
+        relaunches must still fetch the agent they pin."""
         packed = pack_agent()
         digest = hashlib.sha256(packed).hexdigest()
         # A folder named by the content: the same agent is the same path, synth after synth.
@@ -269,8 +275,15 @@ class TrainingCompute(Construct):
             iam.PolicyStatement(
                 sid="ReadTheAgent",
                 actions=["s3:GetObject"],
-                resources=[self.agent_asset.bucket.arn_for_objects(self.agent_asset.s3_object_key)],
+                resources=[self.agent_asset.bucket.arn_for_objects(AGENT_OBJECTS)],
             )
+        )
+        acknowledge_nag(
+            self.role,
+            f"IAM5[Resource::{nag_name(self, self.agent_asset.bucket.arn_for_objects(AGENT_OBJECTS))}]",
+            "The packed agents of the bootstrap bucket (<sha256>.xz): a run launched before a deploy that changed "
+            "the agent relaunches with the one its template pins; user data checks the sha256, so no other object "
+            "ever runs",
         )
         return AgentObject(bucket=self.agent_asset.s3_bucket_name, key=self.agent_asset.s3_object_key, sha256=digest)
 

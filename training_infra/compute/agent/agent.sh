@@ -549,16 +549,19 @@ watch_progress() {
 }
 # What a stalled trainer was doing, into the attempt's logs (logs/training-diagnostics.txt) before it is stopped.
 # globals: reads LOG_DIR RUNTIME DOCKER CONTAINER TRAINER_PID NVIDIA_SMI TRAIN_LOG
-collect_diagnostics() {
-  local pids pid
+collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the stop must still come
+  local pids pid until=$(($(date +%s) + 120))
   {
     echo "== $(date -u +%FT%TZ) process tree"
     ps -eo pid,ppid,pgid,stat,etime,pcpu,rss,args --forest
     echo "== $NVIDIA_SMI"
-    "$NVIDIA_SMI" || echo "($NVIDIA_SMI not available)"
-    if [[ $RUNTIME == docker ]]; then pids=$("$DOCKER" top "$CONTAINER" -eo pid | tail -n +2); else pids=$(pgrep -g "$TRAINER_PID"); fi
+    timeout 20 "$NVIDIA_SMI" || echo "($NVIDIA_SMI not available or hung)"
+    if [[ $RUNTIME == docker ]]; then pids=$(timeout 20 "$DOCKER" top "$CONTAINER" -eo pid | tail -n +2); else pids=$(pgrep -g "$TRAINER_PID"); fi
     if command -v py-spy >/dev/null; then
-      for pid in $pids; do echo "== py-spy dump --pid $pid"; timeout 30 py-spy dump --pid "$pid"; done
+      for pid in $pids; do
+        (($(date +%s) < until)) || { echo "== py-spy: 2 min spent, the other processes left out"; break; }
+        echo "== py-spy dump --pid $pid"; timeout 20 py-spy dump --pid "$pid"
+      done
     else
       echo "== py-spy is not installed: no Python stacks"
     fi

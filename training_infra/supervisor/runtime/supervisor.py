@@ -429,16 +429,17 @@ def classify(
     instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Mapping[str, Any]
 ) -> tuple[str, str]:
     """How an attempt ended: (reason, words for people)."""
+    if attempt.get("unhealthy") and (not status or status.get("outcome") == "interrupted"):
+        # The supervisor ended a hung box (its agent may still have caught the SIGTERM and said "interrupted"):
+        # failed status checks are AWS's hardware; a silent agent or no progress is a stall, an error.
+        reason = "reclaimed" if "status checks" in attempt["unhealthy"] else "stalled"
+        return reason, f"the supervisor ended it: {attempt['unhealthy']}"
     if status and status.get("outcome") in AGENT_OUTCOMES:
         reason = AGENT_OUTCOMES[status["outcome"]]
         if reason == "failed" and status.get("exit_code") is not None:
             return reason, f"trainer failed with exit {status['exit_code']}"
         return reason, str(status.get("message") or reason)
     state_reason = (instance or {}).get("StateReason", {}).get("Code", "")
-    if attempt.get("unhealthy"):
-        # The supervisor ended a hung box: failed status checks are AWS's hardware; a silent agent is a stall.
-        reason = "reclaimed" if "status checks" in attempt["unhealthy"] else "stalled"
-        return reason, f"the supervisor ended it: {attempt['unhealthy']}"
     if attempt.get("reclaim_warned_at") or state_reason.startswith("Server.SpotInstance"):
         return "reclaimed", "spot reclaimed by AWS"
     if instance is None:
