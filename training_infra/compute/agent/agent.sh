@@ -316,7 +316,9 @@ check_checkpoint_freshness() {
   # shellcheck disable=SC2016  # a JMESPath literal
   newest_s3=$(awsc s3api list-objects-v2 --bucket "${bucket%%/*}" --prefix "${bucket#*/}/" --output text \
     --query 'max_by(Contents || `[]`, &LastModified).LastModified') || return 0
-  newest_s3=$(date -u -d "${newest_s3/None/@0}" +%s) now=$(date +%s)
+  # Text output applies the query per page (1,000 objects): one line per page, the newest of them wins.
+  newest_s3=$({ grep -v '^None$' <<<"$newest_s3" || true; } | sort | tail -n 1)
+  newest_s3=$(date -u -d "${newest_s3:-@0}" +%s) now=$(date +%s)
   ((${newest_local%.*} > newest_s3 && now - newest_s3 > 2 * TI_CHECKPOINT_SYNC_SECONDS + ${LAST_SYNC_SECONDS:-0})) ||
     return 0
   : >"$STATE/checkpoint-stale-noticed"
