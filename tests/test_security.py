@@ -367,6 +367,6 @@ def test_secrets_reader_role_reads_the_parameter_path_secrets_tagged_managed_and
     assert decrypt["Action"] == "kms:Decrypt"
     services = decrypt["Condition"]["StringEquals"]["kms:ViaService"]
     assert [json.dumps(service) for service in services] == [
-        json.dumps({"Fn::Join": ["", [f"{service}.", {"Ref": "AWS::Region"}, ".amazonaws.com"]]})
+        json.dumps({"Fn::Join": ["", [f"{service}.", {"Ref": "AWS::Region"}, ".", {"Ref": "AWS::URLSuffix"}]]})
         for service in ("ssm", "secretsmanager")
     ]
