@@ -212,3 +212,24 @@ def test_a_box_killed_after_one_shard_of_a_rewritten_checkpoint_landed_restores_
     assert run.attempt_status(2)["outcome"] == "succeeded", run.setup_log
     assert f"resumed model={saved} optim={saved}" in run.training_log, "both shards of one save, not a mix"
     assert "(1 by their recorded version: a later upload was cut short)" in run.setup_log
+
+
+def test_a_manifest_whose_recorded_version_expired_fails_the_attempt_in_one_line_instead_of_mixing_saves(
+    make_run,
+):
+    run = make_run(run_id="gone-version")
+    bucket, prefix = run.config.outputs_bucket, "checkpoints/gone-version/"
+    run.s3.put_object(Bucket=bucket, Key=prefix + "model.bin", Body=b"7\n")
+    current = run.s3.put_object(Bucket=bucket, Key=prefix + "model.bin", Body=b"8\n")["VersionId"]
+    run.s3.delete_object(Bucket=bucket, Key=prefix + "model.bin", VersionId=current)  # as the lifecycle rule does
+    versions = run.s3.list_object_versions(Bucket=bucket, Prefix=prefix)["Versions"]
+    gone = {"version_id": current, "etag": versions[0]["ETag"], "size": 2}
+    manifest = {"files": {"model.bin": gone}, "written_at": "2026-11-27T10:00:00Z"}
+    run.s3.put_object(Bucket=bucket, Key=prefix + "_manifest.json", Body=json.dumps(manifest).encode())
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "failed"
+    assert "checkpoint model.bin: the version the last complete sync recorded is gone" in status["message"]
+    assert "delete s3://" in status["message"] and "gone-version/_manifest.json and relaunch" in status["message"]
+    assert "checkpoint restore failed (attempt" not in run.setup_log, "a gone version is not retried"

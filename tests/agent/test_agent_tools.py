@@ -211,6 +211,30 @@ def test_delete_batches_respect_the_thousand_key_limit_of_delete_objects():
     assert batches[0]["Objects"][0] == {"Key": "checkpoints/r/f0"} and batches[0]["Quiet"] is True
 
 
+def test_commit_says_unchanged_when_the_manifest_last_sent_names_the_same_files(tmp_path, capsys):
+    folder, state = tmp_path / "checkpoints", tmp_path / "state"
+    folder.mkdir()
+    state.mkdir()
+    (folder / "ckpt-1.pt").write_text("12345")
+    listing = [["checkpoints/r/ckpt-1.pt", "v1", '"e"', 5]]
+    (state / "versions.json").write_text(json.dumps(listing))
+
+    def commit() -> str:
+        agent_tools.main(["manifest", "snapshot", "--folder", str(folder), "--snapshot", f"{state}/snap.json"])
+        agent_tools.main(
+            ["manifest", "commit", "--folder", str(folder), "--snapshot", f"{state}/snap.json", "--versions",
+             f"{state}/versions.json", "--prefix", "checkpoints/r/", "--manifest", f"{state}/m.json",
+             "--sent", f"{state}/sent.json"]
+        )  # fmt: skip
+        return capsys.readouterr().out.strip()
+
+    assert commit() == "changed", "nothing was sent yet"
+    (state / "m.json").replace(state / "sent.json")
+    assert commit() == "unchanged", "the same files at the same versions: no new manifest version in S3"
+    (state / "versions.json").write_text(json.dumps([["checkpoints/r/ckpt-1.pt", "v2", '"f"', 5]]))
+    assert commit() == "changed", "a new version of a file is a new manifest"
+
+
 def test_tools_use_only_the_standard_library():
     """The instance's python3 has no boto3 or third-party packages: the helpers must not import any."""
     probe = "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]; import runpy; "

@@ -297,15 +297,19 @@ sync_checkpoints() {
   { flock 9 && upload_checkpoints; } 9>"$STATE/ckpt.lock"
 }
 upload_checkpoints() {
-  local began=$SECONDS batch skip=()
+  local began=$SECONDS batch skip=() manifest
   [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(--exclude "$HEARTBEAT_IN_CKPT")
   python3 "$AGENT_TOOLS" manifest snapshot --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" &&
     awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --exclude _manifest.json "${skip[@]}" --no-follow-symlinks \
       --only-show-errors &&
     checkpoint_versions "$STATE/ckpt.versions.json" &&
-    python3 "$AGENT_TOOLS" manifest commit --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" \
-      --versions "$STATE/ckpt.versions.json" --prefix "$CKPT_KEY_PREFIX" --manifest "$STATE/_manifest.json" &&
+    manifest=$(python3 "$AGENT_TOOLS" manifest commit --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" \
+      --snapshot "$STATE/ckpt.snapshot.json" --versions "$STATE/ckpt.versions.json" --prefix "$CKPT_KEY_PREFIX" \
+      --manifest "$STATE/_manifest.json" --sent "$STATE/_manifest.sent.json") || return 1
+  if [[ $manifest == changed ]]; then
     awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors || return 1
+    cp "$STATE/_manifest.json" "$STATE/_manifest.sent.json"
+  fi
   LAST_SYNC_SECONDS=$((SECONDS - began))
   for batch in "$STATE"/ckpt.delete.*.json; do
     [[ -e $batch ]] || continue
@@ -321,7 +325,7 @@ checkpoint_versions() {
 }
 # globals: reads CKPT_PREFIX CKPT_KEY_PREFIX CKPT_DIR STATE TI_OUTPUTS_BUCKET
 restore_checkpoints() {  # the last complete sync's set; a run from before manifests: everything
-  local filters=(--exclude '*' --include '*') name version fetched=0
+  local filters=(--exclude '*' --include '*') name version error fetched=0
   if awsc s3 cp "$CKPT_PREFIX/_manifest.json" "$STATE/restored-manifest.json" --only-show-errors 2>/dev/null; then
     checkpoint_versions "$STATE/restore.versions.json" &&
       python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" --versions "$STATE/restore.versions.json" \
@@ -329,8 +333,14 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
     mapfile -t filters <"$STATE/restore.filters"
     while IFS=$'\t' read -r name version; do
       mkdir -p "$(dirname "$CKPT_DIR/$name")"
-      awsc s3api get-object --bucket "$TI_OUTPUTS_BUCKET" --key "$CKPT_KEY_PREFIX$name" --version-id "$version" \
-        "$CKPT_DIR/$name" >/dev/null || return 1
+      if ! error=$(awsc s3api get-object --bucket "$TI_OUTPUTS_BUCKET" --key "$CKPT_KEY_PREFIX$name" --version-id "$version" \
+        "$CKPT_DIR/$name" 2>&1 >/dev/null); then
+        [[ $error != *NoSuchVersion* ]] || fail "checkpoint $name: the version the last complete sync recorded is gone" \
+          "(replaced versions under checkpoints/ expire after 1 day), and the newer objects may mix two saves;" \
+          "to resume from them anyway, delete $CKPT_PREFIX/_manifest.json and relaunch"
+        log "$error"
+        return 1
+      fi
       fetched=$((fetched + 1))
     done <"$STATE/restore.by-version"
     log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2 + fetched)) files of the last complete sync" \

@@ -250,6 +250,9 @@ def manifest_command(args: argparse.Namespace) -> int:
     if args.action == "commit":
         snapshot = json.loads(args.snapshot.read_text())
         manifest, stale = commit_manifest(args.folder, snapshot, latest, time.time(), args.skip)
+        sent = json.loads(args.sent.read_text()) if args.sent and args.sent.exists() else {}
+        # Every upload of the manifest is another object version to list: send it only when it changed.
+        print("unchanged" if sent.get("files") == manifest["files"] else "changed")
         args.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
         for old in args.manifest.parent.glob("ckpt.delete.*.json"):
             old.unlink()
@@ -278,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--versions", type=Path, help="list-object-versions output (newest versions)")
     manifest.add_argument("--prefix", default="", help="the run's key prefix, checkpoints/<run-id>/")
     manifest.add_argument("--manifest", type=Path, help="the manifest (commit writes it, plan reads it)")
+    manifest.add_argument("--sent", type=Path, help="commit: the manifest last sent to S3 (prints changed/unchanged)")
     manifest.add_argument("--filters", type=Path, help="plan: sync filters for files taken by name")
     manifest.add_argument("--by-version", type=Path, help="plan: files taken by their recorded version")
     beat = commands.add_parser("progress", help="fold HEARTBEAT_FILE into the progress state; print changed step rate")
