@@ -325,7 +325,7 @@ checkpoint_versions() {
 }
 # globals: reads CKPT_PREFIX CKPT_KEY_PREFIX CKPT_DIR STATE TI_OUTPUTS_BUCKET
 restore_checkpoints() {  # the last complete sync's set; a run from before manifests: everything
-  local filters=(--exclude '*' --include '*') name version error fetched=0
+  local filters=(--exclude '*' --include '*') name version error fetched=0 cut=""
   if awsc s3 cp "$CKPT_PREFIX/_manifest.json" "$STATE/restored-manifest.json" --only-show-errors 2>/dev/null; then
     checkpoint_versions "$STATE/restore.versions.json" &&
       python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" --versions "$STATE/restore.versions.json" \
@@ -343,8 +343,8 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
       fi
       fetched=$((fetched + 1))
     done <"$STATE/restore.by-version"
-    log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2 + fetched)) files of the last complete sync" \
-      "($fetched by their recorded version: a later upload was cut short)"
+    ((fetched == 0)) || cut=" ($fetched by their recorded version: a later upload was cut short)"
+    log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2 + fetched)) files of the last complete sync$cut"
   fi
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
