@@ -231,10 +231,18 @@ class AgentRun:
         """The box dies at once: SIGKILL to every process of the agent's session (the agent, its
         watchers and the trainer each run in their own process group), so nothing finalizes."""
         assert self.process is not None
-        listed = subprocess.run(["ps", "-o", "pid=", "-s", str(self.process.pid)], capture_output=True, text=True)
-        for pid in (int(word) for word in listed.stdout.split()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        while True:  # until the session is empty: a watcher may fork between the listing and the kills
+            listed = subprocess.run(
+                ["ps", "-o", "pid=,stat=", "-s", str(self.process.pid)], capture_output=True, text=True
+            ).stdout.splitlines()
+            pids = [int(line.split()[0]) for line in listed if not line.split()[1].startswith("Z")]  # dead already
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.poll()
+            time.sleep(0.05)
         self.returncode = self.process.wait()
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ def kill_the_box_mid_upload_of(run, key_part: str) -> dict:
     """Once a manifest is in S3, hang the uploads of `key_part` (a slow link), kill every process of the
     box while one hangs (nothing finalizes), and return the manifest S3 holds at that moment."""
     assert run.wait_for_s3(f"checkpoints/{run.run_id}/_manifest.json", timeout=60), run.setup_log
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not manifest_in_s3(run)["files"]:
         assert time.monotonic() < deadline, f"no sync completed with a checkpoint in it:\n{run.setup_log}"
         time.sleep(0.2)
@@ -157,10 +157,11 @@ def next_attempt_on_a_fresh_box(run, extra_env: str) -> None:
 
 def test_a_box_killed_mid_upload_of_a_rotated_checkpoint_resumes_from_the_last_complete_one(make_run):
     """KEEP_CHECKPOINTS=1: each save deletes the previous checkpoint on disk. Before, the same sync that
-    uploaded the new one deleted the old one from S3, so a box killed in between had no complete set."""
+    uploaded the new one deleted the old one from S3, so a box killed in between had no complete set,
+    and a save during an upload left the manifest empty."""
     run = make_run(
         run_id="torn-rotated",
-        checkpoint_sync_seconds=1,
+        checkpoint_sync_seconds=1,  # a save every 4 s: many uploads see one rotate a checkpoint away
         extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=20\nKEEP_CHECKPOINTS=1",
     ).start()
     last_complete = kill_the_box_mid_upload_of(run, "/ckpt-")

@@ -134,10 +134,11 @@ def test_rebalance_with_stop_on_rebalance_false_syncs_checkpoints_early_and_trai
     run.wait_for_log(r"checkpoint ckpt-000010")
     noticed_at = time.monotonic()
     run.imds.inject_rebalance()
-    run.wait_for_log(r"checkpoints synced after the rebalance recommendation", timeout=30)
-    assert time.monotonic() - noticed_at < 20, "within seconds of the notice, not at the 300 s sync"
+    run.wait_for_log(r"checkpoints synced after the rebalance recommendation", timeout=45)
+    took = time.monotonic() - noticed_at
+    assert took < 30, f"within seconds of the notice, not at the 300 s sync: {took:.1f} s\n{run.setup_log}"
     manifest = json.loads(run.read("checkpoints/rebalance-run/_manifest.json"))
-    assert "ckpt-000010.npz" in manifest["files"], "a complete set a reclaim two minutes later could resume from"
+    assert "ckpt-000010.npz" in manifest["files"], f"a set a reclaim could resume from: {manifest}\n{run.setup_log}"
     epoch_at_sync = max(int(epoch) for epoch in re.findall(r"epoch (\d+)/", run.training_log))
     run.wait_for_log(rf"epoch {epoch_at_sync + 3}/", timeout=30)  # the trainer keeps going
     run.wait()
@@ -164,7 +165,7 @@ def test_a_spot_notice_during_a_slow_rebalance_sync_still_stops_the_trainer_with
     assert status["outcome"] == "interrupted" and "spot interruption" in status["message"]
     manifest = json.loads(run.read("checkpoints/rebalance-slow/_manifest.json"))
     saved_on_sigterm = re.findall(r"checkpoint (ckpt-\d+\.npz) \(on SIGTERM\)", run.training_log)
-    assert saved_on_sigterm and saved_on_sigterm[-1] in manifest["files"], "the final sync waited its turn and ran"
+    assert saved_on_sigterm and saved_on_sigterm[-1] in manifest["files"], "finalize ran its own sync"
 
 
 def test_agent_terminated_by_the_os_stops_trainer_with_grace_and_still_saves_everything(make_run):

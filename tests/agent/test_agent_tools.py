@@ -156,26 +156,55 @@ def _newest(**sizes: int) -> dict[str, dict]:
     return {name: {"version_id": f"v-{name}", "etag": f'"{name}"', "size": size} for name, size in sizes.items()}
 
 
-def test_manifest_names_files_present_at_the_upload_start_unchanged_at_its_end_with_their_s3_version(tmp_path):
+def test_manifest_names_the_files_the_upload_carried_with_their_s3_version_and_drops_only_the_rest(tmp_path):
     (tmp_path / "shard").mkdir()
     for name in ("ckpt-1.pt", "shard/part-0.pt", "ckpt-2.pt.tmp", "_manifest.json", "heartbeat.json"):
         (tmp_path / name).write_text(name)
     (tmp_path / "link.pt").symlink_to(tmp_path / "ckpt-1.pt")
     snapshot = agent_tools.checkpoint_files(tmp_path, skip="heartbeat.json")
     assert sorted(snapshot) == ["ckpt-1.pt", "shard/part-0.pt"], "no .tmp, symlink, manifest or heartbeat"
-    (tmp_path / "shard/part-0.pt").write_text("rewritten during the sync")
-    (tmp_path / "ckpt-3.pt").write_text("new during the sync")
+    (tmp_path / "ckpt-3.pt").write_text("new during the upload")
     latest = _newest(**{"ckpt-1.pt": 9, "shard/part-0.pt": 15, "ckpt-0.pt": 4})
     manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, latest, now=0, skip="heartbeat.json")
-    assert manifest == {"files": {"ckpt-1.pt": latest["ckpt-1.pt"]}, "written_at": "1970-01-01T00:00:00Z"}
-    assert stale == ["ckpt-0.pt"], "only what is neither in the manifest nor on disk: part-0 is re-sent next time"
+    assert manifest == {
+        "files": {"ckpt-1.pt": latest["ckpt-1.pt"], "shard/part-0.pt": latest["shard/part-0.pt"]},
+        "written_at": "1970-01-01T00:00:00Z",
+    }
+    assert stale == ["ckpt-0.pt"], "only what is neither in the manifest nor on disk"
 
 
-def test_a_file_whose_newest_s3_version_is_not_the_uploaded_size_stays_out_of_the_manifest(tmp_path):
+def test_a_checkpoint_rotated_away_during_the_upload_stays_in_the_manifest_and_in_s3(tmp_path):
+    (tmp_path / "ckpt-1.pt").write_text("12345")
+    snapshot = agent_tools.checkpoint_files(tmp_path)
+    (tmp_path / "ckpt-1.pt").unlink()  # the trainer saved ckpt-2 (not in this upload) and dropped ckpt-1
+    (tmp_path / "ckpt-2.pt").write_text("67890")
+    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"ckpt-1.pt": 5}), now=0)
+    assert manifest is not None and list(manifest["files"]) == ["ckpt-1.pt"] and stale == []
+
+
+def test_a_checkpoint_rotated_away_before_the_upload_saw_it_is_left_out_as_the_trainer_left_it(tmp_path):
+    for name in ("ckpt-1.pt", "ckpt-2.pt"):
+        (tmp_path / name).write_text("12345")
+    snapshot = agent_tools.checkpoint_files(tmp_path)
+    (tmp_path / "ckpt-1.pt").unlink()
+    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"ckpt-2.pt": 5}), now=0)
+    assert manifest is not None and list(manifest["files"]) == ["ckpt-2.pt"] and stale == []
+
+
+def test_a_file_rewritten_during_the_upload_keeps_the_previous_manifest_and_deletes_nothing(tmp_path):
+    for name in ("model.pt", "optim.pt", "old.pt"):
+        (tmp_path / name).write_text("12345")
+    snapshot = agent_tools.checkpoint_files(tmp_path)
+    (tmp_path / "old.pt").unlink()
+    (tmp_path / "optim.pt").write_text("half old, half new?")
+    latest = _newest(**{"model.pt": 5, "optim.pt": 5, "old.pt": 5, "older.pt": 1})
+    assert agent_tools.commit_manifest(tmp_path, snapshot, latest, now=0) == (None, ["optim.pt"])
+
+
+def test_a_file_whose_newest_s3_version_is_not_the_uploaded_size_keeps_the_previous_manifest(tmp_path):
     (tmp_path / "model.pt").write_text("12345")
     snapshot = agent_tools.checkpoint_files(tmp_path)
-    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"model.pt": 3}), now=0)
-    assert manifest["files"] == {} and stale == []
+    assert agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"model.pt": 3}), now=0) == (None, ["model.pt"])
 
 
 def test_latest_versions_keeps_the_run_prefix_objects_without_the_manifest_and_reads_an_empty_listing():
@@ -211,7 +240,7 @@ def test_delete_batches_respect_the_thousand_key_limit_of_delete_objects():
     assert batches[0]["Objects"][0] == {"Key": "checkpoints/r/f0"} and batches[0]["Quiet"] is True
 
 
-def test_commit_says_unchanged_when_the_manifest_last_sent_names_the_same_files(tmp_path, capsys):
+def test_commit_says_changed_unchanged_or_kept_and_never_overwrites_the_manifest_it_keeps(tmp_path, capsys):
     folder, state = tmp_path / "checkpoints", tmp_path / "state"
     folder.mkdir()
     state.mkdir()
@@ -233,6 +262,10 @@ def test_commit_says_unchanged_when_the_manifest_last_sent_names_the_same_files(
     assert commit() == "unchanged", "the same files at the same versions: no new manifest version in S3"
     (state / "versions.json").write_text(json.dumps([["checkpoints/r/ckpt-1.pt", "v2", '"f"', 5]]))
     assert commit() == "changed", "a new version of a file is a new manifest"
+    written = (state / "m.json").read_text()
+    (state / "versions.json").write_text(json.dumps([["checkpoints/r/ckpt-1.pt", "v3", '"g"', 2]]))
+    assert commit() == "kept ckpt-1.pt", "S3 does not hold what the upload started with: names what moved"
+    assert (state / "m.json").read_text() == written and not list(state.glob("ckpt.delete.*.json"))
 
 
 def test_tools_use_only_the_standard_library():

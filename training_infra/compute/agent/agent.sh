@@ -54,6 +54,7 @@ HEARTBEAT_IN_CKPT=""  # its name in /checkpoints when it lives there: never sync
 [[ $TI_HEARTBEAT_FILE != /checkpoints/* ]] || HEARTBEAT_IN_CKPT=${TI_HEARTBEAT_FILE#/checkpoints/}
 
 OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
+KEPT_IN_A_ROW=0  # syncs in a row whose files moved under the upload (the manifest was kept)
 INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
 IMAGE="${TI_IMAGE_URI}:${TI_IMAGE_TAG}" CONTAINER=training-infra-trainer WATCHERS=()
 # ATTEMPT 0: not known (no answer from IMDS), so this record never overwrites a real attempt's.
@@ -297,24 +298,43 @@ sync_checkpoints() {
   { flock 9 && upload_checkpoints; } 9>"$STATE/ckpt.lock"
 }
 upload_checkpoints() {
-  local began=$SECONDS batch skip=() manifest
+  local began=$SECONDS batch skip=() manifest failed errors
   [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(--exclude "$HEARTBEAT_IN_CKPT")
-  python3 "$AGENT_TOOLS" manifest snapshot --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" &&
-    awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --exclude _manifest.json "${skip[@]}" --no-follow-symlinks \
-      --only-show-errors &&
-    checkpoint_versions "$STATE/ckpt.versions.json" &&
+  python3 "$AGENT_TOOLS" manifest snapshot --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" ||
+    return 1
+  if ! errors=$(awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --exclude _manifest.json "${skip[@]}" \
+    --no-follow-symlinks --only-show-errors 2>&1); then
+    # A checkpoint the trainer rotated away between the CLI's listing and its read is gone, not a failure.
+    if grep -v -e 'No such file or directory' -e 'File does not exist' <<<"$errors" | grep -q .; then
+      printf '%s\n' "$errors" >&2
+      return 1
+    fi
+  fi
+  checkpoint_versions "$STATE/ckpt.versions.json" &&
     manifest=$(python3 "$AGENT_TOOLS" manifest commit --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" \
       --snapshot "$STATE/ckpt.snapshot.json" --versions "$STATE/ckpt.versions.json" --prefix "$CKPT_KEY_PREFIX" \
       --manifest "$STATE/_manifest.json" --sent "$STATE/_manifest.sent.json") || return 1
+  LAST_SYNC_SECONDS=$((SECONDS - began))
+  if [[ $manifest == kept* ]]; then
+    KEPT_IN_A_ROW=$((KEPT_IN_A_ROW + 1))
+    log "checkpoint files changed during the upload (${manifest#kept }): the manifest keeps the last complete set"
+    ((KEPT_IN_A_ROW != 3)) || note "WARNING: for 3 syncs in a row the trainer rewrote checkpoint files while they" \
+      "uploaded (${manifest#kept }), so S3's last complete checkpoint is getting old: save to a new name or *.tmp," \
+      "then rename"
+    return 0
+  fi
+  KEPT_IN_A_ROW=0
   if [[ $manifest == changed ]]; then
     awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors || return 1
     cp "$STATE/_manifest.json" "$STATE/_manifest.sent.json"
   fi
-  LAST_SYNC_SECONDS=$((SECONDS - began))
   for batch in "$STATE"/ckpt.delete.*.json; do
     [[ -e $batch ]] || continue
-    awsc s3api delete-objects --bucket "$TI_OUTPUTS_BUCKET" --delete "file://$batch" >/dev/null ||
-      log "WARNING: checkpoints the trainer no longer keeps were not deleted from S3; the next sync tries again"
+    # Quiet: only the keys that failed come back (exit 0 even then).
+    # shellcheck disable=SC2016  # a JMESPath literal
+    failed=$(awsc s3api delete-objects --bucket "$TI_OUTPUTS_BUCKET" --delete "file://$batch" --output text \
+      --query 'length(Errors || `[]`)') && [[ $failed == 0 ]] ||
+      log "WARNING: checkpoints the trainer no longer keeps were not deleted from S3 ($failed); the next sync tries again"
   done
 }
 # checkpoint_versions OUT: the newest version of each object under checkpoints/<run-id>/ (JSON, null when none)
@@ -325,11 +345,14 @@ checkpoint_versions() {
 }
 # globals: reads CKPT_PREFIX CKPT_KEY_PREFIX CKPT_DIR STATE TI_OUTPUTS_BUCKET
 restore_checkpoints() {  # the last complete sync's set; a run from before manifests: everything
-  local filters=(--exclude '*' --include '*') name version error fetched=0 cut=""
+  local filters=(--exclude '*' --include '*') name version error fetched=0 cut="" taken left
   if awsc s3 cp "$CKPT_PREFIX/_manifest.json" "$STATE/restored-manifest.json" --only-show-errors 2>/dev/null; then
     checkpoint_versions "$STATE/restore.versions.json" &&
-      python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" --versions "$STATE/restore.versions.json" \
-        --prefix "$CKPT_KEY_PREFIX" --filters "$STATE/restore.filters" --by-version "$STATE/restore.by-version" || return 1
+      read -r taken left < <(python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" \
+        --versions "$STATE/restore.versions.json" --prefix "$CKPT_KEY_PREFIX" --filters "$STATE/restore.filters" \
+        --by-version "$STATE/restore.by-version") || return 1
+    ((taken > 0 || left == 0)) || note "WARNING: the checkpoint manifest names no files while $CKPT_PREFIX/ holds" \
+      "$left objects: starting without a checkpoint"
     mapfile -t filters <"$STATE/restore.filters"
     while IFS=$'\t' read -r name version; do
       mkdir -p "$(dirname "$CKPT_DIR/$name")"
@@ -346,6 +369,7 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
     ((fetched == 0)) || cut=" ($fetched by their recorded version: a later upload was cut short)"
     log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2 + fetched)) files of the last complete sync$cut"
   fi
+  [[ -e $STATE/restored-manifest.json ]] || log "no checkpoint manifest (none, or a run from before manifests): every object"
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
 # When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the

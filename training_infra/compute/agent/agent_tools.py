@@ -122,22 +122,27 @@ def latest_versions(listing: object, prefix: str) -> dict[str, dict]:
 
 def commit_manifest(
     folder: Path, snapshot: dict[str, list[int]], latest: dict[str, dict], now: float, skip: str = ""
-) -> tuple[dict, list[str]]:
-    """The files a finished upload carried, by the S3 version it made, and what the mirror may now drop.
+) -> tuple[dict | None, list[str]]:
+    """The set a finished upload carried, by the S3 version it made of each file; or None and the files
+    that moved under it, when the upload cannot vouch for a whole set.
 
-    A file is in the manifest when it was present at the upload's start, is unchanged since (a trainer
-    that rewrote one meanwhile gets it into the next manifest) and S3's newest version has its size.
-    Recording the version makes a restore exact even after a later upload was cut short: a shard
-    rewritten under the same name, or a rotated file deleted, still has the version named here (the
-    outputs bucket is versioned). The second value: objects neither in the manifest nor on disk, which
-    the agent deletes only after this manifest is in S3.
+    The upload (which succeeded) took the files present at its start (the snapshot). One unchanged since
+    came whole when S3's newest version has its size. One deleted meanwhile (a rotated checkpoint) came
+    whole when S3 has its size, else the upload never saw it and it is left out, as the trainer left
+    it. One rewritten meanwhile may have been read half old, half new: then the previous manifest
+    stays, its versions still in S3 (the outputs bucket is versioned), and nothing is deleted this
+    round. Recording versions makes a restore exact even after a later upload was cut short. The
+    second value: objects neither in the manifest nor on disk, which the agent deletes only after this
+    manifest is in S3.
     """
     current = checkpoint_files(folder, skip)
-    files = {
-        name: latest[name]
-        for name, meta in snapshot.items()
-        if current.get(name) == meta and name in latest and latest[name]["size"] == meta[0]
-    }
+    in_s3 = {name for name, meta in snapshot.items() if latest.get(name, {}).get("size") == meta[0]}
+    moved = sorted(
+        name for name, meta in snapshot.items() if name in current and (current[name] != meta or name not in in_s3)
+    )
+    if moved:
+        return None, moved
+    files = {name: latest[name] for name in snapshot if name in in_s3}
     stale = sorted(name for name in latest if name not in files and name not in current)
     written_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
     return {"files": files, "written_at": written_at}, stale
@@ -241,8 +246,10 @@ def secrets_policy(lines: list[str], *, role_arn: str, region: str) -> dict:
 
 
 def manifest_command(args: argparse.Namespace) -> int:
-    """snapshot: the files now; commit: the manifest and the delete batches; plan: what a restore
-    takes by name (sync filters, one a line) and by version (name TAB version id, one a line)."""
+    """snapshot: the files now; commit: the manifest and the delete batches, then says changed,
+    unchanged or kept (and the files that moved); plan: what a restore takes by name (sync filters,
+    one a line) and by version (name TAB version id, one a line), then says how many files it takes
+    and how many other objects S3 holds."""
     if args.action == "snapshot":
         args.snapshot.write_text(json.dumps(checkpoint_files(args.folder, args.skip)))
         return 0
@@ -250,18 +257,23 @@ def manifest_command(args: argparse.Namespace) -> int:
     if args.action == "commit":
         snapshot = json.loads(args.snapshot.read_text())
         manifest, stale = commit_manifest(args.folder, snapshot, latest, time.time(), args.skip)
+        for old in args.manifest.parent.glob("ckpt.delete.*.json"):
+            old.unlink()
+        if manifest is None:
+            print("kept", " ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else ""))
+            return 0
         sent = json.loads(args.sent.read_text()) if args.sent and args.sent.exists() else {}
         # Every upload of the manifest is another object version to list: send it only when it changed.
         print("unchanged" if sent.get("files") == manifest["files"] else "changed")
         args.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
-        for old in args.manifest.parent.glob("ckpt.delete.*.json"):
-            old.unlink()
         for number, batch in enumerate(delete_batches(args.prefix, stale)):
             args.manifest.with_name(f"ckpt.delete.{number}.json").write_text(json.dumps(batch))
         return 0
-    filters, by_version = restore_plan(json.loads(args.manifest.read_text()), latest)
+    manifest = json.loads(args.manifest.read_text())
+    filters, by_version = restore_plan(manifest, latest)
     args.filters.write_text("\n".join(filters) + "\n")
     args.by_version.write_text("".join(f"{name}\t{version}\n" for name, version in by_version))
+    print(len(manifest["files"]), len(set(latest) - set(manifest["files"])))  # taken, left in S3
     return 0
 
 
