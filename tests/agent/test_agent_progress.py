@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -61,6 +63,39 @@ def test_a_trainer_that_never_reports_progress_is_not_judged_by_it(make_run):
     assert status["outcome"] == "succeeded", run.setup_log
     assert status["progress"] is None, "status says progress is not reported"
     assert "Progress" not in metric_names(run)
+
+
+# A heartbeat under /checkpoints comes back with the checkpoints (`aws s3 sync` gives a restored file
+# its object's LastModified) or stays on the disk of a reused root: either way written before this
+# attempt's trainer started. Here: left on disk, an hour old.
+@pytest.mark.parametrize(
+    ("command", "last_step"),
+    [('sleep 5; echo \'{"step": 6}\' > "$HEARTBEAT_FILE"; sleep 2', 6), ("sleep 6", None)],
+    ids=["trainer-beats-after-5s", "trainer-never-beats"],
+)
+def test_a_heartbeat_written_before_the_trainer_started_is_no_beat_and_never_stalls_the_attempt(
+    make_run, command, last_step
+):
+    run = make_run(
+        run_id="old-beat",
+        stall_seconds=3,
+        training_command=command,
+        env={"TI_HEARTBEAT_FILE": "/checkpoints/heartbeat.json"},
+    )
+    left = run.root / "checkpoints" / "heartbeat.json"
+    left.parent.mkdir(parents=True)
+    left.write_text('{"step": 5}')
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "succeeded", f"the old file stalled the attempt: {status['message']}"
+    if last_step is None:
+        assert status["progress"] is None, "the trainer never wrote the file: progress not reported"
+    else:
+        assert status["progress"]["step"] == last_step, "the trainer's own beat, not the old file's step 5"
+        assert status["progress"]["changed_at"] >= status["started_at"]
 
 
 def test_a_heartbeat_that_is_not_json_counts_as_a_touch_and_is_logged_once(make_run):

@@ -522,15 +522,17 @@ watch_idle() {
 # The trainer's beats (HEARTBEAT_FILE: JSON such as {"step": 1200}, or a touch). A JSON step counts
 # as progress when it changes, a file without one when it is written again. Once a minute with
 # progress (TI_PROGRESS_METRIC_SECONDS): metrics (Progress, which the supervisor's backstop watches,
-# TrainingStep, StepsPerSecond; dimension RunId) and the attempt's progress.json. A trainer that never beats is never judged.
+# TrainingStep, StepsPerSecond; dimension RunId) and the attempt's progress.json. A trainer that never beats is never judged,
+# and a file written before it started (restored with /checkpoints, left by an earlier attempt) is no beat.
 # globals: reads HEARTBEAT_HOST TI_HEARTBEAT_FILE TI_STALL_SECONDS TI_STOP_GRACE_SECONDS TI_METRIC_NAMESPACE STATE RUN_ID
-# ATTEMPT_PREFIX TRAINER_PID TI_PROGRESS_METRIC_SECONDS
+# ATTEMPT_PREFIX TRAINER_PID TRAINER_STARTED TI_PROGRESS_METRIC_SECONDS
 watch_progress() {
   local poll=5 now changed step rate sent_at=0 sent_change="" metrics dims
   ((TI_STALL_SECONDS == 0 || TI_STALL_SECONDS >= 30)) || poll=1
   while sleep "$poll"; do
     now=$(date +%s)
-    read -r changed step rate < <(python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$now") ||
+    read -r changed step rate < <(python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$now" \
+      --since "$TRAINER_STARTED") ||
       continue
     [[ $changed != none ]] || continue
     if [[ $changed != "$sent_change" ]] && ((now - sent_at >= TI_PROGRESS_METRIC_SECONDS)); then
@@ -674,8 +676,9 @@ finalize() {
       MESSAGE+=" (outputs upload failed)"
     fi
   fi
-  # The trainer's last beats since the progress watcher's last look.
-  python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$(date +%s)" >/dev/null &&
+  # The trainer's last beats since the progress watcher's last look (none when it never started).
+  ((TRAINER_STARTED > 0)) &&
+    python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$(date +%s)" --since "$TRAINER_STARTED" >/dev/null &&
     [[ -s $STATE/progress.state.json ]] &&
     { awsc s3 cp "$STATE/progress.json" "$ATTEMPT_PREFIX/progress.json" --only-show-errors || log "WARNING: progress.json not uploaded"; }
   COST=$(write_status) || log "WARNING: status.json not written"
