@@ -67,13 +67,16 @@ class ProxiedRequest:
 class AwsProxy:
     """Reverse proxy in front of moto: records requests; `fail_s3_every=N` answers every Nth S3
     request with 503 SlowDown (what S3 says under load), which the AWS CLI must retry;
-    `refuse_s3_writes_under` refuses S3 writes to matching paths (a bucket policy gone wrong)."""
+    `refuse_s3_writes_under` refuses S3 writes to matching paths (a bucket policy gone wrong),
+    `refuse_s3_reads_matching` S3 reads and listings whose path or query has that text."""
 
     def __init__(self, upstream: str, fail_s3_every: int = 0) -> None:
         self.upstream = urlsplit(upstream)
         self.fail_s3_every = fail_s3_every
         # Set to a path part such as "/checkpoints/": S3 writes there are refused with 403 AccessDenied.
         self.refuse_s3_writes_under = ""
+        # Set to a text such as "notices": S3 GETs (reads, listings) whose path or query has it get 403 AccessDenied.
+        self.refuse_s3_reads_matching = ""
         self.requests: list[ProxiedRequest] = []
         self.injected_failures = 0
         self._s3_count = 0
@@ -85,8 +88,11 @@ class AwsProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def refuses(self, service: str, method: str, path: str) -> bool:
-        under = self.refuse_s3_writes_under
-        return bool(under) and service == "s3" and method in ("PUT", "POST") and under in path
+        under, reads = self.refuse_s3_writes_under, self.refuse_s3_reads_matching
+        if service != "s3":
+            return False
+        refused_write = bool(under) and method in ("PUT", "POST") and under in path
+        return refused_write or bool(reads) and method == "GET" and reads in path
 
     def should_fail(self, service: str) -> bool:
         with self._lock:

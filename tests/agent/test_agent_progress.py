@@ -8,6 +8,7 @@ reach status.json, the attempt's progress.json and CloudWatch (namespace Trainin
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import json
 import os
@@ -159,6 +160,78 @@ def test_s3_refusing_checkpoint_uploads_mid_run_gives_one_notice_and_training_go
     subjects = [json.loads(notice["Body"])["Subject"] for notice in notices]
     assert "training-infra run stale-ckpt: checkpoints are not reaching S3" in subjects
     assert "CheckpointStale" in metric_names(run)
+
+
+def alert_subjects(run) -> list[str]:
+    """Every notice on the run's alert topic so far (its SQS subscription, drained)."""
+    subjects, sqs, queue = [], run.extra["sqs"], run.extra["queue_url"]
+    while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages"):
+        subjects += [json.loads(message["Body"])["Subject"] for message in batch]
+        sqs.delete_message_batch(
+            QueueUrl=queue, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+        )
+    return subjects
+
+
+def stale_then_reclaimed(run, *, syncs_after: int = 1) -> None:
+    """Start the attempt, refuse its checkpoint uploads once one sync landed, wait for the freshness
+    warning and `syncs_after` more failed syncs (the check is done), then end it with a spot notice as
+    a reclaim would."""
+    run.start()
+    assert run.wait_for_s3(f"checkpoints/{run.run_id}/_manifest.json", timeout=60), run.setup_log
+    run.proxy.refuse_s3_writes_under = "/checkpoints/"
+    run.wait_for_log("uploads are failing", timeout=90)
+    failed_before = run.setup_log.count("periodic checkpoint sync failed")
+    deadline = time.monotonic() + 60
+    while run.setup_log.count("periodic checkpoint sync failed") < failed_before + syncs_after:
+        assert time.monotonic() < deadline, run.setup_log
+        time.sleep(0.5)
+    run.imds.inject_spot_interruption()
+    run.wait(timeout=120)
+    run.imds.clear_notices()
+
+
+def test_checkpoint_uploads_failing_in_two_attempts_of_a_run_give_one_notice_and_a_log_line_in_each(make_run):
+    # A managed run: its attempts share the deadline tag, which names the run's notice marker.
+    deadline = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    run = make_run(
+        run_id="stale-twice",
+        checkpoint_sync_seconds=1,
+        extra_env="EPOCHS=400\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=2",
+        tags={"training-infra:deadline": deadline, "training-infra:attempt": "1"},
+    )
+    stale_then_reclaimed(run)
+    assert run.attempt_status(1)["outcome"] == "interrupted", run.setup_log
+    # The next attempt is a fresh box (nothing of $STATE survives), and S3 still refuses its checkpoints.
+    shutil.rmtree(run.root)
+    run.proxy.refuse_s3_writes_under = ""
+    run.imds.set_tag("training-infra:attempt", "2")
+    stale_then_reclaimed(run)
+    assert run.attempt_status(2)["outcome"] == "interrupted", run.setup_log
+
+    stale = [s for s in alert_subjects(run) if s == "training-infra run stale-twice: checkpoints are not reaching S3"]
+    assert len(stale) == 1, "one notice for the run, not one per attempt"
+    first, second = (run.read(run.log_key("training.log", attempt)) for attempt in (1, 2))
+    assert first.count("uploads are failing (said once; notice sent)") == 1, first
+    assert second.count("uploads are failing (said once; an earlier attempt of this run sent the notice)") == 1
+    assert run.keys("runs/stale-twice/notices/") == [f"runs/stale-twice/notices/checkpoint-stale-{_epoch(deadline)}"]
+
+
+def test_a_notice_marker_that_cannot_be_read_gives_one_notice_for_the_attempt_not_one_per_sync(make_run):
+    run = make_run(run_id="stale-unread", checkpoint_sync_seconds=1, extra_env="EPOCHS=400\nSTEP_SECONDS=0.3")
+    run.proxy.refuse_s3_reads_matching = "notices"  # listing runs/<id>/notices/ answers 403
+    stale_then_reclaimed(run, syncs_after=3)
+
+    stale = [s for s in alert_subjects(run) if s == "training-infra run stale-unread: checkpoints are not reaching S3"]
+    assert len(stale) == 1, "unknown whether the run was told: this attempt tells it, once"
+    assert run.setup_log.count("cannot tell whether the run was told of checkpoint-stale (") == 1
+    assert "AccessDenied" in run.setup_log.split("cannot tell whether the run was told", 1)[1].splitlines()[0]
+    assert run.training_log.count("uploads are failing (said once; notice sent)") == 1
+    assert run.status()["outcome"] == "interrupted", "the agent carried on until the reclaim"
+
+
+def _epoch(iso: str) -> int:
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def test_a_box_killed_mid_checkpoint_upload_resumes_from_the_last_complete_checkpoint(make_run):

@@ -305,9 +305,9 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
 # When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the
-# trainer keeps writing newer ones locally (uploads failing silently), say so once per run: the log,
-# a CheckpointStale metric and a notice on the alert topic.
-# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN
+# trainer keeps writing newer ones locally (uploads failing silently), each attempt says so once in its
+# log and with a CheckpointStale metric; the alert topic hears it once per run (run_was_told).
+# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN TI_METRIC_NAMESPACE
 check_checkpoint_freshness() {
   local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words
   [[ ! -e $STATE/checkpoint-stale-noticed ]] || return 0
@@ -323,11 +323,43 @@ check_checkpoint_freshness() {
     return 0
   : >"$STATE/checkpoint-stale-noticed"
   words="checkpoints in $CKPT_PREFIX/ are $((now - newest_s3))s old while the trainer wrote newer ones locally: uploads are failing"
-  note "WARNING: $words (said once)"
   awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name CheckpointStale \
     --dimensions "RunId=$RUN_ID" --value 1 --unit Count || true
-  [[ -z $TI_ALERTS_TOPIC_ARN ]] || awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" \
-    --subject "training-infra run $RUN_ID: checkpoints are not reaching S3" --message "Run $RUN_ID: $words." >/dev/null || true
+  if [[ -z $TI_ALERTS_TOPIC_ARN ]]; then
+    note "WARNING: $words (said once; no alert topic)"
+  elif run_was_told checkpoint-stale; then
+    note "WARNING: $words (said once; an earlier attempt of this run sent the notice)"
+  elif awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" --subject "training-infra run $RUN_ID: checkpoints are not reaching S3" \
+    --message "Run $RUN_ID: $words." >/dev/null; then
+    run_told checkpoint-stale "$words"
+    note "WARNING: $words (said once; notice sent)"
+  else
+    note "WARNING: $words (said once; the notice could not be sent, a later attempt of this run tries again)"
+  fi
+}
+# A notice goes to the alert topic once per run: $STATE dies with the box, so the run remembers it in
+# S3, runs/<id>/notices/<what>-<deadline epoch>. The deadline is the run's (every attempt of a launch
+# shares it; `launch --resume` sets a new one, and so is told again), or this box's own outside a
+# managed run, whose run id (`default`) many boxes share. The marker is written right after the notice
+# went out: a notice that failed is tried again by the next attempt, never lost (a box lost between the
+# two sends it twice). Listed, not read: the instance role may list runs/, but reading a key that is
+# not there answers 403 without s3:ListBucket on the whole bucket, as if the S3 were unreadable.
+# globals: reads TI_OUTPUTS_BUCKET RUN_ID DEADLINE_EPOCH
+run_was_told() {  # run_was_told WHAT: succeeds when an earlier attempt sent it; unknown (S3 unreadable) is "no"
+  local key=runs/$RUN_ID/notices/$1-$DEADLINE_EPOCH found
+  # shellcheck disable=SC2016  # a JMESPath literal; KeyCount is None once the CLI has merged the pages
+  if ! found=$(awsc s3api list-objects-v2 --bucket "$TI_OUTPUTS_BUCKET" --prefix "$key" \
+    --query 'length(Contents || `[]`)' --output text 2>&1) || [[ ! $found =~ ^[0-9]+$ ]]; then
+    log "WARNING: cannot tell whether the run was told of $1 (${found//$'\n'/ }): this attempt tells it"
+    return 1
+  fi
+  ((found > 0))
+}
+# globals: reads RUN_PREFIX DEADLINE_EPOCH STATE
+run_told() {  # run_told WHAT WORDS: remember that the run was told
+  printf '%s\n' "$2" >"$STATE/notice-$1.txt"
+  awsc s3 cp "$STATE/notice-$1.txt" "$RUN_PREFIX/notices/$1-$DEADLINE_EPOCH" --only-show-errors ||
+    log "WARNING: the $1 notice is not recorded in S3: a later attempt may send it again"
 }
 # globals: reads STATE SETUP_LOG TRAIN_LOG ATTEMPT_PREFIX
 upload_logs() {
