@@ -54,6 +54,40 @@ MANIFEST = json.dumps(
     }
 )
 
+# A trainer hung in a collective, for the stall diagnostics: it beats once, then waits for ever in a
+# function py-spy must name. The tests put it in the data bucket, so it is $DATA_DIR/hung_trainer.py
+# in both runtimes (/data in the container), and run it with HUNG_TRAINER_COMMAND.
+HUNG_TRAINER = """\
+import json, os, time
+
+
+def wait_for_allreduce():
+    while True:  # a peer died: the GPU spins, nothing moves
+        time.sleep(1)
+
+
+with open(os.environ["HEARTBEAT_FILE"], "w") as beat:
+    json.dump({"step": 1}, beat)
+print("step 1 done; entering allreduce", flush=True)
+wait_for_allreduce()
+"""
+HUNG_TRAINER_COMMAND = 'exec python3 "$DATA_DIR/hung_trainer.py"'
+
+
+def diagnostic_sections(text: str) -> dict[str, str]:
+    """training-diagnostics.txt by its `== ` headings: {"process tree": ..., "<nvidia-smi path>": ...,
+    "py-spy dump --pid N": ..., "the trainer's last 200 log lines": ...} (the tree's heading without its time)."""
+    parts = re.split(r"^== (.*)\n", text, flags=re.MULTILINE)
+    heads = [re.sub(r"^\S+Z process tree$", "process tree", head) for head in parts[1::2]]
+    return dict(zip(heads, parts[2::2], strict=True))
+
+
+def hung_trainer_stack(diagnostics: str) -> str:
+    """The py-spy dump of the hung trainer's python process (found in the process tree by its script)."""
+    sections = diagnostic_sections(diagnostics)
+    [pid] = [line.split()[0] for line in sections["process tree"].splitlines() if line.endswith("hung_trainer.py")]
+    return sections.get(f"py-spy dump --pid {pid}", f"(no py-spy dump of pid {pid}, the trainer's host pid)")
+
 
 # ---------------------------------------------------------------- recording / fault-injecting proxy
 @dataclass(frozen=True)

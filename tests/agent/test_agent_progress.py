@@ -16,6 +16,7 @@ import shutil
 import time
 
 import pytest
+from agent_harness import HUNG_TRAINER, HUNG_TRAINER_COMMAND, diagnostic_sections, hung_trainer_stack
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,23 @@ def test_a_trainer_hung_at_full_gpu_is_stopped_as_stalled_after_diagnostics_with
     assert "simulating a hang" in diagnostics, "the trainer's own last lines"
     assert {"Progress", "TrainingStep"} <= metric_names(run)
     assert run.called("poweroff")
+
+
+def test_stall_diagnostics_hold_the_process_tree_nvidia_smi_the_py_spy_stack_of_the_hung_function_and_the_log(
+    make_run,
+):
+    run = make_run(run_id="hung-stack", stall_seconds=3, stop_grace_seconds=2, training_command=HUNG_TRAINER_COMMAND)
+    run.s3.put_object(Bucket=run.config.data_bucket, Key="data/hung_trainer.py", Body=HUNG_TRAINER.encode())
+    (run.tmp / "gpu-util").write_text("100\n")
+    run.run()
+
+    assert run.status()["outcome"] == "stalled", run.setup_log
+    diagnostics = run.read(run.log_key("training-diagnostics.txt"))
+    sections = diagnostic_sections(diagnostics)
+    assert "hung_trainer.py" in sections["process tree"]
+    assert sections[run.env["TI_NVIDIA_SMI"]] == "100\n", "nvidia-smi's output (the fake's)"
+    assert "wait_for_allreduce (hung_trainer.py:" in hung_trainer_stack(diagnostics), diagnostics
+    assert "step 1 done; entering allreduce" in sections["the trainer's last 200 log lines"]
 
 
 def test_a_trainer_that_never_reports_progress_is_not_judged_by_it(make_run):

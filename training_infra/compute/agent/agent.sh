@@ -583,8 +583,20 @@ watch_progress() {
     fi
   done
 }
+# The host PIDs of the trainer's container, for py-spy on the host: every process in the PID namespace
+# of the container's init (`inspect .State.Pid`, a host PID in Docker and podman alike). Not
+# `docker top -eo pid` (Docker's ps runs on the host): podman runs that ps inside the container, which
+# fails in an image without ps (python:3.12-slim has none) and else prints the container's own PIDs
+# (1, 2, ...), other processes on the host.
+# globals: reads DOCKER CONTAINER
+container_pids() {
+  local init namespace
+  init=$(timeout 20 "$DOCKER" inspect --format '{{.State.Pid}}' "$CONTAINER") && [[ $init =~ ^[1-9][0-9]*$ ]] &&
+    namespace=$(ps -o pidns= -p "$init") && [[ $namespace =~ [0-9] ]] || return 1
+  ps -e -o pidns=,pid= | awk -v namespace="$namespace" '$1 == namespace + 0 { print $2 }'
+}
 # What a stalled trainer was doing, into the attempt's logs (logs/training-diagnostics.txt) before it is stopped.
-# globals: reads LOG_DIR RUNTIME DOCKER CONTAINER TRAINER_PID NVIDIA_SMI TRAIN_LOG
+# globals: reads LOG_DIR RUNTIME TRAINER_PID NVIDIA_SMI TRAIN_LOG
 collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the stop must still come
   local pids pid until=$(($(date +%s) + 120))
   {
@@ -592,7 +604,11 @@ collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the 
     ps -eo pid,ppid,pgid,stat,etime,pcpu,rss,args --forest
     echo "== $NVIDIA_SMI"
     timeout 20 "$NVIDIA_SMI" || echo "($NVIDIA_SMI not available or hung)"
-    if [[ $RUNTIME == docker ]]; then pids=$(timeout 20 "$DOCKER" top "$CONTAINER" -eo pid | tail -n +2); else pids=$(pgrep -g "$TRAINER_PID"); fi
+    if [[ $RUNTIME == docker ]]; then
+      pids=$(container_pids) || echo "== the container's processes were not found: no Python stacks"
+    else
+      pids=$(pgrep -g "$TRAINER_PID")
+    fi
     if command -v py-spy >/dev/null; then
       for pid in $pids; do
         (($(date +%s) < until)) || { echo "== py-spy: 2 min spent, the other processes left out"; break; }
