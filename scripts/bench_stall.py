@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "agent")]
 
 from agent_harness import new_run  # noqa: E402 - the agent tests' harness: same fakes, same setup
+from bench_agent import wait_until  # noqa: E402 - scripts/ is on the path when a script runs
 
 from training_infra.local.emulator import Emulator  # noqa: E402
 
@@ -42,15 +43,6 @@ HANGING_TRAINER = (
 )
 
 
-def wait_until(check, timeout: float = 300.0, every: float = 0.2) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return time.time()
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
-
-
 def one_round(aws: Emulator, workdir: Path) -> dict[str, float]:
     workdir.mkdir(parents=True)
     script = workdir / "hang.py"
@@ -59,7 +51,7 @@ def one_round(aws: Emulator, workdir: Path) -> dict[str, float]:
     heartbeat = run.root / "opt/training-infra/state/progress/heartbeat.json"
     try:
         run.start()
-        status_at = wait_until(lambda: bool(run.keys("runs/stall-bench/attempts/1/status.json")))
+        status_at = wait_until(lambda: bool(run.keys("runs/stall-bench/attempts/1/status.json")), timeout=300)
         run.wait(timeout=300)
         last_beat = heartbeat.stat().st_mtime
         stop = re.search(r"(\d\d):(\d\d):(\d\d)Z \[training-infra\] no progress .*outcome stalled", run.training_log)

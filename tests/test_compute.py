@@ -371,7 +371,7 @@ def test_instance_role_has_no_wildcard_action_no_terminate_and_resource_star_onl
     )
 
 
-def test_instance_reads_only_data_and_writes_only_runs_and_checkpoints_deleting_only_latest_and_checkpoints(compute):
+def test_instance_reads_data_writes_runs_and_checkpoints_reads_their_versions_deletes_latest_and_checkpoints(compute):
     view = compute("full")
     storage = view.storage.construct("Storage")
     data = imported(view.storage, storage.data_bucket, "Arn")
@@ -390,6 +390,8 @@ def test_instance_reads_only_data_and_writes_only_runs_and_checkpoints_deleting_
                 ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
                 [objects_under(outputs, "runs/"), objects_under(outputs, "checkpoints/")],
             ),
+            allow(["s3:ListBucketVersions"], [outputs], {"StringLike": {"s3:prefix": ["checkpoints/*"]}}),
+            allow(["s3:GetObjectVersion"], [objects_under(outputs, "checkpoints/")]),
             allow(
                 ["s3:DeleteObject"], [objects_under(outputs, "runs/latest/"), objects_under(outputs, "checkpoints/")]
             ),

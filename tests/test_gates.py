@@ -160,7 +160,9 @@ ENDPOINT_ACTIONS = (
     "s3:DeleteObject",
     "s3:GetBucketLocation",
     "s3:GetObject",
+    "s3:GetObjectVersion",
     "s3:ListBucket",
+    "s3:ListBucketVersions",
     "s3:PutObject",
 )
 

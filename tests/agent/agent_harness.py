@@ -15,6 +15,7 @@ Timings not given are the production defaults of `AgentConfig`; the tests pass f
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -111,6 +112,11 @@ class AwsProxy:
         self.refuse_s3_writes_under = ""
         # Set to a text such as "notices": S3 GETs (reads, listings) whose path or query has it get 403 AccessDenied.
         self.refuse_s3_reads_matching = ""
+        # Set to a path part: S3 writes there hang (a slow link) until `release` (then 503); `held` is
+        # set once one hangs, so a test can kill the box in the middle of that upload.
+        self.hold_s3_writes_under = ""
+        self.held = threading.Event()
+        self.release = threading.Event()
         self.requests: list[ProxiedRequest] = []
         self.injected_failures = 0
         self._s3_count = 0
@@ -143,6 +149,7 @@ class AwsProxy:
             self.requests.append(request)
 
     def stop(self) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -155,24 +162,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         scope = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request", self.headers.get("Authorization", ""))
         service = scope.group(1) if scope else "?"
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        hold = self.proxy.hold_s3_writes_under
+        if hold and service == "s3" and self.command in ("PUT", "POST") and hold in self.path:
+            self.proxy.held.set()
+            self.proxy.release.wait(timeout=120)
+            return self._error(service, 503, "SlowDown", "held by the test")
         if self.proxy.refuses(service, self.command, self.path):
-            payload = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
-            self.send_response(403)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            self.proxy.record(ProxiedRequest(self.command, self.path, service, 403))
-            return
+            return self._error(service, 403, "AccessDenied", "Access Denied")
         if self.proxy.should_fail(service):
-            payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            self.proxy.record(ProxiedRequest(self.command, self.path, service, 503))
-            return
+            return self._error(service, 503, "SlowDown", "Please reduce your request rate.")
         headers = {
             k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection", "transfer-encoding")
         }
@@ -191,6 +189,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.proxy.record(ProxiedRequest(self.command, self.path, service, response.status))
         if self.command != "HEAD":
             self.wfile.write(payload)
+
+    def _error(self, service: str, status: int, code: str, message: str) -> None:
+        payload = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.proxy.record(ProxiedRequest(self.command, self.path, service, status))
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815
 
@@ -260,11 +267,20 @@ class AgentRun:
     def run(self, timeout: float = 120) -> AgentRun:
         return self.start().wait(timeout)
 
+    def kill_box(self) -> None:
+        """The box dies at once: SIGKILL to every process of the agent's session (the agent, its
+        watchers and the trainer each run in their own process group), so nothing finalizes."""
+        assert self.process is not None
+        listed = subprocess.run(["ps", "-o", "pid=", "-s", str(self.process.pid)], capture_output=True, text=True)
+        for pid in (int(word) for word in listed.stdout.split()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.returncode = self.process.wait()
+
     def close(self) -> None:
         """Kill the agent if it still runs (no finalize), stop the fake IMDS and the proxy."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self.kill_box()
         self.imds.stop()
         self.proxy.stop()
 
@@ -369,6 +385,8 @@ def new_run(
     s3 = session.client("s3", endpoint_url=aws.endpoint)
     data_bucket, outputs_bucket = f"data-{suffix}", f"outputs-{suffix}"
     s3.create_bucket(Bucket=outputs_bucket)
+    # As the storage stack makes it: the checkpoint manifest names object versions.
+    s3.put_bucket_versioning(Bucket=outputs_bucket, VersioningConfiguration={"Status": "Enabled"})
     if with_data:
         s3.create_bucket(Bucket=data_bucket)
         for file in DATA_DIR.rglob("*.csv"):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
@@ -252,20 +253,108 @@ def _epoch(iso: str) -> int:
     return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
-def test_a_box_killed_mid_checkpoint_upload_resumes_from_the_last_complete_checkpoint(make_run):
-    run = make_run(run_id="torn-ckpt", extra_env="EPOCHS=6\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=3").run()
-    assert run.status()["outcome"] == "succeeded", run.setup_log
-    manifest = json.loads(run.read("checkpoints/torn-ckpt/_manifest.json"))
-    assert sorted(manifest["files"]) == ["ckpt-000003.npz", "ckpt-000006.npz"]
-    # The box died while uploading the next checkpoint: its object landed, the manifest never followed.
-    run.s3.put_object(Bucket=run.config.outputs_bucket, Key="checkpoints/torn-ckpt/ckpt-000009.npz", Body=b"torn")
+def manifest_in_s3(run) -> dict:
+    return json.loads(run.read(f"checkpoints/{run.run_id}/_manifest.json"))
 
-    shutil.rmtree(run.root)  # the next attempt is a fresh box
+
+def kill_the_box_mid_upload_of(run, key_part: str) -> dict:
+    """Once a manifest is in S3, hang the uploads of `key_part` (a slow link), kill every process of the
+    box while one hangs (nothing finalizes), and return the manifest S3 holds at that moment."""
+    assert run.wait_for_s3(f"checkpoints/{run.run_id}/_manifest.json", timeout=60), run.setup_log
+    deadline = time.monotonic() + 60
+    while not manifest_in_s3(run)["files"]:
+        assert time.monotonic() < deadline, f"no sync completed with a checkpoint in it:\n{run.setup_log}"
+        time.sleep(0.2)
+    run.proxy.hold_s3_writes_under = key_part
+    assert run.proxy.held.wait(timeout=60), "an upload of the next checkpoint started"
+    return manifest_in_s3(run)
+
+
+def next_attempt_on_a_fresh_box(run, extra_env: str) -> None:
+    run.kill_box()
+    run.proxy.hold_s3_writes_under = ""
+    run.proxy.release.set()
+    shutil.rmtree(run.root)
     run.imds.set_tag("training-infra:attempt", "2")
-    run.config = dataclasses.replace(run.config, extra_env="EPOCHS=9\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=3")
+    run.config = dataclasses.replace(run.config, extra_env=extra_env)
     run.run()
 
-    second = run.attempt_status(2)
-    assert second["outcome"] == "succeeded", run.setup_log
-    assert "checkpoint manifest: restoring 2 files of the last complete sync" in run.setup_log
-    assert "resumed from checkpoint ckpt-000006.npz (epoch 6)" in run.training_log
+
+def test_a_box_killed_mid_upload_of_a_rotated_checkpoint_resumes_from_the_last_complete_one(make_run):
+    """KEEP_CHECKPOINTS=1: each save deletes the previous checkpoint on disk. Before, the same sync that
+    uploaded the new one deleted the old one from S3, so a box killed in between had no complete set."""
+    run = make_run(
+        run_id="torn-rotated",
+        checkpoint_sync_seconds=1,
+        extra_env="EPOCHS=400\nSTEP_SECONDS=0.2\nCHECKPOINT_EVERY=20\nKEEP_CHECKPOINTS=1",
+    ).start()
+    last_complete = kill_the_box_mid_upload_of(run, "/ckpt-")
+    [name] = last_complete["files"]
+    next_attempt_on_a_fresh_box(run, "EPOCHS=400\nSTEP_SECONDS=0.01\nCHECKPOINT_EVERY=20\nKEEP_CHECKPOINTS=1")
+
+    assert run.attempt_status(2)["outcome"] == "succeeded", run.setup_log
+    epoch = int(name.removeprefix("ckpt-").removesuffix(".npz"))
+    assert f"resumed from checkpoint {name} (epoch {epoch})" in run.training_log, run.setup_log
+
+
+SHARDED_TRAINER = """
+import os, pathlib, sys, time
+folder = pathlib.Path(os.environ["CHECKPOINT_DIR"])
+model, optim = folder / "model.bin", folder / "optim.bin"
+start = 0
+if model.exists():
+    start = int(model.read_text())
+    print(f"resumed model={model.read_text().strip()} optim={optim.read_text().strip()}", flush=True)
+for epoch in range(start + 1, start + int(os.environ["EPOCHS"]) + 1):
+    model.write_text(f"{epoch}\\n")  # two shards rewritten under the same names on every save
+    optim.write_text(f"{epoch}\\n")
+    print(f"epoch {epoch}", flush=True)
+    time.sleep(float(os.environ["STEP_SECONDS"]))
+"""
+
+
+def test_a_box_killed_after_one_shard_of_a_rewritten_checkpoint_landed_restores_the_matching_versions(
+    make_run, tmp_path
+):
+    trainer = tmp_path / "sharded_trainer.py"
+    trainer.write_text(SHARDED_TRAINER)
+    run = make_run(
+        run_id="torn-shards",
+        checkpoint_sync_seconds=1,
+        training_command=f"{sys.executable} {trainer}",
+        extra_env="EPOCHS=400\nSTEP_SECONDS=3",
+    ).start()
+    last_complete = kill_the_box_mid_upload_of(run, "/optim.bin")
+    recorded = last_complete["files"]["model.bin"]["version_id"]
+    model = "checkpoints/torn-shards/model.bin"
+    deadline = time.monotonic() + 30
+    while run.s3.head_object(Bucket=run.config.outputs_bucket, Key=model)["VersionId"] == recorded:
+        assert time.monotonic() < deadline, "the new model shard landed while the optimizer shard hung"
+        time.sleep(0.2)
+    saved = int(run.s3.get_object(Bucket=run.config.outputs_bucket, Key=model, VersionId=recorded)["Body"].read())
+    next_attempt_on_a_fresh_box(run, "EPOCHS=2\nSTEP_SECONDS=0.1")
+
+    assert run.attempt_status(2)["outcome"] == "succeeded", run.setup_log
+    assert f"resumed model={saved} optim={saved}" in run.training_log, "both shards of one save, not a mix"
+    assert "(1 by their recorded version: a later upload was cut short)" in run.setup_log
+
+
+def test_a_manifest_whose_recorded_version_expired_fails_the_attempt_in_one_line_instead_of_mixing_saves(
+    make_run,
+):
+    run = make_run(run_id="gone-version")
+    bucket, prefix = run.config.outputs_bucket, "checkpoints/gone-version/"
+    run.s3.put_object(Bucket=bucket, Key=prefix + "model.bin", Body=b"7\n")
+    current = run.s3.put_object(Bucket=bucket, Key=prefix + "model.bin", Body=b"8\n")["VersionId"]
+    run.s3.delete_object(Bucket=bucket, Key=prefix + "model.bin", VersionId=current)  # as the lifecycle rule does
+    versions = run.s3.list_object_versions(Bucket=bucket, Prefix=prefix)["Versions"]
+    gone = {"version_id": current, "etag": versions[0]["ETag"], "size": 2}
+    manifest = {"files": {"model.bin": gone}, "written_at": "2026-11-27T10:00:00Z"}
+    run.s3.put_object(Bucket=bucket, Key=prefix + "_manifest.json", Body=json.dumps(manifest).encode())
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "failed"
+    assert "checkpoint model.bin: the version the last complete sync recorded is gone" in status["message"]
+    assert "delete s3://" in status["message"] and "gone-version/_manifest.json and relaunch" in status["message"]
+    assert "checkpoint restore failed (attempt" not in run.setup_log, "a gone version is not retried"

@@ -164,22 +164,88 @@ def test_progress_command_prints_the_change_and_writes_the_public_record(tmp_pat
     }
 
 
-def test_manifest_names_only_files_present_at_the_sync_start_and_unchanged_at_its_end(tmp_path):
+def _newest(**sizes: int) -> dict[str, dict]:
+    """What latest_versions gives for objects name=size, each at version v-<name>."""
+    return {name: {"version_id": f"v-{name}", "etag": f'"{name}"', "size": size} for name, size in sizes.items()}
+
+
+def test_manifest_names_files_present_at_the_upload_start_unchanged_at_its_end_with_their_s3_version(tmp_path):
     (tmp_path / "shard").mkdir()
-    for name in ("ckpt-1.pt", "shard/part-0.pt", "ckpt-2.pt.tmp", "_manifest.json"):
+    for name in ("ckpt-1.pt", "shard/part-0.pt", "ckpt-2.pt.tmp", "_manifest.json", "heartbeat.json"):
         (tmp_path / name).write_text(name)
     (tmp_path / "link.pt").symlink_to(tmp_path / "ckpt-1.pt")
-    snapshot = agent_tools.checkpoint_files(tmp_path)
-    assert sorted(snapshot) == ["ckpt-1.pt", "shard/part-0.pt"], "no .tmp, symlink or manifest"
+    snapshot = agent_tools.checkpoint_files(tmp_path, skip="heartbeat.json")
+    assert sorted(snapshot) == ["ckpt-1.pt", "shard/part-0.pt"], "no .tmp, symlink, manifest or heartbeat"
     (tmp_path / "shard/part-0.pt").write_text("rewritten during the sync")
     (tmp_path / "ckpt-3.pt").write_text("new during the sync")
-    manifest = agent_tools.commit_manifest(tmp_path, snapshot, now=0)
-    assert manifest == {"files": {"ckpt-1.pt": 9}, "written_at": "1970-01-01T00:00:00Z"}
+    latest = _newest(**{"ckpt-1.pt": 9, "shard/part-0.pt": 15, "ckpt-0.pt": 4})
+    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, latest, now=0, skip="heartbeat.json")
+    assert manifest == {"files": {"ckpt-1.pt": latest["ckpt-1.pt"]}, "written_at": "1970-01-01T00:00:00Z"}
+    assert stale == ["ckpt-0.pt"], "only what is neither in the manifest nor on disk: part-0 is re-sent next time"
 
 
-def test_restore_filters_take_exactly_the_manifest_files_with_glob_characters_escaped():
-    filters = agent_tools.restore_filters({"files": {"b.pt": 1, "a[1]*.pt": 2}})
-    assert filters == ["--exclude", "*", "--include", "a[[]1][*].pt", "--include", "b.pt"]
+def test_a_file_whose_newest_s3_version_is_not_the_uploaded_size_stays_out_of_the_manifest(tmp_path):
+    (tmp_path / "model.pt").write_text("12345")
+    snapshot = agent_tools.checkpoint_files(tmp_path)
+    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"model.pt": 3}), now=0)
+    assert manifest["files"] == {} and stale == []
+
+
+def test_latest_versions_keeps_the_run_prefix_objects_without_the_manifest_and_reads_an_empty_listing():
+    listing = [
+        ["checkpoints/r1/a.pt", "v1", '"e1"', 3],
+        ["checkpoints/r1/_manifest.json", "v2", '"e2"', 9],
+        ["checkpoints/r10/b.pt", "v3", '"e3"', 4],
+    ]
+    assert agent_tools.latest_versions(listing, "checkpoints/r1/") == {
+        "a.pt": {"version_id": "v1", "etag": '"e1"', "size": 3}
+    }
+    assert agent_tools.latest_versions(None, "checkpoints/r1/") == {}, "list-object-versions says null when empty"
+
+
+def test_restore_takes_current_files_by_name_and_ones_a_cut_upload_replaced_by_their_recorded_version():
+    manifest = {"files": _newest(**{"b.pt": 1, "a[1]*.pt": 2, "optim.pt": 3})}
+    latest = _newest(**{"b.pt": 1, "a[1]*.pt": 2}) | {"optim.pt": {"version_id": "newer", "etag": '"x"', "size": 5}}
+    filters, by_version = agent_tools.restore_plan(manifest, latest)
+    assert filters == ["--exclude", "*", "--include", "a[[]1][*].pt", "--include", "b.pt"], "glob characters escaped"
+    assert by_version == [("optim.pt", "v-optim.pt")]
+    _, deleted = agent_tools.restore_plan(manifest, _newest(**{"b.pt": 1, "a[1]*.pt": 2}))
+    assert deleted == [("optim.pt", "v-optim.pt")], "a rotated file deleted before the manifest followed"
+
+
+def test_a_manifest_from_before_versions_restores_its_files_by_name():
+    filters, by_version = agent_tools.restore_plan({"files": {"ckpt-6.npz": 10}}, {})
+    assert (filters, by_version) == (["--exclude", "*", "--include", "ckpt-6.npz"], [])
+
+
+def test_delete_batches_respect_the_thousand_key_limit_of_delete_objects():
+    batches = agent_tools.delete_batches("checkpoints/r/", [f"f{i}" for i in range(2001)])
+    assert [len(batch["Objects"]) for batch in batches] == [1000, 1000, 1]
+    assert batches[0]["Objects"][0] == {"Key": "checkpoints/r/f0"} and batches[0]["Quiet"] is True
+
+
+def test_commit_says_unchanged_when_the_manifest_last_sent_names_the_same_files(tmp_path, capsys):
+    folder, state = tmp_path / "checkpoints", tmp_path / "state"
+    folder.mkdir()
+    state.mkdir()
+    (folder / "ckpt-1.pt").write_text("12345")
+    listing = [["checkpoints/r/ckpt-1.pt", "v1", '"e"', 5]]
+    (state / "versions.json").write_text(json.dumps(listing))
+
+    def commit() -> str:
+        agent_tools.main(["manifest", "snapshot", "--folder", str(folder), "--snapshot", f"{state}/snap.json"])
+        agent_tools.main(
+            ["manifest", "commit", "--folder", str(folder), "--snapshot", f"{state}/snap.json", "--versions",
+             f"{state}/versions.json", "--prefix", "checkpoints/r/", "--manifest", f"{state}/m.json",
+             "--sent", f"{state}/sent.json"]
+        )  # fmt: skip
+        return capsys.readouterr().out.strip()
+
+    assert commit() == "changed", "nothing was sent yet"
+    (state / "m.json").replace(state / "sent.json")
+    assert commit() == "unchanged", "the same files at the same versions: no new manifest version in S3"
+    (state / "versions.json").write_text(json.dumps([["checkpoints/r/ckpt-1.pt", "v2", '"f"', 5]]))
+    assert commit() == "changed", "a new version of a file is a new manifest"
 
 
 def test_tools_use_only_the_standard_library():

@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -68,29 +67,19 @@ def emulator(tmp_path_factory) -> Iterator[Emulator]:
         yield aws
 
 
-@pytest.fixture(scope="session")
-def stub_agent(tmp_path_factory) -> Path:
-    """A stand-in agent body: the CLI treats the agent as opaque, only the export lines matter."""
-    path = tmp_path_factory.mktemp("agent") / "agent.sh"
-    path.write_text("#!/bin/bash\necho 'training-infra agent stand-in'\n")
-    return path
-
-
-def rendered_user_data(agent_script: Path) -> str:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(user_data_module, "AGENT_SCRIPT", agent_script)
-        return user_data_module.render_user_data(
-            user_data_module.AgentConfig(
-                data_bucket="data-bucket",
-                outputs_bucket="outputs-bucket",
-                image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/training-infra",
-                image_tag="latest",
-                training_command="python train.py",
-                max_runtime_seconds=STACK_MAX_RUNTIME_SECONDS,
-                extra_env="STACK_LEVEL=1",
-            ),
-            user_data_module.AgentObject(bucket="cdk-assets", key="agent.xz", sha256="0" * 64),
-        )
+def rendered_user_data() -> str:
+    return user_data_module.render_user_data(
+        user_data_module.AgentConfig(
+            data_bucket="data-bucket",
+            outputs_bucket="outputs-bucket",
+            image_uri="123456789012.dkr.ecr.us-east-1.amazonaws.com/training-infra",
+            image_tag="latest",
+            training_command="python train.py",
+            max_runtime_seconds=STACK_MAX_RUNTIME_SECONDS,
+            extra_env="STACK_LEVEL=1",
+        ),
+        user_data_module.AgentObject(bucket="cdk-assets", key="agent.xz", sha256="0" * 64),
+    )
 
 
 def stack_templates(
@@ -276,7 +265,6 @@ STAND_IN_MANIFEST = json.dumps(
 def deploy(
     emulator: Emulator,
     region: str,
-    agent_script: Path,
     *,
     use_spot: bool = True,
     published_zones: str = "",
@@ -286,7 +274,7 @@ def deploy(
     cloudformation = boto3.client("cloudformation", region_name=region, endpoint_url=emulator.endpoint, **_fake_keys())
     outputs: dict[str, str] = {}
     templates = stack_templates(
-        rendered_user_data(agent_script),
+        rendered_user_data(),
         region,
         use_spot=use_spot,
         published_zones=published_zones,
@@ -309,7 +297,7 @@ def deploy(
 
 
 @pytest.fixture(scope="session")
-def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
+def deployed(emulator) -> Callable[..., Deployment]:
     """`deployed("eu-west-1")`: the stacks in that region of the session's emulator (once per region).
 
     `use_spot=False` deploys a launch template without spot options, as `-c use_spot=false` does;
@@ -331,7 +319,6 @@ def deployed(emulator, stub_agent) -> Callable[..., Deployment]:
             cache[region] = deploy(
                 emulator,
                 region,
-                stub_agent,
                 use_spot=use_spot,
                 published_zones=published_zones,
                 monthly_limit_usd=monthly_limit_usd,

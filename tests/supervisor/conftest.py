@@ -152,6 +152,24 @@ class Account:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
 
+def start(account, **spec):
+    """A new run "bert" (spec overrides) after its first reconcile: launched."""
+    account.new_run(**spec)
+    account.supervisor().reconcile("bert")
+    return account.run()
+
+
+def agent_metric(account, metric: str, dimension: tuple[str, str], minutes_ago: float, value: float = 1.0) -> None:
+    """One data point as the agent puts it (GPUUtilization by InstanceId, Progress by RunId)."""
+    account.cloudwatch.put_metric_data(
+        Namespace="TrainingInfra",
+        MetricData=[{
+            "MetricName": metric, "Dimensions": [{"Name": dimension[0], "Value": dimension[1]}],
+            "Value": value, "Timestamp": account.clock() - timedelta(minutes=minutes_ago),
+        }],
+    )  # fmt: skip
+
+
 def event(detail_type: str, instance_id: str = "", **detail) -> dict:
     """The envelope EventBridge delivers, with the given detail (training_infra/local/events.py)."""
     return ec2_event(detail_type, instance_id, region=REGION, time=START, **detail)

@@ -6,27 +6,13 @@ The real supervisor against moto's CloudWatch and EC2, as tests/supervisor/test_
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from tests.supervisor.conftest import event
+from tests.supervisor.conftest import agent_metric, event, start
 from training_infra.supervisor.runtime.supervisor import SCHEDULED, STATE_CHANGE
-
-
-def start(account, **spec):
-    account.new_run(**spec)
-    account.supervisor().reconcile("bert")
-    return account.run()
 
 
 def progress(account, run_id: str, minutes_ago: float) -> None:
     """What the agent puts in a minute the trainer made progress."""
-    account.cloudwatch.put_metric_data(
-        Namespace="TrainingInfra",
-        MetricData=[{
-            "MetricName": "Progress", "Dimensions": [{"Name": "RunId", "Value": run_id}],
-            "Value": 1, "Unit": "Count", "Timestamp": account.clock() - timedelta(minutes=minutes_ago),
-        }],
-    )  # fmt: skip
+    agent_metric(account, "Progress", ("RunId", run_id), minutes_ago)
 
 
 def test_progress_silent_for_stall_minutes_plus_the_margin_ends_the_attempt_as_stalled(account):

@@ -8,12 +8,11 @@ CreateFleet documents (`Errors` with `LaunchTemplateAndOverrides`, `Lifecycle`, 
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.supervisor.conftest import event
+from tests.supervisor.conftest import agent_metric, event, start
 from training_infra.supervisor.runtime.records import MonthlyLedger, RunStore, StaleRecord, parse_iso
 from training_infra.supervisor.runtime.supervisor import (
     REBALANCE,
@@ -22,12 +21,6 @@ from training_infra.supervisor.runtime.supervisor import (
     STATE_CHANGE,
     SupervisorError,
 )
-
-
-def start(account, **spec):
-    account.new_run(**spec)
-    account.supervisor().reconcile("bert")
-    return account.run()
 
 
 def reclaim(account, instance_id):
@@ -475,13 +468,7 @@ def test_failed_status_checks_for_three_minutes_end_the_attempt_and_the_run_rela
 
 
 def _gpu_metric(account, instance_id: str, minutes_ago: float) -> None:
-    account.cloudwatch.put_metric_data(
-        Namespace="TrainingInfra",
-        MetricData=[{
-            "MetricName": "GPUUtilization", "Dimensions": [{"Name": "InstanceId", "Value": instance_id}],
-            "Value": 97.0, "Unit": "Percent", "Timestamp": account.clock() - timedelta(minutes=minutes_ago),
-        }],
-    )  # fmt: skip
+    agent_metric(account, "GPUUtilization", ("InstanceId", instance_id), minutes_ago, value=97.0)
 
 
 def test_an_agent_that_went_silent_for_thirty_minutes_gets_its_box_terminated(account):
@@ -532,17 +519,16 @@ def test_stop_while_a_relaunch_was_starting_its_instance_stops_that_instance_too
     assert run.attempts[1]["instance_id"] == second["InstanceId"] and run.state == "stopping"
 
 
-def test_a_stall_stop_ends_the_run_stalled_and_a_budget_stop_ends_it_budget(account):
-    for run_id, reason, final in (("stall-run", "stall", "stalled"), ("budget-run", "budget", "budget")):
-        account.new_run(run_id, owns_launch_template=False)  # both runs share the account's one run template
-        supervisor = account.supervisor()
-        supervisor.reconcile(run_id)
-        supervisor.request_stop(run_id, reason=reason)
-        instance = account.run(run_id).attempts[0]["instance_id"]
-        account.agent_wrote(run_id, 1, "stalled" if reason == "stall" else "budget")
-        account.end_instance(instance)
-        supervisor.reconcile(run_id)
-        assert account.run(run_id).state == final
+def test_a_budget_stop_ends_the_run_budget_not_stopped(account):
+    account.new_run("budget-run")
+    supervisor = account.supervisor()
+    supervisor.reconcile("budget-run")
+    supervisor.request_stop("budget-run", reason="budget")
+    instance = account.run("budget-run").attempts[0]["instance_id"]
+    account.agent_wrote("budget-run", 1, "budget")
+    account.end_instance(instance)
+    supervisor.reconcile("budget-run")
+    assert account.run("budget-run").state == "budget"
 
 
 # --- what an attempt cost ----------------------------------------------------------------------

@@ -148,8 +148,16 @@ class TrainingStorage(Construct):
                 {"StringLike": {"s3:prefix": [f"{naming.RUNS_PREFIX}*", f"{naming.CHECKPOINTS_PREFIX}*"]}},
             ),
             grant(["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], [runs_objects, checkpoint_objects]),
-            # `aws s3 sync --delete` keeps runs/latest/ a copy of the newest finished run, and checkpoints/<run>/
-            # a mirror of what the trainer keeps (versioning still holds what a sync deletes).
+            # The checkpoint manifest names the object versions of the last complete upload, and a restore
+            # takes exactly those (docs/architecture.md, "Checkpoints"): versions of checkpoints/ only.
+            grant(
+                ["s3:ListBucketVersions"],
+                [outputs_arn],
+                {"StringLike": {"s3:prefix": [f"{naming.CHECKPOINTS_PREFIX}*"]}},
+            ),
+            grant(["s3:GetObjectVersion"], [checkpoint_objects]),
+            # `aws s3 sync --delete` keeps runs/latest/ a copy of the newest finished run; checkpoints/<run>/
+            # drops what the trainer no longer keeps (versioning still holds what either deletes).
             grant(["s3:DeleteObject"], [latest_objects, checkpoint_objects]),
         ]
         if isinstance(principal, Construct):
@@ -158,7 +166,8 @@ class TrainingStorage(Construct):
                 (runs_objects, "get/put on runs/ of the outputs bucket: each run writes its own objects"),
                 (
                     checkpoint_objects,
-                    "get/put/delete on checkpoints/ of the outputs bucket: a mirror of the trainer's checkpoints",
+                    "get/put/delete and get-version on checkpoints/ of the outputs bucket: a mirror of the "
+                    "trainer's checkpoints whose manifest names object versions",
                 ),
                 (latest_objects, "delete only under runs/latest/, which mirrors the newest finished run"),
             ):

@@ -50,6 +50,8 @@ case $TI_HEARTBEAT_FILE in
   /outputs/* | /checkpoints/*) HEARTBEAT_HOST=$ROOT$TI_HEARTBEAT_FILE ;;
   /run/training-infra/progress/*) HEARTBEAT_HOST=$PROGRESS_DIR/${TI_HEARTBEAT_FILE#/run/training-infra/progress/} ;;
 esac
+HEARTBEAT_IN_CKPT=""  # its name in /checkpoints when it lives there: never synced, so never restored as an old beat
+[[ $TI_HEARTBEAT_FILE != /checkpoints/* ]] || HEARTBEAT_IN_CKPT=${TI_HEARTBEAT_FILE#/checkpoints/}
 
 OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
 INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
@@ -226,7 +228,7 @@ set_run_id() {
   RUN_ID=${id,,}
   RUN_PREFIX=s3://$TI_OUTPUTS_BUCKET/runs/$RUN_ID
   ATTEMPT_PREFIX=$RUN_PREFIX/attempts/$ATTEMPT  # this attempt's own status.json and logs
-  CKPT_PREFIX=s3://$TI_OUTPUTS_BUCKET/checkpoints/$RUN_ID
+  CKPT_KEY_PREFIX=checkpoints/$RUN_ID/ CKPT_PREFIX=s3://$TI_OUTPUTS_BUCKET/checkpoints/$RUN_ID
 }
 
 # ---------------------------------------------------------------- CloudWatch Logs (stream = run id)
@@ -281,26 +283,68 @@ fetch_image() {
 }
 # S3 mirrors /checkpoints, so a resume downloads what the trainer kept, not every checkpoint
 # it ever wrote. Files ending in .tmp are half-written (trainers write there, then rename).
-# After a complete sync, _manifest.json names the files it carried (those present when it started
-# and unchanged when it ended); a restore takes exactly that set, so files of a checkpoint that was
-# half uploaded when the box died are never restored.
-# globals: reads CKPT_DIR CKPT_PREFIX STATE; sets LAST_SYNC_SECONDS
+# One sync at a time (a lock: the periodic, the rebalance and the final sync share the state files):
+#   1. upload what changed, deleting nothing;
+#   2. _manifest.json names the files the upload carried (present when it started, unchanged when it
+#      ended) with the S3 version it made of each;
+#   3. only then delete what the trainer no longer keeps (the outputs bucket is versioned, so even
+#      that stays recoverable for its noncurrent-version days).
+# A restore takes exactly the manifest's versions, so a box killed mid-upload (a shard rewritten
+# under its old name, a rotated checkpoint half replaced) resumes from the last complete set.
+# globals: reads CKPT_DIR CKPT_PREFIX STATE HEARTBEAT_IN_CKPT; sets LAST_SYNC_SECONDS
 # --no-follow-symlinks: the trainer writes here, and a link to a host file must not upload that file.
 sync_checkpoints() {
-  local began=$SECONDS
-  python3 "$AGENT_TOOLS" manifest snapshot "$CKPT_DIR" "$STATE/ckpt.snapshot.json" &&
-    awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --delete --exclude '*.tmp' --exclude _manifest.json --no-follow-symlinks \
-      --only-show-errors &&
-    python3 "$AGENT_TOOLS" manifest commit "$CKPT_DIR" "$STATE/ckpt.snapshot.json" "$STATE/_manifest.json" &&
-    awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors &&
-    LAST_SYNC_SECONDS=$((SECONDS - began))
+  { flock 9 && upload_checkpoints; } 9>"$STATE/ckpt.lock"
 }
-# globals: reads CKPT_PREFIX CKPT_DIR STATE
+upload_checkpoints() {
+  local began=$SECONDS batch skip=() manifest
+  [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(--exclude "$HEARTBEAT_IN_CKPT")
+  python3 "$AGENT_TOOLS" manifest snapshot --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" &&
+    awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --exclude _manifest.json "${skip[@]}" --no-follow-symlinks \
+      --only-show-errors &&
+    checkpoint_versions "$STATE/ckpt.versions.json" &&
+    manifest=$(python3 "$AGENT_TOOLS" manifest commit --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" \
+      --snapshot "$STATE/ckpt.snapshot.json" --versions "$STATE/ckpt.versions.json" --prefix "$CKPT_KEY_PREFIX" \
+      --manifest "$STATE/_manifest.json" --sent "$STATE/_manifest.sent.json") || return 1
+  if [[ $manifest == changed ]]; then
+    awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors || return 1
+    cp "$STATE/_manifest.json" "$STATE/_manifest.sent.json"
+  fi
+  LAST_SYNC_SECONDS=$((SECONDS - began))
+  for batch in "$STATE"/ckpt.delete.*.json; do
+    [[ -e $batch ]] || continue
+    awsc s3api delete-objects --bucket "$TI_OUTPUTS_BUCKET" --delete "file://$batch" >/dev/null ||
+      log "WARNING: checkpoints the trainer no longer keeps were not deleted from S3; the next sync tries again"
+  done
+}
+# checkpoint_versions OUT: the newest version of each object under checkpoints/<run-id>/ (JSON, null when none)
+checkpoint_versions() {
+  # shellcheck disable=SC2016  # a JMESPath expression
+  awsc s3api list-object-versions --bucket "$TI_OUTPUTS_BUCKET" --prefix "$CKPT_KEY_PREFIX" --output json \
+    --query 'Versions[?IsLatest].[Key,VersionId,ETag,Size]' >"$1"
+}
+# globals: reads CKPT_PREFIX CKPT_KEY_PREFIX CKPT_DIR STATE TI_OUTPUTS_BUCKET
 restore_checkpoints() {  # the last complete sync's set; a run from before manifests: everything
-  local filters=()
+  local filters=(--exclude '*' --include '*') name version error fetched=0 cut=""
   if awsc s3 cp "$CKPT_PREFIX/_manifest.json" "$STATE/restored-manifest.json" --only-show-errors 2>/dev/null; then
-    mapfile -t filters < <(python3 "$AGENT_TOOLS" manifest filters "$STATE/restored-manifest.json")
-    log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2)) files of the last complete sync"
+    checkpoint_versions "$STATE/restore.versions.json" &&
+      python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" --versions "$STATE/restore.versions.json" \
+        --prefix "$CKPT_KEY_PREFIX" --filters "$STATE/restore.filters" --by-version "$STATE/restore.by-version" || return 1
+    mapfile -t filters <"$STATE/restore.filters"
+    while IFS=$'\t' read -r name version; do
+      mkdir -p "$(dirname "$CKPT_DIR/$name")"
+      if ! error=$(awsc s3api get-object --bucket "$TI_OUTPUTS_BUCKET" --key "$CKPT_KEY_PREFIX$name" --version-id "$version" \
+        "$CKPT_DIR/$name" 2>&1 >/dev/null); then
+        [[ $error != *NoSuchVersion* ]] || fail "checkpoint $name: the version the last complete sync recorded is gone" \
+          "(replaced versions under checkpoints/ expire after 1 day), and the newer objects may mix two saves;" \
+          "to resume from them anyway, delete $CKPT_PREFIX/_manifest.json and relaunch"
+        log "$error"
+        return 1
+      fi
+      fetched=$((fetched + 1))
+    done <"$STATE/restore.by-version"
+    ((fetched == 0)) || cut=" ($fetched by their recorded version: a later upload was cut short)"
+    log "checkpoint manifest: restoring $(((${#filters[@]} - 2) / 2 + fetched)) files of the last complete sync$cut"
   fi
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
@@ -501,7 +545,9 @@ watch_spot() {
         return
       fi
       note "rebalance recommendation $body: syncing checkpoints now, training continues"
-      sync_checkpoints || log "WARNING: checkpoint sync failed"
+      # In the background: a spot notice two minutes later must still be seen within one poll.
+      { if sync_checkpoints; then note "checkpoints synced after the rebalance recommendation"; else
+        log "WARNING: checkpoint sync after the rebalance recommendation failed"; fi; } &
     fi
     sleep "$TI_SPOT_POLL_SECONDS"
   done

@@ -102,28 +102,75 @@ def progress_record(state: dict) -> dict | None:
 MANIFEST = "_manifest.json"
 
 
-def checkpoint_files(folder: Path) -> dict[str, list[int]]:
-    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest; name -> [size, mtime_ns]."""
+def checkpoint_files(folder: Path, skip: str = "") -> dict[str, list[int]]:
+    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip` (the
+    heartbeat when it lives there: an old beat restored by the next attempt would look like progress);
+    name -> [size, mtime_ns]."""
     found = {}
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name != MANIFEST:
+        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name not in (MANIFEST, skip):
             found[name] = [path.stat().st_size, path.stat().st_mtime_ns]
     return found
 
 
-def commit_manifest(folder: Path, snapshot: dict[str, list[int]], now: float) -> dict:
-    """The files a finished sync carried: present when it started and unchanged since (a trainer that
-    rewrote one meanwhile gets it into the next sync's manifest)."""
-    current = checkpoint_files(folder)
-    files = {name: meta[0] for name, meta in snapshot.items() if current.get(name) == meta}
-    return {"files": files, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+def latest_versions(listing: object, prefix: str) -> dict[str, dict]:
+    """The newest version of each object under `prefix` from `list-object-versions --query
+    'Versions[?IsLatest].[Key,VersionId,ETag,Size]'` (null when there are none); name -> version."""
+    versions = {}
+    for key, version_id, etag, size in listing or []:
+        if key.startswith(prefix) and key != prefix + MANIFEST:
+            versions[key[len(prefix) :]] = {"version_id": version_id, "etag": etag, "size": size}
+    return versions
 
 
-def restore_filters(manifest: dict) -> list[str]:
-    """`aws s3 sync` arguments that take exactly the manifest's files (glob characters escaped)."""
-    escaped = ("".join(f"[{c}]" if c in "*?[" else c for c in name) for name in sorted(manifest["files"]))
-    return ["--exclude", "*", *(arg for name in escaped for arg in ("--include", name))]
+def commit_manifest(
+    folder: Path, snapshot: dict[str, list[int]], latest: dict[str, dict], now: float, skip: str = ""
+) -> tuple[dict, list[str]]:
+    """The files a finished upload carried, by the S3 version it made, and what the mirror may now drop.
+
+    A file is in the manifest when it was present at the upload's start, is unchanged since (a trainer
+    that rewrote one meanwhile gets it into the next manifest) and S3's newest version has its size.
+    Recording the version makes a restore exact even after a later upload was cut short: a shard
+    rewritten under the same name, or a rotated file deleted, still has the version named here (the
+    outputs bucket is versioned). The second value: objects neither in the manifest nor on disk, which
+    the agent deletes only after this manifest is in S3.
+    """
+    current = checkpoint_files(folder, skip)
+    files = {
+        name: latest[name]
+        for name, meta in snapshot.items()
+        if current.get(name) == meta and name in latest and latest[name]["size"] == meta[0]
+    }
+    stale = sorted(name for name in latest if name not in files and name not in current)
+    written_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return {"files": files, "written_at": written_at}, stale
+
+
+def _glob_escaped(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def restore_plan(manifest: dict, latest: dict[str, dict]) -> tuple[list[str], list[tuple[str, str]]]:
+    """How to take exactly the manifest's set: `aws s3 sync` filters for the files whose newest version
+    is the recorded one (the fast path), and (name, version id) for the rest, fetched by version.
+
+    A manifest from before versions were recorded (name -> size) takes its files by name.
+    """
+    by_name, by_version = [], []
+    for name, recorded in sorted(manifest["files"].items()):
+        if not isinstance(recorded, dict) or latest.get(name, {}).get("version_id") == recorded["version_id"]:
+            by_name.append(name)
+        else:
+            by_version.append((name, recorded["version_id"]))
+    filters = ["--exclude", "*", *(arg for name in by_name for arg in ("--include", _glob_escaped(name)))]
+    return filters, by_version
+
+
+def delete_batches(prefix: str, names: list[str]) -> list[dict]:
+    """`s3api delete-objects --delete` bodies, 1,000 keys each (the API's limit)."""
+    keys = [{"Key": prefix + name} for name in names]
+    return [{"Objects": keys[i : i + 1000], "Quiet": True} for i in range(0, len(keys), 1000)]
 
 
 def build_status(
@@ -197,15 +244,28 @@ def secrets_policy(lines: list[str], *, role_arn: str, region: str) -> dict:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def manifest_command(action: str, paths: list[Path]) -> int:
-    """snapshot FOLDER OUT | commit FOLDER SNAPSHOT OUT | filters MANIFEST (one argument a line)."""
-    if action == "snapshot":
-        paths[1].write_text(json.dumps(checkpoint_files(paths[0])))
-    elif action == "commit":
-        manifest = commit_manifest(paths[0], json.loads(paths[1].read_text()), time.time())
-        paths[2].write_text(json.dumps(manifest, indent=1) + "\n")
-    else:
-        print("\n".join(restore_filters(json.loads(paths[0].read_text()))))
+def manifest_command(args: argparse.Namespace) -> int:
+    """snapshot: the files now; commit: the manifest and the delete batches; plan: what a restore
+    takes by name (sync filters, one a line) and by version (name TAB version id, one a line)."""
+    if args.action == "snapshot":
+        args.snapshot.write_text(json.dumps(checkpoint_files(args.folder, args.skip)))
+        return 0
+    latest = latest_versions(json.loads(args.versions.read_text()), args.prefix)
+    if args.action == "commit":
+        snapshot = json.loads(args.snapshot.read_text())
+        manifest, stale = commit_manifest(args.folder, snapshot, latest, time.time(), args.skip)
+        sent = json.loads(args.sent.read_text()) if args.sent and args.sent.exists() else {}
+        # Every upload of the manifest is another object version to list: send it only when it changed.
+        print("unchanged" if sent.get("files") == manifest["files"] else "changed")
+        args.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+        for old in args.manifest.parent.glob("ckpt.delete.*.json"):
+            old.unlink()
+        for number, batch in enumerate(delete_batches(args.prefix, stale)):
+            args.manifest.with_name(f"ckpt.delete.{number}.json").write_text(json.dumps(batch))
+        return 0
+    filters, by_version = restore_plan(json.loads(args.manifest.read_text()), latest)
+    args.filters.write_text("\n".join(filters) + "\n")
+    args.by_version.write_text("".join(f"{name}\t{version}\n" for name, version in by_version))
     return 0
 
 
@@ -217,9 +277,17 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("offset_file", type=Path)
     batch.add_argument("batch_file", type=Path)
     batch.add_argument("--final", action="store_true", help="ship a last line even without its newline")
-    manifest = commands.add_parser("manifest", help="checkpoint manifest: snapshot, commit or restore filters")
-    manifest.add_argument("action", choices=["snapshot", "commit", "filters"])
-    manifest.add_argument("paths", type=Path, nargs="+")
+    manifest = commands.add_parser("manifest", help="checkpoint manifest: snapshot, commit or restore plan")
+    manifest.add_argument("action", choices=["snapshot", "commit", "plan"])
+    manifest.add_argument("--folder", type=Path, help="the checkpoint folder on the box")
+    manifest.add_argument("--skip", default="", help="a file of the folder that is never synced (the heartbeat)")
+    manifest.add_argument("--snapshot", type=Path, help="the files at the upload's start")
+    manifest.add_argument("--versions", type=Path, help="list-object-versions output (newest versions)")
+    manifest.add_argument("--prefix", default="", help="the run's key prefix, checkpoints/<run-id>/")
+    manifest.add_argument("--manifest", type=Path, help="the manifest (commit writes it, plan reads it)")
+    manifest.add_argument("--sent", type=Path, help="commit: the manifest last sent to S3 (prints changed/unchanged)")
+    manifest.add_argument("--filters", type=Path, help="plan: sync filters for files taken by name")
+    manifest.add_argument("--by-version", type=Path, help="plan: files taken by their recorded version")
     beat = commands.add_parser("progress", help="fold HEARTBEAT_FILE into the progress state; print changed step rate")
     beat.add_argument("heartbeat", type=Path)
     beat.add_argument("state_file", type=Path)
@@ -246,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(log_batch(args.log, args.offset_file, args.batch_file, final=args.final))
         return 0
     if args.command == "manifest":
-        return manifest_command(args.action, args.paths)
+        return manifest_command(args)
     if args.command == "progress":
         state = observe_progress(args.heartbeat, args.state_file, args.now, since=args.since)
         if "changed_epoch" not in state:

@@ -76,7 +76,7 @@ class Run:
     errors_used: int = 0
     cooldown: dict[str, str] = field(default_factory=dict)  # "type@zone" -> until (ISO)
     stop_requested_at: str = ""
-    stop_reason: str = ""  # user | budget | stall
+    stop_reason: str = ""  # user | budget (a stall is an error with restarts, never a requested stop)
     message: str = ""
     ended_at: str = ""
     spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits

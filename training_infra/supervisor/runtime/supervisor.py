@@ -90,7 +90,7 @@ AGENT_OUTCOMES = {
     "budget": "stopped",
 }
 # A stop request's reason -> the state the run ends in.
-STOP_STATES = {"user": "stopped", "budget": "budget", "stall": "stalled"}
+STOP_STATES = {"user": "stopped", "budget": "budget"}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
 JUST_LAUNCHED_SECONDS = 300
 
@@ -816,20 +816,28 @@ class Supervisor:
             return ""
         # Silence only means "hung" after the agent was heard: a CPU-only dry run never publishes the metric.
         silent = timedelta(seconds=self.cfg.silent_seconds)
-        points = self.clients.cloudwatch.get_metric_statistics(
-            Namespace=self.cfg.metric_namespace,
-            MetricName="GPUUtilization",
-            Dimensions=[{"Name": "InstanceId", "Value": attempt["instance_id"]}],
-            StartTime=max(launched, now - 3 * silent),
-            EndTime=now,
-            Period=300,
-            Statistics=["Maximum"],
-        ).get("Datapoints", [])
-        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
-        if heard and max(heard) < now - silent:
+        if self._heard_then_silent("GPUUtilization", ("InstanceId", attempt["instance_id"]), launched, silent, now):
             minutes = self.cfg.silent_seconds // 60
             return f"its agent's GPU metric stopped {minutes}+ min ago (a box too hung to end itself)"
         return ""
+
+    def _heard_then_silent(
+        self, metric: str, dimension: tuple[str, str], launched: datetime, silent: timedelta, now: datetime
+    ) -> bool:
+        """The agent put `metric` this attempt, and nothing for `silent` since: a box that stopped
+        acting. Never heard is not silence (a CPU-only box, a trainer that never beats)."""
+        assert self.clients.cloudwatch is not None
+        points = self.clients.cloudwatch.get_metric_statistics(
+            Namespace=self.cfg.metric_namespace,
+            MetricName=metric,
+            Dimensions=[{"Name": dimension[0], "Value": dimension[1]}],
+            StartTime=max(launched, now - 3 * silent),
+            EndTime=now,
+            Period=60,
+            Statistics=["SampleCount"],
+        ).get("Datapoints", [])
+        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
+        return bool(heard) and max(heard) < now - silent
 
     def _price(self, run: Run, attempt: dict[str, Any], now: datetime) -> None:
         """Price an ended attempt once and keep the figure on it (`status` and `cost` read it from there)."""
@@ -854,17 +862,7 @@ class Supervisor:
             return ""
         launched = parse_iso(attempt.get("started_at")) or now
         quiet = timedelta(seconds=stall + self.cfg.stall_margin_seconds)
-        points = self.clients.cloudwatch.get_metric_statistics(
-            Namespace=self.cfg.metric_namespace,
-            MetricName="Progress",
-            Dimensions=[{"Name": "RunId", "Value": run.run_id}],
-            StartTime=max(launched, now - 3 * quiet),
-            EndTime=now,
-            Period=60,
-            Statistics=["Sum"],
-        ).get("Datapoints", [])
-        heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
-        if heard and max(heard) < now - quiet:
+        if self._heard_then_silent("Progress", ("RunId", run.run_id), launched, quiet, now):
             return f"no training progress for {int(quiet.total_seconds()) // 60}+ min (stall_minutes + margin)"
         return ""
 
