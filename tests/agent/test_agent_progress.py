@@ -181,6 +181,23 @@ def test_s3_refusing_checkpoint_uploads_mid_run_gives_one_notice_and_training_go
     assert "CheckpointStale" in metric_names(run)
 
 
+def test_a_heartbeat_kept_under_checkpoints_is_no_newer_checkpoint_for_the_freshness_check(make_run):
+    """The heartbeat there is never synced (so never restored as an old beat): S3 cannot hold a newer
+    copy, and a trainer that beats every step but checkpoints rarely must not look like failing uploads."""
+    run = make_run(
+        run_id="beat-in-ckpt",
+        checkpoint_sync_seconds=1,
+        extra_env="EPOCHS=100\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=1000",  # one checkpoint, at the end
+        env={"TI_HEARTBEAT_FILE": "/checkpoints/heartbeat.json"},
+    )
+    run.run()
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assert run.status()["progress"]["step"] == 100, "the beats were read from /checkpoints"
+    assert "uploads are failing" not in run.training_log
+    assert not [s for s in alert_subjects(run) if s.endswith("checkpoints are not reaching S3")]
+
+
 def alert_subjects(run) -> list[str]:
     """Every notice on the run's alert topic so far (its SQS subscription, drained)."""
     subjects, sqs, queue = [], run.extra["sqs"], run.extra["queue_url"]

@@ -351,11 +351,14 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
 # When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the
 # trainer keeps writing newer ones locally (uploads failing silently), each attempt says so once in its
 # log and with a CheckpointStale metric; the alert topic hears it once per run (run_was_told).
-# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN TI_METRIC_NAMESPACE
+# A heartbeat kept under /checkpoints is no checkpoint: never synced, it is always newer than S3.
+# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN
+# TI_METRIC_NAMESPACE HEARTBEAT_IN_CKPT
 check_checkpoint_freshness() {
-  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words
+  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words skip=()
   [[ ! -e $STATE/checkpoint-stale-noticed ]] || return 0
-  newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' -printf '%T@\n' | sort -n | tail -n 1)
+  [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(! -path "$CKPT_DIR/$HEARTBEAT_IN_CKPT")
+  newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' "${skip[@]}" -printf '%T@\n' | sort -n | tail -n 1)
   [[ -n $newest_local ]] || return 0
   # shellcheck disable=SC2016  # a JMESPath literal
   newest_s3=$(awsc s3api list-objects-v2 --bucket "${bucket%%/*}" --prefix "${bucket#*/}/" --output text \
