@@ -55,6 +55,40 @@ MANIFEST = json.dumps(
     }
 )
 
+# A trainer hung in a collective, for the stall diagnostics: it beats once, then waits for ever in a
+# function py-spy must name. The tests put it in the data bucket, so it is $DATA_DIR/hung_trainer.py
+# in both runtimes (/data in the container), and run it with HUNG_TRAINER_COMMAND.
+HUNG_TRAINER = """\
+import json, os, time
+
+
+def wait_for_allreduce():
+    while True:  # a peer died: the GPU spins, nothing moves
+        time.sleep(1)
+
+
+with open(os.environ["HEARTBEAT_FILE"], "w") as beat:
+    json.dump({"step": 1}, beat)
+print("step 1 done; entering allreduce", flush=True)
+wait_for_allreduce()
+"""
+HUNG_TRAINER_COMMAND = 'exec python3 "$DATA_DIR/hung_trainer.py"'
+
+
+def diagnostic_sections(text: str) -> dict[str, str]:
+    """training-diagnostics.txt by its `== ` headings: {"process tree": ..., "<nvidia-smi path>": ...,
+    "py-spy dump --pid N": ..., "the trainer's last 200 log lines": ...} (the tree's heading without its time)."""
+    parts = re.split(r"^== (.*)\n", text, flags=re.MULTILINE)
+    heads = [re.sub(r"^\S+Z process tree$", "process tree", head) for head in parts[1::2]]
+    return dict(zip(heads, parts[2::2], strict=True))
+
+
+def hung_trainer_stack(diagnostics: str) -> str:
+    """The py-spy dump of the hung trainer's python process (found in the process tree by its script)."""
+    sections = diagnostic_sections(diagnostics)
+    [pid] = [line.split()[0] for line in sections["process tree"].splitlines() if line.endswith("hung_trainer.py")]
+    return sections.get(f"py-spy dump --pid {pid}", f"(no py-spy dump of pid {pid}, the trainer's host pid)")
+
 
 # ---------------------------------------------------------------- recording / fault-injecting proxy
 @dataclass(frozen=True)
@@ -68,13 +102,16 @@ class ProxiedRequest:
 class AwsProxy:
     """Reverse proxy in front of moto: records requests; `fail_s3_every=N` answers every Nth S3
     request with 503 SlowDown (what S3 says under load), which the AWS CLI must retry;
-    `refuse_s3_writes_under` refuses S3 writes to matching paths (a bucket policy gone wrong)."""
+    `refuse_s3_writes_under` refuses S3 writes to matching paths (a bucket policy gone wrong),
+    `refuse_s3_reads_matching` S3 reads and listings whose path or query has that text."""
 
     def __init__(self, upstream: str, fail_s3_every: int = 0) -> None:
         self.upstream = urlsplit(upstream)
         self.fail_s3_every = fail_s3_every
         # Set to a path part such as "/checkpoints/": S3 writes there are refused with 403 AccessDenied.
         self.refuse_s3_writes_under = ""
+        # Set to a text such as "notices": S3 GETs (reads, listings) whose path or query has it get 403 AccessDenied.
+        self.refuse_s3_reads_matching = ""
         # Set to a path part: S3 writes there hang (a slow link) until `release` (then 503); `held` is
         # set once one hangs, so a test can kill the box in the middle of that upload.
         self.hold_s3_writes_under = ""
@@ -91,8 +128,11 @@ class AwsProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def refuses(self, service: str, method: str, path: str) -> bool:
-        under = self.refuse_s3_writes_under
-        return bool(under) and service == "s3" and method in ("PUT", "POST") and under in path
+        under, reads = self.refuse_s3_writes_under, self.refuse_s3_reads_matching
+        if service != "s3":
+            return False
+        refused_write = bool(under) and method in ("PUT", "POST") and under in path
+        return refused_write or bool(reads) and method == "GET" and reads in path
 
     def should_fail(self, service: str) -> bool:
         with self._lock:

@@ -16,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from agent_harness import HUNG_TRAINER, HUNG_TRAINER_COMMAND, diagnostic_sections, hung_trainer_stack
 
 from training_infra.local.containers import free_loopback_address
 
@@ -216,6 +217,30 @@ def test_container_stalled_pull_is_cut_after_the_pull_timeout_and_retried_a_boun
 def example_trainer_image(container_engine) -> str:
     """examples/trainer/Dockerfile built by the engine (its Docker Hub base swapped for a local Debian one)."""
     return container_engine.build_example_trainer()
+
+
+def test_container_stall_diagnostics_dump_the_python_stack_of_the_trainer_inside_by_its_host_pid(
+    make_container_run, example_trainer_image
+):
+    # The example image has python3; its CMD is replaced by the hung trainer, synced in with /data.
+    run = make_container_run(
+        run_id="ctr-stack",
+        with_image=False,
+        stall_seconds=3,
+        stop_grace_seconds=2,
+        training_command=HUNG_TRAINER_COMMAND,
+    )
+    run.engine.push_trainer(run.config.image_uri.rsplit("/", 1)[1], "v1", image=example_trainer_image)
+    run.s3.put_object(Bucket=run.config.data_bucket, Key="data/hung_trainer.py", Body=HUNG_TRAINER.encode())
+    run.run()
+
+    assert run.status()["outcome"] == "stalled", run.setup_log
+    diagnostics = run.read(run.log_key("training-diagnostics.txt"))
+    # Measured with the former `docker top CONTAINER -eo pid`: podman runs that ps inside the container,
+    # "executable file not found" here (no ps in the image), else the container's own PIDs (1, 2, ...).
+    assert "wait_for_allreduce (hung_trainer.py:" in hung_trainer_stack(diagnostics), diagnostics
+    assert "step 1 done; entering allreduce" in diagnostic_sections(diagnostics)["the trainer's last 200 log lines"]
+    assert_no_container_left(run)
 
 
 def test_example_trainer_dockerfile_builds_here_and_its_image_trains_through_the_docker_path(

@@ -8,13 +8,16 @@ reach status.json, the attempt's progress.json and CloudWatch (namespace Trainin
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 
 import pytest
+from agent_harness import HUNG_TRAINER, HUNG_TRAINER_COMMAND, diagnostic_sections, hung_trainer_stack
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +58,23 @@ def test_a_trainer_hung_at_full_gpu_is_stopped_as_stalled_after_diagnostics_with
     assert run.called("poweroff")
 
 
+def test_stall_diagnostics_hold_the_process_tree_nvidia_smi_the_py_spy_stack_of_the_hung_function_and_the_log(
+    make_run,
+):
+    run = make_run(run_id="hung-stack", stall_seconds=3, stop_grace_seconds=2, training_command=HUNG_TRAINER_COMMAND)
+    run.s3.put_object(Bucket=run.config.data_bucket, Key="data/hung_trainer.py", Body=HUNG_TRAINER.encode())
+    (run.tmp / "gpu-util").write_text("100\n")
+    run.run()
+
+    assert run.status()["outcome"] == "stalled", run.setup_log
+    diagnostics = run.read(run.log_key("training-diagnostics.txt"))
+    sections = diagnostic_sections(diagnostics)
+    assert "hung_trainer.py" in sections["process tree"]
+    assert sections[run.env["TI_NVIDIA_SMI"]] == "100\n", "nvidia-smi's output (the fake's)"
+    assert "wait_for_allreduce (hung_trainer.py:" in hung_trainer_stack(diagnostics), diagnostics
+    assert "step 1 done; entering allreduce" in sections["the trainer's last 200 log lines"]
+
+
 def test_a_trainer_that_never_reports_progress_is_not_judged_by_it(make_run):
     run = make_run(run_id="silent-run", stall_seconds=1, training_command="sleep 6")
     run.run()
@@ -63,6 +83,39 @@ def test_a_trainer_that_never_reports_progress_is_not_judged_by_it(make_run):
     assert status["outcome"] == "succeeded", run.setup_log
     assert status["progress"] is None, "status says progress is not reported"
     assert "Progress" not in metric_names(run)
+
+
+# A heartbeat under /checkpoints comes back with the checkpoints (`aws s3 sync` gives a restored file
+# its object's LastModified) or stays on the disk of a reused root: either way written before this
+# attempt's trainer started. Here: left on disk, an hour old.
+@pytest.mark.parametrize(
+    ("command", "last_step"),
+    [('sleep 5; echo \'{"step": 6}\' > "$HEARTBEAT_FILE"; sleep 2', 6), ("sleep 6", None)],
+    ids=["trainer-beats-after-5s", "trainer-never-beats"],
+)
+def test_a_heartbeat_written_before_the_trainer_started_is_no_beat_and_never_stalls_the_attempt(
+    make_run, command, last_step
+):
+    run = make_run(
+        run_id="old-beat",
+        stall_seconds=3,
+        training_command=command,
+        env={"TI_HEARTBEAT_FILE": "/checkpoints/heartbeat.json"},
+    )
+    left = run.root / "checkpoints" / "heartbeat.json"
+    left.parent.mkdir(parents=True)
+    left.write_text('{"step": 5}')
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "succeeded", f"the old file stalled the attempt: {status['message']}"
+    if last_step is None:
+        assert status["progress"] is None, "the trainer never wrote the file: progress not reported"
+    else:
+        assert status["progress"]["step"] == last_step, "the trainer's own beat, not the old file's step 5"
+        assert status["progress"]["changed_at"] >= status["started_at"]
 
 
 def test_a_heartbeat_that_is_not_json_counts_as_a_touch_and_is_logged_once(make_run):
@@ -126,6 +179,95 @@ def test_s3_refusing_checkpoint_uploads_mid_run_gives_one_notice_and_training_go
     subjects = [json.loads(notice["Body"])["Subject"] for notice in notices]
     assert "training-infra run stale-ckpt: checkpoints are not reaching S3" in subjects
     assert "CheckpointStale" in metric_names(run)
+
+
+def test_a_heartbeat_kept_under_checkpoints_is_no_newer_checkpoint_for_the_freshness_check(make_run):
+    """The heartbeat there is never synced (so never restored as an old beat): S3 cannot hold a newer
+    copy, and a trainer that beats every step but checkpoints rarely must not look like failing uploads."""
+    run = make_run(
+        run_id="beat-in-ckpt",
+        checkpoint_sync_seconds=1,
+        extra_env="EPOCHS=100\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=1000",  # one checkpoint, at the end
+        env={"TI_HEARTBEAT_FILE": "/checkpoints/heartbeat.json"},
+    )
+    run.run()
+
+    assert run.status()["outcome"] == "succeeded", run.setup_log
+    assert run.status()["progress"]["step"] == 100, "the beats were read from /checkpoints"
+    assert "uploads are failing" not in run.training_log
+    assert not [s for s in alert_subjects(run) if s.endswith("checkpoints are not reaching S3")]
+
+
+def alert_subjects(run) -> list[str]:
+    """Every notice on the run's alert topic so far (its SQS subscription, drained)."""
+    subjects, sqs, queue = [], run.extra["sqs"], run.extra["queue_url"]
+    while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages"):
+        subjects += [json.loads(message["Body"])["Subject"] for message in batch]
+        sqs.delete_message_batch(
+            QueueUrl=queue, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+        )
+    return subjects
+
+
+def stale_then_reclaimed(run, *, syncs_after: int = 1) -> None:
+    """Start the attempt, refuse its checkpoint uploads once one sync landed, wait for the freshness
+    warning and `syncs_after` more failed syncs (the check is done), then end it with a spot notice as
+    a reclaim would."""
+    run.start()
+    assert run.wait_for_s3(f"checkpoints/{run.run_id}/_manifest.json", timeout=60), run.setup_log
+    run.proxy.refuse_s3_writes_under = "/checkpoints/"
+    run.wait_for_log("uploads are failing", timeout=90)
+    failed_before = run.setup_log.count("periodic checkpoint sync failed")
+    deadline = time.monotonic() + 60
+    while run.setup_log.count("periodic checkpoint sync failed") < failed_before + syncs_after:
+        assert time.monotonic() < deadline, run.setup_log
+        time.sleep(0.5)
+    run.imds.inject_spot_interruption()
+    run.wait(timeout=120)
+    run.imds.clear_notices()
+
+
+def test_checkpoint_uploads_failing_in_two_attempts_of_a_run_give_one_notice_and_a_log_line_in_each(make_run):
+    # A managed run: its attempts share the deadline tag, which names the run's notice marker.
+    deadline = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    run = make_run(
+        run_id="stale-twice",
+        checkpoint_sync_seconds=1,
+        extra_env="EPOCHS=400\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=2",
+        tags={"training-infra:deadline": deadline, "training-infra:attempt": "1"},
+    )
+    stale_then_reclaimed(run)
+    assert run.attempt_status(1)["outcome"] == "interrupted", run.setup_log
+    # The next attempt is a fresh box (nothing of $STATE survives), and S3 still refuses its checkpoints.
+    shutil.rmtree(run.root)
+    run.proxy.refuse_s3_writes_under = ""
+    run.imds.set_tag("training-infra:attempt", "2")
+    stale_then_reclaimed(run)
+    assert run.attempt_status(2)["outcome"] == "interrupted", run.setup_log
+
+    stale = [s for s in alert_subjects(run) if s == "training-infra run stale-twice: checkpoints are not reaching S3"]
+    assert len(stale) == 1, "one notice for the run, not one per attempt"
+    first, second = (run.read(run.log_key("training.log", attempt)) for attempt in (1, 2))
+    assert first.count("uploads are failing (said once; notice sent)") == 1, first
+    assert second.count("uploads are failing (said once; an earlier attempt of this run sent the notice)") == 1
+    assert run.keys("runs/stale-twice/notices/") == [f"runs/stale-twice/notices/checkpoint-stale-{_epoch(deadline)}"]
+
+
+def test_a_notice_marker_that_cannot_be_read_gives_one_notice_for_the_attempt_not_one_per_sync(make_run):
+    run = make_run(run_id="stale-unread", checkpoint_sync_seconds=1, extra_env="EPOCHS=400\nSTEP_SECONDS=0.3")
+    run.proxy.refuse_s3_reads_matching = "notices"  # listing runs/<id>/notices/ answers 403
+    stale_then_reclaimed(run, syncs_after=3)
+
+    stale = [s for s in alert_subjects(run) if s == "training-infra run stale-unread: checkpoints are not reaching S3"]
+    assert len(stale) == 1, "unknown whether the run was told: this attempt tells it, once"
+    assert run.setup_log.count("cannot tell whether the run was told of checkpoint-stale (") == 1
+    assert "AccessDenied" in run.setup_log.split("cannot tell whether the run was told", 1)[1].splitlines()[0]
+    assert run.training_log.count("uploads are failing (said once; notice sent)") == 1
+    assert run.status()["outcome"] == "interrupted", "the agent carried on until the reclaim"
+
+
+def _epoch(iso: str) -> int:
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def manifest_in_s3(run) -> dict:

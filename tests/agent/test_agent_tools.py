@@ -130,6 +130,19 @@ def test_progress_counts_a_changed_step_with_its_rate_and_a_rewrite_without_a_st
     assert agent_tools.observe_progress(beat, state, now=150)["changed_epoch"] == 120, "not written again"
 
 
+def test_progress_takes_no_beat_from_a_file_written_before_the_trainer_started(tmp_path):
+    beat, state = tmp_path / "heartbeat.json", tmp_path / "progress.state.json"
+    write_at(beat, '{"step": 900}', at=40)  # restored with the checkpoints: the last attempt's time
+    assert agent_tools.observe_progress(beat, state, now=500, since=100) == {}, "not reporting yet"
+    argv = [sys.executable, str(TOOLS), "progress", str(beat), str(state), "500", "--since", "100"]
+    assert subprocess.run(argv, capture_output=True, text=True, check=True).stdout == "none\n"
+    write_at(beat, '{"step": 900}', at=120)  # the resumed trainer's first beat, at the step it resumed from
+    seen = agent_tools.observe_progress(beat, state, now=500, since=100)
+    assert (seen["step"], seen["changed_epoch"]) == (900, 120), "its first write after the start is a beat"
+    write_at(beat, "", at=130)  # and touches after it count as before
+    assert agent_tools.observe_progress(beat, state, now=500, since=100)["changed_epoch"] == 130
+
+
 def test_progress_says_once_that_a_heartbeat_is_not_json_and_never_fails(tmp_path, capsys):
     beat, state = tmp_path / "heartbeat.json", tmp_path / "progress.state.json"
     for now, text in ((1, "{broken"), (2, "still [broken"), (3, '"a string"')):

@@ -373,13 +373,16 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
 # When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the
-# trainer keeps writing newer ones locally (uploads failing silently), say so once per run: the log,
-# a CheckpointStale metric and a notice on the alert topic.
+# trainer keeps writing newer ones locally (uploads failing silently), each attempt says so once in its
+# log and with a CheckpointStale metric; the alert topic hears it once per run (run_was_told).
+# A heartbeat kept under /checkpoints is no checkpoint: never synced, it is always newer than S3.
 # globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN
+# TI_METRIC_NAMESPACE HEARTBEAT_IN_CKPT
 check_checkpoint_freshness() {
-  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words
+  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words skip=()
   [[ ! -e $STATE/checkpoint-stale-noticed ]] || return 0
-  newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' -printf '%T@\n' | sort -n | tail -n 1)
+  [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(! -path "$CKPT_DIR/$HEARTBEAT_IN_CKPT")
+  newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' "${skip[@]}" -printf '%T@\n' | sort -n | tail -n 1)
   [[ -n $newest_local ]] || return 0
   # shellcheck disable=SC2016  # a JMESPath literal
   newest_s3=$(awsc s3api list-objects-v2 --bucket "${bucket%%/*}" --prefix "${bucket#*/}/" --output text \
@@ -391,11 +394,43 @@ check_checkpoint_freshness() {
     return 0
   : >"$STATE/checkpoint-stale-noticed"
   words="checkpoints in $CKPT_PREFIX/ are $((now - newest_s3))s old while the trainer wrote newer ones locally: uploads are failing"
-  note "WARNING: $words (said once)"
   awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name CheckpointStale \
     --dimensions "RunId=$RUN_ID" --value 1 --unit Count || true
-  [[ -z $TI_ALERTS_TOPIC_ARN ]] || awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" \
-    --subject "training-infra run $RUN_ID: checkpoints are not reaching S3" --message "Run $RUN_ID: $words." >/dev/null || true
+  if [[ -z $TI_ALERTS_TOPIC_ARN ]]; then
+    note "WARNING: $words (said once; no alert topic)"
+  elif run_was_told checkpoint-stale; then
+    note "WARNING: $words (said once; an earlier attempt of this run sent the notice)"
+  elif awsc sns publish --topic-arn "$TI_ALERTS_TOPIC_ARN" --subject "training-infra run $RUN_ID: checkpoints are not reaching S3" \
+    --message "Run $RUN_ID: $words." >/dev/null; then
+    run_told checkpoint-stale "$words"
+    note "WARNING: $words (said once; notice sent)"
+  else
+    note "WARNING: $words (said once; the notice could not be sent, a later attempt of this run tries again)"
+  fi
+}
+# A notice goes to the alert topic once per run: $STATE dies with the box, so the run remembers it in
+# S3, runs/<id>/notices/<what>-<deadline epoch>. The deadline is the run's (every attempt of a launch
+# shares it; `launch --resume` sets a new one, and so is told again), or this box's own outside a
+# managed run, whose run id (`default`) many boxes share. The marker is written right after the notice
+# went out: a notice that failed is tried again by the next attempt, never lost (a box lost between the
+# two sends it twice). Listed, not read: the instance role may list runs/, but reading a key that is
+# not there answers 403 without s3:ListBucket on the whole bucket, as if the S3 were unreadable.
+# globals: reads TI_OUTPUTS_BUCKET RUN_ID DEADLINE_EPOCH
+run_was_told() {  # run_was_told WHAT: succeeds when an earlier attempt sent it; unknown (S3 unreadable) is "no"
+  local key=runs/$RUN_ID/notices/$1-$DEADLINE_EPOCH found
+  # shellcheck disable=SC2016  # a JMESPath literal; KeyCount is None once the CLI has merged the pages
+  if ! found=$(awsc s3api list-objects-v2 --bucket "$TI_OUTPUTS_BUCKET" --prefix "$key" \
+    --query 'length(Contents || `[]`)' --output text 2>&1) || [[ ! $found =~ ^[0-9]+$ ]]; then
+    log "WARNING: cannot tell whether the run was told of $1 (${found//$'\n'/ }): this attempt tells it"
+    return 1
+  fi
+  ((found > 0))
+}
+# globals: reads RUN_PREFIX DEADLINE_EPOCH STATE
+run_told() {  # run_told WHAT WORDS: remember that the run was told
+  printf '%s\n' "$2" >"$STATE/notice-$1.txt"
+  awsc s3 cp "$STATE/notice-$1.txt" "$RUN_PREFIX/notices/$1-$DEADLINE_EPOCH" --only-show-errors ||
+    log "WARNING: the $1 notice is not recorded in S3: a later attempt may send it again"
 }
 # globals: reads STATE SETUP_LOG TRAIN_LOG ATTEMPT_PREFIX
 upload_logs() {
@@ -592,15 +627,17 @@ watch_idle() {
 # The trainer's beats (HEARTBEAT_FILE: JSON such as {"step": 1200}, or a touch). A JSON step counts
 # as progress when it changes, a file without one when it is written again. Once a minute with
 # progress (TI_PROGRESS_METRIC_SECONDS): metrics (Progress, which the supervisor's backstop watches,
-# TrainingStep, StepsPerSecond; dimension RunId) and the attempt's progress.json. A trainer that never beats is never judged.
+# TrainingStep, StepsPerSecond; dimension RunId) and the attempt's progress.json. A trainer that never beats is never judged,
+# and a file written before it started (restored with /checkpoints, left by an earlier attempt) is no beat.
 # globals: reads HEARTBEAT_HOST TI_HEARTBEAT_FILE TI_STALL_SECONDS TI_STOP_GRACE_SECONDS TI_METRIC_NAMESPACE STATE RUN_ID
-# ATTEMPT_PREFIX TRAINER_PID TI_PROGRESS_METRIC_SECONDS
+# ATTEMPT_PREFIX TRAINER_PID TRAINER_STARTED TI_PROGRESS_METRIC_SECONDS
 watch_progress() {
   local poll=5 now changed step rate sent_at=0 sent_change="" metrics dims
   ((TI_STALL_SECONDS == 0 || TI_STALL_SECONDS >= 30)) || poll=1
   while sleep "$poll"; do
     now=$(date +%s)
-    read -r changed step rate < <(python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$now") ||
+    read -r changed step rate < <(python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$now" \
+      --since "$TRAINER_STARTED") ||
       continue
     [[ $changed != none ]] || continue
     if [[ $changed != "$sent_change" ]] && ((now - sent_at >= TI_PROGRESS_METRIC_SECONDS)); then
@@ -619,8 +656,20 @@ watch_progress() {
     fi
   done
 }
+# The host PIDs of the trainer's container, for py-spy on the host: every process in the PID namespace
+# of the container's init (`inspect .State.Pid`, a host PID in Docker and podman alike). Not
+# `docker top -eo pid` (Docker's ps runs on the host): podman runs that ps inside the container, which
+# fails in an image without ps (python:3.12-slim has none) and else prints the container's own PIDs
+# (1, 2, ...), other processes on the host.
+# globals: reads DOCKER CONTAINER
+container_pids() {
+  local init namespace
+  init=$(timeout 20 "$DOCKER" inspect --format '{{.State.Pid}}' "$CONTAINER") && [[ $init =~ ^[1-9][0-9]*$ ]] &&
+    namespace=$(ps -o pidns= -p "$init") && [[ $namespace =~ [0-9] ]] || return 1
+  ps -e -o pidns=,pid= | awk -v namespace="$namespace" '$1 == namespace + 0 { print $2 }'
+}
 # What a stalled trainer was doing, into the attempt's logs (logs/training-diagnostics.txt) before it is stopped.
-# globals: reads LOG_DIR RUNTIME DOCKER CONTAINER TRAINER_PID NVIDIA_SMI TRAIN_LOG
+# globals: reads LOG_DIR RUNTIME TRAINER_PID NVIDIA_SMI TRAIN_LOG
 collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the stop must still come
   local pids pid until=$(($(date +%s) + 120))
   {
@@ -628,7 +677,11 @@ collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the 
     ps -eo pid,ppid,pgid,stat,etime,pcpu,rss,args --forest
     echo "== $NVIDIA_SMI"
     timeout 20 "$NVIDIA_SMI" || echo "($NVIDIA_SMI not available or hung)"
-    if [[ $RUNTIME == docker ]]; then pids=$(timeout 20 "$DOCKER" top "$CONTAINER" -eo pid | tail -n +2); else pids=$(pgrep -g "$TRAINER_PID"); fi
+    if [[ $RUNTIME == docker ]]; then
+      pids=$(container_pids) || echo "== the container's processes were not found: no Python stacks"
+    else
+      pids=$(pgrep -g "$TRAINER_PID")
+    fi
     if command -v py-spy >/dev/null; then
       for pid in $pids; do
         (($(date +%s) < until)) || { echo "== py-spy: 2 min spent, the other processes left out"; break; }
@@ -744,8 +797,9 @@ finalize() {
       MESSAGE+=" (outputs upload failed)"
     fi
   fi
-  # The trainer's last beats since the progress watcher's last look.
-  python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$(date +%s)" >/dev/null &&
+  # The trainer's last beats since the progress watcher's last look (none when it never started).
+  ((TRAINER_STARTED > 0)) &&
+    python3 "$AGENT_TOOLS" progress "$HEARTBEAT_HOST" "$STATE/progress.state.json" "$(date +%s)" --since "$TRAINER_STARTED" >/dev/null &&
     [[ -s $STATE/progress.state.json ]] &&
     { awsc s3 cp "$STATE/progress.json" "$ATTEMPT_PREFIX/progress.json" --only-show-errors || log "WARNING: progress.json not uploaded"; }
   COST=$(write_status) || log "WARNING: status.json not written"

@@ -46,17 +46,21 @@ def log_batch(log: Path, offset_file: Path, batch_file: Path, *, final: bool) ->
     return len(events)
 
 
-def observe_progress(heartbeat: Path, state_file: Path, now: float) -> dict:
+def observe_progress(heartbeat: Path, state_file: Path, now: float, *, since: float = 0) -> dict:
     """Fold the trainer's heartbeat file into the agent's progress state (kept in `state_file`).
 
     A JSON object with a numeric `step` is progress when the step changes; any other content
     (a touch, other keys, text that is not JSON: said once on stderr) when the file is written
-    again; its time is the file's modification time. The state: step, steps_per_second (between the
-    last two changes), changed_at (ISO) and changed_epoch; {} until a beat.
+    again; its time is the file's modification time. A file last written before `since` (the
+    trainer's start) is no beat: one restored with /checkpoints or left by an earlier attempt would
+    otherwise be this attempt's last progress, and a stall at once. The state: step,
+    steps_per_second (between the last two changes), changed_at (ISO) and changed_epoch; {} until a beat.
     """
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     try:
         written = heartbeat.stat().st_mtime_ns
+        if written < since * 1e9:
+            return state
         text = heartbeat.read_text(errors="replace")[:65536]
     except OSError:
         return state
@@ -300,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     beat.add_argument("heartbeat", type=Path)
     beat.add_argument("state_file", type=Path)
     beat.add_argument("now", type=float)
+    beat.add_argument("--since", type=float, default=0, help="the trainer's start: older writes are no beats")
     policy = commands.add_parser("secrets-policy", help="session policy for the TI_SECRETS lines on stdin")
     policy.add_argument("role_arn")
     policy.add_argument("region")
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "manifest":
         return manifest_command(args)
     if args.command == "progress":
-        state = observe_progress(args.heartbeat, args.state_file, args.now)
+        state = observe_progress(args.heartbeat, args.state_file, args.now, since=args.since)
         if "changed_epoch" not in state:
             print("none")
         else:
