@@ -195,13 +195,15 @@ def test_a_checkpoint_rotated_away_during_the_upload_stays_in_the_manifest_and_i
     assert manifest is not None and list(manifest["files"]) == ["ckpt-1.pt"] and stale == []
 
 
-def test_a_checkpoint_rotated_away_before_the_upload_saw_it_is_left_out_as_the_trainer_left_it(tmp_path):
-    for name in ("ckpt-1.pt", "ckpt-2.pt"):
+def test_half_a_sharded_checkpoint_rotated_away_before_the_upload_read_it_keeps_the_previous_manifest(tmp_path):
+    (tmp_path / "global_step1").mkdir()
+    for name in ("global_step1/a.bin", "global_step1/b.bin"):
         (tmp_path / name).write_text("12345")
     snapshot = agent_tools.checkpoint_files(tmp_path)
-    (tmp_path / "ckpt-1.pt").unlink()
-    manifest, stale = agent_tools.commit_manifest(tmp_path, snapshot, _newest(**{"ckpt-2.pt": 5}), now=0)
-    assert manifest is not None and list(manifest["files"]) == ["ckpt-2.pt"] and stale == []
+    (tmp_path / "global_step1/b.bin").unlink()  # gone before the AWS CLI read it: never reached S3
+    latest = _newest(**{"global_step1/a.bin": 5, "global_step0/a.bin": 5, "global_step0/b.bin": 5})
+    manifest, moved = agent_tools.commit_manifest(tmp_path, snapshot, latest, now=0)
+    assert (manifest, moved) == (None, ["global_step1/b.bin"]), "no half set, and global_step0 is not deleted"
 
 
 def test_a_file_rewritten_during_the_upload_keeps_the_previous_manifest_and_deletes_nothing(tmp_path):

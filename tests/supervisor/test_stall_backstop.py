@@ -6,8 +6,12 @@ The real supervisor against moto's CloudWatch and EC2, as tests/supervisor/test_
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import pytest
+
 from tests.supervisor.conftest import agent_metric, event, start
-from training_infra.supervisor.runtime.supervisor import SCHEDULED, STATE_CHANGE
+from training_infra.supervisor.runtime.supervisor import MAX_METRIC_POINTS, SCHEDULED, STATE_CHANGE, metric_period
 
 
 def progress(account, run_id: str, minutes_ago: float) -> None:
@@ -53,3 +57,11 @@ def test_progress_within_the_window_never_heard_or_stall_off_is_left_alone(accou
     account.clock.advance(minutes=60)
     account.supervisor().handle(event(SCHEDULED))
     assert not account.run("off").attempts[0].get("unhealthy")
+
+
+@pytest.mark.parametrize("minutes", [1, 1440, 1441, 3 * (1440 + 5), 30 * 1440])
+def test_the_silence_check_asks_cloudwatch_for_at_most_1440_points_at_the_finest_period(minutes):
+    """CloudWatch refuses a GetMetricStatistics call past 1,440 points; a 24 h stall_minutes looks 3 days back."""
+    period = metric_period(timedelta(minutes=minutes))
+    assert period % 60 == 0 and minutes * 60 / period <= MAX_METRIC_POINTS
+    assert period == 60 or minutes * 60 / (period - 60) > MAX_METRIC_POINTS, "no coarser than it must be"

@@ -55,6 +55,7 @@ HEARTBEAT_IN_CKPT=""  # its name in /checkpoints when it lives there: never sync
 
 OUTCOME="" MESSAGE="" EXIT_CODE="" RUN_ID="" TRAINER_PID="" TRAINER_STARTED=0 FINALIZING=""
 KEPT_IN_A_ROW=0  # syncs in a row whose files moved under the upload (the manifest was kept)
+COMPLETE_AS_OF=""  # when the last complete sync took its snapshot (this process's syncs; empty: none yet)
 INSTANCE_ID=unknown INSTANCE_TYPE=unknown AZ=unknown MARKET=$TI_MARKET IMDS_TOKEN="" LOGS_OK=""
 IMAGE="${TI_IMAGE_URI}:${TI_IMAGE_TAG}" CONTAINER=training-infra-trainer WATCHERS=()
 # ATTEMPT 0: not known (no answer from IMDS), so this record never overwrites a real attempt's.
@@ -298,8 +299,9 @@ sync_checkpoints() {
   { flock 9 && upload_checkpoints; } 9>"$STATE/ckpt.lock"
 }
 upload_checkpoints() {
-  local began=$SECONDS batch skip=() manifest failed errors
+  local began=$SECONDS batch skip=() manifest failed errors snapshot_at
   [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(--exclude "$HEARTBEAT_IN_CKPT")
+  snapshot_at=$(date +%s)
   python3 "$AGENT_TOOLS" manifest snapshot --folder "$CKPT_DIR" --skip "$HEARTBEAT_IN_CKPT" --snapshot "$STATE/ckpt.snapshot.json" ||
     return 1
   if ! errors=$(awsc s3 sync "$CKPT_DIR/" "$CKPT_PREFIX/" --exclude '*.tmp' --exclude _manifest.json "${skip[@]}" \
@@ -328,6 +330,7 @@ upload_checkpoints() {
     awsc s3 cp "$STATE/_manifest.json" "$CKPT_PREFIX/_manifest.json" --only-show-errors || return 1
     cp "$STATE/_manifest.json" "$STATE/_manifest.sent.json"
   fi
+  COMPLETE_AS_OF=$snapshot_at  # S3's manifest now names every checkpoint the trainer had then
   for batch in "$STATE"/ckpt.delete.*.json; do
     [[ -e $batch ]] || continue
     # Quiet: only the keys that failed come back (exit 0 even then).
@@ -351,8 +354,8 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
       read -r taken left < <(python3 "$AGENT_TOOLS" manifest plan --manifest "$STATE/restored-manifest.json" \
         --versions "$STATE/restore.versions.json" --prefix "$CKPT_KEY_PREFIX" --filters "$STATE/restore.filters" \
         --by-version "$STATE/restore.by-version") || return 1
-    ((taken > 0 || left == 0)) || note "WARNING: the checkpoint manifest names no files while $CKPT_PREFIX/ holds" \
-      "$left objects: starting without a checkpoint"
+    ((taken > 0)) || note "WARNING: the checkpoint manifest names no files (the trainer kept none at the last" \
+      "complete sync; $left other objects in $CKPT_PREFIX/): starting without a checkpoint"
     mapfile -t filters <"$STATE/restore.filters"
     while IFS=$'\t' read -r name version; do
       mkdir -p "$(dirname "$CKPT_DIR/$name")"
@@ -372,28 +375,25 @@ restore_checkpoints() {  # the last complete sync's set; a run from before manif
   [[ -e $STATE/restored-manifest.json ]] || log "no checkpoint manifest (none, or a run from before manifests): every object"
   awsc s3 sync "$CKPT_PREFIX/" "$CKPT_DIR/" --exclude _manifest.json "${filters[@]}" --only-show-errors
 }
-# When S3's newest checkpoint is older than two sync intervals plus the last upload's time while the
-# trainer keeps writing newer ones locally (uploads failing silently), each attempt says so once in its
-# log and with a CheckpointStale metric; the alert topic hears it once per run (run_was_told).
-# A heartbeat kept under /checkpoints is no checkpoint: never synced, it is always newer than S3.
-# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS STATE RUN_ID TI_ALERTS_TOPIC_ARN
-# TI_METRIC_NAMESPACE HEARTBEAT_IN_CKPT
+# When the last complete sync (a manifest naming every checkpoint the trainer had) is older than two
+# sync intervals plus the last upload's time while the trainer keeps writing newer checkpoints
+# (uploads failing silently, or files rewritten during every upload so no set is ever whole), each
+# attempt says so once in its log and with a CheckpointStale metric; the alert topic hears it once per
+# run (run_was_told). A heartbeat kept under /checkpoints is no checkpoint: never synced, always newer.
+# globals: reads CKPT_DIR CKPT_PREFIX TI_CHECKPOINT_SYNC_SECONDS LAST_SYNC_SECONDS COMPLETE_AS_OF TRAINER_STARTED
+# STATE RUN_ID TI_ALERTS_TOPIC_ARN TI_METRIC_NAMESPACE HEARTBEAT_IN_CKPT
 check_checkpoint_freshness() {
-  local bucket=${CKPT_PREFIX#s3://} newest_s3 newest_local now words skip=()
+  local newest_local now words skip=() complete=${COMPLETE_AS_OF:-$TRAINER_STARTED}
   [[ ! -e $STATE/checkpoint-stale-noticed ]] || return 0
   [[ -z $HEARTBEAT_IN_CKPT ]] || skip=(! -path "$CKPT_DIR/$HEARTBEAT_IN_CKPT")
   newest_local=$(find "$CKPT_DIR" -type f ! -name '*.tmp' "${skip[@]}" -printf '%T@\n' | sort -n | tail -n 1)
   [[ -n $newest_local ]] || return 0
-  # shellcheck disable=SC2016  # a JMESPath literal
-  newest_s3=$(awsc s3api list-objects-v2 --bucket "${bucket%%/*}" --prefix "${bucket#*/}/" --output text \
-    --query 'max_by(Contents || `[]`, &LastModified).LastModified') || return 0
-  # Text output applies the query per page (1,000 objects): one line per page, the newest of them wins.
-  newest_s3=$({ grep -v '^None$' <<<"$newest_s3" || true; } | sort | tail -n 1)
-  newest_s3=$(date -u -d "${newest_s3:-@0}" +%s) now=$(date +%s)
-  ((${newest_local%.*} > newest_s3 && now - newest_s3 > 2 * TI_CHECKPOINT_SYNC_SECONDS + ${LAST_SYNC_SECONDS:-0})) ||
+  now=$(date +%s)
+  ((${newest_local%.*} > complete && now - complete > 2 * TI_CHECKPOINT_SYNC_SECONDS + ${LAST_SYNC_SECONDS:-0})) ||
     return 0
   : >"$STATE/checkpoint-stale-noticed"
-  words="checkpoints in $CKPT_PREFIX/ are $((now - newest_s3))s old while the trainer wrote newer ones locally: uploads are failing"
+  words="the last complete checkpoint in $CKPT_PREFIX/ is $((now - complete))s old while the trainer wrote newer ones"
+  words+=" locally (or rewrites its files during every upload): uploads are failing"
   awsc cloudwatch put-metric-data --namespace "$TI_METRIC_NAMESPACE" --metric-name CheckpointStale \
     --dimensions "RunId=$RUN_ID" --value 1 --unit Count || true
   if [[ -z $TI_ALERTS_TOPIC_ARN ]]; then

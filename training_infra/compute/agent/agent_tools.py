@@ -130,23 +130,24 @@ def commit_manifest(
     """The set a finished upload carried, by the S3 version it made of each file; or None and the files
     that moved under it, when the upload cannot vouch for a whole set.
 
-    The upload (which succeeded) took the files present at its start (the snapshot). One unchanged since
-    came whole when S3's newest version has its size. One deleted meanwhile (a rotated checkpoint) came
-    whole when S3 has its size, else the upload never saw it and it is left out, as the trainer left
-    it. One rewritten meanwhile may have been read half old, half new: then the previous manifest
-    stays, its versions still in S3 (the outputs bucket is versioned), and nothing is deleted this
-    round. Recording versions makes a restore exact even after a later upload was cut short. The
-    second value: objects neither in the manifest nor on disk, which the agent deletes only after this
-    manifest is in S3.
+    The upload (which succeeded) took the files present at its start (the snapshot). One unchanged since,
+    or deleted meanwhile (a rotated checkpoint: the AWS CLI read it whole first), came whole when S3's
+    newest version has its size. One rewritten meanwhile may have been read half old, half new, and one
+    deleted before the CLI read it never reached S3 (half of a sharded checkpoint, say): then the
+    previous manifest stays, its versions still in S3 (the outputs bucket is versioned), and nothing is
+    deleted this round. Recording versions makes a restore exact even after a later upload was cut
+    short. The second value: objects neither in the manifest nor on disk, which the agent deletes only
+    after this manifest is in S3.
     """
     current = checkpoint_files(folder, skip)
-    in_s3 = {name for name, meta in snapshot.items() if latest.get(name, {}).get("size") == meta[0]}
     moved = sorted(
-        name for name, meta in snapshot.items() if name in current and (current[name] != meta or name not in in_s3)
+        name
+        for name, meta in snapshot.items()
+        if (name in current and current[name] != meta) or latest.get(name, {}).get("size") != meta[0]
     )
     if moved:
         return None, moved
-    files = {name: latest[name] for name in snapshot if name in in_s3}
+    files = {name: latest[name] for name in snapshot}
     stale = sorted(name for name in latest if name not in files and name not in current)
     written_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
     return {"files": files, "written_at": written_at}, stale

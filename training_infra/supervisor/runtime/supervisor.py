@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ AGENT_OUTCOMES = {
     "stopped": "stopped",
     "budget": "stopped",
 }
+# What one GetMetricStatistics call may return (CloudWatch API reference).
+MAX_METRIC_POINTS = 1440
 # A stop request's reason -> the state the run ends in.
 STOP_STATES = {"user": "stopped", "budget": "budget"}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
@@ -827,13 +830,14 @@ class Supervisor:
         """The agent put `metric` this attempt, and nothing for `silent` since: a box that stopped
         acting. Never heard is not silence (a CPU-only box, a trainer that never beats)."""
         assert self.clients.cloudwatch is not None
+        start = max(launched, now - 3 * silent)
         points = self.clients.cloudwatch.get_metric_statistics(
             Namespace=self.cfg.metric_namespace,
             MetricName=metric,
             Dimensions=[{"Name": dimension[0], "Value": dimension[1]}],
-            StartTime=max(launched, now - 3 * silent),
+            StartTime=start,
             EndTime=now,
-            Period=60,
+            Period=metric_period(now - start),
             Statistics=["SampleCount"],
         ).get("Datapoints", [])
         heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
@@ -940,6 +944,13 @@ class Supervisor:
             )
         except ClientError as error:  # a lost notice must not undo a decision already written
             log.warning("notice not sent: %s", error)
+
+
+def metric_period(window: timedelta) -> int:
+    """The finest period (a multiple of 60 s) at which `window` stays within the 1,440 data points one
+    GetMetricStatistics call may return (more is refused: InvalidParameterCombination)."""
+    minutes = math.ceil(window.total_seconds() / 60)
+    return 60 * max(1, math.ceil(minutes / MAX_METRIC_POINTS))
 
 
 def _spent_before(run: Run) -> float:
