@@ -693,7 +693,8 @@ collect_diagnostics() {  # bounded: a hung GPU can hang nvidia-smi too, and the 
     echo "== the trainer's last 200 log lines"
     tail -n 200 "$TRAIN_LOG"
   } >"$LOG_DIR/training-diagnostics.txt" 2>&1
-  note "stall diagnostics (process tree, $NVIDIA_SMI, py-spy, last 200 lines) in logs/training-diagnostics.txt"
+  note "stall diagnostics (process tree, $NVIDIA_SMI, $(command -v py-spy >/dev/null && echo "py-spy stacks" ||
+    echo "no py-spy on this box"), last 200 lines) in logs/training-diagnostics.txt"
 }
 # globals: reads TI_CHECKPOINT_SYNC_SECONDS
 watch_checkpoints() {  # only changed files travel; logs ride along so a hard kill loses little
