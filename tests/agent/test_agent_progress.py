@@ -164,7 +164,9 @@ def test_s3_refusing_checkpoint_uploads_mid_run_gives_one_notice_and_training_go
     run = make_run(
         run_id="stale-ckpt",
         checkpoint_sync_seconds=2,
-        extra_env="EPOCHS=150\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=2",
+        # A save every 3 s, each kept for 9 s: a checkpoint saved and rotated away inside one upload
+        # (faster than the AWS CLI starts) keeps the previous manifest, so no set would ever be complete.
+        extra_env="EPOCHS=150\nSTEP_SECONDS=0.3\nCHECKPOINT_EVERY=10",
     ).start()
     assert run.wait_for_s3("checkpoints/stale-ckpt/_manifest.json", timeout=60), run.setup_log
     run.proxy.refuse_s3_writes_under = "/checkpoints/"
