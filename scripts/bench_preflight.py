@@ -29,13 +29,12 @@ from training_infra.cli.aws import Aws  # noqa: E402
 from training_infra.local.emulator import Emulator  # noqa: E402
 
 ROUNDS = 5
-AGENT = ROOT / "training_infra" / "compute" / "agent" / "agent.sh"
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Emulator(Path(tmp) / "emulator") as emulator:
         os.environ.update({**emulator.env, "XDG_CACHE_HOME": f"{tmp}/cache"})  # the price cache, not the user's
-        deploy(emulator, emulator.region, AGENT)
+        deploy(emulator, emulator.region)
         walls, owns, calls = [], [], []
         original = preflight.run
 
