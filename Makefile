@@ -53,7 +53,7 @@ container-engine:  ## Install the local container engine (podman, a registry) wh
 test: setup container-engine  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup  ## ruff, shellcheck and actionlint only
+lint: setup  ## ruff, shellcheck, actionlint and zizmor only
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests/test_lint.py
 
