@@ -251,6 +251,51 @@ def test_a_changed_alert_email_replaces_the_subscription_without_a_finding(synth
     assert "would delete the alert e-mail subscription of ml-team@example.com" in finding.message
 
 
+def _backstop(template: dict) -> dict[str, str]:
+    """Type -> logical id of the hard limit's backstop in a compute template."""
+    resources = template["Resources"]
+    [action_id] = [k for k, v in resources.items() if v["Type"] == "AWS::Budgets::BudgetsAction"]
+    definition = resources[action_id]["Properties"]["Definition"]["IamActionDefinition"]
+    return {
+        "action": action_id,
+        "policy": definition["PolicyArn"]["Ref"],
+        "role": resources[action_id]["Properties"]["ExecutionRoleArn"]["Fn::GetAtt"][0],
+    }
+
+
+def test_a_deploy_without_monthly_limit_usd_stops_before_deleting_the_budgets_action_and_its_deny_policy(synth):
+    """`full` deployed with monthly_limit_usd=200, then a deploy that forgot it (the defaults): passing
+    the budget would no longer stop the supervisor's launches. One line names all three and the fix."""
+    deployed = synth("full").templates[naming.COMPUTE_STACK]
+    backstop = _backstop(deployed)
+    assert "DenyLaunchesPastBudget" in backstop["policy"]
+
+    [finding] = deploy_guard.protected_removals(
+        naming.COMPUTE_STACK, deployed, synth("defaults").templates[naming.COMPUTE_STACK]
+    )
+
+    assert finding.message == (
+        f"would delete the Budgets action {backstop['action']}, the policy {backstop['policy']} and the Budgets "
+        f"action's role {backstop['role']}, which stop the supervisor's launches once the monthly budget is passed: "
+        'this deploy has no monthly_limit_usd; set "monthly_limit_usd": "200" in cdk.json\'s context'
+    )
+
+
+@pytest.mark.parametrize("part", ["policy", "action", "role"])
+def test_deleting_any_part_of_the_budget_backstop_alone_is_a_finding_naming_that_part(synth, part):
+    deployed = synth("full").templates[naming.COMPUTE_STACK]
+    backstop = _backstop(deployed)
+    changed = json.loads(json.dumps(deployed))
+    assert deploy_guard.protected_removals(naming.COMPUTE_STACK, deployed, changed) == []
+
+    del changed["Resources"][backstop[part]]
+    [finding] = deploy_guard.protected_removals(naming.COMPUTE_STACK, deployed, changed)
+
+    label = {"action": "the Budgets action", "policy": "the policy", "role": "the Budgets action's role"}[part]
+    assert finding.message.startswith(f"would delete {label} {backstop[part]}, which stop the supervisor's launches")
+    assert [name for name in backstop.values() if name in finding.message] == [backstop[part]]
+
+
 def test_a_cdk_out_without_a_manifest_is_a_one_line_usage_error(tmp_path, capsys):
     assert deploy_guard.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err

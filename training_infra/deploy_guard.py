@@ -5,7 +5,9 @@ what was checked is exactly what is deployed. It compares every synthesized stac
 template CloudFormation holds for it (GetTemplate) and refuses, one line per finding:
 
 - removal of a protected resource: the GitHub OIDC provider and roles (a deploy without
-  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget;
+  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget, and the
+  hard limit's backstop (without `monthly_limit_usd`): the Budgets action, the
+  `DenyLaunchesPastBudget` policy it attaches to the supervisor and the role it attaches it with;
 - deletion of, or any property change to, an AWS::EC2::Instance whose instance is still
   running: CloudFormation would replace or modify a training run in the middle.
 
@@ -154,13 +156,54 @@ def _email_subscription(resource: dict[str, Any]) -> bool:
     )
 
 
+def _budget_backstop_removals(
+    stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None
+) -> tuple[list[Finding], set[str]]:
+    """Each deployed Budgets action that loses itself, the policy it attaches or its execution role:
+    one finding naming them all (without any of them, passing the budget no longer stops launches).
+    Also every logical id named, so the generic checks do not name it twice."""
+    old, new = _resources(deployed), _resources(synthesized)
+    findings: list[Finding] = []
+    named: set[str] = set()
+    for action_id, action in sorted(old.items()):
+        if action.get("Type") != "AWS::Budgets::BudgetsAction":
+            continue
+        properties = action.get("Properties", {})
+        policy_refs, _ = _references(
+            ((properties.get("Definition") or {}).get("IamActionDefinition") or {}).get("PolicyArn")
+        )
+        _, role_refs = _references(properties.get("ExecutionRoleArn"))
+        parts = [(action_id, "the Budgets action")]
+        parts += [(policy, "the policy") for policy in sorted(policy_refs & set(old))]
+        parts += [(role, "the Budgets action's role") for role in sorted(role_refs & set(old))]
+        gone = [(logical_id, what) for logical_id, what in parts if logical_id not in new]
+        if not gone:
+            continue
+        named |= {logical_id for logical_id, _ in gone}
+        limit = _text(((deployed.get("Outputs") or {}).get(naming.OUTPUT_MONTHLY_LIMIT_USD) or {}).get("Value", ""))
+        if action_id not in new and not any(r.get("Type") == action.get("Type") for r in new.values()):
+            fix = (
+                f'this deploy has no monthly_limit_usd; set "monthly_limit_usd": "{limit}" in cdk.json\'s context'
+                if limit and limit != "0"
+                else "this deploy has no monthly_limit_usd; set it in cdk.json's context"
+            )
+        else:
+            fix = "check monthly_limit_usd and that this is the training-infra app"
+        names = [f"{what} {logical_id}" for logical_id, what in gone]
+        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        findings.append(Finding(stack, action_id, (
+            f"would delete {listed}, which stop the supervisor's launches once the monthly budget is passed: {fix}"
+        )))  # fmt: skip
+    return findings, named
+
+
 def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None) -> list[Finding]:
     """Protected resources in the deployed template that the synthesized one no longer has."""
     old, new = _resources(deployed), _resources(synthesized)
     new_email_topics = {_text(r["Properties"].get("TopicArn")) for r in new.values() if _email_subscription(r)}
-    findings = []
+    findings, named = _budget_backstop_removals(stack, deployed, synthesized)
     for logical_id, resource in sorted(old.items()):
-        if logical_id in new:
+        if logical_id in new or logical_id in named:
             continue
         kind = resource.get("Type")
         properties = resource.get("Properties", {})
