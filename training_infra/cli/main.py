@@ -1320,6 +1320,13 @@ def _cost_attempts_listing(run: str, period: str, attempts: list[dict[str, Any]]
     return listing
 
 
+# ---- local -----------------------------------------------------------------------------------
+
+from training_infra.cli.local import local_app  # noqa: E402 - the verbs above come first in --help
+
+app.add_typer(local_app)
+
+
 def main() -> None:
     """Console-script entry point (`training-infra`)."""
     app(prog_name="training-infra")

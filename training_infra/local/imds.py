@@ -54,6 +54,7 @@ class FakeImds:
         tags: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
         account_id: str = "123456789012",
         image_id: str = "ami-0123456789abcdef0",
+        private_ip: str = "10.0.0.10",
     ) -> None:
         if market not in ("spot", "on-demand"):
             raise ValueError(f"market={market!r} is not allowed: use 'spot' or 'on-demand'")
@@ -66,6 +67,7 @@ class FakeImds:
         self.tags: dict[str, str] = {} if callable(tags) else dict(tags or {})
         self.account_id = account_id
         self.image_id = image_id
+        self.private_ip = private_ip  # each played instance its own: multi-node peers find each other by it
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> expiry (time.monotonic)
         self._instance_action: str | None = None
@@ -180,7 +182,7 @@ class FakeImds:
                 "instanceId": self.instance_id,
                 "instanceType": self.instance_type,
                 "pendingTime": _iso(self.started_at),
-                "privateIp": "10.0.0.10",
+                "privateIp": self.private_ip,
                 "region": self.region,
                 "version": "2017-09-30",
             },
@@ -207,6 +209,7 @@ class FakeImds:
             "meta-data/placement/availability-zone": self.availability_zone,
             "meta-data/placement/region": self.region,
             "meta-data/instance-life-cycle": self.market,
+            "meta-data/local-ipv4": self.private_ip,
             "dynamic/instance-identity/document": self._document(),
         }
         return fixed.get(path)

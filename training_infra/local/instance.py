@@ -79,6 +79,7 @@ class LocalInstance:
             market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
             tags=self.tags,
             image_id=instance["ImageId"],
+            private_ip=instance.get("PrivateIpAddress") or "10.0.0.10",
         ).start()
         env = {
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
