@@ -26,8 +26,16 @@ GUARD_FLAGS = $(if $(filter 1,$(ALLOW_DESTRUCTIVE)),--allow-destructive)
 # cdk deploy asks before widening IAM or security groups; `never` for scripts without a terminal.
 REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
+# `make local LOCAL_FLAGS="--schedule 5 --runtime docker"`: see `training-infra local up --help`.
+LOCAL_FLAGS ?=
+# With `eval "$$(training-infra local env)"` in effect, synth/diff/deploy/destroy go to the local AWS with the
+# flags its emulator needs (the DLAMI's SSM parameter cannot resolve there; CloudFormation without change sets).
+# An AWS_ENDPOINT_URL on loopback without `local env` (exported by hand) counts as the local AWS too.
+LOCAL_AWS = $(or $(TRAINING_INFRA_LOCAL),$(findstring //localhost:,$(AWS_ENDPOINT_URL)),$(findstring //127.0.0.1:,$(AWS_ENDPOINT_URL)))
+LOCAL_CONTEXT = $(if $(LOCAL_AWS),-c image_id=ami-12c6146b)
+LOCAL_DEPLOY = $(if $(LOCAL_AWS),--method=direct --no-previous-parameters)
 
-.PHONY: help setup container-engine test lint synth diff deploy destroy bench demo demo-spot demo-container clean
+.PHONY: help setup container-engine test lint synth diff deploy destroy bench local demo demo-spot demo-container clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -66,20 +74,20 @@ synth: setup  ## Write the CloudFormation templates to cdk.out (no AWS account n
 	cfn-lint cdk.out/*.template.json
 
 diff: setup  ## cdk diff against the account in your AWS credentials, and what the deploy guard would stop
-	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(CDK) synth --quiet --output $(CDK_OUT) $(LOCAL_CONTEXT) $(CDK_FLAGS)
 	$(CDK) diff --app $(CDK_OUT)
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
 deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
 	$(CHECK_ALLOW_DESTRUCTIVE)
-	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
+	$(CDK) synth --quiet --output $(CDK_OUT) $(LOCAL_CONTEXT) $(CDK_FLAGS)
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(GUARD_FLAGS)
-	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
+	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(LOCAL_DEPLOY) $(CDK_FLAGS)
 
 destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay); refused while a managed run is active
 	$(CHECK_ALLOW_DESTRUCTIVE)
 	$(PY) -m training_infra.deploy_guard --destroy $(GUARD_FLAGS)
-	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
+	$(CDK) destroy TrainingInfra-Compute $(LOCAL_CONTEXT) $(CDK_FLAGS)
 
 bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, supervisor, status/cost at scale, preflight, stall
 	$(PY) scripts/bench_synth.py
@@ -89,6 +97,9 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, su
 	$(PY) scripts/bench_status_cost.py
 	$(PY) scripts/bench_preflight.py
 	$(PY) scripts/bench_stall.py
+
+local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the supervisor, every launched instance played here
+	$(PY) -m training_infra local up $(LOCAL_FLAGS)
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
 	$(PY) -m training_infra.local.demo
