@@ -100,13 +100,14 @@ class SandboxState:
 
     @property
     def alive(self) -> bool:
+        """The sandbox's process exists and is not a zombie (one its starter has not reaped yet)."""
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
             return False
-        except PermissionError:
+        except OSError:
             return True
-        return True
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def running_state(folder: Path) -> SandboxState:
