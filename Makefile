@@ -28,6 +28,8 @@ REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
 # `make local LOCAL_FLAGS="--schedule 5 --runtime docker"`: see `training-infra local up --help`.
 LOCAL_FLAGS ?=
+# `make demo DEMO_FLAGS="--workdir DIR --epochs N"`: see `python -m training_infra.local.demo --help`.
+DEMO_FLAGS ?=
 # With `eval "$$(training-infra local env)"` in effect, synth/diff/deploy/destroy go to the local AWS with the
 # flags its emulator needs (the DLAMI's SSM parameter cannot resolve there; CloudFormation without change sets).
 # An AWS_ENDPOINT_URL on loopback without `local env` (exported by hand) counts as the local AWS too.
@@ -102,13 +104,13 @@ local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the super
 	$(PY) -m training_infra local up $(LOCAL_FLAGS)
 
 demo: setup  ## A whole training run on the local AWS emulator (no account needed)
-	$(PY) -m training_infra.local.demo
+	$(PY) -m training_infra.local.demo $(DEMO_FLAGS)
 
 demo-spot: setup  ## The demo with a spot interruption mid-run and a resumed second run
-	$(PY) -m training_infra.local.demo --spot-interruption
+	$(PY) -m training_infra.local.demo --spot-interruption $(DEMO_FLAGS)
 
 demo-container: setup container-engine  ## The demo on the production docker path (podman, local registry as ECR; root)
-	$(PY) -m training_infra.local.demo --runtime docker
+	$(PY) -m training_infra.local.demo --runtime docker $(DEMO_FLAGS)
 
 clean:  ## Remove generated files (keeps .venv and node_modules)
 	rm -rf cdk.out .pytest_cache .ruff_cache demo-output .local

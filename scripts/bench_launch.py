@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from training_infra import naming
-from training_infra.local.demo import LOCAL_AMI
 from training_infra.local.emulator import Emulator
+from training_infra.local.sandbox import LOCAL_AMI
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = str(ROOT / "node_modules" / ".bin" / "cdk")

@@ -28,8 +28,8 @@ import boto3
 from bench_size import size
 
 from training_infra import naming, pricing
-from training_infra.local.demo import LOCAL_AMI
 from training_infra.local.emulator import Emulator
+from training_infra.local.sandbox import LOCAL_AMI
 from training_infra.supervisor.runtime import ledger
 from training_infra.supervisor.runtime.records import Run, RunStore, iso
 

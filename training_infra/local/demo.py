@@ -155,11 +155,10 @@ class Demo:
     def _sandbox_down(self) -> None:
         if self.sandbox is None:
             return
-        self.step("Stop the local AWS: `training-infra local down` (instances, containers, emulator, its folder)")
-        stop_running(self.sandbox_dir)
+        self.step("Stop the local AWS: no process, container or folder of it is left")
+        self.cli("local", "down", "--dir", str(self.sandbox_dir))
         self.sandbox.wait(timeout=60)
         self.sandbox = None
-        console.print(f"   stopped; {self.sandbox_dir} removed")
 
     def _follow_logs(self) -> None:
         """`logs RUN -f` as a user runs it: it ends when the run ends (the sandbox's supervisor ends it)."""
