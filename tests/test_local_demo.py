@@ -37,7 +37,7 @@ def sandbox(tmp_path_factory):
     log = folder.parent / "make-local.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            ["make", "-s", "local", f"LOCAL_FLAGS=--schedule 5 --dir {folder}"],
+            ["make", "-s", "local", f"LOCAL_FLAGS=--dir {folder}"],
             cwd=ROOT, env=_clean_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -63,10 +63,12 @@ def _parse_exports(text: str) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "training_infra", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        check=check, timeout=300,
+        timeout=300,
     )  # fmt: skip
+    assert not check or result.returncode == 0, f"training-infra {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result
 
 
 def _make(target: str, env: dict[str, str], *flags: str) -> str:
@@ -113,7 +115,16 @@ def by_hand(sandbox):
     cli(env, "launch", "-q", "--run-id", "hand-stop", *common, "--env", "EPOCHS=400")
     cli(env, "launch", "-q", "--run-id", "hand-spot", *common, "--env", "EPOCHS=50")
     log = sandbox["log"]
-    while time.monotonic() - started < 60 and log.read_text().count("playing its user data") < 2:
+    while time.monotonic() - started < 60 and not all(
+        f"(run {run}, attempt 1" in log.read_text() for run in ("hand-stop", "hand-spot")
+    ):
+        time.sleep(0.2)
+    # As a user watching its log would: interrupt once the trainer has a checkpoint to lose.
+    logs = sandbox["folder"] / "instances"
+    while time.monotonic() - started < 90 and not any(
+        "[trainer] checkpoint" in p.read_text() and "run hand-spot" in p.read_text()
+        for p in logs.glob("i-*/fs/var/log/training.log")
+    ):
         time.sleep(0.2)
     missing = cli(env, "local", "interrupt", "no-such-run", check=False)
     interrupted = cli(env, "local", "interrupt", "hand-spot")
@@ -127,9 +138,10 @@ def by_hand(sandbox):
     }  # fmt: skip
 
 
-def test_launch_dry_run_prints_the_plan_and_starts_nothing(by_hand):
+def test_launch_dry_run_prints_the_plan_and_each_real_launch_plays_exactly_one_instance(by_hand):
     assert "would launch attempt 1" in by_hand["dry"].stdout
-    assert "hand-stop" not in by_hand["log"].split("hand-spot")[0].split("playing")[0]
+    played = re.findall(r"\(run (hand-\w+), attempt (\d+),", by_hand["log"])
+    assert sorted(played) == [("hand-spot", "1"), ("hand-spot", "2"), ("hand-stop", "1")]
 
 
 def test_two_instances_play_at_once_each_with_its_own_imds_and_address(by_hand):

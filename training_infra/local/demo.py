@@ -136,7 +136,7 @@ class Demo:
                 console.print(f"   its supervisor runs every {state.schedule_seconds:g} s; it plays every instance")
                 return
         self.step("Start the local AWS: `training-infra local up` (what `make local` runs), in the background")
-        argv = [sys.executable, "-m", "training_infra", "local", "up", "--schedule", "5", "--runtime", self.runtime]
+        argv = [sys.executable, "-m", "training_infra", "local", "up", "--runtime", self.runtime]
         console.print(f"   [dim]$ training-infra {' '.join(argv[3:])} --dir {self.sandbox_dir}[/]")
         log = self.workdir / "local-up.log"
         with open(log, "wb") as sink:

@@ -528,7 +528,8 @@ class Sandbox:
 
     def run(self) -> int:
         """Up, then tick until SIGTERM or Ctrl-C; down in every case."""
-        previous = signal.signal(signal.SIGTERM, self.request_stop)
+        # Handlers for both, not Python's KeyboardInterrupt: a shell's background job starts with SIGINT ignored.
+        previous = {number: signal.signal(number, self.request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
             state = self.up()
             self.say(
@@ -552,7 +553,8 @@ class Sandbox:
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one down, even if asked twice
             self.down()
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def down(self) -> None:
         if self.state is not None and SandboxState.read(self.folder) is not None:
