@@ -119,8 +119,8 @@ class Account:
     def run_template(self, run_id: str) -> str:
         """The launch template the supervisor makes for a run: its name prefix, created-by and run-id tags."""
         if run_id not in self.templates:
-            data = {**self.stack_data, "UserData": base64.b64encode(f"#!/bin/bash\nexport TI_RUN_ID={run_id}\n".encode())
-                    .decode()}  # fmt: skip
+            user_data = f"#!/bin/bash\nexport TI_RUN_ID={run_id}\n".encode()
+            data = {**self.stack_data, "UserData": base64.b64encode(user_data).decode()}
             tags = {naming.TAG_CREATED_BY: "supervisor", naming.TAG_RUN_ID: run_id, naming.TAG_MANAGED: "true"}
             self.templates[run_id] = self.ec2.create_launch_template(
                 LaunchTemplateName=f"{naming.RUN_TEMPLATE_PREFIX}{run_id}",
