@@ -410,6 +410,20 @@ def _market(request: LaunchRequest, template_data: dict[str, Any]) -> str:
     return "spot" if template_data.get("InstanceMarketOptions", {}).get("MarketType") == "spot" else "on-demand"
 
 
+def _check_allowed(aws: Aws, types: list[str]) -> None:
+    """The stack's allowed_instance_types, as a quick answer (the supervisor refuses them anyway)."""
+    from training_infra import config
+
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_ALLOWED_INSTANCE_TYPES, "")
+    allowed = tuple(t for t in published.split(",") if t) or config.Settings().allowed_instance_types
+    refused = [t for t in types if not config.type_allowed(t, allowed)]
+    if refused:
+        raise UsageError(
+            f"option '--instance-types': got {','.join(refused)}; allowed: the stack's allowed_instance_types "
+            f"{','.join(allowed)}"
+        )
+
+
 def _runtime_hours(request: LaunchRequest, exports: dict[str, str]) -> float:
     """--max-runtime-hours, else the stack's; at least boot + one checkpoint interval, at most the stack's."""
     from training_infra.supervisor.runtime.supervisor import SupervisorConfig
@@ -443,6 +457,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     run_id = request.run_id or new_run_id()
     hours = _runtime_hours(request, exports)
     types = _instance_types(aws, request)
+    _check_allowed(aws, types)
     market = _market(request, data)
     subnets = _candidate_subnets(aws, data, request)
     if not subnets:

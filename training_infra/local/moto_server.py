@@ -8,6 +8,9 @@ from the resource instead and ignores the template, so the seed's `create_instan
 such an instance through moto's own RunInstances with the template, as AWS does; every other
 resource and call is moto's, unchanged. Used only by training_infra/local/emulator.py.
 
+Third behaviour (`teach_default_versions`): a CloudFormation update of a launch template makes the new
+version the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
+
 Second behaviour (`teach_instance_profiles`): an instance launched from a launch template (RunInstances
 or an EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
 terminates only instances with the project's profile (docs/architecture.md, "Trust boundaries").
@@ -104,9 +107,23 @@ def teach_instance_profiles() -> None:
     FleetsBackend.create_fleet = create_fleet  # type: ignore[method-assign]
 
 
+def teach_default_versions() -> None:
+    from moto.ec2.models.launch_templates import LaunchTemplate
+
+    moto_update = LaunchTemplate.update_from_cloudformation_json
+
+    def update(cls: Any, original_resource: Any, *args: Any, **kwargs: Any) -> Any:
+        template = moto_update.__func__(cls, original_resource, *args, **kwargs)
+        template.default_version_number = template.latest_version_number
+        return template
+
+    LaunchTemplate.update_from_cloudformation_json = classmethod(update)  # type: ignore[method-assign]
+
+
 def main() -> None:
     Instance.create_from_cloudformation_json = classmethod(_create_from_launch_template)  # type: ignore[method-assign]
     teach_instance_profiles()
+    teach_default_versions()
     from moto.server import main as serve
 
     sys.exit(serve())
