@@ -144,13 +144,14 @@ class Account:
             "subnet_ids": list(self.subnets.values()),
             "market": "spot",
             "max_restarts_on_errors": 0,
-            "launch_template_id": self.run_template(run_id),
             "launch_template_version": "1",
             "owns_launch_template": True,
             "max_runtime_hours": 24,
             "checkpoint_sync_seconds": 300,
             **spec,
         }
+        if "launch_template_id" not in full:
+            full["launch_template_id"] = self.run_template(run_id)
         hours = full["max_runtime_hours"]
         deadline = iso(self.clock() + timedelta(hours=hours))
         # As `launch` records them: the run's tags from naming.run_tags, the one place they are built.

@@ -267,14 +267,10 @@ class Demo:
         return result
 
     def _supervisor(self):
-        from training_infra.cli.launching import supervisor_with
+        """The supervisor with the deployed function's own environment (the stack's limits): its real code, here."""
+        from training_infra.cli.launching import supervisor_from_function
 
-        return supervisor_with(
-            self.client,
-            table=self._output("run_table_name"),
-            outputs_bucket=self._output("outputs_bucket"),
-            topic_arn=self._output("alerts_topic_arn"),
-        )
+        return supervisor_from_function(self.client, self._output(naming.snake_case(naming.OUTPUT_SUPERVISOR_FUNCTION)))
 
     def _launch_and_play(self, *, expect: str) -> None:
         self._launch()

@@ -442,7 +442,7 @@ def training_user_policy(
     stop are requests the supervisor checks (docs/architecture.md, "Trust boundaries")."""
     stack = Stack.of(scope)
     table_arn = as_seen_from(scope, run_table, run_table.table_arn)
-    stacks = stack.format_arn(service="cloudformation", resource="stack", resource_name=f"{naming.STACK_PREFIX}-*")
+    stacks = stack.format_arn(service="cloudformation", resource="stack", resource_name=f"{naming.STACK_PREFIX}-*/*")
     data, outputs = (as_seen_from(scope, b, b.bucket_arn) for b in (data_bucket, outputs_bucket))
     statements = [
         iam.PolicyStatement(
