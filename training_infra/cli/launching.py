@@ -312,19 +312,9 @@ def stack_limits(aws: Aws, data: dict[str, Any] | None = None) -> dict[str, Any]
     }
 
 
-def supervisor_from_function(client: Any, function: str, prices: Any = None):
-    """The supervisor exactly as deployed: its code here, the deployed function's own environment (the local AWS
-    stores the function and its environment; it only does not run it)."""
-    from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
-
-    env = client("lambda").get_function_configuration(FunctionName=function).get("Environment", {}).get("Variables", {})
-    clients = Clients(ec2=client("ec2"), dynamodb=client("dynamodb"), s3=client("s3"), sns=client("sns"))
-    return Supervisor(clients, SupervisorConfig.from_env(env), prices=prices)
-
-
 def supervisor_for(aws: Aws, prices: Any = None, data: dict[str, Any] | None = None):
-    """The supervisor as the local AWS plays its Lambda: its code in this process, the deployed function's
-    environment (else, for a stack without the function output, the stack's limits read from the stack), and the
+    """The supervisor as the local AWS plays its Lambda: its code in this process, the limits the construct gives
+    the deployed function as environment, read from the deployed stack (moto keeps no function), and the
     function role's credentials when the caller gives them (TI_SUPERVISOR_* variables; else the caller's own)."""
     client = aws.client
     if os.environ.get("TI_SUPERVISOR_ACCESS_KEY_ID"):
@@ -342,9 +332,6 @@ def supervisor_for(aws: Aws, prices: Any = None, data: dict[str, Any] | None = N
                 clients[service] = session.create_client(service)
             return clients[service]
 
-    function = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_SUPERVISOR_FUNCTION)
-    if function:
-        return supervisor_from_function(client, function, prices)
     return supervisor_with(
         client,
         table=aws.output(naming.OUTPUT_RUN_TABLE),
