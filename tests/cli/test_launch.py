@@ -375,3 +375,26 @@ def test_launch_refuses_more_secrets_than_one_sts_session_policy_can_name_before
                             "Manager ARNs\n")  # fmt: skip
     fits = stacks.cli("launch", *argv[:8], env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert fits.exit_code == 1, "four such references pass the check and go on to AWS (unreachable here)"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--max-runtime-hours", "0.0001"), "allowed: from 0.25 (boot 10 min + one checkpoint interval 300s)"),
+        (("--max-runtime-hours", "13"), "up to the stack's max_runtime_hours 12"),
+        (("--instance-types", "p5.48xlarge"), "allowed: the stack's allowed_instance_types g4dn.*"),
+    ],
+)
+def test_a_launch_past_the_stacks_limits_is_refused_in_one_line_and_starts_nothing(stacks, args, words):
+    run_id = f"limits-{len(args[1])}-{args[0][2:6]}"
+    result = stacks.cli("launch", "--run-id", run_id, *args)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and words in result.stderr
+    assert stacks.run_instances(run_id) == []
+    assert (
+        stacks.client("ec2").describe_launch_templates(
+            Filters=[{"Name": "launch-template-name", "Values": [f"training-infra-run-{run_id}"]}]
+        )["LaunchTemplates"]
+        == []
+    )
