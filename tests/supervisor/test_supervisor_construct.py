@@ -132,6 +132,10 @@ def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_a
     assert len(subnets) == len(compute_construct.subnet_ids) and all("subnet/" in str(r) for r in subnets)
     assert "security-group/" in str(statements["LaunchOnlyWithTheStacksSecurityGroup"]["Resource"])
     assert statements["ImageOnlyFromTheTemplate"]["Condition"] == {"Bool": {"ec2:IsLaunchTemplateResource": "true"}}
+    image_grants = [s for s in statements.values() if any("image/" in str(r) for r in _as_list(s["Resource"]))]
+    assert {s["Sid"] for s in image_grants if "ec2:RunInstances" in _as_list(s["Action"])} == {
+        "ImageOnlyFromTheTemplate"
+    }, "RunInstances gets an image only from the launch template"
     pass_role = statements["PassOnlyTheInstanceRole"]
     assert pass_role["Resource"] == {"Fn::GetAtt": [compute.logical_id(compute_construct.role), "Arn"]}
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}

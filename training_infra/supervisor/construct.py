@@ -238,11 +238,16 @@ class TrainingSupervisor(Construct):
                 conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
             ),
             iam.PolicyStatement(
-                sid="FleetImageAndVolumes",
+                sid="VolumesWithTheInstance",
                 actions=launch,
-                # The root volume comes with the instance (tagged by the run template); a fleet names the image
-                # of its template, which only this function makes.
-                resources=[arn("volume"), f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
+                resources=[arn("volume")],  # the root volume comes with the instance (tagged by the run template)
+            ),
+            iam.PolicyStatement(
+                sid="FleetImageOfItsTemplate",
+                # CreateFleet's image has no ec2:IsLaunchTemplateResource key; a fleet names only templates this
+                # function made (the statement above), and its RunInstances is held to the template's image.
+                actions=["ec2:CreateFleet"],
+                resources=[f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
             ),
             iam.PolicyStatement(
                 sid="TagAtLaunch",
