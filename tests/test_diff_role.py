@@ -15,7 +15,7 @@ control run without cloudformation:GetTemplate fails, so the enforcement is real
 
 The user policy the same way: a role with the deployed TrainingUserPolicy's actions runs the real CLI's
 launch, status, stop, fetch and cost; the supervisor's handler runs in process as the local AWS plays
-Lambda, with the credentials of a role holding the deployed supervisor role's actions (the Lambda service
+Lambda, with the credentials of a role holding the deployed request function's role's actions (the Lambda service
 gives a function its role's). The same user is refused PutItem, CreateLaunchTemplate, RunInstances and
 CreateFleet. That the policy's resources are this stack's is a template assertion
 (tests/supervisor/test_supervisor_construct.py), as is its lambda:InvokeFunction, which no local Lambda runs.
@@ -156,7 +156,7 @@ def principals(deployed):
     iam = aws_client("iam", emulator.env)
     roles = [r["RoleName"] for r in iam.list_roles()["Roles"]]
     [diff_role] = [r for r in roles if "GithubDiffRole" in r]
-    [supervisor_role] = [r for r in roles if "SupervisorFunction" in r and "Role" in r]
+    [supervisor_role] = [r for r in roles if "SupervisorRequests" in r and "Role" in r]
     actions = _actions_of(iam, diff_role)
     user_actions = _user_policy_actions(iam)
     made = {

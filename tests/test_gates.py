@@ -148,7 +148,7 @@ INSTANCE_POLICY = "TrainingInfra-Compute:Compute/InstanceRole/DefaultPolicy/*"
 ALERTS_KEY = "TrainingInfra-Safety:Safety/AlertsKey/*"
 BUDGET_ACTION_POLICY = "TrainingInfra-Compute:Supervisor/BudgetActionRole/DefaultPolicy/*"
 BUCKET_POLICIES = "TrainingInfra-Storage:Storage/*Bucket/Policy/*"
-SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/Function/Role/DefaultPolicy/*"
+SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/*/Role/DefaultPolicy/*"  # the event and request functions
 USER_POLICY = "TrainingInfra-Compute:TrainingUserPolicy/*"
 SSM_AGENT_ACTIONS = (
     "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",

@@ -159,6 +159,7 @@ class ComputeStack(Stack):
         )
         # It keeps the run records and reads how each attempt ended.
         run_table.grant_records(self.supervisor.function.role)
+        run_table.grant_records(self.supervisor.requests.role)
         storage.grant_read_attempt_status(self.supervisor.function.role)
         # The one trust boundary: users get this policy, and launch, resume and stop through the supervisor.
         user_policy = training_user_policy(
@@ -180,8 +181,9 @@ class ComputeStack(Stack):
         CfnOutput(
             self,
             naming.OUTPUT_SUPERVISOR_FUNCTION,
-            value=self.supervisor.function.function.function_name,
-            description="training-infra launch and stop invoke it; it alone writes runs and their launch templates",
+            value=self.supervisor.requests.function.function_name,
+            description="training-infra launch and stop invoke it (the supervisor's request function, the only one "
+            "users may invoke)",
         )
         CfnOutput(
             self,

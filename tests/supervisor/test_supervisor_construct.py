@@ -108,8 +108,11 @@ def test_supervisor_gets_the_table_bucket_and_tag_names_it_must_agree_on(compute
     assert "Fn::ImportValue" in env["TABLE"] and "Fn::ImportValue" in env["OUTPUTS_BUCKET"]
 
 
-def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_and_network(compute, supervisor):
-    statements = {s["Sid"]: s for s in compute.role_statements(supervisor.function.role) if "Sid" in s}
+@pytest.mark.parametrize("function", ["function", "requests"])
+def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_and_network(
+    compute, supervisor, function
+):
+    statements = {s["Sid"]: s for s in compute.role_statements(getattr(supervisor, function).role) if "Sid" in s}
     made_by_us = {"StringEquals": {f"aws:ResourceTag/{naming.TAG_CREATED_BY}": "supervisor"}}
     compute_construct = compute.construct("Compute")
     profile = {"Fn::GetAtt": [compute.logical_id(compute_construct.instance_profile), "Arn"]}
@@ -146,10 +149,11 @@ def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_a
                 assert statement.get("Condition"), statement
 
 
-def test_supervisor_learns_the_stacks_limits_from_its_environment(compute, supervisor):
-    env = compute.json["Resources"][compute.logical_id(supervisor.function.function)]["Properties"]["Environment"][
-        "Variables"
-    ]
+@pytest.mark.parametrize("function", ["function", "requests"])
+def test_supervisor_learns_the_stacks_limits_from_its_environment(compute, supervisor, function):
+    env = compute.json["Resources"][compute.logical_id(getattr(supervisor, function).function)]["Properties"][
+        "Environment"
+    ]["Variables"]
     compute_construct = compute.construct("Compute")
     assert env["LAUNCH_TEMPLATE_ID"] == {"Ref": compute.logical_id(compute_construct.launch_template)}
     assert env["INSTANCE_PROFILE_ARN"] == {
@@ -180,7 +184,9 @@ def test_the_training_user_policy_invokes_the_supervisor_and_reads_but_writes_no
         assert forbidden not in actions
     assert all(s["Effect"] == "Allow" for s in statements)
     (invoke,) = [s for s in statements if s["Action"] == "lambda:InvokeFunction"]
-    assert invoke["Resource"] == {"Fn::GetAtt": [compute.logical_id(supervisor.function.function), "Arn"]}
+    assert invoke["Resource"] == {"Fn::GetAtt": [compute.logical_id(supervisor.requests.function), "Arn"]}, (
+        "the request function only: EventBridge alone hands the event-driven function its events"
+    )
     (shell,) = [s for s in statements if s.get("Sid") == "ShellIntoRunInstances"]
     assert shell["Condition"] == {"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}}
     for statement in statements:
@@ -233,8 +239,11 @@ def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances
     assert props["ActionThreshold"] == {"Type": "PERCENTAGE", "Value": 100}
     assert props["Definition"]["IamActionDefinition"] == {
         "PolicyArn": {"Ref": deny_id},
-        "Roles": [{"Ref": compute.logical_id(supervisor.function.role)}],
-    }
+        "Roles": [
+            {"Ref": compute.logical_id(supervisor.function.role)},
+            {"Ref": compute.logical_id(supervisor.requests.role)},
+        ],
+    }, "both functions that launch: every launch is denied past the budget"
     assert "Fn::ImportValue" in props["BudgetName"], "the safety stack's monthly budget"
     trusts = [
         r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
@@ -242,3 +251,13 @@ def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances
     ]
     [executor] = [t for t in trusts if t["Principal"] == {"Service": "budgets.amazonaws.com"}]
     assert executor["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
+def test_users_invoke_only_the_request_function_which_no_event_rule_targets(compute, supervisor):
+    requests = compute.logical_id(supervisor.requests.function)
+    handler = compute.json["Resources"][requests]["Properties"]["Handler"]
+    assert handler == "run_requests.handler"
+    for rule in compute.resources("AWS::Events::Rule").values():
+        assert all(requests not in str(target["Arn"]) for target in rule["Properties"]["Targets"])
+    outputs = compute.json["Outputs"]
+    assert outputs[naming.OUTPUT_SUPERVISOR_FUNCTION]["Value"] == {"Ref": requests}

@@ -13,7 +13,7 @@ import pytest
 from tests.supervisor.conftest import MOTO_AMI, START
 from training_infra import naming
 from training_infra.supervisor.runtime.records import MonthlyLedger, Run, iso
-from training_infra.supervisor.runtime.run_requests import insert_overrides
+from training_infra.supervisor.runtime.run_requests import handle_request, insert_overrides
 
 LAUNCH = {"action": "launch", "instance_types": ["g5.xlarge"], "market": "spot", "max_runtime_hours": 2}
 
@@ -136,7 +136,12 @@ def test_a_record_naming_a_template_not_made_for_its_run_launches_nothing_and_de
 
 
 def _request(account, **fields) -> dict:
-    return account.supervisor().handle({**LAUNCH, **fields})
+    return handle_request(account.supervisor(), {**LAUNCH, **fields})
+
+
+def test_the_event_driven_function_ignores_a_request_users_may_send_only_to_the_request_function(account):
+    assert account.supervisor().handle({**LAUNCH, "run_id": "sneaky"}) == {"ignored": "unknown event"}
+    assert _launched(account) == [] and account.run("sneaky") is None
 
 
 @pytest.mark.parametrize(

@@ -358,7 +358,9 @@ def call_supervisor(aws: Aws, payload: dict[str, Any], *, prices: Any = None, da
     same handler in this process. Its refusal is the command's one-line error (exit 2 for bad input)."""
     notes: list[str] = []
     if is_local(aws):
-        answer = supervisor_for(aws, prices, data).handle(payload)
+        from training_infra.supervisor.runtime.run_requests import handle_request
+
+        answer = handle_request(supervisor_for(aws, prices, data), payload)
         notes.append(LOCAL_NOTE)
     else:
         function = aws.output(naming.OUTPUT_SUPERVISOR_FUNCTION)

@@ -137,6 +137,28 @@ class TrainingSupervisor(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.target, self.props = target, props
+        environment = {
+            "TABLE": run_table.table_name,
+            "OUTPUTS_BUCKET": outputs_bucket.bucket_name,
+            "MANAGED_TAG": naming.TAG_MANAGED,
+            "RUN_ID_TAG": naming.TAG_RUN_ID,
+            "ATTEMPT_TAG": naming.TAG_ATTEMPT,
+            "DEADLINE_TAG": naming.TAG_DEADLINE,
+            "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
+            "STOP_TAG": naming.TAG_STOP,
+            "RUNS_PREFIX": naming.RUNS_PREFIX,
+            "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
+            "MONTHLY_LIMIT_USD": f"{props.monthly_limit_usd:g}",
+            # The stack's limits: what a request or a record is checked against.
+            "LAUNCH_TEMPLATE_ID": target.launch_template.launch_template_id or "",
+            "SUBNET_IDS": Fn.join(",", target.subnet_ids),
+            "SECURITY_GROUP_ID": target.security_group.security_group_id,
+            "INSTANCE_PROFILE_ARN": target.instance_profile.instance_profile_arn,
+            "ALLOWED_INSTANCE_TYPES": ",".join(props.allowed_instance_types),
+            "MAX_RUNTIME_HOURS": f"{props.max_runtime_hours:g}",
+            "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
+            "CREATED_BY_TAG": naming.TAG_CREATED_BY,
+        }
         self.function = MonitoredFunction(
             self,
             "Function",
@@ -152,44 +174,46 @@ class TrainingSupervisor(Construct):
                 reserved_concurrency=2 if props.reserve_lambda_concurrency else None,
                 retry_attempts=2,
                 alarm_period=Duration.minutes(5),
-                environment={
-                    "TABLE": run_table.table_name,
-                    "OUTPUTS_BUCKET": outputs_bucket.bucket_name,
-                    "MANAGED_TAG": naming.TAG_MANAGED,
-                    "RUN_ID_TAG": naming.TAG_RUN_ID,
-                    "ATTEMPT_TAG": naming.TAG_ATTEMPT,
-                    "DEADLINE_TAG": naming.TAG_DEADLINE,
-                    "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
-                    "STOP_TAG": naming.TAG_STOP,
-                    "RUNS_PREFIX": naming.RUNS_PREFIX,
-                    "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
-                    "MONTHLY_LIMIT_USD": f"{props.monthly_limit_usd:g}",
-                    # The stack's limits: what a request or a record is checked against.
-                    "LAUNCH_TEMPLATE_ID": target.launch_template.launch_template_id or "",
-                    "SUBNET_IDS": Fn.join(",", target.subnet_ids),
-                    "SECURITY_GROUP_ID": target.security_group.security_group_id,
-                    "INSTANCE_PROFILE_ARN": target.instance_profile.instance_profile_arn,
-                    "ALLOWED_INSTANCE_TYPES": ",".join(props.allowed_instance_types),
-                    "MAX_RUNTIME_HOURS": f"{props.max_runtime_hours:g}",
-                    "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
-                    "CREATED_BY_TAG": naming.TAG_CREATED_BY,
-                },
+                environment=environment,
             ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
         )
-        self._grant_launching()
+        # Users' launch, resume and stop: a function of its own, the only one they may invoke, so nobody but
+        # EventBridge hands the supervisor an event (docs/architecture.md, "Trust boundaries").
+        self.requests = MonitoredFunction(
+            self,
+            "Requests",
+            props=MonitoredFunctionProps(
+                name="supervisor requests",
+                code_dir=RUNTIME_DIR,
+                handler="run_requests.handler",
+                description="Launch, resume and stop requests of training-infra users, checked against the stack's "
+                "limits: the only way a user starts or ends a run",
+                failure_meaning="A user's launch or stop failed inside the supervisor; the user saw the error.",
+                timeout=Duration.seconds(50),
+                log_retention_days=props.log_retention_days,
+                reserved_concurrency=2 if props.reserve_lambda_concurrency else None,
+                retry_attempts=0,
+                alarm_period=Duration.minutes(5),
+                environment=environment,
+            ),
+            alerts_topic=alerts_topic,
+            alerts_key=alerts_key,
+        )
+        for function in (self.function, self.requests):
+            self._grant_launching(function)
         self._rules()
         if monthly_budget_name:
             self._stop_launching_past(monthly_budget_name, alerts_topic)
 
-    def _grant_launching(self) -> None:
+    def _grant_launching(self, fn: MonitoredFunction) -> None:
         """Runs only from templates it made itself (created-by tag), only the project's instance profile, types and
         network, only tagged instances; it ends only managed instances with that profile and deletes only its own
         templates. Condition keys per resource type as the Service Authorization Reference lists them for
         ec2:RunInstances and ec2:CreateFleet (parliament's copy of it is what tests/test_gates.py checks against)."""
         stack = Stack.of(self)
-        fn, target = self.function, self.target
+        target = self.target
 
         def arn(resource: str, name: str = "*") -> str:
             return stack.format_arn(service="ec2", resource=resource, resource_name=name)
@@ -327,16 +351,16 @@ class TrainingSupervisor(Construct):
             ("volume", "the root volume is made with the instance and tagged by the run template"),
             ("network-interface", "the interface is made with the instance, only in the stack's subnets (ec2:Subnet)"),
         ):  # fmt: skip
-            fn.acknowledge(f"IAM5[Resource::{nag_name(self, arn(resource))}]", why)
+            fn.acknowledge(f"IAM5[Resource::{nag_name(fn.role, arn(resource))}]", why)
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
+            f"IAM5[Resource::{nag_name(fn.role, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
             "The AMI id resolves from an SSM parameter at deploy; RunInstances takes it only from the launch "
             "template (ec2:IsLaunchTemplateResource), and only templates this function made (from the stack "
             "template's default version) can be launched.",
         )
         fleet_role = f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, fleet_role)}]",
+            f"IAM5[Resource::{nag_name(fn.role, fleet_role)}]",
             "Only EC2 Fleet's own service-linked role, created once per account on the first fleet.",
         )
         fn.acknowledge(
@@ -352,7 +376,7 @@ class TrainingSupervisor(Construct):
         bug in our own ledger cannot launch without end. Detach it (after raising the budget) to
         launch again; the reaper and stop keep working meanwhile."""
         stack = Stack.of(self)
-        role = self.function.role
+        roles = [self.function.role, self.requests.role]
         self.deny_launches = iam.ManagedPolicy(
             self,
             "DenyLaunchesPastBudget",
@@ -377,7 +401,7 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="AttachOnlyTheDenyPolicyToTheSupervisor",
                 actions=["iam:AttachRolePolicy", "iam:DetachRolePolicy"],
-                resources=[role.role_arn],
+                resources=[role.role_arn for role in roles],
                 conditions={"ArnEquals": {"iam:PolicyARN": self.deny_launches.managed_policy_arn}},
             )
         )
@@ -392,7 +416,7 @@ class TrainingSupervisor(Construct):
             execution_role_arn=executor.role_arn,
             definition=budgets.CfnBudgetsAction.DefinitionProperty(
                 iam_action_definition=budgets.CfnBudgetsAction.IamActionDefinitionProperty(
-                    policy_arn=self.deny_launches.managed_policy_arn, roles=[role.role_name]
+                    policy_arn=self.deny_launches.managed_policy_arn, roles=[role.role_name for role in roles]
                 )
             ),
             subscribers=[budgets.CfnBudgetsAction.SubscriberProperty(type="SNS", address=alerts_topic.topic_arn)],
@@ -453,7 +477,7 @@ def training_user_policy(
         iam.PolicyStatement(
             sid="AskTheSupervisor",
             actions=["lambda:InvokeFunction"],
-            resources=[supervisor.function.function.function_arn],
+            resources=[supervisor.requests.function.function_arn],
         ),
         iam.PolicyStatement(sid="ReadTheStacks", actions=["cloudformation:DescribeStacks"], resources=[stacks]),
         iam.PolicyStatement(

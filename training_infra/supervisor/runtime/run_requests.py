@@ -18,7 +18,9 @@ runs no Lambda: the same handler, in process).
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
 import re
 import secrets
 import shlex
@@ -557,3 +559,15 @@ def stop(supervisor: Any, run_id: str) -> dict[str, Any]:
         supervisor.clients.ec2.terminate_instances(InstanceIds=live + stopped)
     return {"ok": True, "run_id": run_id, "result": "terminated", "live": live, "stopped": stopped,
             "states": sorted({i.get("State", {}).get("Name", "") for i in instances})}  # fmt: skip
+
+
+def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:
+    """The request function's entry point: users may invoke this function, never the event-driven one."""
+    try:
+        from supervisor import Supervisor, SupervisorConfig, _lambda_clients
+    except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+        from training_infra.supervisor.runtime.supervisor import Supervisor, SupervisorConfig, _lambda_clients
+
+    answer = handle_request(Supervisor(_lambda_clients(), SupervisorConfig.from_env(os.environ)), event)
+    log.info(json.dumps(answer, default=str))
+    return answer

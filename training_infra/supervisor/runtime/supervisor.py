@@ -540,12 +540,6 @@ class Supervisor:
     # --- entry points ---------------------------------------------------------------------
 
     def handle(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        if "action" in event:  # a user's launch or stop, through an IAM-authenticated invoke
-            try:
-                import run_requests
-            except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-                from training_infra.supervisor.runtime import run_requests
-            return run_requests.handle_request(self, event)
         kind = event.get("detail-type", "")
         detail = event.get("detail", {}) or {}
         if kind == SCHEDULED:
