@@ -275,14 +275,19 @@ class Demo:
         return result
 
     def _supervisor(self):
-        from training_infra.cli.launching import supervisor_with
+        """The supervisor as the CLI plays its Lambda here: its real code, with the deployed stack's limits."""
+        from unittest import mock
 
-        return supervisor_with(
-            self.client,
-            table=self._output("run_table_name"),
-            outputs_bucket=self._output("outputs_bucket"),
-            topic_arn=self._output("alerts_topic_arn"),
-        )
+        from training_infra.cli.aws import Aws, NotDeployedError
+        from training_infra.cli.launching import supervisor_for, supervisor_with
+
+        with mock.patch.dict(os.environ, self.emulator.env):  # clients are made now, against the emulator
+            try:
+                return supervisor_for(Aws(self.emulator.region))
+            except NotDeployedError:  # compute destroyed: its records can still be read
+                return supervisor_with(
+                    self.client, table=self._output("run_table_name"), outputs_bucket=self._output("outputs_bucket")
+                )
 
     def _launch_and_play(self, *, expect: str) -> None:
         self._launch()
