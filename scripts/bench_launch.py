@@ -19,13 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_size import size
+
 from training_infra import naming
 from training_infra.local.demo import LOCAL_AMI
 from training_infra.local.emulator import Emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = str(ROOT / "node_modules" / ".bin" / "cdk")
-LAUNCHES = 5
+LAUNCHES = size(5)
 BEFORE_SUPERVISOR_REQUESTS = 2.8  # s, median of 6 (docs/cli.md, preflight figures), the CLI launching itself
 LAUNCH_TARGET = 3.0  # s on the local AWS (issue 23)
 _PUSH_AND_UPLOAD = """
