@@ -102,6 +102,7 @@ def test_a_second_make_local_on_the_same_folder_refuses_in_one_line(sandbox):
         f"error: a local AWS is already running in {sandbox['folder']} (pid {sandbox['state'].pid}): "
         "`training-infra local down` first, or `--dir` for another"
     ]
+    assert SandboxState.read(sandbox["folder"]).pid == sandbox["state"].pid, "the running one's folder is untouched"
 
 
 @pytest.fixture(scope="module")

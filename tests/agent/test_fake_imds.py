@@ -134,3 +134,21 @@ def test_bad_arguments_name_the_value_and_what_is_allowed():
         FakeImds(market="reserved")
     with FakeImds() as imds, pytest.raises(ValueError, match="action='reboot' is not allowed"):
         imds.inject_spot_interruption("reboot")
+
+
+def test_two_instances_each_answer_with_their_own_identity_address_and_endpoint():
+    """Multi-node runs need N played instances at once, each with its own IMDS and private address."""
+    with (
+        FakeImds(instance_id="i-0one", private_ip="10.42.0.4") as one,
+        FakeImds(instance_id="i-0two", private_ip="10.42.0.5") as two,
+    ):
+        assert one.url != two.url
+        answers = {
+            server.instance_id: (
+                call(f"{server.url}/latest/meta-data/local-ipv4", headers=token(server))[1],
+                json.loads(call(f"{server.url}/latest/dynamic/instance-identity/document", headers=token(server))[1]),
+            )
+            for server in (one, two)
+        }
+    assert answers["i-0one"][0] == "10.42.0.4" and answers["i-0one"][1]["privateIp"] == "10.42.0.4"
+    assert answers["i-0two"][0] == "10.42.0.5" and answers["i-0two"][1]["instanceId"] == "i-0two"

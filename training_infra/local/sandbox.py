@@ -371,6 +371,7 @@ class Sandbox:
         self.events: EventDelivery | None = None
         self.state: SandboxState | None = None
         self._stop = threading.Event()
+        self._owner = False  # a refused `up` (another sandbox runs in the folder) must leave it alone
         self._next_reconcile = 0.0
 
     # ------------------------------------------------------------------ up
@@ -382,6 +383,7 @@ class Sandbox:
                 f"a local AWS is already running in {self.folder} (pid {existing.pid}): "
                 "`training-infra local down` first, or `--dir` for another"
             )
+        self._owner = True  # from here on, the folder and all in it are this sandbox's to remove
         if self.folder.exists():
             shutil.rmtree(self.folder)  # what a killed sandbox left
         (self.folder / "control").mkdir(parents=True)
@@ -557,6 +559,8 @@ class Sandbox:
                 signal.signal(number, handler)
 
     def down(self) -> None:
+        if not self._owner:
+            return
         if self.state is not None and SandboxState.read(self.folder) is not None:
             self.state.phase = "stopping"
             self.state.write(self.folder)
