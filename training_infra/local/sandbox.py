@@ -90,7 +90,7 @@ class SandboxState:
     def read(cls, folder: Path) -> SandboxState | None:
         try:
             return cls(**json.loads((folder / "state.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        except (OSError, json.JSONDecodeError, TypeError):
             return None
 
     def write(self, folder: Path) -> None:
@@ -113,8 +113,10 @@ class SandboxState:
 def running_state(folder: Path) -> SandboxState:
     """The ready sandbox in `folder`, or a one-line SandboxError saying why there is none."""
     state = SandboxState.read(folder)
-    if state is None or not state.alive:
+    if state is None:
         raise SandboxError(f"no local AWS is running in {folder}: start one with `make local`")
+    if not state.alive:
+        raise SandboxError(f"the local AWS in {folder} (pid {state.pid}) is gone: `make local` starts a new one")
     if state.phase == "starting":
         raise SandboxError(f"the local AWS in {folder} is still starting (deploying the stacks); try again shortly")
     if state.phase == "stopping":
@@ -382,6 +384,11 @@ class Sandbox:
             raise SandboxError(
                 f"a local AWS is already running in {self.folder} (pid {existing.pid}): "
                 "`training-infra local down` first, or `--dir` for another"
+            )
+        if self.folder.exists() and (not self.folder.is_dir() or (any(self.folder.iterdir()) and existing is None)):
+            raise SandboxError(
+                f"--dir {self.folder}: exists and is not a local AWS's folder (no state.json); "
+                "give a new or empty folder (`local down` removes it)"
             )
         self._owner = True  # from here on, the folder and all in it are this sandbox's to remove
         if self.folder.exists():
