@@ -120,10 +120,36 @@ def teach_default_versions() -> None:
     LaunchTemplate.update_from_cloudformation_json = classmethod(update)  # type: ignore[method-assign]
 
 
+def teach_fleet_client_tokens() -> None:
+    """CreateFleet is idempotent by ClientToken, as on AWS: a second request with a token already used gets the
+    first one's answer (its fleet and instances), not a second instance. moto 5 ignores the token, so a launch
+    request and the supervisor's reconcile claiming the same attempt at once started two instances here."""
+    import threading
+
+    from moto.ec2.responses.fleets import Fleets
+
+    moto_create = Fleets.create_fleet
+    answered: dict[tuple[str, str, str], Any] = {}
+    lock = threading.Lock()
+
+    def create_fleet(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        if not token or self._get_param("DryRun"):
+            return moto_create(self)
+        key = (self.current_account, self.region, token)
+        with lock:  # the server answers requests on threads
+            if key not in answered:
+                answered[key] = moto_create(self)
+            return answered[key]
+
+    Fleets.create_fleet = create_fleet  # type: ignore[method-assign]
+
+
 def main() -> None:
     Instance.create_from_cloudformation_json = classmethod(_create_from_launch_template)  # type: ignore[method-assign]
     teach_instance_profiles()
     teach_default_versions()
+    teach_fleet_client_tokens()
     from moto.server import main as serve
 
     sys.exit(serve())
