@@ -309,9 +309,8 @@ class InstancePlayer:
         box.stop()  # its IMDS
         self.finished.add(instance_id)
         del self.played[instance_id]
-        if state != "terminated":
-            return
-        self.events.deliver(ec2_event(STATE_CHANGE, instance_id, region=self.events.region, state="terminated"))
+        if state in ("terminated", "stopped"):  # the states EventBridge's rule matches (a stopped box still bills)
+            self.events.deliver(ec2_event(STATE_CHANGE, instance_id, region=self.events.region, state=state))
 
     def interrupt(self, run_id: str) -> dict[str, Any]:
         """A spot interruption notice to the run's live instance: IMDS answers it, EventBridge sends the warning."""
