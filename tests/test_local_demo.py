@@ -279,3 +279,38 @@ def test_ctrl_c_on_make_local_stops_everything_and_removes_its_folder(sandbox, d
     env = cli(_clean_env(), "local", "env", "--dir", str(folder), check=False)
     assert (env.returncode, env.stdout) == (1, "")
     assert env.stderr.strip() == f"error: no local AWS is running in {folder}: start one with `make local`"
+
+
+# ---------------------------------------------------------------------------------------------- no sandbox needed
+
+
+def test_local_up_refuses_a_folder_that_is_not_a_sandbox_and_leaves_its_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = cli(_clean_env(), "local", "up", "--dir", str(tmp_path), check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.strip() == (
+        f"error: --dir {tmp_path}: exists and is not a local AWS's folder (no state.json); "
+        "give a new or empty folder (`local down` removes it)"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("phase", "alive", "expected"),
+    [
+        ("starting", True, "is still starting (deploying the stacks); try again shortly"),
+        ("stopping", True, "is stopping"),
+        ("ready", False, "is gone: `make local` starts a new one"),
+    ],
+)
+def test_local_env_says_in_one_line_why_a_sandbox_cannot_be_used(tmp_path, phase, alive, expected):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    SandboxState(
+        pid=os.getpid() if alive else dead.pid, endpoint="http://localhost:1", region="us-east-1",
+        runtime="process", schedule_seconds=60, phase=phase, started_at="2026-12-04T20:00:00+00:00",
+    ).write(tmp_path)  # fmt: skip
+    result = cli(_clean_env(), "local", "env", "--dir", str(tmp_path), check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: the local AWS in {tmp_path}") and line.endswith(expected)
