@@ -378,3 +378,32 @@ def test_a_manifest_whose_recorded_version_expired_fails_the_attempt_in_one_line
     assert "checkpoint model.bin: the version the last complete sync recorded is gone" in status["message"]
     assert "delete s3://" in status["message"] and "gone-version/_manifest.json and relaunch" in status["message"]
     assert "checkpoint restore failed (attempt" not in run.setup_log, "a gone version is not retried"
+
+
+def test_a_fifo_heartbeat_fed_for_ever_is_no_beat_and_the_run_ends_as_usual(make_run):
+    """A whole-file read of a FIFO fed for ever ran the old agent out of memory in 0.6 s."""
+    feed = (
+        'mkfifo "$HEARTBEAT_FILE"; (while :; do yes beat >"$HEARTBEAT_FILE" 2>/dev/null; done) & feeder=$!; '
+        "sleep 6; kill $feeder; echo trainer done"
+    )
+    run = make_run(run_id="fifo-beat", stall_seconds=3, training_command=feed)
+    run.run(timeout=90)
+
+    status = run.status()
+    assert status["outcome"] == "succeeded", run.setup_log
+    assert status["progress"] is None, "a FIFO is not a regular file: no beat, so no stall either"
+    assert "MemoryError" not in run.setup_log and "Traceback" not in run.setup_log
+
+
+def test_a_sparse_ten_gigabyte_heartbeat_is_read_to_64_kb_and_counts_as_a_touch(make_run):
+    beats = (
+        'for i in 1 2 3 4 5 6; do printf \'{"step": %s}\' "$i" >"$HEARTBEAT_FILE"; '
+        'truncate -s 10G "$HEARTBEAT_FILE"; sleep 1; done'
+    )
+    run = make_run(run_id="sparse-beat", stall_seconds=3, training_command=beats)
+    run.run(timeout=90)
+
+    status = run.status()
+    assert status["outcome"] == "succeeded", "each rewrite is a touch: no stall over 6 s with a 3 s limit"
+    assert status["progress"]["step"] is None, "64 KB of a JSON step and NULs is not JSON: a touch"
+    assert run.setup_log.count("is not JSON: counted as a touch") == 1
