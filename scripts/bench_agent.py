@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import re
@@ -152,6 +153,38 @@ def agent_cpu_seconds(agent_pid: int, trainer_marker: str) -> float:
     return total / CLOCK_TICKS
 
 
+# Logs its SIGTERM with the time, then exits: one notice, one short run.
+SIGTERM_TRAINER = (
+    "import signal, sys, time\n"
+    "def stop(*_):\n"
+    "    print('received SIGTERM at %.3f' % time.time(), flush=True); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('[trainer] started at %.3f' % time.time(), flush=True)\n"
+    "while True: time.sleep(0.1)\n"
+)
+
+
+def notice_round(aws: Emulator, workdir: Path, number: int) -> float:
+    """Production timings, a trainer that only waits: seconds from the spot notice to its SIGTERM handler."""
+    workdir.mkdir(parents=True)
+    trainer = workdir / "sigterm-trainer.py"
+    trainer.write_text(SIGTERM_TRAINER)
+    run = new_run(aws, workdir / "run", run_id=f"bench-notice-{number}", training_command=f"{sys.executable} {trainer}")
+    try:
+        run.start().wait_for_log(TRAINER_STARTED, timeout=180)
+        time.sleep(random.uniform(1, 6))  # noqa: S311 - land anywhere in a poll cycle
+        noticed = time.time()
+        run.imds.inject_spot_interruption()
+        return float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)", timeout=60).group(1)) - noticed
+    finally:
+        run.close()
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
 def cpu_round(aws: Emulator, workdir: Path, number: int, seconds: float) -> dict[str, float]:
     """Production timings, a trainer that logs and beats each second: the agent's start (user data to the
     trainer's first line) and its own CPU over `seconds` while the trainer runs (percent of one core)."""
@@ -233,10 +266,20 @@ def main() -> None:
     parser.add_argument("--skip-process", action="store_true", help="only the container runtime's figures")
     parser.add_argument("--skip-container", action="store_true", help="only the process runtime's figures")
     parser.add_argument("--cpu-seconds", type=float, default=60, help="how long to measure the agent's CPU")
+    parser.add_argument("--notices", type=int, default=12, help="spot notices for the SIGTERM p95 (one short run each)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} is not allowed: use 1 or more")
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp, Emulator(Path(tmp) / "moto") as aws:
+        if not args.skip_process and args.notices:
+            print(f"spot notice to the trainer's SIGTERM: {args.notices} short runs, production timings", flush=True)
+            latencies = [notice_round(aws, Path(tmp) / f"notice-{n}", n) for n in range(args.notices)]
+            print("  " + " ".join(f"{value:.2f}" for value in latencies))
+            print(
+                f"notice to SIGTERM: median {statistics.median(latencies):.2f} s, p95 {p95(latencies):.2f} s, "
+                f"max {max(latencies):.2f} s (target p95 <= 2 s)",
+                flush=True,
+            )
         if not args.skip_process:
             print("agent start and CPU (process runtime, production timings, a trainer beating each second)")
             rounds = []

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -218,6 +217,7 @@ class Agent:
 
     # ------------------------------------------------------------ the run
     def main(self) -> int:
+        os.umask(0o022)
         shutil.rmtree(self.state, ignore_errors=True)
         for folder in (self.state, self.log_dir, self.data_dir, self.out_dir, self.ckpt_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -822,5 +822,3 @@ class Agent:
 def main() -> int:
     return Agent(os.environ).main()
 
-
-__all__ = ["Agent", "main", "shlex"]
