@@ -9,7 +9,7 @@ trainers do). Each round prints, from the last beat (the heartbeat file's modifi
   * status S3 - when the attempt's status.json (outcome stalled) was readable in S3: the attempt's end;
   * poweroff  - when the power-off command ran.
 Target for "status S3": within 1 minute + 15 s. It also prints what the user-data bootstrap took
-(download from S3, sha256 check, unpack) as the bootstrap logs it.
+(download from S3, sha256 check, xz -d) as the bootstrap logs it.
 Usage: python scripts/bench_stall.py [--rounds 3]. Prints figures; asserts nothing.
 """
 
@@ -91,7 +91,7 @@ def main() -> int:
         f"median {statistics.median(status):.1f} s (max {max(status):.1f} s; target 75 s)"
     )
     bootstrap = statistics.median(r["bootstrap_ms"] for r in results)
-    print(f"user-data bootstrap (download, sha256, unpack): median {bootstrap:.0f} ms")
+    print(f"user-data bootstrap (download, sha256, xz -d): median {bootstrap:.0f} ms")
     return 0
 
 

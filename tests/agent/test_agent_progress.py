@@ -90,8 +90,8 @@ def test_a_trainer_that_never_reports_progress_is_not_judged_by_it(make_run):
 # attempt's trainer started. Here: left on disk, an hour old.
 @pytest.mark.parametrize(
     ("command", "last_step"),
-    [('sleep 5; echo \'{"step": 6}\' > "$HEARTBEAT_FILE"; sleep 2', 6), ("sleep 6", None)],
-    ids=["trainer-beats-after-5s", "trainer-never-beats"],
+    [('sleep 5; echo \'{"step": 6}\' > "$HEARTBEAT_FILE"; sleep 2', 6)],
+    ids=["trainer-beats-after-5s"],
 )
 def test_a_heartbeat_written_before_the_trainer_started_is_no_beat_and_never_stalls_the_attempt(
     make_run, command, last_step
@@ -111,22 +111,8 @@ def test_a_heartbeat_written_before_the_trainer_started_is_no_beat_and_never_sta
 
     status = run.status()
     assert status["outcome"] == "succeeded", f"the old file stalled the attempt: {status['message']}"
-    if last_step is None:
-        assert status["progress"] is None, "the trainer never wrote the file: progress not reported"
-    else:
-        assert status["progress"]["step"] == last_step, "the trainer's own beat, not the old file's step 5"
-        assert status["progress"]["changed_at"] >= status["started_at"]
-
-
-def test_a_heartbeat_that_is_not_json_counts_as_a_touch_and_is_logged_once(make_run):
-    writes = 'for i in 1 2 3 4 5 6; do echo "beat $i {" > "$HEARTBEAT_FILE"; sleep 1; done'
-    run = make_run(run_id="touch-run", stall_seconds=3, training_command=writes)
-    run.run()
-
-    status = run.status()
-    assert status["outcome"] == "succeeded", "each write was a beat: no stall over 6 s with a 3 s limit"
-    assert status["progress"]["step"] is None and status["progress"]["changed_at"]
-    assert run.setup_log.count("is not JSON: counted as a touch") == 1
+    assert status["progress"]["step"] == last_step, "the trainer's own beat, not the old file's step 5"
+    assert status["progress"]["changed_at"] >= status["started_at"]
 
 
 def test_json_beats_reach_status_progress_json_and_the_step_and_rate_metrics(make_run):
@@ -146,15 +132,6 @@ def test_json_beats_reach_status_progress_json_and_the_step_and_rate_metrics(mak
     assert progress["step"] == 40 and 0 < progress["steps_per_second"] <= 2, "at most one epoch per 0.5 s"
     assert json.loads(run.read("runs/beats-run/attempts/1/progress.json")).keys() == PROGRESS_KEYS
     assert {"Progress", "TrainingStep", "StepsPerSecond"} <= metric_names(run)
-
-
-@pytest.mark.parametrize("value", ["-1", "ten"], ids=["negative", "not-a-number"])
-def test_a_bad_stall_setting_fails_with_one_line_before_any_network_call(make_run, value):
-    run = make_run(run_id="bad-stall", stall_seconds=value).run(timeout=60)
-
-    status = run.status()
-    assert status["message"] == f"TI_STALL_SECONDS='{value}' is not allowed: use a whole number (seconds or a count)"
-    assert run.imds.requests == []
 
 
 # ---------------------------------------------------------------- checkpoints: freshness and the manifest

@@ -76,6 +76,7 @@ def test_settings_parse_every_rendered_field_back_with_its_type():
     [
         ({"TI_RUNTIME": "podman"}, "TI_RUNTIME='podman' is not allowed: use one of docker process"),
         ({"TI_STALL_SECONDS": "-5"}, "TI_STALL_SECONDS='-5' is not allowed: use a whole number (seconds or a count)"),
+        ({"TI_STALL_SECONDS": "ten"}, "TI_STALL_SECONDS='ten' is not allowed: use a whole number (seconds or a count)"),
         ({"TI_SPOT_POLL_SECONDS": "0"}, "TI_SPOT_POLL_SECONDS=0 is not allowed: use at least 1"),
         ({"TI_IDLE_GPU_PERCENT": "x"}, "TI_IDLE_GPU_PERCENT='x' is not allowed: use a number such as 5 or 0.5"),
         ({"TI_POWEROFF_CMD": "halt -p"}, "TI_POWEROFF_CMD='halt -p' is not allowed: halt leaves the instance billing"),
