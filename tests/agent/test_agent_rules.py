@@ -448,3 +448,19 @@ def test_the_agent_uses_only_the_standard_library(tmp_path):
 
 def test_pack_agent_is_byte_for_byte_stable():
     assert pack_agent() == pack_agent()
+
+
+def test_small_s3_puts_are_virtual_hosted_on_aws_and_path_style_at_an_own_endpoint(monkeypatch):
+    from training_infra.compute.agent.ti_agent import aws as aws_module
+
+    sent = []
+    monkeypatch.setattr(aws_module.Aws, "_call", lambda self, *args, **kw: sent.append((args[2], kw.get("base", ""))))
+    keys = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    aws_module.Aws(region="eu-west-1", environ=keys, imds=None).put_object("bucket", "runs/r 1/progress.json", b"{}")
+    aws_module.Aws(
+        region="eu-west-1", environ={**keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:5"}, imds=None
+    ).put_object("bucket", "runs/r/progress.json", b"{}")
+    assert sent == [
+        ("/runs/r%201/progress.json", "https://bucket.s3.eu-west-1.amazonaws.com"),
+        ("/bucket/runs/r/progress.json", ""),
+    ]

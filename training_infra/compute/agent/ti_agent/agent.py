@@ -821,4 +821,3 @@ class Agent:
 
 def main() -> int:
     return Agent(os.environ).main()
-

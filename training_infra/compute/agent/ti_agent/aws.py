@@ -192,14 +192,19 @@ class Aws:
 
     # ------------------------------------------------------------ signed calls
     def _endpoint(self, service: str) -> str:
-        own = self._environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or self._environ.get("AWS_ENDPOINT_URL")
+        own = self._own_endpoint(service)
         if own:
             return own.rstrip("/")
         suffix = "amazonaws.com.cn" if self.region.startswith("cn-") else "amazonaws.com"
         return f"https://{service}.{self.region}.{suffix}"
 
-    def _call(self, service: str, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
-        url = self._endpoint(service) + path
+    def _own_endpoint(self, service: str) -> str:
+        return self._environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or self._environ.get("AWS_ENDPOINT_URL", "")
+
+    def _call(
+        self, service: str, method: str, path: str, headers: dict[str, str], body: bytes, *, base: str = ""
+    ) -> bytes:
+        url = (base or self._endpoint(service)) + path
         last = ""
         for attempt in range(SIGNED_ATTEMPTS):
             signed = sign_v4(
@@ -244,8 +249,14 @@ class Aws:
         self._call("monitoring", "POST", "/", headers, urllib.parse.urlencode(form).encode())
 
     def put_object(self, bucket: str, key: str, body: bytes) -> None:
-        path = "/" + urllib.parse.quote(bucket) + "/" + urllib.parse.quote(key, safe="/~")
-        self._call("s3", "PUT", path, {"Content-Type": "application/octet-stream"}, body)
+        """A small object: virtual-hosted on AWS (path-style is deprecated there), path-style at an own endpoint."""
+        key_path = "/" + urllib.parse.quote(key, safe="/~")
+        headers = {"Content-Type": "application/octet-stream"}
+        if self._own_endpoint("s3") or "." in bucket:
+            self._call("s3", "PUT", "/" + urllib.parse.quote(bucket) + key_path, headers, body)
+        else:
+            base = self._endpoint("s3").replace("https://", f"https://{bucket}.", 1)
+            self._call("s3", "PUT", key_path, headers, body, base=base)
 
 
 @dataclass(frozen=True)
