@@ -88,10 +88,11 @@ def main() -> int:
     status = [r["status"] for r in results]
     print(
         "time from last beat to the attempt's end for a 1-minute stall_minutes: "
-        f"median {statistics.median(status):.1f} s (max {max(status):.1f} s; target 75 s)"
+        f"median {statistics.median(status):.1f} s (max {max(status):.1f} s; target 75 s;"
+        " agent.sh on 2026-12-04: 74.2 s)"
     )
     bootstrap = statistics.median(r["bootstrap_ms"] for r in results)
-    print(f"user-data bootstrap (download, sha256, xz -d): median {bootstrap:.0f} ms")
+    print(f"user-data bootstrap (download, sha256, xz -d): median {bootstrap:.0f} ms (agent.sh's tar.xz: 1450 ms)")
     return 0
 
 
