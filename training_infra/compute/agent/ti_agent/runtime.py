@@ -35,10 +35,6 @@ class TrainerSpec:
     train_log: Path
 
 
-def _own_group() -> None:
-    os.setpgrp()  # its own process group: stopped with every child it starts
-
-
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -91,7 +87,13 @@ class Trainer:
     def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         with open(self.spec.train_log, "ab") as out:
             self.process = subprocess.Popen(  # noqa: S603 - the trainer, arguments as a list
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, preexec_fn=_own_group
+                # Its own process group: stopped with every child it starts.
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                process_group=0,
             )
 
     def signal_group(self, sig: int) -> None:
