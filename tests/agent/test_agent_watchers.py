@@ -190,3 +190,28 @@ def test_imds_renews_its_token_when_imds_refuses_it_and_when_it_nears_its_end(im
     client.get("meta-data/instance-id")
     assert len([r for r in imds.requests if r.method == "PUT"]) == puts + 1
     assert client.get("meta-data/spot/instance-action") is None, "404: no notice"
+
+
+def test_signed_calls_use_the_instance_roles_credentials_from_imds_and_renew_them_before_expiry():
+    """On the box there are no keys in the environment: the in-process signer reads the role's from IMDS."""
+    import datetime
+
+    from training_infra.compute.agent.ti_agent.aws import CredentialSource
+
+    def document(key: str, minutes: int) -> dict[str, str]:
+        expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=minutes)
+        return {"AccessKeyId": key, "SecretAccessKey": "s", "Token": "t",
+                "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+
+    with FakeImds(role=("training-instance", document("KEY-1", 60))) as server:
+        source = CredentialSource({}, Imds(server.url))
+        first = source.get()
+        assert (first.access_key, first.secret_key, first.token) == ("KEY-1", "s", "t")
+        server.role = ("training-instance", document("KEY-2", 60))
+        assert source.get().access_key == "KEY-1", "cached while far from its expiry"
+        server.role = ("training-instance", document("KEY-3", 4))
+        source._cached = source._from_imds()  # noqa: SLF001 - a session now 4 minutes from its end
+        server.role = ("training-instance", document("KEY-4", 60))
+        assert source.get().access_key == "KEY-4", "inside the 5-minute margin: read again"
+        keys = {"AWS_ACCESS_KEY_ID": "ENV", "AWS_SECRET_ACCESS_KEY": "x"}
+        assert CredentialSource(keys, Imds(server.url)).get().access_key == "ENV", "off AWS: the environment's"
