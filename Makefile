@@ -17,8 +17,12 @@ CDK_FLAGS ?=
 # Where synth writes the cloud assembly that diff and deploy check and deploy.
 CDK_OUT ?= cdk.out
 # `make deploy ALLOW_DESTRUCTIVE=1`: go ahead although the deploy guard found a protected resource
-# to delete or a running training instance to touch.
+# to delete or a running training instance to touch; `make destroy ALLOW_DESTRUCTIVE=1`: although
+# a managed run is still active.
 ALLOW_DESTRUCTIVE ?=
+# Refuses any other value of ALLOW_DESTRUCTIVE before anything runs; then the guard's flag for it.
+CHECK_ALLOW_DESTRUCTIVE = @case "$(ALLOW_DESTRUCTIVE)" in ""|1) ;; *) echo "error: ALLOW_DESTRUCTIVE: got '$(ALLOW_DESTRUCTIVE)'; allowed: 1 (or leave it unset)" >&2; exit 2;; esac
+GUARD_FLAGS = $(if $(filter 1,$(ALLOW_DESTRUCTIVE)),--allow-destructive)
 # cdk deploy asks before widening IAM or security groups; `never` for scripts without a terminal.
 REQUIRE_APPROVAL ?= broadening
 PYTEST_ARGS ?= -n 2 --dist loadscope
@@ -53,7 +57,7 @@ container-engine:  ## Install the local container engine (podman, a registry) wh
 test: setup container-engine  ## Run the whole test suite (gates, agent, CLI, local AWS end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup  ## ruff, shellcheck and actionlint only
+lint: setup  ## ruff, shellcheck, actionlint and zizmor only
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests/test_lint.py
 
@@ -67,12 +71,14 @@ diff: setup  ## cdk diff against the account in your AWS credentials, and what t
 	$(PY) -m training_infra.deploy_guard $(CDK_OUT) --report-only
 
 deploy: setup  ## Synth, refuse to delete GitHub roles/alerts/budget or touch a running instance, then cdk deploy every stack
-	@case "$(ALLOW_DESTRUCTIVE)" in ""|1) ;; *) echo "error: ALLOW_DESTRUCTIVE: got '$(ALLOW_DESTRUCTIVE)'; allowed: 1 (or leave it unset)" >&2; exit 2;; esac
+	$(CHECK_ALLOW_DESTRUCTIVE)
 	$(CDK) synth --quiet --output $(CDK_OUT) $(CDK_FLAGS)
-	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(if $(filter 1,$(ALLOW_DESTRUCTIVE)),--allow-destructive)
+	$(PY) -m training_infra.deploy_guard $(CDK_OUT) $(GUARD_FLAGS)
 	$(CDK) deploy --all --app $(CDK_OUT) --require-approval $(REQUIRE_APPROVAL) $(CDK_FLAGS)
 
-destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay)
+destroy: setup  ## Destroy the compute stack only (data, registry and guard rails stay); refused while a managed run is active
+	$(CHECK_ALLOW_DESTRUCTIVE)
+	$(PY) -m training_infra.deploy_guard --destroy $(GUARD_FLAGS)
 	$(CDK) destroy TrainingInfra-Compute $(CDK_FLAGS)
 
 bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, supervisor, status/cost at scale, preflight, stall

@@ -23,19 +23,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_size import size  # noqa: E402
+
 from tests.cli.conftest import deploy  # noqa: E402 - the same stacks the CLI tests deploy
 from training_infra.cli import launching, preflight  # noqa: E402
 from training_infra.cli.aws import Aws  # noqa: E402
 from training_infra.local.emulator import Emulator  # noqa: E402
 
-ROUNDS = 5
-AGENT = ROOT / "training_infra" / "compute" / "agent" / "agent.sh"
+ROUNDS = size(5)
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Emulator(Path(tmp) / "emulator") as emulator:
         os.environ.update({**emulator.env, "XDG_CACHE_HOME": f"{tmp}/cache"})  # the price cache, not the user's
-        deploy(emulator, emulator.region, AGENT)
+        deploy(emulator, emulator.region)
         walls, owns, calls = [], [], []
         original = preflight.run
 
@@ -61,7 +62,7 @@ def main() -> None:
         preflight.run = original
 
         processes = []
-        for round_number in range(3):
+        for round_number in range(size(3)):
             start = time.perf_counter()
             command = ["launch", "--dry-run", "--run-id", f"bench-cli-{round_number}"]
             subprocess.run(

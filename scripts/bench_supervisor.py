@@ -21,11 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_size import size  # noqa: E402
+
 from tests.supervisor.conftest import Account, event  # noqa: E402 - the same account the tests build
 from training_infra.local.emulator import Emulator  # noqa: E402
 from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, STATE_CHANGE  # noqa: E402
 
-ROUNDS = 6
+ROUNDS = size(6, 2)
 
 
 class CallCounter:

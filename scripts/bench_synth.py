@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_size import size
+
 ROOT = Path(__file__).resolve().parents[1]
 EMPTY_APP = "import aws_cdk as cdk; cdk.App(builtin_cloud_formation_validation=False).synth()"
-ROUNDS = 3
+ROUNDS = size(3)
 
 
 def timed(argv: list[str], context: dict) -> float:

@@ -53,7 +53,10 @@ def test_cdk_json_context_holds_exactly_the_settings_defaults():
         ({"availability_zones": "us-east-1a, us-east-1b"}, {"availability_zones": ("us-east-1a", "us-east-1b")}),
         ({"spot_max_price": "0.75"}, {"spot_max_price": "0.75"}),
         ({"github_repo": "acme/trainer"}, {"github_repo": "acme/trainer"}),
-        ({"instance_type": "p4d.24xlarge"}, {"instance_type": "p4d.24xlarge"}),
+        (
+            {"instance_type": "p4d.24xlarge", "allowed_instance_types": "p4d.*,g5.xlarge"},
+            {"instance_type": "p4d.24xlarge", "allowed_instance_types": ("p4d.*", "g5.xlarge")},
+        ),
     ],
 )
 def test_command_line_strings_are_parsed_into_typed_values(raw, expected):
@@ -79,6 +82,8 @@ def test_command_line_strings_are_parsed_into_typed_values(raw, expected):
         ({"github_branch": "feature..x"}, ["'github_branch'", "'feature..x'"]),
         ({"alert_email": "ml-team@"}, ["'alert_email'", "'ml-team@'", "e-mail"]),
         ({"instance_type": "x9.xlarge"}, ["'instance_type'", "'x9.xlarge'", "g5"]),
+        ({"instance_type": "p5.48xlarge"}, ["'allowed_instance_types'", "allows instance_type"]),
+        ({"allowed_instance_types": "zz.*"}, ["'allowed_instance_types'", "'zz.*'", "families of"]),
         ({"instance_type": "g5"}, ["'instance_type'", "'g5'", "g5.xlarge"]),
         ({"image_id": "ami-123"}, ["'image_id'", "'ami-123'"]),
         ({"vpc_id": "vpc-1"}, ["'vpc_id'", "'vpc-1'"]),

@@ -1,11 +1,16 @@
-"""The deploy guard on the local AWS: the real stacks deployed by `make deploy`, then redeploys that would hurt.
+"""The deploy guard on the local AWS: the real stacks deployed by `make deploy`, then redeploys and
+destroys that would hurt.
 
 One deployment for the module (GitHub roles, alert e-mail, an instance for run guard-run-1), then,
 in this order: the same settings (nothing to say); `make deploy` with the settings forgotten
 (refused, nothing deployed); a new run id while guard-run-1 runs (refused, naming the run); a
-change that reaches the running instance (refused, naming the setting); the run ended (allowed);
-`make deploy ALLOW_DESTRUCTIVE=1` (deploys, roles gone). The tests share the deployment and
-change it, so they run in file order (pytest's default; xdist's loadscope keeps a module together).
+change that reaches the running instance (refused, naming the setting); `make destroy` while
+guard-run-1 runs and a managed run is recovering in the run table (refused, naming both); the
+instance ended (a new run id deploys; destroy is still refused by the record alone); the record
+ended (destroy passes); `make deploy ALLOW_DESTRUCTIVE=1` (deploys, roles gone); `make destroy
+ALLOW_DESTRUCTIVE=1` with a run launching (the compute stack goes). The tests share the deployment
+and change it, so they run in file order (pytest's default; xdist's loadscope keeps a module together).
+The run records are written by the supervisor's own `RunStore`, as the supervisor writes them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ from tests.conftest import LOCAL_AWS_CONFIGURATIONS
 from training_infra import deploy_guard, naming
 from training_infra.local.emulator import Emulator
 from training_infra.local.instance import aws_client
+from training_infra.supervisor.runtime.records import Run, RunStore, iso, utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = ROOT / "node_modules" / ".bin" / "cdk"
@@ -44,10 +51,10 @@ class LocalAws:
     def client(self, service: str):
         return aws_client(service, self.emulator.env)
 
-    def guard(self, cdk_out: Path, *args: str, region: str | None = None) -> subprocess.CompletedProcess[str]:
+    def guard(self, *args: str | Path, region: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {**self.env, **({"AWS_REGION": region, "AWS_DEFAULT_REGION": region} if region else {})}
         return subprocess.run(
-            [sys.executable, "-m", "training_infra.deploy_guard", str(cdk_out), *args],
+            [sys.executable, "-m", "training_infra.deploy_guard", *map(str, args)],
             env=env,
             capture_output=True,
             text=True,
@@ -66,6 +73,23 @@ class LocalAws:
             *extra,
         ]
         return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=600)
+
+    def make_destroy(self, assembly: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        """`make destroy` as a script runs it (`--force`: no question), on the deployed settings' assembly
+        (`--app`: the session's synth, not another one)."""
+        flags = f"--app {assembly} --force --no-notices"
+        command = ["make", "-C", str(ROOT), "destroy", f"CDK_FLAGS={flags}", *extra]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=600)
+
+    def stack_status(self, stack: str) -> str:
+        stacks = self.client("cloudformation").describe_stacks()["Stacks"]
+        return next((s["StackStatus"] for s in stacks if s["StackName"] == stack), "DELETE_COMPLETE")
+
+    def runs(self) -> RunStore:
+        """The run table through the supervisor's own record code."""
+        stack = self.client("cloudformation").describe_stacks(StackName=naming.STORAGE_STACK)["Stacks"][0]
+        table = next(o["OutputValue"] for o in stack["Outputs"] if o["OutputKey"] == naming.OUTPUT_RUN_TABLE)
+        return RunStore(self.client("dynamodb"), table)
 
     def template(self, stack: str) -> dict:
         return self.client("cloudformation").get_template(StackName=stack)["TemplateBody"]
@@ -102,8 +126,14 @@ def local_aws(tmp_path_factory):
         yield local
 
 
-def _refusals(result: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error: deploy guard: ")]
+def _refusals(result: subprocess.CompletedProcess[str], guard: str = "deploy guard") -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith(f"error: {guard}: ")]
+
+
+def _managed_run(run_id: str, state: str) -> Run:
+    """A managed run's record as `launch` and the supervisor write it."""
+    now = utc_now()
+    return Run(run_id=run_id, spec={}, deadline_at=iso(now + timedelta(hours=4)), created_at=iso(now), state=state)
 
 
 def test_redeploying_the_deployed_settings_passes_silently(local_aws, synth):
@@ -199,6 +229,34 @@ def test_a_stack_pinned_to_a_region_is_read_in_that_region_not_the_default_one(l
     assert "the run guard-run-1 is still running" in result.stderr
 
 
+def test_make_destroy_while_runs_are_active_stops_naming_each_run_and_destroys_nothing(local_aws, synth):
+    """guard-run-1's instance (the stack's own) is running; table-run-1 is between attempts (recovering,
+    no instance now): only the run table knows it."""
+    local_aws.runs().create(_managed_run("table-run-1", "recovering"))
+    compute_before = local_aws.stack_status(naming.COMPUTE_STACK)
+
+    result = local_aws.make_destroy(synth("guarded").outdir)
+
+    assert result.returncode != 0
+    [instance_run, table_run, last] = _refusals(result, "destroy guard")
+    assert instance_run.startswith(
+        f"error: destroy guard: {naming.COMPUTE_STACK}: the run guard-run-1 is still active "
+        f"(instance {local_aws.instance_id} running) and destroying the compute stack would terminate its instance "
+        f"{local_aws.instance_id}; stop it (`training-infra stop guard-run-1`)"
+    )
+    assert table_run.startswith(
+        f"error: destroy guard: {naming.COMPUTE_STACK}: the run table-run-1 is still active (run table: recovering)"
+    )
+    assert "would take its supervisor, launch templates and instance role from under it" in table_run
+    assert "stop it (`training-infra stop table-run-1`)" in table_run
+    assert last == (
+        "error: destroy guard: nothing was destroyed; stop the runs above and let them end, "
+        "or accept with `make destroy ALLOW_DESTRUCTIVE=1`"
+    )
+    assert "Traceback" not in result.stderr
+    assert local_aws.stack_status(naming.COMPUTE_STACK) == compute_before
+
+
 def test_once_the_run_has_ended_a_new_run_id_deploys(local_aws, synth):
     local_aws.client("ec2").terminate_instances(InstanceIds=[local_aws.instance_id])  # the agent powered off
 
@@ -210,6 +268,28 @@ def test_once_the_run_has_ended_a_new_run_id_deploys(local_aws, synth):
 
 def test_no_deployed_stack_means_nothing_to_guard(local_aws, synth):
     result = local_aws.guard(synth("guarded_new_run").outdir, region="eu-west-3")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_destroy_is_refused_by_an_active_run_table_record_alone(local_aws):
+    """guard-run-1's instance has ended; table-run-1 is still recovering."""
+    result = local_aws.guard("--destroy")
+
+    assert result.returncode == 3
+    [finding, _] = _refusals(result, "destroy guard")
+    assert "the run table-run-1 is still active (run table: recovering)" in finding
+    assert "guard-run-1" not in result.stderr
+
+
+def test_once_every_managed_run_has_ended_destroy_passes_silently(local_aws):
+    runs = local_aws.runs()
+    run = runs.get("table-run-1")
+    run.state, run.ended_at = "stopped", iso(utc_now())
+    runs.save(run)
+
+    result = local_aws.guard("--destroy")
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -232,6 +312,39 @@ def test_make_deploy_allow_destructive_deploys_and_the_github_roles_go(local_aws
     assert local_aws.resources_of_type(naming.SAFETY_STACK, "AWS::SNS::Subscription"), "the e-mail subscription stays"
 
 
+def test_make_destroy_allow_destructive_destroys_the_compute_stack_although_a_run_is_launching(local_aws, synth):
+    """Last of the local AWS tests: the compute stack goes; data and the run table stay."""
+    local_aws.runs().create(_managed_run("table-run-2", "launching"))
+
+    result = local_aws.make_destroy(synth("guarded").outdir, "ALLOW_DESTRUCTIVE=1")
+
+    assert (
+        f"destroy guard: accepted by ALLOW_DESTRUCTIVE=1: {naming.COMPUTE_STACK}: the run table-run-2 is still active "
+        "(run table: launching)"
+    ) in result.stderr
+    # cdk destroy ran; against moto it may exit 1 after the stack is gone ("vpc has dependencies", see the README).
+    assert local_aws.stack_status(naming.COMPUTE_STACK) == "DELETE_COMPLETE", result.stderr[-3000:]
+    assert local_aws.stack_status(naming.STORAGE_STACK) != "DELETE_COMPLETE"
+
+
+def test_make_destroy_with_any_allow_destructive_but_1_is_one_line_and_runs_nothing():
+    result = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "destroy", "ALLOW_DESTRUCTIVE=yes"], capture_output=True, text=True, timeout=300
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "error: ALLOW_DESTRUCTIVE: got 'yes'; allowed: 1 (or leave it unset)"
+    assert "guard" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_destroy_guard_takes_no_cloud_assembly_and_the_deploy_guard_needs_one(tmp_path, capsys):
+    assert deploy_guard.main(["--destroy", str(tmp_path)]) == 2
+    assert deploy_guard.main([]) == 2
+    [destroy_error, deploy_error] = capsys.readouterr().err.splitlines()
+    assert destroy_error == f"error: argument 'cdk_out': got '{tmp_path}'; allowed: none with --destroy"
+    assert deploy_error.startswith("error: argument 'cdk_out': got nothing; allowed: a cloud assembly")
+
+
 def test_a_changed_alert_email_replaces_the_subscription_without_a_finding(synth):
     """A new address is a new subscription (a new logical id): that is a change the user asked for."""
     deployed = synth("guarded").templates[naming.SAFETY_STACK]
@@ -251,6 +364,51 @@ def test_a_changed_alert_email_replaces_the_subscription_without_a_finding(synth
     assert "would delete the alert e-mail subscription of ml-team@example.com" in finding.message
 
 
+def _backstop(template: dict) -> dict[str, str]:
+    """Type -> logical id of the hard limit's backstop in a compute template."""
+    resources = template["Resources"]
+    [action_id] = [k for k, v in resources.items() if v["Type"] == "AWS::Budgets::BudgetsAction"]
+    definition = resources[action_id]["Properties"]["Definition"]["IamActionDefinition"]
+    return {
+        "action": action_id,
+        "policy": definition["PolicyArn"]["Ref"],
+        "role": resources[action_id]["Properties"]["ExecutionRoleArn"]["Fn::GetAtt"][0],
+    }
+
+
+def test_a_deploy_without_monthly_limit_usd_stops_before_deleting_the_budgets_action_and_its_deny_policy(synth):
+    """`full` deployed with monthly_limit_usd=200, then a deploy that forgot it (the defaults): passing
+    the budget would no longer stop the supervisor's launches. One line names all three and the fix."""
+    deployed = synth("full").templates[naming.COMPUTE_STACK]
+    backstop = _backstop(deployed)
+    assert "DenyLaunchesPastBudget" in backstop["policy"]
+
+    [finding] = deploy_guard.protected_removals(
+        naming.COMPUTE_STACK, deployed, synth("defaults").templates[naming.COMPUTE_STACK]
+    )
+
+    assert finding.message == (
+        f"would delete the Budgets action {backstop['action']}, the policy {backstop['policy']} and the Budgets "
+        f"action's role {backstop['role']}, which stop the supervisor's launches once the monthly budget is passed: "
+        'this deploy has no monthly_limit_usd; set "monthly_limit_usd": "200" in cdk.json\'s context'
+    )
+
+
+@pytest.mark.parametrize("part", ["policy", "action", "role"])
+def test_deleting_any_part_of_the_budget_backstop_alone_is_a_finding_naming_that_part(synth, part):
+    deployed = synth("full").templates[naming.COMPUTE_STACK]
+    backstop = _backstop(deployed)
+    changed = json.loads(json.dumps(deployed))
+    assert deploy_guard.protected_removals(naming.COMPUTE_STACK, deployed, changed) == []
+
+    del changed["Resources"][backstop[part]]
+    [finding] = deploy_guard.protected_removals(naming.COMPUTE_STACK, deployed, changed)
+
+    label = {"action": "the Budgets action", "policy": "the policy", "role": "the Budgets action's role"}[part]
+    assert finding.message.startswith(f"would delete {label} {backstop[part]}, which stop the supervisor's launches")
+    assert [name for name in backstop.values() if name in finding.message] == [backstop[part]]
+
+
 def test_a_cdk_out_without_a_manifest_is_a_one_line_usage_error(tmp_path, capsys):
     assert deploy_guard.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
@@ -267,6 +425,11 @@ def test_unreachable_aws_is_one_line_and_exit_1(tmp_path, synth, monkeypatch, ca
     assert deploy_guard.main([str(synth("guarded").outdir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: deploy guard cannot read the deployed stacks: cannot reach AWS at http://127.0.0.1:9")
+    assert err.count("\n") == 1
+
+    assert deploy_guard.main(["--destroy"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: destroy guard cannot read the active runs: cannot reach AWS at http://127.0.0.1:9")
     assert err.count("\n") == 1
 
 

@@ -148,7 +148,8 @@ INSTANCE_POLICY = "TrainingInfra-Compute:Compute/InstanceRole/DefaultPolicy/*"
 ALERTS_KEY = "TrainingInfra-Safety:Safety/AlertsKey/*"
 BUDGET_ACTION_POLICY = "TrainingInfra-Compute:Supervisor/BudgetActionRole/DefaultPolicy/*"
 BUCKET_POLICIES = "TrainingInfra-Storage:Storage/*Bucket/Policy/*"
-SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/Function/Role/DefaultPolicy/*"
+SUPERVISOR_POLICY = "TrainingInfra-Compute:Supervisor/*/Role/DefaultPolicy/*"  # the event and request functions
+USER_POLICY = "TrainingInfra-Compute:TrainingUserPolicy/*"
 SSM_AGENT_ACTIONS = (
     "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
     "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage",
@@ -199,6 +200,10 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
     ("WildcardResourceRule", SUPERVISOR_POLICY, "pricing:GetProducts"): "The Price List API has no resource types "
     "(Service Authorization Reference): GetProducts can only be granted on *, and it reads AWS's public prices "
     "(a run's price cap).",
+    ("WildcardResourceRule", USER_POLICY, "pricing:GetProducts"): "The Price List API has no resource types: the "
+    "CLI's preflight reads AWS's public list prices (the built-in table is its fallback).",
+    ("WildcardResourceRule", USER_POLICY, "servicequotas:GetServiceQuota"): "The preflight reads the account's "
+    "G/P vCPU quotas by quota code; GetServiceQuota on * reads quotas, it changes nothing.",
     ("PrivilegeEscalationRule", BUDGET_ACTION_POLICY, None): "AWS Budgets' action role may attach exactly one "
     "policy (iam:PolicyARN condition: the deny-launches policy) to exactly one role (the supervisor's): it can "
     "only take permissions away, which is the point of the budget action.",
@@ -246,15 +251,19 @@ PARLIAMENT_ACCEPTED: dict[tuple[str, str], str] = {
     (
         "PERMISSIONS_MANAGEMENT_ACTIONS",
         SUPERVISOR_POLICY,
-    ): "The supervisor launches the training instances: iam:PassRole "
-    "of the instance role only (condition iam:PassedToService = ec2.amazonaws.com) and iam:CreateServiceLinkedRole of "
-    "the EC2 Fleet service-linked role only.",
-    ("PRIVILEGE_ESCALATION", SUPERVISOR_POLICY): "CreateEC2WithExistingIP: passing the instance role to a new instance "
-    "is what a launch is; what the supervisor could gain is the instance role's own run permissions.",
-    ("RESOURCE_MISMATCH", SUPERVISOR_POLICY): "ec2:RunInstances and "
-    "ec2:CreateFleet are authorized per resource (instance, template, volume, subnet, ...); the supervisor grants each "
-    "resource in its own statement with its own condition, which parliament reads statement by statement as "
-    "mismatches.",
+    ): "The supervisor launches the training instances: iam:PassRole of the instance role only (condition "
+    "iam:PassedToService = ec2.amazonaws.com) and iam:CreateServiceLinkedRole of the EC2 Fleet service-linked role "
+    "only (iam:AWSServiceName).",
+    ("PRIVILEGE_ESCALATION", SUPERVISOR_POLICY): "CreateEC2WithExistingIP (iam:PassRole + ec2:RunInstances): the "
+    "only role it may pass is the instance role, and it may launch only from launch templates tagged "
+    "created-by=supervisor (a tag only its own CreateLaunchTemplate may set; users hold no CreateLaunchTemplate), "
+    "only instances with the project's instance profile (ec2:InstanceProfile) and an allowed type, only into the "
+    "stack's subnets and security group: what a launch can gain is the instance role, which a run gets by design "
+    "(issue 23).",
+    ("RESOURCE_MISMATCH", SUPERVISOR_POLICY): "ec2:RunInstances and ec2:CreateFleet are authorized per resource "
+    "(instance, template, volume, subnet, security group, image, ...); each resource has its own statement with the "
+    "condition keys the Service Authorization Reference lists for it, which parliament reads statement by statement "
+    "as mismatches.",
     (
         "MISMATCHED_TYPE",
         BUCKET_POLICIES,
@@ -393,6 +402,7 @@ class _PolicyResolver:
         "AWS::IAM::InstanceProfile": "arn:aws:iam::123456789012:instance-profile/{name}",
         "AWS::DynamoDB::Table": "arn:aws:dynamodb:us-east-1:123456789012:table/{name}",
         "AWS::IAM::ManagedPolicy": "arn:aws:iam::123456789012:policy/{name}",
+        "AWS::Lambda::Function": "arn:aws:lambda:us-east-1:123456789012:function:{name}",
     }
 
     def __init__(self, templates: dict[str, dict]) -> None:

@@ -193,6 +193,35 @@ class InstanceTypes:
         return types
 
 
+class AllowedTypes:
+    """What the supervisor lets any run use, whoever asks: instance types, or whole families as `g5.*`."""
+
+    allowed = (
+        "comma-separated instance types (g5.xlarge) or families (g5.*) of the known families, at least one, no repeats"
+    )
+
+    def __call__(self, value: Any) -> tuple[str, ...]:
+        items = [str(i).strip() for i in value] if isinstance(value, (list, tuple)) else None
+        if items is None:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            items = [item.strip() for item in value.split(",")]
+        if not items or any(item == "" for item in items) or len(set(items)) != len(items):
+            raise ValueError(value)
+        for item in items:
+            if item.endswith(".*"):
+                if item[:-2] not in INSTANCE_FAMILIES:
+                    raise Refused(f"families of {', '.join(INSTANCE_FAMILIES)} (got {item})")
+            else:
+                InstanceType()(item)
+        return tuple(items)
+
+
+def type_allowed(instance_type: str, allowed: tuple[str, ...]) -> bool:
+    """The supervisor's rule (runtime/supervisor.py SupervisorConfig.type_allowed), for the settings' check."""
+    return instance_type in allowed or f"{instance_type.split('.', 1)[0]}.*" in allowed
+
+
 class LogRetention:
     allowed = "one of " + ", ".join(map(str, LOG_RETENTION_DAYS))
 
@@ -244,6 +273,12 @@ class Settings:
         InstanceTypes(),
         "the types a managed run may use, e.g. g5.xlarge,g6.xlarge: each attempt gets whichever has capacity, "
         "cheapest first (`launch --instance-types` overrides); empty: instance_type alone",
+    )
+    allowed_instance_types: tuple[str, ...] = declare(
+        ("g4dn.*", "g5.*", "g6.*", "g6e.*", "gr6.*", "t3.*", "m5.*", "c6i.*", "c7i.*"),
+        AllowedTypes(),
+        "the only types the supervisor launches, whoever asks (families as g5.*): the single-GPU-node G families "
+        "and small CPU types for dry runs; P and Trn families only when listed here",
     )
     use_spot: bool = declare(
         True, Flag(), "spot market (one-time request, terminated on interruption); false: on-demand"
@@ -495,6 +530,11 @@ RULES = (
         "instance_types",
         "types of instance_type's CPU architecture (the launch template's AMI serves one)",
         lambda s: all(architecture(t) == architecture(s.instance_type) for t in s.instance_types),
+    ),
+    Rule(
+        "allowed_instance_types",
+        "a list that allows instance_type and every one of instance_types",
+        lambda s: all(type_allowed(t, s.allowed_instance_types) for t in (s.instance_type, *s.instance_types)),
     ),
     Rule("spot_max_price", "empty when use_spot is false", lambda s: s.use_spot or not s.spot_max_price),
     Rule(

@@ -5,12 +5,21 @@ what was checked is exactly what is deployed. It compares every synthesized stac
 template CloudFormation holds for it (GetTemplate) and refuses, one line per finding:
 
 - removal of a protected resource: the GitHub OIDC provider and roles (a deploy without
-  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget;
+  `github_repo`), the alert e-mail subscription (without `alert_email`), the budget, and the
+  hard limit's backstop (without `monthly_limit_usd`): the Budgets action, the
+  `DenyLaunchesPastBudget` policy it attaches to the supervisor and the role it attaches it with;
 - deletion of, or any property change to, an AWS::EC2::Instance whose instance is still
   running: CloudFormation would replace or modify a training run in the middle.
 
 `--allow-destructive` (`make deploy ALLOW_DESTRUCTIVE=1`) prints the same lines and lets the
 deploy go ahead. A stack that is not deployed yet has nothing to guard.
+
+`--destroy` guards `make destroy` (which deletes the compute stack: the supervisor, the launch
+templates, the instance role and any `create_instance` box) the same way: it refuses, one line
+per run, while a managed run is active: its record in the run table is launching, running,
+recovering or stopping, or an instance tagged `training-infra:managed` is still up. It reads the
+tag alone, not the instance profile the reaper also requires: a guard that may only refuse errs
+towards refusing.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,7 @@ import botocore.session
 from botocore.parsers import ResponseParserError
 
 from training_infra import naming
+from training_infra.supervisor.runtime.records import ACTIVE_INDEX, ACTIVE_STATES
 
 ALLOW_VARIABLE = "ALLOW_DESTRUCTIVE=1"
 LIVE_STATES = ("pending", "running", "stopping")
@@ -154,13 +164,54 @@ def _email_subscription(resource: dict[str, Any]) -> bool:
     )
 
 
+def _budget_backstop_removals(
+    stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None
+) -> tuple[list[Finding], set[str]]:
+    """Each deployed Budgets action that loses itself, the policy it attaches or its execution role:
+    one finding naming them all (without any of them, passing the budget no longer stops launches).
+    Also every logical id named, so the generic checks do not name it twice."""
+    old, new = _resources(deployed), _resources(synthesized)
+    findings: list[Finding] = []
+    named: set[str] = set()
+    for action_id, action in sorted(old.items()):
+        if action.get("Type") != "AWS::Budgets::BudgetsAction":
+            continue
+        properties = action.get("Properties", {})
+        policy_refs, _ = _references(
+            ((properties.get("Definition") or {}).get("IamActionDefinition") or {}).get("PolicyArn")
+        )
+        _, role_refs = _references(properties.get("ExecutionRoleArn"))
+        parts = [(action_id, "the Budgets action")]
+        parts += [(policy, "the policy") for policy in sorted(policy_refs & set(old))]
+        parts += [(role, "the Budgets action's role") for role in sorted(role_refs & set(old))]
+        gone = [(logical_id, what) for logical_id, what in parts if logical_id not in new]
+        if not gone:
+            continue
+        named |= {logical_id for logical_id, _ in gone}
+        limit = _text(((deployed.get("Outputs") or {}).get(naming.OUTPUT_MONTHLY_LIMIT_USD) or {}).get("Value", ""))
+        if action_id not in new and not any(r.get("Type") == action.get("Type") for r in new.values()):
+            fix = (
+                f'this deploy has no monthly_limit_usd; set "monthly_limit_usd": "{limit}" in cdk.json\'s context'
+                if limit and limit != "0"
+                else "this deploy has no monthly_limit_usd; set it in cdk.json's context"
+            )
+        else:
+            fix = "check monthly_limit_usd and that this is the training-infra app"
+        names = [f"{what} {logical_id}" for logical_id, what in gone]
+        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        findings.append(Finding(stack, action_id, (
+            f"would delete {listed}, which stop the supervisor's launches once the monthly budget is passed: {fix}"
+        )))  # fmt: skip
+    return findings, named
+
+
 def protected_removals(stack: str, deployed: dict[str, Any], synthesized: dict[str, Any] | None) -> list[Finding]:
     """Protected resources in the deployed template that the synthesized one no longer has."""
     old, new = _resources(deployed), _resources(synthesized)
     new_email_topics = {_text(r["Properties"].get("TopicArn")) for r in new.values() if _email_subscription(r)}
-    findings = []
+    findings, named = _budget_backstop_removals(stack, deployed, synthesized)
     for logical_id, resource in sorted(old.items()):
-        if logical_id in new:
+        if logical_id in new or logical_id in named:
             continue
         kind = resource.get("Type")
         properties = resource.get("Properties", {})
@@ -370,19 +421,74 @@ class Deployed:
             self._clients[service] = self.session.create_client(service)
         return self._clients[service]
 
-    def template(self, stack: str) -> dict[str, Any] | None:
-        """The deployed template, or None when there is no stack to guard."""
-        cloudformation = self.client("cloudformation")
+    def stack(self, stack: str) -> dict[str, Any] | None:
+        """The deployed stack (DescribeStacks), or None when there is none to guard."""
         try:
-            found = cloudformation.describe_stacks(StackName=stack)["Stacks"]
+            found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
         except botocore.exceptions.ClientError as error:
             if "does not exist" in error.response.get("Error", {}).get("Message", ""):
                 return None
             raise
         if not found or found[0].get("StackStatus") in ("DELETE_COMPLETE", "ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS"):
             return None
-        body = cloudformation.get_template(StackName=stack)["TemplateBody"]
+        return found[0]
+
+    def template(self, stack: str) -> dict[str, Any] | None:
+        """The deployed template, or None when there is no stack to guard."""
+        if self.stack(stack) is None:
+            return None
+        body = self.client("cloudformation").get_template(StackName=stack)["TemplateBody"]
         return body if isinstance(body, dict) else json.loads(body)
+
+    def active_runs(self) -> dict[str, str]:
+        """Run id -> state of every run the run table holds as active (its sparse index). Only the id and
+        the state are read: a record the supervisor would find malformed still counts."""
+        storage = self.stack(naming.STORAGE_STACK)
+        outputs = {o["OutputKey"]: o.get("OutputValue", "") for o in (storage or {}).get("Outputs", [])}
+        table = outputs.get(naming.OUTPUT_RUN_TABLE)
+        if not table:
+            return {}
+        pages = (
+            self.client("dynamodb")
+            .get_paginator("query")
+            .paginate(
+                TableName=table,
+                IndexName=ACTIVE_INDEX,
+                KeyConditionExpression="active = :one",
+                ExpressionAttributeValues={":one": {"S": "1"}},
+                ProjectionExpression="run_id, #state",
+                ExpressionAttributeNames={"#state": "state"},
+            )
+        )
+        runs = {}
+        for page in pages:
+            for item in page.get("Items", []):
+                run_id, state = item.get("run_id", {}).get("S", "?"), item.get("state", {}).get("S", "")
+                if state in ACTIVE_STATES:
+                    runs[run_id] = state
+        return runs
+
+    def live_managed_instances(self) -> dict[str, list[tuple[str, str]]]:
+        """Run id -> [(instance id, state)] of the instances tagged managed that are still up."""
+        pages = (
+            self.client("ec2")
+            .get_paginator("describe_instances")
+            .paginate(
+                Filters=[
+                    {"Name": f"tag:{naming.TAG_MANAGED}", "Values": ["true"]},
+                    {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+                ]
+            )
+        )
+        instances: dict[str, list[tuple[str, str]]] = {}
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    instances.setdefault(tags.get(naming.TAG_RUN_ID) or "?", []).append(
+                        (instance["InstanceId"], instance.get("State", {}).get("Name", ""))
+                    )
+        return instances
 
     def ssm_parameters(self, stack: str, template: dict[str, Any]) -> dict[str, tuple[str, str]]:
         """SSM-typed parameters: the value resolved at the last deploy and the one a deploy would resolve now."""
@@ -453,6 +559,38 @@ def check(stacks: list[SynthesizedStack], region: str | None = None) -> list[Fin
     return findings
 
 
+def active_run_findings(
+    runs: dict[str, str], instances: dict[str, list[tuple[str, str]]], stack_instances: Collection[str] = ()
+) -> list[Finding]:
+    """One finding per managed run that is still going, from its record (`runs`: id -> state), its live
+    instances (`instances`: id -> [(instance id, state)]) and which of those the compute stack made."""
+    findings = []
+    for run_id in sorted(set(runs) | set(instances)):
+        seen = [f"run table: {runs[run_id]}"] if run_id in runs else []
+        seen += [f"instance {instance_id} {state}" for instance_id, state in instances.get(run_id, [])]
+        made = [instance_id for instance_id, _ in instances.get(run_id, []) if instance_id in stack_instances]
+        harm = (
+            f"terminate its instance {', '.join(made)}"
+            if made
+            else "take its supervisor, launch templates and instance role from under it"
+        )
+        findings.append(Finding(naming.COMPUTE_STACK, run_id, (
+            f"the run {run_id} is still active ({'; '.join(seen)}) and destroying the compute stack would {harm}; "
+            f"stop it (`training-infra stop {run_id}`) and wait until `training-infra status {run_id}` shows it "
+            f"ended, or accept with `make destroy {ALLOW_VARIABLE}`"
+        )))  # fmt: skip
+    return findings
+
+
+def check_destroy(region: str | None = None) -> list[Finding]:
+    """What `make destroy` (the compute stack) would cut short; nothing when the stack is not deployed."""
+    deployed = Deployed(region)
+    if deployed.stack(naming.COMPUTE_STACK) is None:
+        return []
+    made = {instance_id for instance_id, *_ in deployed.live_instances(naming.COMPUTE_STACK).values()}
+    return active_run_findings(deployed.active_runs(), deployed.live_managed_instances(), made)
+
+
 def _print(lines: Iterable[str]) -> None:
     for line in lines:
         sys.stderr.write(line + "\n")
@@ -464,29 +602,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("cdk_out", type=Path, help="the cloud assembly `cdk synth` wrote (cdk.out)")
+    parser.add_argument(
+        "cdk_out", type=Path, nargs="?", help="the cloud assembly `cdk synth` wrote (cdk.out); none with --destroy"
+    )
+    parser.add_argument(
+        "--destroy", action="store_true", help="guard `make destroy` instead: refuse while a managed run is active"
+    )
     parser.add_argument(
         "--allow-destructive",
         action="store_true",
-        help=f"report the findings but let the deploy go ahead (`make deploy {ALLOW_VARIABLE}`)",
+        help=f"report the findings but let the deploy or destroy go ahead (`make deploy {ALLOW_VARIABLE}`)",
     )
     parser.add_argument("--report-only", action="store_true", help="report the findings and exit 0 (for `make diff`)")
     parser.add_argument(
         "--region", help="region of environment-agnostic stacks (default: the standard AWS configuration)"
     )
     args = parser.parse_args(argv)
-    if not (args.cdk_out / "manifest.json").is_file():
-        _print(
-            [
-                f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; "
-                "allowed: a cloud assembly written by `cdk synth` (with manifest.json)"
-            ]
-        )
+    guard, make = ("destroy guard", "make destroy") if args.destroy else ("deploy guard", "make deploy")
+    if args.destroy and args.cdk_out is not None:
+        _print([f"error: argument 'cdk_out': got {str(args.cdk_out)!r}; allowed: none with --destroy"])
+        return 2
+    if not args.destroy and (args.cdk_out is None or not (args.cdk_out / "manifest.json").is_file()):
+        got = repr(str(args.cdk_out)) if args.cdk_out is not None else "nothing"
+        _print([
+            f"error: argument 'cdk_out': got {got}; "
+            "allowed: a cloud assembly written by `cdk synth` (with manifest.json)"
+        ])  # fmt: skip
         return 2
     from training_infra.cli.errors import describe_aws_error
 
     try:
-        findings = check(synthesized_stacks(args.cdk_out), args.region)
+        findings = check_destroy(args.region) if args.destroy else check(synthesized_stacks(args.cdk_out), args.region)
     except (
         botocore.exceptions.BotoCoreError,
         botocore.exceptions.ClientError,
@@ -498,26 +644,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ResponseParserError, ValueError):
             message = " ".join(str(error).split())[:300]
         if args.report_only:
-            _print([f"deploy guard: not checked ({message})"])
+            _print([f"{guard}: not checked ({message})"])
             return 0
-        _print([f"error: deploy guard cannot read the deployed stacks: {message}"])
+        what = "the active runs" if args.destroy else "the deployed stacks"
+        _print([f"error: {guard} cannot read {what}: {message}"])
         return 1
     if not findings:
         return 0
     if args.report_only:
-        _print([f"deploy guard: {finding}" for finding in findings])
-        _print([f"deploy guard: `make deploy` would stop here (or go ahead with `make deploy {ALLOW_VARIABLE}`)"])
+        _print([f"{guard}: {finding}" for finding in findings])
+        _print([f"{guard}: `{make}` would stop here (or go ahead with `{make} {ALLOW_VARIABLE}`)"])
         return 0
     if args.allow_destructive:
-        _print([f"deploy guard: accepted by {ALLOW_VARIABLE}: {finding}" for finding in findings])
+        _print([f"{guard}: accepted by {ALLOW_VARIABLE}: {finding}" for finding in findings])
         return 0
-    _print([f"error: deploy guard: {finding}" for finding in findings])
-    _print(
-        [
-            "error: deploy guard: nothing was deployed; fix the settings above, "
-            f"or accept with `make deploy {ALLOW_VARIABLE}`"
-        ]
+    _print([f"error: {guard}: {finding}" for finding in findings])
+    done, fix = (
+        ("destroyed", "stop the runs above and let them end")
+        if args.destroy
+        else ("deployed", "fix the settings above")
     )
+    _print([f"error: {guard}: nothing was {done}; {fix}, or accept with `{make} {ALLOW_VARIABLE}`"])
     return 3
 
 

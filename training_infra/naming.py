@@ -68,6 +68,12 @@ OUTPUT_TRAINER_ROLE_ARN = "TrainerRoleArn"  # only with trainer_s3_access
 OUTPUT_RUN_TABLE = "RunTableName"  # the managed runs' records
 OUTPUT_MONTHLY_LIMIT_USD = "MonthlyLimitUsd"  # 0: none; `launch` reserves against it
 OUTPUT_INSTANCE_TYPES = "InstanceTypes"  # comma-joined; what a managed run may use unless launch says otherwise
+OUTPUT_ALLOWED_INSTANCE_TYPES = "AllowedInstanceTypes"  # comma-joined types or families: the supervisor's limit
+OUTPUT_SUPERVISOR_FUNCTION = "SupervisorFunctionName"  # launch, resume and stop are invokes of it
+OUTPUT_TRAINING_USER_POLICY_ARN = "TrainingUserPolicyArn"  # the managed policy a CLI user needs, nothing more
+# Run launch templates: only the supervisor makes them (this name prefix and TAG_CREATED_BY=supervisor).
+RUN_TEMPLATE_PREFIX = f"{PROJECT}-run-"
+TAG_CREATED_BY = "training-infra:created-by"
 
 
 def snake_case(output_key: str) -> str:

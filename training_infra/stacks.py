@@ -15,7 +15,13 @@ from training_infra.config import Settings
 from training_infra.registry.construct import RegistryProps, TrainingRegistry
 from training_infra.safety.construct import SafetyProps, TrainingSafety
 from training_infra.storage.construct import StorageProps, TrainingStorage
-from training_infra.supervisor.construct import RunTable, SupervisorProps, TrainingSupervisor
+from training_infra.supervisor.construct import (
+    LaunchTarget,
+    RunTable,
+    SupervisorProps,
+    TrainingSupervisor,
+    training_user_policy,
+)
 
 DESCRIPTION = "training-infra: cheap, safe spot GPU training"
 
@@ -135,17 +141,56 @@ class ComputeStack(Stack):
                 log_retention_days=settings.log_retention_days,
                 reserve_lambda_concurrency=settings.reserve_lambda_concurrency,
                 monthly_limit_usd=settings.monthly_limit_usd or 0,
+                allowed_instance_types=settings.allowed_instance_types,
+                max_runtime_hours=settings.max_runtime_hours,
             ),
             run_table=run_table.table,
             outputs_bucket=storage.outputs_bucket,
-            instance_role=self.compute.role,
+            target=LaunchTarget(
+                launch_template=self.compute.launch_template,
+                subnet_ids=self.compute.subnet_ids,
+                security_group=self.compute.security_group,
+                instance_profile=self.compute.instance_profile,
+                instance_role=self.compute.role,
+            ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
             monthly_budget_name=monthly_budget_name,
         )
         # It keeps the run records and reads how each attempt ended.
         run_table.grant_records(self.supervisor.function.role)
+        run_table.grant_records(self.supervisor.requests.role)
         storage.grant_read_attempt_status(self.supervisor.function.role)
+        # The one trust boundary: users get this policy, and launch, resume and stop through the supervisor.
+        user_policy = training_user_policy(
+            self,
+            "TrainingUserPolicy",
+            supervisor=self.supervisor,
+            run_table=run_table.table,
+            data_bucket=storage.data_bucket,
+            outputs_bucket=storage.outputs_bucket,
+            repository=repository,
+            log_group=self.compute.log_group,
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_TRAINING_USER_POLICY_ARN,
+            value=user_policy.managed_policy_arn,
+            description="Attach to the people and roles that run training-infra: nothing more is needed",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_SUPERVISOR_FUNCTION,
+            value=self.supervisor.requests.function.function_name,
+            description="training-infra launch and stop invoke it (the supervisor's request function, the only one "
+            "users may invoke)",
+        )
+        CfnOutput(
+            self,
+            naming.OUTPUT_ALLOWED_INSTANCE_TYPES,
+            value=",".join(settings.allowed_instance_types),
+            description="allowed_instance_types: the only types the supervisor launches",
+        )
         CfnOutput(
             self,
             naming.OUTPUT_LAUNCH_TEMPLATE_ID,

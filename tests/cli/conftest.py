@@ -122,6 +122,25 @@ def stack_templates(
         "Resources": {
             "Vpc": {"Type": "AWS::EC2::VPC", "Properties": {"CidrBlock": "10.20.0.0/16"}},
             **subnets,
+            "InstanceRole": {
+                "Type": "AWS::IAM::Role",
+                "Properties": {
+                    "AssumeRolePolicyDocument": {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Action": "sts:AssumeRole",
+                                "Principal": {"Service": "ec2.amazonaws.com"},
+                            }
+                        ],
+                    }
+                },
+            },
+            "InstanceProfile": {
+                "Type": "AWS::IAM::InstanceProfile",
+                "Properties": {"Path": "/training-infra/", "Roles": [{"Ref": "InstanceRole"}]},
+            },
             "Group": {
                 "Type": "AWS::EC2::SecurityGroup",
                 "Properties": {"GroupDescription": "training instances (no ingress)", "VpcId": {"Ref": "Vpc"}},
@@ -133,6 +152,7 @@ def stack_templates(
                         "ImageId": IMAGE_ID,
                         "InstanceType": TEMPLATE_INSTANCE_TYPE,
                         "SecurityGroupIds": [{"Ref": "Group"}],
+                        "IamInstanceProfile": {"Arn": {"Fn::GetAtt": ["InstanceProfile", "Arn"]}},
                         "InstanceInitiatedShutdownBehavior": "terminate",
                         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2},
                         "BlockDeviceMappings": [

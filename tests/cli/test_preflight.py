@@ -16,7 +16,7 @@ from botocore.stub import Stubber
 
 from training_infra import naming
 from training_infra.cli import preflight
-from training_infra.cli.launching import supervisor_with
+from training_infra.cli.launching import LOCAL_NOTE, supervisor_with
 from training_infra.supervisor.runtime.records import RunStore
 
 EMPTY_DATA_REGION = "sa-east-1"  # this module's own: no other module deploys there (ap-southeast-2 must stay empty)
@@ -68,14 +68,13 @@ def test_dry_run_prints_the_plan_with_prices_and_creates_nothing(stacks):
     lines = result.stdout.splitlines()
     repository = stacks.outputs[naming.OUTPUT_ECR_REPOSITORY_URI]
     assert lines[0] == "preflight passed for run pf-dry; --dry-run: nothing created"
-    assert "  run          pf-dry (new)" in lines
-    assert f"  image        {repository}:latest (in ECR)" in lines
-    assert f"  data         s3://{stacks.data_bucket}/data/ (has objects)" in lines
-    assert "  pools        4 of 4 type x zone pairs offered by EC2" in lines
-    assert "  price cap    $0.90/hour: 4 spot pool(s) fit" in lines
-    assert "  permissions  a dry-run RunInstances of the stack's template is allowed" in lines
-    assert "  caps         fleet MaxTotalPrice 0.9, spot MaxPrice per pool" in lines
-    assert any(line.startswith("  deadline     20") and "(one deadline for every attempt)" in line for line in lines)
+    assert "  run        pf-dry (new)" in lines
+    assert f"  image      {repository}:latest (in ECR)" in lines
+    assert f"  data       s3://{stacks.data_bucket}/data/ (has objects)" in lines
+    assert "  pools      4 of 4 type x zone pairs offered by EC2" in lines
+    assert "  price cap  $0.90/hour: 4 spot pool(s) fit" in lines
+    assert "  caps       fleet MaxTotalPrice 0.9, spot MaxPrice per pool" in lines
+    assert any(line.startswith("  deadline   20") and "(one deadline for every attempt)" in line for line in lines)
     assert f"  g5.xlarge      {stacks.region}a       spot $0.00001" in lines, "moto's spot price history, read"
     assert lines[-2:] == NOTES, "each check that could not run here says so once"
     _nothing_created(stacks, "pf-dry")
@@ -98,7 +97,7 @@ def test_a_launch_that_passes_says_once_what_it_could_not_check_on_stderr(stacks
 
     assert result.exit_code == 0, result.output
     assert result.stdout == "pf-notes\n", "stdout stays the run id alone"
-    assert result.stderr.splitlines() == NOTES
+    assert result.stderr.splitlines() == [*NOTES, f"note: {LOCAL_NOTE}"], "and the local AWS says who played Lambda"
 
 
 # --- image, data ------------------------------------------------------------------------------------------
@@ -140,7 +139,7 @@ def test_an_empty_data_prefix_is_refused_unless_allowed(deployed):
     _nothing_created(empty, "pf-no-data")
     allowed = empty.cli("launch", "--run-id", "pf-no-data", "--allow-empty-data", "--dry-run")
     assert allowed.exit_code == 0, allowed.output
-    assert f"  data         s3://{empty.data_bucket}/data/ (empty; --allow-empty-data)" in allowed.stdout.splitlines()
+    assert f"  data      s3://{empty.data_bucket}/data/ (empty; --allow-empty-data)" in allowed.stdout.splitlines()
 
 
 def test_every_failure_is_reported_at_once_one_line_each(deployed):
@@ -236,7 +235,7 @@ def test_a_run_id_used_before_the_run_table_needs_resume(stacks):
     resumed = stacks.cli("launch", "--run-id", "pf-legacy", "--resume", "--dry-run")
     assert resumed.exit_code == 0, resumed.output
     assert (
-        f"  run          pf-legacy (resumed: attempt 1, from s3://{stacks.outputs_bucket}/checkpoints/pf-legacy/)"
+        f"  run       pf-legacy (resumed: attempt 1, from s3://{stacks.outputs_bucket}/checkpoints/pf-legacy/)"
         in resumed.stdout.splitlines()
     )
 
@@ -290,7 +289,7 @@ def test_a_bad_max_price_is_one_usage_line_before_calling_aws(stacks, value):
     )
 
 
-# --- quotas and permissions: the real answers, from a Stubber ---------------------------------------------
+# --- quotas: the real answers, from a Stubber ---------------------------------------------
 
 
 def _client(service: str):
@@ -305,7 +304,7 @@ def _client(service: str):
 def _report(types=("g5.xlarge", "g6.xlarge"), market="spot") -> preflight.Report:
     plan = preflight.Plan(
         run_id="r", image_tag="latest", instance_types=list(types), market=market, subnets=["subnet-a"],
-        deadline="2026-11-29T20:00:00Z", template_id="lt-0123456789abcdef0", template_version="3",
+        deadline="2026-11-29T20:00:00Z", template_id="lt-0123456789abcdef0",
         run_tags={naming.TAG_MANAGED: "true", naming.TAG_RUN_ID: "r"},
     )  # fmt: skip
     report = preflight.Report(plan)
@@ -393,40 +392,3 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
 def test_each_type_is_checked_against_its_familys_quota_for_the_market(instance_type, market, code):
     found = preflight.QUOTAS.get((preflight.family_group(instance_type) or "", market))
     assert (found[0] if found else None) == code
-
-
-def test_a_dry_run_launch_ec2_refuses_names_the_permissions_to_ask_for():
-    ec2 = _client("ec2")
-    report = _report()
-    with Stubber(ec2) as stub:
-        stub.add_client_error(
-            "run_instances",
-            "UnauthorizedOperation",
-            "You are not authorized to perform this operation. Encoded authorization failure message: AbC",
-            http_status_code=403,
-            expected_params={
-                "DryRun": True, "MinCount": 1, "MaxCount": 1, "InstanceType": "g5.xlarge", "SubnetId": "subnet-a",
-                "LaunchTemplate": {"LaunchTemplateId": "lt-0123456789abcdef0", "Version": "3"},
-                "TagSpecifications": [{"ResourceType": "instance", "Tags": [
-                    {"Key": naming.TAG_MANAGED, "Value": "true"}, {"Key": naming.TAG_RUN_ID, "Value": "r"}]}],
-            },
-        )  # fmt: skip
-        preflight.check_permissions(report, ec2)
-
-    assert report.failures == [
-        "not allowed to launch: EC2 answered UnauthorizedOperation to a dry-run RunInstances of the stack's launch "
-        "template: ask your admin for ec2:CreateFleet, ec2:RunInstances, ec2:CreateTags and iam:PassRole on the "
-        "instance role (docs/cli.md, 'Permissions the command needs')"
-    ]
-
-
-def test_any_other_answer_to_the_dry_run_is_reported_with_ec2s_words():
-    ec2 = _client("ec2")
-    report = _report()
-    with Stubber(ec2) as stub:
-        stub.add_client_error("run_instances", "InvalidAMIID.NotFound", "The image id '[ami-0123]' does not exist")
-        preflight.check_permissions(report, ec2)
-
-    assert report.failures == [
-        "a dry-run launch failed: InvalidAMIID.NotFound: The image id '[ami-0123]' does not exist"
-    ]

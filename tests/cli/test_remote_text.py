@@ -17,6 +17,16 @@ from training_infra.cli.safe_text import remote_text
 CLEAR_SCREEN = "\x1b[2J"
 OSC8_LINK = "\x1b]8;;https://evil.example/\x1b\\click\x1b]8;;\x1b\\"
 MARKUP_LINK = "[link=https://evil.example/]click[/link]"
+# Trojan Source (CVE-2021-42574): after a right-to-left override (U+202E) a terminal shows the text
+# reversed, so a line can read other than it is; isolates and marks reorder more quietly. The filter
+# drops every one of them:
+BIDI_CONTROLS = (
+    *(chr(c) for c in range(0x202A, 0x202F)),  # LRE RLE PDF LRO RLO
+    *(chr(c) for c in range(0x2066, 0x206A)),  # LRI RLI FSI PDI
+    "\u200e",  # LRM
+    "\u200f",  # RLM
+    "\u061c",  # ALM
+)
 FORCED_TERMINAL = {"FORCE_COLOR": "1", "TERM": "xterm-256color"}  # rich renders as for a real terminal
 
 
@@ -26,7 +36,7 @@ def _injected_status(run_id: str) -> dict:
         "outcome": f"failed{CLEAR_SCREEN}{MARKUP_LINK}",
         "exit_code": 1,
         "instance_type": f"g5.xlarge{OSC8_LINK}",
-        "market": "spot\x07\x9b2J",
+        "market": "\u202espot\x07\x9b2J\u2066\u200f",
         "started_at": "2026-11-20T08:00:00Z",
         "ended_at": "2026-11-20T09:00:00Z",
         "message": f"bye{CLEAR_SCREEN}",
@@ -34,7 +44,7 @@ def _injected_status(run_id: str) -> dict:
 
 
 def _assert_harmless(output: str) -> None:
-    for sequence in (CLEAR_SCREEN, "\x1b]8;", "\x07", "\x9b"):
+    for sequence in (CLEAR_SCREEN, "\x1b]8;", "\x07", "\x9b", *BIDI_CONTROLS):
         assert sequence not in output, f"{sequence!r} reached the terminal"
 
 
@@ -87,6 +97,17 @@ def test_logs_prints_log_lines_without_escape_sequences_keeping_tabs(stacks):
 )
 def test_remote_text_removes_every_escape_sequence_and_control_character_but_newline_and_tab(raw, shown):
     assert remote_text(raw) == shown
+
+
+@pytest.mark.parametrize("control", BIDI_CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+def test_remote_text_removes_each_bidi_control_so_a_line_shows_in_the_order_it_was_written(control):
+    assert remote_text(f"access = {control}admin{control}\tok") == "access = admin\tok"
+
+
+def test_remote_text_keeps_right_to_left_letters_and_other_unicode():
+    """Only the controls go: Arabic and Hebrew text, accents and emoji are shown as written."""
+    text = "epoch 1 — مرحبا שלום café 🚀"
+    assert remote_text(text) == text
 
 
 def test_remote_text_escapes_markup_only_where_rich_would_render_it():

@@ -41,6 +41,11 @@ def _legacy_instance(stacks, run_id: str, *, market: str = "on-demand") -> dict:
         "Name": naming.instance_name(run_id),
     }
     extra = {"InstanceMarketOptions": {"MarketType": "spot"}} if market == "spot" else {}
+    [stack_template] = stacks.client("ec2").describe_launch_template_versions(
+        LaunchTemplateId=stacks.outputs[naming.OUTPUT_LAUNCH_TEMPLATE_ID], Versions=["$Default"]
+    )["LaunchTemplateVersions"]
+    # Launched from the stack's template, so with the project's instance profile (all the supervisor ends).
+    extra["IamInstanceProfile"] = stack_template["LaunchTemplateData"]["IamInstanceProfile"]
     return stacks.client("ec2").run_instances(
         ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],

@@ -13,12 +13,18 @@ from moto import mock_aws
 
 from training_infra import naming
 from training_infra.local.events import ec2_event
+from training_infra.local.moto_server import teach_instance_profiles
 from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, iso
 from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
 REGION = "us-east-1"
 MOTO_AMI = "ami-12c6146b"
 START = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+# What render_user_data writes, in short: the stack's exports, the marker, the bootstrap.
+STACK_USER_DATA = (
+    "#!/bin/bash\nexport TI_MAX_RUNTIME_SECONDS=43200\nexport TI_CHECKPOINT_SYNC_SECONDS=300\n"
+    "export TI_IMAGE_TAG=latest\nexport TI_EXTRA_ENV='STACK_LEVEL=1'\n#@run-overrides\necho bootstrap\n"
+)
 
 
 class Clock:
@@ -73,14 +79,29 @@ class Account:
             zone: self.ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
             for zone, cidr in (("us-east-1a", "10.0.1.0/24"), ("us-east-1b", "10.0.2.0/24"))
         }
-        # The run's own launch template, as `training-infra launch` makes it (no market: the fleet picks).
-        self.template_id = self.ec2.create_launch_template(
-            LaunchTemplateName="training-infra-run-bert",
-            LaunchTemplateData={
-                "ImageId": MOTO_AMI,
-                "UserData": base64.b64encode(b"#!/bin/bash\nexport TI_RUN_ID=bert\n").decode(),
-            },
+        self.security_group = self.ec2.create_security_group(GroupName="training", Description="no ingress", VpcId=vpc)[
+            "GroupId"
+        ]
+        self.iam = boto3.client("iam", region_name=REGION)
+        self.iam.create_role(RoleName="instance", AssumeRolePolicyDocument="{}")
+        self.profile_arn = self.iam.create_instance_profile(InstanceProfileName="training", Path="/training-infra/")[
+            "InstanceProfile"
+        ]["Arn"]
+        self.iam.add_role_to_instance_profile(InstanceProfileName="training", RoleName="instance")
+        # The stack's launch template as the compute stack deploys it (its default version is what runs copy).
+        self.stack_data = {
+            "ImageId": MOTO_AMI,
+            "SecurityGroupIds": [self.security_group],
+            "IamInstanceProfile": {"Arn": self.profile_arn},
+            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 100, "VolumeType": "gp3"}}],
+            "UserData": base64.b64encode(STACK_USER_DATA.encode()).decode(),
+        }
+        self.stack_template_id = self.ec2.create_launch_template(
+            LaunchTemplateName="stack-template", LaunchTemplateData=self.stack_data
         )["LaunchTemplate"]["LaunchTemplateId"]
+        self.templates: dict[str, str] = {}
+        # The run's own launch template, as the supervisor makes it (no market: the fleet picks).
+        self.template_id = self.run_template("bert")
         self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
         self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
         queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
@@ -88,7 +109,26 @@ class Account:
         ]
         self.sns.subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=queue_arn)
         self.clock = Clock()
-        self.cfg = SupervisorConfig(table=self.table, outputs_bucket=self.bucket, topic_arn=self.topic_arn)
+        self.cfg = SupervisorConfig(
+            table=self.table, outputs_bucket=self.bucket, topic_arn=self.topic_arn,
+            launch_template_id=self.stack_template_id, subnet_ids=",".join(self.subnets.values()),
+            security_group_id=self.security_group, instance_profile_arn=self.profile_arn,
+            allowed_instance_types="g4dn.*,g5.*,g6.*,c6i.*", max_runtime_hours=48,
+        )  # fmt: skip
+
+    def run_template(self, run_id: str) -> str:
+        """The launch template the supervisor makes for a run: its name prefix, created-by and run-id tags."""
+        if run_id not in self.templates:
+            user_data = f"#!/bin/bash\nexport TI_RUN_ID={run_id}\n".encode()
+            data = {**self.stack_data, "UserData": base64.b64encode(user_data).decode()}
+            tags = {naming.TAG_CREATED_BY: "supervisor", naming.TAG_RUN_ID: run_id, naming.TAG_MANAGED: "true"}
+            self.templates[run_id] = self.ec2.create_launch_template(
+                LaunchTemplateName=f"{naming.RUN_TEMPLATE_PREFIX}{run_id}",
+                LaunchTemplateData=data,
+                TagSpecifications=[{"ResourceType": "launch-template",
+                                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+            )["LaunchTemplate"]["LaunchTemplateId"]  # fmt: skip
+        return self.templates[run_id]
 
     def clients(self, ec2=None) -> Clients:
         return Clients(
@@ -104,13 +144,14 @@ class Account:
             "subnet_ids": list(self.subnets.values()),
             "market": "spot",
             "max_restarts_on_errors": 0,
-            "launch_template_id": self.template_id,
             "launch_template_version": "1",
             "owns_launch_template": True,
             "max_runtime_hours": 24,
             "checkpoint_sync_seconds": 300,
             **spec,
         }
+        if "launch_template_id" not in full:
+            full["launch_template_id"] = self.run_template(run_id)
         hours = full["max_runtime_hours"]
         deadline = iso(self.clock() + timedelta(hours=hours))
         # As `launch` records them: the run's tags from naming.run_tags, the one place they are built.
@@ -177,5 +218,6 @@ def event(detail_type: str, instance_id: str = "", **detail) -> dict:
 
 @pytest.fixture
 def account():
+    teach_instance_profiles()  # instances from a template carry its profile, as on AWS
     with mock_aws():
         yield Account()

@@ -349,11 +349,29 @@ def test_a_launch_that_died_before_recording_is_adopted_not_repeated(account):
     assert account.run().attempts[0]["instance_id"] == instance["InstanceId"]
 
 
+class TemplateUnreadableFor:
+    """EC2 that fails reading one launch template's versions (a throttled or broken call for that run only)."""
+
+    def __init__(self, ec2, template_id: str) -> None:
+        self._ec2, self._template_id = ec2, template_id
+
+    def describe_launch_template_versions(self, **kwargs):
+        if kwargs.get("LaunchTemplateId") == self._template_id:
+            raise ClientError(
+                {"Error": {"Code": "InternalError", "Message": "injected"}}, "DescribeLaunchTemplateVersions"
+            )
+        return self._ec2.describe_launch_template_versions(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+
 def test_a_failed_reconcile_of_one_run_lets_the_others_proceed_and_then_raises(account):
     account.new_run("bert")
-    account.new_run("gpt", subnet_ids=["subnet-00000000000000000"])  # DescribeSubnets fails for this one
+    account.new_run("gpt")
+    ec2 = TemplateUnreadableFor(account.ec2, account.run_template("gpt"))
     with pytest.raises(SupervisorError, match="gpt"):
-        account.supervisor().handle(event(SCHEDULED))
+        account.supervisor(ec2).handle(event(SCHEDULED))
     assert account.run("bert").attempts[0]["instance_id"]
 
 

@@ -108,23 +108,94 @@ def test_supervisor_gets_the_table_bucket_and_tag_names_it_must_agree_on(compute
     assert "Fn::ImportValue" in env["TABLE"] and "Fn::ImportValue" in env["OUTPUTS_BUCKET"]
 
 
-def test_supervisor_launches_only_tagged_instances_from_managed_templates_and_passes_only_the_instance_role(
+@pytest.mark.parametrize("function", ["function", "requests"])
+def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_and_network(
+    compute, supervisor, function
+):
+    statements = {s["Sid"]: s for s in compute.role_statements(getattr(supervisor, function).role) if "Sid" in s}
+    made_by_us = {"StringEquals": {f"aws:ResourceTag/{naming.TAG_CREATED_BY}": "supervisor"}}
+    compute_construct = compute.construct("Compute")
+    profile = {"Fn::GetAtt": [compute.logical_id(compute_construct.instance_profile), "Arn"]}
+    assert statements["LaunchOnlyFromTemplatesItMade"]["Condition"] == made_by_us
+    assert statements["DeleteOnlyTemplatesItMade"]["Condition"] == made_by_us
+    assert statements["MakeRunTemplatesTagged"]["Condition"] == {
+        "StringEquals": {f"aws:RequestTag/{naming.TAG_CREATED_BY}": "supervisor"}
+    }
+    instances = statements["LaunchOnlyProjectInstances"]
+    assert instances["Condition"]["StringEquals"] == {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}
+    assert instances["Condition"]["ArnEquals"] == {"ec2:InstanceProfile": profile}
+    assert "p5.*" not in instances["Condition"]["StringLike"]["ec2:InstanceType"]
+    assert "g5.*" in instances["Condition"]["StringLike"]["ec2:InstanceType"]
+    ending = statements["StopAndEndOnlyProjectInstances"]
+    assert ending["Condition"] == {
+        "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+        "ArnEquals": {"ec2:InstanceProfile": profile},
+    }
+    subnets = _as_list(statements["LaunchOnlyIntoTheStacksNetwork"]["Resource"])
+    assert len(subnets) == len(compute_construct.subnet_ids) and all("subnet/" in str(r) for r in subnets)
+    assert "security-group/" in str(statements["LaunchOnlyWithTheStacksSecurityGroup"]["Resource"])
+    assert statements["ImageOnlyFromTheTemplate"]["Condition"] == {"Bool": {"ec2:IsLaunchTemplateResource": "true"}}
+    image_grants = [s for s in statements.values() if any("image/" in str(r) for r in _as_list(s["Resource"]))]
+    assert {s["Sid"] for s in image_grants if "ec2:RunInstances" in _as_list(s["Action"])} == {
+        "ImageOnlyFromTheTemplate"
+    }, "RunInstances gets an image only from the launch template"
+    pass_role = statements["PassOnlyTheInstanceRole"]
+    assert pass_role["Resource"] == {"Fn::GetAtt": [compute.logical_id(compute_construct.role), "Arn"]}
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    # Nothing unconditioned on a launch template, an instance, a subnet or a group but what is listed above.
+    for statement in statements.values():
+        for resource in _as_list(statement["Resource"]):
+            if "launch-template/" in str(resource) and statement["Sid"] != "TagAtLaunch":
+                assert statement.get("Condition"), statement
+
+
+@pytest.mark.parametrize("function", ["function", "requests"])
+def test_supervisor_learns_the_stacks_limits_from_its_environment(compute, supervisor, function):
+    env = compute.json["Resources"][compute.logical_id(getattr(supervisor, function).function)]["Properties"][
+        "Environment"
+    ]["Variables"]
+    compute_construct = compute.construct("Compute")
+    assert env["LAUNCH_TEMPLATE_ID"] == {"Ref": compute.logical_id(compute_construct.launch_template)}
+    assert env["INSTANCE_PROFILE_ARN"] == {
+        "Fn::GetAtt": [compute.logical_id(compute_construct.instance_profile), "Arn"]
+    }
+    assert env["ALLOWED_INSTANCE_TYPES"].split(",")[0] == "g4dn.*" and "p5" not in env["ALLOWED_INSTANCE_TYPES"]
+    assert env["MAX_RUNTIME_HOURS"] and env["SUBNET_IDS"] and env["SECURITY_GROUP_ID"]
+    assert env["RUN_TEMPLATE_PREFIX"] == naming.RUN_TEMPLATE_PREFIX and env["CREATED_BY_TAG"] == naming.TAG_CREATED_BY
+
+
+def _user_policy(compute):
+    [(logical_id, policy)] = [
+        (lid, r)
+        for lid, r in compute.resources("AWS::IAM::ManagedPolicy").items()
+        if "CLI users" in r["Properties"].get("Description", "")
+    ]
+    return logical_id, policy["Properties"]["PolicyDocument"]["Statement"]
+
+
+def test_the_training_user_policy_invokes_the_supervisor_and_reads_but_writes_no_run_template_or_instance(
     compute, supervisor
 ):
-    statements = {s["Sid"]: s for s in compute.role_statements(supervisor.function.role) if "Sid" in s}
-    managed = {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}
-    assert statements["LaunchOnlyFromRunTemplates"]["Condition"] == {"StringEquals": managed}
-    assert statements["LaunchOnlyTaggedInstances"]["Condition"] == {
-        "StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}
-    }
-    assert statements["StopAndEndManagedInstances"]["Condition"] == {"StringEquals": managed}
-    assert statements["DeleteFinishedRunTemplates"]["Condition"] == {"StringEquals": managed}
-    assert statements["TagAtLaunch"]["Condition"] == {
-        "StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}
-    }
-    pass_role = statements["PassOnlyTheInstanceRole"]
-    assert pass_role["Resource"] == {"Fn::GetAtt": [compute.logical_id(compute.construct("Compute").role), "Arn"]}
-    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    logical_id, statements = _user_policy(compute)
+    actions = {a for s in statements for a in _as_list(s["Action"])}
+    for forbidden in ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "ec2:CreateLaunchTemplate",
+                      "ec2:CreateLaunchTemplateVersion", "ec2:CreateFleet", "ec2:RunInstances", "iam:PassRole",
+                      "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DeleteLaunchTemplate"):  # fmt: skip
+        assert forbidden not in actions
+    assert all(s["Effect"] == "Allow" for s in statements)
+    (invoke,) = [s for s in statements if s["Action"] == "lambda:InvokeFunction"]
+    assert invoke["Resource"] == {"Fn::GetAtt": [compute.logical_id(supervisor.requests.function), "Arn"]}, (
+        "the request function only: EventBridge alone hands the event-driven function its events"
+    )
+    (shell,) = [s for s in statements if s.get("Sid") == "ShellIntoRunInstances"]
+    assert shell["Condition"] == {"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}}
+    for statement in statements:
+        if statement["Resource"] == "*":
+            assert all(a.startswith("ec2:Describe") or a in ("servicequotas:GetServiceQuota", "pricing:GetProducts")
+                       for a in _as_list(statement["Action"])), statement  # fmt: skip
+    outputs = compute.json["Outputs"]
+    assert outputs[naming.OUTPUT_TRAINING_USER_POLICY_ARN]["Value"] == {"Ref": logical_id}
+    assert naming.OUTPUT_SUPERVISOR_FUNCTION in outputs and naming.OUTPUT_ALLOWED_INSTANCE_TYPES in outputs
 
 
 def test_supervisor_may_read_spot_and_list_prices_for_price_caps(compute, supervisor):
@@ -168,8 +239,11 @@ def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances
     assert props["ActionThreshold"] == {"Type": "PERCENTAGE", "Value": 100}
     assert props["Definition"]["IamActionDefinition"] == {
         "PolicyArn": {"Ref": deny_id},
-        "Roles": [{"Ref": compute.logical_id(supervisor.function.role)}],
-    }
+        "Roles": [
+            {"Ref": compute.logical_id(supervisor.function.role)},
+            {"Ref": compute.logical_id(supervisor.requests.role)},
+        ],
+    }, "both functions that launch: every launch is denied past the budget"
     assert "Fn::ImportValue" in props["BudgetName"], "the safety stack's monthly budget"
     trusts = [
         r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
@@ -177,3 +251,13 @@ def test_past_the_monthly_budget_aws_budgets_denies_the_supervisor_new_instances
     ]
     [executor] = [t for t in trusts if t["Principal"] == {"Service": "budgets.amazonaws.com"}]
     assert executor["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
+def test_users_invoke_only_the_request_function_which_no_event_rule_targets(compute, supervisor):
+    requests = compute.logical_id(supervisor.requests.function)
+    handler = compute.json["Resources"][requests]["Properties"]["Handler"]
+    assert handler == "run_requests.handler"
+    for rule in compute.resources("AWS::Events::Rule").values():
+        assert all(requests not in str(target["Arn"]) for target in rule["Properties"]["Targets"])
+    outputs = compute.json["Outputs"]
+    assert outputs[naming.OUTPUT_SUPERVISOR_FUNCTION]["Value"] == {"Ref": requests}

@@ -37,6 +37,9 @@ OUTPUT_STACKS: dict[str, str] = {
     naming.OUTPUT_INSTANCE_TYPES: naming.COMPUTE_STACK,
     naming.OUTPUT_MONTHLY_LIMIT_USD: naming.COMPUTE_STACK,
     naming.OUTPUT_INSTANCE_ID: naming.COMPUTE_STACK,
+    naming.OUTPUT_ALLOWED_INSTANCE_TYPES: naming.COMPUTE_STACK,
+    naming.OUTPUT_SUPERVISOR_FUNCTION: naming.COMPUTE_STACK,
+    naming.OUTPUT_TRAINING_USER_POLICY_ARN: naming.COMPUTE_STACK,
 }
 SNAKE_TO_KEY = {naming.snake_case(key): key for key in OUTPUT_STACKS}
 # Outputs that exist only with some settings; their absence is not a broken deployment.

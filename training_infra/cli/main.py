@@ -480,7 +480,7 @@ def launch(
         for line in preflight.dry_run_lines(started.preflight):
             stdout().print(line, markup=False)
         return
-    for note in started.preflight.notes:  # what the preflight could not check here, once (stderr: -q stays clean)
+    for note in [*started.preflight.notes, *started.notes]:  # once each, on stderr: -q stays clean
         err_console().print(f"note: {note}", markup=False)
     managed = started.run
     if quiet:
@@ -1020,17 +1020,21 @@ def stop(run: RunArg, region: Region = None) -> None:
     aws = Aws(region)
     store = _run_store(aws)
     record = store.get(run) if store is not None else None
-    if record is not None:
-        if not record.active:
-            stdout().print(f"run {run} has already ended ({record.state}); nothing to stop", markup=False)
-            return
-        if record.stop_requested_at:
-            stdout().print(f"run {run} is already stopping (asked at {record.stop_requested_at})", markup=False)
-            return
-        record = launching.supervisor_for(aws).request_stop(run)
-        current = record.current or {}
-        out = stdout()
-        where = f" on {current['instance_id']}" if current.get("instance_id") else ""
+    out = stdout()
+    if record is None and not runs.instances_for(aws, run, managed_only=False):
+        runs.require_runs(aws, run)  # unknown run -> clear error before asking anyone
+    answer, notes = launching.call_supervisor(aws, {"action": "stop", "run_id": run})
+    for note in notes:
+        err_console().print(f"note: {note}", markup=False)
+    result = answer["result"]
+    if result == "ended":
+        out.print(f"run {run} has already ended ({answer['state']}); nothing to stop", markup=False)
+        return
+    if result == "stopping":
+        out.print(f"run {run} is already stopping (asked at {answer['since']})", markup=False)
+        return
+    if result == "stop-requested":
+        where = f" on {answer['instance_id']}" if answer.get("instance_id") else ""
         out.print(
             f"stopping run {run}{where}: no more attempts; "
             "the trainer gets its grace period, then outputs and logs are uploaded",
@@ -1038,27 +1042,11 @@ def stop(run: RunArg, region: Region = None) -> None:
         )
         out.print(f"  training-infra status {run}", markup=False)
         return
-    instances = [runs.run_from_instance(i) for i in runs.instances_for(aws, run, managed_only=False)]
-    if not instances:
-        runs.require_runs(aws, run)  # unknown run -> clear error; a finished one falls through
-        stdout().print(f"run {run} has already ended; nothing to stop")
-        return
-    unmanaged = [r.instance_id for r in instances if not r.managed]
-    if unmanaged:
-        raise CliError(
-            f"refusing to terminate {', '.join(unmanaged)}: "
-            f"tagged {naming.TAG_RUN_ID}={run} but not {naming.TAG_MANAGED}=true"
-        )
-    live = [r.instance_id for r in instances if r.live]
-    # A stopped instance (auto_shutdown=false, or stopped by hand) runs nothing but its volume still bills.
-    stopped = [r.instance_id for r in instances if r.state == "stopped"]
+    live, stopped = answer["live"], answer["stopped"]
     if not live and not stopped:
-        stdout().print(
-            f"run {run} has already ended ({', '.join(sorted({r.state for r in instances}))}); nothing to stop"
-        )
+        states = ", ".join(s for s in answer["states"] if s)
+        out.print(f"run {run} has already ended{f' ({states})' if states else ''}; nothing to stop", markup=False)
         return
-    aws.client("ec2").terminate_instances(InstanceIds=live + stopped)
-    out = stdout()
     if live:
         out.print(f"stopping run {run}: terminating {', '.join(live)}; outputs and logs are uploaded on the way down")
     if stopped:

@@ -92,7 +92,6 @@ class Plan:
     subnets: list[str]
     deadline: str
     template_id: str
-    template_version: str
     run_tags: dict[str, str]
     max_price: float | None = None
     allow_empty_data: bool = False
@@ -153,7 +152,6 @@ def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = Fal
         dependent = [
             part(check_quotas, ec2, quotas, aws.region_name, base=offerings),
             part(check_prices, prices, all_markets=dry_run, base=offerings),
-            part(check_permissions, ec2, base=offerings),
         ]
         parts = [*(f.result() for f in independent), offerings, *(f.result() for f in dependent)]
     report = Report(plan, zones=offerings.zones, offered=offerings.offered)
@@ -359,41 +357,6 @@ def check_prices(report: Report, prices: Prices, *, all_markets: bool) -> None:
     report.failures.append(
         f"{cap_message(plan.max_price, best)}: raise --max-price or choose cheaper --instance-types or --market"
     )
-
-
-def check_permissions(report: Report, ec2: Any) -> None:
-    """A dry-run RunInstances from the stack's template, as the run's copy of it will launch: allowed or not."""
-    plan = report.plan
-    instance_type, zone = report.offered[0] if report.offered else (plan.instance_types[0], None)
-    subnet = next((s for s, z in report.zones.items() if z == zone), None)
-    try:
-        ec2.run_instances(
-            DryRun=True,
-            MinCount=1,
-            MaxCount=1,
-            LaunchTemplate={"LaunchTemplateId": plan.template_id, "Version": plan.template_version},
-            InstanceType=instance_type,
-            **({"SubnetId": subnet} if subnet else {}),
-            TagSpecifications=[
-                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in plan.run_tags.items()]}
-            ],
-        )
-    except botocore.exceptions.ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code == "DryRunOperation":
-            report.lines.append(("permissions", "a dry-run RunInstances of the stack's template is allowed"))
-            return
-        if code == "UnauthorizedOperation":
-            report.failures.append(
-                "not allowed to launch: EC2 answered UnauthorizedOperation to a dry-run RunInstances of the stack's "
-                "launch template: ask your admin for ec2:CreateFleet, ec2:RunInstances, ec2:CreateTags and "
-                "iam:PassRole on the instance role (docs/cli.md, 'Permissions the command needs')"
-            )
-            return
-        message = error.response.get("Error", {}).get("Message", "")
-        report.failures.append(f"a dry-run launch failed: {code}: {message}")
-        return
-    report.failures.append("a dry-run launch was not refused as a dry run: EC2 ignored DryRun; nothing was checked")
 
 
 # ---- --dry-run -----------------------------------------------------------------------------------------

@@ -423,7 +423,9 @@ def record_bucket_runs(aws: Aws, store: Any) -> Recorded:
         store.mark_seen(recorded | {run_id for run_id, _ in found} | set(without_status))
     except botocore.exceptions.ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")
-        if code not in ("AccessDeniedException", "AccessDenied", "ValidationException", "UnauthorizedOperation"):
+        denied = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403  # TrainingUserPolicy reads
+        if not denied and code not in ("AccessDeniedException", "AccessDenied", "ValidationException",
+                                       "UnauthorizedOperation"):  # fmt: skip
             raise
         return Recorded(0, [run_from_status(status) for _, status in found])  # shown from S3 this time
     return Recorded(len(found))

@@ -23,6 +23,7 @@ Needs root and Debian's podman, runc, catatonit, busybox-static, docker-registry
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -175,6 +176,21 @@ class ContainerEngine:
         self.podman("push", "--quiet", reference)
         self.podman("rmi", reference)  # the agent's pull, not this push, must bring the image into use
         return reference
+
+    def manifest(self, repository: str, tag: str) -> str:
+        """The image manifest the registry holds for `repository:tag`, exactly as it serves it: what ECR's
+        PutImage takes, so the emulator's ECR API lists the image this registry serves."""
+        request = urllib.request.Request(  # noqa: S310 - the engine's own loopback registry
+            f"http://{self.registry_address}/v2/{repository}/manifests/{tag}",
+            headers={
+                "Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                "application/vnd.oci.image.manifest.v1+json",
+                "Authorization": "Basic "
+                + base64.b64encode(f"{ECR_USER}:{ecr_password(self.account)}".encode()).decode(),
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+            return answer.read().decode()
 
     def containers(self) -> list[str]:
         """Names of every container of this engine, running or not."""

@@ -32,6 +32,13 @@ CDK = ROOT / "node_modules" / ".bin" / "cdk"
 # moto ships this image id; the emulator cannot resolve the Deep Learning AMI's public SSM parameter.
 LOCAL_AMI = "ami-12c6146b"
 STEP_TIMEOUT_SECONDS = 300
+# What the process runtime's launch needs in ECR: a tag to find (it runs --command, no image).
+STAND_IN_MANIFEST = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    "config": {},
+    "layers": [],
+}
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -179,27 +186,27 @@ class Demo:
         return destination
 
     def _push_stand_in_image(self) -> None:
-        if self.runtime == "docker":
-            self._push_container_image()
-            return
+        """ECR is two services: its API (the emulator's, which `launch` asks whether the tag exists) and its
+        registry (the local one podman pushes to). A push on AWS updates both; here the demo puts the
+        manifest the registry holds into the emulator's ECR, or a stand-in one for the process runtime."""
         repository = self.cli("outputs", "ecr_repository_uri", show=False).strip().rsplit("/", 1)[-1]
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": {},
-            "layers": [],
-        }
-        self.client("ecr").put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag="latest")
+        if self.runtime == "docker":
+            manifest = self._push_container_image(repository)
+            what = "the manifest the local registry holds"
+        else:
+            manifest = json.dumps(STAND_IN_MANIFEST)
+            what = "a stand-in manifest"
+        self.client("ecr").put_image(repositoryName=repository, imageManifest=manifest, imageTag="latest")
         console.print(
-            f"   [dim]ECR PutImage:[/] a stand-in manifest tagged {repository}:latest "
+            f"   [dim]ECR PutImage:[/] {what} tagged {repository}:latest "
             "(on AWS, the image workflow pushes the real one)"
         )
 
-    def _push_container_image(self) -> None:
+    def _push_container_image(self, repository: str) -> str:
         """examples/trainer/Dockerfile built here (its Docker Hub base swapped for a local Debian one) and
-        pushed to a local registry that answers as the stack's ECR repository."""
+        pushed to a local registry that answers as the stack's ECR repository; returns its manifest."""
         uri = self.cli("outputs", "ecr_repository_uri", show=False).strip()
-        host, repository = uri.split("/", 1)
+        host = uri.split("/", 1)[0]
         account, _, _, region = host.split(".")[:4]
         self.engine = ContainerEngine(self.workdir / "container-engine", account=account, region=region)
         try:
@@ -214,6 +221,7 @@ class Demo:
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
         console.print(f"   pushed {self.engine.push_trainer(repository, 'latest', image=image)}")
+        return self.engine.manifest(repository, "latest")
 
     def _launch(self) -> None:
         self.step(f"Launch run {self.run_id} with the CLI: a managed run, attempt 1 starts in seconds")
@@ -267,14 +275,19 @@ class Demo:
         return result
 
     def _supervisor(self):
-        from training_infra.cli.launching import supervisor_with
+        """The supervisor as the CLI plays its Lambda here: its real code, with the deployed stack's limits."""
+        from unittest import mock
 
-        return supervisor_with(
-            self.client,
-            table=self._output("run_table_name"),
-            outputs_bucket=self._output("outputs_bucket"),
-            topic_arn=self._output("alerts_topic_arn"),
-        )
+        from training_infra.cli.aws import Aws, NotDeployedError
+        from training_infra.cli.launching import supervisor_for, supervisor_with
+
+        with mock.patch.dict(os.environ, self.emulator.env):  # clients are made now, against the emulator
+            try:
+                return supervisor_for(Aws(self.emulator.region))
+            except NotDeployedError:  # compute destroyed: its records can still be read
+                return supervisor_with(
+                    self.client, table=self._output("run_table_name"), outputs_bucket=self._output("outputs_bucket")
+                )
 
     def _launch_and_play(self, *, expect: str) -> None:
         self._launch()

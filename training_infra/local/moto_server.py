@@ -7,6 +7,13 @@ from the resource instead and ignores the template, so the seed's `create_instan
 "A redeploy never replaces a running instance") could not be created locally. This shim launches
 such an instance through moto's own RunInstances with the template, as AWS does; every other
 resource and call is moto's, unchanged. Used only by training_infra/local/emulator.py.
+
+Third behaviour (`teach_default_versions`): a CloudFormation update of a launch template makes the new
+version the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
+
+Second behaviour (`teach_instance_profiles`): an instance launched from a launch template (RunInstances
+or an EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
+terminates only instances with the project's profile (docs/architecture.md, "Trust boundaries").
 """
 
 from __future__ import annotations
@@ -48,8 +55,75 @@ def _create_from_launch_template(
     return instance
 
 
+def teach_instance_profiles() -> None:
+    """Instances launched from a template get its IamInstanceProfile (idempotent; in-process tests call it too)."""
+    from moto.ec2.models.instances import InstanceBackend
+
+    if getattr(InstanceBackend.run_instances, "_with_profiles", False):
+        return
+    moto_run = InstanceBackend.run_instances
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = moto_run(self, *args, **kwargs)
+        template = kwargs.get("launch_template")
+        if not template or kwargs.get("iam_instance_profile_arn") or kwargs.get("iam_instance_profile_name"):
+            return reservation
+        profile = self._get_template_from_args(template).data.get("IamInstanceProfile") or {}
+        if profile.get("Arn") or profile.get("Name"):
+            for instance in reservation.instances:
+                if instance.id not in self.iam_instance_profile_associations:
+                    self.associate_iam_instance_profile(
+                        instance.id, iam_instance_profile_name=profile.get("Name"),
+                        iam_instance_profile_arn=profile.get("Arn"),
+                    )  # fmt: skip
+        return reservation
+
+    run_instances._with_profiles = True  # type: ignore[attr-defined]
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
+
+    from moto.ec2.models.fleets import FleetsBackend
+
+    moto_fleet = FleetsBackend.create_fleet
+
+    def create_fleet(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fleet = moto_fleet(self, *args, **kwargs)
+        instances = [r.instance for r in fleet.spot_requests if getattr(r, "instance", None)]
+        instances += [d["instance"] for d in fleet.on_demand_instances]
+        # Every spec of the project's fleets comes from one launch template: one profile.
+        profile = next((spec.iam_instance_profile for spec in fleet.launch_specs if spec.iam_instance_profile), {})
+        if isinstance(profile.get("Arn"), dict):  # moto wraps the template's {"Arn": ...} once more
+            profile = profile["Arn"]
+        for instance in instances:
+            if (
+                profile.get("Arn") or profile.get("Name")
+            ) and instance.id not in self.iam_instance_profile_associations:
+                self.associate_iam_instance_profile(
+                    instance.id,
+                    iam_instance_profile_name=profile.get("Name"),
+                    iam_instance_profile_arn=profile.get("Arn"),
+                )
+        return fleet
+
+    FleetsBackend.create_fleet = create_fleet  # type: ignore[method-assign]
+
+
+def teach_default_versions() -> None:
+    from moto.ec2.models.launch_templates import LaunchTemplate
+
+    moto_update = LaunchTemplate.update_from_cloudformation_json
+
+    def update(cls: Any, original_resource: Any, *args: Any, **kwargs: Any) -> Any:
+        template = moto_update.__func__(cls, original_resource, *args, **kwargs)
+        template.default_version_number = template.latest_version_number
+        return template
+
+    LaunchTemplate.update_from_cloudformation_json = classmethod(update)  # type: ignore[method-assign]
+
+
 def main() -> None:
     Instance.create_from_cloudformation_json = classmethod(_create_from_launch_template)  # type: ignore[method-assign]
+    teach_instance_profiles()
+    teach_default_versions()
     from moto.server import main as serve
 
     sys.exit(serve())

@@ -11,13 +11,16 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_budgets as budgets
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from constructs import Construct
@@ -100,6 +103,20 @@ class SupervisorProps:
     log_retention_days: int = 30
     reserve_lambda_concurrency: bool = True
     monthly_limit_usd: float = 0  # 0: none
+    # The stack's limits every request and every record is checked against (docs/architecture.md, "Trust boundaries").
+    allowed_instance_types: tuple[str, ...] = ("g5.*",)
+    max_runtime_hours: float = 12
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    """What every run is launched from and into: the stack template, its network and its instance profile."""
+
+    launch_template: ec2.LaunchTemplate
+    subnet_ids: list[str]
+    security_group: ec2.ISecurityGroup
+    instance_profile: iam.IInstanceProfile
+    instance_role: iam.IRole
 
 
 class TrainingSupervisor(Construct):
@@ -113,12 +130,35 @@ class TrainingSupervisor(Construct):
         props: SupervisorProps,
         run_table: dynamodb.ITable,
         outputs_bucket: s3.IBucket,
-        instance_role: iam.IRole,
+        target: LaunchTarget,
         alerts_topic: sns.ITopic,
         alerts_key: kms.IKey,
         monthly_budget_name: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        self.target, self.props = target, props
+        environment = {
+            "TABLE": run_table.table_name,
+            "OUTPUTS_BUCKET": outputs_bucket.bucket_name,
+            "MANAGED_TAG": naming.TAG_MANAGED,
+            "RUN_ID_TAG": naming.TAG_RUN_ID,
+            "ATTEMPT_TAG": naming.TAG_ATTEMPT,
+            "DEADLINE_TAG": naming.TAG_DEADLINE,
+            "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
+            "STOP_TAG": naming.TAG_STOP,
+            "RUNS_PREFIX": naming.RUNS_PREFIX,
+            "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
+            "MONTHLY_LIMIT_USD": f"{props.monthly_limit_usd:g}",
+            # The stack's limits: what a request or a record is checked against.
+            "LAUNCH_TEMPLATE_ID": target.launch_template.launch_template_id or "",
+            "SUBNET_IDS": Fn.join(",", target.subnet_ids),
+            "SECURITY_GROUP_ID": target.security_group.security_group_id,
+            "INSTANCE_PROFILE_ARN": target.instance_profile.instance_profile_arn,
+            "ALLOWED_INSTANCE_TYPES": ",".join(props.allowed_instance_types),
+            "MAX_RUNTIME_HOURS": f"{props.max_runtime_hours:g}",
+            "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
+            "CREATED_BY_TAG": naming.TAG_CREATED_BY,
+        }
         self.function = MonitoredFunction(
             self,
             "Function",
@@ -126,94 +166,150 @@ class TrainingSupervisor(Construct):
                 name="supervisor",
                 code_dir=RUNTIME_DIR,
                 handler="supervisor.handler",
-                description="Keeps managed training runs going: relaunches reclaimed attempts, ends finished runs",
+                description="Starts, keeps going and stops managed training runs: the only writer of runs and their "
+                "launch templates",
                 failure_meaning="Some runs were not relaunched or ended this minute; the next reconcile retries.",
                 timeout=Duration.seconds(50),  # inside the one-minute schedule
                 log_retention_days=props.log_retention_days,
                 reserved_concurrency=2 if props.reserve_lambda_concurrency else None,
                 retry_attempts=2,
                 alarm_period=Duration.minutes(5),
-                environment={
-                    "TABLE": run_table.table_name,
-                    "OUTPUTS_BUCKET": outputs_bucket.bucket_name,
-                    "MANAGED_TAG": naming.TAG_MANAGED,
-                    "RUN_ID_TAG": naming.TAG_RUN_ID,
-                    "ATTEMPT_TAG": naming.TAG_ATTEMPT,
-                    "DEADLINE_TAG": naming.TAG_DEADLINE,
-                    "MAX_RUNTIME_TAG": naming.TAG_MAX_RUNTIME_HOURS,
-                    "STOP_TAG": naming.TAG_STOP,
-                    "RUNS_PREFIX": naming.RUNS_PREFIX,
-                    "METRIC_NAMESPACE": naming.METRIC_NAMESPACE,
-                    "MONTHLY_LIMIT_USD": f"{props.monthly_limit_usd:g}",
-                },
+                environment=environment,
             ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
         )
-        self._grant_launching(instance_role)
+        # Users' launch, resume and stop: a function of its own, the only one they may invoke, so nobody but
+        # EventBridge hands the supervisor an event (docs/architecture.md, "Trust boundaries").
+        self.requests = MonitoredFunction(
+            self,
+            "Requests",
+            props=MonitoredFunctionProps(
+                name="supervisor requests",
+                code_dir=RUNTIME_DIR,
+                handler="run_requests.handler",
+                description="Launch, resume and stop requests of training-infra users, checked against the stack's "
+                "limits: the only way a user starts or ends a run",
+                failure_meaning="A user's launch or stop failed inside the supervisor; the user saw the error.",
+                timeout=Duration.seconds(50),
+                log_retention_days=props.log_retention_days,
+                reserved_concurrency=2 if props.reserve_lambda_concurrency else None,
+                retry_attempts=0,
+                alarm_period=Duration.minutes(5),
+                environment=environment,
+            ),
+            alerts_topic=alerts_topic,
+            alerts_key=alerts_key,
+        )
+        for function in (self.function, self.requests):
+            self._grant_launching(function)
         self._rules()
         if monthly_budget_name:
             self._stop_launching_past(monthly_budget_name, alerts_topic)
 
-    def _grant_launching(self, instance_role: iam.IRole) -> None:
-        """Fleets only from the project's run templates, only tagged instances, only the instance role."""
+    def _grant_launching(self, fn: MonitoredFunction) -> None:
+        """Runs only from templates it made itself (created-by tag), only the project's instance profile, types and
+        network, only tagged instances; it ends only managed instances with that profile and deletes only its own
+        templates. Condition keys per resource type as the Service Authorization Reference lists them for
+        ec2:RunInstances and ec2:CreateFleet (parliament's copy of it is what tests/test_gates.py checks against)."""
         stack = Stack.of(self)
-        fn = self.function
+        target = self.target
 
-        def arn(resource: str) -> str:
-            return stack.format_arn(service="ec2", resource=resource, resource_name="*")
+        def arn(resource: str, name: str = "*") -> str:
+            return stack.format_arn(service="ec2", resource=resource, resource_name=name)
 
-        managed = {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}
+        launch = ["ec2:CreateFleet", "ec2:RunInstances"]
+        made_by_us = {f"aws:ResourceTag/{naming.TAG_CREATED_BY}": "supervisor"}
+        profile = target.instance_profile.instance_profile_arn
         statements = [
             iam.PolicyStatement(sid="CreateInstantFleets", actions=["ec2:CreateFleet"], resources=[arn("fleet")]),
             iam.PolicyStatement(
-                sid="LaunchOnlyFromRunTemplates",
-                actions=["ec2:CreateFleet", "ec2:RunInstances"],
+                sid="LaunchOnlyFromTemplatesItMade",
+                actions=launch,
                 resources=[arn("launch-template")],
-                conditions={"StringEquals": managed},
+                conditions={"StringEquals": made_by_us},
             ),
             iam.PolicyStatement(
-                sid="LaunchOnlyTaggedInstances",
-                actions=["ec2:RunInstances"],
+                sid="LaunchOnlyProjectInstances",
+                actions=launch,
                 resources=[arn("instance")],
-                conditions={"StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"}},
+                conditions={
+                    "StringEquals": {f"aws:RequestTag/{naming.TAG_MANAGED}": "true"},
+                    "ArnEquals": {"ec2:InstanceProfile": profile},
+                    "StringLike": {"ec2:InstanceType": list(self.props.allowed_instance_types)},
+                },
             ),
             iam.PolicyStatement(
-                sid="LaunchIntoTheNetwork",
+                sid="LaunchOnlyIntoTheStacksNetwork",
+                actions=launch,
+                resources=[arn("subnet", subnet) for subnet in target.subnet_ids],
+            ),
+            iam.PolicyStatement(
+                sid="LaunchOnlyWithTheStacksSecurityGroup",
                 actions=["ec2:RunInstances"],
-                # The root volume comes with the instance (tagged by the run template).
-                resources=[
-                    arn("volume"),
-                    arn("subnet"),
-                    arn("security-group"),
-                    arn("network-interface"),
-                    f"arn:{stack.partition}:ec2:{stack.region}::image/*",
-                ],
+                resources=[arn("security-group", target.security_group.security_group_id)],
+            ),
+            iam.PolicyStatement(
+                sid="InterfacesOnlyInTheStacksSubnets",
+                actions=["ec2:RunInstances"],
+                resources=[arn("network-interface")],
+                conditions={"ArnEquals": {"ec2:Subnet": [arn("subnet", subnet) for subnet in target.subnet_ids]}},
+            ),
+            iam.PolicyStatement(
+                sid="ImageOnlyFromTheTemplate",
+                actions=["ec2:RunInstances"],
+                resources=[f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
+                conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
+            ),
+            iam.PolicyStatement(
+                sid="VolumesWithTheInstance",
+                actions=launch,
+                resources=[arn("volume")],  # the root volume comes with the instance (tagged by the run template)
+            ),
+            iam.PolicyStatement(
+                sid="FleetImageOfItsTemplate",
+                # CreateFleet's image has no ec2:IsLaunchTemplateResource key; a fleet names only templates this
+                # function made (the statement above), and its RunInstances is held to the template's image.
+                actions=["ec2:CreateFleet"],
+                resources=[f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
             ),
             iam.PolicyStatement(
                 sid="TagAtLaunch",
                 actions=["ec2:CreateTags"],
-                resources=[arn("instance"), arn("volume")],
-                conditions={"StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}},
+                resources=[arn("instance"), arn("volume"), arn("launch-template")],
+                conditions={
+                    "StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances", "CreateLaunchTemplate"]}
+                },
             ),
             iam.PolicyStatement(
-                sid="StopAndEndManagedInstances",
+                sid="MakeRunTemplatesTagged",
+                actions=["ec2:CreateLaunchTemplate"],
+                resources=[arn("launch-template")],
+                conditions={"StringEquals": {f"aws:RequestTag/{naming.TAG_CREATED_BY}": "supervisor"}},
+            ),
+            iam.PolicyStatement(
+                sid="StopAndEndOnlyProjectInstances",
                 actions=["ec2:CreateTags", "ec2:TerminateInstances"],
                 resources=[arn("instance")],
-                conditions={"StringEquals": managed},
+                conditions={
+                    "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+                    "ArnEquals": {"ec2:InstanceProfile": profile},
+                },
             ),
             iam.PolicyStatement(
-                sid="DeleteFinishedRunTemplates",
+                sid="DeleteOnlyTemplatesItMade",
                 actions=["ec2:DeleteLaunchTemplate"],
                 resources=[arn("launch-template")],
-                conditions={"StringEquals": managed},
+                conditions={"StringEquals": made_by_us},
             ),
             iam.PolicyStatement(
-                sid="ReadInstancesAndSubnets",
+                sid="ReadInstancesTemplatesAndSubnets",
                 actions=[
                     "ec2:DescribeInstances",
                     "ec2:DescribeSubnets",
                     "ec2:DescribeInstanceStatus",
+                    "ec2:DescribeLaunchTemplates",
+                    "ec2:DescribeLaunchTemplateVersions",
                     # Pricing an attempt when it ends (ledger.py).
                     "ec2:DescribeSpotPriceHistory",
                 ],
@@ -232,7 +328,7 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="PassOnlyTheInstanceRole",
                 actions=["iam:PassRole"],
-                resources=[instance_role.role_arn],
+                resources=[target.instance_role.role_arn],
                 conditions={"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
             ),
             iam.PolicyStatement(
@@ -246,35 +342,32 @@ class TrainingSupervisor(Construct):
         ]
         for statement in statements:
             fn.add_to_role_policy(statement)
-        for resource in (
-            "fleet",
-            "launch-template",
-            "instance",
-            "volume",
-            "subnet",
-            "security-group",
-            "network-interface",
-        ):
-            fn.acknowledge(
-                f"IAM5[Resource::{nag_name(self, arn(resource))}]",
-                f"{resource} ids are made at launch (fleets, run templates, instances) or are the user's network; "
-                "each statement is limited by the training-infra:managed tag, the action or the passed role.",
-            )
+        for resource, why in (
+            ("fleet", "fleet ids are made by the request itself"),
+            ("launch-template", "run templates are made at run time; launching, tagging and deleting need the "
+             "created-by=supervisor tag only this function may set (CreateLaunchTemplate's aws:RequestTag)"),
+            ("instance", "instances are made at launch; launching needs the managed tag, the project's instance "
+             "profile and an allowed type, ending needs the managed tag and the profile"),
+            ("volume", "the root volume is made with the instance and tagged by the run template"),
+            ("network-interface", "the interface is made with the instance, only in the stack's subnets (ec2:Subnet)"),
+        ):  # fmt: skip
+            fn.acknowledge(f"IAM5[Resource::{nag_name(fn.role, arn(resource))}]", why)
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
-            "The AMI comes from the run's launch template (the Deep Learning AMI of the day); "
-            "RunInstances needs the image.",
+            f"IAM5[Resource::{nag_name(fn.role, f'arn:{stack.partition}:ec2:{stack.region}::image/*')}]",
+            "The AMI id resolves from an SSM parameter at deploy; RunInstances takes it only from the launch "
+            "template (ec2:IsLaunchTemplateResource), and only templates this function made (from the stack "
+            "template's default version) can be launched.",
         )
         fleet_role = f"arn:{stack.partition}:iam::{stack.account}:role/aws-service-role/ec2fleet.amazonaws.com/*"
         fn.acknowledge(
-            f"IAM5[Resource::{nag_name(self, fleet_role)}]",
+            f"IAM5[Resource::{nag_name(fn.role, fleet_role)}]",
             "Only EC2 Fleet's own service-linked role, created once per account on the first fleet.",
         )
         fn.acknowledge(
             "IAM5[Resource::*]",
-            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeSpotPriceHistory, "
-            "pricing:GetProducts and cloudwatch:GetMetricStatistics support no resource-level permissions; "
-            "they only read.",
+            "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeLaunchTemplates, "
+            "DescribeLaunchTemplateVersions, DescribeSpotPriceHistory, pricing:GetProducts and "
+            "cloudwatch:GetMetricStatistics support no resource-level permissions; they only read.",
         )
 
     def _stop_launching_past(self, budget_name: str, alerts_topic: sns.ITopic) -> None:
@@ -283,7 +376,7 @@ class TrainingSupervisor(Construct):
         bug in our own ledger cannot launch without end. Detach it (after raising the budget) to
         launch again; the reaper and stop keep working meanwhile."""
         stack = Stack.of(self)
-        role = self.function.role
+        roles = [self.function.role, self.requests.role]
         self.deny_launches = iam.ManagedPolicy(
             self,
             "DenyLaunchesPastBudget",
@@ -308,7 +401,7 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="AttachOnlyTheDenyPolicyToTheSupervisor",
                 actions=["iam:AttachRolePolicy", "iam:DetachRolePolicy"],
-                resources=[role.role_arn],
+                resources=[role.role_arn for role in roles],
                 conditions={"ArnEquals": {"iam:PolicyARN": self.deny_launches.managed_policy_arn}},
             )
         )
@@ -323,7 +416,7 @@ class TrainingSupervisor(Construct):
             execution_role_arn=executor.role_arn,
             definition=budgets.CfnBudgetsAction.DefinitionProperty(
                 iam_action_definition=budgets.CfnBudgetsAction.IamActionDefinitionProperty(
-                    policy_arn=self.deny_launches.managed_policy_arn, roles=[role.role_name]
+                    policy_arn=self.deny_launches.managed_policy_arn, roles=[role.role_name for role in roles]
                 )
             ),
             subscribers=[budgets.CfnBudgetsAction.SubscriberProperty(type="SNS", address=alerts_topic.topic_arn)],
@@ -359,3 +452,97 @@ class TrainingSupervisor(Construct):
             schedule=events.Schedule.rate(Duration.minutes(RECONCILE_MINUTES)),
             targets=[targets.LambdaFunction(self.function.function, retry_attempts=0)],
         )
+
+
+def training_user_policy(
+    scope: Construct,
+    construct_id: str,
+    *,
+    supervisor: TrainingSupervisor,
+    run_table: dynamodb.ITable,
+    data_bucket: s3.IBucket,
+    outputs_bucket: s3.IBucket,
+    repository: ecr.IRepository,
+    log_group: logs.ILogGroup,
+) -> iam.ManagedPolicy:
+    """What a `training-infra` user needs and nothing more (docs/cli.md, "Permissions the command needs"):
+    invoke the supervisor, read the stacks, the run table, the logs and the outputs, upload data, shell into a
+    run's instance. No PutItem, CreateLaunchTemplate, CreateFleet, RunInstances or PassRole: launch, resume and
+    stop are requests the supervisor checks (docs/architecture.md, "Trust boundaries")."""
+    stack = Stack.of(scope)
+    table_arn = as_seen_from(scope, run_table, run_table.table_arn)
+    stacks = stack.format_arn(service="cloudformation", resource="stack", resource_name=f"{naming.STACK_PREFIX}-*/*")
+    data, outputs = (as_seen_from(scope, b, b.bucket_arn) for b in (data_bucket, outputs_bucket))
+    statements = [
+        iam.PolicyStatement(
+            sid="AskTheSupervisor",
+            actions=["lambda:InvokeFunction"],
+            resources=[supervisor.requests.function.function_arn],
+        ),
+        iam.PolicyStatement(sid="ReadTheStacks", actions=["cloudformation:DescribeStacks"], resources=[stacks]),
+        iam.PolicyStatement(
+            sid="ReadRunRecords",
+            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"],
+            resources=[table_arn, f"{table_arn}/index/*"],
+        ),
+        iam.PolicyStatement(sid="ListBuckets", actions=["s3:ListBucket"], resources=[data, outputs]),
+        iam.PolicyStatement(
+            sid="UploadData",
+            actions=["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+            resources=[f"{data}/{naming.DATA_PREFIX}*"],
+        ),
+        iam.PolicyStatement(sid="FetchRuns", actions=["s3:GetObject"], resources=[f"{outputs}/{naming.RUNS_PREFIX}*"]),
+        iam.PolicyStatement(
+            sid="ReadRunLogs",
+            actions=["logs:GetLogEvents", "logs:DescribeLogStreams"],
+            resources=[as_seen_from(scope, log_group, log_group.log_group_arn)],
+        ),
+        iam.PolicyStatement(
+            sid="PreflightImage", actions=["ecr:DescribeImages"], resources=[repository.repository_arn]
+        ),
+        iam.PolicyStatement(
+            sid="ReadEc2AndPrices",
+            actions=[
+                "ec2:DescribeInstances",
+                "ec2:DescribeLaunchTemplateVersions",
+                "ec2:DescribeSubnets",
+                "ec2:DescribeSecurityGroups",
+                "ec2:DescribeInstanceTypeOfferings",
+                "ec2:DescribeInstanceTypes",
+                "ec2:DescribeSpotPriceHistory",
+                "servicequotas:GetServiceQuota",
+                "pricing:GetProducts",
+            ],
+            resources=["*"],  # none of these has resource-level permissions
+        ),
+        iam.PolicyStatement(
+            sid="ShellIntoRunInstances",
+            actions=["ssm:StartSession"],
+            resources=[stack.format_arn(service="ec2", resource="instance", resource_name="*")],
+            conditions={"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}},
+        ),
+        iam.PolicyStatement(
+            sid="ShellDocument",
+            actions=["ssm:StartSession"],
+            resources=[f"arn:{stack.partition}:ssm:{stack.region}::document/SSM-SessionManagerRunShell"],
+        ),
+    ]
+    policy = iam.ManagedPolicy(
+        scope,
+        construct_id,
+        description="training-infra CLI users: ask the supervisor to launch or stop, read runs, logs and outputs, "
+        "upload data, shell into a run; never write runs, templates or instances",
+        statements=statements,
+    )
+    for finding, reason in (
+        ("IAM5[Resource::*]", "EC2 Describe*, servicequotas:GetServiceQuota and pricing:GetProducts have no "
+         "resource-level permissions; they only read."),
+        (f"IAM5[Resource::{nag_name(policy, stacks)}]", "DescribeStacks on this project's four stacks only."),
+        (f"IAM5[Resource::{nag_name(policy, f'{table_arn}/index/*')}]", "Query on the run table's own two indexes."),
+        (f"IAM5[Resource::{nag_name(policy, f'{data}/{naming.DATA_PREFIX}*')}]", "Upload only under data/."),
+        (f"IAM5[Resource::{nag_name(policy, f'{outputs}/{naming.RUNS_PREFIX}*')}]", "Fetch only runs/."),
+        (f"IAM5[Resource::{nag_name(policy, stack.format_arn(service='ec2', resource='instance', resource_name='*'))}]",
+         "Session Manager only to instances tagged training-infra:managed=true (aws:ResourceTag)."),
+    ):  # fmt: skip
+        acknowledge_nag(policy, finding, reason)
+    return policy

@@ -12,9 +12,10 @@ it too (the first launch is the same code).
 from __future__ import annotations
 
 import copy
+import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -25,7 +26,10 @@ from botocore.exceptions import ClientError
 # The run's states. Active ones are kept in the sparse "Active" index the reconcile reads.
 ACTIVE_STATES = ("launching", "running", "recovering", "stopping")
 # "interrupted": a run from before managed runs (imported from its status.json) that spot ended.
-FINAL_STATES = ("succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled", "interrupted")
+# "invalid": a record that failed validation on read (not written by the supervisor, or corrupted): never acted on.
+FINAL_STATES = (
+    "succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled", "interrupted", "invalid",
+)  # fmt: skip
 MARKETS = ("spot", "on-demand", "spot-then-on-demand")
 # Index names the construct creates (training_infra/supervisor/construct.py).
 ACTIVE_INDEX = "Active"
@@ -60,6 +64,171 @@ def parse_iso(text: str | None) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
     except (ValueError, OverflowError):
         return None
+
+
+class InvalidRecord(ValueError):
+    """A record that is not what the supervisor writes; the message names the first field that is wrong."""
+
+
+_RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_TEMPLATE_ID = re.compile(r"^lt-[0-9a-f]{8,17}$")
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+_MONTH = re.compile(r"^#month-\d{4}-\d{2}$")
+
+
+def _need(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise InvalidRecord(f"{field_name}: got {value!r}; allowed: {allowed}")
+
+
+def _number(field_name: str, value: Any, lo: float, hi: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    _need(ok, field_name, value, f"a number from {lo:g} to {hi:g}")
+    return float(value)
+
+
+def _optional_number(field_name: str, value: Any, lo: float, hi: float) -> float | None:
+    return None if value is None else _number(field_name, value, lo, hi)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run may do, as the supervisor accepted it: one definition for the CLI, the supervisor and the
+    ledger. `from_dict` refuses anything it would not have written (docs/architecture.md, "Trust boundaries")."""
+
+    instance_types: tuple[str, ...]
+    subnet_ids: tuple[str, ...]
+    market: str
+    max_runtime_hours: float
+    launch_template_id: str
+    launch_template_version: str = "1"
+    owns_launch_template: bool = True
+    max_restarts_on_errors: int = 0
+    checkpoint_sync_seconds: int = 300
+    stall_seconds: int = 0
+    image_tag: str = ""
+    command: str = ""
+    instance_tags: dict[str, str] = field(default_factory=dict)
+    list_prices: dict[str, float] = field(default_factory=dict)
+    volume_gb: int = 0
+    max_price_usd: float | None = None
+    max_cost_usd: float | None = None
+    budget_month: str = ""
+    reserved_usd: float = 0.0
+    spent_before_usd: float = 0.0
+
+    @classmethod
+    def from_dict(cls, spec: Any) -> RunSpec:
+        _need(isinstance(spec, dict), "spec", type(spec).__name__, "a map")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(spec) - known)
+        _need(not unknown, "spec", unknown, f"only {', '.join(sorted(known))}")
+        types = spec.get("instance_types")
+        _need(
+            isinstance(types, list) and 0 < len(types) <= 20 and all(isinstance(t, str) and _INSTANCE_TYPE.match(t)
+                                                                     for t in types),
+            "spec.instance_types", types, "1 to 20 instance types",
+        )  # fmt: skip
+        subnets = spec.get("subnet_ids")
+        _need(
+            isinstance(subnets, list) and 0 < len(subnets) <= 16
+            and all(isinstance(s, str) and _SUBNET_ID.match(s) for s in subnets),
+            "spec.subnet_ids", subnets, "1 to 16 subnet ids",
+        )  # fmt: skip
+        _need(spec.get("market") in MARKETS, "spec.market", spec.get("market"), ", ".join(MARKETS))
+        template = spec.get("launch_template_id")
+        _need(isinstance(template, str) and bool(_TEMPLATE_ID.match(template)), "spec.launch_template_id", template,
+              "a launch template id")  # fmt: skip
+        _need(str(spec.get("launch_template_version", "1")) == "1", "spec.launch_template_version",
+              spec.get("launch_template_version"), "1 (the run's own template has one version)")  # fmt: skip
+        restarts = spec.get("max_restarts_on_errors", 0)
+        _need(isinstance(restarts, int) and not isinstance(restarts, bool) and 0 <= restarts <= MAX_RESTARTS,
+              "spec.max_restarts_on_errors", restarts, f"a whole number from 0 to {MAX_RESTARTS}")  # fmt: skip
+        tags = spec.get("instance_tags", {})
+        _need(isinstance(tags, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()),
+              "spec.instance_tags", tags, "a map of strings")  # fmt: skip
+        prices = spec.get("list_prices", {})
+        _need(isinstance(prices, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in prices.values()),
+              "spec.list_prices", prices, "a map of type -> USD per hour")  # fmt: skip
+        month = spec.get("budget_month", "")
+        _need(month == "" or (isinstance(month, str) and bool(_MONTH.match(month))), "spec.budget_month", month,
+              "#month-YYYY-MM")  # fmt: skip
+        for name in ("image_tag", "command"):
+            _need(isinstance(spec.get(name, ""), str), f"spec.{name}", spec.get(name), "text")
+        _need(isinstance(spec.get("owns_launch_template", True), bool), "spec.owns_launch_template",
+              spec.get("owns_launch_template"), "true or false")  # fmt: skip
+        return cls(
+            instance_types=tuple(types),
+            subnet_ids=tuple(subnets),
+            market=spec["market"],
+            max_runtime_hours=_number("spec.max_runtime_hours", spec.get("max_runtime_hours"), 0.001, 168),
+            launch_template_id=template,
+            launch_template_version="1",
+            owns_launch_template=spec.get("owns_launch_template", True),
+            max_restarts_on_errors=restarts,
+            checkpoint_sync_seconds=int(_number("spec.checkpoint_sync_seconds",
+                                                spec.get("checkpoint_sync_seconds", 300), 1, 86400)),
+            stall_seconds=int(_number("spec.stall_seconds", spec.get("stall_seconds", 0), 0, 86400)),
+            image_tag=spec.get("image_tag", ""),
+            command=spec.get("command", ""),
+            instance_tags=dict(tags),
+            list_prices={k: float(v) for k, v in prices.items()},
+            volume_gb=int(_number("spec.volume_gb", spec.get("volume_gb", 0), 0, 65536)),
+            max_price_usd=_optional_number("spec.max_price_usd", spec.get("max_price_usd"), 0.0001, 1000),
+            max_cost_usd=_optional_number("spec.max_cost_usd", spec.get("max_cost_usd"), 0.0001, 1_000_000),
+            budget_month=month,
+            reserved_usd=_number("spec.reserved_usd", spec.get("reserved_usd", 0), 0, 1_000_000),
+            spent_before_usd=_number("spec.spent_before_usd", spec.get("spent_before_usd", 0), 0, 10_000_000),
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's `spec` map; unset optional limits are left out, as readers expect."""
+        values = asdict(self)
+        values["instance_types"], values["subnet_ids"] = list(self.instance_types), list(self.subnet_ids)
+        for optional in ("max_price_usd", "max_cost_usd"):
+            if values[optional] is None:
+                del values[optional]
+        if not self.budget_month:
+            for name in ("budget_month", "reserved_usd"):
+                del values[name]
+        return values
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One instance working on a run, as the record keeps it; `from_dict` checks the fields anything acts on."""
+
+    n: int
+    claimed_at: str = ""
+    instance_id: str = ""
+    instance_type: str = ""
+    zone: str = ""
+    subnet_id: str = ""
+    market: str = ""
+    started_at: str = ""
+    ended_at: str = ""
+    end_reason: str = ""
+
+    @classmethod
+    def from_dict(cls, attempt: Any, position: int) -> Attempt:
+        _need(isinstance(attempt, dict), f"attempts[{position}]", type(attempt).__name__, "a map")
+        n = attempt.get("n")
+        _need(n == position + 1, f"attempts[{position}].n", n, str(position + 1))
+        instance = attempt.get("instance_id") or ""
+        _need(instance == "" or (isinstance(instance, str) and bool(_INSTANCE_ID.match(instance))),
+              f"attempts[{position}].instance_id", instance, "an instance id")  # fmt: skip
+        _need(attempt.get("market", "") in ("", "spot", "on-demand"), f"attempts[{position}].market",
+              attempt.get("market"), "spot or on-demand")  # fmt: skip
+        text = {name: attempt.get(name) or "" for name in ("claimed_at", "instance_type", "zone", "subnet_id",
+                                                            "started_at", "ended_at", "end_reason")}  # fmt: skip
+        for name, value in text.items():
+            _need(isinstance(value, str), f"attempts[{position}].{name}", value, "text")
+        return cls(n=n, instance_id=instance, market=attempt.get("market", ""), **text)
+
+
+MAX_RESTARTS = 100
 
 
 @dataclass
@@ -150,6 +319,20 @@ class Run:
 
     def copy(self) -> Run:
         return copy.deepcopy(self)
+
+    def validated(self) -> tuple[RunSpec, list[Attempt]]:
+        """The typed spec and attempts, or InvalidRecord: what every decision reads first."""
+        _need(isinstance(self.run_id, str) and bool(_RUN_ID.match(self.run_id)), "run_id", self.run_id,
+              "a run id (lowercase letters, digits, -)")  # fmt: skip
+        _need(self.state in ACTIVE_STATES + FINAL_STATES, "state", self.state, "a run state")
+        _need(parse_iso(self.deadline_at) is not None, "deadline_at", self.deadline_at, "an ISO 8601 time")
+        _need(isinstance(self.attempts, list) and len(self.attempts) <= 10_000, "attempts", type(self.attempts),
+              "a list")  # fmt: skip
+        _need(isinstance(self.errors_used, int) and 0 <= self.errors_used <= MAX_RESTARTS, "errors_used",
+              self.errors_used, f"0 to {MAX_RESTARTS}")  # fmt: skip
+        _need(isinstance(self.cooldown, dict), "cooldown", type(self.cooldown), "a map")
+        spec = RunSpec.from_dict(self.spec)
+        return spec, [Attempt.from_dict(a, i) for i, a in enumerate(self.attempts)]
 
 
 def _to_dynamo(value: Any) -> Any:
@@ -358,8 +541,9 @@ class MonthlyLedger:
         reserved = sum(float(v) for v in values["reservations"].values())
         return float(values["spent_usd"]), reserved, self.limit_usd - float(values["spent_usd"]) - reserved
 
-    def reserve(self, month: str, run_id: str, amount: float, why: str) -> None:
-        """Take `amount` for `run_id`, or raise OverLimit; a no-op without a limit."""
+    def reserve(self, month: str, run_id: str, amount: float, why: str, at: str = "") -> None:
+        """Take `amount` for `run_id`, or raise OverLimit; a no-op without a limit. `at` (when) lets the sweep free
+        a reservation whose launch died before its record was written."""
         if self.limit_usd <= 0:
             return
         for _ in range(10):
@@ -377,20 +561,24 @@ class MonthlyLedger:
                     f"${amount:,.2f} ({why})"
                 )
             reservations[run_id] = round(amount, 4)
-            if self._put(month, values, reservations=reservations):
+            reserved_at = {**values.get("reserved_at", {}), run_id: at or iso(utc_now())}
+            if self._put(month, values, reservations=reservations, reserved_at=reserved_at):
                 return
         raise StaleRecord(f"the {month} ledger kept changing; try again")
 
-    def settle(self, month: str, run_id: str, spent_usd: float) -> None:
-        """The run ended: its reservation goes, what it spent stays. Idempotent per run."""
+    def settle(self, month: str, run_id: str, spent_usd: float | None) -> None:
+        """The run ended: its reservation goes, what it spent stays (None: the whole reservation counts as
+        spent, for a record that cannot be trusted to say). Idempotent per run."""
         for _ in range(10):
             values = self.read(month)
             reservations = dict(values["reservations"])
             if run_id not in reservations:
                 return
-            del reservations[run_id]
-            spent = round(float(values["spent_usd"]) + float(spent_usd or 0), 4)
-            if self._put(month, values, reservations=reservations, spent_usd=spent):
+            held = reservations.pop(run_id)
+            reserved_at = {k: v for k, v in values.get("reserved_at", {}).items() if k != run_id}
+            used = float(held) if spent_usd is None else float(spent_usd or 0)
+            spent = round(float(values["spent_usd"]) + used, 4)
+            if self._put(month, values, reservations=reservations, reserved_at=reserved_at, spent_usd=spent):
                 return
         raise StaleRecord(f"the {month} ledger kept changing")
 

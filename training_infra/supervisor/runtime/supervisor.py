@@ -34,14 +34,27 @@ from botocore.exceptions import BotoCoreError, ClientError
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
-    from records import FINAL_STATES, MonthlyLedger, Run, RunStore, StaleRecord, iso, parse_iso, utc_now
+    from records import (
+        FINAL_STATES,
+        InvalidRecord,
+        MonthlyLedger,
+        Run,
+        RunSpec,
+        RunStore,
+        StaleRecord,
+        iso,
+        parse_iso,
+        utc_now,
+    )
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         FINAL_STATES,
+        InvalidRecord,
         MonthlyLedger,
         Run,
+        RunSpec,
         RunStore,
         StaleRecord,
         iso,
@@ -96,6 +109,8 @@ MAX_METRIC_POINTS = 1440
 STOP_STATES = {"user": "stopped", "budget": "budget"}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
 JUST_LAUNCHED_SECONDS = 300
+# A month reservation with no run record this long after it was made belongs to a launch that died between.
+ORPHAN_RESERVATION = timedelta(minutes=15)
 
 
 class LaunchRefused(RuntimeError):
@@ -134,6 +149,16 @@ class SupervisorConfig:
     metric_namespace: str = "TrainingInfra"
     # The account's dollar limit per calendar month (UTC) for all runs; 0: none (config.monthly_limit_usd).
     monthly_limit_usd: float = 0.0
+    # The deployed stack's limits (docs/architecture.md, "Trust boundaries"): what a run may be, whoever asks.
+    # The stack's launch template: every run template is made from its default version.
+    launch_template_id: str = ""
+    subnet_ids: str = ""  # comma-separated: the stack's subnets
+    security_group_id: str = ""
+    instance_profile_arn: str = ""  # the only profile an instance the supervisor ends may carry
+    allowed_instance_types: str = ""  # comma-separated types or families ("g5.*")
+    max_runtime_hours: float = 12.0  # the stack's max_runtime_hours: no run's deadline lies further out
+    run_template_prefix: str = "training-infra-run-"
+    created_by_tag: str = "training-infra:created-by"  # value "supervisor": on every template it makes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
@@ -145,6 +170,46 @@ class SupervisorConfig:
                 kind = type(default) if isinstance(default, (int, float)) else str
                 values[name] = kind(env[key] or 0) if kind is not str else env[key]
         return cls(**values)
+
+    @property
+    def stack_subnets(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.subnet_ids.split(",") if s.strip())
+
+    def type_allowed(self, instance_type: str) -> bool:
+        patterns = [p.strip() for p in self.allowed_instance_types.split(",") if p.strip()]
+        family = instance_type.split(".", 1)[0]
+        return any(p == instance_type or (p.endswith(".*") and p[:-2] == family) for p in patterns)
+
+    def limit_problems(self, spec: RunSpec, deadline_at: str, now: datetime) -> list[str]:
+        """What in a run's spec passes the deployed stack's limits: empty when none does.
+
+        Checked on every read of an active run and on every launch request, so a record written
+        around the supervisor (docs/architecture.md, "Trust boundaries") never launches anything.
+        """
+        problems = []
+        refused = [t for t in spec.instance_types if not self.type_allowed(t)]
+        if refused:
+            problems.append(
+                f"instance types {', '.join(refused)}: allowed: {self.allowed_instance_types or 'none configured'} "
+                "(setting allowed_instance_types)"
+            )
+        outside = [s for s in spec.subnet_ids if s not in self.stack_subnets]
+        if outside:
+            problems.append(f"subnets {', '.join(outside)}: allowed: the stack's {', '.join(self.stack_subnets)}")
+        if spec.max_runtime_hours > self.max_runtime_hours + 1e-9:
+            problems.append(
+                f"max runtime {spec.max_runtime_hours:g} h: allowed: at most the stack's max_runtime_hours "
+                f"{self.max_runtime_hours:g}"
+            )
+        deadline = parse_iso(deadline_at)
+        if deadline is None or deadline > now + timedelta(hours=self.max_runtime_hours, minutes=5):
+            problems.append(f"deadline {deadline_at}: allowed: at most {self.max_runtime_hours:g} h from now")
+        if not spec.owns_launch_template or not spec.launch_template_id:
+            problems.append("launch template: allowed: the run's own, made by the supervisor")
+        if self.monthly_limit_usd and not spec.budget_month:
+            problems.append(f"no month reservation: allowed: a reservation against monthly_limit_usd "
+                            f"{self.monthly_limit_usd:g}")  # fmt: skip
+        return problems
 
     @property
     def grace_hours(self) -> float:
@@ -470,6 +535,7 @@ class Supervisor:
         self.store = RunStore(clients.dynamodb, cfg.table)
         self.now = now
         self.prices = prices
+        self.verified_templates: set[str] = set()  # checked run templates (a warm Lambda asks once per template)
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -509,13 +575,19 @@ class Supervisor:
         return {"reconciled": results}
 
     def _sweep_reservations(self, active: set[str]) -> None:
-        """Settle reservations of runs that ended while their settle failed (this month's and last month's)."""
+        """Settle reservations of runs that ended while their settle failed (this month's and last month's), and
+        free those whose launch died before its record was written (no record 15 minutes after the reservation)."""
         now = self.now()
         for month in {MonthlyLedger.key(now), MonthlyLedger.key(now.replace(day=1) - timedelta(days=1))}:
-            for run_id in self.month_ledger().read(month)["reservations"]:
+            values = self.month_ledger().read(month)
+            for run_id in values["reservations"]:
                 run = self.store.get(run_id) if run_id not in active else None
                 if run is not None and not run.active:
                     self.settle_month(run)
+                reserved = parse_iso(values.get("reserved_at", {}).get(run_id)) or now - ORPHAN_RESERVATION
+                if run is None and run_id not in active and now - reserved >= ORPHAN_RESERVATION:
+                    log.info("freeing the %s reservation of %s: no run record since %s", month, run_id, iso(reserved))
+                    self.month_ledger().settle(month, run_id, 0.0)
 
     def reconcile(self, run_id: str) -> dict[str, Any]:
         """Bring one run one step closer to where it should be; safe to call at any time, any number of times."""
@@ -525,11 +597,32 @@ class Supervisor:
                 return {"run_id": run_id, "ignored": "no such run"}
             if not run.active:
                 return {"run_id": run_id, "state": run.state}
+            problem = self.invalid_because(run)
             try:
+                if problem:
+                    return self._invalidate(run, problem)
                 return self._step(run)
             except StaleRecord:
                 log.info("run %s changed under us; deciding again", run_id)
         raise RuntimeError(f"run {run_id} kept changing; the next reconcile finishes it")
+
+    def invalid_because(self, run: Run) -> str:
+        """Why an active record must not be acted on, or "": every read of a run checks it before deciding."""
+        try:
+            spec, _attempts = run.validated()
+        except InvalidRecord as error:
+            return f"malformed record: {error}"
+        problems = self.cfg.limit_problems(spec, run.deadline_at, self.now())
+        return "; ".join(problems)
+
+    def _invalidate(self, run: Run, problem: str) -> dict[str, Any]:
+        """A record the supervisor would never have written: marked `invalid`, with a notice, and left alone
+        (nothing launched, terminated or deleted on its word)."""
+        run.state, run.ended_at = "invalid", iso(self.now())
+        run.message = f"not acted on: {problem}"[:1000]
+        self.store.save(run)
+        self._notify(run, f"record refused ({problem}): marked invalid; nothing launched, stopped or deleted for it")
+        return {"run_id": run.run_id, "state": "invalid", "message": run.message}
 
     def request_stop(self, run_id: str, reason: str = "user") -> Run:
         """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate
@@ -593,7 +686,7 @@ class Supervisor:
             return self._watch(run, attempt, now)
         if state in STOPPED_STATES:
             # auto_shutdown=false or a manual stop: the volume still bills. The attempt is over.
-            self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+            self._terminate(run, attempt, instance)
         status = _attempt_status(self.clients, self.cfg, run, attempt)
         reason, words = classify(instance, status, attempt)
         ended = parse_iso((status or {}).get("ended_at")) or now
@@ -649,8 +742,31 @@ class Supervisor:
         self.store.save(run)  # the claim: only one decider gets past this for attempt n
         return self._launch_open_attempt(run, relaunch=n > 1, why=why)
 
+    def _template_problem(self, run: Run) -> str:
+        """Why the run's template may not be launched, or "": only a template the supervisor made for this run,
+        carrying the project's instance profile and the stack's security group (a user's never launches)."""
+        template_id = str(run.spec.get("launch_template_id") or "")
+        if template_id in self.verified_templates:
+            return ""
+        if self.template_made_for(template_id, run.run_id) is None:
+            return f"launch template {template_id} was not made by the supervisor for run {run.run_id}"
+        data = self.clients.ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["1"])[
+            "LaunchTemplateVersions"
+        ][0]["LaunchTemplateData"]
+        profile = data.get("IamInstanceProfile", {})
+        if self.cfg.instance_profile_arn and profile.get("Arn") != self.cfg.instance_profile_arn:
+            return f"launch template {template_id} names instance profile {profile!r}, not the project's"
+        groups = data.get("SecurityGroupIds") or []
+        if data.get("NetworkInterfaces") or (self.cfg.security_group_id and groups != [self.cfg.security_group_id]):
+            return f"launch template {template_id} names another network ({groups}), not the stack's security group"
+        self.verified_templates.add(template_id)
+        return ""
+
     def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
         try:
+            problem = self._template_problem(run)
+            if problem:
+                raise LaunchRefused(f"refused: {problem}")
             attempt = launch(self.clients, run, self.cfg, self.now(), self.prices)
         except LaunchRefused as refused:
             run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
@@ -694,7 +810,7 @@ class Supervisor:
                 attempt["stop_tagged_at"], changed = iso(now), True
             requested = parse_iso(run.stop_requested_at) or now
             if (now - requested).total_seconds() > self.cfg.stop_timeout_seconds:
-                self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+                self._terminate(run, attempt)
                 attempt["terminated_at"], changed = iso(now), True
         if not run.stop_requested_at and run.spec.get("max_cost_usd"):
             changed = self._keep_within_limit(run, attempt, now) or changed
@@ -704,7 +820,7 @@ class Supervisor:
             changed = changed or attempt.get("impaired_since") != before
             if unhealthy:
                 attempt["unhealthy"], changed = unhealthy, True
-                self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+                self._terminate(run, attempt)
                 self._notify(
                     run, f"attempt {attempt['n']} on {attempt['instance_id']} is hung ({unhealthy}): terminated"
                 )
@@ -788,8 +904,10 @@ class Supervisor:
         month = run.spec.get("budget_month")
         if not month:
             return
+        # An invalid record's spend is not believed: its whole reservation stays spent.
+        spent = None if run.state == "invalid" else max(0.0, run.spent_usd - _spent_before(run))
         try:
-            self.month_ledger().settle(month, run.run_id, max(0.0, run.spent_usd - _spent_before(run)))
+            self.month_ledger().settle(month, run.run_id, spent)
         except (ClientError, StaleRecord) as error:
             log.warning("month ledger not settled for %s (the next reconcile retries): %s", run.run_id, error)
 
@@ -924,14 +1042,62 @@ class Supervisor:
             except ClientError as error:
                 log.warning("could not tag %s for a graceful stop: %s", attempt["instance_id"], error)
 
+    def ours(self, instance: Mapping[str, Any] | None, run_id: str, attempt: int | None = None) -> bool:
+        """Only an instance with the project's instance profile, the managed tag and this run's (and attempt's)
+        tags is ever terminated: a record cannot point the supervisor at anything else."""
+        if not instance:
+            return False
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        profile = instance.get("IamInstanceProfile", {}).get("Arn", "")
+        return (
+            bool(self.cfg.instance_profile_arn)
+            and profile == self.cfg.instance_profile_arn
+            and tags.get(self.cfg.managed_tag) == "true"
+            and tags.get(self.cfg.run_id_tag) == run_id
+            and (attempt is None or tags.get(self.cfg.attempt_tag) == str(attempt))
+        )
+
+    def _terminate(self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None = None) -> bool:
+        instance = instance if instance is not None else _instance(self.clients, attempt["instance_id"])
+        if not self.ours(instance, run.run_id, attempt.get("n")):
+            log.warning(
+                "not terminating %s for run %s: not an instance of this run's attempt %s with the project's profile",
+                attempt.get("instance_id"), run.run_id, attempt.get("n"),
+            )  # fmt: skip
+            return False
+        self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+        return True
+
+    def template_made_for(self, template_id: str, run_id: str) -> dict[str, Any] | None:
+        """The launch template if the supervisor made it for this run (its name and created-by tag), else None."""
+        try:
+            found = self.clients.ec2.describe_launch_templates(LaunchTemplateIds=[template_id])["LaunchTemplates"]
+        except ClientError as error:
+            log.warning("launch template %s not readable: %s", template_id, error)
+            return None
+        template = found[0] if found else {}
+        tags = {t["Key"]: t["Value"] for t in template.get("Tags", [])}
+        if (
+            template.get("LaunchTemplateName") == f"{self.cfg.run_template_prefix}{run_id}"
+            and tags.get(self.cfg.created_by_tag) == "supervisor"
+            and tags.get(self.cfg.run_id_tag) == run_id
+        ):
+            return template
+        return None
+
     def _release_launch_template(self, run: Run) -> None:
-        """The run's own launch template (made by `training-infra launch`) is deleted once no attempt can need it."""
-        if not run.spec.get("owns_launch_template"):
+        """The run's own launch template is deleted once no attempt can need it; only one the supervisor made."""
+        template_id = str(run.spec.get("launch_template_id") or "")
+        if not run.spec.get("owns_launch_template") or not template_id:
+            return
+        if self.template_made_for(template_id, run.run_id) is None:
+            log.warning("not deleting launch template %s: not made by the supervisor for run %s", template_id,
+                        run.run_id)  # fmt: skip
             return
         try:
-            self.clients.ec2.delete_launch_template(LaunchTemplateId=run.spec["launch_template_id"])
+            self.clients.ec2.delete_launch_template(LaunchTemplateId=template_id)
         except ClientError as error:
-            log.warning("could not delete launch template %s: %s", run.spec["launch_template_id"], error)
+            log.warning("could not delete launch template %s: %s", template_id, error)
 
     def _notify(self, run: Run, text: str) -> None:
         message = f"training-infra run {run.run_id} {text}"

@@ -1,0 +1,236 @@
+"""The red team's proofs of concept, restated (issue 23): a record written around the supervisor launches,
+terminates and deletes nothing; a template a user made is never launched; a launch request is held to the
+stack's limits whatever the caller says (docs/architecture.md, "Trust boundaries")."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from tests.supervisor.conftest import MOTO_AMI, START
+from training_infra import naming
+from training_infra.supervisor.runtime.records import MonthlyLedger, Run, iso
+from training_infra.supervisor.runtime.run_requests import handle_request, insert_overrides
+
+LAUNCH = {"action": "launch", "instance_types": ["g5.xlarge"], "market": "spot", "max_runtime_hours": 2}
+
+
+def _launched(account) -> list[dict]:
+    reservations = account.ec2.describe_instances()["Reservations"]
+    return [i for r in reservations for i in r["Instances"] if i["State"]["Name"] != "terminated"]
+
+
+def _forge(account, run_id: str, **spec) -> None:
+    """A record put straight into the table (dynamodb:PutItem), as the review did: no request, no reservation."""
+    full = {
+        "instance_types": ["p5.48xlarge"], "subnet_ids": list(account.subnets.values()), "market": "on-demand",
+        "max_restarts_on_errors": 100000, "launch_template_id": account.stack_template_id,
+        "launch_template_version": "1", "owns_launch_template": True, "max_runtime_hours": 600000,
+        **spec,
+    }  # fmt: skip
+    run = Run(run_id=run_id, spec=full, created_at=iso(account.clock()), deadline_at="2099-01-01T00:00:00Z")
+    account.dynamodb.put_item(TableName=account.table, Item=run.to_item())
+
+
+def _stranger(account, run_id: str, *, profile: bool) -> str:
+    """An instance tagged like a run's attempt: with or without the project's instance profile."""
+    tags = {naming.TAG_MANAGED: "true", naming.TAG_RUN_ID: run_id, naming.TAG_ATTEMPT: "1"}
+    return account.ec2.run_instances(
+        ImageId=MOTO_AMI, MinCount=1, MaxCount=1, SubnetId=account.subnets["us-east-1a"],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+        **({"IamInstanceProfile": {"Arn": account.profile_arn}} if profile else {}),
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+
+
+def test_a_forged_p5_record_till_2099_launches_nothing_and_is_marked_invalid_with_a_notice(account):
+    _forge(account, "forged")
+
+    account.supervisor().reconcile_all()
+
+    assert _launched(account) == []
+    run = account.run("forged")
+    assert run.state == "invalid" and not run.active
+    assert run.message.startswith("not acted on: malformed record: spec.max_restarts_on_errors: got 100000")
+    assert any("forged" in n and "marked invalid" in n for n in account.notices())
+    stack_template = account.ec2.describe_launch_templates(LaunchTemplateIds=[account.stack_template_id])
+    assert stack_template["LaunchTemplates"], "the stack's own template named by the record is not deleted"
+
+
+def test_a_well_formed_forged_record_is_still_held_to_the_stacks_types_deadline_and_month(account):
+    account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
+    _forge(account, "sly", max_runtime_hours=2, max_restarts_on_errors=5)
+
+    account.supervisor().reconcile("sly")
+
+    assert _launched(account) == []
+    message = account.run("sly").message
+    assert account.run("sly").state == "invalid"
+    for words in ("instance types p5.48xlarge", "deadline 2099-01-01T00:00:00Z", "no month reservation"):
+        assert words in message
+
+
+def test_a_forged_stop_request_terminates_no_instance_that_is_not_the_runs_attempt_with_the_projects_profile(account):
+    outsider = _stranger(account, "victim", profile=False)  # tagged managed, but not launched by the project
+    run = account.new_run("victim")
+    run.attempts = [{"n": 1, "claimed_at": iso(START), "instance_id": outsider, "instance_type": "g5.xlarge",
+                     "zone": "us-east-1a", "market": "spot", "started_at": iso(START)}]  # fmt: skip
+    run.stop_requested_at, run.stop_reason, run.state = iso(START - timedelta(hours=1)), "user", "stopping"
+    account.dynamodb.put_item(TableName=account.table, Item=run.to_item())  # written around the supervisor
+
+    account.supervisor().reconcile("victim")
+
+    assert (
+        account.ec2.describe_instances(InstanceIds=[outsider])["Reservations"][0]["Instances"][0]["State"]["Name"]
+        == "running"
+    )
+
+
+def test_the_supervisor_terminates_its_own_attempt_after_the_stop_grace(account):
+    account.new_run("mine")
+    supervisor = account.supervisor()
+    supervisor.reconcile("mine")
+    instance = account.run("mine").attempts[0]["instance_id"]
+    supervisor.request_stop("mine")
+    account.clock.advance(minutes=11)
+
+    supervisor.reconcile("mine")
+
+    state = account.ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] in ("shutting-down", "terminated"), "the check does not stop it ending its own"
+
+
+def test_a_launch_template_a_user_made_is_never_launched_even_named_and_tagged_like_a_run_template(account):
+    # A user with CreateLaunchTemplate (the old CLI permissions) names any AMI and network, and copies our tags.
+    tags = {naming.TAG_CREATED_BY: "supervisor", naming.TAG_RUN_ID: "mine", naming.TAG_MANAGED: "true"}
+    user_made = account.ec2.create_launch_template(
+        LaunchTemplateName=f"{naming.RUN_TEMPLATE_PREFIX}mine",
+        LaunchTemplateData={"ImageId": "ami-0badbadbadbadbad0", "IamInstanceProfile": {"Arn": account.profile_arn},
+                            "SecurityGroupIds": [account.ec2.create_security_group(
+                                GroupName="wide-open", Description="x")["GroupId"]]},
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": [{"Key": k, "Value": v}
+                                                                          for k, v in tags.items()]}],
+    )["LaunchTemplate"]["LaunchTemplateId"]  # fmt: skip
+    account.new_run("mine", launch_template_id=user_made)
+
+    account.supervisor().reconcile("mine")
+
+    assert _launched(account) == []
+    run = account.run("mine")
+    assert run.state == "failed" and "security group" in run.message
+
+
+def test_a_record_naming_a_template_not_made_for_its_run_launches_nothing_and_deletes_nothing(account):
+    account.new_run("other", launch_template_id=account.stack_template_id)
+
+    account.supervisor().reconcile("other")
+
+    assert _launched(account) == []
+    assert account.run("other").state == "failed" and "not made by the supervisor" in account.run("other").message
+    assert account.ec2.describe_launch_templates(LaunchTemplateIds=[account.stack_template_id])["LaunchTemplates"]
+
+
+# --- launch requests: checked against the stack's limits, whoever asks -------------------------------------
+
+
+def _request(account, **fields) -> dict:
+    return handle_request(account.supervisor(), {**LAUNCH, **fields})
+
+
+def test_the_event_driven_function_ignores_a_request_users_may_send_only_to_the_request_function(account):
+    assert account.supervisor().handle({**LAUNCH, "run_id": "sneaky"}) == {"ignored": "unknown event"}
+    assert _launched(account) == [] and account.run("sneaky") is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"instance_types": ["p5.48xlarge"]}, "instance types p5.48xlarge"),
+        ({"max_runtime_hours": 100}, "up to the stack's max_runtime_hours 48"),
+        ({"max_runtime_hours": 0.0001}, "allowed: from 0.25 (boot 10 min + one checkpoint interval 300s)"),
+        ({"max_restarts_on_errors": 100000}, "from 0 to 100"),
+        ({"subnet_ids": ["subnet-0123456789abcdef0"]}, "subnets subnet-0123456789abcdef0"),
+        ({"market": "capacity-block"}, "allowed: spot, on-demand, spot-then-on-demand"),
+        ({"env": ["TI_IMAGE_URI\nexport X=1"]}, "option '--env'"),
+    ],
+)
+def test_a_launch_request_past_the_stacks_limits_is_refused_in_one_line_and_creates_nothing(account, fields, words):
+    answer = _request(account, run_id="past-limits", **fields)
+
+    assert answer["ok"] is False and words in answer["error"] and "\n" not in answer["error"]
+    assert _launched(account) == [] and account.run("past-limits") is None
+    names = {t["LaunchTemplateName"] for t in account.ec2.describe_launch_templates()["LaunchTemplates"]}
+    assert f"{naming.RUN_TEMPLATE_PREFIX}past-limits" not in names
+
+
+def test_a_launch_request_makes_the_template_from_the_default_version_records_and_starts_attempt_1(account):
+    account.ec2.create_launch_template_version(  # someone's newer version: never copied
+        LaunchTemplateId=account.stack_template_id,
+        LaunchTemplateData={**account.stack_data, "ImageId": "ami-0badbadbadbadbad0"},
+    )
+
+    answer = _request(account, run_id="asked", command="python train.py --lr 3e-4")
+
+    assert answer["ok"] and answer["run_id"] == "asked" and answer["attempt"] == 1 and answer["instance_id"]
+    [instance] = _launched(account)
+    assert instance["ImageId"] == MOTO_AMI
+    assert instance["IamInstanceProfile"]["Arn"] == account.profile_arn
+    run = account.run("asked")
+    template = account.ec2.describe_launch_templates(LaunchTemplateIds=[run.spec["launch_template_id"]])[
+        "LaunchTemplates"
+    ][0]
+    assert template["LaunchTemplateName"] == f"{naming.RUN_TEMPLATE_PREFIX}asked"
+    assert {"Key": naming.TAG_CREATED_BY, "Value": "supervisor"} in template["Tags"]
+    data = account.ec2.describe_launch_template_versions(LaunchTemplateId=template["LaunchTemplateId"])[
+        "LaunchTemplateVersions"
+    ][0]["LaunchTemplateData"]
+    user_data = base64.b64decode(data["UserData"]).decode()
+    assert "export TI_TRAINING_COMMAND='python train.py --lr 3e-4'" in user_data
+    assert "export TI_RUN_ID=asked" in user_data and "export TI_MAX_RUNTIME_SECONDS=7200" in user_data
+
+
+def test_a_run_that_ended_is_not_relaunched_by_a_second_request_without_resume(account):
+    assert _request(account, run_id="once")["ok"]
+
+    again = _request(account, run_id="once")
+
+    assert again["ok"] is False and "already exists" in again["error"]
+
+
+def test_resume_of_a_run_with_no_record_is_refused_while_its_instance_lives(account):
+    box = _stranger(account, "seed-box", profile=True)  # the create_instance box: status.json, no record
+
+    answer = _request(account, run_id="seed-box", resume=True)
+
+    assert answer["ok"] is False and f"still running on {box}" in answer["error"]
+    account.ec2.terminate_instances(InstanceIds=[box])
+    assert _request(account, run_id="seed-box", resume=True)["ok"]
+
+
+def test_the_month_is_reserved_by_the_supervisor_and_a_launch_that_died_before_its_record_frees_it(account):
+    account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
+    month = MonthlyLedger.key(account.clock())
+    assert _request(account, run_id="priced", max_cost_usd=5.0)["ok"]
+    reserved = account.run("priced").spec["reserved_usd"]
+    assert 0 < reserved <= 5.0 and account.supervisor().month_ledger().read(month)["reservations"] == {
+        "priced": reserved
+    }
+    # A launch that reserved, then died before writing its record (the Lambda timed out, say).
+    account.supervisor().month_ledger().reserve(month, "died", 20.0, "test", at=iso(account.clock()))
+
+    account.supervisor().reconcile_all()
+    assert "died" in account.supervisor().month_ledger().read(month)["reservations"], "not freed at once"
+    account.clock.advance(minutes=16)
+    account.supervisor().reconcile_all()
+
+    assert set(account.supervisor().month_ledger().read(month)["reservations"]) == {"priced"}
+
+
+def test_the_supervisors_user_data_overrides_match_the_compute_modules_renderer():
+    from training_infra.compute.user_data import with_run_overrides
+
+    base = "#!/bin/bash\nexport TI_RUN_ID=default\n#@run-overrides\nagent_key=x\n"
+    overrides = {"TI_RUN_ID": "r1", "TI_TRAINING_COMMAND": "python 'a b'.py; echo #@run-overrides", "TI_X": True}
+    assert insert_overrides(base, overrides) == with_run_overrides(base, overrides)
