@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "agent")]
 
 from agent_harness import new_run  # noqa: E402 - the agent tests' harness: same fakes, same setup
+from bench_size import SMOKE, size  # noqa: E402 - scripts/ is on the path when a script runs
 
 from training_infra.local.containers import ContainerEngine, unavailable_reason  # noqa: E402
 from training_infra.local.emulator import Emulator  # noqa: E402
@@ -204,7 +205,7 @@ def cpu_round(aws: Emulator, workdir: Path, number: int, seconds: float) -> dict
     try:
         run.start()
         started = float(run.wait_for_log(TRAINER_STARTED, timeout=180).group(1))
-        time.sleep(15)  # past the first minute's one-off calls of each watcher
+        time.sleep(2 if SMOKE else 15)  # past the first minute's one-off calls of each watcher
         assert run.process is not None
         before, at = agent_cpu_seconds(run.process.pid, trainer.name), time.monotonic()
         time.sleep(seconds)
@@ -279,6 +280,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} is not allowed: use 1 or more")
+    args.rounds, args.notices = size(args.rounds), size(args.notices)
+    args.cpu_seconds = size(int(args.cpu_seconds), 5)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp, Emulator(Path(tmp) / "moto") as aws:
         if not args.skip_process and args.notices:
             print(f"spot notice to the trainer's SIGTERM: {args.notices} short runs, production timings", flush=True)
