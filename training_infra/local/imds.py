@@ -54,6 +54,7 @@ class FakeImds:
         tags: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
         account_id: str = "123456789012",
         image_id: str = "ami-0123456789abcdef0",
+        role: tuple[str, Mapping[str, str]] | None = None,
     ) -> None:
         if market not in ("spot", "on-demand"):
             raise ValueError(f"market={market!r} is not allowed: use 'spot' or 'on-demand'")
@@ -66,6 +67,9 @@ class FakeImds:
         self.tags: dict[str, str] = {} if callable(tags) else dict(tags or {})
         self.account_id = account_id
         self.image_id = image_id
+        # The instance role's name and its credentials document (AccessKeyId, SecretAccessKey, Token,
+        # Expiration), served under meta-data/iam/security-credentials/ as EC2 does; None: no role.
+        self.role = role
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> expiry (time.monotonic)
         self._instance_action: str | None = None
@@ -209,6 +213,10 @@ class FakeImds:
             "meta-data/instance-life-cycle": self.market,
             "dynamic/instance-identity/document": self._document(),
         }
+        if self.role is not None:
+            name, document = self.role
+            fixed["meta-data/iam/security-credentials"] = name
+            fixed[f"meta-data/iam/security-credentials/{name}"] = json.dumps({"Code": "Success", **document})
         return fixed.get(path)
 
 
