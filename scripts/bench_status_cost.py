@@ -31,7 +31,7 @@ from training_infra import naming, pricing
 from training_infra.local.emulator import Emulator
 from training_infra.local.sandbox import LOCAL_AMI
 from training_infra.supervisor.runtime import ledger
-from training_infra.supervisor.runtime.records import Run, RunStore, iso
+from training_infra.supervisor.runtime.records import Attempt, AttemptEnd, Run, RunSpec, RunState, RunStore, iso
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = str(ROOT / "node_modules" / ".bin" / "cdk")
@@ -39,6 +39,9 @@ REPEATS = size(5)
 MORE_RUNS = size(990, 10)
 EVERY = timedelta(hours=8.76)
 PRICE = pricing.on_demand_price("g5.xlarge")
+# Where the recorded runs ran: ids of the shape the supervisor records (the bench only reads them back).
+WHERE = {"subnet_ids": ("subnet-0123456789abcdef0",), "launch_template_id": "lt-0123456789abcdef0",
+         "max_runtime_hours": 12}  # fmt: skip
 
 
 def make_runs(store: RunStore, s3, bucket: str, first: int, count: int, now: datetime) -> None:
@@ -56,13 +59,13 @@ def make_runs(store: RunStore, s3, bucket: str, first: int, count: int, now: dat
         if index % 20 == 19:
             return  # an older run: status files only
         s3.put_object(Bucket=bucket, Key=f"runs/{run_id}/attempts/1/status.json", Body=body)
-        spec = {"market": "on-demand", "instance_types": ["g5.xlarge"], "list_prices": {"g5.xlarge": PRICE}}
-        attempt = {"n": 1, "instance_id": status["instance_id"], "instance_type": "g5.xlarge", "zone": "us-east-1a",
-                   "market": "on-demand", "started_at": iso(start), "ended_at": iso(end), "end_reason": "succeeded",
-                   "exit_code": 0}  # fmt: skip
+        spec = RunSpec(market="on-demand", instance_types=("g5.xlarge",), list_prices={"g5.xlarge": PRICE}, **WHERE)
+        attempt = Attempt(n=1, instance_id=status["instance_id"], instance_type="g5.xlarge", zone="us-east-1a",
+                          market="on-demand", started_at=iso(start), ended_at=iso(end),
+                          end_reason=AttemptEnd.SUCCEEDED, exit_code=0)  # fmt: skip
         ledger.record_price(attempt, ledger.price_attempt(attempt, spec, now, None))
-        store.create(Run(run_id=run_id, spec=spec, deadline_at=iso(start + timedelta(hours=12)),
-                         created_at=iso(start), state="succeeded", attempts=[attempt], ended_at=iso(end)))  # fmt: skip
+        store.create(Run(run_id=run_id, spec=spec, deadline_at=iso(start + timedelta(hours=12)), created_at=iso(start),
+                         state=RunState.SUCCEEDED, attempts=[attempt], ended_at=iso(end)))  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(one, range(first, first + count)))
@@ -71,11 +74,11 @@ def make_runs(store: RunStore, s3, bucket: str, first: int, count: int, now: dat
 def make_open_spot_runs(store: RunStore, now: datetime) -> None:
     for index in range(3):
         start = now - timedelta(hours=index + 1)
-        spec = {"market": "spot", "instance_types": ["g5.xlarge"], "list_prices": {"g5.xlarge": PRICE}}
-        attempt = {"n": 1, "instance_id": f"i-open{index:013x}", "instance_type": "g5.xlarge", "zone": "us-east-1a",
-                   "market": "spot", "started_at": iso(start)}  # fmt: skip
+        spec = RunSpec(market="spot", instance_types=("g5.xlarge",), list_prices={"g5.xlarge": PRICE}, **WHERE)
+        attempt = Attempt(n=1, instance_id=f"i-0be{index:014x}", instance_type="g5.xlarge", zone="us-east-1a",
+                          market="spot", started_at=iso(start))  # fmt: skip
         store.create(Run(run_id=f"bench-open-{index}", spec=spec, deadline_at=iso(start + timedelta(hours=12)),
-                         created_at=iso(start), state="running", attempts=[attempt]))  # fmt: skip
+                         created_at=iso(start), state=RunState.RUNNING, attempts=[attempt]))  # fmt: skip
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:

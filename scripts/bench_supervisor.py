@@ -53,7 +53,7 @@ def main() -> None:
         counter = CallCounter(account.ec2, account.dynamodb, account.s3, account.sns)
         to_fleet, whole, calls = [], [], []
         for _ in range(ROUNDS):
-            instance_id = account.run().current["instance_id"]
+            instance_id = account.run().current.instance_id
             supervisor.handle(event(SPOT_WARNING, instance_id, **{"instance-action": "terminate"}))
             account.end_instance(instance_id)
             counter.calls.clear()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
-import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.conftest import AMI, CDK_JSON_CONTEXT, CONFIGURATIONS
 from training_infra import naming
 from training_infra.cli.launching import template_exports
 from training_infra.compute.construct import SESSION_CHANNEL_ACTIONS, SSM_AGENT_MESSAGE_ACTIONS
-from training_infra.compute.user_data import AGENT_SCRIPT, OVERRIDES_MARKER, pack_agent, shipped_bytes
+from training_infra.compute.user_data import AGENT_PACKAGE, OVERRIDES_MARKER, pack_agent
 
 STACK = naming.COMPUTE_STACK
 EVERY_NETWORK = ["defaults", "full", "on_demand", "existing_vpc", "private"]
@@ -281,11 +282,11 @@ def test_user_data_boots_the_exact_agent_from_its_asset_with_a_place_for_run_ove
     staged = Path(view.outdir) / asset.asset_path
     assert staged.read_bytes() == pack_agent(), "the agent folder as user_data.pack_agent packs it"
     assert script.bootstrap_value("sha256") == hashlib.sha256(pack_agent()).hexdigest()
-    with tarfile.open(fileobj=io.BytesIO(staged.read_bytes()), mode="r:xz") as tar:
-        assert tar.extractfile(AGENT_SCRIPT.name).read() == shipped_bytes(AGENT_SCRIPT)
+    with zipfile.ZipFile(io.BytesIO(lzma.decompress(staged.read_bytes()))) as zipapp:
+        assert zipapp.read("ti_agent/agent.py") == (AGENT_PACKAGE / "agent.py").read_bytes()
     assert script.tokens[script.bootstrap_value("bucket")] == view.stack.resolve(asset.s3_bucket_name)
     assert script.bootstrap_value("key") == asset.s3_object_key
-    assert 'exec bash "$agent_dir/agent.sh"' in script.text
+    assert 'exec python3 "$agent_dir/agent.pyz"' in script.text
 
 
 def test_instance_role_reads_the_packed_agents_of_the_asset_bucket_and_nothing_else_of_it(compute):

@@ -30,7 +30,7 @@ from tests.conftest import LOCAL_AWS_CONFIGURATIONS
 from training_infra import deploy_guard, naming
 from training_infra.local.emulator import Emulator
 from training_infra.local.instance import aws_client
-from training_infra.supervisor.runtime.records import Run, RunStore, iso, utc_now
+from training_infra.supervisor.runtime.records import Run, RunSpec, RunState, RunStore, iso, utc_now
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK = ROOT / "node_modules" / ".bin" / "cdk"
@@ -130,10 +130,25 @@ def _refusals(result: subprocess.CompletedProcess[str], guard: str = "deploy gua
     return [line for line in result.stderr.splitlines() if line.startswith(f"error: {guard}: ")]
 
 
+RUN_SPEC = RunSpec(
+    instance_types=("g5.xlarge",),
+    subnet_ids=("subnet-0123456789abcdef0",),
+    market="spot",
+    max_runtime_hours=4,
+    launch_template_id="lt-0123456789abcdef0",
+)
+
+
 def _managed_run(run_id: str, state: str) -> Run:
     """A managed run's record as `launch` and the supervisor write it."""
     now = utc_now()
-    return Run(run_id=run_id, spec={}, deadline_at=iso(now + timedelta(hours=4)), created_at=iso(now), state=state)
+    return Run(
+        run_id=run_id,
+        spec=RUN_SPEC,
+        deadline_at=iso(now + timedelta(hours=4)),
+        created_at=iso(now),
+        state=RunState(state),
+    )
 
 
 def test_redeploying_the_deployed_settings_passes_silently(local_aws, synth):
@@ -286,7 +301,7 @@ def test_destroy_is_refused_by_an_active_run_table_record_alone(local_aws):
 def test_once_every_managed_run_has_ended_destroy_passes_silently(local_aws):
     runs = local_aws.runs()
     run = runs.get("table-run-1")
-    run.state, run.ended_at = "stopped", iso(utc_now())
+    run.state, run.ended_at = RunState.STOPPED, iso(utc_now())
     runs.save(run)
 
     result = local_aws.guard("--destroy")

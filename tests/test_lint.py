@@ -34,7 +34,7 @@ def test_ruff_finds_nothing():
 
 
 def test_there_are_shell_files_to_check():
-    assert any(path.name == "agent.sh" for path in SHELL_FILES)
+    assert any(path.name == "busybox_trainer.sh" for path in SHELL_FILES)
 
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: str(p.relative_to(ROOT)))

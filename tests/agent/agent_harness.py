@@ -407,7 +407,7 @@ def new_run(
     elif with_image:
         ecr.put_image(repositoryName=repository, imageManifest=MANIFEST, imageTag="v1")
     # What cdk deploy does with the compute construct's file asset: the packed agent in a bucket.
-    agent = AgentObject(bucket=f"assets-{suffix}", key=f"{agent_sha256()}.tar.xz", sha256=agent_sha256())
+    agent = AgentObject(bucket=f"assets-{suffix}", key=f"{agent_sha256()}.xz", sha256=agent_sha256())
     s3.create_bucket(Bucket=agent.bucket)
     s3.put_object(Bucket=agent.bucket, Key=agent.key, Body=pack_agent())
     log_group = f"/training-infra/{suffix}"

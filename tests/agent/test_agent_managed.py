@@ -163,7 +163,8 @@ def test_malformed_attempt_tag_fails_the_run_and_records_it_where_no_real_attemp
     assert run.called("poweroff")
 
 
-@pytest.mark.parametrize(("reason", "outcome"), [("budget", "budget"), ("stall", "stalled")])
+# The tag's other values (stall, user, anything) are test_agent_watchers' units: one end-to-end stop suffices.
+@pytest.mark.parametrize(("reason", "outcome"), [("budget", "budget")])
 def test_stop_tag_mid_run_ends_gracefully_with_the_reason_as_outcome(make_run, reason, outcome):
     run = make_run(run_id=f"stop-{reason}", checkpoint_sync_seconds=300, extra_env=LONG_TRAINING).start()
     run.wait_for_log(r"epoch 3/")
@@ -234,6 +235,9 @@ def test_a_run_about_to_pass_its_dollar_limit_is_stopped_gracefully_by_the_super
         lambda service: session.client(service, endpoint_url=aws.endpoint),
         table="runs",
         outputs_bucket=run.config.outputs_bucket,
+        # The stack's limits the supervisor checks each record against.
+        allowed_instance_types="g5.xlarge",
+        subnet_ids=instance["SubnetId"],
     )
     began = datetime.now(UTC) - timedelta(minutes=55)  # $0.92 spent at $1.006/hour: a stop ($0.17) must begin now
     attempt = {
@@ -245,7 +249,16 @@ def test_a_run_about_to_pass_its_dollar_limit_is_stopped_gracefully_by_the_super
         "started_at": iso(began),
         "claimed_at": iso(began),
     }
-    spec = {"max_cost_usd": 1.0, "list_prices": {"g5.xlarge": 1.006}, "market": "on-demand"}
+    # A whole spec, as the supervisor now validates every record it reads (it never launches here).
+    spec = {
+        "max_cost_usd": 1.0,
+        "list_prices": {"g5.xlarge": 1.006},
+        "market": "on-demand",
+        "instance_types": ["g5.xlarge"],
+        "subnet_ids": [instance["SubnetId"]],
+        "launch_template_id": "lt-0123456789abcdef0",
+        "max_runtime_hours": 12,
+    }
     supervisor.store.create(
         Run(
             run_id="over-budget",

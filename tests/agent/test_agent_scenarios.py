@@ -36,7 +36,11 @@ def s3_writes(run, prefix: str) -> list[str]:
 
 
 def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_with_success_marker_last(make_run):
-    run = make_run(run_id="", checkpoint_sync_seconds=2, extra_env="EPOCHS=20\nSTEP_SECONDS=0.4").start()
+    # Every checkpoint kept: under load one sync can outlast a rotated checkpoint's 3.6 s of life, and a set
+    # whose file vanished before the upload read it keeps the previous manifest, which after 2 such syncs is
+    # (rightly) a freshness notice; rotation has its own tests (test_agent_progress.py).
+    training = "EPOCHS=20\nSTEP_SECONDS=0.4\nKEEP_CHECKPOINTS=20"
+    run = make_run(run_id="", checkpoint_sync_seconds=2, extra_env=training).start()
     run.wait_for_log(r"checkpoint ckpt-000003")
     synced_early = run.wait_for_s3("checkpoints/", timeout=20)
     assert run.process.poll() is None and synced_early, "checkpoints reach S3 while the trainer still runs"

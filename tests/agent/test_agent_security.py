@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import os
 import re
@@ -20,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from training_infra.compute.user_data import AGENT_SCRIPT as AGENT_SH
+from training_infra.compute.agent.ti_agent.secrets import trainer_aws_config
 
 pytestmark = pytest.mark.slow
 
@@ -318,9 +320,7 @@ def test_a_running_boto3_session_keeps_its_keys_until_the_refresh_window_then_re
     aws_dir.mkdir()
     config, session = aws_dir / "config", aws_dir / "session.json"
     # The agent's own function writes the config (the process runtime's: the host path).
-    function = re.search(r"^trainer_aws_config\(\) \{.*\}$", AGENT_SH.read_text(), re.M)[0]
-    script = f'{function}\nSTATE="$1"; trainer_aws_config "$1/aws"'
-    subprocess.run(["bash", "-c", script, "-", str(tmp_path)], check=True)
+    trainer_aws_config(aws_dir, str(aws_dir))
     # Inside botocore's 15-minute window 30 s from now: time for the child's import and first read on a busy box.
     written_at = time.monotonic()
     write_session(session, "KEY-FIRST", expires_in=15 * 60 + 30)
@@ -473,3 +473,53 @@ def test_container_on_a_real_engine_has_no_new_privileges_a_sized_shm_secrets_an
     ]
     assert output("creds.txt") == "1\n" and output("creds-write.txt") == "read-only\n"
     assert run.engine.containers() == []
+
+
+# ---------------------------------------------------------------- restore paths from S3 (issue 22)
+
+
+def escapes(run) -> list[Path]:
+    """Files named escape* anywhere around the box's root: where a '../' key would have landed."""
+    return sorted(path for path in run.tmp.rglob("escape*") if path.is_file())
+
+
+def test_a_manifest_naming_a_path_outside_checkpoints_fails_the_attempt_and_writes_nothing(make_run):
+    """The trainer role may write checkpoints/<run>/ and learns version ids from its own puts: a manifest
+    naming ../../escape.txt at such a version once wrote that file as root outside /checkpoints."""
+    run = make_run(run_id="dotdot-manifest")
+    bucket, prefix = run.config.outputs_bucket, "checkpoints/dotdot-manifest/"
+    planted = run.s3.put_object(Bucket=bucket, Key=prefix + "../../escape.txt", Body=b"pwned\n")["VersionId"]
+    good = run.s3.put_object(Bucket=bucket, Key=prefix + "ckpt-000003.npz", Body=b"x")["VersionId"]
+    manifest = {
+        "files": {
+            "ckpt-000003.npz": {"version_id": good, "etag": "", "size": 1},
+            "../../escape.txt": {"version_id": planted, "etag": "", "size": 6},
+        },
+        "written_at": "2026-12-04T10:00:00Z",
+    }
+    run.s3.put_object(Bucket=bucket, Key=prefix + "_manifest.json", Body=json.dumps(manifest).encode())
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "failed" and status["exit_code"] is None, "no trainer ran"
+    assert "checkpoint manifest names '../../escape.txt'" in status["message"], status["message"]
+    assert "nothing restored" in status["message"]
+    assert escapes(run) == [] and not list((run.root / "checkpoints").iterdir()), "nothing written at all"
+    refusals = [line for line in run.setup_log.splitlines() if "refused checkpoint key" in line]
+    assert len(refusals) == 1 and "checkpoints/dotdot-manifest/'../../escape.txt'" in refusals[0]
+
+
+def test_keys_outside_checkpoints_without_a_manifest_are_left_out_and_the_run_resumes_from_the_rest(make_run):
+    run = make_run(run_id="dotdot-keys")
+    bucket, prefix = run.config.outputs_bucket, "checkpoints/dotdot-keys/"
+    run.s3.put_object(Bucket=bucket, Key=prefix + "../../escape-key.txt", Body=b"pwned\n")
+    checkpoint = io.BytesIO()
+    np.savez(checkpoint, weights=np.zeros(4), epoch=5)
+    run.s3.put_object(Bucket=bucket, Key=prefix + "ckpt-000005.npz", Body=checkpoint.getvalue())
+    run.run()
+
+    status = run.status()
+    assert status["outcome"] == "succeeded", run.setup_log
+    assert "resumed from checkpoint ckpt-000005.npz (epoch 5)" in run.training_log, "the safe key was restored"
+    assert escapes(run) == []
+    assert run.setup_log.count("refused checkpoint key checkpoints/dotdot-keys/'../../escape-key.txt'") == 1

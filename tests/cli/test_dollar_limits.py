@@ -15,7 +15,7 @@ from training_infra.supervisor.runtime.records import MonthlyLedger, OverLimit, 
 
 LIMIT_REGION = "us-east-2"  # this module's own region (EC2 offers g5.xlarge in its zones a and b), monthly_limit_usd=30
 # g5.xlarge at its list price plus the stack template's 150 GB gp3 volume.
-HOURLY = 1.006 + ledger.volume_usd_per_hour({"volume_gb": 150})
+HOURLY = 1.006 + ledger.volume_usd_per_hour(150)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_a_run_limit_is_recorded_and_status_shows_spent_and_left(stacks):
     assert result.exit_code == 0, result.output
 
     record = RunStore(stacks.client("dynamodb"), _table(stacks)).get("limit-forty")
-    assert record.spec["max_cost_usd"] == 40
-    assert "budget_month" not in record.spec, "no monthly limit deployed here: nothing reserved"
+    assert record.spec.max_cost_usd == 40
+    assert not record.spec.budget_month, "no monthly limit deployed here: nothing reserved"
     [row] = json.loads(stacks.cli("status", "limit-forty", "--json").stdout)
     assert row["max_cost_usd"] == 40 and row["left_usd"] == pytest.approx(40 - (row["cost_usd"] or 0))
     assert " of $40.00 ($" in stacks.cli("status", "limit-forty").stdout
@@ -92,7 +92,7 @@ def test_a_launch_the_month_cannot_hold_is_refused_with_what_was_spent_and_what_
     assert fits.exit_code == 0, fits.output
     assert month.left(key) == (27.0, 2.5, pytest.approx(0.5))
     record = RunStore(limited.client("dynamodb"), _table(limited)).get("month-fits")
-    assert (record.spec["budget_month"], record.spec["reserved_usd"]) == (key, 2.5)
+    assert (record.spec.budget_month, record.spec.reserved_usd) == (key, 2.5)
 
 
 def test_two_launches_racing_for_the_last_dollars_of_the_month_cannot_both_get_them(limited):

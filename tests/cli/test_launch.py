@@ -57,15 +57,15 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
     assert instance["InstanceLifecycle"] == "spot"
     record = _record(stacks, "launch-spot-1")
     assert record.state == "launching" and record.deadline_at == tags[naming.TAG_DEADLINE]
-    assert record.attempts[0]["instance_id"] == instance["InstanceId"]
-    assert record.spec["instance_types"] == list(STACK_INSTANCE_TYPES), "the stack's instance_types by default"
+    assert record.attempts[0].instance_id == instance["InstanceId"]
+    assert record.spec.instance_types == tuple(STACK_INSTANCE_TYPES), "the stack's instance_types by default"
     # The same agent, with this run's settings after the stack's; the deadline is absolute.
     exports = _run_exports(stacks, instance["InstanceId"])
     assert exports["TI_RUN_ID"] == "launch-spot-1"
     assert exports["TI_IMAGE_TAG"] == "v2"
     assert exports["TI_TRAINING_COMMAND"] == "python train.py --lr 3e-4"
     assert exports["TI_MAX_RUNTIME_SECONDS"] == "7200"
-    assert exports["TI_STALL_SECONDS"] == "420" and record.spec["stall_seconds"] == 420, "agent and backstop"
+    assert exports["TI_STALL_SECONDS"] == "420" and record.spec.stall_seconds == 420, "agent and backstop"
     assert exports["TI_DEADLINE_AT"] == record.deadline_at
     assert exports["TI_EXTRA_ENV"].splitlines() == ["STACK_LEVEL=1", "EPOCHS=3", "WANDB_MODE=offline"]
     assert "launched run launch-spot-1: attempt 1 on " + instance["InstanceId"] in result.stdout
@@ -87,7 +87,7 @@ def test_the_runs_own_template_copies_the_stacks_without_a_market_and_is_tagged_
     assert "InstanceMarketOptions" not in data and "InstanceType" not in data, "the fleet chooses market and type"
     for key in ("ImageId", "SecurityGroupIds", "InstanceInitiatedShutdownBehavior", "BlockDeviceMappings"):
         assert data[key] == stack[key], key
-    assert _record(stacks, "launch-template").spec["launch_template_id"] == template["LaunchTemplateId"]
+    assert _record(stacks, "launch-template").spec.launch_template_id == template["LaunchTemplateId"]
 
 
 def test_instance_types_market_and_restarts_reach_the_run_record(stacks):
@@ -98,8 +98,8 @@ def test_instance_types_market_and_restarts_reach_the_run_record(stacks):
 
     assert result.exit_code == 0, result.output
     record = _record(stacks, "launch-od")
-    assert record.spec["instance_types"] == ["g6.xlarge", "g4dn.xlarge"]
-    assert record.spec["market"] == "on-demand" and record.spec["max_restarts_on_errors"] == 2
+    assert record.spec.instance_types == ("g6.xlarge", "g4dn.xlarge")
+    assert record.spec.market == "on-demand" and record.spec.max_restarts_on_errors == 2
     [instance] = stacks.run_instances("launch-od")
     assert instance.get("InstanceLifecycle") != "spot"
     assert instance["InstanceType"] in ("g6.xlarge", "g4dn.xlarge")
@@ -116,7 +116,7 @@ def test_a_single_instance_type_is_a_list_of_one(stacks):
         == 0
     )
     record = _record(stacks, "launch-one-type")
-    assert record.spec["instance_types"] == ["g6.xlarge"] and record.spec["market"] == "on-demand"
+    assert record.spec.instance_types == ("g6.xlarge",) and record.spec.market == "on-demand"
 
 
 def test_the_run_template_tags_every_attempts_volume_so_the_reaper_and_cost_reports_see_it(stacks):
@@ -224,7 +224,7 @@ def test_no_capacity_in_any_pool_leaves_the_run_waiting_for_the_supervisor(stack
     )
     assert not stacks.run_instances("cap-everywhere")
     record = _record(stacks, "cap-everywhere")
-    assert record.active and record.attempts[0]["end_reason"] == "capacity"
+    assert record.active and record.attempts[0].end_reason == "capacity"
 
 
 def test_spot_then_on_demand_asks_for_on_demand_when_no_zone_has_spot(stacks, ec2_faults):
@@ -253,7 +253,7 @@ def test_launch_into_an_explicit_subnet(stacks):
     assert result.exit_code == 0, result.output
     [instance] = stacks.run_instances("launch-subnet")
     assert instance["SubnetId"] == subnet_id
-    assert _record(stacks, "launch-subnet").spec["subnet_ids"] == [subnet_id]
+    assert _record(stacks, "launch-subnet").spec.subnet_ids == (subnet_id,)
 
 
 def test_launch_places_the_run_in_the_subnets_the_compute_stack_publishes(deployed):

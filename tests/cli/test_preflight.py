@@ -17,7 +17,7 @@ from botocore.stub import Stubber
 from training_infra import naming
 from training_infra.cli import preflight
 from training_infra.cli.launching import LOCAL_NOTE, supervisor_with
-from training_infra.supervisor.runtime.records import RunStore
+from training_infra.supervisor.runtime.records import RunState, RunStore
 
 EMPTY_DATA_REGION = "sa-east-1"  # this module's own: no other module deploys there (ap-southeast-2 must stay empty)
 NOTES = [
@@ -52,10 +52,10 @@ def _finish(stacks, run_id: str, state: str = "succeeded") -> None:
         stacks.client, table=stacks.outputs[naming.OUTPUT_RUN_TABLE], outputs_bucket=stacks.outputs_bucket
     )
     run = supervisor.store.get(run_id)
-    run.state, run.ended_at = state, "2026-11-29T08:00:00Z"
-    run.attempts[-1].setdefault("ended_at", "2026-11-29T08:00:00Z")
+    run.state, run.ended_at = RunState(state), "2026-11-29T08:00:00Z"
+    run.attempts[-1].ended_at = run.attempts[-1].ended_at or "2026-11-29T08:00:00Z"
     supervisor.store.save(run)
-    stacks.client("ec2").delete_launch_template(LaunchTemplateId=run.spec["launch_template_id"])
+    stacks.client("ec2").delete_launch_template(LaunchTemplateId=run.spec.launch_template_id)
 
 
 # --- --dry-run ---------------------------------------------------------------------------------------------
@@ -219,8 +219,8 @@ def test_resume_continues_a_finished_run_with_its_next_attempt_under_the_same_id
     assert "launched run pf-resume: attempt 2 on " in result.stdout
     run = _record(stacks, "pf-resume")
     assert run.active and run.created_at == before.created_at, "the same record goes on"
-    assert [a["n"] for a in run.attempts] == [1, 2], "attempt 1 kept: nothing under attempts/1/ is overwritten"
-    assert run.deadline_at > before.deadline_at and run.spec["max_runtime_hours"] == 5
+    assert [a.n for a in run.attempts] == [1, 2], "attempt 1 kept: nothing under attempts/1/ is overwritten"
+    assert run.deadline_at > before.deadline_at and run.spec.max_runtime_hours == 5
     tags = [{t["Key"]: t["Value"] for t in i["Tags"]} for i in stacks.run_instances("pf-resume")]
     assert sorted(t[naming.TAG_ATTEMPT] for t in tags) == ["1", "2"]
 
@@ -275,7 +275,7 @@ def test_the_cap_is_stored_in_the_spec_and_set_on_the_fleet(stacks, ec2_faults):
     )
 
     assert result.exit_code == 0, result.output
-    assert _record(stacks, "pf-capped").spec["max_price_usd"] == 0.6
+    assert _record(stacks, "pf-capped").spec.max_price_usd == 0.6
     [request] = ec2_faults.fleet_calls
     assert "SpotOptions.MaxTotalPrice=0.6" in request
     assert len(re.findall(r"Overrides\.\d+\.MaxPrice=0\.6&", request)) == 4, "each of the 4 pools"

@@ -18,11 +18,14 @@ from training_infra import naming, pricing
 from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.supervisor.runtime import ledger
-from training_infra.supervisor.runtime.records import Run, RunStore, iso
+from training_infra.supervisor.runtime.records import Attempt, Run, RunSpec, RunState, RunStore, iso
 
 REGION = "eu-central-1"  # this module's own (ap-southeast-2 stays empty for the not-deployed tests)
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 G5 = pricing.on_demand_price("g5.xlarge")
+# Where a recorded run ran: ids of the shape the supervisor records (these runs are only read back).
+WHERE = {"subnet_ids": ("subnet-0123456789abcdef0",), "launch_template_id": "lt-0123456789abcdef0",
+         "max_runtime_hours": 12}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +75,18 @@ def _store(region) -> RunStore:
 
 
 def _attempt(n: int, start: datetime, hours: float | None, *, market="on-demand", zone="eu-central-1a", **extra):
-    attempt = {"n": n, "instance_id": f"i-{n:017x}", "instance_type": "g5.xlarge", "zone": zone, "market": market,
-               "started_at": iso(start), **extra}  # fmt: skip
-    if hours is not None:
-        attempt["ended_at"] = iso(start + timedelta(hours=hours))
-    return attempt
+    ended = iso(start + timedelta(hours=hours)) if hours is not None else ""
+    return Attempt(n=n, instance_id=f"i-{n:017x}", instance_type="g5.xlarge", zone=zone, market=market,
+                   started_at=iso(start), ended_at=ended, **extra)  # fmt: skip
 
 
-def _record(run_id: str, created: datetime, attempts: list[dict], state: str = "succeeded") -> Run:
-    spec = {"market": "on-demand", "instance_types": ["g5.xlarge"], "list_prices": {"g5.xlarge": G5}, "volume_gb": 0}
+def _record(run_id: str, created: datetime, attempts: list[Attempt], state: str = "succeeded") -> Run:
+    spec = RunSpec(market="on-demand", instance_types=("g5.xlarge",), list_prices={"g5.xlarge": G5}, **WHERE)
     for attempt in attempts:
-        if attempt.get("ended_at") and not attempt.get("priced"):
+        if attempt.ended_at and not attempt.priced:
             ledger.record_price(attempt, ledger.price_attempt(attempt, spec, NOW, None))
     return Run(run_id=run_id, spec=spec, deadline_at=iso(created + timedelta(hours=12)), created_at=iso(created),
-               state=state, attempts=attempts, ended_at=attempts[-1].get("ended_at", ""))  # fmt: skip
+               state=RunState(state), attempts=attempts, ended_at=attempts[-1].ended_at)  # fmt: skip
 
 
 def _legacy_status(run_id: str, start: datetime, hours: float) -> dict:

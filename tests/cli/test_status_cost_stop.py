@@ -14,7 +14,7 @@ from training_infra.supervisor.runtime import ledger
 COST_REGION = "eu-west-1"  # this module's own region: `cost` and `status` list every run in it
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 # The run template's 150 GB gp3 root volume bills beside the instance (conftest.stack_templates).
-VOLUME_USD_PER_HOUR = ledger.volume_usd_per_hour({"volume_gb": 150})
+VOLUME_USD_PER_HOUR = ledger.volume_usd_per_hour(150)
 
 
 def _pin_clock(monkeypatch, moment: datetime) -> None:

@@ -14,7 +14,7 @@ from moto import mock_aws
 from training_infra import naming
 from training_infra.local.events import ec2_event
 from training_infra.local.moto_server import teach_instance_profiles
-from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, iso
+from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, RunSpec, iso
 from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
 REGION = "us-east-1"
@@ -157,7 +157,7 @@ class Account:
         # As `launch` records them: the run's tags from naming.run_tags, the one place they are built.
         run_tags = naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline)
         full.setdefault("instance_tags", {**run_tags, "Name": naming.instance_name(run_id)})
-        run = Run(run_id=run_id, spec=full, created_at=iso(self.clock()), deadline_at=deadline)
+        run = Run(run_id=run_id, spec=RunSpec.from_dict(full), created_at=iso(self.clock()), deadline_at=deadline)
         self.supervisor().store.create(run)
         return run
 

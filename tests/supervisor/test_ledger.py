@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from training_infra.supervisor.runtime import ledger
-from training_infra.supervisor.runtime.records import iso
+from training_infra.supervisor.runtime.records import Attempt, AttemptEnd, Run, RunSpec, RunState, iso
 
 T0 = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
-SPEC = {"list_prices": {"g5.xlarge": 1.006}, "volume_gb": 0}
+SPEC = RunSpec(instance_types=("g5.xlarge",), list_prices={"g5.xlarge": 1.006})
 
 
 class History:
@@ -24,12 +25,10 @@ class History:
         return self.points
 
 
-def attempt(hours: float | None, *, market="spot", start=T0, **extra):
-    out = {"n": 1, "instance_id": "i-1", "instance_type": "g5.xlarge", "zone": "us-east-1a", "market": market,
-           "started_at": iso(start), **extra}  # fmt: skip
-    if hours is not None:
-        out["ended_at"] = iso(start + timedelta(hours=hours))
-    return out
+def attempt(hours: float | None, *, market="spot", start=T0, **extra) -> Attempt:
+    ended = iso(start + timedelta(hours=hours)) if hours is not None else ""
+    return Attempt(n=1, instance_id="i-0000000000000001", instance_type="g5.xlarge", zone="us-east-1a", market=market,
+                   started_at=iso(start), ended_at=ended, **extra)  # fmt: skip
 
 
 def test_a_spot_price_change_mid_attempt_charges_each_price_for_its_own_hours():
@@ -65,7 +64,7 @@ def test_a_spot_attempt_without_history_falls_back_to_the_agents_price_then_the_
 
 
 def test_the_volume_bills_for_every_hour_of_the_attempt():
-    spec = {**SPEC, "volume_gb": 730}  # 730 GB at 0.08 USD/GB-month: 0.08 USD an hour
+    spec = replace(SPEC, volume_gb=730)  # 730 GB at 0.08 USD/GB-month: 0.08 USD an hour
 
     cost = ledger.price_attempt(attempt(2, market="on-demand"), spec, T0 + timedelta(hours=3), History([]))
 
@@ -73,7 +72,7 @@ def test_the_volume_bills_for_every_hour_of_the_attempt():
 
 
 def test_an_attempt_that_never_got_an_instance_costs_nothing():
-    waiting = {"n": 1, "claimed_at": iso(T0), "end_reason": "capacity", "ended_at": iso(T0 + timedelta(hours=1))}
+    waiting = Attempt(n=1, claimed_at=iso(T0), end_reason=AttemptEnd.CAPACITY, ended_at=iso(T0 + timedelta(hours=1)))
 
     assert ledger.price_attempt(waiting, SPEC, T0 + timedelta(hours=2), History([])).usd is None
 
@@ -89,15 +88,15 @@ def test_a_recorded_price_is_read_back_not_asked_again():
 
 
 def test_a_runs_summary_adds_up_its_priced_attempts_and_is_complete_only_once_it_ended():
-    from training_infra.supervisor.runtime.records import Run
-
     first, second = attempt(1, market="on-demand"), attempt(2, market="on-demand", start=T0 + timedelta(hours=2))
     for a in (first, second):
         ledger.record_price(a, ledger.price_attempt(a, SPEC, T0 + timedelta(hours=9), History([])))
-    run = Run(run_id="r", spec=SPEC, deadline_at="", created_at=iso(T0), state="running", attempts=[first, second])
+    run = Run(
+        run_id="r", spec=SPEC, deadline_at="", created_at=iso(T0), state=RunState.RUNNING, attempts=[first, second]
+    )
 
     assert run.summary()["complete"] is False, "still going: cost reads the whole record"
-    run.state = "succeeded"
+    run.state = RunState.SUCCEEDED
     summary = run.summary()
     assert summary["complete"] is True and summary["tries"] == 2 and summary["seconds"] == 3 * 3600
     assert summary["cost_usd"] == pytest.approx(3 * 1.006) and summary["price_source"] == "on-demand list"

@@ -88,7 +88,7 @@ def test_only_spot_pools_at_or_under_the_cap_are_offered_each_with_the_cap_as_it
     (request,) = fleet.requests
     assert _pools(request) == {("g5.xlarge", a, "0.5"), ("g6.xlarge", b, "0.5")}
     assert request["SpotOptions"] == {"AllocationStrategy": "price-capacity-optimized", "MaxTotalPrice": "0.5"}
-    assert run.attempts[0]["instance_id"]
+    assert run.attempts[0].instance_id
 
 
 def test_on_demand_pools_are_filtered_by_list_price_and_the_fleet_gets_its_total_price_cap(account):
@@ -100,7 +100,7 @@ def test_on_demand_pools_are_filtered_by_list_price_and_the_fleet_gets_its_total
     assert {t for t, _, _ in _pools(request)} == {"g6.xlarge"}
     assert all(max_price is None for _, _, max_price in _pools(request)), "MaxPrice is a spot setting"
     assert request["OnDemandOptions"] == {"AllocationStrategy": "lowest-price", "MaxTotalPrice": "0.9"}
-    assert run.attempts[0]["instance_type"] == "g6.xlarge"
+    assert run.attempts[0].instance_type == "g6.xlarge"
 
 
 def test_the_local_aws_spot_history_is_read_for_real_and_every_pool_under_the_cap_is_offered(account):
@@ -137,7 +137,7 @@ def test_spot_over_the_cap_falls_back_to_on_demand_under_it_with_spot_then_on_de
     fleet, run = launch_with(account, prices, market="spot-then-on-demand", max_price_usd=0.9)
 
     assert [r["TargetCapacitySpecification"]["DefaultTargetCapacityType"] for r in fleet.requests] == ["on-demand"]
-    assert run.attempts[0]["market"] == "on-demand" and run.attempts[0]["instance_type"] == "g6.xlarge"
+    assert run.attempts[0].market == "on-demand" and run.attempts[0].instance_type == "g6.xlarge"
 
 
 def test_a_relaunch_with_every_pool_over_the_cap_waits_and_goes_ahead_when_prices_fall(account):
@@ -145,11 +145,11 @@ def test_a_relaunch_with_every_pool_over_the_cap_waits_and_goes_ahead_when_price
     supervisor = account.supervisor()
     supervisor.prices = spot_prices({("g5.xlarge", "us-east-1a"): "0.90", ("g6.xlarge", "us-east-1b"): "0.70"})
     account.clock.advance(minutes=20)
-    reclaim_with(account, supervisor, first.attempts[0]["instance_id"])
+    reclaim_with(account, supervisor, first.attempts[0].instance_id)
 
     run = account.run()
     assert run.state == "recovering" and len(account.instances_of("bert")) == 1
-    assert run.attempts[-1]["end_reason"] == "capacity"
+    assert run.attempts[-1].end_reason == "capacity"
     assert run.message == (
         "no pool at or under the price cap of $0.50/hour: the cheapest seen is $0.70/hour "
         "(g6.xlarge, spot, us-east-1b) (prices move)"
@@ -161,7 +161,7 @@ def test_a_relaunch_with_every_pool_over_the_cap_waits_and_goes_ahead_when_price
     later.prices = spot_prices({("g6.xlarge", "us-east-1b"): "0.40"})
     later.reconcile("bert")
     run = account.run()
-    assert run.attempts[-1]["instance_type"] == "g6.xlarge" and run.attempts[-1]["zone"] == "us-east-1b"
+    assert run.attempts[-1].instance_type == "g6.xlarge" and run.attempts[-1].zone == "us-east-1b"
     assert len(account.instances_of("bert")) == 2
 
 
@@ -182,7 +182,7 @@ def test_prices_that_cannot_be_read_leave_every_pool_to_the_fleets_own_cap(accou
 
     (request,) = fleet.requests
     assert len(_pools(request)) == 4 and request["SpotOptions"]["MaxTotalPrice"] == "0.5"
-    assert run.attempts[0]["instance_id"]
+    assert run.attempts[0].instance_id
 
 
 @pytest.mark.parametrize("market", ["spot", "on-demand"])

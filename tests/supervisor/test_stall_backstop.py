@@ -26,12 +26,12 @@ def test_progress_silent_for_stall_minutes_plus_the_margin_ends_the_attempt_as_s
     account.supervisor().handle(event(SCHEDULED))
 
     attempt = account.run().attempts[0]
-    assert attempt["unhealthy"] == "no training progress for 15+ min (stall_minutes + margin)"
+    assert attempt.unhealthy == "no training progress for 15+ min (stall_minutes + margin)"
     assert account.instances_of("bert")[0]["State"]["Name"] in ("shutting-down", "terminated")
-    account.end_instance(first["instance_id"])
-    account.supervisor().handle(event(STATE_CHANGE, first["instance_id"], state="terminated"))
+    account.end_instance(first.instance_id)
+    account.supervisor().handle(event(STATE_CHANGE, first.instance_id, state="terminated"))
     ended = account.run().attempts[0]
-    assert ended["end_reason"] == "stalled", "an error: relaunched only while --max-restarts-on-errors allows"
+    assert ended.end_reason == "stalled", "an error: relaunched only while --max-restarts-on-errors allows"
     assert account.run().state == "stalled"
 
 
@@ -40,14 +40,14 @@ def test_progress_within_the_window_never_heard_or_stall_off_is_left_alone(accou
     account.clock.advance(minutes=30)
     progress(account, "bert", minutes_ago=14)  # inside 10 + 5 min
     account.supervisor().handle(event(SCHEDULED))
-    assert not account.run().attempts[0].get("unhealthy")
+    assert not account.run().attempts[0].unhealthy
 
     # A trainer that never reports progress is not judged by it.
     account.new_run("quiet", stall_seconds=600)
     account.supervisor().reconcile("quiet")
     account.clock.advance(minutes=60)
     account.supervisor().handle(event(SCHEDULED))
-    assert not account.run("quiet").attempts[0].get("unhealthy")
+    assert not account.run("quiet").attempts[0].unhealthy
 
     # stall_minutes=0 turns the backstop off too.
     account.new_run("off", stall_seconds=0)
@@ -56,7 +56,7 @@ def test_progress_within_the_window_never_heard_or_stall_off_is_left_alone(accou
     progress(account, "off", minutes_ago=4)
     account.clock.advance(minutes=60)
     account.supervisor().handle(event(SCHEDULED))
-    assert not account.run("off").attempts[0].get("unhealthy")
+    assert not account.run("off").attempts[0].unhealthy
 
 
 @pytest.mark.parametrize("minutes", [1, 1440, 1441, 3 * (1440 + 5), 30 * 1440])

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
+from boto3.dynamodb.types import TypeSerializer
 
 from tests.supervisor.conftest import MOTO_AMI, START
 from training_infra import naming
-from training_infra.supervisor.runtime.records import MonthlyLedger, Run, iso
+from training_infra.supervisor.runtime.records import Attempt, MonthlyLedger, Run, RunSpec, RunState, iso
 from training_infra.supervisor.runtime.run_requests import handle_request, insert_overrides
 
 LAUNCH = {"action": "launch", "instance_types": ["g5.xlarge"], "market": "spot", "max_runtime_hours": 2}
@@ -31,8 +34,9 @@ def _forge(account, run_id: str, **spec) -> None:
         "launch_template_version": "1", "owns_launch_template": True, "max_runtime_hours": 600000,
         **spec,
     }  # fmt: skip
-    run = Run(run_id=run_id, spec=full, created_at=iso(account.clock()), deadline_at="2099-01-01T00:00:00Z")
-    account.dynamodb.put_item(TableName=account.table, Item=run.to_item())
+    run = Run(run_id=run_id, spec=RunSpec(), created_at=iso(account.clock()), deadline_at="2099-01-01T00:00:00Z")
+    item = {**run.to_item(), "spec": TypeSerializer().serialize(json.loads(json.dumps(full), parse_float=Decimal))}
+    account.dynamodb.put_item(TableName=account.table, Item=item)
 
 
 def _stranger(account, run_id: str, *, profile: bool) -> str:
@@ -75,9 +79,9 @@ def test_a_well_formed_forged_record_is_still_held_to_the_stacks_types_deadline_
 def test_a_forged_stop_request_terminates_no_instance_that_is_not_the_runs_attempt_with_the_projects_profile(account):
     outsider = _stranger(account, "victim", profile=False)  # tagged managed, but not launched by the project
     run = account.new_run("victim")
-    run.attempts = [{"n": 1, "claimed_at": iso(START), "instance_id": outsider, "instance_type": "g5.xlarge",
-                     "zone": "us-east-1a", "market": "spot", "started_at": iso(START)}]  # fmt: skip
-    run.stop_requested_at, run.stop_reason, run.state = iso(START - timedelta(hours=1)), "user", "stopping"
+    run.attempts = [Attempt(n=1, claimed_at=iso(START), instance_id=outsider, instance_type="g5.xlarge",
+                            zone="us-east-1a", market="spot", started_at=iso(START))]  # fmt: skip
+    run.stop_requested_at, run.stop_reason, run.state = iso(START - timedelta(hours=1)), "user", RunState.STOPPING
     account.dynamodb.put_item(TableName=account.table, Item=run.to_item())  # written around the supervisor
 
     account.supervisor().reconcile("victim")
@@ -92,7 +96,7 @@ def test_the_supervisor_terminates_its_own_attempt_after_the_stop_grace(account)
     account.new_run("mine")
     supervisor = account.supervisor()
     supervisor.reconcile("mine")
-    instance = account.run("mine").attempts[0]["instance_id"]
+    instance = account.run("mine").attempts[0].instance_id
     supervisor.request_stop("mine")
     account.clock.advance(minutes=11)
 
@@ -178,7 +182,7 @@ def test_a_launch_request_makes_the_template_from_the_default_version_records_an
     assert instance["ImageId"] == MOTO_AMI
     assert instance["IamInstanceProfile"]["Arn"] == account.profile_arn
     run = account.run("asked")
-    template = account.ec2.describe_launch_templates(LaunchTemplateIds=[run.spec["launch_template_id"]])[
+    template = account.ec2.describe_launch_templates(LaunchTemplateIds=[run.spec.launch_template_id])[
         "LaunchTemplates"
     ][0]
     assert template["LaunchTemplateName"] == f"{naming.RUN_TEMPLATE_PREFIX}asked"
@@ -199,6 +203,18 @@ def test_a_run_that_ended_is_not_relaunched_by_a_second_request_without_resume(a
     assert again["ok"] is False and "already exists" in again["error"]
 
 
+def test_resume_of_a_malformed_record_is_refused_and_leaves_it_as_stored(account):
+    _forge(account, "forged")
+    account.supervisor().reconcile("forged")  # marked invalid: a finished run, as far as its state goes
+
+    answer = _request(account, run_id="forged", resume=True)
+
+    assert (
+        answer["ok"] is False and "has a malformed record (spec.max_restarts_on_errors: got 100000" in answer["error"]
+    )
+    assert _launched(account) == [] and account.run("forged").state == "invalid"
+
+
 def test_resume_of_a_run_with_no_record_is_refused_while_its_instance_lives(account):
     box = _stranger(account, "seed-box", profile=True)  # the create_instance box: status.json, no record
 
@@ -213,7 +229,7 @@ def test_the_month_is_reserved_by_the_supervisor_and_a_launch_that_died_before_i
     account.cfg = dataclasses.replace(account.cfg, monthly_limit_usd=50)
     month = MonthlyLedger.key(account.clock())
     assert _request(account, run_id="priced", max_cost_usd=5.0)["ok"]
-    reserved = account.run("priced").spec["reserved_usd"]
+    reserved = account.run("priced").spec.reserved_usd
     assert 0 < reserved <= 5.0 and account.supervisor().month_ledger().read(month)["reservations"] == {
         "priced": reserved
     }

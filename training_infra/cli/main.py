@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,6 +30,8 @@ from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployed
 from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
 from training_infra.cli.safe_text import remote_text
+from training_infra.supervisor.runtime.records import Run as Record
+from training_infra.supervisor.runtime.records import RunState
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -488,11 +491,11 @@ def launch(
         return
     rid = managed.run_id
     out = stdout()
-    attempt = managed.attempts[-1] if managed.attempts else {}
-    if attempt.get("instance_id"):
+    attempt = managed.current
+    if attempt and attempt.instance_id:
         out.print(
-            f"launched run {rid}: attempt {attempt['n']} on {attempt['instance_id']} ({attempt['instance_type']}, "
-            f"{attempt['market']}, {attempt['zone']}) in {started.elapsed_seconds:.1f} s; "
+            f"launched run {rid}: attempt {attempt.n} on {attempt.instance_id} ({attempt.instance_type}, "
+            f"{attempt.market}, {attempt.zone}) in {started.elapsed_seconds:.1f} s; "
             f"managed until {managed.deadline_at}",
             markup=False,
         )
@@ -638,54 +641,53 @@ def _unrecorded_live_runs(store: Any, records: list[Any], instances: list[dict[s
     return [r for r in live if r.run_id and r.run_id not in shown and r.run_id not in recorded]
 
 
-def _managed_rows(aws: Aws, records: list[Any]) -> list[dict[str, Any]]:
+def _managed_rows(aws: Aws, records: list[Record]) -> list[dict[str, Any]]:
     """Rows for recorded runs. Ended attempts carry their price; EC2 and the spot price history are
     asked only for the attempts still open: one DescribeInstances for all of them, one price
     history per type and zone."""
     from training_infra.supervisor.runtime import ledger
 
     now = runs.utcnow()
-    open_attempts = [(r, a) for r in records for a in r.attempts if a.get("instance_id") and not a.get("ended_at")]
+    ids = sorted({a.instance_id for r in records for a in r.launched if not a.ended_at})
     instances: dict[str, runs.Run] = {}
-    if open_attempts:
-        ids = sorted({a["instance_id"] for _, a in open_attempts})
+    if ids:
         instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_by_id(aws, ids)}
-    unpriced = [a for r in records for a in r.attempts if a.get("instance_id") and not a.get("priced")]
+    unpriced = [a for r in records for a in r.launched if not a.priced]
     starts = [w[0] for a in unpriced if (w := ledger.attempt_window(a, now))]
     spot = ledger.SpotHistory(aws.client("ec2"), min(starts), now) if starts else None
     if spot is not None:
         try:
-            spot.prefetch((a.get("instance_type", ""), a.get("zone", "")) for a in unpriced if a["market"] == "spot")
+            spot.prefetch((a.instance_type, a.zone) for a in unpriced if a.market == "spot")
         except botocore.exceptions.ClientError:
             spot = None  # no ec2:DescribeSpotPriceHistory: list prices below
     return [_managed_row(record, instances, spot, now) for record in records]
 
 
-def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: datetime) -> dict[str, Any]:
+def _managed_row(record: Record, instances: dict[str, runs.Run], spot: Any, now: datetime) -> dict[str, Any]:
     """A managed run as a `status` row: its current (or last) attempt, and uptime and cost over every attempt."""
     from training_infra.supervisor.runtime import ledger
 
     attempts = []
     for attempt in record.attempts:
-        instance = instances.get(attempt.get("instance_id") or "")
-        if instance is not None and instance.launched_at and not attempt.get("ended_at"):
-            attempt = {**attempt, "started_at": runs.iso_z(instance.launched_at)}  # EC2 bills from its launch time
+        instance = instances.get(attempt.instance_id)
+        if instance is not None and instance.launched_at and not attempt.ended_at:
+            attempt = replace(attempt, started_at=runs.iso_z(instance.launched_at))  # EC2 bills from its launch time
         cost = ledger.recorded_or_priced(attempt, record.spec, now, spot)
         window = ledger.attempt_window(attempt, now)
         attempts.append(
             {
-                "attempt": attempt.get("n"),
-                "instance_id": attempt.get("instance_id"),
-                "instance_type": attempt.get("instance_type"),
-                "zone": attempt.get("zone"),
-                "market": attempt.get("market"),
-                "instance_state": instance.state if instance else ("ended" if attempt.get("ended_at") else None),
-                "started_at": attempt.get("started_at") or attempt.get("claimed_at"),
-                "ended_at": attempt.get("ended_at"),
-                "end_reason": attempt.get("end_reason"),
-                "exit_code": attempt.get("exit_code"),
-                "message": attempt.get("message"),
-                "tries": attempt.get("tries"),
+                "attempt": attempt.n,
+                "instance_id": attempt.instance_id,
+                "instance_type": attempt.instance_type,
+                "zone": attempt.zone,
+                "market": attempt.market,
+                "instance_state": instance.state if instance else ("ended" if attempt.ended_at else None),
+                "started_at": attempt.started_at or attempt.claimed_at,
+                "ended_at": attempt.ended_at,
+                "end_reason": attempt.end_reason,
+                "exit_code": attempt.exit_code,
+                "message": attempt.message,
+                "tries": attempt.tries,
                 "uptime_seconds": (window[1] - window[0]).total_seconds() if window else None,
                 "cost_usd": cost.usd,
                 "on_demand_usd": cost.on_demand_usd,
@@ -700,9 +702,13 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
         values = [a[key] for a in launched if a[key] is not None]
         return sum(values) if values else None
 
-    state = record.state
-    if state in ("launching", "recovering") and last.get("instance_state") == "running" and not last.get("ended_at"):
-        state = "running"  # the supervisor records it at its next look; EC2 already says so
+    spec, state = record.spec, record.state
+    if (
+        state in (RunState.LAUNCHING, RunState.RECOVERING)
+        and last.get("instance_state") == "running"
+        and not last.get("ended_at")
+    ):
+        state = RunState.RUNNING  # the supervisor records it at its next look; EC2 already says so
     return {
         "run_id": record.run_id,
         "instance_id": last.get("instance_id") if record.active else None,
@@ -719,16 +725,13 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
         "outcome": None if record.active else record.state,
         "exit_code": last.get("exit_code"),
         "message": record.message,
-        "max_cost_usd": record.spec.get("max_cost_usd"),
+        "max_cost_usd": spec.max_cost_usd,
         # A resumed run's limit counts from its resume (spent_before_usd), as the supervisor's does.
-        "left_usd": max(
-            0.0,
-            record.spec["max_cost_usd"] - ((total("cost_usd") or 0) - float(record.spec.get("spent_before_usd") or 0)),
-        )
-        if record.spec.get("max_cost_usd")
+        "left_usd": max(0.0, spec.max_cost_usd - ((total("cost_usd") or 0) - spec.spent_before_usd))
+        if spec.max_cost_usd
         else None,
         "managed": {
-            "spec": record.spec,
+            "spec": spec.to_dict(),
             "errors_used": record.errors_used,
             "stop_requested_at": record.stop_requested_at or None,
             "ended_at": record.ended_at or None,
@@ -737,12 +740,11 @@ def _managed_row(record: Any, instances: dict[str, runs.Run], spot: Any, now: da
     }
 
 
-def _progress(aws: Aws, record: Any) -> dict[str, Any] | None:
+def _progress(aws: Aws, record: Record) -> dict[str, Any] | None:
     """The last attempt's progress.json (the agent uploads it once a minute with progress), or None."""
-    launched = [a for a in record.attempts if a.get("instance_id")]
-    if not launched:
+    if not record.launched:
         return None
-    key = f"{naming.RUNS_PREFIX}{record.run_id}/attempts/{launched[-1]['n']}/progress.json"
+    key = f"{naming.RUNS_PREFIX}{record.run_id}/attempts/{record.launched[-1].n}/progress.json"
     try:
         body = aws.client("s3").get_object(Bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET), Key=key)["Body"].read()
         progress = json.loads(body)
@@ -809,7 +811,7 @@ def _show_managed_run(row: dict[str, Any]) -> None:
     )
     for a in row["attempts"]:
         why = a["end_reason"] or ("-" if a["instance_id"] else "launching")
-        if a["end_reason"] == "capacity" and a.get("tries"):
+        if a["end_reason"] == "capacity" and a["tries"] > 1:
             why += f" ({a['tries']} tries)"
         if a["message"] and a["end_reason"] not in (None, "succeeded"):
             why += f": {a['message']}"
@@ -977,14 +979,14 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
     record = store.get(run) if store is not None else None
     if record is not None and record.active:
         # A managed run's status.json is its latest attempt's: the run itself may go on.
-        current = record.current or {}
-        if current.get("instance_id"):
-            where = f"run {run} (attempt {current['n']}) is still running on {current['instance_id']}"
+        current = record.current
+        if current and current.instance_id:
+            where = f"run {run} (attempt {current.n}) is still running on {current.instance_id}"
         else:
             where = f"run {run} is still {record.state}"
         return f"{where}: these are only the files uploaded so far; fetch again after it ends"
-    if record is not None and record.state != "succeeded":
-        logs = target / "attempts" / str((record.attempts[-1] if record.attempts else {}).get("n", 1)) / "logs"
+    if record is not None and record.state != RunState.SUCCEEDED:
+        logs = target / "attempts" / str(record.attempts[-1].n if record.attempts else 1) / "logs"
         return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {logs}"
     status = runs.read_status_file(target / runs.STATUS_FILE)
     if status is not None:

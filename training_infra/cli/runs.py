@@ -329,32 +329,36 @@ def concurrently(work: Any, items: Sequence[Any], workers: int = 16) -> list[Any
 def record_from_status(status: dict[str, Any], ec2: Any, now: datetime) -> Any:
     """A run from before the run table (or the stack's own instance) as a finished record of one attempt."""
     from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime.records import Attempt, AttemptEnd, RunSpec, RunState
     from training_infra.supervisor.runtime.records import Run as Record
 
     run = run_from_status(status)
     started = iso_z(run.launched_at) if run.launched_at else ""
     ended = iso_z(run.ended_at) if run.ended_at else started
     list_price = pricing.on_demand_price(run.instance_type)
-    spec = {
-        "imported_from": STATUS_FILE,
-        "market": run.market,
-        "instance_types": [run.instance_type] if run.instance_type else [],
-        "list_prices": {run.instance_type: list_price} if list_price is not None else {},
-    }
+    market = run.market if run.market in ("spot", "on-demand") else ""
+    spec = RunSpec(
+        imported_from=STATUS_FILE,
+        market=market,
+        instance_types=(run.instance_type,) if run.instance_type else (),
+        list_prices={run.instance_type: list_price} if list_price is not None else {},
+    )
     outcome = str(status.get("outcome") or "")
-    attempt = {
-        "n": 1,
-        "instance_id": run.instance_id,
-        "instance_type": run.instance_type,
-        "zone": run.availability_zone,
-        "market": run.market,
-        "started_at": started,
-        "ended_at": ended,
-        "end_reason": outcome,
-        "exit_code": status.get("exit_code"),
-        "message": status.get("message"),
-        "price_usd": status.get("hourly_price_usd"),
-    }
+    state = RunState(_OUTCOME_STATES.get(outcome, "failed"))
+    exit_code = status.get("exit_code")
+    attempt = Attempt(
+        n=1,
+        instance_id=run.instance_id,
+        instance_type=run.instance_type,
+        zone=run.availability_zone,
+        market=market,
+        started_at=started,
+        ended_at=ended,
+        end_reason=AttemptEnd(state) if outcome else None,
+        exit_code=exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
+        message=str(status.get("message") or ""),
+        price_usd=ledger.number(status.get("hourly_price_usd")),
+    )
     window = ledger.attempt_window(attempt, now)
     spot = ledger.SpotHistory(ec2, *window) if window and run.market == "spot" else None
     try:
@@ -369,7 +373,7 @@ def record_from_status(status: dict[str, Any], ec2: Any, now: datetime) -> Any:
         spec=spec,
         deadline_at="",
         created_at=started or iso_z(now),
-        state=_OUTCOME_STATES.get(outcome, "failed"),
+        state=state,
         attempts=[attempt],
         message=str(status.get("message") or outcome),
         ended_at=ended,

@@ -55,6 +55,7 @@ class FakeImds:
         account_id: str = "123456789012",
         image_id: str = "ami-0123456789abcdef0",
         private_ip: str = "10.0.0.10",
+        role: tuple[str, Mapping[str, str]] | None = None,
     ) -> None:
         if market not in ("spot", "on-demand"):
             raise ValueError(f"market={market!r} is not allowed: use 'spot' or 'on-demand'")
@@ -68,6 +69,9 @@ class FakeImds:
         self.account_id = account_id
         self.image_id = image_id
         self.private_ip = private_ip  # each played instance its own: multi-node peers find each other by it
+        # The instance role's name and its credentials document (AccessKeyId, SecretAccessKey, Token,
+        # Expiration), served under meta-data/iam/security-credentials/ as EC2 does; None: no role.
+        self.role = role
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> expiry (time.monotonic)
         self._instance_action: str | None = None
@@ -212,6 +216,10 @@ class FakeImds:
             "meta-data/local-ipv4": self.private_ip,
             "dynamic/instance-identity/document": self._document(),
         }
+        if self.role is not None:
+            name, document = self.role
+            fixed["meta-data/iam/security-credentials"] = name
+            fixed[f"meta-data/iam/security-credentials/{name}"] = json.dumps({"Code": "Success", **document})
         return fixed.get(path)
 
 

@@ -144,7 +144,7 @@ class LocalInstance:
 
     def stop(self) -> None:
         if self.process is not None:
-            # The agent's TERM trap uploads logs and status on the way down, as at an OS shutdown.
+            # The agent's SIGTERM handler (finalize) uploads logs and status on the way down, as at an OS shutdown.
             stop_process_group(self.process, grace_seconds=30)
         if self.imds is not None:
             self.imds.stop()

@@ -1,1 +1,1 @@
-"""What runs on the instance: agent.sh and the Python helpers it calls (shipped as user data)."""
+"""What runs on the instance: the agent package `ti_agent`, shipped as a zipapp the user-data bootstrap runs."""

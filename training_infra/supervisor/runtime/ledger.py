@@ -11,16 +11,16 @@ Stdlib and boto3 only: this folder is the supervisor's Lambda package; the CLI i
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
-    from records import parse_iso
+    from records import Attempt, RunSpec, parse_iso
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime.records import parse_iso
+    from training_infra.supervisor.runtime.records import Attempt, RunSpec, parse_iso
 
 # gp3 list price (us-east-1) per GB-month, and AWS's month for per-hour figures.
 EBS_USD_PER_GB_MONTH = 0.08
@@ -124,41 +124,39 @@ class AttemptCost:
     source: str  # spot history | on-demand list | agent estimate | unknown
 
 
-def attempt_window(attempt: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime] | None:
+def attempt_window(attempt: Attempt, now: datetime) -> tuple[datetime, datetime] | None:
     """When the attempt's instance ran: from its launch to its end (or now, while it runs)."""
-    start = parse_iso(attempt.get("started_at"))
-    if start is None or not attempt.get("instance_id"):
+    start = parse_iso(attempt.started_at)
+    if start is None or not attempt.instance_id:
         return None
-    end = parse_iso(attempt.get("ended_at")) or now
+    end = parse_iso(attempt.ended_at) or now
     return start, max(start, end)
 
 
-def volume_usd_per_hour(spec: Mapping[str, Any]) -> float:
-    return float(spec.get("volume_gb") or 0) * EBS_USD_PER_GB_MONTH / HOURS_PER_MONTH
+def volume_usd_per_hour(volume_gb: int) -> float:
+    return volume_gb * EBS_USD_PER_GB_MONTH / HOURS_PER_MONTH
 
 
-def price_attempt(
-    attempt: Mapping[str, Any], spec: Mapping[str, Any], now: datetime, spot: SpotHistory | None
-) -> AttemptCost:
+def price_attempt(attempt: Attempt, spec: RunSpec, now: datetime, spot: SpotHistory | None) -> AttemptCost:
     """What the attempt cost from its start to its end (or now)."""
     window = attempt_window(attempt, now)
     if window is None:
         return AttemptCost(0.0, None, None, None, "unknown")
     start, end = window
     hours = (end - start).total_seconds() / 3600
-    instance_type = attempt.get("instance_type") or ""
-    list_price = _positive((spec.get("list_prices") or {}).get(instance_type))
-    agent_price = _positive(attempt.get("price_usd"))
+    instance_type = attempt.instance_type
+    list_price = _positive(spec.list_prices.get(instance_type))
+    agent_price = _positive(attempt.price_usd)
     on_demand_rate = list_price if list_price is not None else agent_price
     on_demand = on_demand_rate * hours if on_demand_rate is not None else None
-    volume = volume_usd_per_hour(spec) * hours
-    if attempt.get("market") == "spot" and spot is not None and instance_type:
-        history = spot.prices(instance_type, attempt.get("zone") or "")
+    volume = volume_usd_per_hour(spec.volume_gb) * hours
+    if attempt.market == "spot" and spot is not None and instance_type:
+        history = spot.prices(instance_type, attempt.zone)
         compute = time_weighted_cost(history, start, end)
         if compute is not None:
             in_effect = [price for moment, price in sorted(history) if moment <= end] or [history[0][1]]
             return AttemptCost(hours, compute + volume, on_demand, in_effect[-1], "spot history")
-    if list_price is not None and attempt.get("market") != "spot":
+    if list_price is not None and attempt.market != "spot":
         return AttemptCost(hours, list_price * hours + volume, on_demand, list_price, "on-demand list")
     if agent_price is not None:
         return AttemptCost(hours, agent_price * hours + volume, on_demand, agent_price, "agent estimate")
@@ -167,40 +165,29 @@ def price_attempt(
     return AttemptCost(hours, None, None, None, "unknown")
 
 
-def recorded_or_priced(
-    attempt: Mapping[str, Any], spec: Mapping[str, Any], now: datetime, spot: SpotHistory | None
-) -> AttemptCost:
+def recorded_or_priced(attempt: Attempt, spec: RunSpec, now: datetime, spot: SpotHistory | None) -> AttemptCost:
     """An ended attempt's recorded figure (the supervisor priced it once), else priced now."""
     window = attempt_window(attempt, now)
-    if attempt.get("ended_at") and attempt.get("priced") and window is not None:
+    if attempt.ended_at and attempt.priced and window is not None:
         hours = (window[1] - window[0]).total_seconds() / 3600
         return AttemptCost(
-            hours,
-            _number(attempt.get("cost_usd")),
-            _number(attempt.get("on_demand_usd")),
-            _number(attempt.get("hourly_usd")),
-            str(attempt.get("price_source") or "unknown"),
+            hours, attempt.cost_usd, attempt.on_demand_usd, attempt.hourly_usd, attempt.price_source or "unknown"
         )
     return price_attempt(attempt, spec, now, spot)
 
 
-def record_price(attempt: dict[str, Any], cost: AttemptCost) -> None:
+def record_price(attempt: Attempt, cost: AttemptCost) -> None:
     """Keep an ended attempt's cost on it: `status` and `cost` read it instead of pricing it again."""
-    attempt.update(
-        priced=True,
-        cost_usd=cost.usd,
-        on_demand_usd=cost.on_demand_usd,
-        hourly_usd=cost.hourly_usd,
-        price_source=cost.source,
-    )
+    attempt.priced, attempt.cost_usd, attempt.on_demand_usd = True, cost.usd, cost.on_demand_usd
+    attempt.hourly_usd, attempt.price_source = cost.hourly_usd, cost.source
 
 
 def _positive(value: Any) -> float | None:
-    number = _number(value)
-    return number if number is not None and number > 0 else None
+    found = number(value)
+    return found if found is not None and found > 0 else None
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     try:
         return float(value) if value is not None else None
     except (TypeError, ValueError):

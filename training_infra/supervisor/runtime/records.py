@@ -5,31 +5,72 @@ CLI's first launch, EventBridge events, the one-minute reconcile) reads the item
 writes it back only if nobody wrote in between (`version` unchanged). The loser re-reads and
 decides again, so two deciders never both launch (docs/architecture.md, "Managed runs").
 
+The item is parsed into typed values (`Run`, `RunSpec`, `Attempt`, `RunState`, `AttemptEnd`) once, in
+`Run.from_item`, and serialised once, in `Run.to_item`, in the format the table has always held; no
+caller indexes a record with strings.
+
 Stdlib and boto3 only: this folder is the supervisor's whole Lambda package, and the CLI imports
 it too (the first launch is the same code).
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from enum import StrEnum
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-# The run's states. Active ones are kept in the sparse "Active" index the reconcile reads.
-ACTIVE_STATES = ("launching", "running", "recovering", "stopping")
-# "interrupted": a run from before managed runs (imported from its status.json) that spot ended.
-# "invalid": a record that failed validation on read (not written by the supervisor, or corrupted): never acted on.
-FINAL_STATES = (
-    "succeeded", "failed", "stopped", "deadline", "budget", "idle", "stalled", "interrupted", "invalid",
-)  # fmt: skip
+
+class RunState(StrEnum):
+    """A run's state; the active ones are kept in the sparse "Active" index the reconcile reads."""
+
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    DEADLINE = "deadline"
+    BUDGET = "budget"
+    IDLE = "idle"
+    STALLED = "stalled"
+    INTERRUPTED = "interrupted"  # a run from before managed runs (imported from its status.json) that spot ended
+    INVALID = "invalid"  # failed validation on read (not written by the supervisor, or corrupted): never acted on
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_STATES
+
+
+ACTIVE_STATES = frozenset({RunState.LAUNCHING, RunState.RUNNING, RunState.RECOVERING, RunState.STOPPING})
+
+
+class AttemptEnd(StrEnum):
+    """How an attempt ended; INTERRUPTED and BUDGET only on runs imported from a status.json (the agent's words)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STALLED = "stalled"
+    IDLE = "idle"
+    DEADLINE = "deadline"
+    RECLAIMED = "reclaimed"
+    STOPPED = "stopped"
+    CAPACITY = "capacity"
+    LAUNCH_REFUSED = "launch-refused"
+    INTERRUPTED = "interrupted"
+    BUDGET = "budget"
+
+
 MARKETS = ("spot", "on-demand", "spot-then-on-demand")
 # Index names the construct creates (training_infra/supervisor/construct.py).
 ACTIVE_INDEX = "Active"
@@ -96,13 +137,14 @@ def _optional_number(field_name: str, value: Any, lo: float, hi: float) -> float
 @dataclass(frozen=True)
 class RunSpec:
     """What a run may do, as the supervisor accepted it: one definition for the CLI, the supervisor and the
-    ledger. `from_dict` refuses anything it would not have written (docs/architecture.md, "Trust boundaries")."""
+    ledger. `from_dict` refuses anything it would not have written (docs/architecture.md, "Trust boundaries"),
+    but for a run imported from its status.json, which names no subnets, template or runtime (never active)."""
 
-    instance_types: tuple[str, ...]
-    subnet_ids: tuple[str, ...]
-    market: str
-    max_runtime_hours: float
-    launch_template_id: str
+    instance_types: tuple[str, ...] = ()
+    subnet_ids: tuple[str, ...] = ()
+    market: str = "spot"
+    max_runtime_hours: float = 0.0
+    launch_template_id: str = ""
     launch_template_version: str = "1"
     owns_launch_template: bool = True
     max_restarts_on_errors: int = 0
@@ -118,6 +160,7 @@ class RunSpec:
     budget_month: str = ""
     reserved_usd: float = 0.0
     spent_before_usd: float = 0.0
+    imported_from: str = ""  # the file a run from before the run table was recorded from
 
     @classmethod
     def from_dict(cls, spec: Any) -> RunSpec:
@@ -125,22 +168,26 @@ class RunSpec:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(spec) - known)
         _need(not unknown, "spec", unknown, f"only {', '.join(sorted(known))}")
-        types = spec.get("instance_types")
+        imported = spec.get("imported_from", "")
+        _need(isinstance(imported, str), "spec.imported_from", imported, "text")
+        least = 0 if imported else 1  # instance types and subnets
+        types = spec.get("instance_types", [])
         _need(
-            isinstance(types, list) and 0 < len(types) <= 20 and all(isinstance(t, str) and _INSTANCE_TYPE.match(t)
-                                                                     for t in types),
+            isinstance(types, list) and least <= len(types) <= 20 and all(isinstance(t, str) and _INSTANCE_TYPE.match(t)
+                                                                           for t in types),
             "spec.instance_types", types, "1 to 20 instance types",
         )  # fmt: skip
-        subnets = spec.get("subnet_ids")
+        subnets = spec.get("subnet_ids", [])
         _need(
-            isinstance(subnets, list) and 0 < len(subnets) <= 16
+            isinstance(subnets, list) and least <= len(subnets) <= 16
             and all(isinstance(s, str) and _SUBNET_ID.match(s) for s in subnets),
             "spec.subnet_ids", subnets, "1 to 16 subnet ids",
         )  # fmt: skip
-        _need(spec.get("market") in MARKETS, "spec.market", spec.get("market"), ", ".join(MARKETS))
-        template = spec.get("launch_template_id")
-        _need(isinstance(template, str) and bool(_TEMPLATE_ID.match(template)), "spec.launch_template_id", template,
-              "a launch template id")  # fmt: skip
+        market = spec.get("market", "")
+        _need(market in MARKETS or (imported and market == ""), "spec.market", market, ", ".join(MARKETS))
+        template = spec.get("launch_template_id", "")
+        _need(isinstance(template, str) and (bool(_TEMPLATE_ID.match(template)) or (imported and not template)),
+              "spec.launch_template_id", template, "a launch template id")  # fmt: skip
         _need(str(spec.get("launch_template_version", "1")) == "1", "spec.launch_template_version",
               spec.get("launch_template_version"), "1 (the run's own template has one version)")  # fmt: skip
         restarts = spec.get("max_restarts_on_errors", 0)
@@ -162,8 +209,9 @@ class RunSpec:
         return cls(
             instance_types=tuple(types),
             subnet_ids=tuple(subnets),
-            market=spec["market"],
-            max_runtime_hours=_number("spec.max_runtime_hours", spec.get("max_runtime_hours"), 0.001, 168),
+            market=market,
+            max_runtime_hours=_number("spec.max_runtime_hours", spec.get("max_runtime_hours", 0 if imported else None),
+                                      0 if imported else 0.001, 168),
             launch_template_id=template,
             launch_template_version="1",
             owns_launch_template=spec.get("owns_launch_template", True),
@@ -181,12 +229,16 @@ class RunSpec:
             budget_month=month,
             reserved_usd=_number("spec.reserved_usd", spec.get("reserved_usd", 0), 0, 1_000_000),
             spent_before_usd=_number("spec.spent_before_usd", spec.get("spent_before_usd", 0), 0, 10_000_000),
+            imported_from=imported,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's `spec` map; unset optional limits are left out, as readers expect."""
+        """The record's `spec` map, as written since runs were first recorded: unset optional limits left out."""
         values = asdict(self)
         values["instance_types"], values["subnet_ids"] = list(self.instance_types), list(self.subnet_ids)
+        if self.imported_from:
+            return {name: values[name] for name in ("imported_from", "market", "instance_types", "list_prices")}
+        del values["imported_from"]
         for optional in ("max_price_usd", "max_cost_usd"):
             if values[optional] is None:
                 del values[optional]
@@ -196,36 +248,62 @@ class RunSpec:
         return values
 
 
-@dataclass(frozen=True)
+@dataclass
 class Attempt:
-    """One instance working on a run, as the record keeps it; `from_dict` checks the fields anything acts on."""
+    """One instance working on a run (or the claim of one, before it starts)."""
 
     n: int
+    why: str = ""
     claimed_at: str = ""
     instance_id: str = ""
     instance_type: str = ""
     zone: str = ""
     subnet_id: str = ""
-    market: str = ""
+    market: str = ""  # spot | on-demand, once an instance started
     started_at: str = ""
     ended_at: str = ""
-    end_reason: str = ""
+    end_reason: AttemptEnd | None = None
+    message: str = ""
+    errors: list[dict[str, str]] = field(default_factory=list)  # per-pool capacity errors of the last try
+    tries: int = 1  # capacity failures in a row kept as one attempt
+    exit_code: int | None = None
+    price_usd: float | None = None  # the agent's hourly estimate (status.json)
+    reclaim_warned_at: str = ""
+    rebalance_at: str = ""
+    impaired_since: str = ""  # EC2 status checks first seen impaired
+    unhealthy: str = ""  # why the supervisor ended a hung box
+    stop_tagged_at: str = ""
+    terminated_at: str = ""
+    # The price, recorded once the attempt ended (ledger.record_price): `status` and `cost` read it from here.
+    priced: bool = False
+    cost_usd: float | None = None
+    on_demand_usd: float | None = None
+    hourly_usd: float | None = None
+    price_source: str = ""
 
     @classmethod
     def from_dict(cls, attempt: Any, position: int) -> Attempt:
-        _need(isinstance(attempt, dict), f"attempts[{position}]", type(attempt).__name__, "a map")
-        n = attempt.get("n")
-        _need(n == position + 1, f"attempts[{position}].n", n, str(position + 1))
-        instance = attempt.get("instance_id") or ""
-        _need(instance == "" or (isinstance(instance, str) and bool(_INSTANCE_ID.match(instance))),
-              f"attempts[{position}].instance_id", instance, "an instance id")  # fmt: skip
-        _need(attempt.get("market", "") in ("", "spot", "on-demand"), f"attempts[{position}].market",
-              attempt.get("market"), "spot or on-demand")  # fmt: skip
-        text = {name: attempt.get(name) or "" for name in ("claimed_at", "instance_type", "zone", "subnet_id",
-                                                            "started_at", "ended_at", "end_reason")}  # fmt: skip
-        for name, value in text.items():
-            _need(isinstance(value, str), f"attempts[{position}].{name}", value, "text")
-        return cls(n=n, instance_id=instance, market=attempt.get("market", ""), **text)
+        where = f"attempts[{position}]"
+        _need(isinstance(attempt, dict), where, type(attempt).__name__, "a map")
+        typed, problems = _typed(cls, attempt, where)
+        if problems:
+            raise InvalidRecord(problems[0])
+        _need(typed.get("n") == position + 1, f"{where}.n", attempt.get("n"), str(position + 1))
+        instance = typed.get("instance_id", "")
+        _need(instance == "" or bool(_INSTANCE_ID.match(instance)), f"{where}.instance_id", instance,
+              "an instance id")  # fmt: skip
+        _need(typed.get("market", "") in ("", "spot", "on-demand"), f"{where}.market", typed.get("market"),
+              "spot or on-demand")  # fmt: skip
+        return cls(**typed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys set, as the record has always kept them (a fresh claim is n, why and claimed_at)."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name == "n" or getattr(self, f.name) != _default(f)
+        }
+
+    def end(self, reason: AttemptEnd, message: str, at: str) -> None:
+        self.ended_at, self.end_reason, self.message = at, reason, message
 
 
 MAX_RESTARTS = 100
@@ -233,15 +311,15 @@ MAX_RESTARTS = 100
 
 @dataclass
 class Run:
-    """The record as Python values; `attempts` are plain dicts (see `Attempt` keys in supervisor.py)."""
+    """The record as typed values: parsed once when the store reads it, serialised once when it writes it."""
 
     run_id: str
-    spec: dict[str, Any]
+    spec: RunSpec
     deadline_at: str
     created_at: str
-    state: str = "launching"
+    state: RunState = RunState.LAUNCHING
     version: int = 0
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     errors_used: int = 0
     cooldown: dict[str, str] = field(default_factory=dict)  # "type@zone" -> until (ISO)
     stop_requested_at: str = ""
@@ -249,43 +327,52 @@ class Run:
     message: str = ""
     ended_at: str = ""
     spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits
+    # Why the stored item failed validation on read, or "". Such a run is never acted on: its values stay as
+    # stored (`stored`) and are written back so, but for the state, message and end the supervisor gives it.
+    problem: str = field(default="", compare=False)
+    stored: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state.active
 
     @property
-    def current(self) -> dict[str, Any] | None:
+    def current(self) -> Attempt | None:
         """The attempt still open (launched or being launched), if any."""
-        if self.attempts and not self.attempts[-1].get("ended_at"):
+        if self.attempts and not self.attempts[-1].ended_at:
             return self.attempts[-1]
         return None
+
+    @property
+    def launched(self) -> list[Attempt]:
+        """The attempts that had an instance."""
+        return [a for a in self.attempts if a.instance_id]
 
     def summary(self) -> dict[str, Any]:
         """What `cost` lists for a finished run, kept beside the attempts so a period's runs are read
         without them (a projection): the attempts' recorded prices added up. `complete` only when the
         run has ended and every attempt that had an instance was priced."""
-        launched = [a for a in self.attempts if a.get("instance_id")]
+        launched = self.launched
 
-        def total(key: str) -> float | None:
-            values = [float(a[key]) for a in launched if a.get(key) is not None]
-            return round(sum(values), 6) if values else None
+        def total(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return round(sum(known), 6) if known else None
 
         seconds = 0.0
         for attempt in launched:
-            start, end = parse_iso(attempt.get("started_at")), parse_iso(attempt.get("ended_at"))
+            start, end = parse_iso(attempt.started_at), parse_iso(attempt.ended_at)
             seconds += (end - start).total_seconds() if start and end and end > start else 0.0
-        last = launched[-1] if launched else {}
+        last = launched[-1] if launched else Attempt(n=0)
         return {
-            "complete": not self.active and all(a.get("priced") for a in launched),
+            "complete": not self.active and all(a.priced for a in launched),
             "tries": len(launched),
-            "first_started_at": (launched[0].get("started_at") or "") if launched else "",
+            "first_started_at": launched[0].started_at if launched else "",
             "seconds": seconds,
-            "cost_usd": total("cost_usd"),
-            "on_demand_usd": total("on_demand_usd"),
-            "price_source": last.get("price_source") or "",
-            "instance_type": last.get("instance_type") or "",
-            "market": last.get("market") or "",
+            "cost_usd": total([a.cost_usd for a in launched]),
+            "on_demand_usd": total([a.on_demand_usd for a in launched]),
+            "price_source": last.price_source,
+            "instance_type": last.instance_type,
+            "market": last.market,
         }
 
     def to_item(self) -> dict[str, Any]:
@@ -295,9 +382,9 @@ class Run:
             "created_at": self.created_at,
             "state": self.state,
             "version": self.version,
-            "spec": self.spec,
+            "spec": self.spec.to_dict(),
             "deadline_at": self.deadline_at,
-            "attempts": self.attempts,
+            "attempts": [attempt.to_dict() for attempt in self.attempts],
             "errors_used": self.errors_used,
             "cooldown": self.cooldown,
             "stop_requested_at": self.stop_requested_at,
@@ -307,37 +394,81 @@ class Run:
             "spent_usd": self.spent_usd,
             "summary": self.summary(),
         }
+        if self.problem:  # as it was read, so nothing it said is lost
+            changed = ("state", "version", "message", "ended_at")
+            item = {**{k: v for k, v in self.stored.items() if k != "active"}, **{k: item[k] for k in changed}}
         if self.active:
             item["active"] = "1"  # sparse index: only active runs are in it
         return {key: _serializer.serialize(_to_dynamo(value)) for key, value in item.items()}
 
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> Run:
+        """The typed run; an item that fails validation reads too, with `problem` saying why (never raises)."""
         values = {key: _from_dynamo(_deserializer.deserialize(value)) for key, value in item.items()}
-        names = set(cls.__dataclass_fields__)
-        return cls(**{key: value for key, value in values.items() if key in names})
+        typed, problems = _typed(cls, values, "record", skip=("spec", "attempts", "problem", "stored"))
+        run = cls(**{"run_id": "", "deadline_at": "", "created_at": "", **typed, "spec": RunSpec()})
+        if "state" not in typed:  # unknown: never treated as active
+            run.state = RunState.INVALID
+            problems.append(f"state: got {values.get('state')!r}; allowed: a run state")
+        if not _RUN_ID.match(run.run_id):
+            problems.append(f"run_id: got {values.get('run_id')!r}; allowed: a run id (lowercase letters, digits, -)")
+        if not 0 <= run.errors_used <= MAX_RESTARTS:
+            problems.append(f"errors_used: got {run.errors_used!r}; allowed: 0 to {MAX_RESTARTS}")
+        try:
+            run.spec = RunSpec.from_dict(values.get("spec"))
+            attempts = values.get("attempts", [])
+            _need(isinstance(attempts, list) and len(attempts) <= 10_000, "attempts", type(attempts).__name__,
+                  "a list of at most 10,000")  # fmt: skip
+            run.attempts = [Attempt.from_dict(a, i) for i, a in enumerate(attempts)]
+        except InvalidRecord as error:
+            problems.append(str(error))
+        if problems:
+            run.problem, run.stored = problems[0], values
+        return run
 
-    def copy(self) -> Run:
-        return copy.deepcopy(self)
 
-    def validated(self) -> tuple[RunSpec, list[Attempt]]:
-        """The typed spec and attempts, or InvalidRecord: what every decision reads first."""
-        _need(isinstance(self.run_id, str) and bool(_RUN_ID.match(self.run_id)), "run_id", self.run_id,
-              "a run id (lowercase letters, digits, -)")  # fmt: skip
-        _need(self.state in ACTIVE_STATES + FINAL_STATES, "state", self.state, "a run state")
-        _need(parse_iso(self.deadline_at) is not None, "deadline_at", self.deadline_at, "an ISO 8601 time")
-        _need(isinstance(self.attempts, list) and len(self.attempts) <= 10_000, "attempts", type(self.attempts),
-              "a list")  # fmt: skip
-        _need(isinstance(self.errors_used, int) and 0 <= self.errors_used <= MAX_RESTARTS, "errors_used",
-              self.errors_used, f"0 to {MAX_RESTARTS}")  # fmt: skip
-        _need(isinstance(self.cooldown, dict), "cooldown", type(self.cooldown), "a map")
-        spec = RunSpec.from_dict(self.spec)
-        return spec, [Attempt.from_dict(a, i) for i, a in enumerate(self.attempts)]
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _default(spec: Any) -> Any:
+    return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+
+def _typed(cls: type, values: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """The values of `cls`'s fields found in `values`, each of its annotated type (an absent or null one keeps
+    its default), and what did not fit."""
+    typed: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, hint in _hints(cls).items():
+        value = values.get(name)
+        if name in skip or value is None:
+            continue
+        kind = next(k for k in (get_args(hint) if isinstance(hint, UnionType) else (hint,)) if k is not NoneType)
+        kind = getattr(kind, "__origin__", kind)  # list[...] -> list
+        if issubclass(kind, StrEnum):
+            if value == "":
+                continue
+            if value in kind._value2member_map_:
+                typed[name] = kind(value)
+                continue
+        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            typed[name] = float(value)
+            continue
+        elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            typed[name] = value
+            continue
+        allowed = ", ".join(kind) if issubclass(kind, StrEnum) else kind.__name__
+        problems.append(f"{where}.{name}: got {value!r}; allowed: {allowed}")
+    return typed, problems
 
 
 def _to_dynamo(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, str):
+        return str(value)  # an enum member as its value
     if isinstance(value, float):
         return Decimal(str(value))
     if isinstance(value, int):

@@ -34,17 +34,30 @@ from botocore.exceptions import BotoCoreError, ClientError
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
     from prices import Prices
-    from records import MARKETS, MAX_RESTARTS, MonthlyLedger, OverLimit, Run, RunSpec, StaleRecord, iso
+    from records import (
+        MARKETS,
+        MAX_RESTARTS,
+        Attempt,
+        MonthlyLedger,
+        OverLimit,
+        Run,
+        RunSpec,
+        RunState,
+        StaleRecord,
+        iso,
+    )
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import Prices
     from training_infra.supervisor.runtime.records import (
         MARKETS,
         MAX_RESTARTS,
+        Attempt,
         MonthlyLedger,
         OverLimit,
         Run,
         RunSpec,
+        RunState,
         StaleRecord,
         iso,
     )
@@ -219,7 +232,7 @@ def plan_money(
     max_price: float | None, max_cost: float | None,
 ) -> Money:  # fmt: skip
     """The run's limit must leave room for one graceful stop; the month's limit needs a price to reserve with."""
-    volume_hourly = ledger.volume_usd_per_hour({"volume_gb": volume_gb})
+    volume_hourly = ledger.volume_usd_per_hour(volume_gb)
     unpriced = [t for t in types if t not in list_prices]
     if unpriced and max_price is not None:
         list_prices = {**list_prices, **{t: max_price for t in unpriced}}  # the cap bounds them
@@ -363,15 +376,17 @@ class Launcher:
             self.abandon(run_id)  # nothing left for the supervisor to start a minute later behind the user's back
             raise
         run = self.sup.store.get(run_id)
-        attempt = run.current or (run.attempts[-1] if run.attempts else {})
+        attempt = run.attempts[-1] if run.attempts else Attempt(n=0)
         return {
-            "ok": True, "run_id": run_id, "attempt": attempt.get("n", 0), "instance_id": attempt.get("instance_id", ""),
+            "ok": True, "run_id": run_id, "attempt": attempt.n, "instance_id": attempt.instance_id,
             "state": run.state, "message": run.message, "deadline_at": run.deadline_at,
         }  # fmt: skip
 
     def check_run_id(self, request: LaunchRequest) -> Run | None:
         """A new id; with `resume`, a finished run (or one known only from S3 whose instance has ended)."""
         record = self.sup.store.get(request.run_id)
+        if record is not None and record.problem and request.resume:  # its values cannot be trusted to go on from
+            raise Refused(f"run {request.run_id} has a malformed record ({record.problem}): choose another --run-id")
         if record is not None and record.active:
             raise Refused(f"run {request.run_id} is still {record.state}: nothing to resume (`training-infra stop` "
                           "ends it)" if request.resume else f"run {request.run_id} already exists: choose another "
@@ -487,14 +502,12 @@ class Launcher:
         try:
             if resumed is not None:
                 # The finished run goes on: its attempts stay (the next is numbered after them).
-                resumed.spec, resumed.deadline_at, resumed.state = spec.to_dict(), deadline, "launching"
+                resumed.spec, resumed.deadline_at, resumed.state = spec, deadline, RunState.LAUNCHING
                 resumed.message, resumed.ended_at, resumed.errors_used, resumed.cooldown = "resumed", "", 0, {}
                 resumed.stop_requested_at = resumed.stop_reason = ""
                 self.sup.store.save(resumed)
             else:
-                self.sup.store.create(
-                    Run(run_id=run_id, spec=spec.to_dict(), created_at=iso(now), deadline_at=deadline)
-                )
+                self.sup.store.create(Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline))
         except StaleRecord:
             raise Refused(
                 f"run {run_id} changed while it was being launched: see `training-infra status {run_id}`"
@@ -504,9 +517,9 @@ class Launcher:
 
     def abandon(self, run_id: str) -> None:
         record = self.sup.store.get(run_id)
-        if record is None or not record.active or (record.current or {}).get("instance_id"):
+        if record is None or not record.active or (record.current and record.current.instance_id):
             return  # an instance started: the supervisor keeps the run (and its reservation)
-        record.state, record.message = "failed", "launch failed before any instance started"
+        record.state, record.message = RunState.FAILED, "launch failed before any instance started"
         try:
             self.sup.store.save(record)
         except (StaleRecord, ClientError, BotoCoreError):
@@ -543,7 +556,7 @@ def stop(supervisor: Any, run_id: str) -> dict[str, Any]:
             return {"ok": True, "run_id": run_id, "result": "stopping", "since": record.stop_requested_at}
         record = supervisor.request_stop(run_id)
         return {"ok": True, "run_id": run_id, "result": "stop-requested",
-                "instance_id": (record.current or {}).get("instance_id", "")}  # fmt: skip
+                "instance_id": record.current.instance_id if record.current else ""}  # fmt: skip
     reservations = supervisor.clients.ec2.describe_instances(
         Filters=[{"Name": f"tag:{supervisor.cfg.run_id_tag}", "Values": [run_id]}]
     )["Reservations"]

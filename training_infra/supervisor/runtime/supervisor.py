@@ -35,11 +35,12 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     import ledger
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import (
-        FINAL_STATES,
-        InvalidRecord,
+        Attempt,
+        AttemptEnd,
         MonthlyLedger,
         Run,
         RunSpec,
+        RunState,
         RunStore,
         StaleRecord,
         iso,
@@ -50,11 +51,12 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
-        FINAL_STATES,
-        InvalidRecord,
+        Attempt,
+        AttemptEnd,
         MonthlyLedger,
         Run,
         RunSpec,
+        RunState,
         RunStore,
         StaleRecord,
         iso,
@@ -94,19 +96,26 @@ TRANSIENT_ERRORS = (
 )
 # A run's agent outcome -> how the attempt ended.
 AGENT_OUTCOMES = {
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "stalled": "stalled",
-    "idle": "idle",
-    "deadline": "deadline",
-    "interrupted": "reclaimed",
-    "stopped": "stopped",
-    "budget": "stopped",
+    "succeeded": AttemptEnd.SUCCEEDED,
+    "failed": AttemptEnd.FAILED,
+    "stalled": AttemptEnd.STALLED,
+    "idle": AttemptEnd.IDLE,
+    "deadline": AttemptEnd.DEADLINE,
+    "interrupted": AttemptEnd.RECLAIMED,
+    "stopped": AttemptEnd.STOPPED,
+    "budget": AttemptEnd.STOPPED,
+}
+# An attempt's end that ends its run, and the state the run ends in.
+_RUN_ENDS = {
+    AttemptEnd.SUCCEEDED: RunState.SUCCEEDED,
+    AttemptEnd.IDLE: RunState.IDLE,
+    AttemptEnd.DEADLINE: RunState.DEADLINE,
+    AttemptEnd.STOPPED: RunState.STOPPED,
 }
 # What one GetMetricStatistics call may return (CloudWatch API reference).
 MAX_METRIC_POINTS = 1440
 # A stop request's reason -> the state the run ends in.
-STOP_STATES = {"user": "stopped", "budget": "budget"}
+STOP_STATES = {"user": RunState.STOPPED, "budget": RunState.BUDGET}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
 JUST_LAUNCHED_SECONDS = 300
 # A month reservation with no run record this long after it was made belongs to a launch that died between.
@@ -233,14 +242,9 @@ class Clients:
 # ------------------------------------------------------------------------------------ launching
 
 
-def pools(spec: Mapping[str, Any], subnet_zones: Mapping[str, str]) -> list[tuple[str, str]]:
+def pools(spec: RunSpec, subnet_zones: Mapping[str, str]) -> list[tuple[str, str]]:
     """Every (instance type, subnet) the run may use."""
-    return [
-        (instance_type, subnet)
-        for instance_type in spec["instance_types"]
-        for subnet in spec["subnet_ids"]
-        if subnet in subnet_zones
-    ]
+    return [(t, subnet) for t in spec.instance_types for subnet in spec.subnet_ids if subnet in subnet_zones]
 
 
 def pool_key(instance_type: str, zone: str) -> str:
@@ -259,7 +263,7 @@ def _fleet_request(
     # The run's tags as `launch` built them (training_infra.naming.run_tags, the one place), this
     # attempt's number on top; managed and run id always, since the supervisor finds instances by them.
     tags = {
-        **spec.get("instance_tags", {}),
+        **spec.instance_tags,
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
@@ -267,16 +271,14 @@ def _fleet_request(
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
         # second instance, while the next try after a capacity failure is a new request.
-        "ClientToken": _client_token(
-            run.run_id, attempt, market, run.current.get("claimed_at", "") if run.current else ""
-        ),
+        "ClientToken": _client_token(run.run_id, attempt, market, run.current.claimed_at if run.current else ""),
         "Type": "instant",
         "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "DefaultTargetCapacityType": market},
         "LaunchTemplateConfigs": [
             {
                 "LaunchTemplateSpecification": {
-                    "LaunchTemplateId": spec["launch_template_id"],
-                    "Version": str(spec["launch_template_version"]),
+                    "LaunchTemplateId": spec.launch_template_id,
+                    "Version": spec.launch_template_version,
                 },
                 "Overrides": overrides,
             }
@@ -290,7 +292,7 @@ def _fleet_request(
         request["SpotOptions"] = {"AllocationStrategy": "price-capacity-optimized"}
     else:
         request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
-    cap = spec.get("max_price_usd")
+    cap = spec.max_price_usd
     if cap:  # the fleet's own cap on top of the pools offered: EC2 holds to it if a price moved since
         request["SpotOptions" if market == "spot" else "OnDemandOptions"]["MaxTotalPrice"] = f"{cap:g}"
     return request
@@ -301,8 +303,8 @@ def _client_token(run_id: str, attempt: int, market: str, claimed_at: str) -> st
     return f"ti-{digest[:48]}"  # EC2 allows 64 characters; a run id alone may have 63
 
 
-def _markets(spec: Mapping[str, Any]) -> list[str]:
-    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"]}[spec["market"]]
+def _markets(spec: RunSpec) -> list[str]:
+    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"]}[spec.market]
 
 
 def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> dict[str, Any] | None:
@@ -321,9 +323,7 @@ def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> d
     return instances[0] if instances else None
 
 
-def launch(
-    clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, prices: Prices | None = None
-) -> dict[str, Any]:
+def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, prices: Prices | None = None) -> Attempt:
     """Start the open attempt's instance: adopt one already started for it, else one fleet per market.
 
     Returns the attempt (updated in place): `instance_id` set, or `end_reason` "capacity" with the
@@ -332,19 +332,17 @@ def launch(
     is refused and a relaunch waits as for capacity (prices move).
     """
     attempt = run.current
-    assert attempt is not None and not attempt.get("instance_id"), "launch needs an open attempt without an instance"
-    existing = _adopt(clients, run, attempt["n"], cfg)
+    assert attempt is not None and not attempt.instance_id, "launch needs an open attempt without an instance"
+    existing = _adopt(clients, run, attempt.n, cfg)
     if existing is not None:
-        _record_instance(attempt, existing.get("InstanceId"), existing.get("InstanceType"),
-                         existing.get("Placement", {}).get("AvailabilityZone"), existing.get("SubnetId"),
-                         "spot" if existing.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
+        _adopted(attempt, existing, now)
         return attempt
-    zones = _subnet_zones(clients, list(run.spec["subnet_ids"]))
+    zones = _subnet_zones(clients, list(run.spec.subnet_ids))
     cooled = {key for key, until in run.cooldown.items() if (parse_iso(until) or now) > now}
     every = pools(run.spec, zones)
     preferred = [(t, s) for t, s in every if pool_key(t, zones[s]) not in cooled] or every
     errors: list[dict[str, str]] = []
-    cap = run.spec.get("max_price_usd")
+    cap = run.spec.max_price_usd
     priced_out: list[tuple[tuple[str, str], float, str]] = []
     for market in _markets(run.spec):
         offered = preferred
@@ -360,7 +358,7 @@ def launch(
             for t, s in offered
         ]
         try:
-            response = clients.ec2.create_fleet(**_fleet_request(run, attempt["n"], market, overrides, cfg))
+            response = clients.ec2.create_fleet(**_fleet_request(run, attempt.n, market, overrides, cfg))
         except ClientError as error:
             code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
             if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
@@ -402,11 +400,13 @@ def launch(
         )
     if priced_out and not errors:
         message = cap_message(cap, min(priced_out, key=lambda item: item[1]))
-        if not any(a.get("instance_id") for a in run.attempts):
+        if not run.launched:
             raise LaunchRefused(f"{message}: raise --max-price or add cheaper --instance-types")
-        attempt.update(end_reason="capacity", ended_at=iso(now), errors=[], message=f"{message} (prices move)")
+        attempt.errors = []
+        attempt.end(AttemptEnd.CAPACITY, f"{message} (prices move)", iso(now))
         return attempt
-    attempt.update(end_reason="capacity", ended_at=iso(now), errors=errors[-12:], message=_capacity_message(errors))
+    attempt.errors = errors[-12:]
+    attempt.end(AttemptEnd.CAPACITY, _capacity_message(errors), iso(now))
     return attempt
 
 
@@ -439,7 +439,7 @@ def _capacity_message(errors: list[dict[str, str]]) -> str:
 
 
 def _record_instance(
-    attempt: dict,
+    attempt: Attempt,
     instance_id: str | None,
     instance_type: str | None,
     zone: str | None,
@@ -447,14 +447,15 @@ def _record_instance(
     market: str,
     now: datetime,
 ) -> None:
-    attempt.update(
-        instance_id=instance_id,
-        instance_type=instance_type or "",
-        zone=zone or "",
-        subnet_id=subnet or "",
-        market=market,
-        started_at=iso(now),
-    )
+    attempt.instance_id, attempt.instance_type, attempt.zone = instance_id or "", instance_type or "", zone or ""
+    attempt.subnet_id, attempt.market, attempt.started_at = subnet or "", market, iso(now)
+
+
+def _adopted(attempt: Attempt, instance: Mapping[str, Any], now: datetime) -> None:
+    """The attempt takes an instance a previous launch of it started."""
+    _record_instance(attempt, instance.get("InstanceId"), instance.get("InstanceType"),
+                     instance.get("Placement", {}).get("AvailabilityZone"), instance.get("SubnetId"),
+                     "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand", now)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- classifying
@@ -475,13 +476,10 @@ def attempt_status_key(cfg: SupervisorConfig, run_id: str, attempt: int) -> str:
     return f"{cfg.runs_prefix}{run_id}/attempts/{attempt}/status.json"
 
 
-def _attempt_status(
-    clients: Clients, cfg: SupervisorConfig, run: Run, attempt: Mapping[str, Any]
-) -> dict[str, Any] | None:
+def _attempt_status(clients: Clients, cfg: SupervisorConfig, run: Run, attempt: Attempt) -> dict[str, Any] | None:
     try:
-        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=attempt_status_key(cfg, run.run_id, attempt["n"]))[
-            "Body"
-        ].read()
+        key = attempt_status_key(cfg, run.run_id, attempt.n)
+        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=key)["Body"].read()
     except ClientError as error:
         if error.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
             return None
@@ -494,28 +492,28 @@ def _attempt_status(
 
 
 def classify(
-    instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Mapping[str, Any]
-) -> tuple[str, str]:
+    instance: Mapping[str, Any] | None, status: Mapping[str, Any] | None, attempt: Attempt
+) -> tuple[AttemptEnd, str]:
     """How an attempt ended: (reason, words for people)."""
-    if attempt.get("unhealthy") and (not status or status.get("outcome") == "interrupted"):
+    if attempt.unhealthy and (not status or status.get("outcome") == "interrupted"):
         # The supervisor ended a hung box (its agent may still have caught the SIGTERM and said "interrupted"):
         # failed status checks are AWS's hardware; a silent agent or no progress is a stall, an error.
-        reason = "reclaimed" if "status checks" in attempt["unhealthy"] else "stalled"
-        return reason, f"the supervisor ended it: {attempt['unhealthy']}"
+        reason = AttemptEnd.RECLAIMED if "status checks" in attempt.unhealthy else AttemptEnd.STALLED
+        return reason, f"the supervisor ended it: {attempt.unhealthy}"
     if status and status.get("outcome") in AGENT_OUTCOMES:
         reason = AGENT_OUTCOMES[status["outcome"]]
-        if reason == "failed" and status.get("exit_code") is not None:
+        if reason == AttemptEnd.FAILED and status.get("exit_code") is not None:
             return reason, f"trainer failed with exit {status['exit_code']}"
         return reason, str(status.get("message") or reason)
     state_reason = (instance or {}).get("StateReason", {}).get("Code", "")
-    if attempt.get("reclaim_warned_at") or state_reason.startswith("Server.SpotInstance"):
-        return "reclaimed", "spot reclaimed by AWS"
+    if attempt.reclaim_warned_at or state_reason.startswith("Server.SpotInstance"):
+        return AttemptEnd.RECLAIMED, "spot reclaimed by AWS"
     if instance is None:
-        return "reclaimed", "instance vanished without a status.json"
+        return AttemptEnd.RECLAIMED, "instance vanished without a status.json"
     if state_reason.startswith("Client."):
         # Shut down or terminated from inside or by a person, with no status: the run's own doing, an error.
-        return "failed", f"instance ended without a status.json ({state_reason})"
-    return "reclaimed", f"instance ended without a status.json ({state_reason or 'no reason given'})"
+        return AttemptEnd.FAILED, f"instance ended without a status.json ({state_reason})"
+    return AttemptEnd.RECLAIMED, f"instance ended without a status.json ({state_reason or 'no reason given'})"
 
 
 # ---------------------------------------------------------------------------------- deciding
@@ -583,7 +581,7 @@ class Supervisor:
             for run_id in values["reservations"]:
                 run = self.store.get(run_id) if run_id not in active else None
                 if run is not None and not run.active:
-                    self.settle_month(run)
+                    self.settle_month(run, month)
                 reserved = parse_iso(values.get("reserved_at", {}).get(run_id)) or now - ORPHAN_RESERVATION
                 if run is None and run_id not in active and now - reserved >= ORPHAN_RESERVATION:
                     log.info("freeing the %s reservation of %s: no run record since %s", month, run_id, iso(reserved))
@@ -608,21 +606,19 @@ class Supervisor:
 
     def invalid_because(self, run: Run) -> str:
         """Why an active record must not be acted on, or "": every read of a run checks it before deciding."""
-        try:
-            spec, _attempts = run.validated()
-        except InvalidRecord as error:
-            return f"malformed record: {error}"
-        problems = self.cfg.limit_problems(spec, run.deadline_at, self.now())
+        if run.problem:
+            return f"malformed record: {run.problem}"
+        problems = self.cfg.limit_problems(run.spec, run.deadline_at, self.now())
         return "; ".join(problems)
 
     def _invalidate(self, run: Run, problem: str) -> dict[str, Any]:
         """A record the supervisor would never have written: marked `invalid`, with a notice, and left alone
         (nothing launched, terminated or deleted on its word)."""
-        run.state, run.ended_at = "invalid", iso(self.now())
+        run.state, run.ended_at = RunState.INVALID, iso(self.now())
         run.message = f"not acted on: {problem}"[:1000]
         self.store.save(run)
         self._notify(run, f"record refused ({problem}): marked invalid; nothing launched, stopped or deleted for it")
-        return {"run_id": run.run_id, "state": "invalid", "message": run.message}
+        return {"run_id": run.run_id, "state": run.state, "message": run.message}
 
     def request_stop(self, run_id: str, reason: str = "user") -> Run:
         """Ask a run to end gracefully: no relaunch; its instance gets the stop tag, then a terminate
@@ -634,7 +630,7 @@ class Supervisor:
             if not run.active or run.stop_requested_at:
                 return run
             run.stop_requested_at, run.stop_reason = iso(self.now()), reason
-            run.state = "stopping"
+            run.state = RunState.STOPPING
             try:
                 self.store.save(run)
             except StaleRecord:
@@ -648,38 +644,32 @@ class Supervisor:
     def _step(self, run: Run) -> dict[str, Any]:
         now = self.now()
         attempt = run.current
-        if run.stop_requested_at and attempt is not None and not attempt.get("instance_id"):
+        if run.stop_requested_at and attempt is not None and not attempt.instance_id:
             # A launch may have started an instance for this claim before the stop: find it, then stop it.
-            started = _adopt(self.clients, run, attempt["n"], self.cfg)
+            started = _adopt(self.clients, run, attempt.n, self.cfg)
             if started is not None:
-                _record_instance(
-                    attempt, started.get("InstanceId"), started.get("InstanceType"),
-                    started.get("Placement", {}).get("AvailabilityZone"), started.get("SubnetId"),
-                    "spot" if started.get("InstanceLifecycle") == "spot" else "on-demand", now,
-                )  # fmt: skip
+                _adopted(attempt, started, now)
                 self.store.save(run)
                 return self._step(run)
-        if run.stop_requested_at and (attempt is None or not attempt.get("instance_id")):
+        if run.stop_requested_at and (attempt is None or not attempt.instance_id):
             # Stopped while waiting for capacity (or between attempts): nothing runs, nothing to launch.
             if attempt is not None:
-                attempt.update(
-                    ended_at=iso(now), end_reason="stopped", message="stop requested before an instance started"
-                )
+                attempt.end(AttemptEnd.STOPPED, "stop requested before an instance started", iso(now))
             return self._finish(
-                run, STOP_STATES.get(run.stop_reason, "stopped"), "stopped on request before an instance started"
+                run, STOP_STATES.get(run.stop_reason, RunState.STOPPED), "stopped on request before an instance started"
             )
         if attempt is None:
             return self._next_attempt(run, why="first launch" if not run.attempts else run.message)
-        if not attempt.get("instance_id"):
+        if not attempt.instance_id:
             return self._launch_open_attempt(run)
-        instance = _instance(self.clients, attempt["instance_id"])
+        instance = _instance(self.clients, attempt.instance_id)
         state = (instance or {}).get("State", {}).get("Name", "gone")
-        launched = parse_iso(attempt.get("started_at")) or now
+        launched = parse_iso(attempt.started_at) or now
         if instance is None and (now - launched).total_seconds() < JUST_LAUNCHED_SECONDS:
             return {
                 "run_id": run.run_id,
                 "state": run.state,
-                "instance": attempt["instance_id"],
+                "instance": attempt.instance_id,
                 "note": "not listed yet",
             }
         if state in ("pending", "running"):
@@ -690,29 +680,31 @@ class Supervisor:
         status = _attempt_status(self.clients, self.cfg, run, attempt)
         reason, words = classify(instance, status, attempt)
         ended = parse_iso((status or {}).get("ended_at")) or now
-        attempt.update(ended_at=iso(ended), end_reason=reason, message=words)
+        attempt.end(reason, words, iso(ended))
         if status:
-            attempt.update(exit_code=status.get("exit_code"), price_usd=status.get("hourly_price_usd"))
+            exit_code, price = status.get("exit_code"), ledger.number(status.get("hourly_price_usd"))
+            attempt.exit_code = exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None
+            attempt.price_usd = price
         self._price(run, attempt, now)
-        if reason == "reclaimed" and attempt.get("zone"):
-            run.cooldown[pool_key(attempt.get("instance_type", ""), attempt["zone"])] = iso(
+        if reason == AttemptEnd.RECLAIMED and attempt.zone:
+            run.cooldown[pool_key(attempt.instance_type, attempt.zone)] = iso(
                 now + timedelta(seconds=self.cfg.cooldown_seconds)
             )
         return self._after(run, reason, words, now)
 
-    def _after(self, run: Run, reason: str, words: str, now: datetime) -> dict[str, Any]:
+    def _after(self, run: Run, reason: AttemptEnd, words: str, now: datetime) -> dict[str, Any]:
         if run.stop_requested_at:
             return self._finish(
                 run,
-                STOP_STATES.get(run.stop_reason, "stopped"),
+                STOP_STATES.get(run.stop_reason, RunState.STOPPED),
                 f"stopped on request ({run.stop_reason}); last attempt: {words}",
             )
-        if reason in ("succeeded", "idle", "deadline", "stopped"):
-            return self._finish(run, reason, words)
-        if reason in ("failed", "stalled"):
-            allowed = int(run.spec.get("max_restarts_on_errors", 0))
+        if reason in _RUN_ENDS:
+            return self._finish(run, _RUN_ENDS[reason], words)
+        if reason in (AttemptEnd.FAILED, AttemptEnd.STALLED):
+            allowed = run.spec.max_restarts_on_errors
             if run.errors_used >= allowed:
-                final = "stalled" if reason == "stalled" else "failed"
+                final = RunState.STALLED if reason == AttemptEnd.STALLED else RunState.FAILED
                 return self._finish(
                     run, final, f"{words}; no restarts on errors left ({run.errors_used} of {allowed} used)"
                 )
@@ -723,21 +715,21 @@ class Supervisor:
     def _next_attempt(self, run: Run, *, why: str) -> dict[str, Any]:
         now = self.now()
         deadline = parse_iso(run.deadline_at) or now
-        needed = self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300))
+        needed = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds
         if run.attempts and (deadline - now).total_seconds() < needed:
             return self._finish(
                 run,
-                "deadline",
+                RunState.DEADLINE,
                 f"{why}; {max(0, int((deadline - now).total_seconds() / 60))} min left before the deadline "
                 "is too little for another attempt",
             )
         over = self._over_budget(run, now) if run.attempts else ""
         if over:
-            return self._finish(run, "budget", f"{why}; {over}")
+            return self._finish(run, RunState.BUDGET, f"{why}; {over}")
         n = len(run.attempts) + 1
-        run.attempts.append({"n": n, "why": why, "claimed_at": iso(now)})
+        run.attempts.append(Attempt(n=n, why=why, claimed_at=iso(now)))
         # Launching until an instance ever started; recovering after that.
-        run.state = "recovering" if any(a.get("instance_id") for a in run.attempts) else "launching"
+        run.state = RunState.RECOVERING if run.launched else RunState.LAUNCHING
         run.message = why
         self.store.save(run)  # the claim: only one decider gets past this for attempt n
         return self._launch_open_attempt(run, relaunch=n > 1, why=why)
@@ -745,7 +737,7 @@ class Supervisor:
     def _template_problem(self, run: Run) -> str:
         """Why the run's template may not be launched, or "": only a template the supervisor made for this run,
         carrying the project's instance profile and the stack's security group (a user's never launches)."""
-        template_id = str(run.spec.get("launch_template_id") or "")
+        template_id = run.spec.launch_template_id
         if template_id in self.verified_templates:
             return ""
         if self.template_made_for(template_id, run.run_id) is None:
@@ -769,81 +761,73 @@ class Supervisor:
                 raise LaunchRefused(f"refused: {problem}")
             attempt = launch(self.clients, run, self.cfg, self.now(), self.prices)
         except LaunchRefused as refused:
-            run.current.update(ended_at=iso(self.now()), end_reason="launch-refused", message=str(refused))
-            return self._finish(run, "failed", str(refused))
-        if attempt.get("instance_id"):
-            run.message = (
-                f"attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} ({attempt['market']})"
-            )
+            run.attempts[-1].end(AttemptEnd.LAUNCH_REFUSED, str(refused), iso(self.now()))
+            return self._finish(run, RunState.FAILED, str(refused))
+        if attempt.instance_id:
+            run.message = f"attempt {attempt.n} on {attempt.instance_type} in {attempt.zone} ({attempt.market})"
             self.store.save(run)
             if relaunch:
                 self._notify(
                     run,
-                    f"relaunched as attempt {attempt['n']} on {attempt['instance_type']} in {attempt['zone']} "
-                    f"({attempt['market']}): {why}",
+                    f"relaunched as attempt {attempt.n} on {attempt.instance_type} in {attempt.zone} "
+                    f"({attempt.market}): {why}",
                 )
-            return {"run_id": run.run_id, "launched": attempt["instance_id"], "attempt": attempt["n"]}
+            return {"run_id": run.run_id, "launched": attempt.instance_id, "attempt": attempt.n}
         # No capacity anywhere: record it and stay recovering; the next reconcile tries again.
-        streak = len(run.attempts) >= 2 and run.attempts[-2].get("end_reason") == "capacity"
-        run.message = attempt["message"]
+        streak = len(run.attempts) >= 2 and run.attempts[-2].end_reason == AttemptEnd.CAPACITY
+        run.message = attempt.message
         if streak:  # one row per streak of capacity failures, with a count
             previous = run.attempts[-2]
-            previous.update(
-                ended_at=attempt["ended_at"],
-                errors=attempt["errors"],
-                message=attempt["message"],
-                tries=int(previous.get("tries", 1)) + 1,
-            )
+            previous.ended_at, previous.errors, previous.message = attempt.ended_at, attempt.errors, attempt.message
+            previous.tries += 1
             run.attempts.pop()
         self.store.save(run)
         if not streak:
-            self._notify(run, f"waiting for capacity: {attempt['message']}; retrying every minute until the deadline")
-        return {"run_id": run.run_id, "capacity": attempt["message"]}
+            self._notify(run, f"waiting for capacity: {attempt.message}; retrying every minute until the deadline")
+        return {"run_id": run.run_id, "capacity": attempt.message}
 
-    def _watch(self, run: Run, attempt: dict[str, Any], now: datetime) -> dict[str, Any]:
+    def _watch(self, run: Run, attempt: Attempt, now: datetime) -> dict[str, Any]:
         changed = False
-        if run.state in ("launching", "recovering"):
-            run.state, changed = "running", True
+        if run.state in (RunState.LAUNCHING, RunState.RECOVERING):
+            run.state, changed = RunState.RUNNING, True
         if run.stop_requested_at:
-            if not attempt.get("stop_tagged_at"):
+            if not attempt.stop_tagged_at:
                 self._tag_stop(run)
-                attempt["stop_tagged_at"], changed = iso(now), True
+                attempt.stop_tagged_at, changed = iso(now), True
             requested = parse_iso(run.stop_requested_at) or now
             if (now - requested).total_seconds() > self.cfg.stop_timeout_seconds:
                 self._terminate(run, attempt)
-                attempt["terminated_at"], changed = iso(now), True
-        if not run.stop_requested_at and run.spec.get("max_cost_usd"):
+                attempt.terminated_at, changed = iso(now), True
+        if not run.stop_requested_at and run.spec.max_cost_usd:
             changed = self._keep_within_limit(run, attempt, now) or changed
-        if not run.stop_requested_at and not attempt.get("unhealthy"):
-            before = attempt.get("impaired_since")
+        if not run.stop_requested_at and not attempt.unhealthy:
+            before = attempt.impaired_since
             unhealthy = self._unhealthy(attempt, now) or self._progress_stalled(run, attempt, now)
-            changed = changed or attempt.get("impaired_since") != before
+            changed = changed or attempt.impaired_since != before
             if unhealthy:
-                attempt["unhealthy"], changed = unhealthy, True
+                attempt.unhealthy, changed = unhealthy, True
                 self._terminate(run, attempt)
-                self._notify(
-                    run, f"attempt {attempt['n']} on {attempt['instance_id']} is hung ({unhealthy}): terminated"
-                )
+                self._notify(run, f"attempt {attempt.n} on {attempt.instance_id} is hung ({unhealthy}): terminated")
         if changed:
             self.store.save(run)
-        return {"run_id": run.run_id, "state": run.state, "instance": attempt["instance_id"]}
+        return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id}
 
-    def _keep_within_limit(self, run: Run, attempt: dict[str, Any], now: datetime) -> bool:
+    def _keep_within_limit(self, run: Run, attempt: Attempt, now: datetime) -> bool:
         """Track the run's spend; stop it gracefully when spent + one grace period would pass its limit.
 
         Returns whether the record changed (its spend moved by a cent or more, or the stop began).
         """
-        limit = float(run.spec["max_cost_usd"])
+        limit = run.spec.max_cost_usd
         total, hourly = self._spend(run, attempt, now)
         changed = abs(total - run.spent_usd) >= 0.01
         if changed:
             run.spent_usd = round(total, 4)
-        spent = total - _spent_before(run)
+        spent = total - run.spec.spent_before_usd
         if spent + hourly * self.cfg.grace_hours < limit:
             return changed
         run.spent_usd = round(total, 4)
-        run.stop_requested_at, run.stop_reason, run.state = iso(now), "budget", "stopping"
-        attempt["stop_tagged_at"] = iso(now)
+        run.stop_requested_at, run.stop_reason, run.state = iso(now), "budget", RunState.STOPPING
+        attempt.stop_tagged_at = iso(now)
         self._tag_stop(run)
         self._notify(
             run,
@@ -852,9 +836,9 @@ class Supervisor:
         )
         return True
 
-    def _spend(self, run: Run, open_attempt: dict[str, Any] | None, now: datetime) -> tuple[float, float]:
+    def _spend(self, run: Run, open_attempt: Attempt | None, now: datetime) -> tuple[float, float]:
         """(USD spent by every attempt so far, the open attempt's USD per hour now)."""
-        spent = sum(float(a.get("cost_usd") or 0) for a in run.attempts if a.get("priced"))
+        spent = sum(a.cost_usd or 0.0 for a in run.attempts if a.priced)
         if open_attempt is None or ledger.attempt_window(open_attempt, now) is None:
             return spent, 0.0
         window = ledger.attempt_window(open_attempt, now)
@@ -865,28 +849,26 @@ class Supervisor:
         except ClientError as error:
             log.warning("no spot price history for %s: %s", run.run_id, error)
             cost = ledger.price_attempt(open_attempt, run.spec, now, None)
-        hourly = (cost.hourly_usd or 0.0) + ledger.volume_usd_per_hour(run.spec)
+        hourly = (cost.hourly_usd or 0.0) + ledger.volume_usd_per_hour(run.spec.volume_gb)
         return spent + (cost.usd or 0.0), hourly
 
     def _over_budget(self, run: Run, now: datetime) -> str:
         """Why another attempt may not start (its run's limit, or the month's), or ""."""
-        limit = float(run.spec.get("max_cost_usd") or 0)
+        limit = run.spec.max_cost_usd or 0.0
         total, _ = self._spend(run, None, now)
         run.spent_usd = round(total, 4)
-        spent = total - _spent_before(run)
-        prices = [float(p) for p in (run.spec.get("list_prices") or {}).values()] or [0.0]
+        spent = total - run.spec.spent_before_usd
+        prices = list(run.spec.list_prices.values()) or [0.0]
         # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
-        useful = (
-            self.cfg.boot_seconds + int(run.spec.get("checkpoint_sync_seconds", 300)) + self.cfg.stop_timeout_seconds
-        )
-        dearest = min(max(prices), float(run.spec.get("max_price_usd") or max(prices)))  # --max-price caps it
-        least = (dearest + ledger.volume_usd_per_hour(run.spec)) * useful / 3600
+        useful = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds + self.cfg.stop_timeout_seconds
+        dearest = min(max(prices), run.spec.max_price_usd or max(prices))  # --max-price caps it
+        least = (dearest + ledger.volume_usd_per_hour(run.spec.volume_gb)) * useful / 3600
         if limit and spent + least >= limit:
             return (
                 f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt (boot, one checkpoint "
                 f"interval and a graceful stop, ${least:,.2f}) would pass it"
             )
-        month = run.spec.get("budget_month")
+        month = run.spec.budget_month
         if self.cfg.monthly_limit_usd and month:
             finished, reserved, left = self.month_ledger().left(month)
             if left < 0:
@@ -899,25 +881,30 @@ class Supervisor:
     def month_ledger(self) -> MonthlyLedger:
         return MonthlyLedger(self.clients.dynamodb, self.cfg.table, self.cfg.monthly_limit_usd)
 
-    def settle_month(self, run: Run) -> None:
-        """A finished run's month reservation becomes what it spent (the sweep in reconcile_all retries)."""
-        month = run.spec.get("budget_month")
+    def settle_month(self, run: Run, month: str = "") -> None:
+        """A finished run's month reservation becomes what it spent (the sweep in reconcile_all retries, naming the
+        month: a malformed record's spec is not read)."""
+        month = month or run.spec.budget_month
         if not month:
             return
         # An invalid record's spend is not believed: its whole reservation stays spent.
-        spent = None if run.state == "invalid" else max(0.0, run.spent_usd - _spent_before(run))
+        spent = (
+            None
+            if run.problem or run.state == RunState.INVALID
+            else max(0.0, run.spent_usd - run.spec.spent_before_usd)
+        )
         try:
             self.month_ledger().settle(month, run.run_id, spent)
         except (ClientError, StaleRecord) as error:
             log.warning("month ledger not settled for %s (the next reconcile retries): %s", run.run_id, error)
 
-    def _unhealthy(self, attempt: dict[str, Any], now: datetime) -> str:
+    def _unhealthy(self, attempt: Attempt, now: datetime) -> str:
         """Why a running attempt's box is hung, or "": status checks impaired, or the agent's GPU metric silent.
 
         The cloud-side layer every managed run gets (issue 15): the agent ends an idle run itself,
         but a box too hung to act needs someone outside it. Keeps `impaired_since` on the attempt.
         """
-        statuses = self.clients.ec2.describe_instance_status(InstanceIds=[attempt["instance_id"]])
+        statuses = self.clients.ec2.describe_instance_status(InstanceIds=[attempt.instance_id])
         checks = (statuses.get("InstanceStatuses") or [{}])[0]
         impaired = [
             name
@@ -925,19 +912,19 @@ class Supervisor:
             if checks.get(key, {}).get("Status") == "impaired"
         ]
         if not impaired:
-            attempt.pop("impaired_since", None)
+            attempt.impaired_since = ""
         else:
-            since = parse_iso(attempt.get("impaired_since"))
+            since = parse_iso(attempt.impaired_since)
             if since is None:
-                attempt["impaired_since"] = iso(now)
+                attempt.impaired_since = iso(now)
             elif (now - since).total_seconds() >= self.cfg.impaired_seconds:
-                return f"EC2 {' and '.join(impaired)} status checks impaired since {attempt['impaired_since']}"
-        launched = parse_iso(attempt.get("started_at")) or now
+                return f"EC2 {' and '.join(impaired)} status checks impaired since {attempt.impaired_since}"
+        launched = parse_iso(attempt.started_at) or now
         if self.clients.cloudwatch is None or (now - launched).total_seconds() < self.cfg.boot_grace_seconds:
             return ""
         # Silence only means "hung" after the agent was heard: a CPU-only dry run never publishes the metric.
         silent = timedelta(seconds=self.cfg.silent_seconds)
-        if self._heard_then_silent("GPUUtilization", ("InstanceId", attempt["instance_id"]), launched, silent, now):
+        if self._heard_then_silent("GPUUtilization", ("InstanceId", attempt.instance_id), launched, silent, now):
             minutes = self.cfg.silent_seconds // 60
             return f"its agent's GPU metric stopped {minutes}+ min ago (a box too hung to end itself)"
         return ""
@@ -961,7 +948,7 @@ class Supervisor:
         heard = [parse_iso(p["Timestamp"]) if isinstance(p["Timestamp"], str) else p["Timestamp"] for p in points]
         return bool(heard) and max(heard) < now - silent
 
-    def _price(self, run: Run, attempt: dict[str, Any], now: datetime) -> None:
+    def _price(self, run: Run, attempt: Attempt, now: datetime) -> None:
         """Price an ended attempt once and keep the figure on it (`status` and `cost` read it from there)."""
         window = ledger.attempt_window(attempt, now)
         if window is None:
@@ -970,37 +957,39 @@ class Supervisor:
         try:
             cost = ledger.price_attempt(attempt, run.spec, now, spot)
         except ClientError as error:  # no price history: the list price or the agent's estimate will do
-            log.warning("no spot price history for attempt %s of %s: %s", attempt.get("n"), run.run_id, error)
+            log.warning("no spot price history for attempt %s of %s: %s", attempt.n, run.run_id, error)
             cost = ledger.price_attempt(attempt, run.spec, now, None)
         ledger.record_price(attempt, cost)
 
-    def _progress_stalled(self, run: Run, attempt: dict[str, Any], now: datetime) -> str:
+    def _progress_stalled(self, run: Run, attempt: Attempt, now: datetime) -> str:
         """Why the attempt counts as stalled from outside, or "": the agent's `Progress` metric (put in
         each minute the trainer made progress) was heard this attempt, then nothing for the run's
         stall_seconds + a margin (issue 12's backstop for a box too hung to end its own stall).
         """
-        stall = int(run.spec.get("stall_seconds") or 0)
+        stall = run.spec.stall_seconds
         if not stall or self.clients.cloudwatch is None:
             return ""
-        launched = parse_iso(attempt.get("started_at")) or now
+        launched = parse_iso(attempt.started_at) or now
         quiet = timedelta(seconds=stall + self.cfg.stall_margin_seconds)
         if self._heard_then_silent("Progress", ("RunId", run.run_id), launched, quiet, now):
             return f"no training progress for {int(quiet.total_seconds()) // 60}+ min (stall_minutes + margin)"
         return ""
 
-    def _finish(self, run: Run, state: str, words: str) -> dict[str, Any]:
-        assert state in FINAL_STATES, state
+    def _finish(self, run: Run, state: RunState, words: str) -> dict[str, Any]:
+        assert not state.active, state
         run.state, run.message, run.ended_at = state, words, iso(self.now())
         run.spent_usd = round(self._spend(run, None, self.now())[0], 4)
         self.store.save(run)
         self.settle_month(run)
         self._release_launch_template(run)
         verb = (
-            "finished" if state == "succeeded" else "gave up" if state in ("failed", "stalled", "deadline") else "ended"
+            "finished"
+            if state == RunState.SUCCEEDED
+            else "gave up"
+            if state in (RunState.FAILED, RunState.STALLED, RunState.DEADLINE)
+            else "ended"
         )
-        self._notify(
-            run, f"{verb}: {state} after {len([a for a in run.attempts if a.get('instance_id')])} attempt(s); {words}"
-        )
+        self._notify(run, f"{verb}: {state} after {len(run.launched)} attempt(s); {words}")
         return {"run_id": run.run_id, "state": state, "message": words}
 
     # --- side effects ----------------------------------------------------------------------
@@ -1020,10 +1009,10 @@ class Supervisor:
             run = self.store.get(run_id)
             if run is None:
                 return {"ignored": f"no run {run_id}"}
-            matching = [a for a in run.attempts if a.get("n") == attempt_number]
-            if not matching or matching[0].get(key):
+            matching = [a for a in run.attempts if a.n == attempt_number]
+            if not matching or getattr(matching[0], key):
                 return {"run_id": run_id, "noted": key, "already": True}
-            matching[0][key] = when
+            setattr(matching[0], key, when)
             try:
                 self.store.save(run)
                 return {"run_id": run_id, "noted": key}
@@ -1033,14 +1022,14 @@ class Supervisor:
 
     def _tag_stop(self, run: Run) -> None:
         attempt = run.current
-        if attempt and attempt.get("instance_id"):
+        if attempt and attempt.instance_id:
             try:
                 self.clients.ec2.create_tags(
-                    Resources=[attempt["instance_id"]],
+                    Resources=[attempt.instance_id],
                     Tags=[{"Key": self.cfg.stop_tag, "Value": run.stop_reason or "user"}],
                 )
             except ClientError as error:
-                log.warning("could not tag %s for a graceful stop: %s", attempt["instance_id"], error)
+                log.warning("could not tag %s for a graceful stop: %s", attempt.instance_id, error)
 
     def ours(self, instance: Mapping[str, Any] | None, run_id: str, attempt: int | None = None) -> bool:
         """Only an instance with the project's instance profile, the managed tag and this run's (and attempt's)
@@ -1057,15 +1046,15 @@ class Supervisor:
             and (attempt is None or tags.get(self.cfg.attempt_tag) == str(attempt))
         )
 
-    def _terminate(self, run: Run, attempt: dict[str, Any], instance: Mapping[str, Any] | None = None) -> bool:
-        instance = instance if instance is not None else _instance(self.clients, attempt["instance_id"])
-        if not self.ours(instance, run.run_id, attempt.get("n")):
+    def _terminate(self, run: Run, attempt: Attempt, instance: Mapping[str, Any] | None = None) -> bool:
+        instance = instance if instance is not None else _instance(self.clients, attempt.instance_id)
+        if not self.ours(instance, run.run_id, attempt.n):
             log.warning(
                 "not terminating %s for run %s: not an instance of this run's attempt %s with the project's profile",
-                attempt.get("instance_id"), run.run_id, attempt.get("n"),
+                attempt.instance_id, run.run_id, attempt.n,
             )  # fmt: skip
             return False
-        self.clients.ec2.terminate_instances(InstanceIds=[attempt["instance_id"]])
+        self.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
         return True
 
     def template_made_for(self, template_id: str, run_id: str) -> dict[str, Any] | None:
@@ -1087,8 +1076,8 @@ class Supervisor:
 
     def _release_launch_template(self, run: Run) -> None:
         """The run's own launch template is deleted once no attempt can need it; only one the supervisor made."""
-        template_id = str(run.spec.get("launch_template_id") or "")
-        if not run.spec.get("owns_launch_template") or not template_id:
+        template_id = run.spec.launch_template_id
+        if not run.spec.owns_launch_template or not template_id:
             return
         if self.template_made_for(template_id, run.run_id) is None:
             log.warning("not deleting launch template %s: not made by the supervisor for run %s", template_id,
@@ -1117,11 +1106,6 @@ def metric_period(window: timedelta) -> int:
     GetMetricStatistics call may return (more is refused: InvalidParameterCombination)."""
     minutes = math.ceil(window.total_seconds() / 60)
     return 60 * max(1, math.ceil(minutes / MAX_METRIC_POINTS))
-
-
-def _spent_before(run: Run) -> float:
-    """What a resumed run had spent before `launch --resume`: its limits and its month count from there."""
-    return float(run.spec.get("spent_before_usd") or 0)
 
 
 @functools.cache

@@ -1,0 +1,306 @@
+"""Checkpoints: the manifest of S3 versions, the upload that only a whole set may commit, the exact restore.
+
+Rules kept from agent.sh (each was learnt the hard way; see the git log of issue 12 and after):
+- S3 mirrors /checkpoints, without *.tmp (trainers write there, then rename), without a heartbeat
+  kept there (an old beat restored would look like progress), never following symlinks.
+- One sync at a time (the periodic, the rebalance and the final sync share one lock).
+- Upload first, deleting nothing; then `_manifest.json` names the files that upload carried with
+  the S3 version it made of each, and only then are the objects the trainer no longer keeps deleted.
+- A file rewritten or deleted under the upload (half a sharded save) keeps the previous manifest
+  and deletes nothing; 3 in a row gets a note telling the user to save under a new name.
+- A file rotated away between the CLI's listing and its read is not a failed sync.
+- The manifest is sent only when its files changed (each upload is another version to list).
+- A restore takes exactly the manifest's versions: by name where S3's newest is the recorded one
+  (one parallel `aws s3 sync`), by version id otherwise; a recorded version that is gone fails the
+  attempt in one line, since newer objects could mix two saves.
+- Every name from S3 is checked by `paths.safe_join` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .aws import Aws
+from .paths import UnsafePath, safe_join
+
+MANIFEST = "_manifest.json"
+
+
+class AttemptFailed(Exception):
+    """Ends the attempt as failed with this one-line message."""
+
+
+@dataclass(frozen=True)
+class Version:
+    version_id: str
+    etag: str
+    size: int
+
+    def as_json(self) -> dict:
+        return {"version_id": self.version_id, "etag": self.etag, "size": self.size}
+
+
+FileMeta = tuple[int, int]  # size, mtime_ns
+
+
+def checkpoint_files(folder: Path, skip: str = "") -> dict[str, FileMeta]:
+    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip`."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name not in (MANIFEST, skip):
+            info = path.stat()
+            found[name] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def latest_versions(listing: object, prefix: str) -> dict[str, Version]:
+    """The newest version of each object under `prefix` from `list-object-versions --query
+    'Versions[?IsLatest].[Key,VersionId,ETag,Size]'` (null when there are none)."""
+    versions = {}
+    for key, version_id, etag, size in listing or []:
+        if key.startswith(prefix) and key != prefix + MANIFEST:
+            versions[key[len(prefix) :]] = Version(version_id, etag, size)
+    return versions
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: dict[str, Version]
+    written_at: str
+
+    def as_json(self) -> dict:
+        return {"files": {name: v.as_json() for name, v in self.files.items()}, "written_at": self.written_at}
+
+
+def commit_manifest(
+    folder: Path, snapshot: dict[str, FileMeta], latest: dict[str, Version], now: float, skip: str = ""
+) -> tuple[Manifest | None, list[str]]:
+    """The set a finished upload carried, by the S3 version it made of each file; or None and the files
+    that moved under it. The second value otherwise: objects neither in the manifest nor on disk,
+    which are deleted only after this manifest is in S3."""
+    current = checkpoint_files(folder, skip)
+    moved = sorted(
+        name
+        for name, meta in snapshot.items()
+        if (name in current and current[name] != meta) or (latest[name].size if name in latest else None) != meta[0]
+    )
+    if moved:
+        return None, moved
+    files = {name: latest[name] for name in snapshot}
+    stale = sorted(name for name in latest if name not in files and name not in current)
+    return Manifest(files, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))), stale
+
+
+def glob_escaped(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def restore_plan(recorded: dict[str, object], latest: dict[str, Version]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Names whose newest S3 version is the recorded one (taken by one sync), and (name, version id) for
+    the rest. A manifest from before versions were recorded (name -> size) takes its files by name."""
+    by_name, by_version = [], []
+    for name, version in sorted(recorded.items()):
+        if not isinstance(version, dict) or (latest[name].version_id if name in latest else None) == version.get(
+            "version_id"
+        ):
+            by_name.append(name)
+        else:
+            by_version.append((name, str(version["version_id"])))
+    return by_name, by_version
+
+
+def include_filters(names: list[str]) -> list[str]:
+    return ["--exclude", "*", *(arg for name in names for arg in ("--include", glob_escaped(name)))]
+
+
+def delete_batches(prefix: str, names: list[str]) -> list[dict]:
+    """`s3api delete-objects --delete` bodies, 1,000 keys each (the API's limit)."""
+    keys = [{"Key": prefix + name} for name in names]
+    return [{"Objects": keys[i : i + 1000], "Quiet": True} for i in range(0, len(keys), 1000)]
+
+
+@dataclass
+class SyncState:
+    kept_in_a_row: int = 0
+    complete_as_of: float | None = None  # the snapshot time of the last complete sync
+    last_sync_seconds: float = 0
+    sent: dict | None = None  # the files of the manifest last sent
+
+
+@dataclass
+class Checkpoints:
+    aws: Aws
+    folder: Path
+    state_dir: Path
+    bucket: str
+    run_id: str
+    skip: str  # the heartbeat's name when it lives under /checkpoints
+    log: object  # (str) -> None
+    note: object  # (str) -> None
+    state: SyncState = field(default_factory=SyncState)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key_prefix(self) -> str:
+        return f"checkpoints/{self.run_id}/"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/checkpoints/{self.run_id}"
+
+    def versions(self) -> dict[str, Version]:
+        listed = self.aws.cli(
+            "s3api", "list-object-versions", "--bucket", self.bucket, "--prefix", self.key_prefix,
+            "--output", "json", "--query", "Versions[?IsLatest].[Key,VersionId,ETag,Size]",
+        )  # fmt: skip
+        if not listed.ok:
+            raise OSError(listed.stderr)
+        return latest_versions(json.loads(listed.stdout or "null"), self.key_prefix)
+
+    # ------------------------------------------------------------ upload
+    def sync(self) -> bool:
+        with self._lock:
+            return self._upload()
+
+    def _upload(self) -> bool:
+        began, snapshot_at = time.monotonic(), time.time()
+        snapshot = checkpoint_files(self.folder, self.skip)
+        skip = ["--exclude", self.skip] if self.skip else []
+        sent = self.aws.cli(
+            "s3", "sync", f"{self.folder}/", f"{self.url}/", "--exclude", "*.tmp", "--exclude", MANIFEST, *skip,
+            "--no-follow-symlinks", "--only-show-errors",
+        )  # fmt: skip
+        if not sent.ok:
+            # A checkpoint the trainer rotated away between the CLI's listing and its read is gone, not a failure.
+            errors = [
+                line
+                for line in (sent.stderr + "\n" + sent.stdout).splitlines()
+                if line.strip() and "No such file or directory" not in line and "File does not exist" not in line
+            ]
+            if errors:
+                self.log("\n".join(errors))
+                return False
+        try:
+            latest = self.versions()
+        except OSError as error:
+            self.log(str(error))
+            return False
+        manifest, names = commit_manifest(self.folder, snapshot, latest, time.time(), self.skip)
+        self.state.last_sync_seconds = time.monotonic() - began
+        if manifest is None:
+            self.state.kept_in_a_row += 1
+            named = " ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.log(f"checkpoint files changed during the upload ({named}): the manifest keeps the last complete set")
+            if self.state.kept_in_a_row == 3:
+                self.note(
+                    f"WARNING: for 3 syncs in a row the trainer rewrote checkpoint files while they uploaded ({named}),"
+                    " so S3's last complete checkpoint is getting old: save to a new name or *.tmp, then rename"
+                )
+            return True
+        self.state.kept_in_a_row = 0
+        document = manifest.as_json()
+        if self.state.sent is None or self.state.sent != document["files"]:
+            local = self.state_dir / MANIFEST
+            local.write_text(json.dumps(document, indent=1) + "\n")
+            copied = self.aws.cli("s3", "cp", str(local), f"{self.url}/{MANIFEST}", "--only-show-errors")
+            if not copied.ok:
+                self.log(copied.stderr)
+                return False
+            self.state.sent = document["files"]
+        self.state.complete_as_of = snapshot_at  # S3's manifest now names every checkpoint the trainer had then
+        for number, batch in enumerate(delete_batches(self.key_prefix, names)):
+            path = self.state_dir / f"ckpt.delete.{number}.json"
+            path.write_text(json.dumps(batch))
+            # Quiet: only the keys that failed come back (exit 0 even then).
+            failed = self.aws.cli(
+                "s3api", "delete-objects", "--bucket", self.bucket, "--delete", f"file://{path}",
+                "--output", "text", "--query", "length(Errors || `[]`)",
+            )  # fmt: skip
+            if not failed.ok or failed.stdout.strip() != "0":
+                why = failed.stdout.strip() or failed.stderr
+                self.log(
+                    "WARNING: checkpoints the trainer no longer keeps were not deleted from S3 "
+                    f"({why}); the next sync tries again"
+                )
+        return True
+
+    # ------------------------------------------------------------ restore
+    def restore(self) -> None:
+        """The last complete sync's set into the folder; a run from before manifests: every object.
+        Raises AttemptFailed (no retry helps) or OSError (a retry may)."""
+        local = self.state_dir / "restored-manifest.json"
+        got = self.aws.cli("s3", "cp", f"{self.url}/{MANIFEST}", str(local), "--only-show-errors")
+        latest = self.versions()
+        if got.ok:
+            try:
+                recorded = json.loads(local.read_text())["files"]
+                assert isinstance(recorded, dict)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise AttemptFailed(f"checkpoint manifest {self.url}/{MANIFEST} is not a manifest") from None
+            for name in recorded:
+                try:
+                    safe_join(self.folder, name)
+                except UnsafePath as error:
+                    self.log(f"refused checkpoint key {self.key_prefix}{name!r}: {error}")
+                    raise AttemptFailed(
+                        f"checkpoint manifest names {name!r}, which is not a file under {self.folder}: nothing restored"
+                        f" (the manifest was written by something other than the agent; delete {self.url}/{MANIFEST}"
+                        " to start without it)"
+                    ) from None
+            by_name, by_version = restore_plan(recorded, latest)
+            if not recorded:
+                left = len(set(latest) - set(recorded))
+                self.note(
+                    "WARNING: the checkpoint manifest names no files (the trainer kept none at the last complete sync;"
+                    f" {left} other objects in {self.url}/): starting without a checkpoint"
+                )
+            for name, version in by_version:
+                target = safe_join(self.folder, name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                safe_join(self.folder, name)  # the folders just made are no links either
+                fetched = self.aws.cli(
+                    "s3api", "get-object", "--bucket", self.bucket, "--key", self.key_prefix + name,
+                    "--version-id", version, str(target),
+                )  # fmt: skip
+                if not fetched.ok:
+                    if "NoSuchVersion" in fetched.stderr:
+                        raise AttemptFailed(
+                            f"checkpoint {name}: the version the last complete sync recorded is gone (replaced versions"
+                            " under checkpoints/ expire after 1 day), and the newer objects may mix two saves; to"
+                            f" resume from them anyway, delete {self.url}/{MANIFEST} and relaunch"
+                        )
+                    raise OSError(fetched.stderr)
+            cut = f" ({len(by_version)} by their recorded version: a later upload was cut short)" if by_version else ""
+            self.log(
+                f"checkpoint manifest: restoring {len(by_name) + len(by_version)} files of the last complete sync{cut}"
+            )
+            filters = include_filters(by_name)
+        else:
+            self.log("no checkpoint manifest (none, or a run from before manifests): every object")
+            safe = []
+            for name in sorted(latest):
+                try:
+                    safe_join(self.folder, name)
+                    safe.append(name)
+                except UnsafePath as error:
+                    self.log(f"refused checkpoint key {self.key_prefix}{name!r}: {error}; not restored")
+            filters = ["--exclude", "*", "--include", "*"] if len(safe) == len(latest) else include_filters(safe)
+            if not safe:
+                return
+        if filters == ["--exclude", "*"]:
+            return
+        synced = self.aws.cli(
+            "s3", "sync", f"{self.url}/", f"{self.folder}/", "--exclude", MANIFEST, *filters, "--only-show-errors"
+        )
+        if not synced.ok:
+            raise OSError(synced.stderr)
+
+    # ------------------------------------------------------------ freshness
+    def newest_local(self) -> float | None:
+        times = [meta[1] / 1e9 for meta in checkpoint_files(self.folder, self.skip).values()]
+        return max(times) if times else None

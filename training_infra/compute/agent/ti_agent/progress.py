@@ -1,0 +1,99 @@
+"""The trainer's heartbeat, read safely, folded into the attempt's progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+HEARTBEAT_MAX_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class Beat:
+    written_ns: int
+    text: str
+
+
+def read_heartbeat(path: Path) -> Beat | None:
+    """At most 64 KB of the heartbeat file, opened without blocking and only when it is a regular file:
+    a FIFO (which would block, or feed the agent for ever), a device or a folder is no beat; so is a
+    huge (sparse) file beyond its first 64 KB. None when absent or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        data = os.read(fd, HEARTBEAT_MAX_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return Beat(info.st_mtime_ns, data.decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the agent knows of the trainer's progress; `changed_epoch` None: never reported."""
+
+    step: float | None = None
+    steps_per_second: float | None = None
+    changed_epoch: float | None = None
+    written_ns: int | None = None
+    said_not_json: bool = False
+
+    @property
+    def reported(self) -> bool:
+        return self.changed_epoch is not None
+
+    def record(self) -> dict | None:
+        """What status.json and progress.json say: null when the trainer never reported progress."""
+        if self.changed_epoch is None:
+            return None
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.changed_epoch))
+        return {"step": self.step, "steps_per_second": self.steps_per_second, "changed_at": at}
+
+
+def _step(text: str) -> tuple[float | None, bool]:
+    """The beat's numeric `step` (None: a touch), and whether the text was not JSON."""
+    if not text.strip():
+        return None, False
+    try:
+        beat = json.loads(text)
+    except ValueError:
+        return None, True
+    step = beat.get("step") if isinstance(beat, dict) else None
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        return step, False
+    return None, False
+
+
+def observe(progress: Progress, beat: Beat | None, now: float, *, since: float) -> tuple[Progress, str]:
+    """Fold one look at the heartbeat into the progress; the second value is a line to log once, or "".
+
+    A JSON object with a numeric `step` is progress when the step changes; any other content (a
+    touch, other keys, text that is not JSON) when the file is written again; its time is the file's
+    modification time. A file last written before `since` (the trainer's start) is no beat.
+    """
+    if beat is None or beat.written_ns < since * 1e9:
+        return progress, ""
+    step, not_json = _step(beat.text)
+    said = ""
+    if not_json and not progress.said_not_json:
+        said = "is not JSON: counted as a touch (said once)"
+        progress = replace(progress, said_not_json=True)
+    progressed = progress.step != step if step is not None else progress.written_ns != beat.written_ns
+    if progressed or progress.changed_epoch is None:
+        at = min(beat.written_ns / 1e9, now)  # when the trainer wrote it, not when the agent looked
+        rate = progress.steps_per_second
+        previous = progress.changed_epoch
+        if step is not None and progress.step is not None and previous is not None and at > previous:
+            rate = round((step - progress.step) / (at - progress.changed_epoch), 3)
+        progress = replace(progress, step=step, steps_per_second=rate if step is not None else None, changed_epoch=at)
+    return replace(progress, written_ns=beat.written_ns), said

@@ -1,0 +1,286 @@
+"""The watchers: one thread each, sharing the agent's one stop (the first reason wins) and its halt event.
+
+A gang member (issue 25) runs the same watchers plus a rendezvous: each watcher only asks the agent
+to stop (`agent.request_stop`), and the agent stops its own trainer, so a watcher never needs to
+know which runtime, or how many nodes, there are.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+from typing import TYPE_CHECKING
+
+from .aws import AwsError, Metric
+from .imds import ImdsError
+from .status import Outcome
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+SPOT_GRACE_CAP = 80  # a spot notice gives 120 s: leave room to flush after the grace period
+TAG = "training-infra"
+
+
+class Watcher(threading.Thread):
+    """Calls `tick` every `every` seconds until the agent halts or `tick` says it is done (True)."""
+
+    every: float = 1.0
+    look_at_start = False  # True: the first look comes at once, not after one period
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(name=type(self).__name__, daemon=True)
+        self.agent = agent
+
+    def run(self) -> None:
+        try:
+            if self.look_at_start and self.tick():
+                return
+            while not self.agent.halt.wait(self.every):
+                if self.tick():
+                    return
+        except Exception as error:  # noqa: BLE001 - a watcher that dies says so and leaves the run going
+            self.agent.log(f"WARNING: {self.name} stopped: {error!r}")
+
+    def tick(self) -> bool:
+        raise NotImplementedError
+
+
+class SpotWatcher(Watcher):
+    """The spot interruption notice (and the rebalance recommendation) from IMDS, every poll."""
+
+    look_at_start = True
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = agent.config.spot_poll_seconds
+        self.grace = min(agent.config.stop_grace_seconds, SPOT_GRACE_CAP)
+        self.rebalanced = False
+
+    def tick(self) -> bool:
+        try:
+            action = self.agent.imds.get("meta-data/spot/instance-action")
+            if action is not None:
+                self.agent.request_stop(Outcome.INTERRUPTED, f"spot interruption notice {action}", self.grace)
+                return True
+            if self.rebalanced:
+                return False
+            body = self.agent.imds.get("meta-data/events/recommendations/rebalance")
+        except ImdsError:
+            return False
+        if body is None:
+            return False
+        self.rebalanced = True
+        if self.agent.config.stop_on_rebalance:
+            self.agent.request_stop(Outcome.INTERRUPTED, f"rebalance recommendation {body}", self.grace)
+            return True
+        self.agent.note(f"rebalance recommendation {body}: syncing checkpoints now, training continues")
+        # In its own thread: a spot notice two minutes later must still be seen within one poll.
+        threading.Thread(target=self._sync, name="RebalanceSync", daemon=True).start()
+        return False
+
+    def _sync(self) -> None:
+        if self.agent.checkpoints.sync():
+            self.agent.note("checkpoints synced after the rebalance recommendation")
+        else:
+            self.agent.log("WARNING: checkpoint sync after the rebalance recommendation failed")
+
+
+def stop_tag_reason(value: str) -> tuple[Outcome, str]:
+    """The supervisor's stop tag: `budget`, `stall`, else (`user`, anything) a user's stop."""
+    outcome = {"budget": Outcome.BUDGET, "stall": Outcome.STALLED}.get(value, Outcome.STOPPED)
+    return outcome, f"stop requested (tag {TAG}:stop={re.sub(r'[^A-Za-z0-9._-]', '?', value)})"
+
+
+class StopTagWatcher(Watcher):
+    """A stop request from the supervisor (the instance tag): the same graceful stop as a spot notice."""
+
+    look_at_start = True
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = agent.config.spot_poll_seconds
+
+    def tick(self) -> bool:
+        try:
+            value = self.agent.imds.get(f"meta-data/tags/instance/{TAG}:stop")
+        except ImdsError:
+            return False
+        if value is None:
+            return False
+        outcome, message = stop_tag_reason(value)
+        self.agent.request_stop(outcome, message, self.agent.config.stop_grace_seconds)
+        return True
+
+
+def deadline_stop_at(deadline: float, started: float, grace: int) -> float:
+    """Stop early enough to save outputs before the OS deadline powers off (no margin for a short attempt)."""
+    margin = grace + 60
+    if deadline - started <= 2 * margin:
+        margin = 0
+    return deadline - margin
+
+
+class DeadlineWatcher(Watcher):
+    def run(self) -> None:
+        agent = self.agent
+        stop_at = deadline_stop_at(agent.deadline_epoch, agent.started_epoch, agent.config.stop_grace_seconds)
+        if not agent.halt.wait(max(0.0, stop_at - agent.clock())):
+            agent.request_stop(Outcome.DEADLINE, f"{agent.deadline_why} reached", agent.config.stop_grace_seconds)
+
+
+def busiest_gpu(output: str) -> float | None:
+    """The busiest GPU from nvidia-smi's csv, so one busy GPU of eight is not "idle"; None: no figure."""
+    values = [float(line) for line in output.split() if re.fullmatch(r"[0-9]+(\.[0-9]+)?", line)]
+    return max(values) if values else None
+
+
+class IdleWatcher(Watcher):
+    """Busiest GPU below the threshold for idle_seconds: stop as idle. GPUUtilization once a minute."""
+
+    look_at_start = True
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = min(15, max(1, agent.config.idle_seconds // 4))
+        self.idle_since: float | None = None
+        self.last_metric = 0.0
+        self.warned = False
+
+    def utilisation(self) -> float | None:
+        try:
+            done = subprocess.run(  # noqa: S603
+                [self.agent.knobs.nvidia_smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=20, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return busiest_gpu(done.stdout)
+
+    def tick(self) -> bool:
+        agent, config = self.agent, self.agent.config
+        now = agent.clock()
+        util = self.utilisation()
+        if util is None:
+            if not self.warned:
+                agent.log(f"WARNING: {agent.knobs.nvidia_smi} gave no utilisation: GPU idle detection is off")
+            self.warned = True
+        elif now - self.last_metric >= 60:
+            self.last_metric = now
+            metric = Metric("GPUUtilization", util, "Percent", (("InstanceId", agent.instance.instance_id),))
+            agent.put_metrics([metric], "metric not sent")
+        if util is not None and util < config.idle_gpu_percent:
+            self.idle_since = self.idle_since if self.idle_since is not None else now
+            if now - self.idle_since >= config.idle_seconds:
+                agent.request_stop(
+                    Outcome.IDLE,
+                    f"GPU utilisation below {_number(config.idle_gpu_percent)}% for {config.idle_seconds}s",
+                    config.stop_grace_seconds,
+                )
+                return True
+        else:
+            self.idle_since = None
+        return False
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+class ProgressWatcher(Watcher):
+    """The trainer's beats: metrics and progress.json once a minute with progress; no progress for
+    stall_seconds after the first beat, while the trainer lives: diagnostics, then stop as stalled."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        stall = agent.config.stall_seconds
+        self.every = 1 if 0 < stall < 30 else 5
+        self.sent_at = 0.0
+        self.sent_change: float | None = None
+
+    def tick(self) -> bool:
+        agent = self.agent
+        now = agent.clock()
+        progress = agent.observe_progress(now)
+        if progress.changed_epoch is None:
+            return False
+        if progress.changed_epoch != self.sent_change and now - self.sent_at >= agent.knobs.progress_metric_seconds:
+            self.sent_at, self.sent_change = now, progress.changed_epoch
+            dims = (("RunId", agent.run_id),)
+            metrics = [Metric("Progress", 1, "Count", dims)]
+            if progress.step is not None:
+                metrics.append(Metric("TrainingStep", progress.step, "None", dims))
+            if progress.steps_per_second is not None:
+                metrics.append(Metric("StepsPerSecond", progress.steps_per_second, "Count/Second", dims))
+            agent.put_metrics(metrics, "progress metrics not sent")
+            agent.upload_progress()
+        stall = agent.config.stall_seconds
+        if stall > 0 and now - progress.changed_epoch >= stall and agent.trainer_alive():
+            agent.collect_diagnostics()
+            step = "-" if progress.step is None else _number(progress.step)
+            agent.request_stop(
+                Outcome.STALLED,
+                f"no progress in {agent.knobs.heartbeat_file} for {int(now - progress.changed_epoch)}s"
+                f" (last step {step})",
+                agent.config.stop_grace_seconds,
+            )
+            return True
+        return False
+
+
+class CheckpointWatcher(Watcher):
+    """Only changed files travel; logs ride along so a hard kill loses little."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = agent.config.checkpoint_sync_seconds
+
+    def tick(self) -> bool:
+        agent = self.agent
+        if not agent.checkpoints.sync():
+            agent.log(f"WARNING: periodic checkpoint sync failed; next try in {self.every}s")
+        agent.check_checkpoint_freshness()
+        agent.upload_logs()
+        return False
+
+
+class LogWatcher(Watcher):
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = agent.knobs.log_ship_seconds
+
+    def tick(self) -> bool:
+        if self.agent.shipper is None:
+            return True
+        try:
+            self.agent.shipper.ship()
+        except (AwsError, OSError) as error:
+            self.agent.log(f"WARNING: CloudWatch Logs upload failed: {error}")
+        return False
+
+
+class CredentialWatcher(Watcher):
+    """The trainer role's session at half-life; after a failed renewal, every minute until one succeeds."""
+
+    def run(self) -> None:
+        agent = self.agent
+        wait = agent.knobs.credentials_refresh_seconds
+        while agent.config.trainer_role_arn and not agent.halt.wait(wait):
+            if agent.retry("trainer role", agent.assume_trainer_role):
+                wait = agent.knobs.credentials_refresh_seconds
+            else:
+                agent.log("WARNING: trainer role session not renewed; trying again in 60 s")
+                wait = 60
+
+
+WATCHERS = (
+    SpotWatcher,
+    StopTagWatcher,
+    DeadlineWatcher,
+    IdleWatcher,
+    ProgressWatcher,
+    CheckpointWatcher,
+    LogWatcher,
+    CredentialWatcher,
+)
