@@ -120,6 +120,24 @@ def test_fetch_never_writes_outside_dest_for_keys_with_dot_dot(stacks, tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "dest" / "inner" / "outputs" / "ok.txt").read_bytes() == b"ok"
     assert not list(tmp_path.rglob("escaped.txt"))
+    assert "skipped s3://" in result.output and "fetch-evil/../../../escaped.txt" in result.output
+
+
+def test_fetch_never_writes_through_a_symlinked_folder_in_dest(stacks, tmp_path):
+    """A folder of dest that is a symlink (planted, or left by an earlier tool) would carry the write elsewhere."""
+    _put_run(stacks, f"{naming.RUNS_PREFIX}fetch-link/", {"outputs/model.bin": b"weights", "logs/a.log": b"log"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "outputs").symlink_to(elsewhere, target_is_directory=True)
+
+    result = stacks.cli("fetch", "fetch-link", str(dest))
+
+    assert result.exit_code == 0, result.output
+    assert not list(elsewhere.iterdir())
+    assert (dest / "logs" / "a.log").read_bytes() == b"log"
+    assert "fetch-link/outputs/model.bin" in result.output and "symlink" in result.output
 
 
 def test_fetch_of_a_running_run_says_results_come_at_the_end(stacks, tmp_path):

@@ -176,7 +176,7 @@ SESSION_POLICY_LIMIT = 2048
 
 def _secrets_policy_too_long(refs: list[str]) -> list[str]:
     """The policy the agent will send, built by its own function, with the longest account and region."""
-    from training_infra.compute.agent.agent_tools import secrets_policy
+    from training_infra.compute.agent.ti_agent.secrets import secrets_policy
 
     policy = secrets_policy(refs, role_arn="arn:aws:iam::123456789012:role/reader", region="ap-southeast-4")
     size = len(json.dumps(policy, separators=(",", ":")))

@@ -12,7 +12,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from rich.console import Console
@@ -22,6 +22,7 @@ from s3transfer.utils import ChunksizeAdjuster
 
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError
+from training_infra.compute.agent.ti_agent.paths import UnsafePath, safe_join
 
 TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024, max_concurrency=10
@@ -123,10 +124,14 @@ def download(
     root = dest.resolve()
     plan: list[tuple[str, Path, int]] = []
     for key, (size, _) in sorted(objects.items()):
-        relative = PurePosixPath(key[len(prefix) :])
-        target = (root / relative).resolve()
-        if key.endswith("/") or root not in target.parents:
-            continue  # folder markers, and keys that would escape dest ('..')
+        if key.endswith("/"):
+            continue  # folder markers
+        try:
+            # The agent's own rule: '..', absolute, NUL, '.'/'//' parts and symlinked folders are refused.
+            target = safe_join(root, key[len(prefix) :])
+        except UnsafePath as refusal:
+            console.print(f"skipped s3://{bucket}/{key}: {refusal}; nothing written for it", markup=False)
+            continue
         plan.append((key, target, size))
     total = sum(size for *_, size in plan)
     with _bar(console) as progress, create_transfer_manager(aws.client("s3"), TRANSFER_CONFIG) as manager:
