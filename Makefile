@@ -31,9 +31,10 @@ LOCAL_FLAGS ?=
 # `make demo DEMO_FLAGS="--workdir DIR --epochs N"`: see `python -m training_infra.local.demo --help`.
 DEMO_FLAGS ?=
 # With `eval "$$(training-infra local env)"` in effect, synth/diff/deploy/destroy go to the local AWS with the
-# flags its emulator needs (the DLAMI's SSM parameter cannot resolve there; CloudFormation without change sets).
-# An AWS_ENDPOINT_URL on loopback without `local env` (exported by hand) counts as the local AWS too.
-LOCAL_AWS = $(or $(TRAINING_INFRA_LOCAL),$(findstring //localhost:,$(AWS_ENDPOINT_URL)),$(findstring //127.0.0.1:,$(AWS_ENDPOINT_URL)))
+# flags its emulator needs (the DLAMI's SSM parameter cannot resolve there; CloudFormation without change sets):
+# only while a live sandbox answers at exactly AWS_ENDPOINT_URL, so a loopback proxy or tunnel to real AWS, or
+# exports left over after `local down`, never send moto's AMI to a real account. Asked only by those targets.
+LOCAL_AWS = $(if $(AWS_ENDPOINT_URL),$(shell $(PY) -c 'import sys; from training_infra.local.sandbox import serves; sys.exit(not serves(sys.argv[1]))' '$(AWS_ENDPOINT_URL)' 2>/dev/null && echo 1))
 LOCAL_CONTEXT = $(if $(LOCAL_AWS),-c image_id=ami-12c6146b)
 LOCAL_DEPLOY = $(if $(LOCAL_AWS),--method=direct --no-previous-parameters)
 

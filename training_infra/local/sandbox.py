@@ -85,6 +85,8 @@ class SandboxState:
     started_at: str
     ready_seconds: float | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Which process `pid` is: after a reboot or a long time the number may belong to another one.
+    identity: str = ""
 
     @classmethod
     def read(cls, folder: Path) -> SandboxState | None:
@@ -100,14 +102,38 @@ class SandboxState:
 
     @property
     def alive(self) -> bool:
-        """The sandbox's process exists and is not a zombie (one its starter has not reaped yet)."""
+        """The sandbox's own process exists and is not a zombie (one its starter has not reaped yet): the
+        same boot and start time, so a reused pid (a reboot, a long time) is never taken for it, nor sent
+        `local down`'s SIGTERM."""
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             return False
         except OSError:
             return True
-        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        fields = stat.rsplit(")", 1)[-1].split()
+        return fields[0] != "Z" and process_identity(self.pid) == self.identity
+
+
+def process_identity(pid: int) -> str:
+    """`<boot id>:<start time in clock ticks>`: unique to one process across pid reuse and reboots."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}:{started}"
+
+
+def serves(endpoint: str, folder: Path | None = None) -> bool:
+    """True only when a live, ready sandbox (in `folder`, $TRAINING_INFRA_LOCAL or the default folder) answers
+    at exactly `endpoint`: what `make deploy` asks before it adds the emulator's flags, so a loopback proxy,
+    an SSH tunnel to a VPC endpoint or exports left over after `local down` never get them on real AWS."""
+    if not endpoint:
+        return False
+    folder = folder or Path(os.environ.get(DIR_VARIABLE) or DEFAULT_DIR)
+    state = SandboxState.read(folder)
+    return state is not None and state.phase == "ready" and state.alive and state.endpoint == endpoint.rstrip("/")
 
 
 def running_state(folder: Path) -> SandboxState:
@@ -396,6 +422,7 @@ class Sandbox:
         self.state = SandboxState(
             pid=os.getpid(), endpoint="", region=self.emulator.region, runtime=self.runtime,
             schedule_seconds=self.schedule_seconds, phase="starting", started_at=datetime.now(UTC).isoformat(),
+            identity=process_identity(os.getpid()),
         )  # fmt: skip
         self.state.write(self.folder)
         self.emulator.start()
@@ -537,7 +564,10 @@ class Sandbox:
     def run(self) -> int:
         """Up, then tick until SIGTERM or Ctrl-C; down in every case."""
         # Handlers for both, not Python's KeyboardInterrupt: a shell's background job starts with SIGINT ignored.
-        previous = {number: signal.signal(number, self.request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            number: signal.signal(number, self.request_stop)
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         try:
             state = self.up()
             self.say(

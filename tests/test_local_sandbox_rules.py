@@ -1,0 +1,71 @@
+"""The sandbox's rules that need no running sandbox: which process a state.json names, and when `make`
+treats AWS_ENDPOINT_URL as the local AWS (adding moto's AMI and CloudFormation flags)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training_infra.local.sandbox import SandboxState, process_identity, serves
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDPOINT = "http://localhost:45678"
+
+
+def _state(folder: Path, *, identity: str, phase: str = "ready", pid: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    SandboxState(
+        pid=pid or os.getpid(), endpoint=ENDPOINT, region="us-east-1", runtime="process", schedule_seconds=60,
+        phase=phase, started_at="2026-12-04T00:00:00+00:00", identity=identity,
+    ).write(folder)  # fmt: skip
+    return folder
+
+
+def test_a_state_json_whose_pid_now_belongs_to_another_process_is_not_alive(tmp_path):
+    mine = SandboxState.read(_state(tmp_path / "live", identity=process_identity(os.getpid())))
+    reused = SandboxState.read(_state(tmp_path / "stale", identity="another-boot:123"))
+
+    assert mine.alive
+    assert not reused.alive, "a reused pid (after a reboot) must not be taken for the sandbox, nor be sent SIGTERM"
+
+
+@pytest.mark.parametrize(
+    ("phase", "identity", "endpoint", "expected"),
+    [
+        ("ready", "mine", ENDPOINT, True),
+        ("ready", "mine", ENDPOINT + "/", True),
+        ("ready", "mine", "http://localhost:8443", False),  # a loopback proxy or tunnel to real AWS
+        ("ready", "stale", ENDPOINT, False),  # exports left over after the sandbox went away
+        ("starting", "mine", ENDPOINT, False),
+        ("ready", "mine", "", False),
+    ],
+)
+def test_only_a_live_ready_sandbox_at_exactly_that_endpoint_is_the_local_aws(
+    tmp_path, phase, identity, endpoint, expected
+):
+    folder = _state(tmp_path, identity=process_identity(os.getpid()) if identity == "mine" else "x:1", phase=phase)
+    assert serves(endpoint, folder) is expected
+
+
+def _make_n_deploy(env: dict[str, str]) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "TRAINING_INFRA_LOCAL")}
+    result = subprocess.run(
+        ["make", "-n", "deploy"], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def test_make_deploy_adds_the_emulators_flags_only_while_a_sandbox_serves_that_endpoint(tmp_path):
+    live = _state(tmp_path / "live", identity=process_identity(os.getpid()))
+    stale = _state(tmp_path / "stale", identity="x:1")
+
+    to_sandbox = _make_n_deploy({"AWS_ENDPOINT_URL": ENDPOINT, "TRAINING_INFRA_LOCAL": str(live)})
+    left_over = _make_n_deploy({"AWS_ENDPOINT_URL": ENDPOINT, "TRAINING_INFRA_LOCAL": str(stale)})
+    proxy = _make_n_deploy({"AWS_ENDPOINT_URL": "http://localhost:8443", "TRAINING_INFRA_LOCAL": str(live)})
+
+    assert "image_id=ami-12c6146b" in to_sandbox and "--method=direct" in to_sandbox
+    for real_aws in (left_over, proxy):
+        assert "image_id=" not in real_aws and "--method=direct" not in real_aws
