@@ -408,3 +408,15 @@ def test_the_supervisors_user_data_overrides_match_the_compute_modules_renderer(
     base = "#!/bin/bash\nexport TI_RUN_ID=default\n#@run-overrides\nagent_key=x\n"
     overrides = {"TI_RUN_ID": "r1", "TI_TRAINING_COMMAND": "python 'a b'.py; echo #@run-overrides", "TI_X": True}
     assert insert_overrides(base, overrides) == with_run_overrides(base, overrides)
+
+
+def test_a_run_template_whose_created_by_is_not_one_of_the_functions_roles_launches_nothing(account):
+    # moto answers every CreatedBy with the account root: a stack naming the functions' roles refuses it.
+    account.cfg = dataclasses.replace(account.cfg, template_creators="TrainingInfra-Requests-Role,TrainingInfra-Role")
+    account.new_run("rooted")
+
+    account.supervisor().reconcile("rooted")
+
+    assert _launched(account) == []
+    run = account.run("rooted")
+    assert run.state == "invalid" and "was created by arn:aws:iam::123456789012:root, not the supervisor" in run.message
