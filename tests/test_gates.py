@@ -256,10 +256,13 @@ PARLIAMENT_ACCEPTED: dict[tuple[str, str], str] = {
     "only (iam:AWSServiceName).",
     ("PRIVILEGE_ESCALATION", SUPERVISOR_POLICY): "CreateEC2WithExistingIP (iam:PassRole + ec2:RunInstances): the "
     "only role it may pass is the instance role, and it may launch only from launch templates tagged "
-    "created-by=supervisor (a tag only its own CreateLaunchTemplate may set; users hold no CreateLaunchTemplate), "
-    "only instances with the project's instance profile (ec2:InstanceProfile) and an allowed type, only into the "
-    "stack's subnets and security group: what a launch can gain is the instance role, which a run gets by design "
-    "(issue 23).",
+    "created-by=supervisor, only instances with the project's instance profile (ec2:InstanceProfile) and an allowed "
+    "type, only into the stack's subnets and security group. The tag is not proof (anyone in the account who may "
+    "create and tag launch templates can copy it; TrainingUserPolicy grants neither, and docs/cli.md tells admins to "
+    "detach the old CLI permissions), so before any launch the code checks the template itself: its CreatedBy is "
+    "one of the supervisor's roles, and its content is the stack template's default version (whose image is the "
+    "deployed one) plus the run's allowlisted exports and the seal of its record (run_requests.run_template_problem). "
+    "What a launch can gain is the instance role, which a run gets by design (issue 23).",
     ("RESOURCE_MISMATCH", SUPERVISOR_POLICY): "ec2:RunInstances and ec2:CreateFleet are authorized per resource "
     "(instance, template, volume, subnet, security group, image, ...); each resource has its own statement with the "
     "condition keys the Service Authorization Reference lists for it, which parliament reads statement by statement "
@@ -430,6 +433,8 @@ class _PolicyResolver:
             if function == "Ref":
                 if value in self.PSEUDO:
                     return self.PSEUDO[value]
+                if value in self.templates[stack].get("Parameters", {}):  # the AMI from SSM: an id at deploy
+                    return "ami-0123456789abcdef0"
                 resource_type = self.templates[stack]["Resources"][value]["Type"]
                 # Ref is the ARN for topics and managed policies, the name for buckets and repositories, the id
                 # for the rest.

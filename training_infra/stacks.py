@@ -152,6 +152,7 @@ class ComputeStack(Stack):
                 security_group=self.compute.security_group,
                 instance_profile=self.compute.instance_profile,
                 instance_role=self.compute.role,
+                image_id=self.compute.machine_image.get_image(self.compute).image_id,
             ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,

@@ -398,3 +398,21 @@ def test_a_launch_past_the_stacks_limits_is_refused_in_one_line_and_starts_nothi
         )["LaunchTemplates"]
         == []
     )
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "words", "absent"),
+    [
+        ("TooManyRequestsException", "Rate Exceeded.", "the supervisor is busy (TooManyRequestsException: Rate "
+         "Exceeded.)", "TrainingUserPolicy"),
+        ("ResourceNotFoundException", "Function not found: x", "AWS said ResourceNotFoundException: Function not "
+         "found: x", "TrainingUserPolicy"),
+        ("AccessDeniedException", "not authorized", "your credentials need the stack's TrainingUserPolicy", "\n"),
+    ],
+)  # fmt: skip
+def test_a_refused_invoke_says_what_aws_said_and_blames_permissions_only_when_denied(code, message, words, absent):
+    from training_infra.cli.launching import invoke_error
+
+    line = invoke_error({"Code": code, "Message": message})
+
+    assert words in line and absent not in line

@@ -4,6 +4,7 @@ template, the outputs bucket and an alert topic with a queue subscribed (to read
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +16,7 @@ from training_infra import naming
 from training_infra.local.events import ec2_event
 from training_infra.local.moto_server import teach_instance_profiles
 from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX, Run, RunSpec, iso
+from training_infra.supervisor.runtime.run_requests import SEAL_EXPORT, insert_overrides, run_seal
 from training_infra.supervisor.runtime.supervisor import Clients, Supervisor, SupervisorConfig
 
 REGION = "us-east-1"
@@ -100,8 +102,6 @@ class Account:
             LaunchTemplateName="stack-template", LaunchTemplateData=self.stack_data
         )["LaunchTemplate"]["LaunchTemplateId"]
         self.templates: dict[str, str] = {}
-        # The run's own launch template, as the supervisor makes it (no market: the fleet picks).
-        self.template_id = self.run_template("bert")
         self.topic_arn = self.sns.create_topic(Name="alerts")["TopicArn"]
         self.queue_url = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
         queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])["Attributes"][
@@ -116,19 +116,26 @@ class Account:
             allowed_instance_types="g4dn.*,g5.*,g6.*,c6i.*", max_runtime_hours=48,
         )  # fmt: skip
 
-    def run_template(self, run_id: str) -> str:
-        """The launch template the supervisor makes for a run: its name prefix, created-by and run-id tags."""
-        if run_id not in self.templates:
-            user_data = f"#!/bin/bash\nexport TI_RUN_ID={run_id}\n".encode()
+    @property
+    def template_id(self) -> str:
+        return self.templates["bert"]
+
+    def run_template(self, run: Run) -> str:
+        """The launch template the supervisor makes for a run: the stack template's default version with the run's
+        overrides and seal in its user data, its name prefix, created-by and run-id tags."""
+        if run.run_id not in self.templates:
+            overrides = {"TI_RUN_ID": run.run_id, "TI_DEADLINE_AT": run.deadline_at,
+                         SEAL_EXPORT: run_seal(run.spec, run.deadline_at)}  # fmt: skip
+            user_data = insert_overrides(STACK_USER_DATA, overrides).encode()
             data = {**self.stack_data, "UserData": base64.b64encode(user_data).decode()}
-            tags = {naming.TAG_CREATED_BY: "supervisor", naming.TAG_RUN_ID: run_id, naming.TAG_MANAGED: "true"}
-            self.templates[run_id] = self.ec2.create_launch_template(
-                LaunchTemplateName=f"{naming.RUN_TEMPLATE_PREFIX}{run_id}",
+            tags = {naming.TAG_CREATED_BY: "supervisor", naming.TAG_RUN_ID: run.run_id, naming.TAG_MANAGED: "true"}
+            self.templates[run.run_id] = self.ec2.create_launch_template(
+                LaunchTemplateName=f"{naming.RUN_TEMPLATE_PREFIX}{run.run_id}",
                 LaunchTemplateData=data,
                 TagSpecifications=[{"ResourceType": "launch-template",
                                     "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
             )["LaunchTemplate"]["LaunchTemplateId"]  # fmt: skip
-        return self.templates[run_id]
+        return self.templates[run.run_id]
 
     def clients(self, ec2=None) -> Clients:
         return Clients(
@@ -150,14 +157,16 @@ class Account:
             "checkpoint_sync_seconds": 300,
             **spec,
         }
-        if "launch_template_id" not in full:
-            full["launch_template_id"] = self.run_template(run_id)
+        made_here = "launch_template_id" not in full
+        full.setdefault("launch_template_id", "lt-00000000")
         hours = full["max_runtime_hours"]
         deadline = iso(self.clock() + timedelta(hours=hours))
         # As `launch` records them: the run's tags from naming.run_tags, the one place they are built.
         run_tags = naming.run_tags(run_id, max_runtime_hours=hours, deadline=deadline)
         full.setdefault("instance_tags", {**run_tags, "Name": naming.instance_name(run_id)})
         run = Run(run_id=run_id, spec=RunSpec.from_dict(full), created_at=iso(self.clock()), deadline_at=deadline)
+        if made_here:
+            run.spec = dataclasses.replace(run.spec, launch_template_id=self.run_template(run))
         self.supervisor().store.create(run)
         return run
 

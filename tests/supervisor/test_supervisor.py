@@ -377,7 +377,7 @@ class TemplateUnreadableFor:
 def test_a_failed_reconcile_of_one_run_lets_the_others_proceed_and_then_raises(account):
     account.new_run("bert")
     account.new_run("gpt")
-    ec2 = TemplateUnreadableFor(account.ec2, account.run_template("gpt"))
+    ec2 = TemplateUnreadableFor(account.ec2, account.templates["gpt"])
     with pytest.raises(SupervisorError, match="gpt"):
         account.supervisor(ec2).handle(event(SCHEDULED))
     assert account.run("bert").attempts[0].instance_id

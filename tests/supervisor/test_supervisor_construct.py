@@ -142,11 +142,15 @@ def test_supervisor_launches_only_its_own_templates_the_projects_profile_types_a
     pass_role = statements["PassOnlyTheInstanceRole"]
     assert pass_role["Resource"] == {"Fn::GetAtt": [compute.logical_id(compute_construct.role), "Arn"]}
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
-    # Nothing unconditioned on a launch template, an instance, a subnet or a group but what is listed above.
+    assert "ec2:ImageID" in statements["FleetImageOfItsTemplate"]["Condition"]["StringEquals"], "a fleet's image"
+    # Nothing unconditioned on a launch template, an instance or an image; no subnet or group but the stack's.
     for statement in statements.values():
         for resource in _as_list(statement["Resource"]):
-            if "launch-template/" in str(resource) and statement["Sid"] != "TagAtLaunch":
+            text = str(resource)
+            if any(kind in text for kind in ("launch-template/", "instance/", "image/")):
                 assert statement.get("Condition"), statement
+            if "subnet/" in text or "security-group/" in text:
+                assert not text.endswith(("subnet/*", "security-group/*")), statement
 
 
 @pytest.mark.parametrize("function", ["function", "requests"])
@@ -162,6 +166,10 @@ def test_supervisor_learns_the_stacks_limits_from_its_environment(compute, super
     assert env["ALLOWED_INSTANCE_TYPES"].split(",")[0] == "g4dn.*" and "p5" not in env["ALLOWED_INSTANCE_TYPES"]
     assert env["MAX_RUNTIME_HOURS"] and env["SUBNET_IDS"] and env["SECURITY_GROUP_ID"]
     assert env["RUN_TEMPLATE_PREFIX"] == naming.RUN_TEMPLATE_PREFIX and env["CREATED_BY_TAG"] == naming.TAG_CREATED_BY
+    # The stack template's AMI, and the roles a run template's CreatedBy must name: both functions', each one's.
+    assert env["IMAGE_ID"], "the default version's image is checked against the deployed one"
+    roles = {compute.logical_id(getattr(supervisor, name).role) for name in ("function", "requests")}
+    assert {part["Ref"] for part in env["TEMPLATE_CREATORS"]["Fn::Join"][1]} == roles
 
 
 def _user_policy(compute):

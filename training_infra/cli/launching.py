@@ -367,11 +367,7 @@ def call_supervisor(aws: Aws, payload: dict[str, Any], *, prices: Any = None, da
         try:
             response = aws.client("lambda").invoke(FunctionName=function, Payload=json.dumps(payload).encode())
         except botocore.exceptions.ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "")
-            raise CliError(
-                f"cannot ask the supervisor ({code}): your credentials need the stack's TrainingUserPolicy "
-                "(docs/cli.md, 'Permissions the command needs')"
-            ) from None
+            raise CliError(invoke_error(error.response.get("Error", {}))) from None
         body = response["Payload"].read()
         answer = json.loads(body or b"{}")
         if response.get("FunctionError"):
@@ -379,6 +375,18 @@ def call_supervisor(aws: Aws, payload: dict[str, Any], *, prices: Any = None, da
     if not answer.get("ok"):
         raise (UsageError if answer.get("usage") else CliError)(str(answer.get("error", "refused")))
     return answer, notes
+
+
+def invoke_error(error: dict[str, Any]) -> str:
+    """What AWS said when the invoke was refused, in one line; the policy hint only when it is about permissions (a
+    throttled invoke, the function's reserved concurrency of 2, is not)."""
+    code, message = error.get("Code", ""), " ".join(str(error.get("Message", "")).split())[:300]
+    if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedOperation"):
+        return (f"cannot ask the supervisor ({code}): your credentials need the stack's TrainingUserPolicy "
+                "(docs/cli.md, 'Permissions the command needs')")  # fmt: skip
+    if code in ("TooManyRequestsException", "ThrottlingException"):
+        return f"the supervisor is busy ({code}: {message}): try again in a few seconds"
+    return f"cannot ask the supervisor: AWS said {code}: {message}"
 
 
 def _monthly_limit(aws: Aws) -> float:

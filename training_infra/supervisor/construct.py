@@ -117,6 +117,7 @@ class LaunchTarget:
     security_group: ec2.ISecurityGroup
     instance_profile: iam.IInstanceProfile
     instance_role: iam.IRole
+    image_id: str = ""  # the AMI the stack template names (a token on AWS): its default version must keep it
 
 
 class TrainingSupervisor(Construct):
@@ -158,6 +159,7 @@ class TrainingSupervisor(Construct):
             "MAX_RUNTIME_HOURS": f"{props.max_runtime_hours:g}",
             "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
             "CREATED_BY_TAG": naming.TAG_CREATED_BY,
+            "IMAGE_ID": target.image_id,
         }
         self.function = MonitoredFunction(
             self,
@@ -201,7 +203,11 @@ class TrainingSupervisor(Construct):
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
         )
+        # A run template's CreatedBy must be one of these roles (run_requests.run_template_problem): names and tags
+        # can be copied by anyone who may create and tag templates, the creator cannot.
+        creators = Fn.join(",", [self.function.role.role_name, self.requests.role.role_name])
         for function in (self.function, self.requests):
+            function.function.add_environment("TEMPLATE_CREATORS", creators)
             self._grant_launching(function)
         self._rules()
         if monthly_budget_name:
@@ -268,10 +274,11 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 sid="FleetImageOfItsTemplate",
-                # CreateFleet's image has no ec2:IsLaunchTemplateResource key; a fleet names only templates this
-                # function made (the statement above), and its RunInstances is held to the template's image.
+                # CreateFleet's image has no ec2:IsLaunchTemplateResource key, but EC2 evaluates ec2:ImageID on it
+                # (Service Authorization Reference): only the AMI the deploy put in the stack template.
                 actions=["ec2:CreateFleet"],
                 resources=[f"arn:{stack.partition}:ec2:{stack.region}::image/*"],
+                conditions={"StringEquals": {"ec2:ImageID": target.image_id}} if target.image_id else None,
             ),
             iam.PolicyStatement(
                 sid="TagAtLaunch",

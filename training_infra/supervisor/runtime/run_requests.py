@@ -18,6 +18,8 @@ runs no Lambda: the same handler, in process).
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -110,6 +112,123 @@ def insert_overrides(user_data: str, overrides: Mapping[str, object]) -> str:
     if len(rendered.encode()) > USER_DATA_LIMIT_BYTES:
         raise Refused(f"user data is {len(rendered.encode())} bytes; EC2 allows {USER_DATA_LIMIT_BYTES}", usage=True)
     return rendered
+
+
+# The exports a run's template may add to the stack's user data (all built by Launcher.overrides from checked
+# fields); TI_RUN_SEAL seals the record's limits into the template (run_seal).
+SEAL_EXPORT = "TI_RUN_SEAL"
+RUN_OVERRIDES = frozenset({
+    "TI_RUN_ID", "TI_DEADLINE_AT", "TI_MARKET", "TI_HOURLY_PRICE_USD", "TI_IMAGE_TAG", "TI_TRAINING_COMMAND",
+    "TI_MAX_RUNTIME_SECONDS", "TI_STALL_SECONDS", "TI_EXTRA_ENV", "TI_SECRETS", SEAL_EXPORT,
+})  # fmt: skip
+
+
+def run_seal(spec: RunSpec, deadline_at: str) -> str:
+    """The record's limits as the supervisor wrote them, hashed into its run template's user data (version 1,
+    which nobody can change): a record whose limits say otherwise was written around the supervisor."""
+
+    def number(value: float | None) -> float | None:
+        return None if value is None else float(value)
+
+    sealed = {
+        "instance_types": list(spec.instance_types), "subnet_ids": list(spec.subnet_ids), "market": spec.market,
+        "max_restarts_on_errors": int(spec.max_restarts_on_errors),
+        "max_runtime_hours": number(spec.max_runtime_hours), "max_price_usd": number(spec.max_price_usd),
+        "max_cost_usd": number(spec.max_cost_usd), "budget_month": spec.budget_month,
+        "reserved_usd": number(spec.reserved_usd), "spent_before_usd": number(spec.spent_before_usd),
+        "deadline_at": deadline_at,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
+
+
+def _run_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The launch-template data a run's template copies from the stack's (MetadataOptions without its State)."""
+    copied = {key: data[key] for key in RUN_TEMPLATE_KEYS if key in data}
+    if "MetadataOptions" in copied:
+        copied["MetadataOptions"] = {k: v for k, v in copied["MetadataOptions"].items() if k != "State"}
+    return copied
+
+
+def stack_template_problem(cfg: Any, data: Mapping[str, Any]) -> str:
+    """Why the stack template's default version is not what the stack deployed, or "": its image is the one the
+    deploy passed the function (IMAGE_ID), its profile and security group the stack's, its user data rendered by
+    training-infra. Anyone with CreateLaunchTemplateVersion + ModifyLaunchTemplate could change the default."""
+    image = data.get("ImageId", "")
+    if cfg.image_id and image != cfg.image_id:
+        return f"the stack template's default version names image {image!r}, not the deployed {cfg.image_id}"
+    profile = data.get("IamInstanceProfile", {}).get("Arn", "")
+    if cfg.instance_profile_arn and profile != cfg.instance_profile_arn:
+        return f"the stack template's default version names instance profile {profile!r}, not the project's"
+    groups = data.get("SecurityGroupIds") or []
+    if data.get("NetworkInterfaces") or (cfg.security_group_id and groups != [cfg.security_group_id]):
+        return f"the stack template's default version names another network ({groups}), not the stack's group"
+    user_data = base64.b64decode(data.get("UserData") or "").decode(errors="replace")
+    if f"\n{OVERRIDES_MARKER}\n" not in user_data:
+        return "the stack template's default version has user data not rendered by training-infra"
+    return ""
+
+
+def run_template_problem(cfg: Any, stack_data: Mapping[str, Any], template: Mapping[str, Any],
+                         data: Mapping[str, Any], run: Run) -> str:  # fmt: skip
+    """Why `template` (version 1 `data`) is not the launch template the supervisor made for this record, or "".
+
+    The one check both the request function and the supervisor rely on (docs/architecture.md, "Trust
+    boundaries"): its name and created-by tag; its creator (CreatedBy) when the stack names the functions'
+    roles; the stack template's default version, key for key, with only this run's overrides added to the user
+    data; and the seal of the record's limits (run_seal). Name and tags alone can be copied by anyone who may
+    create and tag templates; the content cannot differ from the stack's."""
+    tags = {t["Key"]: t["Value"] for t in template.get("Tags", [])}
+    name = template.get("LaunchTemplateName", "")
+    template_id = template.get("LaunchTemplateId", run.spec.launch_template_id)
+    if (name != f"{cfg.run_template_prefix}{run.run_id}" or tags.get(cfg.created_by_tag) != "supervisor"
+            or tags.get(cfg.run_id_tag) != run.run_id):  # fmt: skip
+        return f"launch template {template_id} was not made by the supervisor for run {run.run_id}"
+    creators = [c for c in cfg.template_creators.split(",") if c]
+    created_by = template.get("CreatedBy", "")
+    if creators and not any(f":assumed-role/{role}/" in created_by or created_by.endswith(f":role/{role}")
+                            for role in creators):  # fmt: skip
+        return f"launch template {template_id} was created by {created_by or 'nobody known'}, not the supervisor"
+    problem = stack_template_problem(cfg, stack_data)
+    if problem:
+        return problem
+    expected, actual = _run_data(stack_data), _run_data(data)
+    extra = sorted(set(data) - set(RUN_TEMPLATE_KEYS) - {"UserData", "TagSpecifications"})
+    differ = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k)) + extra
+    if differ:
+        return (f"launch template {template_id} differs from the stack template's default version in "
+                f"{', '.join(differ)}")  # fmt: skip
+    base = base64.b64decode(stack_data["UserData"]).decode()
+    mine = base64.b64decode(data.get("UserData") or "").decode(errors="replace")
+    exports = _overrides_in(base, mine)
+    if exports is None or not set(exports) <= RUN_OVERRIDES:
+        return f"launch template {template_id} has user data other than the stack's plus a run's overrides"
+    if exports.get("TI_RUN_ID") != run.run_id:
+        return f"launch template {template_id} was made for run {exports.get('TI_RUN_ID')!r}, not {run.run_id}"
+    if exports.get(SEAL_EXPORT) != run_seal(run.spec, run.deadline_at):
+        return (f"the record's limits (types, subnets, market, restarts, runtime, deadline, dollars) are not "
+                f"those launch template {template_id} was made with")  # fmt: skip
+    return ""
+
+
+def _overrides_in(base: str, mine: str) -> dict[str, str] | None:
+    """The exports `insert_overrides` put into `base` to make `mine`, or None when `mine` is anything else."""
+    position = base.rfind(f"\n{OVERRIDES_MARKER}\n")
+    head, tail = base[: position + 1], base[position + 1 :]
+    if position < 0 or not mine.startswith(head) or not mine.endswith(tail) or len(mine) < len(head) + len(tail):
+        return None
+    lexer = shlex.shlex(mine[len(head) : len(mine) - len(tail)], posix=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    try:
+        words = list(lexer)
+    except ValueError:
+        return None
+    if len(words) % 2 or any(w != "export" for w in words[::2]):
+        return None
+    exports = dict(word.partition("=")[::2] for word in words[1::2])
+    try:
+        return exports if insert_overrides(base, exports) == mine else None
+    except Refused:
+        return None
 
 
 def template_exports(user_data: str) -> dict[str, str]:
@@ -300,6 +419,9 @@ class Launcher:
         if not versions or not versions[0].get("LaunchTemplateData", {}).get("UserData"):
             raise Refused(f"launch template {self.cfg.launch_template_id} has no default version with user data: "
                           "redeploy the compute stack (`make deploy`)")  # fmt: skip
+        problem = stack_template_problem(self.cfg, versions[0]["LaunchTemplateData"])
+        if problem:
+            raise Refused(f"launch refused: {problem}: redeploy the compute stack (`make deploy`)")
         return versions[0]["LaunchTemplateData"]
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
@@ -344,17 +466,14 @@ class Launcher:
                            request.max_cost_usd)  # fmt: skip
         run_id = request.run_id
         tags = run_tags(cfg, run_id, hours, deadline)
-        overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
-        user_data = insert_overrides(base, overrides)
         month = self.reserve(run_id, money, now)
         template_id = ""
         try:
-            template_id = self.run_template(run_id, data, user_data, tags)
             stall = request.stall_seconds if request.stall_seconds is not None else int(
                 exports.get("TI_STALL_SECONDS") or 0)  # fmt: skip
             spec = RunSpec(
                 instance_types=request.instance_types, subnet_ids=tuple(subnets), market=request.market,
-                max_runtime_hours=hours, launch_template_id=template_id,
+                max_runtime_hours=hours, launch_template_id="lt-00000000",
                 max_restarts_on_errors=request.max_restarts_on_errors, checkpoint_sync_seconds=checkpoint,
                 stall_seconds=stall, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", ""),
                 command=request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
@@ -362,6 +481,10 @@ class Launcher:
                 max_cost_usd=money.max_cost_usd, budget_month=month, reserved_usd=round(money.reserve_usd, 4) if month
                 else 0.0, spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
             )  # fmt: skip
+            overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
+            user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})
+            template_id = self.run_template(run_id, data, user_data, tags)
+            spec = dataclasses.replace(spec, launch_template_id=template_id)
             self.record(run_id, spec, deadline, now, resumed)
         except BaseException:
             if template_id:
@@ -369,7 +492,6 @@ class Launcher:
             if month:
                 self.sup.month_ledger().settle(month, run_id, 0.0)
             raise
-        self.sup.verified_templates.add(template_id)  # made just now, from the stack's default version
         try:
             self.sup.reconcile(run_id)
         except Exception:
@@ -383,7 +505,7 @@ class Launcher:
         }  # fmt: skip
 
     def check_run_id(self, request: LaunchRequest) -> Run | None:
-        """A new id; with `resume`, a finished run (or one known only from S3 whose instance has ended)."""
+        """A new id whose instance (if any) has ended; with `resume`, a finished run (or one known only from S3)."""
         record = self.sup.store.get(request.run_id)
         if record is not None and record.problem and request.resume:  # its values cannot be trusted to go on from
             raise Refused(f"run {request.run_id} has a malformed record ({record.problem}): choose another --run-id")
@@ -391,25 +513,19 @@ class Launcher:
             raise Refused(f"run {request.run_id} is still {record.state}: nothing to resume (`training-infra stop` "
                           "ends it)" if request.resume else f"run {request.run_id} already exists: choose another "
                           "--run-id")  # fmt: skip
+        if record is None or record.state == RunState.INVALID:
+            # No record (a run from before the run table, the create_instance box) or one the supervisor does not
+            # act on: an instance of it still alive is not adopted, new run or resume.
+            live = [i["InstanceId"] for i in live_instances(self.sup, request.run_id)]
+            if live:
+                raise Refused(f"run {request.run_id} is still running on {', '.join(live)}: nothing to "
+                              f"{'resume' if request.resume else 'launch'} under this id "
+                              f"(`training-infra stop {request.run_id}` ends it)")  # fmt: skip
         if not request.resume:
             if record is not None:
                 raise Refused(f"run {request.run_id} ended {record.state}: pass --resume to continue it, or choose "
                               "another --run-id")  # fmt: skip
             return None
-        if record is None:  # a run from before the run table, or the create_instance box: is its instance alive?
-            live = [
-                i["InstanceId"]
-                for r in self.ec2.describe_instances(
-                    Filters=[
-                        {"Name": f"tag:{self.cfg.run_id_tag}", "Values": [request.run_id]},
-                        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
-                    ]
-                )["Reservations"]
-                for i in r["Instances"]
-            ]
-            if live:
-                raise Refused(f"run {request.run_id} is still running on {', '.join(live)}: nothing to resume "
-                              f"(`training-infra stop {request.run_id}` ends it)")  # fmt: skip
         return record
 
     def list_prices(self, prices: Prices, types: tuple[str, ...]) -> dict[str, float]:
@@ -468,9 +584,7 @@ class Launcher:
     def run_template(self, run_id: str, data: dict[str, Any], user_data: str, tags: dict[str, str]) -> str:
         """The run's own launch template: the stack template's data, this run's user data and tags, no market;
         named with the run-template prefix and tagged created-by=supervisor (what IAM and the deleter check)."""
-        run_data = {key: data[key] for key in RUN_TEMPLATE_KEYS if key in data}
-        if "MetadataOptions" in run_data:
-            run_data["MetadataOptions"] = {k: v for k, v in run_data["MetadataOptions"].items() if k != "State"}
+        run_data = _run_data(data)
         run_data["UserData"] = base64.b64encode(user_data.encode()).decode()
         for resource in ("instance", "volume"):
             inherited = {
@@ -546,10 +660,15 @@ def run_tags(cfg: Any, run_id: str, hours: float, deadline: str) -> dict[str, st
 
 
 def stop(supervisor: Any, run_id: str) -> dict[str, Any]:
-    """A managed run: the graceful stop. A run without a record: terminate its instances, only those with the
-    project's instance profile and the managed tag."""
+    """A managed run: the graceful stop. A run the supervisor does not act on (no record, or an invalid one, such as
+    an in-flight run whose old record fails the new limits after an upgrade): terminate its instances, only those
+    with the project's instance profile and the managed tag."""
     record = supervisor.store.get(run_id)
-    if record is not None:
+    if record is not None and record.active:
+        problem = supervisor.invalid_because(record)
+        if problem:  # checked as every read is: a record written around the supervisor is never acted on
+            record = supervisor.invalidate(record, problem)
+    if record is not None and record.state != RunState.INVALID:
         if not record.active:
             return {"ok": True, "run_id": run_id, "result": "ended", "state": record.state}
         if record.stop_requested_at:
@@ -557,11 +676,25 @@ def stop(supervisor: Any, run_id: str) -> dict[str, Any]:
         record = supervisor.request_stop(run_id)
         return {"ok": True, "run_id": run_id, "result": "stop-requested",
                 "instance_id": record.current.instance_id if record.current else ""}  # fmt: skip
+    live, stopped, states = end_instances_of(supervisor, run_id)
+    return {"ok": True, "run_id": run_id, "result": "terminated", "live": live, "stopped": stopped,
+            "states": states, **({"state": record.state} if record is not None else {})}  # fmt: skip
+
+
+def live_instances(supervisor: Any, run_id: str) -> list[dict[str, Any]]:
+    """Instances tagged with the run id that have not ended (stopped ones still bill their volume)."""
     reservations = supervisor.clients.ec2.describe_instances(
-        Filters=[{"Name": f"tag:{supervisor.cfg.run_id_tag}", "Values": [run_id]}]
+        Filters=[
+            {"Name": f"tag:{supervisor.cfg.run_id_tag}", "Values": [run_id]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ]
     )["Reservations"]
-    instances = [i for r in reservations for i in r["Instances"]]
-    endable = [i for i in instances if i.get("State", {}).get("Name") in ("pending", "running", "stopping", "stopped")]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def end_instances_of(supervisor: Any, run_id: str) -> tuple[list[str], list[str], list[str]]:
+    """Terminate the run's instances: all of them ours() (the project's profile, managed, this run id), or none."""
+    endable = live_instances(supervisor, run_id)
     refused = [i["InstanceId"] for i in endable if not supervisor.ours(i, run_id)]
     if refused:
         raise Refused(f"refusing to terminate {', '.join(refused)}: tagged {supervisor.cfg.run_id_tag}={run_id} but "
@@ -570,8 +703,7 @@ def stop(supervisor: Any, run_id: str) -> dict[str, Any]:
     stopped = [i["InstanceId"] for i in endable if i["State"]["Name"] == "stopped"]
     if live or stopped:
         supervisor.clients.ec2.terminate_instances(InstanceIds=live + stopped)
-    return {"ok": True, "run_id": run_id, "result": "terminated", "live": live, "stopped": stopped,
-            "states": sorted({i.get("State", {}).get("Name", "") for i in instances})}  # fmt: skip
+    return live, stopped, sorted({i.get("State", {}).get("Name", "") for i in endable})
 
 
 def handler(event: Mapping[str, Any], _context: Any = None) -> dict[str, Any]:

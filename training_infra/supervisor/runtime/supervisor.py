@@ -47,6 +47,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
         parse_iso,
         utc_now,
     )
+    from run_requests import run_template_problem
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
@@ -63,6 +64,7 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
         parse_iso,
         utc_now,
     )
+    from training_infra.supervisor.runtime.run_requests import run_template_problem
 
 log = logging.getLogger()
 log.setLevel(logging.INFO)
@@ -168,6 +170,12 @@ class SupervisorConfig:
     max_runtime_hours: float = 12.0  # the stack's max_runtime_hours: no run's deadline lies further out
     run_template_prefix: str = "training-infra-run-"
     created_by_tag: str = "training-infra:created-by"  # value "supervisor": on every template it makes
+    # The AMI the deploy put in the stack template: its default version must still name it (a version someone
+    # added and made default does not choose the image of every run).
+    image_id: str = ""
+    # Comma-separated role names: a run template's CreatedBy must be one of them (the functions'). Empty on the
+    # local AWS, whose CreatedBy is always the account root.
+    template_creators: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
@@ -320,7 +328,24 @@ def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> d
         ]
     )["Reservations"]
     instances = [instance for reservation in reservations for instance in reservation["Instances"]]
-    return instances[0] if instances else None
+    ours = [instance for instance in instances if is_ours(cfg, instance, run.run_id, attempt)]
+    return ours[0] if ours else None
+
+
+def is_ours(cfg: SupervisorConfig, instance: Mapping[str, Any] | None, run_id: str, attempt: int | None = None) -> bool:
+    """Only an instance with the project's instance profile, the managed tag and this run's (and attempt's) tags is
+    ever adopted, tagged or terminated: a record cannot point the supervisor at anything else."""
+    if not instance:
+        return False
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    profile = instance.get("IamInstanceProfile", {}).get("Arn", "")
+    return (
+        bool(cfg.instance_profile_arn)
+        and profile == cfg.instance_profile_arn
+        and tags.get(cfg.managed_tag) == "true"
+        and tags.get(cfg.run_id_tag) == run_id
+        and (attempt is None or tags.get(cfg.attempt_tag) == str(attempt))
+    )
 
 
 def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, prices: Prices | None = None) -> Attempt:
@@ -533,7 +558,9 @@ class Supervisor:
         self.store = RunStore(clients.dynamodb, cfg.table)
         self.now = now
         self.prices = prices
-        self.verified_templates: set[str] = set()  # checked run templates (a warm Lambda asks once per template)
+        # Run templates (version 1 is immutable) and the stack template's default, read once per warm Lambda.
+        self._templates: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._stack_data: dict[str, Any] | None = None
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -609,7 +636,18 @@ class Supervisor:
         if run.problem:
             return f"malformed record: {run.problem}"
         problems = self.cfg.limit_problems(run.spec, run.deadline_at, self.now())
+        if self.cfg.monthly_limit_usd and run.spec.budget_month:
+            held = self.month_ledger().read(run.spec.budget_month)["reservations"].get(run.run_id)
+            if held is None:  # its amount is sealed into the run's template with the rest of the limits
+                problems.append(f"no month reservation: the {run.spec.budget_month} ledger holds nothing for it")
+        if not problems:  # the record's limits are those sealed into the template the supervisor made for it
+            problems = [p for p in [self._template_problem(run)] if p]
         return "; ".join(problems)
+
+    def invalidate(self, run: Run, problem: str) -> Run:
+        """Mark a record `invalid` (see _invalidate) and return it as stored."""
+        self._invalidate(run, problem)
+        return run
 
     def _invalidate(self, run: Run, problem: str) -> dict[str, Any]:
         """A record the supervisor would never have written: marked `invalid`, with a notice, and left alone
@@ -617,7 +655,11 @@ class Supervisor:
         run.state, run.ended_at = RunState.INVALID, iso(self.now())
         run.message = f"not acted on: {problem}"[:1000]
         self.store.save(run)
-        self._notify(run, f"record refused ({problem}): marked invalid; nothing launched, stopped or deleted for it")
+        self._notify(
+            run,
+            f"record refused ({problem}): marked invalid; nothing launched, stopped or deleted for it "
+            f"(`training-infra stop {run.run_id}` ends its instances, if any)",
+        )
         return {"run_id": run.run_id, "state": run.state, "message": run.message}
 
     def request_stop(self, run_id: str, reason: str = "user") -> Run:
@@ -735,24 +777,23 @@ class Supervisor:
         return self._launch_open_attempt(run, relaunch=n > 1, why=why)
 
     def _template_problem(self, run: Run) -> str:
-        """Why the run's template may not be launched, or "": only a template the supervisor made for this run,
-        carrying the project's instance profile and the stack's security group (a user's never launches)."""
+        """Why the run's template may not be launched, or "" (run_requests.run_template_problem: the one check)."""
         template_id = run.spec.launch_template_id
-        if template_id in self.verified_templates:
-            return ""
-        if self.template_made_for(template_id, run.run_id) is None:
-            return f"launch template {template_id} was not made by the supervisor for run {run.run_id}"
-        data = self.clients.ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["1"])[
-            "LaunchTemplateVersions"
-        ][0]["LaunchTemplateData"]
-        profile = data.get("IamInstanceProfile", {})
-        if self.cfg.instance_profile_arn and profile.get("Arn") != self.cfg.instance_profile_arn:
-            return f"launch template {template_id} names instance profile {profile!r}, not the project's"
-        groups = data.get("SecurityGroupIds") or []
-        if data.get("NetworkInterfaces") or (self.cfg.security_group_id and groups != [self.cfg.security_group_id]):
-            return f"launch template {template_id} names another network ({groups}), not the stack's security group"
-        self.verified_templates.add(template_id)
-        return ""
+        if template_id not in self._templates:
+            template = self.template_made_for(template_id, run.run_id)
+            if template is None:
+                return f"launch template {template_id} was not made by the supervisor for run {run.run_id}"
+            versions = self.clients.ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["1"])[
+                "LaunchTemplateVersions"
+            ]
+            self._templates[template_id] = (template, versions[0]["LaunchTemplateData"] if versions else {})
+        if self._stack_data is None:
+            versions = self.clients.ec2.describe_launch_template_versions(
+                LaunchTemplateId=self.cfg.launch_template_id, Versions=["$Default"]
+            )["LaunchTemplateVersions"]
+            self._stack_data = versions[0]["LaunchTemplateData"] if versions else {}
+        template, data = self._templates[template_id]
+        return run_template_problem(self.cfg, self._stack_data, template, data, run)
 
     def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
         try:
@@ -1023,6 +1064,10 @@ class Supervisor:
     def _tag_stop(self, run: Run) -> None:
         attempt = run.current
         if attempt and attempt.instance_id:
+            if not self.ours(_instance(self.clients, attempt.instance_id), run.run_id, attempt.n):
+                log.warning("not tagging %s for a stop: not run %s's attempt %s with the project's profile",
+                            attempt.instance_id, run.run_id, attempt.n)  # fmt: skip
+                return
             try:
                 self.clients.ec2.create_tags(
                     Resources=[attempt.instance_id],
@@ -1032,19 +1077,7 @@ class Supervisor:
                 log.warning("could not tag %s for a graceful stop: %s", attempt.instance_id, error)
 
     def ours(self, instance: Mapping[str, Any] | None, run_id: str, attempt: int | None = None) -> bool:
-        """Only an instance with the project's instance profile, the managed tag and this run's (and attempt's)
-        tags is ever terminated: a record cannot point the supervisor at anything else."""
-        if not instance:
-            return False
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        profile = instance.get("IamInstanceProfile", {}).get("Arn", "")
-        return (
-            bool(self.cfg.instance_profile_arn)
-            and profile == self.cfg.instance_profile_arn
-            and tags.get(self.cfg.managed_tag) == "true"
-            and tags.get(self.cfg.run_id_tag) == run_id
-            and (attempt is None or tags.get(self.cfg.attempt_tag) == str(attempt))
-        )
+        return is_ours(self.cfg, instance, run_id, attempt)
 
     def _terminate(self, run: Run, attempt: Attempt, instance: Mapping[str, Any] | None = None) -> bool:
         instance = instance if instance is not None else _instance(self.clients, attempt.instance_id)
