@@ -96,7 +96,7 @@ def main() -> int:
         " agent.sh on 2026-12-04: 74.2 s)"
     )
     bootstrap = statistics.median(r["bootstrap_ms"] for r in results)
-    print(f"user-data bootstrap (download, sha256, xz -d): median {bootstrap:.0f} ms (agent.sh's tar.xz: 1450 ms)")
+    print(f"user-data bootstrap (download, sha256, unpack): median {bootstrap:.0f} ms (agent.sh's tar.xz: 1450 ms)")
     return 0
 
 

@@ -12,7 +12,7 @@ import io
 import json
 import lzma
 import re
-import zipfile
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,11 +282,11 @@ def test_user_data_boots_the_exact_agent_from_its_asset_with_a_place_for_run_ove
     staged = Path(view.outdir) / asset.asset_path
     assert staged.read_bytes() == pack_agent(), "the agent folder as user_data.pack_agent packs it"
     assert script.bootstrap_value("sha256") == hashlib.sha256(pack_agent()).hexdigest()
-    with zipfile.ZipFile(io.BytesIO(lzma.decompress(staged.read_bytes()))) as zipapp:
-        assert zipapp.read("ti_agent/agent.py") == (AGENT_PACKAGE / "agent.py").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(staged.read_bytes()))) as packed:
+        assert packed.extractfile("ti_agent/agent.py").read() == (AGENT_PACKAGE / "agent.py").read_bytes()
     assert script.tokens[script.bootstrap_value("bucket")] == view.stack.resolve(asset.s3_bucket_name)
     assert script.bootstrap_value("key") == asset.s3_object_key
-    assert 'exec python3 "$agent_dir/agent.pyz"' in script.text
+    assert 'exec python3 -I "$unpacked"' in script.text
 
 
 def test_instance_role_reads_the_packed_agents_of_the_asset_bucket_and_nothing_else_of_it(compute):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from training_infra.compute.agent.ti_agent import checkpoints, logship, paths, progress, settings
-from training_infra.compute.agent.ti_agent.aws import Credentials, sign_v4
+from training_infra.compute.agent.ti_agent.aws import SERVICES
 from training_infra.compute.agent.ti_agent.checkpoints import Version
 from training_infra.compute.agent.ti_agent.secrets import secrets_policy
 from training_infra.compute.agent.ti_agent.status import Instance, Outcome, build_status
@@ -142,11 +142,10 @@ class RecordingLogs:
     def __init__(self, fail: bool = False) -> None:
         self.batches, self.fail = [], fail
 
-    def logs(self, operation: str, request: dict) -> dict:
+    def put_log_events(self, group: str, stream: str, events: list[dict]) -> None:
         if self.fail:
             raise OSError("throttled")
-        self.batches.append([e["message"] for e in request["logEvents"]])
-        return {}
+        self.batches.append([e["message"] for e in events])
 
 
 def test_the_shipper_moves_its_offset_only_after_a_batch_landed(tmp_path):
@@ -408,59 +407,78 @@ def test_secrets_policy_widens_only_a_partial_secrets_manager_arn_with_the_suffi
     ]
 
 
-def test_sigv4_matches_botocores_signature_for_the_same_request(monkeypatch):
-    """The in-process signer (PutLogEvents, PutMetricData, small S3 puts) signs as botocore does."""
-    import datetime
-
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials as BotoCredentials
-
-    now = datetime.datetime(2026, 12, 4, 20, 0, 0, tzinfo=datetime.UTC)
-    body = b'{"logGroupName": "g"}'
-    headers = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Logs_20140328.PutLogEvents"}
-    ours = sign_v4(
-        method="POST", url="https://logs.eu-west-1.amazonaws.com/", region="eu-west-1", service="logs",
-        headers=headers, body=body, credentials=Credentials("AKID", "SECRET", "TOKEN"), now=now,
-    )  # fmt: skip
-    request = AWSRequest(method="POST", url="https://logs.eu-west-1.amazonaws.com/", data=body, headers=dict(headers))
-    request.headers["X-Amz-Content-SHA256"] = ours["x-amz-content-sha256"]
-    monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: now.replace(tzinfo=None))
-    SigV4Auth(BotoCredentials("AKID", "SECRET", "TOKEN"), "logs", "eu-west-1").add_auth(request)
-    assert ours["authorization"].split("Signature=")[1] == request.headers["Authorization"].split("Signature=")[1]
-
-
 # ---------------------------------------------------------------- the package as the box runs it
 
 
-def test_the_agent_uses_only_the_standard_library(tmp_path):
-    """The box's python3 has no boto3 or third-party packages: the packed agent imports with none."""
-    zipapp = tmp_path / "agent.pyz"
-    import lzma
+def _unpacked_agent(tmp_path: Path) -> Path:
+    """The asset as the bootstrap unpacks it."""
+    folder = tmp_path / "agent"
+    folder.mkdir()
+    (tmp_path / "agent.tar.xz").write_bytes(pack_agent())
+    subprocess.run(["tar", "-xJf", str(tmp_path / "agent.tar.xz"), "-C", str(folder)], check=True)
+    return folder
 
-    zipapp.write_bytes(lzma.decompress(pack_agent()))
-    probe = (
-        "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]; "
-        f"sys.path.insert(0, {str(zipapp)!r}); import ti_agent.agent, ti_agent.watchers"
+
+def test_the_asset_carries_the_models_of_the_agents_services_and_no_other(tmp_path):
+    folder = _unpacked_agent(tmp_path)
+    models = folder / "botocore" / "data"
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted(SERVICES)
+    assert {p.name for p in models.glob("*.json")} == {
+        "_retry.json", "endpoints.json", "partitions.json", "sdk-default-configuration.json"
+    }  # fmt: skip
+    assert not list(folder.rglob("*.pyc")), "no bytecode: the asset is byte-stable and python3 compiles its own"
+
+
+def test_every_client_the_agent_makes_resolves_offline_from_the_asset_alone(tmp_path):
+    """The box's python3 has no botocore, or another version: with no site-packages at all (-I -S), the
+    unpacked asset makes each client in SERVICES from its own data and endpoint rules, no network, and
+    a service outside SERVICES is refused before botocore looks for its model."""
+    folder = _unpacked_agent(tmp_path)
+    probe = f"""
+import sys
+sys.path.insert(0, {str(folder)!r})
+from ti_agent.aws import SERVICES, Aws
+import ti_agent.agent, ti_agent.watchers
+aws = Aws(region="eu-west-1", environ={{}})
+for service in SERVICES:
+    client = aws.client(service)
+    assert client.meta.endpoint_url.endswith(".amazonaws.com"), client.meta.endpoint_url
+    assert client is aws.client(service), "one client per service"
+import botocore
+assert botocore.__file__.startswith({str(folder)!r}), botocore.__file__
+assert client.meta.config.retries["mode"] == "standard"
+try:
+    aws.client("sqs")
+except ValueError as error:
+    print(error)
+"""
+    environment = {"PATH": os.environ["PATH"], "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+                   "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe], env=environment, capture_output=True, text=True, check=False
     )
-    subprocess.run([sys.executable, "-I", "-c", probe], check=True)
+    assert done.returncode == 0, done.stderr
+    assert "'sqs' is not in SERVICES" in done.stdout
+
+
+def test_the_clients_the_agent_code_asks_for_are_all_in_services():
+    """The asset has the models of SERVICES alone: a call added to aws.py for another service must add it there."""
+    import ast
+
+    source = (AGENT_PACKAGE / "aws.py").read_text()
+    asked = {
+        node.args[0].value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in {"_call", "client"}
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert asked and asked <= set(SERVICES), asked
+    others = [p.name for p in AGENT_PACKAGE.glob("*.py") if p.name != "aws.py" and "botocore" in p.read_text()]
+    assert others == [], "only aws.py makes botocore clients"
 
 
 def test_pack_agent_is_byte_for_byte_stable():
     assert pack_agent() == pack_agent()
-
-
-def test_small_s3_puts_are_virtual_hosted_on_aws_and_path_style_at_an_own_endpoint(monkeypatch):
-    from training_infra.compute.agent.ti_agent import aws as aws_module
-
-    sent = []
-    monkeypatch.setattr(aws_module.Aws, "_call", lambda self, *args, **kw: sent.append((args[2], kw.get("base", ""))))
-    keys = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
-    aws_module.Aws(region="eu-west-1", environ=keys, imds=None).put_object("bucket", "runs/r 1/progress.json", b"{}")
-    aws_module.Aws(
-        region="eu-west-1", environ={**keys, "AWS_ENDPOINT_URL": "http://127.0.0.1:5"}, imds=None
-    ).put_object("bucket", "runs/r/progress.json", b"{}")
-    assert sent == [
-        ("/runs/r%201/progress.json", "https://bucket.s3.eu-west-1.amazonaws.com"),
-        ("/bucket/runs/r/progress.json", ""),
-    ]

@@ -7,12 +7,13 @@ import dataclasses
 import hashlib
 import io
 import lzma
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -89,15 +90,17 @@ shutil.copy(source, args[args.index("cp") + 2])
 """
 STAND_IN_AGENT = """import os, sys, time
 with open(os.environ["CALLS"], "a") as calls:
-    calls.write(f"{time.time()} agent ran from {os.path.dirname(sys.argv[0])}\\n")
+    calls.write(f"{time.time()} agent ran from {sys.argv[0]} as uid {os.getuid()} isolated {sys.flags.isolated}\\n")
 """
 
 
 def stand_in_agent() -> bytes:
-    """A packed zipapp whose __main__ only says it ran (the bootstrap treats the agent as opaque)."""
+    """A packed agent folder whose __main__ only says it ran (the bootstrap treats the agent as opaque)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("__main__.py", STAND_IN_AGENT)
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("__main__.py")
+        info.size = len(STAND_IN_AGENT.encode())
+        archive.addfile(info, io.BytesIO(STAND_IN_AGENT.encode()))
     return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ)
 
 
@@ -106,10 +109,10 @@ def run_bootstrap(tmp_path: Path, *, stored: bytes | None, pinned: bytes, **sett
     missing) and the sha256 of `pinned` in it; what it did, in order (`shutdown`, `aws`, `poweroff`, `agent ran`)."""
     objects, bin_dir, calls = tmp_path / "s3", tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    agent = AgentObject(bucket="assets", key="agent.pyz.xz", sha256=hashlib.sha256(pinned).hexdigest())
+    agent = AgentObject(bucket="assets", key="agent.tar.xz", sha256=hashlib.sha256(pinned).hexdigest())
     if stored is not None:
         (objects / "assets").mkdir(parents=True)
-        (objects / "assets" / "agent.pyz.xz").write_bytes(stored)
+        (objects / "assets" / "agent.tar.xz").write_bytes(stored)
     (bin_dir / "aws").write_text(FAKE_AWS.format(python=sys.executable, objects=str(objects), calls=str(calls)))
     for name in ("shutdown", "poweroff"):
         (bin_dir / name).write_text(f'#!/bin/bash\necho "$(date +%s.%N) {name} $*" >> {calls}\n')
@@ -137,8 +140,8 @@ def test_bootstrap_arms_the_deadline_then_downloads_checks_and_execs_python3_on_
     agent_dir = tmp_path / "root/opt/training-infra"
     assert done == [
         "shutdown -h +120 training-infra: bootstrap deadline",  # the OS deadline before any network call
-        f"aws --cli-connect-timeout 10 s3 cp s3://assets/agent.pyz.xz {agent_dir}/agent.pyz.xz --region eu-central-1",
-        f"agent ran from {agent_dir}",
+        f"aws --cli-connect-timeout 10 s3 cp s3://assets/agent.tar.xz {agent_dir}/agent.tar.xz --region eu-central-1",
+        f"agent ran from {agent_dir}/agent as uid {os.getuid()} isolated 1",
     ]
     assert "fetched and checked in" in (tmp_path / "root/var/log/training-setup.log").read_text()
 
@@ -171,18 +174,34 @@ def test_bootstrap_deadline_follows_ti_deadline_at_when_a_run_has_one(tmp_path):
     assert done[0] == "shutdown -h +10 training-infra: bootstrap deadline"
 
 
-def test_agent_zipapp_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
+def test_agent_asset_is_byte_identical_for_identical_sources_so_cdk_diff_stays_quiet():
     first, second = pack_agent(), pack_agent()
     assert first == second
-    with zipfile.ZipFile(io.BytesIO(lzma.decompress(first))) as archive:
-        assert archive.namelist() == ["__main__.py", *(f"ti_agent/{p.name}" for p in agent_files())]
-        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
-        assert archive.read("ti_agent/agent.py") == (agent_files()[0].parent / "agent.py").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(first))) as archive:
+        members = archive.getmembers()
+        names = [m.name for m in members]
+        assert names[0] == "__main__.py" and "ti_agent/agent.py" in names and "botocore/session.py" in names
+        files = [m.name for m in members if m.isfile()]
+        assert files == sorted(files), "sorted entries"
+        assert {(m.mtime, m.uid, m.gid) for m in members} == {(0, 0, 0)}
+        assert {m.mode for m in members} == {0o644, 0o755}
+        assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
+        assert archive.extractfile("ti_agent/agent.py").read() == (agent_files()[0].parent / "agent.py").read_bytes()
+
+
+def test_a_stale_file_of_an_older_agent_does_not_survive_the_unpack(tmp_path):
+    stale = tmp_path / "root/opt/training-infra/agent/ti_agent/old_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise SystemExit('an older agent')\n")
+    packed = stand_in_agent()
+    done = run_bootstrap(tmp_path, stored=packed, pinned=packed)
+
+    assert done[-1].startswith("agent ran from") and not stale.exists()
 
 
 def test_the_bootstrap_is_a_small_bash_script_and_the_agent_is_python():
     assert len(_BOOTSTRAP.splitlines()) < 100
-    assert 'exec python3 "$agent_dir/agent.pyz"' in _BOOTSTRAP
+    assert 'exec python3 -I "$unpacked"' in _BOOTSTRAP
 
 
 def test_rendered_user_data_parses_with_bash_n(tmp_path):

@@ -192,26 +192,30 @@ def test_imds_renews_its_token_when_imds_refuses_it_and_when_it_nears_its_end(im
     assert client.get("meta-data/spot/instance-action") is None, "404: no notice"
 
 
-def test_signed_calls_use_the_instance_roles_credentials_from_imds_and_renew_them_before_expiry():
-    """On the box there are no keys in the environment: the in-process signer reads the role's from IMDS."""
+def test_the_agents_clients_use_the_instance_roles_credentials_from_imdsv2_and_renew_them(monkeypatch):
+    """On the box there are no keys in the environment: botocore reads the role's from IMDS (token first),
+    at AWS_EC2_METADATA_SERVICE_ENDPOINT, and reads them again when they near their expiry."""
     import datetime
 
-    from training_infra.compute.agent.ti_agent.aws import CredentialSource
+    from training_infra.compute.agent.ti_agent.aws import Aws
 
     def document(key: str, minutes: int) -> dict[str, str]:
         expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=minutes)
         return {"AccessKeyId": key, "SecretAccessKey": "s", "Token": "t",
                 "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
 
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     with FakeImds(role=("training-instance", document("KEY-1", 60))) as server:
-        source = CredentialSource({}, Imds(server.url))
-        first = source.get()
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", server.url)
+        credentials = Aws(region="eu-west-1", environ={}).client("logs")._request_signer._credentials  # noqa: SLF001
+        first = credentials.get_frozen_credentials()
         assert (first.access_key, first.secret_key, first.token) == ("KEY-1", "s", "t")
+        assert server.requests_for("api/token"), "IMDSv2: a token before the role's credentials"
         server.role = ("training-instance", document("KEY-2", 60))
-        assert source.get().access_key == "KEY-1", "cached while far from its expiry"
-        server.role = ("training-instance", document("KEY-3", 4))
-        source._cached = source._from_imds()  # noqa: SLF001 - a session now 4 minutes from its end
-        server.role = ("training-instance", document("KEY-4", 60))
-        assert source.get().access_key == "KEY-4", "inside the 5-minute margin: read again"
-        keys = {"AWS_ACCESS_KEY_ID": "ENV", "AWS_SECRET_ACCESS_KEY": "x"}
-        assert CredentialSource(keys, Imds(server.url)).get().access_key == "ENV", "off AWS: the environment's"
+        assert credentials.get_frozen_credentials().access_key == "KEY-1", "cached while far from its expiry"
+        server.role = ("training-instance", document("KEY-3", 60))
+        credentials._expiry_time = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=4)  # noqa: SLF001
+        assert credentials.get_frozen_credentials().access_key == "KEY-3", "near its expiry: read again"

@@ -43,7 +43,7 @@ PRIVATE_ENDPOINTS = {
 }
 
 
-# Every packed agent in the bootstrap bucket: CDK names a file asset `<sha256>.<extension>` (agent.pyz.xz: `.xz`).
+# Every packed agent in the bootstrap bucket: CDK names a file asset `<sha256>.<extension>` (agent.tar.xz: `.xz`).
 AGENT_OBJECTS = "*.xz"
 # A launch template's first version: what the run's template held when the run started.
 FROZEN_TEMPLATE_VERSION = "1"
@@ -268,7 +268,7 @@ class TrainingCompute(Construct):
         packed = pack_agent()
         digest = hashlib.sha256(packed).hexdigest()
         # A folder named by the content: the same agent is the same path, synth after synth.
-        staged = Path(tempfile.gettempdir()) / f"training-infra-agent-{digest[:16]}" / "agent.pyz.xz"
+        staged = Path(tempfile.gettempdir()) / f"training-infra-agent-{digest[:16]}" / "agent.tar.xz"
         if not staged.exists() or staged.read_bytes() != packed:
             staged.parent.mkdir(parents=True, exist_ok=True)
             staged.write_bytes(packed)

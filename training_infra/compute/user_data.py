@@ -8,12 +8,15 @@ Layout of the rendered script:
     #!/bin/bash
     export TI_...='stack value'            # one line per AgentConfig field (tokens allowed)
     #@run-overrides                        # `with_run_overrides` puts per-run exports here
-    <bootstrap: OS deadline, download the agent from S3, check its sha256, exec python3 on it>
+    <bootstrap: OS deadline, download the agent from S3, check its sha256, unpack, exec python3 on it>
 
-The agent is the Python package `training_infra/compute/agent/ti_agent` (standard library only),
-packed as a zipapp (fixed times and order, so `cdk diff` stays quiet) and compressed with xz. It
-travels as an S3 object (a CDK file asset in the bootstrap bucket, readable by the instance role
-alone): user data pins its sha256, so a changed object is refused, and arms the on-box deadline
+The agent is the Python package `training_infra/compute/agent/ti_agent` plus botocore and its four
+dependencies, copied from this venv at the versions requirements.txt pins and stripped to the
+service models the agent's clients use (`ti_agent.aws.SERVICES`). botocore reads those models from
+files, so the asset is a folder packed as a tar.xz (sorted entries, fixed times and owners, no
+bytecode: byte-stable, so `cdk diff` stays quiet), not a zipapp. It travels as an S3 object (a CDK
+file asset in the bootstrap bucket, readable by the instance role alone): user data pins its
+sha256, so a changed object is refused before anything is unpacked, and arms the on-box deadline
 before the download, so a box whose agent never arrives still powers off. `AgentConfig` is
 declared once, in `ti_agent/settings.py`, which the agent parses its environment with.
 """
@@ -21,22 +24,29 @@ declared once, in `ti_agent/settings.py`, which the agent parses its environment
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import io
 import lzma
 import re
 import shlex
-import zipfile
+import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from training_infra.compute.agent.ti_agent.aws import SERVICES
 from training_infra.compute.agent.ti_agent.settings import AgentConfig
 
 AGENT_DIR = Path(__file__).parent / "agent"
 AGENT_PACKAGE = AGENT_DIR / "ti_agent"
-# The zipapp's entry point: the package runs as `ti_agent`, its modules import each other relatively.
-ZIPAPP_MAIN = b"import sys\n\nfrom ti_agent.agent import main\n\nsys.exit(main())\n"
+REQUIREMENTS = Path(__file__).parents[2] / "requirements.txt"
+# The folder's entry point (`python3 -I <folder>` puts the folder first on sys.path and runs this).
+AGENT_MAIN = b"import sys\n\nfrom ti_agent.agent import main\n\nsys.exit(main())\n"
+# The distributions the asset vendors: botocore and what it imports (dateutil imports six).
+VENDORED = ("botocore", "jmespath", "python-dateutil", "six", "urllib3")
+_LICENSE = re.compile(r"(LICEN[CS]E|NOTICE|COPYING|AUTHORS)", re.IGNORECASE)
 OVERRIDES_MARKER = "#@run-overrides"
 USER_DATA_LIMIT_BYTES = 16 * 1024
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -62,18 +72,78 @@ def agent_files() -> list[Path]:
     return sorted(AGENT_PACKAGE.glob("*.py"))
 
 
-def pack_agent() -> bytes:
-    """The agent as a zipapp (`python3 agent.pyz`), compressed with xz: byte-for-byte the same for the
-    same sources (fixed times and modes, sorted names; xz stores no time)."""
+def _pin(distribution: str) -> str:
+    for line in REQUIREMENTS.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == distribution:
+            return version.strip()
+    raise ValueError(f"requirements.txt pins no {distribution}: the agent's asset vendors only pinned packages")
+
+
+def _vendored_file(top: str, parts: tuple[str, ...]) -> bool:
+    """What of an installed distribution goes in: its modules and data, no bytecode, no scripts, and
+    of botocore/data the shared files and the models of SERVICES alone."""
+    if top.startswith("..") or "__pycache__" in parts or parts[-1].endswith((".pyc", ".pyo")):
+        return False
+    if top.endswith(".dist-info"):
+        return bool(_LICENSE.search(parts[-1]))
+    if parts[:2] == ("botocore", "data") and len(parts) > 3:
+        return parts[2] in SERVICES
+    return True
+
+
+def vendored_files() -> list[tuple[str, Path]]:
+    """(name in the asset, file in this venv) for the vendored distributions, at their pinned versions."""
+    files = []
+    for name in VENDORED:
+        distribution = importlib.metadata.distribution(name)
+        if distribution.version != _pin(name):
+            raise ValueError(
+                f"{name} {distribution.version} is installed but requirements.txt pins {_pin(name)}: run `make setup`"
+            )
+        for entry in distribution.files or ():
+            parts = PurePosixPath(entry).parts
+            if _vendored_file(parts[0], parts):
+                files.append((PurePosixPath(*parts).as_posix(), Path(str(distribution.locate_file(entry)))))
+    return files
+
+
+def agent_entries() -> list[tuple[str, Path | bytes]]:
+    """Every file of the asset, sorted by name: the entry point, the agent, the vendored packages."""
+    entries: list[tuple[str, Path | bytes]] = [("__main__.py", AGENT_MAIN)]
+    entries += [(f"ti_agent/{path.name}", path) for path in agent_files()]
+    entries += vendored_files()
+    return sorted(entries, key=lambda entry: entry[0])
+
+
+def _tar_info(name: str, *, size: int = 0, folder: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = (tarfile.DIRTYPE, 0o755) if folder else (tarfile.REGTYPE, 0o644)
+    info.size, info.mtime, info.uid, info.gid, info.uname, info.gname = size, 0, 0, 0, "root", "root"
+    return info
+
+
+@functools.cache
+def _packed(contents: tuple[tuple[str, bytes], ...]) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        entries = [("__main__.py", ZIPAPP_MAIN)]
-        entries += [(f"ti_agent/{path.name}", path.read_bytes()) for path in agent_files()]
-        for name, data in entries:
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        folders: set[str] = set()
+        for name, data in contents:
+            for parent in reversed(PurePosixPath(name).parents[:-1]):
+                if str(parent) not in folders:
+                    folders.add(str(parent))
+                    archive.addfile(_tar_info(str(parent), folder=True))
+            archive.addfile(_tar_info(name, size=len(data)), io.BytesIO(data))
+    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=6)
+
+
+def pack_agent() -> bytes:
+    """The agent folder as a tar.xz: byte-for-byte the same for the same files (sorted names, mtime 0,
+    root:root, fixed modes; xz stores no time). Packed once per process for the same contents."""
+    contents = tuple(
+        (name, source if isinstance(source, bytes) else source.read_bytes()) for name, source in agent_entries()
+    )
+    return _packed(contents)
 
 
 def agent_sha256() -> str:
@@ -81,9 +151,10 @@ def agent_sha256() -> str:
 
 
 # Runs before the agent exists on the box: the OS deadline first (the agent re-arms it for the run's
-# own deadline), then the download with bounded retries, the pinned checksum, and exec of the box's
-# python3 on the agent. Anything that fails powers the box off (auto_shutdown) or leaves it to that
-# deadline; a bad agent never runs.
+# own deadline), then the download with bounded retries, the pinned checksum, the unpack, and exec of
+# the box's python3 on the agent's folder (-I: no PYTHON* variables, no user site, the folder first on
+# sys.path, so the vendored botocore wins over any the AMI has). Anything that fails powers the box
+# off (auto_shutdown) or leaves it to that deadline; a bad agent never runs.
 _BOOTSTRAP = r"""agent_dir=${TI_ROOT:-}/opt/training-infra
 setup_log=${TI_ROOT:-}/var/log/training-setup.log
 mkdir -p "$agent_dir" "${setup_log%/*}"
@@ -96,15 +167,17 @@ at=$(date -u -d "${TI_DEADLINE_AT:-}" +%s 2>/dev/null) && [[ -n ${TI_DEADLINE_AT
 region=()  # the regional endpoint: what a private subnet's S3 gateway endpoint carries
 [[ -z ${TI_REGION:-} ]] || region=(--region "$TI_REGION")
 for try in 1 2 3 4; do
-  aws --cli-connect-timeout 10 s3 cp "s3://$agent_bucket/$agent_key" "$agent_dir/agent.pyz.xz" "${region[@]}" \
+  aws --cli-connect-timeout 10 s3 cp "s3://$agent_bucket/$agent_key" "$agent_dir/agent.tar.xz" "${region[@]}" \
     --only-show-errors && break
   say "agent download failed (attempt $try of 4)"
   sleep $((try * ${TI_RETRY_BASE_SECONDS:-5}))
 done
-if echo "$agent_sha256  $agent_dir/agent.pyz.xz" | sha256sum -c --status &&
-  xz -dc "$agent_dir/agent.pyz.xz" >"$agent_dir/agent.pyz"; then
+# Checked before anything is unpacked; a fresh root-owned folder, so no file of an older agent remains.
+unpacked=$agent_dir/agent
+if echo "$agent_sha256  $agent_dir/agent.tar.xz" | sha256sum -c --status && rm -rf "$unpacked" &&
+  mkdir -m 755 "$unpacked" && tar -xJf "$agent_dir/agent.tar.xz" -C "$unpacked" --no-same-owner; then
   say "agent s3://$agent_bucket/$agent_key fetched and checked in $((($(date +%s%N) - started) / 1000000)) ms"
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' && exec python3 "$agent_dir/agent.pyz"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' && exec python3 -I "$unpacked"
   say "the agent needs python3 3.11 or later; this box has $(python3 --version 2>&1)"
 fi
 say "no agent: s3://$agent_bucket/$agent_key missing, unreadable or not sha256 $agent_sha256"

@@ -1,1 +1,1 @@
-"""What runs on the instance: the agent package `ti_agent`, shipped as a zipapp the user-data bootstrap runs."""
+"""What runs on the instance: `ti_agent` and a vendored botocore, a tar.xz the user-data bootstrap unpacks and runs."""

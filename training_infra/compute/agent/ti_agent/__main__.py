@@ -1,4 +1,4 @@
-"""`python3 -m ti_agent` (the zipapp has its own __main__.py at its root)."""
+"""`python3 -m ti_agent` (the packed folder has its own __main__.py at its root: `python3 -I <folder>`)."""
 
 import sys
 

@@ -99,7 +99,7 @@ class Agent:
         self.trainer_started = 0.0
         self.settings: Settings | None = None
         self.imds = Imds(self.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254")
-        self.aws = Aws(region=self.environ.get("TI_REGION", ""), environ=self.environ, imds=self.imds)
+        self.aws = Aws(region=self.environ.get("TI_REGION", ""), environ=self.environ)
         self.shipper: LogShipper | None = None
         self.checkpoints: Checkpoints | None = None
         self.stale_noticed = False
@@ -427,9 +427,9 @@ class Agent:
             self.log("no TI_LOG_GROUP: training output stays in S3 only")
             return
         try:
-            self.aws.logs("CreateLogStream", {"logGroupName": group, "logStreamName": self.run_id})
+            self.aws.create_log_stream(group, self.run_id)
         except AwsError as error:
-            if "ResourceAlreadyExists" not in str(error):
+            if error.code != "ResourceAlreadyExistsException":
                 self.log(
                     f"WARNING: cannot open log stream {group}/{self.run_id} (training output stays in S3): {error}"
                 )

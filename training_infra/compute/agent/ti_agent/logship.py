@@ -79,12 +79,7 @@ class LogShipper:
     def ship(self, *, final: bool = False) -> None:
         while (batch := next_batch(self.log, self.offset, final=final, now_ms=self._clock_ms())) is not None:
             if batch.events:
-                self.aws.logs(
-                    "PutLogEvents",
-                    {
-                        "logGroupName": self.group,
-                        "logStreamName": self.stream,
-                        "logEvents": [{"timestamp": e.timestamp_ms, "message": e.message} for e in batch.events],
-                    },
+                self.aws.put_log_events(
+                    self.group, self.stream, [{"timestamp": e.timestamp_ms, "message": e.message} for e in batch.events]
                 )
             self.offset = batch.next_offset
