@@ -31,6 +31,8 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     "AwsSolutions-IAM5[Resource::{outputs}/checkpoints/<aws:PrincipalTag/training-infra:run-id>/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:cloudformation:<AWS::Region>:<AWS::AccountId>:stack/TrainingInfra-*/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
+    # TrainingUserPolicy: ending or resuming only the caller's own Session Manager sessions.
+    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:session/<aws:userid>-*]",
     "AwsSolutions-S1",
     # The role of the runbook that empties the default security group.
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:automation-definition/AWSConfigRemediation-RemoveVPCDefaultSecurityGroupRules:*]",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from aws_cdk.assertions import Match
 
@@ -269,3 +271,15 @@ def test_users_invoke_only_the_request_function_which_no_event_rule_targets(comp
         assert all(requests not in str(target["Arn"]) for target in rule["Properties"]["Targets"])
     outputs = compute.json["Outputs"]
     assert outputs[naming.OUTPUT_SUPERVISOR_FUNCTION]["Value"] == {"Ref": requests}
+
+
+def test_training_users_may_open_shell_sessions_with_the_accounts_document_and_end_only_their_own(compute):
+    """Session Manager's end-user policy: StartSession names the account's shell document (an ARN without the
+    account matches nothing once AWS checks it), and the plugin ends a session with TerminateSession."""
+    _, statements = _user_policy(compute)
+    by_sid = {s.get("Sid"): s for s in statements}
+    document = json.dumps(by_sid["ShellDocument"]["Resource"])
+    assert '"AWS::AccountId"' in document and "document/SSM-SessionManagerRunShell" in document
+    ending = by_sid["EndOwnSessions"]
+    assert sorted(_as_list(ending["Action"])) == ["ssm:ResumeSession", "ssm:TerminateSession"]
+    assert "session/${aws:userid}-*" in json.dumps(ending["Resource"])

@@ -13,10 +13,11 @@ from decimal import Decimal
 import pytest
 from boto3.dynamodb.types import TypeSerializer
 
-from tests.supervisor.conftest import MOTO_AMI, STACK_USER_DATA, START
+from tests.supervisor.conftest import MOTO_AMI, STACK_USER_DATA, START, event
 from training_infra import naming
 from training_infra.supervisor.runtime.records import Attempt, MonthlyLedger, Run, RunSpec, RunState, iso
 from training_infra.supervisor.runtime.run_requests import SEAL_EXPORT, handle_request, insert_overrides, run_seal
+from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, STATE_CHANGE
 
 LAUNCH = {"action": "launch", "instance_types": ["g5.xlarge"], "market": "spot", "max_runtime_hours": 2}
 
@@ -420,3 +421,30 @@ def test_a_run_template_whose_created_by_is_not_one_of_the_functions_roles_launc
     assert _launched(account) == []
     run = account.run("rooted")
     assert run.state == "invalid" and "was created by arn:aws:iam::123456789012:root, not the supervisor" in run.message
+
+
+def test_a_deploy_that_makes_a_new_stack_template_version_leaves_runs_in_flight_valid_and_relaunching(account):
+    """A redeploy (a new agent, a newer AMI) makes a new default version of the stack template; a run launched
+    from the previous one is still the supervisor's: it is compared with the version it was made from."""
+    account.cfg = dataclasses.replace(account.cfg, image_id=MOTO_AMI)
+    assert _request(account, run_id="in-flight")["ok"]
+    first = account.run("in-flight").attempts[0].instance_id
+    redeployed = {
+        **account.stack_data,
+        "ImageId": "ami-0fedcba9876543210",
+        "UserData": base64.b64encode(STACK_USER_DATA.replace("\n", "\n# agent v2\n", 1).encode()).decode(),
+    }
+    version = account.ec2.create_launch_template_version(
+        LaunchTemplateId=account.stack_template_id, LaunchTemplateData=redeployed
+    )["LaunchTemplateVersion"]["VersionNumber"]
+    account.ec2.modify_launch_template(LaunchTemplateId=account.stack_template_id, DefaultVersion=str(version))
+    account.cfg = dataclasses.replace(account.cfg, image_id="ami-0fedcba9876543210")  # what the deploy passes
+    account.supervisor().handle(event(SPOT_WARNING, first, **{"instance-action": "terminate"}))
+    account.end_instance(first)  # reclaimed by AWS after the deploy
+
+    account.supervisor().handle(event(STATE_CHANGE, first, state="terminated"))
+
+    run = account.run("in-flight")
+    assert run.state != "invalid", run.message
+    assert len(run.attempts) == 2 and run.attempts[1].instance_id, run.message
+    assert run.spec.stack_template_version == 1

@@ -34,6 +34,8 @@ RUNTIME_DIR = pathlib.Path(__file__).parent / "runtime"
 RECONCILE_MINUTES = 1
 # Instance states after which an attempt is over or must be looked at; pending adds nothing.
 WATCHED_STATES = ("running", "stopping", "stopped", "shutting-down", "terminated")
+# Session Manager names a session after its caller: AWS's end-user policy lets each end only its own.
+SESSIONS_OF_CALLER = "${aws:userid}-*"
 
 
 class RunTable(Construct):
@@ -480,6 +482,7 @@ def training_user_policy(
     table_arn = as_seen_from(scope, run_table, run_table.table_arn)
     stacks = stack.format_arn(service="cloudformation", resource="stack", resource_name=f"{naming.STACK_PREFIX}-*/*")
     data, outputs = (as_seen_from(scope, b, b.bucket_arn) for b in (data_bucket, outputs_bucket))
+    own_sessions = stack.format_arn(service="ssm", resource="session", resource_name=SESSIONS_OF_CALLER)
     statements = [
         iam.PolicyStatement(
             sid="AskTheSupervisor",
@@ -531,7 +534,16 @@ def training_user_policy(
         iam.PolicyStatement(
             sid="ShellDocument",
             actions=["ssm:StartSession"],
-            resources=[f"arn:{stack.partition}:ssm:{stack.region}::document/SSM-SessionManagerRunShell"],
+            # Session Manager's shell document lives in the account (its preferences); an ARN without the
+            # account matched nothing, so StartSession was allowed only while AWS does not check the document.
+            resources=[
+                stack.format_arn(service="ssm", resource="document", resource_name="SSM-SessionManagerRunShell")
+            ],
+        ),
+        iam.PolicyStatement(
+            sid="EndOwnSessions",
+            actions=["ssm:TerminateSession", "ssm:ResumeSession"],
+            resources=[own_sessions],
         ),
     ]
     policy = iam.ManagedPolicy(
@@ -550,6 +562,8 @@ def training_user_policy(
         (f"IAM5[Resource::{nag_name(policy, f'{outputs}/{naming.RUNS_PREFIX}*')}]", "Fetch only runs/."),
         (f"IAM5[Resource::{nag_name(policy, stack.format_arn(service='ec2', resource='instance', resource_name='*'))}]",
          "Session Manager only to instances tagged training-infra:managed=true (aws:ResourceTag)."),
+        (f"IAM5[Resource::{nag_name(policy, own_sessions)}]",
+         "Ending or resuming only the caller's own sessions: Session Manager names each <caller user id>-<id>."),
     ):  # fmt: skip
         acknowledge_nag(policy, finding, reason)
     return policy

@@ -160,6 +160,9 @@ class RunSpec:
     budget_month: str = ""
     reserved_usd: float = 0.0
     spent_before_usd: float = 0.0
+    # The stack template's version the run's template was made from (0: a record from before it was kept).
+    # Versions never change, so a later deploy (a new default version) leaves the run's proof intact.
+    stack_template_version: int = 0
     imported_from: str = ""  # the file a run from before the run table was recorded from
 
     @classmethod
@@ -229,6 +232,9 @@ class RunSpec:
             budget_month=month,
             reserved_usd=_number("spec.reserved_usd", spec.get("reserved_usd", 0), 0, 1_000_000),
             spent_before_usd=_number("spec.spent_before_usd", spec.get("spent_before_usd", 0), 0, 10_000_000),
+            stack_template_version=int(
+                _number("spec.stack_template_version", spec.get("stack_template_version", 0), 0, 10_000_000)
+            ),
             imported_from=imported,
         )  # fmt: skip
 
@@ -245,6 +251,8 @@ class RunSpec:
         if not self.budget_month:
             for name in ("budget_month", "reserved_usd"):
                 del values[name]
+        if not self.stack_template_version:
+            del values["stack_template_version"]
         return values
 
 

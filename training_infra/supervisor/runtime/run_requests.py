@@ -138,6 +138,8 @@ def run_seal(spec: RunSpec, deadline_at: str) -> str:
         "reserved_usd": number(spec.reserved_usd), "spent_before_usd": number(spec.spent_before_usd),
         "deadline_at": deadline_at,
     }  # fmt: skip
+    if spec.stack_template_version:  # which stack version the run's template is compared with
+        sealed["stack_template_version"] = spec.stack_template_version
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 
@@ -149,12 +151,14 @@ def _run_data(data: Mapping[str, Any]) -> dict[str, Any]:
     return copied
 
 
-def stack_template_problem(cfg: Any, data: Mapping[str, Any]) -> str:
+def stack_template_problem(cfg: Any, data: Mapping[str, Any], *, current: bool = True) -> str:
     """Why the stack template's default version is not what the stack deployed, or "": its image is the one the
     deploy passed the function (IMAGE_ID), its profile and security group the stack's, its user data rendered by
-    training-infra. Anyone with CreateLaunchTemplateVersion + ModifyLaunchTemplate could change the default."""
+    training-infra. Anyone with CreateLaunchTemplateVersion + ModifyLaunchTemplate could change the default.
+    `current=False`: an older version a run was launched from, whose image was checked at that launch (a later
+    deploy may resolve a newer AMI)."""
     image = data.get("ImageId", "")
-    if cfg.image_id and image != cfg.image_id:
+    if current and cfg.image_id and image != cfg.image_id:
         return f"the stack template's default version names image {image!r}, not the deployed {cfg.image_id}"
     profile = data.get("IamInstanceProfile", {}).get("Arn", "")
     if cfg.instance_profile_arn and profile != cfg.instance_profile_arn:
@@ -188,7 +192,7 @@ def run_template_problem(cfg: Any, stack_data: Mapping[str, Any], template: Mapp
     if creators and not any(f":assumed-role/{role}/" in created_by or created_by.endswith(f":role/{role}")
                             for role in creators):  # fmt: skip
         return f"launch template {template_id} was created by {created_by or 'nobody known'}, not the supervisor"
-    problem = stack_template_problem(cfg, stack_data)
+    problem = stack_template_problem(cfg, stack_data, current=not run.spec.stack_template_version)
     if problem:
         return problem
     expected, actual = _run_data(stack_data), _run_data(data)
@@ -411,8 +415,8 @@ class Launcher:
         self.cfg = supervisor.cfg
         self.ec2 = supervisor.clients.ec2
 
-    def stack_template(self) -> dict[str, Any]:
-        """The stack template's default version: what the last deploy made (CloudFormation sets it)."""
+    def stack_template(self) -> tuple[dict[str, Any], int]:
+        """The stack template's default version (what the last deploy made: CloudFormation sets it) and its number."""
         versions = self.ec2.describe_launch_template_versions(
             LaunchTemplateId=self.cfg.launch_template_id, Versions=["$Default"]
         ).get("LaunchTemplateVersions")
@@ -422,11 +426,11 @@ class Launcher:
         problem = stack_template_problem(self.cfg, versions[0]["LaunchTemplateData"])
         if problem:
             raise Refused(f"launch refused: {problem}: redeploy the compute stack (`make deploy`)")
-        return versions[0]["LaunchTemplateData"]
+        return versions[0]["LaunchTemplateData"], int(versions[0].get("VersionNumber") or 0)
 
     def launch(self, request: LaunchRequest) -> dict[str, Any]:
         cfg, now = self.cfg, self.sup.now()
-        data = self.stack_template()
+        data, stack_version = self.stack_template()
         base = base64.b64decode(data["UserData"]).decode()
         exports = template_exports(base)
         checkpoint = int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300)
@@ -480,6 +484,7 @@ class Launcher:
                 instance_tags=tags, list_prices=list_prices, volume_gb=volume_gb, max_price_usd=request.max_price_usd,
                 max_cost_usd=money.max_cost_usd, budget_month=month, reserved_usd=round(money.reserve_usd, 4) if month
                 else 0.0, spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
+                stack_template_version=stack_version,
             )  # fmt: skip
             overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})

@@ -560,7 +560,7 @@ class Supervisor:
         self.prices = prices
         # Run templates (version 1 is immutable) and the stack template's default, read once per warm Lambda.
         self._templates: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        self._stack_data: dict[str, Any] | None = None
+        self._stack_data: dict[str, dict[str, Any]] = {}  # stack template version -> its data
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -787,13 +787,16 @@ class Supervisor:
                 "LaunchTemplateVersions"
             ]
             self._templates[template_id] = (template, versions[0]["LaunchTemplateData"] if versions else {})
-        if self._stack_data is None:
+        # The stack template's version the run was made from (immutable: a later deploy's new default version
+        # leaves runs in flight valid), or the default for a record from before the version was kept.
+        version = str(run.spec.stack_template_version or "$Default")
+        if version not in self._stack_data:
             versions = self.clients.ec2.describe_launch_template_versions(
-                LaunchTemplateId=self.cfg.launch_template_id, Versions=["$Default"]
+                LaunchTemplateId=self.cfg.launch_template_id, Versions=[version]
             )["LaunchTemplateVersions"]
-            self._stack_data = versions[0]["LaunchTemplateData"] if versions else {}
+            self._stack_data[version] = versions[0]["LaunchTemplateData"] if versions else {}
         template, data = self._templates[template_id]
-        return run_template_problem(self.cfg, self._stack_data, template, data, run)
+        return run_template_problem(self.cfg, self._stack_data[version], template, data, run)
 
     def _launch_open_attempt(self, run: Run, *, relaunch: bool = False, why: str = "") -> dict[str, Any]:
         try:
