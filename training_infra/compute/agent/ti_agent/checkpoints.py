@@ -19,6 +19,8 @@ Rules kept from agent.sh (each was learnt the hard way; see the git log of issue
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,14 +50,25 @@ FileMeta = tuple[int, int]  # size, mtime_ns
 
 
 def checkpoint_files(folder: Path, skip: str = "") -> dict[str, FileMeta]:
-    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip`."""
+    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip`.
+
+    The trainer rotates folders while this walks: a folder or file gone under it is simply not there
+    (os.walk skips what it cannot list; lstat's FileNotFoundError skips the file)."""
     found = {}
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name not in (MANIFEST, skip):
-            info = path.stat()
-            found[name] = (info.st_size, info.st_mtime_ns)
-    return found
+    for top, folders, files in os.walk(folder):
+        folders.sort()
+        for file in files:
+            path = os.path.join(top, file)
+            name = Path(path).relative_to(folder).as_posix()
+            if name.endswith(".tmp") or name in (MANIFEST, skip):
+                continue
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found[name] = (info.st_size, info.st_mtime_ns)
+    return dict(sorted(found.items()))
 
 
 def latest_versions(listing: object, prefix: str) -> dict[str, Version]:
@@ -289,7 +302,8 @@ class Checkpoints:
                     safe.append(name)
                 except UnsafePath as error:
                     self.log(f"refused checkpoint key {self.key_prefix}{name!r}: {error}; not restored")
-            filters = ["--exclude", "*", "--include", "*"] if len(safe) == len(latest) else include_filters(safe)
+            # Always the checked names: a key put after the listing must not ride along on a wildcard.
+            filters = include_filters(safe)
             if not safe:
                 return
         if filters == ["--exclude", "*"]:
