@@ -525,3 +525,44 @@ def test_finalize_takes_a_bad_environment_field_by_field_keeping_the_good_ones()
     fallback = settings.lenient(env)
     assert (fallback.knobs.poweroff_cmd, fallback.knobs.retry_attempts) == ("echo off", 4)
     assert (fallback.config.outputs_bucket, fallback.knobs.runtime) == ("o", "docker")
+
+
+class UploadCli(FakeCli):
+    """The CLI as a sync calls it: the upload succeeds, the listing is what S3 holds after it."""
+
+    def cli(self, *args: str, **kwargs: object):
+        if args[:2] == ("s3", "cp") and args[3].endswith("_manifest.json"):
+            self.calls.append((*args, json.loads(Path(args[2]).read_text())["files"]))
+            return FakeCli(None, []).cli("s3", "sync")
+        return super().cli(*args, **kwargs)
+
+    def sent(self) -> list[dict]:
+        return [call[-1] for call in self.calls if call[:2] == ("s3", "cp")]
+
+
+def test_a_sync_sends_the_manifest_only_when_its_files_changed_then_deletes_what_the_trainer_dropped(tmp_path):
+    cli, lines = UploadCli(None, []), []
+    store = _store(tmp_path, cli, lines)
+    (store.folder / "a.pt").write_text("1")
+    cli.listing = [["checkpoints/r/a.pt", "v1", '"e"', 1], ["checkpoints/r/old.pt", "v0", '"e"', 3]]
+    assert store.sync() is True
+    assert cli.sent() == [{"a.pt": {"version_id": "v1", "etag": '"e"', "size": 1}}]
+    deletes = [call for call in cli.calls if call[:2] == ("s3api", "delete-objects")]
+    assert len(deletes) == 1, "old.pt, neither in the manifest nor on disk, goes after the manifest"
+    assert cli.calls.index(deletes[0]) > max(i for i, c in enumerate(cli.calls) if c[:2] == ("s3", "cp"))
+    cli.listing = cli.listing[:1]
+    assert store.sync() is True and len(cli.sent()) == 1, "unchanged: not sent again"
+
+
+def test_a_sync_whose_files_moved_under_it_keeps_the_sent_manifest_and_says_so_after_three(tmp_path):
+    cli, lines = UploadCli(None, []), []
+    store = _store(tmp_path, cli, lines)
+    (store.folder / "a.pt").write_text("1")
+    cli.listing = [["checkpoints/r/a.pt", "v1", '"e"', 1]]
+    store.sync()
+    cli.listing = [["checkpoints/r/a.pt", "v2", '"e"', 5]]  # S3 holds another size than the file uploaded
+    for _ in range(3):
+        assert store.sync() is True
+    assert len(cli.sent()) == 1, "the manifest kept is never overwritten by a partial set"
+    assert not any(call[:2] == ("s3api", "delete-objects") for call in cli.calls)
+    assert sum("for 3 syncs in a row" in line for line in lines) == 1

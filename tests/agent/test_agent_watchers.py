@@ -491,3 +491,32 @@ def test_a_hung_docker_stop_kills_the_client_and_returns_so_finalize_goes_on(tmp
     trainer.stop(1)
     assert trainer.wait_gone(5), "the client is gone"
     assert any("stop did not answer" in line for line in lines)
+
+
+def test_imds_cut_mid_answer_is_an_imds_error_the_watchers_already_expect(monkeypatch):
+    import http.client
+
+    from training_infra.compute.agent.ti_agent import imds as imds_module
+
+    def cut(*args, **kwargs):
+        raise http.client.IncompleteRead(b"{", 10)
+
+    monkeypatch.setattr(imds_module.urllib.request, "urlopen", cut)
+    with pytest.raises(imds_module.ImdsError, match="did not answer"):
+        Imds("http://127.0.0.1:9").get("meta-data/spot/instance-action")
+
+
+def test_a_thread_that_crashes_leaves_its_traceback_in_the_setup_log(tmp_path, imds, restored_process_hooks):
+    import threading
+
+    agent = make_agent(tmp_path, imds, Clock())
+    threading.excepthook = agent._thread_error  # noqa: SLF001 - what main installs
+
+    def crash() -> None:
+        raise RuntimeError("boom in a thread")
+
+    thread = threading.Thread(target=crash, name="RebalanceSync")
+    thread.start()
+    thread.join(5)
+    text = agent.setup_log.read_text()
+    assert "WARNING: RebalanceSync crashed:" in text and "RuntimeError: boom in a thread" in text
