@@ -566,3 +566,35 @@ def test_a_sync_whose_files_moved_under_it_keeps_the_sent_manifest_and_says_so_a
     assert len(cli.sent()) == 1, "the manifest kept is never overwritten by a partial set"
     assert not any(call[:2] == ("s3api", "delete-objects") for call in cli.calls)
     assert sum("for 3 syncs in a row" in line for line in lines) == 1
+
+
+def test_finalize_ends_a_hung_periodic_upload_so_the_final_sync_does_not_queue_behind_it(tmp_path):
+    """Only the agent's own child whose arguments name this run's checkpoints is ended."""
+    import threading
+
+    class HungCli(FakeCli):
+        def cli(self, *args: str, **kwargs: object):
+            if args[:2] == ("s3", "sync"):
+                code = subprocess.run([sys.executable, "-c", "import time; time.sleep(60)", *args], check=False)
+                from training_infra.compute.agent.ti_agent.aws import CliResult
+
+                return CliResult(code.returncode, "", "cut")
+            return super().cli(*args, **kwargs)
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "s3://other/checkpoints/x/"])
+    try:
+        store = _store(tmp_path, HungCli(None, []), [])
+        assert store.end_in_flight() == 0, "nothing in flight"
+        result = []
+        periodic = threading.Thread(target=lambda: result.append(store.sync()))
+        periodic.start()
+        for _ in range(100):
+            if store.end_in_flight():
+                break
+            time.sleep(0.05)
+        periodic.join(10)
+        assert not periodic.is_alive() and result == [False], "the hung sync failed and freed the lock"
+        assert bystander.poll() is None, "another child of the agent is left alone"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -752,6 +752,8 @@ class Agent:
             (self.state / "secrets.env").unlink(missing_ok=True)
         except OSError as error:
             self.log(f"WARNING: secrets.env not removed: {error}")
+        if self.checkpoints is not None and (ended := self.checkpoints.end_in_flight()):
+            self.log(f"ended {ended} in-flight checkpoint upload call(s): the final sync comes next")
         grace = self.config.stop_grace_seconds
         if self.trainer is not None and self.trainer.alive():
             if self.outcome is None:

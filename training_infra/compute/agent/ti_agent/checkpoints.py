@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import threading
 import time
@@ -69,6 +70,21 @@ def checkpoint_files(folder: Path, skip: str = "") -> dict[str, FileMeta]:
             if stat.S_ISREG(info.st_mode):
                 found[name] = (info.st_size, info.st_mtime_ns)
     return dict(sorted(found.items()))
+
+
+def _own_children() -> list[int]:
+    me = os.getpid()
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(me):
+            children.append(int(entry.name))
+    return children
 
 
 def latest_versions(listing: object, prefix: str) -> dict[str, Version]:
@@ -179,6 +195,27 @@ class Checkpoints:
     def sync(self) -> bool:
         with self._lock:
             return self._upload()
+
+    def end_in_flight(self) -> int:
+        """End a periodic or rebalance sync's AWS CLI calls (as agent.sh's finalize killed an in-flight
+        rebalance sync): the final sync must not queue behind minutes of retries in a 120 s spot window.
+        Only this process's own children whose arguments name this run's checkpoints; their sync then
+        fails and frees the lock. Answers how many were ended."""
+        if not self._lock.locked():
+            return 0
+        ended = 0
+        for pid in _own_children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(self.url.encode() in arg or self.key_prefix.encode() in arg for arg in argv):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    ended += 1
+                except OSError:
+                    continue
+        return ended
 
     def _upload(self) -> bool:
         began, snapshot_at = time.monotonic(), time.time()
