@@ -520,3 +520,11 @@ def test_a_thread_that_crashes_leaves_its_traceback_in_the_setup_log(tmp_path, i
     thread.join(5)
     text = agent.setup_log.read_text()
     assert "WARNING: RebalanceSync crashed:" in text and "RuntimeError: boom in a thread" in text
+
+
+def test_the_power_off_commands_own_output_lands_in_the_setup_log(tmp_path, imds):
+    agent = _ended_agent(tmp_path, imds, TI_POWEROFF_CMD="echo 'Shutdown scheduled'; echo 'warned' >&2")
+    agent.log_dir.mkdir(parents=True)
+    agent.power_off()
+    text = agent.setup_log.read_text()
+    assert "Shutdown scheduled" in text and "warned" in text and agent.powered_off

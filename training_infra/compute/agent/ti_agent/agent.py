@@ -719,14 +719,14 @@ class Agent:
         try:
             self.log(f"powering off: {command}")
         finally:
-            if not _run_poweroff(command):
+            if not _run_poweroff(command, self.setup_log):
                 self.log("WARNING: power-off command failed")
 
     def _backstop(self) -> None:
         try:
             self.log("finalize is stuck: powering off anyway")
         finally:
-            _run_poweroff(self.knobs.poweroff_cmd)
+            _run_poweroff(self.knobs.poweroff_cmd, self.setup_log)
 
     def finalize(self) -> None:
         self.finalizing = True
@@ -869,11 +869,19 @@ class Agent:
             self.log("WARNING: notice not published")
 
 
-def _run_poweroff(command: str) -> bool:
+def _run_poweroff(command: str, log: Path | None = None) -> bool:
+    """The command's own output goes to the setup log too (when it can be opened: a full disk must not stop it)."""
     try:
-        return subprocess.run(["bash", "-c", command], check=False).returncode == 0  # noqa: S603,S607
+        out = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed below
+    except OSError:
+        out = None
+    try:
+        return subprocess.run(["bash", "-c", command], stdout=out, stderr=out, check=False).returncode == 0  # noqa: S603,S607
     except OSError:
         return False
+    finally:
+        if out is not None:
+            out.close()
 
 
 def main() -> int:
@@ -881,7 +889,13 @@ def main() -> int:
     try:
         agent = Agent(os.environ)
     except BaseException:  # noqa: BLE001 - the box must not run until the OS deadline
-        traceback.print_exc()
+        text = f"{utc()} [agent] agent error before its run:\n{traceback.format_exc()}"
+        sys.stderr.write(text)
+        try:
+            with open(f"{os.environ.get('TI_ROOT', '')}/var/log/training-setup.log", "a", encoding="utf-8") as out:
+                out.write(text)
+        except OSError:
+            pass
         command = os.environ.get("TI_POWEROFF_CMD") or "shutdown -h now"
         if os.environ.get("TI_AUTO_SHUTDOWN") != "false" and "halt" not in command:
             _run_poweroff(command)
