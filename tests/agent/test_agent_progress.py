@@ -173,7 +173,7 @@ def test_a_heartbeat_kept_under_checkpoints_is_no_newer_checkpoint_for_the_fresh
 
     assert run.status()["outcome"] == "succeeded", run.setup_log
     assert run.status()["progress"]["step"] == 100, "the beats were read from /checkpoints"
-    assert "uploads are failing" not in run.training_log
+    assert "uploads are failing" not in run.training_log, run.setup_log
     assert not [s for s in alert_subjects(run) if s.endswith("checkpoints are not reaching S3")]
 
 

@@ -91,7 +91,7 @@ def test_a_bad_setting_is_one_line_naming_it_the_value_and_what_is_allowed(env, 
     assert str(error.value) == message
 
 
-def test_empty_settings_take_their_defaults_as_bash_did():
+def test_empty_settings_take_their_declared_defaults_and_imds_is_polled_each_second():
     parsed = settings.parse({"TI_DATA_BUCKET": "d", "TI_OUTPUTS_BUCKET": "o", "TI_IMAGE_URI": "i", "TI_IMAGE_TAG": ""})
     assert parsed.config.image_tag == "latest" and parsed.runtime is settings.Runtime.DOCKER
     assert parsed.config.spot_poll_seconds == 1, "IMDS is polled each second: a notice reaches the trainer in <= 2 s"
@@ -482,3 +482,137 @@ def test_the_clients_the_agent_code_asks_for_are_all_in_services():
 
 def test_pack_agent_is_byte_for_byte_stable():
     assert pack_agent() == pack_agent()
+
+
+# ---------------------------------------------------------------- review of issue 22: what came from outside
+
+
+def test_a_symlinked_heartbeat_is_never_opened_whether_it_points_at_a_device_or_a_host_file(tmp_path, monkeypatch):
+    """The trainer owns the progress folder; the agent is root: a planted link must not open /dev/watchdog."""
+    secret = tmp_path / "host-file"
+    secret.write_text('{"step": 99}')
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(progress.os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    for target in ("/dev/zero", str(secret)):
+        beat = tmp_path / "heartbeat.json"
+        beat.unlink(missing_ok=True)
+        beat.symlink_to(target)
+        assert progress.read_heartbeat(beat) is None
+    assert opened == [], "neither link was opened"
+
+
+def test_a_heartbeat_swapped_between_the_look_and_the_open_is_no_beat(tmp_path, monkeypatch):
+    beat, other = tmp_path / "heartbeat.json", tmp_path / "other"
+    beat.write_text('{"step": 1}')
+    other.write_text('{"step": 2}')
+    assert progress.read_heartbeat(beat).text == '{"step": 1}'
+    monkeypatch.setattr(progress.os, "lstat", lambda path: os.stat(other))  # the look saw another inode
+    assert progress.read_heartbeat(beat) is None
+
+
+def test_a_checkpoint_gone_while_the_folder_is_walked_is_left_out_not_an_error(tmp_path, monkeypatch):
+    for name in ("checkpoint-1/model.pt", "checkpoint-2/model.pt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    real_lstat = os.lstat
+
+    def rotated(path, *args, **kwargs):
+        if "checkpoint-1" in str(path):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.os, "lstat", rotated)
+    assert list(checkpoints.checkpoint_files(tmp_path)) == ["checkpoint-2/model.pt"]
+
+
+def test_without_a_manifest_every_safe_key_is_named_never_a_wildcard(tmp_path):
+    """A key put after the listing must not bypass the name check by riding on `--include *`."""
+    listing = [["checkpoints/r/a.pt", "v1", '"e"', 1], ["checkpoints/r/b/c.pt", "v2", '"e"', 1]]
+    cli = FakeCli(None, listing)
+    _store(tmp_path, cli, []).restore()
+    [sync] = [call for call in cli.calls if call[:2] == ("s3", "sync")]
+    assert sync[-7:] == ("--exclude", "*", "--include", "a.pt", "--include", "b/c.pt", "--only-show-errors")
+
+
+def test_finalize_takes_a_bad_environment_field_by_field_keeping_the_good_ones():
+    """When `parse` refuses TI_*, finalize still uses the power-off command and the retries it was given."""
+    env = {"TI_POWEROFF_CMD": "echo off", "TI_RETRY_ATTEMPTS": "many", "TI_OUTPUTS_BUCKET": "o", "TI_RUNTIME": "x"}
+    with pytest.raises(settings.SettingError):
+        settings.parse(env)
+    fallback = settings.lenient(env)
+    assert (fallback.knobs.poweroff_cmd, fallback.knobs.retry_attempts) == ("echo off", 4)
+    assert (fallback.config.outputs_bucket, fallback.knobs.runtime) == ("o", "docker")
+
+
+class UploadCli(FakeCli):
+    """The CLI as a sync calls it: the upload succeeds, the listing is what S3 holds after it."""
+
+    def cli(self, *args: str, **kwargs: object):
+        if args[:2] == ("s3", "cp") and args[3].endswith("_manifest.json"):
+            self.calls.append((*args, json.loads(Path(args[2]).read_text())["files"]))
+            return FakeCli(None, []).cli("s3", "sync")
+        return super().cli(*args, **kwargs)
+
+    def sent(self) -> list[dict]:
+        return [call[-1] for call in self.calls if call[:2] == ("s3", "cp")]
+
+
+def test_a_sync_sends_the_manifest_only_when_its_files_changed_then_deletes_what_the_trainer_dropped(tmp_path):
+    cli, lines = UploadCli(None, []), []
+    store = _store(tmp_path, cli, lines)
+    (store.folder / "a.pt").write_text("1")
+    cli.listing = [["checkpoints/r/a.pt", "v1", '"e"', 1], ["checkpoints/r/old.pt", "v0", '"e"', 3]]
+    assert store.sync() is True
+    assert cli.sent() == [{"a.pt": {"version_id": "v1", "etag": '"e"', "size": 1}}]
+    deletes = [call for call in cli.calls if call[:2] == ("s3api", "delete-objects")]
+    assert len(deletes) == 1, "old.pt, neither in the manifest nor on disk, goes after the manifest"
+    assert cli.calls.index(deletes[0]) > max(i for i, c in enumerate(cli.calls) if c[:2] == ("s3", "cp"))
+    cli.listing = cli.listing[:1]
+    assert store.sync() is True and len(cli.sent()) == 1, "unchanged: not sent again"
+
+
+def test_a_sync_whose_files_moved_under_it_keeps_the_sent_manifest_and_says_so_after_three(tmp_path):
+    cli, lines = UploadCli(None, []), []
+    store = _store(tmp_path, cli, lines)
+    (store.folder / "a.pt").write_text("1")
+    cli.listing = [["checkpoints/r/a.pt", "v1", '"e"', 1]]
+    store.sync()
+    cli.listing = [["checkpoints/r/a.pt", "v2", '"e"', 5]]  # S3 holds another size than the file uploaded
+    for _ in range(3):
+        assert store.sync() is True
+    assert len(cli.sent()) == 1, "the manifest kept is never overwritten by a partial set"
+    assert not any(call[:2] == ("s3api", "delete-objects") for call in cli.calls)
+    assert sum("for 3 syncs in a row" in line for line in lines) == 1
+
+
+def test_finalize_ends_a_hung_periodic_upload_so_the_final_sync_does_not_queue_behind_it(tmp_path):
+    """Only the agent's own child whose arguments name this run's checkpoints is ended."""
+    import threading
+
+    class HungCli(FakeCli):
+        def cli(self, *args: str, **kwargs: object):
+            if args[:2] == ("s3", "sync"):
+                code = subprocess.run([sys.executable, "-c", "import time; time.sleep(60)", *args], check=False)
+                from training_infra.compute.agent.ti_agent.aws import CliResult
+
+                return CliResult(code.returncode, "", "cut")
+            return super().cli(*args, **kwargs)
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "s3://other/checkpoints/x/"])
+    try:
+        store = _store(tmp_path, HungCli(None, []), [])
+        assert store.end_in_flight() == 0, "nothing in flight"
+        result = []
+        periodic = threading.Thread(target=lambda: result.append(store.sync()))
+        periodic.start()
+        for _ in range(100):
+            if store.end_in_flight():
+                break
+            time.sleep(0.05)
+        periodic.join(10)
+        assert not periodic.is_alive() and result == [False], "the hung sync failed and freed the lock"
+        assert bystander.poll() is None, "another child of the agent is left alone"
+    finally:
+        bystander.kill()
+        bystander.wait()

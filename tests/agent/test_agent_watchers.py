@@ -6,6 +6,7 @@ The first stop reason wins, whoever asks second.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,317 @@ def test_the_agents_clients_use_the_instance_roles_credentials_from_imdsv2_and_r
         server.role = ("training-instance", document("KEY-3", 60))
         credentials._expiry_time = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=4)  # noqa: SLF001
         assert credentials.get_frozen_credentials().access_key == "KEY-3", "near its expiry: read again"
+
+
+# ---------------------------------------------------------------- robustness: nothing stops the end of an attempt
+
+
+class Done:
+    def __init__(self, code: int = 0, stdout: str = "", stderr: str = "") -> None:
+        self.returncode, self.stdout, self.stderr = code, stdout, stderr
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class FakeAws:
+    """Every AWS call answers yes and is recorded: these tests are about the agent, not AWS."""
+
+    region = "us-east-1"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def cli(self, *args: str, **_: object) -> Done:
+        self.calls.append(args)
+        return Done()
+
+    def cli_env(self, extra=None) -> dict[str, str]:
+        return {}
+
+    def put_object(self, bucket: str, key: str, body: bytes) -> None:
+        self.calls.append(("put_object", bucket, key))
+
+    def put_metrics(self, namespace, metrics) -> None:
+        self.calls.append(("put_metrics", namespace))
+
+    def create_log_stream(self, group: str, stream: str) -> None:
+        self.calls.append(("create_log_stream", group, stream))
+
+    def put_log_events(self, group: str, stream: str, events) -> None:
+        self.calls.append(("put_log_events", group, stream))
+
+
+@pytest.fixture
+def restored_process_hooks():
+    """Agent.main installs signal handlers and threading.excepthook: give the test process its own back."""
+    import signal
+    import threading
+
+    saved = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), threading.excepthook)
+    yield
+    signal.signal(signal.SIGTERM, saved[0])
+    signal.signal(signal.SIGINT, saved[1])
+    threading.excepthook = saved[2]
+
+
+def _ended_agent(tmp_path: Path, imds: FakeImds, **env: str) -> Agent:
+    """An agent whose run's deadline has passed: it ends before any trainer, straight into finalize."""
+    environ = {
+        "TI_ROOT": str(tmp_path),
+        "TI_DATA_BUCKET": "d",
+        "TI_OUTPUTS_BUCKET": "o",
+        "TI_IMAGE_URI": "i",
+        "TI_RUNTIME": "process",
+        "TI_TRAINING_COMMAND": "true",
+        "TI_RUN_ID": "r1",
+        "TI_DEADLINE_AT": "2020-01-01T00:00:00Z",
+        "TI_SHUTDOWN_BIN": "true",
+        "TI_RETRY_ATTEMPTS": "1",
+        "TI_POWEROFF_CMD": f"echo off >> {tmp_path / 'powered-off'}",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
+        **env,
+    }
+    agent = Agent(environ)
+    agent.aws = FakeAws()
+    return agent
+
+
+def test_logs_on_a_full_disk_still_end_with_status_json_uploaded_and_the_power_off(
+    tmp_path, imds, restored_process_hooks
+):
+    logs = tmp_path / "var" / "log"
+    logs.mkdir(parents=True)
+    (logs / "training-setup.log").symlink_to("/dev/full")
+    (logs / "training.log").symlink_to("/dev/full")
+    agent = _ended_agent(tmp_path, imds)
+    assert agent.main() == 0
+    assert (tmp_path / "powered-off").read_text() == "off\n"
+    status = json.loads((agent.state / "status.json").read_text())
+    assert (status["outcome"], status["run_id"]) == ("deadline", "r1")
+    assert ("s3", "cp", str(agent.state / "status.json"), "s3://o/runs/r1/attempts/1/status.json",
+            "--only-show-errors") in agent.aws.calls  # fmt: skip
+
+
+def test_a_failing_setup_before_the_run_still_finalizes_and_powers_off(tmp_path, imds, restored_process_hooks):
+    """The bootstrap execs the agent: an error in its first steps must not leave the box up until the OS deadline."""
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "training-infra").write_text("a file where the agent's folder goes")
+    agent = _ended_agent(tmp_path, imds)
+    assert agent.main() == 0
+    assert (tmp_path / "powered-off").read_text() == "off\n"
+    setup_log = (tmp_path / "var" / "log" / "training-setup.log").read_text()
+    assert "agent error:" in setup_log and "powering off" in setup_log
+
+
+def test_the_power_off_runs_when_finalize_fails_and_the_backstop_powers_off_even_when_logging_fails(tmp_path, imds):
+    agent = _ended_agent(tmp_path, imds)
+
+    def broken() -> None:
+        raise SystemExit(1)  # not even an Exception
+
+    agent._finalize = broken  # noqa: SLF001
+    agent.finalize()
+    assert (tmp_path / "powered-off").read_text() == "off\n"
+
+    def no_log(message: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    agent.log = no_log
+    with pytest.raises(OSError):
+        agent._backstop()  # noqa: SLF001
+    assert (tmp_path / "powered-off").read_text() == "off\noff\n", "the command ran before the error went on"
+
+
+def test_a_signal_during_a_log_write_interrupts_the_run_without_a_deadlock(tmp_path):
+    """The handler takes no lock: SIGTERM landing while the main thread writes a log line (and holds the
+    log lock) ends the run as interrupted; one during finalize is said at the next line, and finalize goes on."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from training_infra.compute.agent.ti_agent.agent import Agent, AgentInterrupted
+
+        agent = Agent({{"TI_ROOT": {str(tmp_path)!r}}})
+        agent.log_dir.mkdir(parents=True)
+        signal.signal(signal.SIGTERM, agent._on_signal)
+
+        class Echo:  # the agent echoes each line to stdout while it holds the log lock
+            def write(self, text):
+                os.kill(os.getpid(), signal.SIGTERM)
+            def flush(self):
+                pass
+
+        sys.stdout = Echo()
+        try:
+            agent.log("a line")
+        except AgentInterrupted as signalled:
+            sys.stderr.write(f"interrupted by {{signalled}}, outcome {{agent.outcome.value}}\\n")
+        agent.finalizing = True
+        agent.log("finalize goes on")
+        sys.stdout = sys.__stdout__
+        agent.log("the next line")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stderr == "interrupted by SIGTERM, outcome interrupted\n"
+    lines = (tmp_path / "var" / "log" / "training-setup.log").read_text().splitlines()
+    assert [line.split(" [agent] ")[1] for line in lines] == [
+        "a line",
+        "finalize goes on",
+        "SIGTERM during finalize: carrying on (the backstop still powers off)",
+        "the next line",
+    ]
+
+
+def test_a_stop_whose_note_cannot_be_written_still_stops_the_trainer_and_keeps_its_reason(tmp_path, imds):
+    agent = make_agent(tmp_path, imds, Clock())
+    agent.train_log.unlink()
+    agent.train_log.symlink_to("/dev/full")
+    agent.setup_log.symlink_to("/dev/full")
+    assert agent.request_stop(Outcome.IDLE, "idle", 5) is True
+    assert agent.stopped.is_set() and agent.stop_reason.outcome is Outcome.IDLE
+    assert agent.request_stop(Outcome.BUDGET, "budget", 5) is False, "the first reason still wins"
+
+
+def test_a_watcher_whose_tick_raises_logs_it_once_and_keeps_ticking(tmp_path, imds):
+    from training_infra.compute.agent.ti_agent.watchers import Watcher
+
+    agent = make_agent(tmp_path, imds, Clock())
+
+    class Flaky(Watcher):
+        every = 0.001
+
+        def __init__(self, agent: Agent) -> None:
+            super().__init__(agent)
+            self.ticks = 0
+
+        def tick(self) -> bool:
+            self.ticks += 1
+            if self.ticks < 5:
+                raise FileNotFoundError(2, "No such file or directory", "checkpoint-3/model.pt")
+            return True
+
+    watcher = Flaky(agent)
+    watcher.start()
+    watcher.join(10)
+    assert not watcher.is_alive() and watcher.ticks == 5
+    warnings = [line for line in agent.setup_log.read_text().splitlines() if "Flaky failed" in line]
+    assert len(warnings) == 1 and "checkpoint-3/model.pt" in warnings[0], "said once, not once per tick"
+
+
+def test_the_checkpoint_watcher_survives_a_sync_that_raises_and_syncs_again(tmp_path, imds):
+    from training_infra.compute.agent.ti_agent.watchers import CheckpointWatcher
+
+    agent = make_agent(tmp_path, imds, Clock())
+    calls = []
+
+    def sync() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", "checkpoint-1")
+        agent.halt.set()
+        return True
+
+    agent.checkpoints.sync = sync
+    agent.check_checkpoint_freshness = lambda: None
+    agent.upload_logs = lambda: True
+    watcher = CheckpointWatcher(agent)
+    watcher.every = 0.001
+    watcher.start()
+    watcher.join(10)
+    assert len(calls) == 2, "the second sync came after the first one raised"
+
+
+def test_the_deadline_watcher_stops_at_its_time_on_a_fake_clock(tmp_path, imds):
+    from training_infra.compute.agent.ti_agent.watchers import DeadlineWatcher
+
+    clock = Clock()
+    agent = make_agent(tmp_path, imds, clock)
+    agent.started_epoch, agent.deadline_epoch, agent.deadline_why = clock.now, clock.now + 10_000, "max runtime"
+    watcher = DeadlineWatcher(agent)
+    assert watcher.tick() is False and watcher.pause() == 60, "looks again within a minute"
+    clock.now += 10_000 - 120
+    assert watcher.pause() == 0 and watcher.tick() is True
+    assert (agent.stop_reason.outcome, agent.stop_reason.message) == (Outcome.DEADLINE, "max runtime reached")
+
+
+def test_a_trainer_killed_by_a_signal_exits_with_128_plus_the_signal_like_a_shell(tmp_path, imds):
+    agent = make_agent(tmp_path, imds, Clock())
+
+    class Killed:
+        def poll(self) -> int:
+            return -9
+
+        def wait(self) -> int:
+            return -9
+
+        def wait_gone(self, seconds: float) -> bool:
+            return True
+
+    agent.trainer = Killed()
+    agent.wait_for_trainer()
+    assert (agent.exit_code, agent.outcome, agent.message) == (137, Outcome.FAILED, "trainer exited with code 137")
+
+
+def test_a_hung_docker_stop_kills_the_client_and_returns_so_finalize_goes_on(tmp_path, monkeypatch):
+    import subprocess
+
+    from training_infra.compute.agent.ti_agent import runtime
+
+    spec = runtime.TrainerSpec(
+        command="", image="i", run_id="r", region="us-east-1", data_dir=tmp_path, out_dir=tmp_path,
+        ckpt_dir=tmp_path, progress_dir=tmp_path, heartbeat_host=tmp_path / "b", heartbeat_file="/b",
+        stop_grace_seconds=1, trainer_env=tmp_path / "e", secrets_env=tmp_path / "s", aws_dir=None,
+        train_log=tmp_path / "training.log",
+    )  # fmt: skip
+    lines: list[str] = []
+    trainer = runtime.DockerTrainer(spec, lines.append, lines.append, docker="docker", has_secrets=False)
+    trainer._spawn(["sleep", "60"], {})  # noqa: SLF001 - the `docker run` client
+
+    def hung(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs.get("timeout"))
+
+    monkeypatch.setattr(runtime.subprocess, "run", hung)
+    trainer.stop(1)
+    assert trainer.wait_gone(5), "the client is gone"
+    assert any("stop did not answer" in line for line in lines)
+
+
+def test_imds_cut_mid_answer_is_an_imds_error_the_watchers_already_expect(monkeypatch):
+    import http.client
+
+    from training_infra.compute.agent.ti_agent import imds as imds_module
+
+    def cut(*args, **kwargs):
+        raise http.client.IncompleteRead(b"{", 10)
+
+    monkeypatch.setattr(imds_module.urllib.request, "urlopen", cut)
+    with pytest.raises(imds_module.ImdsError, match="did not answer"):
+        Imds("http://127.0.0.1:9").get("meta-data/spot/instance-action")
+
+
+def test_a_thread_that_crashes_leaves_its_traceback_in_the_setup_log(tmp_path, imds, restored_process_hooks):
+    import threading
+
+    agent = make_agent(tmp_path, imds, Clock())
+    threading.excepthook = agent._thread_error  # noqa: SLF001 - what main installs
+
+    def crash() -> None:
+        raise RuntimeError("boom in a thread")
+
+    thread = threading.Thread(target=crash, name="RebalanceSync")
+    thread.start()
+    thread.join(5)
+    text = agent.setup_log.read_text()
+    assert "WARNING: RebalanceSync crashed:" in text and "RuntimeError: boom in a thread" in text
+
+
+def test_the_power_off_commands_own_output_lands_in_the_setup_log(tmp_path, imds):
+    agent = _ended_agent(tmp_path, imds, TI_POWEROFF_CMD="echo 'Shutdown scheduled'; echo 'warned' >&2")
+    agent.log_dir.mkdir(parents=True)
+    agent.power_off()
+    text = agent.setup_log.read_text()
+    assert "Shutdown scheduled" in text and "warned" in text and agent.powered_off

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .logship import LogShipper
 from .progress import Progress, observe, read_heartbeat
 from .runtime import DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
-from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, parse
+from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, lenient, parse
 from .status import Instance, Outcome, StopReason, build_status
 from .watchers import TAG, WATCHERS, stop_tag_reason
 
@@ -92,39 +93,36 @@ class Agent:
         self.stop_reason: StopReason | None = None
         self._stop_lock = threading.Lock()
         self._log_lock = threading.Lock()
+        # Signals seen while finalizing: the handler only appends here (no lock, no I/O), `log` says them.
+        self._signals: deque[str] = deque()
         self._progress_lock = threading.Lock()
+        self._logs_lock = threading.Lock()  # the checkpoint watcher's log upload and finalize's
         self.progress = Progress()
         self.finalizing = False
         self.trainer: Trainer | None = None
         self.trainer_started = 0.0
         self.settings: Settings | None = None
+        # What finalize goes by when `parse` refused the environment: each field that parses, else its default.
+        self.fallback = lenient(self.environ)
         self.imds = Imds(self.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254")
         self.aws = Aws(region=self.environ.get("TI_REGION", ""), environ=self.environ)
         self.shipper: LogShipper | None = None
         self.checkpoints: Checkpoints | None = None
         self.stale_noticed = False
+        self.powered_off = False
 
     # ------------------------------------------------------------ settings, even before they parsed
     @property
     def config(self) -> AgentConfig:
-        assert self.settings is not None
-        return self.settings.config
+        return (self.settings or self.fallback).config
 
     @property
     def knobs(self) -> Knobs:
-        assert self.settings is not None
-        return self.settings.knobs
-
-    def raw(self, name: str, default: str = "") -> str:
-        return self.environ.get(f"TI_{name}") or default
-
-    def raw_int(self, name: str, default: int) -> int:
-        value = self.raw(name)
-        return int(value) if value.isdigit() else default
+        return (self.settings or self.fallback).knobs
 
     @property
     def outputs_bucket(self) -> str:
-        return self.raw("OUTPUTS_BUCKET")
+        return self.config.outputs_bucket
 
     @property
     def run_prefix(self) -> str:
@@ -136,12 +134,12 @@ class Agent:
 
     @property
     def image(self) -> str:
-        return f"{self.raw('IMAGE_URI')}:{self.raw('IMAGE_TAG', 'latest')}"
+        return f"{self.config.image_uri}:{self.config.image_tag}"
 
     @property
     def heartbeat_host(self) -> Path:
         """The heartbeat as the agent sees it: the container's /outputs, /checkpoints and progress folder."""
-        beat = self.raw("HEARTBEAT_FILE", Knobs.heartbeat_file)
+        beat = self.knobs.heartbeat_file
         if beat.startswith(("/outputs/", "/checkpoints/")):
             return Path(f"{self.root}{beat}")
         if beat.startswith(PROGRESS_IN_CONTAINER):
@@ -150,34 +148,43 @@ class Agent:
 
     @property
     def heartbeat_in_checkpoints(self) -> str:
-        beat = self.raw("HEARTBEAT_FILE", Knobs.heartbeat_file)
+        beat = self.knobs.heartbeat_file
         return beat[len("/checkpoints/") :] if beat.startswith("/checkpoints/") else ""
 
     # ------------------------------------------------------------ saying things
     def log(self, message: str) -> None:
-        line = f"{utc()} [agent] {message}\n"
-        with self._log_lock:
-            with open(self.setup_log, "a", encoding="utf-8", errors="replace") as out:
-                out.write(line)
-            try:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
+        """Never raises: a full disk or a closed stdout must not cost the status and the power-off."""
+        while self._signals:
+            self._write(self.setup_log, f"{utc()} [agent] {self._signals.popleft()}\n", echo=True)
+        self._write(self.setup_log, f"{utc()} [agent] {message}\n", echo=True)
 
     def note(self, message: str) -> None:
         """Milestones also go to the training log, so the CloudWatch stream tells the whole story."""
         self.log(message)
-        with self._log_lock, open(self.train_log, "a", encoding="utf-8", errors="replace") as out:
-            out.write(f"{utc()} [training-infra] {message}\n")
+        self._write(self.train_log, f"{utc()} [training-infra] {message}\n")
+
+    def _write(self, path: Path, line: str, *, echo: bool = False) -> None:
+        # As agent.sh's `tee`: a line that cannot be written is lost, the agent goes on.
+        with self._log_lock:
+            try:
+                with open(path, "a", encoding="utf-8", errors="replace") as out:
+                    out.write(line)
+            except (OSError, ValueError):
+                pass
+            if echo:
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass
 
     def fail(self, message: str) -> None:
         raise AttemptFailed(message)
 
     def retry(self, what: str, action: Callable[[], bool]) -> bool:
         """Bounded attempts with exponential backoff on top of the AWS CLI's own retries."""
-        attempts = self.raw_int("RETRY_ATTEMPTS", 4) or 1
-        base = self.raw_int("RETRY_BASE_SECONDS", 5)
+        attempts = self.knobs.retry_attempts or 1
+        base = self.knobs.retry_base_seconds
         for n in range(1, attempts + 1):
             try:
                 if action():
@@ -198,51 +205,69 @@ class Agent:
             if self.stop_reason is not None:
                 return False
             self.stop_reason = StopReason(outcome, message, grace)
+            self.stopped.set()  # before any I/O: the reason is taken, the trainer must stop whatever follows
         self.note(f"{message}: stopping the trainer (outcome {outcome.value})")
-        self.stopped.set()
         return True
 
     def trainer_alive(self) -> bool:
         return self.trainer is not None and self.trainer.alive()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        """No lock and no I/O here: the signal may land while this thread holds the log lock."""
         name = signal.Signals(signum).name
         if self.finalizing:
-            self.log("signal during finalize: carrying on (the backstop still powers off)")
+            self._signals.append(f"{name} during finalize: carrying on (the backstop still powers off)")
             return
-        self.log(f"agent received {name}")
         if self.outcome is None:
             self.outcome, self.message = Outcome.INTERRUPTED, f"agent received {name} (instance shutting down?)"
-        raise AgentInterrupted
+        raise AgentInterrupted(name)
 
     # ------------------------------------------------------------ the run
     def main(self) -> int:
+        """Always ends in finalize and the power-off, whatever raised (setup included)."""
+        try:
+            try:
+                signal.signal(signal.SIGTERM, self._on_signal)
+                signal.signal(signal.SIGINT, self._on_signal)
+                threading.excepthook = self._thread_error
+                self.prepare()
+                self.run()
+            except AttemptFailed as error:
+                self.outcome, self.message = Outcome.FAILED, str(error)
+                self.log(f"FAILED: {error}")
+            except AgentInterrupted as signalled:
+                self.log(f"agent received {signalled}")
+            except EndAttempt:
+                pass
+            except BaseException as error:  # noqa: BLE001 - whatever happens, finalize reports it
+                self.log("agent error:\n" + traceback.format_exc().rstrip())
+                self.message = self.message or f"agent error: {error!r}"
+            finally:
+                self.finalize()
+        except BaseException:  # noqa: BLE001 - a signal inside the handlers above: still power off
+            self.log("agent error after finalize:\n" + traceback.format_exc().rstrip())
+            if not self.powered_off:
+                self.power_off()
+        return 0
+
+    def prepare(self) -> None:
         os.umask(0o022)
         shutil.rmtree(self.state, ignore_errors=True)
-        for folder in (self.state, self.log_dir, self.data_dir, self.out_dir, self.ckpt_dir):
+        for folder in (self.log_dir, self.state, self.data_dir, self.out_dir, self.ckpt_dir):  # logs first
             folder.mkdir(parents=True, exist_ok=True)
         self.progress_dir.mkdir()
         self.progress_dir.chmod(0o1777)  # a trainer image with a non-root USER beats too
         (self.log_dir / "training-diagnostics.txt").unlink(missing_ok=True)
         self.train_log.touch()
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        try:
-            self.run()
-        except AttemptFailed as error:
-            self.outcome, self.message = Outcome.FAILED, str(error)
-            self.log(f"FAILED: {error}")
-        except (AgentInterrupted, EndAttempt):
-            pass
-        except Exception as error:  # noqa: BLE001 - whatever happens, finalize reports it
-            self.log("agent error:\n" + traceback.format_exc().rstrip())
-            self.message = self.message or f"agent error: {error!r}"
-        finally:
-            self.finalize()
-        return 0
+
+    def _thread_error(self, args: threading.ExceptHookArgs) -> None:
+        """A thread's crash goes to the setup log, not only to cloud-init's."""
+        name = args.thread.name if args.thread is not None else "a thread"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)).rstrip()
+        self.log(f"WARNING: {name} crashed:\n{text}")
 
     def run(self) -> None:
-        self.log(f"training-infra agent starting (runtime {self.raw('RUNTIME', 'docker')}, root '{self.root or '/'}')")
+        self.log(f"training-infra agent starting (runtime {self.knobs.runtime}, root '{self.root or '/'}')")
         try:
             self.settings = parse(self.environ)
         except SettingError as error:
@@ -396,7 +421,7 @@ class Agent:
         return None if value is None else stop_tag_reason(value)
 
     def set_run_id(self) -> None:
-        run_id = self.raw("RUN_ID") or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started_epoch))}-" + (
+        run_id = self.config.run_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.started_epoch))}-" + (
             self.instance.instance_id
         )
         # A rejected TI_RUN_ID (finalize still names the run) must not reach an S3 key.
@@ -438,7 +463,7 @@ class Agent:
 
     def put_metrics(self, metrics: list[Metric], warning: str) -> None:
         try:
-            self.aws.put_metrics(self.raw("METRIC_NAMESPACE", "TrainingInfra"), metrics)
+            self.aws.put_metrics(self.config.metric_namespace, metrics)
         except (AwsError, OSError) as error:
             self.log(f"WARNING: {warning}: {error}")
 
@@ -513,12 +538,16 @@ class Agent:
         return True
 
     def upload_logs(self) -> bool:
-        logs = self.state / "logs"
-        logs.mkdir(exist_ok=True)
-        for path in (self.setup_log, self.train_log, self.log_dir / "training-diagnostics.txt"):
-            if path.is_file():
-                shutil.copyfile(path, logs / path.name)
-        return self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
+        with self._logs_lock:
+            logs = self.state / "logs"
+            logs.mkdir(exist_ok=True)
+            for path in (self.setup_log, self.train_log, self.log_dir / "training-diagnostics.txt"):
+                try:
+                    if path.is_file():
+                        shutil.copyfile(path, logs / path.name)
+                except OSError as error:  # a full disk: the older copy (if any) still goes up
+                    self.log(f"WARNING: {path.name} not copied for upload: {error}")
+            return self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
 
     # ------------------------------------------------------------ progress
     def observe_progress(self, now: float) -> Progress:
@@ -678,41 +707,54 @@ class Agent:
 
     # ------------------------------------------------------------ the end of every attempt
     def power_off(self) -> None:
-        command = self.raw("POWEROFF_CMD", "shutdown -h now")
-        if self.raw("AUTO_SHUTDOWN", "true") == "true":
-            self.log(f"powering off: {command}")
-            if subprocess.run(["bash", "-c", command], check=False).returncode != 0:  # noqa: S603,S607
-                self.log("WARNING: power-off command failed")
-        else:
+        """The last thing the agent does; the command runs even when saying so fails."""
+        self.powered_off = True
+        command = self.knobs.poweroff_cmd
+        if "halt" in command:
+            self.log(f"not powering off with TI_POWEROFF_CMD='{command}'")
+            return
+        if not self.config.auto_shutdown:
             self.log("auto_shutdown is false: leaving the instance running (the OS deadline still applies)")
+            return
+        try:
+            self.log(f"powering off: {command}")
+        finally:
+            if not _run_poweroff(command, self.setup_log):
+                self.log("WARNING: power-off command failed")
 
     def _backstop(self) -> None:
-        self.log("finalize is stuck: powering off anyway")
-        subprocess.run(["bash", "-c", self.raw("POWEROFF_CMD", "shutdown -h now")], check=False)  # noqa: S603,S607
+        try:
+            self.log("finalize is stuck: powering off anyway")
+        finally:
+            _run_poweroff(self.knobs.poweroff_cmd, self.setup_log)
 
     def finalize(self) -> None:
         self.finalizing = True
         backstop = None
-        poweroff_cmd = self.raw("POWEROFF_CMD", "shutdown -h now")
-        if self.raw("AUTO_SHUTDOWN", "true") == "true" and "halt" not in poweroff_cmd:
-            backstop = threading.Timer(self.raw_int("FINALIZE_TIMEOUT_SECONDS", 900), self._backstop)
-            backstop.daemon = True
-            backstop.start()
         try:
+            if self.config.auto_shutdown and "halt" not in self.knobs.poweroff_cmd:
+                # Not a daemon: if the main thread dies, the interpreter still waits for it to power off.
+                backstop = threading.Timer(self.knobs.finalize_timeout_seconds, self._backstop)
+                backstop.start()
             self._finalize()
-        except Exception:  # noqa: BLE001 - the box must still power off
+        except BaseException:  # noqa: BLE001 - the box must still power off
             self.log("finalize error:\n" + traceback.format_exc().rstrip())
-        if "halt" in poweroff_cmd:
-            self.log(f"not powering off with TI_POWEROFF_CMD='{poweroff_cmd}'")
-        else:
-            self.power_off()
-        if backstop is not None:
-            backstop.cancel()
+        finally:
+            try:
+                self.power_off()
+            finally:
+                if backstop is not None:
+                    backstop.cancel()
 
     def _finalize(self) -> None:
         self.halt.set()
-        (self.state / "secrets.env").unlink(missing_ok=True)
-        grace = self.raw_int("STOP_GRACE_SECONDS", 60)
+        try:
+            (self.state / "secrets.env").unlink(missing_ok=True)
+        except OSError as error:
+            self.log(f"WARNING: secrets.env not removed: {error}")
+        if self.checkpoints is not None and (ended := self.checkpoints.end_in_flight()):
+            self.log(f"ended {ended} in-flight checkpoint upload call(s): the final sync comes next")
+        grace = self.config.stop_grace_seconds
         if self.trainer is not None and self.trainer.alive():
             if self.outcome is None:
                 self.outcome = Outcome.FAILED
@@ -749,7 +791,6 @@ class Agent:
             # The trainer's last beats since the progress watcher's last look.
             self.observe_progress(self.clock())
             self.upload_progress()
-        hourly = self.raw("HOURLY_PRICE_USD", "0")
         status = build_status(
             run_id=self.run_id,
             attempt=self.attempt,
@@ -759,19 +800,28 @@ class Agent:
             ended_at=utc(ended),
             duration_seconds=ended - self.started_epoch,
             instance=self.instance,
-            hourly_price_usd=float(hourly) if re.fullmatch(r"[0-9]+([.][0-9]+)?", hourly) else 0.0,
+            hourly_price_usd=self.config.hourly_price_usd,
             image=self.image,
             message=self.message,
             progress=self.progress.record(),
         )
         path = self.state / "status.json"
-        path.write_text(json.dumps(status, indent=2) + "\n")
-        self.log(f"status: {json.dumps(status, indent=2).replace(chr(10), '')}")
+        body = json.dumps(status, indent=2) + "\n"
+        try:
+            path.write_text(body)
+            written = True
+        except OSError as error:  # a full disk: the record goes up from memory instead
+            self.log(f"WARNING: {path} not written ({error}): uploading it from memory")
+            written = False
+        self.log(f"status: {body.replace(chr(10), '')}")
         # The attempt's own record first (the supervisor reads it), then the run's summary (the CLI's).
         succeeded = self.outcome is Outcome.SUCCEEDED
 
         def upload(what: str, url: str) -> bool:
-            return self.retry(what, lambda: self.cli_ok("s3", "cp", str(path), url, "--only-show-errors"))
+            if written:
+                return self.retry(what, lambda: self.cli_ok("s3", "cp", str(path), url, "--only-show-errors"))
+            key = url.removeprefix(f"s3://{self.outputs_bucket}/")
+            return self.retry(what, lambda: self.aws.put_object(self.outputs_bucket, key, body.encode()) or True)
 
         if not (
             upload("status upload", f"{self.attempt_prefix}/status.json")
@@ -805,7 +855,7 @@ class Agent:
         ) and self.cli_ok("s3", "cp", f"{self.run_prefix}/_SUCCESS", f"{latest}/_SUCCESS", "--only-show-errors")
 
     def publish_notice(self, status: dict) -> None:
-        topic = self.raw("ALERTS_TOPIC_ARN")
+        topic = self.config.alerts_topic_arn
         if not topic:
             return
         i, code = self.instance, "none" if self.exit_code is None else str(self.exit_code)
@@ -819,5 +869,35 @@ class Agent:
             self.log("WARNING: notice not published")
 
 
+def _run_poweroff(command: str, log: Path | None = None) -> bool:
+    """The command's own output goes to the setup log too (when it can be opened: a full disk must not stop it)."""
+    try:
+        out = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed below
+    except OSError:
+        out = None
+    try:
+        return subprocess.run(["bash", "-c", command], stdout=out, stderr=out, check=False).returncode == 0  # noqa: S603,S607
+    except OSError:
+        return False
+    finally:
+        if out is not None:
+            out.close()
+
+
 def main() -> int:
-    return Agent(os.environ).main()
+    """Even a crash in Agent() powers off (the bootstrap `exec`s this: nothing else is left to)."""
+    try:
+        agent = Agent(os.environ)
+    except BaseException:  # noqa: BLE001 - the box must not run until the OS deadline
+        text = f"{utc()} [agent] agent error before its run:\n{traceback.format_exc()}"
+        sys.stderr.write(text)
+        try:
+            with open(f"{os.environ.get('TI_ROOT', '')}/var/log/training-setup.log", "a", encoding="utf-8") as out:
+                out.write(text)
+        except OSError:
+            pass
+        command = os.environ.get("TI_POWEROFF_CMD") or "shutdown -h now"
+        if os.environ.get("TI_AUTO_SHUTDOWN") != "false" and "halt" not in command:
+            _run_poweroff(command)
+        return 1
+    return agent.main()

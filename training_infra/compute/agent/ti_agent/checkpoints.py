@@ -19,6 +19,9 @@ Rules kept from agent.sh (each was learnt the hard way; see the git log of issue
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,14 +51,40 @@ FileMeta = tuple[int, int]  # size, mtime_ns
 
 
 def checkpoint_files(folder: Path, skip: str = "") -> dict[str, FileMeta]:
-    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip`."""
+    """What a sync uploads: regular files (no symlinks), not *.tmp, not the manifest, not `skip`.
+
+    The trainer rotates folders while this walks: a folder or file gone under it is simply not there
+    (os.walk skips what it cannot list; lstat's FileNotFoundError skips the file)."""
     found = {}
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and not path.is_symlink() and not name.endswith(".tmp") and name not in (MANIFEST, skip):
-            info = path.stat()
-            found[name] = (info.st_size, info.st_mtime_ns)
-    return found
+    for top, folders, files in os.walk(folder):
+        folders.sort()
+        for file in files:
+            path = os.path.join(top, file)
+            name = Path(path).relative_to(folder).as_posix()
+            if name.endswith(".tmp") or name in (MANIFEST, skip):
+                continue
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found[name] = (info.st_size, info.st_mtime_ns)
+    return dict(sorted(found.items()))
+
+
+def _own_children() -> list[int]:
+    me = os.getpid()
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(me):
+            children.append(int(entry.name))
+    return children
 
 
 def latest_versions(listing: object, prefix: str) -> dict[str, Version]:
@@ -166,6 +195,27 @@ class Checkpoints:
     def sync(self) -> bool:
         with self._lock:
             return self._upload()
+
+    def end_in_flight(self) -> int:
+        """End a periodic or rebalance sync's AWS CLI calls (as agent.sh's finalize killed an in-flight
+        rebalance sync): the final sync must not queue behind minutes of retries in a 120 s spot window.
+        Only this process's own children whose arguments name this run's checkpoints; their sync then
+        fails and frees the lock. Answers how many were ended."""
+        if not self._lock.locked():
+            return 0
+        ended = 0
+        for pid in _own_children():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(self.url.encode() in arg or self.key_prefix.encode() in arg for arg in argv):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    ended += 1
+                except OSError:
+                    continue
+        return ended
 
     def _upload(self) -> bool:
         began, snapshot_at = time.monotonic(), time.time()
@@ -289,7 +339,8 @@ class Checkpoints:
                     safe.append(name)
                 except UnsafePath as error:
                     self.log(f"refused checkpoint key {self.key_prefix}{name!r}: {error}; not restored")
-            filters = ["--exclude", "*", "--include", "*"] if len(safe) == len(latest) else include_filters(safe)
+            # Always the checked names: a key put after the listing must not ride along on a wildcard.
+            filters = include_filters(safe)
             if not safe:
                 return
         if filters == ["--exclude", "*"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import urllib.error
@@ -38,7 +39,7 @@ class Imds:
                 return response.status, response.read().decode(errors="replace")
         except urllib.error.HTTPError as error:
             return error.code, ""
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, http.client.HTTPException) as error:  # IncompleteRead: cut mid-answer
             raise ImdsError(f"IMDS at {self.endpoint} did not answer: {error}") from error
 
     def token(self, *, renew: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,13 @@ class LogShipper:
         self.stream = stream
         self.offset = 0
         self._clock_ms = clock_ms
+        self._lock = threading.Lock()  # the watcher and finalize's flush: one sender, the offset only goes on
 
     def ship(self, *, final: bool = False) -> None:
+        with self._lock:
+            self._ship(final=final)
+
+    def _ship(self, *, final: bool) -> None:
         while (batch := next_batch(self.log, self.offset, final=final, now_ms=self._clock_ms())) is not None:
             if batch.events:
                 self.aws.put_log_events(

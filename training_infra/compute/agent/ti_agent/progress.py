@@ -18,17 +18,28 @@ class Beat:
     text: str
 
 
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
 def read_heartbeat(path: Path) -> Beat | None:
-    """At most 64 KB of the heartbeat file, opened without blocking and only when it is a regular file:
-    a FIFO (which would block, or feed the agent for ever), a device or a folder is no beat; so is a
-    huge (sparse) file beyond its first 64 KB. None when absent or not a regular file."""
+    """At most 64 KB of the heartbeat file, opened only when it is a regular file, without blocking and
+    without following a symlink. The trainer owns the folder and the agent is root: a FIFO (which would
+    block, or feed the agent for ever), a device (opening /dev/watchdog arms it), a symlink to a host
+    file or a folder is no beat, and is never opened; so is a huge (sparse) file beyond its first 64 KB.
+    The file opened must be the one looked at (same device and inode), or it was swapped in between."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        seen = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(seen.st_mode):
+        return None
+    try:
+        fd = os.open(path, OPEN_FLAGS)
     except OSError:
         return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (seen.st_dev, seen.st_ino):
             return None
         data = os.read(fd, HEARTBEAT_MAX_BYTES)
     except OSError:

@@ -215,9 +215,14 @@ class DockerTrainer(Trainer):
         if not self.alive():
             return
         self.log(f"SIGTERM to the trainer; {grace}s grace before SIGKILL")
-        subprocess.run(  # noqa: S603
-            [self.docker, "stop", "-t", str(grace), CONTAINER], capture_output=True, check=False, timeout=grace + 60
-        )
+        try:
+            subprocess.run(  # noqa: S603
+                [self.docker, "stop", "-t", str(grace), CONTAINER], capture_output=True, check=False, timeout=grace + 60
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            # A hung daemon: kill the `docker run` client, and let finalize save what it can.
+            self.note(f"WARNING: {self.docker} stop did not answer ({error}): killing the docker client")
+            self.signal_group(signal.SIGKILL)
 
     def pids(self) -> list[int] | None:
         """The host PIDs of every process in the container's PID namespace (`inspect .State.Pid` is a host

@@ -153,6 +153,25 @@ def _render(value: object) -> str:
     return str(value)
 
 
+def _lenient(cls: type, environ: Mapping[str, str]) -> object:
+    values = {}
+    for item in dataclasses.fields(cls):
+        default = "" if item.default is dataclasses.MISSING else item.default
+        try:
+            values[item.name] = _convert(
+                item.name, item.type, environ.get(f"TI_{item.name.upper()}") or _render(default)
+            )
+        except SettingError:
+            values[item.name] = default
+    return cls(**values)
+
+
+def lenient(environ: Mapping[str, str]) -> Settings:
+    """Never raises: each field that parses, its default for the rest. What finalize goes by when `parse`
+    refused the environment, so the power-off command, the retries and the bucket given still hold."""
+    return Settings(config=_lenient(AgentConfig, environ), knobs=_lenient(Knobs, environ))
+
+
 def parse(environ: Mapping[str, str]) -> Settings:
     """The TI_* environment as typed settings, or SettingError naming the first bad one."""
     config = _parse(AgentConfig, environ, {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from .aws import AwsError, Metric
@@ -21,10 +22,15 @@ if TYPE_CHECKING:
 
 SPOT_GRACE_CAP = 80  # a spot notice gives 120 s: leave room to flush after the grace period
 TAG = "training-infra"
+ERROR_LOG_SECONDS = 300  # a tick that keeps failing is said once, then once per this many seconds
 
 
 class Watcher(threading.Thread):
-    """Calls `tick` every `every` seconds until the agent halts or `tick` says it is done (True)."""
+    """Calls `tick` every `every` seconds until the agent halts or `tick` says it is done (True).
+
+    A tick that raises is one failed look, not the end of the watcher: a checkpoint folder rotated
+    under a walk, or IMDS cut mid-answer, must not silently end the syncs or the spot watch for the run.
+    """
 
     every: float = 1.0
     look_at_start = False  # True: the first look comes at once, not after one period
@@ -32,19 +38,41 @@ class Watcher(threading.Thread):
     def __init__(self, agent: Agent) -> None:
         super().__init__(name=type(self).__name__, daemon=True)
         self.agent = agent
+        self.errors = ErrorLog(agent, self.name)
 
     def run(self) -> None:
-        try:
-            if self.look_at_start and self.tick():
-                return
-            while not self.agent.halt.wait(self.every):
+        look = self.look_at_start
+        while look or not self.agent.halt.wait(self.pause()):
+            look = False
+            try:
                 if self.tick():
                     return
-        except Exception as error:  # noqa: BLE001 - a watcher that dies says so and leaves the run going
-            self.agent.log(f"WARNING: {self.name} stopped: {error!r}")
+            except Exception as error:  # noqa: BLE001 - said (rate-limited), and the next look comes
+                self.errors.failed(error, f"looks again in {self.pause():g}s")
+
+    def pause(self) -> float:
+        return self.every
 
     def tick(self) -> bool:
         raise NotImplementedError
+
+
+class ErrorLog:
+    """The first error of a kind at once, then at most one line per ERROR_LOG_SECONDS with a count."""
+
+    def __init__(self, agent: Agent, name: str, clock=time.monotonic) -> None:
+        self.agent, self.name, self.clock = agent, name, clock
+        self.said_at: float | None = None
+        self.quiet = 0
+
+    def failed(self, error: BaseException, then: str) -> None:
+        now = self.clock()
+        if self.said_at is not None and now - self.said_at < ERROR_LOG_SECONDS:
+            self.quiet += 1
+            return
+        more = f"; {self.quiet} more failures not logged" if self.quiet else ""
+        self.said_at, self.quiet = now, 0
+        self.agent.log(f"WARNING: {self.name} failed: {type(error).__name__}: {error}{more}; it {then}")
 
 
 class SpotWatcher(Watcher):
@@ -81,7 +109,12 @@ class SpotWatcher(Watcher):
         return False
 
     def _sync(self) -> None:
-        if self.agent.checkpoints.sync():
+        try:
+            synced = self.agent.checkpoints.sync()
+        except Exception as error:  # noqa: BLE001 - said; the periodic and final syncs still come
+            self.agent.log(f"WARNING: checkpoint sync after the rebalance recommendation failed: {error!r}")
+            return
+        if synced:
             self.agent.note("checkpoints synced after the rebalance recommendation")
         else:
             self.agent.log("WARNING: checkpoint sync after the rebalance recommendation failed")
@@ -123,11 +156,23 @@ def deadline_stop_at(deadline: float, started: float, grace: int) -> float:
 
 
 class DeadlineWatcher(Watcher):
-    def run(self) -> None:
+    """Sleeps until the stop time (read again each look: a clock that jumps is looked at again)."""
+
+    look_at_start = True
+
+    def stop_at(self) -> float:
         agent = self.agent
-        stop_at = deadline_stop_at(agent.deadline_epoch, agent.started_epoch, agent.config.stop_grace_seconds)
-        if not agent.halt.wait(max(0.0, stop_at - agent.clock())):
-            agent.request_stop(Outcome.DEADLINE, f"{agent.deadline_why} reached", agent.config.stop_grace_seconds)
+        return deadline_stop_at(agent.deadline_epoch, agent.started_epoch, agent.config.stop_grace_seconds)
+
+    def pause(self) -> float:
+        return min(60.0, max(0.0, self.stop_at() - self.agent.clock()))
+
+    def tick(self) -> bool:
+        agent = self.agent
+        if agent.clock() < self.stop_at():
+            return False
+        agent.request_stop(Outcome.DEADLINE, f"{agent.deadline_why} reached", agent.config.stop_grace_seconds)
+        return True
 
 
 def busiest_gpu(output: str) -> float | None:
@@ -263,15 +308,22 @@ class LogWatcher(Watcher):
 class CredentialWatcher(Watcher):
     """The trainer role's session at half-life; after a failed renewal, every minute until one succeeds."""
 
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.every = agent.knobs.credentials_refresh_seconds
+
     def run(self) -> None:
+        if self.agent.config.trainer_role_arn:
+            super().run()
+
+    def tick(self) -> bool:
         agent = self.agent
-        wait = agent.knobs.credentials_refresh_seconds
-        while agent.config.trainer_role_arn and not agent.halt.wait(wait):
-            if agent.retry("trainer role", agent.assume_trainer_role):
-                wait = agent.knobs.credentials_refresh_seconds
-            else:
-                agent.log("WARNING: trainer role session not renewed; trying again in 60 s")
-                wait = 60
+        self.every = 60  # until this renewal succeeded: a raise here also retries in a minute
+        if agent.retry("trainer role", agent.assume_trainer_role):
+            self.every = agent.knobs.credentials_refresh_seconds
+        else:
+            agent.log("WARNING: trainer role session not renewed; trying again in 60 s")
+        return False
 
 
 WATCHERS = (
