@@ -444,6 +444,27 @@ def test_the_checkpoint_watcher_survives_a_sync_that_raises_and_syncs_again(tmp_
     assert len(calls) == 2, "the second sync came after the first one raised"
 
 
+def test_a_periodic_sync_that_finalize_ended_is_no_failed_upload_and_judges_no_freshness(tmp_path, imds):
+    """Finalize ends an in-flight periodic upload to run the final sync itself; that sync's failure must
+    not read as "uploads are failing" (a false notice on every run whose last checkpoint was mid-upload)."""
+    from training_infra.compute.agent.ti_agent.watchers import CheckpointWatcher
+
+    agent = make_agent(tmp_path, imds, Clock())
+    judged = []
+
+    def sync_ended_by_finalize() -> bool:
+        agent.halt.set()  # finalize: halt, then SIGTERM to the upload's AWS CLI
+        return False
+
+    agent.checkpoints.sync = sync_ended_by_finalize
+    agent.check_checkpoint_freshness = lambda: judged.append(1)
+    agent.upload_logs = lambda: True
+
+    assert CheckpointWatcher(agent).tick() is True
+    said = agent.setup_log.read_text() if agent.setup_log.exists() else ""
+    assert judged == [] and "periodic checkpoint sync failed" not in said
+
+
 def test_the_deadline_watcher_stops_at_its_time_on_a_fake_clock(tmp_path, imds):
     from training_infra.compute.agent.ti_agent.watchers import DeadlineWatcher
 

@@ -283,7 +283,11 @@ class CheckpointWatcher(Watcher):
 
     def tick(self) -> bool:
         agent = self.agent
-        if not agent.checkpoints.sync():
+        synced = agent.checkpoints.sync()
+        if agent.halt.is_set():
+            # Finalize ended this sync's upload to run its own: no failure, and no freshness to judge.
+            return True
+        if not synced:
             agent.log(f"WARNING: periodic checkpoint sync failed; next try in {self.every}s")
         agent.check_checkpoint_freshness()
         agent.upload_logs()
