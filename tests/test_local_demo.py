@@ -19,7 +19,7 @@ import pytest
 
 from training_infra.local.containers import unavailable_reason
 from training_infra.local.instance import aws_client
-from training_infra.local.sandbox import SandboxState, wait_ready
+from training_infra.local.sandbox import SandboxState, process_identity, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "examples" / "trainer" / "train.py"
@@ -326,6 +326,7 @@ def test_local_env_says_in_one_line_why_a_sandbox_cannot_be_used(tmp_path, phase
     SandboxState(
         pid=os.getpid() if alive else dead.pid, endpoint="http://localhost:1", region="us-east-1",
         runtime="process", schedule_seconds=60, phase=phase, started_at="2026-12-04T20:00:00+00:00",
+        identity=process_identity(os.getpid()) if alive else "",
     ).write(tmp_path)  # fmt: skip
     result = cli(_clean_env(), "local", "env", "--dir", str(tmp_path), check=False)
     assert (result.returncode, result.stdout) == (1, "")

@@ -198,6 +198,14 @@ def test_the_agents_clients_use_the_instance_roles_credentials_from_imdsv2_and_r
     at AWS_EC2_METADATA_SERVICE_ENDPOINT, and reads them again when they near their expiry."""
     import datetime
 
+    # As on the box: nothing in this process's environment (other tests' emulators) may answer first.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_EC2_METADATA_DISABLED", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+
     from training_infra.compute.agent.ti_agent.aws import Aws
 
     def document(key: str, minutes: int) -> dict[str, str]:
