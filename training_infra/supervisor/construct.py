@@ -108,6 +108,8 @@ class SupervisorProps:
     # The stack's limits every request and every record is checked against (docs/architecture.md, "Trust boundaries").
     allowed_instance_types: tuple[str, ...] = ("g5.*",)
     max_runtime_hours: float = 12
+    max_nodes: int = 8
+    gang_replace_timeout_minutes: int = 10
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,12 @@ class TrainingSupervisor(Construct):
             "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
             "CREATED_BY_TAG": naming.TAG_CREATED_BY,
             "IMAGE_ID": target.image_id,
+            # Gangs (gang.py).
+            "NODE_TAG": naming.TAG_NODE,
+            "NODES_TAG": naming.TAG_NODES,
+            "RENDEZVOUS_TAG": naming.TAG_RENDEZVOUS,
+            "MAX_NODES": str(props.max_nodes),
+            "GANG_REPLACE_SECONDS": str(props.gang_replace_timeout_minutes * 60),
         }
         self.function = MonitoredFunction(
             self,
