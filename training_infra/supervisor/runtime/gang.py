@@ -53,10 +53,12 @@ _EFA_SUPPORT: dict[str, bool] = {}
 
 
 def _sup() -> Any:
+    """supervisor.py (which imports this module): the package's when there is one, since a bare `supervisor` may
+    be another module on the path (the tests' folder); the Lambda package's own otherwise."""
     try:
-        import supervisor
-    except ImportError:  # pragma: no cover - exercised by the CLI and the tests
         from training_infra.supervisor.runtime import supervisor
+    except ImportError:  # pragma: no cover - the Lambda package
+        import supervisor
     return supervisor
 
 

@@ -450,10 +450,10 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
 
 def _gang() -> Any:
     """gang.py, imported when a gang needs it (it imports this module)."""
-    try:
-        import gang
-    except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+    try:  # the package's first, as gang._sup does, so both name the same modules
         from training_infra.supervisor.runtime import gang
+    except ImportError:  # pragma: no cover - the Lambda package
+        import gang
     return gang
 
 
