@@ -435,6 +435,30 @@ def price_member(sv: Any, run: Run, attempt: Attempt, member: Member, now: datet
     return cost
 
 
+def sum_costs(costs: list[ledger.AttemptCost]) -> ledger.AttemptCost:
+    """The members' costs as one attempt's: hours, dollars and the hourly rate added up."""
+
+    def total(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return round(sum(known), 6) if known else None
+
+    return ledger.AttemptCost(
+        sum(c.hours for c in costs), total([c.usd for c in costs]), total([c.on_demand_usd for c in costs]),
+        total([c.hourly_usd for c in costs]), " + ".join(sorted({c.source for c in costs})) or "unknown",
+    )  # fmt: skip
+
+
+def members_cost(attempt: Attempt, spec: Any, now: datetime, spot: Any) -> ledger.AttemptCost:
+    """A gang attempt's cost for `status` and `cost`: recorded once it ended, else each member priced now."""
+    if attempt.ended_at and attempt.priced:
+        return ledger.recorded_or_priced(attempt, spec, now, spot)
+    return sum_costs([
+        ledger.AttemptCost(0.0, m.cost_usd, m.on_demand_usd, m.hourly_usd, m.price_source) if m.priced
+        else ledger.price_attempt(as_attempt(m, attempt), spec, now, spot)
+        for m in attempt.members
+    ])  # fmt: skip
+
+
 def price_gang(sv: Any, run: Run, attempt: Attempt, now: datetime) -> None:
     """An ended gang attempt's cost: the sum of its members' (replaced ones too), recorded on the attempt."""
     costs = [
@@ -442,16 +466,7 @@ def price_gang(sv: Any, run: Run, attempt: Attempt, now: datetime) -> None:
         else price_member(sv, run, attempt, m, now)
         for m in attempt.members
     ]  # fmt: skip
-
-    def total(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return round(sum(known), 6) if known else None
-
-    sources = sorted({c.source for c in costs})
-    ledger.record_price(attempt, ledger.AttemptCost(
-        sum(c.hours for c in costs), total([c.usd for c in costs]), total([c.on_demand_usd for c in costs]),
-        total([c.hourly_usd for c in costs if c.hourly_usd is not None]), " + ".join(sources) or "unknown",
-    ))  # fmt: skip
+    ledger.record_price(attempt, sum_costs(costs))
 
 
 def open_gang_cost(sv: Any, run: Run, attempt: Attempt, now: datetime) -> tuple[float, float]:
