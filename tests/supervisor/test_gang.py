@@ -331,3 +331,25 @@ def test_the_efa_version_is_made_once_per_run_and_a_version_that_differs_is_neve
     run = gang_account.run()
     sv = supervisor(gang_account)
     assert gang.efa_template_version(sv.clients, run, sv.cfg) == "3", "the same version again, not a new one"
+
+
+def test_a_gang_waiting_for_capacity_tries_the_next_pools_each_minute(gang_account):
+    gang_account.ec2_gang.fail = gang.MAX_TRIES_PER_RECONCILE
+    run = start_gang(gang_account, nodes=2, types=(EFA_TYPE, "g6.12xlarge", "g5.24xlarge"))
+    assert run.current is None and run.attempts[-1].end_reason == AttemptEnd.CAPACITY
+    pool = lambda r: tuple(r["LaunchTemplateConfigs"][0]["Overrides"][0][k] for k in ("InstanceType", "SubnetId"))  # noqa: E731
+    first_minute = [pool(r) for r in gang_account.ec2_gang.fleets]
+    assert len(set(first_minute)) == gang.MAX_TRIES_PER_RECONCILE
+    gang_account.clock.advance(minutes=1)
+    supervisor(gang_account).reconcile("bert")
+    next_pool = pool(gang_account.ec2_gang.fleets[-1])
+    assert next_pool not in first_minute, "the next minute starts with pools not yet tried"
+    assert len(gang_account.run().attempts[-1].members) == 2
+
+
+def test_a_quiet_minute_of_a_running_gang_writes_nothing(gang_account):
+    start_gang(gang_account, nodes=2)
+    supervisor(gang_account).reconcile("bert")  # running now
+    version = gang_account.run().version
+    supervisor(gang_account).reconcile("bert")
+    assert gang_account.run().version == version

@@ -216,10 +216,14 @@ def launch_gang(clients: Any, run: Run, cfg: Any, now: datetime, prices: Any = N
     cooled = {key for key, until in run.cooldown.items() if (parse_iso(until) or now) > now}
     every = sup.pools(run.spec, zones)
     preferred = [(t, s) for t, s in every if sup.pool_key(t, zones[s]) not in cooled] or every
-    start = ((attempt.tries - 1) * MAX_TRIES_PER_RECONCILE) % max(1, len(preferred))
+    # The streak of capacity failures so far (kept on the previous row): each minute starts at the next pools.
+    previous = run.attempts[-2] if len(run.attempts) >= 2 else None
+    streak = previous.tries if previous is not None and previous.end_reason == AttemptEnd.CAPACITY else 0
+    start = (streak * MAX_TRIES_PER_RECONCILE) % max(1, len(preferred))
     order = (preferred[start:] + preferred[:start])[:MAX_TRIES_PER_RECONCILE]
     efa = efa_support(clients.ec2, run.spec.instance_types)
-    release_placement_groups(clients, cfg, run)  # the earlier attempts' groups, now that their instances ended
+    # The earlier attempts' groups, now that their instances ended (this attempt's, from a try before, stays).
+    release_placement_groups(clients, cfg, run, keep=group_name(cfg, run, attempt))
     errors: list[dict[str, str]] = []
     priced_out: list[tuple[tuple[str, str], float, str]] = []
     cap = run.spec.max_price_usd
@@ -509,6 +513,7 @@ class GangWatcher:
 
     def step(self, run: Run, attempt: Attempt, now: datetime) -> dict[str, Any]:
         sup = _sup()
+        before = run.to_item()
         if not attempt.members:  # adopted by the single-node path (a stop during a launch): take the whole gang
             attempt.instance_id = ""
             if not adopt_members(self.clients, run, attempt, self.cfg, now):
@@ -544,7 +549,8 @@ class GangWatcher:
         if ending:
             return self._end_gang(run, attempt, now)
         self._keep_limits(run, attempt, now)
-        self.sv.store.save(run)
+        if run.to_item() != before:  # a quiet minute writes nothing
+            self.sv.store.save(run)
         return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id,
                 "nodes": {m.node: m.instance_id for m in attempt.members if m.live}}  # fmt: skip
 
