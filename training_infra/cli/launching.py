@@ -489,6 +489,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         run_id=run_id, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", "latest"), instance_types=types,
         market=market, subnets=subnets, deadline=deadline, template_id=template_id,
         run_tags=tags, max_price=request.max_price, allow_empty_data=request.allow_empty_data, resume=request.resume,
+        nodes=int(request.nodes or 1),
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=store, dry_run=request.dry_run)
     _quick_money_answer(aws, request, types, checked.list_prices(), data, hours)
