@@ -27,6 +27,12 @@ class GangEc2:
     def __init__(self, ec2) -> None:
         self._ec2, self.fleets, self.groups, self.fail = ec2, [], {}, 0
         self.deleted: list[str] = []
+        self.hide_new, self.hidden = False, set()  # instances DescribeInstances does not list yet
+
+    def describe_instances(self, **request):
+        if set(request.get("InstanceIds", [])) & self.hidden:
+            raise ClientError({"Error": {"Code": "InvalidInstanceID.NotFound", "Message": "not yet"}}, "Describe")
+        return self._ec2.describe_instances(**request)
 
     def __getattr__(self, name):
         return getattr(self._ec2, name)
@@ -62,7 +68,10 @@ class GangEc2:
                 "Lifecycle": request["TargetCapacitySpecification"]["DefaultTargetCapacityType"],
                 "ErrorCode": "InsufficientInstanceCapacity", "ErrorMessage": "not enough capacity",
             }]}  # fmt: skip
-        return self._ec2.create_fleet(**request)
+        answer = self._ec2.create_fleet(**request)
+        if self.hide_new:
+            self.hidden |= {i for launched in answer.get("Instances", []) for i in launched["InstanceIds"]}
+        return answer
 
 
 @pytest.fixture
@@ -353,3 +362,21 @@ def test_a_quiet_minute_of_a_running_gang_writes_nothing(gang_account):
     version = gang_account.run().version
     supervisor(gang_account).reconcile("bert")
     assert gang_account.run().version == version
+
+
+def test_a_gang_ec2_does_not_list_yet_is_recorded_whole_and_tagged_at_the_next_reconcile(gang_account, monkeypatch):
+    monkeypatch.setattr(gang, "DESCRIBE_PAUSE_SECONDS", 0)
+    gang_account.ec2_gang.hide_new = True
+    attempt = start_gang(gang_account, nodes=3).attempts[0]
+    assert len(attempt.members) == 3 and [m.node for m in attempt.members] == [0, 1, 2]
+    assert not attempt.members[0].private_ip
+    assert "training-infra:rendezvous" not in tags_of(gang_account, attempt.members[0].instance_id)
+    gang_account.ec2_gang.hidden.clear()
+    supervisor(gang_account).reconcile("bert")
+    members = gang_account.run().attempts[0].members
+    host_ip = members[0].private_ip
+    assert host_ip
+    for member in members:
+        tags = tags_of(gang_account, member.instance_id)
+        assert tags["training-infra:node"] == str(member.node)
+        assert tags["training-infra:rendezvous"] == f"{host_ip}:29400"

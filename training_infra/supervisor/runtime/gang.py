@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,6 +46,9 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
 log = logging.getLogger()
 
 RENDEZVOUS_PORT = 29400  # torchrun's c10d default
+# A fleet's new instances may not be listed by DescribeInstances at once (eventual consistency).
+DESCRIBE_RETRIES = 3
+DESCRIBE_PAUSE_SECONDS = 1.0
 # Fleet requests one reconcile may make (one pool each, spot then the fallback): the next minute goes on with the
 # next pools, so one call stays inside the function's 50 s.
 MAX_TRIES_PER_RECONCILE = 4
@@ -243,7 +247,7 @@ def launch_gang(clients: Any, run: Run, cfg: Any, now: datetime, prices: Any = N
                                     count=run.spec.nodes)  # fmt: skip
             ids, pool_errors = _create_fleet(clients, request, zones, market)
             if len(ids) >= run.spec.nodes:
-                _record_members(clients, cfg, run, attempt, ids, zones, market, now)
+                _record_members(clients, cfg, run, attempt, ids, (instance_type, subnet), zones, market, now)
                 attempt.launch_template_version = "" if version == run.spec.launch_template_version else version
                 return attempt
             if ids:  # MinTargetCapacity makes this impossible on AWS; never keep part of a gang
@@ -323,13 +327,28 @@ def rendezvous(host: Member) -> str:
 
 
 def _record_members(
-    clients: Any, cfg: Any, run: Run, attempt: Attempt, ids: list[str], zones: Mapping[str, str], market: str,
-    now: datetime,
+    clients: Any, cfg: Any, run: Run, attempt: Attempt, ids: list[str], pool: tuple[str, str],
+    zones: Mapping[str, str], market: str, now: datetime,
 ) -> None:  # fmt: skip
-    """Order the gang by instance id (node 0 hosts the rendezvous), tag each its node and all the endpoint."""
-    described = _describe(clients, sorted(ids))
-    members = [_member_of(described[i], k, market, now) for k, i in enumerate(sorted(ids)) if i in described]
-    attempt.members = members
+    """Order the gang by instance id (node 0 hosts the rendezvous), tag each its node and all the endpoint.
+
+    Every id the fleet returned is a member, described or not: an instance EC2 does not list yet (eventual
+    consistency) is asked for again a few times, and a host without its address yet is tagged by the next
+    reconcile (`GangWatcher.step`), so no started instance is ever left out of the record."""
+    ordered = sorted(ids)
+    described = _describe(clients, ordered)
+    for _ in range(DESCRIBE_RETRIES):
+        if all(described.get(i, {}).get("PrivateIpAddress") for i in ordered):
+            break
+        time.sleep(DESCRIBE_PAUSE_SECONDS)
+        described = _describe(clients, ordered)
+    instance_type, subnet = pool
+    attempt.members = [
+        _member_of(described.get(i) or {"InstanceId": i, "InstanceType": instance_type, "SubnetId": subnet,
+                                         "Placement": {"AvailabilityZone": zones.get(subnet, "")}}, k, market, now)
+        for k, i in enumerate(ordered)
+    ]  # fmt: skip
+    members = attempt.members
     _tag_nodes(clients, cfg, members)
     host = members[0]
     _sup()._record_instance(attempt, host.instance_id, host.instance_type, host.zone or zones.get(host.subnet_id),
@@ -337,6 +356,9 @@ def _record_members(
 
 
 def _tag_nodes(clients: Any, cfg: Any, members: list[Member]) -> None:
+    """Each member's node and node 0's endpoint; nothing while node 0's address is unknown (the agents wait)."""
+    if not members[0].private_ip:
+        return
     endpoint = rendezvous(members[0])
     for member in members:
         clients.ec2.create_tags(
@@ -345,8 +367,14 @@ def _tag_nodes(clients: Any, cfg: Any, members: list[Member]) -> None:
         )
 
 
-def adopt_members(clients: Any, run: Run, attempt: Attempt, cfg: Any, now: datetime) -> bool:
-    """A launch of this attempt that died after its fleet returned: take its instances (and tag them, again)."""
+def adopt_members(
+    clients: Any, run: Run, attempt: Attempt, cfg: Any, now: datetime, *, end_partial: bool = False
+) -> bool:
+    """A launch of this attempt that died after its fleet returned: take its instances (and tag them, again).
+
+    Fewer than N listed is no gang to adopt: left alone (a concurrent launch of the same claim may be listed
+    only in part yet; its fleet's ClientToken makes the launch that follows return the same instances), or
+    ended with `end_partial` (a stop during the launch)."""
     sup = _sup()
     reservations = clients.ec2.describe_instances(Filters=[
         {"Name": f"tag:{cfg.run_id_tag}", "Values": [run.run_id]},
@@ -355,7 +383,7 @@ def adopt_members(clients: Any, run: Run, attempt: Attempt, cfg: Any, now: datet
     ])["Reservations"]  # fmt: skip
     found = [i for r in reservations for i in r["Instances"] if sup.is_ours(cfg, i, run.run_id, attempt.n)]
     if len(found) < run.spec.nodes:
-        if found:  # part of a gang is no gang: end it, the attempt launches afresh
+        if found and end_partial:
             clients.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in found])
         return False
     found.sort(key=lambda i: i["InstanceId"])
@@ -516,11 +544,16 @@ class GangWatcher:
         before = run.to_item()
         if not attempt.members:  # adopted by the single-node path (a stop during a launch): take the whole gang
             attempt.instance_id = ""
-            if not adopt_members(self.clients, run, attempt, self.cfg, now):
+            if not adopt_members(self.clients, run, attempt, self.cfg, now, end_partial=True):
                 attempt.end(AttemptEnd.RECLAIMED, "part of the gang was gone before it was recorded", iso(now))
                 return self.sv._after(run, AttemptEnd.RECLAIMED, attempt.message, now)
         live = [m for m in attempt.members if m.live]
         described = _describe(self.clients, [m.instance_id for m in live])
+        host = attempt.live_member(0)
+        if host is not None and not host.private_ip:  # EC2 did not list the host at launch: tag the gang now
+            for member in live:
+                member.private_ip = (described.get(member.instance_id) or {}).get("PrivateIpAddress", "")
+            _tag_nodes(self.clients, self.cfg, sorted(live, key=lambda m: m.node))
         lost: list[tuple[Member, AttemptEnd, str]] = []
         for member in live:
             instance = described.get(member.instance_id)
