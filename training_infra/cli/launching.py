@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,26 +22,20 @@ from typing import Any
 import botocore.exceptions
 import botocore.session
 
-from training_infra import naming, pricing
+from training_infra import launch_rules, naming, pricing
 from training_infra.cli import preflight
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError
 from training_infra.cli.runs import iso_z, new_run_id, utcnow
+from training_infra.config import Refused
 
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# What the secrets reader role may read (the compute construct): SecureStrings under PARAMETER_PATH,
-# and Secrets Manager secrets tagged training-infra:managed=true (their ARN is all we can check here).
-PARAMETER_PATH = naming.SECRETS_PARAMETER_PATH
-_SECRET_REF = re.compile(
-    rf"^ssm:{re.escape(PARAMETER_PATH)}[A-Za-z0-9_.\-/]{{1,1000}}$"
-    r"|^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
-)
-# The contract's own variables, and the AWS_/TI_ families the agent sets: a secret must not shadow them.
-_RESERVED_NAMES = ("RUN_ID", "DATA_DIR", "OUTPUT_DIR", "CHECKPOINT_DIR", "HEARTBEAT_FILE", "STOP_GRACE_SECONDS")
-
-
-MARKETS = ("spot", "on-demand", "spot-then-on-demand")
-MAX_RESTARTS = 100
+# The rules live in one place, shared with the run spec file (training_infra/spec.py).
+_ENV_KEY = launch_rules.ENV_KEY
+PARAMETER_PATH = launch_rules.PARAMETER_PATH
+_SECRET_REF = launch_rules.SECRET_REF
+_RESERVED_NAMES = launch_rules.RESERVED_NAMES
+MARKETS = launch_rules.MARKETS
+MAX_RESTARTS = launch_rules.MAX_RESTARTS
 
 
 @dataclass
@@ -71,12 +64,9 @@ class LaunchRequest:
 
 def _positive_usd(option: str, value: Any) -> float:
     try:
-        number = float(str(value).strip())
-    except ValueError:
-        number = float("nan")
-    if not (0 < number <= 1_000_000):  # also refuses nan and inf
-        raise UsageError(f"option '{option}': got {value!r}; allowed: a number of US dollars greater than 0")
-    return number
+        return launch_rules.max_cost_usd(value)
+    except Refused as refused:
+        raise UsageError(f"option '{option}': got {value!r}; allowed: {refused.allowed}") from None
 
 
 def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any:
@@ -106,15 +96,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     if request.market is not None and request.spot is not None:
         raise UsageError("options '--market' and '--spot/--on-demand': give one")
     if request.market is not None and request.market not in MARKETS:
-        raise UsageError(f"option '--market': got {request.market!r}; allowed: {', '.join(MARKETS)}")
+        raise UsageError(f"option '--market': got {request.market!r}; allowed: {launch_rules.MARKET_ALLOWED}")
     if request.max_restarts_on_errors is not None:
-        text = str(request.max_restarts_on_errors).strip()
-        if not text.isdigit() or int(text) > MAX_RESTARTS:
+        try:
+            request.max_restarts_on_errors = str(launch_rules.restarts(request.max_restarts_on_errors))
+        except Refused as refused:
             raise UsageError(
-                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; "
-                f"allowed: a whole number from 0 to {MAX_RESTARTS}"
-            )
-        request.max_restarts_on_errors = text
+                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; allowed: {refused.allowed}"
+            ) from None
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
     if request.max_cost_usd is not None:
@@ -131,11 +120,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     request.max_price = preflight.parse_max_price(request.max_price)
     for item in request.env:
         key, sep, value = item.partition("=")
-        if not sep or not _ENV_KEY.match(key) or "\n" in value:
+        try:
+            launch_rules.env_key(key if sep else "")
+            launch_rules.env_value(value)
+        except Refused:
             raise UsageError(
                 f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' "
                 "(not starting with a digit) and a one-line VALUE"
-            )
+            ) from None
     _check_secrets(request)
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(
