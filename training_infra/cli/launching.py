@@ -60,6 +60,8 @@ class LaunchRequest:
     allow_empty_data: bool = False
     resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
+    # Where the values came from, weakest first (a spec file or --like, then the flags): cli/spec_cli.py.
+    spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 
 
 def _positive_usd(option: str, value: Any) -> float:
@@ -245,6 +247,8 @@ class Started:
     elapsed_seconds: float
     preflight: Any = None  # training_infra.cli.preflight.Report
     notes: list[str] = field(default_factory=list)  # e.g. the local AWS played the Lambda in this process
+    spec: Any = None  # training_infra.spec.LaunchSpec: what was launched, the stack's defaults filled in
+    sources: dict[str, str] = field(default_factory=dict)  # where each of its values came from, by key path
 
 
 def supervisor_with(
@@ -427,17 +431,20 @@ def _check_allowed(aws: Aws, types: list[str]) -> None:
         )
 
 
+def _stack_hours(exports: dict[str, str]) -> float:
+    seconds = exports.get("TI_MAX_RUNTIME_SECONDS", "")
+    if seconds.isdigit():
+        return int(seconds) / 3600
+    from training_infra import config  # a template without the export: the settings' default
+
+    return config.Settings().max_runtime_hours
+
+
 def _runtime_hours(request: LaunchRequest, exports: dict[str, str]) -> float:
     """--max-runtime-hours, else the stack's; at least boot + one checkpoint interval, at most the stack's."""
     from training_infra.supervisor.runtime.supervisor import SupervisorConfig
 
-    seconds = exports.get("TI_MAX_RUNTIME_SECONDS", "")
-    if seconds.isdigit():
-        stack_hours = int(seconds) / 3600
-    else:
-        from training_infra import config  # a template without the export: the settings' default
-
-        stack_hours = config.Settings().max_runtime_hours
+    stack_hours = _stack_hours(exports)
     hours = request.max_runtime_hours if request.max_runtime_hours is not None else stack_hours
     boot = SupervisorConfig.__dataclass_fields__["boot_seconds"].default
     checkpoint = int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300)
@@ -480,18 +487,42 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=store, dry_run=request.dry_run)
     _quick_money_answer(aws, request, types, checked.list_prices(), data, hours)
+    spec, sources = _resolved_spec(aws, request, data, exports, run_id)
     if request.dry_run:
-        return Started(run=None, elapsed_seconds=time.monotonic() - started, preflight=checked)
+        return Started(
+            run=None, elapsed_seconds=time.monotonic() - started, preflight=checked, spec=spec, sources=sources
+        )
     payload = {
         "action": "launch", "run_id": run_id, "resume": request.resume, "instance_types": types,
         "subnet_ids": subnets, "market": market, "max_restarts_on_errors": int(request.max_restarts_on_errors or 0),
         "max_runtime_hours": request.max_runtime_hours, "image_tag": request.image_tag, "command": request.command,
         "env": list(request.env), "secrets": list(request.secret_refs),
         "stall_seconds": request.stall_minutes * 60 if request.stall_minutes is not None else None,
-        "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd,
+        "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd, "spec_yaml": spec.to_yaml(),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
-    return Started(run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes)
+    return Started(
+        run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes, spec=spec,
+        sources=sources,
+    )  # fmt: skip
+
+
+def _resolved_spec(
+    aws: Aws, request: LaunchRequest, data: dict[str, Any], exports: dict[str, str], run_id: str
+) -> tuple[Any, dict[str, str]]:
+    """The run's spec as launched: the stack's defaults, then the file (or --like), then the flags."""
+    from training_infra.cli import spec_cli
+
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_INSTANCE_TYPES, "")
+    stack_types = [t.strip() for t in published.split(",") if t.strip()] or _instance_types(aws, request)
+    defaults = spec_cli.stack_defaults(stack_types, _market(LaunchRequest(), data), exports, _stack_hours(exports))
+    layers = request.spec_layers or [(spec_cli.FLAG, spec_cli.flags_as_spec(request))]
+    from training_infra.spec import SpecError
+
+    try:
+        return spec_cli.resolved(layers, defaults, run_id)
+    except SpecError as error:  # the stack's own defaults refused: a stack this CLI does not know
+        raise CliError(f"the resolved spec is not valid: {error}") from None
 
 
 def _store(aws: Aws) -> Any:

@@ -25,7 +25,7 @@ from typer import _click as click  # typer's own copy of click: its exceptions a
 from typer.core import TyperGroup
 
 from training_infra import naming
-from training_infra.cli import launching, preflight, runs
+from training_infra.cli import launching, preflight, runs, spec_cli
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
@@ -458,6 +458,21 @@ def launch(
         typer.Option("--dry-run", help="Run the preflight checks, print what would be launched, create nothing."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            metavar="SPEC",
+            help="A run spec (YAML, `training-infra schema`); flags override it.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--like", metavar="RUN", help="A copy of RUN's spec; flags change it.", show_default=False),
+    ] = None,
     region: Region = None,
 ) -> None:
     """Start a managed training run in seconds; the supervisor keeps it going until it ends.
@@ -478,8 +493,11 @@ def launch(
             max_cost_usd=max_cost_usd,
         )
     )  # fmt: skip
+    request = spec_cli.request_for(Aws(region), request, file=file, like=like)  # run specs: cli/spec_cli.py
     started = launching.launch(Aws(region), request)
     if dry_run:
+        for line in [*spec_cli.dry_run_lines(started.spec, started.sources, request.spec_layers), ""]:
+            stdout().print(line, markup=False)
         for line in preflight.dry_run_lines(started.preflight):
             stdout().print(line, markup=False)
         return
@@ -510,6 +528,9 @@ def launch(
     out.print("next:", markup=False)
     for line in (f"status {rid}", f"logs {rid} -f", f"connect {rid}", f"fetch {rid}", f"stop {rid}"):
         out.print(f"  training-infra {line}", markup=False)
+
+
+app.command()(reported_errors(spec_cli.schema))  # `training-infra schema`: cli/spec_cli.py
 
 
 # ---- status --------------------------------------------------------------------------------
