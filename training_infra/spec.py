@@ -38,7 +38,6 @@ from training_infra.config import Refused
 
 SCHEMA_ID = "https://github.com/training-infra/training-infra/run-spec.schema.json"
 MAX_NODES = 64  # the multi-node (gang) launch decides what it takes; the file allows up to this
-MAX_SPEC_BYTES = 16 * 1024  # what the run record keeps of it (the supervisor refuses a longer one)
 
 
 def _rule(check: Callable[[Any], Any], schema: dict[str, Any], description: str) -> Any:
@@ -254,7 +253,17 @@ class SpecError(ValueError):
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a run spec file (draft 2020-12), from the model itself."""
     schema = LaunchSpec.model_json_schema()
+    for definition in [schema, *schema.get("$defs", {}).values()]:
+        for prop in definition.get("properties", {}).values():
+            _hoist_description(prop)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _hoist_description(prop: dict[str, Any]) -> None:
+    """An optional key's meaning on the key itself (where editors show it), not inside its `anyOf` branch."""
+    for branch in prop.get("anyOf", []):
+        if "description" in branch and "description" not in prop:
+            prop["description"] = branch.pop("description")
 
 
 def load(path: str | Path) -> LaunchSpec:
