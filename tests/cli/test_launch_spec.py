@@ -168,3 +168,17 @@ def test_the_resolved_spec_printed_is_yaml_with_the_same_values():
     lines = spec_cli.commented_yaml(spec.to_data(), {"image": "run.yaml"})
     assert "image: v2  # run.yaml" in lines
     assert run_spec.validate(yaml.safe_load("\n".join(lines))) == spec
+
+
+def test_like_copies_a_run_from_before_specs_were_kept_from_its_record():
+    from training_infra.supervisor.runtime.records import RunSpec
+
+    old = RunSpec(
+        instance_types=("g5.xlarge",), market="on-demand", max_runtime_hours=4.0, max_restarts_on_errors=1,
+        stall_seconds=600, image_tag="v2", command="python train.py", max_price_usd=0.9, max_cost_usd=5.0,
+    )  # fmt: skip
+    copied = run_spec.validate(spec_cli._spec_of_record(old))
+    assert copied.resources.instance_types == ["g5.xlarge"] and copied.resources.market == "on-demand"
+    assert (copied.limits.max_runtime_hours, copied.limits.stall_minutes, copied.limits.max_cost_usd) == (4, 10, 5)
+    assert (copied.image, copied.command, copied.resources.max_price) == ("v2", "python train.py", 0.9)
+    assert copied.env == {} and copied.secrets == {}, "env and secrets were never kept before specs"
