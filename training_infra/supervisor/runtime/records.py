@@ -424,6 +424,7 @@ class Run:
     message: str = ""
     ended_at: str = ""
     spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits
+    spec_yaml: str = ""  # the run spec file as the user asked (specs.py); "" for runs launched before it was kept
     # Why the stored item failed validation on read, or "". Such a run is never acted on: its values stay as
     # stored (`stored`) and are written back so, but for the state, message and end the supervisor gives it.
     problem: str = field(default="", compare=False)
@@ -491,6 +492,8 @@ class Run:
             "spent_usd": self.spent_usd,
             "summary": self.summary(),
         }
+        if self.spec_yaml:
+            item["spec_yaml"] = self.spec_yaml
         if self.problem:  # as it was read, so nothing it said is lost
             changed = ("state", "version", "message", "ended_at")
             item = {**{k: v for k, v in self.stored.items() if k != "active"}, **{k: item[k] for k in changed}}
