@@ -4,12 +4,14 @@ treats AWS_ENDPOINT_URL as the local AWS (adding moto's AMI and CloudFormation f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from training_infra.local.sandbox import SandboxState, process_identity, serves
+from training_infra.local.processes import ChildProcess
+from training_infra.local.sandbox import SandboxState, process_identity, serves, stop_running
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = "http://localhost:45678"
@@ -69,3 +71,65 @@ def test_make_deploy_adds_the_emulators_flags_only_while_a_sandbox_serves_that_e
     assert "image_id=ami-12c6146b" in to_sandbox and "--method=direct" in to_sandbox
     for real_aws in (left_over, proxy):
         assert "image_id=" not in real_aws and "--method=direct" not in real_aws
+
+
+# ---------------------------------------------------------------------------------------------- orphans
+
+
+def _own_group(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(list(argv), start_new_session=True)
+
+
+def _killed_sandbox(folder: Path, children: list[ChildProcess]) -> Path:
+    """The folder a SIGKILLed sandbox leaves: its state.json naming a process that is gone, and its children."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder.mkdir(parents=True, exist_ok=True)
+    SandboxState(
+        pid=dead.pid, endpoint=ENDPOINT, region="us-east-1", runtime="process", schedule_seconds=60,
+        phase="ready", started_at="2026-12-04T00:00:00+00:00", identity="gone:1",
+        children=[child.dump() for child in children],
+    ).write(folder)  # fmt: skip
+    (folder / "instances").mkdir()
+    return folder
+
+
+def test_local_down_after_a_killed_sandbox_ends_its_children_groups_and_removes_its_folder(tmp_path):
+    moto = _own_group("sleep", "60")
+    folder = _killed_sandbox(tmp_path / "sandbox", [ChildProcess.of("moto", moto.pid)])
+    lines: list[str] = []
+
+    assert stop_running(folder, say=lines.append) is None
+
+    assert moto.wait(timeout=5) == -signal.SIGTERM
+    assert len(lines) == 1 and lines[0].endswith(f"moto (process group {moto.pid}): stopped (SIGTERM)")
+    assert not folder.exists()
+
+
+def test_a_recorded_pid_now_used_by_another_process_is_never_signalled(tmp_path):
+    stranger = _own_group("sleep", "60")
+    try:
+        recorded = ChildProcess("moto", stranger.pid, identity=process_identity(stranger.pid) + "0")
+        assert recorded.status() == "reused"
+        lines: list[str] = []
+        stop_running(_killed_sandbox(tmp_path / "sandbox", [recorded]), say=lines.append)
+
+        assert stranger.poll() is None, "the process that now has the number lives on"
+        assert lines[0].endswith(
+            f"moto (process group {stranger.pid}): not signalled: its pid now belongs to another process"
+        )
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_group_whose_leader_exited_is_still_ended_by_its_recorded_number(tmp_path):
+    # An agent whose bash exited while its trainer runs on in the group.
+    leader = _own_group("bash", "-c", "sleep 60 & sleep 0.5")
+    recorded = ChildProcess.of("agent i-0abc", leader.pid)
+    leader.wait()
+    [trainer] = recorded.members()
+
+    assert recorded.status() == "ours"
+    assert recorded.end(grace_seconds=5) == "stopped (SIGTERM)"
+    assert recorded.status() == "gone" and trainer not in recorded.members()

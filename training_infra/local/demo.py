@@ -183,6 +183,25 @@ class Demo:
             raise DemoFailed("the trainer wrote no checkpoint before it ended: nothing to interrupt")
 
 
+OWNER_MARK = ".training-infra-demo"  # in a --workdir this tool made: only such a folder is emptied
+
+
+def _claim_workdir(workdir: Path) -> str | None:
+    """The demo's folder, emptied if an earlier demo made it; never one it did not make (one line why not)."""
+    if workdir.exists() and not workdir.is_dir():
+        return f"--workdir {workdir}: exists and is not a folder; give a new or empty folder"
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / OWNER_MARK).is_file():
+            return (
+                f"--workdir {workdir}: not empty and not made by `make demo` (no {OWNER_MARK}); "
+                "give a new or empty folder"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / OWNER_MARK).write_text("made by `make demo`: the next demo empties this folder\n")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,9 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runtime == "docker" and (reason := unavailable_reason()):
         console.print(f"make demo: --runtime docker is not available here: {reason}")
         return 2
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
+    refusal = _claim_workdir(args.workdir)
+    if refusal:
+        console.print(f"make demo: {refusal}", markup=False)
+        return 2
     demo = Demo(
         workdir=args.workdir,
         epochs=args.epochs or (60 if args.spot_interruption else 12),
