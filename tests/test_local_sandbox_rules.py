@@ -1,17 +1,21 @@
-"""The sandbox's rules that need no running sandbox: which process a state.json names, and when `make`
-treats AWS_ENDPOINT_URL as the local AWS (adding moto's AMI and CloudFormation flags)."""
+"""The sandbox's rules that need no running sandbox: which process a state.json names, when `make` treats
+AWS_ENDPOINT_URL as the local AWS (adding moto's AMI and CloudFormation flags), what a killed sandbox's
+children get (and a reused pid does not), one-line failures that keep their logs, the reconcile's wait."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from training_infra.local.emulator import Emulator, EmulatorError
+from training_infra.local.events import DeliveryRule, EventDelivery
 from training_infra.local.processes import ChildProcess
-from training_infra.local.sandbox import SandboxState, process_identity, serves, stop_running
+from training_infra.local.sandbox import Sandbox, SandboxError, SandboxState, process_identity, serves, stop_running
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = "http://localhost:45678"
@@ -133,3 +137,76 @@ def test_a_group_whose_leader_exited_is_still_ended_by_its_recorded_number(tmp_p
     assert recorded.status() == "ours"
     assert recorded.end(grace_seconds=5) == "stopped (SIGTERM)"
     assert recorded.status() == "gone" and trainer not in recorded.members()
+
+
+# ---------------------------------------------------------------------------------------------- one line, nothing lost
+
+
+def test_make_demo_refuses_a_workdir_it_did_not_make_in_one_line_and_leaves_its_files(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "-m", "training_infra.local.demo", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout.strip().splitlines() == [
+        f"make demo: --workdir {tmp_path}: not empty and not made by `make demo` (no .training-infra-demo); "
+        "give a new or empty folder"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+
+
+def test_a_failed_local_up_is_one_line_naming_its_log_and_down_keeps_that_log(tmp_path, monkeypatch):
+    folder = tmp_path / "sandbox"
+
+    def moto_fails(self, timeout=30.0):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.log_dir / "moto.log").write_text("Address already in use\n")
+        raise EmulatorError(f"moto_server exited with 1; see {self.log_dir / 'moto.log'}")
+
+    monkeypatch.setattr(Emulator, "start", moto_fails)
+    lines: list[str] = []
+    with pytest.raises(SandboxError) as refused:
+        Sandbox(folder=folder, say=lines.append).run()
+
+    assert str(refused.value) == (
+        f"moto_server exited with 1; see {folder / 'emulator' / 'moto.log'} (details in {folder / 'sandbox.log'})"
+    )
+    assert (folder / "emulator" / "moto.log").read_text() == "Address already in use\n", "the named log is kept"
+    assert "Traceback" in (folder / "sandbox.log").read_text()
+    assert SandboxState.read(folder).phase == "failed"
+    assert (
+        lines[-1] == f"local AWS stopped; its logs kept in {folder} (the next `local up` or `local down` removes them)"
+    )
+    assert stop_running(folder) is None and not folder.exists(), "`local down` then removes them"
+
+
+class _Player:
+    """An instance player whose agent is still on its way down (or not)."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    def shutting_down(self) -> bool:
+        return self.down
+
+    def tick(self) -> None:
+        pass
+
+
+def test_the_scheduled_reconcile_waits_while_an_ended_instances_agent_still_uploads(tmp_path):
+    calls: list[dict] = []
+    sandbox = Sandbox(folder=tmp_path / "sandbox", schedule_seconds=60)
+    sandbox.player = _Player()
+    sandbox.events = EventDelivery(
+        rules=[DeliveryRule(name="Reconcile", arn="arn:rule/reconcile", schedule="rate(1 minute)")],
+        handler=calls.append, say=lambda line: None,
+    )  # fmt: skip
+    (sandbox.folder / "control").mkdir(parents=True)
+
+    sandbox.tick()
+    assert calls == [], "no reconcile (no relaunch) before the agent's final upload"
+    sandbox.player.down = False
+    sandbox.tick()
+    sandbox.tick()
+    assert [c["detail-type"] for c in calls] == ["Scheduled Event"], "then one, and the next a schedule later"

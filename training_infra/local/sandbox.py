@@ -140,6 +140,8 @@ def running_state(folder: Path) -> SandboxState:
     state = SandboxState.read(folder)
     if state is None:
         raise SandboxError(f"no local AWS is running in {folder}: start one with `make local`")
+    if state.phase == "failed":
+        raise SandboxError(f"the local AWS in {folder} failed; its logs are kept there until `local down`")
     if not state.alive:
         raise SandboxError(f"the local AWS in {folder} (pid {state.pid}) is gone: `make local` starts a new one")
     if state.phase == "starting":
@@ -186,9 +188,9 @@ def ask(folder: Path, request: dict[str, Any], *, timeout: float = 15) -> dict[s
 
 def clean_up_after(folder: Path, state: SandboxState) -> list[str]:
     """What a sandbox killed without its clean-up (SIGKILL, a crash) left: its children's process groups ended
-    (never a pid since given to another process) and its folder removed, keeping the logs a failure named."""
+    (never a pid since given to another process) and its folder removed (a failed one's kept logs too)."""
     lines = end_all(state.child_processes)
-    _remove(folder, keep_logs=state.phase == "failed")
+    shutil.rmtree(folder, ignore_errors=True)
     return lines
 
 
@@ -198,8 +200,8 @@ def stop_running(
     """SIGTERM to the sandbox in `folder` and wait until it is gone; None when none was running (what a
     killed one left is cleaned up, each step said to `say`)."""
     state = SandboxState.read(folder)
-    if state is None or not state.alive:
-        if folder.exists() and state is not None:  # a sandbox killed without its clean-up
+    if state is None or not state.alive or state.phase == "failed":
+        if folder.exists() and state is not None:  # a sandbox killed without its clean-up, or a failed one's logs
             for line in clean_up_after(folder, state):
                 (say or log.info)(f"left by the local AWS that was killed (pid {state.pid}): {line}")
         return None
@@ -460,7 +462,7 @@ class Sandbox:
     def _up(self) -> SandboxState:
         started = time.monotonic()
         existing = SandboxState.read(self.folder)
-        if existing is not None and existing.alive:
+        if existing is not None and existing.alive and existing.phase != "failed":
             raise SandboxError(
                 f"a local AWS is already running in {self.folder} (pid {existing.pid}): "
                 "`training-infra local down` first, or `--dir` for another"
