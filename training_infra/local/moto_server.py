@@ -1,4 +1,4 @@
-"""The local AWS server: moto, taught one AWS behaviour the project relies on.
+"""The local AWS server: moto, taught five AWS behaviours the project relies on.
 
 CloudFormation creates an `AWS::EC2::Instance` that names only a launch template (and version)
 from that template: its image, type, user data, tags and market. moto 5 reads a literal `ImageId`
@@ -8,17 +8,17 @@ from the resource instead and ignores the template, so the seed's `create_instan
 such an instance through moto's own RunInstances with the template, as AWS does; every other
 resource and call is moto's, unchanged. Used only by training_infra/local/emulator.py.
 
-Third behaviour (`teach_default_versions`): a CloudFormation update of a launch template makes the new
-version the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
+Second (`teach_instance_profiles`): an instance launched from a launch template (RunInstances or an
+EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
+terminates only instances with the project's profile (docs/architecture.md, "Trust boundaries").
 
-Fifth (`teach_loopback_addresses`, the sandbox only): each instance's private address is a loopback
-address of its own, where the sandbox serves its IMDS (training_infra/local/sandbox.py).
+Third (`teach_default_versions`): a CloudFormation update of a launch template makes the new version
+the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
 
 Fourth (`teach_fleet_client_tokens`): CreateFleet is idempotent by ClientToken, as on AWS.
 
-Second behaviour (`teach_instance_profiles`): an instance launched from a launch template (RunInstances
-or an EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
-terminates only instances with the project's profile (docs/architecture.md, "Trust boundaries").
+Fifth (`teach_loopback_addresses`, the sandbox only, `TI_LOCAL_ADDRESS_BLOCK`): each instance's private
+address is a loopback address of its own, where the sandbox serves its IMDS (training_infra/local/sandbox.py).
 """
 
 from __future__ import annotations

@@ -2,19 +2,23 @@
 
 One process owns everything: the moto server, the deployed stacks, the example image in the
 emulator's ECR, and what AWS itself would do after that, which moto does not:
-- the supervisor's real handler on its schedule (EventBridge's one-minute rule; `--schedule` to go
-  faster), and EC2's events (state changes, spot warnings) handed to it as EventBridge delivers
-  them (`EventDelivery`);
-- every managed instance that appears in the emulator played here (`InstancePlayer`): its real
-  user data under `LocalInstance`, each with its own fake IMDS and private address; an instance
-  terminated by someone else gets its OS shutdown (SIGTERM), as on EC2.
+- the supervisor's real handler on the deployed rules: their schedule (`--schedule` to go faster) and
+  every EC2 event their patterns match (each state an instance passes through, in order; spot
+  warnings), delivered as EventBridge does, retries included (`events.EventDelivery`);
+- every managed instance that appears in the emulator played here (`InstancePlayer`), however many
+  one fleet made: its real user data under `LocalInstance`, each on its own loopback address with
+  its own fake IMDS; an instance terminated by someone else gets its OS shutdown (SIGTERM), as on
+  EC2, and is announced once its agent exited;
+- after the deploy, a gate: what the stacks declare against what the emulator holds (declared.py).
 
 Other processes reach it through its folder (`.local/sandbox` by default): `state.json` says where
 the emulator is and whether it is ready (`training-infra local env` prints its exports); a verb that
 needs the sandbox (`local interrupt`) writes `control/<id>.request.json` and reads the answer the
 sandbox writes beside it within a second; `local down` sends SIGTERM to the pid in `state.json`.
 SIGTERM and Ctrl-C stop the instances (their agents upload logs on the way down), the container
-engine and the emulator, then remove the folder.
+engine and the emulator, then remove the folder (keeping its logs if a line named one). Every child
+runs in its own session; `state.json` names each one's process group so that `local down` or the
+next `local up` can end them if this process was killed (processes.py).
 """
 
 from __future__ import annotations
@@ -296,7 +300,7 @@ class InstancePlayer:
 
     def _follow(self, played: PlayedInstance, state: str) -> None:
         instance_id, box = played.instance_id, played.box
-        if state in ENDING_STATES and played.agent_running:
+        if state in ENDING_STATES and played.agent_running and not played.done:
             if played.stopping is None:  # EC2's shutdown: the agent's SIGTERM handling uploads on the way down
                 self.say(f"{instance_id}: {state} by EC2; the agent gets SIGTERM (its states announced once it exits)")
                 played.stopping = threading.Thread(target=box.stop, name=f"stop-{instance_id}", daemon=True)
@@ -481,6 +485,7 @@ class Sandbox:
         self._log_handler = logging.FileHandler(self.log_path)
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
+        log.setLevel(logging.INFO)
         log.propagate = False  # tracebacks to the file; the console gets one line
         self.state = SandboxState(
             pid=os.getpid(), endpoint="", region=self.emulator.region, runtime=self.runtime,
@@ -497,9 +502,11 @@ class Sandbox:
         self.say(f"local AWS (moto) at {self.emulator.endpoint}; log {self.emulator.log_dir / 'moto.log'}")
         self._deploy()
         self._put_image()
+        checking = time.monotonic()
         checked = self.check_declared()
         for line in checked.lines():
             self.say(line)
+        log.info("declared vs held: checked in %.1f s", time.monotonic() - checking)
         if not checked.ok:
             raise SandboxError(
                 f"the local AWS does not hold what the stacks declare ({len(checked.mismatches)} mismatches above)"
