@@ -541,8 +541,11 @@ class Sandbox:
         result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
         (self.folder / "cdk.log").open("a").write(result.stdout + result.stderr)
         if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-            raise SandboxError(f"cdk {args[0]} exited {result.returncode}:\n{tail}")
+            lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+            last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+            raise SandboxError(
+                f"cdk {args[0]} exited {result.returncode}: {last} (all of it in {self.folder / 'cdk.log'})"
+            )
 
     def _deploy(self) -> None:
         started = time.monotonic()
