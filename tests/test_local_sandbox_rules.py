@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from training_infra.local import sandbox as sandbox_module
 from training_infra.local.emulator import Emulator, EmulatorError
 from training_infra.local.events import DeliveryRule, EventDelivery
 from training_infra.local.processes import ChildProcess
@@ -210,3 +211,18 @@ def test_the_scheduled_reconcile_waits_while_an_ended_instances_agent_still_uplo
     sandbox.tick()
     sandbox.tick()
     assert [c["detail-type"] for c in calls] == ["Scheduled Event"], "then one, and the next a schedule later"
+
+
+def test_a_failed_cdk_step_is_one_line_naming_the_cdk_log(tmp_path, monkeypatch):
+    fake = tmp_path / "cdk"
+    fake.write_text("#!/bin/sh\necho 'TrainingInfra-Storage: deploying...'\necho 'Error: moto said no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox_module, "CDK", fake)
+    sandbox = Sandbox(folder=tmp_path / "sandbox")
+    sandbox.folder.mkdir()
+
+    with pytest.raises(SandboxError) as failed:
+        sandbox._cdk("deploy", "--all")
+
+    assert str(failed.value) == f"cdk deploy exited 1: Error: moto said no (all of it in {sandbox.folder / 'cdk.log'})"
+    assert "deploying..." in (sandbox.folder / "cdk.log").read_text()
