@@ -45,7 +45,7 @@ from training_infra import naming
 from training_infra.local.containers import ContainerEngine
 from training_infra.local.declared import DeclaredCheck, check_declared
 from training_infra.local.emulator import Emulator, EmulatorError
-from training_infra.local.events import SPOT_WARNING, EventDelivery, ec2_event, rules_from_stack
+from training_infra.local.events import SPOT_WARNING, DeliveryRule, EventDelivery, ec2_event, rules_from_stack
 from training_infra.local.instance import LocalInstance, aws_client
 from training_infra.local.processes import ChildProcess, end_all, process_identity
 
@@ -70,6 +70,7 @@ TICK_SECONDS = 1.0  # how often instances and control requests are looked at
 SPOT_NOTICE_SECONDS = 120  # AWS reclaims the instance this long after its notice
 STOP_GRACE_SECONDS = 30
 SHUTDOWN_SECONDS = STOP_GRACE_SECONDS + 10  # the longest the player waits for an ended instance's agent to exit
+RULES_READ_SECONDS = 60  # how often the deployed rules are read again (a `make deploy` may change them)
 
 log = logging.getLogger("training_infra.local")
 
@@ -431,6 +432,7 @@ class Sandbox:
         self._stop = threading.Event()
         self._owner = False  # a refused `up` (another sandbox runs in the folder) must leave it alone
         self._next_reconcile = 0.0
+        self._next_rules_read = float("inf")  # set by up(), once the rules are read
         self._log_handler: logging.Handler | None = None
         self.failed = False  # a line named a log: `down` keeps the logs
 
@@ -511,9 +513,8 @@ class Sandbox:
             raise SandboxError(
                 f"the local AWS does not hold what the stacks declare ({len(checked.mismatches)} mismatches above)"
             )
-        rules = rules_from_stack(self.client("cloudformation"), self.client("events"), naming.COMPUTE_STACK)
-        if not any(rule.pattern for rule in rules) or not any(rule.schedule for rule in rules):
-            raise SandboxError(f"{naming.COMPUTE_STACK} deploys no EventBridge rule that targets the supervisor")
+        rules = self._rules()
+        self._next_rules_read = time.monotonic() + RULES_READ_SECONDS
         self.events = EventDelivery(
             rules=rules, handler=self._handle, say=self._say_delivery, region=self.emulator.region,
         )  # fmt: skip
@@ -597,6 +598,12 @@ class Sandbox:
         """What the stacks declare against what the emulator holds (training_infra/local/declared.py)."""
         return check_declared(self.client)
 
+    def _rules(self) -> list[DeliveryRule]:
+        rules = rules_from_stack(self.client("cloudformation"), self.client("events"), naming.COMPUTE_STACK)
+        if not any(rule.pattern for rule in rules) or not any(rule.schedule for rule in rules):
+            raise SandboxError(f"{naming.COMPUTE_STACK} deploys no EventBridge rule that targets the supervisor")
+        return rules
+
     def _handle(self, event: dict[str, Any]) -> Any:
         """The supervisor's handler as its Lambda runs it; made for each event: a `make deploy` meanwhile may
         have changed the stack's limits."""
@@ -618,6 +625,9 @@ class Sandbox:
         # The schedule (EventBridge's rate, or --schedule) waits while an ended instance's agent still uploads.
         if now >= self._next_reconcile and not self.player.shutting_down():
             self._next_reconcile = now + self.schedule_seconds
+            if now >= self._next_rules_read:  # a `make deploy` meanwhile may have changed the rules
+                self._next_rules_read = now + RULES_READ_SECONDS
+                self.events.rules = self._rules()
             self.events.scheduled()
         self.player.tick()
         self._answer_requests()
