@@ -113,10 +113,10 @@ def interrupt(
     folder: Dir = None,
 ) -> None:
     """Send a spot interruption notice to RUN's live instance, as AWS does two minutes before reclaiming it."""
-    from training_infra.cli.main import _check_run_id
+    from training_infra.cli.options import check_run_id
     from training_infra.local.sandbox import SandboxError, ask
 
-    run = _check_run_id(run)
+    run = check_run_id(run)
     try:
         answer = ask(_folder(folder), {"verb": "interrupt", "run": run})
     except SandboxError as error:
