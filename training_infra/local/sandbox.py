@@ -394,6 +394,9 @@ class InstancePlayer:
         for instance_id, played in list(self.instances.items()):
             if played.box is None or played.done:
                 continue
+            if played.stopping is not None:  # already on its way down: no second SIGTERM
+                threads.append(played.stopping)
+                continue
             if played.agent_running:
                 self.say(f"{instance_id}: shutting down (its agent uploads logs and status first)")
             thread = threading.Thread(target=played.box.stop, daemon=True)
