@@ -165,11 +165,8 @@ def test_local_interrupt_of_a_run_without_a_live_instance_is_one_line(by_hand):
     )
 
 
-def test_make_deploy_with_local_env_in_effect_deploys_to_the_sandbox(sandbox, by_hand, tmp_path):
-    result = subprocess.run(
-        ["make", "-s", "deploy", "REQUIRE_APPROVAL=never", f"CDK_OUT={tmp_path / 'cdk.out'}"],
-        cwd=ROOT, env=sandbox["env"], capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def test_make_deploy_with_local_env_in_effect_deploys_to_the_sandbox(sandbox, demos):
+    result = demos["deploy"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "TrainingInfra-Compute" in result.stdout + result.stderr
     stacks = aws_client("cloudformation", sandbox["state"].env).describe_stacks()["Stacks"]
@@ -181,8 +178,8 @@ def test_make_deploy_with_local_env_in_effect_deploys_to_the_sandbox(sandbox, by
 
 @pytest.fixture(scope="module")
 def demos(sandbox, by_hand, tmp_path_factory):
-    """`make demo` and `make demo-spot` with `local env` in effect (both use the running sandbox) while
-    `make demo-container` runs beside them with its own sandbox on podman: their waits overlap."""
+    """`make deploy`, `make demo` and `make demo-spot` with `local env` in effect (all on the running sandbox)
+    while `make demo-container` runs beside them with its own sandbox on podman: their waits overlap."""
     found, container = {}, None
     reason = unavailable_reason()
     if not reason:
@@ -193,6 +190,10 @@ def demos(sandbox, by_hand, tmp_path_factory):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     try:
+        found["deploy"] = subprocess.run(
+            ["make", "-s", "deploy", "REQUIRE_APPROVAL=never", f"CDK_OUT={tmp_path_factory.mktemp('deploy')}"],
+            cwd=ROOT, env=sandbox["env"], capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
         for target, flags in (("demo", ()), ("demo-spot", ("--epochs", "60"))):
             workdir = tmp_path_factory.mktemp(target)
             console = _make(target, sandbox["env"], "--workdir", str(workdir), *flags)
