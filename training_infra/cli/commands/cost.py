@@ -7,12 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from training_infra.cli import launching, runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import UsageError, reported_errors
 from training_infra.cli.options import JsonFlag, Output, Region, whole_number
 from training_infra.cli.render import Column, Listing, fmt_usd, output_format, print_json, stdout
-from training_infra.cli.source import RunSource
 
 
 @reported_errors
@@ -43,6 +41,9 @@ def cost(
     ends); only attempts still going are priced now, with one spot price history per type and
     zone. An attempt that began before the period counts for the hours inside it.
     """
+    from training_infra.cli import launching, runs
+    from training_infra.cli.source import RunSource
+
     fmt = output_format(output, as_json=as_json)
     now = runs.utcnow()
     # One run: its whole life unless a period is given.

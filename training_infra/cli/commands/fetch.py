@@ -8,14 +8,11 @@ from typing import Annotated
 import typer
 
 from training_infra import naming
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, err_console, reported_errors
 from training_infra.cli.options import Region, check_run_id
 from training_infra.cli.render import stdout
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
-from training_infra.supervisor.runtime.records import RunState
 
 
 @reported_errors
@@ -35,7 +32,7 @@ def fetch(
 
     The files come whatever the outcome; a note on stderr says when the run failed or is still running.
     """
-    from training_infra.cli import transfer
+    from training_infra.cli import runs, transfer
 
     run = run if run == "latest" else check_run_id(run)
     aws = Aws(region)
@@ -61,6 +58,10 @@ def fetch(
 
 def _fetch_note(aws: Aws, run: str, target: Path) -> str:
     """What the user must know about the files just fetched: the run failed, or has not ended."""
+    from training_infra.cli import runs
+    from training_infra.cli.source import RunSource
+    from training_infra.supervisor.runtime.records import RunState
+
     record = RunSource(aws).record(run)
     if record is not None and record.active:
         # A managed run's status.json is its latest attempt's: the run itself may go on.

@@ -6,16 +6,13 @@ import sys
 import time
 from typing import Annotated, Any
 
-import botocore.exceptions
 import typer
 
 from training_infra import naming
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, err_console, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
 
 LOG_POLL_SECONDS = 2.0
 
@@ -29,6 +26,11 @@ def logs(
     region: Region = None,
 ) -> None:
     """Print the run's training log from CloudWatch Logs (one stream per run)."""
+    import botocore.exceptions
+
+    from training_infra.cli import runs
+    from training_infra.cli.source import RunSource
+
     run = check_run_id(run)
     aws = Aws(region)
     group = aws.output(naming.OUTPUT_LOG_GROUP_NAME)

@@ -27,7 +27,7 @@ def outputs(
     output: Output = "table",
     region: Region = None,
 ) -> None:
-    """Print the deployed stacks' outputs under the seed's snake_case names.
+    """Print the deployed stacks' outputs by name, such as training_bucket.
 
     Without NAME: every output of every deployed stack as `name = value`. With NAME: the bare
     value, for scripts: `aws s3 ls s3://$(training-infra outputs training_bucket)/data/`.

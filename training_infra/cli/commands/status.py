@@ -6,13 +6,11 @@ from typing import Annotated, Any
 
 import typer
 
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import reported_errors
 from training_infra.cli.options import JsonFlag, Output, Region, check_run_id, whole_number
 from training_infra.cli.render import Column, Listing, fmt_duration, fmt_usd, hhmm, output_format, print_json, stdout
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
 
 
 @reported_errors
@@ -31,6 +29,8 @@ def status(
     EC2 and prices are asked only for the runs shown that are still going. Runs known only from
     their status.json (made before the run table) are recorded in it the first time they are seen.
     """
+    from training_infra.cli.source import RunSource
+
     fmt = output_format(output, as_json=as_json)
     count = whole_number("--limit", limit)
     if run is not None:
@@ -72,6 +72,8 @@ def status(
 
 def _progress_words(progress: dict[str, Any] | None) -> str:
     """`step 1200, 3.1 steps/s, last progress 40 s ago`, or why there is none."""
+    from training_infra.cli import runs
+
     if not progress:
         return "none reported yet this attempt (a trainer that never writes HEARTBEAT_FILE is judged by idle GPU only)"
     parts = []
