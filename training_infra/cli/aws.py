@@ -12,6 +12,7 @@ import functools
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,10 @@ class NotDeployedError(CliError):
     """A stack is absent in this region (as opposed to AWS being unreachable or misconfigured)."""
 
 
+# Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, eu-isoe-west-1.
+_REGION_NAME = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
+
+
 @dataclass
 class Aws:
     """Clients and stack outputs for one invocation, created lazily and cached."""
@@ -109,6 +114,10 @@ class Aws:
         notebooks) pay it once.
         """
         if self._session is None:
+            if self.region is not None and not _REGION_NAME.fullmatch(self.region):
+                raise UsageError(
+                    f"option '--region': got {self.region!r}; allowed: an AWS region name such as us-east-1"
+                )
             import botocore.exceptions
             import botocore.session
 

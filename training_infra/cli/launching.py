@@ -69,13 +69,18 @@ class LaunchRequest:
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
 
 
+MIN_COST_USD = 0.01  # a limit below a cent cannot pay for a second of any instance, and prints as $0.00
+
+
 def _positive_usd(option: str, value: Any) -> float:
     try:
         number = float(str(value).strip())
     except ValueError:
         number = float("nan")
-    if not (0 < number <= 1_000_000):  # also refuses nan and inf
-        raise UsageError(f"option '{option}': got {value!r}; allowed: a number of US dollars greater than 0")
+    if not (MIN_COST_USD <= number <= 1_000_000):  # also refuses nan and inf
+        raise UsageError(
+            f"option '{option}': got {value!r}; allowed: US dollars from {MIN_COST_USD:g} up to 1000000, e.g. 25"
+        )
     return number
 
 
@@ -104,7 +109,9 @@ def validate(request: LaunchRequest) -> LaunchRequest:
             )
         request.instance_types = ",".join(types)
     if request.market is not None and request.spot is not None:
-        raise UsageError("options '--market' and '--spot/--on-demand': give one")
+        raise UsageError(
+            f"options '--market' and '--{'spot' if request.spot else 'on-demand'}': got both; allowed: one of them"
+        )
     if request.market is not None and request.market not in MARKETS:
         raise UsageError(f"option '--market': got {request.market!r}; allowed: {', '.join(MARKETS)}")
     if request.max_restarts_on_errors is not None:

@@ -29,6 +29,7 @@ RESERVED_RUN_IDS = {
     "default": "the run id of the create_instance instance when the run_id setting is empty",
 }
 MAX_PRICE_LIMIT = 1000.0  # USD/hour, as the spot_max_price setting allows
+MIN_PRICE = 0.001  # USD/hour: below any EC2 price (spot prices have 4 decimals), and shown as $0.00/hour
 SKIPPED = "skipped: not available here"
 # Service Quotas codes (vCPUs per region) by family group and market. P5 and later, and Trn, have
 # spot quotas of their own whose codes are not listed here: not checked (the fleet reports them).
@@ -66,9 +67,9 @@ def parse_max_price(value: Any) -> float | None:
         price = float(str(value).strip())
     except ValueError:
         price = math.nan
-    if not math.isfinite(price) or not 0 < price <= MAX_PRICE_LIMIT:
+    if not math.isfinite(price) or not MIN_PRICE <= price <= MAX_PRICE_LIMIT:
         raise UsageError(
-            f"option '--max-price': got {value!r}; allowed: USD per hour, a number greater than 0 up to "
+            f"option '--max-price': got {value!r}; allowed: USD per hour from {MIN_PRICE:g} up to "
             f"{MAX_PRICE_LIMIT:g}, e.g. 0.60"
         )
     return price

@@ -9,7 +9,7 @@ import typer
 
 from training_infra import naming
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region, check_run_id
 from training_infra.cli.render import stdout
 from training_infra.cli.safe_text import remote_text
@@ -35,6 +35,8 @@ def fetch(
     from training_infra.cli import runs, transfer
 
     run = run if run == "latest" else check_run_id(run)
+    if dest is not None and dest.exists() and not dest.is_dir():
+        raise UsageError(f"argument 'DEST': got {str(dest)!r}; allowed: a folder (new or existing), not a file")
     aws = Aws(region)
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
     prefix = naming.LATEST_PREFIX if run == "latest" else f"{naming.RUNS_PREFIX}{run}/"
@@ -42,7 +44,10 @@ def fetch(
     objects = transfer.remote_objects(aws, bucket, prefix)
     if not objects:
         if run == "latest":
-            raise CliError(f"no finished run yet: s3://{bucket}/{prefix} is empty")
+            raise CliError(
+                f"no run has succeeded yet (s3://{bucket}/{prefix} holds the newest succeeded run's files): "
+                "fetch a run by its id, `training-infra status` lists them"
+            )
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, objects, target, err_console())

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region
 from training_infra.cli.render import stdout
 from training_infra.cli.safe_text import remote_text
@@ -56,14 +56,13 @@ def launch(
         ),
     ] = None,
     spot: Annotated[
-        bool | None,
-        typer.Option(
-            "--spot/--on-demand",
-            help="Short for --market spot / --market on-demand.",
-            show_default=False,
-            rich_help_panel=RESOURCES,
-        ),
-    ] = None,
+        bool,
+        typer.Option("--spot", help="Short for --market spot.", rich_help_panel=RESOURCES),
+    ] = False,
+    on_demand: Annotated[
+        bool,
+        typer.Option("--on-demand", help="Short for --market on-demand.", rich_help_panel=RESOURCES),
+    ] = False,
     max_restarts_on_errors: Annotated[
         str | None,
         typer.Option(
@@ -231,9 +230,12 @@ def launch(
     """
     from training_infra.cli import launching, preflight
 
+    if spot and on_demand:
+        raise UsageError("options '--spot' and '--on-demand': got both; allowed: one of them")
+    market_flag = True if spot else False if on_demand else None
     request = launching.validate(
         launching.LaunchRequest(
-            instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
+            instance_type=instance_type, instance_types=instance_types, market=market, spot=market_flag,
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours,
             stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,

@@ -37,6 +37,7 @@ def logs(
     client = aws.client("logs")
     token: str | None = None
     announced = False
+    printed = 0
     while True:
         kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": run, "startFromHead": True}
         if token:
@@ -59,13 +60,19 @@ def logs(
             continue
         for event in page.get("events", []):
             sys.stdout.write(remote_text(event.get("message", "").rstrip("\n")) + "\n")
+            printed += 1
         sys.stdout.flush()
         new_token = page.get("nextForwardToken")
         if new_token != token:
             token = new_token
-            if page.get("events"):
-                continue  # drain everything already there before deciding to wait
+            if page.get("events") or not follow:
+                continue  # drain everything already there (an empty page is not the end) before deciding
         if not follow:
+            if not printed:  # the stream exists, the agent has not written to it yet
+                raise CliError(
+                    f"no log lines for run {run} yet (stream {run} in {group} is empty): "
+                    "the agent starts logging once the instance has booted; `logs -f` waits for them"
+                )
             return
         still_going = RunSource(aws).still_going(run)
         if not still_going:  # a managed run goes on between attempts and while it waits for capacity

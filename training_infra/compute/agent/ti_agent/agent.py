@@ -29,6 +29,7 @@ from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
 from .logship import LogShipper
+from .metrics import MetricsLog
 from .progress import Progress, observe, read_heartbeat
 from .runtime import DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
@@ -98,6 +99,8 @@ class Agent:
         self._progress_lock = threading.Lock()
         self._logs_lock = threading.Lock()  # the checkpoint watcher's log upload and finalize's
         self.progress = Progress()
+        self.metrics = MetricsLog(self.state / "logs" / "metrics.jsonl")  # synced with the logs
+        self.gpu_percent: float | None = None  # the busiest GPU at the idle watcher's last look
         self.finalizing = False
         self.trainer: Trainer | None = None
         self.trainer_started = 0.0
@@ -145,6 +148,11 @@ class Agent:
         if beat.startswith(PROGRESS_IN_CONTAINER):
             return self.progress_dir / beat[len(PROGRESS_IN_CONTAINER) :]
         return Path(beat)
+
+    @property
+    def trainer_heartbeat(self) -> str:
+        """HEARTBEAT_FILE as the trainer was given it: the container's path, or the host's for a process."""
+        return str(self.heartbeat_host) if self.knobs.runtime == "process" else self.knobs.heartbeat_file
 
     @property
     def heartbeat_in_checkpoints(self) -> str:
@@ -552,9 +560,9 @@ class Agent:
     # ------------------------------------------------------------ progress
     def observe_progress(self, now: float) -> Progress:
         with self._progress_lock:
-            self.progress, said = observe(
-                self.progress, read_heartbeat(self.heartbeat_host), now, since=self.trainer_started
-            )
+            beat = read_heartbeat(self.heartbeat_host)
+            self.progress, said = observe(self.progress, beat, now, since=self.trainer_started)
+            self.metrics.record(self.progress, beat.text if beat else "", now, self.gpu_percent)  # watch's history
         if said:
             self.log(f"heartbeat file {self.heartbeat_host} {said}")
         return self.progress
