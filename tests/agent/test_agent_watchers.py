@@ -592,3 +592,20 @@ def test_the_progress_watcher_writes_the_history_into_the_logs_folder_the_log_up
     history = agent.state / "logs" / "metrics.jsonl"  # upload_logs syncs this folder to attempts/<n>/logs/
     [line] = [json.loads(text) for text in history.read_text().splitlines()]
     assert (line["step"], line["loss"], line["gpu_percent"]) == (7, 0.5, 87.0)
+
+
+def test_the_log_upload_syncs_tensorboard_dir_only_when_the_trainer_wrote_one(tmp_path, imds):
+    """Issue 27: $TENSORBOARD_DIR (under /outputs) goes to runs/<id>/tensorboard/ with the logs; no folder, no cost."""
+    agent = make_agent(tmp_path, imds, Clock())
+    agent.run_id = "r1"
+    agent.state.mkdir(parents=True)  # as prepare() leaves it
+    calls = []
+    agent.cli_ok = lambda *args, timeout=None: calls.append(args) or True
+
+    agent.upload_logs()
+    assert [c for c in calls if "tensorboard" in " ".join(c)] == [], "no TensorBoard folder: no request"
+
+    (agent.out_dir / "tensorboard" / "train").mkdir(parents=True)
+    agent.upload_logs()
+    assert calls[-1][:2] == ("s3", "sync") and calls[-1][2] == f"{agent.out_dir / 'tensorboard'}/"
+    assert calls[-1][3] == f"{agent.run_prefix}/tensorboard/"

@@ -15,7 +15,19 @@ import typer
 from typer import _click as click  # typer's own copy of click: its exceptions are what parsing raises
 from typer.core import TyperGroup
 
-from training_infra.cli.commands import connect, cost, fetch, launch, logs, outputs, status, stop, upload, watch
+from training_infra.cli.commands import (
+    connect,
+    cost,
+    fetch,
+    launch,
+    logs,
+    outputs,
+    status,
+    stop,
+    tensorboard,
+    upload,
+    watch,
+)
 from training_infra.cli.errors import err_console, report_error
 from training_infra.cli.helptext import PlainHelpCommand, write_commands, write_options
 
@@ -115,7 +127,7 @@ def _global_options(
 
 
 # The verbs, in the order `--help` lists them.
-for verb in (outputs, upload, launch, status, watch, logs, connect, fetch, stop, cost):
+for verb in (outputs, upload, launch, status, watch, logs, tensorboard, connect, fetch, stop, cost):
     app.command(cls=PlainHelpCommand)(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 

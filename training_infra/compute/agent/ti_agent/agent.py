@@ -31,7 +31,7 @@ from .imds import Imds, ImdsError
 from .logship import LogShipper
 from .metrics import MetricsLog
 from .progress import Progress, observe, read_heartbeat
-from .runtime import DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
+from .runtime import TENSORBOARD, DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
 from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, lenient, parse
 from .status import Instance, Outcome, StopReason, build_status
@@ -555,7 +555,11 @@ class Agent:
                         shutil.copyfile(path, logs / path.name)
                 except OSError as error:  # a full disk: the older copy (if any) still goes up
                     self.log(f"WARNING: {path.name} not copied for upload: {error}")
-            return self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
+            synced = self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
+            board = self.out_dir / TENSORBOARD  # only a trainer that writes $TENSORBOARD_DIR costs a request
+            if board.is_dir():
+                self.cli_ok("s3", "sync", f"{board}/", f"{self.run_prefix}/tensorboard/", "--only-show-errors")
+            return synced
 
     # ------------------------------------------------------------ progress
     def observe_progress(self, now: float) -> Progress:
