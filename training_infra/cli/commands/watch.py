@@ -53,6 +53,7 @@ def watch(
         if once or not view.active:
             sys.stdout.write(text)
             return
-        sys.stdout.write("\x1b[H\x1b[2J" + text)  # redraw in place on a terminal
+        # Redrawn in place on a terminal; piped (a log file), each view follows the last.
+        sys.stdout.write(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text)
         sys.stdout.flush()
         time.sleep(seconds)
