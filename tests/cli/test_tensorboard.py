@@ -19,8 +19,7 @@ from training_infra import naming
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (requirements-dev.txt installs it)")
 
-REGION = "eu-central-2"  # this module's own
-RUN = "board-run"
+RUN = "board-run"  # in the shared deployment: only S3 objects under its own run id
 
 
 def _events(folder: Path) -> list[Path]:
@@ -53,8 +52,8 @@ def _get(url: str, deadline: float) -> bytes:
             time.sleep(0.5)
 
 
-def test_tensorboard_syncs_the_runs_logs_and_serves_them_on_loopback(deployed, tmp_path):
-    deployment = deployed(REGION)
+def test_tensorboard_syncs_the_runs_logs_and_serves_them_on_loopback(stacks, tmp_path):
+    deployment = stacks
     for path in _events(tmp_path / "written"):
         deployment.client("s3").put_object(
             Bucket=deployment.outputs_bucket,
