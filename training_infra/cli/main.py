@@ -25,7 +25,7 @@ from typer import _click as click  # typer's own copy of click: its exceptions a
 from typer.core import TyperGroup
 
 from training_infra import naming
-from training_infra.cli import launching, preflight, runs
+from training_infra.cli import capacity, launching, preflight, runs
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
 from training_infra.cli.errors import CliError, UsageError, err_console, report_error, reported_errors
 from training_infra.cli.render import Column, Listing, output_format, print_json
@@ -553,6 +553,9 @@ def status(
     output: Output = "table",
     as_json: JsonFlag = False,
     region: Region = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="With RUN: why it waits (pools tried, EC2's answers, cooldowns).")
+    ] = False,
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
 
@@ -574,8 +577,12 @@ def status(
         rows = _managed_rows(aws, [record]) if record else _run_rows(aws, runs.require_runs(aws, run))
         if record is not None:
             rows[0]["progress"] = _progress(aws, record)
+            if verbose:
+                rows[0]["waiting"] = capacity.waiting(record, runs.utcnow())
         if record is not None and fmt != "json":
             _show_managed_run(rows[0])
+            for line in capacity.waiting_lines(rows[0].get("waiting")):
+                stdout().print(remote_text(line), markup=False)  # pool names and EC2's words come from the record
             return
     else:
         for service in ("s3", "ec2"):  # clients are thread-safe, their creation is not: made here, used below

@@ -321,8 +321,10 @@ class TrainingSupervisor(Construct):
                     "ec2:DescribeLaunchTemplateVersions",
                     # Pricing an attempt when it ends (ledger.py).
                     "ec2:DescribeSpotPriceHistory",
+                    # Zones ranked for a spot launch (capacity.py).
+                    "ec2:GetSpotPlacementScores",
                 ],
-                resources=["*"],  # Describe* has no resource-level permissions
+                resources=["*"],  # Describe* and GetSpotPlacementScores have no resource-level permissions
             ),
             iam.PolicyStatement(
                 sid="ReadListPrices",  # a run's price cap: on-demand list prices (spot prices: the statement above)
@@ -520,6 +522,7 @@ def training_user_policy(
                 "ec2:DescribeInstanceTypeOfferings",
                 "ec2:DescribeInstanceTypes",
                 "ec2:DescribeSpotPriceHistory",
+                "ec2:GetSpotPlacementScores",  # the preflight's zone scores (supervisor/runtime/capacity.py)
                 "servicequotas:GetServiceQuota",
                 "pricing:GetProducts",
             ],

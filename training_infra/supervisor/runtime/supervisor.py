@@ -32,6 +32,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    import capacity
     import ledger
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import (
@@ -49,7 +50,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     )
     from run_requests import run_template_problem
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime import capacity, ledger
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         Attempt,
@@ -378,6 +379,9 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
                 if cheapest is not None:
                     priced_out.append((*cheapest, market))
                 continue
+        if market == "spot":  # zones EC2 scores unlikely to have spot capacity are left out (capacity.py)
+            offered, left_out = _scored(clients, cfg, run, offered, zones, now)
+            errors.extend(left_out)
         overrides = [
             {"InstanceType": t, "SubnetId": s, **({"MaxPrice": f"{cap:g}"} if cap and market == "spot" else {})}
             for t, s in offered
@@ -423,7 +427,7 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
             }
             for e in pool_errors
         )
-    if priced_out and not errors:
+    if priced_out and all(e["code"] == capacity.LEFT_OUT for e in errors):
         message = cap_message(cap, min(priced_out, key=lambda item: item[1]))
         if not run.launched:
             raise LaunchRefused(f"{message}: raise --max-price or add cheaper --instance-types")
@@ -451,12 +455,34 @@ def _under_cap(
     return [(t, s) for t, s in pools_ if (t, zones[s]) in allowed], cheapest
 
 
+def _scored(
+    clients: Clients,
+    cfg: SupervisorConfig,
+    run: Run,
+    offered: list[tuple[str, str]],
+    zones: Mapping[str, str],
+    now: datetime,
+) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """The spot pools to offer, and a note per zone left out (kept with the attempt's errors for `status -v`)."""
+    scores = capacity.PlacementScores(clients.ec2, clients.dynamodb, cfg.table).get(
+        run.spec.instance_types, 1, now, run.spec.subnet_ids
+    )
+    kept, low = capacity.preferred_pools(offered, zones, scores)
+    notes = [
+        {"market": "spot", "code": capacity.LEFT_OUT, "pool": pool_key("*", zone),
+         "message": f"left out: spot placement score {scores.of(zone)} of 10"}
+        for zone in low
+    ]  # fmt: skip
+    return kept, notes
+
+
 def _override_name(error: Mapping[str, Any], zones: Mapping[str, str]) -> str:
     overrides = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
     return pool_key(overrides.get("InstanceType", "?"), zones.get(overrides.get("SubnetId", ""), "?"))
 
 
 def _capacity_message(errors: list[dict[str, str]]) -> str:
+    errors = [e for e in errors if e["code"] != capacity.LEFT_OUT]
     if not errors:
         return "no capacity in any pool"
     codes = sorted({e["code"] for e in errors})
