@@ -1322,6 +1322,7 @@ def _cost_attempts_listing(run: str, period: str, attempts: list[dict[str, Any]]
 from training_infra.cli.local import local_app  # noqa: E402 - the verbs above come first in --help
 
 app.add_typer(local_app)
+app.add_typer(capacity.capacity_app)
 
 
 def main() -> None:

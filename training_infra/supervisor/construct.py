@@ -523,6 +523,7 @@ def training_user_policy(
                 "ec2:DescribeInstanceTypes",
                 "ec2:DescribeSpotPriceHistory",
                 "ec2:GetSpotPlacementScores",  # the preflight's zone scores (supervisor/runtime/capacity.py)
+                "ec2:DescribeCapacityBlockOfferings",  # `capacity offers` (buying stays an admin's: not granted)
                 "servicequotas:GetServiceQuota",
                 "pricing:GetProducts",
             ],
