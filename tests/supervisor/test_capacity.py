@@ -197,7 +197,7 @@ def test_a_waiting_run_says_each_pool_tried_ec2s_answer_its_cooldowns_and_the_ne
     fleet.failing, fleet.code = {"spot"}, "MaxSpotInstanceCountExceeded"
     supervisor.handle(event(SPOT_WARNING, first.instance_id, **{"instance-action": "terminate"}))
     account.end_instance(first.instance_id)
-    supervisor.reconcile("bert")  # reclaimed: its pool cools down; the other zone answers max spot count
+    supervisor.reconcile("bert")  # replaced on the notice and again now: the other zone answers max spot count
     account.clock.advance(seconds=20)
     found = waiting(account.run(), account.clock())
 
@@ -211,7 +211,7 @@ def test_a_waiting_run_says_each_pool_tried_ec2s_answer_its_cooldowns_and_the_ne
     assert found["cooldown"] == {f"g5.xlarge@{first.zone}": until.strftime("%Y-%m-%dT%H:%M:%SZ")}
     assert found["next_try_at"] == (START + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = waiting_lines(found)
-    assert lines[0] == "why it waits:" and "1 try without an instance" in lines[1]
+    assert lines[0] == "why it waits:" and "2 tries without an instance" in lines[1]
     assert f"    g5.xlarge@{other} (spot): max spot count: the account's spot vCPU quota is used up " \
            "[MaxSpotInstanceCountExceeded]" in lines  # fmt: skip
     assert any(line.startswith(f"  cooldown: g5.xlarge@{first.zone} until ") for line in lines)
@@ -232,3 +232,77 @@ def test_a_zone_left_out_for_its_score_is_listed_as_such_and_not_counted_as_a_ca
     answers = {(p["pool"], p["answer"]) for p in waiting(run, account.clock())["pools"]}
     assert ("*@us-east-1a", "not offered: spot placement score too low") in answers
     assert ("g5.xlarge@us-east-1b", "insufficient capacity") in answers
+
+
+# --- Capacity Blocks: the block-ending warning ------------------------------------------------------------------
+
+BLOCK = "cr-0123456789abcdef0"
+# The event as EventBridge delivers it (EC2 User Guide, "Monitor Capacity Blocks using EventBridge").
+BLOCK_ENDING = {
+    "version": "0",
+    "id": "7bf73129-1428-4cd3-a780-95db273d1602",
+    "detail-type": "Capacity Block Reservation Expiration Warning",
+    "source": "aws.ec2",
+    "account": "123456789012",
+    "time": "2026-11-29T08:20:00Z",
+    "region": REGION,
+    "resources": [f"arn:aws:ec2:{REGION}:123456789012:capacity-reservation/{BLOCK}"],
+    "detail": {"capacity-reservation-id": BLOCK, "end-date": "2026-11-29T09:00:00Z"},
+}
+
+
+class BlockEc2:
+    """moto's EC2, but "which instances are in capacity reservation X" (moto has no Capacity Blocks) answered by a
+    Stubber with moto's own description of the instances said to be in it."""
+
+    def __init__(self, ec2, in_block: list[str]) -> None:
+        self._ec2 = ec2
+        self.stubbed = botocore.session.get_session().create_client("ec2", region_name=REGION)
+        self.stubber = Stubber(self.stubbed)
+        described = ec2.describe_instances(InstanceIds=in_block)["Reservations"] if in_block else []
+        self.stubber.add_response(
+            "describe_instances",
+            {"Reservations": described},
+            {"Filters": [
+                {"Name": "capacity-reservation-id", "Values": [BLOCK]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                {"Name": "tag:training-infra:managed", "Values": ["true"]},
+            ]},
+        )  # fmt: skip
+        self.stubber.activate()
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def get_paginator(self, name):
+        return self.stubbed.get_paginator(name) if name == "describe_instances" else self._ec2.get_paginator(name)
+
+
+def test_the_block_ending_warning_stops_its_runs_gracefully_and_they_end_deadline_without_a_relaunch(account):
+    from .conftest import start
+
+    first = start(account).attempts[0]
+    ec2 = BlockEc2(account.ec2, [first.instance_id])
+    answer = account.supervisor(ec2=ec2).handle(BLOCK_ENDING)
+    ec2.stubber.assert_no_pending_responses()
+    assert answer == {"capacity_reservation": BLOCK, "ends_at": "2026-11-29T09:00:00Z", "stopping": ["bert"]}
+    run = account.run()
+    assert run.state == "stopping" and run.stop_reason == "capacity-block"
+    tags = {t["Key"]: t["Value"] for t in account.instances_of("bert")[0]["Tags"]}
+    assert tags["training-infra:stop"] == "capacity-block", "the agent checkpoints and stops on the stop tag"
+    account.agent_wrote("bert", 1, "stopped")
+    account.end_instance(first.instance_id)
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert run.state == "deadline" and len(run.attempts) == 1, "the block is over: no relaunch"
+
+
+def test_the_block_ending_warning_leaves_runs_outside_the_block_alone(account):
+    from .conftest import start
+
+    start(account)
+    ec2 = BlockEc2(account.ec2, [])
+    assert account.supervisor(ec2=ec2).handle(BLOCK_ENDING)["stopping"] == []
+    assert account.run().state == "launching" and not account.run().stop_requested_at
+    bad = {**BLOCK_ENDING, "detail": {"capacity-reservation-id": "sir-123"}}
+    assert "ignored" in account.supervisor().handle(bad)

@@ -99,6 +99,13 @@ def test_supervisor_reacts_to_instance_states_spot_warnings_and_a_one_minute_rec
         "AWS::Events::Rule",
         {"ScheduleExpression": "rate(1 minute)", "Targets": [Match.object_like({"Arn": function_arn})]},
     )
+    compute.template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "EventPattern": {"source": ["aws.ec2"], "detail-type": ["Capacity Block Reservation Expiration Warning"]},
+            "Targets": [Match.object_like({"Arn": function_arn})],
+        },
+    )
 
 
 def test_supervisor_gets_the_table_bucket_and_tag_names_it_must_agree_on(compute, supervisor):

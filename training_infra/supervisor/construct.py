@@ -458,6 +458,15 @@ class TrainingSupervisor(Construct):
         )
         events.Rule(
             self,
+            "CapacityBlockEndingEvents",
+            description="A Capacity Block ends in 40 minutes: its runs checkpoint and stop before EC2 ends them",
+            event_pattern=events.EventPattern(
+                source=["aws.ec2"], detail_type=["Capacity Block Reservation Expiration Warning"]
+            ),
+            targets=[target],
+        )
+        events.Rule(
+            self,
             "Reconcile",
             description="Catches what events miss (AWS delivers them best effort): every active run, every minute",
             schedule=events.Schedule.rate(Duration.minutes(RECONCILE_MINUTES)),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -109,7 +110,7 @@ class PlacementScores:
             zones = self._ask(wanted, capacity, region, subnets)
         except Exception as error:  # noqa: BLE001 - advice only: no failure to get it may stop a launch
             code = error.response.get("Error", {}).get("Code", "") if isinstance(error, ClientError) else ""
-            log.warning("no spot placement scores: %s", error)
+            log.warning("no spot placement scores (%s): every pool offered", code or type(error).__name__)
             return Scores(wanted, capacity, region, missing=code or type(error).__name__)
         scores = Scores(wanted, capacity, region, zones, iso(now))
         if self.write and self.dynamodb is not None:
@@ -216,3 +217,47 @@ def describe(scores: Scores, zones: Sequence[str]) -> str:
     words = f"{shown} ({', '.join(scores.types)}; {scores.capacity} instance(s); 1-10, 10: very likely to succeed"
     words += ", cached" if scores.cached else ""
     return words + ")"
+
+
+# ---- Capacity Blocks: the block-ending warning ----------------------------------------------------------------
+
+# EventBridge, 40 minutes before a Capacity Block ends; its instances begin to terminate 10 minutes later (EC2 User
+# Guide, "Monitor Capacity Blocks using EventBridge"): detail {"capacity-reservation-id", "end-date"}.
+BLOCK_EXPIRING = "Capacity Block Reservation Expiration Warning"
+BLOCK_STOP_REASON = "capacity-block"  # the stop tag's value: the agent checkpoints and stops as for a user's stop
+_RESERVATION_ID = re.compile(r"^cr-[0-9a-f]{8,17}$")
+
+
+def block_expiring(supervisor: Any, event: Mapping[str, Any]) -> dict[str, Any]:
+    """Stop gracefully every managed run with an instance in the ending block: the stop tag now (the agent saves a
+    checkpoint and ends), the supervisor's terminate after its stop timeout, no relaunch (the run ends `deadline`).
+
+    The block is found from EC2 (DescribeInstances by `capacity-reservation-id`), not from the record, and only
+    instances the supervisor may act on (project profile, managed and run tags) count.
+    """
+    detail = event.get("detail") or {}
+    reservation = detail.get("capacity-reservation-id", "")
+    if not isinstance(reservation, str) or not _RESERVATION_ID.match(reservation):
+        return {"ignored": f"capacity-reservation-id: got {reservation!r}; allowed: cr-..."}
+    cfg = supervisor.cfg
+    pages = supervisor.clients.ec2.get_paginator("describe_instances").paginate(
+        Filters=[
+            {"Name": "capacity-reservation-id", "Values": [reservation]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            {"Name": f"tag:{cfg.managed_tag}", "Values": ["true"]},
+        ]
+    )
+    stopping: list[str] = []
+    for page in pages:
+        for found in page.get("Reservations", []):
+            for instance in found.get("Instances", []):
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                run_id = tags.get(cfg.run_id_tag, "")
+                if not run_id or not supervisor.ours(instance, run_id) or run_id in stopping:
+                    continue
+                try:
+                    supervisor.request_stop(run_id, reason=BLOCK_STOP_REASON)
+                except KeyError:  # an instance whose run has no record: the reaper's, not ours
+                    continue
+                stopping.append(run_id)
+    return {"capacity_reservation": reservation, "ends_at": detail.get("end-date", ""), "stopping": stopping}

@@ -34,6 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import capacity
     import ledger
+    import replacement
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import (
         Attempt,
@@ -50,7 +51,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     )
     from run_requests import run_template_problem
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import capacity, ledger
+    from training_infra.supervisor.runtime import capacity, ledger, replacement
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         Attempt,
@@ -118,7 +119,7 @@ _RUN_ENDS = {
 # What one GetMetricStatistics call may return (CloudWatch API reference).
 MAX_METRIC_POINTS = 1440
 # A stop request's reason -> the state the run ends in.
-STOP_STATES = {"user": RunState.STOPPED, "budget": RunState.BUDGET}
+STOP_STATES = {"user": RunState.STOPPED, "budget": RunState.BUDGET, "capacity-block": RunState.DEADLINE}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
 JUST_LAUNCHED_SECONDS = 300
 # A month reservation with no run record this long after it was made belongs to a launch that died between.
@@ -276,6 +277,7 @@ def _fleet_request(
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
+        **replacement.replaces_tags(run),  # a replacement on the notice: its agent waits for the old
     }
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
@@ -595,6 +597,8 @@ class Supervisor:
         detail = event.get("detail", {}) or {}
         if kind == SCHEDULED:
             return self.reconcile_all()
+        if kind == capacity.BLOCK_EXPIRING:
+            return capacity.block_expiring(self, event)
         instance_id = detail.get("instance-id", "")
         if kind not in (STATE_CHANGE, SPOT_WARNING, REBALANCE) or not instance_id:
             return {"ignored": kind or "unknown event"}
@@ -602,7 +606,9 @@ class Supervisor:
         if not run_id:
             return {"ignored": f"{instance_id} is not a managed run's instance"}
         if kind == SPOT_WARNING:
-            return self._mark(run_id, attempt, "reclaim_warned_at", event.get("time") or iso(self.now()))
+            warned = event.get("time") or iso(self.now())
+            marked = self._mark(run_id, attempt, "reclaim_warned_at", warned)
+            return replacement.on_notice(self, run_id, attempt, warned) or marked
         if kind == REBALANCE:
             return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
         return self.reconcile(run_id)
@@ -780,7 +786,7 @@ class Supervisor:
             return self._next_attempt(run, why=f"{words} (restart {run.errors_used} of {allowed})")
         return self._next_attempt(run, why=words)
 
-    def _next_attempt(self, run: Run, *, why: str) -> dict[str, Any]:
+    def _next_attempt(self, run: Run, *, why: str, replaces: int = 0) -> dict[str, Any]:
         now = self.now()
         deadline = parse_iso(run.deadline_at) or now
         needed = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds
@@ -795,7 +801,7 @@ class Supervisor:
         if over:
             return self._finish(run, RunState.BUDGET, f"{why}; {over}")
         n = len(run.attempts) + 1
-        run.attempts.append(Attempt(n=n, why=why, claimed_at=iso(now)))
+        run.attempts.append(Attempt(n=n, why=why, claimed_at=iso(now), replaces=replaces))
         # Launching until an instance ever started; recovering after that.
         run.state = RunState.RECOVERING if run.launched else RunState.LAUNCHING
         run.message = why
