@@ -57,10 +57,11 @@ def test_only_an_earlier_attempt_named_by_the_tag_is_waited_for(tag, attempt, re
 
 
 class FakeAgent:
-    """What before_restore reads of the agent: its tag, attempt, prefixes, S3 client and log."""
+    """What before_restore reads of the agent: its tag, attempt, run id, bucket, S3 client and log."""
 
     def __init__(self, tag: str | None, listed_after: int) -> None:
-        self._tag, self.attempt, self.run_prefix, self.outputs_bucket = tag, 2, "runs/bert", "outputs"
+        self._tag, self.attempt, self.run_id, self.outputs_bucket = tag, 2, "bert", "outputs"
+        self.run_prefix = "s3://outputs/runs/bert"  # a URL: not the key prefix to list
         self.calls: list[dict] = []
         self.lines: list[str] = []
         self.listed_after = listed_after

@@ -90,7 +90,7 @@ def before_restore(agent: object) -> Handover | None:
     replaced = replaced_attempt(value, agent.attempt)  # type: ignore[attr-defined]
     if not replaced:
         return None
-    key = f"{agent.run_prefix}/attempts/{replaced}/status.json"  # type: ignore[attr-defined]
+    key = f"runs/{agent.run_id}/attempts/{replaced}/status.json"  # type: ignore[attr-defined]
     bucket = agent.outputs_bucket  # type: ignore[attr-defined]
     s3 = agent.aws.client("s3")  # type: ignore[attr-defined]
 
