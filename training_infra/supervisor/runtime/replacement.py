@@ -45,6 +45,8 @@ def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str)
         current = run.current
         if current is None or current.n != attempt_number or not current.instance_id or current.market != "spot":
             return None
+        if run.spec.nodes > 1 or getattr(current, "members", None):  # a gang: gang.py replaces its members
+            return None
         now = supervisor.now()
         warned = parse_iso(warned_at) or now
         ends = max(warned + NOTICE, now)
