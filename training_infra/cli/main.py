@@ -132,12 +132,16 @@ for verb in (outputs, upload, launch, status, watch, logs, tensorboard, connect,
     app.command(cls=PlainHelpCommand)(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 
+from training_infra.cli.capacity import capacity_app  # noqa: E402 - the verbs above come first in --help
 from training_infra.cli.local import local_app  # noqa: E402 - the verbs above come first in --help
 
 # The local verbs' help reads like every other verb's (local24 owns cli/local.py: set here, not there).
 for info in local_app.registered_commands:
     info.cls = PlainHelpCommand
 app.add_typer(local_app, cls=_PlainHelpGroup)
+for info in capacity_app.registered_commands:
+    info.cls = PlainHelpCommand
+app.add_typer(capacity_app, cls=_PlainHelpGroup)
 
 
 def main() -> None:
