@@ -474,7 +474,13 @@ class GangCheckpoints:
         if wanted <= have:
             self.settled.add(newest)
             return
-        self._download(newest, sorted(wanted - have), self._versions(newest))
+        try:
+            self._download(newest, sorted(wanted - have), self._versions(newest))
+        except OSError as error:
+            if "NoSuchKey" not in str(error) and "404" not in str(error):
+                raise
+            self.log(f"checkpoint {newest}: pruned by its node while it was pulled (a newer one follows)")
+            return
         self.settled.add(newest)
         self.log(f"checkpoint {newest}: complete across {self.nodes} nodes, the other nodes' files pulled")
 
