@@ -195,3 +195,39 @@ def test_the_trainers_processes_are_found_by_their_token_even_in_their_own_sessi
         for process in (worker, other):
             process.kill()
             process.wait()
+
+
+STRAY_WORKER = """
+import subprocess, sys, time
+# As torchrun does: a worker in its own session, which the trainer's process group does not reach.
+code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('worker up', flush=True); "
+code += "time.sleep(300)"
+subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+time.sleep(300)
+"""
+
+
+def test_stopping_the_trainer_kills_workers_that_started_their_own_sessions(tmp_path):
+    from training_infra.compute.agent.ti_agent.runtime import ProcessTrainer, TrainerSpec
+
+    script = tmp_path / "launcher.py"
+    script.write_text(STRAY_WORKER)
+    spec = TrainerSpec(
+        command=f"exec {sys.executable} {script}", image="", run_id="r", region="", data_dir=tmp_path,
+        out_dir=tmp_path, ckpt_dir=tmp_path, progress_dir=tmp_path, heartbeat_host=tmp_path / "beat",
+        heartbeat_file="", stop_grace_seconds=1, trainer_env=tmp_path / "none.env",
+        secrets_env=tmp_path / "secrets.env", aws_dir=None, train_log=tmp_path / "training.log",
+    )  # fmt: skip
+    notes: list[str] = []
+    trainer = ProcessTrainer(spec, notes.append, notes.append)
+    trainer.start(dict(os.environ))
+    deadline = time.monotonic() + 30
+    while "worker up" not in spec.train_log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [worker] = [pid for pid in gang.tagged_pids(trainer.token) if pid != trainer.pid]
+    assert os.getsid(worker) != os.getsid(trainer.pid), "the worker is in a session of its own"
+    trainer.stop(1)
+    assert not trainer.alive(), "nothing of the trainer's tree is left"
+    assert any("outside its process group" in note for note in notes), notes
+    trainer.wait()
