@@ -39,18 +39,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def kill_processes_of(root: Path) -> None:
-    """SIGKILL every process whose environment names this node's root (the agent, torchrun and the
-    workers, which start their own sessions): a test never leaves a trainer behind."""
+def processes_of(root: Path) -> list[int]:
+    """Every live process whose environment names this node's root: the agent, torchrun and the
+    workers (which start their own sessions), wherever they were reparented."""
     needle = f"TI_ROOT={root}".encode()
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
+                found.append(int(entry.name))
         except OSError:
             continue
+    return found
+
+
+def kill_processes_of(root: Path) -> None:
+    """A test never leaves a trainer behind."""
+    for pid in processes_of(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass

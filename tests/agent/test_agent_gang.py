@@ -14,7 +14,7 @@ import re
 import time
 
 import pytest
-from gang_harness import Gang, free_port, new_gang
+from gang_harness import Gang, free_port, new_gang, processes_of
 
 from training_infra.local.emulator import Emulator
 
@@ -46,6 +46,7 @@ def wait_for(pattern: str, run, timeout: float = 60, after: int = 0) -> re.Match
     )
 
 
+@pytest.mark.slow
 def test_a_gang_trains_loses_a_worker_node_then_its_host_and_resumes_each_time_from_the_last_complete_step(gang):
     # (a) Two nodes boot; the supervisor tags them once the fleet returned; they meet and train.
     rendezvous = f"127.0.0.1:{free_port()}"
@@ -66,6 +67,7 @@ def test_a_gang_trains_loses_a_worker_node_then_its_host_and_resumes_each_time_f
     # (b) Node 1 (not the host) gets the spot notice: the gang saves, node 1 ends as a preemption.
     node1.imds.inject_spot_interruption()
     node1.wait(timeout=60)
+    assert processes_of(node1.root) == [], "the agent left nothing of the trainer (torchrun's workers included)"
     saved = int(re.findall(r"checkpoint step-(\d+)", node1.training_log)[-1])
     assert saved >= first and max(steps_logged(node1.training_log)) == saved, "node 1 saved its last step on SIGTERM"
     assert gang.status(node1, 1, 1)["outcome"] == "interrupted", gang.logs()
