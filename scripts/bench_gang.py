@@ -3,7 +3,10 @@
 Uses the gang harness of the agent tests (tests/agent/gang_harness.py: each node its own agent, root
 and fake IMDS, all on one moto server; the supervisor's tagging is played by the script). Prints, per
 round:
-  * rendezvous   - the supervisor's tags set (node, rendezvous) to both ranks in the process group;
+  * setup        - the supervisor's tags set (node, rendezvous) to both trainers started (each agent's
+                   image check, data sync and restore: AWS CLI calls);
+  * rendezvous   - both trainers started to both ranks in the process group (torchrun and the worker
+                   import torch, c10d rendezvous, gloo process group);
   * first step   - the tags set to the first training step;
   * replacement  - a non-host node's spot notice to training again (the first step after the resume),
                    a replacement agent started as soon as the lost node's agent ended and its last step
@@ -15,6 +18,7 @@ Usage: python scripts/bench_gang.py [--rounds 2]. Prints figures; asserts nothin
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -53,6 +57,7 @@ def one_round(aws: Emulator, folder: Path) -> dict[str, float]:
             time.sleep(0.1)
         placed = time.time()
         Gang.place([node0, node1], rendezvous)
+        started = max(when(r"starting trainer", run) for run in (node0, node1))
         joined = max(when(r"joined the process group: 2 ranks", run) for run in (node0, node1))
         first = when(r"\] step 1/", node0)
         gang.wait_for_complete(at_least=4, timeout=120)
@@ -79,7 +84,8 @@ def one_round(aws: Emulator, folder: Path) -> dict[str, float]:
         Gang.place(fresh, f"127.0.0.1:{free_port()}")
         relaunched = when(rf"\] step {last + 1}/", fresh[0])
         return {
-            "rendezvous": joined - placed,
+            "setup": started - placed,
+            "rendezvous": joined - started,
             "first step": first - placed,
             "replacement": again - lost,
             "whole gang": relaunched - host_lost,
@@ -102,6 +108,7 @@ def main() -> int:
     print(f"two-node gang on this machine ({rounds} round(s); median):")
     for key, values in figures.items():
         print(f"  {key:<12} {statistics.median(values):6.1f} s")
+    print(f"load average while measuring: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print("On AWS a replacement adds its boot (EC2 Fleet instant + AMI boot + agent + image pull: minutes), the")
     print("whole-gang path the boot of N nodes at once (all-or-nothing: the slowest member); see docs/agent.md.")
     return 0
