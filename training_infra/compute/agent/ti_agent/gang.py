@@ -320,7 +320,8 @@ class GangCheckpoints:
       marker. A step is complete when `.metadata` and every node's marker are in S3.
     - Pull: the newest complete step into the local folder (the other nodes' shards, then the markers),
       so a worker that torchrun restarts after a lost peer finds every shard DCP needs.
-    - Prune: a step this node uploaded and the trainer deleted goes from S3 too (this node's files only).
+    - Prune: a step this node uploaded and the trainer deleted goes from S3 too (this node's files only),
+      once it is older than the newest complete step.
     - Restore: the newest complete step, each file at the version its node's manifest recorded.
     """
 
@@ -378,8 +379,9 @@ class GangCheckpoints:
             began, snapshot_at = time.monotonic(), time.time()
             try:
                 self._upload_finished()
-                self._prune()
-                self._pull_newest()
+                listed = self.listing()
+                self._prune(complete_steps(listed, self.nodes))
+                self._pull_newest(listed)
             except (OSError, AwsError) as error:
                 self.log(f"gang checkpoint sync: {error}")
                 return False
@@ -444,8 +446,15 @@ class GangCheckpoints:
     def _put(self, key: str, body: bytes) -> None:
         self.aws.put_object(self.bucket, key, body)
 
-    def _prune(self) -> None:
-        gone = [step for step in self.mine if not (self.folder / step).is_dir()]
+    def _prune(self, complete: list[str]) -> None:
+        """Only steps older than S3's newest complete one: while the other nodes lag, an older step the
+        trainer deleted here may still be the newest the gang could resume from."""
+        newest = step_number(complete[-1]) if complete else None
+        gone = [
+            step
+            for step in self.mine
+            if not (self.folder / step).is_dir() and newest is not None and (step_number(step) or 0) < newest
+        ]
         if not gone:
             return
         keys = [
@@ -463,8 +472,7 @@ class GangCheckpoints:
             del self.mine[step]
         self._put(self.manifest_key, json.dumps({"node": self.node, "steps": self.mine}, indent=1).encode())
 
-    def _pull_newest(self) -> None:
-        listed = self.listing()
+    def _pull_newest(self, listed: dict[str, dict]) -> None:
         complete = complete_steps(listed, self.nodes)
         if not complete:
             return
@@ -563,10 +571,16 @@ def join(agent: Agent) -> None:
         keys = (agent.imds.get("meta-data/tags/instance") or "").splitlines()
         return {key: agent.imds.get(f"meta-data/tags/instance/{key}") or "" for key in keys if key.startswith(TAG)}
 
-    try:
-        first = tags()
-    except OSError:
-        first = {}
+    first: dict[str, str] | None = None
+    for _ in range(3):  # IMDS answered a moment ago: a failed look here must not make a member run alone
+        try:
+            first = tags()
+            break
+        except OSError as error:
+            agent.log(f"instance tags: {error}")
+            time.sleep(1)
+    if first is None:
+        raise GangError("could not read the instance tags from IMDS (3 tries): cannot tell whether this is a gang")
     if gang_size(first) == 1:
         return
     wait = agent.knobs.rendezvous_wait_seconds
