@@ -462,12 +462,15 @@ class GangCheckpoints:
         ]
         for start in range(0, len(keys), 1000):
             try:
-                self._s3().delete_objects(
+                answer = self._s3().delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
                 )
             except Exception as error:  # noqa: BLE001 - kept for the next sync
                 raise OSError(f"cannot delete pruned steps {gone}: {error}") from None
+            if answer.get("Errors"):  # Quiet: only the keys that failed come back
+                raise OSError(f"cannot delete pruned steps {gone}: {answer['Errors'][0]}")
+        self.log(f"pruned {' '.join(gone)}: node {self.node}'s {len(keys)} objects deleted from {self.url}/")
         for step in gone:
             del self.mine[step]
         self._put(self.manifest_key, json.dumps({"node": self.node, "steps": self.mine}, indent=1).encode())
@@ -477,6 +480,8 @@ class GangCheckpoints:
         if not complete:
             return
         newest = complete[-1]
+        if newest in self.settled and not (self.folder / newest).is_dir():
+            return  # the trainer deleted it here (it saved newer ones): not brought back
         have = set(local_files(self.folder / newest)) if (self.folder / newest).is_dir() else set()
         wanted = {name.split("/", 1)[1] for name in listed if name.startswith(f"{newest}/")}
         if wanted <= have:
