@@ -351,27 +351,14 @@ class GangCheckpoints:
     def manifest_key(self) -> str:
         return f"{self.key_prefix}_manifest.node-{self.node}.json"
 
-    def _s3(self):
-        return self.aws.client("s3")
-
     def listing(self, under: str = "") -> dict[str, dict]:
         """name -> {version_id, size} of the newest version of every object under the run's checkpoints
         (or under its folder `under`), names relative to the run's checkpoints."""
-        found: dict[str, dict] = {}
         try:
-            pages = (
-                self._s3()
-                .get_paginator("list_object_versions")
-                .paginate(Bucket=self.bucket, Prefix=self.key_prefix + under)
-            )
-            for page in pages:
-                for version in page.get("Versions", []):
-                    if version.get("IsLatest"):
-                        name = version["Key"][len(self.key_prefix) :]
-                        found[name] = {"version_id": version.get("VersionId") or "null", "size": version["Size"]}
-        except Exception as error:  # noqa: BLE001 - botocore's errors; one failed look, the next sync tries again
+            latest = self.aws.latest_versions(self.bucket, self.key_prefix + under)
+        except AwsError as error:
             raise OSError(f"cannot list {self.url}/: {error}") from None
-        return found
+        return {key[len(self.key_prefix) :]: version for key, version in latest.items()}
 
     # ------------------------------------------------------------ the periodic and final sync
     def sync(self) -> bool:
@@ -460,16 +447,10 @@ class GangCheckpoints:
         keys = [
             f"{self.key_prefix}{step}/{name}" for step in gone for name in [*self.mine[step], f".node-{self.node}.done"]
         ]
-        for start in range(0, len(keys), 1000):
-            try:
-                answer = self._s3().delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
-                )
-            except Exception as error:  # noqa: BLE001 - kept for the next sync
-                raise OSError(f"cannot delete pruned steps {gone}: {error}") from None
-            if answer.get("Errors"):  # Quiet: only the keys that failed come back
-                raise OSError(f"cannot delete pruned steps {gone}: {answer['Errors'][0]}")
+        try:
+            self.aws.delete_keys(self.bucket, keys)
+        except AwsError as error:
+            raise OSError(f"cannot delete pruned steps {gone}: {error}") from None
         self.log(f"pruned {' '.join(gone)}: node {self.node}'s {len(keys)} objects deleted from {self.url}/")
         for step in gone:
             del self.mine[step]
@@ -502,9 +483,8 @@ class GangCheckpoints:
         recorded: dict[str, str] = {}
         for k in range(self.nodes):
             try:
-                body = self._s3().get_object(Bucket=self.bucket, Key=f"{self.key_prefix}_manifest.node-{k}.json")
-                document = json.loads(body["Body"].read())
-            except Exception:  # noqa: BLE001, S112 - no manifest (yet): that node's files go by name
+                document = json.loads(self.aws.get_object(self.bucket, f"{self.key_prefix}_manifest.node-{k}.json"))
+            except (AwsError, ValueError):  # no manifest (yet): that node's files go by name
                 continue
             files = document.get("steps", {}).get(step, {}) if isinstance(document, dict) else {}
             for name, version in files.items() if isinstance(files, dict) else ():
