@@ -33,6 +33,12 @@ TRAIN_TORCH = REPO / "examples" / "trainer" / "train_torch.py"
 TAG = "training-infra"
 
 
+def quiet(server) -> None:
+    """A box killed mid-request resets its connections: no traceback from the fakes' servers for that."""
+    if server is not None:
+        server.handle_error = lambda request, client_address: None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -88,6 +94,7 @@ class Gang:
         if rendezvous is not None:
             tags |= {f"{TAG}:node": str(k), f"{TAG}:rendezvous": rendezvous}
         run.imds = FakeImds(instance_id=f"i-{attempt:02d}{k:02d}{len(self.members):04d}abcdef0", tags=tags).start()
+        quiet(run.imds._server)
         run.env = {**self.base.env, "TI_ROOT": str(run.tmp / "root"), "AWS_EC2_METADATA_SERVICE_ENDPOINT": run.imds.url}
         self.members.append(run)
         return run
@@ -151,4 +158,5 @@ def new_gang(aws, run_dir: Path, *, nodes: int = 2, env: dict[str, str] | None =
         env={"TI_RETRY_BASE_SECONDS": "1", "TI_LOG_SHIP_SECONDS": "2", **(env or {})},
         **settings,
     )
+    quiet(base.proxy._server)
     return Gang(base=base, nodes=nodes)
