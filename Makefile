@@ -101,7 +101,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, su
 	$(PY) scripts/bench_preflight.py
 	$(PY) scripts/bench_stall.py
 	$(PY) scripts/bench_local.py
-	$(PY) scripts/bench_gang.py
+	$(PY) scripts/bench_gang_agent.py
 
 local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the supervisor, every launched instance played here
 	$(PY) -m training_infra local up $(LOCAL_FLAGS)

@@ -1,4 +1,4 @@
-"""Gangs of real agents on one machine, for tests/agent/test_agent_gang.py and scripts/bench_gang.py.
+"""Gangs of real agents on one machine, for tests/agent/test_agent_gang.py and scripts/bench_gang_agent.py.
 
 Each node is a whole agent run (`agent_harness.AgentRun`: the rendered user data under bash, the
 process runtime) with its own root folder and its own fake IMDS (its own instance id and tags); all

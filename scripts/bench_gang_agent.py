@@ -12,7 +12,7 @@ round:
                    a replacement agent started as soon as the lost node's agent ended and its last step
                    was complete in S3 (here a replacement boots in seconds; on AWS its boot dominates);
   * whole gang   - the host's spot notice to training again in the next attempt (two fresh agents).
-Usage: python scripts/bench_gang.py [--rounds 2]. Prints figures; asserts nothing.
+Usage: python scripts/bench_gang_agent.py [--rounds 2]. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
