@@ -75,7 +75,7 @@ def one_round(aws: Emulator, folder: Path) -> dict[str, float]:
         node0.imds.inject_spot_interruption()
         node0.wait(timeout=120)
         last = int(re.findall(r"checkpoint step-(\d+)", node0.training_log)[-1])
-        replacement.imds.set_tag("training-infra:stop", "gang-relaunch")
+        replacement.imds.set_tag("training-infra:stop", "gang")
         replacement.wait(timeout=120)
         gang.wait_for_complete(at_least=last, timeout=60)
         fresh = [gang.node(k, attempt=2) for k in range(2)]

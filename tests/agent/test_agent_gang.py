@@ -84,7 +84,7 @@ def test_a_gang_trains_loses_a_worker_node_then_its_host_and_resumes_each_time_f
     node0.imds.inject_spot_interruption()
     node0.wait(timeout=60)
     last = int(re.findall(r"checkpoint step-(\d+)", node0.training_log)[-1])
-    replacement.imds.set_tag("training-infra:stop", "gang-relaunch")
+    replacement.imds.set_tag("training-infra:stop", "gang")
     replacement.wait(timeout=60)
     assert gang.status(node0, 1, 0)["outcome"] == "interrupted"
     assert gang.wait_for_complete(at_least=last) == last
