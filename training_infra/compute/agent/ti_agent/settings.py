@@ -85,6 +85,10 @@ class Knobs:
     trainer_session_seconds: int = 3600
     progress_metric_seconds: int = 60
     secrets: str = ""  # per run only: `training-infra launch` adds it before the overrides marker
+    # Multi-node runs (ti_agent/gang.py): how long to wait for the supervisor's node/rendezvous tags, and
+    # whether NCCL's init log must show EFA on a box that has EFA devices.
+    rendezvous_wait_seconds: int = 600
+    nccl_efa_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,14 @@ AT_LEAST_ONE = {
     "log_ship_seconds",
     "retry_attempts",
     "pull_timeout_seconds",
+    "rendezvous_wait_seconds",
 }
 CHOICES = {
     "auto_shutdown": ("true", "false"),
     "stop_on_rebalance": ("true", "false"),
     "market": ("spot", "on-demand"),
     "runtime": ("docker", "process"),
+    "nccl_efa_check": ("true", "false"),
 }
 
 
