@@ -311,7 +311,7 @@ def _image(agent: Agent) -> None:
         if mode.lazy and _lazy_pull(agent):
             return
     if not agent.retry(f"image {agent.image}", agent.fetch_image):
-        raise AttemptFailed(f"could not get image {agent.image} after {agent.knobs.retry_attempts} attempts")
+        raise AttemptFailed(f"could not get image {agent.image} from ECR after {agent.knobs.retry_attempts} attempts")
 
 
 def _lazy_pull(agent: Agent) -> bool:
