@@ -67,6 +67,7 @@ class LaunchRequest:
     allow_empty_data: bool = False
     resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
+    data_access: str | None = None  # sync | mount (issue 29): how the run sees data/ at /data
 
 
 def _positive_usd(option: str, value: Any) -> float:
@@ -123,6 +124,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.stall_minutes = check("stall_minutes", "--stall-minutes", request.stall_minutes)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
+    if request.data_access is not None:
+        request.data_access = check("data_access", "--data-access", request.data_access)
     if request.run_id is not None:
         request.run_id = check("run_id", "--run-id", request.run_id) or None
     preflight.check_run_id_name(request.run_id)
@@ -497,6 +500,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "env": list(request.env), "secrets": list(request.secret_refs),
         "stall_seconds": request.stall_minutes * 60 if request.stall_minutes is not None else None,
         "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd,
+        **({"data_access": request.data_access} if request.data_access is not None else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
     return Started(run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import queue
 import shutil
@@ -27,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .aws import AwsError
 from .checkpoints import AttemptFailed
 
 if TYPE_CHECKING:
@@ -296,12 +298,21 @@ def start(agent: Agent) -> ColdStart:
     try:
         result = run_parts(parts, log=agent.log)
     except ColdStartFailed as failed:
-        agent.cold_start = failed.result
-        agent.note(failed.result.summary())
+        _report(agent, failed.result)
         raise AttemptFailed(str(failed)) from None
+    _report(agent, result)
+    return result
+
+
+def _report(agent: Agent, result: ColdStart) -> None:
+    """The training log, status.json (at the end) and, at once, cold_start.json for `status RUN`."""
     agent.cold_start = result
     agent.note(result.summary())
-    return result
+    key = f"runs/{agent.run_id}/attempts/{agent.attempt}/cold_start.json"
+    try:
+        agent.aws.put_object(agent.outputs_bucket, key, (json.dumps(result.record()) + "\n").encode())
+    except (AwsError, OSError) as error:
+        agent.log(f"WARNING: cold_start.json not uploaded (status.json still has it): {error}")
 
 
 def _image(agent: Agent) -> None:
