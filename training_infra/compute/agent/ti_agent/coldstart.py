@@ -118,11 +118,12 @@ def run_parts(
     children: dict[Part, _Child] = {}
     first = clock()
     try:
-        for part, action in parts.items():
+        for part, action in parts.items():  # every fork before any thread: a child inherits no thread
             children[part] = _fork(part, action, clock)
-            threading.Thread(
-                target=_reap, args=(children[part], done, clock), name=f"coldstart-{part.value}", daemon=True
-            ).start()
+        for child in children.values():
+            reaper = threading.Thread(target=_reap, args=(child, done, clock), name=f"coldstart-{child.part}")
+            reaper.daemon = True
+            reaper.start()
         results: dict[Part, PartResult] = {}
         failed: PartResult | None = None
         while len(results) < len(children):
@@ -136,14 +137,14 @@ def run_parts(
                 running = [part for part in children if part not in results]
                 if running:
                     log(f"{result.part.value} failed: stopping {', '.join(part.value for part in running)}")
-                _stop([children[part] for part in running], done_parts=results)
+                _stop([children[part] for part in running])
         ordered = tuple(results[part] for part in parts)
         outcome = ColdStart(ordered, max(r.ended for r in ordered) - first, failed.part if failed else None)
         if failed is not None:
             raise ColdStartFailed(f"cold start: {failed.part.value} failed: {failed.message}", outcome)
         return outcome
     finally:
-        _stop([child for child in children.values() if _alive(child.pid)], done_parts={})
+        _stop([child for child in children.values() if _alive(child.pid)])
 
 
 def _fork(part: Part, action: Callable[[], None], clock: Callable[[], float]) -> _Child:
@@ -201,7 +202,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _stop(children: list[_Child], *, done_parts: Mapping[Part, PartResult]) -> None:
+def _stop(children: list[_Child]) -> None:
     """SIGTERM to each child's whole group (its AWS CLI, its docker pull), SIGKILL after a grace."""
     for child in children:
         with contextlib.suppress(ProcessLookupError, PermissionError):
