@@ -98,6 +98,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, co
 	$(PY) scripts/bench_agent.py
 	$(PY) scripts/bench_coldstart.py
 	$(PY) scripts/bench_supervisor.py
+	$(PY) scripts/bench_gang.py
 	$(PY) scripts/bench_status_cost.py
 	$(PY) scripts/bench_preflight.py
 	$(PY) scripts/bench_stall.py

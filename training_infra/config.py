@@ -288,6 +288,16 @@ class Settings:
         12, Number(0, 168, above_lo=True), "on-box deadline of a run and the reaper's limit"
     )
     create_instance: bool = declare(False, Flag(), "create a training instance in the compute stack (the seed's path)")
+    # Multi-node runs (gangs, docs/architecture.md "Multi-node runs").
+    max_nodes: int = declare(
+        8, Number(1, 64, whole=True), "the largest gang `launch --nodes` may ask for (all-or-nothing, one pool a try)"
+    )
+    gang_replace_timeout_minutes: int = declare(
+        10,
+        Number(1, 120, whole=True),
+        "a lost non-host node's replacement must be running within this long, else the whole gang stops and "
+        "relaunches as the next attempt (10 min: a GPU box boots and pulls its image in about 5)",
+    )
     # GitHub and alerts.
     github_repo: str = declare(
         "",
@@ -490,6 +500,15 @@ class Setting:
         """A typed value as cdk.json holds it (lists as the comma-separated string `-c` takes)."""
         return ",".join(value) if isinstance(value, tuple) else value
 
+    def check(self, value: Any) -> Any:
+        """The typed value, or a Refused that says what is allowed (the caller names where the value came from)."""
+        try:
+            return self.parser(value)
+        except Refused:
+            raise
+        except (ValueError, TypeError):
+            raise Refused(self.allowed) from None
+
     def parse_value(self, value: Any, *, label: str | None = None) -> Any:
         try:
             return self.parser(value)
@@ -503,6 +522,11 @@ class Setting:
 SETTINGS = tuple(Setting(field) for field in dataclasses.fields(Settings))
 SETTING_NAMES = tuple(spec.name for spec in SETTINGS)
 _BY_NAME = {spec.name: spec for spec in SETTINGS}
+
+
+def setting(name: str) -> Setting:
+    """One setting's declaration, for a check of the same value elsewhere (the run spec file reuses them)."""
+    return _BY_NAME[name]
 
 
 def _refusal(label: str, value: Any, allowed: str) -> ConfigError:

@@ -143,6 +143,8 @@ class ComputeStack(Stack):
                 monthly_limit_usd=settings.monthly_limit_usd or 0,
                 allowed_instance_types=settings.allowed_instance_types,
                 max_runtime_hours=settings.max_runtime_hours,
+                max_nodes=settings.max_nodes,
+                gang_replace_timeout_minutes=settings.gang_replace_timeout_minutes,
             ),
             run_table=run_table.table,
             outputs_bucket=storage.outputs_bucket,
@@ -162,6 +164,7 @@ class ComputeStack(Stack):
         run_table.grant_records(self.supervisor.function.role)
         run_table.grant_records(self.supervisor.requests.role)
         storage.grant_read_attempt_status(self.supervisor.function.role)
+        storage.grant_write_run_spec(self.supervisor.requests.role)  # runs/<id>/spec.yaml, kept with the run
         # The one trust boundary: users get this policy, and launch, resume and stop through the supervisor.
         user_policy = training_user_policy(
             self,

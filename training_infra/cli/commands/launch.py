@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from training_infra.cli import launching, preflight
+from training_infra.cli import launching, preflight, spec_cli
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, err_console, reported_errors
 from training_infra.cli.options import Region
@@ -182,6 +183,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    nodes: Annotated[
+        str | None,
+        typer.Option(
+            "--nodes",
+            metavar="N",
+            help=(
+                "A multi-node run: N instances of one type in one subnet and placement group, started all or "
+                "none, node 0 the torchrun rendezvous host (at most the stack's max_nodes; default 1)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue the finished run --run-id from its checkpoints (new attempts)."),
@@ -194,6 +207,21 @@ def launch(
         typer.Option("--dry-run", help="Run the preflight checks, print what would be launched, create nothing."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            metavar="SPEC",
+            help="A run spec (YAML, `training-infra schema`); flags override it.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--like", metavar="RUN", help="A copy of RUN's spec; flags change it.", show_default=False),
+    ] = None,
     region: Region = None,
 ) -> None:
     """Start a managed training run in seconds; the supervisor keeps it going until it ends.
@@ -211,11 +239,16 @@ def launch(
             stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
-            max_cost_usd=max_cost_usd, data_access=data_access,
+            max_cost_usd=max_cost_usd, nodes=nodes, data_access=data_access,
         )
     )  # fmt: skip
-    started = launching.launch(Aws(region), request)
+    aws = Aws(region)
+    request = spec_cli.request_for(aws, request, file=file, like=like)  # run specs: cli/spec_cli.py
+    started = launching.launch(aws, request)
     if dry_run:
+        if file is not None or like is not None:  # the resolved spec, then the preflight
+            for line in [*spec_cli.dry_run_lines(started.spec, started.sources, request.spec_layers), ""]:
+                stdout().print(line, markup=False)
         for line in preflight.dry_run_lines(started.preflight):
             stdout().print(line, markup=False)
         return
@@ -228,7 +261,14 @@ def launch(
     rid = managed.run_id
     out = stdout()
     attempt = managed.current
-    if attempt and attempt.instance_id:
+    if attempt and attempt.members:
+        out.print(
+            f"launched run {rid}: attempt {attempt.n}, {len(attempt.members)} nodes on {attempt.instance_type} "
+            f"({attempt.market}, {attempt.zone}), node 0 {attempt.instance_id} in {started.elapsed_seconds:.1f} s; "
+            f"managed until {managed.deadline_at}",
+            markup=False,
+        )
+    elif attempt and attempt.instance_id:
         out.print(
             f"launched run {rid}: attempt {attempt.n} on {attempt.instance_id} ({attempt.instance_type}, "
             f"{attempt.market}, {attempt.zone}) in {started.elapsed_seconds:.1f} s; "

@@ -35,9 +35,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
+    import specs
     from prices import Prices
     from records import (
         MARKETS,
+        MAX_NODES,
         MAX_RESTARTS,
         Attempt,
         MonthlyLedger,
@@ -49,10 +51,11 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
         iso,
     )
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime import ledger, specs
     from training_infra.supervisor.runtime.prices import Prices
     from training_infra.supervisor.runtime.records import (
         MARKETS,
+        MAX_NODES,
         MAX_RESTARTS,
         Attempt,
         MonthlyLedger,
@@ -141,6 +144,8 @@ def run_seal(spec: RunSpec, deadline_at: str) -> str:
     }  # fmt: skip
     if spec.stack_template_version:  # which stack version the run's template is compared with
         sealed["stack_template_version"] = spec.stack_template_version
+    if spec.nodes > 1:  # a gang's size is a limit too (its cost is N instances); single-node seals stay as they were
+        sealed["nodes"] = spec.nodes
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 
@@ -295,6 +300,8 @@ class LaunchRequest:
     secrets: tuple[str, ...]
     max_price_usd: float | None
     max_cost_usd: float | None
+    nodes: int = 1
+    spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
     data_access: str | None = None  # sync | mount (issue 29); None: the stack's
 
     @classmethod
@@ -342,8 +349,26 @@ class LaunchRequest:
             secrets=refs,
             max_price_usd=_number(event, "max_price_usd", "--max-price", 0, 1000),
             max_cost_usd=_number(event, "max_cost_usd", "--max-cost-usd", 0, 1_000_000),
+            nodes=_nodes(event),
+            spec_yaml=_spec_text(event),
             data_access=data_access,
         )
+
+
+def _nodes(event: Mapping[str, Any]) -> int:
+    """`--nodes`: a gang's size; the stack's max_nodes is checked with its other limits (limit_problems)."""
+    nodes = event.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
+        raise Refused(f"option '--nodes': got {nodes!r}; allowed: a whole number from 1 to the stack's max_nodes",
+                      usage=True)  # fmt: skip
+    return nodes
+
+
+def _spec_text(event: Mapping[str, Any]) -> str:
+    try:
+        return specs.spec_text(event)
+    except specs.SpecRefused as refused:
+        raise Refused(str(refused), usage=True) from None
 
 
 @dataclass(frozen=True)
@@ -358,7 +383,7 @@ class Money:
 
 def plan_money(
     cfg: Any, types: tuple[str, ...], list_prices: dict[str, float], volume_gb: int, hours: float,
-    max_price: float | None, max_cost: float | None,
+    max_price: float | None, max_cost: float | None, nodes: int = 1,
 ) -> Money:  # fmt: skip
     """The run's limit must leave room for one graceful stop; the month's limit needs a price to reserve with."""
     volume_hourly = ledger.volume_usd_per_hour(volume_gb)
@@ -375,7 +400,7 @@ def plan_money(
     compute = list_prices[dearest] if dearest else 0.0
     if max_price is not None and dearest:
         compute = min(compute, max_price)  # no attempt may run dearer than the cap
-    hourly = compute + volume_hourly
+    hourly = (compute + volume_hourly) * nodes  # a gang: every member, the whole time
     grace = hourly * cfg.grace_hours
     if max_cost is not None and dearest and max_cost <= grace:
         raise Refused(
@@ -456,7 +481,7 @@ class Launcher:
         spec = RunSpec(
             instance_types=request.instance_types, subnet_ids=tuple(subnets), market=request.market,
             max_runtime_hours=hours, launch_template_id="lt-00000000",
-            max_restarts_on_errors=request.max_restarts_on_errors,
+            max_restarts_on_errors=request.max_restarts_on_errors, nodes=request.nodes,
         )  # fmt: skip
         deadline = iso(now + timedelta(hours=hours))
         try:  # the same checks every read of the record makes, on the spec as it will be written
@@ -473,7 +498,7 @@ class Launcher:
         list_prices = self.list_prices(prices, request.instance_types)
         volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
         money = plan_money(cfg, request.instance_types, list_prices, volume_gb, hours, request.max_price_usd,
-                           request.max_cost_usd)  # fmt: skip
+                           request.max_cost_usd, request.nodes)  # fmt: skip
         run_id = request.run_id
         tags = run_tags(cfg, run_id, hours, deadline)
         month = self.reserve(run_id, money, now)
@@ -490,19 +515,20 @@ class Launcher:
                 instance_tags=tags, list_prices=list_prices, volume_gb=volume_gb, max_price_usd=request.max_price_usd,
                 max_cost_usd=money.max_cost_usd, budget_month=month, reserved_usd=round(money.reserve_usd, 4) if month
                 else 0.0, spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
-                stack_template_version=stack_version,
+                stack_template_version=stack_version, nodes=request.nodes,
             )  # fmt: skip
             overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})
             template_id = self.run_template(run_id, data, user_data, tags)
             spec = dataclasses.replace(spec, launch_template_id=template_id)
-            self.record(run_id, spec, deadline, now, resumed)
+            self.record(run_id, spec, deadline, now, resumed, spec_yaml=request.spec_yaml)
         except BaseException:
             if template_id:
                 self._delete(template_id)
             if month:
                 self.sup.month_ledger().settle(month, run_id, 0.0)
             raise
+        specs.keep(self.sup.clients.s3, cfg.outputs_bucket, cfg.runs_prefix, run_id, request.spec_yaml)
         try:
             self.sup.reconcile(run_id)
         except Exception:
@@ -625,16 +651,21 @@ class Launcher:
             raise
         return created["LaunchTemplate"]["LaunchTemplateId"]
 
-    def record(self, run_id: str, spec: RunSpec, deadline: str, now: Any, resumed: Run | None) -> None:
+    def record(
+        self, run_id: str, spec: RunSpec, deadline: str, now: Any, resumed: Run | None, *, spec_yaml: str = ""
+    ) -> None:
         try:
             if resumed is not None:
+                resumed.spec_yaml = spec_yaml or resumed.spec_yaml
                 # The finished run goes on: its attempts stay (the next is numbered after them).
                 resumed.spec, resumed.deadline_at, resumed.state = spec, deadline, RunState.LAUNCHING
                 resumed.message, resumed.ended_at, resumed.errors_used, resumed.cooldown = "resumed", "", 0, {}
                 resumed.stop_requested_at = resumed.stop_reason = ""
                 self.sup.store.save(resumed)
             else:
-                self.sup.store.create(Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline))
+                self.sup.store.create(
+                    Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline, spec_yaml=spec_yaml)
+                )
         except StaleRecord:
             raise Refused(
                 f"run {run_id} changed while it was being launched: see `training-infra status {run_id}`"
