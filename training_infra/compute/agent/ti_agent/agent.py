@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import diagnostics, gang, handover
+from . import coldstart, diagnostics, gang
 from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
@@ -114,6 +114,7 @@ class Agent:
         self.member: gang.Member | None = None  # this node's place in a multi-node run (gang.join)
         self.stale_noticed = False
         self.powered_off = False
+        self.cold_start: coldstart.ColdStart | None = None
 
     # ------------------------------------------------------------ settings, even before they parsed
     @property
@@ -310,21 +311,7 @@ class Agent:
         gang.join(self)  # nodes > 1: waits for this node's place in the gang
         self.open_log_stream()
         self.end_if_over()
-        attempts = self.knobs.retry_attempts
-        if not self.retry(f"image {self.image}", self.fetch_image):
-            self.fail(f"could not get image {self.image} from ECR after {attempts} attempts")
-        data = f"s3://{config.data_bucket}/data/"
-        if not self.retry(
-            "data sync", lambda: self.cli_ok("s3", "sync", data, f"{self.data_dir}/", "--only-show-errors")
-        ):
-            self.fail(f"could not sync {data} to {self.data_dir} after {attempts} attempts")
-        self.log(f"data: {sum(1 for p in self.data_dir.rglob('*') if p.is_file())} files in {self.data_dir}")
-        assert self.checkpoints is not None
-        handover.before_restore(self)  # a replacement on the spot notice: the old attempt's final checkpoint first
-        if not self.retry("checkpoint restore", self._restore):
-            self.fail(f"could not restore checkpoints from {self.checkpoints.url}/")
-        restored = sum(1 for p in self.ckpt_dir.rglob("*") if p.is_file())
-        self.log(f"checkpoints: {restored} files restored from {self.checkpoints.url}/")
+        coldstart.start(self)  # image, data and checkpoints at once (issue 29)
         self.end_if_over()
         secrets_env = self.state / "secrets.env"
         reader = config.secrets_reader_role_arn
@@ -828,6 +815,7 @@ class Agent:
             image=self.image,
             message=self.message,
             progress=self.progress.record(),
+            cold_start=self.cold_start.record() if self.cold_start else None,
         )
         path = self.state / "status.json"
         body = json.dumps(status, indent=2) + "\n"

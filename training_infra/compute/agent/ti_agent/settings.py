@@ -63,6 +63,8 @@ class AgentConfig:
     stop_on_rebalance: bool = True  # false: a rebalance notice only syncs checkpoints early
     trainer_role_arn: str = ""  # empty: the container gets no AWS credentials, only the region
     secrets_reader_role_arn: str = ""  # assumed with a session policy naming only the run's TI_SECRETS
+    # sync: `aws s3 sync` of data/ to /data; mount: Mountpoint for Amazon S3, read-only (data larger than the disk).
+    data_access: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Knobs:
     shutdown_bin: str = "shutdown"
     nvidia_smi: str = "nvidia-smi"
     docker: str = "docker"
+    mount_s3: str = "mount-s3"  # Mountpoint for Amazon S3 (data_access=mount)
     heartbeat_file: str = "/run/training-infra/progress/heartbeat.json"
     retry_attempts: int = 4
     retry_base_seconds: int = 5
@@ -119,6 +122,7 @@ CHOICES = {
     "market": ("spot", "on-demand"),
     "runtime": ("docker", "process"),
     "nccl_efa_check": ("true", "false"),
+    "data_access": ("sync", "mount"),
 }
 
 
