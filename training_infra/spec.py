@@ -94,6 +94,23 @@ MaxPrice = _rule(
     {"type": "number", "exclusiveMinimum": 0, "maximum": launch_rules.MAX_PRICE_LIMIT},
     "Never pay more than this many USD per hour, spot or on-demand (--max-price).",
 )
+
+
+def _capacity_reservation(value: Any) -> str:
+    from training_infra.supervisor.runtime import blocks
+
+    try:
+        return blocks.reservation_id(value)
+    except blocks.BlockRefused:
+        raise Refused(blocks.ALLOWED) from None
+
+
+CapacityReservation = _rule(
+    _capacity_reservation,
+    {"type": "string", "pattern": "^cr-[0-9a-f]{8}(?:[0-9a-f]{9})?$"},
+    "A Capacity Block you bought (--capacity-reservation): the run launches into it (market capacity-block, "
+    "prepaid), on its type and in its zone, its deadline clipped to the block's end. Not with market or max_price.",
+)
 SubnetId = _rule(
     _subnet_id,
     {"type": "string", "pattern": "^subnet-[0-9a-f]{8}(?:[0-9a-f]{9})?$"},
@@ -175,6 +192,7 @@ class Resources(_Section):
     market: Market | None = None  # type: ignore[valid-type]
     max_price: MaxPrice | None = None  # type: ignore[valid-type]
     subnet_id: SubnetId | None = None  # type: ignore[valid-type]
+    capacity_reservation: CapacityReservation | None = None  # type: ignore[valid-type]
 
 
 class Limits(_Section):

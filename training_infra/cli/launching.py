@@ -64,6 +64,7 @@ class LaunchRequest:
     # Where the values came from, weakest first (a spec file or --like, then the flags): cli/spec_cli.py.
     spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
     data_access: str | None = None  # sync | mount (issue 29): how the run sees data/ at /data
+    capacity_reservation: str | None = None  # a Capacity Block the user bought (issue 28): market capacity-block
 
 
 MIN_COST_USD = launch_rules.MIN_COST_USD
@@ -131,6 +132,7 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     if request.resume and not request.run_id:
         raise UsageError("option '--resume': needs --run-id, the finished run to continue")
     request.max_price = preflight.parse_max_price(request.max_price)
+    _check_block(request)
     for item in request.env:
         key, sep, value = item.partition("=")
         try:
@@ -147,6 +149,23 @@ def validate(request: LaunchRequest) -> LaunchRequest:
             f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0"
         )
     return request
+
+
+def _check_block(request: LaunchRequest) -> None:
+    """--capacity-reservation: the id's shape, and no other market or price cap beside it (a block is prepaid)."""
+    if request.capacity_reservation is None:
+        return
+    from training_infra.supervisor.runtime import blocks
+
+    try:
+        blocks.reservation_id(request.capacity_reservation)
+    except blocks.BlockRefused as refused:
+        raise UsageError(str(refused)) from None
+    given = [name for name, value in (("--market", request.market), ("--spot/--on-demand", request.spot),
+                                      ("--max-price", request.max_price)) if value is not None]  # fmt: skip
+    if given:
+        raise UsageError(f"options '--capacity-reservation' and '{given[0]}': got both; allowed: one of them (a block "
+                         "is its own market, prepaid)")  # fmt: skip
 
 
 def _check_secrets(request: LaunchRequest) -> None:
@@ -422,6 +441,8 @@ def _instance_types(aws: Aws, request: LaunchRequest) -> list[str]:
 
 def _market(request: LaunchRequest, template_data: dict[str, Any]) -> str:
     """--market, else --spot/--on-demand, else the stack's use_spot (its template's market)."""
+    if request.capacity_reservation:
+        return "capacity-block"
     if request.market:
         return request.market
     if request.spot is not None:
@@ -450,6 +471,14 @@ def _stack_hours(exports: dict[str, str]) -> float:
     from training_infra import config  # a template without the export: the settings' default
 
     return config.Settings().max_runtime_hours
+
+
+def _floor_seconds(exports: dict[str, str]) -> int:
+    """Boot + one checkpoint interval: the shortest run worth starting (the supervisor's own floor)."""
+    from training_infra.supervisor.runtime.supervisor import SupervisorConfig
+
+    boot = SupervisorConfig.__dataclass_fields__["boot_seconds"].default
+    return int(boot) + int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300)
 
 
 def _runtime_hours(request: LaunchRequest, exports: dict[str, str]) -> float:
@@ -496,10 +525,13 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         run_id=run_id, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", "latest"), instance_types=types,
         market=market, subnets=subnets, deadline=deadline, template_id=template_id,
         run_tags=tags, max_price=request.max_price, allow_empty_data=request.allow_empty_data, resume=request.resume,
-        nodes=int(request.nodes or 1),
+        nodes=int(request.nodes or 1), capacity_reservation=request.capacity_reservation or "",
+        floor_seconds=_floor_seconds(exports),
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=store, dry_run=request.dry_run)
-    _quick_money_answer(aws, request, types, checked.list_prices(), data, hours)
+    types, subnets = plan.instance_types, plan.subnets  # a block narrows them to its type and zone
+    list_prices = dict.fromkeys(types, 0.0) if checked.block else checked.list_prices()  # a block is prepaid
+    _quick_money_answer(aws, request, types, list_prices, data, hours)
     spec, sources = _resolved_spec(aws, request, data, exports, run_id)
     if request.dry_run:
         return Started(
@@ -514,6 +546,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd, "spec_yaml": spec.to_yaml(),
         **({"nodes": int(request.nodes)} if request.nodes and int(request.nodes) > 1 else {}),
         **({"data_access": request.data_access} if request.data_access is not None else {}),
+        **({"capacity_reservation_id": request.capacity_reservation} if request.capacity_reservation else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
     return Started(

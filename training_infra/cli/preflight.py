@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import botocore.exceptions
@@ -79,7 +79,8 @@ def parse_max_price(value: Any) -> float | None:
 
 
 def markets_of(market: str) -> list[str]:
-    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"]}[market]
+    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"],
+            "capacity-block": ["capacity-block"]}[market]  # fmt: skip
 
 
 @dataclass
@@ -98,6 +99,9 @@ class Plan:
     allow_empty_data: bool = False
     resume: bool = False
     nodes: int = 1  # a gang (launch --nodes): the vCPU quota must hold all of it at once
+    capacity_reservation: str = ""  # a Capacity Block the user bought (launch --capacity-reservation)
+    stop_timeout_seconds: int = 600  # the supervisor's graceful stop: a block's deadline leaves room for one
+    floor_seconds: int = 0  # boot + one checkpoint interval: the least a block must leave
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Report:
     prices: dict[str, dict[tuple[str, str], Quote]] = field(default_factory=dict)  # market -> pool -> price
     scores: Any = None  # capacity.Scores: the spot placement score of each zone (spot markets only)
     resumed: Any = None  # the finished run record `--resume` continues (None: a new run)
+    block: Any = None  # blocks.Block: the Capacity Block the run launches into
 
     def list_prices(self) -> dict[str, float]:
         """Type -> on-demand list price, for the run's spec (what the ledger prices on-demand attempts with)."""
@@ -152,6 +157,10 @@ def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = Fal
         ]
         offerings = Report(plan)
         check_offerings(offerings, ec2, aws.region_name)  # the zones and pools the checks below look at
+        if plan.capacity_reservation:  # first: its refusal is the one line that matters
+            check_block(offerings, ec2)
+            if offerings.failures:
+                raise CliError("\n".join(offerings.failures))
         dependent = [
             part(check_quotas, ec2, quotas, aws.region_name, base=offerings),
             part(check_prices, prices, all_markets=dry_run, base=offerings),
@@ -169,6 +178,7 @@ def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = Fal
         report.prices.update(found.prices)
         report.scores = report.scores or found.scores
         report.resumed = report.resumed or found.resumed
+        report.block = report.block or found.block
     if prices.used_built_in:
         report.notes.append(f"{BUILT_IN_NOTE} ({prices.fallback_reason or 'the Price List API has no price for it'})")
     if report.failures:
@@ -329,6 +339,39 @@ def _count(instances: list[tuple[str, str]], known: dict[str, int], ec2: Any) ->
     return used, vcpus
 
 
+def check_block(report: Report, ec2: Any) -> None:
+    """The Capacity Block as EC2 describes it: refused in one line when it cannot hold the run (another type, ended,
+    not a block, too few instances, another zone, too little time left); else the pools narrowed to its type and
+    zone, and the deadline clipped to one graceful stop before EC2 ends its instances (said in a note)."""
+    from training_infra.supervisor.runtime import blocks
+
+    plan = report.plan
+    try:
+        block = blocks.describe(ec2, plan.capacity_reservation)
+    except blocks.BlockRefused as refused:
+        report.failures.append(str(refused))
+        return
+    now = datetime.now(UTC)
+    problem = blocks.problem(block, plan.instance_types, plan.nodes, now, timedelta(seconds=plan.floor_seconds),
+                             plan.stop_timeout_seconds, sorted(set(report.zones.values())))  # fmt: skip
+    if problem:
+        report.failures.append(problem)
+        return
+    report.block = block
+    plan.instance_types = [block.instance_type]
+    plan.subnets = [s for s in plan.subnets if report.zones.get(s) == block.zone]
+    report.offered = [(block.instance_type, block.zone)]
+    report.lines.append(("capacity block", f"{block.words()}: prepaid, no price per hour"))
+    deadline = datetime.fromisoformat(plan.deadline.replace("Z", "+00:00"))
+    clipped = blocks.clip(deadline, block, plan.stop_timeout_seconds)
+    if clipped < deadline:
+        plan.deadline = clipped.strftime("%Y-%m-%dT%H:%M:%SZ")
+        report.notes.append(
+            f"deadline clipped to {plan.deadline}: capacity block {block.reservation_id} ends "
+            f"{block.end:%Y-%m-%dT%H:%MZ}, EC2 ends its instances 30 min before, and the run keeps one graceful stop"
+        )
+
+
 def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
     """Each type's vCPUs plus those the account's running instances already use of its family's quota, in the
     run's market(s); fails only when no type fits any."""
@@ -465,6 +508,7 @@ def dry_run_lines(report: Report) -> list[str]:
         for market in markets_of(plan.market):
             quote = report.prices.get(market, {}).get((instance_type, zone))
             price = dollars(quote.usd) if quote and quote.usd is not None else "unknown"
+            price = "prepaid" if market == "capacity-block" else price
             over = quote is not None and quote.usd is not None and bool(plan.max_price) and quote.usd > plan.max_price
             cells.append(f"{market} {price}" + (" (over the cap: not offered)" if over else ""))
         score = report.scores.of(zone) if report.scores is not None and report.scores.zones else None

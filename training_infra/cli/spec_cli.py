@@ -26,6 +26,7 @@ FLAG_OF = {
     "resources.market": "--market",
     "resources.max_price": "--max-price",
     "resources.subnet_id": "--subnet-id",
+    "resources.capacity_reservation": "--capacity-reservation",
     "image": "--image-tag",
     "command": "--command",
     "env": "--env",
@@ -67,6 +68,7 @@ def flags_as_spec(request: launching.LaunchRequest) -> dict[str, Any]:
     put("resources.market", request.market or spot)
     put("resources.max_price", request.max_price)
     put("resources.subnet_id", request.subnet_id)
+    put("resources.capacity_reservation", request.capacity_reservation)
     put("resources.nodes", int(request.nodes) if request.nodes is not None else None)
     put("image", request.image_tag)
     put("command", request.command)
@@ -99,6 +101,7 @@ def request_from_spec(spec: Any, flags: launching.LaunchRequest) -> launching.La
         secret_refs=[f"{name}={ref}" for name, ref in spec.secrets.items()],
         run_id=spec.run_id,
         subnet_id=resources.subnet_id,
+        capacity_reservation=resources.capacity_reservation,
         nodes=resources.nodes if resources.nodes != 1 else None,
         max_price=resources.max_price,
         max_cost_usd=limits.max_cost_usd,
@@ -161,6 +164,9 @@ def _spec_of_record(spec: Any) -> dict[str, Any]:
     }
     if spec.max_price_usd is not None:
         data["resources"]["max_price"] = spec.max_price_usd
+    if spec.capacity_reservation_id:  # a block's market is implied by it, never a key of its own
+        data["resources"]["capacity_reservation"] = spec.capacity_reservation_id
+        del data["resources"]["market"]
     if spec.max_cost_usd is not None:
         data["limits"]["max_cost_usd"] = spec.max_cost_usd
     data["limits"]["stall_minutes"] = spec.stall_seconds // 60

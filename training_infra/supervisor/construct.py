@@ -278,6 +278,15 @@ class TrainingSupervisor(Construct):
                 conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
             ),
             iam.PolicyStatement(
+                # A run in a Capacity Block the user bought (blocks.py): only the reservation its own template names
+                # (ec2:IsLaunchTemplateResource), only in this account and region. CreateFleet lists no
+                # capacity-reservation resource: EC2 authorizes a fleet's launch into one as ec2:RunInstances.
+                sid="LaunchIntoReservationsOfItsTemplates",
+                actions=["ec2:RunInstances"],
+                resources=[arn("capacity-reservation")],
+                conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
+            ),
+            iam.PolicyStatement(
                 sid="VolumesWithTheInstance",
                 actions=launch,
                 resources=[arn("volume")],  # the root volume comes with the instance (tagged by the run template)
@@ -372,6 +381,8 @@ class TrainingSupervisor(Construct):
                     "ec2:DescribePlacementGroups",
                     # Zones ranked for a spot launch (capacity.py).
                     "ec2:GetSpotPlacementScores",
+                    # A launch into a Capacity Block: its type, zone, state and end checked (blocks.py).
+                    "ec2:DescribeCapacityReservations",
                 ],
                 resources=["*"],  # Describe* and GetSpotPlacementScores have no resource-level permissions
             ),
@@ -585,6 +596,7 @@ def training_user_policy(
                 "ec2:DescribeSpotPriceHistory",
                 "ec2:GetSpotPlacementScores",  # the preflight's zone scores (supervisor/runtime/capacity.py)
                 "ec2:DescribeCapacityBlockOfferings",  # `capacity offers` (buying stays an admin's: not granted)
+                "ec2:DescribeCapacityReservations",  # launch --capacity-reservation: the preflight reads the block
                 "servicequotas:GetServiceQuota",
                 "pricing:GetProducts",
             ],

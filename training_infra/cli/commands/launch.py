@@ -197,6 +197,19 @@ def launch(
             rich_help_panel=RESOURCES,
         ),
     ] = None,
+    capacity_reservation: Annotated[
+        str | None,
+        typer.Option(
+            "--capacity-reservation",
+            metavar="ID",
+            help=(
+                "Run in this Capacity Block you bought (cr-...): market capacity-block, prepaid, its type and zone; "
+                "the deadline is clipped to the block's end."
+            ),
+            show_default=False,
+            rich_help_panel=RESOURCES,
+        ),
+    ] = None,
     max_price: Annotated[
         str | None,
         typer.Option(
@@ -289,6 +302,7 @@ def launch(
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
             max_cost_usd=max_cost_usd, nodes=nodes, data_access=data_access,
+            capacity_reservation=capacity_reservation,
         )
     )  # fmt: skip
     aws = Aws(region)

@@ -72,6 +72,9 @@ class AttemptEnd(StrEnum):
 
 
 MARKETS = ("spot", "on-demand", "spot-then-on-demand")
+# A Capacity Block the user bought (issue 28): the run's market only with its reservation id, never asked alone.
+BLOCK_MARKET = "capacity-block"
+RESERVATION_ID = re.compile(r"^cr-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
 # Index names the construct creates (training_infra/supervisor/construct.py).
 ACTIVE_INDEX = "Active"
 CREATED_INDEX = "ByCreated"
@@ -166,6 +169,8 @@ class RunSpec:
     imported_from: str = ""  # the file a run from before the run table was recorded from
     # Instances started all-or-nothing as one gang (issue 25, gang.py); 1: a single-node run, stored without it.
     nodes: int = 1
+    # The Capacity Block the run launches into (market capacity-block); "": none, stored without it.
+    capacity_reservation_id: str = ""
 
     @classmethod
     def from_dict(cls, spec: Any) -> RunSpec:
@@ -189,7 +194,13 @@ class RunSpec:
             "spec.subnet_ids", subnets, "1 to 16 subnet ids",
         )  # fmt: skip
         market = spec.get("market", "")
-        _need(market in MARKETS or (imported and market == ""), "spec.market", market, ", ".join(MARKETS))
+        block = spec.get("capacity_reservation_id", "")
+        _need(block == "" or (isinstance(block, str) and bool(RESERVATION_ID.match(block))),
+              "spec.capacity_reservation_id", block, "a capacity reservation id cr-...")  # fmt: skip
+        _need(market in MARKETS or (imported and market == "") or (market == BLOCK_MARKET and bool(block)),
+              "spec.market", market, f"{', '.join(MARKETS)}; {BLOCK_MARKET} with a reservation id")  # fmt: skip
+        _need(not block or market == BLOCK_MARKET, "spec.market", market, f"{BLOCK_MARKET} with a capacity "
+              "reservation id")  # fmt: skip
         template = spec.get("launch_template_id", "")
         _need(isinstance(template, str) and (bool(_TEMPLATE_ID.match(template)) or (imported and not template)),
               "spec.launch_template_id", template, "a launch template id")  # fmt: skip
@@ -242,6 +253,7 @@ class RunSpec:
             ),
             imported_from=imported,
             nodes=nodes,
+            capacity_reservation_id=block,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +273,8 @@ class RunSpec:
             del values["stack_template_version"]
         if self.nodes == 1:  # single-node records stay as they always were
             del values["nodes"]
+        if not self.capacity_reservation_id:
+            del values["capacity_reservation_id"]
         return values
 
 
@@ -309,8 +323,8 @@ class Member:
               f"0 to {MAX_NODES - 1}")  # fmt: skip
         instance = typed.get("instance_id", "")
         _need(bool(_INSTANCE_ID.match(instance)), f"{where}.instance_id", instance, "an instance id")
-        _need(typed.get("market", "") in ("", "spot", "on-demand"), f"{where}.market", typed.get("market"),
-              "spot or on-demand")  # fmt: skip
+        _need(typed.get("market", "") in ("", "spot", "on-demand", BLOCK_MARKET), f"{where}.market",
+              typed.get("market"), f"spot, on-demand or {BLOCK_MARKET}")  # fmt: skip
         return cls(**typed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -380,8 +394,8 @@ class Attempt:
         instance = typed.get("instance_id", "")
         _need(instance == "" or bool(_INSTANCE_ID.match(instance)), f"{where}.instance_id", instance,
               "an instance id")  # fmt: skip
-        _need(typed.get("market", "") in ("", "spot", "on-demand"), f"{where}.market", typed.get("market"),
-              "spot or on-demand")  # fmt: skip
+        _need(typed.get("market", "") in ("", "spot", "on-demand", BLOCK_MARKET), f"{where}.market",
+              typed.get("market"), f"spot, on-demand or {BLOCK_MARKET}")  # fmt: skip
         return cls(**typed)
 
     def to_dict(self) -> dict[str, Any]:

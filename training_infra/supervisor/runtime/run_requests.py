@@ -34,6 +34,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    import blocks
     import ledger
     import specs
     from prices import Prices
@@ -51,7 +52,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
         iso,
     )
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import ledger, specs
+    from training_infra.supervisor.runtime import blocks, ledger, specs
     from training_infra.supervisor.runtime.prices import Prices
     from training_infra.supervisor.runtime.records import (
         MARKETS,
@@ -202,7 +203,13 @@ def run_template_problem(cfg: Any, stack_data: Mapping[str, Any], template: Mapp
     if problem:
         return problem
     expected, actual = _run_data(stack_data), _run_data(data)
-    extra = sorted(set(data) - set(RUN_TEMPLATE_KEYS) - {"UserData", "TagSpecifications"})
+    allowed = {"UserData", "TagSpecifications"}
+    block = run.spec.capacity_reservation_id
+    if block:  # the one market a run's template may add: the block its record names (blocks.py)
+        expected = blocks.template_data(expected, block)
+        actual = {**actual, **{k: data[k] for k in ("InstanceMarketOptions",) if k in data}}
+        allowed.add("InstanceMarketOptions")
+    extra = sorted(set(data) - set(RUN_TEMPLATE_KEYS) - allowed)
     differ = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k)) + extra
     if differ:
         return (f"launch template {template_id} differs from the stack template's default version in "
@@ -303,6 +310,7 @@ class LaunchRequest:
     nodes: int = 1
     spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
     data_access: str | None = None  # sync | mount (issue 29); None: the stack's
+    capacity_reservation_id: str = ""  # a Capacity Block the user bought (blocks.py); market capacity-block
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> LaunchRequest:
@@ -311,8 +319,16 @@ class LaunchRequest:
             raise Refused(f"option '--run-id': got {run_id!r}; allowed: lowercase letters, digits and '-', at most "
                           "63, not latest or default", usage=True)  # fmt: skip
         market = _text(event, "market") or ""
-        if market not in MARKETS:
-            raise Refused(f"option '--market': got {market!r}; allowed: {', '.join(MARKETS)}", usage=True)
+        block = _block(event)
+        if market not in MARKETS and not (block and market == blocks.BLOCK_MARKET):
+            raise Refused(f"option '--market': got {market!r}; allowed: {', '.join(MARKETS)} ({blocks.BLOCK_MARKET} "
+                          "only with --capacity-reservation)", usage=True)  # fmt: skip
+        if block and market != blocks.BLOCK_MARKET:
+            raise Refused(f"option '--market': got {market!r} with --capacity-reservation {block}; allowed: "
+                          f"{blocks.BLOCK_MARKET} (a block is neither spot nor on-demand)", usage=True)  # fmt: skip
+        if block and event.get("max_price_usd") is not None:
+            raise Refused(f"option '--max-price': got {event.get('max_price_usd')!r} with --capacity-reservation "
+                          f"{block}; allowed: none (a block is prepaid)", usage=True)  # fmt: skip
         restarts = event.get("max_restarts_on_errors", 0)
         if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= MAX_RESTARTS:
             raise Refused(f"option '--max-restarts-on-errors': got {restarts!r}; allowed: a whole number from 0 to "
@@ -352,7 +368,19 @@ class LaunchRequest:
             nodes=_nodes(event),
             spec_yaml=_spec_text(event),
             data_access=data_access,
+            capacity_reservation_id=block,
         )
+
+
+def _block(event: Mapping[str, Any]) -> str:
+    """`--capacity-reservation`: the id's shape here; what EC2 says of it, in `Launcher.block`."""
+    value = event.get("capacity_reservation_id")
+    if value in (None, ""):
+        return ""
+    try:
+        return blocks.reservation_id(value)
+    except blocks.BlockRefused as refused:
+        raise Refused(str(refused), usage=True) from None
 
 
 def _nodes(event: Mapping[str, Any]) -> int:
@@ -478,10 +506,14 @@ class Launcher:
                 usage=True,
             )
         subnets = request.subnet_ids or cfg.stack_subnets
+        clipped = False
+        if request.capacity_reservation_id:
+            request, subnets, hours, clipped = self.block(request, tuple(subnets), hours, floor, now)
         spec = RunSpec(
             instance_types=request.instance_types, subnet_ids=tuple(subnets), market=request.market,
             max_runtime_hours=hours, launch_template_id="lt-00000000",
             max_restarts_on_errors=request.max_restarts_on_errors, nodes=request.nodes,
+            capacity_reservation_id=request.capacity_reservation_id,
         )  # fmt: skip
         deadline = iso(now + timedelta(hours=hours))
         try:  # the same checks every read of the record makes, on the spec as it will be written
@@ -496,6 +528,8 @@ class Launcher:
         prices = self.sup.prices or Prices(ec2=self.ec2, region=self.ec2.meta.region_name,
                                            pricing=self.sup.clients.pricing)  # fmt: skip
         list_prices = self.list_prices(prices, request.instance_types)
+        if request.capacity_reservation_id:  # prepaid: no price per hour beyond the volume (blocks.py)
+            list_prices = dict.fromkeys(request.instance_types, 0.0)
         volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
         money = plan_money(cfg, request.instance_types, list_prices, volume_gb, hours, request.max_price_usd,
                            request.max_cost_usd, request.nodes)  # fmt: skip
@@ -516,10 +550,13 @@ class Launcher:
                 max_cost_usd=money.max_cost_usd, budget_month=month, reserved_usd=round(money.reserve_usd, 4) if month
                 else 0.0, spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
                 stack_template_version=stack_version, nodes=request.nodes,
+                capacity_reservation_id=request.capacity_reservation_id,
             )  # fmt: skip
             overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
+            if clipped:  # the agent's own clock ends the run by the block's deadline too
+                overrides["TI_MAX_RUNTIME_SECONDS"] = str(round(hours * 3600))
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})
-            template_id = self.run_template(run_id, data, user_data, tags)
+            template_id = self.run_template(run_id, data, user_data, tags, block=request.capacity_reservation_id)
             spec = dataclasses.replace(spec, launch_template_id=template_id)
             self.record(run_id, spec, deadline, now, resumed, spec_yaml=request.spec_yaml)
         except BaseException:
@@ -539,7 +576,33 @@ class Launcher:
         return {
             "ok": True, "run_id": run_id, "attempt": attempt.n, "instance_id": attempt.instance_id,
             "state": run.state, "message": run.message, "deadline_at": run.deadline_at,
+            **({"deadline_clipped_to_block": request.capacity_reservation_id} if clipped else {}),
         }  # fmt: skip
+
+    def block(
+        self, request: LaunchRequest, subnets: tuple[str, ...], hours: float, floor: float, now: Any
+    ) -> tuple[LaunchRequest, tuple[str, ...], float, bool]:
+        """The block as EC2 describes it, checked here whatever the preflight said: the request narrowed to its
+        type and to the subnets in its zone, the hours clipped to one graceful stop before EC2 ends its instances."""
+        block_id = request.capacity_reservation_id
+        try:
+            block = blocks.describe(self.ec2, block_id)
+        except blocks.BlockRefused as refused:
+            raise Refused(str(refused)) from None
+        zones = {s["SubnetId"]: s["AvailabilityZone"]
+                 for s in self.ec2.describe_subnets(SubnetIds=list(subnets))["Subnets"]}  # fmt: skip
+        problem = blocks.problem(block, request.instance_types, request.nodes, now, timedelta(hours=floor),
+                                 self.cfg.stop_timeout_seconds, sorted(set(zones.values())))  # fmt: skip
+        if problem:
+            raise Refused(problem, usage=True)
+        if request.nodes > 1:
+            raise Refused(f"option '--capacity-reservation': got {block_id} with --nodes {request.nodes}; allowed: a "
+                          "single-node run (gangs in a block are not built yet)", usage=True)  # fmt: skip
+        until = block.usable_until(self.cfg.stop_timeout_seconds)
+        left = (until - now).total_seconds() / 3600 if until else hours
+        clipped = left < hours
+        narrowed = dataclasses.replace(request, instance_types=(block.instance_type,))
+        return narrowed, tuple(s for s in subnets if zones.get(s) == block.zone), min(hours, left), clipped
 
     def check_run_id(self, request: LaunchRequest) -> Run | None:
         """A new id whose instance (if any) has ended; with `resume`, a finished run (or one known only from S3)."""
@@ -582,8 +645,8 @@ class Launcher:
         list_prices: dict[str, float],
     ) -> dict[str, str]:  # fmt: skip
         """Only these names, built here from checked fields: a caller cannot set TI_IMAGE_URI, a bucket or a flag."""
-        values = {"TI_RUN_ID": run_id, "TI_DEADLINE_AT": deadline,
-                  "TI_MARKET": "on-demand" if request.market == "on-demand" else "spot"}  # fmt: skip
+        spot = request.market in ("spot", "spot-then-on-demand")  # a block's instance is on-demand to the agent
+        values = {"TI_RUN_ID": run_id, "TI_DEADLINE_AT": deadline, "TI_MARKET": "spot" if spot else "on-demand"}
         hourly = max(list_prices.values()) if list_prices else None
         if request.max_price_usd is not None:
             hourly = min(hourly, request.max_price_usd) if hourly is not None else request.max_price_usd
@@ -620,10 +683,13 @@ class Launcher:
                           "monthly_limit_usd") from None  # fmt: skip
         return month
 
-    def run_template(self, run_id: str, data: dict[str, Any], user_data: str, tags: dict[str, str]) -> str:
-        """The run's own launch template: the stack template's data, this run's user data and tags, no market;
-        named with the run-template prefix and tagged created-by=supervisor (what IAM and the deleter check)."""
-        run_data = _run_data(data)
+    def run_template(
+        self, run_id: str, data: dict[str, Any], user_data: str, tags: dict[str, str], *, block: str = ""
+    ) -> str:
+        """The run's own launch template: the stack template's data, this run's user data and tags, no market (but
+        capacity-block, targeted at the run's `block`); named with the run-template prefix and tagged
+        created-by=supervisor (what IAM and the deleter check)."""
+        run_data = blocks.template_data(_run_data(data), block) if block else _run_data(data)
         run_data["UserData"] = base64.b64encode(user_data.encode()).decode()
         for resource in ("instance", "volume"):
             inherited = {

@@ -32,6 +32,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    import blocks
     import capacity
     import ledger
     import replacement
@@ -51,7 +52,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     )
     from run_requests import run_template_problem
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import capacity, ledger, replacement
+    from training_infra.supervisor.runtime import blocks, capacity, ledger, replacement
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         Attempt,
@@ -317,6 +318,8 @@ def _fleet_request(
     cap = spec.max_price_usd
     if cap:  # the fleet's own cap on top of the pools offered: EC2 holds to it if a price moved since
         request["SpotOptions" if market == "spot" else "OnDemandOptions"]["MaxTotalPrice"] = f"{cap:g}"
+    if market == blocks.BLOCK_MARKET:  # the run template targets the block (blocks.py); the fleet says capacity-block
+        return blocks.fleet_request(request)
     return request
 
 
@@ -326,7 +329,8 @@ def _client_token(run_id: str, attempt: int, market: str, claimed_at: str) -> st
 
 
 def _markets(spec: RunSpec) -> list[str]:
-    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"]}[spec.market]
+    return {"spot": ["spot"], "on-demand": ["on-demand"], "spot-then-on-demand": ["spot", "on-demand"],
+            blocks.BLOCK_MARKET: [blocks.BLOCK_MARKET]}[spec.market]  # fmt: skip
 
 
 def _adopt(clients: Clients, run: Run, attempt: int, cfg: SupervisorConfig) -> dict[str, Any] | None:
@@ -420,7 +424,8 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
                 chosen = launched["LaunchTemplateAndOverrides"]["Overrides"]
                 subnet = chosen.get("SubnetId", "")
                 _record_instance(attempt, instance_id, launched.get("InstanceType") or chosen.get("InstanceType"),
-                                 zones.get(subnet), subnet, launched.get("Lifecycle", market), now)  # fmt: skip
+                                 zones.get(subnet), subnet, market if market == blocks.BLOCK_MARKET
+                                 else launched.get("Lifecycle", market), now)  # fmt: skip
                 return attempt
         pool_errors = response.get("Errors", [])
         refused = [
