@@ -49,6 +49,7 @@ ACKNOWLEDGED_NAG_FINDINGS = {
             "security-group",
             "network-interface",
             "placement-group",
+            "capacity-reservation",
         )
     ),
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*]",

@@ -253,3 +253,18 @@ def test_the_request_function_checks_the_block_id_and_market_on_its_side_whateve
 
     assert answer["ok"] is False and answer["usage"] is True and words in answer["error"], answer
     assert account.run("inblock") is None and ec2.fleets == []
+
+
+def test_an_attempt_in_a_block_costs_only_its_volume_the_block_being_prepaid():
+    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime.records import Attempt
+
+    spec = RunSpec.from_dict({"instance_types": ["p5.48xlarge"], "subnet_ids": ["subnet-01234567"],
+                              "max_runtime_hours": 2, "launch_template_id": "lt-0123456789abcdef0",
+                              "market": "capacity-block", "capacity_reservation_id": BLOCK, "volume_gb": 100,
+                              "list_prices": {"p5.48xlarge": 0.0}})  # fmt: skip
+    attempt = Attempt(n=1, instance_id="i-0123456789abcdef0", instance_type="p5.48xlarge", market="capacity-block",
+                      started_at="2026-11-29T08:00:00Z")  # fmt: skip
+    cost = ledger.price_attempt(attempt, spec, START + timedelta(hours=2), None)
+    assert cost.source == "capacity block (prepaid)" and cost.hourly_usd == 0.0
+    assert cost.usd == pytest.approx(ledger.volume_usd_per_hour(100) * 2), "the volume, not p5's $98/hour"

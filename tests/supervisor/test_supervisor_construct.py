@@ -301,3 +301,21 @@ def test_training_users_may_open_shell_sessions_with_the_accounts_document_and_e
     ending = by_sid["EndOwnSessions"]
     assert sorted(_as_list(ending["Action"])) == ["ssm:ResumeSession", "ssm:TerminateSession"]
     assert "session/${aws:userid}-*" in json.dumps(ending["Resource"])
+
+
+def test_supervisor_launches_into_a_capacity_reservation_only_from_its_own_templates_and_both_may_describe_blocks(
+    compute, supervisor
+):
+    """A run in a Capacity Block (blocks.py): RunInstances on capacity-reservation/* only where the reservation is
+    the launch template's (a run template the supervisor made after checking the block); nothing else on it."""
+    statements = compute.role_statements(supervisor.function.role)
+    on_blocks = [s for s in statements if "capacity-reservation/" in json.dumps(s["Resource"])]
+    assert len(on_blocks) == 1, on_blocks
+    (block,) = on_blocks
+    assert _as_list(block["Action"]) == ["ec2:RunInstances"]
+    assert block["Condition"] == {"Bool": {"ec2:IsLaunchTemplateResource": "true"}}
+    for policy_statements in (statements, _user_policy(compute)[1]):
+        describing = [s for s in policy_statements if "ec2:DescribeCapacityReservations" in _as_list(s["Action"])]
+        assert len(describing) == 1 and describing[0]["Resource"] == "*", describing
+    user_actions = {a for s in _user_policy(compute)[1] for a in _as_list(s["Action"])}
+    assert not {"ec2:RunInstances", "ec2:CreateFleet", "ec2:PurchaseCapacityBlock"} & user_actions

@@ -423,6 +423,9 @@ class TrainingSupervisor(Construct):
             ("network-interface", "the interface is made with the instance, only in the stack's subnets (ec2:Subnet)"),
             ("placement-group", "a gang's cluster placement group is made per attempt at run time; making it needs the "
              "created-by=supervisor tag and the cluster strategy, launching into and deleting it need that tag"),
+            ("capacity-reservation", "the user buys a Capacity Block at run time and names it at launch; only the "
+             "reservation a run template this function made targets (ec2:IsLaunchTemplateResource), only in this "
+             "account and region, after the request function checked its type, zone, state and end"),
         ):  # fmt: skip
             fn.acknowledge(f"IAM5[Resource::{nag_name(fn.role, arn(resource))}]", why)
         fn.acknowledge(
@@ -440,7 +443,7 @@ class TrainingSupervisor(Construct):
             "IAM5[Resource::*]",
             "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeLaunchTemplates, "
             "DescribeLaunchTemplateVersions, DescribeSpotPriceHistory, DescribeInstanceTypes, DescribePlacementGroups, "
-            "pricing:GetProducts and "
+            "DescribeCapacityReservations, GetSpotPlacementScores, pricing:GetProducts and "
             "cloudwatch:GetMetricStatistics support no resource-level permissions; they only read.",
         )
 

@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
-    from records import Attempt, RunSpec, parse_iso
+    from records import BLOCK_MARKET, Attempt, RunSpec, parse_iso
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime.records import Attempt, RunSpec, parse_iso
+    from training_infra.supervisor.runtime.records import BLOCK_MARKET, Attempt, RunSpec, parse_iso
 
 # gp3 list price (us-east-1) per GB-month, and AWS's month for per-hour figures.
 EBS_USD_PER_GB_MONTH = 0.08
@@ -150,6 +150,8 @@ def price_attempt(attempt: Attempt, spec: RunSpec, now: datetime, spot: SpotHist
     on_demand_rate = list_price if list_price is not None else agent_price
     on_demand = on_demand_rate * hours if on_demand_rate is not None else None
     volume = volume_usd_per_hour(spec.volume_gb) * hours
+    if attempt.market == BLOCK_MARKET:  # prepaid at purchase: the hours in the block cost nothing more (blocks.py)
+        return AttemptCost(hours, volume, None, 0.0, "capacity block (prepaid)")
     if attempt.market == "spot" and spot is not None and instance_type:
         history = spot.prices(instance_type, attempt.zone)
         compute = time_weighted_cost(history, start, end)
