@@ -146,3 +146,15 @@ def test_the_spec_key_refuses_a_malformed_id_naming_the_key_and_the_schema_says_
     resources = schema["$defs"]["Resources"]["properties"]["capacity_reservation"]
     patterns = [alt.get("pattern") for alt in resources.get("anyOf", [resources])]
     assert RESERVATION_ID.pattern in patterns
+
+
+def test_the_spec_kept_for_a_block_run_names_no_market_so_launch_like_it_is_accepted():
+    """The stack's market is a default of every other run; beside a block it would make `--like RUN` refuse."""
+    defaults = spec_cli.stack_defaults(["g5.xlarge"], "capacity-block", {}, 12)
+    flags = launching.validate(launching.LaunchRequest(capacity_reservation=BLOCK, instance_type="p5.48xlarge"))
+    spec, _sources = spec_cli.resolved([(spec_cli.FLAG, spec_cli.flags_as_spec(flags))], defaults, "r")
+    kept = spec.to_data()
+    assert "market" not in kept["resources"] and kept["resources"]["capacity_reservation"] == BLOCK
+    again = spec_cli.request_from_spec(validate(kept), launching.LaunchRequest())
+    assert again.capacity_reservation == BLOCK and again.market is None
+    assert "market" in spec_cli.stack_defaults(["g5.xlarge"], "spot", {}, 12)["resources"]

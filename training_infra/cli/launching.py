@@ -563,7 +563,8 @@ def _resolved_spec(
 
     published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_INSTANCE_TYPES, "")
     stack_types = [t.strip() for t in published.split(",") if t.strip()] or _instance_types(aws, request)
-    defaults = spec_cli.stack_defaults(stack_types, _market(LaunchRequest(), data), exports, _stack_hours(exports))
+    market = "capacity-block" if request.capacity_reservation else _market(LaunchRequest(), data)
+    defaults = spec_cli.stack_defaults(stack_types, market, exports, _stack_hours(exports))
     layers = request.spec_layers or [(spec_cli.FLAG, spec_cli.flags_as_spec(request))]
     from training_infra.spec import SpecError
 

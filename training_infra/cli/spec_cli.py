@@ -200,7 +200,8 @@ def stack_defaults(
     if stall.isdigit():
         limits["stall_minutes"] = int(stall) // 60
     data: dict[str, Any] = {
-        "resources": {"instance_types": instance_types, "market": market},
+        # A Capacity Block is its own market, implied by resources.capacity_reservation: no stack market beside it.
+        "resources": {"instance_types": instance_types, **({} if market == "capacity-block" else {"market": market})},
         "image": exports.get("TI_IMAGE_TAG") or "latest",
         "limits": limits,
     }
