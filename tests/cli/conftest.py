@@ -369,6 +369,8 @@ class Ec2Faults:
         # zone id -> score: GetSpotPlacementScores (moto has none) answered in its documented shape when set.
         self.placement_scores: dict[str, int] = {}
         self.score_calls: list[str] = []
+        # DescribeCapacityReservations (moto has no Capacity Reservations): its documented answer when set.
+        self.capacity_reservations: list[dict[str, str]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -377,6 +379,9 @@ class Ec2Faults:
                 if b"Action=CreateFleet" in body:
                     proxy.fleet_calls.append(body.decode())
                     self._reply(200, _fleet_errors(body.decode(), proxy.error_code).encode(), "text/xml")
+                    return
+                if b"Action=DescribeCapacityReservations" in body and proxy.capacity_reservations:
+                    self._reply(200, _capacity_reservations(proxy.capacity_reservations).encode(), "text/xml")
                     return
                 if b"Action=GetSpotPlacementScores" in body and proxy.placement_scores:
                     proxy.score_calls.append(body.decode())
@@ -437,6 +442,17 @@ def _fleet_errors(request: str, code: str) -> str:
         '<?xml version="1.0" encoding="UTF-8"?><CreateFleetResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
         "<requestId>00000000-0000-0000-0000-000000000000</requestId><fleetId>fleet-00000000-0000-0000-0000-000000000000</fleetId>"
         f"<errorSet>{''.join(items)}</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+    )
+
+
+def _capacity_reservations(reservations: list[dict[str, str]]) -> str:
+    """DescribeCapacityReservations' answer (EC2 API reference: capacityReservationSet of CapacityReservation, its
+    members in the query protocol's lowerCamel names, e.g. {"capacityReservationId": ..., "reservationType": ...})."""
+    items = "".join("<item>" + "".join(f"<{k}>{v}</{k}>" for k, v in r.items()) + "</item>" for r in reservations)
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><DescribeCapacityReservationsResponse '
+        'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>00000000-0000-0000-0000-000000000000</requestId>'
+        f"<capacityReservationSet>{items}</capacityReservationSet></DescribeCapacityReservationsResponse>"
     )
 
 

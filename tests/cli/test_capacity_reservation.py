@@ -158,3 +158,63 @@ def test_the_spec_kept_for_a_block_run_names_no_market_so_launch_like_it_is_acce
     again = spec_cli.request_from_spec(validate(kept), launching.LaunchRequest())
     assert again.capacity_reservation == BLOCK and again.market is None
     assert "market" in spec_cli.stack_defaults(["g5.xlarge"], "spot", {}, 12)["resources"]
+
+
+# ---- end to end on the local AWS: the CLI, the preflight and the supervisor's request function in process ---------
+# The loopback EC2 proxy (tests/cli/conftest.py) answers DescribeCapacityReservations in its documented XML (moto has
+# none) and CreateFleet with capacity errors (moto's starts nothing for capacity-block); the rest is moto's.
+
+
+def _block_xml(region: str, instance_type: str = "g5.xlarge", hours_left: float = 1.5) -> dict[str, str]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return {
+        "capacityReservationId": BLOCK, "instanceType": instance_type, "availabilityZone": f"{region}b",
+        "totalInstanceCount": "1", "availableInstanceCount": "1", "state": "active",
+        "startDate": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "endDate": (now + timedelta(hours=hours_left)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "reservationType": "capacity-block", "instanceMatchCriteria": "targeted",
+    }  # fmt: skip
+
+
+def test_launch_into_a_block_asks_a_capacity_block_fleet_in_its_zone_and_says_the_deadline_is_clipped(
+    stacks, ec2_faults
+):
+    from training_infra.supervisor.runtime.records import RunStore
+
+    ec2_faults.capacity_reservations = [_block_xml(stacks.region)]
+    result = stacks.cli("launch", "--run-id", "in-block", "--capacity-reservation", BLOCK, "--instance-type",
+                        "g5.xlarge", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})  # fmt: skip
+    try:
+        assert result.exit_code == 0, result.output
+        [note] = [line for line in result.stderr.splitlines() if line.startswith("note: deadline clipped to ")]
+        assert f"capacity block {BLOCK} ends " in note
+        record = RunStore(stacks.client("dynamodb"), stacks.outputs[naming.OUTPUT_RUN_TABLE]).get("in-block")
+        assert record.spec.market == "capacity-block" and record.spec.capacity_reservation_id == BLOCK
+        said = datetime.fromisoformat(note.split()[4].rstrip(":").replace("Z", "+00:00"))
+        assert said == datetime.fromisoformat(record.deadline_at.replace("Z", "+00:00")), (note, record.deadline_at)
+        end = datetime.fromisoformat(ec2_faults.capacity_reservations[0]["endDate"].replace("Z", "+00:00"))
+        assert said == end - timedelta(minutes=30) - timedelta(seconds=600), "one graceful stop before EC2 ends it"
+        assert f"until {record.deadline_at}" in result.stdout, "the waiting line names the clipped deadline"
+        [fleet] = ec2_faults.fleet_calls
+        assert "TargetCapacitySpecification.DefaultTargetCapacityType=capacity-block" in fleet
+        assert "SpotOptions" not in fleet and "OnDemandOptions" not in fleet
+        zone_b = stacks.client("ec2").describe_subnets(SubnetIds=list(record.spec.subnet_ids))["Subnets"]
+        assert {s["AvailabilityZone"] for s in zone_b} == {f"{stacks.region}b"}, "only the block's zone"
+    finally:
+        stacks.cli("stop", "in-block")
+
+
+def test_launch_into_a_block_of_another_type_is_refused_in_one_line_and_creates_nothing(stacks, ec2_faults):
+    ec2_faults.capacity_reservations = [_block_xml(stacks.region, instance_type="g6.xlarge")]
+    result = stacks.cli("launch", "--run-id", "wrong-block", "--capacity-reservation", BLOCK, "--instance-type",
+                        "g5.xlarge", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        f"error: capacity reservation {BLOCK}: holds g6.xlarge; allowed: a block of the run's instance types "
+        "g5.xlarge (pass --instance-type g6.xlarge)"
+    ]
+    assert ec2_faults.fleet_calls == []
+    templates = stacks.client("ec2").describe_launch_templates(
+        Filters=[{"Name": "launch-template-name", "Values": ["training-infra-run-wrong-block"]}]
+    )["LaunchTemplates"]
+    assert templates == [] and stacks.run_instances("wrong-block") == []
