@@ -73,6 +73,16 @@ def test_a_block_that_cannot_hold_the_run_is_named_with_why_in_one_line(changes,
     assert problem.startswith(f"capacity reservation {BLOCK}: ") and words in problem and "\n" not in problem
 
 
+def test_a_block_that_starts_after_the_runs_deadline_is_refused_since_the_run_would_only_wait():
+    late = _block(state="scheduled", start=START + timedelta(hours=30), end=START + timedelta(hours=54))
+    problem = blocks.problem(late, ["p5.48xlarge"], 1, START, FLOOR, 600, ["us-east-1a"], START + timedelta(hours=12))
+    assert "starts 2026-11-30T14:00Z, too late for the run's deadline 2026-11-29T20:00Z" in problem
+    soon = _block(state="scheduled", start=START + timedelta(hours=2), end=START + timedelta(hours=26))
+    assert (
+        blocks.problem(soon, ["p5.48xlarge"], 1, START, FLOOR, 600, ["us-east-1a"], START + timedelta(hours=12)) == ""
+    )
+
+
 def test_an_active_or_scheduled_block_of_the_runs_type_in_its_zones_holds_it():
     for state in ("active", "scheduled"):
         assert blocks.problem(_block(state=state), ["p5.48xlarge"], 1, START, FLOOR, 600, ["us-east-1a"]) == ""

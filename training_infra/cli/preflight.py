@@ -352,8 +352,9 @@ def check_block(report: Report, ec2: Any) -> None:
         report.failures.append(str(refused))
         return
     now = datetime.now(UTC)
+    deadline = datetime.fromisoformat(plan.deadline.replace("Z", "+00:00"))
     problem = blocks.problem(block, plan.instance_types, plan.nodes, now, timedelta(seconds=plan.floor_seconds),
-                             plan.stop_timeout_seconds, sorted(set(report.zones.values())))  # fmt: skip
+                             plan.stop_timeout_seconds, sorted(set(report.zones.values())), deadline)  # fmt: skip
     if problem:
         report.failures.append(problem)
         return
@@ -362,7 +363,6 @@ def check_block(report: Report, ec2: Any) -> None:
     plan.subnets = [s for s in plan.subnets if report.zones.get(s) == block.zone]
     report.offered = [(block.instance_type, block.zone)]
     report.lines.append(("capacity block", f"{block.words()}: prepaid, no price per hour"))
-    deadline = datetime.fromisoformat(plan.deadline.replace("Z", "+00:00"))
     clipped = blocks.clip(deadline, block, plan.stop_timeout_seconds)
     if clipped < deadline:
         plan.deadline = clipped.strftime("%Y-%m-%dT%H:%M:%SZ")

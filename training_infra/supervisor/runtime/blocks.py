@@ -107,8 +107,10 @@ def describe(ec2: Any, reservation: str) -> Block:
 
 
 def problem(block: Block, instance_types: Sequence[str], nodes: int, now: datetime, floor: timedelta,
-            stop_timeout_seconds: int, zones: Sequence[str] | None = None) -> str:  # fmt: skip
-    """Why the block cannot hold the run ("" when it can): one line, the block's value and what is allowed."""
+            stop_timeout_seconds: int, zones: Sequence[str] | None = None,
+            deadline: datetime | None = None) -> str:  # fmt: skip
+    """Why the block cannot hold the run ("" when it can): one line, the block's value and what is allowed.
+    `deadline`: the run's own, before clipping; a block that starts too late for it would only make the run wait."""
     name = f"capacity reservation {block.reservation_id}"
     if block.kind != BLOCK_MARKET:
         return f"{name}: is a {block.kind} reservation; allowed: a Capacity Block (ReservationType capacity-block)"
@@ -128,6 +130,9 @@ def problem(block: Block, instance_types: Sequence[str], nodes: int, now: dateti
     if until - begins < floor:
         return (f"{name}: ends {block.end:%Y-%m-%dT%H:%MZ}: less than boot + one checkpoint interval "
                 f"({floor.total_seconds() / 60:g} min) is left before EC2 ends its instances")  # fmt: skip
+    if deadline is not None and begins + floor > deadline:
+        return (f"{name}: starts {begins:%Y-%m-%dT%H:%MZ}, too late for the run's deadline {deadline:%Y-%m-%dT%H:%MZ}; "
+                "allowed: a block that starts within --max-runtime-hours")  # fmt: skip
     return ""
 
 

@@ -592,7 +592,8 @@ class Launcher:
         zones = {s["SubnetId"]: s["AvailabilityZone"]
                  for s in self.ec2.describe_subnets(SubnetIds=list(subnets))["Subnets"]}  # fmt: skip
         problem = blocks.problem(block, request.instance_types, request.nodes, now, timedelta(hours=floor),
-                                 self.cfg.stop_timeout_seconds, sorted(set(zones.values())))  # fmt: skip
+                                 self.cfg.stop_timeout_seconds, sorted(set(zones.values())),
+                                 now + timedelta(hours=hours))  # fmt: skip
         if problem:
             raise Refused(problem, usage=True)
         if request.nodes > 1:
