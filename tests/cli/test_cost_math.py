@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from training_infra.cli.main import fmt_duration, fmt_usd
+from training_infra.cli.render import fmt_duration, fmt_usd
 from training_infra.cli.runs import Run, new_run_id, time_weighted_cost
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)

@@ -289,9 +289,9 @@ def test_cost_of_one_older_run_covers_its_whole_life_even_before_it_was_recorded
 
 
 def test_cost_of_one_run_on_a_deployment_from_before_the_run_table_shows_the_run(region, calls, monkeypatch):
-    from training_infra.cli import main
+    from training_infra.cli import source
 
-    monkeypatch.setattr(main, "_run_store", lambda aws: None)
+    monkeypatch.setattr(source, "run_store", lambda aws: None)
 
     region.put_status(_legacy_status("scale-no-table", NOW - timedelta(days=40), 2))
 

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from training_infra.cli.errors import UsageError
@@ -21,6 +22,51 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 OUTPUT_FORMATS = ("table", "json")
+
+
+def stdout() -> Console:
+    """A console for this invocation: terminal width and COLUMNS are read when a verb runs.
+
+    rich (like boto3's transfer manager) is imported by the verbs that use it, not at start-up.
+    Soft wrap: a line longer than the screen is left for the terminal to fold, never broken by
+    us mid-word (an S3 URL stays one line for copy and grep).
+    """
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes = int(seconds // 60)
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    return f"{hours}h {minutes:02d}m"
+
+
+def fmt_usd(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if 0 < value < 0.01:
+        return "<$0.01"
+    return f"${value:,.2f}"
+
+
+def fmt_time(moment: datetime | None) -> str:
+    from training_infra.cli import runs
+
+    return runs.iso_z(moment) if moment else "-"
+
+
+def hhmm(moment: str | None) -> str:
+    """A start or end as `MM-DD HH:MM` (UTC): short enough for the attempts table; JSON has the full time."""
+    from training_infra.cli import runs
+
+    parsed = runs.parse_time(moment)
+    return parsed.strftime("%m-%d %H:%M") if parsed else "-"
 
 
 def output_format(value: str, *, as_json: bool = False) -> str:

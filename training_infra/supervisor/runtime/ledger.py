@@ -182,6 +182,28 @@ def record_price(attempt: Attempt, cost: AttemptCost) -> None:
     attempt.hourly_usd, attempt.price_source = cost.hourly_usd, cost.source
 
 
+def spent_under_limit(spec: RunSpec, total_usd: float) -> float:
+    """What counts against the run's --max-cost-usd: a resumed run's limit counts from its resume."""
+    return total_usd - spec.spent_before_usd
+
+
+def left_under_limit(spec: RunSpec, total_usd: float) -> float:
+    """Dollars the run may still spend under its --max-cost-usd (0 when it has reached it)."""
+    return max(0.0, (spec.max_cost_usd or 0.0) - spent_under_limit(spec, total_usd))
+
+
+def share_inside(began: datetime, seconds: float, start: datetime, now: datetime) -> tuple[float, float] | None:
+    """(seconds inside [start, now], share of the attempt's cost) of an attempt of `seconds` from `began`;
+    None when it lies wholly outside. An attempt that straddles `start` counts pro rata."""
+    ended = began + timedelta(seconds=seconds)
+    inside = (min(ended, now) - max(began, start)).total_seconds()
+    if inside <= 0 and ended > began:
+        return None
+    if ended <= began:
+        return 0.0, 1.0
+    return max(0.0, inside), min(1.0, inside / (ended - began).total_seconds())
+
+
 def _positive(value: Any) -> float | None:
     found = number(value)
     return found if found is not None and found > 0 else None

@@ -879,7 +879,7 @@ class Supervisor:
         changed = abs(total - run.spent_usd) >= 0.01
         if changed:
             run.spent_usd = round(total, 4)
-        spent = total - run.spec.spent_before_usd
+        spent = ledger.spent_under_limit(run.spec, total)
         if spent + hourly * self.cfg.grace_hours < limit:
             return changed
         run.spent_usd = round(total, 4)
@@ -914,7 +914,7 @@ class Supervisor:
         limit = run.spec.max_cost_usd or 0.0
         total, _ = self._spend(run, None, now)
         run.spent_usd = round(total, 4)
-        spent = total - run.spec.spent_before_usd
+        spent = ledger.spent_under_limit(run.spec, total)
         prices = list(run.spec.list_prices.values()) or [0.0]
         # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
         useful = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds + self.cfg.stop_timeout_seconds
