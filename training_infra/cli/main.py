@@ -107,8 +107,10 @@ for verb in (outputs, upload, launch, status, logs, connect, fetch, stop, cost):
     app.command()(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 
-from training_infra.cli.local import local_app  # noqa: E402 - the verbs above come first in --help
+from training_infra.cli.commands.sweep import sweep_app  # noqa: E402 - the verbs above come first in --help
+from training_infra.cli.local import local_app  # noqa: E402
 
+app.add_typer(sweep_app)
 app.add_typer(local_app)
 
 

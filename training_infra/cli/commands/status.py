@@ -23,6 +23,9 @@ def status(
     ] = "20",
     output: Output = "table",
     as_json: JsonFlag = False,
+    group: Annotated[
+        str | None, typer.Option("--group", "-g", metavar="GROUP", help="A sweep's trials and its best so far.")
+    ] = None,
     region: Region = None,
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
@@ -32,6 +35,11 @@ def status(
     their status.json (made before the run table) are recorded in it the first time they are seen.
     """
     fmt = output_format(output, as_json=as_json)
+    if group is not None:  # a sweep (cli/commands/sweep.py)
+        from training_infra.cli.commands.sweep import show_group
+
+        show_group(Aws(region), group, fmt)
+        return
     count = whole_number("--limit", limit)
     if run is not None:
         run = check_run_id(run)

@@ -488,9 +488,7 @@ def create_group(supervisor: Any, event: Mapping[str, Any]) -> dict[str, Any]:
 def check_request(cfg: Any, event: Mapping[str, Any]) -> tuple[SweepSpec | None, list[str]]:
     """(the spec, []) or (None, one line per mistake): pure, against the stack's limits in `cfg`."""
     name = event.get("group")
-    problems = []
-    if not isinstance(name, str) or not _GROUP_NAME.match(name):
-        problems.append(f"group: got {name!r}; allowed: lowercase letters, digits and '-', at most 48")
+    problems = [line for line in [name_problem(name)] if line]
     try:
         spec = SweepSpec.from_dict(event.get("sweep") if isinstance(event.get("sweep"), dict) else {})
     except SweepRefused as refused:
@@ -498,6 +496,12 @@ def check_request(cfg: Any, event: Mapping[str, Any]) -> tuple[SweepSpec | None,
     if not problems:
         problems.extend(_template_problems(spec, name, cfg))
     return (None if problems else spec), problems
+
+
+def name_problem(name: Any) -> str:
+    if isinstance(name, str) and _GROUP_NAME.match(name):
+        return ""
+    return f"group: got {name!r}; allowed: lowercase letters, digits and '-', at most 48"
 
 
 def stop_group(supervisor: Any, event: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""`training-infra sweep -f sweep.yaml`, `sweep stop GROUP` and `status --group GROUP`: a group of managed runs
+whose parameters Optuna chooses, kept going by the supervisor (docs/cli.md, "Sweeps").
+
+The file is checked here first (one line per mistake, all at once) and again by the request function, which
+alone creates the group; nothing runs on this machine afterwards, so closing the laptop changes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from training_infra import naming
+from training_infra.cli import launching
+from training_infra.cli.aws import Aws
+from training_infra.cli.errors import UsageError, err_console, reported_errors
+from training_infra.cli.options import Region
+from training_infra.cli.render import Column, Listing, fmt_usd, print_json, stdout
+
+sweep_app = typer.Typer(
+    name="sweep",
+    help="Search a trainer's parameters with Optuna: a group of managed runs with one concurrency cap and one "
+    "dollar limit (`sweep -f sweep.yaml`, `sweep stop GROUP`, `status --group GROUP`).",
+    no_args_is_help=False,
+)
+
+# The run-spec keys a sweep's template may hold (the layout of `launch -f`), and the launch request field of each.
+_TEMPLATE_KEYS = {
+    ("resources", "instance_types"): "instance_types",
+    ("resources", "market"): "market",
+    ("resources", "max_price"): "max_price_usd",
+    ("image",): "image_tag",
+    ("command",): "command",
+    ("limits", "max_runtime_hours"): "max_runtime_hours",
+    ("limits", "max_cost_usd"): "max_cost_usd",
+    ("limits", "max_restarts_on_errors"): "max_restarts_on_errors",
+}
+_EXTRA_KEYS = {"resources": {"nodes"}, "limits": {"stall_minutes"}, "data": {"allow_empty"}}
+_TEMPLATE_SECTIONS = {"resources", "image", "command", "env", "secrets", "limits", "data"}
+_SWEEP_KEYS = {"group", "template", "space", "objective", "trials", "parallel", "max_cost_usd", "pruning", "seed"}
+
+
+def read_sweep_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """(group name, the request's `sweep` map) from the YAML file, or UsageError with one line per mistake."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}{where}: not YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: got {type(data).__name__}; allowed: a map of {', '.join(sorted(_SWEEP_KEYS))}")
+    problems = []
+    for key in sorted(set(data) - _SWEEP_KEYS, key=str):
+        near = difflib.get_close_matches(str(key), sorted(_SWEEP_KEYS), n=1)
+        problems.append(f"{path}: {key}: unknown key; allowed: {', '.join(sorted(_SWEEP_KEYS))}"
+                        + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
+    group = data.get("group")
+    template, template_problems = template_event(data.get("template"))
+    problems.extend(f"{path}: {line}" for line in template_problems)
+    sweep = {k: v for k, v in data.items() if k in _SWEEP_KEYS - {"group"}}
+    sweep["template"] = template
+    from training_infra.supervisor.runtime.sweeps import SweepRefused, SweepSpec, name_problem
+
+    # The file's own shape here (pure, no AWS); the stack's limits are the request function's to check.
+    problems.extend(f"{path}: {line}" for line in [name_problem(group)] if line)
+    try:
+        SweepSpec.from_dict(sweep)
+    except SweepRefused as refused:
+        problems.extend(f"{path}: {line}" for line in refused.problems)
+    if problems:
+        raise UsageError("\n".join(problems))
+    return str(group), sweep
+
+
+def template_event(template: Any) -> tuple[dict[str, Any], list[str]]:
+    """A run spec (the `launch -f` layout: resources, image, command, env, secrets, limits) as the launch request's
+    fields, and one line per key it cannot take."""
+    if not isinstance(template, dict):
+        return {}, [f"template: got {template!r}; allowed: a run spec (resources, image, command, env, limits ...)"]
+    event: dict[str, Any] = {}
+    problems = []
+    for key in sorted(set(template) - _TEMPLATE_SECTIONS, key=str):
+        if key in ("run_id", "group"):
+            problems.append(f"template.{key}: got {template[key]!r}; allowed: nothing (the sweep sets it per member)")
+            continue
+        near = difflib.get_close_matches(str(key), sorted(_TEMPLATE_SECTIONS), n=1)
+        problems.append(f"template.{key}: unknown key; allowed: {', '.join(sorted(_TEMPLATE_SECTIONS))}"
+                        + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
+    for section in ("resources", "limits", "data"):
+        values = template.get(section, {})
+        if not isinstance(values, dict):
+            problems.append(f"template.{section}: got {values!r}; allowed: a map")
+            continue
+        known = {k[1] for k in _TEMPLATE_KEYS if k[0] == section} | _EXTRA_KEYS.get(section, set())
+        for key in sorted(set(values) - known, key=str):
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            problems.append(f"template.{section}.{key}: unknown key; allowed: {', '.join(sorted(known))}"
+                            + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
+    nodes = (template.get("resources") or {}).get("nodes", 1) if isinstance(template.get("resources"), dict) else 1
+    if nodes != 1:
+        problems.append(f"template.resources.nodes: got {nodes!r}; allowed: 1 (a sweep's members are single-node)")
+    for path, field in _TEMPLATE_KEYS.items():
+        value: Any = template
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            event[field] = value
+    stall = (template.get("limits") or {}).get("stall_minutes") if isinstance(template.get("limits"), dict) else None
+    if stall is not None:
+        if isinstance(stall, (int, float)) and not isinstance(stall, bool):
+            event["stall_seconds"] = int(stall * 60)
+        else:
+            problems.append(f"template.limits.stall_minutes: got {stall!r}; allowed: minutes, 0 to 1440")
+    for name in ("env", "secrets"):
+        values = template.get(name, {})
+        if not isinstance(values, dict):
+            problems.append(f"template.{name}: got {values!r}; allowed: a map of NAME: value")
+            continue
+        event[name] = [f"{k}={v}" for k, v in values.items()]
+    event.setdefault("market", "spot")
+    return event, problems
+
+
+@sweep_app.callback(invoke_without_command=True)
+@reported_errors
+def sweep(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            metavar="SWEEP.yaml",
+            help="The sweep: group, template, space, objective, "
+            "trials, parallel, max_cost_usd, pruning (docs/cli.md, 'Sweeps').",
+            show_default=False,
+        ),
+    ] = None,
+    region: Region = None,
+) -> None:
+    """Start a sweep: the supervisor asks Optuna for each trial as slots free and launches it as a managed run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if file is None:
+        raise UsageError("option '--file': missing; allowed: a sweep file (see `training-infra sweep --help`)")
+    group, body = read_sweep_file(file)
+    aws = Aws(region)
+    answer, notes = launching.call_supervisor(aws, {"action": "sweep", "group": group, "sweep": body})
+    for note in notes:
+        err_console().print(f"note: {note}", markup=False)
+    out = stdout()
+    launched = ", ".join(answer.get("launched") or []) or "none yet"
+    out.print(f"sweep {group}: {body['trials']} trial(s), {body.get('parallel', 1)} at once, "
+              f"${float(body['max_cost_usd']):,.2f} limit; launched {launched}", markup=False)  # fmt: skip
+    out.print(f"  training-infra status --group {group}", markup=False)
+    out.print(f"  training-infra sweep stop {group}", markup=False)
+
+
+@sweep_app.command("stop")
+@reported_errors
+def stop(
+    group: Annotated[str, typer.Argument(metavar="GROUP", help="The sweep's group name.", show_default=False)],
+    region: Region = None,
+) -> None:
+    """End a sweep: no new trials; every running member stops gracefully (checkpoint, outputs, logs)."""
+    aws = Aws(region)
+    answer, notes = launching.call_supervisor(aws, {"action": "sweep_stop", "group": group})
+    for note in notes:
+        err_console().print(f"note: {note}", markup=False)
+    running = answer.get("running") or []
+    stdout().print(f"sweep {group}: {answer['state']}; stopping {', '.join(running) or 'no running member'}",
+                   markup=False)  # fmt: skip
+
+
+def show_group(aws: Aws, name: str, fmt: str) -> None:
+    """`status --group G`: each trial's parameters, state, attempts, objective and cost, and the best so far."""
+    from training_infra.supervisor.runtime.sweeps import GroupStore
+
+    group = GroupStore(aws.client("dynamodb"), aws.output(naming.OUTPUT_RUN_TABLE)).get(name)
+    if group is None:
+        raise UsageError(f"argument '--group': got {name!r}; allowed: a sweep's group name (no such group)")
+    metric = group.spec.objective.metric
+    if fmt == "json":
+        print_json({"group": name, "state": group.state, "message": group.message, "spent_usd": group.spent_usd,
+                    "max_cost_usd": group.spec.max_cost_usd, "best": group.best,
+                    "trials": [t.to_dict() for t in group.trials]})  # fmt: skip
+        return
+    out = stdout()
+    money = f"{fmt_usd(group.spent_usd)} of {fmt_usd(group.spec.max_cost_usd)}"
+    out.print(f"sweep {name}: {group.state}, {len(group.trials)} of {group.spec.trials} trial(s), "
+              f"{len(group.running)} running ({group.spec.parallel} at once), {money}; "
+              f"{group.spec.objective.direction} {metric}", markup=False)  # fmt: skip
+    if group.message:
+        out.print(f"  {group.message}", markup=False)
+    listing = Listing(
+        title=f"trials of {name}",
+        columns=[
+            Column(c, right=c in ("trial", "tries", metric, "cost"))
+            for c in ("trial", "run", "state", "tries", metric, "cost", "params")
+        ],  # fmt: skip
+    )
+    for trial in group.trials:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(trial.params.items()))
+        value = "-" if trial.value is None else f"{trial.value:g}"
+        listing.rows.append([str(trial.number), trial.run_id, str(trial.state), str(trial.attempts or "-"), value,
+                             fmt_usd(trial.cost_usd), params])  # fmt: skip
+    listing.print(out)
+    if group.best:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(group.best["params"].items()))
+        out.print(f"best so far: trial {group.best['number']} ({group.best['run_id']}) {metric} "
+                  f"{group.best['value']:g}: {params}", markup=False)  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
