@@ -78,8 +78,10 @@ _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 PARAM_KINDS = ("float", "log-float", "int", "categorical")
 DIRECTIONS = ("minimize", "maximize")
 PRUNERS = ("median",)
-MAX_TRIALS = 10_000
+MAX_TRIALS = 1_000  # the group item keeps every trial: 1,000 stay well inside DynamoDB's 400 KB (bench_sweep.py)
 MAX_PARALLEL = 100
+LAUNCHES_PER_STEP = 8  # each member's launch is a few AWS calls: a wide group ramps up over a few minutes
+MESSAGE_CHARS = 200  # a trial's message, kept short for the same reason
 LEASE_SECONDS = 55  # the supervisor's timeout (50 s) and a margin: a stepper that died frees its group by then
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -672,8 +674,8 @@ class GroupStep:
             for frozen in study.get_trials(deepcopy=False, states=(OptunaState.RUNNING,)):
                 if frozen.number not in known:
                     launched.append(self._start(group, study, frozen.number, dict(frozen.params)))
-            while group.state == GroupState.RUNNING and len(group.running) < group.spec.parallel and len(
-                    group.trials) < group.spec.trials:  # fmt: skip
+            while (group.state == GroupState.RUNNING and len(group.running) < group.spec.parallel
+                   and len(group.trials) < group.spec.trials and len(launched) < LAUNCHES_PER_STEP):  # fmt: skip
                 why = self._no_room(group)
                 if why:
                     group.message = why
@@ -682,6 +684,8 @@ class GroupStep:
                 asked = study.ask(fixed_distributions=fixed)
                 launched.append(self._start(group, study, asked.number, dict(asked.params)))
         self._best(group, study)
+        for trial in group.trials:
+            trial.message = trial.message[:MESSAGE_CHARS]
         if not group.running and (group.state == GroupState.STOPPING or len(group.trials) >= group.spec.trials
                                   or self._no_room(group)):  # fmt: skip
             self._end(group)
