@@ -6,7 +6,7 @@ All in one process against moto (the run table, EC2 and S3 of the local AWS, in 
 1. A group with 100 members running: every member's progress.json carries a new intermediate value and one member
    has ended; one group step then follows all 100 (read its record and progress, `trial.report`, the pruner),
    tells Optuna the ended one's result, asks for the next trial and launches it. Timed: the whole step, and the
-   Optuna tell + ask alone. The figure the issue asks for: the step's time per member decision.
+   Optuna tell + ask alone (a decision: the figure the issue asks for, target < 1 s).
 2. A sweep of 1,000 trials through the DynamoDB journal backend: each trial asked (4 parameters, TPE), 5
    intermediate values reported, told. Counted: items written (journal entries, plus one run record per member and
    the group item), reads while it ran, and the reads a cold Lambda makes to rebuild the study from the table.
@@ -105,9 +105,10 @@ def decisions() -> None:
         print(f"sweep: one group step over {MEMBERS} running members (follow all, tell 1, ask 1, launch 1): "
               f"{step:.3f} s median of {ROUNDS} ({statistics.median(cpu):.3f} s of CPU, moto's included; "
               "the wall time grows with the machine's load)")  # fmt: skip
-        print(f"sweep: time per decision (step / members): {step / MEMBERS * 1000:.1f} ms; "
-              f"Optuna's tell + ask alone: {statistics.median(optuna_times) * 1000:.0f} ms; target < 1 s: "
-              f"{'met' if step / MEMBERS < 1 else 'NOT met'} ({1 / (step / MEMBERS):.0f}x inside)")  # fmt: skip
+        decision = statistics.median(optuna_times)
+        print(f"sweep: time per decision (tell Optuna the ended trial, ask the next) in a group of {MEMBERS}: "
+              f"{decision * 1000:.0f} ms median; target < 1 s: {'met' if decision < 1 else 'NOT met'} "
+              f"({1 / decision:.1f}x inside); per member followed: {step / MEMBERS * 1000:.1f} ms")  # fmt: skip
 
 
 def journal_counts() -> None:

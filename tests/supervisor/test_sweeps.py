@@ -233,7 +233,7 @@ def test_sweep_stop_ends_every_member_gracefully_and_the_group_as_stopped(accoun
     ("changes", "line"),
     [
         ({"trails": 6}, "trails: unknown key; allowed: "),
-        ({"trials": 0}, "trials: got 0; allowed: a whole number from 1 to 10000"),
+        ({"trials": 0}, "trials: got 0; allowed: a whole number from 1 to 1000"),
         ({"parallel": 1000}, "parallel: got 1000; allowed: a whole number from 1 to 100"),
         ({"max_cost_usd": None}, "max_cost_usd: got None; allowed: the group's dollar limit"),
         ({"space": {"lr": {"type": "log-float", "low": 0, "high": 1}}}, "space.lr.low: got 0; allowed: more than 0"),
