@@ -245,6 +245,10 @@ def test_sweep_stop_ends_every_member_gracefully_and_the_group_as_stopped(accoun
         ({"template": {**TEMPLATE, "instance_types": ["p5.48xlarge"]}}, "template.instance_types: got p5.48xlarge"),
         ({"template": {**TEMPLATE, "market": "cheap"}}, "template: option '--market': got 'cheap'; allowed: spot"),
         ({"template": {**TEMPLATE, "env": ["TI_PARAM_LR=1"]}}, "template.env: got TI_PARAM*"),
+        (
+            {"trials": 1000, "space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(32)}},
+            "trials: got 1000; allowed: at most 332 for this space",
+        ),
     ],
 )
 def test_a_sweep_with_a_mistake_is_refused_in_one_line(changes, line):

@@ -80,6 +80,10 @@ DIRECTIONS = ("minimize", "maximize")
 PRUNERS = ("median",)
 MAX_TRIALS = 1_000  # the group item keeps every trial: 1,000 stay well inside DynamoDB's 400 KB (bench_sweep.py)
 MAX_PARALLEL = 100
+# The group item holds every trial, inside DynamoDB's 400 KB item limit: a trial takes about this much plus its
+# parameters (name and value); a sweep whose trials could pass GROUP_ITEM_BYTES is refused when it is created.
+TRIAL_BYTES, PARAM_BYTES, GROUP_ITEM_BYTES = 200, 24, 350_000
+KEEP_MESSAGES = 100  # finished trials' messages kept for the newest this many (each member's run keeps its own)
 LAUNCHES_PER_STEP = 8  # each member's launch is a few AWS calls: a wide group ramps up over a few minutes
 MESSAGE_CHARS = 200  # a trial's message, kept short for the same reason
 LEASE_SECONDS = 55  # the supervisor's timeout (50 s) and a margin: a stepper that died frees its group by then
@@ -250,6 +254,12 @@ class SweepSpec:
         seed = values.get("seed", 0)
         need(_whole(seed, 0, 2**31 - 1), "seed", seed, "a whole number from 0")
         pruning = _pruning(values.get("pruning"), need, problems)
+        if params and _whole(trials, 1, MAX_TRIALS):
+            each = TRIAL_BYTES + sum(len(p.name) + PARAM_BYTES + max((len(str(c)) for c in p.choices), default=0)
+                                     for p in params)  # fmt: skip
+            need(trials * each <= GROUP_ITEM_BYTES, "trials", trials,
+                 f"at most {GROUP_ITEM_BYTES // each} for this space (the group item keeps every trial's "
+                 "parameters within DynamoDB's 400 KB)")  # fmt: skip
         if problems:
             raise SweepRefused(problems)
         return cls(
@@ -376,11 +386,18 @@ class Group:
     def running(self) -> list[Trial]:
         return [t for t in self.trials if t.state.open]
 
+    def _kept(self, trial: Trial, index: int) -> dict[str, Any]:
+        """A trial as the item keeps it: an old finished trial's message is left to its member's run record."""
+        values = trial.to_dict()
+        if not trial.state.open and index < len(self.trials) - KEEP_MESSAGES:
+            values.pop("message", None)
+        return values
+
     def to_item(self) -> dict[str, Any]:
         item = {
             "run_id": group_key(self.name), "kind": GROUP_KIND, "name": self.name, "created_at": self.created_at,
             "state": self.state, "version": self.version, "spec": self.spec.to_dict(),
-            "trials": [t.to_dict() for t in self.trials], "budget_month": self.budget_month,
+            "trials": [self._kept(t, i) for i, t in enumerate(self.trials)], "budget_month": self.budget_month,
             "spent_usd": self.spent_usd, "stop_requested_at": self.stop_requested_at,
             "stop_reason": self.stop_reason, "message": self.message, "ended_at": self.ended_at,
             "lease_until": self.lease_until, "best": self.best,
