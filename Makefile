@@ -97,6 +97,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, su
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
 	$(PY) scripts/bench_supervisor.py
+	$(PY) scripts/bench_gang.py
 	$(PY) scripts/bench_status_cost.py
 	$(PY) scripts/bench_preflight.py
 	$(PY) scripts/bench_stall.py

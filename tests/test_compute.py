@@ -486,11 +486,15 @@ def test_no_security_group_has_ingress_and_instances_only_speak_https_out(comput
     )
 
 
-def test_the_only_ingress_rule_is_https_from_instances_to_the_private_endpoints(compute):
-    for config in ("defaults", "full", "on_demand", "existing_vpc"):
-        compute(config).template.resource_count_is("AWS::EC2::SecurityGroupIngress", 0)
+def test_the_only_ingress_rules_are_gang_members_to_each_other_and_https_from_instances_to_the_endpoints(compute):
+    for config in EVERY_NETWORK:
+        view = compute(config)
+        ingress = view.resources("AWS::EC2::SecurityGroupIngress")
+        assert all("CidrIp" not in r["Properties"] and "CidrIpv6" not in r["Properties"] for r in ingress.values()), (
+            "nothing from outside a security group"
+        )
+        assert len(ingress) == (2 if config == "private" else 1), config
     view = compute("private")
-    view.template.resource_count_is("AWS::EC2::SecurityGroupIngress", 1)
     view.template.has_resource_properties(
         "AWS::EC2::SecurityGroupIngress",
         {
@@ -503,6 +507,23 @@ def test_the_only_ingress_rule_is_https_from_instances_to_the_private_endpoints(
             "SourceSecurityGroupId": group_id(view, view.compute.security_group),
         },
     )
+
+
+@pytest.mark.parametrize("config", ["full", "private"])
+def test_gang_members_reach_each_other_on_every_port_in_and_out_and_only_each_other(compute, config):
+    view = compute(config)
+    group = group_id(view, view.compute.security_group)
+    view.template.has_resource_properties(
+        "AWS::EC2::SecurityGroupIngress",
+        {"IpProtocol": "-1", "GroupId": group, "SourceSecurityGroupId": group, "CidrIp": Match.absent()},
+    )
+    view.template.has_resource_properties(
+        "AWS::EC2::SecurityGroupEgress",
+        {"IpProtocol": "-1", "GroupId": group, "DestinationSecurityGroupId": group, "CidrIp": Match.absent()},
+    )
+    every_port = [r for r in view.resources("AWS::EC2::SecurityGroupIngress").values()
+                  if r["Properties"]["IpProtocol"] == "-1"]  # fmt: skip
+    assert len(every_port) == 1 and every_port[0]["Properties"]["SourceSecurityGroupId"] == group
 
 
 def test_default_network_costs_nothing_at_rest(compute):

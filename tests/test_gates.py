@@ -37,10 +37,19 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     # The role of the runbook that empties the default security group.
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:automation-definition/AWSConfigRemediation-RemoveVPCDefaultSecurityGroupRules:*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:automation-execution/*]",
-    # The supervisor: fleets, run templates, instances, volumes and the user's network are made or chosen at run time.
+    # The supervisor: fleets, run templates, instances, volumes, gangs' placement groups and the user's network are
+    # made or chosen at run time.
     *(
         f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:{resource}/*]"
-        for resource in ("fleet", "launch-template", "volume", "subnet", "security-group", "network-interface")
+        for resource in (
+            "fleet",
+            "launch-template",
+            "volume",
+            "subnet",
+            "security-group",
+            "network-interface",
+            "placement-group",
+        )
     ),
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*]",
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:iam::<AWS::AccountId>:role/aws-service-role/ec2fleet.amazonaws.com/*]",

@@ -288,6 +288,16 @@ class Settings:
         12, Number(0, 168, above_lo=True), "on-box deadline of a run and the reaper's limit"
     )
     create_instance: bool = declare(False, Flag(), "create a training instance in the compute stack (the seed's path)")
+    # Multi-node runs (gangs, docs/architecture.md "Multi-node runs").
+    max_nodes: int = declare(
+        8, Number(1, 64, whole=True), "the largest gang `launch --nodes` may ask for (all-or-nothing, one pool a try)"
+    )
+    gang_replace_timeout_minutes: int = declare(
+        10,
+        Number(1, 120, whole=True),
+        "a lost non-host node's replacement must be running within this long, else the whole gang stops and "
+        "relaunches as the next attempt (10 min: a GPU box boots and pulls its image in about 5)",
+    )
     # GitHub and alerts.
     github_repo: str = declare(
         "",

@@ -25,6 +25,10 @@ MAX_RUNTIME_HOURS_LIMIT = 168
 INSTANCE_PROFILE_PATH = f"/{PROJECT}/"
 TAG_ATTEMPT = "training-infra:attempt"  # 1, 2, ...: which attempt of its run an instance is
 TAG_STOP = "training-infra:stop"  # set by the supervisor: the agent stops gracefully (user, budget, stall)
+# Gangs (docs/architecture.md, "Multi-node runs"): the agent reads these from IMDS.
+TAG_NODES = "training-infra:nodes"  # N, at launch
+TAG_NODE = "training-infra:node"  # 0..N-1, set by the supervisor once the fleet returned (0 hosts the rendezvous)
+TAG_RENDEZVOUS = "training-infra:rendezvous"  # node 0's private IPv4:29400
 
 
 def run_tags(run_id: str, *, max_runtime_hours: float, deadline: str = "") -> dict[str, str]:

@@ -143,6 +143,8 @@ class ComputeStack(Stack):
                 monthly_limit_usd=settings.monthly_limit_usd or 0,
                 allowed_instance_types=settings.allowed_instance_types,
                 max_runtime_hours=settings.max_runtime_hours,
+                max_nodes=settings.max_nodes,
+                gang_replace_timeout_minutes=settings.gang_replace_timeout_minutes,
             ),
             run_table=run_table.table,
             outputs_bucket=storage.outputs_bucket,

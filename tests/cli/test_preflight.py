@@ -392,3 +392,17 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
 def test_each_type_is_checked_against_its_familys_quota_for_the_market(instance_type, market, code):
     found = preflight.QUOTAS.get((preflight.family_group(instance_type) or "", market))
     assert (found[0] if found else None) == code
+
+
+def test_a_gangs_vcpu_quota_must_hold_every_node_at_once():
+    ec2, quotas = _client("ec2"), _client("service-quotas")
+    report = _report(types=("g5.12xlarge",))
+    report.plan.nodes = 4
+    with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
+        _instance_types(ec2_stub, {"g5.12xlarge": 48})
+        _quota(quota_stub, "L-3819A6DF", "All G and VT Spot Instance Requests", 96.0)  # two nodes' worth
+        preflight.check_quotas(report, ec2, quotas, "us-east-1")
+
+    (failure,) = report.failures
+    assert failure.startswith("vCPU quota too low for spot: g5.12xlarge x 4 nodes needs 192 vCPUs")
+    assert "--desired-value 192" in failure

@@ -67,6 +67,7 @@ class LaunchRequest:
     allow_empty_data: bool = False
     resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
+    nodes: str | int | None = None  # a gang of this many instances (issue 25); None: one
 
 
 def _positive_usd(option: str, value: Any) -> float:
@@ -121,6 +122,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.max_cost_usd = _positive_usd("--max-cost-usd", request.max_cost_usd)
     if request.stall_minutes is not None:
         request.stall_minutes = check("stall_minutes", "--stall-minutes", request.stall_minutes)
+    if request.nodes is not None:  # the max_nodes setting's parser; the stack's own max_nodes is the supervisor's
+        request.nodes = check("max_nodes", "--nodes", request.nodes)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.run_id is not None:
@@ -340,6 +343,7 @@ def supervisor_for(aws: Aws, prices: Any = None, data: dict[str, Any] | None = N
         monthly_limit_usd=_monthly_limit(aws),
         prices=prices,
         **stack_limits(aws, data),
+        placement_strategy="",  # the local AWS (moto) has no placement groups (docs/architecture.md, gangs)
     )
 
 
@@ -485,6 +489,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         run_id=run_id, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", "latest"), instance_types=types,
         market=market, subnets=subnets, deadline=deadline, template_id=template_id,
         run_tags=tags, max_price=request.max_price, allow_empty_data=request.allow_empty_data, resume=request.resume,
+        nodes=int(request.nodes or 1),
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=store, dry_run=request.dry_run)
     _quick_money_answer(aws, request, types, checked.list_prices(), data, hours)
@@ -497,6 +502,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "env": list(request.env), "secrets": list(request.secret_refs),
         "stall_seconds": request.stall_minutes * 60 if request.stall_minutes is not None else None,
         "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd,
+        **({"nodes": int(request.nodes)} if request.nodes and int(request.nodes) > 1 else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
     return Started(run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes)
@@ -520,6 +526,6 @@ def _quick_money_answer(
     volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
     cost = float(request.max_cost_usd) if request.max_cost_usd is not None else None
     try:
-        plan_money(cfg, tuple(types), list_prices, volume_gb, hours, request.max_price, cost)
+        plan_money(cfg, tuple(types), list_prices, volume_gb, hours, request.max_price, cost, int(request.nodes or 1))
     except Refused as refused:
         raise (UsageError if refused.usage else CliError)(str(refused)) from None

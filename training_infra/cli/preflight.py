@@ -96,6 +96,7 @@ class Plan:
     max_price: float | None = None
     allow_empty_data: bool = False
     resume: bool = False
+    nodes: int = 1  # a gang (launch --nodes): the vCPU quota must hold all of it at once
 
 
 @dataclass
@@ -306,7 +307,7 @@ def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
                 except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                     report.notes.append(f"vCPU quota: {SKIPPED} ({_reason(error)})")
                     return
-            need = vcpus[instance_type]
+            need = vcpus[instance_type] * plan.nodes
             if need <= values[code]:
                 fits = True
                 found.append(f"{name} ({code}) {values[code]:g} >= {need} for {instance_type}")
@@ -315,7 +316,8 @@ def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
         if short:
             need, instance_type, code, name, have = min(short)
             shortfalls.append(
-                f"vCPU quota too low for {market}: {instance_type} needs {need} vCPUs and '{name}' ({code}) is "
+                f"vCPU quota too low for {market}: {instance_type}{f' x {plan.nodes} nodes' if plan.nodes > 1 else ''} "
+                f"needs {need} vCPUs and '{name}' ({code}) is "
                 f"{have:g} in {region}: ask for more with `aws service-quotas request-service-quota-increase "
                 f"--service-code ec2 --quota-code {code} --desired-value {need} --region {region}`"
             )

@@ -185,7 +185,10 @@ def managed_rows(aws: Aws, records: list[Record]) -> list[dict[str, Any]]:
     from training_infra.supervisor.runtime import ledger
 
     now = runs.utcnow()
-    ids = sorted({a.instance_id for r in records for a in r.launched if not a.ended_at})
+    ids = sorted(
+        {a.instance_id for r in records for a in r.launched if not a.ended_at}
+        | {m.instance_id for r in records for a in r.launched if not a.ended_at for m in a.members if m.live}
+    )
     instances: dict[str, runs.Run] = {}
     if ids:
         instances = {i["InstanceId"]: runs.run_from_instance(i) for i in runs.instances_by_id(aws, ids)}
@@ -209,7 +212,12 @@ def managed_row(record: Record, instances: dict[str, runs.Run], spot: Any, now: 
         instance = instances.get(attempt.instance_id)
         if instance is not None and instance.launched_at and not attempt.ended_at:
             attempt = replace(attempt, started_at=runs.iso_z(instance.launched_at))  # EC2 bills from its launch time
-        cost = ledger.recorded_or_priced(attempt, record.spec, now, spot)
+        if attempt.members:  # a gang: every node, priced as the supervisor prices it
+            from training_infra.supervisor.runtime import gang
+
+            cost = gang.members_cost(attempt, record.spec, now, spot)
+        else:
+            cost = ledger.recorded_or_priced(attempt, record.spec, now, spot)
         window = ledger.attempt_window(attempt, now)
         attempts.append(
             {
@@ -230,6 +238,7 @@ def managed_row(record: Record, instances: dict[str, runs.Run], spot: Any, now: 
                 "on_demand_usd": cost.on_demand_usd,
                 "hourly_usd": cost.hourly_usd,
                 "price_source": cost.source,
+                **({"nodes": _node_rows(attempt, instances)} if attempt.members else {}),
             }
         )
     launched = [a for a in attempts if a["instance_id"]]
@@ -273,6 +282,21 @@ def managed_row(record: Record, instances: dict[str, runs.Run], spot: Any, now: 
         },
         "attempts": attempts,
     }
+
+
+def _node_rows(attempt: Any, instances: dict[str, runs.Run]) -> list[dict[str, Any]]:
+    """A gang attempt's members, node by node (replaced ones too): rank, instance, type, zone, address, state."""
+    rows = []
+    for member in sorted(attempt.members, key=lambda m: (m.node, m.started_at)):
+        instance = instances.get(member.instance_id) if member.live else None
+        rows.append({
+            "node": member.node, "instance_id": member.instance_id, "instance_type": member.instance_type,
+            "zone": member.zone, "private_ip": member.private_ip,
+            "state": instance.state if instance is not None else str(member.state),
+            "started_at": member.started_at, "ended_at": member.ended_at,
+            "end_reason": member.end_reason, "message": member.message,
+        })  # fmt: skip
+    return rows
 
 
 def progress(aws: Aws, record: Record) -> dict[str, Any] | None:

@@ -114,6 +114,8 @@ class SupervisorProps:
     # The stack's limits every request and every record is checked against (docs/architecture.md, "Trust boundaries").
     allowed_instance_types: tuple[str, ...] = ("g5.*",)
     max_runtime_hours: float = 12
+    max_nodes: int = 8
+    gang_replace_timeout_minutes: int = 10
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,12 @@ class TrainingSupervisor(Construct):
             "RUN_TEMPLATE_PREFIX": naming.RUN_TEMPLATE_PREFIX,
             "CREATED_BY_TAG": naming.TAG_CREATED_BY,
             "IMAGE_ID": target.image_id,
+            # Gangs (gang.py).
+            "NODE_TAG": naming.TAG_NODE,
+            "NODES_TAG": naming.TAG_NODES,
+            "RENDEZVOUS_TAG": naming.TAG_RENDEZVOUS,
+            "MAX_NODES": str(props.max_nodes),
+            "GANG_REPLACE_SECONDS": str(props.gang_replace_timeout_minutes * 60),
         }
         self.function = MonitoredFunction(
             self,
@@ -304,10 +312,48 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="TagAtLaunch",
                 actions=["ec2:CreateTags"],
-                resources=[arn("instance"), arn("volume"), arn("launch-template")],
+                resources=[arn("instance"), arn("volume"), arn("launch-template"), arn("placement-group")],
                 conditions={
-                    "StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances", "CreateLaunchTemplate"]}
+                    "StringEquals": {
+                        "ec2:CreateAction": [
+                            "CreateFleet",
+                            "RunInstances",
+                            "CreateLaunchTemplate",
+                            "CreatePlacementGroup",
+                        ]  # fmt: skip
+                    }
                 },
+            ),
+            # Gangs (gang.py): a cluster placement group per attempt, made, launched into and deleted only with the
+            # created-by tag only this function sets; the EFA version of a run template it made.
+            iam.PolicyStatement(
+                sid="MakeClusterPlacementGroupsTagged",
+                actions=["ec2:CreatePlacementGroup"],
+                resources=[arn("placement-group")],
+                conditions={
+                    "StringEquals": {
+                        f"aws:RequestTag/{naming.TAG_CREATED_BY}": "supervisor",
+                        "ec2:PlacementGroupStrategy": "cluster",
+                    }
+                },
+            ),
+            iam.PolicyStatement(
+                sid="LaunchOnlyIntoPlacementGroupsItMade",
+                actions=launch,
+                resources=[arn("placement-group")],
+                conditions={"StringEquals": made_by_us},
+            ),
+            iam.PolicyStatement(
+                sid="DeleteOnlyPlacementGroupsItMade",
+                actions=["ec2:DeletePlacementGroup"],
+                resources=[arn("placement-group")],
+                conditions={"StringEquals": made_by_us},
+            ),
+            iam.PolicyStatement(
+                sid="EfaVersionOfTemplatesItMade",
+                actions=["ec2:CreateLaunchTemplateVersion"],
+                resources=[arn("launch-template")],
+                conditions={"StringEquals": made_by_us},
             ),
             iam.PolicyStatement(
                 sid="MakeRunTemplatesTagged",
@@ -340,6 +386,9 @@ class TrainingSupervisor(Construct):
                     "ec2:DescribeLaunchTemplateVersions",
                     # Pricing an attempt when it ends (ledger.py).
                     "ec2:DescribeSpotPriceHistory",
+                    # Gangs: which types take an EFA interface, and the run's placement groups to delete.
+                    "ec2:DescribeInstanceTypes",
+                    "ec2:DescribePlacementGroups",
                 ],
                 resources=["*"],  # Describe* has no resource-level permissions
             ),
@@ -378,6 +427,8 @@ class TrainingSupervisor(Construct):
              "profile and an allowed type, ending needs the managed tag and the profile"),
             ("volume", "the root volume is made with the instance and tagged by the run template"),
             ("network-interface", "the interface is made with the instance, only in the stack's subnets (ec2:Subnet)"),
+            ("placement-group", "a gang's cluster placement group is made per attempt at run time; making it needs the "
+             "created-by=supervisor tag and the cluster strategy, launching into and deleting it need that tag"),
         ):  # fmt: skip
             fn.acknowledge(f"IAM5[Resource::{nag_name(fn.role, arn(resource))}]", why)
         fn.acknowledge(
@@ -394,7 +445,8 @@ class TrainingSupervisor(Construct):
         fn.acknowledge(
             "IAM5[Resource::*]",
             "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeLaunchTemplates, "
-            "DescribeLaunchTemplateVersions, DescribeSpotPriceHistory, pricing:GetProducts and "
+            "DescribeLaunchTemplateVersions, DescribeSpotPriceHistory, DescribeInstanceTypes, DescribePlacementGroups, "
+            "pricing:GetProducts and "
             "cloudwatch:GetMetricStatistics support no resource-level permissions; they only read.",
         )
 

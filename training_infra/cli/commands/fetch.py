@@ -31,7 +31,8 @@ def fetch(
     ] = None,
     region: Region = None,
 ) -> None:
-    """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal).
+    """Download a run's results: outputs/, logs/ and status.json (a progress bar on a terminal); a multi-node run's
+    every node (attempts/<n>/nodes/<k>/).
 
     The files come whatever the outcome; a note on stderr says when the run failed or is still running.
     """
@@ -71,7 +72,9 @@ def _fetch_note(aws: Aws, run: str, target: Path) -> str:
             where = f"run {run} is still {record.state}"
         return f"{where}: these are only the files uploaded so far; fetch again after it ends"
     if record is not None and record.state != RunState.SUCCEEDED:
-        logs = target / "attempts" / str(record.attempts[-1].n if record.attempts else 1) / "logs"
+        attempt = target / "attempts" / str(record.attempts[-1].n if record.attempts else 1)
+        # A gang's nodes each upload under nodes/<k>/ (every node's logs come with the run's prefix).
+        logs = attempt / "nodes" if record.spec.nodes > 1 else attempt / "logs"
         return f"run {run} ended {record.state}: {record.message}; these are the files it left, see {logs}"
     status = runs.read_status_file(target / runs.STATUS_FILE)
     if status is not None:

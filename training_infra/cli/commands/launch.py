@@ -170,6 +170,18 @@ def launch(
             show_default=False,
         ),
     ] = None,
+    nodes: Annotated[
+        str | None,
+        typer.Option(
+            "--nodes",
+            metavar="N",
+            help=(
+                "A multi-node run: N instances of one type in one subnet and placement group, started all or "
+                "none, node 0 the torchrun rendezvous host (at most the stack's max_nodes; default 1)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue the finished run --run-id from its checkpoints (new attempts)."),
@@ -199,7 +211,7 @@ def launch(
             stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
-            max_cost_usd=max_cost_usd,
+            max_cost_usd=max_cost_usd, nodes=nodes,
         )
     )  # fmt: skip
     started = launching.launch(Aws(region), request)
@@ -216,7 +228,14 @@ def launch(
     rid = managed.run_id
     out = stdout()
     attempt = managed.current
-    if attempt and attempt.instance_id:
+    if attempt and attempt.members:
+        out.print(
+            f"launched run {rid}: attempt {attempt.n}, {len(attempt.members)} nodes on {attempt.instance_type} "
+            f"({attempt.market}, {attempt.zone}), node 0 {attempt.instance_id} in {started.elapsed_seconds:.1f} s; "
+            f"managed until {managed.deadline_at}",
+            markup=False,
+        )
+    elif attempt and attempt.instance_id:
         out.print(
             f"launched run {rid}: attempt {attempt.n} on {attempt.instance_id} ({attempt.instance_type}, "
             f"{attempt.market}, {attempt.zone}) in {started.elapsed_seconds:.1f} s; "

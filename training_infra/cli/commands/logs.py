@@ -12,12 +12,22 @@ import typer
 from training_infra import naming
 from training_infra.cli import runs
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id
 from training_infra.cli.safe_text import remote_text
 from training_infra.cli.source import RunSource
 
 LOG_POLL_SECONDS = 2.0
+
+
+def node_stream(run: str, node: str | None) -> str:
+    """The log stream of a gang's node K (the agent's contract): node 0 keeps the run's own stream."""
+    if node is None:
+        return run
+    text = node.strip()
+    if not text.isdigit() or int(text) >= 64:
+        raise UsageError(f"option '--node': got {node!r}; allowed: a node index from 0 to the run's nodes - 1")
+    return run if int(text) == 0 else f"{run}/node-{int(text)}"
 
 
 @reported_errors
@@ -26,17 +36,32 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends (Ctrl-C to stop).")
     ] = False,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            metavar="K",
+            help="A multi-node run's node K (default 0, the rendezvous host).",
+            show_default=False,
+        ),
+    ] = None,
     region: Region = None,
 ) -> None:
-    """Print the run's training log from CloudWatch Logs (one stream per run)."""
+    """Print the run's training log from CloudWatch Logs (one stream per run; node K of a gang: <run>/node-K)."""
     run = check_run_id(run)
+    stream = node_stream(run, node)
     aws = Aws(region)
+    if node is not None and int(node) > 0:
+        record = RunSource(aws).record(run)
+        if record is not None and int(node) >= record.spec.nodes:
+            raise UsageError(f"option '--node': got {node!r}; allowed: 0 to {record.spec.nodes - 1} (run {run} has "
+                             f"{record.spec.nodes} node(s))")  # fmt: skip
     group = aws.output(naming.OUTPUT_LOG_GROUP_NAME)
     client = aws.client("logs")
     token: str | None = None
     announced = False
     while True:
-        kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": run, "startFromHead": True}
+        kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
         if token:
             kwargs["nextToken"] = token
         try:
@@ -47,7 +72,7 @@ def logs(
             live = [r for r in runs.require_runs(aws, run) if r.live]  # unknown run: a clear error
             if not (follow and live):
                 raise CliError(
-                    f"no log lines for run {run} yet (stream {run} in {group}): "
+                    f"no log lines for run {run} yet (stream {stream} in {group}): "
                     "the agent starts logging once the instance has booted"
                 ) from None
             if not announced:
@@ -69,7 +94,7 @@ def logs(
         if not still_going:  # a managed run goes on between attempts and while it waits for capacity
             # One last read after the end, for lines flushed on the way down.
             last = (
-                client.get_log_events(logGroupName=group, logStreamName=run, startFromHead=True, nextToken=token)
+                client.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True, nextToken=token)
                 if token
                 else {"events": []}
             )

@@ -142,3 +142,19 @@ def _show_managed_run(row: dict[str, Any]) -> None:
             fmt_usd(a["cost_usd"]), why,
         ])  # fmt: skip
     listing.print(out)
+    gang = next((a for a in reversed(row["attempts"]) if a.get("nodes")), None)
+    if gang is not None:  # a multi-node run: its newest gang, node by node
+        nodes = Listing(
+            title=f"nodes of attempt {gang['attempt']}",
+            columns=[Column(name) for name in ("rank", "instance", "type", "zone", "address", "state", "why it ended")],
+            caption="rank 0 hosts the torchrun rendezvous; a replaced node is listed with its replacement",
+        )
+        for node in gang["nodes"]:
+            why = node["end_reason"] or "-"
+            if node["message"] and node["end_reason"]:
+                why += f": {node['message']}"
+            nodes.rows.append([
+                str(node["node"]), node["instance_id"], node["instance_type"] or "-", node["zone"] or "-",
+                node["private_ip"] or "-", node["state"] or "-", why,
+            ])  # fmt: skip
+        nodes.print(out)

@@ -164,6 +164,8 @@ class RunSpec:
     # Versions never change, so a later deploy (a new default version) leaves the run's proof intact.
     stack_template_version: int = 0
     imported_from: str = ""  # the file a run from before the run table was recorded from
+    # Instances started all-or-nothing as one gang (issue 25, gang.py); 1: a single-node run, stored without it.
+    nodes: int = 1
 
     @classmethod
     def from_dict(cls, spec: Any) -> RunSpec:
@@ -209,6 +211,9 @@ class RunSpec:
             _need(isinstance(spec.get(name, ""), str), f"spec.{name}", spec.get(name), "text")
         _need(isinstance(spec.get("owns_launch_template", True), bool), "spec.owns_launch_template",
               spec.get("owns_launch_template"), "true or false")  # fmt: skip
+        nodes = spec.get("nodes", 1)
+        _need(isinstance(nodes, int) and not isinstance(nodes, bool) and 1 <= nodes <= MAX_NODES, "spec.nodes", nodes,
+              f"a whole number from 1 to {MAX_NODES}")  # fmt: skip
         return cls(
             instance_types=tuple(types),
             subnet_ids=tuple(subnets),
@@ -236,6 +241,7 @@ class RunSpec:
                 _number("spec.stack_template_version", spec.get("stack_template_version", 0), 0, 10_000_000)
             ),
             imported_from=imported,
+            nodes=nodes,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +259,70 @@ class RunSpec:
                 del values[name]
         if not self.stack_template_version:
             del values["stack_template_version"]
+        if self.nodes == 1:  # single-node records stay as they always were
+            del values["nodes"]
         return values
+
+
+class MemberState(StrEnum):
+    """A gang member's place in its attempt (gang.py)."""
+
+    RUNNING = "running"  # started (pending or running on EC2) and still a member
+    LOST = "lost"  # ended while its attempt goes on: a replacement for its node is wanted
+    REPLACED = "replaced"  # lost, and a replacement took its node
+    ENDED = "ended"  # ended with its attempt
+
+
+@dataclass
+class Member:
+    """One instance of a gang attempt: node `node` (0 is the rendezvous host)."""
+
+    node: int
+    instance_id: str = ""
+    instance_type: str = ""
+    zone: str = ""
+    subnet_id: str = ""
+    private_ip: str = ""
+    market: str = ""
+    state: MemberState = MemberState.RUNNING
+    started_at: str = ""
+    ended_at: str = ""
+    end_reason: AttemptEnd | None = None
+    message: str = ""
+    reclaim_warned_at: str = ""
+    impaired_since: str = ""  # EC2 status checks first seen impaired
+    price_usd: float | None = None  # the agent's hourly estimate (the node's status.json)
+    priced: bool = False
+    cost_usd: float | None = None
+    on_demand_usd: float | None = None
+    hourly_usd: float | None = None
+    price_source: str = ""
+
+    @classmethod
+    def from_dict(cls, member: Any, where: str) -> Member:
+        _need(isinstance(member, dict), where, type(member).__name__, "a map")
+        typed, problems = _typed(cls, member, where)
+        if problems:
+            raise InvalidRecord(problems[0])
+        node = typed.get("node")
+        _need(isinstance(node, int) and 0 <= node < MAX_NODES, f"{where}.node", member.get("node"),
+              f"0 to {MAX_NODES - 1}")  # fmt: skip
+        instance = typed.get("instance_id", "")
+        _need(bool(_INSTANCE_ID.match(instance)), f"{where}.instance_id", instance, "an instance id")
+        _need(typed.get("market", "") in ("", "spot", "on-demand"), f"{where}.market", typed.get("market"),
+              "spot or on-demand")  # fmt: skip
+        return cls(**typed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name in ("node", "instance_id", "state") or getattr(self, f.name) != _default(f)
+        }
+
+    @property
+    def live(self) -> bool:
+        return self.state == MemberState.RUNNING
 
 
 @dataclass
@@ -288,6 +357,13 @@ class Attempt:
     on_demand_usd: float | None = None
     hourly_usd: float | None = None
     price_source: str = ""
+    # A gang (spec.nodes > 1, gang.py): every instance, replacements included; `instance_id` is node 0's.
+    members: list[Member] = field(default_factory=list)
+    placement_group: str = ""
+    launch_template_version: str = ""  # the run template's version the gang used ("": the spec's)
+    replace_since: str = ""  # a non-host member lost at; cleared once its replacement runs
+    gang_ending: AttemptEnd | None = None  # the whole gang is being stopped, and why
+    gang_ending_words: str = ""
 
     @classmethod
     def from_dict(cls, attempt: Any, position: int) -> Attempt:
@@ -296,6 +372,9 @@ class Attempt:
         typed, problems = _typed(cls, attempt, where)
         if problems:
             raise InvalidRecord(problems[0])
+        members = typed.pop("members", [])
+        _need(len(members) <= 4 * MAX_NODES, f"{where}.members", len(members), f"at most {4 * MAX_NODES}")
+        typed["members"] = [Member.from_dict(m, f"{where}.members[{i}]") for i, m in enumerate(members)]
         _need(typed.get("n") == position + 1, f"{where}.n", attempt.get("n"), str(position + 1))
         instance = typed.get("instance_id", "")
         _need(instance == "" or bool(_INSTANCE_ID.match(instance)), f"{where}.instance_id", instance,
@@ -306,15 +385,25 @@ class Attempt:
 
     def to_dict(self) -> dict[str, Any]:
         """The keys set, as the record has always kept them (a fresh claim is n, why and claimed_at)."""
-        return {
+        values = {
             f.name: getattr(self, f.name) for f in fields(self) if f.name == "n" or getattr(self, f.name) != _default(f)
         }
+        if self.members:
+            values["members"] = [member.to_dict() for member in self.members]
+        return values
+
+    def members_of(self, node: int) -> list[Member]:
+        return [member for member in self.members if member.node == node]
+
+    def live_member(self, node: int) -> Member | None:
+        return next((m for m in self.members if m.node == node and m.live), None)
 
     def end(self, reason: AttemptEnd, message: str, at: str) -> None:
         self.ended_at, self.end_reason, self.message = at, reason, message
 
 
 MAX_RESTARTS = 100
+MAX_NODES = 64  # a record's ceiling; the stack's own (config max_nodes) is at most this
 
 
 @dataclass

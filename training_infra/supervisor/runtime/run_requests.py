@@ -38,6 +38,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     from prices import Prices
     from records import (
         MARKETS,
+        MAX_NODES,
         MAX_RESTARTS,
         Attempt,
         MonthlyLedger,
@@ -53,6 +54,7 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime.prices import Prices
     from training_infra.supervisor.runtime.records import (
         MARKETS,
+        MAX_NODES,
         MAX_RESTARTS,
         Attempt,
         MonthlyLedger,
@@ -140,6 +142,8 @@ def run_seal(spec: RunSpec, deadline_at: str) -> str:
     }  # fmt: skip
     if spec.stack_template_version:  # which stack version the run's template is compared with
         sealed["stack_template_version"] = spec.stack_template_version
+    if spec.nodes > 1:  # a gang's size is a limit too (its cost is N instances); single-node seals stay as they were
+        sealed["nodes"] = spec.nodes
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 
@@ -294,6 +298,7 @@ class LaunchRequest:
     secrets: tuple[str, ...]
     max_price_usd: float | None
     max_cost_usd: float | None
+    nodes: int = 1
     # Set only by a sweep's step (sweeps.py), never from a caller's event: the member's group and trial, and the
     # month its group reserved for all its members (so a member reserves nothing of its own).
     group: str = ""
@@ -342,7 +347,17 @@ class LaunchRequest:
             secrets=refs,
             max_price_usd=_number(event, "max_price_usd", "--max-price", 0, 1000),
             max_cost_usd=_number(event, "max_cost_usd", "--max-cost-usd", 0, 1_000_000),
+            nodes=_nodes(event),
         )
+
+
+def _nodes(event: Mapping[str, Any]) -> int:
+    """`--nodes`: a gang's size; the stack's max_nodes is checked with its other limits (limit_problems)."""
+    nodes = event.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
+        raise Refused(f"option '--nodes': got {nodes!r}; allowed: a whole number from 1 to the stack's max_nodes",
+                      usage=True)  # fmt: skip
+    return nodes
 
 
 @dataclass(frozen=True)
@@ -357,7 +372,7 @@ class Money:
 
 def plan_money(
     cfg: Any, types: tuple[str, ...], list_prices: dict[str, float], volume_gb: int, hours: float,
-    max_price: float | None, max_cost: float | None,
+    max_price: float | None, max_cost: float | None, nodes: int = 1,
 ) -> Money:  # fmt: skip
     """The run's limit must leave room for one graceful stop; the month's limit needs a price to reserve with."""
     volume_hourly = ledger.volume_usd_per_hour(volume_gb)
@@ -374,7 +389,7 @@ def plan_money(
     compute = list_prices[dearest] if dearest else 0.0
     if max_price is not None and dearest:
         compute = min(compute, max_price)  # no attempt may run dearer than the cap
-    hourly = compute + volume_hourly
+    hourly = (compute + volume_hourly) * nodes  # a gang: every member, the whole time
     grace = hourly * cfg.grace_hours
     if max_cost is not None and dearest and max_cost <= grace:
         raise Refused(
@@ -461,7 +476,7 @@ class Launcher:
         spec = RunSpec(
             instance_types=request.instance_types, subnet_ids=tuple(subnets), market=request.market,
             max_runtime_hours=hours, launch_template_id="lt-00000000",
-            max_restarts_on_errors=request.max_restarts_on_errors,
+            max_restarts_on_errors=request.max_restarts_on_errors, nodes=request.nodes,
         )  # fmt: skip
         deadline = iso(now + timedelta(hours=hours))
         try:  # the same checks every read of the record makes, on the spec as it will be written
@@ -478,7 +493,7 @@ class Launcher:
         list_prices = self.list_prices(prices, request.instance_types)
         volume_gb = sum(int(m.get("Ebs", {}).get("VolumeSize") or 0) for m in data.get("BlockDeviceMappings", []))
         money = plan_money(cfg, request.instance_types, list_prices, volume_gb, hours, request.max_price_usd,
-                           request.max_cost_usd)  # fmt: skip
+                           request.max_cost_usd, request.nodes)  # fmt: skip
         run_id = request.run_id
         tags = run_tags(cfg, run_id, hours, deadline)
         month = request.budget_month if request.group else self.reserve(run_id, money, now)
@@ -496,7 +511,7 @@ class Launcher:
                 max_cost_usd=money.max_cost_usd, budget_month=month,
                 reserved_usd=round(money.reserve_usd, 4) if month and not request.group else 0.0,
                 spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
-                stack_template_version=stack_version,
+                stack_template_version=stack_version, nodes=request.nodes,
             )  # fmt: skip
             overrides = self.overrides(request, run_id, exports, deadline, hours, list_prices)
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})

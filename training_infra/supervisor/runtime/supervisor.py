@@ -178,6 +178,15 @@ class SupervisorConfig:
     # Comma-separated role names: a run template's CreatedBy must be one of them (the functions'). Empty on the
     # local AWS, whose CreatedBy is always the account root.
     template_creators: str = ""
+    # Gangs (spec.nodes > 1, gang.py): the tags the agent reads, how long a lost non-host's replacement may take
+    # to run before the whole gang relaunches (config gang_replace_timeout_minutes), the placement strategy ("":
+    # none, for the local AWS, which has no placement groups).
+    node_tag: str = "training-infra:node"
+    nodes_tag: str = "training-infra:nodes"
+    rendezvous_tag: str = "training-infra:rendezvous"
+    gang_replace_seconds: int = 600
+    placement_strategy: str = "cluster"
+    max_nodes: int = 8  # config max_nodes: the largest gang a run may be
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SupervisorConfig:
@@ -225,6 +234,8 @@ class SupervisorConfig:
             problems.append(f"deadline {deadline_at}: allowed: at most {self.max_runtime_hours:g} h from now")
         if not spec.owns_launch_template or not spec.launch_template_id:
             problems.append("launch template: allowed: the run's own, made by the supervisor")
+        if spec.nodes > self.max_nodes:
+            problems.append(f"nodes {spec.nodes}: allowed: 1 to the stack's max_nodes {self.max_nodes}")
         if self.monthly_limit_usd and not spec.budget_month:
             problems.append(f"no month reservation: allowed: a reservation against monthly_limit_usd "
                             f"{self.monthly_limit_usd:g}")  # fmt: skip
@@ -358,6 +369,8 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
     (`max_price_usd`), only pools priced at or under it are offered; when none is, the first launch
     is refused and a relaunch waits as for capacity (prices move).
     """
+    if run.spec.nodes > 1:
+        return _gang().launch_gang(clients, run, cfg, now, prices)
     attempt = run.current
     assert attempt is not None and not attempt.instance_id, "launch needs an open attempt without an instance"
     existing = _adopt(clients, run, attempt.n, cfg)
@@ -435,6 +448,15 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
     attempt.errors = errors[-12:]
     attempt.end(AttemptEnd.CAPACITY, _capacity_message(errors), iso(now))
     return attempt
+
+
+def _gang() -> Any:
+    """gang.py, imported when a gang needs it (it imports this module)."""
+    try:  # the package's first, as gang._sup does, so both name the same modules
+        from training_infra.supervisor.runtime import gang
+    except ImportError:  # pragma: no cover - the Lambda package
+        import gang
+    return gang
 
 
 def _under_cap(
@@ -578,7 +600,7 @@ class Supervisor:
         if not run_id:
             return {"ignored": f"{instance_id} is not a managed run's instance"}
         if kind == SPOT_WARNING:
-            return self._mark(run_id, attempt, "reclaim_warned_at", event.get("time") or iso(self.now()))
+            return self._mark(run_id, attempt, "reclaim_warned_at", event.get("time") or iso(self.now()), instance_id)
         if kind == REBALANCE:
             return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
         return self.reconcile(run_id)
@@ -717,6 +739,8 @@ class Supervisor:
             return self._next_attempt(run, why="first launch" if not run.attempts else run.message)
         if not attempt.instance_id:
             return self._launch_open_attempt(run)
+        if run.spec.nodes > 1:
+            return _gang().GangWatcher(self).step(run, attempt, now)
         instance = _instance(self.clients, attempt.instance_id)
         state = (instance or {}).get("State", {}).get("Name", "gone")
         launched = parse_iso(attempt.started_at) or now
@@ -896,6 +920,9 @@ class Supervisor:
     def _spend(self, run: Run, open_attempt: Attempt | None, now: datetime) -> tuple[float, float]:
         """(USD spent by every attempt so far, the open attempt's USD per hour now)."""
         spent = sum(a.cost_usd or 0.0 for a in run.attempts if a.priced)
+        if open_attempt is not None and open_attempt.members:  # a gang: the sum of its members
+            cost, hourly = _gang().open_gang_cost(self, run, open_attempt, now)
+            return spent + cost, hourly
         if open_attempt is None or ledger.attempt_window(open_attempt, now) is None:
             return spent, 0.0
         window = ledger.attempt_window(open_attempt, now)
@@ -919,7 +946,7 @@ class Supervisor:
         # As with the deadline: an attempt must boot, work one checkpoint interval and still stop gracefully.
         useful = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds + self.cfg.stop_timeout_seconds
         dearest = min(max(prices), run.spec.max_price_usd or max(prices))  # --max-price caps it
-        least = (dearest + ledger.volume_usd_per_hour(run.spec.volume_gb)) * useful / 3600
+        least = (dearest + ledger.volume_usd_per_hour(run.spec.volume_gb)) * useful / 3600 * run.spec.nodes
         if limit and spent + least >= limit:
             return (
                 f"spent ${spent:,.2f} of its ${limit:,.2f} limit: another attempt (boot, one checkpoint "
@@ -1007,6 +1034,9 @@ class Supervisor:
 
     def _price(self, run: Run, attempt: Attempt, now: datetime) -> None:
         """Price an ended attempt once and keep the figure on it (`status` and `cost` read it from there)."""
+        if attempt.members:  # a gang: the sum of its members
+            _gang().price_gang(self, run, attempt, now)
+            return
         window = ledger.attempt_window(attempt, now)
         if window is None:
             return
@@ -1039,6 +1069,8 @@ class Supervisor:
         self.store.save(run)
         self.settle_month(run)
         self._release_launch_template(run)
+        if run.spec.nodes > 1:
+            _gang().release_placement_groups(self.clients, self.cfg, run)
         verb = (
             "finished"
             if state == RunState.SUCCEEDED
@@ -1061,15 +1093,19 @@ class Supervisor:
         except ValueError:
             return tags.get(self.cfg.run_id_tag, ""), 0
 
-    def _mark(self, run_id: str, attempt_number: int, key: str, when: str) -> dict[str, Any]:
+    def _mark(self, run_id: str, attempt_number: int, key: str, when: str, instance_id: str = "") -> dict[str, Any]:
         for _ in range(5):
             run = self.store.get(run_id)
             if run is None:
                 return {"ignored": f"no run {run_id}"}
             matching = [a for a in run.attempts if a.n == attempt_number]
-            if not matching or getattr(matching[0], key):
+            if matching and matching[0].members:  # a gang: the warning is about one member
+                if not _gang().mark_member(matching[0], instance_id, key, when):
+                    return {"run_id": run_id, "noted": key, "already": True}
+            elif not matching or getattr(matching[0], key):
                 return {"run_id": run_id, "noted": key, "already": True}
-            setattr(matching[0], key, when)
+            else:
+                setattr(matching[0], key, when)
             try:
                 self.store.save(run)
                 return {"run_id": run_id, "noted": key}
@@ -1079,6 +1115,9 @@ class Supervisor:
 
     def _tag_stop(self, run: Run) -> None:
         attempt = run.current
+        if attempt and attempt.members:
+            _gang().tag_stop(self, run, attempt, run.stop_reason or "user")
+            return
         if attempt and attempt.instance_id:
             if not self.ours(_instance(self.clients, attempt.instance_id), run.run_id, attempt.n):
                 log.warning("not tagging %s for a stop: not run %s's attempt %s with the project's profile",
