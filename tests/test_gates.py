@@ -61,6 +61,8 @@ ACKNOWLEDGED_NAG_FINDINGS = {
     # The secrets reader role: customer-managed keys of SecureStrings and secrets, only through SSM/Secrets Manager.
     "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:kms:<AWS::Region>:<AWS::AccountId>:key/*]",
     "AwsSolutions-IAM5[Resource::{outputs}/runs/*/attempts/*/status.json]",
+    # The supervisor's requests function writes each run's spec.yaml (run ids are made at launch time).
+    "AwsSolutions-IAM5[Resource::{outputs}/runs/*/spec.yaml]",
     "AwsSolutions-IAM5[Resource::{outputs}/runs/*/attempts/*/progress.json]",  # a sweep member's values
 }
 

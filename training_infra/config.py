@@ -493,6 +493,15 @@ class Setting:
         """A typed value as cdk.json holds it (lists as the comma-separated string `-c` takes)."""
         return ",".join(value) if isinstance(value, tuple) else value
 
+    def check(self, value: Any) -> Any:
+        """The typed value, or a Refused that says what is allowed (the caller names where the value came from)."""
+        try:
+            return self.parser(value)
+        except Refused:
+            raise
+        except (ValueError, TypeError):
+            raise Refused(self.allowed) from None
+
     def parse_value(self, value: Any, *, label: str | None = None) -> Any:
         try:
             return self.parser(value)
@@ -506,6 +515,11 @@ class Setting:
 SETTINGS = tuple(Setting(field) for field in dataclasses.fields(Settings))
 SETTING_NAMES = tuple(spec.name for spec in SETTINGS)
 _BY_NAME = {spec.name: spec for spec in SETTINGS}
+
+
+def setting(name: str) -> Setting:
+    """One setting's declaration, for a check of the same value elsewhere (the run spec file reuses them)."""
+    return _BY_NAME[name]
 
 
 def _refusal(label: str, value: Any, allowed: str) -> ConfigError:

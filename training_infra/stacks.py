@@ -164,6 +164,7 @@ class ComputeStack(Stack):
         run_table.grant_records(self.supervisor.function.role)
         run_table.grant_records(self.supervisor.requests.role)
         storage.grant_read_attempt_status(self.supervisor.function.role)
+        storage.grant_write_run_spec(self.supervisor.requests.role)  # runs/<id>/spec.yaml, kept with the run
         # The one trust boundary: users get this policy, and launch, resume and stop through the supervisor.
         user_policy = training_user_policy(
             self,

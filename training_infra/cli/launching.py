@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,26 +22,20 @@ from typing import Any
 import botocore.exceptions
 import botocore.session
 
-from training_infra import naming, pricing
+from training_infra import launch_rules, naming, pricing
 from training_infra.cli import preflight
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError
 from training_infra.cli.runs import iso_z, new_run_id, utcnow
+from training_infra.config import Refused
 
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# What the secrets reader role may read (the compute construct): SecureStrings under PARAMETER_PATH,
-# and Secrets Manager secrets tagged training-infra:managed=true (their ARN is all we can check here).
-PARAMETER_PATH = naming.SECRETS_PARAMETER_PATH
-_SECRET_REF = re.compile(
-    rf"^ssm:{re.escape(PARAMETER_PATH)}[A-Za-z0-9_.\-/]{{1,1000}}$"
-    r"|^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
-)
-# The contract's own variables, and the AWS_/TI_ families the agent sets: a secret must not shadow them.
-_RESERVED_NAMES = ("RUN_ID", "DATA_DIR", "OUTPUT_DIR", "CHECKPOINT_DIR", "HEARTBEAT_FILE", "STOP_GRACE_SECONDS")
-
-
-MARKETS = ("spot", "on-demand", "spot-then-on-demand")
-MAX_RESTARTS = 100
+# The rules live in one place, shared with the run spec file (training_infra/spec.py).
+_ENV_KEY = launch_rules.ENV_KEY
+PARAMETER_PATH = launch_rules.PARAMETER_PATH
+_SECRET_REF = launch_rules.SECRET_REF
+_RESERVED_NAMES = launch_rules.RESERVED_NAMES
+MARKETS = launch_rules.MARKETS
+MAX_RESTARTS = launch_rules.MAX_RESTARTS
 
 
 @dataclass
@@ -68,16 +61,15 @@ class LaunchRequest:
     resume: bool = False  # continue a finished run (same id, its checkpoints) with new attempts
     max_cost_usd: str | float | None = None  # USD across every attempt; stopped gracefully before it
     nodes: str | int | None = None  # a gang of this many instances (issue 25); None: one
+    # Where the values came from, weakest first (a spec file or --like, then the flags): cli/spec_cli.py.
+    spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 
 
 def _positive_usd(option: str, value: Any) -> float:
     try:
-        number = float(str(value).strip())
-    except ValueError:
-        number = float("nan")
-    if not (0 < number <= 1_000_000):  # also refuses nan and inf
-        raise UsageError(f"option '{option}': got {value!r}; allowed: a number of US dollars greater than 0")
-    return number
+        return launch_rules.max_cost_usd(value)
+    except Refused as refused:
+        raise UsageError(f"option '{option}': got {value!r}; allowed: {refused.allowed}") from None
 
 
 def check(setting: str, option: str, value: Any, *, kind: str = "option") -> Any:
@@ -107,15 +99,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     if request.market is not None and request.spot is not None:
         raise UsageError("options '--market' and '--spot/--on-demand': give one")
     if request.market is not None and request.market not in MARKETS:
-        raise UsageError(f"option '--market': got {request.market!r}; allowed: {', '.join(MARKETS)}")
+        raise UsageError(f"option '--market': got {request.market!r}; allowed: {launch_rules.MARKET_ALLOWED}")
     if request.max_restarts_on_errors is not None:
-        text = str(request.max_restarts_on_errors).strip()
-        if not text.isdigit() or int(text) > MAX_RESTARTS:
+        try:
+            request.max_restarts_on_errors = str(launch_rules.restarts(request.max_restarts_on_errors))
+        except Refused as refused:
             raise UsageError(
-                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; "
-                f"allowed: a whole number from 0 to {MAX_RESTARTS}"
-            )
-        request.max_restarts_on_errors = text
+                f"option '--max-restarts-on-errors': got {request.max_restarts_on_errors!r}; allowed: {refused.allowed}"
+            ) from None
     if request.max_runtime_hours is not None:
         request.max_runtime_hours = check("max_runtime_hours", "--max-runtime-hours", request.max_runtime_hours)
     if request.max_cost_usd is not None:
@@ -134,11 +125,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
     request.max_price = preflight.parse_max_price(request.max_price)
     for item in request.env:
         key, sep, value = item.partition("=")
-        if not sep or not _ENV_KEY.match(key) or "\n" in value:
+        try:
+            launch_rules.env_key(key if sep else "")
+            launch_rules.env_value(value)
+        except Refused:
             raise UsageError(
                 f"option '--env': got {item!r}; allowed: KEY=VALUE with KEY of letters, digits and '_' "
                 "(not starting with a digit) and a one-line VALUE"
-            )
+            ) from None
     _check_secrets(request)
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(
@@ -256,6 +250,8 @@ class Started:
     elapsed_seconds: float
     preflight: Any = None  # training_infra.cli.preflight.Report
     notes: list[str] = field(default_factory=list)  # e.g. the local AWS played the Lambda in this process
+    spec: Any = None  # training_infra.spec.LaunchSpec: what was launched, the stack's defaults filled in
+    sources: dict[str, str] = field(default_factory=dict)  # where each of its values came from, by key path
 
 
 def supervisor_with(
@@ -439,17 +435,20 @@ def _check_allowed(aws: Aws, types: list[str]) -> None:
         )
 
 
+def _stack_hours(exports: dict[str, str]) -> float:
+    seconds = exports.get("TI_MAX_RUNTIME_SECONDS", "")
+    if seconds.isdigit():
+        return int(seconds) / 3600
+    from training_infra import config  # a template without the export: the settings' default
+
+    return config.Settings().max_runtime_hours
+
+
 def _runtime_hours(request: LaunchRequest, exports: dict[str, str]) -> float:
     """--max-runtime-hours, else the stack's; at least boot + one checkpoint interval, at most the stack's."""
     from training_infra.supervisor.runtime.supervisor import SupervisorConfig
 
-    seconds = exports.get("TI_MAX_RUNTIME_SECONDS", "")
-    if seconds.isdigit():
-        stack_hours = int(seconds) / 3600
-    else:
-        from training_infra import config  # a template without the export: the settings' default
-
-        stack_hours = config.Settings().max_runtime_hours
+    stack_hours = _stack_hours(exports)
     hours = request.max_runtime_hours if request.max_runtime_hours is not None else stack_hours
     boot = SupervisorConfig.__dataclass_fields__["boot_seconds"].default
     checkpoint = int(exports.get("TI_CHECKPOINT_SYNC_SECONDS", "300") or 300)
@@ -493,19 +492,43 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     )  # fmt: skip
     checked = preflight.run(aws, plan, prices=prices, store=store, dry_run=request.dry_run)
     _quick_money_answer(aws, request, types, checked.list_prices(), data, hours)
+    spec, sources = _resolved_spec(aws, request, data, exports, run_id)
     if request.dry_run:
-        return Started(run=None, elapsed_seconds=time.monotonic() - started, preflight=checked)
+        return Started(
+            run=None, elapsed_seconds=time.monotonic() - started, preflight=checked, spec=spec, sources=sources
+        )
     payload = {
         "action": "launch", "run_id": run_id, "resume": request.resume, "instance_types": types,
         "subnet_ids": subnets, "market": market, "max_restarts_on_errors": int(request.max_restarts_on_errors or 0),
         "max_runtime_hours": request.max_runtime_hours, "image_tag": request.image_tag, "command": request.command,
         "env": list(request.env), "secrets": list(request.secret_refs),
         "stall_seconds": request.stall_minutes * 60 if request.stall_minutes is not None else None,
-        "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd,
+        "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd, "spec_yaml": spec.to_yaml(),
         **({"nodes": int(request.nodes)} if request.nodes and int(request.nodes) > 1 else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
-    return Started(run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes)
+    return Started(
+        run=store.get(run_id), elapsed_seconds=time.monotonic() - started, preflight=checked, notes=notes, spec=spec,
+        sources=sources,
+    )  # fmt: skip
+
+
+def _resolved_spec(
+    aws: Aws, request: LaunchRequest, data: dict[str, Any], exports: dict[str, str], run_id: str
+) -> tuple[Any, dict[str, str]]:
+    """The run's spec as launched: the stack's defaults, then the file (or --like), then the flags."""
+    from training_infra.cli import spec_cli
+
+    published = aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_INSTANCE_TYPES, "")
+    stack_types = [t.strip() for t in published.split(",") if t.strip()] or _instance_types(aws, request)
+    defaults = spec_cli.stack_defaults(stack_types, _market(LaunchRequest(), data), exports, _stack_hours(exports))
+    layers = request.spec_layers or [(spec_cli.FLAG, spec_cli.flags_as_spec(request))]
+    from training_infra.spec import SpecError
+
+    try:
+        return spec_cli.resolved(layers, defaults, run_id)
+    except SpecError as error:  # the stack's own defaults refused: a stack this CLI does not know
+        raise CliError(f"the resolved spec is not valid: {error}") from None
 
 
 def _store(aws: Aws) -> Any:

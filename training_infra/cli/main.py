@@ -15,7 +15,7 @@ import typer
 from typer import _click as click  # typer's own copy of click: its exceptions are what parsing raises
 from typer.core import TyperGroup
 
-from training_infra.cli.commands import connect, cost, fetch, launch, logs, outputs, status, stop, upload
+from training_infra.cli.commands import connect, cost, fetch, launch, logs, outputs, schema, status, stop, upload
 from training_infra.cli.errors import err_console, report_error
 
 
@@ -103,7 +103,7 @@ def _global_options(
 
 
 # The verbs, in the order `--help` lists them.
-for verb in (outputs, upload, launch, status, logs, connect, fetch, stop, cost):
+for verb in (outputs, upload, launch, status, logs, connect, fetch, stop, cost, schema):
     app.command()(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 

@@ -10,7 +10,6 @@ AWS) the check says so once instead of failing.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +18,9 @@ from typing import Any
 
 import botocore.exceptions
 
-from training_infra import naming
+from training_infra import launch_rules, naming
 from training_infra.cli.errors import CliError, UsageError
+from training_infra.config import Refused
 from training_infra.pricing import BUILT_IN_NOTE, Prices, Quote, cap_message, dollars, under_cap
 
 # Run ids the code itself uses as a path component beside real runs: refused as --run-id.
@@ -28,7 +28,7 @@ RESERVED_RUN_IDS = {
     "latest": f"{naming.LATEST_PREFIX} holds a copy of the newest finished run (`fetch latest`)",
     "default": "the run id of the create_instance instance when the run_id setting is empty",
 }
-MAX_PRICE_LIMIT = 1000.0  # USD/hour, as the spot_max_price setting allows
+MAX_PRICE_LIMIT = launch_rules.MAX_PRICE_LIMIT
 SKIPPED = "skipped: not available here"
 # Service Quotas codes (vCPUs per region) by family group and market. P5 and later, and Trn, have
 # spot quotas of their own whose codes are not listed here: not checked (the fleet reports them).
@@ -59,19 +59,13 @@ def check_run_id_name(run_id: str | None) -> None:
 
 
 def parse_max_price(value: Any) -> float | None:
-    """--max-price: USD per hour, more than 0, at most 1000."""
+    """--max-price: USD per hour, more than 0, at most 1000 (launch_rules.max_price, as the run spec file)."""
     if value is None:
         return None
     try:
-        price = float(str(value).strip())
-    except ValueError:
-        price = math.nan
-    if not math.isfinite(price) or not 0 < price <= MAX_PRICE_LIMIT:
-        raise UsageError(
-            f"option '--max-price': got {value!r}; allowed: USD per hour, a number greater than 0 up to "
-            f"{MAX_PRICE_LIMIT:g}, e.g. 0.60"
-        )
-    return price
+        return launch_rules.max_price(value)
+    except Refused as refused:
+        raise UsageError(f"option '--max-price': got {value!r}; allowed: {refused.allowed}") from None
 
 
 # ---- the plan and what the checks found ---------------------------------------------------------------

@@ -258,6 +258,23 @@ class TrainingStorage(Construct):
             )
         return grant
 
+    def grant_write_run_spec(self, grantee: iam.IGrantable) -> iam.Grant:
+        """Write each run's runs/<id>/spec.yaml (the run spec it was launched with), nothing else."""
+        principal = grantee.grant_principal
+        consumer = principal if isinstance(principal, Construct) else self
+        specs = (
+            f"{as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)}/"
+            f"{naming.RUNS_PREFIX}*/spec.yaml"
+        )
+        grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:PutObject"], resource_arns=[specs])
+        if isinstance(principal, Construct):
+            acknowledge_nag(
+                principal,
+                f"IAM5[Resource::{nag_name(principal, specs)}]",
+                "Writes only the spec.yaml of each run, whose ids are chosen at launch time.",
+            )
+        return grant
+
 
 def _secure_bucket_defaults(removal: RemovalPolicy) -> dict:
     return {

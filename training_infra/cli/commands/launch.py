@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from training_infra.cli import launching, preflight
+from training_infra.cli import launching, preflight, spec_cli
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, err_console, reported_errors
 from training_infra.cli.options import Region
@@ -194,6 +195,21 @@ def launch(
         typer.Option("--dry-run", help="Run the preflight checks, print what would be launched, create nothing."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            metavar="SPEC",
+            help="A run spec (YAML, `training-infra schema`); flags override it.",
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--like", metavar="RUN", help="A copy of RUN's spec; flags change it.", show_default=False),
+    ] = None,
     region: Region = None,
 ) -> None:
     """Start a managed training run in seconds; the supervisor keeps it going until it ends.
@@ -214,8 +230,13 @@ def launch(
             max_cost_usd=max_cost_usd, nodes=nodes,
         )
     )  # fmt: skip
-    started = launching.launch(Aws(region), request)
+    aws = Aws(region)
+    request = spec_cli.request_for(aws, request, file=file, like=like)  # run specs: cli/spec_cli.py
+    started = launching.launch(aws, request)
     if dry_run:
+        if file is not None or like is not None:  # the resolved spec, then the preflight
+            for line in [*spec_cli.dry_run_lines(started.spec, started.sources, request.spec_layers), ""]:
+                stdout().print(line, markup=False)
         for line in preflight.dry_run_lines(started.preflight):
             stdout().print(line, markup=False)
         return

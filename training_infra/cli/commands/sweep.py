@@ -8,6 +8,7 @@ alone creates the group; nothing runs on this machine afterwards, so closing the
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,91 +39,80 @@ _TEMPLATE_KEYS = {
     ("limits", "max_cost_usd"): "max_cost_usd",
     ("limits", "max_restarts_on_errors"): "max_restarts_on_errors",
 }
-_EXTRA_KEYS = {"resources": {"nodes"}, "limits": {"stall_minutes"}, "data": {"allow_empty"}}
-_TEMPLATE_SECTIONS = {"resources", "image", "command", "env", "secrets", "limits", "data"}
 _SWEEP_KEYS = {"group", "template", "space", "objective", "trials", "parallel", "max_cost_usd", "pruning", "seed"}
 
 
 def read_sweep_file(path: Path) -> tuple[str, dict[str, Any]]:
-    """(group name, the request's `sweep` map) from the YAML file, or UsageError with one line per mistake."""
-    import yaml
+    """(group name, the request's `sweep` map) from the YAML file, or UsageError with one line per mistake. The
+    template is a run spec, checked by the same model as `launch -f` (training_infra/spec.py)."""
+    from training_infra import spec as run_spec
+    from training_infra.supervisor.runtime.sweeps import SweepRefused, SweepSpec, name_problem
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UsageError(f"{path}{where}: not YAML ({getattr(error, 'problem', error)})") from None
+        data, key_lines = run_spec.read_yaml(path.read_text(), source=str(path))
+    except run_spec.SpecError as error:
+        raise UsageError("\n".join(error.lines)) from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: got {type(data).__name__}; allowed: a map of {', '.join(sorted(_SWEEP_KEYS))}")
     problems = []
     for key in sorted(set(data) - _SWEEP_KEYS, key=str):
         near = difflib.get_close_matches(str(key), sorted(_SWEEP_KEYS), n=1)
-        problems.append(f"{path}: {key}: unknown key; allowed: {', '.join(sorted(_SWEEP_KEYS))}"
-                        + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        problems.append(f"{path}:{key_lines.get((key,), 1)}: {key}: unknown key; allowed: "
+                        f"{', '.join(sorted(_SWEEP_KEYS))}{hint}")  # fmt: skip
     group = data.get("group")
-    template, template_problems = template_event(data.get("template"))
-    problems.extend(f"{path}: {line}" for line in template_problems)
+    template_lines = {k[1:]: v for k, v in key_lines.items() if k[:1] == ("template",)}
+    template, template_problems = template_event(data.get("template"), path, template_lines)
+    problems.extend(template_problems)
     sweep = {k: v for k, v in data.items() if k in _SWEEP_KEYS - {"group"}}
     sweep["template"] = template
-    from training_infra.supervisor.runtime.sweeps import SweepRefused, SweepSpec, name_problem
-
     # The file's own shape here (pure, no AWS); the stack's limits are the request function's to check.
     problems.extend(f"{path}: {line}" for line in [name_problem(group)] if line)
     try:
         SweepSpec.from_dict(sweep)
     except SweepRefused as refused:
-        problems.extend(f"{path}: {line}" for line in refused.problems)
+        problems.extend(f"{path}: {line}" for line in refused.problems if not line.startswith("template:"))
     if problems:
         raise UsageError("\n".join(problems))
     return str(group), sweep
 
 
-def template_event(template: Any) -> tuple[dict[str, Any], list[str]]:
-    """A run spec (the `launch -f` layout: resources, image, command, env, secrets, limits) as the launch request's
-    fields, and one line per key it cannot take."""
+def template_event(template: Any, path: Path, lines: dict[tuple[Any, ...], int]) -> tuple[dict[str, Any], list[str]]:
+    """The template (a run spec, the `launch -f` layout) checked by its model, as the launch request's fields; and
+    one line per mistake, with the file's line and the key path under `template.`."""
+    from training_infra import spec as run_spec
+
     if not isinstance(template, dict):
-        return {}, [f"template: got {template!r}; allowed: a run spec (resources, image, command, env, limits ...)"]
-    event: dict[str, Any] = {}
+        return {}, [f"{path}: template: got {template!r}; allowed: a run spec (resources, image, command, env ...)"]
     problems = []
-    for key in sorted(set(template) - _TEMPLATE_SECTIONS, key=str):
-        if key in ("run_id", "group"):
-            problems.append(f"template.{key}: got {template[key]!r}; allowed: nothing (the sweep sets it per member)")
-            continue
-        near = difflib.get_close_matches(str(key), sorted(_TEMPLATE_SECTIONS), n=1)
-        problems.append(f"template.{key}: unknown key; allowed: {', '.join(sorted(_TEMPLATE_SECTIONS))}"
-                        + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
-    for section in ("resources", "limits", "data"):
-        values = template.get(section, {})
-        if not isinstance(values, dict):
-            problems.append(f"template.{section}: got {values!r}; allowed: a map")
-            continue
-        known = {k[1] for k in _TEMPLATE_KEYS if k[0] == section} | _EXTRA_KEYS.get(section, set())
-        for key in sorted(set(values) - known, key=str):
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            problems.append(f"template.{section}.{key}: unknown key; allowed: {', '.join(sorted(known))}"
-                            + (f" (did you mean {near[0]}?)" if near else ""))  # fmt: skip
-    nodes = (template.get("resources") or {}).get("nodes", 1) if isinstance(template.get("resources"), dict) else 1
+    try:
+        model = run_spec.validate(template, source=str(path), lines=lines)
+    except run_spec.SpecError as error:  # "<file>:<line>: <key path>: ..." -> the path under template.
+        return {}, [re.sub(rf"^({re.escape(str(path))}(?::\d+)?): ", r"\1: template.", line) for line in error.lines]
+    values = model.to_data()
+    for key in ("run_id", "group"):
+        if key in values:
+            problems.append(f"{path}:{lines.get((key,), 1)}: template.{key}: got {values[key]!r}; allowed: nothing "
+                            "(the sweep sets it for each member)")  # fmt: skip
+    nodes = values.get("resources", {}).get("nodes", 1)
     if nodes != 1:
-        problems.append(f"template.resources.nodes: got {nodes!r}; allowed: 1 (a sweep's members are single-node)")
-    for path, field in _TEMPLATE_KEYS.items():
-        value: Any = template
-        for part in path:
+        problems.append(f"{path}:{lines.get(('resources', 'nodes'), 1)}: template.resources.nodes: got {nodes!r}; "
+                        "allowed: 1 (a sweep's members are single-node)")  # fmt: skip
+    event: dict[str, Any] = {}
+    for key_path, field in _TEMPLATE_KEYS.items():
+        value: Any = values
+        for part in key_path:
             value = value.get(part) if isinstance(value, dict) else None
         if value is not None:
             event[field] = value
-    stall = (template.get("limits") or {}).get("stall_minutes") if isinstance(template.get("limits"), dict) else None
+    subnet = values.get("resources", {}).get("subnet_id")
+    if subnet:
+        event["subnet_ids"] = [subnet]
+    stall = values.get("limits", {}).get("stall_minutes")
     if stall is not None:
-        if isinstance(stall, (int, float)) and not isinstance(stall, bool):
-            event["stall_seconds"] = int(stall * 60)
-        else:
-            problems.append(f"template.limits.stall_minutes: got {stall!r}; allowed: minutes, 0 to 1440")
-    for name in ("env", "secrets"):
-        values = template.get(name, {})
-        if not isinstance(values, dict):
-            problems.append(f"template.{name}: got {values!r}; allowed: a map of NAME: value")
-            continue
-        event[name] = [f"{k}={v}" for k, v in values.items()]
+        event["stall_seconds"] = int(stall * 60)
+    event["env"] = [f"{k}={v}" for k, v in values.get("env", {}).items()]
+    event["secrets"] = [f"{k}={v}" for k, v in values.get("secrets", {}).items()]
     event.setdefault("market", "spot")
     return event, problems
 

@@ -424,6 +424,7 @@ class Run:
     message: str = ""
     ended_at: str = ""
     spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits
+    spec_yaml: str = ""  # the run spec file as the user asked (specs.py); "" for runs launched before it was kept
     # A sweep's member (sweeps.py): its group and Optuna trial number; "" and None for a run of its own.
     group: str = ""
     trial: int | None = None
@@ -494,6 +495,8 @@ class Run:
             "spent_usd": self.spent_usd,
             "summary": self.summary(),
         }
+        if self.spec_yaml:
+            item["spec_yaml"] = self.spec_yaml
         if self.group:
             item["group"], item["trial"] = self.group, self.trial
         if self.problem:  # as it was read, so nothing it said is lost

@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     import ledger
+    import specs
     from prices import Prices
     from records import (
         MARKETS,
@@ -50,7 +51,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
         iso,
     )
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime import ledger, specs
     from training_infra.supervisor.runtime.prices import Prices
     from training_infra.supervisor.runtime.records import (
         MARKETS,
@@ -299,6 +300,7 @@ class LaunchRequest:
     max_price_usd: float | None
     max_cost_usd: float | None
     nodes: int = 1
+    spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
     # Set only by a sweep's step (sweeps.py), never from a caller's event: the member's group and trial, and the
     # month its group reserved for all its members (so a member reserves nothing of its own).
     group: str = ""
@@ -348,6 +350,7 @@ class LaunchRequest:
             max_price_usd=_number(event, "max_price_usd", "--max-price", 0, 1000),
             max_cost_usd=_number(event, "max_cost_usd", "--max-cost-usd", 0, 1_000_000),
             nodes=_nodes(event),
+            spec_yaml=_spec_text(event),
         )
 
 
@@ -358,6 +361,13 @@ def _nodes(event: Mapping[str, Any]) -> int:
         raise Refused(f"option '--nodes': got {nodes!r}; allowed: a whole number from 1 to the stack's max_nodes",
                       usage=True)  # fmt: skip
     return nodes
+
+
+def _spec_text(event: Mapping[str, Any]) -> str:
+    try:
+        return specs.spec_text(event)
+    except specs.SpecRefused as refused:
+        raise Refused(str(refused), usage=True) from None
 
 
 @dataclass(frozen=True)
@@ -517,13 +527,14 @@ class Launcher:
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})
             template_id = self.run_template(run_id, data, user_data, tags)
             spec = dataclasses.replace(spec, launch_template_id=template_id)
-            self.record(run_id, spec, deadline, now, resumed, request)
+            self.record(run_id, spec, deadline, now, resumed, request, spec_yaml=request.spec_yaml)
         except BaseException:
             if template_id:
                 self._delete(template_id)
             if month and not request.group:
                 self.sup.month_ledger().settle(month, run_id, 0.0)
             raise
+        specs.keep(self.sup.clients.s3, cfg.outputs_bucket, cfg.runs_prefix, run_id, request.spec_yaml)
         try:
             self.sup.reconcile(run_id)
         except Exception:
@@ -645,10 +656,19 @@ class Launcher:
         return created["LaunchTemplate"]["LaunchTemplateId"]
 
     def record(
-        self, run_id: str, spec: RunSpec, deadline: str, now: Any, resumed: Run | None, request: LaunchRequest
+        self,
+        run_id: str,
+        spec: RunSpec,
+        deadline: str,
+        now: Any,
+        resumed: Run | None,
+        request: LaunchRequest,
+        *,
+        spec_yaml: str = "",
     ) -> None:
         try:
             if resumed is not None:
+                resumed.spec_yaml = spec_yaml or resumed.spec_yaml
                 # The finished run goes on: its attempts stay (the next is numbered after them).
                 resumed.spec, resumed.deadline_at, resumed.state = spec, deadline, RunState.LAUNCHING
                 resumed.message, resumed.ended_at, resumed.errors_used, resumed.cooldown = "resumed", "", 0, {}
@@ -656,7 +676,7 @@ class Launcher:
                 self.sup.store.save(resumed)
             else:
                 self.sup.store.create(Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline,
-                                          group=request.group, trial=request.trial))  # fmt: skip
+                                          spec_yaml=spec_yaml, group=request.group, trial=request.trial))  # fmt: skip
         except StaleRecord:
             raise Refused(
                 f"run {run_id} changed while it was being launched: see `training-infra status {run_id}`"
