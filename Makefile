@@ -102,6 +102,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, su
 	$(PY) scripts/bench_preflight.py
 	$(PY) scripts/bench_stall.py
 	$(PY) scripts/bench_local.py
+	$(PY) scripts/bench_cli_help.py
 	$(PY) scripts/bench_sweep.py
 
 local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the supervisor, every launched instance played here

@@ -20,6 +20,8 @@ MARKETS = ("spot", "on-demand", "spot-then-on-demand")
 MAX_RESTARTS = 100
 MAX_PRICE_LIMIT = 1000.0  # USD/hour, as the spot_max_price setting allows
 MAX_COST_LIMIT = 1_000_000.0  # USD across a run's attempts
+MIN_COST_USD = 0.01  # a limit below a cent cannot pay for a second of any instance, and prints as $0.00
+MIN_PRICE = 0.001  # USD/hour: below any EC2 price (spot prices have 4 decimals), and shown as $0.00/hour
 
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # What the secrets reader role may read (the compute construct): SecureStrings under PARAMETER_PATH,
@@ -34,8 +36,8 @@ RESERVED_NAMES = ("RUN_ID", "DATA_DIR", "OUTPUT_DIR", "CHECKPOINT_DIR", "HEARTBE
 
 MARKET_ALLOWED = ", ".join(MARKETS)
 RESTARTS_ALLOWED = f"a whole number from 0 to {MAX_RESTARTS}"
-COST_ALLOWED = "a number of US dollars greater than 0"
-PRICE_ALLOWED = f"USD per hour, a number greater than 0 up to {MAX_PRICE_LIMIT:g}, e.g. 0.60"
+COST_ALLOWED = f"US dollars from {MIN_COST_USD:g} up to {MAX_COST_LIMIT:.0f}, e.g. 25"
+PRICE_ALLOWED = f"USD per hour from {MIN_PRICE:g} up to {MAX_PRICE_LIMIT:g}, e.g. 0.60"
 ENV_KEY_ALLOWED = "letters, digits and '_' (not starting with a digit)"
 ENV_VALUE_ALLOWED = "a one-line value"
 SECRET_REF_ALLOWED = (
@@ -61,24 +63,24 @@ def restarts(value: Any) -> int:
     return int(text)
 
 
-def _usd(value: Any, limit: float, allowed: str) -> float:
+def _usd(value: Any, least: float, limit: float, allowed: str) -> float:
     if isinstance(value, bool):
         raise Refused(allowed)
     try:
         number = float(str(value).strip())
     except ValueError:
         number = math.nan
-    if not (math.isfinite(number) and 0 < number <= limit):  # also refuses nan and inf
+    if not (math.isfinite(number) and least <= number <= limit):  # also refuses nan and inf
         raise Refused(allowed)
     return number
 
 
 def max_cost_usd(value: Any) -> float:
-    return _usd(value, MAX_COST_LIMIT, COST_ALLOWED)
+    return _usd(value, MIN_COST_USD, MAX_COST_LIMIT, COST_ALLOWED)
 
 
 def max_price(value: Any) -> float:
-    return _usd(value, MAX_PRICE_LIMIT, PRICE_ALLOWED)
+    return _usd(value, MIN_PRICE, MAX_PRICE_LIMIT, PRICE_ALLOWED)
 
 
 def env_key(key: str) -> str:

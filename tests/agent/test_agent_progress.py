@@ -42,12 +42,18 @@ def test_a_trainer_hung_at_full_gpu_is_stopped_as_stalled_after_diagnostics_with
 
     status = run.status()
     assert status["outcome"] == "stalled", run.setup_log
-    assert status["message"].startswith("no progress in /run/training-infra/progress/heartbeat.json for ")
+    # A process-runtime trainer was given the host's path (HEARTBEAT_FILE): the message names that one.
+    assert status["message"].startswith(f"no progress in {run.root}/"), status["message"]
+    assert "/progress/heartbeat.json for " in status["message"]
     assert status["message"].endswith("s (last step 3)")
     assert status["progress"]["step"] == 3 and set(status["progress"]) == PROGRESS_KEYS
     assert status["exit_code"] == 137, "the hung trainer ignored SIGTERM and was killed after the grace period"
     training_log = run.read(run.log_key("training.log"))
     assert "outcome stalled" in training_log and "SIGKILL" in training_log, "the graceful stop, then the kill"
+    # The history `training-infra watch` reads went up with the logs: the trainer's beats, loss included.
+    history = [json.loads(line) for line in run.read(run.log_key("metrics.jsonl")).splitlines()]
+    assert history and all(isinstance(line["loss"], float) for line in history)
+    assert history[0]["step"] >= 1 and history[-1]["step"] <= 3
     diagnostics = run.read(run.log_key("training-diagnostics.txt"))
     for section in ("process tree", "the trainer's last 200 log lines", "py-spy"):
         assert section in diagnostics, section

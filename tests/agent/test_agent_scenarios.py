@@ -53,6 +53,7 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
         prefix + name
         for name in (
             "_SUCCESS",
+            "attempts/1/logs/metrics.jsonl",  # the example trainer beats: watch's history rides the logs
             "attempts/1/logs/training-setup.log",
             "attempts/1/logs/training.log",
             "attempts/1/progress.json",

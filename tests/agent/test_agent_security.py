@@ -405,6 +405,7 @@ def test_container_runs_without_new_privileges_host_ipc_or_aws_credentials_only_
     assert argv[argv.index("--shm-size") + 1] == half_the_memory_or_1g()
     env = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
     assert f"AWS_REGION={run.aws.region}" in env and "AWS_EC2_METADATA_DISABLED=true" in env
+    assert "TENSORBOARD_DIR=/outputs/tensorboard" in env, "issue 27: under /outputs, synced with the logs"
     assert not [e for e in env if e.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET", "AWS_SESSION", "AWS_CONFIG"))]
     assert not [a for a in argv if "/run/training-infra/aws" in a], "no credentials mount without a trainer role"
 

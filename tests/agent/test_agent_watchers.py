@@ -7,6 +7,7 @@ The first stop reason wins, whoever asks second.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,16 @@ def test_no_progress_for_stall_seconds_after_a_beat_collects_diagnostics_then_st
     assert watcher.tick() is True and diagnosed == [clock.now]
     assert agent.stop_reason.outcome is Outcome.STALLED
     assert agent.stop_reason.message.endswith("for 60s (last step 5)")
+
+
+@pytest.mark.parametrize("runtime", ["process", "docker"])
+def test_a_stall_names_the_heartbeat_path_the_trainer_was_given(tmp_path, imds, runtime):
+    """Issue 27: a process-runtime run's stall message named the container's path, which its trainer never saw."""
+    agent = make_agent(tmp_path, imds, Clock(), TI_RUNTIME=runtime)
+
+    expected = str(agent.progress_dir / "heartbeat.json") if runtime == "process" else agent.knobs.heartbeat_file
+    assert agent.trainer_heartbeat == expected
+    assert (runtime == "docker") == expected.startswith("/run/training-infra/progress/")
 
 
 def test_the_deadline_stop_leaves_grace_and_a_minute_unless_the_attempt_is_too_short_for_it():
@@ -563,3 +574,38 @@ def test_the_power_off_commands_own_output_lands_in_the_setup_log(tmp_path, imds
     agent.power_off()
     text = agent.setup_log.read_text()
     assert "Shutdown scheduled" in text and "warned" in text and agent.powered_off
+
+
+def test_the_progress_watcher_writes_the_history_into_the_logs_folder_the_log_upload_syncs(tmp_path, imds):
+    clock = Clock()
+    agent = make_agent(tmp_path, imds, clock, TI_HEARTBEAT_FILE=str(tmp_path / "beat"))
+    agent.put_metrics = lambda metrics, warning: None
+    agent.upload_progress = lambda: None
+    agent.trainer_started = clock.now - 10
+    agent.gpu_percent = 87.0
+    beat = tmp_path / "beat"
+    beat.write_text('{"step": 7, "loss": 0.5}')
+    os.utime(beat, (clock.now, clock.now))
+
+    ProgressWatcher(agent).tick()  # issue 27: the history `training-infra watch` draws
+
+    history = agent.state / "logs" / "metrics.jsonl"  # upload_logs syncs this folder to attempts/<n>/logs/
+    [line] = [json.loads(text) for text in history.read_text().splitlines()]
+    assert (line["step"], line["loss"], line["gpu_percent"]) == (7, 0.5, 87.0)
+
+
+def test_the_log_upload_syncs_tensorboard_dir_only_when_the_trainer_wrote_one(tmp_path, imds):
+    """Issue 27: $TENSORBOARD_DIR (under /outputs) goes to runs/<id>/tensorboard/ with the logs; no folder, no cost."""
+    agent = make_agent(tmp_path, imds, Clock())
+    agent.run_id = "r1"
+    agent.state.mkdir(parents=True)  # as prepare() leaves it
+    calls = []
+    agent.cli_ok = lambda *args, timeout=None: calls.append(args) or True
+
+    agent.upload_logs()
+    assert [c for c in calls if "tensorboard" in " ".join(c)] == [], "no TensorBoard folder: no request"
+
+    (agent.out_dir / "tensorboard" / "train").mkdir(parents=True)
+    agent.upload_logs()
+    assert calls[-1][:2] == ("s3", "sync") and calls[-1][2] == f"{agent.out_dir / 'tensorboard'}/"
+    assert calls[-1][3] == f"{agent.run_prefix}/tensorboard/"

@@ -39,12 +39,13 @@ def _nothing_created(deployment, run_id: str) -> None:
     assert templates == [] and deployment.run_instances(run_id) == []
 
 
-@pytest.mark.parametrize("value", ["-5", "0", "abc", "nan", "inf", ""])
-def test_max_cost_usd_must_be_a_positive_amount_and_is_refused_before_any_aws_call(stacks, value):
+@pytest.mark.parametrize("value", ["-5", "0", "0.0000001", "abc", "nan", "inf", ""])
+def test_max_cost_usd_must_be_a_cent_or_more_and_is_refused_before_any_aws_call(stacks, value):
+    """Issue 27: 0.0000001 was echoed as `1e-07`."""
     message = stacks.usage_error("launch", "--max-cost-usd", value)
 
     assert message == (
-        f"error: option '--max-cost-usd': got {value!r}; allowed: a number of US dollars greater than 0\n"
+        f"error: option '--max-cost-usd': got {value!r}; allowed: US dollars from 0.01 up to 1000000, e.g. 25\n"
     )
 
 

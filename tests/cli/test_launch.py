@@ -185,7 +185,8 @@ def test_a_run_id_in_use_is_refused_and_nothing_is_launched(stacks):
             "options '--instance-type' and '--instance-types': give one",
         ),
         (("--market", "cheap"), "option '--market': got 'cheap'; allowed: spot, on-demand, spot-then-on-demand"),
-        (("--market", "spot", "--on-demand"), "options '--market' and '--spot/--on-demand': give one"),
+        (("--market", "spot", "--on-demand"), "options '--market' and '--on-demand': got both; allowed: one of them"),
+        (("--spot", "--on-demand"), "options '--spot' and '--on-demand': got both; allowed: one of them"),
         (
             ("--max-restarts-on-errors", "-1"),
             "option '--max-restarts-on-errors': got '-1'; allowed: a whole number from 0 to 100",

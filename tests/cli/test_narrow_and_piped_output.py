@@ -57,11 +57,17 @@ def _assert_whole_and_clean(text: str, cells: set[str]) -> None:
         assert any(cell in line for line in lines), f"{cell!r} is not whole on any line:\n{text}"
 
 
-STATUS_CELLS = ("run_id", "instance_id", "instance_type", "market", "state", "deadline", "outcome")
+STATUS_CELLS = ("run_id", "state", "outcome")
+WIDE_CELLS = ("run_id", "instance_id", "instance_type", "market", "state", "deadline", "outcome")
+
+
+def _line_of(text: str, run_id: str) -> str:
+    [line] = [line for line in text.splitlines() if run_id in line]
+    return line
 
 
 @pytest.mark.parametrize("columns", ["80", "250"])
-def test_status_at_80_columns_and_wide_piped_keeps_every_cell_whole_without_control_characters(narrow, columns):
+def test_status_is_one_line_per_run_at_80_columns_and_wide_piped_without_control_characters(narrow, columns):
     rows = json.loads(narrow.cli("status", "--output", "json").stdout)
     assert {r["run_id"] for r in rows} == {LIVE_RUN, FAILED_RUN}
 
@@ -69,13 +75,41 @@ def test_status_at_80_columns_and_wide_piped_keeps_every_cell_whole_without_cont
 
     assert result.exit_code == 0, result.output
     _assert_whole_and_clean(result.stdout, _cells(rows, STATUS_CELLS) | {"failed (exit 3)"})
-    if columns == "80":
-        assert max(len(line) for line in result.stdout.splitlines()) <= 80
-        assert f"run       {LIVE_RUN}" in result.stdout.splitlines(), "narrow: one `column  value` block per run"
-    else:
-        assert any(
-            LIVE_RUN in line and "g5.12xlarge" in line and "running" in line for line in result.stdout.splitlines()
-        ), "wide: one row per run"
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "STATE", "TRIES", "UPTIME", "COST", "OUTCOME"]
+    assert len(lines) == 1 + len(rows), "a header and one line per run"
+    assert _line_of(result.stdout, FAILED_RUN).endswith("failed (exit 3)")
+    assert "running" in _line_of(result.stdout, LIVE_RUN)
+
+
+def test_status_output_wide_adds_instance_type_market_and_deadline_on_the_same_line(narrow):
+    rows = json.loads(narrow.cli("status", "--output", "json").stdout)
+
+    result = narrow.cli("status", "-o", "wide", env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    _assert_whole_and_clean(result.stdout, _cells(rows, WIDE_CELLS))
+    live = next(r for r in rows if r["run_id"] == LIVE_RUN)
+    line = _line_of(result.stdout, LIVE_RUN)
+    assert all(live[key] in line for key in ("instance_id", "instance_type", "market", "deadline"))
+    assert len(result.stdout.splitlines()) == 1 + len(rows)
+
+
+def test_status_with_standard_run_ids_fits_80_columns():
+    """The default columns of a typical run (a generated id, a long outcome) stay within 80."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from training_infra.cli.render import print_columns
+
+    out = StringIO()
+    with redirect_stdout(out):
+        print_columns(
+            ["RUN", "STATE", "TRIES", "UPTIME", "COST", "OUTCOME"],
+            [["20261128-160000-ab12", "recovering", "12", "6d 23h 59m", "$123.45", "stalled (exit 137)"]],
+            right=("TRIES", "UPTIME", "COST"),
+        )
+    assert max(len(line) for line in out.getvalue().splitlines()) <= 80
 
 
 def test_cost_at_80_columns_piped_keeps_every_cell_whole_without_control_characters(narrow):
@@ -133,6 +167,7 @@ def test_status_on_an_80_column_terminal_never_breaks_a_cell(narrow):
     shown = _on_a_terminal(narrow, "status")
 
     _assert_whole_and_clean(shown, _cells(rows, STATUS_CELLS))
+    assert len([line for line in shown.splitlines() if line.strip()]) == 1 + len(rows)
 
 
 @pytest.mark.parametrize("verb", ["status", "cost", "outputs"])
@@ -154,7 +189,8 @@ def test_the_older_json_flag_still_prints_json(narrow):
 
 
 def test_an_unknown_output_format_is_a_one_line_usage_error(narrow):
-    assert "option '--output': got 'yaml'; allowed: table, json" in narrow.usage_error("status", "--output", "yaml")
+    assert "option '--output': got 'yaml'; allowed: table, wide, json" in narrow.usage_error("status", "-o", "yaml")
+    assert "option '--output': got 'wide'; allowed: table, json" in narrow.usage_error("cost", "-o", "wide")
 
 
 def test_upload_and_fetch_piped_print_no_progress_bar(narrow, tmp_path):

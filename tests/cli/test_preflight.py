@@ -281,11 +281,11 @@ def test_the_cap_is_stored_in_the_spec_and_set_on_the_fleet(stacks, ec2_faults):
     assert len(re.findall(r"Overrides\.\d+\.MaxPrice=0\.6&", request)) == 4, "each of the 4 pools"
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "abc", "nan", "inf", "1001", ""])
+@pytest.mark.parametrize("value", ["-1", "0", "0.000001", "abc", "nan", "inf", "1001", ""])
 def test_a_bad_max_price_is_one_usage_line_before_calling_aws(stacks, value):
+    """Issue 27: 0.000001 was echoed as `$0.00/hour`; below a tenth of a cent is no EC2 price."""
     assert stacks.usage_error("launch", "--max-price", value) == (
-        f"error: option '--max-price': got {value!r}; allowed: USD per hour, a number greater than 0 up to 1000, "
-        "e.g. 0.60\n"
+        f"error: option '--max-price': got {value!r}; allowed: USD per hour from 0.001 up to 1000, e.g. 0.60\n"
     )
 
 

@@ -48,11 +48,11 @@ def _assert_harmless(output: str) -> None:
         assert sequence not in output, f"{sequence!r} reached the terminal"
 
 
-@pytest.mark.parametrize("columns", ["250", "40"], ids=["table", "narrow-records"])
+@pytest.mark.parametrize("columns", ["250", "40"], ids=["wide", "narrow"])
 def test_status_prints_status_json_fields_without_their_escape_sequences_or_markup(stacks, columns):
     stacks.put_status(_injected_status(f"inject-{columns}"))
 
-    result = stacks.cli("status", f"inject-{columns}", env={**FORCED_TERMINAL, "COLUMNS": columns})
+    result = stacks.cli("status", f"inject-{columns}", "-o", "wide", env={**FORCED_TERMINAL, "COLUMNS": columns})
 
     assert result.exit_code == 0, result.output
     _assert_harmless(result.stdout)

@@ -8,19 +8,19 @@ verbs that move files, so `launch` starts without it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
-
-import botocore.config
-import botocore.exceptions
-import botocore.loaders
-import botocore.session
+from typing import TYPE_CHECKING, Any
 
 from training_infra import naming
 from training_infra.cli.errors import CliError, UsageError
+
+if TYPE_CHECKING:
+    import botocore.session
 
 # Which stack publishes which output (docs/architecture.md, "CloudFormation outputs").
 OUTPUT_STACKS: dict[str, str] = {
@@ -49,8 +49,15 @@ _CONDITIONAL = {
     naming.OUTPUT_INSTANCE_ID: "the compute stack was deployed without create_instance=true",
 }
 
-# Standard retry mode unless the user chose one (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS win).
-_CLIENT_CONFIG = botocore.config.Config(retries={"mode": "standard"}, user_agent_extra="training-infra-cli")
+
+@functools.cache
+def _client_config() -> Any:
+    """Standard retry mode unless the user chose one (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS win).
+
+    botocore is imported when a verb first calls AWS, not when `--help` is asked for."""
+    import botocore.config
+
+    return botocore.config.Config(retries={"mode": "standard"}, user_agent_extra="training-infra-cli")
 
 
 class _JSONFileLoader:
@@ -74,11 +81,19 @@ class _JSONFileLoader:
         return None
 
 
-_LOADER = botocore.loaders.Loader(file_loader=_JSONFileLoader())
+@functools.cache
+def _loader() -> Any:
+    import botocore.loaders
+
+    return botocore.loaders.Loader(file_loader=_JSONFileLoader())
 
 
 class NotDeployedError(CliError):
     """A stack is absent in this region (as opposed to AWS being unreachable or misconfigured)."""
+
+
+# Every AWS partition's region names: us-east-1, eu-central-2, us-gov-west-1, cn-north-1, eu-isoe-west-1.
+_REGION_NAME = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 
 
 @dataclass
@@ -99,8 +114,15 @@ class Aws:
         notebooks) pay it once.
         """
         if self._session is None:
+            if self.region is not None and not _REGION_NAME.fullmatch(self.region):
+                raise UsageError(
+                    f"option '--region': got {self.region!r}; allowed: an AWS region name such as us-east-1"
+                )
+            import botocore.exceptions
+            import botocore.session
+
             session = botocore.session.get_session()
-            session.register_component("data_loader", _LOADER)
+            session.register_component("data_loader", _loader())
             # botocore reads AWS_DEFAULT_REGION only; the other AWS SDKs and CLI v2 also read AWS_REGION.
             region = self.region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
             if not region:
@@ -117,7 +139,7 @@ class Aws:
         """A botocore client, created once per service (only the services a verb uses)."""
         if service not in self._clients:
             try:
-                self._clients[service] = self.session.create_client(service, config=_CLIENT_CONFIG)
+                self._clients[service] = self.session.create_client(service, config=_client_config())
             except ValueError as error:  # botocore's configuration checks (endpoint URL, region name, ...)
                 raise CliError(_configuration_error(service, error)) from None
         return self._clients[service]
@@ -125,6 +147,8 @@ class Aws:
     def stack_outputs(self, stack: str) -> dict[str, str]:
         """OutputKey -> OutputValue of a deployed stack, or a clear 'not deployed' error."""
         if stack not in self._outputs:
+            import botocore.exceptions
+
             try:
                 found = self.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
             except botocore.exceptions.ClientError as error:

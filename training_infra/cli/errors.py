@@ -11,9 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import botocore.exceptions
 import typer
-from botocore.parsers import ResponseParserError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -69,6 +67,9 @@ def describe_aws_error(error: Exception) -> str:
     """The one line for an exception raised by boto3 (or our own CliError)."""
     if isinstance(error, CliError):
         return str(error)
+    import botocore.exceptions
+    from botocore.parsers import ResponseParserError
+
     if isinstance(error, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
         return (
             "no AWS credentials found: run `aws configure` or `aws sso login`, "
@@ -105,6 +106,16 @@ def describe_aws_error(error: Exception) -> str:
     raise error
 
 
+def _from_aws(error: Exception) -> bool:
+    """botocore's errors, and what an endpoint that is not AWS answers (not a BotoCoreError).
+
+    Checked only once an error happened: botocore is not imported for `--help`."""
+    import botocore.exceptions
+    from botocore.parsers import ResponseParserError
+
+    return isinstance(error, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError | ResponseParserError)
+
+
 def reported_errors(command: F) -> F:
     """Run a verb and report the failures above as one line and an exit code."""
 
@@ -112,16 +123,15 @@ def reported_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (
-            CliError,
-            botocore.exceptions.BotoCoreError,
-            botocore.exceptions.ClientError,
-            ResponseParserError,
-        ) as error:
+        except CliError as error:
             report_error(describe_aws_error(error))
-            code = error.exit_code if isinstance(error, CliError) else EXIT_RUNTIME
-            raise typer.Exit(code) from None
-        except OSError as error:
+            raise typer.Exit(error.exit_code) from None
+        except Exception as error:
+            if _from_aws(error):
+                report_error(describe_aws_error(error))
+                raise typer.Exit(EXIT_RUNTIME) from None
+            if not isinstance(error, OSError):
+                raise
             # Local files: a dataset file that cannot be read, a full disk while fetching.
             where = f": {error.filename}" if error.filename else ""
             report_error(f"{error.strerror or error}{where}")

@@ -65,6 +65,9 @@ class LaunchRequest:
     spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
 
 
+MIN_COST_USD = launch_rules.MIN_COST_USD
+
+
 def _positive_usd(option: str, value: Any) -> float:
     try:
         return launch_rules.max_cost_usd(value)
@@ -97,7 +100,9 @@ def validate(request: LaunchRequest) -> LaunchRequest:
             )
         request.instance_types = ",".join(types)
     if request.market is not None and request.spot is not None:
-        raise UsageError("options '--market' and '--spot/--on-demand': give one")
+        raise UsageError(
+            f"options '--market' and '--{'spot' if request.spot else 'on-demand'}': got both; allowed: one of them"
+        )
     if request.market is not None and request.market not in MARKETS:
         raise UsageError(f"option '--market': got {request.market!r}; allowed: {launch_rules.MARKET_ALLOWED}")
     if request.max_restarts_on_errors is not None:

@@ -113,10 +113,10 @@ def interrupt(
     folder: Dir = None,
 ) -> None:
     """Send a spot interruption notice to RUN's live instance, as AWS does two minutes before reclaiming it."""
-    from training_infra.cli.main import _check_run_id
+    from training_infra.cli.options import check_run_id
     from training_infra.local.sandbox import SandboxError, ask
 
-    run = _check_run_id(run)
+    run = check_run_id(run)
     try:
         answer = ask(_folder(folder), {"verb": "interrupt", "run": run})
     except SandboxError as error:
@@ -133,12 +133,17 @@ def down(folder: Dir = None) -> None:
     from training_infra.local.sandbox import SandboxError, stop_running
 
     where = _folder(folder)
+    cleaned: list[str] = []
     try:
-        state = stop_running(where)
+        state = stop_running(where, say=cleaned.append)
     except SandboxError as error:
         raise _sandbox_error(error) from None
     if state is None:
-        sys.stdout.write(f"no local AWS was running in {where}; nothing to stop\n")
+        for line in cleaned:
+            sys.stdout.write(line + "\n")
+        sys.stdout.write(
+            f"no local AWS was running in {where}; " + ("cleaned up\n" if cleaned else "nothing to stop\n")
+        )
         return
     sys.stdout.write(f"local AWS (pid {state.pid}) stopped; {where} removed\n")
     if os.environ.get("AWS_ENDPOINT_URL") == state.endpoint:

@@ -15,8 +15,22 @@ import typer
 from typer import _click as click  # typer's own copy of click: its exceptions are what parsing raises
 from typer.core import TyperGroup
 
-from training_infra.cli.commands import connect, cost, fetch, launch, logs, outputs, schema, status, stop, upload
+from training_infra.cli.commands import (
+    connect,
+    cost,
+    fetch,
+    launch,
+    logs,
+    outputs,
+    schema,
+    status,
+    stop,
+    tensorboard,
+    upload,
+    watch,
+)
 from training_infra.cli.errors import err_console, report_error
+from training_infra.cli.helptext import PlainHelpCommand, write_commands, write_options
 
 
 def _one_line(error: click.exceptions.UsageError) -> str:
@@ -38,7 +52,18 @@ def _one_line(error: click.exceptions.UsageError) -> str:
     return " ".join(f"{message} (see `{command} --help`)".split())
 
 
-class _OneLineUsageErrors(TyperGroup):
+class _PlainHelpGroup(TyperGroup):
+    """A verb group whose `--help` is plain text (cli/helptext.py)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        click.Command.format_help(self, ctx, formatter)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        write_options(self, ctx, formatter)
+        write_commands(self, ctx, formatter)
+
+
+class _OneLineUsageErrors(_PlainHelpGroup):
     """Usage errors as the one `error: ...` line every other error is, exit 2 (not a boxed panel)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
@@ -76,7 +101,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -103,15 +128,18 @@ def _global_options(
 
 
 # The verbs, in the order `--help` lists them.
-for verb in (outputs, upload, launch, status, logs, connect, fetch, stop, cost, schema):
-    app.command()(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
+for verb in (outputs, upload, launch, status, watch, logs, tensorboard, connect, fetch, stop, cost, schema):
+    app.command(cls=PlainHelpCommand)(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 
 from training_infra.cli.commands.sweep import sweep_app  # noqa: E402 - the verbs above come first in --help
 from training_infra.cli.local import local_app  # noqa: E402
 
-app.add_typer(sweep_app)
-app.add_typer(local_app)
+# The sweep's and the local verbs' help reads like every other verb's (local24 owns cli/local.py: set here).
+for sub_app in (sweep_app, local_app):
+    for info in sub_app.registered_commands:
+        info.cls = PlainHelpCommand
+    app.add_typer(sub_app, cls=_PlainHelpGroup)
 
 
 def main() -> None:

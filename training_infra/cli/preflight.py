@@ -29,6 +29,7 @@ RESERVED_RUN_IDS = {
     "default": "the run id of the create_instance instance when the run_id setting is empty",
 }
 MAX_PRICE_LIMIT = launch_rules.MAX_PRICE_LIMIT
+MIN_PRICE = launch_rules.MIN_PRICE
 SKIPPED = "skipped: not available here"
 # Service Quotas codes (vCPUs per region) by family group and market. P5 and later, and Trn, have
 # spot quotas of their own whose codes are not listed here: not checked (the fleet reports them).

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 OUTPUT_FORMATS = ("table", "json")
+STATUS_FORMATS = ("table", "wide", "json")
 
 
 def stdout() -> Console:
@@ -69,13 +70,28 @@ def hhmm(moment: str | None) -> str:
     return parsed.strftime("%m-%d %H:%M") if parsed else "-"
 
 
-def output_format(value: str, *, as_json: bool = False) -> str:
+def output_format(value: str, *, as_json: bool = False, allowed: Sequence[str] = OUTPUT_FORMATS) -> str:
     """`--output table|json` (the AWS CLI's convention); the older `--json` flag means json."""
     if as_json:
         return "json"
-    if value not in OUTPUT_FORMATS:
-        raise UsageError(f"option '--output': got {value!r}; allowed: {', '.join(OUTPUT_FORMATS)}")
+    if value not in allowed:
+        raise UsageError(f"option '--output': got {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def print_columns(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[str] = ()) -> None:
+    """Rows as plain aligned columns, one line each, like `kubectl get`: read at 80 columns, grep and awk
+    a pipe. The last column is never padded; no cell is wrapped or cut. Cells are printed as text."""
+    cells = [list(headers), *([remote_text(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
+    out = []
+    for line in cells:
+        parts = [
+            cell.rjust(width) if name in right else cell.ljust(width)
+            for name, cell, width in zip(headers, line, widths, strict=True)
+        ]
+        out.append("  ".join(parts).rstrip() + "\n")
+    sys.stdout.write("".join(out))
 
 
 def print_json(value: Any) -> None:

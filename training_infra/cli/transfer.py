@@ -106,14 +106,31 @@ def upload(aws: Aws, source: Path, bucket: str, prefix: str, console: Console) -
         else:
             todo.append((path, key, size))
     total = sum(size for _, _, size in todo)
-    with _bar(console) as progress, create_transfer_manager(aws.client("s3"), TRANSFER_CONFIG) as manager:
-        task = progress.add_task(f"upload to s3://{bucket}/{prefix}", total=total)
-        futures = [
-            manager.upload(str(path), bucket, key, subscribers=[_Progress(progress, task)]) for path, key, _ in todo
-        ]
-        for future in futures:
-            future.result()
+    done, done_bytes = 0, 0
+    try:
+        with _bar(console) as progress, create_transfer_manager(aws.client("s3"), TRANSFER_CONFIG) as manager:
+            task = progress.add_task(f"upload to s3://{bucket}/{prefix}", total=total)
+            futures = [
+                manager.upload(str(path), bucket, key, subscribers=[_Progress(progress, task)]) for path, key, _ in todo
+            ]
+            for future, (_, _, size) in zip(futures, todo, strict=True):
+                future.result()
+                done, done_bytes = done + 1, done_bytes + size
+    except KeyboardInterrupt:
+        raise UploadInterrupted(done, len(todo), done_bytes, total) from None
     return SyncResult(transferred=len(todo), skipped=skipped, bytes=total)
+
+
+class UploadInterrupted(CliError):
+    """Ctrl-C during an upload: what got there, and that running it again resumes."""
+
+    exit_code = 130
+
+    def __init__(self, done: int, files: int, done_bytes: int, total: int) -> None:
+        super().__init__(
+            f"interrupted: uploaded {done} of {files} file(s), {done_bytes:,} of {total:,} bytes; "
+            "run the same upload again to resume (files already in the bucket are skipped)"
+        )
 
 
 def download(

@@ -128,6 +128,11 @@ class ContainerEngine:
             for folder in ("registry/data", "storage", "run", "tmp"):
                 shutil.rmtree(self.workdir / folder, ignore_errors=True)
 
+    @property
+    def registry_pid(self) -> int | None:
+        """The registry's process id, also its process group's (start_new_session)."""
+        return self._registry.pid if self._registry is not None else None
+
     def __enter__(self) -> ContainerEngine:
         return self.start()
 

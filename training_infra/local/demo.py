@@ -36,6 +36,7 @@ from training_infra.local.sandbox import (
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP_TIMEOUT_SECONDS = 300
+DEFAULT_WORKDIR = ROOT / ".local" / "demo"
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -183,6 +184,26 @@ class Demo:
             raise DemoFailed("the trainer wrote no checkpoint before it ended: nothing to interrupt")
 
 
+OWNER_MARK = ".training-infra-demo"  # in a --workdir this tool made: only such a folder is emptied
+
+
+def _claim_workdir(workdir: Path, *, default: bool = False) -> str | None:
+    """The demo's folder, emptied if an earlier demo made it (or it is the default under .local/, the tool's own);
+    never one it did not make (one line why not)."""
+    if workdir.exists() and not workdir.is_dir():
+        return f"--workdir {workdir}: exists and is not a folder; give a new or empty folder"
+    if workdir.exists() and any(workdir.iterdir()):
+        if not default and not (workdir / OWNER_MARK).is_file():
+            return (
+                f"--workdir {workdir}: not empty and not made by `make demo` (no {OWNER_MARK}); "
+                "give a new or empty folder"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / OWNER_MARK).write_text("made by `make demo`: the next demo empties this folder\n")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,8 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--spot-interruption", action="store_true", help="interrupt the run at its first checkpoint; it resumes"
     )
     parser.add_argument(
-        "--workdir", type=Path, default=ROOT / ".local" / "demo", help="where fetched outputs (and its sandbox) go"
-    )
+        "--workdir", type=Path, default=DEFAULT_WORKDIR,
+        help="where fetched outputs (and its sandbox) go: a new or empty folder, or one an earlier demo made",
+    )  # fmt: skip
     parser.add_argument(
         "--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 60 with a spot notice)"
     )
@@ -205,9 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runtime == "docker" and (reason := unavailable_reason()):
         console.print(f"make demo: --runtime docker is not available here: {reason}")
         return 2
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
+    refusal = _claim_workdir(args.workdir, default=args.workdir == DEFAULT_WORKDIR)
+    if refusal:
+        console.print(f"make demo: {refusal}", markup=False)
+        return 2
     demo = Demo(
         workdir=args.workdir,
         epochs=args.epochs or (60 if args.spot_interruption else 12),

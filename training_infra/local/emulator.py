@@ -51,8 +51,12 @@ class EmulatorError(RuntimeError):
 class Emulator:
     """Start with `with Emulator(log_dir) as aws:`; `aws.env` points boto3, the AWS CLI and the CDK at it."""
 
-    def __init__(self, log_dir: Path, *, region: str = DEFAULT_REGION, port: int | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *, region: str = DEFAULT_REGION, port: int | None = None, address_block: str = ""
+    ) -> None:
         self.log_dir = Path(log_dir)
+        # `127.N`: each instance gets a loopback address of its own in it (moto_server.teach_loopback_addresses).
+        self.address_block = address_block
         self.region = region
         self.port = port or free_port()
         # localhost, not 127.0.0.1: moto misreads CloudFormation template URLs with the IP form.
@@ -82,6 +86,7 @@ class Emulator:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "TI_LOCAL_ADDRESS_BLOCK": self.address_block},
         )
         (self.log_dir / "moto.pid").write_text(str(self._process.pid))
         deadline = time.monotonic() + timeout
@@ -97,6 +102,11 @@ class Emulator:
                 time.sleep(0.2)
         self.stop()
         raise EmulatorError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f} s")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, also its process group's (start_new_session)."""
+        return self._process.pid if self._process is not None else None
 
     def stop(self) -> None:
         if self._process is None:

@@ -56,6 +56,7 @@ class FakeImds:
         image_id: str = "ami-0123456789abcdef0",
         private_ip: str = "10.0.0.10",
         role: tuple[str, Mapping[str, str]] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         if market not in ("spot", "on-demand"):
             raise ValueError(f"market={market!r} is not allowed: use 'spot' or 'on-demand'")
@@ -72,6 +73,7 @@ class FakeImds:
         # The instance role's name and its credentials document (AccessKeyId, SecretAccessKey, Token,
         # Expiration), served under meta-data/iam/security-credentials/ as EC2 does; None: no role.
         self.role = role
+        self.host = host  # where it listens: a played instance's own loopback address (its private_ip)
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> expiry (time.monotonic)
         self._instance_action: str | None = None
@@ -86,11 +88,11 @@ class FakeImds:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("FakeImds is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def start(self) -> FakeImds:
         handler = type("Handler", (_Handler,), {"imds": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer((self.host, 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-imds", daemon=True)
         self._thread.start()

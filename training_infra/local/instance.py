@@ -1,7 +1,8 @@
 """Plays an EC2 instance launched into the local AWS: the real user data runs here under bash.
 
 The emulator records the instance (type, tags, user data) but runs nothing. This takes that
-record, serves a fake IMDS with the instance's identity and its tags (read from the emulator at
+record, serves a fake IMDS on the instance's own loopback address (its private address)
+with the instance's identity and its tags (read from the emulator at
 every request, as EC2's IMDS serves them: the agent learns its attempt and the run's deadline, and
 sees a stop request at its next poll once `training-infra stop` tags the instance), and runs the
 rendered agent with its root paths under a local folder and power-off wired back to the emulator
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import boto3
 
-from training_infra.local.containers import ContainerEngine
+from training_infra.local.containers import ContainerEngine, free_loopback_address
 from training_infra.local.emulator import stop_process_group
 from training_infra.local.imds import FakeImds
 
@@ -51,8 +52,13 @@ class LocalInstance:
         aws_env: dict[str, str],
         extra_env: dict[str, str] | None = None,
         engine: ContainerEngine | None = None,
+        address: str | None = None,
     ) -> None:
         self.instance_id = instance_id
+        # The instance's private address, where its IMDS listens: given, else the emulator's when it is a
+        # loopback one (the sandbox's emulator gives each instance its own), else a free loopback address.
+        self.address = address
+        self.market = ""
         self.root = Path(root)
         self.aws_env = aws_env
         self.extra_env = extra_env or {}
@@ -71,15 +77,19 @@ class LocalInstance:
         script = self.root / "user-data.sh"
         script.write_text(user_data)
         bin_dir = self._fake_binaries()
+        private = instance.get("PrivateIpAddress") or ""
+        self.address = self.address or (private if private.startswith("127.") else free_loopback_address(port=0))
+        self.market = "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
         self.imds = FakeImds(
             instance_id=self.instance_id,
             instance_type=instance["InstanceType"],
             region=self.aws_env["AWS_REGION"],
             availability_zone=instance["Placement"]["AvailabilityZone"],
-            market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+            market=self.market,
             tags=self.tags,
             image_id=instance["ImageId"],
-            private_ip=instance.get("PrivateIpAddress") or "10.0.0.10",
+            private_ip=self.address,
+            host=self.address,
         ).start()
         env = {
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),

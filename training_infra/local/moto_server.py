@@ -1,4 +1,4 @@
-"""The local AWS server: moto, taught one AWS behaviour the project relies on.
+"""The local AWS server: moto, taught five AWS behaviours the project relies on.
 
 CloudFormation creates an `AWS::EC2::Instance` that names only a launch template (and version)
 from that template: its image, type, user data, tags and market. moto 5 reads a literal `ImageId`
@@ -8,16 +8,22 @@ from the resource instead and ignores the template, so the seed's `create_instan
 such an instance through moto's own RunInstances with the template, as AWS does; every other
 resource and call is moto's, unchanged. Used only by training_infra/local/emulator.py.
 
-Third behaviour (`teach_default_versions`): a CloudFormation update of a launch template makes the new
-version the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
-
-Second behaviour (`teach_instance_profiles`): an instance launched from a launch template (RunInstances
-or an EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
+Second (`teach_instance_profiles`): an instance launched from a launch template (RunInstances or an
+EC2 Fleet) carries the template's instance profile, as on AWS; moto 5 drops it. The supervisor
 terminates only instances with the project's profile (docs/architecture.md, "Trust boundaries").
+
+Third (`teach_default_versions`): a CloudFormation update of a launch template makes the new version
+the default, as AWS does (moto 5 leaves it at 1); runs copy the default version only.
+
+Fourth (`teach_fleet_client_tokens`): CreateFleet is idempotent by ClientToken, as on AWS.
+
+Fifth (`teach_loopback_addresses`, the sandbox only, `TI_LOCAL_ADDRESS_BLOCK`): each instance's private
+address is a loopback address of its own, where the sandbox serves its IMDS (training_infra/local/sandbox.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -145,11 +151,42 @@ def teach_fleet_client_tokens() -> None:
     Fleets.create_fleet = create_fleet  # type: ignore[method-assign]
 
 
+ADDRESS_BLOCK_VARIABLE = "TI_LOCAL_ADDRESS_BLOCK"
+
+
+def teach_loopback_addresses(block: str) -> None:
+    """Each instance's private address is its own loopback address, `<block>.<x>.<y>` (block `127.N`): the
+    sandbox serves the instance's IMDS there and its trainer can bind it, so DescribeInstances, IMDS's
+    `local-ipv4` and the address a multi-node peer connects to are one. moto gives subnet addresses
+    (10.x) that no process on this machine can listen on."""
+    import itertools
+    import threading
+
+    from moto.ec2.models.instances import InstanceBackend
+
+    numbers = itertools.count(1)
+    lock = threading.Lock()
+    moto_run = InstanceBackend.run_instances
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = moto_run(self, *args, **kwargs)
+        for instance in reservation.instances:
+            with lock:
+                number = next(numbers)
+            address = f"{block}.{number // 254 % 256}.{number % 254 + 1}"
+            instance.nics[0].private_ip_address = address
+        return reservation
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
+
+
 def main() -> None:
     Instance.create_from_cloudformation_json = classmethod(_create_from_launch_template)  # type: ignore[method-assign]
     teach_instance_profiles()
     teach_default_versions()
     teach_fleet_client_tokens()
+    if block := os.environ.get(ADDRESS_BLOCK_VARIABLE):
+        teach_loopback_addresses(block)
     from moto.server import main as serve
 
     sys.exit(serve())

@@ -2,19 +2,23 @@
 
 One process owns everything: the moto server, the deployed stacks, the example image in the
 emulator's ECR, and what AWS itself would do after that, which moto does not:
-- the supervisor's real handler on its schedule (EventBridge's one-minute rule; `--schedule` to go
-  faster), and EC2's events (state changes, spot warnings) handed to it as EventBridge delivers
-  them (`EventDelivery`);
-- every managed instance that appears in the emulator played here (`InstancePlayer`): its real
-  user data under `LocalInstance`, each with its own fake IMDS and private address; an instance
-  terminated by someone else gets its OS shutdown (SIGTERM), as on EC2.
+- the supervisor's real handler on the deployed rules: their schedule (`--schedule` to go faster) and
+  every EC2 event their patterns match (each state an instance passes through, in order; spot
+  warnings), delivered as EventBridge does, retries included (`events.EventDelivery`);
+- every managed instance that appears in the emulator played here (`InstancePlayer`), however many
+  one fleet made: its real user data under `LocalInstance`, each on its own loopback address with
+  its own fake IMDS; an instance terminated by someone else gets its OS shutdown (SIGTERM), as on
+  EC2, and is announced once its agent exited;
+- after the deploy, a gate: what the stacks declare against what the emulator holds (declared.py).
 
 Other processes reach it through its folder (`.local/sandbox` by default): `state.json` says where
 the emulator is and whether it is ready (`training-infra local env` prints its exports); a verb that
 needs the sandbox (`local interrupt`) writes `control/<id>.request.json` and reads the answer the
 sandbox writes beside it within a second; `local down` sends SIGTERM to the pid in `state.json`.
 SIGTERM and Ctrl-C stop the instances (their agents upload logs on the way down), the container
-engine and the emulator, then remove the folder.
+engine and the emulator, then remove the folder (keeping its logs if a line named one). Every child
+runs in its own session; `state.json` names each one's process group so that `local down` or the
+next `local up` can end them if this process was killed (processes.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -38,9 +43,11 @@ from typing import Any
 
 from training_infra import naming
 from training_infra.local.containers import ContainerEngine
-from training_infra.local.emulator import Emulator
-from training_infra.local.events import SCHEDULED, SPOT_WARNING, STATE_CHANGE, ec2_event
+from training_infra.local.declared import DeclaredCheck, check_declared
+from training_infra.local.emulator import Emulator, EmulatorError
+from training_infra.local.events import SPOT_WARNING, DeliveryRule, EventDelivery, ec2_event, rules_from_stack
 from training_infra.local.instance import LocalInstance, aws_client
+from training_infra.local.processes import ChildProcess, end_all, process_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / ".local" / "sandbox"
@@ -62,8 +69,8 @@ STAND_IN_MANIFEST = {
 TICK_SECONDS = 1.0  # how often instances and control requests are looked at
 SPOT_NOTICE_SECONDS = 120  # AWS reclaims the instance this long after its notice
 STOP_GRACE_SECONDS = 30
-# Accepted by moto, reported CREATE_COMPLETE, never enforced (proven by template assertions instead).
-NOT_EMULATED = "Budgets, alarm actions, S3 lifecycle rules and public-access blocks, the IAM OIDC provider"
+SHUTDOWN_SECONDS = STOP_GRACE_SECONDS + 10  # the longest the player waits for an ended instance's agent to exit
+RULES_READ_SECONDS = 60  # how often the deployed rules are read again (a `make deploy` may change them)
 
 log = logging.getLogger("training_infra.local")
 
@@ -87,6 +94,9 @@ class SandboxState:
     env: dict[str, str] = field(default_factory=dict)
     # Which process `pid` is: after a reboot or a long time the number may belong to another one.
     identity: str = ""
+    # Its children's process groups (moto, the registry, each agent), each with its leader's identity: what
+    # `local down` and the next `local up` end when the sandbox itself was killed (processes.py).
+    children: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def read(cls, folder: Path) -> SandboxState | None:
@@ -94,6 +104,10 @@ class SandboxState:
             return cls(**json.loads((folder / "state.json").read_text()))
         except (OSError, json.JSONDecodeError, TypeError):
             return None
+
+    @property
+    def child_processes(self) -> list[ChildProcess]:
+        return [ChildProcess.load(record) for record in self.children]
 
     def write(self, folder: Path) -> None:
         temporary = folder / "state.json.tmp"
@@ -115,16 +129,6 @@ class SandboxState:
         return fields[0] != "Z" and process_identity(self.pid) == self.identity
 
 
-def process_identity(pid: int) -> str:
-    """`<boot id>:<start time in clock ticks>`: unique to one process across pid reuse and reboots."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return ""
-    return f"{boot}:{started}"
-
-
 def serves(endpoint: str, folder: Path | None = None) -> bool:
     """True only when a live, ready sandbox (in `folder`, $TRAINING_INFRA_LOCAL or the default folder) answers
     at exactly `endpoint`: what `make deploy` asks before it adds the emulator's flags, so a loopback proxy,
@@ -141,6 +145,8 @@ def running_state(folder: Path) -> SandboxState:
     state = SandboxState.read(folder)
     if state is None:
         raise SandboxError(f"no local AWS is running in {folder}: start one with `make local`")
+    if state.phase == "failed":
+        raise SandboxError(f"the local AWS in {folder} failed; its logs are kept there until `local down`")
     if not state.alive:
         raise SandboxError(f"the local AWS in {folder} (pid {state.pid}) is gone: `make local` starts a new one")
     if state.phase == "starting":
@@ -185,12 +191,24 @@ def ask(folder: Path, request: dict[str, Any], *, timeout: float = 15) -> dict[s
     raise SandboxError(f"the local AWS (pid {state.pid}) did not answer within {timeout:.0f} s")
 
 
-def stop_running(folder: Path, *, timeout: float = 120) -> SandboxState | None:
-    """SIGTERM to the sandbox in `folder` and wait until it is gone; None when none was running."""
+def clean_up_after(folder: Path, state: SandboxState) -> list[str]:
+    """What a sandbox killed without its clean-up (SIGKILL, a crash) left: its children's process groups ended
+    (never a pid since given to another process) and its folder removed (a failed one's kept logs too)."""
+    lines = end_all(state.child_processes)
+    shutil.rmtree(folder, ignore_errors=True)
+    return lines
+
+
+def stop_running(
+    folder: Path, *, timeout: float = 120, say: Callable[[str], None] | None = None
+) -> SandboxState | None:
+    """SIGTERM to the sandbox in `folder` and wait until it is gone; None when none was running (what a
+    killed one left is cleaned up, each step said to `say`)."""
     state = SandboxState.read(folder)
-    if state is None or not state.alive:
-        if folder.exists() and state is not None:  # a sandbox killed without its clean-up
-            shutil.rmtree(folder, ignore_errors=True)
+    if state is None or not state.alive or state.phase == "failed":
+        if folder.exists() and state is not None:  # a sandbox killed without its clean-up, or a failed one's logs
+            for line in clean_up_after(folder, state):
+                (say or log.info)(f"left by the local AWS that was killed (pid {state.pid}): {line}")
         return None
     os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -204,57 +222,34 @@ def stop_running(folder: Path, *, timeout: float = 120) -> SandboxState | None:
 # ---------------------------------------------------------------------------------------------
 # What AWS does after the deploy
 
-
-class EventDelivery:
-    """EventBridge's part: the supervisor's real handler gets each event, in this process, as its
-    Lambda would (a failed delivery is logged; AWS retries an asynchronous invoke twice)."""
-
-    def __init__(self, region: str, say: Callable[[str], None]) -> None:
-        self.region = region
-        self.say = say
-        self.delivered: list[dict[str, Any]] = []
-        self._last_reconcile = ""
-
-    def _supervisor(self) -> Any:
-        # Made for each event: a `make deploy` meanwhile may have changed the stack's limits.
-        from training_infra.cli.aws import Aws
-        from training_infra.cli.launching import supervisor_for
-
-        return supervisor_for(Aws(self.region))
-
-    def deliver(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        self.delivered.append(event)
-        what = event["detail-type"]
-        detail = event.get("detail") or {}
-        if detail:
-            what += f" {detail.get('instance-id')}" + (f" {detail['state']}" if "state" in detail else "")
-        try:
-            result = self._supervisor().handle(event)
-        except Exception as error:  # noqa: BLE001 - one event's failure must not end the sandbox
-            self.say(f"supervisor <- {what}: failed: {error}")
-            log.exception("supervisor failed on %s", what)
-            return None
-        text = json.dumps(result, default=str)
-        if event["detail-type"] == SCHEDULED:  # a line only when the reconcile found something new
-            if text == self._last_reconcile:
-                return result
-            self._last_reconcile = text
-        self.say(f"supervisor <- {what}: {text}")
-        return result
+ENDING_STATES = ("stopping", "stopped", "shutting-down", "terminated")
 
 
 @dataclass
 class PlayedInstance:
-    box: LocalInstance
+    """One managed instance as the player knows it: its box while it runs, the last state it announced."""
+
+    instance_id: str
     run_id: str
     attempt: str
+    box: LocalInstance | None = None
+    announced: str | None = None  # the last EC2 state EventBridge was told of (None: none yet)
     reclaim_at: float | None = None  # monotonic; set by a spot notice
-    stopping: threading.Thread | None = None
+    stopping: threading.Thread | None = None  # the OS shutdown (the agent's SIGTERM handling) under way
+    stopping_since: float = 0.0
+    done: bool = False  # its box is gone (stopped or terminated); later states are still announced
+
+    @property
+    def agent_running(self) -> bool:
+        return self.box is not None and self.box.process is not None and self.box.process.poll() is None
 
 
 class InstancePlayer:
-    """EC2's part: every managed instance in the emulator runs here (its real user data under
-    LocalInstance, its own fake IMDS); its state changes become EventBridge events."""
+    """EC2's part: every managed instance in the emulator runs here (its real user data under LocalInstance,
+    its own loopback address and IMDS), however many one CreateFleet made; every state it passes through
+    becomes an EventBridge event, announced in order. An instance EC2 ends while its agent runs gets its OS
+    shutdown (SIGTERM): its states are announced only once the agent has exited (its final upload done),
+    bounded by SHUTDOWN_SECONDS, so no reconcile relaunches from an older checkpoint."""
 
     def __init__(
         self,
@@ -264,15 +259,21 @@ class InstancePlayer:
         events: EventDelivery,
         say: Callable[[str], None],
         engine: ContainerEngine | None = None,
+        on_child: Callable[[str, int], None] | None = None,
     ) -> None:
         self.aws_env = aws_env
         self.folder = folder
         self.events = events
         self.say = say
         self.engine = engine
+        self.on_child = on_child or (lambda name, pid: None)
         self.ec2 = aws_client("ec2", aws_env)
-        self.played: dict[str, PlayedInstance] = {}
-        self.finished: set[str] = set()
+        self.instances: dict[str, PlayedInstance] = {}
+
+    @property
+    def played(self) -> dict[str, PlayedInstance]:
+        """The instances whose box is still up."""
+        return {i: p for i, p in self.instances.items() if not p.done}
 
     def _managed(self) -> dict[str, dict[str, Any]]:
         pages = self.ec2.get_paginator("describe_instances").paginate(
@@ -280,81 +281,109 @@ class InstancePlayer:
         )
         return {i["InstanceId"]: i for page in pages for r in page["Reservations"] for i in r["Instances"]}
 
-    def tick(self) -> None:
-        instances = self._managed()
-        for instance_id, instance in instances.items():
-            state = instance["State"]["Name"]
-            if instance_id in self.finished:
-                continue
-            if instance_id not in self.played:
-                if state in ("pending", "running"):
-                    self._start(instance)
-                continue
-            played = self.played[instance_id]
-            box = played.box
-            if state in ("shutting-down", "terminated", "stopping", "stopped"):
-                self._end(instance_id, played, state)
-            elif box.process is not None and box.process.poll() is not None:
-                code = box.wait(timeout=1)  # a power-off terminates the instance, as on EC2
-                self.say(f"{instance_id} (run {played.run_id}): the agent exited {code}")
-                if not box.powered_off_marker.exists():  # nothing powers it off: on EC2 it would sit idle
-                    self.ec2.terminate_instances(InstanceIds=[instance_id])
-            elif played.reclaim_at is not None and time.monotonic() >= played.reclaim_at:
-                self.say(f"{instance_id}: the spot notice ran out: AWS reclaims the instance")
-                self.ec2.terminate_instances(InstanceIds=[instance_id])
+    def shutting_down(self) -> bool:
+        """An agent is still on its way down (its final upload): the scheduled reconcile waits for it."""
+        return any(p.stopping is not None and not p.done for p in self.instances.values())
 
-    def _start(self, instance: dict[str, Any]) -> None:
+    def tick(self) -> None:
+        for instance_id, instance in self._managed().items():
+            state = instance["State"]["Name"]
+            played = self.instances.get(instance_id)
+            if played is None:
+                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                played = PlayedInstance(
+                    instance_id, tags.get(naming.TAG_RUN_ID, "?"), tags.get(naming.TAG_ATTEMPT, "?")
+                )
+                self.instances[instance_id] = played
+                if state in ("pending", "running"):
+                    self._start(played, instance)
+            self._follow(played, state)
+
+    def _follow(self, played: PlayedInstance, state: str) -> None:
+        instance_id, box = played.instance_id, played.box
+        if state in ENDING_STATES and played.agent_running and not played.done:
+            if played.stopping is None:  # EC2's shutdown: the agent's SIGTERM handling uploads on the way down
+                self.say(f"{instance_id}: {state} by EC2; the agent gets SIGTERM (its states announced once it exits)")
+                played.stopping = threading.Thread(target=box.stop, name=f"stop-{instance_id}", daemon=True)
+                played.stopping_since = time.monotonic()
+                played.stopping.start()
+            if time.monotonic() - played.stopping_since < SHUTDOWN_SECONDS:
+                return
+            self.say(f"{instance_id}: its agent did not exit within {SHUTDOWN_SECONDS} s; announcing {state}")
+        if state in ENDING_STATES and not played.done:
+            if played.stopping is not None:
+                played.stopping.join(timeout=1)
+            if box is not None and played.stopping is None:
+                box.stop()  # its IMDS (the agent has exited; a shutdown thread stops both itself)
+            played.done = True
+        if state != played.announced:
+            self.events.state_changes(instance_id, played.announced, state)
+            played.announced = state
+        if played.done or box is None:
+            return
+        if box.process is not None and box.process.poll() is not None:
+            code = box.process.returncode
+            self.say(f"{instance_id} (run {played.run_id}): the agent exited {code}")
+            # A power-off terminates the instance (InstanceInitiatedShutdownBehavior); nothing powered it off:
+            # on EC2 it would sit idle and bill, so it is terminated here too, and said.
+            if not box.powered_off_marker.exists():
+                self.say(f"{instance_id}: the agent ended without powering off; terminating it")
+            self.ec2.terminate_instances(InstanceIds=[instance_id])
+        elif played.reclaim_at is not None and time.monotonic() >= played.reclaim_at:
+            self.say(f"{instance_id}: the spot notice ran out: AWS reclaims the instance")
+            self.ec2.terminate_instances(InstanceIds=[instance_id])
+
+    def _start(self, played: PlayedInstance, instance: dict[str, Any]) -> None:
         instance_id = instance["InstanceId"]
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
         box = LocalInstance(instance_id, root=self.folder / instance_id, aws_env=self.aws_env, engine=self.engine)
-        played = PlayedInstance(box, tags.get(naming.TAG_RUN_ID, "?"), tags.get(naming.TAG_ATTEMPT, "?"))
-        self.played[instance_id] = played
+        played.box = box
         try:
             box.start()
         except Exception as error:  # noqa: BLE001 - the instance fails to boot, the sandbox goes on
-            self.say(f"{instance_id}: could not be played: {error}")
-            self.finished.add(instance_id)
+            log.exception("%s could not be played", instance_id)
+            self.say(f"{instance_id}: could not be played: {error}; terminating it")
+            box.stop()
+            played.box = None
             self.ec2.terminate_instances(InstanceIds=[instance_id])
             return
-        address = instance.get("PrivateIpAddress", "?")
+        if box.process is not None:
+            self.on_child(f"agent {instance_id}", box.process.pid)
         runtime = "docker on podman" if self.engine else "process"
+        imds = box.imds.url if box.imds else "?"
         self.say(
             f"{instance_id} (run {played.run_id}, attempt {played.attempt}, {instance['InstanceType']}, "
-            f"{address}): playing its user data ({runtime} runtime, IMDS {box.imds.url if box.imds else '?'})"
+            f"{box.market}, {box.address}): playing its user data ({runtime} runtime, IMDS {imds})"
         )
-        self.events.deliver(ec2_event(STATE_CHANGE, instance_id, region=self.events.region, state="running"))
-
-    def _end(self, instance_id: str, played: PlayedInstance, state: str) -> None:
-        box = played.box
-        if box.process is not None and box.process.poll() is None:
-            if played.stopping is None:  # EC2's shutdown: the agent's SIGTERM handling uploads on the way down
-                self.say(f"{instance_id}: {state} by EC2; the agent gets SIGTERM")
-                played.stopping = threading.Thread(target=box.stop, name=f"stop-{instance_id}", daemon=True)
-                played.stopping.start()
-            return
-        box.stop()  # its IMDS
-        self.finished.add(instance_id)
-        del self.played[instance_id]
-        if state in ("terminated", "stopped"):  # the states EventBridge's rule matches (a stopped box still bills)
-            self.events.deliver(ec2_event(STATE_CHANGE, instance_id, region=self.events.region, state=state))
 
     def interrupt(self, run_id: str) -> dict[str, Any]:
-        """A spot interruption notice to the run's live instance: IMDS answers it, EventBridge sends the warning."""
-        live = [(i, p) for i, p in self.played.items() if p.run_id == run_id and p.stopping is None]
+        """A spot interruption notice to the run's live instances: IMDS answers it, EventBridge sends the warning.
+        AWS sends none to an on-demand instance: refused, in one line."""
+        live = [p for p in self.instances.values() if p.run_id == run_id and p.stopping is None and p.agent_running]
         if not live:
             known = sorted({p.run_id for p in self.played.values()})
             playing = f"instances of {', '.join(known)}" if known else "no instance"
             return {"ok": False, "message": f"run {run_id} has no live instance here (the sandbox plays {playing})"}
+        on_demand = [p for p in live if p.box is not None and p.box.market != "spot"]
+        if on_demand:
+            played = on_demand[0]
+            return {
+                "ok": False,
+                "message": (
+                    f"{played.instance_id} (run {run_id}, attempt {played.attempt}) is an on-demand instance: AWS "
+                    "sends spot interruption notices only to spot instances; `local interrupt` takes a run on spot"
+                ),
+            }
         messages = []
-        for instance_id, played in live:
-            if played.box.imds is None:
-                continue
+        for played in live:
+            assert played.box is not None
             played.box.interrupt_spot()
             played.reclaim_at = time.monotonic() + SPOT_NOTICE_SECONDS
-            event = ec2_event(SPOT_WARNING, instance_id, region=self.events.region, **{"instance-action": "terminate"})
-            self.events.deliver(event)
+            self.events.deliver(
+                ec2_event(SPOT_WARNING, played.instance_id, region=self.events.region, account=self.events.account,
+                          **{"instance-action": "terminate"})
+            )  # fmt: skip
             messages.append(
-                f"spot interruption notice sent to {instance_id} (run {run_id}, attempt {played.attempt}): "
+                f"spot interruption notice sent to {played.instance_id} (run {run_id}, attempt {played.attempt}): "
                 f"its agent has {SPOT_NOTICE_SECONDS} s to checkpoint before AWS reclaims it; "
                 "the supervisor got the warning and relaunches when it ends"
             )
@@ -362,15 +391,20 @@ class InstancePlayer:
 
     def stop_all(self) -> None:
         threads = []
-        for instance_id, played in list(self.played.items()):
-            if played.box.process is not None and played.box.process.poll() is None:
+        for instance_id, played in list(self.instances.items()):
+            if played.box is None or played.done:
+                continue
+            if played.stopping is not None:  # already on its way down: no second SIGTERM
+                threads.append(played.stopping)
+                continue
+            if played.agent_running:
                 self.say(f"{instance_id}: shutting down (its agent uploads logs and status first)")
             thread = threading.Thread(target=played.box.stop, daemon=True)
             thread.start()
             threads.append(thread)
         for thread in threads:
             thread.join(timeout=STOP_GRACE_SECONDS + 10)
-        self.played.clear()
+        self.instances.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +426,8 @@ class Sandbox:
         self.runtime = runtime
         self.schedule_seconds = schedule_seconds
         self.say = say or (lambda line: print(line, flush=True))
-        self.emulator = Emulator(self.folder / "emulator")
+        # Each played instance's private address is a loopback one of its own in 127.N (moto_server.py).
+        self.emulator = Emulator(self.folder / "emulator", address_block=f"127.{random.randint(10, 99)}")  # noqa: S311
         self.engine: ContainerEngine | None = None
         self.player: InstancePlayer | None = None
         self.events: EventDelivery | None = None
@@ -400,12 +435,43 @@ class Sandbox:
         self._stop = threading.Event()
         self._owner = False  # a refused `up` (another sandbox runs in the folder) must leave it alone
         self._next_reconcile = 0.0
+        self._next_rules_read = float("inf")  # set by up(), once the rules are read
+        self._log_handler: logging.Handler | None = None
+        self.failed = False  # a line named a log: `down` keeps the logs
+
+    @property
+    def log_path(self) -> Path:
+        """Where tracebacks go (one line on the console names it)."""
+        return self.folder / "sandbox.log"
+
+    def record_child(self, name: str, pid: int) -> None:
+        """A child process (its own session) for `local down` / `local up` to end should this process be killed."""
+        assert self.state is not None
+        self.state.children.append(ChildProcess.of(name, pid).dump())
+        self.state.write(self.folder)
+
+    def _fail(self, line: str) -> None:
+        """A failure line that names a log: the logs outlive `down`."""
+        self.failed = True
+        self.say(line)
 
     # ------------------------------------------------------------------ up
     def up(self) -> SandboxState:
+        """Everything started, or a SandboxError in one line (what started is stopped by `down`)."""
+        try:
+            return self._up()
+        except SandboxError:
+            self.failed = self.failed or self._owner
+            raise
+        except (EmulatorError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+            log.exception("local up failed")
+            self.failed = True
+            raise SandboxError(f"{error} (details in {self.log_path})") from None
+
+    def _up(self) -> SandboxState:
         started = time.monotonic()
         existing = SandboxState.read(self.folder)
-        if existing is not None and existing.alive:
+        if existing is not None and existing.alive and existing.phase != "failed":
             raise SandboxError(
                 f"a local AWS is already running in {self.folder} (pid {existing.pid}): "
                 "`training-infra local down` first, or `--dir` for another"
@@ -416,9 +482,16 @@ class Sandbox:
                 "give a new or empty folder (`local down` removes it)"
             )
         self._owner = True  # from here on, the folder and all in it are this sandbox's to remove
-        if self.folder.exists():
-            shutil.rmtree(self.folder)  # what a killed sandbox left
+        if existing is not None:  # what a killed sandbox left: its children first, then its folder
+            for line in clean_up_after(self.folder, existing):
+                self.say(f"left by the local AWS that was killed (pid {existing.pid}): {line}")
+        shutil.rmtree(self.folder, ignore_errors=True)
         (self.folder / "control").mkdir(parents=True)
+        self._log_handler = logging.FileHandler(self.log_path)
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # tracebacks to the file; the console gets one line
         self.state = SandboxState(
             pid=os.getpid(), endpoint="", region=self.emulator.region, runtime=self.runtime,
             schedule_seconds=self.schedule_seconds, phase="starting", started_at=datetime.now(UTC).isoformat(),
@@ -426,18 +499,35 @@ class Sandbox:
         )  # fmt: skip
         self.state.write(self.folder)
         self.emulator.start()
+        assert self.emulator.pid is not None
+        self.record_child("moto", self.emulator.pid)
         self.state.endpoint, self.state.env = self.emulator.endpoint, self.emulator.env
         self.state.write(self.folder)
         os.environ.update(self.emulator.env)  # the CLI code this process runs (supervisor_for) reads it
         self.say(f"local AWS (moto) at {self.emulator.endpoint}; log {self.emulator.log_dir / 'moto.log'}")
         self._deploy()
         self._put_image()
-        for line in self.check_declared():
+        checking = time.monotonic()
+        checked = self.check_declared()
+        for line in checked.lines():
             self.say(line)
-        self.events = EventDelivery(self.emulator.region, self.say)
+        log.info("declared vs held: checked in %.1f s", time.monotonic() - checking)
+        if not checked.ok:
+            raise SandboxError(
+                f"the local AWS does not hold what the stacks declare ({len(checked.mismatches)} mismatches above)"
+            )
+        rules = self._rules()
+        self._next_rules_read = time.monotonic() + RULES_READ_SECONDS
+        self.events = EventDelivery(
+            rules=rules, handler=self._handle, say=self._say_delivery, region=self.emulator.region,
+        )  # fmt: skip
+        self.say(
+            "EventBridge played for the supervisor's rules: "
+            + "; ".join(f"{r.name} ({r.schedule or 'pattern'}, {r.retry_attempts} retries)" for r in rules)
+        )
         self.player = InstancePlayer(
             aws_env=self.emulator.env, folder=self.folder / "instances", events=self.events, say=self.say,
-            engine=self.engine,
+            engine=self.engine, on_child=self.record_child,
         )  # fmt: skip
         self.state.phase, self.state.ready_seconds = "ready", round(time.monotonic() - started, 1)
         self.state.write(self.folder)
@@ -455,8 +545,11 @@ class Sandbox:
         result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
         (self.folder / "cdk.log").open("a").write(result.stdout + result.stderr)
         if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-            raise SandboxError(f"cdk {args[0]} exited {result.returncode}:\n{tail}")
+            lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+            last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+            raise SandboxError(
+                f"cdk {args[0]} exited {result.returncode}: {last} (all of it in {self.folder / 'cdk.log'})"
+            )
 
     def _deploy(self) -> None:
         started = time.monotonic()
@@ -489,6 +582,8 @@ class Sandbox:
             account, _, _, region = host.split(".")[:4]
             self.engine = ContainerEngine(self.folder / "container-engine", account=account, region=region)
             self.engine.start()
+            if self.engine.registry_pid is not None:
+                self.record_child("docker-registry", self.engine.registry_pid)
             self.say(f"podman + docker-registry at {self.engine.registry_address}:80 answering as {host}")
             self.say("podman build examples/trainer (about a minute the first time: numpy from PyPI)")
             try:
@@ -502,43 +597,41 @@ class Sandbox:
         self.client("ecr").put_image(repositoryName=repository, imageManifest=manifest, imageTag="latest")
         self.say(f"ECR {repository}:latest: {what}")
 
-    def check_declared(self) -> list[str]:
-        """What the stacks declare against what the emulator holds: each bucket's versioning and default
-        encryption (moto's CloudFormation skips versioning). What it skipped is applied here, in one line."""
-        applied, cloudformation, s3 = [], self.client("cloudformation"), self.client("s3")
-        for stack in (naming.STORAGE_STACK, naming.REGISTRY_STACK, naming.SAFETY_STACK, naming.COMPUTE_STACK):
-            body = cloudformation.get_template(StackName=stack)["TemplateBody"]
-            template = json.loads(body) if isinstance(body, str) else body
-            physical = {
-                r["LogicalResourceId"]: r.get("PhysicalResourceId", "")
-                for page in cloudformation.get_paginator("list_stack_resources").paginate(StackName=stack)
-                for r in page["StackResourceSummaries"]
-            }
-            for logical, resource in template.get("Resources", {}).items():
-                if resource.get("Type") != "AWS::S3::Bucket" or not physical.get(logical):
-                    continue
-                bucket, properties = physical[logical], resource.get("Properties", {})
-                declared = (properties.get("VersioningConfiguration") or {}).get("Status")
-                if declared and s3.get_bucket_versioning(Bucket=bucket).get("Status") != declared:
-                    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": declared})
-                    applied.append(f"{logical} versioning")
-                encryption = properties.get("BucketEncryption", {}).get("ServerSideEncryptionConfiguration")
-                if encryption and not _has_encryption(s3, bucket):
-                    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": encryption})
-                    applied.append(f"{logical} encryption")
-        lines = []
-        if applied:
-            lines.append(f"applied what moto's CloudFormation skipped: {', '.join(applied)}")
-        lines.append(f"declared and held match; not emulated (template assertions prove them): {NOT_EMULATED}")
-        return lines
+    def check_declared(self) -> DeclaredCheck:
+        """What the stacks declare against what the emulator holds (training_infra/local/declared.py)."""
+        return check_declared(self.client)
+
+    def _rules(self) -> list[DeliveryRule]:
+        rules = rules_from_stack(self.client("cloudformation"), self.client("events"), naming.COMPUTE_STACK)
+        if not any(rule.pattern for rule in rules) or not any(rule.schedule for rule in rules):
+            raise SandboxError(f"{naming.COMPUTE_STACK} deploys no EventBridge rule that targets the supervisor")
+        return rules
+
+    def _handle(self, event: dict[str, Any]) -> Any:
+        """The supervisor's handler as its Lambda runs it; made for each event: a `make deploy` meanwhile may
+        have changed the stack's limits."""
+        from training_infra.cli.aws import Aws
+        from training_infra.cli.launching import supervisor_for
+
+        return supervisor_for(Aws(self.emulator.region)).handle(event)
+
+    def _say_delivery(self, line: str) -> None:
+        if "failed" in line and "dropped" in line:
+            self._fail(f"{line} (traceback in {self.log_path})")
+        else:
+            self.say(line)
 
     # ------------------------------------------------------------------ running
     def tick(self) -> None:
         assert self.player is not None and self.events is not None
         now = time.monotonic()
-        if now >= self._next_reconcile:
+        # The schedule (EventBridge's rate, or --schedule) waits while an ended instance's agent still uploads.
+        if now >= self._next_reconcile and not self.player.shutting_down():
             self._next_reconcile = now + self.schedule_seconds
-            self.events.deliver(ec2_event(SCHEDULED, region=self.emulator.region))
+            if now >= self._next_rules_read:  # a `make deploy` meanwhile may have changed the rules
+                self._next_rules_read = now + RULES_READ_SECONDS
+                self.events.rules = self._rules()
+            self.events.scheduled()
         self.player.tick()
         self._answer_requests()
 
@@ -582,8 +675,8 @@ class Sandbox:
                 try:
                     self.tick()
                 except Exception as error:  # noqa: BLE001 - e.g. the emulator busy: the next tick retries
-                    self.say(f"tick failed: {error}")
                     log.exception("tick failed")
+                    self._fail(f"tick failed: {error} (traceback in {self.log_path}; the next tick retries)")
                 self._stop.wait(TICK_SECONDS)
             return 0
         except KeyboardInterrupt:
@@ -607,16 +700,34 @@ class Sandbox:
                 self.engine.stop()
                 self.engine = None
             self.emulator.stop()
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.say(f"local AWS stopped; {self.folder} removed")
+            if self._log_handler is not None:
+                log.removeHandler(self._log_handler)
+                self._log_handler.close()
+                log.propagate = True
+            if self.failed and self.state is not None:
+                self.state.phase = "failed"
+                self.state.write(self.folder)
+            _remove(self.folder, keep_logs=self.failed)
+        if self.failed:
+            self.say(
+                f"local AWS stopped; its logs kept in {self.folder} (the next `local up` or `local down` removes them)"
+            )
+        else:
+            self.say(f"local AWS stopped; {self.folder} removed")
 
 
-def _has_encryption(s3: Any, bucket: str) -> bool:
-    try:
-        s3.get_bucket_encryption(Bucket=bucket)
-    except s3.exceptions.ClientError:
-        return False
-    return True
+def _remove(folder: Path, *, keep_logs: bool) -> None:
+    """The folder gone; with `keep_logs`, its `*.log` files and state.json (phase `failed`) stay, so the line that
+    named a log can still be followed (the next `local up` or `local down` removes them)."""
+    if not keep_logs:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_symlink() or path.is_file():
+            if path.suffix != ".log" and path.name != "state.json":
+                path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 @contextlib.contextmanager

@@ -6,13 +6,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, err_console, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id
+
+if TYPE_CHECKING:
+    from training_infra.cli import runs
 
 SESSION_MANAGER_PLUGIN_URL = (
     "https://docs.aws.amazon.com/systems-manager/latest/userguide/session-manager-working-with-install-plugin.html"
@@ -20,6 +23,8 @@ SESSION_MANAGER_PLUGIN_URL = (
 
 
 def _live_instance(aws: Aws, run: str) -> runs.Run:
+    from training_infra.cli import runs
+
     found = runs.require_runs(aws, run)
     live = [r for r in found if r.state == "running"]
     if not live:

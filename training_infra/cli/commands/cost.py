@@ -7,12 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from training_infra.cli import launching, runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import UsageError, reported_errors
 from training_infra.cli.options import JsonFlag, Output, Region, whole_number
-from training_infra.cli.render import Column, Listing, fmt_usd, output_format, print_json, stdout
-from training_infra.cli.source import RunSource
+from training_infra.cli.render import Column, Listing, fmt_usd, output_format, print_columns, print_json, stdout
 
 
 @reported_errors
@@ -33,6 +31,13 @@ def cost(
     run: Annotated[
         str | None, typer.Option("--run", metavar="RUN", help="Only this run, per attempt.", show_default=False)
     ] = None,
+    month: Annotated[
+        bool,
+        typer.Option(
+            "--month",
+            help="This month's standing under monthly_limit_usd instead: spent, reserved by active runs, left.",
+        ),
+    ] = False,
     output: Output = "table",
     as_json: JsonFlag = False,
     region: Region = None,
@@ -41,8 +46,18 @@ def cost(
 
     Read from what the run table records per attempt (the supervisor prices each attempt when it
     ends); only attempts still going are priced now, with one spot price history per type and
-    zone. An attempt that began before the period counts for the hours inside it.
+    zone. An attempt that began before the period counts for the hours inside it. `--month`:
+    the month's ledger the supervisor keeps against monthly_limit_usd.
     """
+    from training_infra.cli import launching, runs
+    from training_infra.cli.source import RunSource
+
+    if month:
+        if since is not None or days is not None or run is not None:
+            raise UsageError("option '--month': got it with --since, --days or --run; allowed: --month alone")
+        _month_standing(Aws(region), output_format(output, as_json=as_json), runs.utcnow())
+        return
+
     fmt = output_format(output, as_json=as_json)
     now = runs.utcnow()
     # One run: its whole life unless a period is given.
@@ -143,3 +158,48 @@ def _cost_attempts_listing(run: str, period: str, attempts: list[dict[str, Any]]
             fmt_usd(a["cost_usd"]), fmt_usd(a["on_demand_usd"]), a["price_source"],
         ])  # fmt: skip
     return listing
+
+
+def _month_standing(aws: Aws, fmt: str, now: datetime) -> None:
+    """Spent by finished runs, reserved by active ones, and left under monthly_limit_usd (the supervisor's ledger)."""
+    from training_infra.cli import launching
+    from training_infra.cli.source import RunSource
+    from training_infra.supervisor.runtime.records import MonthlyLedger
+
+    limit = launching._monthly_limit(aws)
+    store = RunSource(aws).store
+    key = MonthlyLedger.key(now)
+    if store is None or limit <= 0:
+        if fmt == "json":
+            print_json(
+                {"month": f"{now:%Y-%m}", "limit_usd": 0, "spent_usd": None, "reserved_usd": None, "left_usd": None}
+            )
+            return
+        stdout().print(
+            f"monthly_limit_usd is 0 in {aws.region_name} (no monthly limit): the month is not reserved against; "
+            "`training-infra cost` shows what runs cost",
+            markup=False,
+        )
+        return
+    spent, reserved, left = MonthlyLedger(aws.client("dynamodb"), store.table, limit).left(key)
+    if fmt == "json":
+        print_json(
+            {
+                "month": f"{now:%Y-%m}",
+                "limit_usd": limit,
+                "spent_usd": spent,
+                "reserved_usd": reserved,
+                "left_usd": left,
+            }
+        )
+        return
+    print_columns(
+        ["MONTH", "LIMIT", "SPENT", "RESERVED", "LEFT"],
+        [[f"{now:%Y-%m}", fmt_usd(limit), fmt_usd(spent), fmt_usd(reserved), fmt_usd(max(0.0, left))]],
+        right=("LIMIT", "SPENT", "RESERVED", "LEFT"),
+    )
+    stdout().print(
+        f"spent: finished runs; reserved: the most each active run may still cost; left: what a new launch may "
+        f"reserve ({aws.region_name})",
+        markup=False,
+    )

@@ -8,14 +8,11 @@ from typing import Annotated
 import typer
 
 from training_infra import naming
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region, check_run_id
 from training_infra.cli.render import stdout
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
-from training_infra.supervisor.runtime.records import RunState
 
 
 @reported_errors
@@ -36,17 +33,23 @@ def fetch(
 
     The files come whatever the outcome; a note on stderr says when the run failed or is still running.
     """
-    from training_infra.cli import transfer
+    from training_infra.cli import runs, transfer
 
     run = run if run == "latest" else check_run_id(run)
+    if dest is not None and dest.exists() and not dest.is_dir():
+        raise UsageError(f"argument 'DEST': got {str(dest)!r}; allowed: a folder (new or existing), not a file")
     aws = Aws(region)
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
     prefix = naming.LATEST_PREFIX if run == "latest" else f"{naming.RUNS_PREFIX}{run}/"
     target = dest or Path("runs") / run
     objects = transfer.remote_objects(aws, bucket, prefix)
-    if not objects:
+    # The spec the supervisor keeps at launch (runs/<id>/spec.yaml) is no result of the run.
+    if not set(objects) - {f"{prefix}spec.yaml"}:
         if run == "latest":
-            raise CliError(f"no finished run yet: s3://{bucket}/{prefix} is empty")
+            raise CliError(
+                f"no run has succeeded yet (s3://{bucket}/{prefix} holds the newest succeeded run's files): "
+                "fetch a run by its id, `training-infra status` lists them"
+            )
         found = runs.require_runs(aws, run)
         raise CliError(f"run {run} has no results yet ({found[0].state}): the agent uploads them when the run ends")
     result = transfer.download(aws, bucket, prefix, objects, target, err_console())
@@ -62,6 +65,10 @@ def fetch(
 
 def _fetch_note(aws: Aws, run: str, target: Path) -> str:
     """What the user must know about the files just fetched: the run failed, or has not ended."""
+    from training_infra.cli import runs
+    from training_infra.cli.source import RunSource
+    from training_infra.supervisor.runtime.records import RunState
+
     record = RunSource(aws).record(run)
     if record is not None and record.active:
         # A managed run's status.json is its latest attempt's: the run itself may go on.

@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
-from training_infra.cli import launching, preflight, spec_cli
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region
 from training_infra.cli.render import stdout
 from training_infra.cli.safe_text import remote_text
+
+RESOURCES, LIMITS, IMAGE, SECRETS, RUN = "Resources", "Limits", "Image and command", "Secrets", "The run"
 
 
 @reported_errors
@@ -23,8 +24,10 @@ def launch(
         typer.Option(
             "--instance-type",
             "-t",
+            metavar="TYPE",
             help="One EC2 type, e.g. g5.xlarge (same as --instance-types with one).",
             show_default=False,
+            rich_help_panel=RESOURCES,
         ),
     ] = None,
     instance_types: Annotated[
@@ -37,6 +40,7 @@ def launch(
                 "EC2 picks the cheapest with capacity in any zone (default: the stack's instance_types)."
             ),
             show_default=False,
+            rich_help_panel=RESOURCES,
         ),
     ] = None,
     market: Annotated[
@@ -49,12 +53,17 @@ def launch(
                 "Default: the stack's use_spot."
             ),
             show_default=False,
+            rich_help_panel=RESOURCES,
         ),
     ] = None,
     spot: Annotated[
-        bool | None,
-        typer.Option("--spot/--on-demand", help="Short for --market spot / --market on-demand.", show_default=False),
-    ] = None,
+        bool,
+        typer.Option("--spot", help="Short for --market spot.", rich_help_panel=RESOURCES),
+    ] = False,
+    on_demand: Annotated[
+        bool,
+        typer.Option("--on-demand", help="Short for --market on-demand.", rich_help_panel=RESOURCES),
+    ] = False,
     max_restarts_on_errors: Annotated[
         str | None,
         typer.Option(
@@ -62,6 +71,7 @@ def launch(
             metavar="N",
             help="Relaunch after a trainer failure or stall at most N times (default 0). Spot reclaims never count.",
             show_default=False,
+            rich_help_panel=LIMITS,
         ),
     ] = None,
     max_runtime_hours: Annotated[
@@ -74,6 +84,7 @@ def launch(
                 "more than 0, at most 168 (default: the stack's)."
             ),
             show_default=False,
+            rich_help_panel=LIMITS,
         ),
     ] = None,
     stall_minutes: Annotated[
@@ -86,20 +97,27 @@ def launch(
                 "0 turns it off (default: the stack's, 20)."
             ),
             show_default=False,
+            rich_help_panel=LIMITS,
         ),
     ] = None,
     image_tag: Annotated[
         str | None,
         typer.Option(
-            "--image-tag", help="Training image tag in the ECR repository (default: the stack's).", show_default=False
+            "--image-tag",
+            metavar="TAG",
+            help="Training image tag in the ECR repository (default: the stack's).",
+            show_default=False,
+            rich_help_panel=IMAGE,
         ),
     ] = None,
     command: Annotated[
         str | None,
         typer.Option(
             "--command",
+            metavar="COMMAND",
             help="Training command run in the container (default: the stack's, else the image's CMD).",
             show_default=False,
+            rich_help_panel=IMAGE,
         ),
     ] = None,
     env: Annotated[
@@ -107,11 +125,13 @@ def launch(
         typer.Option(
             "--env",
             "-e",
+            metavar="KEY=VALUE",
             help=(
                 "KEY=VALUE for the trainer's environment; repeat for more. Not for secrets: the value is "
                 "readable in the instance's user data (use --secret)."
             ),
             show_default=False,
+            rich_help_panel=IMAGE,
         ),
     ] = None,
     secret: Annotated[
@@ -126,6 +146,7 @@ def launch(
                 "is not for secrets."
             ),
             show_default=False,
+            rich_help_panel=SECRETS,
         ),
     ] = None,
     max_cost_usd: Annotated[
@@ -138,25 +159,30 @@ def launch(
                 "before it passes this, ends as budget and is never relaunched past it."
             ),
             show_default=False,
+            rich_help_panel=LIMITS,
         ),
     ] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
             "--run-id",
+            metavar="RUN",
             help=(
                 "Name of the run (lowercase letters, digits, '-'; max 63); a new one per run. "
                 "Default: the UTC time and 4 random hex digits, e.g. 20261128-160000-ab12."
             ),
             show_default=False,
+            rich_help_panel=RUN,
         ),
     ] = None,
     subnet_id: Annotated[
         str | None,
         typer.Option(
             "--subnet-id",
+            metavar="SUBNET",
             help="Only this subnet (default: every subnet the compute stack publishes).",
             show_default=False,
+            rich_help_panel=RESOURCES,
         ),
     ] = None,
     max_price: Annotated[
@@ -169,6 +195,7 @@ def launch(
                 "offered, and the fleet's own price caps are set."
             ),
             show_default=False,
+            rich_help_panel=LIMITS,
         ),
     ] = None,
     nodes: Annotated[
@@ -181,20 +208,30 @@ def launch(
                 "none, node 0 the torchrun rendezvous host (at most the stack's max_nodes; default 1)."
             ),
             show_default=False,
+            rich_help_panel=RESOURCES,
         ),
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue the finished run --run-id from its checkpoints (new attempts)."),
+        typer.Option(
+            "--resume",
+            help="Continue the finished run --run-id from its checkpoints (new attempts).",
+            rich_help_panel=RUN,
+        ),
     ] = False,
     allow_empty_data: Annotated[
-        bool, typer.Option("--allow-empty-data", help="Launch although the data prefix has no objects.")
+        bool,
+        typer.Option("--allow-empty-data", help="Launch although the data prefix has no objects.", rich_help_panel=RUN),
     ] = False,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="Run the preflight checks, print what would be launched, create nothing."),
+        typer.Option(
+            "--dry-run",
+            help="Run the preflight checks, print what would be launched, create nothing.",
+            rich_help_panel=RUN,
+        ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run id.", rich_help_panel=RUN)] = False,
     file: Annotated[
         Path | None,
         typer.Option(
@@ -204,11 +241,18 @@ def launch(
             help="A run spec (YAML, `training-infra schema`); flags override it.",
             show_default=False,
             dir_okay=False,
+            rich_help_panel=RUN,
         ),
     ] = None,
     like: Annotated[
         str | None,
-        typer.Option("--like", metavar="RUN", help="A copy of RUN's spec; flags change it.", show_default=False),
+        typer.Option(
+            "--like",
+            metavar="RUN",
+            help="A copy of RUN's spec; flags change it.",
+            show_default=False,
+            rich_help_panel=RUN,
+        ),
     ] = None,
     region: Region = None,
 ) -> None:
@@ -220,9 +264,14 @@ def launch(
     refuses what cannot work (image not in ECR, no data, no quota, nothing under --max-price, ...)
     before anything is created; --dry-run stops after it.
     """
+    from training_infra.cli import launching, preflight, spec_cli
+
+    if spot and on_demand:
+        raise UsageError("options '--spot' and '--on-demand': got both; allowed: one of them")
+    market_flag = True if spot else False if on_demand else None
     request = launching.validate(
         launching.LaunchRequest(
-            instance_type=instance_type, instance_types=instance_types, market=market, spot=spot,
+            instance_type=instance_type, instance_types=instance_types, market=market, spot=market_flag,
             max_restarts_on_errors=max_restarts_on_errors, max_runtime_hours=max_runtime_hours,
             stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,

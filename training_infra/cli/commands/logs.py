@@ -6,16 +6,13 @@ import sys
 import time
 from typing import Annotated, Any
 
-import botocore.exceptions
 import typer
 
 from training_infra import naming
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
 
 LOG_POLL_SECONDS = 2.0
 
@@ -48,6 +45,11 @@ def logs(
     region: Region = None,
 ) -> None:
     """Print the run's training log from CloudWatch Logs (one stream per run; node K of a gang: <run>/node-K)."""
+    import botocore.exceptions
+
+    from training_infra.cli import runs
+    from training_infra.cli.source import RunSource
+
     run = check_run_id(run)
     stream = node_stream(run, node)
     aws = Aws(region)
@@ -60,6 +62,7 @@ def logs(
     client = aws.client("logs")
     token: str | None = None
     announced = False
+    printed = 0
     while True:
         kwargs: dict[str, Any] = {"logGroupName": group, "logStreamName": stream, "startFromHead": True}
         if token:
@@ -82,13 +85,19 @@ def logs(
             continue
         for event in page.get("events", []):
             sys.stdout.write(remote_text(event.get("message", "").rstrip("\n")) + "\n")
+            printed += 1
         sys.stdout.flush()
         new_token = page.get("nextForwardToken")
         if new_token != token:
             token = new_token
-            if page.get("events"):
-                continue  # drain everything already there before deciding to wait
+            if page.get("events") or not follow:
+                continue  # drain everything already there (an empty page is not the end) before deciding
         if not follow:
+            if not printed:  # the stream exists, the agent has not written to it yet
+                raise CliError(
+                    f"no log lines for run {run} yet (stream {run} in {group} is empty): "
+                    "the agent starts logging once the instance has booted; `logs -f` waits for them"
+                )
             return
         still_going = RunSource(aws).still_going(run)
         if not still_going:  # a managed run goes on between attempts and while it waits for capacity

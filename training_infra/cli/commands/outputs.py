@@ -9,7 +9,7 @@ import typer
 
 from training_infra import naming
 from training_infra.cli.aws import OUTPUT_STACKS, SNAKE_TO_KEY, Aws, NotDeployedError, output_key_for
-from training_infra.cli.errors import CliError, err_console, reported_errors
+from training_infra.cli.errors import CliError, reported_errors
 from training_infra.cli.options import Output, Region
 from training_infra.cli.render import output_format, print_json
 
@@ -27,7 +27,7 @@ def outputs(
     output: Output = "table",
     region: Region = None,
 ) -> None:
-    """Print the deployed stacks' outputs under the seed's snake_case names.
+    """Print the deployed stacks' outputs by name, such as training_bucket.
 
     Without NAME: every output of every deployed stack as `name = value`. With NAME: the bare
     value, for scripts: `aws s3 ls s3://$(training-infra outputs training_bucket)/data/`.
@@ -58,8 +58,18 @@ def outputs(
     else:
         # One plain line each, never wrapped: ARNs and bucket names stay whole for copy and grep.
         for output_name, value in found.items():
-            sys.stdout.write(f"{output_name} = {value}\n")
+            sys.stdout.write(f"{output_name} = {value}{_meaning(output_name, value)}\n")
     if len(missing) == len(naming.ALL_STACKS):
         raise CliError(f"no training-infra stack is deployed in {aws.region_name}: run `make deploy`")
-    for stack in missing:
-        err_console().print(f"note: stack {stack} is not deployed in {aws.region_name}: run `make deploy`")
+    if missing:  # half a deployment is not one: the verbs that need the rest would fail
+        raise CliError(
+            f"{len(missing)} of {len(naming.ALL_STACKS)} stacks not deployed in {aws.region_name} "
+            f"({', '.join(missing)}): run `make deploy`"
+        )
+
+
+def _meaning(name: str, value: str) -> str:
+    """What a bare value means when it is not what it looks like (0 is no limit, not a limit of $0)."""
+    if name == naming.snake_case(naming.OUTPUT_MONTHLY_LIMIT_USD) and value.strip() in ("0", "0.0", ""):
+        return "  (no monthly limit)"
+    return ""

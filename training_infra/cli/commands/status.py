@@ -6,13 +6,22 @@ from typing import Annotated, Any
 
 import typer
 
-from training_infra.cli import runs
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import reported_errors
-from training_infra.cli.options import JsonFlag, Output, Region, check_run_id, whole_number
-from training_infra.cli.render import Column, Listing, fmt_duration, fmt_usd, hhmm, output_format, print_json, stdout
+from training_infra.cli.options import JsonFlag, Region, check_run_id, whole_number
+from training_infra.cli.render import (
+    STATUS_FORMATS,
+    Column,
+    Listing,
+    fmt_duration,
+    fmt_usd,
+    hhmm,
+    output_format,
+    print_columns,
+    print_json,
+    stdout,
+)
 from training_infra.cli.safe_text import remote_text
-from training_infra.cli.source import RunSource
 
 
 @reported_errors
@@ -21,7 +30,15 @@ def status(
     limit: Annotated[
         str, typer.Option("--limit", "-n", metavar="N", help="Show at most this many runs, newest first.")
     ] = "20",
-    output: Output = "table",
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="table|wide|json",
+            help="table: one line per run; wide: also instance, type, market and deadline; json: for scripts.",
+        ),
+    ] = "table",
     as_json: JsonFlag = False,
     group: Annotated[
         str | None, typer.Option("--group", "-g", metavar="GROUP", help="A sweep's trials and its best so far.")
@@ -34,7 +51,9 @@ def status(
     EC2 and prices are asked only for the runs shown that are still going. Runs known only from
     their status.json (made before the run table) are recorded in it the first time they are seen.
     """
-    fmt = output_format(output, as_json=as_json)
+    from training_infra.cli.source import RunSource
+
+    fmt = output_format(output, as_json=as_json, allowed=STATUS_FORMATS)
     if group is not None:  # a sweep (cli/commands/sweep.py)
         from training_infra.cli.commands.sweep import show_group
 
@@ -47,7 +66,7 @@ def status(
     source = RunSource(aws)
     if run is not None:
         rows, record = source.run_rows(run, count)
-        if record is not None and fmt != "json":
+        if record is not None and fmt != "json":  # one managed run: its attempts and progress
             _show_managed_run(rows[0])
             return
     else:
@@ -58,28 +77,28 @@ def status(
     if not rows:
         stdout().print(f"no runs yet in {aws.region_name}: start one with `training-infra launch`", markup=False)
         return
-    listing = Listing(
-        title=f"training runs ({aws.region_name})",
-        columns=[
-            Column(name, right=name in ("uptime", "cost", "tries"))
-            for name in ("run", "instance", "type", "market", "state", "tries", "uptime", "deadline", "cost", "outcome")
-        ],
-        caption="tries: attempts of a managed run; cost: spot history (else list price) + volume",
-    )
+    wide = fmt == "wide"
+    headers = ["RUN", "STATE", "TRIES", *(["INSTANCE", "TYPE", "MARKET"] if wide else []), "UPTIME"]
+    headers += [*(["DEADLINE"] if wide else []), "COST", "OUTCOME"]
+    lines = []
     for row in rows:
         outcome = row["outcome"] or ""
         if row["exit_code"] not in (None, "") and outcome:
             outcome += f" (exit {row['exit_code']})"
-        listing.rows.append([
-            row["run_id"], row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-", row["state"],
-            str(row.get("tries") or "-"), fmt_duration(row["uptime_seconds"]), row["deadline"] or "-",
-            fmt_usd(row["cost_usd"]), outcome or "-",
-        ])  # fmt: skip
-    listing.print(stdout())
+        line = [row["run_id"], row["state"], str(row.get("tries") or "-")]
+        if wide:
+            line += [row["instance_id"] or "-", row["instance_type"] or "-", row["market"] or "-"]
+        line.append(fmt_duration(row["uptime_seconds"]))
+        if wide:
+            line.append(row["deadline"] or "-")
+        lines.append([*line, fmt_usd(row["cost_usd"]), outcome or "-"])
+    print_columns(headers, lines, right=("TRIES", "UPTIME", "COST"))
 
 
 def _progress_words(progress: dict[str, Any] | None) -> str:
     """`step 1200, 3.1 steps/s, last progress 40 s ago`, or why there is none."""
+    from training_infra.cli import runs
+
     if not progress:
         return "none reported yet this attempt (a trainer that never writes HEARTBEAT_FILE is judged by idle GPU only)"
     parts = []

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from training_infra.cli import launching
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import err_console, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id
 from training_infra.cli.render import stdout
-from training_infra.cli.source import RunSource
 
 
 @reported_errors
@@ -18,6 +16,9 @@ def stop(run: RunArg, region: Region = None) -> None:
     status written, power-off) and is terminated by the supervisor if it has not gone after
     ten minutes. Only instances tagged `training-infra:managed=true` are ever terminated.
     """
+    from training_infra.cli import launching
+    from training_infra.cli.source import RunSource
+
     run = check_run_id(run)
     aws = Aws(region)
     out = stdout()

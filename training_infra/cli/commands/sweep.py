@@ -10,16 +10,16 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from training_infra import naming
-from training_infra.cli import launching
-from training_infra.cli.aws import Aws
 from training_infra.cli.errors import UsageError, err_console, reported_errors
 from training_infra.cli.options import Region
 from training_infra.cli.render import Column, Listing, fmt_usd, print_json, stdout
+
+if TYPE_CHECKING:
+    from training_infra.cli.aws import Aws
 
 sweep_app = typer.Typer(
     name="sweep",
@@ -139,6 +139,9 @@ def sweep(
         return
     if file is None:
         raise UsageError("option '--file': missing; allowed: a sweep file (see `training-infra sweep --help`)")
+    from training_infra.cli import launching
+    from training_infra.cli.aws import Aws
+
     group, body = read_sweep_file(file)
     aws = Aws(region)
     answer, notes = launching.call_supervisor(aws, {"action": "sweep", "group": group, "sweep": body})
@@ -159,6 +162,9 @@ def stop(
     region: Region = None,
 ) -> None:
     """End a sweep: no new trials; every running member stops gracefully (checkpoint, outputs, logs)."""
+    from training_infra.cli import launching
+    from training_infra.cli.aws import Aws
+
     aws = Aws(region)
     answer, notes = launching.call_supervisor(aws, {"action": "sweep_stop", "group": group})
     for note in notes:
@@ -170,6 +176,7 @@ def stop(
 
 def show_group(aws: Aws, name: str, fmt: str) -> None:
     """`status --group G`: each trial's parameters, state, attempts, objective and cost, and the best so far."""
+    from training_infra import naming
     from training_infra.supervisor.runtime.sweeps import GroupStore
 
     group = GroupStore(aws.client("dynamodb"), aws.output(naming.OUTPUT_RUN_TABLE)).get(name)

@@ -28,9 +28,13 @@ def upload(
     """
     from training_infra.cli import transfer
 
-    aws = Aws(region)
     if not path.exists():
         raise UsageError(f"argument 'PATH': got {str(path)!r}; allowed: an existing file or directory")
+    if path.is_dir() and not any(found.is_file() for found in path.rglob("*")):
+        raise UsageError(
+            f"argument 'PATH': got {str(path)!r}; allowed: a file, or a folder with files in it (it is empty)"
+        )
+    aws = Aws(region)
     bucket = aws.output(naming.OUTPUT_TRAINING_BUCKET)
     result = transfer.upload(aws, path, bucket, naming.DATA_PREFIX, err_console())
     stdout().print(

@@ -29,8 +29,9 @@ from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
 from .logship import LogShipper
+from .metrics import MetricsLog
 from .progress import Progress, observe, read_heartbeat
-from .runtime import DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
+from .runtime import TENSORBOARD, DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
 from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, lenient, parse
 from .status import Instance, Outcome, StopReason, build_status
@@ -98,6 +99,8 @@ class Agent:
         self._progress_lock = threading.Lock()
         self._logs_lock = threading.Lock()  # the checkpoint watcher's log upload and finalize's
         self.progress = Progress()
+        self.metrics = MetricsLog(self.state / "logs" / "metrics.jsonl")  # synced with the logs
+        self.gpu_percent: float | None = None  # the busiest GPU at the idle watcher's last look
         self.finalizing = False
         self.trainer: Trainer | None = None
         self.trainer_started = 0.0
@@ -145,6 +148,11 @@ class Agent:
         if beat.startswith(PROGRESS_IN_CONTAINER):
             return self.progress_dir / beat[len(PROGRESS_IN_CONTAINER) :]
         return Path(beat)
+
+    @property
+    def trainer_heartbeat(self) -> str:
+        """HEARTBEAT_FILE as the trainer was given it: the container's path, or the host's for a process."""
+        return str(self.heartbeat_host) if self.knobs.runtime == "process" else self.knobs.heartbeat_file
 
     @property
     def heartbeat_in_checkpoints(self) -> str:
@@ -547,14 +555,18 @@ class Agent:
                         shutil.copyfile(path, logs / path.name)
                 except OSError as error:  # a full disk: the older copy (if any) still goes up
                     self.log(f"WARNING: {path.name} not copied for upload: {error}")
-            return self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
+            synced = self.cli_ok("s3", "sync", f"{logs}/", f"{self.attempt_prefix}/logs/", "--only-show-errors")
+            board = self.out_dir / TENSORBOARD  # only a trainer that writes $TENSORBOARD_DIR costs a request
+            if board.is_dir():
+                self.cli_ok("s3", "sync", f"{board}/", f"{self.run_prefix}/tensorboard/", "--only-show-errors")
+            return synced
 
     # ------------------------------------------------------------ progress
     def observe_progress(self, now: float) -> Progress:
         with self._progress_lock:
-            self.progress, said = observe(
-                self.progress, read_heartbeat(self.heartbeat_host), now, since=self.trainer_started
-            )
+            beat = read_heartbeat(self.heartbeat_host)
+            self.progress, said = observe(self.progress, beat, now, since=self.trainer_started)
+            self.metrics.record(self.progress, beat.text if beat else "", now, self.gpu_percent)  # watch's history
         if said:
             self.log(f"heartbeat file {self.heartbeat_host} {said}")
         return self.progress

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONTAINER = "training-infra-trainer"
+# $TENSORBOARD_DIR, under the outputs folder: synced to runs/<id>/tensorboard/ with the logs (Agent.upload_logs).
+TENSORBOARD = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class ProcessTrainer(Trainer):
             OUTPUT_DIR=str(spec.out_dir),
             CHECKPOINT_DIR=str(spec.ckpt_dir),
             HEARTBEAT_FILE=str(spec.heartbeat_host),
+            TENSORBOARD_DIR=str(spec.out_dir / TENSORBOARD),
         )
         env.update(_env_lines(spec.trainer_env))
         env.update(_env_lines(spec.secrets_env))
@@ -181,6 +184,7 @@ class DockerTrainer(Trainer):
             "-v", f"{spec.progress_dir}:/run/training-infra/progress",
             "-e", f"RUN_ID={spec.run_id}", "-e", "DATA_DIR=/data", "-e", "OUTPUT_DIR=/outputs",
             "-e", "CHECKPOINT_DIR=/checkpoints", "-e", f"HEARTBEAT_FILE={spec.heartbeat_file}",
+            "-e", f"TENSORBOARD_DIR=/outputs/{TENSORBOARD}",
             "-e", f"STOP_GRACE_SECONDS={spec.stop_grace_seconds}", *aws,
             "--env-file", str(spec.trainer_env), "--env-file", str(spec.secrets_env), spec.image, *command,
         ]  # fmt: skip

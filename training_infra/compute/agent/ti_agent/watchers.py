@@ -207,6 +207,7 @@ class IdleWatcher(Watcher):
         agent, config = self.agent, self.agent.config
         now = agent.clock()
         util = self.utilisation()
+        agent.gpu_percent = util
         if util is None:
             if not self.warned:
                 agent.log(f"WARNING: {agent.knobs.nvidia_smi} gave no utilisation: GPU idle detection is off")
@@ -266,8 +267,7 @@ class ProgressWatcher(Watcher):
             step = "-" if progress.step is None else _number(progress.step)
             agent.request_stop(
                 Outcome.STALLED,
-                f"no progress in {agent.knobs.heartbeat_file} for {int(now - progress.changed_epoch)}s"
-                f" (last step {step})",
+                f"no progress in {agent.trainer_heartbeat} for {int(now - progress.changed_epoch)}s (last step {step})",
                 agent.config.stop_grace_seconds,
             )
             return True
