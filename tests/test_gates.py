@@ -218,6 +218,14 @@ CFRIPPER_ACCEPTED: dict[tuple[str, str, str | None], str] = {
     "CLI's preflight reads AWS's public list prices (the built-in table is its fallback).",
     ("WildcardResourceRule", USER_POLICY, "servicequotas:GetServiceQuota"): "The preflight reads the account's "
     "G/P vCPU quotas by quota code; GetServiceQuota on * reads quotas, it changes nothing.",
+    **{
+        ("WildcardResourceRule", policy, "ec2:GetSpotPlacementScores"): "GetSpotPlacementScores has no resource "
+        "types (Service Authorization Reference): it can only be granted on *; it reads EC2's spot placement scores "
+        "for the run's types and changes nothing (supervisor/runtime/capacity.py)."
+        for policy in (SUPERVISOR_POLICY, USER_POLICY)
+    },
+    ("WildcardResourceRule", USER_POLICY, "ec2:DescribeCapacityBlockOfferings"): "DescribeCapacityBlockOfferings has "
+    "no resource types: `capacity offers` lists what EC2 sells; buying (PurchaseCapacityBlock) is not granted.",
     ("PrivilegeEscalationRule", BUDGET_ACTION_POLICY, None): "AWS Budgets' action role may attach exactly one "
     "policy (iam:PolicyARN condition: the deny-launches policy) to exactly one role (the supervisor's): it can "
     "only take permissions away, which is the point of the budget action.",

@@ -366,6 +366,9 @@ class Ec2Faults:
         self.upstream = upstream
         self.error_code = "InsufficientInstanceCapacity"
         self.fleet_calls: list[str] = []
+        # zone id -> score: GetSpotPlacementScores (moto has none) answered in its documented shape when set.
+        self.placement_scores: dict[str, int] = {}
+        self.score_calls: list[str] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -374,6 +377,10 @@ class Ec2Faults:
                 if b"Action=CreateFleet" in body:
                     proxy.fleet_calls.append(body.decode())
                     self._reply(200, _fleet_errors(body.decode(), proxy.error_code).encode(), "text/xml")
+                    return
+                if b"Action=GetSpotPlacementScores" in body and proxy.placement_scores:
+                    proxy.score_calls.append(body.decode())
+                    self._reply(200, _placement_scores(proxy.placement_scores).encode(), "text/xml")
                     return
                 request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST")
                 for name in ("Content-Type", "Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
@@ -430,6 +437,19 @@ def _fleet_errors(request: str, code: str) -> str:
         '<?xml version="1.0" encoding="UTF-8"?><CreateFleetResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
         "<requestId>00000000-0000-0000-0000-000000000000</requestId><fleetId>fleet-00000000-0000-0000-0000-000000000000</fleetId>"
         f"<errorSet>{''.join(items)}</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+    )
+
+
+def _placement_scores(scores: dict[str, int]) -> str:
+    """GetSpotPlacementScores' answer (EC2 API reference: spotPlacementScoreSet of region, zone id, score)."""
+    items = "".join(
+        f"<item><region>us-east-1</region><availabilityZoneId>{zone_id}</availabilityZoneId><score>{score}</score></item>"
+        for zone_id, score in scores.items()
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><GetSpotPlacementScoresResponse '
+        'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>00000000-0000-0000-0000-000000000000</requestId>'
+        f"<spotPlacementScoreSet>{items}</spotPlacementScoreSet></GetSpotPlacementScoresResponse>"
     )
 
 

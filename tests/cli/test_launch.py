@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -226,6 +227,25 @@ def test_no_capacity_in_any_pool_leaves_the_run_waiting_for_the_supervisor(stack
     assert not stacks.run_instances("cap-everywhere")
     record = _record(stacks, "cap-everywhere")
     assert record.active and record.attempts[0].end_reason == "capacity"
+
+
+def test_status_v_of_a_waiting_run_names_each_pool_and_ec2s_answer(stacks, ec2_faults):
+    ec2_faults.error_code = "SpotMaxPriceTooLow"
+    assert stacks.cli("launch", "--run-id", "cap-why", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url}).exit_code == 0
+
+    lines = stacks.cli("status", "cap-why", "-v").stdout.splitlines()
+    start = lines.index("why it waits:")
+    assert lines[start + 1].startswith("  1 try without an instance; last 20")
+    assert lines[start + 2] == "  EC2's last answer per pool:"
+    pools = [line for line in lines[start + 3 :] if line.startswith("    ")]
+    assert len(pools) == 4 and all(
+        line.endswith("(spot): price over the cap: the spot price is above --max-price [SpotMaxPriceTooLow]")
+        for line in pools
+    ), pools
+    assert lines[-1].startswith("  next try: 20") and "until the deadline 20" in lines[-1]
+    assert "why it waits:" not in stacks.cli("status", "cap-why").stdout, "only with -v"
+    [row] = json.loads(stacks.cli("status", "cap-why", "-v", "--json").stdout)
+    assert {p["code"] for p in row["waiting"]["pools"]} == {"SpotMaxPriceTooLow"}
 
 
 def test_spot_then_on_demand_asks_for_on_demand_when_no_zone_has_spot(stacks, ec2_faults):

@@ -204,7 +204,7 @@ def test_an_endpoint_answering_an_html_error_page_is_one_line_not_a_parser_trace
     [
         (("status", "--limit", "x"), "option '--limit': got 'x'; allowed: a whole number of at least 1"),
         (("cost", "--days", "0"), "option '--days': got '0'; allowed: a whole number of at least 1"),
-        (("status", "--bogus"), "No such option: --bogus (see `training-infra status --help`)"),
+        (("status", "--qqq"), "No such option: --qqq (see `training-infra status --help`)"),
         (("logs",), "Missing argument 'RUN'. (see `training-infra logs --help`)"),
         (("lanch",), "No such command 'lanch'."),
         (("status", "--region"), "Option '--region' requires an argument."),

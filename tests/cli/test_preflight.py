@@ -22,6 +22,7 @@ from training_infra.supervisor.runtime.records import RunState, RunStore
 EMPTY_DATA_REGION = "sa-east-1"  # this module's own: no other module deploys there (ap-southeast-2 must stay empty)
 NOTES = [
     "note: vCPU quota: skipped: not available here (NoSuchResourceException)",
+    "note: spot placement scores: skipped: not available here (ResponseParserError)",
     "note: list price from the built-in table (the Price List API did not answer: HTTP 500)",
 ]
 
@@ -76,8 +77,28 @@ def test_dry_run_prints_the_plan_with_prices_and_creates_nothing(stacks):
     assert "  caps       fleet MaxTotalPrice 0.9, spot MaxPrice per pool" in lines
     assert any(line.startswith("  deadline   20") and "(one deadline for every attempt)" in line for line in lines)
     assert f"  g5.xlarge      {stacks.region}a       spot $0.00001" in lines, "moto's spot price history, read"
-    assert lines[-2:] == NOTES, "each check that could not run here says so once"
+    assert lines[-3:] == NOTES, "each check that could not run here says so once"
     _nothing_created(stacks, "pf-dry")
+
+
+def test_dry_run_shows_each_zones_spot_placement_score_for_the_runs_types_and_size(stacks, ec2_faults):
+    """GetSpotPlacementScores played by the loopback proxy in its documented XML shape (moto has none)."""
+    ids = {z["ZoneName"]: z["ZoneId"] for z in stacks.client("ec2").describe_availability_zones()["AvailabilityZones"]}
+    ec2_faults.placement_scores = {ids[f"{stacks.region}a"]: 9, ids[f"{stacks.region}b"]: 2}
+    result = stacks.cli("launch", "--run-id", "pf-scores", "--dry-run", env={"AWS_ENDPOINT_URL_EC2": ec2_faults.url})
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    [scores] = [line for line in lines if line.startswith("  spot scores")]
+    assert scores.split(None, 2)[2].startswith(
+        f"{stacks.region}a 9, {stacks.region}b 2 (g5.xlarge, g6.xlarge; 1 instance(s); 1-10, 10: very likely"
+    ), scores
+    assert f"  g5.xlarge      {stacks.region}a       spot $0.00001, zone score 9/10" in lines
+    assert f"  g6.xlarge      {stacks.region}b       spot $0.00001, zone score 2/10" in lines
+    assert any(line.startswith("note: spot placement scores: scored for 2 type(s)") for line in lines)
+    [call] = ec2_faults.score_calls
+    assert "SingleAvailabilityZone=true" in call and "TargetCapacity=1" in call and "RegionName.1=us-east-1" in call
+    _nothing_created(stacks, "pf-scores")
 
 
 def test_dry_run_of_spot_then_on_demand_shows_both_prices_and_which_are_over_the_cap(stacks):
@@ -321,6 +342,19 @@ def _instance_types(stub: Stubber, vcpus: dict[str, int]) -> None:
     )
 
 
+def _running(stub: Stubber, instances=(), more_types: dict[str, int] | None = None) -> None:
+    """DescribeInstances of the account's running and pending instances: (type, lifecycle) pairs, in its shape."""
+    stub.add_response(
+        "describe_instances",
+        {"Reservations": [{"ReservationId": f"r-{n:017x}", "Instances": [
+            {"InstanceId": f"i-{n:017x}", "InstanceType": t, "State": {"Code": 16, "Name": "running"},
+             **({"InstanceLifecycle": "spot"} if life == "spot" else {})}]} for n, (t, life) in enumerate(instances)]},
+        {"Filters": [{"Name": "instance-state-name", "Values": ["pending", "running"]}]},
+    )  # fmt: skip
+    if more_types:
+        _instance_types(stub, more_types)
+
+
 def _quota(stub: Stubber, code: str, name: str, value: float) -> None:
     stub.add_response(
         "get_service_quota",
@@ -336,6 +370,7 @@ def test_a_vcpu_quota_below_what_the_run_needs_names_the_quota_code_and_the_incr
     report = _report()
     with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
         _instance_types(ec2_stub, {"g5.xlarge": 4, "g6.xlarge": 4})
+        _running(ec2_stub)
         _quota(quota_stub, "L-3819A6DF", "All G and VT Spot Instance Requests", 0.0)
         preflight.check_quotas(report, ec2, quotas, "us-east-1")
 
@@ -351,6 +386,7 @@ def test_one_type_within_its_quota_is_enough(stacks):
     report = _report(types=("g5.xlarge", "p3.2xlarge"), market="on-demand")
     with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
         _instance_types(ec2_stub, {"g5.xlarge": 4, "p3.2xlarge": 8})
+        _running(ec2_stub)
         _quota(quota_stub, "L-DB2E81BA", "Running On-Demand G and VT instances", 0.0)
         _quota(quota_stub, "L-417A185B", "Running On-Demand P instances", 8.0)
         preflight.check_quotas(report, ec2, quotas, "us-east-1")
@@ -364,6 +400,7 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
     report = _report(types=("g6.xlarge",), market="spot-then-on-demand")
     with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
         _instance_types(ec2_stub, {"g6.xlarge": 4})
+        _running(ec2_stub)
         _quota(quota_stub, "L-3819A6DF", "All G and VT Spot Instance Requests", 0.0)
         _quota(quota_stub, "L-DB2E81BA", "Running On-Demand G and VT instances", 2.0)
         preflight.check_quotas(report, ec2, quotas, "us-east-1")
@@ -375,6 +412,53 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
     assert "--quota-code L-DB2E81BA --desired-value 4" in report.failures[1]
 
 
+def test_vcpus_of_running_instances_count_against_the_quota_of_their_family_and_market():
+    """A 16-vCPU spot quota with a g5.2xlarge (8) spot and a g5.4xlarge (16) on demand running: the spot one
+    leaves 8, too few for a g5.4xlarge; the on-demand one counts against the other quota, not this one."""
+    ec2, quotas = _client("ec2"), _client("service-quotas")
+    report = _report(types=("g5.4xlarge",))
+    with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
+        _instance_types(ec2_stub, {"g5.4xlarge": 16})
+        _running(ec2_stub, [("g5.2xlarge", "spot"), ("g5.4xlarge", "on-demand"), ("c7i.large", "spot")],
+                 more_types={"c7i.large": 2, "g5.2xlarge": 8})  # fmt: skip
+        _quota(quota_stub, "L-3819A6DF", "All G and VT Spot Instance Requests", 16.0)
+        preflight.check_quotas(report, ec2, quotas, "us-east-1")
+
+    assert report.failures == [
+        "vCPU quota too low for spot: g5.4xlarge needs 16 vCPUs and 'All G and VT Spot Instance Requests' "
+        "(L-3819A6DF) is 16 in us-east-1, and running instances already use 8 of it: ask for more with "
+        "`aws service-quotas request-service-quota-increase --service-code ec2 --quota-code L-3819A6DF "
+        "--desired-value 24 --region us-east-1`"
+    ]
+
+
+def test_a_p5_spot_run_is_checked_against_the_p5_spot_quota_less_what_runs():
+    ec2, quotas = _client("ec2"), _client("service-quotas")
+    report = _report(types=("p5.48xlarge",))
+    with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
+        _instance_types(ec2_stub, {"p5.48xlarge": 192})
+        _running(ec2_stub, [("p4d.24xlarge", "spot")], more_types={"p4d.24xlarge": 96})
+        _quota(quota_stub, "L-C4BD4855", "All P5 Spot Instance Requests", 192.0)
+        preflight.check_quotas(report, ec2, quotas, "us-east-1")
+
+    assert report.failures == [], "a running p4d counts against the P4, P3 and P2 quota, not the P5 one"
+    assert report.lines == [("quota", "All P5 Spot Instance Requests (L-C4BD4855) 192 >= 192 for p5.48xlarge")]
+
+
+def test_a_trn_spot_run_counts_the_running_trn_spot_vcpus():
+    ec2, quotas = _client("ec2"), _client("service-quotas")
+    report = _report(types=("trn1.2xlarge",))
+    with Stubber(ec2) as ec2_stub, Stubber(quotas) as quota_stub:
+        _instance_types(ec2_stub, {"trn1.2xlarge": 8})
+        _running(ec2_stub, [("trn1.2xlarge", "spot")])
+        _quota(quota_stub, "L-6B0D517C", "All Trn Spot Instance Requests", 16.0)
+        preflight.check_quotas(report, ec2, quotas, "us-east-1")
+
+    assert report.lines == [
+        ("quota", "All Trn Spot Instance Requests (L-6B0D517C) 16 - 8 in use >= 8 for trn1.2xlarge")
+    ]
+
+
 @pytest.mark.parametrize(
     ("instance_type", "market", "code"),
     [
@@ -382,7 +466,10 @@ def test_spot_then_on_demand_is_refused_only_when_neither_market_has_quota_one_l
         ("gr6.4xlarge", "on-demand", "L-DB2E81BA"),
         ("p4d.24xlarge", "spot", "L-7212CCBC"),
         ("p5.48xlarge", "on-demand", "L-417A185B"),
-        ("p5.48xlarge", "spot", None),
+        ("p5.48xlarge", "spot", "L-C4BD4855"),
+        ("p5en.48xlarge", "spot", "L-C4BD4855"),
+        ("trn1.32xlarge", "spot", "L-6B0D517C"),
+        ("trn2.48xlarge", "on-demand", "L-2C3B7624"),
         ("inf2.xlarge", "spot", "L-B5D1601B"),
         ("trn1.2xlarge", "on-demand", "L-2C3B7624"),
         ("c7i.large", "spot", "L-34B43A08"),

@@ -125,8 +125,8 @@ def test_reclaimed_attempt_is_relaunched_on_another_pool_without_spending_the_er
     assert run.errors_used == 0
     second = run.attempts[1]
     assert (second.instance_type, second.zone) != (first.instance_type, first.zone)
-    assert run.state == "recovering"
-    assert any("relaunched as attempt 2" in n and "spot reclaimed" in n for n in account.notices())
+    assert run.state == "running", "started on the spot notice: already running when the old box ends"
+    assert any("relaunched as attempt 2" in n and "spot interruption notice" in n for n in account.notices())
 
 
 class Vanished:

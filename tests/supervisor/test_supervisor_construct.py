@@ -99,6 +99,13 @@ def test_supervisor_reacts_to_instance_states_spot_warnings_and_a_one_minute_rec
         "AWS::Events::Rule",
         {"ScheduleExpression": "rate(1 minute)", "Targets": [Match.object_like({"Arn": function_arn})]},
     )
+    compute.template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "EventPattern": {"source": ["aws.ec2"], "detail-type": ["Capacity Block Reservation Expiration Warning"]},
+            "Targets": [Match.object_like({"Arn": function_arn})],
+        },
+    )
 
 
 def test_supervisor_gets_the_table_bucket_and_tag_names_it_must_agree_on(compute, supervisor):
@@ -201,7 +208,8 @@ def test_the_training_user_policy_invokes_the_supervisor_and_reads_but_writes_no
     assert shell["Condition"] == {"StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"}}
     for statement in statements:
         if statement["Resource"] == "*":
-            assert all(a.startswith("ec2:Describe") or a in ("servicequotas:GetServiceQuota", "pricing:GetProducts")
+            assert all(a.startswith("ec2:Describe") or a in ("servicequotas:GetServiceQuota", "pricing:GetProducts",
+                                                             "ec2:GetSpotPlacementScores")
                        for a in _as_list(statement["Action"])), statement  # fmt: skip
     outputs = compute.json["Outputs"]
     assert outputs[naming.OUTPUT_TRAINING_USER_POLICY_ARN]["Value"] == {"Ref": logical_id}
@@ -216,13 +224,23 @@ def test_supervisor_may_read_spot_and_list_prices_for_price_caps(compute, superv
     assert _as_list(list_prices["Action"]) == ["pricing:GetProducts"] and list_prices["Resource"] == "*"
 
 
+def test_supervisor_and_cli_user_may_ask_spot_placement_scores_and_nothing_new_besides(compute, supervisor):
+    """GetSpotPlacementScores ranks zones (capacity.py): granted once to each, on the statement of reads."""
+    for statements in (compute.role_statements(supervisor.function.role), _user_policy(compute)[1]):
+        holding = [s for s in statements if "ec2:GetSpotPlacementScores" in _as_list(s["Action"])]
+        assert len(holding) == 1 and holding[0]["Resource"] == "*", holding
+        assert all(a.startswith("ec2:Describe") or a.startswith(("pricing:", "servicequotas:", "ec2:GetSpot"))
+                   for a in _as_list(holding[0]["Action"])), holding  # fmt: skip
+
+
 def test_supervisor_role_has_no_wildcard_action_and_star_only_for_describe(compute, supervisor):
     for statement in compute.role_statements(supervisor.function.role):
         actions = _as_list(statement["Action"])
         assert not any(a == "*" or a.endswith(":*") for a in actions), statement
         if statement["Resource"] == "*":
             assert all(
-                a.startswith("ec2:Describe") or a in ("cloudwatch:GetMetricStatistics", "pricing:GetProducts")
+                a.startswith("ec2:Describe")
+                or a in ("cloudwatch:GetMetricStatistics", "pricing:GetProducts", "ec2:GetSpotPlacementScores")
                 for a in actions
             ), statement
 

@@ -132,11 +132,12 @@ for verb in (outputs, upload, launch, status, watch, logs, tensorboard, connect,
     app.command(cls=PlainHelpCommand)(getattr(verb, verb.__name__.rsplit(".", 1)[-1]))
 del verb
 
-from training_infra.cli.commands.sweep import sweep_app  # noqa: E402 - the verbs above come first in --help
+from training_infra.cli.capacity import capacity_app  # noqa: E402 - the verbs above come first in --help
+from training_infra.cli.commands.sweep import sweep_app  # noqa: E402
 from training_infra.cli.local import local_app  # noqa: E402
 
-# The sweep's and the local verbs' help reads like every other verb's (local24 owns cli/local.py: set here).
-for sub_app in (sweep_app, local_app):
+# The sub-verbs' help reads like every other verb's (local24 owns cli/local.py: set here, not there).
+for sub_app in (local_app, capacity_app, sweep_app):
     for info in sub_app.registered_commands:
         info.cls = PlainHelpCommand
     app.add_typer(sub_app, cls=_PlainHelpGroup)

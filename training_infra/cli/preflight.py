@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import botocore.exceptions
@@ -31,17 +32,22 @@ RESERVED_RUN_IDS = {
 MAX_PRICE_LIMIT = launch_rules.MAX_PRICE_LIMIT
 MIN_PRICE = launch_rules.MIN_PRICE
 SKIPPED = "skipped: not available here"
-# Service Quotas codes (vCPUs per region) by family group and market. P5 and later, and Trn, have
-# spot quotas of their own whose codes are not listed here: not checked (the fleet reports them).
+# Service Quotas codes (vCPUs per region) by family group and market. The spot codes are the ones the EC2 User
+# Guide's "Spot Instance quotas" page links to in the Service Quotas console
+# (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/using-spot-limits.html): All P5 Spot Instance Requests
+# L-C4BD4855 (P5 and newer: P5, P5e, P5en) and All Trn Spot Instance Requests L-6B0D517C among them. On demand, every
+# P generation shares one quota. A quota counts every running or pending instance of its families in the region.
 QUOTAS: dict[tuple[str, str], tuple[str, str]] = {
     ("G", "on-demand"): ("L-DB2E81BA", "Running On-Demand G and VT instances"),
     ("G", "spot"): ("L-3819A6DF", "All G and VT Spot Instance Requests"),
     ("P", "on-demand"): ("L-417A185B", "Running On-Demand P instances"),
     ("P", "spot"): ("L-7212CCBC", "All P4, P3 and P2 Spot Instance Requests"),
     ("P5+", "on-demand"): ("L-417A185B", "Running On-Demand P instances"),
+    ("P5+", "spot"): ("L-C4BD4855", "All P5 Spot Instance Requests"),
     ("Inf", "on-demand"): ("L-1945791B", "Running On-Demand Inf instances"),
     ("Inf", "spot"): ("L-B5D1601B", "All Inf Spot Instance Requests"),
     ("Trn", "on-demand"): ("L-2C3B7624", "Running On-Demand Trn instances"),
+    ("Trn", "spot"): ("L-6B0D517C", "All Trn Spot Instance Requests"),
     ("Standard", "on-demand"): ("L-1216C47A", "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances"),
     ("Standard", "spot"): ("L-34B43A08", "All Standard (A, C, D, H, I, M, R, T, Z) Spot Instance Requests"),
 }
@@ -103,6 +109,7 @@ class Report:
     zones: dict[str, str] = field(default_factory=dict)  # subnet -> zone
     offered: list[tuple[str, str]] = field(default_factory=list)  # (type, zone) EC2 offers
     prices: dict[str, dict[tuple[str, str], Quote]] = field(default_factory=dict)  # market -> pool -> price
+    scores: Any = None  # capacity.Scores: the spot placement score of each zone (spot markets only)
     resumed: Any = None  # the finished run record `--resume` continues (None: a new run)
 
     def list_prices(self) -> dict[str, float]:
@@ -149,6 +156,10 @@ def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = Fal
             part(check_quotas, ec2, quotas, aws.region_name, base=offerings),
             part(check_prices, prices, all_markets=dry_run, base=offerings),
         ]
+        if "spot" in markets_of(plan.market):
+            table = getattr(store, "table", "")
+            dependent.append(part(check_placement, ec2, aws.client("dynamodb") if table else None, table,
+                                  base=offerings))  # fmt: skip
         parts = [*(f.result() for f in independent), offerings, *(f.result() for f in dependent)]
     report = Report(plan, zones=offerings.zones, offered=offerings.offered)
     for found in parts:
@@ -156,6 +167,7 @@ def run(aws: Any, plan: Plan, *, prices: Prices, store: Any, dry_run: bool = Fal
         report.notes += found.notes
         report.failures += found.failures
         report.prices.update(found.prices)
+        report.scores = report.scores or found.scores
         report.resumed = report.resumed or found.resumed
     if prices.used_built_in:
         report.notes.append(f"{BUILT_IN_NOTE} ({prices.fallback_reason or 'the Price List API has no price for it'})")
@@ -278,20 +290,65 @@ def family_group(instance_type: str) -> str | None:
     return None
 
 
+def quota_of(instance_type: str, market: str) -> tuple[str, str] | None:
+    """(code, name) of the vCPU quota an instance of this type in this market counts against, if known."""
+    return QUOTAS.get((family_group(instance_type) or "", market))
+
+
+def running_vcpus(ec2: Any, known: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(vCPUs in use per quota code, by the account's running and pending instances; their types' vCPUs).
+
+    Spot instances count against the spot quotas, every other instance against the on-demand ones. `known` is
+    type -> vCPUs already read; the rest are asked with one DescribeInstanceTypes.
+    """
+    kwargs: dict[str, Any] = {"Filters": [{"Name": "instance-state-name", "Values": ["pending", "running"]}]}
+    instances: list[tuple[str, str]] = []
+    while True:
+        page = ec2.describe_instances(**kwargs)
+        for reservation in page.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                market = "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
+                instances.append((instance.get("InstanceType", ""), market))
+        if not page.get("NextToken"):
+            break
+        kwargs["NextToken"] = page["NextToken"]
+    return _count(instances, known, ec2)
+
+
+def _count(instances: list[tuple[str, str]], known: dict[str, int], ec2: Any) -> tuple[dict[str, int], dict[str, int]]:
+    vcpus = dict(known)
+    missing = sorted({t for t, _m in instances if t and t not in vcpus and quota_of(t, "on-demand")})
+    for start in range(0, len(missing), 100):
+        for found in ec2.describe_instance_types(InstanceTypes=missing[start : start + 100])["InstanceTypes"]:
+            vcpus[found["InstanceType"]] = int(found.get("VCpuInfo", {}).get("DefaultVCpus", 0))
+    used: dict[str, int] = {}
+    for instance_type, market in instances:
+        quota = quota_of(instance_type, market)
+        if quota is not None:
+            used[quota[0]] = used.get(quota[0], 0) + vcpus.get(instance_type, 0)
+    return used, vcpus
+
+
 def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
-    """Each type's vCPUs against its family's quota in the run's market(s); fails only when no type fits any."""
+    """Each type's vCPUs plus those the account's running instances already use of its family's quota, in the
+    run's market(s); fails only when no type fits any."""
     plan = report.plan
     types = sorted({t for t, _ in report.offered} or set(plan.instance_types))
     vcpus = {
         t["InstanceType"]: int(t.get("VCpuInfo", {}).get("DefaultVCpus", 0))
         for t in ec2.describe_instance_types(InstanceTypes=types)["InstanceTypes"]
     }
+    try:
+        used, _ = running_vcpus(ec2, vcpus)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+        report.notes.append(f"vCPUs in use: {SKIPPED} ({_reason(error)}): each type checked against the whole quota")
+        used = {}
     values: dict[str, float] = {}
     fits, shortfalls, found = False, [], []
     for market in markets_of(plan.market):
-        short: list[tuple[int, str, str, str, float]] = []
+        short: list[tuple[int, str, str, str, float, int]] = []
         for instance_type in types:
-            quota = QUOTAS.get((family_group(instance_type) or "", market))
+            quota = quota_of(instance_type, market)
             if quota is None or instance_type not in vcpus:
                 fits = True  # no code to check: the fleet reports it if the quota is short
                 continue
@@ -302,24 +359,55 @@ def check_quotas(report: Report, ec2: Any, quotas: Any, region: str) -> None:
                 except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                     report.notes.append(f"vCPU quota: {SKIPPED} ({_reason(error)})")
                     return
-            need = vcpus[instance_type] * plan.nodes
-            if need <= values[code]:
+            need, in_use = vcpus[instance_type] * plan.nodes, used.get(code, 0)
+            if in_use + need <= values[code]:
                 fits = True
-                found.append(f"{name} ({code}) {values[code]:g} >= {need} for {instance_type}")
+                busy = f" - {in_use} in use" if in_use else ""
+                found.append(f"{name} ({code}) {values[code]:g}{busy} >= {need} for {instance_type}")
             else:
-                short.append((need, instance_type, code, name, values[code]))
+                short.append((need, instance_type, code, name, values[code], in_use))
         if short:
-            need, instance_type, code, name, have = min(short)
+            need, instance_type, code, name, have, in_use = min(short)
+            busy = f", and running instances already use {in_use} of it" if in_use else ""
             shortfalls.append(
                 f"vCPU quota too low for {market}: {instance_type}{f' x {plan.nodes} nodes' if plan.nodes > 1 else ''} "
                 f"needs {need} vCPUs and '{name}' ({code}) is "
-                f"{have:g} in {region}: ask for more with `aws service-quotas request-service-quota-increase "
-                f"--service-code ec2 --quota-code {code} --desired-value {need} --region {region}`"
+                f"{have:g} in {region}{busy}: ask for more with `aws service-quotas request-service-quota-increase "
+                f"--service-code ec2 --quota-code {code} --desired-value {in_use + need} --region {region}`"
             )
     if not fits:
         report.failures.extend(shortfalls)
     else:
         report.lines.append(("quota", "; ".join(dict.fromkeys(found)) or "no quota code to check"))
+
+
+def check_placement(report: Report, ec2: Any, dynamodb: Any, table: str) -> None:
+    """Each zone's spot placement score for the run's types and size (one instance): shown, never a failure.
+
+    Read from the supervisor's cache in the run table when fresh, else asked of EC2 (the same configuration the
+    supervisor asks, which EC2's limit on new configurations lets anyone ask again); the CLI never writes it.
+    """
+    from training_infra.supervisor.runtime import capacity
+
+    plan = report.plan
+    zones = sorted(set(report.zones.values()))
+    scores = capacity.PlacementScores(ec2, dynamodb, table, write=False).get(
+        plan.instance_types, plan.nodes, datetime.now(UTC), plan.subnets
+    )
+    report.scores = scores
+    if scores.missing:
+        report.notes.append(f"spot placement scores: {SKIPPED} ({scores.missing})")
+        return
+    report.lines.append(("spot scores", capacity.describe(scores, zones)))
+    if scores.caveat():
+        report.notes.append(f"spot placement scores: {scores.caveat()}")
+    _kept, low = capacity.preferred_pools([(t, s) for t in plan.instance_types for s in report.zones], report.zones,
+                                          scores)  # fmt: skip
+    if low:
+        report.notes.append(
+            f"spot placement scores: {', '.join(low)} score {capacity.LOW_SCORE} or less: the supervisor leaves "
+            "them out of spot fleets while another zone scores higher"
+        )
 
 
 def _reason(error: Exception) -> str:
@@ -379,6 +467,9 @@ def dry_run_lines(report: Report) -> list[str]:
             price = dollars(quote.usd) if quote and quote.usd is not None else "unknown"
             over = quote is not None and quote.usd is not None and bool(plan.max_price) and quote.usd > plan.max_price
             cells.append(f"{market} {price}" + (" (over the cap: not offered)" if over else ""))
+        score = report.scores.of(zone) if report.scores is not None and report.scores.zones else None
+        if score is not None:
+            cells.append(f"zone score {score}/10")
         lines.append(f"  {instance_type:<14} {zone:<16} {', '.join(cells)}")
     lines += [f"note: {note}" for note in report.notes]
     return lines

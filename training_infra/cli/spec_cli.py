@@ -184,17 +184,6 @@ def request_for(
     return from_layers([layer], flags)
 
 
-def schema() -> None:
-    """Print the JSON Schema of run spec files (`launch -f`), for editors that complete and check them.
-
-    VS Code (the YAML extension): `training-infra schema > run-spec.schema.json` and put
-    `# yaml-language-server: $schema=./run-spec.schema.json` on the first line of run.yaml.
-    """
-    import sys
-
-    sys.stdout.write(schema_text() + "\n")
-
-
 def stack_defaults(
     instance_types: list[str], market: str, exports: dict[str, str], stack_hours: float
 ) -> dict[str, Any]:

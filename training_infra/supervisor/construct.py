@@ -389,8 +389,10 @@ class TrainingSupervisor(Construct):
                     # Gangs: which types take an EFA interface, and the run's placement groups to delete.
                     "ec2:DescribeInstanceTypes",
                     "ec2:DescribePlacementGroups",
+                    # Zones ranked for a spot launch (capacity.py).
+                    "ec2:GetSpotPlacementScores",
                 ],
-                resources=["*"],  # Describe* has no resource-level permissions
+                resources=["*"],  # Describe* and GetSpotPlacementScores have no resource-level permissions
             ),
             iam.PolicyStatement(
                 sid="ReadListPrices",  # a run's price cap: on-demand list prices (spot prices: the statement above)
@@ -527,6 +529,15 @@ class TrainingSupervisor(Construct):
         )
         events.Rule(
             self,
+            "CapacityBlockEndingEvents",
+            description="A Capacity Block ends in 40 minutes: its runs checkpoint and stop before EC2 ends them",
+            event_pattern=events.EventPattern(
+                source=["aws.ec2"], detail_type=["Capacity Block Reservation Expiration Warning"]
+            ),
+            targets=[target],
+        )
+        events.Rule(
+            self,
             "Reconcile",
             description="Catches what events miss (AWS delivers them best effort): every active run, every minute",
             schedule=events.Schedule.rate(Duration.minutes(RECONCILE_MINUTES)),
@@ -591,6 +602,8 @@ def training_user_policy(
                 "ec2:DescribeInstanceTypeOfferings",
                 "ec2:DescribeInstanceTypes",
                 "ec2:DescribeSpotPriceHistory",
+                "ec2:GetSpotPlacementScores",  # the preflight's zone scores (supervisor/runtime/capacity.py)
+                "ec2:DescribeCapacityBlockOfferings",  # `capacity offers` (buying stays an admin's: not granted)
                 "servicequotas:GetServiceQuota",
                 "pricing:GetProducts",
             ],

@@ -44,6 +44,9 @@ def status(
         str | None, typer.Option("--group", "-g", metavar="GROUP", help="A sweep's trials and its best so far.")
     ] = None,
     region: Region = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="With RUN: why it waits (pools tried, EC2's answers, cooldowns).")
+    ] = False,
 ) -> None:
     """Show runs: instance, type, market, state, uptime, deadline, cost so far, outcome.
 
@@ -66,8 +69,14 @@ def status(
     source = RunSource(aws)
     if run is not None:
         rows, record = source.run_rows(run, count)
-        if record is not None and fmt != "json":  # one managed run: its attempts and progress
+        from training_infra.cli import capacity, runs
+
+        if record is not None and verbose:
+            rows[0]["waiting"] = capacity.waiting(record, runs.utcnow())
+        if record is not None and fmt != "json":
             _show_managed_run(rows[0])
+            for line in capacity.waiting_lines(rows[0].get("waiting")):
+                stdout().print(remote_text(line), markup=False)  # pool names and EC2's words come from the record
             return
     else:
         rows = source.newest_rows(count)

@@ -343,6 +343,7 @@ class Attempt:
     message: str = ""
     errors: list[dict[str, str]] = field(default_factory=list)  # per-pool capacity errors of the last try
     tries: int = 1  # capacity failures in a row kept as one attempt
+    replaces: int = 0  # started on attempt n's spot notice, while n saved (replacement.py)
     exit_code: int | None = None
     price_usd: float | None = None  # the agent's hourly estimate (status.json)
     reclaim_warned_at: str = ""

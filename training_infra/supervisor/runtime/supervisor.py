@@ -32,7 +32,9 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    import capacity
     import ledger
+    import replacement
     from prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from records import (
         Attempt,
@@ -50,7 +52,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
     from run_requests import run_template_problem
     from sweeps import GROUP_PREFIX, group_key, step_groups
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime import ledger
+    from training_infra.supervisor.runtime import capacity, ledger, replacement
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
     from training_infra.supervisor.runtime.records import (
         Attempt,
@@ -119,7 +121,7 @@ _RUN_ENDS = {
 # What one GetMetricStatistics call may return (CloudWatch API reference).
 MAX_METRIC_POINTS = 1440
 # A stop request's reason -> the state the run ends in.
-STOP_STATES = {"user": RunState.STOPPED, "budget": RunState.BUDGET}
+STOP_STATES = {"user": RunState.STOPPED, "budget": RunState.BUDGET, "capacity-block": RunState.DEADLINE}
 # A new instance may be unknown to DescribeInstances for a moment (eventual consistency): not "gone".
 JUST_LAUNCHED_SECONDS = 300
 # A month reservation with no run record this long after it was made belongs to a launch that died between.
@@ -288,6 +290,7 @@ def _fleet_request(
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
+        **replacement.replaces_tags(run),  # a replacement on the notice: its agent waits for the old
     }
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
@@ -393,6 +396,9 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
                 if cheapest is not None:
                     priced_out.append((*cheapest, market))
                 continue
+        if market == "spot":  # zones EC2 scores unlikely to have spot capacity are left out (capacity.py)
+            offered, left_out = _scored(clients, cfg, run, offered, zones, now)
+            errors.extend(left_out)
         overrides = [
             {"InstanceType": t, "SubnetId": s, **({"MaxPrice": f"{cap:g}"} if cap and market == "spot" else {})}
             for t, s in offered
@@ -438,7 +444,7 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
             }
             for e in pool_errors
         )
-    if priced_out and not errors:
+    if priced_out and all(e["code"] == capacity.LEFT_OUT for e in errors):
         message = cap_message(cap, min(priced_out, key=lambda item: item[1]))
         if not run.launched:
             raise LaunchRefused(f"{message}: raise --max-price or add cheaper --instance-types")
@@ -475,12 +481,34 @@ def _under_cap(
     return [(t, s) for t, s in pools_ if (t, zones[s]) in allowed], cheapest
 
 
+def _scored(
+    clients: Clients,
+    cfg: SupervisorConfig,
+    run: Run,
+    offered: list[tuple[str, str]],
+    zones: Mapping[str, str],
+    now: datetime,
+) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """The spot pools to offer, and a note per zone left out (kept with the attempt's errors for `status -v`)."""
+    scores = capacity.PlacementScores(clients.ec2, clients.dynamodb, cfg.table).get(
+        run.spec.instance_types, run.spec.nodes, now, run.spec.subnet_ids
+    )
+    kept, low = capacity.preferred_pools(offered, zones, scores)
+    notes = [
+        {"market": "spot", "code": capacity.LEFT_OUT, "pool": pool_key("*", zone),
+         "message": f"left out: spot placement score {scores.of(zone)} of 10"}
+        for zone in low
+    ]  # fmt: skip
+    return kept, notes
+
+
 def _override_name(error: Mapping[str, Any], zones: Mapping[str, str]) -> str:
     overrides = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
     return pool_key(overrides.get("InstanceType", "?"), zones.get(overrides.get("SubnetId", ""), "?"))
 
 
 def _capacity_message(errors: list[dict[str, str]]) -> str:
+    errors = [e for e in errors if e["code"] != capacity.LEFT_OUT]
     if not errors:
         return "no capacity in any pool"
     codes = sorted({e["code"] for e in errors})
@@ -593,6 +621,8 @@ class Supervisor:
         detail = event.get("detail", {}) or {}
         if kind == SCHEDULED:
             return self.reconcile_all()
+        if kind == capacity.BLOCK_EXPIRING:
+            return capacity.block_expiring(self, event)
         instance_id = detail.get("instance-id", "")
         if kind not in (STATE_CHANGE, SPOT_WARNING, REBALANCE) or not instance_id:
             return {"ignored": kind or "unknown event"}
@@ -600,7 +630,9 @@ class Supervisor:
         if not run_id:
             return {"ignored": f"{instance_id} is not a managed run's instance"}
         if kind == SPOT_WARNING:
-            return self._mark(run_id, attempt, "reclaim_warned_at", event.get("time") or iso(self.now()), instance_id)
+            warned = event.get("time") or iso(self.now())
+            marked = self._mark(run_id, attempt, "reclaim_warned_at", warned, instance_id)
+            return replacement.on_notice(self, run_id, attempt, warned) or marked
         if kind == REBALANCE:
             return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
         return self.reconcile(run_id)
@@ -791,7 +823,7 @@ class Supervisor:
             return self._next_attempt(run, why=f"{words} (restart {run.errors_used} of {allowed})")
         return self._next_attempt(run, why=words)
 
-    def _next_attempt(self, run: Run, *, why: str) -> dict[str, Any]:
+    def _next_attempt(self, run: Run, *, why: str, replaces: int = 0) -> dict[str, Any]:
         now = self.now()
         deadline = parse_iso(run.deadline_at) or now
         needed = self.cfg.boot_seconds + run.spec.checkpoint_sync_seconds
@@ -806,7 +838,7 @@ class Supervisor:
         if over:
             return self._finish(run, RunState.BUDGET, f"{why}; {over}")
         n = len(run.attempts) + 1
-        run.attempts.append(Attempt(n=n, why=why, claimed_at=iso(now)))
+        run.attempts.append(Attempt(n=n, why=why, claimed_at=iso(now), replaces=replaces))
         # Launching until an instance ever started; recovering after that.
         run.state = RunState.RECOVERING if run.launched else RunState.LAUNCHING
         run.message = why

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import diagnostics
+from . import diagnostics, handover
 from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
@@ -312,6 +312,7 @@ class Agent:
             self.fail(f"could not sync {data} to {self.data_dir} after {attempts} attempts")
         self.log(f"data: {sum(1 for p in self.data_dir.rglob('*') if p.is_file())} files in {self.data_dir}")
         assert self.checkpoints is not None
+        handover.before_restore(self)  # a replacement on the spot notice: the old attempt's final checkpoint first
         if not self.retry("checkpoint restore", self._restore):
             self.fail(f"could not restore checkpoints from {self.checkpoints.url}/")
         restored = sum(1 for p in self.ckpt_dir.rglob("*") if p.is_file())

@@ -1,0 +1,110 @@
+"""The replacement's agent waits for the replaced attempt's final status before it restores, within a bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from training_infra.compute.agent.ti_agent import handover
+from training_infra.compute.agent.ti_agent.imds import ImdsError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_the_restore_waits_until_the_old_attempts_final_status_is_in_s3():
+    clock = Clock()
+    final_at = 37.0  # the old box's finalize uploads its status.json 37 s into the wait
+    found = handover.wait_for_replaced(3, lambda: clock.now >= final_at, clock=clock, sleep=clock.sleep)
+    assert found.final_status_seen and found.replaced == 3
+    assert final_at <= found.waited_seconds < final_at + handover.POLL_SECONDS
+    assert "attempt 3's final status.json is in S3" in found.words()
+
+
+def test_without_a_final_status_the_wait_ends_when_the_old_box_must_be_gone():
+    clock = Clock()
+    found = handover.wait_for_replaced(1, lambda: False, clock=clock, sleep=clock.sleep)
+    assert not found.final_status_seen and found.waited_seconds == handover.WAIT_SECONDS
+    assert handover.WAIT_SECONDS > 120, "longer than the two-minute notice: the old trainer has stopped"
+    assert "its box is gone" in found.words()
+
+
+def test_a_failing_look_counts_as_not_yet_and_the_bound_still_holds():
+    clock = Clock()
+
+    def broken() -> bool:
+        raise OSError("S3 unreachable")
+
+    found = handover.wait_for_replaced(1, broken, wait_seconds=30, clock=clock, sleep=clock.sleep)
+    assert not found.final_status_seen and found.waited_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("tag", "attempt", "replaced"),
+    [("1", 2, 1), ("4", 9, 4), ("2", 2, 0), ("3", 2, 0), ("0", 2, 0), ("x", 2, 0), (None, 2, 0), ("", 2, 0)],
+)
+def test_only_an_earlier_attempt_named_by_the_tag_is_waited_for(tag, attempt, replaced):
+    assert handover.replaced_attempt(tag, attempt) == replaced
+
+
+class FakeAgent:
+    """What before_restore reads of the agent: its tag, attempt, run id, bucket, S3 client and log."""
+
+    def __init__(self, tag: str | None, listed_after: int) -> None:
+        self._tag, self.attempt, self.run_id, self.outputs_bucket = tag, 2, "bert", "outputs"
+        self.run_prefix = "s3://outputs/runs/bert"  # a URL: not the key prefix to list
+        self.calls: list[dict] = []
+        self.lines: list[str] = []
+        self.listed_after = listed_after
+        self.aws = self
+
+    def tag(self, name: str) -> str | None:
+        assert name in ("replaces", "replaces-until")
+        if self._tag is None or name == "replaces-until":
+            raise ImdsError("404")
+        return self._tag
+
+    def client(self, service: str):
+        assert service == "s3"
+        return self
+
+    def list_objects_v2(self, **request):
+        self.calls.append(request)
+        return {"KeyCount": 1 if len(self.calls) > self.listed_after else 0}
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_before_restore_lists_the_replaced_attempts_status_key(monkeypatch):
+    monkeypatch.setattr(handover.time, "sleep", lambda _s: None)
+    agent = FakeAgent("1", listed_after=2)
+    found = handover.before_restore(agent)
+    assert found is not None and found.final_status_seen
+    assert agent.calls[-1] == {"Bucket": "outputs", "Prefix": "runs/bert/attempts/1/status.json", "MaxKeys": 1}
+    assert len(agent.calls) == 3 and agent.lines[0].startswith("replacement of attempt 1 (spot notice)")
+
+
+def test_an_attempt_that_replaces_nothing_restores_at_once():
+    agent = FakeAgent(None, listed_after=0)
+    assert handover.before_restore(agent) is None and agent.calls == [] and agent.lines == []
+
+
+def test_the_wait_is_bounded_by_the_old_boxs_end_from_the_tag_never_longer_than_the_default():
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 29, 8, 1, tzinfo=UTC).timestamp()
+    assert handover.wait_bound("2026-11-29T08:02:30Z", now) == 90
+    assert handover.wait_bound("2026-11-29T08:00:30Z", now) == 0, "booted after the old box ended: no wait"
+    assert handover.wait_bound("2026-11-29T09:00:00Z", now) == handover.WAIT_SECONDS
+    assert handover.wait_bound(None, now) == handover.WAIT_SECONDS
+    assert handover.wait_bound("not a time", now) == handover.WAIT_SECONDS

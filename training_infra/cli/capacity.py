@@ -1,0 +1,325 @@
+"""Capacity for users: why a managed run waits (`status RUN -v`), and Capacity Blocks (`capacity offers | buy`).
+
+Why a run waits: each pool tried, EC2's last answer for it, cooldowns, the next try.
+Read from the run record only (records.py): the supervisor keeps the per-pool errors of the last failed
+try on the attempt (`Attempt.errors`, with `tries` counting a streak of them), the pools cooling down
+after a reclaim on the run (`Run.cooldown`), and it tries again at each one-minute reconcile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from training_infra import naming
+from training_infra.cli.aws import Aws
+from training_infra.cli.errors import CliError, UsageError, reported_errors
+from training_infra.cli.render import Column, Listing, output_format, print_json
+
+if TYPE_CHECKING:
+    from training_infra.supervisor.runtime.records import Run
+
+# The supervisor's modules (boto3's DynamoDB types) are imported by the functions that use them, so
+# `training-infra --help`, which registers these verbs, stays fast.
+
+RECONCILE_SECONDS = 60  # the supervisor's schedule (supervisor/construct.py)
+# EC2's error codes in words a user acts on.
+ANSWERS = {
+    "InsufficientInstanceCapacity": "insufficient capacity",
+    "InsufficientCapacity": "insufficient capacity",
+    "UnfulfillableCapacity": "insufficient capacity",
+    "MaxSpotInstanceCountExceeded": "max spot count: the account's spot vCPU quota is used up",
+    "SpotMaxPriceTooLow": "price over the cap: the spot price is above --max-price",
+    "VcpuLimitExceeded": "vCPU quota used up",
+    "InsufficientFreeAddressesInSubnet": "no free IP address in the subnet",
+    "LowPlacementScore": "not offered: spot placement score too low",  # capacity.LEFT_OUT (a test keeps them equal)
+}
+THROTTLED = "EC2 throttled or failed the request (it passes by itself)"
+
+
+def answer_words(code: str) -> str:
+    if code in ANSWERS:
+        return ANSWERS[code]
+    if code in ("RequestLimitExceeded", "Throttling", "ThrottlingException") or code.startswith(("Internal", "Serv")):
+        return THROTTLED
+    return code or "no answer recorded"
+
+
+def waiting(run: Run, now: datetime) -> dict[str, Any] | None:
+    """Why the run has no instance now, or None when it has one (or has ended)."""
+    from training_infra.supervisor.runtime.records import AttemptEnd, RunState, iso, parse_iso
+
+    if not run.active or run.state not in (RunState.LAUNCHING, RunState.RECOVERING):
+        return None
+    current = run.current
+    if current is not None and current.instance_id:
+        return None
+    last = run.attempts[-1] if run.attempts else None
+    pools = []
+    if last is not None and last.end_reason == AttemptEnd.CAPACITY:
+        for error in last.errors:
+            pools.append(
+                {
+                    "pool": error.get("pool") or f"every pool ({error.get('market', '?')})",
+                    "market": error.get("market", ""),
+                    "code": error.get("code", ""),
+                    "answer": answer_words(error.get("code", "")),
+                    "message": error.get("message", ""),
+                }
+            )
+    cooling = {
+        pool: until for pool, until in sorted(run.cooldown.items()) if (parse_iso(until) or now) > now
+    }  # fmt: skip
+    tried_at = parse_iso(last.ended_at) if last is not None and last.end_reason == AttemptEnd.CAPACITY else None
+    next_try = max(now, tried_at + timedelta(seconds=RECONCILE_SECONDS)) if tried_at else now
+    deadline = parse_iso(run.deadline_at)
+    return {
+        "why": run.message,
+        "tries": last.tries if last is not None and last.end_reason == AttemptEnd.CAPACITY else 0,
+        "last_try_at": iso(tried_at) if tried_at else "",
+        "pools": pools,
+        "cooldown": cooling,
+        "next_try_at": iso(next_try),
+        "deadline_at": iso(deadline) if deadline else "",
+    }
+
+
+def waiting_lines(found: dict[str, Any] | None) -> list[str]:
+    """The `status RUN -v` block: short lines, one per pool and cooldown."""
+    if found is None:
+        return []
+    lines = ["why it waits:"]
+    if found["tries"]:
+        lines.append(f"  {found['tries']} tr{'y' if found['tries'] == 1 else 'ies'} without an instance; "
+                     f"last {found['last_try_at']}")  # fmt: skip
+    if found["pools"]:
+        lines.append("  EC2's last answer per pool:")
+        lines += [f"    {p['pool']} ({p['market']}): {p['answer']} [{p['code']}]" for p in found["pools"]]
+    elif found["tries"]:
+        lines.append(f"  {found['why']}")
+    for pool, until in found["cooldown"].items():
+        lines.append(f"  cooldown: {pool} until {until} (reclaimed there; other pools first)")
+    lines.append(f"  next try: {found['next_try_at']} (the supervisor tries every minute until the deadline"
+                 + (f" {found['deadline_at']})" if found["deadline_at"] else ")"))  # fmt: skip
+    return lines
+
+
+# ---- Capacity Blocks for ML: `capacity offers` and `capacity buy` -----------------------------------------
+
+capacity_app = typer.Typer(
+    name="capacity",
+    help=(
+        "Capacity Blocks for ML: `capacity offers` lists reserved GPU hours EC2 sells (start, end, price); "
+        "`capacity buy OFFERING --yes` buys one, within the month's dollar limit."
+    ),
+    no_args_is_help=True,
+)
+Region = Annotated[
+    str | None,
+    typer.Option("--region", help="AWS region of the stacks (default: your profile's region).", show_default=False),
+]
+TypeOption = Annotated[str, typer.Option("--type", metavar="TYPE", help="Instance type, e.g. p5.48xlarge.")]
+CountOption = Annotated[str, typer.Option("--count", metavar="N", help="Instances in the block.")]
+HoursOption = Annotated[str, typer.Option("--hours", metavar="H", help="The block's length in hours, e.g. 24.")]
+INSTANCE_PLATFORM = "Linux/UNIX"  # the DLAMI the stacks launch (PurchaseCapacityBlock's InstancePlatform)
+
+
+@dataclass(frozen=True)
+class Offering:
+    """One DescribeCapacityBlockOfferings answer."""
+
+    offering_id: str
+    instance_type: str
+    zone: str
+    count: int
+    start: datetime | None
+    end: datetime | None
+    hours: int
+    fee_usd: float | None
+    currency: str
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> Offering:
+        try:
+            fee = float(raw.get("UpfrontFee", ""))
+        except ValueError:
+            fee = None
+        return cls(
+            raw.get("CapacityBlockOfferingId", ""), raw.get("InstanceType", ""), raw.get("AvailabilityZone", ""),
+            int(raw.get("InstanceCount", 0)), _moment(raw.get("StartDate")), _moment(raw.get("EndDate")),
+            int(raw.get("CapacityBlockDurationHours", 0)), fee, raw.get("CurrencyCode", "USD"),
+        )  # fmt: skip
+
+    def price(self) -> str:
+        return "unknown" if self.fee_usd is None else f"{self.fee_usd:,.2f} {self.currency}"
+
+    def row(self) -> dict[str, Any]:
+        from training_infra.supervisor.runtime.records import iso
+
+        return {
+            "offering_id": self.offering_id, "instance_type": self.instance_type, "zone": self.zone,
+            "count": self.count, "start": iso(self.start) if self.start else None,
+            "end": iso(self.end) if self.end else None, "hours": self.hours, "upfront_fee": self.fee_usd,
+            "currency": self.currency,
+        }  # fmt: skip
+
+
+def _console() -> Any:
+    from rich.console import Console  # imported by the verbs that print, not at start-up
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _moment(value: Any) -> datetime | None:
+    from training_infra.supervisor.runtime.records import parse_iso
+
+    if isinstance(value, datetime):
+        return value
+    return parse_iso(value) if isinstance(value, str) else None
+
+
+def _whole(option: str, value: str, least: int, most: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = least - 1
+    if not least <= number <= most:
+        raise UsageError(f"option '{option}': got {value!r}; allowed: a whole number from {least} to {most}")
+    return number
+
+
+def offerings(ec2: Any, instance_type: str, count: int, hours: int) -> list[Offering]:
+    """Every offering EC2 has for this type, count and length, soonest first."""
+    from botocore.exceptions import ClientError  # botocore only when a verb calls AWS: --help stays fast
+
+    kwargs: dict[str, Any] = {"InstanceType": instance_type, "InstanceCount": count, "CapacityDurationHours": hours}
+    found: list[Offering] = []
+    while True:
+        try:
+            page = ec2.describe_capacity_block_offerings(**kwargs)
+        except ClientError as error:
+            details = error.response.get("Error", {})
+            raise CliError(
+                f"EC2 refused to list Capacity Block offerings for {count} x {instance_type} for {hours} h: "
+                f"{details.get('Code', 'error')}: {details.get('Message', '')}".rstrip(": ")
+            ) from None
+        found += [Offering.of(raw) for raw in page.get("CapacityBlockOfferings", [])]
+        if not page.get("NextToken"):
+            break
+        kwargs["NextToken"] = page["NextToken"]
+    return sorted(found, key=lambda o: (o.start or datetime.max.replace(tzinfo=UTC), o.fee_usd or 0.0))
+
+
+@capacity_app.command("offers")
+@reported_errors
+def offers(
+    instance_type: TypeOption,
+    hours: HoursOption,
+    count: CountOption = "1",
+    output: Annotated[str, typer.Option("--output", "-o", metavar="table|json", help="table or json.")] = "table",
+    region: Region = None,
+) -> None:
+    """List the Capacity Block offerings for TYPE x COUNT for HOURS: start, end, zone, upfront price."""
+    from training_infra.supervisor.runtime.records import iso
+
+    fmt = output_format(output)
+    wanted = _whole("--count", count, 1, 64), _whole("--hours", hours, 1, 24 * 182)
+    found = offerings(Aws(region).client("ec2"), instance_type, *wanted)
+    if fmt == "json":
+        print_json([o.row() for o in found])
+        return
+    out = _console()
+    if not found:
+        out.print(f"no Capacity Block offering for {wanted[0]} x {instance_type} for {wanted[1]} h", markup=False)
+        return
+    listing = Listing(
+        title=f"Capacity Block offerings: {wanted[0]} x {instance_type} for {wanted[1]} h",
+        columns=[Column(name, right=name == "price") for name in ("offering", "zone", "start", "end", "price")],
+        caption="price: paid upfront at purchase; `training-infra capacity buy OFFERING --yes` buys one",
+    )
+    for o in found:
+        listing.rows.append([o.offering_id, o.zone, iso(o.start) if o.start else "-", iso(o.end) if o.end else "-",
+                             o.price()])  # fmt: skip
+    listing.print(out)
+
+
+@capacity_app.command("buy")
+@reported_errors
+def buy(
+    offering_id: Annotated[str, typer.Argument(metavar="OFFERING", help="An offering id from `capacity offers`.")],
+    instance_type: TypeOption,
+    hours: HoursOption,
+    count: CountOption = "1",
+    yes: Annotated[bool, typer.Option("--yes", help="Buy it: the upfront fee is charged at once.")] = False,
+    region: Region = None,
+) -> None:
+    """Buy one Capacity Block offering (the same --type, --count and --hours that listed it).
+
+    Refused without --yes, and when its upfront fee is more than the month has left of monthly_limit_usd.
+    """
+    wanted = _whole("--count", count, 1, 64), _whole("--hours", hours, 1, 24 * 182)
+    aws = Aws(region)
+    line = purchase(aws.client("ec2"), offering_id, instance_type, *wanted, yes=yes, month=_month_left(aws))
+    _console().print(line, markup=False)
+
+
+def purchase(
+    ec2: Any, offering_id: str, instance_type: str, count: int, hours: int, *, yes: bool,
+    month: tuple[float, float | None],
+) -> str:  # fmt: skip
+    """Buy the offering if it is still offered, --yes was given and the month's limit has room; the line to print."""
+    matching = [o for o in offerings(ec2, instance_type, count, hours) if o.offering_id == offering_id]
+    if not matching:
+        raise CliError(
+            f"offering {offering_id}: not among EC2's offerings for {count} x {instance_type} for {hours} h "
+            "now (they change): list them again with `training-infra capacity offers`"
+        )
+    from training_infra.supervisor.runtime.records import iso
+
+    offer = matching[0]
+    what = (f"{offer.count} x {offer.instance_type} in {offer.zone} from "
+            f"{iso(offer.start) if offer.start else '?'} to {iso(offer.end) if offer.end else '?'}")  # fmt: skip
+    refusal = buy_refusal(offer, yes, *month)
+    if refusal:
+        raise CliError(f"refused: Capacity Block {offering_id} ({what}) costs {offer.price()} upfront: {refusal}")
+    from botocore.exceptions import ClientError
+
+    try:
+        answer = ec2.purchase_capacity_block(CapacityBlockOfferingId=offering_id, InstancePlatform=INSTANCE_PLATFORM)
+    except ClientError as error:
+        details = error.response.get("Error", {})
+        raise CliError(f"EC2 refused to sell Capacity Block {offering_id}: {details.get('Code', 'error')}: "
+                       f"{details.get('Message', '')}".rstrip(": ")) from None  # fmt: skip
+    reservation = answer.get("CapacityReservation", {})
+    return f"bought Capacity Block {reservation.get('CapacityReservationId', '?')}: {what}, {offer.price()}"
+
+
+def buy_refusal(offer: Offering, yes: bool, limit_usd: float, left_usd: float | None) -> str:
+    """Why a purchase is refused, or "": buying is a deliberate act, and stays within the month's limit."""
+
+    if limit_usd and (offer.fee_usd is None or left_usd is None or offer.fee_usd > left_usd):
+        have = "unknown" if left_usd is None else f"${max(0.0, left_usd):,.2f}"
+        return f"monthly_limit_usd {limit_usd:g} has {have} left this month"
+    if not yes:
+        return "pass --yes to buy it (not refundable)"
+    return ""
+
+
+def _month_left(aws: Aws) -> tuple[float, float | None]:
+    """(monthly_limit_usd, what the month has left of it: spent and reserved by active runs taken off)."""
+    from training_infra.supervisor.runtime.records import MonthlyLedger
+
+    try:
+        limit = float(aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_MONTHLY_LIMIT_USD) or 0)
+    except ValueError:
+        limit = 0.0
+    if not limit:
+        return 0.0, None
+    table = aws.stack_outputs(naming.STORAGE_STACK).get(naming.OUTPUT_RUN_TABLE, "")
+    if not table:
+        return limit, None
+    ledger = MonthlyLedger(aws.client("dynamodb"), table, limit)
+    return limit, ledger.left(MonthlyLedger.key(datetime.now(UTC)))[2]

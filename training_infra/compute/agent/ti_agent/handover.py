@@ -1,0 +1,109 @@
+"""A replacement started on the spot notice restores only after the old attempt's final checkpoint.
+
+The supervisor starts attempt n+1 while attempt n, warned of its spot interruption, still saves
+(supervisor/runtime/replacement.py), and tags the new instance `training-infra:replaces=n`. Before
+restoring, this agent waits for attempt n's final `status.json` (written by its finalize after the
+final checkpoint sync and its manifest), then restores the newest complete checkpoint as always (the
+manifest names it: checkpoints.py). The wait is bounded: EC2 takes the old box two minutes after the
+warning and this box booted after the warning, so after WAIT_SECONDS the old trainer cannot be writing
+any more. Either way, two trainers never write one checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from .imds import ImdsError
+
+TAG_NAME = "replaces"  # training-infra:replaces, read from IMDS instance tags
+UNTIL_TAG_NAME = "replaces-until"  # ISO: the old box's end (the notice's) plus EC2's shutdown margin
+# Without the until tag: the two-minute notice plus a margin, counted from this box's boot (after the warning).
+WAIT_SECONDS = 180
+POLL_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What the wait found: the old attempt, whether its final status arrived, and how long it took."""
+
+    replaced: int
+    final_status_seen: bool
+    waited_seconds: float
+
+    def words(self) -> str:
+        if self.final_status_seen:
+            return (f"attempt {self.replaced}'s final status.json is in S3 after {self.waited_seconds:.0f} s: "
+                    "its last checkpoint is complete")  # fmt: skip
+        return (f"no final status.json from attempt {self.replaced} after {self.waited_seconds:.0f} s: its box "
+                "is gone (the notice is two minutes); restoring the newest complete checkpoint")  # fmt: skip
+
+
+def wait_for_replaced(
+    replaced: int,
+    final_status_exists: Callable[[], bool],
+    *,
+    wait_seconds: float = WAIT_SECONDS,
+    poll_seconds: float = POLL_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Handover:
+    """Poll for the old attempt's final status until it exists or `wait_seconds` passed."""
+    started = clock()
+    while True:
+        try:
+            seen = final_status_exists()
+        except Exception:  # noqa: BLE001 - a failed look is "not yet": the bound still holds
+            seen = False
+        waited = clock() - started
+        if seen or waited >= wait_seconds:
+            return Handover(replaced, seen, waited)
+        sleep(min(poll_seconds, max(0.0, wait_seconds - waited)))
+
+
+def wait_bound(until_tag: str | None, now_epoch: float) -> float:
+    """Seconds to wait at most: until the old box must be gone (its tag), never more than WAIT_SECONDS."""
+    try:
+        until = datetime.fromisoformat((until_tag or "").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return WAIT_SECONDS
+    return min(WAIT_SECONDS, max(0.0, until - now_epoch))
+
+
+def replaced_attempt(tag_value: str | None, attempt: int) -> int:
+    """The attempt this one replaces (0: none), from the tag; anything but an earlier attempt is ignored."""
+    if not tag_value or not re.fullmatch(r"[1-9][0-9]{0,5}", tag_value):
+        return 0
+    replaced = int(tag_value)
+    return replaced if 0 < replaced < attempt else 0
+
+
+def before_restore(agent: object) -> Handover | None:
+    """The hook in Agent.run: wait when this attempt is a replacement on the notice, else return at once."""
+    try:
+        value = agent.tag(TAG_NAME)  # type: ignore[attr-defined]
+    except ImdsError:
+        value = None
+    replaced = replaced_attempt(value, agent.attempt)  # type: ignore[attr-defined]
+    if not replaced:
+        return None
+    key = f"runs/{agent.run_id}/attempts/{replaced}/status.json"  # type: ignore[attr-defined]
+    bucket = agent.outputs_bucket  # type: ignore[attr-defined]
+    s3 = agent.aws.client("s3")  # type: ignore[attr-defined]
+
+    def exists() -> bool:  # listed, not read: the instance role lists runs/ (a missing key read answers 403)
+        return bool(s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount"))
+
+    try:
+        until = agent.tag(UNTIL_TAG_NAME)  # type: ignore[attr-defined]
+    except ImdsError:
+        until = None
+    bound = wait_bound(until, time.time())
+    agent.log(f"replacement of attempt {replaced} (spot notice): waiting up to {bound:.0f} s for its final "  # type: ignore[attr-defined]
+              "checkpoint")  # fmt: skip
+    found = wait_for_replaced(replaced, exists, wait_seconds=bound)
+    agent.log(found.words())  # type: ignore[attr-defined]
+    return found

@@ -1,0 +1,89 @@
+"""A replacement on the spot interruption notice: the next attempt starts while the old box saves.
+
+Without it, the supervisor relaunched only once the reclaimed instance had ended, so interruption to
+training again was notice + boot + restore. With it, on `EC2 Spot Instance Interruption Warning` the
+supervisor ends the warned attempt in the record at once (reclaimed, its end the notice's end: EC2 takes
+the box two minutes after the warning), cools its pool down, and claims and launches the next attempt
+on another pool, tagged `training-infra:replaces=<old attempt>`. The new box boots while the old one
+writes its final checkpoint; its agent restores only after the old attempt's final status.json is in S3
+(or a bounded wait passed, by when EC2 has ended the old box): ti_agent/handover.py. So two trainers
+never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
+
+The old attempt is priced up to the notice's end, so the overlap of two boxes (at most one notice per
+interruption) is in the run's cost. Only for a spot attempt with an instance, no stop requested, and the
+warned attempt still the run's current one: handling the same warning twice starts one replacement.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
+    from records import AttemptEnd, StaleRecord, iso, parse_iso
+except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+    from training_infra.supervisor.runtime.records import AttemptEnd, StaleRecord, iso, parse_iso
+
+log = logging.getLogger(__name__)
+
+# EC2 gives a spot instance two minutes between the interruption warning and taking it (EC2 User Guide,
+# "Spot Instance interruption notices").
+NOTICE = timedelta(minutes=2)
+REPLACES_TAG = "training-infra:replaces"
+UNTIL_TAG = "training-infra:replaces-until"
+SHUTDOWN_MARGIN = timedelta(seconds=30)  # EC2 stopping the box after the notice's end
+
+
+def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str) -> dict[str, Any] | None:
+    """Start the replacement of a warned attempt, or None when there is none to start (the caller's answer
+    stands: the warning is noted on the attempt, and the run relaunches after the box ends, as before)."""
+    for _ in range(5):
+        run = supervisor.store.get(run_id)
+        if run is None or not run.active or run.stop_requested_at or supervisor.invalid_because(run):
+            return None
+        current = run.current
+        if current is None or current.n != attempt_number or not current.instance_id or current.market != "spot":
+            return None
+        if run.spec.nodes > 1 or getattr(current, "members", None):  # a gang: gang.py replaces its members
+            return None
+        now = supervisor.now()
+        warned = parse_iso(warned_at) or now
+        ends = max(warned + NOTICE, now)
+        current.reclaim_warned_at = current.reclaim_warned_at or iso(warned)
+        current.end(AttemptEnd.RECLAIMED, "spot interruption notice: replaced at once while it saves", iso(ends))
+        supervisor._price(run, current, ends)  # up to the notice's end: the overlap counts in the run's cost
+        if current.zone:
+            until = now + timedelta(seconds=supervisor.cfg.cooldown_seconds)
+            run.cooldown[f"{current.instance_type}@{current.zone}"] = iso(until)
+        try:
+            answer = supervisor._next_attempt(
+                run, why=f"spot interruption notice for attempt {current.n}: replacement started while it saves",
+                replaces=current.n,
+            )  # fmt: skip
+        except StaleRecord:
+            continue
+        log.info("run %s: attempt %s warned at %s; replacement: %s", run_id, current.n, iso(warned), answer)
+        return {**answer, "replaces": current.n}
+    return None
+
+
+def replaces_tags(run: Any) -> dict[str, str]:
+    """The tags the new attempt's instance carries so its agent waits for the old one's final checkpoint: which
+    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin)."""
+    attempt = run.current
+    replaced = getattr(attempt, "replaces", 0) if attempt is not None else 0
+    if not replaced or replaced > len(run.attempts):
+        return {}
+    ends = parse_iso(run.attempts[replaced - 1].ended_at)
+    tags = {REPLACES_TAG: str(replaced)}
+    if ends is not None:
+        tags[UNTIL_TAG] = iso(ends + SHUTDOWN_MARGIN)
+    return tags
+
+
+def overlap_seconds(old_end: datetime | None, new_start: datetime | None) -> float:
+    """How long two boxes of one run ran at once (the old one's end after the new one's start)."""
+    if old_end is None or new_start is None:
+        return 0.0
+    return max(0.0, (old_end - new_start).total_seconds())
