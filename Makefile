@@ -92,10 +92,11 @@ destroy: setup  ## Destroy the compute stack only (data, registry and guard rail
 	$(PY) -m training_infra.deploy_guard --destroy $(GUARD_FLAGS)
 	$(CDK) destroy TrainingInfra-Compute $(LOCAL_CONTEXT) $(CDK_FLAGS)
 
-bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, supervisor, status/cost at scale, preflight, stall, the local AWS, spot replacement, sweeps
+bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, cold start, supervisor, status/cost at scale, preflight, stall, the local AWS, spot replacement, a two-node gang, sweeps
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
+	$(PY) scripts/bench_coldstart.py
 	$(PY) scripts/bench_supervisor.py
 	$(PY) scripts/bench_gang.py
 	$(PY) scripts/bench_status_cost.py
@@ -104,6 +105,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, su
 	$(PY) scripts/bench_local.py
 	$(PY) scripts/bench_cli_help.py
 	$(PY) scripts/bench_capacity.py
+	$(PY) scripts/bench_gang_agent.py
 	$(PY) scripts/bench_sweep.py
 
 local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the supervisor, every launched instance played here

@@ -47,6 +47,8 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
         "checkpoint_retention_days": "7",
         # The opt-in trainer role (issue 15, item 1).
         "trainer_s3_access": "true",
+        # Data larger than the disk: Mountpoint at /data (issue 29).
+        "data_access": "mount",
     },
     "on_demand": {"use_spot": "false", "auto_shutdown": "false", "create_instance": "true", "image_id": AMI},
     "existing_vpc": {

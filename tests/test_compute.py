@@ -306,7 +306,7 @@ def test_instance_role_reads_the_packed_agents_of_the_asset_bucket_and_nothing_e
     ]
 
 
-def test_user_data_gives_the_agent_the_configured_max_runtime_market_and_shutdown(compute):
+def test_user_data_gives_the_agent_the_configured_max_runtime_market_shutdown_and_data_access(compute):
     full = UserData.of(launch_data(compute("full"))["UserData"]).exports()
     max_runtime_seconds = int(float(CONFIGURATIONS["full"]["max_runtime_hours"]) * 3600)
     default_seconds = int(CDK_JSON_CONTEXT["max_runtime_hours"] * 3600)
@@ -316,7 +316,9 @@ def test_user_data_gives_the_agent_the_configured_max_runtime_market_and_shutdow
     assert full["TI_MAX_RUNTIME_SECONDS"] == str(max_runtime_seconds)
     assert full["TI_MARKET"] == "spot"
     assert full["TI_AUTO_SHUTDOWN"] == "true"
+    assert full["TI_DATA_ACCESS"] == "mount", "data_access reaches the agent (issue 29)"
     on_demand = UserData.of(launch_data(compute("on_demand"))["UserData"]).exports()
+    assert on_demand["TI_DATA_ACCESS"] == "sync", "the default: today's full sync"
     assert on_demand["TI_MAX_RUNTIME_SECONDS"] == str(default_seconds)
     assert on_demand["TI_MARKET"] == "on-demand"
     assert on_demand["TI_AUTO_SHUTDOWN"] == "false"

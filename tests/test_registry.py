@@ -39,7 +39,8 @@ def test_repository_scans_on_push_keeps_sha_tags_immutable_and_expires_old_image
     assert props["ImageScanningConfiguration"] == {"ScanOnPush": True}
     assert props["ImageTagMutability"] == "IMMUTABLE_WITH_EXCLUSION"
     assert props["ImageTagMutabilityExclusionFilters"] == [
-        {"ImageTagMutabilityExclusionFilterType": "WILDCARD", "ImageTagMutabilityExclusionFilterValue": "latest"}
+        {"ImageTagMutabilityExclusionFilterType": "WILDCARD", "ImageTagMutabilityExclusionFilterValue": tag}
+        for tag in ("latest", "latest-soci")  # the SOCI-enabled image follows main too (issue 29)
     ]
     policy = json.loads(props["LifecyclePolicy"]["LifecyclePolicyText"])
     selections = [rule["selection"] for rule in policy["rules"]]

@@ -440,6 +440,13 @@ class Settings:
     checkpoint_sync_seconds: int = declare(
         300, Number(30, 86400, whole=True), "how often the agent syncs `/checkpoints` to S3 during a run"
     )
+    data_access: str = declare(
+        "sync",
+        Text("sync or mount", re.compile(r"sync|mount")),
+        "how a run sees `data/` at `/data`: sync copies it to the volume before the trainer starts; mount serves it "
+        "read-only through Mountpoint for Amazon S3 (data larger than the disk; the AMI needs `mount-s3`); "
+        "`launch --data-access` overrides",
+    )
     retain_data: bool = declare(
         True,
         Flag(),

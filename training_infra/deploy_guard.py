@@ -53,6 +53,7 @@ _EXPORT_SETTINGS = {
     "TI_IDLE_SECONDS": "idle_minutes",
     "TI_IDLE_GPU_PERCENT": "idle_gpu_percent",
     "TI_CHECKPOINT_SYNC_SECONDS": "checkpoint_sync_seconds",
+    "TI_DATA_ACCESS": "data_access",
     "TI_MARKET": "use_spot",
     "TI_HOURLY_PRICE_USD": "instance_type",
     "TI_RUN_ID": "run_id",

@@ -289,6 +289,7 @@ def compute_props(settings: Settings) -> ComputeProps:
             stall_minutes=settings.stall_minutes,
             idle_gpu_percent=settings.idle_gpu_percent,
             checkpoint_sync_seconds=settings.checkpoint_sync_seconds,
+            data_access=settings.data_access,
         ),
         create_instance=settings.create_instance,
         run_id=settings.run_id,

@@ -97,6 +97,21 @@ class ProxiedRequest:
     path: str
     service: str
     status: int
+    at: float = 0.0  # time.time() when the answer was sent
+
+
+@dataclass
+class Throttle:
+    """A link of `bytes_per_second` shared by every S3 GET whose path has `matching`: answers wait
+    their turn, as on one slow link (the AWS CLI's parallel requests do not multiply it)."""
+
+    matching: str
+    bytes_per_second: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pace(self, size: int) -> None:
+        with self.lock:
+            time.sleep(size / self.bytes_per_second)
 
 
 class AwsProxy:
@@ -117,6 +132,8 @@ class AwsProxy:
         self.hold_s3_writes_under = ""
         self.held = threading.Event()
         self.release = threading.Event()
+        # S3 GETs through a slow link: `proxy.throttles.append(Throttle("/data-", 1e6))`.
+        self.throttles: list[Throttle] = []
         self.requests: list[ProxiedRequest] = []
         self.injected_failures = 0
         self._s3_count = 0
@@ -184,9 +201,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
         length = response.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length or str(len(payload)))
+        if service == "s3" and self.command == "GET":
+            for throttle in self.proxy.throttles:
+                if throttle.matching in self.path:
+                    throttle.pace(len(payload))
         self.end_headers()
         upstream.close()
-        self.proxy.record(ProxiedRequest(self.command, self.path, service, response.status))
+        self.proxy.record(ProxiedRequest(self.command, self.path, service, response.status, time.time()))
         if self.command != "HEAD":
             self.wfile.write(payload)
 
@@ -224,6 +245,7 @@ class AgentRun:
     registry_address: str | None = None  # where the ECR host name points (None: the engine's registry)
     started_at: float = 0.0  # time.time() when the agent was started
     agent: AgentObject | None = None  # where the bootstrap downloads the agent (an asset bucket on moto)
+    mount_namespace: bool = False  # run the box in its own mount namespace (a fake Mountpoint mounts there)
 
     def user_data(self) -> str:
         """The user data as the launch template holds it: settings, then the bootstrap."""
@@ -245,6 +267,8 @@ class AgentRun:
         argv = ["bash", str(script)]
         if self.engine is not None:
             argv = self.engine.in_namespace(argv, registry_address=self.registry_address)
+        if self.mount_namespace:
+            argv = ["unshare", "--mount", "--propagation", "private", *argv]
         self.started_at = time.time()
         self.process = subprocess.Popen(
             argv,
@@ -464,3 +488,47 @@ def new_run(
     )
     run.extra.update(queue_url=queue_url, sqs=sqs, session=session)
     return run
+
+
+# ---------------------------------------------------------------- a slow engine and a fake Mountpoint
+def fake_docker(run_dir: Path, *, pull_seconds: float, driver: str = "overlay2") -> dict[str, str]:
+    """The environment for the `docker` runtime on a stand-in engine (no container runs): `pull`
+    takes `pull_seconds` (an image of some size on a slow registry link), `info` reports the storage
+    `driver`, `run` is the trainer's first step and exits 0. Each writes its own clock to calls.log
+    (`pull-start`, `pull-end`, `first-step`), and `pull` its pid to pull.pid."""
+    calls = run_dir / "calls.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    docker = _fake_bin(
+        run_dir / "fake-docker",
+        f"""echo "$(date +%s.%N) docker $1" >> {calls}
+case "$1" in
+  info) echo {driver} ;;
+  login) cat >/dev/null ;;
+  pull) echo $$ > {run_dir / "pull.pid"}; echo "$(date +%s.%N) pull-start" >> {calls}
+        sleep {pull_seconds}; echo "$(date +%s.%N) pull-end" >> {calls} ;;
+  run) echo "$(date +%s.%N) first-step" >> {calls}; echo "step 1 loss 0.5" ;;
+esac
+exit 0
+""",
+    )
+    return {"TI_RUNTIME": "docker", "TI_DOCKER": str(docker)}
+
+
+def fake_mounter(run_dir: Path, *, mounts: bool = True) -> Path:
+    """Mountpoint for Amazon S3 played with what this machine has: a tmpfs at the target, the
+    bucket's `--prefix` copied in with the AWS CLI (through the same proxy), then remounted read-only;
+    `mounts=False` exits 0 having mounted nothing (a mounter that lies). Its argv goes to calls.log.
+    The agent must run in its own mount namespace (`unshare -m`), so nothing outlives the run."""
+    calls = run_dir / "calls.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    body = f"""echo "$(date +%s.%N) mount-s3 $*" >> {calls}
+bucket=$1 target=$2 prefix=""
+shift 2
+while [ $# -gt 0 ]; do case "$1" in --prefix) prefix=$2; shift 2 ;; *) shift ;; esac; done
+"""
+    if mounts:
+        body += """mount -t tmpfs -o size=64m mountpoint-s3 "$target" || exit 1
+aws s3 cp --recursive --only-show-errors "s3://$bucket/$prefix" "$target/" || { umount "$target"; exit 1; }
+mount -o remount,ro "$target"
+"""
+    return _fake_bin(run_dir / "fake-mount-s3", body + "exit 0\n")

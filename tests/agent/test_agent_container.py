@@ -150,7 +150,10 @@ def test_container_image_missing_from_ecr_fails_clearly_uploads_logs_and_powers_
 
     status = run.status()
     assert (status["outcome"], status["exit_code"]) == ("failed", None)
-    assert status["message"] == f"could not get image {run.config.image_uri}:v1 from ECR after 2 attempts"
+    assert (
+        status["message"]
+        == f"cold start: image failed: could not get image {run.config.image_uri}:v1 from ECR after 2 attempts"
+    )
     setup_log = run.read(run.log_key("training-setup.log"))
     assert "manifest unknown" in setup_log, "the engine's own error is in the uploaded setup log"
     assert "starting trainer" not in setup_log

@@ -50,6 +50,7 @@ def test_attempt_2_resumes_writes_its_own_record_and_leaves_attempt_1_alone(make
     assert first.attempt_status(1)["outcome"] == "interrupted"
     attempt_1 = etags(first, "runs/managed/attempts/1/")
     assert sorted(attempt_1) == [
+        "runs/managed/attempts/1/cold_start.json",
         "runs/managed/attempts/1/logs/metrics.jsonl",
         "runs/managed/attempts/1/logs/training-setup.log",
         "runs/managed/attempts/1/logs/training.log",

@@ -387,7 +387,7 @@ def test_status_has_the_documented_fields_in_order_and_the_cost_estimate():
     assert list(status) == [
         "run_id", "attempt", "outcome", "exit_code", "started_at", "ended_at", "duration_seconds", "instance_id",
         "instance_type", "market", "availability_zone", "hourly_price_usd", "estimated_cost_usd", "image", "message",
-        "progress",
+        "progress", "cold_start",
     ]  # fmt: skip
     assert status["estimated_cost_usd"] == 0.503 and status["outcome"] == "failed" and status["exit_code"] is None
     assert json.loads(json.dumps(status)) == status

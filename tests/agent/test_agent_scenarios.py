@@ -53,6 +53,7 @@ def test_happy_path_syncs_checkpoints_while_training_then_uploads_everything_wit
         prefix + name
         for name in (
             "_SUCCESS",
+            "attempts/1/cold_start.json",
             "attempts/1/logs/metrics.jsonl",  # the example trainer beats: watch's history rides the logs
             "attempts/1/logs/training-setup.log",
             "attempts/1/logs/training.log",
@@ -330,7 +331,10 @@ def use_fake_docker(run) -> None:
 
 
 def docker_calls(run) -> list[dict]:
-    return [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+    """The engine calls after `docker info` (the agent asks it first: lazy or plain pull, issue 29)."""
+    calls = [json.loads(line) for line in (run.tmp / "docker-calls.jsonl").read_text().splitlines()]
+    assert calls[0]["argv"] == ["info", "--format", "{{.Driver}}"]
+    return [call for call in calls if call["argv"][0] != "info"]
 
 
 def test_docker_runtime_pulls_from_ecr_runs_with_gpus_and_mounts_and_docker_stops_on_spot_notice(make_run):

@@ -44,6 +44,7 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
     result = stacks.cli(
         "launch", "--run-id", "launch-spot-1", "--image-tag", "v2", "--command", "python train.py --lr 3e-4",
         "--env", "EPOCHS=3", "--env", "WANDB_MODE=offline", "--max-runtime-hours", "2", "--stall-minutes", "7",
+        "--data-access", "mount",
     )  # fmt: skip
 
     assert result.exit_code == 0, result.output
@@ -68,6 +69,7 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
     assert exports["TI_MAX_RUNTIME_SECONDS"] == "7200"
     assert exports["TI_STALL_SECONDS"] == "420" and record.spec.stall_seconds == 420, "agent and backstop"
     assert exports["TI_DEADLINE_AT"] == record.deadline_at
+    assert exports["TI_DATA_ACCESS"] == "mount", "data larger than the disk: Mountpoint at /data (issue 29)"
     assert exports["TI_EXTRA_ENV"].splitlines() == ["STACK_LEVEL=1", "EPOCHS=3", "WANDB_MODE=offline"]
     assert "launched run launch-spot-1: attempt 1 on " + instance["InstanceId"] in result.stdout
     for verb in ("status", "logs", "fetch", "stop", "connect"):
@@ -201,6 +203,7 @@ def test_a_run_id_in_use_is_refused_and_nothing_is_launched(stacks):
         (("--stall-minutes", "-1"), "option '--stall-minutes': got '-1'; allowed: a whole number from 0 to 1440"),
         (("--stall-minutes", "ten"), "option '--stall-minutes': got 'ten'; allowed: a whole number from 0 to 1440"),
         (("--image-tag", "bad tag"), "option '--image-tag': got 'bad tag'"),
+        (("--data-access", "copy"), "option '--data-access': got 'copy'; allowed: sync or mount"),
         (("--env", "NOEQUALS"), "option '--env': got 'NOEQUALS'; allowed: KEY=VALUE"),
         (("--env", "1BAD=x"), "option '--env': got '1BAD=x'"),
         (("--subnet-id", "vpc-123"), "option '--subnet-id': got 'vpc-123'"),

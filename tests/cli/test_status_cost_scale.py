@@ -180,8 +180,9 @@ def test_status_of_one_run_reads_that_run_alone(region, calls):
     assert row["run_id"] == "scale-one"
     assert calls["s3.ListObjectsV2"] == 0 and calls["dynamodb.Query"] == 0
     assert [p["Key"] for name, p in calls.params if name == "s3.GetObject"] == [
-        "runs/scale-one/attempts/1/progress.json"
-    ], "its last attempt's progress, nothing else"
+        "runs/scale-one/attempts/1/progress.json",
+        "runs/scale-one/attempts/1/cold_start.json",
+    ], "its last attempt's progress and cold start, nothing else"
     assert calls["dynamodb.GetItem"] == 1
 
 
@@ -339,3 +340,22 @@ def test_status_of_a_run_shows_its_trainers_progress_or_that_it_reports_none(reg
     assert "  progress: none reported yet this attempt (a trainer that never writes HEARTBEAT_FILE is judged" in quiet
     [row] = _status_rows(region, "scale-beats")
     assert row["progress"] == progress
+
+
+def test_status_of_a_run_shows_each_cold_start_transfer_and_the_total(region):
+    store = _store(region)
+    store.create(_record("scale-cold", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
+    store.create(_record("scale-warm", NOW - timedelta(hours=1), [_attempt(1, NOW - timedelta(hours=1), None)], "running"))  # noqa: E501  # fmt: skip
+    cold = {"total_seconds": 9.8, "parts": {"image": 9.8, "data": 6.7, "checkpoints": 7.5}, "slowest": "image",
+            "failed": None}  # fmt: skip
+    region.client("s3").put_object(
+        Bucket=region.outputs_bucket, Key="runs/scale-cold/attempts/1/cold_start.json", Body=json.dumps(cold)
+    )
+
+    shown = region.cli("status", "scale-cold").stdout
+    pending = region.cli("status", "scale-warm").stdout
+
+    assert "  cold start: 9.8 s (image 9.8 s, data 6.7 s, checkpoints 7.5 s; slowest image)" in shown
+    assert "  cold start: not reported yet this attempt" in pending
+    [row] = _status_rows(region, "scale-cold")
+    assert row["cold_start"] == cold

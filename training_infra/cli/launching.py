@@ -63,6 +63,7 @@ class LaunchRequest:
     nodes: str | int | None = None  # a gang of this many instances (issue 25); None: one
     # Where the values came from, weakest first (a spec file or --like, then the flags): cli/spec_cli.py.
     spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
+    data_access: str | None = None  # sync | mount (issue 29): how the run sees data/ at /data
 
 
 MIN_COST_USD = launch_rules.MIN_COST_USD
@@ -122,6 +123,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.nodes = check("max_nodes", "--nodes", request.nodes)
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
+    if request.data_access is not None:
+        request.data_access = check("data_access", "--data-access", request.data_access)
     if request.run_id is not None:
         request.run_id = check("run_id", "--run-id", request.run_id) or None
     preflight.check_run_id_name(request.run_id)
@@ -510,6 +513,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "stall_seconds": request.stall_minutes * 60 if request.stall_minutes is not None else None,
         "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd, "spec_yaml": spec.to_yaml(),
         **({"nodes": int(request.nodes)} if request.nodes and int(request.nodes) > 1 else {}),
+        **({"data_access": request.data_access} if request.data_access is not None else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)
     return Started(

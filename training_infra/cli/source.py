@@ -69,6 +69,7 @@ class RunSource:
         rows = managed_rows(aws, [record]) if record else run_rows(aws, runs.require_runs(aws, run))
         if record is not None:
             rows[0]["progress"] = progress(aws, record)
+            rows[0]["cold_start"] = attempt_json(aws, record, "cold_start.json")
         return rows, record
 
     def newest_rows(self, count: int) -> list[dict[str, Any]]:
@@ -301,9 +302,14 @@ def _node_rows(attempt: Any, instances: dict[str, runs.Run]) -> list[dict[str, A
 
 def progress(aws: Aws, record: Record) -> dict[str, Any] | None:
     """The last attempt's progress.json (the agent uploads it once a minute with progress), or None."""
+    return attempt_json(aws, record, "progress.json")
+
+
+def attempt_json(aws: Aws, record: Record, name: str) -> dict[str, Any] | None:
+    """A JSON object the agent uploads under the last attempt (progress.json, cold_start.json), or None."""
     if not record.launched:
         return None
-    key = f"{naming.RUNS_PREFIX}{record.run_id}/attempts/{record.launched[-1].n}/progress.json"
+    key = f"{naming.RUNS_PREFIX}{record.run_id}/attempts/{record.launched[-1].n}/{name}"
     try:
         body = aws.client("s3").get_object(Bucket=aws.output(naming.OUTPUT_OUTPUTS_BUCKET), Key=key)["Body"].read()
         found = json.loads(body)

@@ -105,6 +105,7 @@ def request_from_spec(spec: Any, flags: launching.LaunchRequest) -> launching.La
         allow_empty_data=spec.data.allow_empty,
         resume=flags.resume,
         dry_run=flags.dry_run,
+        data_access=flags.data_access,  # a flag only for now (issue 29): not yet a key of the spec's `data`
     )
     return launching.validate(request)
 

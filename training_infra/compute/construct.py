@@ -135,6 +135,7 @@ class RunDefaults:
     idle_gpu_percent: float = 5
     stall_minutes: int = 20
     checkpoint_sync_seconds: int = 300
+    data_access: str = "sync"  # sync | mount (Mountpoint for Amazon S3, read-only)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ class TrainingCompute(Construct):
             idle_gpu_percent=run.idle_gpu_percent,
             stall_seconds=run.stall_minutes * 60,
             checkpoint_sync_seconds=run.checkpoint_sync_seconds,
+            data_access=run.data_access,
             market="spot" if instance.use_spot else "on-demand",
             hourly_price_usd=on_demand_price(instance.instance_type) or 0.0,
             # trainer_s3_access: the agent hands the container this role's short sessions; else no credentials.

@@ -42,9 +42,13 @@ class TrainingRegistry(Construct):
             # An outside system (the image workflow, moto) must know the name.
             repository_name=props.repository_name,
             image_scan_on_push=True,
-            # Commit-SHA tags never move; only `latest` follows main, so only it stays mutable.
+            # Commit-SHA tags never move; only `latest` and its SOCI-enabled twin `latest-soci` (the image
+            # workflow's lazy-loading index, docs/agent.md) follow main, so only they stay mutable.
             image_tag_mutability=ecr.TagMutability.IMMUTABLE_WITH_EXCLUSION,
-            image_tag_mutability_exclusion_filters=[ecr.ImageTagMutabilityExclusionFilter.wildcard("latest")],
+            image_tag_mutability_exclusion_filters=[
+                ecr.ImageTagMutabilityExclusionFilter.wildcard("latest"),
+                ecr.ImageTagMutabilityExclusionFilter.wildcard("latest-soci"),
+            ],
             encryption=ecr.RepositoryEncryption.AES_256,
             removal_policy=RemovalPolicy.RETAIN,
             lifecycle_rules=[

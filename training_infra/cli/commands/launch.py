@@ -162,6 +162,18 @@ def launch(
             rich_help_panel=LIMITS,
         ),
     ] = None,
+    data_access: Annotated[
+        str | None,
+        typer.Option(
+            "--data-access",
+            metavar="sync|mount",
+            help=(
+                "How the run sees the data bucket's data/ at /data: sync copies it to the volume first; mount serves "
+                "it read-only through Mountpoint for Amazon S3 (data larger than the disk). Default: the stack's."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
@@ -276,7 +288,7 @@ def launch(
             stall_minutes=stall_minutes, image_tag=image_tag,
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
-            max_cost_usd=max_cost_usd, nodes=nodes,
+            max_cost_usd=max_cost_usd, nodes=nodes, data_access=data_access,
         )
     )  # fmt: skip
     aws = Aws(region)

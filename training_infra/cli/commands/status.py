@@ -123,6 +123,18 @@ def _progress_words(progress: dict[str, Any] | None) -> str:
     return ", ".join(parts) or "beats without a step"
 
 
+def cold_start_words(cold: dict[str, Any] | None) -> str:
+    """`9.8 s (image 9.8 s, data 6.7 s, checkpoints 7.5 s; slowest image)`: the last attempt's image pull,
+    data and checkpoint restore, which run at once (issue 29), or why there is no figure."""
+    if not cold or not isinstance(cold.get("parts"), dict):
+        return "not reported yet this attempt (the agent writes it when its image, data and checkpoints are in)"
+    parts = [f"{name} {seconds:.1f} s" for name, seconds in cold["parts"].items() if isinstance(seconds, (int, float))]
+    total = cold.get("total_seconds")
+    head = f"{total:.1f} s" if isinstance(total, (int, float)) else "?"
+    tail = f"{cold['failed']} failed" if cold.get("failed") else f"slowest {cold.get('slowest')}"
+    return f"{head} ({', '.join(parts)}; {tail})"
+
+
 def _show_managed_run(row: dict[str, Any]) -> None:
     out = stdout()
     spec = row["managed"]["spec"]
@@ -136,6 +148,7 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         f"  uptime {fmt_duration(row['uptime_seconds'])}; cost {fmt_usd(row['cost_usd'])}"
         + (f" of {fmt_usd(row['max_cost_usd'])} ({fmt_usd(row['left_usd'])} left)" if row["max_cost_usd"] else ""),
         f"  progress: {_progress_words(row.get('progress'))}",
+        f"  cold start: {cold_start_words(row.get('cold_start'))}",
     ):
         out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(

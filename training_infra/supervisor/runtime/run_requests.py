@@ -122,8 +122,9 @@ def insert_overrides(user_data: str, overrides: Mapping[str, object]) -> str:
 SEAL_EXPORT = "TI_RUN_SEAL"
 RUN_OVERRIDES = frozenset({
     "TI_RUN_ID", "TI_DEADLINE_AT", "TI_MARKET", "TI_HOURLY_PRICE_USD", "TI_IMAGE_TAG", "TI_TRAINING_COMMAND",
-    "TI_MAX_RUNTIME_SECONDS", "TI_STALL_SECONDS", "TI_EXTRA_ENV", "TI_SECRETS", SEAL_EXPORT,
+    "TI_MAX_RUNTIME_SECONDS", "TI_STALL_SECONDS", "TI_EXTRA_ENV", "TI_SECRETS", "TI_DATA_ACCESS", SEAL_EXPORT,
 })  # fmt: skip
+DATA_ACCESS = ("sync", "mount")  # the agent's TI_DATA_ACCESS (ti_agent/settings.py CHOICES)
 
 
 def run_seal(spec: RunSpec, deadline_at: str) -> str:
@@ -301,6 +302,7 @@ class LaunchRequest:
     max_cost_usd: float | None
     nodes: int = 1
     spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
+    data_access: str | None = None  # sync | mount (issue 29); None: the stack's
     # Set only by a sweep's step (sweeps.py), never from a caller's event: the member's group and trial, and the
     # month its group reserved for all its members (so a member reserves nothing of its own).
     group: str = ""
@@ -334,6 +336,9 @@ class LaunchRequest:
             if not _SECRET_REF.match(item) or name.startswith(("AWS_", "TI_")):
                 raise Refused(f"option '--secret': got {item!r}; allowed: NAME=ssm:/training-infra/PATH or "
                               "NAME=arn:aws:secretsmanager:...", usage=True)  # fmt: skip
+        data_access = _text(event, "data_access")
+        if data_access is not None and data_access not in DATA_ACCESS:
+            raise Refused(f"option '--data-access': got {data_access!r}; allowed: {', '.join(DATA_ACCESS)}", usage=True)
         return cls(
             run_id=run_id,
             resume=bool(event.get("resume", False)),
@@ -351,6 +356,7 @@ class LaunchRequest:
             max_cost_usd=_number(event, "max_cost_usd", "--max-cost-usd", 0, 1_000_000),
             nodes=_nodes(event),
             spec_yaml=_spec_text(event),
+            data_access=data_access,
         )
 
 
@@ -607,6 +613,8 @@ class Launcher:
             values["TI_EXTRA_ENV"] = "\n".join([*lines, *request.env])
         if request.secrets:
             values["TI_SECRETS"] = "\n".join(request.secrets)  # references only: the agent fetches the values
+        if request.data_access is not None:
+            values["TI_DATA_ACCESS"] = request.data_access
         return values
 
     def reserve(self, run_id: str, money: Money, now: Any) -> str:

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import diagnostics, handover
+from . import coldstart, diagnostics, gang
 from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
@@ -110,9 +110,11 @@ class Agent:
         self.imds = Imds(self.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254")
         self.aws = Aws(region=self.environ.get("TI_REGION", ""), environ=self.environ)
         self.shipper: LogShipper | None = None
-        self.checkpoints: Checkpoints | None = None
+        self.checkpoints: Checkpoints | gang.GangCheckpoints | None = None
+        self.member: gang.Member | None = None  # this node's place in a multi-node run (gang.join)
         self.stale_noticed = False
         self.powered_off = False
+        self.cold_start: coldstart.ColdStart | None = None
 
     # ------------------------------------------------------------ settings, even before they parsed
     @property
@@ -133,7 +135,13 @@ class Agent:
 
     @property
     def attempt_prefix(self) -> str:
-        return f"{self.run_prefix}/attempts/{self.attempt}"
+        node = f"/nodes/{self.member.node}" if self.member is not None else ""
+        return f"{self.run_prefix}/attempts/{self.attempt}{node}"
+
+    @property
+    def log_stream(self) -> str:
+        """The run's stream; in a gang, node k > 0 its own `<run>/node-<k>` (node 0 keeps the run's)."""
+        return self.run_id if self.member is None or self.member.is_host else f"{self.run_id}/node-{self.member.node}"
 
     @property
     def image(self) -> str:
@@ -300,23 +308,10 @@ class Agent:
                  f"{i.availability_zone}, {i.region})")  # fmt: skip
         # The first line of this attempt in the run's one log stream: `logs RUN` shows where it starts.
         self.note(f"attempt {self.attempt} started on {i.instance_type} in {i.availability_zone} ({i.market})")
+        gang.join(self)  # nodes > 1: waits for this node's place in the gang
         self.open_log_stream()
         self.end_if_over()
-        attempts = self.knobs.retry_attempts
-        if not self.retry(f"image {self.image}", self.fetch_image):
-            self.fail(f"could not get image {self.image} from ECR after {attempts} attempts")
-        data = f"s3://{config.data_bucket}/data/"
-        if not self.retry(
-            "data sync", lambda: self.cli_ok("s3", "sync", data, f"{self.data_dir}/", "--only-show-errors")
-        ):
-            self.fail(f"could not sync {data} to {self.data_dir} after {attempts} attempts")
-        self.log(f"data: {sum(1 for p in self.data_dir.rglob('*') if p.is_file())} files in {self.data_dir}")
-        assert self.checkpoints is not None
-        handover.before_restore(self)  # a replacement on the spot notice: the old attempt's final checkpoint first
-        if not self.retry("checkpoint restore", self._restore):
-            self.fail(f"could not restore checkpoints from {self.checkpoints.url}/")
-        restored = sum(1 for p in self.ckpt_dir.rglob("*") if p.is_file())
-        self.log(f"checkpoints: {restored} files restored from {self.checkpoints.url}/")
+        coldstart.start(self)  # image, data and checkpoints at once (issue 29)
         self.end_if_over()
         secrets_env = self.state / "secrets.env"
         reader = config.secrets_reader_role_arn
@@ -335,6 +330,7 @@ class Agent:
         self.start_trainer()
         for watcher in WATCHERS:
             watcher(self).start()
+        gang.start_watchers(self)
         self.wait_for_trainer()
 
     def _private(self, path: Path, text: str) -> None:
@@ -460,15 +456,14 @@ class Agent:
         if not group:
             self.log("no TI_LOG_GROUP: training output stays in S3 only")
             return
+        stream = self.log_stream
         try:
-            self.aws.create_log_stream(group, self.run_id)
+            self.aws.create_log_stream(group, stream)
         except AwsError as error:
             if error.code != "ResourceAlreadyExistsException":
-                self.log(
-                    f"WARNING: cannot open log stream {group}/{self.run_id} (training output stays in S3): {error}"
-                )
+                self.log(f"WARNING: cannot open log stream {group}/{stream} (training output stays in S3): {error}")
                 return
-        self.shipper = LogShipper(self.aws, self.train_log, group, self.run_id, lambda: int(time.time() * 1000))
+        self.shipper = LogShipper(self.aws, self.train_log, group, stream, lambda: int(time.time() * 1000))
 
     def put_metrics(self, metrics: list[Metric], warning: str) -> None:
         try:
@@ -575,7 +570,8 @@ class Agent:
     def upload_progress(self) -> None:
         body = (json.dumps(self.progress.record()) + "\n").encode()
         try:
-            self.aws.put_object(self.outputs_bucket, f"runs/{self.run_id}/attempts/{self.attempt}/progress.json", body)
+            key = f"{self.attempt_prefix}/progress.json".removeprefix(f"s3://{self.outputs_bucket}/")
+            self.aws.put_object(self.outputs_bucket, key, body)
         except (AwsError, OSError) as error:
             self.log(f"WARNING: progress.json not uploaded: {error}")
 
@@ -666,8 +662,9 @@ class Agent:
 
     def start_trainer(self) -> None:
         config, knobs = self.config, self.knobs
+        command, engine_args = gang.launch(self, config.training_command)
         spec = TrainerSpec(
-            command=config.training_command,
+            command=command,
             image=self.image,
             run_id=self.run_id,
             region=self.aws.region,
@@ -682,6 +679,7 @@ class Agent:
             secrets_env=self.state / "secrets.env",
             aws_dir=self.state / "aws" if config.trainer_role_arn else None,
             train_log=self.train_log,
+            engine_args=engine_args,
         )
         self.trainer_started = int(self.clock())
         runtime = self.settings.runtime.value
@@ -817,6 +815,7 @@ class Agent:
             image=self.image,
             message=self.message,
             progress=self.progress.record(),
+            cold_start=self.cold_start.record() if self.cold_start else None,
         )
         path = self.state / "status.json"
         body = json.dumps(status, indent=2) + "\n"
@@ -836,11 +835,16 @@ class Agent:
             key = url.removeprefix(f"s3://{self.outputs_bucket}/")
             return self.retry(what, lambda: self.aws.put_object(self.outputs_bucket, key, body.encode()) or True)
 
+        # In a gang each node writes its own record; node 0 alone the run's summary, _SUCCESS and latest/.
+        summary = self.member is None or self.member.is_host
         if not (
             upload("status upload", f"{self.attempt_prefix}/status.json")
-            and upload("run summary upload", f"{self.run_prefix}/status.json")
+            and (not summary or upload("run summary upload", f"{self.run_prefix}/status.json"))
         ):
             self.log("WARNING: status.json not uploaded")
+        elif succeeded and not summary:
+            if not self.upload_logs():
+                self.log("WARNING: log upload failed")
         elif succeeded:
             if not self.upload_logs():
                 self.log("WARNING: log upload failed")

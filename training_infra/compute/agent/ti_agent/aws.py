@@ -146,6 +146,32 @@ class Aws:
     def put_object(self, bucket: str, key: str, body: bytes) -> None:
         self._call("s3", "put_object", Bucket=bucket, Key=key, Body=body, ContentType="application/octet-stream")
 
+    # A gang's checkpoint sync (gang.py) looks every few seconds: in-process calls, no CLI process each.
+    def latest_versions(self, bucket: str, prefix: str) -> dict[str, dict]:
+        """key -> {version_id, size} of the newest version of each object under `prefix`."""
+        found: dict[str, dict] = {}
+        params: dict[str, str] = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = self._call("s3", "list_object_versions", **params)
+            for version in page.get("Versions", []):
+                if version.get("IsLatest"):
+                    found[version["Key"]] = {"version_id": version.get("VersionId") or "null", "size": version["Size"]}
+            if not page.get("IsTruncated"):
+                return found
+            params = {**params, "KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+
+    def get_object(self, bucket: str, key: str) -> bytes:
+        return self._call("s3", "get_object", Bucket=bucket, Key=key)["Body"].read()
+
+    def delete_keys(self, bucket: str, keys: Sequence[str]) -> None:
+        """Up to 1,000 a call (the API's limit); AwsError naming the first key that failed."""
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            answer = self._call("s3", "delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            if answer.get("Errors"):  # Quiet: only the keys that failed come back
+                first = answer["Errors"][0]
+                raise AwsError(f"s3 delete_objects: {first.get('Key')}: {first.get('Code')}", first.get("Code", ""))
+
 
 @dataclass(frozen=True)
 class Metric:

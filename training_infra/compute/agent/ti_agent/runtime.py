@@ -9,9 +9,12 @@ import re
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .gang import TRAINER_TOKEN, kill_tree, tagged_pids
 
 CONTAINER = "training-infra-trainer"
 # $TENSORBOARD_DIR, under the outputs folder: synced to runs/<id>/tensorboard/ with the logs (Agent.upload_logs).
@@ -35,6 +38,7 @@ class TrainerSpec:
     secrets_env: Path  # KEY=VALUE lines, 0600, removed once the trainer has them
     aws_dir: Path | None  # the trainer role's config + session, None: no AWS credentials
     train_log: Path
+    engine_args: tuple[str, ...] = ()  # a gang's container flags (host network, memlock, EFA devices)
 
 
 def group_alive(pgid: int) -> bool:
@@ -117,10 +121,18 @@ class Trainer:
 
 class ProcessTrainer(Trainer):
     runtime = "process"
+    # In every process the trainer starts: torchrun's workers start their own sessions, so the process
+    # group alone misses them; the token finds them, orphans included (gang.tagged_pids).
+    token = ""
+
+    def alive(self) -> bool:
+        return super().alive() or bool(self.token and tagged_pids(self.token))
 
     def start(self, environ: dict[str, str]) -> None:
         spec = self.spec
         env = dict(environ)
+        self.token = uuid.uuid4().hex
+        env[TRAINER_TOKEN] = self.token
         env.update(
             RUN_ID=spec.run_id,
             DATA_DIR=str(spec.data_dir),
@@ -148,7 +160,13 @@ class ProcessTrainer(Trainer):
             return
         self.note(f"trainer ignored SIGTERM for {grace}s: SIGKILL")
         self.signal_group(signal.SIGKILL)
+        self.kill_strays()
         self.wait_gone(5)
+
+    def kill_strays(self) -> None:
+        """SIGKILL what is left of the tree outside the group (workers in their own sessions)."""
+        if self.token and (count := kill_tree(self.token)):
+            self.note(f"killed {count} trainer process(es) outside its process group (workers in their own sessions)")
 
     def pids(self) -> list[int]:
         """Every process of its group, for py-spy."""
@@ -185,7 +203,7 @@ class DockerTrainer(Trainer):
             "-e", f"RUN_ID={spec.run_id}", "-e", "DATA_DIR=/data", "-e", "OUTPUT_DIR=/outputs",
             "-e", "CHECKPOINT_DIR=/checkpoints", "-e", f"HEARTBEAT_FILE={spec.heartbeat_file}",
             "-e", f"TENSORBOARD_DIR=/outputs/{TENSORBOARD}",
-            "-e", f"STOP_GRACE_SECONDS={spec.stop_grace_seconds}", *aws,
+            "-e", f"STOP_GRACE_SECONDS={spec.stop_grace_seconds}", *aws, *spec.engine_args,
             "--env-file", str(spec.trainer_env), "--env-file", str(spec.secrets_env), spec.image, *command,
         ]  # fmt: skip
 

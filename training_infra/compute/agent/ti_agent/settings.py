@@ -63,6 +63,8 @@ class AgentConfig:
     stop_on_rebalance: bool = True  # false: a rebalance notice only syncs checkpoints early
     trainer_role_arn: str = ""  # empty: the container gets no AWS credentials, only the region
     secrets_reader_role_arn: str = ""  # assumed with a session policy naming only the run's TI_SECRETS
+    # sync: `aws s3 sync` of data/ to /data; mount: Mountpoint for Amazon S3, read-only (data larger than the disk).
+    data_access: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Knobs:
     shutdown_bin: str = "shutdown"
     nvidia_smi: str = "nvidia-smi"
     docker: str = "docker"
+    mount_s3: str = "mount-s3"  # Mountpoint for Amazon S3 (data_access=mount)
     heartbeat_file: str = "/run/training-infra/progress/heartbeat.json"
     retry_attempts: int = 4
     retry_base_seconds: int = 5
@@ -85,6 +88,10 @@ class Knobs:
     trainer_session_seconds: int = 3600
     progress_metric_seconds: int = 60
     secrets: str = ""  # per run only: `training-infra launch` adds it before the overrides marker
+    # Multi-node runs (ti_agent/gang.py): how long to wait for the supervisor's node/rendezvous tags, and
+    # whether NCCL's init log must show EFA on a box that has EFA devices.
+    rendezvous_wait_seconds: int = 600
+    nccl_efa_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,12 +114,15 @@ AT_LEAST_ONE = {
     "log_ship_seconds",
     "retry_attempts",
     "pull_timeout_seconds",
+    "rendezvous_wait_seconds",
 }
 CHOICES = {
     "auto_shutdown": ("true", "false"),
     "stop_on_rebalance": ("true", "false"),
     "market": ("spot", "on-demand"),
     "runtime": ("docker", "process"),
+    "nccl_efa_check": ("true", "false"),
+    "data_access": ("sync", "mount"),
 }
 
 

@@ -49,6 +49,7 @@ def build_status(
     image: str,
     message: str,
     progress: dict | None,
+    cold_start: dict | None = None,
 ) -> dict:
     """status.json: the attempt's record (the supervisor's) and the run's summary (the CLI's)."""
     return {
@@ -70,4 +71,7 @@ def build_status(
         "message": message,
         # The trainer's last progress (HEARTBEAT_FILE): {step, steps_per_second, changed_at}; null: never reported.
         "progress": progress,
+        # Image, data and checkpoints at once (issue 29): {total_seconds, parts: {image, data, checkpoints},
+        # slowest, failed}; null: the attempt ended before them.
+        "cold_start": cold_start,
     }

@@ -1,0 +1,233 @@
+"""The multi-node rules of ti_agent/gang.py, without a box: tags, the launch decision, NCCL's log,
+completeness of a step, the trainer's whole process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from training_infra.compute.agent.ti_agent import gang
+from training_infra.compute.agent.ti_agent.gang import GangError, Launch, Member, NcclNet
+
+MEMBER = Member(nodes=4, node=2, rendezvous="10.0.1.17:29400", run_id="bert", attempt=3)
+
+
+def tags(**values: str) -> dict[str, str]:
+    return {f"training-infra:{k}": v for k, v in values.items()}
+
+
+def test_a_run_without_the_nodes_tag_is_a_single_node_run():
+    assert gang.gang_size({}) == 1 and gang.gang_size(tags(nodes="4")) == 4
+
+
+def test_the_member_is_known_only_once_both_node_and_rendezvous_are_tagged():
+    assert gang.member_from_tags(tags(nodes="4", node="2"), run_id="bert", attempt=3) is None
+    member = gang.member_from_tags(tags(nodes="4", node="2", rendezvous="10.0.1.17:29400"), run_id="bert", attempt=3)
+    assert member == MEMBER and member.rdzv_id == "bert-3" and not member.is_host
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (tags(nodes="two"), "training-infra:nodes='two' is not allowed"),
+        (tags(nodes="2", node="2", rendezvous="10.0.0.1:1"), "node='2' is not allowed: use a whole number from 0 to 1"),
+        (tags(nodes="2", node="1", rendezvous="10.0.0.1"), "rendezvous='10.0.0.1' is not allowed: use HOST:PORT"),
+        (tags(nodes="2", node="1", rendezvous="10.0.0.1:99999"), "rendezvous='10.0.0.1:99999' is not allowed"),
+    ],
+)  # fmt: skip
+def test_a_wrong_gang_tag_fails_the_attempt_in_one_line_naming_it(bad, says):
+    with pytest.raises(GangError, match=says.replace("(", r"\(").replace(")", r"\)")) as raised:
+        gang.member_from_tags(bad, run_id="r", attempt=1)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_wait_for_the_supervisors_tags_is_bounded_and_says_which_setting_bounds_it():
+    now = [0.0]
+    looks = []
+
+    def read():
+        looks.append(now[0])
+        return tags(nodes="2")
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    with pytest.raises(GangError, match=r"not set within 10s \(TI_RENDEZVOUS_WAIT_SECONDS\)"):
+        gang.wait_for_member(read, run_id="r", attempt=1, wait_seconds=10, clock=lambda: now[0], sleep=sleep)
+    assert looks == [0, 2, 4, 6, 8, 10], "every 2 s, up to the limit"
+
+
+def test_the_wait_ends_as_soon_as_the_tags_appear():
+    answers = iter([tags(nodes="2"), tags(nodes="2"), tags(nodes="2", node="0", rendezvous="10.0.0.5:29400")])
+    member = gang.wait_for_member(lambda: next(answers), run_id="r", attempt=2, wait_seconds=600, sleep=lambda _: None)
+    assert member.is_host and member.rdzv_id == "r-2"
+
+
+def test_the_trainer_env_names_the_gang_for_the_trainer_and_for_torchrun():
+    env = gang.trainer_env(MEMBER, 8, nccl_debug=True)
+    assert env["TI_NODES"] == "4" and env["TI_NODE_RANK"] == "2" and env["TI_RDZV_ID"] == "bert-3"
+    assert env["PET_NNODES"] == "4" and env["PET_NPROC_PER_NODE"] == "8" and env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ENDPOINT"] == env["TI_RDZV_ENDPOINT"] == "10.0.1.17:29400"
+    assert env["PET_RDZV_ID"] == "bert-3" and "is_host=false" in env["PET_RDZV_CONF"]
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1", "pytorch#135712: a replacement deadlocks without it"
+    assert env["NCCL_DEBUG"] == "INFO", "the EFA check reads NCCL's init log"
+    assert "NCCL_DEBUG" not in gang.trainer_env(MEMBER, 8, nccl_debug=False)
+
+
+def test_a_plain_python_command_is_wrapped_in_torchrun_with_the_gangs_arguments():
+    command, how = gang.launch_command("python train.py --lr 3e-4", MEMBER, 8)
+    assert how is Launch.WRAPPED
+    assert command == (
+        "exec python -m torch.distributed.run --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d"
+        " --rdzv-endpoint 10.0.1.17:29400 --rdzv-id bert-3 --rdzv-conf is_host=false,join_timeout=900"
+        " --max-restarts 100 train.py --lr 3e-4"
+    )
+    module, how = gang.launch_command("exec python3 -m mypkg.train --epochs 2", MEMBER, 1)
+    assert how is Launch.WRAPPED and module.endswith("--max-restarts 100 -m mypkg.train --epochs 2")
+    with_env, _ = gang.launch_command("OMP_NUM_THREADS=4 python train.py", MEMBER, 1)
+    assert with_env.startswith("exec OMP_NUM_THREADS=4 python -m torch.distributed.run")
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["torchrun --nproc-per-node 4 train.py", "exec torchrun train.py", "python -m torch.distributed.run train.py"],
+)
+def test_a_users_own_torchrun_runs_unchanged_and_takes_the_rest_from_pet_variables(command):
+    assert gang.launch_command(command, MEMBER, 8) == (command, Launch.USER_TORCHRUN)
+
+
+@pytest.mark.parametrize(
+    "command", ["bash run.sh", "python -u train.py", "python train.py | tee log", "deepspeed x.py"]
+)
+def test_anything_else_runs_as_given(command):
+    assert gang.launch_command(command, MEMBER, 8) == (command, Launch.AS_IS)
+
+
+# Real NCCL_DEBUG=INFO lines: aws-ofi-nccl on p5en (NVIDIA/nccl#1597), NCCL's socket transport
+# (NVIDIA/nccl#1053, Oneflow-Inc/oneflow#3586), OFI without an optimal provider (aws-ofi-nccl#67).
+EFA_LOG = """\
+8h200-2:6831:6840 [0] NCCL INFO NET/OFI Support for DMA-BUF registrations: false
+8h200-2:6831:6840 [0] NCCL INFO PROFILER/Plugin: Could not find: libnccl-profiler.so.
+8h200-2:6831:6840 [0] NCCL INFO Using network Libfabric
+8h200-3:6310:6318 [0] NCCL INFO NET/OFI Selected Provider is efa (found 16 nics)
+8h200-3:6310:6318 [0] NCCL INFO NET/OFI NIC group 0 device #0 0000:56:00.0
+"""
+SOCKET_LOG = """\
+worker:101542:101542 [0] NCCL INFO NET/Plugin : No plugin found (libnccl-net.so), using internal implementation
+worker:101542:101542 [0] NCCL INFO NET/IB : No device found.
+worker:101542:101542 [0] NCCL INFO NET/Socket : Using [0]eno1:172.18.40.41<0>
+worker:101542:101542 [0] NCCL INFO Using network Socket
+worker:101542:101934 [0] NCCL INFO Channel 00 : 0[18000] -> 1[18000] [receive] via NET/Socket/1
+"""
+TCP_PROVIDER_LOG = "ip-10-0-0-1:79:79 [0] NCCL INFO NET/OFI Selected Provider is tcp (found 1 nics)\n"
+
+
+def test_nccl_over_efa_is_told_from_its_init_log():
+    net, line = gang.nccl_network(EFA_LOG.splitlines())
+    assert net is NcclNet.EFA and line.endswith("NET/OFI Selected Provider is efa (found 16 nics)")
+
+
+def test_nccl_falling_back_to_tcp_sockets_is_told_from_its_init_log():
+    net, line = gang.nccl_network(SOCKET_LOG.splitlines())
+    assert net is NcclNet.SOCKET and line.endswith("Using network Socket")
+
+
+def test_one_rank_on_sockets_after_another_on_efa_is_a_socket_run():
+    assert gang.nccl_network((EFA_LOG + SOCKET_LOG).splitlines())[0] is NcclNet.SOCKET
+
+
+def test_libfabric_with_another_provider_is_not_efa_and_no_nccl_line_is_unknown():
+    assert gang.nccl_network([TCP_PROVIDER_LOG])[0] is NcclNet.OTHER
+    assert gang.nccl_network(["[trainer rank 0] step 1/10 loss 0.5"]) == (NcclNet.UNKNOWN, "")
+
+
+def test_the_nccl_check_reads_the_log_as_it_grows_including_a_line_cut_mid_write(tmp_path):
+    log = tmp_path / "training.log"
+    log.write_text("starting\n8h200-3:6310:6318 [0] NCCL INFO NET/OFI Selected Prov")
+    check = gang.NcclCheck(log)
+    assert check.look()[0] is NcclNet.UNKNOWN
+    with open(log, "a") as out:
+        out.write("ider is efa (found 16 nics)\n")
+    assert check.look()[0] is NcclNet.EFA
+
+
+def test_efa_devices_are_the_uverbs_devices(tmp_path):
+    assert gang.efa_devices(str(tmp_path)) == []
+    (tmp_path / "dev/infiniband").mkdir(parents=True)
+    for name in ("uverbs0", "uverbs1", "rdma_cm"):
+        (tmp_path / "dev/infiniband" / name).touch()
+    assert gang.efa_devices(str(tmp_path)) == [
+        f"{tmp_path}/dev/infiniband/uverbs0",
+        f"{tmp_path}/dev/infiniband/uverbs1",
+    ]
+
+
+def test_a_step_is_complete_only_with_metadata_and_every_nodes_marker():
+    files = [
+        "step-000003/.metadata", "step-000003/__0_0.distcp", "step-000003/.node-0.done", "step-000003/.node-1.done",
+        "step-000006/.metadata", "step-000006/.node-0.done",  # node 1's shards not up yet
+        "step-000009/__1_0.distcp", "step-000009/.node-0.done", "step-000009/.node-1.done",  # no .metadata
+        "_manifest.node-0.json", "step-000012.tmp/.metadata",
+    ]  # fmt: skip
+    assert gang.complete_steps(files, 2) == ["step-000003"]
+    assert gang.complete_steps(files, 1) == ["step-000003", "step-000006"]
+
+
+def test_the_trainers_processes_are_found_by_their_token_even_in_their_own_sessions():
+    token = os.urandom(8).hex()
+    env = {**os.environ, gang.TRAINER_TOKEN: token}
+    # A worker as torchrun starts it: a new session, so killpg of the trainer's group never reaches it.
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while worker.pid not in gang.tagged_pids(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gang.tagged_pids(token) == [worker.pid]
+        assert gang.kill_tree(token, signal.SIGKILL) == 1
+        assert worker.wait(timeout=10) == -signal.SIGKILL and other.poll() is None
+    finally:
+        for process in (worker, other):
+            process.kill()
+            process.wait()
+
+
+STRAY_WORKER = """
+import subprocess, sys, time
+# As torchrun does: a worker in its own session, which the trainer's process group does not reach.
+code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('worker up', flush=True); "
+code += "time.sleep(300)"
+subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+time.sleep(300)
+"""
+
+
+def test_stopping_the_trainer_kills_workers_that_started_their_own_sessions(tmp_path):
+    from training_infra.compute.agent.ti_agent.runtime import ProcessTrainer, TrainerSpec
+
+    script = tmp_path / "launcher.py"
+    script.write_text(STRAY_WORKER)
+    spec = TrainerSpec(
+        command=f"exec {sys.executable} {script}", image="", run_id="r", region="", data_dir=tmp_path,
+        out_dir=tmp_path, ckpt_dir=tmp_path, progress_dir=tmp_path, heartbeat_host=tmp_path / "beat",
+        heartbeat_file="", stop_grace_seconds=1, trainer_env=tmp_path / "none.env",
+        secrets_env=tmp_path / "secrets.env", aws_dir=None, train_log=tmp_path / "training.log",
+    )  # fmt: skip
+    notes: list[str] = []
+    trainer = ProcessTrainer(spec, notes.append, notes.append)
+    trainer.start(dict(os.environ))
+    deadline = time.monotonic() + 30
+    while "worker up" not in spec.train_log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [worker] = [pid for pid in gang.tagged_pids(trainer.token) if pid != trainer.pid]
+    assert os.getsid(worker) != os.getsid(trainer.pid), "the worker is in a session of its own"
+    trainer.stop(1)
+    assert not trainer.alive(), "nothing of the trainer's tree is left"
+    assert any("outside its process group" in note for note in notes), notes
+    trainer.wait()
