@@ -253,3 +253,22 @@ def test_make_demo_stops_an_earlier_demos_local_aws_still_running_before_emptyin
         assert not (tmp_path / "sandbox").exists() and (tmp_path / OWNER_MARK).is_file()
     finally:
         earlier.kill()
+
+
+def test_a_killed_sandboxs_containers_are_removed_from_its_own_container_storage(tmp_path):
+    """podman's conmon leaves the agent's process group, so ending the recorded groups is not enough."""
+    from training_infra.local.sandbox import clean_up_after
+
+    folder = tmp_path / "sandbox"
+    docker = folder / "container-engine" / "bin" / "docker"
+    docker.parent.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    docker.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 0123456789abcdef0123\n')
+    docker.chmod(0o755)
+    state = SandboxState.read(_state(folder, identity="another-boot:1", pid=2**22 - 1))
+
+    lines = clean_up_after(folder, state)
+
+    assert calls.read_text().split() == ["rm", "--force", "--all", "--time", "5"]
+    assert "container 0123456789ab removed" in lines
+    assert not folder.exists()
