@@ -51,6 +51,8 @@ class MonitoredFunctionProps:
     retry_attempts: int = 2
     environment: Mapping[str, str] = field(default_factory=dict)
     alarm_period: Duration = Duration.minutes(5)
+    memory_mb: int = 128
+    layers: tuple[lambda_.ILayerVersion, ...] = ()
 
 
 class MonitoredFunction(Construct):
@@ -102,7 +104,8 @@ class MonitoredFunction(Construct):
             architecture=lambda_.Architecture.ARM_64,
             handler=props.handler,
             code=lambda_.Code.from_asset(str(props.code_dir), exclude=["__pycache__", "*.pyc"]),
-            memory_size=128,
+            memory_size=props.memory_mb,
+            layers=list(props.layers) or None,
             timeout=props.timeout,
             reserved_concurrent_executions=props.reserved_concurrency,
             role=self.role,

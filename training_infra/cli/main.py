@@ -133,15 +133,14 @@ for verb in (outputs, upload, launch, status, watch, logs, tensorboard, connect,
 del verb
 
 from training_infra.cli.capacity import capacity_app  # noqa: E402 - the verbs above come first in --help
-from training_infra.cli.local import local_app  # noqa: E402 - the verbs above come first in --help
+from training_infra.cli.commands.sweep import sweep_app  # noqa: E402
+from training_infra.cli.local import local_app  # noqa: E402
 
-# The local verbs' help reads like every other verb's (local24 owns cli/local.py: set here, not there).
-for info in local_app.registered_commands:
-    info.cls = PlainHelpCommand
-app.add_typer(local_app, cls=_PlainHelpGroup)
-for info in capacity_app.registered_commands:
-    info.cls = PlainHelpCommand
-app.add_typer(capacity_app, cls=_PlainHelpGroup)
+# The sub-verbs' help reads like every other verb's (local24 owns cli/local.py: set here, not there).
+for sub_app in (local_app, capacity_app, sweep_app):
+    for info in sub_app.registered_commands:
+        info.cls = PlainHelpCommand
+    app.add_typer(sub_app, cls=_PlainHelpGroup)
 
 
 def main() -> None:

@@ -233,19 +233,28 @@ class TrainingStorage(Construct):
         return combined
 
     def grant_read_attempt_status(self, grantee: iam.IGrantable) -> iam.Grant:
-        """Read each attempt's status.json (what the supervisor classifies an ended attempt by), nothing else."""
+        """Read each attempt's status.json (what the supervisor classifies an ended attempt by) and progress.json
+        (a sweep member's intermediate values, runtime/sweeps.py), nothing else."""
         principal = grantee.grant_principal
         consumer = principal if isinstance(principal, Construct) else self
         statuses = (
             f"{as_seen_from(consumer, self.outputs_bucket, self.outputs_bucket.bucket_arn)}/"
             f"{naming.RUNS_PREFIX}*/attempts/*/status.json"
         )
-        grant = iam.Grant.add_to_principal(grantee=grantee, actions=["s3:GetObject"], resource_arns=[statuses])
+        progress = statuses.replace("/status.json", "/progress.json")
+        grant = iam.Grant.add_to_principal(
+            grantee=grantee, actions=["s3:GetObject"], resource_arns=[statuses, progress]
+        )
         if isinstance(principal, Construct):
             acknowledge_nag(
                 principal,
                 f"IAM5[Resource::{nag_name(principal, statuses)}]",
                 "Reads only the status.json each attempt's agent writes, for runs and attempts made at run time.",
+            )
+            acknowledge_nag(
+                principal,
+                f"IAM5[Resource::{nag_name(principal, progress)}]",
+                "Reads only the progress.json each attempt's agent writes (a sweep member's intermediate values).",
             )
         return grant
 

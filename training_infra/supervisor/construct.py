@@ -20,18 +20,23 @@ from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from training_infra import naming
-from training_infra.monitored_function import MonitoredFunction, MonitoredFunctionProps
+from training_infra.monitored_function import PYTHON_RUNTIME, MonitoredFunction, MonitoredFunctionProps
 from training_infra.policy import acknowledge_nag, as_seen_from, nag_name, skip_checkov
+from training_infra.supervisor.layer import layer_zip
 from training_infra.supervisor.runtime.records import ACTIVE_INDEX, CREATED_INDEX
 
 RUNTIME_DIR = pathlib.Path(__file__).parent / "runtime"
 RECONCILE_MINUTES = 1
+# Sweeps import Optuna and numpy inside the supervisor (runtime/sweeps.py): 1 GB buys the CPU share that keeps a
+# cold import of them to seconds (Lambda's CPU grows with memory); runs without a sweep never import them.
+SUPERVISOR_MEMORY_MB = 1024
 # Instance states after which an attempt is over or must be looked at; pending adds nothing.
 WATCHED_STATES = ("running", "stopping", "stopped", "shutting-down", "terminated")
 # Session Manager names a session after its caller: AWS's end-user policy lets each end only its own.
@@ -75,7 +80,8 @@ class RunTable(Construct):
         )
 
     def grant_records(self, grantee: iam.IGrantable) -> iam.Grant:
-        """Read, conditionally put and query run records (the table and its two indexes), nothing else.
+        """Read, conditionally put and query run records (the table and its two indexes), nothing else; BatchGetItem
+        reads a sweep's study journal (runtime/journal.py), 100 entries a call.
 
         The index wildcard is acknowledged here, on the grantee, named as cdk-nag names it.
         """
@@ -84,7 +90,7 @@ class RunTable(Construct):
         table_arn = as_seen_from(consumer, self.table, self.table.table_arn)
         grant = iam.Grant.add_to_principal(
             grantee=grantee,
-            actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"],
+            actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:Query"],
             resource_arns=[table_arn],
         ).combine(
             iam.Grant.add_to_principal(
@@ -142,6 +148,15 @@ class TrainingSupervisor(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.target, self.props = target, props
+        # Optuna and what `import optuna` loads, from pinned wheels (layer.py): built once per pin set, no Docker.
+        self.optuna_layer = lambda_.LayerVersion(
+            self,
+            "OptunaLayer",
+            code=lambda_.Code.from_asset(str(layer_zip())),
+            compatible_runtimes=[PYTHON_RUNTIME],
+            compatible_architectures=[lambda_.Architecture.ARM_64],
+            description="Optuna for sweeps (requirements-lambda.txt)",
+        )
         environment = {
             "TABLE": run_table.table_name,
             "OUTPUTS_BUCKET": outputs_bucket.bucket_name,
@@ -187,6 +202,8 @@ class TrainingSupervisor(Construct):
                 retry_attempts=2,
                 alarm_period=Duration.minutes(5),
                 environment=environment,
+                memory_mb=SUPERVISOR_MEMORY_MB,
+                layers=(self.optuna_layer,),
             ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,
@@ -209,6 +226,8 @@ class TrainingSupervisor(Construct):
                 retry_attempts=0,
                 alarm_period=Duration.minutes(5),
                 environment=environment,
+                memory_mb=SUPERVISOR_MEMORY_MB,
+                layers=(self.optuna_layer,),
             ),
             alerts_topic=alerts_topic,
             alerts_key=alerts_key,

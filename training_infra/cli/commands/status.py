@@ -40,6 +40,9 @@ def status(
         ),
     ] = "table",
     as_json: JsonFlag = False,
+    group: Annotated[
+        str | None, typer.Option("--group", "-g", metavar="GROUP", help="A sweep's trials and its best so far.")
+    ] = None,
     region: Region = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="With RUN: why it waits (pools tried, EC2's answers, cooldowns).")
@@ -54,6 +57,11 @@ def status(
     from training_infra.cli.source import RunSource
 
     fmt = output_format(output, as_json=as_json, allowed=STATUS_FORMATS)
+    if group is not None:  # a sweep (cli/commands/sweep.py)
+        from training_infra.cli.commands.sweep import show_group
+
+        show_group(Aws(region), group, fmt)
+        return
     count = whole_number("--limit", limit)
     if run is not None:
         run = check_run_id(run)

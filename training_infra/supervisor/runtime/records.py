@@ -440,6 +440,9 @@ class Run:
     ended_at: str = ""
     spent_usd: float = 0.0  # every attempt so far, kept by the supervisor for the dollar limits
     spec_yaml: str = ""  # the run spec file as the user asked (specs.py); "" for runs launched before it was kept
+    # A sweep's member (sweeps.py): its group and Optuna trial number; "" and None for a run of its own.
+    group: str = ""
+    trial: int | None = None
     # Why the stored item failed validation on read, or "". Such a run is never acted on: its values stay as
     # stored (`stored`) and are written back so, but for the state, message and end the supervisor gives it.
     problem: str = field(default="", compare=False)
@@ -509,6 +512,8 @@ class Run:
         }
         if self.spec_yaml:
             item["spec_yaml"] = self.spec_yaml
+        if self.group:
+            item["group"], item["trial"] = self.group, self.trial
         if self.problem:  # as it was read, so nothing it said is lost
             changed = ("state", "version", "message", "ended_at")
             item = {**{k: v for k, v in self.stored.items() if k != "active"}, **{k: item[k] for k in changed}}

@@ -311,6 +311,11 @@ class LaunchRequest:
     spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
     data_access: str | None = None  # sync | mount (issue 29); None: the stack's
     capacity_reservation_id: str = ""  # a Capacity Block the user bought (blocks.py); market capacity-block
+    # Set only by a sweep's step (sweeps.py), never from a caller's event: the member's group and trial, and the
+    # month its group reserved for all its members (so a member reserves nothing of its own).
+    group: str = ""
+    trial: int | None = None
+    budget_month: str = ""
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> LaunchRequest:
@@ -460,7 +465,13 @@ def handle_request(supervisor: Any, event: Mapping[str, Any]) -> dict[str, Any]:
             if not _RUN_ID.match(run_id):
                 raise Refused(f"argument 'RUN': got {run_id!r}; allowed: a run id", usage=True)
             return stop(supervisor, run_id)
-        raise Refused(f"request action: got {action!r}; allowed: launch, stop", usage=True)
+        if action in ("sweep", "sweep_stop"):  # a group of runs searched by Optuna (sweeps.py)
+            try:
+                from sweeps import create_group, stop_group
+            except ImportError:  # pragma: no cover - exercised by the CLI and the tests
+                from training_infra.supervisor.runtime.sweeps import create_group, stop_group
+            return (create_group if action == "sweep" else stop_group)(supervisor, event)
+        raise Refused(f"request action: got {action!r}; allowed: launch, stop, sweep, sweep_stop", usage=True)
     except Refused as refused:
         log.info("request refused: %s", refused)
         return {"ok": False, "error": str(refused), "usage": refused.usage}
@@ -535,7 +546,7 @@ class Launcher:
                            request.max_cost_usd, request.nodes)  # fmt: skip
         run_id = request.run_id
         tags = run_tags(cfg, run_id, hours, deadline)
-        month = self.reserve(run_id, money, now)
+        month = request.budget_month if request.group else self.reserve(run_id, money, now)
         template_id = ""
         try:
             stall = request.stall_seconds if request.stall_seconds is not None else int(
@@ -547,8 +558,9 @@ class Launcher:
                 stall_seconds=stall, image_tag=request.image_tag or exports.get("TI_IMAGE_TAG", ""),
                 command=request.command if request.command is not None else exports.get("TI_TRAINING_COMMAND", ""),
                 instance_tags=tags, list_prices=list_prices, volume_gb=volume_gb, max_price_usd=request.max_price_usd,
-                max_cost_usd=money.max_cost_usd, budget_month=month, reserved_usd=round(money.reserve_usd, 4) if month
-                else 0.0, spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
+                max_cost_usd=money.max_cost_usd, budget_month=month,
+                reserved_usd=round(money.reserve_usd, 4) if month and not request.group else 0.0,
+                spent_before_usd=round(float(resumed.spent_usd or 0), 4) if resumed else 0.0,
                 stack_template_version=stack_version, nodes=request.nodes,
                 capacity_reservation_id=request.capacity_reservation_id,
             )  # fmt: skip
@@ -558,11 +570,11 @@ class Launcher:
             user_data = insert_overrides(base, {**overrides, SEAL_EXPORT: run_seal(spec, deadline)})
             template_id = self.run_template(run_id, data, user_data, tags, block=request.capacity_reservation_id)
             spec = dataclasses.replace(spec, launch_template_id=template_id)
-            self.record(run_id, spec, deadline, now, resumed, spec_yaml=request.spec_yaml)
+            self.record(run_id, spec, deadline, now, resumed, request, spec_yaml=request.spec_yaml)
         except BaseException:
             if template_id:
                 self._delete(template_id)
-            if month:
+            if month and not request.group:
                 self.sup.month_ledger().settle(month, run_id, 0.0)
             raise
         specs.keep(self.sup.clients.s3, cfg.outputs_bucket, cfg.runs_prefix, run_id, request.spec_yaml)
@@ -719,7 +731,15 @@ class Launcher:
         return created["LaunchTemplate"]["LaunchTemplateId"]
 
     def record(
-        self, run_id: str, spec: RunSpec, deadline: str, now: Any, resumed: Run | None, *, spec_yaml: str = ""
+        self,
+        run_id: str,
+        spec: RunSpec,
+        deadline: str,
+        now: Any,
+        resumed: Run | None,
+        request: LaunchRequest,
+        *,
+        spec_yaml: str = "",
     ) -> None:
         try:
             if resumed is not None:
@@ -730,9 +750,8 @@ class Launcher:
                 resumed.stop_requested_at = resumed.stop_reason = ""
                 self.sup.store.save(resumed)
             else:
-                self.sup.store.create(
-                    Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline, spec_yaml=spec_yaml)
-                )
+                self.sup.store.create(Run(run_id=run_id, spec=spec, created_at=iso(now), deadline_at=deadline,
+                                          spec_yaml=spec_yaml, group=request.group, trial=request.trial))  # fmt: skip
         except StaleRecord:
             raise Refused(
                 f"run {run_id} changed while it was being launched: see `training-infra status {run_id}`"

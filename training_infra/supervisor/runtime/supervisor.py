@@ -51,6 +51,7 @@ try:  # the Lambda package is this folder; the CLI imports it as part of trainin
         utc_now,
     )
     from run_requests import run_template_problem
+    from sweeps import GROUP_PREFIX, group_key, step_groups
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
     from training_infra.supervisor.runtime import blocks, capacity, ledger, replacement
     from training_infra.supervisor.runtime.prices import PRICE_LIST_REGION, Prices, cap_message, under_cap
@@ -68,6 +69,7 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
         utc_now,
     )
     from training_infra.supervisor.runtime.run_requests import run_template_problem
+    from training_infra.supervisor.runtime.sweeps import GROUP_PREFIX, group_key, step_groups
 
 log = logging.getLogger()
 log.setLevel(logging.INFO)
@@ -652,6 +654,9 @@ class Supervisor:
             except Exception as error:  # noqa: BLE001 - reported below so the errors alarm fires
                 log.exception("reconcile of %s failed", run.run_id)
                 failures.append(f"{run.run_id}: {error}")
+        groups, group_failures = step_groups(self)  # sweeps, after their members (sweeps.py)
+        results.extend(groups)
+        failures.extend(group_failures)
         if failures:
             raise SupervisorError(
                 f"{len(failures)} run(s) not reconciled (the next minute retries): {'; '.join(failures)}"
@@ -665,6 +670,8 @@ class Supervisor:
         for month in {MonthlyLedger.key(now), MonthlyLedger.key(now.replace(day=1) - timedelta(days=1))}:
             values = self.month_ledger().read(month)
             for run_id in values["reservations"]:
+                if run_id.startswith(GROUP_PREFIX):  # a sweep's, settled by its group's step when the group ends
+                    continue
                 run = self.store.get(run_id) if run_id not in active else None
                 if run is not None and not run.active:
                     self.settle_month(run, month)
@@ -696,7 +703,13 @@ class Supervisor:
             return f"malformed record: {run.problem}"
         problems = self.cfg.limit_problems(run.spec, run.deadline_at, self.now())
         if self.cfg.monthly_limit_usd and run.spec.budget_month:
-            held = self.month_ledger().read(run.spec.budget_month)["reservations"].get(run.run_id)
+            held = (
+                self.month_ledger()
+                .read(run.spec.budget_month)["reservations"]
+                .get(
+                    group_key(run.group) if run.group else run.run_id  # a sweep member draws on its group's
+                )
+            )
             if held is None:  # its amount is sealed into the run's template with the rest of the limits
                 problems.append(f"no month reservation: the {run.spec.budget_month} ledger holds nothing for it")
         if not problems:  # the record's limits are those sealed into the template the supervisor made for it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import time
@@ -10,6 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 HEARTBEAT_MAX_BYTES = 65536
+# The trainer's named values kept from a beat's `metrics` (a sweep's objective and what it prunes on).
+MAX_METRICS = 32
+MAX_METRIC_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Progress:
     changed_epoch: float | None = None
     written_ns: int | None = None
     said_not_json: bool = False
+    metrics: dict[str, float] | None = None  # the last beat's `metrics`: name -> number (sweeps read them)
 
     @property
     def reported(self) -> bool:
@@ -68,7 +73,10 @@ class Progress:
         if self.changed_epoch is None:
             return None
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.changed_epoch))
-        return {"step": self.step, "steps_per_second": self.steps_per_second, "changed_at": at}
+        record = {"step": self.step, "steps_per_second": self.steps_per_second, "changed_at": at}
+        if self.metrics is not None:
+            record["metrics"] = self.metrics
+        return record
 
 
 def _step(text: str) -> tuple[float | None, bool]:
@@ -83,6 +91,24 @@ def _step(text: str) -> tuple[float | None, bool]:
     if isinstance(step, (int, float)) and not isinstance(step, bool):
         return step, False
     return None, False
+
+
+def _metrics(text: str) -> dict[str, float] | None:
+    """The beat's `metrics` object, numbers only (at most MAX_METRICS, short names): None when it has none."""
+    try:
+        beat = json.loads(text)
+    except ValueError:
+        return None
+    found = beat.get("metrics") if isinstance(beat, dict) else None
+    if not isinstance(found, dict):
+        return None
+    kept = {
+        name: value
+        for name, value in found.items()
+        if isinstance(name, str) and 0 < len(name) <= MAX_METRIC_NAME
+        and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }  # fmt: skip
+    return dict(sorted(kept.items())[:MAX_METRICS])
 
 
 def observe(progress: Progress, beat: Beat | None, now: float, *, since: float) -> tuple[Progress, str]:
@@ -107,4 +133,7 @@ def observe(progress: Progress, beat: Beat | None, now: float, *, since: float) 
         if step is not None and progress.step is not None and previous is not None and at > previous:
             rate = round((step - progress.step) / (at - progress.changed_epoch), 3)
         progress = replace(progress, step=step, steps_per_second=rate if step is not None else None, changed_epoch=at)
+    metrics = _metrics(beat.text) if step is not None else None
+    if metrics is not None:
+        progress = replace(progress, metrics=metrics)
     return replace(progress, written_ns=beat.written_ns), said

@@ -1,0 +1,79 @@
+"""`training-infra sweep -f`, `sweep stop` and `status --group` against the stacks in the local AWS: the request
+goes to the supervisor's request handler in this process (the local AWS runs no Lambda), which creates the group,
+asks real Optuna for the first trials and launches them as managed runs."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli.conftest import UNREACHABLE_ENDPOINT
+from training_infra.cli.commands.sweep import read_sweep_file
+
+SWEEP_YAML = """\
+group: {group}
+template:
+  resources: {{instance_types: [g5.xlarge], market: spot}}
+  command: python train.py
+  env: {{EPOCHS: "3"}}
+  limits: {{max_runtime_hours: 2, max_restarts_on_errors: 1}}
+space:
+  lr: {{type: log-float, low: 1.0e-5, high: 1.0e-2}}
+  batch: {{type: categorical, choices: [32, 64]}}
+objective: {{metric: val_loss, direction: minimize}}
+trials: 4
+parallel: 2
+max_cost_usd: 40
+pruning: {{kind: median, startup_trials: 2}}
+"""
+
+
+def test_sweep_from_a_file_launches_the_first_members_and_status_group_lists_their_trials(stacks, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="cli-lr"))
+
+    result = stacks.cli("sweep", "-f", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "sweep cli-lr: 4 trial(s), 2 at once, $40.00 limit; launched cli-lr-t0, cli-lr-t1" in result.stdout
+    assert len(stacks.run_instances("cli-lr-t0")) == 1 and len(stacks.run_instances("cli-lr-t1")) == 1
+    shown = stacks.cli("status", "--group", "cli-lr")
+    assert shown.exit_code == 0, shown.output
+    assert "sweep cli-lr: running, 2 of 4 trial(s), 2 running (2 at once)" in shown.stdout
+    assert "cli-lr-t0" in shown.stdout and "lr=" in shown.stdout and "batch=" in shown.stdout
+    listed = json.loads(stacks.cli("status", "--group", "cli-lr", "-o", "json").stdout)
+    assert [t["number"] for t in listed["trials"]] == [0, 1] and listed["max_cost_usd"] == 40
+
+    stopped = stacks.cli("sweep", "stop", "cli-lr")
+    assert stopped.exit_code == 0, stopped.output
+    assert "sweep cli-lr: stopping; stopping cli-lr-t0, cli-lr-t1" in stopped.stdout
+
+
+def test_a_sweep_file_with_mistakes_gets_one_error_line_each_and_asks_nobody(stacks, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    text = SWEEP_YAML.format(group="Bad_Name").replace("trials: 4", "trails: 4").replace("log-float", "logfloat")
+    path.write_text(text.replace("  command:", "  comand:"))
+
+    result = stacks.cli("sweep", "-f", str(path), env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert all(line.startswith(f"error: {path}") for line in lines), lines
+    text = "\n".join(lines)
+    assert f"{path}:11: trails: unknown key; allowed: " in text and "(did you mean trials?)" in text
+    # The template is a run spec, checked by launch -f's model: its line and key path under template.
+    assert f"{path}:4: template.comand: got unknown key 'comand'; did you mean 'command'?" in text
+    assert "group: got 'Bad_Name'" in text and "space.lr.type: got 'logfloat'" in text
+    assert "trials: got None" in text
+
+
+def test_a_run_spec_template_becomes_the_members_launch_request(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="shape").replace("max_restarts_on_errors: 1", "stall_minutes: 20"))
+
+    group, body = read_sweep_file(path)
+
+    assert group == "shape"
+    assert body["template"] == {
+        "instance_types": ["g5.xlarge"], "market": "spot", "command": "python train.py", "env": ["EPOCHS=3"],
+        "secrets": [], "max_runtime_hours": 2, "stall_seconds": 1200,
+    }  # fmt: skip
