@@ -26,6 +26,7 @@ FLAG_OF = {
     "resources.market": "--market",
     "resources.max_price": "--max-price",
     "resources.subnet_id": "--subnet-id",
+    "resources.nodes": "--nodes",
     "image": "--image-tag",
     "command": "--command",
     "env": "--env",
