@@ -250,7 +250,8 @@ def test_sweep_stop_ends_every_member_gracefully_and_the_group_as_stopped(accoun
         ),
         (
             {"pruning": {"kind": "median", "warmup_step": 3}},
-            "pruning.warmup_step: unknown key; allowed: kind, startup_trials, warmup_steps (did you mean warmup_steps?)",
+            "pruning.warmup_step: unknown key; allowed: kind, startup_trials, warmup_steps "
+            "(did you mean warmup_steps?)",
         ),
         (
             {"space": {"lr": {"type": "float", "low": 0, "hgh": 1}}},
