@@ -204,3 +204,10 @@ def test_layers_resolve_weakest_first_and_say_where_each_value_came_from():
 def test_a_spec_written_as_yaml_reads_back_the_same():
     loaded = run_spec.load(EXAMPLES / "multi-node.yaml")
     assert run_spec.parse(loaded.to_yaml()) == loaded
+
+
+def test_dry_run_names_the_nodes_flag_as_the_source_of_resources_nodes():
+    from training_infra.cli import spec_cli
+
+    assert spec_cli._named("resources.nodes", spec_cli.FLAG) == "flag --nodes"
+    assert spec_cli._named("resources.market", spec_cli.FLAG) == "flag --market"

@@ -77,3 +77,49 @@ def test_a_run_spec_template_becomes_the_members_launch_request(tmp_path):
         "instance_types": ["g5.xlarge"], "market": "spot", "command": "python train.py", "env": ["EPOCHS=3"],
         "secrets": [], "max_runtime_hours": 2, "stall_seconds": 1200,
     }  # fmt: skip
+
+
+def test_a_template_without_instance_types_gets_the_stacks_like_launch(stacks, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="cli-types").replace("instance_types: [g5.xlarge], ", ""))
+
+    result = stacks.cli("sweep", "-f", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "launched cli-types-t0, cli-types-t1" in result.stdout
+    from training_infra import naming
+    from training_infra.supervisor.runtime.records import RunStore
+
+    member = RunStore(stacks.client("dynamodb"), stacks.outputs[naming.OUTPUT_RUN_TABLE]).get("cli-types-t0")
+    published = stacks.outputs[naming.OUTPUT_INSTANCE_TYPES].split(",")
+    assert list(member.spec.instance_types) == published
+    stacks.cli("sweep", "stop", "cli-types")
+
+
+def test_a_sweep_whose_image_is_not_pushed_is_refused_by_launchs_preflight_and_creates_no_group(stacks, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="cli-noimage").replace("  command:", "  image: never-pushed\n  command:"))
+
+    result = stacks.cli("sweep", "-f", str(path))
+
+    assert result.exit_code != 0 and "never-pushed" in result.stderr, result.output
+    assert "no such group" in stacks.cli("status", "--group", "cli-noimage").stderr
+
+
+def test_a_sweep_whose_first_launch_is_refused_exits_1_with_the_groups_reason(stacks, tmp_path, monkeypatch):
+    from training_infra.supervisor.runtime import sweeps
+    from training_infra.supervisor.runtime.run_requests import Refused
+
+    def refuse(self, request):
+        raise Refused("option '--command': got 'python train.py'; allowed: a command the stack runs", usage=True)
+
+    monkeypatch.setattr(sweeps.Launcher, "launch", refuse)  # a refusal only the request function can find
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="cli-refused"))
+
+    result = stacks.cli("sweep", "-f", str(path))
+
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: sweep cli-refused: stopped: trial 0 not launched: option '--command'"), lines
+    assert "launched none yet" not in result.stdout

@@ -15,10 +15,12 @@ import json
 
 import optuna
 import pytest
+from botocore.exceptions import ClientError
 
+from training_infra.supervisor.runtime import sweeps
 from training_infra.supervisor.runtime.journal import DynamoJournalBackend
 from training_infra.supervisor.runtime.records import MonthlyLedger, RunState
-from training_infra.supervisor.runtime.run_requests import handle_request
+from training_infra.supervisor.runtime.run_requests import Launcher, Refused, handle_request
 from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, SupervisorConfig
 from training_infra.supervisor.runtime.sweeps import GroupState, GroupStore, TrialState, check_request, group_key
 
@@ -138,7 +140,7 @@ def test_a_member_reclaimed_mid_trial_relaunches_as_the_same_trial_and_is_never_
     group = _group(account)
     again = account.run(first.run_id)
     assert again.active and len(again.launched) == 2 and again.attempts[0].end_reason == "reclaimed"
-    # The same run: the same launch template (TI_RUN_ID), so the agent restores runs/<id>/checkpoints/.
+    # The same run: the same launch template (TI_RUN_ID), so the agent restores checkpoints/<id>/.
     assert again.spec.launch_template_id == run.spec.launch_template_id
     assert [t.number for t in group.trials] == [0, 1], "no new trial asked for the reclaimed one"
     assert group.trials[0].state == TrialState.RUNNING and group.trials[0].attempts == 2
@@ -242,9 +244,27 @@ def test_sweep_stop_ends_every_member_gracefully_and_the_group_as_stopped(accoun
         ({"space": {"o": {"type": "categorical", "choices": []}}}, "space.o.choices: got []; allowed: 1 to 100"),
         ({"objective": {"metric": "val_loss", "direction": "down"}}, "objective.direction: got 'down'; allowed: "),
         ({"pruning": {"kind": "hyperband"}}, "pruning.kind: got 'hyperband'; allowed: median"),
+        (
+            {"objective": {"metric": "val_loss", "directon": "max"}},
+            "objective.directon: unknown key; allowed: direction, metric (did you mean direction?)",
+        ),
+        (
+            {"pruning": {"kind": "median", "warmup_step": 3}},
+            "pruning.warmup_step: unknown key; allowed: kind, startup_trials, warmup_steps "
+            "(did you mean warmup_steps?)",
+        ),
+        (
+            {"space": {"lr": {"type": "float", "low": 0, "hgh": 1}}},
+            "space.lr.hgh: got 1; allowed: only type, low and high (did you mean high?)",
+        ),
         ({"template": {**TEMPLATE, "instance_types": ["p5.48xlarge"]}}, "template.instance_types: got p5.48xlarge"),
         ({"template": {**TEMPLATE, "market": "cheap"}}, "template: option '--market': got 'cheap'; allowed: spot"),
         ({"template": {**TEMPLATE, "env": ["TI_PARAM_LR=1"]}}, "template.env: got TI_PARAM*"),
+        (
+            {"template": {k: v for k, v in TEMPLATE.items() if k != "instance_types"}},
+            "template.instance_types: got None; allowed: one or more instance types",
+        ),
+        ({"template": {**TEMPLATE, "nodes": 2}}, "template.nodes: got 2; allowed: 1 (multi-node sweeps are not"),
         (
             {"trials": 1000, "space": {f"p{i}": {"type": "float", "low": 0, "high": 1} for i in range(32)}},
             "trials: got 1000; allowed: at most 332 for this space",
@@ -284,3 +304,121 @@ def test_two_journal_writers_at_once_never_overwrite_each_others_entries(account
     assert [e["op"] for e in first.read_logs(0)] == ["a", "b", "c"]
     assert [e["op"] for e in second.read_logs(1)] == ["b", "c"]
     assert second.counts.conflicts == 1 and first.counts.conflicts == 1
+
+
+def test_a_run_of_a_members_name_launched_outside_the_sweep_is_never_taken_over_and_its_trial_fails(account):
+    account.new_run("lr-t0")  # someone's own run, named as trial 0 of group lr would be
+
+    _sweep(account)
+
+    group = _group(account)
+    first = next(t for t in group.trials if t.number == 0)
+    assert first.state == TrialState.FAILED
+    assert first.message.startswith("run lr-t0 already exists and is not this trial's (no group)")
+    squatter = account.run("lr-t0")
+    assert squatter.group == "" and squatter.trial is None, "the other run's record is left as it was"
+    assert _study(account).trials[0].state == optuna.trial.TrialState.FAIL
+    assert group.state == GroupState.RUNNING and len(group.running) == 2, "the next trials took the slots"
+    assert all(account.run(t.run_id).group == "lr" for t in group.running)
+
+
+def _failing_launches(monkeypatch, error: Exception, times: int) -> list[str]:
+    """The members' launches fail `times` times with `error` (throttling is an answer moto never gives), then
+    go through to the real Launcher; the run ids it was asked for are returned."""
+    asked: list[str] = []
+    real = Launcher.launch
+
+    def launch(self, request):
+        asked.append(request.run_id)
+        if len(asked) <= times:
+            raise error
+        return real(self, request)
+
+    monkeypatch.setattr(sweeps.Launcher, "launch", launch)
+    return asked
+
+
+def test_a_members_launch_throttled_by_aws_leaves_the_group_running_and_the_next_step_launches_the_same_trial(
+    account, monkeypatch
+):
+    throttled = ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "CreateFleet")
+    asked = _failing_launches(monkeypatch, throttled, times=1)
+
+    answer = _sweep(account)
+
+    assert answer["ok"] and answer["state"] == GroupState.RUNNING and answer["launched"] == []
+    group = _group(account)
+    assert group.state == GroupState.RUNNING and group.trials == []
+    assert "not launched yet (the next step retries)" in group.message
+    params = _study(account).trials[0].params
+    _step(account)
+    group = _group(account)
+    assert asked[:2] == ["lr-t0", "lr-t0"], "the same trial again, never a new one asked in its place"
+    assert [t.number for t in group.trials] == [0, 1] and group.trials[0].params == params
+    assert account.run("lr-t0").group == "lr" and group.trials[0].state == TrialState.RUNNING
+
+
+def test_a_members_launch_refused_by_the_stacks_limits_fails_that_trial_but_not_the_group(account, monkeypatch):
+    _failing_launches(monkeypatch, Refused("no spot capacity for g5.xlarge in any zone"), times=1)
+
+    answer = _sweep(account)
+
+    assert answer["state"] == GroupState.RUNNING
+    group = _group(account)
+    assert group.trials[0].state == TrialState.FAILED and "no spot capacity" in group.trials[0].message
+    assert len(group.running) == 2
+
+
+def test_a_members_launch_refused_as_a_usage_error_stops_the_group_with_the_reason(account, monkeypatch):
+    _failing_launches(monkeypatch, Refused("option '--image': got 'nope'; allowed: an image", usage=True), times=1)
+
+    answer = _sweep(account)
+
+    assert answer["state"] == GroupState.STOPPED and "trial 0 not launched: option '--image'" in answer["message"]
+    assert len(_group(account).trials) == 1
+
+
+def test_three_trials_failed_in_a_row_end_the_group_with_that_reason_and_ask_no_more(account):
+    _sweep(account)
+    for trial in _group(account).trials:  # trials 0 and 1
+        _end(account, trial.run_id, "failed")
+    _step(account)
+    group = _group(account)
+    assert group.state == GroupState.RUNNING and group.failures_in_row == 2 and len(group.trials) == 4
+    _end(account, group.trials[2].run_id, "failed")
+
+    _step(account)
+
+    group = _group(account)
+    assert group.state == GroupState.STOPPING and group.stop_reason == "failures" and len(group.trials) == 4
+    assert group.message.startswith("3 trials failed in a row, none succeeded between (the last, trial 2: failed")
+    assert account.run(group.trials[3].run_id).state == RunState.STOPPING
+    _end(account, group.trials[3].run_id, "stopped")
+    _step(account)
+    group = _group(account)
+    assert group.state == GroupState.STOPPED and group.message.startswith("stopped: 3 trials failed in a row")
+    assert len(_study(account).trials) == 4, "no trial asked after the third failure"
+
+
+def test_a_completed_trial_between_failures_resets_the_count(account):
+    _sweep(account)
+    first, second = _group(account).trials
+    _end(account, first.run_id, "failed")
+    _end(account, second.run_id, "succeeded", 0.5)
+    _step(account)
+    assert _group(account).failures_in_row == 0
+
+
+def test_a_members_record_keeps_its_spec_with_the_trials_parameters_so_launch_like_reruns_the_trial(account):
+    from training_infra.spec import read_yaml, validate
+
+    _sweep(account, template={**TEMPLATE, "env": ["EPOCHS=3"], "stall_seconds": 1200})
+    trial = _group(account).trials[0]
+
+    record = account.run(trial.run_id)
+    data = validate(read_yaml(record.spec_yaml, source="member")[0], source="member").to_data()  # as --like reads it
+    assert data["resources"]["instance_types"] == ["g5.xlarge"] and data["resources"]["market"] == "spot"
+    assert data["command"] == "python train.py" and data["limits"]["max_runtime_hours"] == 2
+    assert data["limits"]["stall_minutes"] == 20
+    assert data["env"]["EPOCHS"] == "3" and data["env"]["TI_PARAM_LR"] == repr(trial.params["lr"])
+    assert json.loads(data["env"]["TI_PARAMS"]) == trial.params and data["env"]["TI_TRIAL"] == "0"

@@ -27,6 +27,7 @@ FLAG_OF = {
     "resources.max_price": "--max-price",
     "resources.subnet_id": "--subnet-id",
     "resources.capacity_reservation": "--capacity-reservation",
+    "resources.nodes": "--nodes",
     "image": "--image-tag",
     "command": "--command",
     "env": "--env",

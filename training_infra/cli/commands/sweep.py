@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from training_infra.cli.errors import UsageError, err_console, reported_errors
+from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
 from training_infra.cli.options import Region
 from training_infra.cli.render import Column, Listing, fmt_usd, print_json, stdout
 
@@ -114,6 +114,8 @@ def template_event(template: Any, path: Path, lines: dict[tuple[Any, ...], int])
     event["env"] = [f"{k}={v}" for k, v in values.get("env", {}).items()]
     event["secrets"] = [f"{k}={v}" for k, v in values.get("secrets", {}).items()]
     event.setdefault("market", "spot")
+    if values.get("data", {}).get("allow_empty"):
+        event["allow_empty_data"] = True  # for the preflight only: sweep() takes it out of the request
     return event, problems
 
 
@@ -144,15 +146,44 @@ def sweep(
 
     group, body = read_sweep_file(file)
     aws = Aws(region)
+    allow_empty = bool(body["template"].pop("allow_empty_data", False))
+    preflight_template(aws, group, body["template"], allow_empty_data=allow_empty)
     answer, notes = launching.call_supervisor(aws, {"action": "sweep", "group": group, "sweep": body})
     for note in notes:
         err_console().print(f"note: {note}", markup=False)
+    state = answer.get("state", "running")
+    if state != "running":  # the first launch was refused (the template): the group ended before any member ran
+        why = answer.get("message") or "no member launched"
+        raise CliError(f"sweep {group}: {why}" if why.startswith(f"{state}:") else f"sweep {group}: {state}: {why}")
     out = stdout()
     launched = ", ".join(answer.get("launched") or []) or "none yet"
     out.print(f"sweep {group}: {body['trials']} trial(s), {body.get('parallel', 1)} at once, "
               f"${float(body['max_cost_usd']):,.2f} limit; launched {launched}", markup=False)  # fmt: skip
     out.print(f"  training-infra status --group {group}", markup=False)
     out.print(f"  training-infra sweep stop {group}", markup=False)
+
+
+def preflight_template(aws: Aws, group: str, template: dict[str, Any], *, allow_empty_data: bool = False) -> None:
+    """`launch`'s preflight on the template as trial 0's launch (image in ECR, data present, quota, prices, money),
+    refusing in one line as `launch` does; and the stack's instance types filled in when it names none."""
+    from training_infra.cli import launching
+    from training_infra.supervisor.runtime.sweeps import member_id
+
+    types = template.get("instance_types")
+    restarts = template.get("max_restarts_on_errors")
+    subnets = template.get("subnet_ids") or [None]
+    request = launching.LaunchRequest(
+        instance_types=",".join(types) if types else None, market=template.get("market"),
+        max_restarts_on_errors=None if restarts is None else str(restarts),
+        max_runtime_hours=template.get("max_runtime_hours"), image_tag=template.get("image_tag"),
+        command=template.get("command"), run_id=member_id(group, 0), subnet_id=subnets[0],
+        max_price=template.get("max_price_usd"), max_cost_usd=template.get("max_cost_usd"), dry_run=True,
+        allow_empty_data=allow_empty_data,
+        stall_minutes=None if template.get("stall_seconds") is None else int(template["stall_seconds"]) // 60,
+    )  # fmt: skip
+    checked = launching.launch(aws, request).preflight
+    if not types:
+        template["instance_types"] = list(checked.plan.instance_types)
 
 
 @sweep_app.command("stop")

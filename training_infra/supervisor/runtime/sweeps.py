@@ -24,6 +24,7 @@ Optuna is imported only when a group is stepped; the group model and request che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -86,6 +87,7 @@ TRIAL_BYTES, PARAM_BYTES, GROUP_ITEM_BYTES = 200, 24, 350_000
 KEEP_MESSAGES = 100  # finished trials' messages kept for the newest this many (each member's run keeps its own)
 LAUNCHES_PER_STEP = 8  # each member's launch is a few AWS calls: a wide group ramps up over a few minutes
 MESSAGE_CHARS = 200  # a trial's message, kept short for the same reason
+FAILURES_IN_ROW = 3  # this many trials failed one after another, none complete between: the group ends (broken setup)
 LEASE_SECONDS = 55  # the supervisor's timeout (50 s) and a margin: a stepper that died frees its group by then
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -241,8 +243,8 @@ class SweepSpec:
             need(isinstance(metric, str) and 0 < len(metric) <= 64, "objective.metric", metric,
                  "the name of a number in the heartbeat's metrics (at most 64 characters)")  # fmt: skip
             need(direction in DIRECTIONS, "objective.direction", direction, ", ".join(DIRECTIONS))
-            for key in sorted(set(objective_in) - {"metric", "direction"}):
-                problems.append(f"objective.{key}: unknown key; allowed: metric, direction")
+            for key in sorted(set(objective_in) - {"metric", "direction"}, key=str):
+                problems.append(_unknown(f"objective.{key}", key, {"metric", "direction"}))
             objective = Objective(metric=str(metric), direction=str(direction))
         trials = values.get("trials")
         need(_whole(trials, 1, MAX_TRIALS), "trials", trials, f"a whole number from 1 to {MAX_TRIALS}")
@@ -287,6 +289,15 @@ def _nearest(word: str, known: set[str]) -> str:
     return close[0] if close else ""
 
 
+def _hint(key: Any, known: set[str]) -> str:
+    near = _nearest(str(key), known)
+    return f" (did you mean {near}?)" if near else ""
+
+
+def _unknown(where: str, key: Any, known: set[str]) -> str:
+    return f"{where}: unknown key; allowed: {', '.join(sorted(known))}{_hint(key, known)}"
+
+
 def _param(name: str, dim: Any, need: Any) -> Param | None:
     where = f"space.{name}"
     if not need(isinstance(dim, dict), where, dim, "a map with type and low/high or choices"):
@@ -299,8 +310,8 @@ def _param(name: str, dim: Any, need: Any) -> Param | None:
         ok = isinstance(choices, list) and 0 < len(choices) <= 100 and len(set(map(json.dumps, choices))) == len(
             choices) and all(isinstance(c, (str, int, float, bool)) for c in choices)  # fmt: skip
         need(ok, f"{where}.choices", choices, "1 to 100 distinct text, number or true/false values")
-        for key in sorted(set(dim) - {"type", "choices"}):
-            need(False, f"{where}.{key}", dim[key], "only type and choices for a categorical")
+        for key in sorted(set(dim) - {"type", "choices"}, key=str):
+            need(False, f"{where}.{key}", dim[key], "only type and choices for a categorical" + _hint(key, {"choices"}))
         return Param(name, kind, choices=tuple(choices)) if ok else None
     low, high = dim.get("low"), dim.get("high")
     number = int if kind == "int" else (int, float)
@@ -308,8 +319,8 @@ def _param(name: str, dim: Any, need: Any) -> Param | None:
                   "a whole number" if kind == "int" else "a number")  # fmt: skip
     ok_high = need(isinstance(high, number) and not isinstance(high, bool), f"{where}.high", high,
                    "a whole number" if kind == "int" else "a number")  # fmt: skip
-    for key in sorted(set(dim) - {"type", "low", "high"}):
-        need(False, f"{where}.{key}", dim[key], "only type, low and high")
+    for key in sorted(set(dim) - {"type", "low", "high"}, key=str):
+        need(False, f"{where}.{key}", dim[key], "only type, low and high" + _hint(key, {"type", "low", "high"}))
     if not (ok_low and ok_high):
         return None
     if not need(low < high, f"{where}.high", high, f"more than low ({low})"):
@@ -329,8 +340,8 @@ def _pruning(value: Any, need: Any, problems: list[str]) -> Pruning | None:
     startup, warmup = value.get("startup_trials", 5), value.get("warmup_steps", 0)
     need(_whole(startup, 0, MAX_TRIALS), "pruning.startup_trials", startup, "a whole number from 0")
     need(_whole(warmup, 0, 10**12), "pruning.warmup_steps", warmup, "a whole number from 0")
-    for key in sorted(set(value) - {"kind", "startup_trials", "warmup_steps"}):
-        problems.append(f"pruning.{key}: unknown key; allowed: kind, startup_trials, warmup_steps")
+    for key in sorted(set(value) - {"kind", "startup_trials", "warmup_steps"}, key=str):
+        problems.append(_unknown(f"pruning.{key}", key, {"kind", "startup_trials", "warmup_steps"}))
     return Pruning(kind=str(kind), startup_trials=startup, warmup_steps=warmup) if not problems else None
 
 
@@ -372,7 +383,8 @@ class Group:
     budget_month: str = ""  # the month ledger's reservation for the whole group, if the stack has a limit
     spent_usd: float = 0.0
     stop_requested_at: str = ""
-    stop_reason: str = ""  # user | budget
+    stop_reason: str = ""  # user | budget | refused | failures
+    failures_in_row: int = 0  # trials failed since the last one that completed or was pruned
     message: str = ""
     ended_at: str = ""
     lease_until: str = ""
@@ -400,7 +412,7 @@ class Group:
             "trials": [self._kept(t, i) for i, t in enumerate(self.trials)], "budget_month": self.budget_month,
             "spent_usd": self.spent_usd, "stop_requested_at": self.stop_requested_at,
             "stop_reason": self.stop_reason, "message": self.message, "ended_at": self.ended_at,
-            "lease_until": self.lease_until, "best": self.best,
+            "lease_until": self.lease_until, "best": self.best, "failures_in_row": self.failures_in_row,
         }  # fmt: skip
         if self.active:
             item["active"] = ACTIVE_GROUP
@@ -417,6 +429,7 @@ class Group:
             stop_requested_at=values.get("stop_requested_at", ""), stop_reason=values.get("stop_reason", ""),
             message=values.get("message", ""), ended_at=values.get("ended_at", ""),
             lease_until=values.get("lease_until", ""), best=values.get("best") or {},
+            failures_in_row=int(values.get("failures_in_row", 0)),
         )  # fmt: skip
 
 
@@ -539,6 +552,9 @@ def _template_problems(spec: SweepSpec, name: str, cfg: Any) -> list[str]:
     is checked again in full)."""
     problems = []
     types = spec.template.get("instance_types")
+    if not types:  # `sweep -f` fills the stack's instance_types, as `launch` does; the request itself must name them
+        problems.append(f"template.instance_types: got {types!r}; allowed: one or more instance types (the CLI fills "
+                        "the stack's instance_types)")  # fmt: skip
     refused = [t for t in types if isinstance(t, str) and not cfg.type_allowed(t)] if isinstance(types, list) else []
     if refused:
         problems.append(f"template.instance_types: got {', '.join(refused)}; allowed: {cfg.allowed_instance_types} "
@@ -551,6 +567,9 @@ def _template_problems(spec: SweepSpec, name: str, cfg: Any) -> list[str]:
     if isinstance(env, list) and any(isinstance(e, str) and e.startswith(("TI_PARAM", "TI_TRIAL", "TI_GROUP"))
                                      for e in env):  # fmt: skip
         problems.append("template.env: got TI_PARAM*/TI_TRIAL/TI_GROUP; allowed: other names (the sweep sets those)")
+    nodes = spec.template.get("nodes", 1)
+    if nodes != 1:  # the group's money (limit, room for a member, the month) counts one instance per member
+        problems.append(f"template.nodes: got {nodes!r}; allowed: 1 (multi-node sweeps are not supported yet)")
     for key in ("run_id", "resume", "action"):
         if key in spec.template:
             problems.append(f"template.{key}: got {spec.template[key]!r}; allowed: nothing (the sweep sets it)")
@@ -673,8 +692,6 @@ class GroupStep:
                                        direction=spec.objective.direction)  # fmt: skip
 
     def _step(self, group: Group) -> dict[str, Any]:
-        from optuna.trial import TrialState as OptunaState
-
         study = self.study(group)
         if group.state == GroupState.STOPPING:  # again each step: a member that missed the stop gets it now
             self._stop_members(group, group.stop_reason or "user")
@@ -685,32 +702,41 @@ class GroupStep:
         for trial in group.running:
             if self._follow(group, study, trial, runs.get(trial.run_id), progress.get(trial.run_id)):
                 told.append(trial.number)
+                self._count_failure(group, trial)
         self._count_money(group)
         self._keep_within_limit(group)
         launched: list[str] = []
         if group.state == GroupState.RUNNING:
             # Trials Optuna holds as running that the group never recorded (a step died between ask and record).
-            known = {t.number for t in group.trials}
-            for frozen in study.get_trials(deepcopy=False, states=(OptunaState.RUNNING,)):
-                if frozen.number not in known:
-                    launched.append(self._start(group, study, frozen.number, dict(frozen.params)))
-            while (group.state == GroupState.RUNNING and len(group.running) < group.spec.parallel
-                   and len(group.trials) < group.spec.trials and len(launched) < LAUNCHES_PER_STEP):  # fmt: skip
-                why = self._no_room(group)
-                if why:
-                    group.message = why
-                    break
-                fixed = {p.name: p.distribution() for p in group.spec.space}
-                asked = study.ask(fixed_distributions=fixed)
-                launched.append(self._start(group, study, asked.number, dict(asked.params)))
+            with contextlib.suppress(_TryLater):  # a passing AWS error: the rest waits for the next step
+                self._launch_more(group, study, launched)
         self._best(group, study)
         for trial in group.trials:
             trial.message = trial.message[:MESSAGE_CHARS]
         if not group.running and (group.state == GroupState.STOPPING or len(group.trials) >= group.spec.trials
                                   or self._no_room(group)):  # fmt: skip
             self._end(group)
-        return {"group": group.name, "state": group.state, "running": len(group.running), "told": told,
+        return {"group": group.name, "state": group.state, "message": group.message, "running": len(group.running),
+                "told": told,
                 "launched": [x for x in launched if x], "best": group.best}  # fmt: skip
+
+    def _launch_more(self, group: Group, study: Any, launched: list[str]) -> None:
+        """Trials Optuna holds as running that the group never recorded, then new ones as slots and money allow."""
+        from optuna.trial import TrialState as OptunaState
+
+        known = {t.number for t in group.trials}
+        for frozen in study.get_trials(deepcopy=False, states=(OptunaState.RUNNING,)):
+            if frozen.number not in known and group.state == GroupState.RUNNING:
+                launched.append(self._start(group, study, frozen.number, dict(frozen.params)))
+        while (group.state == GroupState.RUNNING and len(group.running) < group.spec.parallel
+               and len(group.trials) < group.spec.trials and len(launched) < LAUNCHES_PER_STEP):  # fmt: skip
+            why = self._no_room(group)
+            if why:
+                group.message = why
+                break
+            fixed = {p.name: p.distribution() for p in group.spec.space}
+            asked = study.ask(fixed_distributions=fixed)
+            launched.append(self._start(group, study, asked.number, dict(asked.params)))
 
     def _progress_of(self, runs: list[Run]) -> dict[str, dict[str, Any] | None]:
         """Each active member's progress.json of its open attempt, read by a few threads (boto3 clients allow it)."""
@@ -771,6 +797,22 @@ class GroupStep:
             _tell(study, trial.number, state=OptunaState.FAIL)
             trial.state, trial.message = TrialState.FAILED, f"{run.state}: {run.message}"
         return True
+
+    def _count_failure(self, group: Group, trial: Trial) -> None:
+        """FAILURES_IN_ROW failed trials with none complete or pruned between: the setup is broken (an image that
+        crashes, a metric never written), so the group asks no more trials and ends with that reason."""
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            group.failures_in_row = 0
+            return
+        if trial.state != TrialState.FAILED:
+            return
+        group.failures_in_row += 1
+        if group.failures_in_row >= FAILURES_IN_ROW and group.state == GroupState.RUNNING:
+            group.state, group.stop_requested_at = GroupState.STOPPING, iso(self.sup.now())
+            group.stop_reason = "failures"
+            group.message = (f"{group.failures_in_row} trials failed in a row, none succeeded between (the last, "
+                             f"trial {trial.number}: {trial.message}); no new trials")[:1000]  # fmt: skip
+            self._stop_members(group, "user")
 
     def _count_money(self, group: Group) -> None:
         group.spent_usd = round(sum(t.cost_usd for t in group.trials), 4)
@@ -834,8 +876,18 @@ class GroupStep:
         run_id = member_id(group.name, number)
         trial = Trial(number=number, run_id=run_id, params=params)
         group.trials.append(trial)
-        if self.sup.store.get(run_id) is not None:
-            return run_id
+        existing = self.sup.store.get(run_id)
+        if existing is not None:
+            if existing.group == group.name and existing.trial == number:
+                return run_id  # launched by a step that died before recording it: the same trial, adopted
+            # A run of that name not launched for this trial (someone's own `launch --run-id lr-t3`): never taken
+            # over, its spend and outcome are not the trial's.
+            _tell(study, number, state=OptunaState.FAIL)
+            owner = f"group {existing.group!r} trial {existing.trial}" if existing.group else "no group"
+            trial.state = TrialState.FAILED
+            trial.message = f"run {run_id} already exists and is not this trial's ({owner}): trial not launched"
+            log.warning("group %s: %s", group.name, trial.message)
+            return ""
         template = group.spec.template
         env = [*(template.get("env") or []), f"TI_GROUP={group.name}", f"TI_TRIAL={number}",
                f"TI_PARAMS={json.dumps(params, sort_keys=True, separators=(',', ':'))}",
@@ -843,21 +895,30 @@ class GroupStep:
         left = group.spec.max_cost_usd - group.spent_usd
         own = template.get("max_cost_usd")
         event = {**template, "run_id": run_id, "env": env, "max_cost_usd": round(min(own or left, left), 2)}
+        event["spec_yaml"] = member_spec(event)
         try:
             request = dataclasses.replace(LaunchRequest.from_event(event), group=group.name, trial=number,
                                           budget_month=group.budget_month)  # fmt: skip
             answer = Launcher(self.sup).launch(request)
-        except (Refused, ClientError, StaleRecord) as refused:
+        except (ClientError, StaleRecord) as error:
+            # Throttling, a record changed meanwhile: not the trial's fault. It is left unrecorded, so the next step
+            # launches it again with its own parameters (the "never recorded" path), and the group goes on.
+            group.trials.remove(trial)
+            group.message = f"trial {number} not launched yet (the next step retries): {error}"[:1000]
+            log.warning("group %s trial %s not launched yet: %s", group.name, number, error)
+            raise _TryLater from None
+        except Refused as refused:
             _tell(study, number, state=OptunaState.FAIL)
             trial.state, trial.message = TrialState.FAILED, f"launch refused: {refused}"
             log.warning("group %s trial %s not launched: %s", group.name, number, refused)
-            # What refused one member refuses the next (limits, prices, the template): no trials burnt on it.
-            group.state, group.stop_requested_at, group.stop_reason = (
-                GroupState.STOPPING,
-                iso(self.sup.now()),
-                "refused",
-            )
-            group.message = f"trial {number} not launched: {refused}"[:1000]
+            self._count_failure(group, trial)
+            if refused.usage:  # the template itself is wrong: it refuses every member, no trials burnt on it
+                group.state, group.stop_requested_at, group.stop_reason = (
+                    GroupState.STOPPING,
+                    iso(self.sup.now()),
+                    "refused",
+                )
+                group.message = f"trial {number} not launched: {refused}"[:1000]
             return ""
         trial.attempts = 1 if answer.get("instance_id") else 0
         return run_id
@@ -881,15 +942,17 @@ class GroupStep:
         if group.stop_reason == "budget" or (group.state == GroupState.RUNNING and self._no_room(group)
                                              and len(group.trials) < group.spec.trials):  # fmt: skip
             state = GroupState.BUDGET
-        elif group.stop_reason in ("user", "refused"):
+        elif group.stop_reason in ("user", "refused", "failures"):
             state = GroupState.STOPPED
         else:
             state = GroupState.COMPLETED
         done = sum(1 for t in group.trials if t.state == TrialState.COMPLETE)
         best = f"; best trial {group.best['number']} {group.spec.objective.metric} {group.best['value']:g}" if (
             group.best) else ""  # fmt: skip
+        why = f"{group.message}; " if group.stop_reason in ("refused", "failures") else ""  # the reason stays said
         group.state, group.ended_at = state, iso(self.sup.now())
-        group.message = f"{state}: {len(group.trials)} trial(s), {done} complete, ${group.spent_usd:,.2f} spent{best}"
+        group.message = (f"{state}: {why}{len(group.trials)} trial(s), {done} complete, ${group.spent_usd:,.2f} spent"
+                         f"{best}")[:1000]  # fmt: skip
         if group.budget_month:
             try:
                 self.sup.month_ledger().settle(group.budget_month, group_key(group.name), group.spent_usd)
@@ -909,6 +972,10 @@ class GroupStep:
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
+
+
+class _TryLater(Exception):
+    """A member's launch failed for a passing reason (throttling, a changed record): the next step goes on."""
 
 
 @dataclass(frozen=True)
@@ -946,6 +1013,30 @@ def _metric(progress: Any, metric: str) -> tuple[float | None, int | None]:
     step = progress.get("step")
     whole = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else None
     return (float(value) if ok else None), whole
+
+
+def member_spec(event: Mapping[str, Any]) -> str:
+    """A member's run spec (the `launch -f` layout) as it was launched: the template with the trial's parameters
+    in its env, so `launch --like <member>` reruns the trial. JSON, which is YAML: this package has no YAML writer."""
+    resources: dict[str, Any] = {"instance_types": list(event.get("instance_types") or [])}
+    limits: dict[str, Any] = {}
+    spec: dict[str, Any] = {"resources": resources, "limits": limits}
+    for field_name, (part, key) in {
+        "market": (resources, "market"), "max_price_usd": (resources, "max_price"), "image_tag": (spec, "image"),
+        "command": (spec, "command"), "max_runtime_hours": (limits, "max_runtime_hours"),
+        "max_cost_usd": (limits, "max_cost_usd"), "max_restarts_on_errors": (limits, "max_restarts_on_errors"),
+    }.items():  # fmt: skip
+        if event.get(field_name) is not None:
+            part[key] = event[field_name]
+    if event.get("subnet_ids"):
+        resources["subnet_id"] = event["subnet_ids"][0]
+    if event.get("stall_seconds") is not None:
+        limits["stall_minutes"] = int(event["stall_seconds"]) // 60
+    for key, lines in (("env", event.get("env")), ("secrets", event.get("secrets"))):
+        pairs = dict(line.split("=", 1) for line in lines or [] if "=" in line)
+        if pairs:
+            spec[key] = pairs
+    return json.dumps(spec, indent=2, sort_keys=True) + "\n"
 
 
 def _env_value(value: Any) -> str:

@@ -57,6 +57,21 @@ def _env_lines(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
+PARAMS_FILE = "params.json"  # a sweep trial's parameters (TI_PARAMS) as a file, in the progress folder
+CONTAINER_PROGRESS = "/run/training-infra/progress"
+
+
+def write_params(spec: TrainerSpec) -> bool:
+    """A sweep member's TI_PARAMS (its --env line, one-line JSON) also as a file for the trainer (issue 26):
+    `TI_PARAMS_FILE` names it. In the progress folder, which both runtimes already give the trainer."""
+    params = _env_lines(spec.trainer_env).get("TI_PARAMS")
+    if params is None:
+        return False
+    spec.progress_dir.mkdir(parents=True, exist_ok=True)
+    (spec.progress_dir / PARAMS_FILE).write_text(params + "\n")
+    return True
+
+
 def shm_size(meminfo: Path = Path("/proc/meminfo")) -> str:
     """PyTorch data loaders pass batches through /dev/shm: half the memory, at least 1 GiB (Docker's is 64 MiB)."""
     found = re.search(r"^MemTotal:\s+(\d+)", meminfo.read_text(), re.MULTILINE)
@@ -141,6 +156,8 @@ class ProcessTrainer(Trainer):
             HEARTBEAT_FILE=str(spec.heartbeat_host),
             TENSORBOARD_DIR=str(spec.out_dir / TENSORBOARD),
         )
+        if write_params(spec):
+            env["TI_PARAMS_FILE"] = str(spec.progress_dir / PARAMS_FILE)
         env.update(_env_lines(spec.trainer_env))
         env.update(_env_lines(spec.secrets_env))
         spec.secrets_env.unlink(missing_ok=True)
@@ -194,12 +211,13 @@ class DockerTrainer(Trainer):
                 "-e",
                 "AWS_CONFIG_FILE=/run/training-infra/aws/config",
             ]
+        params = ["-e", f"TI_PARAMS_FILE={CONTAINER_PROGRESS}/{PARAMS_FILE}"] if write_params(spec) else []
         # --init + TINI_KILL_PROCESS_GROUP: SIGTERM reaches the trainer even behind `sh -c`.
         return [
             self.docker, "run", "--rm", "--name", CONTAINER, "--gpus", "all", "--init",
             "-e", "TINI_KILL_PROCESS_GROUP=1", "--security-opt", "no-new-privileges", "--shm-size", shm_size(),
             "-v", f"{spec.data_dir}:/data:ro", "-v", f"{spec.out_dir}:/outputs", "-v", f"{spec.ckpt_dir}:/checkpoints",
-            "-v", f"{spec.progress_dir}:/run/training-infra/progress",
+            "-v", f"{spec.progress_dir}:{CONTAINER_PROGRESS}", *params,
             "-e", f"RUN_ID={spec.run_id}", "-e", "DATA_DIR=/data", "-e", "OUTPUT_DIR=/outputs",
             "-e", "CHECKPOINT_DIR=/checkpoints", "-e", f"HEARTBEAT_FILE={spec.heartbeat_file}",
             "-e", f"TENSORBOARD_DIR=/outputs/{TENSORBOARD}",
