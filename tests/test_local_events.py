@@ -128,3 +128,16 @@ def test_a_delivery_that_fails_every_retry_is_dropped_with_one_line_and_the_trac
         "(as EventBridge after its retries): RuntimeError: throttled 3"
     ]
     assert len([r for r in caplog.records if r.exc_info]) == 3, "each try's traceback goes to the log"
+
+
+def test_a_raising_handler_is_retried_as_the_functions_async_invoke_config_says_not_the_targets_retry_policy():
+    """EventBridge hands Lambda the event asynchronously: a raising handler is retried by Lambda
+    (EventInvokeConfig), even for the reconcile rule whose target's RetryPolicy is 0."""
+    from training_infra.local.events import async_retry_attempts
+
+    function = {"Type": "AWS::Lambda::Function", "Properties": {"Handler": "supervisor.handler"}}
+    properties = {"FunctionName": {"Ref": "Fn"}, "MaximumRetryAttempts": 1, "Qualifier": "$LATEST"}
+    config = {"Type": "AWS::Lambda::EventInvokeConfig", "Properties": properties}
+    assert async_retry_attempts({"Fn": function, "Cfg": config}, {"Fn"}) == 1
+    assert async_retry_attempts({"Fn": function}, {"Fn"}) == 2, "Lambda's default without a config"
+    assert async_retry_attempts({"Fn": function, "Cfg": config}, {"Other"}) == 2, "another function's config"

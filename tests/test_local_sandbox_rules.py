@@ -226,3 +226,49 @@ def test_a_failed_cdk_step_is_one_line_naming_the_cdk_log(tmp_path, monkeypatch)
 
     assert str(failed.value) == f"cdk deploy exited 1: Error: moto said no (all of it in {sandbox.folder / 'cdk.log'})"
     assert "deploying..." in (sandbox.folder / "cdk.log").read_text()
+
+
+def test_make_demo_workdir_not_made_by_a_demo_is_refused_and_left_untouched(tmp_path):
+    from training_infra.local.demo import _claim_workdir
+
+    (tmp_path / "thesis.tex").write_text("mine")
+    refusal = _claim_workdir(tmp_path)
+
+    assert refusal is not None and "not made by `make demo`" in refusal and str(tmp_path) in refusal
+    assert (tmp_path / "thesis.tex").read_text() == "mine"
+
+
+def test_make_demo_stops_an_earlier_demos_local_aws_still_running_before_emptying_its_folder(tmp_path):
+    """A demo killed before its clean-up leaves its sandbox running on the folder; deleting its state.json
+    first would orphan it, and its own later shut-down would delete the new demo's sandbox."""
+    from training_infra.local.demo import OWNER_MARK, _claim_workdir
+
+    (tmp_path / OWNER_MARK).write_text("made by `make demo`\n")
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _state(tmp_path / "sandbox", identity=process_identity(earlier.pid), pid=earlier.pid)
+
+        assert _claim_workdir(tmp_path) is None
+        assert earlier.wait(timeout=10) == -signal.SIGTERM, "the earlier sandbox was asked to stop first"
+        assert not (tmp_path / "sandbox").exists() and (tmp_path / OWNER_MARK).is_file()
+    finally:
+        earlier.kill()
+
+
+def test_a_killed_sandboxs_containers_are_removed_from_its_own_container_storage(tmp_path):
+    """podman's conmon leaves the agent's process group, so ending the recorded groups is not enough."""
+    from training_infra.local.sandbox import clean_up_after
+
+    folder = tmp_path / "sandbox"
+    docker = folder / "container-engine" / "bin" / "docker"
+    docker.parent.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    docker.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 0123456789abcdef0123\n')
+    docker.chmod(0o755)
+    state = SandboxState.read(_state(folder, identity="another-boot:1", pid=2**22 - 1))
+
+    lines = clean_up_after(folder, state)
+
+    assert calls.read_text().split() == ["rm", "--force", "--all", "--time", "5"]
+    assert "container 0123456789ab removed" in lines
+    assert not folder.exists()

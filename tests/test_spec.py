@@ -113,7 +113,7 @@ def test_every_mistake_in_a_file_is_reported_at_once_one_line_each():
     ]  # fmt: skip
     assert "did you mean 'market'?" in lines[0]
     assert lines[1].endswith("got 0; allowed: greater than or equal to 1")
-    assert lines[4].endswith("got -5; allowed: a number of US dollars greater than 0")
+    assert lines[4].endswith("got -5; allowed: US dollars from 0.01 up to 1000000, e.g. 25")
     assert lines[5].endswith("got 101; allowed: a whole number from 0 to 100")
 
 

@@ -198,6 +198,12 @@ def _claim_workdir(workdir: Path, *, default: bool = False) -> str | None:
                 f"--workdir {workdir}: not empty and not made by `make demo` (no {OWNER_MARK}); "
                 "give a new or empty folder"
             )
+        # An earlier demo killed before its clean-up may have left its local AWS running on this folder:
+        # stop it (and end what it started) first, or its later shut-down would delete the new demo's sandbox.
+        try:
+            stop_running(workdir / "sandbox")
+        except SandboxError as error:
+            return f"--workdir {workdir}: an earlier demo's local AWS still uses it and did not stop: {error}"
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / OWNER_MARK).write_text("made by `make demo`: the next demo empties this folder\n")

@@ -100,7 +100,10 @@ class DeliveryRule:
     arn: str
     pattern: str = ""  # the EventPattern as deployed (JSON); "" for a scheduled rule
     schedule: str = ""  # e.g. "rate(1 minute)"
-    retry_attempts: int = 0  # the target's RetryPolicy.MaximumRetryAttempts
+    # How often AWS tries again when the handler raises: EventBridge invokes Lambda asynchronously, so that is
+    # the function's own asynchronous retries (EventInvokeConfig.MaximumRetryAttempts, 2 when unset), not the
+    # target's RetryPolicy, which covers only failures to hand the event to Lambda (none happen in process).
+    retry_attempts: int = 2
 
     def matches(self, event: dict[str, Any]) -> bool:
         if not self.pattern:
@@ -112,7 +115,7 @@ class DeliveryRule:
 
 def rules_from_stack(cloudformation: Any, events: Any, stack: str) -> list[DeliveryRule]:
     """The rules of `stack` whose target is the supervisor's function: their names from the stack's resources,
-    their patterns and schedules as the emulator holds them, each target's retry policy from the template."""
+    their patterns and schedules as the emulator holds them, the function's asynchronous retries from the template."""
     body = cloudformation.get_template(StackName=stack)["TemplateBody"]
     template = json.loads(body) if isinstance(body, str) else body
     resources = template.get("Resources", {})
@@ -127,6 +130,7 @@ def rules_from_stack(cloudformation: Any, events: Any, stack: str) -> list[Deliv
         for page in cloudformation.get_paginator("list_stack_resources").paginate(StackName=stack)
         for r in page["StackResourceSummaries"]
     }
+    retries = async_retry_attempts(resources, functions)
     rules = []
     for logical, resource in resources.items():
         if resource.get("Type") != "AWS::Events::Rule":
@@ -143,10 +147,24 @@ def rules_from_stack(cloudformation: Any, events: Any, stack: str) -> list[Deliv
                 arn=deployed["Arn"],
                 pattern=deployed.get("EventPattern", ""),
                 schedule=deployed.get("ScheduleExpression", ""),
-                retry_attempts=int(targets[0].get("RetryPolicy", {}).get("MaximumRetryAttempts", 2)),
+                retry_attempts=retries,
             )
         )
     return rules
+
+
+def async_retry_attempts(resources: dict[str, Any], functions: set[str]) -> int:
+    """The supervisor function's EventInvokeConfig.MaximumRetryAttempts; Lambda's default, 2, without one."""
+    for resource in resources.values():
+        props = resource.get("Properties", {})
+        name = props.get("FunctionName")
+        if (
+            resource.get("Type") == "AWS::Lambda::EventInvokeConfig"
+            and isinstance(name, dict)
+            and name.get("Ref") in functions
+        ):
+            return int(props.get("MaximumRetryAttempts", 2))
+    return 2
 
 
 def _target_function(arn: Any) -> str:
@@ -177,8 +195,8 @@ class Delivery:
 
 class EventDelivery:
     """The supervisor's real handler gets each event a deployed rule matches, in this process, as its Lambda
-    would. A failed invoke is retried as the rule's target says (AWS: up to MaximumRetryAttempts more), then
-    dropped with one line (the traceback goes to the sandbox's log)."""
+    would. A handler that raises is tried again as the function's asynchronous invoke config says (AWS: up to
+    MaximumRetryAttempts more, 2 by default), then dropped with one line (the traceback goes to the sandbox's log)."""
 
     def __init__(
         self,

@@ -195,6 +195,18 @@ def clean_up_after(folder: Path, state: SandboxState) -> list[str]:
     """What a sandbox killed without its clean-up (SIGKILL, a crash) left: its children's process groups ended
     (never a pid since given to another process) and its folder removed (a failed one's kept logs too)."""
     lines = end_all(state.child_processes)
+    # Containers run under podman's conmon, which leaves the agent's process group: remove them from the
+    # sandbox's own container storage (no other container is in it), which also unmounts their layers.
+    docker = folder / "container-engine" / "bin" / "docker"
+    if docker.is_file():
+        try:
+            gone = subprocess.run(
+                [str(docker), "rm", "--force", "--all", "--time", "5"], capture_output=True, text=True, timeout=120
+            ).stdout.split()
+        except (OSError, subprocess.SubprocessError) as error:
+            lines.append(f"containers not removed: {error}")
+        else:
+            lines.extend(f"container {name[:12]} removed" for name in gone)
     shutil.rmtree(folder, ignore_errors=True)
     return lines
 
