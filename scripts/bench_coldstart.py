@@ -7,8 +7,8 @@ data and checkpoint objects through the harness's proxy throttled to a shared 1 
 Three mixes: image-heavy, data-heavy, checkpoint-heavy. For each it prints, in seconds:
   * parts        - each transfer as the agent measured it (status.json `cold_start`);
   * cold start   - the agent's whole cold start (first transfer started to last one done);
-  * first step   - from the first transfer's start (the engine's `pull-start`, less the image part's
-                   own lead: its ECR login) to the trainer's first step by the engine's clock;
+  * first step   - from the transfers' start (status.json `cold_start.started_at`) to the trainer's
+                   first step by the engine's clock (the time to the first training step);
   * vs slowest / vs sum - the first step's ratio to the slowest part and to the sum of the parts
                    (one after another, as before issue 29, the first step would be the sum).
 Usage: python scripts/bench_coldstart.py [--rounds 1]. Prints figures; asserts nothing.
@@ -65,13 +65,13 @@ def one_round(aws: Emulator, workdir: Path, mix: tuple[float, float, float]) -> 
         for line in (engine / "calls.log").read_text().splitlines():
             at, _, what = line.partition(" ")
             said.setdefault(what, float(at))
-        # The image part starts with its ECR login; the engine's clock sees the pull, so the part's
-        # lead before it is taken from the agent's own figure for the image part.
-        image_start = said["pull-end"] - cold["parts"]["image"]
+        # From the transfers' start (the agent's wall clock before its first fork) to the trainer's
+        # first step by the engine's clock: the issue's figure, the agent's own work after the
+        # transfers and `docker run` included.
         return {
             **{f"part {name}": seconds for name, seconds in cold["parts"].items()},
             "cold start": cold["total_seconds"],
-            "first step": said["first-step"] - image_start,
+            "first step": said["first-step"] - cold["started_at"],
             "slowest": max(cold["parts"].values()),
             "sum": sum(cold["parts"].values()),
         }

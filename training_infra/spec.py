@@ -132,6 +132,12 @@ ImageTag = _setting(
     {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"},
     "Training image tag in the stack's ECR repository (--image-tag). Default: the stack's image_tag.",
 )
+DataAccess = _setting(
+    "data_access",
+    {"enum": ["sync", "mount"]},
+    "How the run sees data/ at /data (--data-access): sync copies it to the volume first; mount serves it "
+    "read-only through Mountpoint for Amazon S3 (the AMI must provide mount-s3). Default: the stack's data_access.",
+)
 Command = _setting(
     "training_command",
     {"type": "string"},
@@ -208,6 +214,7 @@ class Data(_Section):
     """The training data: the outputs of `training-infra upload`, under data/ in the training bucket."""
 
     allow_empty: StrictBool = Field(False, description="Launch although the data prefix has no objects.")
+    access: DataAccess | None = None  # type: ignore[valid-type]
 
 
 class LaunchSpec(_Section):

@@ -70,6 +70,8 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
     assert exports["TI_STALL_SECONDS"] == "420" and record.spec.stall_seconds == 420, "agent and backstop"
     assert exports["TI_DEADLINE_AT"] == record.deadline_at
     assert exports["TI_DATA_ACCESS"] == "mount", "data larger than the disk: Mountpoint at /data (issue 29)"
+    # Nobody confirmed mount-s3 on the AMI: the launch says, once, that the AMI must provide it.
+    assert result.stderr.count("note: data_access=mount: the AMI (the stack's image_id, else ami_parameter)") == 1
     assert exports["TI_EXTRA_ENV"].splitlines() == ["STACK_LEVEL=1", "EPOCHS=3", "WANDB_MODE=offline"]
     assert "launched run launch-spot-1: attempt 1 on " + instance["InstanceId"] in result.stdout
     for verb in ("status", "logs", "fetch", "stop", "connect"):
@@ -77,7 +79,8 @@ def test_launch_makes_a_managed_run_and_starts_attempt_1_with_one_deadline(stack
 
 
 def test_the_runs_own_template_copies_the_stacks_without_a_market_and_is_tagged_managed(stacks):
-    assert stacks.cli("launch", "--run-id", "launch-template").exit_code == 0
+    result = stacks.cli("launch", "--run-id", "launch-template")
+    assert result.exit_code == 0 and "mount-s3" not in result.output, "no mount, no Mountpoint note"
     ec2 = stacks.client("ec2")
     [template] = ec2.describe_launch_templates(LaunchTemplateNames=["training-infra-run-launch-template"])[
         "LaunchTemplates"

@@ -26,13 +26,14 @@ command: python train.py --lr 3e-4
 env: {EPOCHS: 3, WANDB_MODE: offline}
 secrets: {WANDB_API_KEY: "ssm:/training-infra/wandb"}
 limits: {max_runtime_hours: 2, max_cost_usd: 9, stall_minutes: 7, max_restarts_on_errors: 2}
-data: {allow_empty: true}
+data: {allow_empty: true, access: mount}
 """
 EQUIVALENT_FLAGS = dict(
     run_id="spec-equal", instance_types="g5.xlarge,g6.xlarge", market="spot-then-on-demand", max_price="1.5",
     subnet_id="subnet-0123456789abcdef0", image_tag="v2", command="python train.py --lr 3e-4",
     env=["EPOCHS=3", "WANDB_MODE=offline"], secret_refs=["WANDB_API_KEY=ssm:/training-infra/wandb"],
     max_runtime_hours="2", max_cost_usd="9", stall_minutes="7", max_restarts_on_errors="2", allow_empty_data=True,
+    data_access="mount",
 )  # fmt: skip
 
 

@@ -498,6 +498,15 @@ def _runtime_hours(request: LaunchRequest, exports: dict[str, str]) -> float:
     return hours
 
 
+# Said at launch and in --dry-run: no Deep Learning AMI release note lists Mountpoint, and the agent
+# installs nothing at boot (docs/agent.md, "The cold start": where mount-s3 comes from).
+MOUNT_NOTE = (
+    "data_access=mount: the AMI (the stack's image_id, else ami_parameter) must provide mount-s3 (Mountpoint for"
+    " Amazon S3); the Deep Learning AMIs do not list it and the agent does not install it: without it the attempt"
+    " fails before the trainer starts"
+)
+
+
 def launch(aws: Aws, request: LaunchRequest) -> Started:
     started = time.monotonic()
     template_id, data = stack_template_data(aws)
@@ -533,6 +542,8 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     list_prices = dict.fromkeys(types, 0.0) if checked.block else checked.list_prices()  # a block is prepaid
     _quick_money_answer(aws, request, types, list_prices, data, hours)
     spec, sources = _resolved_spec(aws, request, data, exports, run_id)
+    if (request.data_access or exports.get("TI_DATA_ACCESS") or "sync") == "mount":
+        checked.notes.append(MOUNT_NOTE)
     if request.dry_run:
         return Started(
             run=None, elapsed_seconds=time.monotonic() - started, preflight=checked, spec=spec, sources=sources

@@ -278,11 +278,25 @@ def managed_row(record: Record, instances: dict[str, runs.Run], spot: Any, now: 
         "managed": {
             "spec": spec.to_dict(),
             "errors_used": record.errors_used,
+            "data_access": _data_access(record.spec_yaml),
             "stop_requested_at": record.stop_requested_at or None,
             "ended_at": record.ended_at or None,
         },
         "attempts": attempts,
     }
+
+
+def _data_access(spec_yaml: str) -> str | None:
+    """The kept spec's `data.access` (sync|mount); None: the stack's (not set, or no spec kept)."""
+    from training_infra.spec import SpecError, read_yaml
+
+    try:
+        data, _lines = read_yaml(spec_yaml or "{}")
+    except SpecError:
+        return None
+    section = data.get("data") if isinstance(data, dict) else None
+    access = section.get("access") if isinstance(section, dict) else None
+    return access if access in ("sync", "mount") else None
 
 
 def _node_rows(attempt: Any, instances: dict[str, runs.Run]) -> list[dict[str, Any]]:

@@ -83,6 +83,7 @@ def flags_as_spec(request: launching.LaunchRequest) -> dict[str, Any]:
     restarts = request.max_restarts_on_errors
     put("limits.max_restarts_on_errors", int(restarts) if restarts is not None else None)
     put("data.allow_empty", True if request.allow_empty_data else None)
+    put("data.access", request.data_access)
     return data
 
 
@@ -109,7 +110,7 @@ def request_from_spec(spec: Any, flags: launching.LaunchRequest) -> launching.La
         allow_empty_data=spec.data.allow_empty,
         resume=flags.resume,
         dry_run=flags.dry_run,
-        data_access=flags.data_access,  # a flag only for now (issue 29): not yet a key of the spec's `data`
+        data_access=spec.data.access,
     )
     return launching.validate(request)
 
@@ -158,6 +159,22 @@ def like_layer(aws: Any, run_id: str) -> tuple[str, dict[str, Any]]:
     return source, data
 
 
+def kept_data_access(aws: Any, run_id: str) -> str | None:
+    """`data.access` of the spec kept with the run; None: not set there (the stack's), or no such run
+    (the supervisor says so when it refuses the resume)."""
+    from training_infra import naming
+    from training_infra.spec import SpecError, read_yaml, validate
+    from training_infra.supervisor.runtime.records import RunStore
+
+    record = RunStore(aws.client("dynamodb"), aws.output(naming.OUTPUT_RUN_TABLE)).get(run_id)
+    if record is None or not record.spec_yaml:
+        return None
+    try:
+        return validate(read_yaml(record.spec_yaml, source=f"run {run_id}")[0]).data.access
+    except SpecError:
+        return None
+
+
 def _spec_of_record(spec: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "resources": {"instance_types": list(spec.instance_types), "market": spec.market},
@@ -186,6 +203,8 @@ def request_for(
     if file is not None and like is not None:
         raise UsageError("options '--file' and '--like': give one (flags change either)")
     if file is None and like is None:
+        if flags.resume and flags.run_id and flags.data_access is None:
+            flags.data_access = kept_data_access(aws, flags.run_id)  # the run goes on as it saw its data
         flags.spec_layers = [(FLAG, flags_as_spec(flags))]
         return flags
     layer = file_layer(file) if file is not None else like_layer(aws, like or "")
@@ -208,6 +227,8 @@ def stack_defaults(
     }
     if exports.get("TI_TRAINING_COMMAND"):
         data["command"] = exports["TI_TRAINING_COMMAND"]
+    if exports.get("TI_DATA_ACCESS"):
+        data["data"] = {"access": exports["TI_DATA_ACCESS"]}
     return data
 
 

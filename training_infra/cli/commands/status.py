@@ -149,7 +149,9 @@ def _show_managed_run(row: dict[str, Any]) -> None:
         + (f" of {fmt_usd(row['max_cost_usd'])} ({fmt_usd(row['left_usd'])} left)" if row["max_cost_usd"] else ""),
         f"  progress: {_progress_words(row.get('progress'))}",
         f"  cold start: {cold_start_words(row.get('cold_start'))}",
-    ):
+        *(["  data: mounted read-only at /data (data_access=mount, Mountpoint for Amazon S3)"]
+          if row["managed"].get("data_access") == "mount" else []),
+    ):  # fmt: skip
         out.print(remote_text(line), markup=False)  # the message and spec come from the run record
     listing = Listing(
         title=f"attempts of {row['run_id']}",

@@ -70,9 +70,11 @@ class ColdStart:
     parts: tuple[PartResult, ...]
     seconds: float  # the first part's start to the last part's end
     failed: Part | None = None
+    started_at: float = 0.0  # epoch (time.time) at the first part's start: where the first step is timed from
 
     def record(self) -> dict:
         return {
+            "started_at": round(self.started_at, 3),
             "total_seconds": round(self.seconds, 2),
             "parts": {result.part.value: round(result.seconds, 2) for result in self.parts},
             "slowest": self.slowest.part.value if self.parts else None,
@@ -110,6 +112,7 @@ def run_parts(
     *,
     log: Callable[[str], None],
     clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
 ) -> ColdStart:
     """Each part at once in its own process group; returns when all are done, or raises
     ColdStartFailed after the first failure has stopped the rest. A part fails by raising: its
@@ -117,7 +120,7 @@ def run_parts(
     still ends every child."""
     done: queue.Queue[PartResult] = queue.Queue()
     children: dict[Part, _Child] = {}
-    first = clock()
+    first, first_epoch = clock(), wall()
     try:
         for part, action in parts.items():  # every fork before any thread: a child inherits no thread
             children[part] = _fork(part, action, clock)
@@ -140,7 +143,8 @@ def run_parts(
                     log(f"{result.part.value} failed: stopping {', '.join(part.value for part in running)}")
                 _stop([children[part] for part in running])
         ordered = tuple(results[part] for part in parts)
-        outcome = ColdStart(ordered, max(r.ended for r in ordered) - first, failed.part if failed else None)
+        ended = max(r.ended for r in ordered) - first
+        outcome = ColdStart(ordered, ended, failed.part if failed else None, started_at=first_epoch)
         if failed is not None:
             raise ColdStartFailed(f"cold start: {failed.part.value} failed: {failed.message}", outcome)
         return outcome
