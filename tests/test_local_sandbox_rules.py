@@ -226,3 +226,26 @@ def test_a_failed_cdk_step_is_one_line_naming_the_cdk_log(tmp_path, monkeypatch)
 
     assert str(failed.value) == f"cdk deploy exited 1: Error: moto said no (all of it in {sandbox.folder / 'cdk.log'})"
     assert "deploying..." in (sandbox.folder / "cdk.log").read_text()
+
+
+def test_an_instances_processes_outside_its_agents_group_are_found_by_its_root_and_ended(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from training_infra.local.processes import end_processes_with, processes_with
+
+    root = str(tmp_path / "fs")
+    env = {**os.environ, "TI_ROOT": root}
+    # A torchrun of the instance in a session of its own, and a process of another instance.
+    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**env, "TI_ROOT": root + "-other"}, start_new_session=True)  # fmt: skip
+    try:
+        assert own.pid in processes_with("TI_ROOT", root) and other.pid not in processes_with("TI_ROOT", root)
+        assert end_processes_with("TI_ROOT", root) == 1
+        assert own.wait(timeout=10) == -9 and other.poll() is None
+    finally:
+        for process in (own, other):
+            process.kill()
+            process.wait()
