@@ -200,6 +200,7 @@ class Demo:
 STEP_LINE = re.compile(r"\[trainer rank \d+\] step (\d+)/\d+ ")
 RESUMED_LINE = re.compile(r"\[trainer rank \d+\] resumed from step-(\d+)")
 CHECKPOINT_LINE = re.compile(r"\[trainer rank \d+\] checkpoint step-(\d+)")
+FINISHED_LINE = re.compile(r"\[trainer rank \d+\] finished")
 
 
 @dataclass
@@ -210,6 +211,10 @@ class NodeBox:
     node: int
     attempt: int
     log: Path
+    trained: list[int] = field(default_factory=list)  # the steps its log showed, kept before the sandbox goes
+
+    def keep(self) -> None:
+        self.trained = self.steps()
 
     def lines(self) -> list[str]:
         try:
@@ -281,7 +286,8 @@ class GangDemo(Demo):
         for node, path in ((1, "replacement"), (0, "whole gang")):
             what = "a non-host" if node else "the rendezvous host"
             self.step(f"AWS reclaims node {node} ({what}) after a checkpoint: `local interrupt --node {node}`")
-            self._wait(lambda boxes: self._checkpointed(boxes), "a checkpoint on every node")
+            after = self.story.losses[-1].resumed_from if self.story.losses else 0
+            self._wait(lambda boxes, after=after: self._checkpointed(boxes, after=after), "a new complete checkpoint")
             loss = self._lose(node, path)
             self.story.losses.append(loss)
             console.print(
@@ -297,6 +303,8 @@ class GangDemo(Demo):
         self.step("Node loss to training again (local AWS; on EC2 an instance's boot adds minutes to both)")
         for loss in self.story.losses:
             console.print(f"   {loss.path:<12} node {loss.node} lost: {loss.seconds_to_training:5.1f} s")
+        for box in [*self.story.first, *(b for loss in self.story.losses for b in loss.resumed_on)]:
+            box.keep()  # `local down` removes the instances' disks
         self._sandbox_down()
         console.print(f"\n[bold green]Demo finished in {time.monotonic() - started:.0f} s.[/]")
         return self.story
@@ -325,9 +333,14 @@ class GangDemo(Demo):
     def _wait(self, ready: Any, what: str, timeout: float = STEP_TIMEOUT_SECONDS) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = ready(self.boxes())
+            boxes = self.boxes()
+            found = ready(boxes)
             if found:
                 return found
+            if any(FINISHED_LINE.search(line) for box in boxes for line in box.lines()):
+                raise DemoFailed(
+                    f"run {self.run_id}: the trainer finished before {what} (a busy machine?): give more --epochs"
+                )
             time.sleep(0.2)
         raise DemoFailed(f"run {self.run_id}: no {what} within {timeout:.0f} s (logs in {self.sandbox_dir})")
 
@@ -335,9 +348,10 @@ class GangDemo(Demo):
         mine = [b for b in boxes if b.attempt == attempt]
         return mine if len({b.node for b in mine if b.steps()}) == self.nodes else None
 
-    def _checkpointed(self, boxes: list[NodeBox]) -> int | None:
+    def _checkpointed(self, boxes: list[NodeBox], *, after: int) -> int | None:
+        """The newest step complete on every node, once it is past `after` (the last resume's)."""
         newest = _complete_step(boxes, self.nodes)
-        return newest if newest and newest >= self.checkpoint_every else None
+        return newest if newest and newest > after else None
 
     def _show_steps(self, boxes: list[NodeBox]) -> None:
         for box in boxes:
@@ -431,7 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where fetched outputs (and its sandbox) go: a new or empty folder, or one an earlier demo made",
     )  # fmt: skip
     parser.add_argument(
-        "--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 60 with a spot notice)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of the example trainer (default 12; 60 with a spot notice); --multinode: its steps (60)",
     )
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
     parser.add_argument(
@@ -452,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     demo: Demo
     if args.multinode:
-        demo = GangDemo(workdir=args.workdir, steps=args.epochs or 40, step_seconds=args.step_seconds,
+        demo = GangDemo(workdir=args.workdir, steps=args.epochs or 60, step_seconds=args.step_seconds,
                         checkpoint_every=5)  # fmt: skip
     else:
         demo = Demo(
