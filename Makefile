@@ -38,7 +38,7 @@ LOCAL_AWS = $(if $(AWS_ENDPOINT_URL),$(shell $(PY) -c 'import sys; from training
 LOCAL_CONTEXT = $(if $(LOCAL_AWS),-c image_id=ami-12c6146b)
 LOCAL_DEPLOY = $(if $(LOCAL_AWS),--method=direct --no-previous-parameters)
 
-.PHONY: help setup container-engine test lint synth diff deploy destroy bench local demo demo-spot demo-container clean
+.PHONY: help setup container-engine test lint synth diff deploy destroy bench local demo demo-spot demo-multinode demo-container clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -116,6 +116,9 @@ demo: setup  ## A whole training run on the local AWS emulator (no account neede
 
 demo-spot: setup  ## The demo with a spot interruption mid-run and a resumed second run
 	$(PY) -m training_infra.local.demo --spot-interruption $(DEMO_FLAGS)
+
+demo-multinode: setup  ## A 2-node PyTorch gang: a non-host lost and replaced, then the host and the gang relaunched
+	$(PY) -m training_infra.local.demo --multinode $(DEMO_FLAGS)
 
 demo-container: setup container-engine  ## The demo on the production docker path (podman, local registry as ECR; root)
 	$(PY) -m training_infra.local.demo --runtime docker $(DEMO_FLAGS)

@@ -106,3 +106,23 @@ def test_a_resource_moto_did_not_create_is_named_not_checked_with_why(aws):
         "not checked: 1 AWS::Budgets::Budget: moto's CloudFormation keeps no budget (template assertions prove it)"
         in lines
     )
+
+
+def test_a_rule_cdk_declares_as_its_own_ingress_resource_counts_for_its_group():
+    from training_infra.local.declared import standalone_ingress
+
+    resources = {
+        "Group": {"Type": "AWS::EC2::SecurityGroup", "Properties": {"SecurityGroupIngress": []}},
+        "Self": {
+            "Type": "AWS::EC2::SecurityGroupIngress",
+            "Properties": {
+                "GroupId": {"Fn::GetAtt": ["Group", "GroupId"]},
+                "IpProtocol": "-1",
+                "SourceSecurityGroupId": {"Fn::GetAtt": ["Group", "GroupId"]},
+            },
+        },  # fmt: skip
+        "Other": {"Type": "AWS::EC2::SecurityGroupIngress", "Properties": {"GroupId": {"Ref": "Else"}}},
+    }
+    found = standalone_ingress(resources)
+    assert [rule["IpProtocol"] for rule in found["Group"]] == ["-1"]
+    assert set(found) == {"Group", "Else"}

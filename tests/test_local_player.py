@@ -209,3 +209,18 @@ def test_create_fleet_with_a_client_token_already_used_returns_the_first_fleet_a
         Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": ["token"]}]
     )["Reservations"]
     assert sorted(i["InstanceId"] for r in running for i in r["Instances"]) == sorted(first + other)
+
+
+def test_local_interrupt_of_one_gang_node_reaches_only_that_nodes_instance(aws, template, player):
+    ids = fleet(aws, template, run="gang-run", capacity=2)
+    ec2 = aws_client("ec2", aws.env)
+    for node, instance_id in enumerate(ids):  # what the supervisor tags once the fleet returned
+        ec2.create_tags(Resources=[instance_id], Tags=[{"Key": naming.TAG_NODE, "Value": str(node)}])
+    player.tick()
+
+    answer = player.interrupt("gang-run", node=1)
+
+    assert answer["ok"] and ids[1] in answer["message"] and ids[0] not in answer["message"]
+    assert player.instances[ids[1]].reclaim_at is not None and player.instances[ids[0]].reclaim_at is None
+    refused = player.interrupt("gang-run", node=2)
+    assert not refused["ok"] and refused["message"].startswith("run gang-run has no live node 2 here (live: ")

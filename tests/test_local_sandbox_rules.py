@@ -272,3 +272,26 @@ def test_a_killed_sandboxs_containers_are_removed_from_its_own_container_storage
     assert calls.read_text().split() == ["rm", "--force", "--all", "--time", "5"]
     assert "container 0123456789ab removed" in lines
     assert not folder.exists()
+
+
+def test_an_instances_processes_outside_its_agents_group_are_found_by_its_root_and_ended(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from training_infra.local.processes import end_processes_with, processes_with
+
+    root = str(tmp_path / "fs")
+    env = {**os.environ, "TI_ROOT": root}
+    # A torchrun of the instance in a session of its own, and a process of another instance.
+    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**env, "TI_ROOT": root + "-other"}, start_new_session=True)  # fmt: skip
+    try:
+        assert own.pid in processes_with("TI_ROOT", root) and other.pid not in processes_with("TI_ROOT", root)
+        assert end_processes_with("TI_ROOT", root) == 1
+        assert own.wait(timeout=10) == -9 and other.poll() is None
+    finally:
+        for process in (own, other):
+            process.kill()
+            process.wait()

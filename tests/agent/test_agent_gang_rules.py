@@ -231,3 +231,41 @@ def test_stopping_the_trainer_kills_workers_that_started_their_own_sessions(tmp_
     assert not trainer.alive(), "nothing of the trainer's tree is left"
     assert any("outside its process group" in note for note in notes), notes
     trainer.wait()
+
+
+class _SyncCounting:
+    def __init__(self) -> None:
+        self.syncs = 0
+
+    def sync(self) -> bool:
+        self.syncs += 1
+        return True
+
+
+def test_a_gang_member_syncs_its_steps_every_few_seconds_whatever_the_periodic_sync(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(gang.StepSyncWatcher, "every", 0.05)
+    checkpoints = _SyncCounting()
+    agent = SimpleNamespace(
+        member=MEMBER, checkpoints=checkpoints, halt=threading.Event(), root="/nonexistent",
+        knobs=SimpleNamespace(nccl_efa_check=True), config=SimpleNamespace(checkpoint_sync_seconds=300),
+        log=lambda line: None, note=lambda line: None,
+    )  # fmt: skip
+    gang.start_watchers(agent)
+    deadline = time.monotonic() + 5
+    while checkpoints.syncs < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    agent.halt.set()
+    assert checkpoints.syncs >= 3
+    assert gang.STEP_SYNC_SECONDS <= 5, "a replacement restores what S3 holds within seconds of the save"
+
+
+def test_a_single_node_run_starts_no_gang_watcher():
+    import threading
+    from types import SimpleNamespace
+
+    before = threading.active_count()
+    gang.start_watchers(SimpleNamespace(member=None))
+    assert threading.active_count() == before

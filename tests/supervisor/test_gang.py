@@ -270,6 +270,23 @@ def test_a_trainer_failure_on_any_node_ends_the_gang_attempt_as_an_error(gang_ac
     assert len(run.attempts) == 2, "restarted as a whole gang"
 
 
+def test_a_survivor_failing_after_the_hosts_spot_notice_is_the_hosts_reclaim_not_an_error(gang_account):
+    attempt = start_gang(gang_account, nodes=2, max_restarts_on_errors=1).attempts[0]
+    host, survivor = attempt.members
+    supervisor(gang_account).handle(event(SPOT_WARNING, host.instance_id, **{"instance-action": "terminate"}))
+    # The survivor's torchrun loses the host's rendezvous store and its agent ends `failed` before the host is gone.
+    status = {"outcome": "failed", "exit_code": 1, "ended_at": iso(gang_account.clock())}
+    gang_account.s3.put_object(Bucket=gang_account.bucket, Key="runs/bert/attempts/1/nodes/1/status.json",
+                               Body=json.dumps(status).encode())  # fmt: skip
+    gang_account.end_instance(survivor.instance_id)
+    supervisor(gang_account).handle(event(STATE_CHANGE, survivor.instance_id, state="terminated"))
+    assert gang_account.run().current.gang_ending == AttemptEnd.RECLAIMED
+    lose(gang_account, host.instance_id, warned=False)
+    run = gang_account.run()
+    assert run.attempts[0].end_reason == AttemptEnd.RECLAIMED and run.errors_used == 0
+    assert len(run.attempts) == 2, "relaunched as a whole gang"
+
+
 def test_a_spot_warning_is_noted_on_the_member_it_is_about(gang_account):
     attempt = start_gang(gang_account, nodes=2).attempts[0]
     supervisor(gang_account).handle(event(SPOT_WARNING, attempt.members[1].instance_id))

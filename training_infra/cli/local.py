@@ -110,6 +110,10 @@ def env(folder: Dir = None) -> None:
 @reported_errors
 def interrupt(
     run: Annotated[str, typer.Argument(metavar="RUN", help="The run whose live instance gets the notice.")],
+    node: Annotated[
+        int | None,
+        typer.Option("--node", metavar="K", min=0, help="A multi-node run: only node K's instance (default: all)."),
+    ] = None,
     folder: Dir = None,
 ) -> None:
     """Send a spot interruption notice to RUN's live instance, as AWS does two minutes before reclaiming it."""
@@ -118,7 +122,7 @@ def interrupt(
 
     run = check_run_id(run)
     try:
-        answer = ask(_folder(folder), {"verb": "interrupt", "run": run})
+        answer = ask(_folder(folder), {"verb": "interrupt", "run": run, **({} if node is None else {"node": node})})
     except SandboxError as error:
         raise _sandbox_error(error) from None
     if not answer.get("ok"):

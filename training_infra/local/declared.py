@@ -92,8 +92,12 @@ def check_declared(client: Callable[[str], Any], stacks: tuple[str, ...] = STACK
             for page in cloudformation.get_paginator("list_stack_resources").paginate(StackName=stack)
             for r in page["StackResourceSummaries"]
         }
+        standalone = standalone_ingress(template.get("Resources", {}))
         for logical, resource in template.get("Resources", {}).items():
             kind, properties = resource.get("Type", ""), resource.get("Properties", {}) or {}
+            if logical in standalone:
+                properties = {**properties, "SecurityGroupIngress": [
+                    *properties.get("SecurityGroupIngress", []), *standalone[logical]]}  # fmt: skip
             if kind in NOT_HELD:
                 result.not_checked[(kind, NOT_HELD[kind])] += 1
                 continue
@@ -128,6 +132,23 @@ def check_declared(client: Callable[[str], Any], stacks: tuple[str, ...] = STACK
             result.checked += 1
             result.kinds.add(kind)
     return result
+
+
+def standalone_ingress(resources: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each group's rules declared as their own AWS::EC2::SecurityGroupIngress (what CDK makes for a rule whose
+    source is a group, such as the gang's self rule from `allow_internally`): EC2 holds them in the group's
+    IpPermissions like its inline ones."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for resource in resources.values():
+        if resource.get("Type") != "AWS::EC2::SecurityGroupIngress":
+            continue
+        properties = resource.get("Properties", {}) or {}
+        group = properties.get("GroupId")
+        if isinstance(group, dict) and "Fn::GetAtt" in group:
+            found.setdefault(group["Fn::GetAtt"][0], []).append(properties)
+        elif isinstance(group, dict) and "Ref" in group:
+            found.setdefault(group["Ref"], []).append(properties)
+    return found
 
 
 def _literal(value: Any) -> bool:

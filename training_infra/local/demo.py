@@ -7,11 +7,15 @@ With a sandbox already in effect (`eval "$(training-infra local env)"`, same run
 one and leaves it running; else it starts its own and stops it at the end.
 `--spot-interruption`: `local interrupt` at the first checkpoint; the supervisor relaunches.
 `--runtime docker`: the production container path on podman (the example image built here).
+`--multinode` (`make demo-multinode`): a 2-node gang of examples/trainer/train_torch.py (DDP over gloo),
+node 1 reclaimed (one replacement joins the same attempt), then node 0 (the whole gang relaunches as
+attempt 2); the real supervisor decides both, the timings of each path are printed (`GangStory`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -19,12 +23,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from training_infra import naming
 from training_infra.local.containers import unavailable_reason
+from training_infra.local.instance import aws_client
 from training_infra.local.sandbox import (
     DIR_VARIABLE,
     SandboxError,
@@ -45,6 +53,8 @@ class DemoFailed(RuntimeError):
 
 
 class Demo:
+    schedule_seconds: float | None = None  # the sandbox's reconcile schedule when the demo starts its own
+
     def __init__(
         self, *, workdir: Path, epochs: int, step_seconds: float, spot_interruption: bool, runtime: str = "process"
     ) -> None:
@@ -71,7 +81,8 @@ class Demo:
         console.print(f"\n[bold cyan]{self.step_number}.[/] [bold]{text}[/]")
 
     def cli(self, *args: str, show: bool = True) -> str:
-        console.print(f"   [dim]$ training-infra {' '.join(args).replace(str(ROOT) + '/', '')}[/]")
+        if show:  # a poll (show=False) is no step of the story
+            console.print(f"   [dim]$ training-infra {' '.join(args).replace(str(ROOT) + '/', '')}[/]")
         result = subprocess.run(
             [sys.executable, "-m", "training_infra", *args],
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=STEP_TIMEOUT_SECONDS,
@@ -138,6 +149,8 @@ class Demo:
                 return
         self.step("Start the local AWS: `training-infra local up` (what `make local` runs), in the background")
         argv = [sys.executable, "-m", "training_infra", "local", "up", "--runtime", self.runtime]
+        if self.schedule_seconds is not None:
+            argv += ["--schedule", f"{self.schedule_seconds:g}"]
         console.print(f"   [dim]$ training-infra {' '.join(argv[3:])} --dir {self.sandbox_dir}[/]")
         log = self.workdir / "local-up.log"
         with open(log, "wb") as sink:
@@ -184,6 +197,222 @@ class Demo:
             raise DemoFailed("the trainer wrote no checkpoint before it ended: nothing to interrupt")
 
 
+STEP_LINE = re.compile(r"\[trainer rank \d+\] step (\d+)/\d+ ")
+RESUMED_LINE = re.compile(r"\[trainer rank \d+\] resumed from step-(\d+)")
+CHECKPOINT_LINE = re.compile(r"\[trainer rank \d+\] checkpoint step-(\d+)")
+FINISHED_LINE = re.compile(r"\[trainer rank \d+\] finished")
+
+
+@dataclass
+class NodeBox:
+    """One played member of the gang: its node index and attempt (its tags), its trainer's log on its disk."""
+
+    instance_id: str
+    node: int
+    attempt: int
+    log: Path
+    trained: list[int] = field(default_factory=list)  # the steps its log showed, kept before the sandbox goes
+
+    def keep(self) -> None:
+        self.trained = self.steps()
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def steps(self) -> list[int]:
+        return [int(m.group(1)) for line in self.lines() if (m := STEP_LINE.search(line))]
+
+    def checkpoints(self) -> list[int]:
+        return [int(m.group(1)) for line in self.lines() if (m := CHECKPOINT_LINE.search(line))]
+
+
+@dataclass
+class NodeLoss:
+    """One reclaimed node and what followed, as the demo measured it."""
+
+    path: str  # replacement | whole gang
+    node: int
+    instance_id: str
+    newest_complete_step: int  # complete on every node (each node's marker) when training started again
+    resumed_from: int
+    seconds_to_training: float  # from the notice to the first step after the resume
+    resumed_on: list[NodeBox] = field(default_factory=list)
+
+
+@dataclass
+class GangStory:
+    """What `make demo-multinode` saw: the tests assert on it."""
+
+    run_id: str
+    first: list[NodeBox] = field(default_factory=list)  # attempt 1's members as launched
+    losses: list[NodeLoss] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)  # `status RUN --output json` at the end
+
+
+class GangDemo(Demo):
+    """`make demo-multinode`: a 2-node gang on the local AWS, the real supervisor and agents; a non-host lost,
+    then the host. Training logs are read from the played instances' disks (the sandbox's folder)."""
+
+    nodes = 2
+    schedule_seconds = 5.0
+
+    def __init__(self, *, workdir: Path, steps: int, step_seconds: float, checkpoint_every: int) -> None:
+        super().__init__(workdir=workdir, epochs=steps, step_seconds=step_seconds, spot_interruption=True)
+        self.checkpoint_every = checkpoint_every
+        self.run_id = f"gang-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        self.story = GangStory(self.run_id)
+
+    def main(self) -> GangStory:  # type: ignore[override]
+        started = time.monotonic()
+        self._sandbox_up()
+        self.step("Upload the example dataset to the data bucket")
+        self.cli("upload", str(ROOT / "examples" / "data"))
+        self.step(f"Launch run {self.run_id} on {self.nodes} nodes: one fleet, node 0 hosts torchrun's rendezvous")
+        trainer = ROOT / "examples" / "trainer" / "train_torch.py"
+        self.cli(
+            "launch", "--run-id", self.run_id, "--nodes", str(self.nodes), "--max-runtime-hours", "1",
+            "--command", f"python3 {trainer}", "--env", f"STEPS={self.epochs}",
+            "--env", f"STEP_SECONDS={self.step_seconds}", "--env", f"CHECKPOINT_EVERY={self.checkpoint_every}",
+        )  # fmt: skip
+
+        self.step("Both nodes train (DDP over gloo; each node's agent wrapped the command in torchrun)")
+        self.story.first = self._wait(lambda boxes: self._training(boxes, attempt=1), "both nodes training")
+        self._show_steps(self.story.first)
+        self.cli("status", self.run_id)
+
+        for node, path in ((1, "replacement"), (0, "whole gang")):
+            what = "a non-host" if node else "the rendezvous host"
+            self.step(f"AWS reclaims node {node} ({what}) after a checkpoint: `local interrupt --node {node}`")
+            after = self.story.losses[-1].resumed_from if self.story.losses else 0
+            self._wait(lambda boxes, after=after: self._checkpointed(boxes, after=after), "a new complete checkpoint")
+            loss = self._lose(node, path)
+            self.story.losses.append(loss)
+            console.print(
+                f"   [green]training again {loss.seconds_to_training:.1f} s after the notice[/] ({path} path): "
+                f"resumed from step {loss.resumed_from} (newest complete step {loss.newest_complete_step}) on "
+                + ", ".join(f"node {b.node} {b.instance_id} (attempt {b.attempt})" for b in loss.resumed_on)
+            )
+            self.cli("status", self.run_id)
+
+        self.step("The run finishes (polled: `status RUN --output json`)")
+        self.story.status = self._wait_outcome()
+        self.cli("status", self.run_id)
+        self.step("Node loss to training again (local AWS; on EC2 an instance's boot adds minutes to both)")
+        for loss in self.story.losses:
+            console.print(f"   {loss.path:<12} node {loss.node} lost: {loss.seconds_to_training:5.1f} s")
+        for box in [*self.story.first, *(b for loss in self.story.losses for b in loss.resumed_on)]:
+            box.keep()  # `local down` removes the instances' disks
+        self._sandbox_down()
+        console.print(f"\n[bold green]Demo finished in {time.monotonic() - started:.0f} s.[/]")
+        return self.story
+
+    # ------------------------------------------------------------------ what the played instances show
+    def boxes(self) -> list[NodeBox]:
+        """Every member the sandbox plays for this run (ended ones too), from its tags in the local AWS."""
+        assert self.state is not None
+        ec2 = aws_client("ec2", self.state.env)
+        found = []
+        pages = ec2.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": f"tag:{naming.TAG_RUN_ID}", "Values": [self.run_id]}]
+        )
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    if not tags.get(naming.TAG_NODE, "").isdigit():
+                        continue  # tagged by the supervisor a moment after the fleet returned
+                    disk = self.sandbox_dir / "instances" / instance["InstanceId"] / "fs"
+                    log = disk / "var" / "log" / "training.log"
+                    found.append(NodeBox(instance["InstanceId"], int(tags[naming.TAG_NODE]),
+                                         int(tags.get(naming.TAG_ATTEMPT, "0")), log))  # fmt: skip
+        return sorted(found, key=lambda b: (b.attempt, b.node, b.instance_id))
+
+    def _wait(self, ready: Any, what: str, timeout: float = STEP_TIMEOUT_SECONDS) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            boxes = self.boxes()
+            found = ready(boxes)
+            if found:
+                return found
+            if any(FINISHED_LINE.search(line) for box in boxes for line in box.lines()):
+                raise DemoFailed(
+                    f"run {self.run_id}: the trainer finished before {what} (a busy machine?): give more --epochs"
+                )
+            time.sleep(0.2)
+        raise DemoFailed(f"run {self.run_id}: no {what} within {timeout:.0f} s (logs in {self.sandbox_dir})")
+
+    def _training(self, boxes: list[NodeBox], *, attempt: int) -> list[NodeBox] | None:
+        mine = [b for b in boxes if b.attempt == attempt]
+        return mine if len({b.node for b in mine if b.steps()}) == self.nodes else None
+
+    def _checkpointed(self, boxes: list[NodeBox], *, after: int) -> int | None:
+        """The newest step complete on every node, once it is past `after` (the last resume's)."""
+        newest = _complete_step(boxes, self.nodes)
+        return newest if newest and newest > after else None
+
+    def _show_steps(self, boxes: list[NodeBox]) -> None:
+        for box in boxes:
+            last = next((line for line in reversed(box.lines()) if STEP_LINE.search(line)), "")
+            console.print(f"   node {box.node} {box.instance_id}: {last.strip()}", markup=False)
+
+    def _lose(self, node: int, path: str) -> NodeLoss:
+        seen = {b.instance_id: len(b.lines()) for b in self.boxes()}
+        (lost,) = [b for b in self.boxes() if b.node == node and b.attempt == max(x.attempt for x in self.boxes())][-1:]
+        noticed = time.monotonic()
+        self.cli("local", "interrupt", self.run_id, "--node", str(node))
+
+        def resumed(boxes: list[NodeBox]) -> list[NodeBox] | None:
+            again = []
+            for box in boxes:
+                fresh = box.lines()[seen.get(box.instance_id, 0) :]
+                at = next((i for i, line in enumerate(fresh) if RESUMED_LINE.search(line)), None)
+                if at is not None and any(STEP_LINE.search(line) for line in fresh[at:]):
+                    again.append(box)
+            return again if len({b.node for b in again}) == self.nodes else None
+
+        again = self._wait(resumed, f"training again after node {node} was lost")
+        seconds = time.monotonic() - noticed
+        step = next(
+            int(m.group(1))
+            for box in again
+            for line in box.lines()[seen.get(box.instance_id, 0) :]
+            if (m := RESUMED_LINE.search(line))
+        )
+        return NodeLoss(
+            path=path, node=node, instance_id=lost.instance_id, newest_complete_step=_complete_step(self.boxes(),
+            self.nodes, before_resume=seen) or 0, resumed_from=step, seconds_to_training=seconds, resumed_on=again,
+        )  # fmt: skip
+
+    def _wait_outcome(self) -> dict[str, Any]:
+        deadline = time.monotonic() + STEP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            (row,) = json.loads(self.cli("status", self.run_id, "--output", "json", show=False))
+            if row.get("outcome"):
+                return row
+            time.sleep(1)
+        raise DemoFailed(f"run {self.run_id} did not end within {STEP_TIMEOUT_SECONDS} s")
+
+
+def _complete_step(boxes: list[NodeBox], nodes: int, before_resume: dict[str, int] | None = None) -> int | None:
+    """The newest step every node index logged its checkpoint of (before each log's first resume after
+    `before_resume`'s line counts, when given): complete on every node, the one a resume must start from."""
+    saved: dict[int, set[int]] = {}
+    for box in boxes:
+        lines = box.lines()
+        if before_resume is not None:
+            start = before_resume.get(box.instance_id, 0)
+            cut = next((start + i for i, line in enumerate(lines[start:]) if RESUMED_LINE.search(line)), len(lines))
+            lines = lines[:cut]
+        for line in lines:
+            if m := CHECKPOINT_LINE.search(line):
+                saved.setdefault(int(m.group(1)), set()).add(box.node)
+    complete = [step for step, who in saved.items() if len(who) == nodes]
+    return max(complete) if complete else None
+
+
 OWNER_MARK = ".training-infra-demo"  # in a --workdir this tool made: only such a folder is emptied
 
 
@@ -222,9 +451,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where fetched outputs (and its sandbox) go: a new or empty folder, or one an earlier demo made",
     )  # fmt: skip
     parser.add_argument(
-        "--epochs", type=int, default=None, help="epochs of the example trainer (default 12; 60 with a spot notice)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of the example trainer (default 12; 60 with a spot notice); --multinode: its steps (60)",
     )
     parser.add_argument("--step-seconds", type=float, default=0.5, help="seconds per epoch of the example trainer")
+    parser.add_argument(
+        "--multinode", action="store_true",
+        help="a 2-node gang (train_torch.py, DDP): node 1 reclaimed and replaced, then node 0 and the gang relaunched",
+    )  # fmt: skip
     parser.add_argument(
         "--runtime", choices=("process", "docker"), default="process",
         help="process: the trainer runs directly; docker: the production container path on podman (needs root)",
@@ -237,13 +473,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         console.print(f"make demo: {refusal}", markup=False)
         return 2
-    demo = Demo(
-        workdir=args.workdir,
-        epochs=args.epochs or (60 if args.spot_interruption else 12),
-        step_seconds=args.step_seconds,
-        spot_interruption=args.spot_interruption,
-        runtime=args.runtime,
-    )
+    demo: Demo
+    if args.multinode:
+        demo = GangDemo(workdir=args.workdir, steps=args.epochs or 60, step_seconds=args.step_seconds,
+                        checkpoint_every=5)  # fmt: skip
+    else:
+        demo = Demo(
+            workdir=args.workdir,
+            epochs=args.epochs or (60 if args.spot_interruption else 12),
+            step_seconds=args.step_seconds,
+            spot_interruption=args.spot_interruption,
+            runtime=args.runtime,
+        )
     try:
         demo.main()
         return 0

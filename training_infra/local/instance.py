@@ -25,6 +25,7 @@ import boto3
 from training_infra.local.containers import ContainerEngine, free_loopback_address
 from training_infra.local.emulator import stop_process_group
 from training_infra.local.imds import FakeImds
+from training_infra.local.processes import end_processes_with
 
 GPU_UTILISATION_PERCENT = "87"  # what the fake nvidia-smi reports: a busy GPU
 
@@ -156,6 +157,9 @@ class LocalInstance:
         if self.process is not None:
             # The agent's SIGTERM handler (finalize) uploads logs and status on the way down, as at an OS shutdown.
             stop_process_group(self.process, grace_seconds=30)
+            # EC2's power-off ends every process of the box: here also those outside the agent's group (a
+            # torchrun left by a killed agent would keep port 29400 for the next gang's host).
+            end_processes_with("TI_ROOT", str(self.root / "fs"))
         if self.imds is not None:
             self.imds.stop()
             self.imds = None

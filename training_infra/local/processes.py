@@ -108,3 +108,26 @@ def end_all(children: list[ChildProcess], *, grace_seconds: float = 10) -> list[
         if done != "already gone":
             lines.append(f"{child.name} (process group {child.pgid}): {done}")
     return lines
+
+
+def processes_with(variable: str, value: str, proc: Path = Path("/proc")) -> list[int]:
+    """Every process whose environment holds `variable=value`: a played instance's processes by its TI_ROOT,
+    those that left its agent's process group included (torchrun and its workers start their own sessions)."""
+    wanted = f"{variable}={value}".encode()
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def end_processes_with(variable: str, value: str) -> int:
+    """SIGKILL to every process `processes_with` finds (an instance's power-off ends all of its processes)."""
+    pids = processes_with(variable, value)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)

@@ -367,14 +367,20 @@ class InstancePlayer:
             f"{box.market}, {box.address}): playing its user data ({runtime} runtime, IMDS {imds})"
         )
 
-    def interrupt(self, run_id: str) -> dict[str, Any]:
-        """A spot interruption notice to the run's live instances: IMDS answers it, EventBridge sends the warning.
-        AWS sends none to an on-demand instance: refused, in one line."""
+    def interrupt(self, run_id: str, node: int | None = None) -> dict[str, Any]:
+        """A spot interruption notice to the run's live instances (only gang node `node`'s, given one): IMDS answers
+        it, EventBridge sends the warning. AWS sends none to an on-demand instance: refused, in one line."""
         live = [p for p in self.instances.values() if p.run_id == run_id and p.stopping is None and p.agent_running]
         if not live:
             known = sorted({p.run_id for p in self.played.values()})
             playing = f"instances of {', '.join(known)}" if known else "no instance"
             return {"ok": False, "message": f"run {run_id} has no live instance here (the sandbox plays {playing})"}
+        if node is not None:  # the node index the supervisor tagged after the fleet returned (a replacement: at launch)
+            nodes = {p.instance_id: p.box.tags().get(naming.TAG_NODE, "") for p in live if p.box is not None}
+            live = [p for p in live if nodes.get(p.instance_id) == str(node)]
+            if not live:
+                held = ", ".join(f"{i} node {k or '?'}" for i, k in sorted(nodes.items()))
+                return {"ok": False, "message": f"run {run_id} has no live node {node} here (live: {held})"}
         on_demand = [p for p in live if p.box is not None and p.box.market != "spot"]
         if on_demand:
             played = on_demand[0]
@@ -653,7 +659,8 @@ class Sandbox:
             try:
                 request = json.loads(request_file.read_text())
                 if request.get("verb") == "interrupt":
-                    answer = self.player.interrupt(str(request.get("run", "")))
+                    node = request.get("node")
+                    answer = self.player.interrupt(str(request.get("run", "")), None if node is None else int(node))
                 else:
                     answer = {"ok": False, "message": f"unknown request {request.get('verb')!r}"}
             except Exception as error:  # noqa: BLE001 - the asker gets the one line

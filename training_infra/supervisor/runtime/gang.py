@@ -592,7 +592,14 @@ class GangWatcher:
         described: Mapping[str, Any], now: datetime,
     ) -> AttemptEnd | None:  # fmt: skip
         """Replace lost non-hosts, or begin the whole gang's end: returns the gang's end reason once it began."""
+        host_lost = host_reclaim(attempt, lost)
         for member, reason, words in lost:
+            if reason != AttemptEnd.RECLAIMED and host_lost and member.node != 0:
+                # A survivor's torchrun cannot reach the store of a host that is going away: its trainer's failure
+                # is the host's reclaim (a preemption), not an error of the run.
+                return self._begin_end(run, attempt, AttemptEnd.RECLAIMED,
+                                       f"node 0 (the rendezvous host) lost: {host_lost}; node {member.node} "
+                                       f"ended with it ({words})", now)  # fmt: skip
             if reason != AttemptEnd.RECLAIMED:  # the trainer's own end on one node is the gang's (a stall too)
                 return self._begin_end(run, attempt, reason, f"node {member.node}: {words}", now)
             if member.node == 0:
@@ -695,6 +702,17 @@ class GangWatcher:
             attempt.gang_ending, attempt.gang_ending_words = AttemptEnd.STALLED, f"the supervisor ended it: {stalled}"
             attempt.terminated_at = iso(now)
             self.sv._notify(run, f"attempt {attempt.n} is hung ({stalled}): every node terminated")
+
+
+def host_reclaim(attempt: Attempt, lost: list[tuple[Member, AttemptEnd, str]]) -> str:
+    """Why node 0 is being reclaimed (its spot notice, or its loss as reclaimed in this look), else ''."""
+    for member, reason, words in lost:
+        if member.node == 0 and reason == AttemptEnd.RECLAIMED:
+            return words
+    host = next((m for m in attempt.members if m.node == 0), None)
+    if host is not None and host.reclaim_warned_at:
+        return f"spot interruption notice at {host.reclaim_warned_at}"
+    return ""
 
 
 def mark_member(attempt: Attempt, instance_id: str, key: str, when: str) -> bool:
