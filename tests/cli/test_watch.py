@@ -3,6 +3,7 @@ the metrics.jsonl the agent's MetricsLog writes, in the local AWS's S3, with a s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,8 @@ from training_infra.supervisor.runtime.records import Attempt, AttemptEnd, Run, 
 
 REGION = "eu-west-2"  # this module's own
 RUN = "watch-reclaimed"
+HOSTILE_RUN = "watch-hostile"
+HOSTILE = "\x1b]0;x\x07\x1b[2J"  # OSC 0 (window title) and CSI 2J (clear the screen)
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 G5 = pricing.on_demand_price("g5.xlarge")
 WHERE = {"subnet_ids": ("subnet-0123456789abcdef0",), "launch_template_id": "lt-0123456789abcdef0",
@@ -66,6 +69,24 @@ def watched(deployed, tmp_path_factory):
             Key=f"{naming.RUNS_PREFIX}{RUN}/attempts/{n}/logs/metrics.jsonl",
             Body=_agent_history(tmp, first, began, minutes).encode(),
         )
+    # A hostile instance writes the history itself (not through the agent's filter): names that would retitle
+    # the window and clear the screen if printed.
+    hostile = Attempt(n=1, instance_id="i-0000000000000003c", instance_type="g5.xlarge", zone=f"{REGION}a",
+                      market="spot", started_at=iso(START), ended_at=iso(START + timedelta(minutes=5)),
+                      end_reason=AttemptEnd.SUCCEEDED)  # fmt: skip
+    store.create(Run(run_id=HOSTILE_RUN, spec=spec, deadline_at=iso(START + timedelta(hours=12)), created_at=iso(START),
+                     state=RunState.SUCCEEDED, attempts=[hostile], ended_at=hostile.ended_at))  # fmt: skip
+    lines = [
+        json.dumps(
+            {"t": iso(START + timedelta(minutes=m)), "step": m, HOSTILE: 1.0 + m, f"loss{HOSTILE}": 2.0 - m / 10}
+        )
+        for m in range(5)
+    ]
+    s3.put_object(
+        Bucket=deployment.outputs_bucket,
+        Key=f"{naming.RUNS_PREFIX}{HOSTILE_RUN}/attempts/1/logs/metrics.jsonl",
+        Body="\n".join(lines).encode(),
+    )
     return deployment
 
 
@@ -112,3 +133,12 @@ def test_watch_of_a_run_without_a_record_is_one_line(watched):
     assert result.stderr == (
         "error: run watch-legacy has no run record (made before the run table): `watch` needs a managed run\n"
     )
+
+
+def test_watch_never_prints_an_escape_sequence_from_a_metric_name(watched):
+    result = watched.cli("watch", HOSTILE_RUN, "--once", env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "]0;x" not in result.stdout and "[2J" not in result.stdout, "no parameter bytes left behind either"
+    assert re.search(r"^ +loss +$", result.stdout, re.MULTILINE), "the name without its escape sequence is drawn"

@@ -20,6 +20,7 @@ from typing import Any
 from training_infra import naming
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError
+from training_infra.cli.safe_text import remote_text
 
 PREEMPTED = ("reclaimed", "interrupted")  # a spot reclaim; `interrupted` on runs imported from a status.json
 MAX_METRIC_CHARTS = 3  # loss, accuracy and one more fit 80x50; the rest are in metrics.jsonl
@@ -98,7 +99,13 @@ def parse_metrics(text: str, start: datetime) -> list[Point]:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             return float(value) if ok else None
 
-        values = {k: v for k, v in item.items() if k not in FIXED and number(v) is not None}
+        # The agent keeps only safe names (ti_agent/metrics.py), but the file sits in S3 where the
+        # instance writes: every name is cleaned again before it becomes a chart title.
+        values = {
+            name: float(v)
+            for k, v in item.items()
+            if k not in FIXED and number(v) is not None and (name := remote_text(k).strip())
+        }
         points.append(
             Point(
                 minutes, number(item.get("step")), number(item.get("steps_per_second")),
@@ -124,7 +131,7 @@ def load(aws: Aws, run: str) -> RunView:
     starts = [runs.parse_time(a["started_at"]) for a in attempts]
     start = next((moment for moment in starts if moment is not None), None) or runs.parse_time(record.created_at)
     view = RunView(
-        run_id=run, state=str(row["state"]), active=record.active, limit_usd=row.get("max_cost_usd"),
+        run_id=run, state=remote_text(row["state"]), active=record.active, limit_usd=row.get("max_cost_usd"),
         spent_usd=row["cost_usd"],
     )  # fmt: skip
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
