@@ -106,9 +106,11 @@ def test_watch_once_at_80_columns_draws_the_curves_and_marks_the_preemption(watc
     curve = [line for line in lines if re.search(r"[▖▗▘▙▚▛▜▝▞▟▀▄▌▐█]{3,}", line)]
     assert len(curve) > 10, "the curves are drawn, not empty frames"
     marks = "attempt 1 at 0 min, preempted at 40 min, attempt 2 at 42 min"
-    assert " ".join(lines[-2:]) == f"minutes since the first attempt started; marks: {marks}"
-    # The reclaim (40 min) and the second attempt's start (42 min): two vertical marks on every chart.
-    assert sum(bool(re.search(r"[▌▐] [▌▐]", line)) for line in lines) >= 6 * 2
+    legend = "minutes since " + " ".join(text.rsplit("minutes since", 1)[1].split())  # wrapped at 80
+    assert legend == f"minutes since the first attempt started; marks (▐ an attempt starts, x a spot reclaim): {marks}"
+    # The reclaim (40 min, drawn with x) and the second attempt's start (42 min, a block line): two vertical
+    # marks on every chart, told apart by their character.
+    assert sum(bool(re.search(r"x +[▌▐]", line)) for line in lines) >= 6 * 2
 
 
 def test_watch_png_writes_the_same_view_as_a_picture(watched, tmp_path):
@@ -122,6 +124,29 @@ def test_watch_png_writes_the_same_view_as_a_picture(watched, tmp_path):
     keep = os.environ.get("TI_KEEP_WATCH_PNG")  # a person looks at it before resolving the issue
     if keep:
         Path(keep).write_bytes(picture.read_bytes())
+
+
+def test_the_png_has_a_legend_line_telling_a_restart_from_a_reclaim(watched, monkeypatch):
+    from training_infra.cli import watching
+    from training_infra.cli.aws import Aws
+
+    for name, value in watched.env.items():
+        monkeypatch.setenv(name, value)
+    view = watching.load(Aws(REGION), RUN)
+    figure = watching.build_figure(view, watching.charts(view))
+
+    [legend] = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["an attempt starts", "spot reclaim (preempted)"]
+
+
+def test_watch_every_below_10_seconds_is_refused_in_one_line(watched):
+    result = watched.cli("watch", RUN, "--every", "5")
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: option '--every': got '5'; allowed: at least 10 seconds (each refresh reads the run table, EC2 and S3)"
+    ]
+    assert result.stdout == ""
 
 
 def test_watch_of_a_run_without_a_record_is_one_line(watched):
