@@ -147,7 +147,10 @@ def load(aws: Aws, run: str) -> RunView:
         view.spend += [(began_minutes, spent), (ended_minutes, spent + (attempt["cost_usd"] or 0))]
         spent += attempt["cost_usd"] or 0
         if attempt["end_reason"] in PREEMPTED:
-            view.marks.append(Mark(ended_minutes, PREEMPTION))
+            # When the record says the attempt ended; the billed window (uptime) can run on while the
+            # reclaimed instance shuts down, which put the mark minutes late on a real run.
+            ended = _minutes(runs.parse_time(attempt["ended_at"]), start)
+            view.marks.append(Mark(ended if ended is not None else ended_minutes, PREEMPTION))
         key = f"{naming.RUNS_PREFIX}{run}/attempts/{attempt['attempt']}/logs/metrics.jsonl"
         try:
             body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -202,7 +205,9 @@ def draw_text(view: RunView, width: int = 80, chart_height: int = 9) -> str:
             )
         figure.title(title)
         lines.append(figure.build().string(colorless=True).rstrip("\n"))
-    marks = ", ".join(f"{mark.label} at {mark.minutes:.0f} min" for mark in view.marks)
+    span = max([mark.minutes for mark in view.marks] + [x for _, points, _ in found for x, _ in points[-1:]])
+    digits = 0 if span >= 10 else 1  # a run of a few minutes: 0.4 min, not 0 min
+    marks = ", ".join(f"{mark.label} at {mark.minutes:.{digits}f} min" for mark in view.marks)
     lines += textwrap.wrap(
         f"minutes since the first attempt started; marks (▐ an attempt starts, {PREEMPTION_MARKER} a spot reclaim): "
         f"{marks}",
