@@ -236,6 +236,33 @@ def test_make_demo_spot_resumes_attempt_2_from_the_last_checkpoint_attempt_1_wro
     assert "reclaimed: spot interruption notice" in console
 
 
+def test_watch_once_at_80_columns_of_the_real_spot_run_draws_the_loss_curve_and_the_preemption(demos, sandbox):
+    """Issue 27's test on a real run: `make demo-spot`'s run (the example trainer's heartbeats through the real
+    agent into metrics.jsonl, `local interrupt` at its first checkpoint, attempt 2 to the end), drawn by `watch`."""
+    run_id = _run_id(demos["demo-spot"]["console"])
+
+    result = cli({**sandbox["env"], "COLUMNS": "80"}, "watch", run_id, "--once")
+
+    text = result.stdout
+    print(text)  # pytest -s: a person looks at it
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    assert re.match(rf"run {run_id}: succeeded, step \d+", lines[0]), lines[0]
+    assert "1 preemption(s)" in " ".join(lines[:2])
+    # The loss chart (the example trainer beats {"step": N, "loss": L}) holds a drawn curve, not an empty frame.
+    titles = [n for n, line in enumerate(lines) if re.fullmatch(r" +\S[^│]*\S +", line)]
+    start = next(n for n in titles if lines[n].strip() == "loss")
+    end = next((n for n in titles if n > start), len(lines))
+    assert any(len(re.findall(r"[▖▗▘▙▚▛▜▝▞▟▀▄▌▐█]", line)) >= 10 for line in lines[start:end]), lines[start:end]
+    # The reclaim after attempt 1's start, attempt 2 after it too (the supervisor may start it on the notice,
+    # before attempt 1 has ended), and the reclaim drawn with its x.
+    found = re.search(
+        r"attempt 1 at ([\d.]+) min, preempted at ([\d.]+) min, attempt 2 at ([\d.]+) min", " ".join(lines)
+    )
+    assert found and float(found[1]) < min(float(found[2]), float(found[3])), found
+    assert any(re.search(r"x", line) for line in lines[start:end]), "the reclaim is marked on the loss chart"
+
+
 def test_every_demo_step_heading_is_followed_by_what_the_step_did(demos):
     for found in [found for name, found in demos.items() if name.startswith("demo") and "console" in found]:
         steps = _steps(found["console"])

@@ -38,3 +38,24 @@ def test_a_history_that_cannot_be_written_costs_the_history_not_the_run(tmp_path
     log = MetricsLog(tmp_path / "logs" / "metrics.jsonl")
 
     assert not log.record(Progress(step=1, changed_epoch=1.0), "{}", 1.0, None) and log.failed
+
+
+HOSTILE = "\x1b]0;x\x07\x1b[2J"  # retitles the window, clears the screen
+
+
+def test_a_metric_name_outside_the_safe_set_is_dropped_with_one_log_line(tmp_path):
+    said: list[str] = []
+    log = MetricsLog(tmp_path / "metrics.jsonl", every=0, log=said.append)
+    beat = json.dumps({"loss": 0.5, HOSTILE: 1.0, "val/acc": 0.9, "lr-0.1": 2, "\u202eevil": 3, "x" * 65: 4})
+
+    assert log.record(Progress(step=1, changed_epoch=1.0), beat, 1.0, None)
+    assert log.record(Progress(step=2, changed_epoch=2.0), beat, 2.0, None)
+
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [sorted(set(line) - {"t", "step", "steps_per_second", "gpu_percent"}) for line in lines] == [
+        ["loss", "lr-0.1", "val/acc"]
+    ] * 2
+    assert "\x1b" not in log.path.read_text() and "\u202e" not in log.path.read_text()
+    assert len(said) == 1, "one line per attempt, not one per beat"
+    assert said[0].startswith("metrics history: dropped 3 heartbeat name(s) outside [A-Za-z0-9_./-]{1,64}: ")
+    assert all(char.isprintable() for char in said[0]), said[0]

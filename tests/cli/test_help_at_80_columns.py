@@ -38,6 +38,8 @@ def test_help_of_every_verb_fits_80_columns_uncut_and_without_type_noise(verb):
     assert "…" not in text
     assert not TYPE_NOISE.search(text), TYPE_NOISE.search(text)
     assert "\x1b" not in text, "no colour codes when piped"
+    split = [line for line in text.splitlines() if re.search(r"[A-Za-z0-9]-$", line)]
+    assert not split, f"a word or an option name broken at a hyphen: {split}"
 
 
 def test_every_verb_is_listed_with_its_whole_first_sentence():
@@ -45,7 +47,7 @@ def test_every_verb_is_listed_with_its_whole_first_sentence():
 
     for verb in ("outputs", "upload", "launch", "status", "logs", "connect", "fetch", "stop", "cost", "local"):
         assert re.search(rf"^  {verb} ", text, re.MULTILINE), verb
-    flat = " ".join(text.split()).replace("- ", "-")  # a line may break after a hyphen
+    flat = " ".join(text.split())  # lines break only at spaces
     assert "Cost per run in a period, in total, and the saving against on-demand prices." in flat
 
 
@@ -56,7 +58,16 @@ def test_launch_help_groups_its_options_and_names_each_option_whole():
     assert sections == ["Resources", "Limits", "Image and command", "Secrets", "The run", "Options"]
     assert "--max-restarts-on-errors N" in text
     flat = " ".join(text.split())
-    assert "NAME=arn:aws:secretsmanager:..." in flat and "training-infra:managed=true" in flat.replace("- ", "-")
+    assert "NAME=arn:aws:secretsmanager:..." in flat and "training-infra:managed=true" in flat
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", text))
+    assert "--instance-types" in mentioned, "named in --instance-type's help, on one line"
+
+
+def test_launch_data_access_is_listed_under_image_and_command():
+    text = _help("launch")
+
+    image = text.split("\nImage and command:\n", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"^  --data-access sync\|mount ", image, re.MULTILINE), image
 
 
 def test_help_never_says_seed():

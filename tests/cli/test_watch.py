@@ -3,6 +3,7 @@ the metrics.jsonl the agent's MetricsLog writes, in the local AWS's S3, with a s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,8 @@ from training_infra.supervisor.runtime.records import Attempt, AttemptEnd, Run, 
 
 REGION = "eu-west-2"  # this module's own
 RUN = "watch-reclaimed"
+HOSTILE_RUN = "watch-hostile"
+HOSTILE = "\x1b]0;x\x07\x1b[2J"  # OSC 0 (window title) and CSI 2J (clear the screen)
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 G5 = pricing.on_demand_price("g5.xlarge")
 WHERE = {"subnet_ids": ("subnet-0123456789abcdef0",), "launch_template_id": "lt-0123456789abcdef0",
@@ -66,6 +69,24 @@ def watched(deployed, tmp_path_factory):
             Key=f"{naming.RUNS_PREFIX}{RUN}/attempts/{n}/logs/metrics.jsonl",
             Body=_agent_history(tmp, first, began, minutes).encode(),
         )
+    # A hostile instance writes the history itself (not through the agent's filter): names that would retitle
+    # the window and clear the screen if printed.
+    hostile = Attempt(n=1, instance_id="i-0000000000000003c", instance_type="g5.xlarge", zone=f"{REGION}a",
+                      market="spot", started_at=iso(START), ended_at=iso(START + timedelta(minutes=5)),
+                      end_reason=AttemptEnd.SUCCEEDED)  # fmt: skip
+    store.create(Run(run_id=HOSTILE_RUN, spec=spec, deadline_at=iso(START + timedelta(hours=12)), created_at=iso(START),
+                     state=RunState.SUCCEEDED, attempts=[hostile], ended_at=hostile.ended_at))  # fmt: skip
+    lines = [
+        json.dumps(
+            {"t": iso(START + timedelta(minutes=m)), "step": m, HOSTILE: 1.0 + m, f"loss{HOSTILE}": 2.0 - m / 10}
+        )
+        for m in range(5)
+    ]
+    s3.put_object(
+        Bucket=deployment.outputs_bucket,
+        Key=f"{naming.RUNS_PREFIX}{HOSTILE_RUN}/attempts/1/logs/metrics.jsonl",
+        Body="\n".join(lines).encode(),
+    )
     return deployment
 
 
@@ -85,9 +106,11 @@ def test_watch_once_at_80_columns_draws_the_curves_and_marks_the_preemption(watc
     curve = [line for line in lines if re.search(r"[▖▗▘▙▚▛▜▝▞▟▀▄▌▐█]{3,}", line)]
     assert len(curve) > 10, "the curves are drawn, not empty frames"
     marks = "attempt 1 at 0 min, preempted at 40 min, attempt 2 at 42 min"
-    assert " ".join(lines[-2:]) == f"minutes since the first attempt started; marks: {marks}"
-    # The reclaim (40 min) and the second attempt's start (42 min): two vertical marks on every chart.
-    assert sum(bool(re.search(r"[▌▐] [▌▐]", line)) for line in lines) >= 6 * 2
+    legend = "minutes since " + " ".join(text.rsplit("minutes since", 1)[1].split())  # wrapped at 80
+    assert legend == f"minutes since the first attempt started; marks (▐ an attempt starts, x a spot reclaim): {marks}"
+    # The reclaim (40 min, drawn with x) and the second attempt's start (42 min, a block line): two vertical
+    # marks on every chart, told apart by their character.
+    assert sum(bool(re.search(r"x +[▌▐]", line)) for line in lines) >= 6 * 2
 
 
 def test_watch_png_writes_the_same_view_as_a_picture(watched, tmp_path):
@@ -103,6 +126,29 @@ def test_watch_png_writes_the_same_view_as_a_picture(watched, tmp_path):
         Path(keep).write_bytes(picture.read_bytes())
 
 
+def test_the_png_has_a_legend_line_telling_a_restart_from_a_reclaim(watched, monkeypatch):
+    from training_infra.cli import watching
+    from training_infra.cli.aws import Aws
+
+    for name, value in watched.env.items():
+        monkeypatch.setenv(name, value)
+    view = watching.load(Aws(REGION), RUN)
+    figure = watching.build_figure(view, watching.charts(view))
+
+    [legend] = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["an attempt starts", "spot reclaim (preempted)"]
+
+
+def test_watch_every_below_10_seconds_is_refused_in_one_line(watched):
+    result = watched.cli("watch", RUN, "--every", "5")
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: option '--every': got '5'; allowed: at least 10 seconds (each refresh reads the run table, EC2 and S3)"
+    ]
+    assert result.stdout == ""
+
+
 def test_watch_of_a_run_without_a_record_is_one_line(watched):
     watched.put_status({"run_id": "watch-legacy", "outcome": "succeeded"})
 
@@ -112,3 +158,12 @@ def test_watch_of_a_run_without_a_record_is_one_line(watched):
     assert result.stderr == (
         "error: run watch-legacy has no run record (made before the run table): `watch` needs a managed run\n"
     )
+
+
+def test_watch_never_prints_an_escape_sequence_from_a_metric_name(watched):
+    result = watched.cli("watch", HOSTILE_RUN, "--once", env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "]0;x" not in result.stdout and "[2J" not in result.stdout, "no parameter bytes left behind either"
+    assert re.search(r"^ +loss +$", result.stdout, re.MULTILINE), "the name without its escape sequence is drawn"

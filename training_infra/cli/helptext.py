@@ -2,16 +2,20 @@
 
 click's own formatter wraps every paragraph at the screen's width (COLUMNS, else 80 when piped;
 at most 78 wide) and never cuts a word or an option name: a long name pushes its help to the
-next line. Options are listed under their group (typer's `rich_help_panel`: resources, limits,
-image and command, secrets ...) with their metavar (`N`, `USD`, `TEXT`), never a Python type
-such as `<str>`. rich is not imported for help, which keeps `--help` fast.
+next line, and a name or word with hyphens is never broken at them (`--instance-` / `types` would
+not be found by a reader's search, nor pasted whole). Options are listed under their group
+(typer's `rich_help_panel`: resources, limits, image and command, secrets ...) with their metavar
+(`N`, `USD`, `TEXT`), never a Python type such as `<str>`. rich is not imported for help, which keeps `--help` fast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from typer import _click as click
+from typer._click import _textwrap
 from typer.core import TyperCommand
 
 OPTIONS = "Options"
@@ -67,11 +71,34 @@ def write_options(command: click.Command, ctx: click.Context, formatter: click.H
             formatter.write_dl(rows, col_max=28)
 
 
+class _WholeWords(_textwrap.TextWrapper):
+    """click's wrapper, breaking only at spaces: never inside `--instance-types` or `on-demand`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+
+@contextmanager
+def whole_words() -> Iterator[None]:
+    """click's wrap_text imports `_textwrap.TextWrapper` on each call and takes no break_on_hyphens:
+    the wrapper is swapped for the help's formatting only (one thread: the CLI's)."""
+    original, _textwrap.TextWrapper = _textwrap.TextWrapper, _WholeWords
+    try:
+        yield
+    finally:
+        _textwrap.TextWrapper = original
+
+
+def format_plain_help(command: click.Command, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    with whole_words():
+        click.Command.format_help(command, ctx, formatter)
+
+
 class PlainHelpCommand(TyperCommand):
     """A verb whose `--help` is click's plain, wrapped text with grouped options."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        click.Command.format_help(self, ctx, formatter)
+        format_plain_help(self, ctx, formatter)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         write_options(self, ctx, formatter)

@@ -30,7 +30,7 @@ from training_infra.cli.commands import (
     watch,
 )
 from training_infra.cli.errors import err_console, report_error
-from training_infra.cli.helptext import PlainHelpCommand, write_commands, write_options
+from training_infra.cli.helptext import PlainHelpCommand, format_plain_help, write_commands, write_options
 
 
 def _one_line(error: click.exceptions.UsageError) -> str:
@@ -56,7 +56,7 @@ class _PlainHelpGroup(TyperGroup):
     """A verb group whose `--help` is plain text (cli/helptext.py)."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        click.Command.format_help(self, ctx, formatter)
+        format_plain_help(self, ctx, formatter)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         write_options(self, ctx, formatter)

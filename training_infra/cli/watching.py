@@ -20,8 +20,11 @@ from typing import Any
 from training_infra import naming
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError
+from training_infra.cli.safe_text import remote_text
 
 PREEMPTED = ("reclaimed", "interrupted")  # a spot reclaim; `interrupted` on runs imported from a status.json
+PREEMPTION = "preempted"  # a mark's label
+PREEMPTION_MARKER = "x"  # its character on the terminal charts; an attempt's start is a block line (▐)
 MAX_METRIC_CHARTS = 3  # loss, accuracy and one more fit 80x50; the rest are in metrics.jsonl
 FIXED = ("t", "step", "steps_per_second", "gpu_percent")
 
@@ -68,7 +71,7 @@ class RunView:
         if self.spent_usd is not None:
             limit = f" of ${self.limit_usd:,.2f}" if self.limit_usd else ""
             parts.append(f"${self.spent_usd:,.2f}{limit}")
-        preempted = sum(1 for mark in self.marks if mark.label == "preempted")
+        preempted = sum(1 for mark in self.marks if mark.label == PREEMPTION)
         if preempted:
             parts.append(f"{preempted} preemption(s)")
         return ", ".join(parts)
@@ -98,7 +101,13 @@ def parse_metrics(text: str, start: datetime) -> list[Point]:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             return float(value) if ok else None
 
-        values = {k: v for k, v in item.items() if k not in FIXED and number(v) is not None}
+        # The agent keeps only safe names (ti_agent/metrics.py), but the file sits in S3 where the
+        # instance writes: every name is cleaned again before it becomes a chart title.
+        values = {
+            name: float(v)
+            for k, v in item.items()
+            if k not in FIXED and number(v) is not None and (name := remote_text(k).strip())
+        }
         points.append(
             Point(
                 minutes, number(item.get("step")), number(item.get("steps_per_second")),
@@ -124,7 +133,7 @@ def load(aws: Aws, run: str) -> RunView:
     starts = [runs.parse_time(a["started_at"]) for a in attempts]
     start = next((moment for moment in starts if moment is not None), None) or runs.parse_time(record.created_at)
     view = RunView(
-        run_id=run, state=str(row["state"]), active=record.active, limit_usd=row.get("max_cost_usd"),
+        run_id=run, state=remote_text(row["state"]), active=record.active, limit_usd=row.get("max_cost_usd"),
         spent_usd=row["cost_usd"],
     )  # fmt: skip
     bucket = aws.output(naming.OUTPUT_OUTPUTS_BUCKET)
@@ -138,7 +147,10 @@ def load(aws: Aws, run: str) -> RunView:
         view.spend += [(began_minutes, spent), (ended_minutes, spent + (attempt["cost_usd"] or 0))]
         spent += attempt["cost_usd"] or 0
         if attempt["end_reason"] in PREEMPTED:
-            view.marks.append(Mark(ended_minutes, "preempted"))
+            # When the record says the attempt ended; the billed window (uptime) can run on while the
+            # reclaimed instance shuts down, which put the mark minutes late on a real run.
+            ended = _minutes(runs.parse_time(attempt["ended_at"]), start)
+            view.marks.append(Mark(ended if ended is not None else ended_minutes, PREEMPTION))
         key = f"{naming.RUNS_PREFIX}{run}/attempts/{attempt['attempt']}/logs/metrics.jsonl"
         try:
             body = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -186,12 +198,21 @@ def draw_text(view: RunView, width: int = 80, chart_height: int = 9) -> str:
         figure.draw(figure.signal(xs, ys).lines().label(title))
         if level:
             figure.draw(figure.signal([min(xs), max(xs)], [level, level]).lines().label("limit"))
-        for mark in view.marks:  # a vertical segment in data coordinates
-            figure.draw(figure.signal([mark.minutes, mark.minutes], [low, high]).lines().label(mark.label))
+        for mark in view.marks:  # a vertical segment in data coordinates; a reclaim drawn with its own character
+            marker = PREEMPTION_MARKER if mark.label == PREEMPTION else None
+            figure.draw(
+                figure.signal([mark.minutes, mark.minutes], [low, high], marker=marker).lines().label(mark.label)
+            )
         figure.title(title)
         lines.append(figure.build().string(colorless=True).rstrip("\n"))
-    marks = ", ".join(f"{mark.label} at {mark.minutes:.0f} min" for mark in view.marks)
-    lines += textwrap.wrap(f"minutes since the first attempt started; marks: {marks}", width=width)
+    span = max([mark.minutes for mark in view.marks] + [x for _, points, _ in found for x, _ in points[-1:]])
+    digits = 0 if span >= 10 else 1  # a run of a few minutes: 0.4 min, not 0 min
+    marks = ", ".join(f"{mark.label} at {mark.minutes:.{digits}f} min" for mark in view.marks)
+    lines += textwrap.wrap(
+        f"minutes since the first attempt started; marks (▐ an attempt starts, {PREEMPTION_MARKER} a spot reclaim): "
+        f"{marks}",
+        width=width,
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -209,20 +230,39 @@ def write_png(view: RunView, path: Path) -> None:
     found = charts(view)
     if not found:
         raise CliError(f"run {view.run_id} has no history yet: nothing to draw")
+    figure = build_figure(view, found)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+MARK_STYLES = {  # label in the legend, colour, line style: a reclaim reads apart from a (re)start
+    "attempt": ("an attempt starts", "grey", "-"),
+    PREEMPTION: ("spot reclaim (preempted)", "orange", ":"),
+}
+
+
+def build_figure(view: RunView, found: list[tuple[str, list[tuple[float, float]], float | None]]) -> Any:
+    """The picture's matplotlib figure: a chart per series, the marks and one legend line for them."""
+    from matplotlib import pyplot
+    from matplotlib.lines import Line2D
+
     figure, axes = pyplot.subplots(len(found), 1, figsize=(10, 2.4 * len(found)), sharex=True, squeeze=False)
     for axis, (title, points, level) in zip(axes[:, 0], found, strict=True):
         axis.plot([x for x, _ in points], [y for _, y in points], label=title)
         if level:
             axis.axhline(level, color="red", linestyle="--", label="limit")
         for mark in view.marks:
-            preempted = mark.label == "preempted"
-            axis.axvline(mark.minutes, color="orange" if preempted else "grey", linestyle=":" if preempted else "-")
+            _, color, style = MARK_STYLES[PREEMPTION if mark.label == PREEMPTION else "attempt"]
+            axis.axvline(mark.minutes, color=color, linestyle=style)
         axis.set_title(_plain(title), fontsize=10)
     axes[-1, 0].set_xlabel("minutes since the first attempt started")
+    kinds = dict.fromkeys(PREEMPTION if mark.label == PREEMPTION else "attempt" for mark in view.marks)
+    if kinds:  # one line under the charts saying which vertical line is which
+        handles = [Line2D([], [], color=MARK_STYLES[k][1], linestyle=MARK_STYLES[k][2]) for k in kinds]
+        figure.legend(handles, [MARK_STYLES[k][0] for k in kinds], loc="lower center", ncol=len(kinds), fontsize=9)
     figure.suptitle(_plain(view.summary()), fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    figure.tight_layout(rect=(0, 0.03 if kinds else 0, 1, 1))
+    return figure
 
 
 def _plain(text: str) -> str:

@@ -172,6 +172,7 @@ def launch(
                 "it read-only through Mountpoint for Amazon S3 (data larger than the disk). Default: the stack's."
             ),
             show_default=False,
+            rich_help_panel=IMAGE,
         ),
     ] = None,
     run_id: Annotated[

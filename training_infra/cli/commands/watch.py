@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from training_infra.cli.aws import Aws
-from training_infra.cli.errors import reported_errors
+from training_infra.cli.errors import UsageError, reported_errors
 from training_infra.cli.options import Region, RunArg, check_run_id, whole_number
+
+MIN_EVERY = 10  # each refresh reads DynamoDB, EC2 and S3; the history itself changes every few minutes
 
 
 @reported_errors
@@ -26,7 +28,12 @@ def watch(
         ),
     ] = None,
     every: Annotated[
-        str, typer.Option("--every", metavar="SECONDS", help="Seconds between refreshes while the run goes on.")
+        str,
+        typer.Option(
+            "--every",
+            metavar="SECONDS",
+            help=f"Seconds between refreshes while the run goes on (at least {MIN_EVERY}).",
+        ),
     ] = "30",
     region: Region = None,
 ) -> None:
@@ -41,6 +48,11 @@ def watch(
 
     run = check_run_id(run)
     seconds = whole_number("--every", every)
+    if seconds < MIN_EVERY:
+        raise UsageError(
+            f"option '--every': got {every!r}; allowed: at least {MIN_EVERY} seconds "
+            "(each refresh reads the run table, EC2 and S3)"
+        )
     aws = Aws(region)
     while True:
         view = watching.load(aws, run)

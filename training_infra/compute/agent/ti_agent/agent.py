@@ -99,7 +99,7 @@ class Agent:
         self._progress_lock = threading.Lock()
         self._logs_lock = threading.Lock()  # the checkpoint watcher's log upload and finalize's
         self.progress = Progress()
-        self.metrics = MetricsLog(self.state / "logs" / "metrics.jsonl")  # synced with the logs
+        self.metrics = MetricsLog(self.state / "logs" / "metrics.jsonl", log=self.log)  # synced with the logs
         self.gpu_percent: float | None = None  # the busiest GPU at the idle watcher's last look
         self.finalizing = False
         self.trainer: Trainer | None = None
