@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 
 SCRIPT = Path(sys.executable).with_name("training-infra")
+from bench_size import size  # noqa: E402 - python puts the script's folder on sys.path
+
+RUNS = size(7, 1)
 
 
 def timed(argv: list[str]) -> tuple[float, float]:
-    """(median wall seconds, median CPU seconds of the child) of 7 runs."""
+    """(median wall seconds, median CPU seconds of the child) of RUNS runs."""
     walls, cpus = [], []
-    for _ in range(7):
+    for _ in range(RUNS):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "COLUMNS": "80"})

@@ -54,18 +54,20 @@ def main() -> None:
         to_fleet, whole, calls = [], [], []
         for _ in range(ROUNDS):
             instance_id = account.run().current.instance_id
-            supervisor.handle(event(SPOT_WARNING, instance_id, **{"instance-action": "terminate"}))
-            account.end_instance(instance_id)
+            # The next attempt starts on the spot notice (the replacement on the notice, issue 28), not
+            # when the old box ends: the decision timed is the warning's.
             counter.calls.clear()
             started = time.perf_counter()
-            supervisor.handle(event(STATE_CHANGE, instance_id, state="terminated"))
+            supervisor.handle(event(SPOT_WARNING, instance_id, **{"instance-action": "terminate"}))
             whole.append(time.perf_counter() - started)
             fleet_at = next(t for t, name in counter.calls if name == "CreateFleet")
+            account.end_instance(instance_id)
+            supervisor.handle(event(STATE_CHANGE, instance_id, state="terminated"))
             to_fleet.append(fleet_at - started)
             calls.append(len(counter.calls))
         run = account.run()
         assert len(run.attempts) == ROUNDS + 1, run.attempts
-        print(f"supervisor: instance ended -> next attempt's fleet request: {statistics.median(to_fleet):.3f} s median "
+        print(f"supervisor: spot notice -> next attempt's fleet request: {statistics.median(to_fleet):.3f} s median "
               f"(max {max(to_fleet):.3f} s over {ROUNDS} relaunches; target < 2 s)")  # fmt: skip
         print(
             f"supervisor: whole relaunch decision (classify, claim, fleet, record, notice): "
