@@ -444,8 +444,11 @@ class Settings:
         "sync",
         Text("sync or mount", re.compile(r"sync|mount")),
         "how a run sees `data/` at `/data`: sync copies it to the volume before the trainer starts; mount serves it "
-        "read-only through Mountpoint for Amazon S3 (data larger than the disk; the AMI needs `mount-s3`); "
-        "`launch --data-access` overrides",
+        "read-only through Mountpoint for Amazon S3 (data larger than the disk). **The AMI (`image_id`, else "
+        "`ami_parameter`) must have `mount-s3` on the PATH**: no DLAMI release note lists it and the agent installs "
+        "nothing at boot (docs/agent.md); `launch` prints a `note:` saying so, and an attempt without it fails in one "
+        "line before the trainer starts. `launch --data-access` or the spec's `data.access` overrides, kept with the "
+        "run (`--like`, `--resume`)",
     )
     retain_data: bool = declare(
         True,
