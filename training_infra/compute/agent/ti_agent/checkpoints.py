@@ -161,8 +161,23 @@ class SyncState:
     sent: dict | None = None  # the files of the manifest last sent
 
 
+class RunCheckpointPaths:
+    """Where a run's checkpoints live in the outputs bucket: one prefix for every attempt and node."""
+
+    bucket: str
+    run_id: str
+
+    @property
+    def key_prefix(self) -> str:
+        return f"checkpoints/{self.run_id}/"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/checkpoints/{self.run_id}"
+
+
 @dataclass
-class Checkpoints:
+class Checkpoints(RunCheckpointPaths):
     aws: Aws
     folder: Path
     state_dir: Path
@@ -173,14 +188,6 @@ class Checkpoints:
     note: object  # (str) -> None
     state: SyncState = field(default_factory=SyncState)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def key_prefix(self) -> str:
-        return f"checkpoints/{self.run_id}/"
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/checkpoints/{self.run_id}"
 
     def versions(self) -> dict[str, Version]:
         listed = self.aws.cli(

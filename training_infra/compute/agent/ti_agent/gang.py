@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .aws import Aws, AwsError
-from .checkpoints import AttemptFailed, SyncState, include_filters
+from .checkpoints import AttemptFailed, RunCheckpointPaths, SyncState, include_filters
 from .paths import UnsafePath, safe_join
 from .status import Outcome
 from .watchers import Watcher
@@ -312,7 +312,7 @@ def local_files(folder: Path) -> list[str]:
 
 
 @dataclass
-class GangCheckpoints:
+class GangCheckpoints(RunCheckpointPaths):
     """The agent's checkpoint sync for node `node` of `nodes` (the single-node `Checkpoints` mirrors the
     whole folder and deletes what it no longer has, which would delete the other nodes' shards).
 
@@ -339,14 +339,6 @@ class GangCheckpoints:
     mine: dict[str, dict[str, dict]] = field(default_factory=dict)  # step -> name -> version (this node's manifest)
     settled: set[str] = field(default_factory=set)  # steps uploaded, restored or pulled: never uploaded (again)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def key_prefix(self) -> str:
-        return f"checkpoints/{self.run_id}/"
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/checkpoints/{self.run_id}"
 
     @property
     def manifest_key(self) -> str:
