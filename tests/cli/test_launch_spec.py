@@ -184,3 +184,10 @@ def test_like_copies_a_run_from_before_specs_were_kept_from_its_record():
     assert (copied.limits.max_runtime_hours, copied.limits.stall_minutes, copied.limits.max_cost_usd) == (4, 10, 5)
     assert (copied.image, copied.command, copied.resources.max_price) == ("v2", "python train.py", 0.9)
     assert copied.env == {} and copied.secrets == {}, "env and secrets were never kept before specs"
+
+
+def test_launch_like_a_run_id_that_cannot_be_one_is_one_line_before_any_aws_call(stacks):
+    result = stacks.cli("launch", "--like", "../x", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "option '--like': got '../x'" in result.stderr

@@ -306,6 +306,8 @@ def launch(
             capacity_reservation=capacity_reservation,
         )
     )  # fmt: skip
+    if like is not None:  # a run id is checked before any AWS call, as every verb's RUN is
+        like = launching.check("run_id", "--like", like)
     aws = Aws(region)
     request = spec_cli.request_for(aws, request, file=file, like=like)  # run specs: cli/spec_cli.py
     started = launching.launch(aws, request)
