@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .aws import Aws, AwsError
 from .checkpoints import AttemptFailed, RunCheckpointPaths, SyncState, include_filters
+from .imds_block import ImdsBlock
 from .paths import UnsafePath, safe_join
 from .status import Outcome
 from .watchers import Watcher
@@ -590,18 +591,45 @@ def join(agent: Agent) -> None:
     )
 
 
+def efa_env(devices: list[str]) -> dict[str, str]:
+    """libfabric's settings on a box with EFA devices (none without). What it leaves out is on purpose:
+    - FI_EFA_USE_DEVICE_RDMA: unset, libfabric uses RDMA where the device has it ("If not set, RDMA
+      operations will occur when available", fi_efa(7)); `=1` makes libfabric ABORT on devices without
+      RDMA read (g5, g6 and other non-P families), and the device, not a list of types, is what knows.
+      aws-samples/awsome-distributed-training efa-cheatsheet.md: do not set it for libfabric >= 1.18 and
+      aws-ofi-nccl >= 1.7; the same page drops NCCL_PROTO=simple (aws-ofi-nccl <= 1.5 only) and
+      FI_EFA_FORK_SAFE (not needed on kernels >= 5.15), and says never RDMAV_FORK_SAFE.
+    - FI_PROVIDER=efa: the EFA provider or none, so libfabric cannot settle on its TCP provider (aws-ofi-nccl
+      asks for efa on AWS already; this makes a missing device an error instead of a slow run).
+    - FI_EFA_USE_HUGE_PAGE=0: the cheatsheet's preset for current libfabric: with huge pages, forked
+      PyTorch DataLoader workers fail with "Cannot allocate memory"; the cost is a minor slowdown.
+    A user's --env line for any of them wins (launch() keeps the user's lines)."""
+    if not devices:
+        return {}
+    return {"FI_PROVIDER": "efa", "FI_EFA_USE_HUGE_PAGE": "0"}
+
+
 def launch(agent: Agent, command: str) -> tuple[str, tuple[str, ...]]:
     """The trainer's command on this node and the container engine's extra flags; writes the gang's
-    variables into the trainer's environment file (before the user's --env lines, which win)."""
+    variables into the trainer's environment file (before the user's --env lines, which win).
+
+    The container gets the host's network: node 0's c10d store, NCCL's and gloo's bootstrap and EFA need
+    the peers to reach it on the host's address. The launch template's hop limit keeps IMDS only from
+    bridged containers, so before the container starts its cgroup is kept from IMDS (imds_block); when
+    that cannot be done the attempt fails before anything starts (fail closed). The `process` runtime
+    (tests, local) has no container: its trainer is the agent's child, as for single-node runs."""
     member = agent.member
     if member is None:
         return command, ()
+    block: tuple[str, ...] = ()
+    if agent.settings.runtime.value == "docker":
+        block = ImdsBlock(
+            endpoint=agent.imds.endpoint, docker=agent.knobs.docker, env=agent.aws.cli_env(), log=agent.log
+        ).install()
     nproc = max(gpu_count(agent.knobs.nvidia_smi), 1)
     devices = efa_devices(agent.root)
     env = trainer_env(member, nproc, nccl_debug=bool(devices) and agent.knobs.nccl_efa_check)
-    if devices:
-        env.setdefault("FI_PROVIDER", "efa")
-        env.setdefault("FI_EFA_USE_DEVICE_RDMA", "1")
+    env.update(efa_env(devices))
     path = agent.state / "trainer.env"
     user = path.read_text() if path.exists() else ""
     user_keys = {line.split("=", 1)[0] for line in user.splitlines() if "=" in line}
@@ -616,9 +644,14 @@ def launch(agent: Agent, command: str) -> tuple[str, tuple[str, ...]]:
         Launch.AS_IS: "run as given (not `python SCRIPT`): it must start torchrun itself (PET_* and TI_* are set)",
     }
     agent.note(f"gang launch: {words[how]}")
-    # Host networking (peers reach each other on every port), unlimited locked memory and the EFA devices.
-    engine = ["--network", "host", "--ulimit", "memlock=-1:-1", *(a for d in devices for a in ("--device", d))]
-    return launched, tuple(engine)
+    return launched, engine_args(devices, block)
+
+
+def engine_args(devices: list[str], block: tuple[str, ...]) -> tuple[str, ...]:
+    """Host networking (peers reach each other on every port), unlimited locked memory (EFA registers
+    memory), each EFA device, and the IMDS block's cgroup parent."""
+    device_args = (a for d in devices for a in ("--device", d))
+    return ("--network", "host", "--ulimit", "memlock=-1:-1", *device_args, *block)
 
 
 # A gang's finished steps go up, and the other nodes' come down, this often (not at checkpoint_sync_seconds).
