@@ -68,9 +68,10 @@ def test_each_rule_rejects_its_address_from_the_trainer_cgroup_only():
 
 def test_the_cgroup_parent_follows_the_engines_cgroup_driver():
     systemd, cgroupfs = TrainerCgroup(CgroupDriver.SYSTEMD), TrainerCgroup(CgroupDriver.CGROUPFS)
-    assert systemd.engine_args() == ("--cgroup-parent", "training_infra_trainer.slice")
+    assert systemd.engine_args()[:2] == ("--cgroup-parent", "training_infra_trainer.slice")
     assert systemd.path == "/training_infra_trainer.slice", "a slice without a dash sits at the root"
-    assert cgroupfs.engine_args() == ("--cgroup-parent", "/training_infra_trainer")
+    assert cgroupfs.engine_args()[:2] == ("--cgroup-parent", "/training_infra_trainer")
+    assert cgroupfs.engine_args()[2:] == ("--cap-drop", "NET_RAW"), "no packet socket past the rule"
 
 
 def _answers(table: dict[str, tuple[int, str]]):
@@ -180,6 +181,7 @@ def real_block(imds_with_role, container_engine):
 IMDS_PROBE = (
     "printf 'PUT /latest/api/token HTTP/1.0\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\n\\r\\n'"
     " | nc -w 3 {address} {port} > /outputs/imds.txt 2>&1; echo nc=$? >> /outputs/imds.txt;"
+    " arping -c 1 -w 1 -I lo 127.0.0.1 > /outputs/packet.txt 2>&1;"
     " cat /run/training-infra/aws/session.json > /outputs/session.json; echo saved > /checkpoints/step.txt"
 )
 
@@ -235,7 +237,8 @@ def test_a_gang_container_cannot_reach_imds_while_the_agent_can_and_its_trainer_
 ):
     agent = _agent(tmp_path, runtime="docker", docker=str(container_engine.docker), endpoint=imds_with_role.url)
     _, engine_args = gang.launch(agent, "python train.py")
-    assert engine_args[-2:] == ("--cgroup-parent", TrainerCgroup(real_block.driver()).parent)
+    block_args = TrainerCgroup(real_block.driver()).engine_args()
+    assert engine_args[-len(block_args) :] == block_args
     engine_args = tuple(a for a in engine_args if "infiniband" not in a and a != "--device")  # no EFA here
     before = len(imds_with_role.requests)
 
@@ -251,11 +254,14 @@ def test_a_gang_container_cannot_reach_imds_while_the_agent_can_and_its_trainer_
         "the trainer reads its trainer-role session (credential_process) through the read-only mount"
     )
     assert (tmp_path / "gang" / "checkpoints" / "step.txt").read_text() == "saved\n", "bind mounts stay writable"
+    packet = (outputs / "packet.txt").read_text()
+    assert "arping: socket: Operation not permitted" in packet, packet
 
     # The same container without the block's cgroup parent reaches IMDS: the probe can tell.
-    bare = engine_args[:-2]
+    bare = engine_args[: -len(block_args)]
     outputs = _run_gang_container(tmp_path / "bare", container_engine, imds_with_role, bare)
     assert " 200 OK" in (outputs / "imds.txt").read_text(), "without the block the host network reaches IMDS"
+    assert "Operation not permitted" not in (outputs / "packet.txt").read_text(), "and packet sockets are allowed"
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ Docker and podman both take, with either cgroup driver), and an `iptables -m cgr
 (169.254.169.254, fd00:ec2::254, and the address the agent itself uses). The agent's own cgroup is
 not in that subtree, so it keeps IMDS. A process in the container cannot leave its cgroup (its
 cgroup namespace and the read-only cgroup mount without CAP_SYS_ADMIN keep it there), unlike a
-supplementary-group owner match (root in the container may drop the group with CAP_SETGID).
+supplementary-group owner match (root in the container may drop the group with CAP_SETGID); it
+cannot change the rules (no CAP_NET_ADMIN in Docker's or podman's default set) nor send past them
+with a packet socket (CAP_NET_RAW dropped).
 Not a user namespace with an owner match: Docker has no per-container uid map (`--userns` takes only
 `host`) and refuses `--network host` with daemon-wide `userns-remap`; and a mapped root could no
 longer read the 0600 trainer-role session the agent mounts for it.
@@ -141,7 +143,9 @@ class TrainerCgroup:
         return f"/{NAME}.slice" if self.driver is CgroupDriver.SYSTEMD else f"/{NAME}"
 
     def engine_args(self) -> tuple[str, ...]:
-        return ("--cgroup-parent", self.parent)
+        # Without CAP_NET_RAW: a packet socket (AF_PACKET) on the host network sends past netfilter, the
+        # rule included. EFA (SRD queue pairs on its uverbs device) and NCCL do not need it.
+        return ("--cgroup-parent", self.parent, "--cap-drop", "NET_RAW")
 
 
 Run = Callable[..., subprocess.CompletedProcess]
