@@ -108,6 +108,38 @@ def test_the_cgroup2_hierarchy_is_found_on_unified_and_hybrid_boxes_and_its_abse
         block.root()
 
 
+def test_with_systemd_the_slice_is_a_started_unit_made_once_and_the_probe_runs_in_it(tmp_path):
+    """The AMI's case (Docker, systemd driver), which this machine (no systemd as init) cannot run."""
+    root, units, calls = tmp_path / "cgroup", tmp_path / "units", []
+
+    def run(argv, **_):
+        calls.append(argv)
+        if argv[:2] == ["systemctl", "start"]:
+            (root / argv[2]).mkdir(parents=True, exist_ok=True)  # systemd realises a started slice's cgroup
+        return subprocess.CompletedProcess(argv, 0, "ECONNREFUSED\n" if argv[0] == "systemd-run" else "", "")
+
+    block = ImdsBlock(endpoint="http://169.254.169.254", docker="docker", run=run, units=units)
+    cgroup = TrainerCgroup(CgroupDriver.SYSTEMD)
+    for _ in range(2):
+        assert block.make_parent(cgroup, root) == root / "training_infra_trainer.slice"
+    assert [c for c in calls if c[0] == "systemctl"] == [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "start", "training_infra_trainer.slice"],
+        ["systemctl", "start", "training_infra_trainer.slice"],
+    ], "the unit is written and loaded once, started every time (started, systemd never removes it)"
+    assert (units / "training_infra_trainer.slice").read_text().startswith("[Unit]\n")
+    assert block.probe(cgroup, root / "training_infra_trainer.slice") == "ECONNREFUSED"
+    assert calls[-1][:6] == [
+        "systemd-run",
+        "--quiet",
+        "--collect",
+        "--scope",
+        "--slice=training_infra_trainer.slice",
+        "--",
+    ]
+    assert calls[-1][-3:] == ["169.254.169.254", "80", "3.0"], "the probe knocks on the agent's own endpoint"
+
+
 def test_rdma_is_left_to_libfabric_on_every_efa_box_and_no_efa_variable_is_set_without_efa():
     on_efa = gang.efa_env(["/dev/infiniband/uverbs0"])
     assert "FI_EFA_USE_DEVICE_RDMA" not in on_efa, "=1 aborts libfabric on devices without RDMA read (g5, g6)"

@@ -44,7 +44,8 @@ IMDS_V4 = "169.254.169.254"
 IMDS_V6 = "fd00:ec2::254"  # IMDS on Nitro instances with the IPv6 endpoint on
 CHAIN = "TI-TRAINER-IMDS"  # our own chain, jumped to from the top of OUTPUT
 NAME = "training_infra_trainer"  # no dash: systemd reads a dash in a slice name as a level of nesting
-SLICE_UNIT = Path("/run/systemd/system") / f"{NAME}.slice"
+SLICE = f"{NAME}.slice"
+UNITS = Path("/run/systemd/system")  # runtime units: gone at reboot, like the box
 PROBE_TIMEOUT_SECONDS = 3.0
 # The probe exits 0 only when the connection was refused (our REJECT): any other end means not blocked.
 PROBE = (
@@ -164,6 +165,7 @@ class ImdsBlock:
         log: Callable[[str], None] = print,
         run: Run = subprocess.run,
         mounts: Path = Path("/proc/self/mounts"),
+        units: Path = UNITS,
     ) -> None:
         self.endpoint = endpoint
         self.targets = targets(endpoint)
@@ -172,6 +174,7 @@ class ImdsBlock:
         self.log = log
         self.run = run
         self.mounts = mounts
+        self.units = units
 
     def _cmd(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
         try:
@@ -211,13 +214,12 @@ class ImdsBlock:
         would hold the old one and match nothing."""
         folder = root / cgroup.path.lstrip("/")
         if cgroup.driver is CgroupDriver.SYSTEMD:
-            if not SLICE_UNIT.exists():
-                SLICE_UNIT.parent.mkdir(parents=True, exist_ok=True)
-                SLICE_UNIT.write_text(
-                    "[Unit]\nDescription=training-infra: multi-node trainer containers, kept from IMDS\n"
-                )
+            unit = self.units / SLICE
+            if not unit.exists():
+                self.units.mkdir(parents=True, exist_ok=True)
+                unit.write_text("[Unit]\nDescription=training-infra: multi-node trainer containers, kept from IMDS\n")
                 self._must("systemctl", "daemon-reload", why="systemd did not load the trainer slice")
-            self._must("systemctl", "start", SLICE_UNIT.name, why="systemd did not start the trainer slice")
+            self._must("systemctl", "start", SLICE, why="systemd did not start the trainer slice")
         else:
             folder.mkdir(exist_ok=True)
         if not folder.is_dir():
@@ -242,7 +244,7 @@ class ImdsBlock:
         port = str(number)
         python = [sys.executable, "-I", "-c", PROBE, address, port, str(PROBE_TIMEOUT_SECONDS)]
         if cgroup.driver is CgroupDriver.SYSTEMD:
-            argv = ["systemd-run", "--quiet", "--collect", "--scope", f"--slice={SLICE_UNIT.name}", "--", *python]
+            argv = ["systemd-run", "--quiet", "--collect", "--scope", f"--slice={SLICE}", "--", *python]
             probe_dir = None
         else:
             probe_dir = folder / "imds-probe"
