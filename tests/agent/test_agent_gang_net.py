@@ -311,3 +311,5 @@ def test_the_block_installs_idempotently_and_fails_closed_when_its_rule_is_gone(
     cgroup = TrainerCgroup(driver)
     with pytest.raises(BlockError, match=r"was not refused by IMDS at .*: the gang does not start$"):
         real_block.probe(cgroup, real_block.make_parent(cgroup, real_block.root()))
+    left = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True, check=True).stdout
+    assert imds_block.CHAIN not in left, "the chain and its jump went with the last rule"

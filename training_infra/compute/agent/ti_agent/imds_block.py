@@ -154,7 +154,8 @@ Run = Callable[..., subprocess.CompletedProcess]
 
 class ImdsBlock:
     """`install()` puts the block in place (idempotent; every rule added once however often it runs) and
-    answers the container engine's flags; `remove()` takes this endpoint's rules out again (tests, local)."""
+    answers the container engine's flags; `remove()` takes this endpoint's rules out again, and the chain
+    with the last of them (tests; on a box the rules go with the power-off)."""
 
     def __init__(
         self,
@@ -284,3 +285,9 @@ class ImdsBlock:
             tool = "ip6tables" if target.ipv6 else "iptables"
             while self._cmd(tool, "-w", "-C", *target.rule(path)).returncode == 0:
                 self._must(tool, "-w", "-D", *target.rule(path), why=f"{tool} could not delete the IMDS rule")
+        for tool in ("iptables", "ip6tables"):  # the chain and its jump go with the last rule
+            listed = self._cmd(tool, "-w", "-S", CHAIN)
+            if listed.returncode == 0 and not any(line.startswith("-A ") for line in listed.stdout.splitlines()):
+                while self._cmd(tool, "-w", "-C", "OUTPUT", "-j", CHAIN).returncode == 0:
+                    self._must(tool, "-w", "-D", "OUTPUT", "-j", CHAIN, why=f"{tool} could not delete the jump")
+                self._must(tool, "-w", "-X", CHAIN, why=f"{tool} could not delete chain {CHAIN}")
