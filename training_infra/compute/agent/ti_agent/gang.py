@@ -599,8 +599,9 @@ def efa_env(devices: list[str]) -> dict[str, str]:
       aws-samples/awsome-distributed-training efa-cheatsheet.md: do not set it for libfabric >= 1.18 and
       aws-ofi-nccl >= 1.7; the same page drops NCCL_PROTO=simple (aws-ofi-nccl <= 1.5 only) and
       FI_EFA_FORK_SAFE (not needed on kernels >= 5.15), and says never RDMAV_FORK_SAFE.
-    - FI_PROVIDER=efa: the EFA provider or none, so libfabric cannot settle on its TCP provider (aws-ofi-nccl
-      asks for efa on AWS already; this makes a missing device an error instead of a slow run).
+    - FI_PROVIDER=efa: the EFA provider or none, so libfabric cannot settle on its TCP provider when the
+      EFA device fails to open (aws-ofi-nccl asks for efa on AWS already); NCCL's own fallback to
+      sockets is what the NCCL check (NcclWatcher) then catches.
     - FI_EFA_USE_HUGE_PAGE=0: the cheatsheet's preset for current libfabric: with huge pages, forked
       PyTorch DataLoader workers fail with "Cannot allocate memory"; the cost is a minor slowdown.
     A user's --env line for any of them wins (launch() keeps the user's lines)."""
