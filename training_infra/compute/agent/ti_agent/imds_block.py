@@ -145,7 +145,8 @@ class TrainerCgroup:
 
     def engine_args(self) -> tuple[str, ...]:
         # Without CAP_NET_RAW: a packet socket (AF_PACKET) on the host network sends past netfilter, the
-        # rule included. EFA (SRD queue pairs on its uverbs device) and NCCL do not need it.
+        # rule included. EFA does not need it: the kernel's uverbs create_qp asks for CAP_NET_RAW only for
+        # IB_QPT_RAW_PACKET queue pairs, and EFA's are SRD (a driver type) and UD; NCCL's sockets are TCP.
         return ("--cgroup-parent", self.parent, "--cap-drop", "NET_RAW")
 
 
