@@ -15,7 +15,9 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,6 +215,7 @@ def real_block(imds_with_role, container_engine):
 IMDS_PROBE = (
     "printf 'PUT /latest/api/token HTTP/1.0\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\n\\r\\n'"
     " | nc -w 3 {address} {port} > /outputs/imds.txt 2>&1; echo nc=$? >> /outputs/imds.txt;"
+    " echo hello | nc -w 3 {address} {rdzv} > /outputs/rdzv.txt 2>&1;"
     " arping -c 1 -w 1 -I lo 127.0.0.1 > /outputs/packet.txt 2>&1;"
     " cat /run/training-infra/aws/session.json > /outputs/session.json; echo saved > /checkpoints/step.txt"
 )
@@ -235,7 +238,31 @@ def playable(engine_args: tuple[str, ...]) -> tuple[str, ...]:
     return (*swapped, *(x for n in ("nofile", "nproc") for x in ("--ulimit", f"{n}={limits[n]}:{limits[n]}")))
 
 
-def _run_gang_container(tmp_path: Path, engine, imds: FakeImds, engine_args: tuple[str, ...]) -> Path:
+@pytest.fixture(scope="module")
+def rendezvous_store(imds_with_role):
+    """A TCP listener on the IMDS's own address, another port: node 0's c10d store in the sandbox."""
+    server = socket.create_server((imds_with_role.host, 0))
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"store here\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def _run_gang_container(tmp_path: Path, engine, imds: FakeImds, engine_args: tuple[str, ...], rdzv: int) -> Path:
     """The trainer's container as the agent starts it for a gang member, with a probe as its command."""
     address, port = imds.url.removeprefix("http://").rsplit(":", 1)
     folders = {name: tmp_path / name for name in ("data", "outputs", "checkpoints", "progress", "aws")}
@@ -249,7 +276,8 @@ def _run_gang_container(tmp_path: Path, engine, imds: FakeImds, engine_args: tup
     (tmp_path / "trainer.env").write_text("")
     (tmp_path / "secrets.env").write_text("")
     spec = TrainerSpec(
-        command=IMDS_PROBE.format(address=address, port=port), image=LOCAL_IMAGE, run_id="gnet", region="us-east-1",
+        command=IMDS_PROBE.format(address=address, port=port, rdzv=rdzv), image=LOCAL_IMAGE, run_id="gnet",
+        region="us-east-1",
         data_dir=folders["data"], out_dir=folders["outputs"], ckpt_dir=folders["checkpoints"],
         progress_dir=folders["progress"], heartbeat_host=folders["progress"] / "beat.json",
         heartbeat_file="/run/training-infra/progress/beat.json", stop_grace_seconds=5,
@@ -265,7 +293,7 @@ def _run_gang_container(tmp_path: Path, engine, imds: FakeImds, engine_args: tup
 
 @pytest.mark.slow
 def test_a_gang_container_cannot_reach_imds_while_the_agent_can_and_its_trainer_role_still_works(
-    tmp_path, container_engine, imds_with_role, real_block
+    tmp_path, container_engine, imds_with_role, rendezvous_store, real_block
 ):
     agent = _agent(tmp_path, runtime="docker", docker=str(container_engine.docker), endpoint=imds_with_role.url)
     _, engine_args = gang.launch(agent, "python train.py")
@@ -274,7 +302,7 @@ def test_a_gang_container_cannot_reach_imds_while_the_agent_can_and_its_trainer_
     engine_args = tuple(a for a in engine_args if "infiniband" not in a and a != "--device")  # no EFA here
     before = len(imds_with_role.requests)
 
-    outputs = _run_gang_container(tmp_path / "gang", container_engine, imds_with_role, engine_args)
+    outputs = _run_gang_container(tmp_path / "gang", container_engine, imds_with_role, engine_args, rendezvous_store)
 
     probe = (outputs / "imds.txt").read_text()
     assert "Connection refused" in probe and "nc=1" in probe, probe
@@ -286,12 +314,14 @@ def test_a_gang_container_cannot_reach_imds_while_the_agent_can_and_its_trainer_
         "the trainer reads its trainer-role session (credential_process) through the read-only mount"
     )
     assert (tmp_path / "gang" / "checkpoints" / "step.txt").read_text() == "saved\n", "bind mounts stay writable"
+    rdzv = (outputs / "rdzv.txt").read_text()
+    assert rdzv == "store here\n", f"the host network still reaches the c10d store on the same address: {rdzv!r}"
     packet = (outputs / "packet.txt").read_text()
     assert "arping: socket: Operation not permitted" in packet, packet
 
     # The same container without the block's cgroup parent reaches IMDS: the probe can tell.
     bare = engine_args[: -len(block_args)]
-    outputs = _run_gang_container(tmp_path / "bare", container_engine, imds_with_role, bare)
+    outputs = _run_gang_container(tmp_path / "bare", container_engine, imds_with_role, bare, rendezvous_store)
     assert " 200 OK" in (outputs / "imds.txt").read_text(), "without the block the host network reaches IMDS"
     assert "Operation not permitted" not in (outputs / "packet.txt").read_text(), "and packet sockets are allowed"
 
