@@ -142,6 +142,26 @@ def test_with_systemd_the_slice_is_a_started_unit_made_once_and_the_probe_runs_i
     assert calls[-1][-3:] == ["169.254.169.254", "80", "3.0"], "the probe knocks on the agent's own endpoint"
 
 
+def test_a_box_whose_iptables_refuses_the_cgroup_match_fails_the_block_in_one_line_naming_it(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup2 {tmp_path / 'cgroup'} cgroup2 rw 0 0\n")
+    (tmp_path / "cgroup").mkdir()
+
+    def run(argv, **_):
+        if argv[:2] == ["docker", "info"]:
+            return subprocess.CompletedProcess(argv, 0, "cgroupfs\n", "")
+        if argv[0] == "iptables" and "-A" in argv:
+            return subprocess.CompletedProcess(argv, 2, "", "iptables v1.8.9 (nf_tables): Couldn't load match `cgroup'")
+        return subprocess.CompletedProcess(argv, 0 if "-N" in argv else 1, "", "")
+
+    block = ImdsBlock(endpoint="http://169.254.169.254", docker="docker", run=run, mounts=mounts)
+    with pytest.raises(BlockError) as failed:
+        block.install()
+    line = str(failed.value)
+    assert line.startswith("iptables refused the IMDS rule") and "Couldn't load match `cgroup'" in line, line
+    assert "\n" not in line
+
+
 def test_rdma_is_left_to_libfabric_on_every_efa_box_and_no_efa_variable_is_set_without_efa():
     on_efa = gang.efa_env(["/dev/infiniband/uverbs0"])
     assert "FI_EFA_USE_DEVICE_RDMA" not in on_efa, "=1 aborts libfabric on devices without RDMA read (g5, g6)"
