@@ -294,11 +294,17 @@ def _hoist_description(prop: dict[str, Any]) -> None:
 def load(path: str | Path) -> LaunchSpec:
     """The validated spec in a YAML file; SpecError lists every mistake, one line each."""
     path = Path(path)
+    return parse(read_text(path), source=str(path))
+
+
+def read_text(path: Path) -> str:
+    """A spec or sweep file's text; a missing, unreadable or binary file is one SpecError line."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SpecError([f"{path}: cannot read it ({error.__class__.__name__}: {error.strerror or error})"]) from None
-    return parse(text, source=str(path))
+        return path.read_text()
+    except OSError as error:
+        raise SpecError([f"{path}: cannot read it ({error.strerror or error})"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: cannot read it (not UTF-8 text); allowed: a YAML file"]) from None
 
 
 def parse(text: str, *, source: str = "<spec>") -> LaunchSpec:

@@ -65,3 +65,9 @@ def test_logs_node_reads_that_nodes_stream(stacks):
 def test_logs_node_that_is_not_a_node_index_is_a_usage_error(stacks):
     result = stacks.cli("logs", "gang-logs", "--node", "two")
     assert result.exit_code == 2 and "option '--node': got 'two'" in result.output
+
+
+def test_local_interrupt_node_that_is_not_a_node_index_is_the_same_usage_line_before_the_sandbox(stacks, tmp_path):
+    result = stacks.cli("local", "interrupt", "gang-logs", "--node", "-1", "--dir", str(tmp_path / "no-sandbox"))
+    assert result.exit_code == 2
+    assert result.stderr == "error: option '--node': got '-1'; allowed: a node index from 0 to the run's nodes - 1\n"

@@ -66,6 +66,16 @@ def test_a_sweep_file_with_mistakes_gets_one_error_line_each_and_asks_nobody(sta
     assert "trials: got None" in text
 
 
+def test_a_missing_sweep_file_is_the_same_usage_line_as_launch_f(stacks, tmp_path):
+    path = tmp_path / "absent.yaml"
+
+    sweep = stacks.cli("sweep", "-f", str(path), env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+    launch = stacks.cli("launch", "-f", str(path), env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+
+    assert sweep.exit_code == launch.exit_code == 2
+    assert sweep.stderr == launch.stderr == f"error: {path}: cannot read it (No such file or directory)\n"
+
+
 def test_a_run_spec_template_becomes_the_members_launch_request(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP_YAML.format(group="shape").replace("max_restarts_on_errors: 1", "stall_minutes: 20"))
