@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from training_infra.cli import launching
-from training_infra.cli.errors import CliError, UsageError
+from training_infra.cli.errors import CliError, UsageError, err_console
 
 FLAG = "flag"
 STACK = "stack default"
@@ -156,7 +156,16 @@ def like_layer(aws: Any, run_id: str) -> tuple[str, dict[str, Any]]:
     else:  # a run launched before specs were kept: what its record says (no env, no secrets)
         data = _spec_of_record(record.spec)
     data.pop("run_id", None)
+    env = data.get("env") or {}
+    membership = sorted(set(env) & SWEEP_MEMBERSHIP_ENV)
+    if membership:  # a sweep member's copy is a run of its own: its trial's parameters stay, its group does not
+        data["env"] = {k: v for k, v in env.items() if k not in SWEEP_MEMBERSHIP_ENV}
+        err_console().print(f"note: --like {run_id}: {', '.join(membership)} left out (the copy is not a trial "
+                            "of the sweep); its parameters TI_PARAMS/TI_PARAM_* kept", markup=False)  # fmt: skip
     return source, data
+
+
+SWEEP_MEMBERSHIP_ENV = frozenset({"TI_GROUP", "TI_TRIAL"})
 
 
 def kept_data_access(aws: Any, run_id: str) -> str | None:
