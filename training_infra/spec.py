@@ -199,6 +199,11 @@ class Resources(_Section):
     max_price: MaxPrice | None = None  # type: ignore[valid-type]
     subnet_id: SubnetId | None = None  # type: ignore[valid-type]
     capacity_reservation: CapacityReservation | None = None  # type: ignore[valid-type]
+    nccl_efa_check: StrictBool | None = Field(
+        None,
+        description="A multi-node run's check that NCCL talks over EFA, not TCP, on types with EFA: the attempt fails "
+        "when NCCL's init log says otherwise. Default true; false turns it off (--no-nccl-efa-check).",
+    )
 
 
 class Limits(_Section):
@@ -245,6 +250,16 @@ class LaunchSpec(_Section):
     )
     limits: Limits = Limits()
     data: Data = Data()
+
+    @field_validator("command")
+    @classmethod
+    def _runs_on_every_node(cls, command: str | None, info: ValidationInfo) -> str | None:
+        resources = info.data.get("resources")
+        nodes = resources.nodes if isinstance(resources, Resources) else 1
+        try:
+            return launch_rules.gang_command(command, nodes)
+        except Refused as refused:
+            raise PydanticCustomError("not_allowed", "{allowed}", {"allowed": refused.allowed}) from None
 
     @field_validator("secrets")
     @classmethod

@@ -28,6 +28,7 @@ FLAG_OF = {
     "resources.subnet_id": "--subnet-id",
     "resources.capacity_reservation": "--capacity-reservation",
     "resources.nodes": "--nodes",
+    "resources.nccl_efa_check": "--no-nccl-efa-check",
     "image": "--image-tag",
     "command": "--command",
     "env": "--env",
@@ -71,6 +72,7 @@ def flags_as_spec(request: launching.LaunchRequest) -> dict[str, Any]:
     put("resources.subnet_id", request.subnet_id)
     put("resources.capacity_reservation", request.capacity_reservation)
     put("resources.nodes", int(request.nodes) if request.nodes is not None else None)
+    put("resources.nccl_efa_check", request.nccl_efa_check)
     put("image", request.image_tag)
     put("command", request.command)
     if request.env:
@@ -111,6 +113,7 @@ def request_from_spec(spec: Any, flags: launching.LaunchRequest) -> launching.La
         resume=flags.resume,
         dry_run=flags.dry_run,
         data_access=spec.data.access,
+        nccl_efa_check=resources.nccl_efa_check,
     )
     return launching.validate(request)
 
