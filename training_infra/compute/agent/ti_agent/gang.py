@@ -532,6 +532,7 @@ class GangCheckpoints(RunCheckpointPaths):
     # ------------------------------------------------------------ restore (before the trainer starts)
     def restore(self) -> None:
         listed = self.listing()
+        self._adopt_manifest(listed)
         complete = complete_steps(listed, self.nodes)
         if not complete:
             partial = sorted({n.split("/", 1)[0] for n in listed if step_number(n.split("/", 1)[0]) is not None})
@@ -545,6 +546,23 @@ class GangCheckpoints(RunCheckpointPaths):
         self.log(
             f"checkpoint {newest}: the newest step complete across {self.nodes} nodes, {len(names)} files restored"
         )
+
+    def _adopt_manifest(self, listed: dict[str, dict]) -> None:
+        """This node index's manifest as the node before it left it (a replacement, or node k of an earlier
+        attempt): its steps still in S3 stay recorded, so the next manifest this node writes keeps their versions
+        (the restore's version rule) and the prune deletes them once superseded, instead of forgetting them."""
+        try:
+            document = json.loads(self.aws.get_object(self.bucket, self.manifest_key))
+        except (AwsError, ValueError):  # none yet (a new run), or unreadable: nothing to carry on
+            return
+        steps = document.get("steps") if isinstance(document, dict) else None
+        for step, files in (steps or {}).items() if isinstance(steps, dict) else ():
+            if step_number(step) is None or not isinstance(files, dict):
+                continue
+            kept = {n: v for n, v in files.items() if f"{step}/{n}" in listed and isinstance(v, dict)}
+            if kept:
+                self.mine.setdefault(step, kept)
+                self.settled.add(step)  # uploaded by the node before: never uploaded again from here
 
     def newest_local(self) -> float | None:
         return None  # freshness is judged per upload here: each step goes up once, whole
@@ -683,7 +701,7 @@ class NcclWatcher(threading.Thread):
             if net in (NcclNet.SOCKET, NcclNet.OTHER):
                 self.agent.request_stop(
                     Outcome.FAILED,
-                    f"NCCL is not using EFA on a box with EFA devices ({line!r}); set TI_NCCL_EFA_CHECK=false to"
+                    f"NCCL is not using EFA on a box with EFA devices ({line!r}); launch with --no-nccl-efa-check to"
                     " run anyway",
                     self.agent.config.stop_grace_seconds,
                 )
