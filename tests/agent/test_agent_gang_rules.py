@@ -403,3 +403,34 @@ def test_real_torchrun_starts_every_worker_with_the_users_interpreter_flags(tmp_
     assert how is Launch.WRAPPED and ran.returncode == 0, ran.stderr[-2000:]
     assert sorted(line for line in ran.stdout.splitlines() if line.startswith("worker")) == [
         "worker 0 1 1", "worker 1 1 1"]  # fmt: skip
+
+
+def _joining_agent(command: str, tmp_path, **knobs):
+    """What `gang.join` reads of the agent: IMDS's instance tags (the supervisor's, already set), knobs, config."""
+    from types import SimpleNamespace
+
+    tags = {"training-infra:nodes": "2", "training-infra:node": "1", "training-infra:rendezvous": "10.0.0.5:29400"}
+
+    def imds_get(path: str) -> str:
+        return "\n".join(tags) if path == "meta-data/tags/instance" else tags[path.rsplit("/", 1)[1]]
+
+    defaults = settings.Knobs()
+    return SimpleNamespace(
+        imds=SimpleNamespace(get=imds_get), log=lambda _: None, note=lambda _: None, run_id="bert", attempt=2,
+        knobs=dataclasses.replace(defaults, **knobs), config=SimpleNamespace(training_command=command),
+        aws=None, ckpt_dir=tmp_path, state=tmp_path, outputs_bucket="o", member=None, checkpoints=None,
+    )  # fmt: skip
+
+
+def test_join_gives_the_member_the_join_timeout_derived_from_the_runs_replace_timeout(tmp_path):
+    agent = _joining_agent("python train.py", tmp_path, gang_replace_seconds=7200, pull_timeout_seconds=1800)
+    gang.join(agent)
+    assert agent.member.join_timeout == 7200 + 1800 + 300 and agent.member.node == 1
+    assert isinstance(agent.checkpoints, gang.GangCheckpoints)
+
+
+def test_join_refuses_a_command_it_cannot_wrap_before_the_image_pull_and_the_restore(tmp_path):
+    agent = _joining_agent("bash run.sh", tmp_path)
+    with pytest.raises(GangError, match=r"^TI_TRAINING_COMMAND cannot run on 2 nodes: 'bash' is neither"):
+        gang.join(agent)
+    assert agent.checkpoints is None, "no gang checkpoints made, nothing restored"
