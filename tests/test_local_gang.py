@@ -47,6 +47,16 @@ def test_every_resume_starts_from_the_newest_complete_step(story: GangStory) -> 
         assert loss.resumed_from == loss.newest_complete_step, loss
 
 
+def test_no_step_is_lost_the_gang_resumes_at_the_step_the_lost_node_trained_last(story: GangStory) -> None:
+    """The trainer saves on SIGTERM at the step every rank agreed on, so the newest complete step is the step the
+    lost node trained last: a resume from anything older would have lost steps beyond the newest complete one."""
+    first = {b.instance_id: b for b in story.first}
+    for loss in story.losses:
+        lost = first[loss.instance_id]
+        assert lost.trained, f"node {loss.node}'s log showed no step"
+        assert loss.resumed_from == lost.trained[-1] == loss.newest_complete_step, (loss, lost.trained[-5:])
+
+
 def test_a_lost_host_relaunches_the_whole_gang_as_attempt_2_counted_as_a_preemption(story: GangStory) -> None:
     loss = story.losses[1]
     assert (loss.path, loss.node) == ("whole gang", 0)
