@@ -707,7 +707,10 @@ class NcclWatcher(threading.Thread):
                 )
                 return
             if time.monotonic() - began > self.give_up_seconds:
-                self.agent.note("NCCL EFA check: no NCCL init line in 15 min (a gloo trainer?): not checked")
+                self.agent.note(
+                    "NCCL EFA check: no NCCL init line in 15 min (a gloo trainer, or NCCL_DEBUG below INFO in --env?):"
+                    " not checked"
+                )
                 return
 
 
