@@ -187,8 +187,3 @@ def plan(command: str) -> Plan:
     if index == 0 or (index == 2 and texts[1] == "-m"):  # `python SCRIPT` or `python -m MODULE`: torchrun's own
         return Plan(Launch.WRAPPED, assignments, program, command[rest[1].start :])
     return Plan(Launch.WRAPPED, assignments, program, command[rest[0].start :], no_python=True)
-
-
-def check(command: str) -> Launch:
-    """The launch-time check: how the command would run on a gang, or CommandRefused."""
-    return plan(command).how
