@@ -68,18 +68,32 @@ def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str)
     return None
 
 
-def replaces_tags(run: Any) -> dict[str, str]:
+def still_saving(run: Any, now: datetime) -> Any | None:
+    """The earlier attempt whose box may still be writing the run's checkpoint at `now`, if any: the one with an
+    instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future),
+    the latest such end when there are several (a chain of notices: each waited for the one before it).
+
+    Any earlier attempt counts, not only the one the notice named (`replaces`): when the replacement started on
+    the notice found no capacity or died early, the attempt after it must still wait for the warned box."""
+    current = run.current
+    saving = [
+        a for a in run.attempts
+        if a is not current and a.instance_id and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now
+    ]  # fmt: skip
+    return max(saving, key=lambda a: (parse_iso(a.ended_at) or now, a.n), default=None)
+
+
+def replaces_tags(run: Any, now: datetime) -> dict[str, str]:
     """The tags the new attempt's instance carries so its agent waits for the old one's final checkpoint: which
-    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin)."""
+    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin). Read at the
+    launch request: an attempt that waited for capacity past the old box's end waits for nothing."""
+    old = still_saving(run, now)
     attempt = run.current
-    replaced = getattr(attempt, "replaces", 0) if attempt is not None else 0
-    if not replaced or replaced > len(run.attempts):
+    if attempt is not None:
+        attempt.replaces = old.n if old is not None else 0  # the record says what its agent waits for
+    if old is None:
         return {}
-    ends = parse_iso(run.attempts[replaced - 1].ended_at)
-    tags = {REPLACES_TAG: str(replaced)}
-    if ends is not None:
-        tags[UNTIL_TAG] = iso(ends + SHUTDOWN_MARGIN)
-    return tags
+    return {REPLACES_TAG: str(old.n), UNTIL_TAG: iso((parse_iso(old.ended_at) or now) + SHUTDOWN_MARGIN)}
 
 
 def overlap_seconds(old_end: datetime | None, new_start: datetime | None) -> float:

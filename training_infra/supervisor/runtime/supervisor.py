@@ -281,7 +281,12 @@ def _subnet_zones(clients: Clients, subnet_ids: list[str]) -> dict[str, str]:
 
 
 def _fleet_request(
-    run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig
+    run: Run,
+    attempt: int,
+    market: str,
+    overrides: list[dict[str, str]],
+    cfg: SupervisorConfig,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     spec = run.spec
     # The run's tags as `launch` built them (training_infra.naming.run_tags, the one place), this
@@ -291,7 +296,8 @@ def _fleet_request(
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
-        **replacement.replaces_tags(run),  # a replacement on the notice: its agent waits for the old
+        # An earlier box may still be saving (a spot notice's end is ahead): its agent waits for it (replacement.py).
+        **(replacement.replaces_tags(run, now) if now is not None else {}),
     }
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
@@ -408,7 +414,7 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
             for t, s in offered
         ]
         try:
-            response = clients.ec2.create_fleet(**_fleet_request(run, attempt.n, market, overrides, cfg))
+            response = clients.ec2.create_fleet(**_fleet_request(run, attempt.n, market, overrides, cfg, now))
         except ClientError as error:
             code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
             if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
