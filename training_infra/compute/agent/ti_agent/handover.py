@@ -29,7 +29,7 @@ UNTIL_TAG_NAME = "replaces-until"  # ISO: the old box's end (the notice's) plus 
 WAIT_SECONDS = 180
 POLL_SECONDS = 5
 # IMDS errors other than 404 (a 5xx, a timeout, a refused token) are asked again this many times in all, backing off
-# 1, 2, 4 s: about 7 s, as botocore's IMDS fetcher retries before it gives up.
+# 1, 2, 4 s: about 7 s, bounded retries as the AWS SDKs' own IMDS fetchers make before they give up.
 IMDS_TRIES = 4
 IMDS_BACKOFF_SECONDS = 1.0
 
