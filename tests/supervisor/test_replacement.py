@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from tests.supervisor.conftest import START, event, start
 from tests.supervisor.test_supervisor import FleetWithErrors
 from training_infra.local.events import ec2_event
@@ -14,8 +16,8 @@ from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, STATE_CHA
 from .conftest import REGION
 
 
-def _warn(account, instance_id: str, ec2=None) -> dict:
-    action = {"instance-action": "terminate"}
+def _warn(account, instance_id: str, ec2=None, action: str = "terminate") -> dict:
+    action = {"instance-action": action}
     warning = ec2_event(SPOT_WARNING, instance_id, region=REGION, time=account.clock(), **action)
     return account.supervisor(ec2=ec2).handle(warning)
 
@@ -135,3 +137,37 @@ def test_an_attempt_launched_after_the_old_box_must_be_gone_waits_for_nothing(ac
     assert launched is not None and launched.instance_id
     tags = _tags(account, launched.instance_id)
     assert REPLACES_TAG not in tags and UNTIL_TAG not in tags and launched.replaces == 0
+
+
+@pytest.mark.parametrize("action", ["stop", "hibernate"])
+def test_a_stop_or_hibernate_notice_starts_no_second_trainer_and_the_stopped_box_is_ended_then_replaced(
+    account, action
+):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    answer = _warn(account, first.instance_id, action=action)
+    run = account.run()
+    assert "replaces" not in answer and len(run.attempts) == 1 and run.current is not None
+    assert run.current.reclaim_warned_at, "the notice is noted: the attempt's end counts as AWS's, not an error"
+    account.ec2.stop_instances(InstanceIds=[first.instance_id])  # EC2 stops it at the notice's end
+    account.clock.advance(minutes=3)
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated")
+    assert run.attempts[0].end_reason == "reclaimed" and len(run.attempts) == 2 and run.current.instance_id
+    assert run.attempts[0].ended_at == "2026-11-29T08:33:00Z", "ended when seen stopped, not at the notice"
+
+
+def test_a_replaced_box_ec2_has_not_taken_by_its_notice_end_and_margin_is_terminated(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)  # the notice ends 08:32; EC2 has it down by 08:32:30
+    account.clock.advance(minutes=2, seconds=20)  # 08:32:20: inside the margin, left alone
+    account.supervisor().reconcile("bert")
+    assert _described(account, first.instance_id)["State"]["Name"] == "running"
+    account.clock.advance(seconds=40)  # 08:33:00: EC2 has not taken it; the handover no longer waits for it
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated")
+    assert run.attempts[0].terminated_at == "2026-11-29T08:33:00Z"
+    assert _described(account, run.attempts[1].instance_id)["State"]["Name"] == "running", "the replacement runs on"

@@ -8,6 +8,7 @@ import pytest
 from aws_cdk.assertions import Match
 
 from training_infra import naming
+from training_infra.supervisor.runtime import capacity
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_supervisor_reacts_to_instance_states_spot_warnings_and_a_one_minute_rec
     compute.template.has_resource_properties(
         "AWS::Events::Rule",
         {
-            "EventPattern": {"source": ["aws.ec2"], "detail-type": ["Capacity Block Reservation Expiration Warning"]},
+            "EventPattern": {"source": ["aws.ec2"], "detail-type": list(capacity.BLOCK_EXPIRING)},
             "Targets": [Match.object_like({"Arn": function_arn})],
         },
     )

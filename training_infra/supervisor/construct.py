@@ -546,7 +546,9 @@ class TrainingSupervisor(Construct):
             "CapacityBlockEndingEvents",
             description="A Capacity Block ends in 40 minutes: its runs checkpoint and stop before EC2 ends them",
             event_pattern=events.EventPattern(
-                source=["aws.ec2"], detail_type=["Capacity Block Reservation Expiration Warning"]
+                # Both names the EC2 User Guide gives it (runtime/capacity.py BLOCK_EXPIRING; a test holds them equal).
+                source=["aws.ec2"],
+                detail_type=["Capacity Block Expiration Warning", "Capacity Block Reservation Expiration Warning"],
             ),
             targets=[target],
         )

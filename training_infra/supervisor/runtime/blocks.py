@@ -8,9 +8,9 @@ CapacityReservationId`; an EC2 Fleet of type `instant` (the only type allowed fo
 `OnDemandOptions.CapacityReservationOptions`; the subnet must be in the block's zone. Before the block starts the
 fleet answers InsufficientInstanceCapacity, which the supervisor already treats as "wait and retry each minute".
 
-Forty minutes before the end EC2 sends the "Capacity Block Reservation Expiration Warning" (capacity.py stops the
-block's runs gracefully on it) and begins terminating the block's instances ten minutes later: so a run's deadline
-is clipped to `end - TERMINATES_BEFORE_END - stop timeout`, room for one graceful stop before EC2 ends the box.
+Forty minutes before the end EC2 sends the Capacity Block expiration warning (capacity.BLOCK_EXPIRING: capacity.py
+stops the block's runs gracefully on it) and begins terminating the block's instances ten minutes later: so a run's
+deadline is clipped to `end - TERMINATES_BEFORE_END - stop timeout`, room for one graceful stop before EC2 ends the box.
 
 Money: a block is prepaid when bought (`capacity buy`, its fee is the offering's UpfrontFee); running in it costs
 nothing more per hour but the volume, so the run's compute price is 0 (docs/architecture.md, "Capacity Blocks").

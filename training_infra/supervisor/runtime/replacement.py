@@ -33,11 +33,24 @@ NOTICE = timedelta(minutes=2)
 REPLACES_TAG = "training-infra:replaces"
 UNTIL_TAG = "training-infra:replaces-until"
 SHUTDOWN_MARGIN = timedelta(seconds=30)  # EC2 stopping the box after the notice's end
+# How long after its notice's end (+ margin) the reconcile still looks for a warned box EC2 has not taken: it looks
+# each minute until then (one DescribeInstances per such attempt), and terminates the box if it still runs.
+OUTLIVE_WINDOW = timedelta(minutes=15)
 
 
-def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str) -> dict[str, Any] | None:
+def on_notice(
+    supervisor: Any, run_id: str, attempt_number: int, warned_at: str, action: str = "terminate"
+) -> dict[str, Any] | None:
     """Start the replacement of a warned attempt, or None when there is none to start (the caller's answer
-    stands: the warning is noted on the attempt, and the run relaunches after the box ends, as before)."""
+    stands: the warning is noted on the attempt, and the run relaunches after the box ends, as before).
+
+    Only for `instance-action: terminate`, the action of every fleet the supervisor starts (one-time spot requests
+    cannot stop or hibernate). A `stop` or `hibernate` notice starts nothing: a stopped box keeps its volume and could
+    start again with a trainer in it; the reconcile terminates it once stopped and relaunches as after any end."""
+    if action != "terminate":
+        log.warning("run %s attempt %s: spot notice with instance-action %r: no replacement on the notice", run_id,
+                    attempt_number, action)  # fmt: skip
+        return None
     for _ in range(5):
         run = supervisor.store.get(run_id)
         if run is None or not run.active or run.stop_requested_at or supervisor.invalid_because(run):
@@ -94,6 +107,33 @@ def replaces_tags(run: Any, now: datetime) -> dict[str, str]:
     if old is None:
         return {}
     return {REPLACES_TAG: str(old.n), UNTIL_TAG: iso((parse_iso(old.ended_at) or now) + SHUTDOWN_MARGIN)}
+
+
+def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
+    """Terminate a replaced box EC2 has not taken by its notice's end + margin (the handover only waited until then,
+    so a box still running would be a second trainer on the run's checkpoint). Returns whether the record changed.
+
+    Only attempts this module ended on a notice (warned, reclaimed, not the current one), between their end + margin
+    and OUTLIVE_WINDOW later, not yet terminated; only an instance of this run's attempt with the project's profile
+    (supervisor.ours), as every terminate."""
+    changed = False
+    for attempt in run.attempts:
+        ended = parse_iso(attempt.ended_at)
+        if attempt is run.current or not attempt.instance_id or not attempt.reclaim_warned_at or ended is None:
+            continue
+        if attempt.members or attempt.terminated_at or not ended + SHUTDOWN_MARGIN <= now < ended + OUTLIVE_WINDOW:
+            continue
+        found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        instance = next((i for r in found for i in r["Instances"]), None)
+        if (instance or {}).get("State", {}).get("Name") not in ("pending", "running"):
+            continue
+        if not supervisor.ours(instance, run.run_id, attempt.n):
+            continue
+        supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
+        attempt.terminated_at, changed = iso(now), True
+        log.warning("run %s: attempt %s's box %s outlived its spot notice (ended %s): terminated", run.run_id,
+                    attempt.n, attempt.instance_id, attempt.ended_at)  # fmt: skip
+    return changed
 
 
 def overlap_seconds(old_end: datetime | None, new_start: datetime | None) -> float:

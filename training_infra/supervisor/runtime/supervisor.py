@@ -632,7 +632,7 @@ class Supervisor:
         detail = event.get("detail", {}) or {}
         if kind == SCHEDULED:
             return self.reconcile_all()
-        if kind == capacity.BLOCK_EXPIRING:
+        if kind in capacity.BLOCK_EXPIRING:
             return capacity.block_expiring(self, event)
         instance_id = detail.get("instance-id", "")
         if kind not in (STATE_CHANGE, SPOT_WARNING, REBALANCE) or not instance_id:
@@ -643,7 +643,8 @@ class Supervisor:
         if kind == SPOT_WARNING:
             warned = event.get("time") or iso(self.now())
             marked = self._mark(run_id, attempt, "reclaim_warned_at", warned, instance_id)
-            return replacement.on_notice(self, run_id, attempt, warned) or marked
+            action = str(detail.get("instance-action") or "terminate")
+            return replacement.on_notice(self, run_id, attempt, warned, action) or marked
         if kind == REBALANCE:
             return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
         return self.reconcile(run_id)
@@ -763,6 +764,8 @@ class Supervisor:
 
     def _step(self, run: Run) -> dict[str, Any]:
         now = self.now()
+        if run.spec.nodes <= 1 and replacement.end_outlivers(self, run, now):  # a replaced box EC2 did not take
+            self.store.save(run)
         attempt = run.current
         if run.stop_requested_at and attempt is not None and not attempt.instance_id:
             # A launch may have started an instance for this claim before the stop: find it, then stop it.
