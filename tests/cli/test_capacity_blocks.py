@@ -54,7 +54,9 @@ def _sold(stub: Stubber, offering: str, reservation: str) -> None:
         "purchase_capacity_block",
         {"CapacityReservation": {"CapacityReservationId": reservation, "InstanceType": "p5.48xlarge",
                                  "AvailabilityZone": "us-east-1a", "ReservationType": "capacity-block"}},
-        {"CapacityBlockOfferingId": offering, "InstancePlatform": "Linux/UNIX"},
+        {"CapacityBlockOfferingId": offering, "InstancePlatform": "Linux/UNIX", "TagSpecifications": [
+            {"ResourceType": "capacity-reservation", "Tags": [{"Key": "training-infra:managed", "Value": "true"}]},
+        ]},  # tagged: the supervisor may launch only into blocks with the tag
     )  # fmt: skip
 
 

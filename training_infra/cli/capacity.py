@@ -125,6 +125,8 @@ TypeOption = Annotated[str, typer.Option("--type", metavar="TYPE", help="Instanc
 CountOption = Annotated[str, typer.Option("--count", metavar="N", help="Instances in the block.")]
 HoursOption = Annotated[str, typer.Option("--hours", metavar="H", help="The block's length in hours, e.g. 24.")]
 INSTANCE_PLATFORM = "Linux/UNIX"  # the DLAMI the stacks launch (PurchaseCapacityBlock's InstancePlatform)
+# The supervisor launches only into blocks tagged so (its IAM condition; blocks.MANAGED_TAG): `capacity buy` tags them.
+BLOCK_TAGS = [{"ResourceType": "capacity-reservation", "Tags": [{"Key": naming.TAG_MANAGED, "Value": "true"}]}]
 
 
 @dataclass(frozen=True)
@@ -313,7 +315,9 @@ def purchase(
                 "needs dynamodb:GetItem and PutItem on the run table)"
             ) from None
     try:
-        answer = ec2.purchase_capacity_block(CapacityBlockOfferingId=offering_id, InstancePlatform=INSTANCE_PLATFORM)
+        answer = ec2.purchase_capacity_block(
+            CapacityBlockOfferingId=offering_id, InstancePlatform=INSTANCE_PLATFORM, TagSpecifications=BLOCK_TAGS
+        )
     except ClientError as error:
         if fees is not None:
             fees.fees.refund(fees.month, offering_id)

@@ -298,12 +298,16 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 # A run in a Capacity Block the user bought (blocks.py): only the reservation its own template names
-                # (ec2:IsLaunchTemplateResource), only in this account and region. CreateFleet lists no
+                # (ec2:IsLaunchTemplateResource), only one tagged training-infra:managed=true (`capacity buy` tags
+                # it: no other block of the account), only in this account and region. CreateFleet lists no
                 # capacity-reservation resource: EC2 authorizes a fleet's launch into one as ec2:RunInstances.
                 sid="LaunchIntoReservationsOfItsTemplates",
                 actions=["ec2:RunInstances"],
                 resources=[arn("capacity-reservation")],
-                conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
+                conditions={
+                    "Bool": {"ec2:IsLaunchTemplateResource": "true"},
+                    "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+                },
             ),
             iam.PolicyStatement(
                 sid="VolumesWithTheInstance",
