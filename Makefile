@@ -92,7 +92,7 @@ destroy: setup  ## Destroy the compute stack only (data, registry and guard rail
 	$(PY) -m training_infra.deploy_guard --destroy $(GUARD_FLAGS)
 	$(CDK) destroy TrainingInfra-Compute $(LOCAL_CONTEXT) $(CDK_FLAGS)
 
-bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, cold start, supervisor, status/cost at scale, preflight, stall, the local AWS, spot replacement, a two-node gang, sweeps
+bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, cold start, supervisor, status/cost at scale, preflight, stall, the local AWS, spot replacement, a two-node gang (agents; node loss on the local AWS), sweeps
 	$(PY) scripts/bench_synth.py
 	$(PY) scripts/bench_launch.py
 	$(PY) scripts/bench_agent.py
@@ -106,6 +106,7 @@ bench: setup container-engine  ## Benchmarks: synth, launch vs deploy, agent, co
 	$(PY) scripts/bench_cli_help.py
 	$(PY) scripts/bench_capacity.py
 	$(PY) scripts/bench_gang_agent.py
+	$(PY) scripts/bench_gang_local.py
 	$(PY) scripts/bench_sweep.py
 
 local: setup  ## A local AWS to work in (Ctrl-C stops it): the stacks, the supervisor, every launched instance played here

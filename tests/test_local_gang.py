@@ -11,25 +11,19 @@ sandbox's supervisor runs without one) and boot times (minutes on EC2, none here
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from training_infra.local.demo import GangDemo, GangStory, _claim_workdir
+from training_infra.local.demo import GangStory, gang_story
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory: pytest.TempPathFactory) -> GangStory:
-    workdir = tmp_path_factory.mktemp("gang-demo")
-    assert _claim_workdir(workdir) is None
-    # 60 steps of 0.4 s: a busy machine's demo still reclaims both nodes before the trainer ends.
-    demo = GangDemo(workdir=workdir, steps=60, step_seconds=0.4, checkpoint_every=3)
-    try:
-        return demo.main()
-    finally:
-        if demo.sandbox is not None:
-            from training_infra.local.sandbox import stop_running
-
-            stop_running(demo.sandbox_dir)
-            demo.sandbox.wait(timeout=60)
+    return gang_story(tmp_path_factory.mktemp("gang-demo"))
 
 
 def test_both_nodes_of_the_first_attempt_trained(story: GangStory) -> None:
@@ -53,6 +47,16 @@ def test_every_resume_starts_from_the_newest_complete_step(story: GangStory) -> 
         assert loss.resumed_from == loss.newest_complete_step, loss
 
 
+def test_no_step_is_lost_the_gang_resumes_at_the_step_the_lost_node_trained_last(story: GangStory) -> None:
+    """The trainer saves on SIGTERM at the step every rank agreed on, so the newest complete step is the step the
+    lost node trained last: a resume from anything older would have lost steps beyond the newest complete one."""
+    first = {b.instance_id: b for b in story.first}
+    for loss in story.losses:
+        lost = first[loss.instance_id]
+        assert lost.trained, f"node {loss.node}'s log showed no step"
+        assert loss.resumed_from == lost.trained[-1] == loss.newest_complete_step, (loss, lost.trained[-5:])
+
+
 def test_a_lost_host_relaunches_the_whole_gang_as_attempt_2_counted_as_a_preemption(story: GangStory) -> None:
     loss = story.losses[1]
     assert (loss.path, loss.node) == ("whole gang", 0)
@@ -66,3 +70,20 @@ def test_a_lost_host_relaunches_the_whole_gang_as_attempt_2_counted_as_a_preempt
 def test_the_run_succeeds_on_attempt_2(story: GangStory) -> None:
     assert story.status["outcome"] == "succeeded"
     assert [a["end_reason"] for a in story.status["attempts"]] == ["reclaimed", "succeeded"]
+
+
+def test_make_bench_prints_node_loss_to_training_again_for_both_paths(story: GangStory) -> None:
+    """scripts/bench_gang_local.py's figures, from this story (its smoke pass would run a second demo)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_gang_local
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    lines = bench_gang_local.report(story, boot_minutes=5)
+    print("\n".join(lines))
+    replacement, whole = (loss.seconds_to_training for loss in story.losses)
+    assert f"  replacement  node 1 lost: {replacement:6.1f} s here; on AWS about" in lines[1]
+    assert f"  whole gang   node 0 lost: {whole:6.1f} s here; on AWS about" in lines[2]
+    assert lines[3].startswith("  whole gang / replacement: ")
+    assert lines[4] == "  outcome: succeeded after 2 node loss(es)"

@@ -137,7 +137,15 @@ def test_a_missing_file_is_one_line(tmp_path):
     with pytest.raises(run_spec.SpecError) as caught:
         run_spec.load(tmp_path / "absent.yaml")
     [line] = caught.value.lines
-    assert line.startswith(f"{tmp_path / 'absent.yaml'}: cannot read it (FileNotFoundError")
+    assert line == f"{tmp_path / 'absent.yaml'}: cannot read it (No such file or directory)"
+
+
+def test_a_binary_file_is_one_line_not_a_traceback(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(run_spec.SpecError) as caught:
+        run_spec.load(path)
+    assert caught.value.lines == [f"{path}: cannot read it (not UTF-8 text); allowed: a YAML file"]
 
 
 def test_the_schema_is_valid_json_schema_and_has_the_models_keys_at_every_level():

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from training_infra import naming
+from training_infra.compute.agent.ti_agent import torchrun
 from training_infra.config import Refused
 
 MARKETS = ("spot", "on-demand", "spot-then-on-demand")
@@ -118,3 +119,22 @@ def secret_ref(ref: Any) -> str:
 def looks_like_reference(ref: Any) -> bool:
     """Whether a refused secret was at least meant as a reference (its text is then safe to show)."""
     return isinstance(ref, str) and ref.startswith(("ssm:", "arn:"))
+
+
+def gang_command(command: Any, nodes: int) -> Any:
+    """A gang's command must be one the agent can run on every node (wrapped in torchrun, or the user's own torchrun,
+    ti_agent/torchrun.py): refused here at launch, rather than failing each attempt on the box after its boot. An
+    empty command is the image's CMD, which the agent cannot see to wrap."""
+    if nodes > 1 and isinstance(command, str):
+        try:
+            torchrun.plan(command)
+        except torchrun.CommandRefused as refused:
+            raise Refused(f"with {nodes} nodes, {torchrun.ALLOWED} (here: {refused})") from None
+    return command
+
+
+def nccl_efa_check(value: Any) -> bool:
+    """The gang's NCCL-uses-EFA check: on (true) unless turned off (--no-nccl-efa-check, resources.nccl_efa_check)."""
+    if not isinstance(value, bool):
+        raise Refused("true or false")
+    return value

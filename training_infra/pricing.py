@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import botocore.config
 
+from training_infra.cache import cache_dir
 from training_infra.supervisor.runtime.prices import (
     BUILT_IN_NOTE,
     BUILT_IN_ON_DEMAND,
@@ -54,12 +55,6 @@ _PRICE_LIST_CONFIG = botocore.config.Config(
 def on_demand_price(instance_type: str) -> float | None:
     """The built-in table's list price, or None for a type it does not know (the offline fallback)."""
     return ON_DEMAND_USD_PER_HOUR.get(instance_type)
-
-
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/training-infra, else ~/.cache/training-infra."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "training-infra"
 
 
 class FileCache:

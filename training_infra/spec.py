@@ -199,6 +199,11 @@ class Resources(_Section):
     max_price: MaxPrice | None = None  # type: ignore[valid-type]
     subnet_id: SubnetId | None = None  # type: ignore[valid-type]
     capacity_reservation: CapacityReservation | None = None  # type: ignore[valid-type]
+    nccl_efa_check: StrictBool | None = Field(
+        None,
+        description="A multi-node run's check that NCCL talks over EFA, not TCP, on types with EFA: the attempt fails "
+        "when NCCL's init log says otherwise. Default true; false turns it off (--no-nccl-efa-check).",
+    )
 
 
 class Limits(_Section):
@@ -245,6 +250,16 @@ class LaunchSpec(_Section):
     )
     limits: Limits = Limits()
     data: Data = Data()
+
+    @field_validator("command")
+    @classmethod
+    def _runs_on_every_node(cls, command: str | None, info: ValidationInfo) -> str | None:
+        resources = info.data.get("resources")
+        nodes = resources.nodes if isinstance(resources, Resources) else 1
+        try:
+            return launch_rules.gang_command(command, nodes)
+        except Refused as refused:
+            raise PydanticCustomError("not_allowed", "{allowed}", {"allowed": refused.allowed}) from None
 
     @field_validator("secrets")
     @classmethod
@@ -294,11 +309,17 @@ def _hoist_description(prop: dict[str, Any]) -> None:
 def load(path: str | Path) -> LaunchSpec:
     """The validated spec in a YAML file; SpecError lists every mistake, one line each."""
     path = Path(path)
+    return parse(read_text(path), source=str(path))
+
+
+def read_text(path: Path) -> str:
+    """A spec or sweep file's text; a missing, unreadable or binary file is one SpecError line."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SpecError([f"{path}: cannot read it ({error.__class__.__name__}: {error.strerror or error})"]) from None
-    return parse(text, source=str(path))
+        return path.read_text()
+    except OSError as error:
+        raise SpecError([f"{path}: cannot read it ({error.strerror or error})"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: cannot read it (not UTF-8 text); allowed: a YAML file"]) from None
 
 
 def parse(text: str, *, source: str = "<spec>") -> LaunchSpec:

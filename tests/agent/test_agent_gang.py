@@ -5,6 +5,13 @@ The SUPERVISOR IS PLAYED by the test (tests/agent/gang_harness.py): it sets the 
 sets once the fleet returned (node index, rendezvous), starts the replacement with them in its launch
 tags, and stops the survivors of a lost host before it launches the next attempt. The lead connects
 this to the real supervisor (training_infra/supervisor/runtime/gang.py) once both sides have landed.
+
+What only this test proves (the agent's side, seen from inside each node): the agents wait for their tags
+before any trainer starts, the spot notice leaves no trainer process behind (torchrun's workers included),
+the survivor keeps its agent and torchrun while its workers resume with the replacement, and the per-node
+S3 layout and log streams. The host's loss and the whole gang's relaunch as attempt 2 run end to end with the
+real supervisor in tests/test_local_gang.py (so they are not repeated here); the launch, tag and NCCL rules
+are unit tests in test_agent_gang_rules.py.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ def wait_for(pattern: str, run, timeout: float = 60, after: int = 0) -> re.Match
 
 
 @pytest.mark.slow
-def test_a_gang_trains_loses_a_worker_node_then_its_host_and_resumes_each_time_from_the_last_complete_step(gang):
+def test_a_gang_trains_loses_a_worker_node_and_its_replacement_and_the_survivor_resume_from_the_step_saved(gang):
     # (a) Two nodes boot; the supervisor tags them once the fleet returned; they meet and train.
     rendezvous = f"127.0.0.1:{free_port()}"
     node0, node1 = gang.node(0, attempt=1), gang.node(1, attempt=1)
@@ -80,23 +87,13 @@ def test_a_gang_trains_loses_a_worker_node_then_its_host_and_resumes_each_time_f
     wait_for(rf"\] step {saved + 2}/", replacement, timeout=30)
     assert node0.process.poll() is None, "the survivor kept its agent and torchrun: no whole-gang restart"
 
-    # (c) The host gets the spot notice: the supervisor stops the rest and relaunches as attempt 2.
-    node0.imds.inject_spot_interruption()
-    node0.wait(timeout=60)
-    last = int(re.findall(r"checkpoint step-(\d+)", node0.training_log)[-1])
-    replacement.imds.set_tag("training-infra:stop", "gang")
-    replacement.wait(timeout=60)
-    assert gang.status(node0, 1, 0)["outcome"] == "interrupted"
-    assert gang.wait_for_complete(at_least=last) == last
-    rendezvous2 = f"127.0.0.1:{free_port()}"
-    fresh = [gang.node(k, attempt=2) for k in range(2)]
-    for run in fresh:
-        run.start()
-    Gang.place(fresh, rendezvous2)
-    for run in fresh:
-        wait_for(rf"resumed from step-{last:06d} \(step {last}\)", run, timeout=90)
-    assert "--rdzv-id gang-2" in fresh[0].training_log
-    wait_for(rf"\] step {last + 2}/", fresh[1], timeout=30)
+    # The supervisor's whole-gang stop (its stop tag on every live member): both end `stopped`, nothing left.
+    for run in (node0, replacement):
+        run.imds.set_tag("training-infra:stop", "gang")
+    for run in (node0, replacement):
+        run.wait(timeout=60)
+        assert processes_of(run.root) == []
+    assert gang.status(node0, 1, 0)["outcome"] == "stopped", gang.logs()
 
     # Per-node records and streams (the contract's layout): node k under attempts/<n>/nodes/<k>/.
     keys = gang.base.keys("runs/gang/attempts/1/nodes/")

@@ -97,3 +97,37 @@ def test_a_step_is_complete_only_once_every_node_uploaded_and_then_each_node_get
     assert not (fresh.folder / "step-000004").exists(), "only the newest complete step"
     assert fresh.sync() and "checkpoints/g/_manifest.node-1.json" in keys(s3, name)
     assert (fresh.folder / "step-000008" / "__0_0.distcp").read_bytes() == b"shard 0 of step 8"
+
+
+def test_a_replacement_keeps_the_lost_nodes_manifest_entries_and_prunes_its_superseded_files(aws, bucket, tmp_path):
+    s3, name = bucket
+    lines: list[str] = []
+    zero, one = node(aws, name, tmp_path / "n0", 0, lines), node(aws, name, tmp_path / "n1", 1, lines)
+    for step in (4, 8):
+        save(zero.folder, step, 0)
+        save(one.folder, step, 1)
+        assert one.sync() and zero.sync(), lines
+    manifest_key = "checkpoints/g/_manifest.node-1.json"
+    before = json.loads(s3.get_object(Bucket=name, Key=manifest_key)["Body"].read())["steps"]
+    assert set(before) == {"step-000004", "step-000008"}
+
+    # Node 1 is lost; its replacement restores step 8 (only), trains on and saves step 12.
+    fresh = node(aws, name, tmp_path / "replacement", 1, lines)
+    fresh.restore()
+    save(fresh.folder, 12, 1)
+    assert fresh.sync(), lines
+    after = json.loads(s3.get_object(Bucket=name, Key=manifest_key)["Body"].read())["steps"]
+    assert after["step-000008"] == before["step-000008"], "the lost node's versions of step 8 are still recorded"
+    assert set(after) >= {"step-000008", "step-000012"}
+
+    # Step 12 completes; the replacement's trainer keeps only step 12: node 1's older files go, as the lost node's
+    # own prune would have deleted them (before, nobody did: they stayed in S3 for good).
+    save(zero.folder, 12, 0)
+    assert zero.sync() and fresh.sync(), lines
+    import shutil
+
+    shutil.rmtree(fresh.folder / "step-000008")
+    assert fresh.sync(), lines
+    left = keys(s3, name)
+    assert not {k for k in left if k.startswith(("checkpoints/g/step-000004/__1", "checkpoints/g/step-000008/__1"))}
+    assert "checkpoints/g/step-000012/__1_0.distcp" in left and "checkpoints/g/step-000008/__0_0.distcp" in left

@@ -480,10 +480,6 @@ def test_the_clients_the_agent_code_asks_for_are_all_in_services():
     assert others == [], "only aws.py makes botocore clients"
 
 
-def test_pack_agent_is_byte_for_byte_stable():
-    assert pack_agent() == pack_agent()
-
-
 # ---------------------------------------------------------------- review of issue 22: what came from outside
 
 

@@ -189,6 +189,29 @@ def test_agent_asset_is_byte_identical_for_identical_sources_so_cdk_diff_stays_q
         assert archive.extractfile("ti_agent/agent.py").read() == (agent_files()[0].parent / "agent.py").read_bytes()
 
 
+def test_the_packed_agent_kept_between_synths_is_the_same_bytes_and_a_damaged_copy_is_never_shipped(
+    tmp_path, monkeypatch
+):
+    """Each synth process reuses the xz kept on disk (seconds of compression saved per `cdk synth`); the
+    asset, and so its hash in the template, must not change because of it."""
+    from training_infra.compute import user_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    contents = (("__main__.py", b"print('agent')\n"), ("ti_agent/agent.py", b"x = 1\n" * 1000))
+    fresh = user_data._packed.__wrapped__(contents)  # as a new process: nothing kept yet
+    [kept] = (tmp_path / "training-infra" / "agent").glob("agent-*.tar.xz")
+    assert kept.read_bytes() == fresh
+    assert user_data._packed.__wrapped__(contents) == fresh, "read back from the disk: the same bytes"
+
+    kept.write_bytes(fresh[:-40] + b"\0" * 40)  # a damaged (or edited) copy
+    assert user_data._packed.__wrapped__(contents) == fresh
+    assert kept.read_bytes() == fresh, "compressed again and replaced"
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    assert user_data._packed.__wrapped__(contents) == fresh, "a cache that cannot be written is no cache"
+
+
 def test_a_stale_file_of_an_older_agent_does_not_survive_the_unpack(tmp_path):
     stale = tmp_path / "root/opt/training-infra/agent/ti_agent/old_module.py"
     stale.parent.mkdir(parents=True)

@@ -67,11 +67,9 @@ class FakeAgent:
         self.listed_after = listed_after
         self.aws = self
 
-    def tag(self, name: str) -> str | None:
+    def tag(self, name: str) -> str | None:  # as Agent.tag: None for IMDS's 404 (no such tag)
         assert name in ("replaces", "replaces-until")
-        if self._tag is None or name == "replaces-until":
-            raise ImdsError("404")
-        return self._tag
+        return None if name == "replaces-until" else self._tag
 
     def client(self, service: str):
         assert service == "s3"
@@ -108,3 +106,113 @@ def test_the_wait_is_bounded_by_the_old_boxs_end_from_the_tag_never_longer_than_
     assert handover.wait_bound("2026-11-29T09:00:00Z", now) == handover.WAIT_SECONDS
     assert handover.wait_bound(None, now) == handover.WAIT_SECONDS
     assert handover.wait_bound("not a time", now) == handover.WAIT_SECONDS
+
+
+# --- IMDS errors fail closed: only a 404 is "no tag" (issue 28's review, finding 2) ----------------------------
+
+
+def test_a_404_is_no_tag_at_once_and_other_imds_errors_are_asked_again_with_backoff():
+    sleeps: list[float] = []
+    assert handover.read_tag(lambda: None, sleep=sleeps.append) is None and sleeps == [], "404: no tag, no retry"
+    answers = iter([ImdsError("HTTP 500"), ImdsError("timed out"), "1"])
+
+    def flaky() -> str | None:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert handover.read_tag(flaky, sleep=sleeps.append) == "1" and sleeps == [1.0, 2.0]
+
+
+def test_imds_that_stays_down_raises_after_its_bounded_retries():
+    sleeps: list[float] = []
+    calls = []
+
+    def down() -> str | None:
+        calls.append(1)
+        raise ImdsError("HTTP 503")
+
+    with pytest.raises(ImdsError):
+        handover.read_tag(down, sleep=sleeps.append)
+    assert len(calls) == handover.IMDS_TRIES and sleeps == [1.0, 2.0, 4.0]
+
+
+class ImdsAgent(FakeAgent):
+    """FakeAgent whose tags come from a real IMDSv2 client against the fake IMDS (training_infra/local/imds.py)."""
+
+    def __init__(self, imds_url: str) -> None:
+        super().__init__(None, listed_after=0)
+        from training_infra.compute.agent.ti_agent.imds import Imds
+
+        self.imds = Imds(imds_url)
+
+    def tag(self, name: str) -> str | None:
+        return self.imds.get(f"meta-data/tags/instance/training-infra:{name}")
+
+
+def failing_tags(failures: int, tags: dict[str, str]):
+    """A tag source for FakeImds that fails `failures` times (IMDS answers HTTP 500), then answers `tags`."""
+    left = [failures]
+
+    def source() -> dict[str, str]:
+        if left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("tag service down")
+        return tags
+
+    return source
+
+
+def test_a_replaces_tag_behind_a_passing_imds_error_is_still_waited_for():
+    from training_infra.local.imds import FakeImds
+
+    clock = Clock()
+    tags = {"training-infra:replaces": "1", "training-infra:attempt": "2"}
+    with FakeImds(tags=failing_tags(2, tags)) as imds:
+        agent = ImdsAgent(imds.url)
+        agent.listed_after = 1
+        found = handover.before_restore(agent, sleep=clock.sleep)
+    assert found is not None and found.replaced == 1 and found.final_status_seen, "IMDS's 500s were asked again"
+    assert agent.calls[0]["Prefix"] == "runs/bert/attempts/1/status.json"
+
+
+def test_imds_down_for_good_waits_the_whole_bound_before_restoring_instead_of_restoring_at_once():
+    from training_infra.local.imds import FakeImds
+
+    clock = Clock()
+    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+        agent = ImdsAgent(imds.url)
+        found = handover.before_restore(agent, sleep=clock.sleep)
+    assert found is not None and found.unread and not found.final_status_seen
+    assert clock.now >= handover.WAIT_SECONDS, "the whole bound: a box this one may replace has stopped saving by then"
+    assert "HTTP 500" in found.unread and "instance tags not readable" in agent.lines[-1]
+    assert agent.calls == [], "nothing to poll: which attempt it replaces is unknown"
+
+
+def test_an_agent_whose_tag_listing_fails_knows_no_attempt_and_its_restore_waits_the_whole_bound(tmp_path, monkeypatch):
+    from training_infra.compute.agent.ti_agent.agent import Agent
+    from training_infra.local.imds import FakeImds
+
+    monkeypatch.setattr(handover, "IMDS_BACKOFF_SECONDS", 0.0)
+    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+        agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+        agent.read_tags()
+        assert len(imds.requests_for("meta-data/tags/instance")) == handover.IMDS_TRIES, "asked again, bounded"
+    assert agent.attempt == 0, "not taken as attempt 1: its records overwrite no attempt's"
+    assert "HTTP 500" in agent.tags_unread
+    clock = Clock()
+    monkeypatch.setattr(agent, "tag", lambda _name: "1")  # even a tag read later cannot say which box still saves
+    found = handover.before_restore(agent, sleep=clock.sleep)
+    assert found is not None and found.unread and clock.now == handover.WAIT_SECONDS
+
+
+def test_an_agent_whose_tags_read_after_a_passing_error_knows_its_attempt(tmp_path, monkeypatch):
+    from training_infra.compute.agent.ti_agent.agent import Agent
+    from training_infra.local.imds import FakeImds
+
+    monkeypatch.setattr(handover, "IMDS_BACKOFF_SECONDS", 0.0)
+    with FakeImds(tags=failing_tags(1, {"training-infra:attempt": "3"})) as imds:
+        agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+        agent.read_tags()
+    assert agent.attempt == 3 and agent.tags_unread == ""

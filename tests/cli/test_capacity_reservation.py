@@ -45,6 +45,7 @@ def _reservation(**changes) -> dict:
         "CapacityReservationId": BLOCK, "InstanceType": "p5.48xlarge", "AvailabilityZone": "us-east-1b",
         "TotalInstanceCount": 1, "AvailableInstanceCount": 1, "State": "active", "StartDate": now - timedelta(hours=1),
         "EndDate": now + timedelta(hours=6), "ReservationType": "capacity-block", "InstanceMatchCriteria": "targeted",
+        "Tags": [{"Key": "training-infra:managed", "Value": "true"}],  # `capacity buy` tags what it buys
         **changes,
     }  # fmt: skip
 
@@ -173,6 +174,7 @@ def _block_xml(region: str, instance_type: str = "g5.xlarge", hours_left: float 
         "startDate": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
         "endDate": (now + timedelta(hours=hours_left)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
         "reservationType": "capacity-block", "instanceMatchCriteria": "targeted",
+        "tagSet": "<item><key>training-infra:managed</key><value>true</value></item>",  # `capacity buy` tagged it
     }  # fmt: skip
 
 

@@ -65,3 +65,39 @@ def test_logs_node_reads_that_nodes_stream(stacks):
 def test_logs_node_that_is_not_a_node_index_is_a_usage_error(stacks):
     result = stacks.cli("logs", "gang-logs", "--node", "two")
     assert result.exit_code == 2 and "option '--node': got 'two'" in result.output
+
+
+def test_local_interrupt_node_that_is_not_a_node_index_is_the_same_usage_line_before_the_sandbox(stacks, tmp_path):
+    result = stacks.cli("local", "interrupt", "gang-logs", "--node", "-1", "--dir", str(tmp_path / "no-sandbox"))
+    assert result.exit_code == 2
+    assert result.stderr == "error: option '--node': got '-1'; allowed: a node index from 0 to the run's nodes - 1\n"
+
+
+def test_a_gangs_boxes_get_the_stacks_replace_timeout_and_the_nccl_check_switch_in_their_user_data(stacks):
+    """Through the real path: the flag, the supervisor's run template, each member's user data, the agent's parser."""
+    import base64
+
+    from training_infra.cli.launching import template_exports
+    from training_infra.compute.agent.ti_agent import settings
+    from training_infra.supervisor.runtime.supervisor import SupervisorConfig
+
+    result = stacks.cli("launch", "--run-id", "gang-nccl", "--nodes", "2", "--no-nccl-efa-check")
+    assert result.exit_code == 0, result.output
+    ec2 = stacks.client("ec2")
+    members = stacks.run_instances("gang-nccl")
+    assert len(members) == 2
+    replace = SupervisorConfig(table="", outputs_bucket="").gang_replace_seconds
+    for instance in members:
+        data = ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
+        exports = template_exports(base64.b64decode(data["UserData"]["Value"]).decode())
+        assert exports["TI_GANG_REPLACE_SECONDS"] == str(replace) and exports["TI_NCCL_EFA_CHECK"] == "false"
+        knobs = settings.parse({**exports, "TI_IMAGE_URI": exports.get("TI_IMAGE_URI") or "i"}).knobs
+        assert knobs.gang_replace_seconds == replace and knobs.nccl_efa_check is False
+
+
+def test_a_gang_with_the_stacks_command_that_cannot_be_wrapped_is_refused_before_anything_starts(stacks):
+    result = stacks.cli("launch", "--run-id", "gang-cmd", "--nodes", "2", "--command", "python train.py > log")
+    assert result.exit_code == 2
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.endswith("(here: '>' outside quotes makes it more than one program)") or "'>' outside quotes" in line
+    assert not stacks.run_instances("gang-cmd")

@@ -83,7 +83,7 @@ def test_launch_f_with_mistakes_prints_one_line_each_and_calls_no_aws(stacks, tm
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: {path}:2: resources.instance_type: got unknown key 'instance_type'; did you mean 'instance_types'? "
-        "allowed: instance_types, nodes, market, max_price, subnet_id, capacity_reservation",
+        "allowed: instance_types, nodes, market, max_price, subnet_id, capacity_reservation, nccl_efa_check",
         f"error: {path}:4: limits.max_runtime_hours: got 500; allowed: a number greater than 0 up to 168",
     ]
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 
 from tests.cli.conftest import UNREACHABLE_ENDPOINT
+from training_infra import naming
+from training_infra import spec as run_spec
 from training_infra.cli.commands.sweep import read_sweep_file
+from training_infra.supervisor.runtime.records import RunStore
 
 SWEEP_YAML = """\
 group: {group}
@@ -64,6 +67,34 @@ def test_a_sweep_file_with_mistakes_gets_one_error_line_each_and_asks_nobody(sta
     assert f"{path}:4: template.comand: got unknown key 'comand'; did you mean 'command'?" in text
     assert "group: got 'Bad_Name'" in text and "space.lr.type: got 'logfloat'" in text
     assert "trials: got None" in text
+
+
+def test_launch_like_a_member_copies_its_trials_parameters_but_is_not_a_member_of_the_sweep(stacks, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP_YAML.format(group="like-src").replace("parallel: 2", "parallel: 1"))
+    assert stacks.cli("sweep", "-f", str(path)).exit_code == 0
+
+    result = stacks.cli("launch", "--like", "like-src-t0", "--run-id", "like-copy")
+
+    assert result.exit_code == 0, result.output
+    assert "note: --like like-src-t0: TI_GROUP, TI_TRIAL left out" in result.stderr
+    store = RunStore(stacks.client("dynamodb"), stacks.outputs[naming.OUTPUT_RUN_TABLE])
+    member, copy = store.get("like-src-t0"), store.get("like-copy")
+    assert copy.group == "" and copy.trial is None, "the copy is not a trial: the sweep never counts or stops it"
+    copied = run_spec.parse(copy.spec_yaml).env
+    assert "TI_GROUP" not in copied and "TI_TRIAL" not in copied
+    assert copied["TI_PARAMS"] == run_spec.parse(member.spec_yaml).env["TI_PARAMS"], "the trial's parameters kept"
+    assert stacks.cli("sweep", "stop", "like-src").exit_code == 0
+
+
+def test_a_missing_sweep_file_is_the_same_usage_line_as_launch_f(stacks, tmp_path):
+    path = tmp_path / "absent.yaml"
+
+    sweep = stacks.cli("sweep", "-f", str(path), env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+    launch = stacks.cli("launch", "-f", str(path), env={"AWS_ENDPOINT_URL": UNREACHABLE_ENDPOINT})
+
+    assert sweep.exit_code == launch.exit_code == 2
+    assert sweep.stderr == launch.stderr == f"error: {path}: cannot read it (No such file or directory)\n"
 
 
 def test_a_run_spec_template_becomes_the_members_launch_request(tmp_path):

@@ -32,7 +32,7 @@ def _block(**changes) -> blocks.Block:
     values = {
         "reservation_id": BLOCK, "instance_type": "p5.48xlarge", "zone": "us-east-1a", "state": "active",
         "kind": "capacity-block", "total": 1, "available": 1, "start": START - timedelta(hours=1),
-        "end": START + timedelta(hours=24),
+        "end": START + timedelta(hours=24), "managed": True,
     }  # fmt: skip
     return blocks.Block(**{**values, **changes})
 
@@ -43,6 +43,17 @@ def _block(**changes) -> blocks.Block:
 @pytest.mark.parametrize("value", ["cr-0123456789abcdef0", "cr-01234567"])
 def test_a_capacity_reservation_id_of_8_or_17_hex_digits_is_accepted(value):
     assert blocks.reservation_id(value) == value
+
+
+def test_a_block_without_the_managed_tag_is_refused_in_one_line():
+    found = blocks.problem(_block(managed=False), ["p5.48xlarge"], 1, START, FLOOR, 600)
+    assert found == (
+        f"capacity reservation {BLOCK}: has no tag training-infra:managed=true; allowed: a block bought with "
+        "`training-infra capacity buy` (it tags the block), or one its buyer tagged training-infra:managed=true for "
+        "this stack"
+    )
+    tagged = blocks.Block.from_answer({"Tags": [{"Key": "training-infra:managed", "Value": "true"}]})
+    assert tagged.managed and not blocks.Block.from_answer({"Tags": [{"Key": "other", "Value": "true"}]}).managed
 
 
 @pytest.mark.parametrize("value", ["", "cr-123", "cr-0123456789ABCDEF0", "sir-0123456789abcdef0", 17, None,
@@ -184,6 +195,7 @@ def _reservation(account, **changes) -> dict:
         "AvailabilityZone": "us-east-1b", "Tenancy": "default", "TotalInstanceCount": 1, "AvailableInstanceCount": 1,
         "State": "active", "StartDate": START - timedelta(hours=1), "EndDate": START + timedelta(hours=6),
         "EndDateType": "limited", "InstanceMatchCriteria": "targeted", "ReservationType": "capacity-block",
+        "Tags": [{"Key": "training-infra:managed", "Value": "true"}],  # `capacity buy` tags what it buys
         **changes,
     }  # fmt: skip
 

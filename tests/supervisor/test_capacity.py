@@ -278,12 +278,20 @@ class BlockEc2:
         return self.stubbed.get_paginator(name) if name == "describe_instances" else self._ec2.get_paginator(name)
 
 
-def test_the_block_ending_warning_stops_its_runs_gracefully_and_they_end_deadline_without_a_relaunch(account):
+@pytest.mark.parametrize(
+    "detail_type",
+    # The User Guide's example (docs.aws.amazon.com, "Monitor Capacity Blocks using EventBridge") and the name other
+    # versions of that page give: the rule matches both (test_supervisor_construct.py).
+    ["Capacity Block Expiration Warning", "Capacity Block Reservation Expiration Warning"],
+)
+def test_the_block_ending_warning_stops_its_runs_gracefully_and_they_end_deadline_without_a_relaunch(
+    account, detail_type
+):
     from .conftest import start
 
     first = start(account).attempts[0]
     ec2 = BlockEc2(account.ec2, [first.instance_id])
-    answer = account.supervisor(ec2=ec2).handle(BLOCK_ENDING)
+    answer = account.supervisor(ec2=ec2).handle({**BLOCK_ENDING, "detail-type": detail_type})
     ec2.stubber.assert_no_pending_responses()
     assert answer == {"capacity_reservation": BLOCK, "ends_at": "2026-11-29T09:00:00Z", "stopping": ["bert"]}
     run = account.run()

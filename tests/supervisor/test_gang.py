@@ -397,3 +397,88 @@ def test_a_gang_ec2_does_not_list_yet_is_recorded_whole_and_tagged_at_the_next_r
         tags = tags_of(gang_account, member.instance_id)
         assert tags["training-infra:node"] == str(member.node)
         assert tags["training-infra:rendezvous"] == f"{host_ip}:29400"
+
+
+# --- a survivor's end while a replacement is pending (the survivors' rendezvous join_timeout) -------------
+
+
+def end_with(account, member, outcome, **status):
+    """Node `member.node`'s agent writes its status.json, then its instance ends (a survivor giving up)."""
+    body = {"outcome": outcome, "exit_code": 1, "ended_at": iso(account.clock()), **status}
+    account.s3.put_object(Bucket=account.bucket, Key=f"runs/bert/attempts/1/nodes/{member.node}/status.json",
+                          Body=json.dumps(body).encode())  # fmt: skip
+    account.end_instance(member.instance_id)
+    supervisor(account).reconcile("bert")
+
+
+def finish_gang(account):
+    """The others stop on the stop tag and power off; the next reconcile ends the attempt."""
+    for member in live(account.run().current).values():
+        account.end_instance(member.instance_id)
+    supervisor(account).reconcile("bert")
+    return account.run()
+
+
+def progress(account, node, changed_at):
+    account.s3.put_object(Bucket=account.bucket, Key=f"runs/bert/attempts/1/nodes/{node}/progress.json",
+                          Body=json.dumps({"step": 40, "changed_at": changed_at}).encode())  # fmt: skip
+
+
+@pytest.mark.parametrize("outcome", ["failed", "stalled", "idle"])
+def test_a_survivor_ending_before_the_replacement_joined_relaunches_the_gang_as_a_preemption(gang_account, outcome):
+    attempt = start_gang(gang_account, nodes=3, max_restarts_on_errors=0).attempts[0]
+    lose(gang_account, attempt.members[2].instance_id)
+    assert len(live(gang_account.run().current)) == 3, "the replacement runs, the trainers have not met again"
+    progress(gang_account, 2, "2026-01-01T00:00:00Z")  # the lost node's own last beat, from before the loss
+    gang_account.clock.advance(seconds=1800)  # the survivor's rendezvous gave up (or it stalled, or idled)
+    end_with(gang_account, attempt.members[1], outcome)
+    current = gang_account.run().current
+    assert (
+        current.gang_ending == AttemptEnd.RECLAIMED and "had not joined the training yet" in current.gang_ending_words
+    )
+    run = finish_gang(gang_account)
+    assert run.attempts[0].end_reason == AttemptEnd.RECLAIMED and run.errors_used == 0, "not the run's error"
+    assert len(run.attempts) == 2 and len(live(run.attempts[1])) == 3, "relaunched whole as the next attempt"
+
+
+def test_the_host_failing_while_no_replacement_is_running_yet_relaunches_the_gang_as_a_preemption(gang_account):
+    attempt = start_gang(gang_account, nodes=2, max_restarts_on_errors=0).attempts[0]
+    gang_account.ec2_gang.fail = 100  # no capacity for the replacement yet
+    lose(gang_account, attempt.members[1].instance_id)
+    end_with(gang_account, attempt.members[0], "failed")  # the last live member: the attempt ends at once
+    run = gang_account.run()
+    assert "node 1's replacement was not running yet" in run.attempts[0].message
+    assert run.attempts[0].end_reason == AttemptEnd.RECLAIMED and run.errors_used == 0 and run.active
+    assert len(run.attempts) == 2, "the next attempt (waiting for capacity here)"
+
+
+def test_a_survivor_failing_after_the_replacement_trained_with_the_gang_is_the_runs_error(gang_account):
+    attempt = start_gang(gang_account, nodes=3, max_restarts_on_errors=0).attempts[0]
+    lose(gang_account, attempt.members[2].instance_id)
+    replacement = live(gang_account.run().current)[2]
+    gang_account.clock.advance(seconds=120)
+    progress(gang_account, 2, iso(gang_account.clock()))  # the replacement's first beat: the gang met again
+    end_with(gang_account, attempt.members[1], "failed")
+    assert gang_account.run().current.gang_ending == AttemptEnd.FAILED
+    run = finish_gang(gang_account)
+    assert run.attempts[0].end_reason == AttemptEnd.FAILED and run.state == RunState.FAILED
+    assert replacement.instance_id in {m.instance_id for m in run.attempts[0].members}
+
+
+def test_a_survivor_failing_after_the_rendezvous_window_is_the_runs_error_even_without_heartbeats(gang_account):
+    attempt = start_gang(gang_account, nodes=3, max_restarts_on_errors=0).attempts[0]
+    lose(gang_account, attempt.members[2].instance_id)
+    cfg = supervisor(gang_account).cfg
+    window = cfg.gang_replace_seconds + gang.AGENT_JOIN_MARGIN_SECONDS + cfg.stop_timeout_seconds
+    gang_account.clock.advance(seconds=window + 60)  # a trainer that writes no heartbeat: only time tells
+    end_with(gang_account, attempt.members[1], "failed")
+    assert gang_account.run().current.gang_ending == AttemptEnd.FAILED
+
+
+def test_the_supervisors_rendezvous_window_is_the_agents_join_timeout_at_the_agents_defaults():
+    from training_infra.compute.agent.ti_agent import gang as agent_gang
+    from training_infra.compute.agent.ti_agent.settings import Knobs
+
+    knobs = Knobs()
+    agent = agent_gang.join_timeout_seconds(knobs.gang_replace_seconds, knobs.pull_timeout_seconds)
+    assert agent == knobs.gang_replace_seconds + gang.AGENT_JOIN_MARGIN_SECONDS

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from tests.supervisor.conftest import START, event, start
+from tests.supervisor.test_supervisor import FleetWithErrors
 from training_infra.local.events import ec2_event
 from training_infra.supervisor.runtime.replacement import REPLACES_TAG, UNTIL_TAG
 from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, STATE_CHANGE
@@ -13,10 +16,10 @@ from training_infra.supervisor.runtime.supervisor import SPOT_WARNING, STATE_CHA
 from .conftest import REGION
 
 
-def _warn(account, instance_id: str) -> dict:
-    action = {"instance-action": "terminate"}
+def _warn(account, instance_id: str, ec2=None, action: str = "terminate") -> dict:
+    action = {"instance-action": action}
     warning = ec2_event(SPOT_WARNING, instance_id, region=REGION, time=account.clock(), **action)
-    return account.supervisor().handle(warning)
+    return account.supervisor(ec2=ec2).handle(warning)
 
 
 def _described(account, instance_id: str) -> dict:
@@ -87,3 +90,84 @@ def test_a_replacement_the_deadline_has_no_room_for_ends_the_run_deadline(accoun
     _warn(account, first.instance_id)
     run = account.run()
     assert run.state == "deadline" and len(run.attempts) == 1
+
+
+# --- the old box still saves: any later attempt waits for it (issue 28's review, finding 1) ---------------------
+
+
+def test_a_replacement_that_found_no_capacity_leaves_the_next_try_waiting_for_the_old_box(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)  # warned 08:30: the old box saves until 08:32, gone by 08:32:30
+    no_capacity = FleetWithErrors(account.ec2, failing_markets={"spot"})
+    _warn(account, first.instance_id, ec2=no_capacity)
+    assert account.run().attempts[1].end_reason == "capacity", "the replacement on the notice found no capacity"
+    account.clock.advance(minutes=1)  # 08:31: the next try launches while attempt 1 still saves
+    account.supervisor().reconcile("bert")
+    launched = account.run().current
+    assert launched is not None and launched.instance_id
+    tags = _tags(account, launched.instance_id)
+    assert tags.get(REPLACES_TAG) == "1", "its agent must wait for attempt 1's final checkpoint"
+    assert tags.get(UNTIL_TAG) == "2026-11-29T08:32:30Z"
+    assert launched.replaces == 1, "the record says which attempt it waits for"
+
+
+def test_a_replacement_that_died_early_leaves_the_next_attempt_waiting_for_the_old_box(account):
+    first = start(account, max_restarts_on_errors=2).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    replacement = account.run().attempts[1]
+    account.clock.advance(seconds=40)  # 08:30:40: the replacement's box is gone (no status.json), attempt 1 saves
+    account.end_instance(replacement.instance_id)
+    account.supervisor().handle(event(STATE_CHANGE, replacement.instance_id, state="terminated"))
+    run = account.run()
+    third = run.attempts[2]
+    assert third.instance_id and run.attempts[1].ended_at, "attempt 2 ended, attempt 3 launched at 08:30:40"
+    tags = _tags(account, third.instance_id)
+    assert tags.get(REPLACES_TAG) == "1" and tags.get(UNTIL_TAG) == "2026-11-29T08:32:30Z"
+
+
+def test_an_attempt_launched_after_the_old_box_must_be_gone_waits_for_nothing(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    no_capacity = FleetWithErrors(account.ec2, failing_markets={"spot"})
+    _warn(account, first.instance_id, ec2=no_capacity)
+    account.clock.advance(minutes=2, seconds=31)  # 08:32:31: past the notice's end and EC2's shutdown margin
+    account.supervisor().reconcile("bert")
+    launched = account.run().current
+    assert launched is not None and launched.instance_id
+    tags = _tags(account, launched.instance_id)
+    assert REPLACES_TAG not in tags and UNTIL_TAG not in tags and launched.replaces == 0
+
+
+@pytest.mark.parametrize("action", ["stop", "hibernate"])
+def test_a_stop_or_hibernate_notice_starts_no_second_trainer_and_the_stopped_box_is_ended_then_replaced(
+    account, action
+):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    answer = _warn(account, first.instance_id, action=action)
+    run = account.run()
+    assert "replaces" not in answer and len(run.attempts) == 1 and run.current is not None
+    assert run.current.reclaim_warned_at, "the notice is noted: the attempt's end counts as AWS's, not an error"
+    account.ec2.stop_instances(InstanceIds=[first.instance_id])  # EC2 stops it at the notice's end
+    account.clock.advance(minutes=3)
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated")
+    assert run.attempts[0].end_reason == "reclaimed" and len(run.attempts) == 2 and run.current.instance_id
+    assert run.attempts[0].ended_at == "2026-11-29T08:33:00Z", "ended when seen stopped, not at the notice"
+
+
+def test_a_replaced_box_ec2_has_not_taken_by_its_notice_end_and_margin_is_terminated(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)  # the notice ends 08:32; EC2 has it down by 08:32:30
+    account.clock.advance(minutes=2, seconds=20)  # 08:32:20: inside the margin, left alone
+    account.supervisor().reconcile("bert")
+    assert _described(account, first.instance_id)["State"]["Name"] == "running"
+    account.clock.advance(seconds=40)  # 08:33:00: EC2 has not taken it; the handover no longer waits for it
+    account.supervisor().reconcile("bert")
+    run = account.run()
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated")
+    assert run.attempts[0].terminated_at == "2026-11-29T08:33:00Z"
+    assert _described(account, run.attempts[1].instance_id)["State"]["Name"] == "running", "the replacement runs on"

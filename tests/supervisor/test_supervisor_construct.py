@@ -8,6 +8,7 @@ import pytest
 from aws_cdk.assertions import Match
 
 from training_infra import naming
+from training_infra.supervisor.runtime import capacity
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_supervisor_reacts_to_instance_states_spot_warnings_and_a_one_minute_rec
     compute.template.has_resource_properties(
         "AWS::Events::Rule",
         {
-            "EventPattern": {"source": ["aws.ec2"], "detail-type": ["Capacity Block Reservation Expiration Warning"]},
+            "EventPattern": {"source": ["aws.ec2"], "detail-type": list(capacity.BLOCK_EXPIRING)},
             "Targets": [Match.object_like({"Arn": function_arn})],
         },
     )
@@ -313,7 +314,10 @@ def test_supervisor_launches_into_a_capacity_reservation_only_from_its_own_templ
     assert len(on_blocks) == 1, on_blocks
     (block,) = on_blocks
     assert _as_list(block["Action"]) == ["ec2:RunInstances"]
-    assert block["Condition"] == {"Bool": {"ec2:IsLaunchTemplateResource": "true"}}
+    assert block["Condition"] == {
+        "Bool": {"ec2:IsLaunchTemplateResource": "true"},
+        "StringEquals": {"aws:ResourceTag/training-infra:managed": "true"},
+    }, "only a block `capacity buy` tagged: no other block of the account"
     for policy_statements in (statements, _user_policy(compute)[1]):
         describing = [s for s in policy_statements if "ec2:DescribeCapacityReservations" in _as_list(s["Action"])]
         assert len(describing) == 1 and describing[0]["Resource"] == "*", describing

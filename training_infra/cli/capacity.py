@@ -125,6 +125,8 @@ TypeOption = Annotated[str, typer.Option("--type", metavar="TYPE", help="Instanc
 CountOption = Annotated[str, typer.Option("--count", metavar="N", help="Instances in the block.")]
 HoursOption = Annotated[str, typer.Option("--hours", metavar="H", help="The block's length in hours, e.g. 24.")]
 INSTANCE_PLATFORM = "Linux/UNIX"  # the DLAMI the stacks launch (PurchaseCapacityBlock's InstancePlatform)
+# The supervisor launches only into blocks tagged so (its IAM condition; blocks.MANAGED_TAG): `capacity buy` tags them.
+BLOCK_TAGS = [{"ResourceType": "capacity-reservation", "Tags": [{"Key": naming.TAG_MANAGED, "Value": "true"}]}]
 
 
 @dataclass(frozen=True)
@@ -262,64 +264,107 @@ def buy(
     """
     wanted = _whole("--count", count, 1, 64), _whole("--hours", hours, 1, 24 * 182)
     aws = Aws(region)
-    line = purchase(aws.client("ec2"), offering_id, instance_type, *wanted, yes=yes, month=_month_left(aws))
+    line = purchase(aws.client("ec2"), offering_id, instance_type, *wanted, yes=yes, fees=_month_fees(aws))
     _console().print(line, markup=False)
 
 
+@dataclass(frozen=True)
+class MonthFees:
+    """Where a purchase is charged: the month's ledger item (ledger.BlockFees) and the month's key."""
+
+    fees: Any  # ledger.BlockFees
+    month: str
+
+    @property
+    def limit_usd(self) -> float:
+        return float(self.fees.ledger.limit_usd)
+
+
 def purchase(
-    ec2: Any, offering_id: str, instance_type: str, count: int, hours: int, *, yes: bool,
-    month: tuple[float, float | None],
+    ec2: Any, offering_id: str, instance_type: str, count: int, hours: int, *, yes: bool, fees: MonthFees | None,
 ) -> str:  # fmt: skip
-    """Buy the offering if it is still offered, --yes was given and the month's limit has room; the line to print."""
+    """Buy the offering if it is still offered, --yes was given and the month's limit has room; the line to print.
+
+    The fee is charged in the month's ledger (the limit check and the charge in one conditional write) before EC2
+    is asked, and taken back if EC2 refuses: two purchases against one remainder cannot both pass."""
     matching = [o for o in offerings(ec2, instance_type, count, hours) if o.offering_id == offering_id]
     if not matching:
         raise CliError(
             f"offering {offering_id}: not among EC2's offerings for {count} x {instance_type} for {hours} h "
             "now (they change): list them again with `training-infra capacity offers`"
         )
-    from training_infra.supervisor.runtime.records import iso
+    from training_infra.supervisor.runtime.records import OverLimit, StaleRecord, iso, utc_now
 
     offer = matching[0]
     what = (f"{offer.count} x {offer.instance_type} in {offer.zone} from "
             f"{iso(offer.start) if offer.start else '?'} to {iso(offer.end) if offer.end else '?'}")  # fmt: skip
-    refusal = buy_refusal(offer, yes, *month)
+    refused = f"refused: Capacity Block {offering_id} ({what}) costs {offer.price()} upfront"
+    refusal = buy_refusal(offer, yes, fees.limit_usd if fees else 0.0)
     if refusal:
-        raise CliError(f"refused: Capacity Block {offering_id} ({what}) costs {offer.price()} upfront: {refusal}")
-    from botocore.exceptions import ClientError
+        raise CliError(f"{refused}: {refusal}")
+    from botocore.exceptions import BotoCoreError, ClientError
 
+    if fees is not None:
+        try:
+            fees.fees.charge(fees.month, offering_id, offer.fee_usd or 0.0, what, iso(utc_now()))
+        except (OverLimit, StaleRecord) as error:
+            raise CliError(f"{refused}: {error}") from None
+        except (ClientError, BotoCoreError) as error:  # not charged, so not bought: the limit holds
+            raise CliError(
+                f"{refused}: the month's ledger could not be charged ({describe(error)}); nothing bought (the buyer "
+                "needs dynamodb:GetItem and PutItem on the run table)"
+            ) from None
     try:
-        answer = ec2.purchase_capacity_block(CapacityBlockOfferingId=offering_id, InstancePlatform=INSTANCE_PLATFORM)
+        answer = ec2.purchase_capacity_block(
+            CapacityBlockOfferingId=offering_id, InstancePlatform=INSTANCE_PLATFORM, TagSpecifications=BLOCK_TAGS
+        )
     except ClientError as error:
+        if fees is not None:
+            fees.fees.refund(fees.month, offering_id)
         details = error.response.get("Error", {})
         raise CliError(f"EC2 refused to sell Capacity Block {offering_id}: {details.get('Code', 'error')}: "
                        f"{details.get('Message', '')}".rstrip(": ")) from None  # fmt: skip
-    reservation = answer.get("CapacityReservation", {})
-    return f"bought Capacity Block {reservation.get('CapacityReservationId', '?')}: {what}, {offer.price()}"
+    reservation = answer.get("CapacityReservation", {}).get("CapacityReservationId", "?")
+    if fees is not None:
+        fees.fees.bought(fees.month, offering_id, reservation)
+    return f"bought Capacity Block {reservation}: {what}, {offer.price()}" + (
+        f" (counted in {fees.month.removeprefix('#month-')}'s spend)" if fees is not None else ""
+    )
 
 
-def buy_refusal(offer: Offering, yes: bool, limit_usd: float, left_usd: float | None) -> str:
-    """Why a purchase is refused, or "": buying is a deliberate act, and stays within the month's limit."""
+def describe(error: Exception) -> str:
+    from botocore.exceptions import ClientError
 
-    if limit_usd and (offer.fee_usd is None or left_usd is None or offer.fee_usd > left_usd):
-        have = "unknown" if left_usd is None else f"${max(0.0, left_usd):,.2f}"
-        return f"monthly_limit_usd {limit_usd:g} has {have} left this month"
+    if isinstance(error, ClientError):
+        return str(error.response.get("Error", {}).get("Code", "error"))
+    return type(error).__name__
+
+
+def buy_refusal(offer: Offering, yes: bool, limit_usd: float) -> str:
+    """Why a purchase is refused before the ledger is asked, or "": buying is a deliberate act, and a fee that cannot
+    be read cannot be held to the month's limit."""
+    if limit_usd and offer.fee_usd is None:
+        return f"its fee cannot be read, so monthly_limit_usd {limit_usd:g} cannot hold it"
     if not yes:
         return "pass --yes to buy it (not refundable)"
     return ""
 
 
-def _month_left(aws: Aws) -> tuple[float, float | None]:
-    """(monthly_limit_usd, what the month has left of it: spent and reserved by active runs taken off)."""
+def _month_fees(aws: Aws) -> MonthFees | None:
+    """The month's ledger to charge (monthly_limit_usd from the compute stack's output, the run table from the
+    storage stack's); None without a run table (a deployment from before it: nothing to charge)."""
+    from training_infra.supervisor.runtime.ledger import BlockFees
     from training_infra.supervisor.runtime.records import MonthlyLedger
 
     try:
         limit = float(aws.stack_outputs(naming.COMPUTE_STACK).get(naming.OUTPUT_MONTHLY_LIMIT_USD) or 0)
     except ValueError:
         limit = 0.0
-    if not limit:
-        return 0.0, None
     table = aws.stack_outputs(naming.STORAGE_STACK).get(naming.OUTPUT_RUN_TABLE, "")
     if not table:
-        return limit, None
+        if limit:
+            raise CliError(f"monthly_limit_usd {limit:g} is set but the storage stack has no run table output: the "
+                           "fee cannot be held to it; nothing bought")  # fmt: skip
+        return None
     ledger = MonthlyLedger(aws.client("dynamodb"), table, limit)
-    return limit, ledger.left(MonthlyLedger.key(datetime.now(UTC)))[2]
+    return MonthFees(BlockFees(ledger), MonthlyLedger.key(datetime.now(UTC)))

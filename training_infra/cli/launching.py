@@ -65,6 +65,7 @@ class LaunchRequest:
     spec_layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list, compare=False)
     data_access: str | None = None  # sync | mount (issue 29): how the run sees data/ at /data
     capacity_reservation: str | None = None  # a Capacity Block the user bought (issue 28): market capacity-block
+    nccl_efa_check: bool | None = None  # False: --no-nccl-efa-check (a gang's NCCL-uses-EFA check off); None: on
 
 
 MIN_COST_USD = launch_rules.MIN_COST_USD
@@ -122,6 +123,8 @@ def validate(request: LaunchRequest) -> LaunchRequest:
         request.stall_minutes = check("stall_minutes", "--stall-minutes", request.stall_minutes)
     if request.nodes is not None:  # the max_nodes setting's parser; the stack's own max_nodes is the supervisor's
         request.nodes = check("max_nodes", "--nodes", request.nodes)
+    if request.command is not None:
+        _check_gang_command(request.command, int(request.nodes or 1), "option '--command'")
     if request.image_tag is not None:
         request.image_tag = check("image_tag", "--image-tag", request.image_tag)
     if request.data_access is not None:
@@ -149,6 +152,14 @@ def validate(request: LaunchRequest) -> LaunchRequest:
             f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0"
         )
     return request
+
+
+def _check_gang_command(command: str, nodes: int, what: str) -> None:
+    """A gang runs only a command the agent can start as one torchrun job on every node (ti_agent/torchrun.py)."""
+    try:
+        launch_rules.gang_command(command, nodes)
+    except Refused as refused:
+        raise UsageError(f"{what}: got {command!r}; allowed: {refused.allowed}") from None
 
 
 def _check_block(request: LaunchRequest) -> None:
@@ -514,6 +525,9 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
     if not encoded:
         raise CliError(f"launch template {template_id} has no user data: redeploy the compute stack (`make deploy`)")
     exports = template_exports(base64.b64decode(encoded).decode())
+    if request.command is None and int(request.nodes or 1) > 1:  # the stack's command runs on every node
+        _check_gang_command(exports.get("TI_TRAINING_COMMAND", ""), int(request.nodes or 1),
+                            "the stack's training_command (give --command)")  # fmt: skip
     run_id = request.run_id or new_run_id()
     hours = _runtime_hours(request, exports)
     types = _instance_types(aws, request)
@@ -557,6 +571,7 @@ def launch(aws: Aws, request: LaunchRequest) -> Started:
         "max_price_usd": request.max_price, "max_cost_usd": request.max_cost_usd, "spec_yaml": spec.to_yaml(),
         **({"nodes": int(request.nodes)} if request.nodes and int(request.nodes) > 1 else {}),
         **({"data_access": request.data_access} if request.data_access is not None else {}),
+        **({"nccl_efa_check": False} if request.nccl_efa_check is False else {}),
         **({"capacity_reservation_id": request.capacity_reservation} if request.capacity_reservation else {}),
     }  # fmt: skip
     _answer, notes = call_supervisor(aws, payload, prices=prices, data=data)

@@ -111,18 +111,19 @@ def env(folder: Dir = None) -> None:
 def interrupt(
     run: Annotated[str, typer.Argument(metavar="RUN", help="The run whose live instance gets the notice.")],
     node: Annotated[
-        int | None,
-        typer.Option("--node", metavar="K", min=0, help="A multi-node run: only node K's instance (default: all)."),
+        str | None,
+        typer.Option("--node", metavar="K", help="A multi-node run: only node K's instance (default: all)."),
     ] = None,
     folder: Dir = None,
 ) -> None:
     """Send a spot interruption notice to RUN's live instance, as AWS does two minutes before reclaiming it."""
-    from training_infra.cli.options import check_run_id
+    from training_infra.cli.options import check_run_id, node_index
     from training_infra.local.sandbox import SandboxError, ask
 
     run = check_run_id(run)
+    which = {} if node is None else {"node": node_index(node)}
     try:
-        answer = ask(_folder(folder), {"verb": "interrupt", "run": run, **({} if node is None else {"node": node})})
+        answer = ask(_folder(folder), {"verb": "interrupt", "run": run, **which})
     except SandboxError as error:
         raise _sandbox_error(error) from None
     if not answer.get("ok"):

@@ -43,6 +43,14 @@ def check_run_id(run_id: str) -> str:
     return value
 
 
+def node_index(value: str) -> int:
+    """A gang's node K for `--node`, parsed here so a bad one is the same one-line error as every other option."""
+    text = value.strip()
+    if not text.isdigit() or int(text) >= 64:
+        raise UsageError(f"option '--node': got {value!r}; allowed: a node index from 0 to the run's nodes - 1")
+    return int(text)
+
+
 def whole_number(option: str, value: str) -> int:
     """Counts are parsed here, so a bad one is the same one-line error as every other option."""
     if not value.strip().isdigit() or int(value) < 1:

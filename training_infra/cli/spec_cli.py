@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from training_infra.cli import launching
-from training_infra.cli.errors import CliError, UsageError
+from training_infra.cli.errors import CliError, UsageError, err_console
 
 FLAG = "flag"
 STACK = "stack default"
@@ -28,6 +28,7 @@ FLAG_OF = {
     "resources.subnet_id": "--subnet-id",
     "resources.capacity_reservation": "--capacity-reservation",
     "resources.nodes": "--nodes",
+    "resources.nccl_efa_check": "--no-nccl-efa-check",
     "image": "--image-tag",
     "command": "--command",
     "env": "--env",
@@ -71,6 +72,7 @@ def flags_as_spec(request: launching.LaunchRequest) -> dict[str, Any]:
     put("resources.subnet_id", request.subnet_id)
     put("resources.capacity_reservation", request.capacity_reservation)
     put("resources.nodes", int(request.nodes) if request.nodes is not None else None)
+    put("resources.nccl_efa_check", request.nccl_efa_check)
     put("image", request.image_tag)
     put("command", request.command)
     if request.env:
@@ -111,6 +113,7 @@ def request_from_spec(spec: Any, flags: launching.LaunchRequest) -> launching.La
         resume=flags.resume,
         dry_run=flags.dry_run,
         data_access=spec.data.access,
+        nccl_efa_check=resources.nccl_efa_check,
     )
     return launching.validate(request)
 
@@ -156,7 +159,16 @@ def like_layer(aws: Any, run_id: str) -> tuple[str, dict[str, Any]]:
     else:  # a run launched before specs were kept: what its record says (no env, no secrets)
         data = _spec_of_record(record.spec)
     data.pop("run_id", None)
+    env = data.get("env") or {}
+    membership = sorted(set(env) & SWEEP_MEMBERSHIP_ENV)
+    if membership:  # a sweep member's copy is a run of its own: its trial's parameters stay, its group does not
+        data["env"] = {k: v for k, v in env.items() if k not in SWEEP_MEMBERSHIP_ENV}
+        err_console().print(f"note: --like {run_id}: {', '.join(membership)} left out (the copy is not a trial "
+                            "of the sweep); its parameters TI_PARAMS/TI_PARAM_* kept", markup=False)  # fmt: skip
     return source, data
+
+
+SWEEP_MEMBERSHIP_ENV = frozenset({"TI_GROUP", "TI_TRIAL"})
 
 
 def kept_data_access(aws: Any, run_id: str) -> str | None:

@@ -23,12 +23,14 @@ declared once, in `ti_agent/settings.py`, which the agent parses its environment
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import io
 import lzma
+import os
 import re
 import shlex
 import tarfile
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from training_infra.cache import cache_dir
 from training_infra.compute.agent.ti_agent.aws import SERVICES
 from training_infra.compute.agent.ti_agent.settings import AgentConfig
 
@@ -125,6 +128,28 @@ def _tar_info(name: str, *, size: int = 0, folder: bool = False) -> tarfile.TarI
 
 @functools.cache
 def _packed(contents: tuple[tuple[str, bytes], ...]) -> bytes:
+    """xz of the tar, kept on disk by the tar's digest: compressing the vendored botocore takes seconds,
+    and every synth process (each `cdk synth`/`deploy`, each test's app) would pay them again."""
+    tar = _tar(contents)
+    digest = hashlib.sha256(tar + f"xz-preset-{XZ_PRESET}".encode()).hexdigest()[:32]
+    kept = cache_dir() / "agent" / f"agent-{digest}.tar.xz"
+    with contextlib.suppress(OSError, lzma.LZMAError):
+        cached = kept.read_bytes()
+        if lzma.decompress(cached) == tar:  # tens of ms: a damaged or edited file is never shipped
+            return cached
+    packed = lzma.compress(tar, format=lzma.FORMAT_XZ, preset=XZ_PRESET)
+    with contextlib.suppress(OSError):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+        partial.write_bytes(packed)
+        partial.replace(kept)  # atomic: another process never reads half a file
+    return packed
+
+
+XZ_PRESET = 6
+
+
+def _tar(contents: tuple[tuple[str, bytes], ...]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         folders: set[str] = set()
@@ -134,7 +159,7 @@ def _packed(contents: tuple[tuple[str, bytes], ...]) -> bytes:
                     folders.add(str(parent))
                     archive.addfile(_tar_info(str(parent), folder=True))
             archive.addfile(_tar_info(name, size=len(data)), io.BytesIO(data))
-    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=6)
+    return buffer.getvalue()
 
 
 def pack_agent() -> bytes:

@@ -298,12 +298,16 @@ class TrainingSupervisor(Construct):
             ),
             iam.PolicyStatement(
                 # A run in a Capacity Block the user bought (blocks.py): only the reservation its own template names
-                # (ec2:IsLaunchTemplateResource), only in this account and region. CreateFleet lists no
+                # (ec2:IsLaunchTemplateResource), only one tagged training-infra:managed=true (`capacity buy` tags
+                # it: no other block of the account), only in this account and region. CreateFleet lists no
                 # capacity-reservation resource: EC2 authorizes a fleet's launch into one as ec2:RunInstances.
                 sid="LaunchIntoReservationsOfItsTemplates",
                 actions=["ec2:RunInstances"],
                 resources=[arn("capacity-reservation")],
-                conditions={"Bool": {"ec2:IsLaunchTemplateResource": "true"}},
+                conditions={
+                    "Bool": {"ec2:IsLaunchTemplateResource": "true"},
+                    "StringEquals": {f"aws:ResourceTag/{naming.TAG_MANAGED}": "true"},
+                },
             ),
             iam.PolicyStatement(
                 sid="VolumesWithTheInstance",
@@ -546,7 +550,9 @@ class TrainingSupervisor(Construct):
             "CapacityBlockEndingEvents",
             description="A Capacity Block ends in 40 minutes: its runs checkpoint and stop before EC2 ends them",
             event_pattern=events.EventPattern(
-                source=["aws.ec2"], detail_type=["Capacity Block Reservation Expiration Warning"]
+                # Both names the EC2 User Guide gives it (runtime/capacity.py BLOCK_EXPIRING; a test holds them equal).
+                source=["aws.ec2"],
+                detail_type=["Capacity Block Expiration Warning", "Capacity Block Reservation Expiration Warning"],
             ),
             targets=[target],
         )

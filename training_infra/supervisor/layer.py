@@ -38,10 +38,9 @@ def pins(requirements: Path = REQUIREMENTS) -> list[str]:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("TI_LAYER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "training-infra", "layers"
-    )
-    return Path(base)
+    from training_infra.cache import cache_dir as user_cache
+
+    return Path(os.environ.get("TI_LAYER_CACHE") or user_cache() / "layers")
 
 
 def layer_zip(requirements: Path = REQUIREMENTS) -> Path:

@@ -169,17 +169,20 @@ def _month_standing(aws: Aws, fmt: str, now: datetime) -> None:
     limit = launching._monthly_limit(aws)
     store = RunSource(aws).store
     key = MonthlyLedger.key(now)
+    blocks = _month_blocks(aws, store.table, key) if store is not None else []
     if store is None or limit <= 0:
         if fmt == "json":
             print_json(
-                {"month": f"{now:%Y-%m}", "limit_usd": 0, "spent_usd": None, "reserved_usd": None, "left_usd": None}
-            )
+                {"month": f"{now:%Y-%m}", "limit_usd": 0, "spent_usd": None, "reserved_usd": None, "left_usd": None,
+                 "capacity_blocks": blocks}
+            )  # fmt: skip
             return
         stdout().print(
             f"monthly_limit_usd is 0 in {aws.region_name} (no monthly limit): the month is not reserved against; "
             "`training-infra cost` shows what runs cost",
             markup=False,
         )
+        _print_blocks(blocks)
         return
     spent, reserved, left = MonthlyLedger(aws.client("dynamodb"), store.table, limit).left(key)
     if fmt == "json":
@@ -190,6 +193,7 @@ def _month_standing(aws: Aws, fmt: str, now: datetime) -> None:
                 "spent_usd": spent,
                 "reserved_usd": reserved,
                 "left_usd": left,
+                "capacity_blocks": blocks,
             }
         )
         return
@@ -198,8 +202,30 @@ def _month_standing(aws: Aws, fmt: str, now: datetime) -> None:
         [[f"{now:%Y-%m}", fmt_usd(limit), fmt_usd(spent), fmt_usd(reserved), fmt_usd(max(0.0, left))]],
         right=("LIMIT", "SPENT", "RESERVED", "LEFT"),
     )
+    _print_blocks(blocks)
     stdout().print(
-        f"spent: finished runs; reserved: the most each active run may still cost; left: what a new launch may "
+        f"spent: finished runs and Capacity Block fees; reserved: the most each active run may still cost; left: what "
+        f"a new launch may "
         f"reserve ({aws.region_name})",
         markup=False,
     )
+
+
+def _month_blocks(aws: Aws, table: str, key: str) -> list[dict[str, Any]]:
+    """The month's Capacity Block purchases from its ledger item (`capacity buy` charges them there)."""
+    from training_infra.supervisor.runtime.ledger import BlockFees
+    from training_infra.supervisor.runtime.records import MonthlyLedger
+
+    return BlockFees(MonthlyLedger(aws.client("dynamodb"), table, 0.0)).listed(key)
+
+
+def _print_blocks(blocks: list[dict[str, Any]]) -> None:
+    for block in blocks:
+        name = block.get("reservation") or block["offering_id"]
+        bought = block.get("state") == "bought"
+        state = "bought" if bought else "being bought (or its buyer stopped before EC2 answered)"
+        stdout().print(
+            f"capacity block {name}: {fmt_usd(float(block.get('fee_usd') or 0))} upfront, {state} "
+            f"{block.get('at', '')} ({block.get('what', '')}); in spent",
+            markup=False,
+        )

@@ -237,6 +237,17 @@ def launch(
             rich_help_panel=RESOURCES,
         ),
     ] = None,
+    no_nccl_efa_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-nccl-efa-check",
+            help=(
+                "A multi-node run on EFA types: do not fail the attempt when NCCL's init log shows TCP sockets instead "
+                "of EFA (the check is on by default; spec key resources.nccl_efa_check)."
+            ),
+            rich_help_panel=RESOURCES,
+        ),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -303,7 +314,7 @@ def launch(
             command=command, env=list(env or []), secret_refs=list(secret or []), run_id=run_id, subnet_id=subnet_id,
             max_price=max_price, resume=resume, allow_empty_data=allow_empty_data, dry_run=dry_run,
             max_cost_usd=max_cost_usd, nodes=nodes, data_access=data_access,
-            capacity_reservation=capacity_reservation,
+            capacity_reservation=capacity_reservation, nccl_efa_check=False if no_nccl_efa_check else None,
         )
     )  # fmt: skip
     if like is not None:  # a run id is checked before any AWS call, as every verb's RUN is

@@ -11,7 +11,7 @@ import typer
 from training_infra import naming
 from training_infra.cli.aws import Aws
 from training_infra.cli.errors import CliError, UsageError, err_console, reported_errors
-from training_infra.cli.options import Region, RunArg, check_run_id
+from training_infra.cli.options import Region, RunArg, check_run_id, node_index
 from training_infra.cli.safe_text import remote_text
 
 LOG_POLL_SECONDS = 2.0
@@ -21,10 +21,8 @@ def node_stream(run: str, node: str | None) -> str:
     """The log stream of a gang's node K (the agent's contract): node 0 keeps the run's own stream."""
     if node is None:
         return run
-    text = node.strip()
-    if not text.isdigit() or int(text) >= 64:
-        raise UsageError(f"option '--node': got {node!r}; allowed: a node index from 0 to the run's nodes - 1")
-    return run if int(text) == 0 else f"{run}/node-{int(text)}"
+    index = node_index(node)
+    return run if index == 0 else f"{run}/node-{index}"
 
 
 @reported_errors

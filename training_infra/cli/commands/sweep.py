@@ -49,7 +49,7 @@ def read_sweep_file(path: Path) -> tuple[str, dict[str, Any]]:
     from training_infra.supervisor.runtime.sweeps import SweepRefused, SweepSpec, name_problem
 
     try:
-        data, key_lines = run_spec.read_yaml(path.read_text(), source=str(path))
+        data, key_lines = run_spec.read_yaml(run_spec.read_text(path), source=str(path))
     except run_spec.SpecError as error:
         raise UsageError("\n".join(error.lines)) from None
     if not isinstance(data, dict):

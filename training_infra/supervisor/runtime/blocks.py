@@ -8,9 +8,9 @@ CapacityReservationId`; an EC2 Fleet of type `instant` (the only type allowed fo
 `OnDemandOptions.CapacityReservationOptions`; the subnet must be in the block's zone. Before the block starts the
 fleet answers InsufficientInstanceCapacity, which the supervisor already treats as "wait and retry each minute".
 
-Forty minutes before the end EC2 sends the "Capacity Block Reservation Expiration Warning" (capacity.py stops the
-block's runs gracefully on it) and begins terminating the block's instances ten minutes later: so a run's deadline
-is clipped to `end - TERMINATES_BEFORE_END - stop timeout`, room for one graceful stop before EC2 ends the box.
+Forty minutes before the end EC2 sends the Capacity Block expiration warning (capacity.BLOCK_EXPIRING: capacity.py
+stops the block's runs gracefully on it) and begins terminating the block's instances ten minutes later: so a run's
+deadline is clipped to `end - TERMINATES_BEFORE_END - stop timeout`, room for one graceful stop before EC2 ends the box.
 
 Money: a block is prepaid when bought (`capacity buy`, its fee is the offering's UpfrontFee); running in it costs
 nothing more per hour but the volume, so the run's compute price is 0 (docs/architecture.md, "Capacity Blocks").
@@ -37,6 +37,9 @@ except ImportError:  # pragma: no cover - exercised by the CLI and the tests
 TERMINATES_BEFORE_END = timedelta(minutes=30)
 # States in which a block can still hold the run: running now, or paid for and starting later.
 USABLE_STATES = ("active", "scheduled")
+# The tag `capacity buy` puts on the block it buys; the supervisor may launch only into a block with it (its IAM
+# condition on capacity-reservation/*, aws:ResourceTag), so a run cannot spend another team's block of the account.
+MANAGED_TAG = "training-infra:managed"
 ALLOWED = "a Capacity Block reservation id such as cr-0123456789abcdef0"
 
 
@@ -64,6 +67,7 @@ class Block:
     available: int
     start: datetime | None
     end: datetime | None
+    managed: bool = False  # tagged training-infra:managed=true (bought with `capacity buy`)
 
     @classmethod
     def from_answer(cls, item: Mapping[str, Any]) -> Block:
@@ -77,6 +81,7 @@ class Block:
             available=int(item.get("AvailableInstanceCount") or 0),
             start=item.get("StartDate"),
             end=item.get("EndDate"),
+            managed=any(t.get("Key") == MANAGED_TAG and t.get("Value") == "true" for t in item.get("Tags") or []),
         )
 
     def usable_until(self, stop_timeout_seconds: int) -> datetime | None:
@@ -114,6 +119,9 @@ def problem(block: Block, instance_types: Sequence[str], nodes: int, now: dateti
     name = f"capacity reservation {block.reservation_id}"
     if block.kind != BLOCK_MARKET:
         return f"{name}: is a {block.kind} reservation; allowed: a Capacity Block (ReservationType capacity-block)"
+    if not block.managed:
+        return (f"{name}: has no tag {MANAGED_TAG}=true; allowed: a block bought with `training-infra capacity buy` "
+                f"(it tags the block), or one its buyer tagged {MANAGED_TAG}=true for this stack")  # fmt: skip
     if block.state not in USABLE_STATES:
         return f"{name}: is {block.state}; allowed: an active or scheduled Capacity Block"
     if block.instance_type not in instance_types:

@@ -222,8 +222,10 @@ def describe(scores: Scores, zones: Sequence[str]) -> str:
 # ---- Capacity Blocks: the block-ending warning ----------------------------------------------------------------
 
 # EventBridge, 40 minutes before a Capacity Block ends; its instances begin to terminate 10 minutes later (EC2 User
-# Guide, "Monitor Capacity Blocks using EventBridge"): detail {"capacity-reservation-id", "end-date"}.
-BLOCK_EXPIRING = "Capacity Block Reservation Expiration Warning"
+# Guide, "Monitor Capacity Blocks using EventBridge"): detail {"capacity-reservation-id", "end-date"}. The guide
+# names its detail-type two ways (the example's "Capacity Block Expiration Warning" in the current English page,
+# "Capacity Block Reservation Expiration Warning" in other versions of it): the rule and the handler take both.
+BLOCK_EXPIRING = ("Capacity Block Expiration Warning", "Capacity Block Reservation Expiration Warning")
 BLOCK_STOP_REASON = "capacity-block"  # the stop tag's value: the agent checkpoints and stops as for a user's stop
 _RESERVATION_ID = re.compile(r"^cr-[0-9a-f]{8,17}$")
 

@@ -52,6 +52,12 @@ DESCRIBE_PAUSE_SECONDS = 1.0
 # Fleet requests one reconcile may make (one pool each, spot then the fallback): the next minute goes on with the
 # next pools, so one call stays inside the function's 50 s.
 MAX_TRIES_PER_RECONCILE = 4
+# A survivor's own end while a lost node's replacement has not joined: its rendezvous gave up (join_timeout), or it
+# stalled or idled while it waited. The gang then relaunches as the next attempt, a preemption, not the run's error.
+WAITING_ENDS = (AttemptEnd.FAILED, AttemptEnd.STALLED, AttemptEnd.IDLE)
+# The agent's rendezvous join_timeout beyond gang_replace_seconds: its default image pull bound (1800 s) and its
+# boot/restore margin (300 s) (ti_agent/gang.py join_timeout_seconds; a test holds them equal).
+AGENT_JOIN_MARGIN_SECONDS = 1800 + 300
 # DescribeInstanceTypes' answer per type, kept while the Lambda is warm (a type's EFA support never changes).
 _EFA_SUPPORT: dict[str, bool] = {}
 
@@ -438,6 +444,23 @@ def _node_status(clients: Any, cfg: Any, run: Run, attempt: Attempt, node: int) 
     return status if isinstance(status, dict) else None
 
 
+def _progressed_since(clients: Any, cfg: Any, run: Run, attempt: Attempt, member: Member) -> bool:
+    """Whether node `member.node`'s progress.json (its agent's copy of the trainer's heartbeat) changed after
+    `member` started: the replacement trained a step with the others, so the gang met again."""
+    key = node_status_key(cfg, run.run_id, attempt.n, member.node).removesuffix("status.json") + "progress.json"
+    try:
+        body = clients.s3.get_object(Bucket=cfg.outputs_bucket, Key=key)["Body"].read()
+        changed = parse_iso(json.loads(body).get("changed_at"))
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
+            return False
+        raise
+    except (ValueError, AttributeError):  # not JSON, or null: no progress reported
+        return False
+    started = parse_iso(member.started_at)
+    return changed is not None and started is not None and changed >= started
+
+
 def as_attempt(member: Member, attempt: Attempt) -> Attempt:
     """A member seen as a one-instance attempt: what classify and the ledger read."""
     return Attempt(
@@ -594,6 +617,11 @@ class GangWatcher:
         """Replace lost non-hosts, or begin the whole gang's end: returns the gang's end reason once it began."""
         host_lost = host_reclaim(attempt, lost)
         for member, reason, words in lost:
+            waiting = self._waiting_for(run, attempt, member, now) if reason in WAITING_ENDS else ""
+            if waiting:
+                return self._begin_end(run, attempt, AttemptEnd.RECLAIMED,
+                                       f"node {member.node} ended ({words}) while {waiting}: the whole gang "
+                                       "relaunches", now)  # fmt: skip
             if reason != AttemptEnd.RECLAIMED and host_lost and member.node != 0:
                 # A survivor's torchrun cannot reach the store of a host that is going away: its trainer's failure
                 # is the host's reclaim (a preemption), not an error of the run.
@@ -640,6 +668,25 @@ class GangWatcher:
             words = f"no replacement running within gang_replace_timeout ({minutes:g} min): the whole gang relaunches"
             return self._begin_end(run, attempt, AttemptEnd.RECLAIMED, words, now)
         return None
+
+    def _waiting_for(self, run: Run, attempt: Attempt, survivor: Member, now: datetime) -> str:
+        """Which lost node's replacement `survivor` was waiting for when it ended ('' when none): a non-host lost
+        to a reclaim within the survivors' rendezvous window (gang_replace_seconds + the agent's pull and boot
+        margin + the stop grace) whose replacement is not running yet, or has not reported training progress since
+        it started (the gang has not met again)."""
+        window = self.cfg.gang_replace_seconds + AGENT_JOIN_MARGIN_SECONDS + self.cfg.stop_timeout_seconds
+        for gone in attempt.members:
+            if gone.node in (0, survivor.node) or gone.state not in (MemberState.LOST, MemberState.REPLACED):
+                continue
+            ended = parse_iso(gone.ended_at)
+            if gone.end_reason != AttemptEnd.RECLAIMED or ended is None or (now - ended).total_seconds() > window:
+                continue
+            replacement = attempt.live_member(gone.node)
+            if replacement is None:
+                return f"node {gone.node}'s replacement was not running yet"
+            if not _progressed_since(self.clients, self.cfg, run, attempt, replacement):
+                return f"node {gone.node}'s replacement ({replacement.instance_id}) had not joined the training yet"
+        return ""
 
     def _begin_end(self, run: Run, attempt: Attempt, reason: AttemptEnd, words: str, now: datetime) -> AttemptEnd:
         """Stop every live member gracefully (the stop tag); a success needs no stop: the others end by themselves."""

@@ -18,9 +18,17 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
-    from records import BLOCK_MARKET, Attempt, RunSpec, parse_iso
+    from records import BLOCK_MARKET, Attempt, MonthlyLedger, OverLimit, RunSpec, StaleRecord, parse_iso
 except ImportError:  # pragma: no cover - exercised by the CLI and the tests
-    from training_infra.supervisor.runtime.records import BLOCK_MARKET, Attempt, RunSpec, parse_iso
+    from training_infra.supervisor.runtime.records import (
+        BLOCK_MARKET,
+        Attempt,
+        MonthlyLedger,
+        OverLimit,
+        RunSpec,
+        StaleRecord,
+        parse_iso,
+    )
 
 # gp3 list price (us-east-1) per GB-month, and AWS's month for per-hour figures.
 EBS_USD_PER_GB_MONTH = 0.08
@@ -216,3 +224,68 @@ def number(value: Any) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+class BlockFees:
+    """Capacity Block fees in the month's ledger item (`#month-YYYY-MM`, records.MonthlyLedger), beside the runs.
+
+    A block is prepaid: its runs are priced at their volume only (price_attempt), so its fee must count in the month
+    once, when it is bought. `charge` is the limit check and the charge in one put conditional on the item's version
+    (as a run's reservation): of two purchases that read the same remainder only one gets it, the other re-reads and
+    is refused. The fee counts as spent from the charge on, before EC2 is asked: a buyer that dies between the two
+    leaves the month over-counted, never under. `bought` notes the reservation EC2 made; `refund` takes the charge
+    back when EC2 refused to sell. Entries: `blocks` (offering id -> fee, state, reservation, when).
+    """
+
+    def __init__(self, month_ledger: MonthlyLedger) -> None:
+        self.ledger = month_ledger
+
+    def charge(self, month: str, offering_id: str, fee_usd: float, what: str, at: str) -> None:
+        """Count the fee as spent this month, or raise OverLimit (one line: spent, reserved, left, the fee)."""
+        for _ in range(10):
+            values = self.ledger.read(month)
+            blocks = dict(values.get("blocks", {}))
+            if offering_id in blocks:
+                raise StaleRecord(f"Capacity Block offering {offering_id} is already charged in {month[1:]} "
+                                  f"({blocks[offering_id].get('state', '?')})")  # fmt: skip
+            spent = float(values["spent_usd"])
+            reserved = sum(float(v) for v in values["reservations"].values())
+            left = self.ledger.limit_usd - spent - reserved
+            if self.ledger.limit_usd > 0 and fee_usd > left + 1e-9:
+                raise OverLimit(
+                    f"monthly_limit_usd {self.ledger.limit_usd:g}: spent ${spent:,.2f} and reserved ${reserved:,.2f} "
+                    f"by active runs this month, ${max(0.0, left):,.2f} left"
+                )
+            blocks[offering_id] = {"fee_usd": round(fee_usd, 4), "state": "buying", "at": at, "what": what}
+            if self.ledger._put(month, values, blocks=blocks, spent_usd=round(spent + fee_usd, 4)):  # noqa: SLF001
+                return
+        raise StaleRecord(f"the {month} ledger kept changing; try again")
+
+    def bought(self, month: str, offering_id: str, reservation_id: str) -> None:
+        self._change(month, offering_id, lambda entry: {**entry, "state": "bought", "reservation": reservation_id})
+
+    def refund(self, month: str, offering_id: str) -> None:
+        """EC2 refused to sell: the charge goes (the fee was never paid)."""
+        self._change(month, offering_id, None)
+
+    def listed(self, month: str) -> list[dict[str, Any]]:
+        """The month's block purchases, oldest first: offering id, fee, state, reservation, when, what."""
+        blocks = self.ledger.read(month).get("blocks", {})
+        return sorted(({"offering_id": k, **v} for k, v in blocks.items()), key=lambda b: str(b.get("at", "")))
+
+    def _change(self, month: str, offering_id: str, change: Any) -> None:
+        for _ in range(10):
+            values = self.ledger.read(month)
+            blocks = dict(values.get("blocks", {}))
+            entry = blocks.get(offering_id)
+            if entry is None:
+                return
+            spent = float(values["spent_usd"])
+            if change is None:
+                blocks.pop(offering_id)
+                spent = round(max(0.0, spent - float(entry.get("fee_usd", 0))), 4)
+            else:
+                blocks[offering_id] = change(entry)
+            if self.ledger._put(month, values, blocks=blocks, spent_usd=spent):  # noqa: SLF001
+                return
+        raise StaleRecord(f"the {month} ledger kept changing")

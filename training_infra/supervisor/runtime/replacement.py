@@ -33,11 +33,24 @@ NOTICE = timedelta(minutes=2)
 REPLACES_TAG = "training-infra:replaces"
 UNTIL_TAG = "training-infra:replaces-until"
 SHUTDOWN_MARGIN = timedelta(seconds=30)  # EC2 stopping the box after the notice's end
+# How long after its notice's end (+ margin) the reconcile still looks for a warned box EC2 has not taken: it looks
+# each minute until then (one DescribeInstances per such attempt), and terminates the box if it still runs.
+OUTLIVE_WINDOW = timedelta(minutes=15)
 
 
-def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str) -> dict[str, Any] | None:
+def on_notice(
+    supervisor: Any, run_id: str, attempt_number: int, warned_at: str, action: str = "terminate"
+) -> dict[str, Any] | None:
     """Start the replacement of a warned attempt, or None when there is none to start (the caller's answer
-    stands: the warning is noted on the attempt, and the run relaunches after the box ends, as before)."""
+    stands: the warning is noted on the attempt, and the run relaunches after the box ends, as before).
+
+    Only for `instance-action: terminate`, the action of every fleet the supervisor starts (one-time spot requests
+    cannot stop or hibernate). A `stop` or `hibernate` notice starts nothing: a stopped box keeps its volume and could
+    start again with a trainer in it; the reconcile terminates it once stopped and relaunches as after any end."""
+    if action != "terminate":
+        log.warning("run %s attempt %s: spot notice with instance-action %r: no replacement on the notice", run_id,
+                    attempt_number, action)  # fmt: skip
+        return None
     for _ in range(5):
         run = supervisor.store.get(run_id)
         if run is None or not run.active or run.stop_requested_at or supervisor.invalid_because(run):
@@ -68,18 +81,59 @@ def on_notice(supervisor: Any, run_id: str, attempt_number: int, warned_at: str)
     return None
 
 
-def replaces_tags(run: Any) -> dict[str, str]:
+def still_saving(run: Any, now: datetime) -> Any | None:
+    """The earlier attempt whose box may still be writing the run's checkpoint at `now`, if any: the one with an
+    instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future),
+    the latest such end when there are several (a chain of notices: each waited for the one before it).
+
+    Any earlier attempt counts, not only the one the notice named (`replaces`): when the replacement started on
+    the notice found no capacity or died early, the attempt after it must still wait for the warned box."""
+    current = run.current
+    saving = [
+        a for a in run.attempts
+        if a is not current and a.instance_id and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now
+    ]  # fmt: skip
+    return max(saving, key=lambda a: (parse_iso(a.ended_at) or now, a.n), default=None)
+
+
+def replaces_tags(run: Any, now: datetime) -> dict[str, str]:
     """The tags the new attempt's instance carries so its agent waits for the old one's final checkpoint: which
-    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin)."""
+    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin). Read at the
+    launch request: an attempt that waited for capacity past the old box's end waits for nothing."""
+    old = still_saving(run, now)
     attempt = run.current
-    replaced = getattr(attempt, "replaces", 0) if attempt is not None else 0
-    if not replaced or replaced > len(run.attempts):
+    if attempt is not None:
+        attempt.replaces = old.n if old is not None else 0  # the record says what its agent waits for
+    if old is None:
         return {}
-    ends = parse_iso(run.attempts[replaced - 1].ended_at)
-    tags = {REPLACES_TAG: str(replaced)}
-    if ends is not None:
-        tags[UNTIL_TAG] = iso(ends + SHUTDOWN_MARGIN)
-    return tags
+    return {REPLACES_TAG: str(old.n), UNTIL_TAG: iso((parse_iso(old.ended_at) or now) + SHUTDOWN_MARGIN)}
+
+
+def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
+    """Terminate a replaced box EC2 has not taken by its notice's end + margin (the handover only waited until then,
+    so a box still running would be a second trainer on the run's checkpoint). Returns whether the record changed.
+
+    Only attempts this module ended on a notice (warned, reclaimed, not the current one), between their end + margin
+    and OUTLIVE_WINDOW later, not yet terminated; only an instance of this run's attempt with the project's profile
+    (supervisor.ours), as every terminate."""
+    changed = False
+    for attempt in run.attempts:
+        ended = parse_iso(attempt.ended_at)
+        if attempt is run.current or not attempt.instance_id or not attempt.reclaim_warned_at or ended is None:
+            continue
+        if attempt.members or attempt.terminated_at or not ended + SHUTDOWN_MARGIN <= now < ended + OUTLIVE_WINDOW:
+            continue
+        found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        instance = next((i for r in found for i in r["Instances"]), None)
+        if (instance or {}).get("State", {}).get("Name") not in ("pending", "running"):
+            continue
+        if not supervisor.ours(instance, run.run_id, attempt.n):
+            continue
+        supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
+        attempt.terminated_at, changed = iso(now), True
+        log.warning("run %s: attempt %s's box %s outlived its spot notice (ended %s): terminated", run.run_id,
+                    attempt.n, attempt.instance_id, attempt.ended_at)  # fmt: skip
+    return changed
 
 
 def overlap_seconds(old_end: datetime | None, new_start: datetime | None) -> float:

@@ -124,6 +124,7 @@ SEAL_EXPORT = "TI_RUN_SEAL"
 RUN_OVERRIDES = frozenset({
     "TI_RUN_ID", "TI_DEADLINE_AT", "TI_MARKET", "TI_HOURLY_PRICE_USD", "TI_IMAGE_TAG", "TI_TRAINING_COMMAND",
     "TI_MAX_RUNTIME_SECONDS", "TI_STALL_SECONDS", "TI_EXTRA_ENV", "TI_SECRETS", "TI_DATA_ACCESS", SEAL_EXPORT,
+    "TI_GANG_REPLACE_SECONDS", "TI_NCCL_EFA_CHECK",
 })  # fmt: skip
 DATA_ACCESS = ("sync", "mount")  # the agent's TI_DATA_ACCESS (ti_agent/settings.py CHOICES)
 
@@ -311,6 +312,7 @@ class LaunchRequest:
     spec_yaml: str = ""  # the run spec as asked (specs.py): kept with the run, never trusted
     data_access: str | None = None  # sync | mount (issue 29); None: the stack's
     capacity_reservation_id: str = ""  # a Capacity Block the user bought (blocks.py); market capacity-block
+    nccl_efa_check: bool = True  # False: a gang's agents skip the NCCL-uses-EFA check (launch --no-nccl-efa-check)
     # Set only by a sweep's step (sweeps.py), never from a caller's event: the member's group and trial, and the
     # month its group reserved for all its members (so a member reserves nothing of its own).
     group: str = ""
@@ -355,6 +357,9 @@ class LaunchRequest:
         data_access = _text(event, "data_access")
         if data_access is not None and data_access not in DATA_ACCESS:
             raise Refused(f"option '--data-access': got {data_access!r}; allowed: {', '.join(DATA_ACCESS)}", usage=True)
+        nccl_efa_check = event.get("nccl_efa_check", True)
+        if not isinstance(nccl_efa_check, bool):
+            raise Refused(f"option '--no-nccl-efa-check': got {nccl_efa_check!r}; allowed: true or false", usage=True)
         return cls(
             run_id=run_id,
             resume=bool(event.get("resume", False)),
@@ -374,6 +379,7 @@ class LaunchRequest:
             spec_yaml=_spec_text(event),
             data_access=data_access,
             capacity_reservation_id=block,
+            nccl_efa_check=nccl_efa_check,
         )
 
 
@@ -679,6 +685,10 @@ class Launcher:
             values["TI_SECRETS"] = "\n".join(request.secrets)  # references only: the agent fetches the values
         if request.data_access is not None:
             values["TI_DATA_ACCESS"] = request.data_access
+        if request.nodes > 1:  # the survivors' rendezvous outwaits this stack's wait for a replacement (gang.py)
+            values["TI_GANG_REPLACE_SECONDS"] = str(self.cfg.gang_replace_seconds)
+            if not request.nccl_efa_check:
+                values["TI_NCCL_EFA_CHECK"] = "false"
         return values
 
     def reserve(self, run_id: str, money: Money, now: Any) -> str:

@@ -281,7 +281,12 @@ def _subnet_zones(clients: Clients, subnet_ids: list[str]) -> dict[str, str]:
 
 
 def _fleet_request(
-    run: Run, attempt: int, market: str, overrides: list[dict[str, str]], cfg: SupervisorConfig
+    run: Run,
+    attempt: int,
+    market: str,
+    overrides: list[dict[str, str]],
+    cfg: SupervisorConfig,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     spec = run.spec
     # The run's tags as `launch` built them (training_infra.naming.run_tags, the one place), this
@@ -291,7 +296,8 @@ def _fleet_request(
         cfg.managed_tag: "true",
         cfg.run_id_tag: run.run_id,
         cfg.attempt_tag: str(attempt),
-        **replacement.replaces_tags(run),  # a replacement on the notice: its agent waits for the old
+        # An earlier box may still be saving (a spot notice's end is ahead): its agent waits for it (replacement.py).
+        **(replacement.replaces_tags(run, now) if now is not None else {}),
     }
     request: dict[str, Any] = {
         # One token per claim of an attempt: a retried request for the same claim cannot start a
@@ -408,7 +414,7 @@ def launch(clients: Clients, run: Run, cfg: SupervisorConfig, now: datetime, pri
             for t, s in offered
         ]
         try:
-            response = clients.ec2.create_fleet(**_fleet_request(run, attempt.n, market, overrides, cfg))
+            response = clients.ec2.create_fleet(**_fleet_request(run, attempt.n, market, overrides, cfg, now))
         except ClientError as error:
             code, message = error.response["Error"]["Code"], error.response["Error"].get("Message", "")
             if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
@@ -626,7 +632,7 @@ class Supervisor:
         detail = event.get("detail", {}) or {}
         if kind == SCHEDULED:
             return self.reconcile_all()
-        if kind == capacity.BLOCK_EXPIRING:
+        if kind in capacity.BLOCK_EXPIRING:
             return capacity.block_expiring(self, event)
         instance_id = detail.get("instance-id", "")
         if kind not in (STATE_CHANGE, SPOT_WARNING, REBALANCE) or not instance_id:
@@ -637,7 +643,8 @@ class Supervisor:
         if kind == SPOT_WARNING:
             warned = event.get("time") or iso(self.now())
             marked = self._mark(run_id, attempt, "reclaim_warned_at", warned, instance_id)
-            return replacement.on_notice(self, run_id, attempt, warned) or marked
+            action = str(detail.get("instance-action") or "terminate")
+            return replacement.on_notice(self, run_id, attempt, warned, action) or marked
         if kind == REBALANCE:
             return self._mark(run_id, attempt, "rebalance_at", event.get("time") or iso(self.now()))
         return self.reconcile(run_id)
@@ -757,6 +764,8 @@ class Supervisor:
 
     def _step(self, run: Run) -> dict[str, Any]:
         now = self.now()
+        if run.spec.nodes <= 1 and replacement.end_outlivers(self, run, now):  # a replaced box EC2 did not take
+            self.store.save(run)
         attempt = run.current
         if run.stop_requested_at and attempt is not None and not attempt.instance_id:
             # A launch may have started an instance for this claim before the stop: find it, then stop it.

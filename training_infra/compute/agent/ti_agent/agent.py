@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import coldstart, diagnostics, gang
+from . import coldstart, diagnostics, gang, handover
 from .aws import Aws, AwsError, Metric
 from .checkpoints import AttemptFailed, Checkpoints
 from .imds import Imds, ImdsError
@@ -114,6 +114,7 @@ class Agent:
         self.member: gang.Member | None = None  # this node's place in a multi-node run (gang.join)
         self.stale_noticed = False
         self.powered_off = False
+        self.tags_unread = ""  # why IMDS would not list the instance tags (handover.py: the restore waits its bound)
         self.cold_start: coldstart.ColdStart | None = None
 
     # ------------------------------------------------------------ settings, even before they parsed
@@ -400,14 +401,18 @@ class Agent:
         return self.imds.get(f"meta-data/tags/instance/{TAG}:{name}")
 
     def read_tags(self) -> None:
-        """Which attempt this is and the run's deadline, from the instance tags (404: tags off or none)."""
+        """Which attempt this is and the run's deadline, from the instance tags (404: tags off or none). Another
+        IMDS error is asked again; if it stays, `tags_unread` makes the restore wait the whole handover bound."""
         try:
-            keys = (self.imds.get("meta-data/tags/instance") or "").splitlines()
-        except ImdsError:
-            keys = []
+            keys = (handover.read_tag(lambda: self.imds.get("meta-data/tags/instance")) or "").splitlines()
+            value = (handover.read_tag(lambda: self.tag("attempt")) or "") if f"{TAG}:attempt" in keys else None
+        except ImdsError as error:
+            self.attempt, self.tags_unread = 0, str(error)  # 0: unknown, its records overwrite no attempt's
+            self.log(f"WARNING: instance tags not readable ({error}): attempt unknown (0); the restore waits "
+                     f"{handover.WAIT_SECONDS} s in case a box this one replaces still saves")  # fmt: skip
+            return
         self.attempt = 1
-        if f"{TAG}:attempt" in keys:
-            value = self.tag("attempt") or ""
+        if value is not None:
             if not re.fullmatch(r"[1-9][0-9]{0,5}", value):
                 self.attempt = 0
                 self.fail(f"tag {TAG}:attempt='{value}' is not allowed: use a whole number from 1")

@@ -18,16 +18,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import torchrun
 from .aws import Aws, AwsError
 from .checkpoints import AttemptFailed, RunCheckpointPaths, SyncState, include_filters
 from .imds_block import ImdsBlock
 from .paths import UnsafePath, safe_join
 from .status import Outcome
+from .torchrun import Launch
 from .watchers import Watcher
 
 if TYPE_CHECKING:
@@ -48,15 +50,37 @@ class GangError(AttemptFailed):
 
 
 # ---------------------------------------------------------------- this node's place
+# The survivors' rendezvous waits this long beyond the supervisor's own bound (the replacement `running` within
+# gang_replace_seconds) plus the replacement's image pull (bounded by its pull timeout): its boot to the agent,
+# its checkpoint restore and torchrun's start.
+JOIN_MARGIN_SECONDS = 300
+
+
+def join_timeout_seconds(replace_seconds: int, pull_timeout_seconds: int) -> int:
+    """How long a survivor's torchrun waits in the rendezvous for a lost node's replacement (c10d's join_timeout).
+
+    The supervisor waits up to `replace_seconds` (the stack's gang_replace_timeout_minutes, TI_GANG_REPLACE_SECONDS)
+    for the replacement to be running; then it boots, pulls the image (at most `pull_timeout_seconds`, after which
+    its agent fails it and the supervisor ends the gang) and restores. A survivor that gave up sooner would end the
+    gang as its own failure while the replacement was still on time."""
+    return replace_seconds + pull_timeout_seconds + JOIN_MARGIN_SECONDS
+
+
 @dataclass(frozen=True)
 class Member:
-    """Node `node` of `nodes`, meeting the others at `rendezvous` (host:port) for attempt `attempt`."""
+    """Node `node` of `nodes`, meeting the others at `rendezvous` (host:port) for attempt `attempt`; torchrun
+    waits up to `join_timeout` seconds in a rendezvous round (for a lost node's replacement)."""
 
     nodes: int
     node: int
     rendezvous: str
     run_id: str
     attempt: int
+    join_timeout: int = join_timeout_seconds(600, 1800)  # the settings' defaults; join() derives it from the run's
+
+    @property
+    def rdzv_conf(self) -> str:
+        return f"is_host={'true' if self.is_host else 'false'},join_timeout={self.join_timeout}"
 
     @property
     def rdzv_id(self) -> str:
@@ -116,15 +140,8 @@ def wait_for_member(
 
 
 # ---------------------------------------------------------------- the launch
-class Launch(StrEnum):
-    WRAPPED = "wrapped"  # `python train.py ...` became `python -m torch.distributed.run ... train.py ...`
-    USER_TORCHRUN = "user-torchrun"  # the user's own torchrun: the PET_* variables fill what it leaves out
-    AS_IS = "as-is"  # anything else runs unchanged with TI_* and PET_*; it must start torchrun itself
-
-
 def trainer_env(member: Member, nproc: int, *, nccl_debug: bool) -> dict[str, str]:
     """TI_* for the trainer, PET_* for torchrun (each of its flags reads PET_<FLAG> when not given)."""
-    conf = f"is_host={'true' if member.is_host else 'false'},join_timeout=900"
     env = {
         "TI_NODES": str(member.nodes),
         "TI_NODE_RANK": str(member.node),
@@ -135,7 +152,7 @@ def trainer_env(member: Member, nproc: int, *, nccl_debug: bool) -> dict[str, st
         "PET_RDZV_BACKEND": "c10d",
         "PET_RDZV_ENDPOINT": member.rendezvous,
         "PET_RDZV_ID": member.rdzv_id,
-        "PET_RDZV_CONF": conf,
+        "PET_RDZV_CONF": member.rdzv_conf,
         # A lost peer fails the survivors' workers; torchrun restarts them into the next rendezvous round.
         "PET_MAX_RESTARTS": "100",
         # Without it a replacement node deadlocks joining the store the workers share (pytorch#135712).
@@ -146,42 +163,32 @@ def trainer_env(member: Member, nproc: int, *, nccl_debug: bool) -> dict[str, st
     return env
 
 
-def _is_python(word: str) -> bool:
-    return re.fullmatch(r"python[0-9.]*", os.path.basename(word)) is not None
+def plan_for(command: str, nodes: int) -> torchrun.Plan:
+    try:
+        return torchrun.plan(command)
+    except torchrun.CommandRefused as refused:
+        why = f"TI_TRAINING_COMMAND cannot run on {nodes} nodes: {refused}; allowed: {torchrun.ALLOWED}"
+        raise GangError(why) from None
 
 
 def launch_command(command: str, member: Member, nproc: int) -> tuple[str, Launch]:
-    """The command the trainer runs on this node, and how it was decided (docs/agent.md)."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return command, Launch.AS_IS
-    head = 1 if words[:1] == ["exec"] else 0
-    while head < len(words) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[head]):
-        head += 1
-    rest = words[head:]
-    if not rest:
-        return command, Launch.AS_IS
-    if os.path.basename(rest[0]) == "torchrun" or (
-        _is_python(rest[0]) and rest[1:3] in (["-m", "torch.distributed.run"], ["-m", "torch.distributed.launch"])
-    ):
+    """The command the trainer runs on this node, and how it was decided (torchrun.py; docs/agent.md). A command
+    that is neither wrappable nor the user's own torchrun fails the attempt in one line: run as given, it would be
+    N independent trainers writing the same checkpoint keys."""
+    planned = plan_for(command, member.nodes)
+    if planned.how is Launch.USER_TORCHRUN:
         return command, Launch.USER_TORCHRUN
-    if not _is_python(rest[0]) or len(rest) < 2 or (rest[1].startswith("-") and rest[1] != "-m"):
-        return command, Launch.AS_IS
-    if re.search(r"[;&|<>`$()]", " ".join(rest)):  # a shell pipeline or substitution: not one python program
-        return command, Launch.AS_IS
-    torchrun = [
-        rest[0], "-m", "torch.distributed.run",
+    options = [
+        planned.interpreter, "-m", "torch.distributed.run",
         "--nnodes", str(member.nodes), "--nproc-per-node", str(nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", member.rendezvous, "--rdzv-id", member.rdzv_id,
-        "--rdzv-conf", trainer_env(member, nproc, nccl_debug=False)["PET_RDZV_CONF"], "--max-restarts", "100",
+        "--rdzv-conf", member.rdzv_conf, "--max-restarts", "100",
+        *(["--no-python"] if planned.no_python else []),
     ]  # fmt: skip
-    if rest[1] == "-m":
-        torchrun += ["-m", *rest[2:]]
-    else:
-        torchrun += rest[1:]
-    prefix = words[:head] if words[:1] == ["exec"] else ["exec", *words[:head]]
-    return shlex.join([*prefix, *torchrun]), Launch.WRAPPED
+    # The user's text from the script (or from the interpreter, with its flags) on, as typed: the shell expands it
+    # as it would have; assignments go before `exec` (`exec A=1 python` runs a program named A=1).
+    prefix = f"{planned.assignments} " if planned.assignments else ""
+    return f"{prefix}exec {shlex.join(options)} {planned.tail}", Launch.WRAPPED
 
 
 def gpu_count(nvidia_smi: str) -> int:
@@ -227,9 +234,12 @@ class NcclNet(StrEnum):
     UNKNOWN = "unknown"  # no NCCL init line yet (or the trainer uses gloo)
 
 
+# aws-ofi-nccl's own init line (its NCCL_OFI_INFO prefixes "NET/OFI "): since v1.14.0 (2025, src/nccl_ofi_net.cpp)
+# "Selected provider is efa, fabric is efa-direct (found 32 nics)", before it "Selected Provider is efa (found 4
+# nics)". Either case, the provider is the word after "is".
 NCCL_LINES = (
-    (re.compile(r"NET/OFI Selected Provider is efa\b"), NcclNet.EFA),
-    (re.compile(r"NET/OFI Selected Provider is (?!efa\b)\S+"), NcclNet.OTHER),
+    (re.compile(r"NET/OFI Selected provider is efa(?=[\s,]|$)", re.IGNORECASE), NcclNet.EFA),
+    (re.compile(r"NET/OFI Selected provider is (?!efa(?:[\s,]|$))[^\s,]+", re.IGNORECASE), NcclNet.OTHER),
     (re.compile(r"NCCL INFO Using network Socket\b|via NET/Socket/"), NcclNet.SOCKET),
     (re.compile(r"NCCL INFO Using network IB\b"), NcclNet.OTHER),
 )
@@ -523,6 +533,7 @@ class GangCheckpoints(RunCheckpointPaths):
     # ------------------------------------------------------------ restore (before the trainer starts)
     def restore(self) -> None:
         listed = self.listing()
+        self._adopt_manifest(listed)
         complete = complete_steps(listed, self.nodes)
         if not complete:
             partial = sorted({n.split("/", 1)[0] for n in listed if step_number(n.split("/", 1)[0]) is not None})
@@ -536,6 +547,23 @@ class GangCheckpoints(RunCheckpointPaths):
         self.log(
             f"checkpoint {newest}: the newest step complete across {self.nodes} nodes, {len(names)} files restored"
         )
+
+    def _adopt_manifest(self, listed: dict[str, dict]) -> None:
+        """This node index's manifest as the node before it left it (a replacement, or node k of an earlier
+        attempt): its steps still in S3 stay recorded, so the next manifest this node writes keeps their versions
+        (the restore's version rule) and the prune deletes them once superseded, instead of forgetting them."""
+        try:
+            document = json.loads(self.aws.get_object(self.bucket, self.manifest_key))
+        except (AwsError, ValueError):  # none yet (a new run), or unreadable: nothing to carry on
+            return
+        steps = document.get("steps") if isinstance(document, dict) else None
+        for step, files in (steps or {}).items() if isinstance(steps, dict) else ():
+            if step_number(step) is None or not isinstance(files, dict):
+                continue
+            kept = {n: v for n, v in files.items() if f"{step}/{n}" in listed and isinstance(v, dict)}
+            if kept:
+                self.mine.setdefault(step, kept)
+                self.settled.add(step)  # uploaded by the node before: never uploaded again from here
 
     def newest_local(self) -> float | None:
         return None  # freshness is judged per upload here: each step goes up once, whole
@@ -573,10 +601,14 @@ def join(agent: Agent) -> None:
             return {}
 
     member = wait_for_member(read, run_id=agent.run_id, attempt=agent.attempt, wait_seconds=wait)
+    plan_for(agent.config.training_command, member.nodes)  # refused before the image pull, not after it
+    member = replace(
+        member, join_timeout=join_timeout_seconds(agent.knobs.gang_replace_seconds, agent.knobs.pull_timeout_seconds)
+    )
     agent.member = member
     agent.note(
         f"node {member.node} of {member.nodes} (rendezvous {member.rendezvous}, id {member.rdzv_id}),"
-        f" placed after {time.monotonic() - began:.1f}s"
+        f" placed after {time.monotonic() - began:.1f}s; a rendezvous round waits up to {member.join_timeout}s"
     )
     agent.checkpoints = GangCheckpoints(
         aws=agent.aws,
@@ -642,7 +674,6 @@ def launch(agent: Agent, command: str) -> tuple[str, tuple[str, ...]]:
     words = {
         Launch.WRAPPED: f"wrapped in torchrun ({nproc} per node): {launched}",
         Launch.USER_TORCHRUN: "the command's own torchrun, its missing flags from PET_*",
-        Launch.AS_IS: "run as given (not `python SCRIPT`): it must start torchrun itself (PET_* and TI_* are set)",
     }
     agent.note(f"gang launch: {words[how]}")
     return launched, engine_args(devices, block)
@@ -704,13 +735,16 @@ class NcclWatcher(threading.Thread):
             if net in (NcclNet.SOCKET, NcclNet.OTHER):
                 self.agent.request_stop(
                     Outcome.FAILED,
-                    f"NCCL is not using EFA on a box with EFA devices ({line!r}); set TI_NCCL_EFA_CHECK=false to"
+                    f"NCCL is not using EFA on a box with EFA devices ({line!r}); launch with --no-nccl-efa-check to"
                     " run anyway",
                     self.agent.config.stop_grace_seconds,
                 )
                 return
             if time.monotonic() - began > self.give_up_seconds:
-                self.agent.note("NCCL EFA check: no NCCL init line in 15 min (a gloo trainer?): not checked")
+                self.agent.note(
+                    "NCCL EFA check: no NCCL init line in 15 min (a gloo trainer, or NCCL_DEBUG below INFO in --env?):"
+                    " not checked"
+                )
                 return
 
 

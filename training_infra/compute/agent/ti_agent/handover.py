@@ -7,6 +7,10 @@ final checkpoint sync and its manifest), then restores the newest complete check
 manifest names it: checkpoints.py). The wait is bounded: EC2 takes the old box two minutes after the
 warning and this box booted after the warning, so after WAIT_SECONDS the old trainer cannot be writing
 any more. Either way, two trainers never write one checkpoint.
+
+It fails closed: only IMDS's 404 means "no such tag". Any other IMDS error is asked again (IMDS_TRIES, with
+backoff); when the tags stay unreadable (this one, or the attempt tag when the agent read its tags), the agent
+cannot know whether a box it replaces still saves, so it waits the whole WAIT_SECONDS before restoring.
 """
 
 from __future__ import annotations
@@ -24,17 +28,25 @@ UNTIL_TAG_NAME = "replaces-until"  # ISO: the old box's end (the notice's) plus 
 # Without the until tag: the two-minute notice plus a margin, counted from this box's boot (after the warning).
 WAIT_SECONDS = 180
 POLL_SECONDS = 5
+# IMDS errors other than 404 (a 5xx, a timeout, a refused token) are asked again this many times in all, backing off
+# 1, 2, 4 s: about 7 s, bounded retries as the AWS SDKs' own IMDS fetchers make before they give up.
+IMDS_TRIES = 4
+IMDS_BACKOFF_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
 class Handover:
     """What the wait found: the old attempt, whether its final status arrived, and how long it took."""
 
-    replaced: int
+    replaced: int  # 0 with `unread`: not known which
     final_status_seen: bool
     waited_seconds: float
+    unread: str = ""  # why the tags could not be read (IMDS kept failing): the whole bound was waited
 
     def words(self) -> str:
+        if self.unread:
+            return (f"instance tags not readable ({self.unread}): waited the whole {self.waited_seconds:.0f} s a box "
+                    "this one may replace could still save; restoring the newest complete checkpoint")  # fmt: skip
         if self.final_status_seen:
             return (f"attempt {self.replaced}'s final status.json is in S3 after {self.waited_seconds:.0f} s: "
                     "its last checkpoint is complete")  # fmt: skip
@@ -81,12 +93,33 @@ def replaced_attempt(tag_value: str | None, attempt: int) -> int:
     return replaced if 0 < replaced < attempt else 0
 
 
-def before_restore(agent: object) -> Handover | None:
-    """The hook in Agent.run: wait when this attempt is a replacement on the notice, else return at once."""
+def read_tag(get: Callable[[], str | None], *, sleep: Callable[[float], None] | None = None) -> str | None:
+    """A tag's value, None only for IMDS's 404 (no such tag); any other IMDS error is asked again, then raised."""
+    for n in range(1, IMDS_TRIES + 1):
+        try:
+            return get()
+        except ImdsError:
+            if n >= IMDS_TRIES:
+                raise
+            (sleep or time.sleep)(IMDS_BACKOFF_SECONDS * 2 ** (n - 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def before_restore(agent: object, *, sleep: Callable[[float], None] | None = None) -> Handover | None:
+    """The hook in Agent.run: wait when this attempt is a replacement on the notice, else return at once.
+    Tags IMDS would not give (agent.tags_unread, or this read failing after its retries): the whole bound."""
+    unread = getattr(agent, "tags_unread", "")
     try:
-        value = agent.tag(TAG_NAME)  # type: ignore[attr-defined]
-    except ImdsError:
-        value = None
+        value = read_tag(lambda: agent.tag(TAG_NAME), sleep=sleep)  # type: ignore[attr-defined]
+    except ImdsError as error:
+        value, unread = None, unread or str(error)
+    if unread:
+        agent.log(f"instance tags not readable ({unread}): waiting {WAIT_SECONDS} s before restoring, in case "  # type: ignore[attr-defined]
+                  "this attempt replaces a box that still saves")  # fmt: skip
+        (sleep or time.sleep)(WAIT_SECONDS)
+        found = Handover(0, False, WAIT_SECONDS, unread=unread)
+        agent.log(found.words())  # type: ignore[attr-defined]
+        return found
     replaced = replaced_attempt(value, agent.attempt)  # type: ignore[attr-defined]
     if not replaced:
         return None
@@ -98,12 +131,12 @@ def before_restore(agent: object) -> Handover | None:
         return bool(s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount"))
 
     try:
-        until = agent.tag(UNTIL_TAG_NAME)  # type: ignore[attr-defined]
+        until = read_tag(lambda: agent.tag(UNTIL_TAG_NAME), sleep=sleep)  # type: ignore[attr-defined]
     except ImdsError:
-        until = None
+        until = None  # no bound from the tag: the whole WAIT_SECONDS
     bound = wait_bound(until, time.time())
     agent.log(f"replacement of attempt {replaced} (spot notice): waiting up to {bound:.0f} s for its final "  # type: ignore[attr-defined]
               "checkpoint")  # fmt: skip
-    found = wait_for_replaced(replaced, exists, wait_seconds=bound)
+    found = wait_for_replaced(replaced, exists, wait_seconds=bound, sleep=sleep or time.sleep)
     agent.log(found.words())  # type: ignore[attr-defined]
     return found

@@ -92,6 +92,9 @@ class Knobs:
     # whether NCCL's init log must show EFA on a box that has EFA devices.
     rendezvous_wait_seconds: int = 600
     nccl_efa_check: bool = True
+    # The stack's gang_replace_timeout_minutes in seconds, rendered per gang run by the supervisor: the survivors'
+    # rendezvous waits that long for a replacement, plus its boot and image pull (gang.join_timeout_seconds).
+    gang_replace_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ AT_LEAST_ONE = {
     "retry_attempts",
     "pull_timeout_seconds",
     "rendezvous_wait_seconds",
+    "gang_replace_seconds",
 }
 CHOICES = {
     "auto_shutdown": ("true", "false"),
