@@ -127,7 +127,7 @@ def gang_command(command: Any, nodes: int) -> Any:
     empty command is the image's CMD, which the agent cannot see to wrap."""
     if nodes > 1 and isinstance(command, str):
         try:
-            torchrun.plan(command)
+            torchrun.plan(command, nodes)
         except torchrun.CommandRefused as refused:
             raise Refused(f"with {nodes} nodes, {torchrun.ALLOWED} (here: {refused})") from None
     return command

@@ -31,8 +31,43 @@ ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 SHELLS = ("sh", "bash", "dash")
 ALLOWED = (
     "python [python's flags] SCRIPT|-m MODULE [ARGS] (wrapped in torchrun), or your own torchrun (torchrun ..., "
-    "python -m torch.distributed.run ..., or sh -c '... torchrun ...'), without unquoted ; & | < > ( ) or `"
+    "python -m torch.distributed.run ..., or sh -c '...' with torchrun the program of one of its commands) "
+    "without the options the gang sets, without unquoted ; & | < > ( ) or `"
 )
+
+# torchrun's options as torch 2.13's own parser declares them (torch.distributed.run.get_args_parser(); a test checks
+# this table against it). `True`: the option takes a value. Where torch is importable (the CLI's venv, a box with
+# torch) the table is read from torch's parser itself.
+TORCHRUN_OPTIONS: dict[str, bool] = {
+    **dict.fromkeys(("-h", "--help", "--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path",
+                     "--run_path", "--virtual-local-rank", "--virtual_local_rank"), False),
+    **dict.fromkeys(("--nnodes", "--nproc-per-node", "--nproc_per_node", "--rdzv-backend", "--rdzv_backend",
+                     "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id", "--rdzv-conf", "--rdzv_conf",
+                     "--max-restarts", "--max_restarts", "--monitor-interval", "--monitor_interval", "--start-method",
+                     "--start_method", "--event-log-handler", "--event_log_handler", "--role", "--log-dir",
+                     "--log_dir", "-r", "--redirects", "-t", "--tee", "--local-ranks-filter", "--local_ranks_filter",
+                     "--duplicate-stdout-filters", "--duplicate_stdout_filters", "--duplicate-stderr-filters",
+                     "--duplicate_stderr_filters", "--node-rank", "--node_rank", "--master-addr", "--master_addr",
+                     "--master-port", "--master_port", "--local-addr", "--local_addr", "--logs-specs", "--logs_specs",
+                     "--numa-binding", "--numa_binding", "--signals-to-handle", "--signals_to_handle",
+                     "--shutdown-timeout", "--shutdown_timeout"), True),
+}  # fmt: skip
+# torch.distributed.launch (deprecated) adds one flag of its own.
+LAUNCH_OPTIONS = {"--use-env": False, "--use_env": False}
+# The options a gang's agent sets (PET_*): a user's value would make node 0 train alone or each node wait on a
+# store of its own. The key is the option's first spelling in torch's parser (its `dest` with dashes).
+GANG_OPTIONS = frozenset(
+    {"--standalone", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--node-rank", "--master-addr",
+     "--master-port"}
+)  # fmt: skip
+GANG_OPTIONS_WHY = {
+    "--standalone": "it starts a rendezvous of one node on localhost",
+    "--nnodes": "the gang's size is the agent's PET_NNODES",
+    "--rdzv-backend": "the gang meets through c10d (PET_RDZV_BACKEND)",
+    "--rdzv-endpoint": "the gang meets at node 0's store (PET_RDZV_ENDPOINT)",
+    "--rdzv-id": "the gang's id is <run>-<attempt> (PET_RDZV_ID)",
+}
+SHELL_RESERVED = frozenset({"if", "then", "else", "elif", "do", "while", "until", "{", "!", "time", "exec"})
 
 
 class Launch(StrEnum):
@@ -145,16 +180,121 @@ def python_target(args: list[str]) -> tuple[int, str]:
     raise CommandRefused("python is given no SCRIPT or -m MODULE")
 
 
-def _mentions_torchrun(text: str) -> bool:
+def torchrun_options(module: str = "") -> dict[str, bool]:
+    """Each option string of torchrun -> whether it takes a value: from torch's own parser where torch is importable
+    (the version the user runs), else torch 2.13's table above."""
     try:
-        inner = shlex.split(text)
+        from torch.distributed.run import get_args_parser  # noqa: PLC0415  (optional: the box may have no torch)
+    except ImportError:
+        table = dict(TORCHRUN_OPTIONS)
+    else:
+        table = {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}  # noqa: SLF001
+    return {**table, **(LAUNCH_OPTIONS if module == "torch.distributed.launch" else {})}
+
+
+def _canonical(option: str, table: dict[str, bool]) -> str:
+    """`option` as torch's parser names it (argparse takes a unique prefix of a long option, `--nnode`, as it)."""
+    if option in table:
+        return option.replace("_", "-")
+    found = [o for o in table if o.startswith("--") and o.startswith(option)] if option.startswith("--") else []
+    names = {o.replace("_", "-") for o in found}
+    if len(names) != 1:
+        raise CommandRefused(f"torchrun option {option!r} is not one torchrun has (or names more than one)")
+    return names.pop()
+
+
+def _nnodes_allows_only(value: str, nodes: int) -> bool:
+    """`--nnodes N` or `N:N`: a range whose minimum is below N lets torchrun start (and, after a lost node, go on)
+    with fewer nodes than the gang, so the survivors would never wait for the replacement."""
+    low, _, high = value.partition(":")
+    return low.strip() == str(nodes) and (not high or high.strip() == str(nodes))
+
+
+def check_torchrun_args(args: list[str], nodes: int | None, module: str = "") -> None:
+    """CommandRefused (one line) when the user's torchrun options set what the gang sets: which option, its value,
+    and what is allowed (leave it out: the agent sets PET_*). Options up to the training script only: what follows
+    it is the script's. `nodes` None: the gang's size is unknown here, so only an --nnodes of 1 is refused."""
+    table, i = torchrun_options(module), 0
+    while i < len(args):
+        word = args[i]
+        if word == "--" or not word.startswith("-") or word == "-":
+            return  # the training script (or `--` before it): the rest is the script's
+        name, has_value, value = word, False, ""
+        if word.startswith("--"):
+            name, has_value, value = word.partition("=")
+            name = _canonical(name, table)
+            takes = table.get(name, False)
+        else:
+            name, value, has_value = word[:2], word[2:], len(word) > 2
+            if name not in table:
+                raise CommandRefused(f"torchrun option {name!r} is not one torchrun has")
+            takes = table[name]
+            if not takes and has_value:  # -m joined with other letters: not a form torchrun's parser documents
+                raise CommandRefused(f"torchrun option {word!r} is not one torchrun has")
+        if takes and not has_value:
+            i += 1
+            if i >= len(args):
+                raise CommandRefused(f"torchrun option {name} needs a value")
+            value = args[i]
+        shown = f"{name}={value}" if takes else name
+        if name in GANG_OPTIONS:
+            if name == "--nnodes" and (
+                _nnodes_allows_only(value, nodes) if nodes else value.strip() not in {"1", "1:1"}
+            ):
+                i += 1
+                continue
+            why = GANG_OPTIONS_WHY.get(name, "the gang's c10d rendezvous on node 0 decides it")
+            if name == "--nnodes" and nodes:
+                why = f"a gang of {nodes} nodes takes --nnodes {nodes} or none"
+            raise CommandRefused(f"torchrun {shown} contradicts the gang: {why}; leave it out (the agent sets PET_*)")
+        i += 1
+
+
+def _simple_commands(script: str) -> list[list[str]]:
+    """The words of each simple command of a shell script (split at ; & | && || newlines and parentheses)."""
+    lexer = shlex.shlex(script.replace("\n", ";"), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    commands, current = [], []
+    for token in lexer:
+        if token and all(ch in ";&|()<>" for ch in token):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [c for c in [*commands, current] if c]
+
+
+def _torchrun_args(texts: list[str]) -> tuple[list[str], str] | None:
+    """(torchrun's own arguments, its module) when `texts` (a simple command) runs torchrun as its program."""
+    head = 0
+    while head < len(texts) and (texts[head] in SHELL_RESERVED or ASSIGNMENT.fullmatch(texts[head])):
+        head += 1
+    rest = texts[head:]
+    if not rest:
+        return None
+    if os.path.basename(rest[0]) == "torchrun":
+        return rest[1:], "torch.distributed.run"
+    if is_python(rest[0]):
+        try:
+            index, module = python_target(rest[1:])
+        except CommandRefused:
+            return None
+        if module in TORCHRUN_MODULES:
+            return rest[1 + index :], module
+    return None
+
+
+def _script_torchruns(script: str) -> list[tuple[list[str], str]]:
+    try:
+        commands = _simple_commands(script)
     except ValueError:
-        return False
-    return any(os.path.basename(w) == "torchrun" or w in TORCHRUN_MODULES for w in inner)
+        return []
+    return [found for c in commands if (found := _torchrun_args(c)) is not None]
 
 
-def plan(command: str) -> Plan:
-    """How `command` runs on every node of a gang, or CommandRefused saying why it cannot (one line)."""
+def plan(command: str, nodes: int | None = None) -> Plan:
+    """How `command` runs on every node of a gang of `nodes`, or CommandRefused saying why it cannot (one line)."""
     if not command.strip():
         raise CommandRefused("the command is empty (the image's own CMD is not seen, so it cannot be wrapped)")
     try:
@@ -172,15 +312,20 @@ def plan(command: str) -> Plan:
     if operator:
         raise CommandRefused(f"{operator!r} outside quotes makes it more than one program")
     program, texts = rest[0].text, [w.text for w in rest]
-    if os.path.basename(program) == "torchrun":
+    own = _torchrun_args(texts)
+    if own is not None:
+        check_torchrun_args(own[0], nodes, own[1])
         return Plan(Launch.USER_TORCHRUN)
-    if os.path.basename(program) in SHELLS and len(texts) >= 3 and texts[1] == "-c" and _mentions_torchrun(texts[2]):
+    if os.path.basename(program) in SHELLS and len(texts) >= 3 and texts[1] == "-c":
+        torchruns = _script_torchruns(texts[2])
+        if not torchruns:
+            raise CommandRefused(f"{program} -c runs torchrun as none of its commands' program")
+        for args, module in torchruns:
+            check_torchrun_args(args, nodes, module)
         return Plan(Launch.USER_TORCHRUN)  # a script of its own that starts torchrun
     if not is_python(program):
         raise CommandRefused(f"{program!r} is neither python nor torchrun")
     index, module = python_target(texts[1:])
-    if module in TORCHRUN_MODULES:
-        return Plan(Launch.USER_TORCHRUN)
     if not module and index + 1 >= len(rest):
         raise CommandRefused("python is given no SCRIPT or -m MODULE")
     assignments = command[typed[begin].start : rest[0].start].strip() if head > begin else ""
