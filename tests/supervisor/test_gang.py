@@ -482,3 +482,45 @@ def test_the_supervisors_rendezvous_window_is_the_agents_join_timeout_at_the_age
     knobs = Knobs()
     agent = agent_gang.join_timeout_seconds(knobs.gang_replace_seconds, knobs.pull_timeout_seconds)
     assert agent == knobs.gang_replace_seconds + gang.AGENT_JOIN_MARGIN_SECONDS
+
+
+# --- a replacement's own end before it joined (the second review, SHOULD 5) --------------------------------------
+
+
+def test_a_replacement_failing_before_it_joined_relaunches_the_gang_as_a_preemption(gang_account):
+    attempt = start_gang(gang_account, nodes=3, max_restarts_on_errors=0).attempts[0]
+    lose(gang_account, attempt.members[2].instance_id)
+    replacement = live(gang_account.run().current)[2]
+    progress(gang_account, 2, "2026-01-01T00:00:00Z")  # the lost node's own last beat, from before the loss
+    gang_account.clock.advance(seconds=1900)  # its image pull timed out (the agent's bound: 1800 s)
+    end_with(gang_account, replacement, "failed", message="image pull timed out after 1800 s")
+    current = gang_account.run().current
+    assert current.gang_ending == AttemptEnd.RECLAIMED
+    assert f"node 2's replacement ({replacement.instance_id}) ended" in current.gang_ending_words
+    assert "before it joined the training" in current.gang_ending_words
+    for member in (attempt.members[0], attempt.members[1]):
+        assert tags_of(gang_account, member.instance_id)["training-infra:stop"] == "gang"
+    run = finish_gang(gang_account)
+    assert run.attempts[0].end_reason == AttemptEnd.RECLAIMED and run.errors_used == 0, "not the run's error"
+    assert len(run.attempts) == 2 and len(live(run.attempts[1])) == 3, "relaunched whole as the next attempt"
+
+
+def test_a_replacement_failing_after_it_trained_with_the_gang_is_the_runs_error(gang_account):
+    attempt = start_gang(gang_account, nodes=3, max_restarts_on_errors=0).attempts[0]
+    lose(gang_account, attempt.members[2].instance_id)
+    replacement = live(gang_account.run().current)[2]
+    gang_account.clock.advance(seconds=300)
+    progress(gang_account, 2, iso(gang_account.clock()))  # the replacement's first beat: the gang met again
+    gang_account.clock.advance(seconds=60)
+    end_with(gang_account, replacement, "failed")
+    assert gang_account.run().current.gang_ending == AttemptEnd.FAILED
+    run = finish_gang(gang_account)
+    assert run.attempts[0].end_reason == AttemptEnd.FAILED and run.state == RunState.FAILED
+
+
+def test_a_first_launch_member_failing_at_its_start_is_the_runs_error_not_a_replacement(gang_account):
+    """Only a replacement's end is the replacement path: a persistent fault fails the next attempt's nodes as errors."""
+    attempt = start_gang(gang_account, nodes=2, max_restarts_on_errors=0).attempts[0]
+    gang_account.clock.advance(seconds=60)
+    end_with(gang_account, attempt.members[1], "failed", message="image pull timed out after 1800 s")
+    assert gang_account.run().current.gang_ending == AttemptEnd.FAILED

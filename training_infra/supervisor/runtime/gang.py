@@ -617,6 +617,11 @@ class GangWatcher:
         """Replace lost non-hosts, or begin the whole gang's end: returns the gang's end reason once it began."""
         host_lost = host_reclaim(attempt, lost)
         for member, reason, words in lost:
+            unjoined = self._unjoined_replacement(run, attempt, member) if reason in WAITING_ENDS else ""
+            if unjoined:
+                return self._begin_end(run, attempt, AttemptEnd.RECLAIMED,
+                                       f"{unjoined} ended ({words}) before it joined the training: the whole gang "
+                                       "relaunches", now)  # fmt: skip
             waiting = self._waiting_for(run, attempt, member, now) if reason in WAITING_ENDS else ""
             if waiting:
                 return self._begin_end(run, attempt, AttemptEnd.RECLAIMED,
@@ -687,6 +692,23 @@ class GangWatcher:
             if not _progressed_since(self.clients, self.cfg, run, attempt, replacement):
                 return f"node {gone.node}'s replacement ({replacement.instance_id}) had not joined the training yet"
         return ""
+
+    def _unjoined_replacement(self, run: Run, attempt: Attempt, member: Member) -> str:
+        """Names `member` when it is a replacement that ended on its own before it trained a step with the gang (its
+        image pull timed out, its restore failed): no replacement came, so the whole gang relaunches as the next
+        attempt, a preemption like the replacement timeout. Not the run's error: the gang's own nodes pulled and
+        restored the same image and steps; a fault that persists fails every node of the next attempt at its start,
+        with no replacement pending, and that is counted as the run's error. Bounded in time as `_waiting_for` is
+        (a trainer without a heartbeat never shows it joined)."""
+        if not any(m.node == member.node and m.state == MemberState.REPLACED for m in attempt.members):
+            return ""
+        started, ended = parse_iso(member.started_at), parse_iso(member.ended_at)
+        window = self.cfg.gang_replace_seconds + AGENT_JOIN_MARGIN_SECONDS + self.cfg.stop_timeout_seconds
+        if started is None or ended is None or (ended - started).total_seconds() > window:
+            return ""
+        if _progressed_since(self.clients, self.cfg, run, attempt, member):
+            return ""
+        return f"node {member.node}'s replacement ({member.instance_id})"
 
     def _begin_end(self, run: Run, attempt: Attempt, reason: AttemptEnd, words: str, now: datetime) -> AttemptEnd:
         """Stop every live member gracefully (the stop tag); a success needs no stop: the others end by themselves."""
