@@ -296,7 +296,9 @@ class Settings:
         10,
         Number(1, 120, whole=True),
         "a lost non-host node's replacement must be running within this long, else the whole gang stops and "
-        "relaunches as the next attempt (10 min: a GPU box boots and pulls its image in about 5)",
+        "relaunches as the next attempt (10 min: a GPU box boots and pulls its image in about 5). The survivors' "
+        "stall (`stall_minutes`, 20) and idle (`idle_minutes`, 30) watchers keep running while they wait: a value "
+        "above the smaller of them has no effect (a survivor ends stalled or idle first, and the gang relaunches)",
     )
     # GitHub and alerts.
     github_repo: str = declare(
