@@ -363,3 +363,27 @@ def test_the_block_installs_idempotently_and_fails_closed_when_its_rule_is_gone(
         real_block.probe(cgroup, real_block.make_parent(cgroup, real_block.root()))
     left = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True, check=True).stdout
     assert imds_block.CHAIN not in left, "the chain and its jump went with the last rule"
+
+
+@pytest.mark.slow
+def test_a_running_container_is_found_in_the_blocked_cgroup_and_one_started_outside_it_is_refused(
+    container_engine, real_block
+):
+    """The engine's own placement, checked as the agent checks it after `run` (imds_block.check_container)."""
+    args = real_block.install()
+    parent = "/" + args[args.index("--cgroup-parent") + 1].lstrip("/")
+    docker = str(container_engine.docker)
+    started = []
+    try:
+        for name, extra in (("ti-placement-in", args[:2]), ("ti-placement-out", ())):
+            subprocess.run([docker, "rm", "-f", name], capture_output=True, check=False)
+            subprocess.run([docker, "run", "-d", "--name", name, *extra, LOCAL_IMAGE, "sleep", "120"],
+                           capture_output=True, check=True)  # fmt: skip
+            started.append(name)
+        path = imds_block.check_container(docker, "ti-placement-in", parent)
+        assert imds_block.under(path, parent) and path != parent, path
+        with pytest.raises(BlockError, match=f"not under {parent} where IMDS is blocked: it is stopped$"):
+            imds_block.check_container(docker, "ti-placement-out", parent)
+    finally:
+        for name in started:
+            subprocess.run([docker, "rm", "-f", "-t", "0", name], capture_output=True, check=False)

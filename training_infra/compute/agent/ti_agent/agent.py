@@ -31,7 +31,7 @@ from .imds import Imds, ImdsError
 from .logship import LogShipper
 from .metrics import MetricsLog
 from .progress import Progress, observe, read_heartbeat
-from .runtime import TENSORBOARD, DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
+from .runtime import CONTAINER, TENSORBOARD, DockerTrainer, ProcessTrainer, Trainer, TrainerSpec
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
 from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, lenient, parse
 from .status import Instance, Outcome, StopReason, build_status
@@ -697,6 +697,7 @@ class Agent:
             self.trainer = ProcessTrainer(spec, self.log, self.note)
         env = self.aws.cli_env()
         self.trainer.start(env)
+        gang.check_placement(self, engine_args, CONTAINER)
 
     def wait_for_trainer(self) -> None:
         trainer = self.trainer

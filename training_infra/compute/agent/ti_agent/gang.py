@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import torchrun
+from . import imds_block, torchrun
 from .aws import Aws, AwsError
 from .checkpoints import AttemptFailed, RunCheckpointPaths, SyncState, include_filters
 from .imds_block import ImdsBlock
@@ -677,6 +677,21 @@ def launch(agent: Agent, command: str) -> tuple[str, tuple[str, ...]]:
     }
     agent.note(f"gang launch: {words[how]}")
     return launched, engine_args(devices, block)
+
+
+def check_placement(agent: Agent, args: tuple[str, ...], container: str) -> None:
+    """Once the container runs: it must be under the cgroup parent the IMDS rule matches (imds_block.check_container),
+    else it is stopped at once and the attempt fails (fail closed)."""
+    if "--cgroup-parent" not in args:
+        return
+    parent = "/" + args[args.index("--cgroup-parent") + 1].lstrip("/")
+    try:
+        path = imds_block.check_container(agent.knobs.docker, container, parent, env=agent.aws.cli_env())
+    except imds_block.BlockError:
+        if agent.trainer is not None:
+            agent.trainer.stop(0)
+        raise
+    agent.log(f"the trainer container is in cgroup {path}, under {parent}: kept from IMDS")
 
 
 def engine_args(devices: list[str], block: tuple[str, ...]) -> tuple[str, ...]:

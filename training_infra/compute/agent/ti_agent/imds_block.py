@@ -32,6 +32,7 @@ import ipaddress
 import shlex
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,6 +121,58 @@ def cgroup2_root(mounts: str) -> Path | None:
         if len(fields) > 2 and fields[2] == "cgroup2":
             return Path(fields[1])
     return None
+
+
+def cgroup_v2_path(proc_cgroup: str) -> str | None:
+    """The unified hierarchy's path in a `/proc/<pid>/cgroup` (its `0::/path` line; v1 lines name controllers)."""
+    for line in proc_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            return path
+    return None
+
+
+def under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def check_container(
+    docker: str,
+    container: str,
+    parent: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    run: Run = subprocess.run,
+    proc: Path = Path("/proc"),
+    attempts: int = 100,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """After the container started: its init (the engine's `inspect .State.Pid`, a host pid in Docker and podman)
+    must be in the trainer's cgroup `parent` or below it, as the engine was asked (`--cgroup-parent`): the probe
+    proved the rule, this proves the engine put the container where the rule looks. Returns its cgroup path, or
+    BlockError (one line) when the engine placed it elsewhere or never told its pid."""
+    said = ""
+    for _ in range(attempts):
+        try:
+            done = run([docker, "inspect", "--format", "{{.State.Pid}}", container],
+                       capture_output=True, text=True, timeout=20, check=False, env=env)  # fmt: skip
+            said = (done.stdout or done.stderr or "").strip()
+        except (OSError, subprocess.TimeoutExpired) as error:
+            said = str(error)
+        if said.isdigit() and int(said) > 0:
+            try:
+                path = cgroup_v2_path((proc / said / "cgroup").read_text())
+            except OSError as error:
+                raise BlockError(f"the trainer container's cgroup could not be read ({error}): it is stopped") from None
+            if path is None or not under(path, parent):
+                raise BlockError(
+                    f"the engine put the trainer container in cgroup {path or '(no cgroup v2 line)'}, not under"
+                    f" {parent} where IMDS is blocked: it is stopped"
+                )
+            return path
+        sleep(0.1)
+    raise BlockError(f"`{docker} inspect` gave no pid for the trainer container ({said[:200]}): it is stopped")
 
 
 def parse_driver(answer: str) -> CgroupDriver | None:
