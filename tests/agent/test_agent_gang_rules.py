@@ -161,7 +161,7 @@ def test_a_users_own_torchrun_runs_unchanged_and_takes_the_rest_from_pet_variabl
         ("python train.py | tee log", "'|' outside quotes makes it more than one program"),
         ("python a.py; python b.py", "';' outside quotes"),
         ("python a.py && echo done", "'&' outside quotes"),
-        ("python a.py > out.txt", "'>' outside quotes"),
+        ("python a.py > out.txt; rm x", "'>' outside quotes: only output redirections at the end"),
         ("python a.py --seed $(date +%s)", "'$(' outside quotes"),
         ('python a.py --seed "`date`"', "'`' outside quotes"),
         ("python -c 'import train'", "python -c runs no script"),
@@ -391,7 +391,9 @@ def test_real_torchrun_starts_every_worker_with_the_users_interpreter_flags(tmp_
     """One node, two workers, real torch.distributed.run: `python -O -B SCRIPT` wrapped keeps -O and -B in the
     workers (torchrun's own `python -u SCRIPT` would drop them)."""
     (tmp_path / "t.py").write_text(
-        "import os, sys\nprint('worker', os.environ['RANK'], sys.flags.optimize, sys.flags.dont_write_bytecode)\n"
+        # One write per line: print() writes its pieces apart, and the two workers share the pipe.
+        "import os, sys\nflags = sys.flags.optimize, sys.flags.dont_write_bytecode\n"
+        "os.write(1, f\"worker {os.environ['RANK']} {flags[0]} {flags[1]}\\n\".encode())\n"
     )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -135,3 +135,64 @@ def test_real_torch_a_users_torchrun_without_gang_options_trains_as_one_job_over
     assert all("world_size 2" in out for out in outs), outs
     with pytest.raises(GangError, match="--nnodes=1 contradicts"):
         gang.launch_command("torchrun --nnodes=1 --nproc-per-node 1 w.py", MEMBER, 1)
+
+
+TORCHRUN = (
+    "exec python -m torch.distributed.run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d"
+    " --rdzv-endpoint 10.0.1.17:29400 --rdzv-id bert-3 --rdzv-conf is_host=false,join_timeout=2700 --max-restarts 100"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "wrapped"),
+    [
+        # The trainer's output redirected at the end: kept after torchrun, whose workers inherit its stdout/stderr.
+        ("python train.py 2>&1", f"{TORCHRUN} train.py 2>&1"),
+        ("python train.py > /outputs/log.txt 2>&1", f"{TORCHRUN} train.py > /outputs/log.txt 2>&1"),
+        ("python -u t.py &>> \"$OUTPUT_DIR/log\"", f"{TORCHRUN} --no-python python -u t.py &>> \"$OUTPUT_DIR/log\""),
+        # env NAME=value runs torchrun (its workers inherit the variables), as it ran the trainer.
+        ("env A=1 B='x y' python train.py", f"exec env A=1 B='x y' {TORCHRUN.removeprefix('exec ')} train.py"),
+        ("/usr/bin/env python -u t.py",
+         f"exec /usr/bin/env {TORCHRUN.removeprefix('exec ')} --no-python python -u t.py"),
+        ("A=2 env B=1 python3 -m pkg.train 2>err",
+         f"A=2 exec env B=1 {TORCHRUN.removeprefix('exec ').replace('python ', 'python3 ', 1)} -m pkg.train 2>err"),
+    ],
+)  # fmt: skip
+def test_env_assignments_and_trailing_output_redirections_are_wrapped_with_the_same_meaning(command, wrapped):
+    assert gang.launch_command(command, MEMBER, 8) == (wrapped, Launch.WRAPPED)
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("python t.py < input.txt", "'<' outside quotes: only output redirections at the end"),
+        ("python t.py > log; rm x", "only output redirections at the end"),
+        ("python t.py > $(date).log", "only output redirections at the end"),
+        ("python t.py 2>&1 | tee log", "only output redirections at the end"),
+        ("env -i python t.py", "env option '-i' cannot be wrapped"),
+        ("cd /app && python t.py", "'&' outside quotes makes it more than one program"),
+        ("accelerate launch t.py", "'accelerate' is neither python nor torchrun"),
+        ("uv run t.py", "'uv' is neither python nor torchrun"),
+        ("env A=1 torchrun --standalone t.py", "torchrun --standalone contradicts the gang"),
+        ("sh -c 'torchrun 2>&1 --standalone t.py'", "torchrun --standalone contradicts the gang"),
+        ("sh -c 'torchrun > log --nnodes 1 t.py'", "torchrun --nnodes=1 contradicts the gang"),
+    ],
+)
+def test_what_stays_refused_around_env_and_redirections_is_one_line(command, why):
+    with pytest.raises(GangError, match="^TI_TRAINING_COMMAND cannot run on 2 nodes: ") as raised:
+        gang.launch_command(command, MEMBER, 8)
+    assert why in str(raised.value)
+
+
+def test_a_wrapped_command_with_env_and_redirections_runs_in_a_real_shell_as_torchrun(tmp_path):
+    """Through bash, `python` a stub printing its argv and A on stdout and a line on stderr: both land in the file."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done; printf "A=%s\\n" "$A"; echo err >&2\n')
+    stub.chmod(0o755)
+    wrapped, _ = gang.launch_command("env A='x y' python train.py --lr 1 > out.txt 2>&1", MEMBER, 8)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    ran = subprocess.run(["bash", "-c", wrapped], capture_output=True, text=True, env=env, check=True, cwd=tmp_path)
+    assert ran.stdout == "" and ran.stderr == ""
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert lines[:3] == ["-m", "torch.distributed.run", "--nnodes"]
+    assert lines[-5:] == ["train.py", "--lr", "1", "A=x y", "err"]

@@ -188,7 +188,7 @@ def launch_command(command: str, member: Member, nproc: int) -> tuple[str, Launc
     # The user's text from the script (or from the interpreter, with its flags) on, as typed: the shell expands it
     # as it would have; assignments go before `exec` (`exec A=1 python` runs a program named A=1).
     prefix = f"{planned.assignments} " if planned.assignments else ""
-    return f"{prefix}exec {shlex.join(options)} {planned.tail}", Launch.WRAPPED
+    return f"{prefix}exec {planned.launcher}{shlex.join(options)} {planned.tail}", Launch.WRAPPED
 
 
 def gpu_count(nvidia_smi: str) -> int:

@@ -32,7 +32,8 @@ SHELLS = ("sh", "bash", "dash")
 ALLOWED = (
     "python [python's flags] SCRIPT|-m MODULE [ARGS] (wrapped in torchrun), or your own torchrun (torchrun ..., "
     "python -m torch.distributed.run ..., or sh -c '...' with torchrun the program of one of its commands) "
-    "without the options the gang sets, without unquoted ; & | < > ( ) or `"
+    "without the options the gang sets; `env NAME=value` before python and output redirections at the end (> FILE, "
+    "2>&1) are kept; no other unquoted ; & | < > ( ) or `"
 )
 
 # torchrun's options as torch 2.13's own parser declares them (torch.distributed.run.get_args_parser(); a test checks
@@ -96,6 +97,7 @@ class Plan:
     interpreter: str = ""
     tail: str = ""
     no_python: bool = False
+    launcher: str = ""  # `env A=1 ` as typed, before the interpreter (env runs torchrun, whose workers inherit)
 
 
 def shell_operator(command: str) -> str:
@@ -255,9 +257,15 @@ def _simple_commands(script: str) -> list[list[str]]:
     lexer = shlex.shlex(script.replace("\n", ";"), posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     lexer.commenters = ""
-    commands, current = [], []
+    commands, current, target = [], [], False
     for token in lexer:
-        if token and all(ch in ";&|()<>" for ch in token):
+        if target:  # a redirection's file (or fd): not a word of the command
+            target = False
+        elif token and all(ch in ";&|()<>" for ch in token) and ("<" in token or ">" in token):
+            if current and current[-1].isdigit():  # `2>&1` lexes as 2, >&, 1: the 2 is the fd, not a word
+                current.pop()
+            target = True
+        elif token and all(ch in ";&|()<>" for ch in token):
             commands.append(current)
             current = []
         else:
@@ -271,6 +279,10 @@ def _torchrun_args(texts: list[str]) -> tuple[list[str], str] | None:
     while head < len(texts) and (texts[head] in SHELL_RESERVED or ASSIGNMENT.fullmatch(texts[head])):
         head += 1
     rest = texts[head:]
+    try:
+        rest = rest[_env_prefix(rest) :]
+    except CommandRefused:
+        return None
     if not rest:
         return None
     if os.path.basename(rest[0]) == "torchrun":
@@ -293,6 +305,58 @@ def _script_torchruns(script: str) -> list[tuple[list[str], str]]:
     return [found for c in commands if (found := _torchrun_args(c)) is not None]
 
 
+# An output redirection at the end of the command (`> log`, `>> log`, `2>&1`, `&> log`, `2> err`): kept as typed
+# after the wrapped torchrun, whose workers inherit its stdout and stderr, so it means what it meant. Input (`<`)
+# and anything else stay refused.
+REDIRECTION = re.compile(r"[0-9]*(?:&>>?|>>?|>\||>&)")
+DUPLICATION = re.compile(r"[0-9]*>&(?:[0-9]+|-)")
+
+
+def _typed(command: str, typed: list[Word], i: int) -> str:
+    """Word i as typed (quotes kept)."""
+    stop = typed[i + 1].start if i + 1 < len(typed) else len(command)
+    return command[typed[i].start : stop].strip()
+
+
+def _redirections_from(command: str, typed: list[Word], k: int) -> bool:
+    """Whether words k.. are all output redirections (`>f`, `> f`, `2>&1`, `&>> f`) with plain targets."""
+    i = k
+    while i < len(typed):
+        op = REDIRECTION.match(command, typed[i].start)
+        if op is None:
+            return False
+        if DUPLICATION.fullmatch(typed[i].text) and _typed(command, typed, i) == typed[i].text:
+            i += 1
+            continue
+        target = _typed(command, typed, i)[op.end() - typed[i].start :]
+        if not target:  # the operator alone: its target is the next word
+            i += 1
+            if i >= len(typed):
+                return False
+            target = _typed(command, typed, i)
+        if shell_operator(target):
+            return False
+        i += 1
+    return True
+
+
+def _trailing_redirections(command: str, typed: list[Word]) -> int:
+    """Where the command's trailing output redirections begin (len(typed) when it has none)."""
+    return next(k for k in range(len(typed) + 1) if _redirections_from(command, typed, k))
+
+
+def _env_prefix(texts: list[str]) -> int:
+    """Words of a leading `env [NAME=value ...]` (0 when the program is not env); options of env are refused."""
+    if not texts or os.path.basename(texts[0]) != "env":
+        return 0
+    i = 1
+    while i < len(texts) and ASSIGNMENT.fullmatch(texts[i]):
+        i += 1
+    if i < len(texts) and texts[i].startswith("-"):
+        raise CommandRefused(f"env option {texts[i]!r} cannot be wrapped (env NAME=value ... PROGRAM only)")
+    return i
+
+
 def plan(command: str, nodes: int | None = None) -> Plan:
     """How `command` runs on every node of a gang of `nodes`, or CommandRefused saying why it cannot (one line)."""
     if not command.strip():
@@ -305,30 +369,38 @@ def plan(command: str, nodes: int | None = None) -> Plan:
     head = begin
     while head < len(typed) and ASSIGNMENT.fullmatch(typed[head].text):
         head += 1
-    rest = typed[head:]
+    end = _trailing_redirections(command, typed)
+    rest = typed[head:end]
     if not rest:
         raise CommandRefused("the command runs no program")
-    operator = shell_operator(command)
+    operator = shell_operator(command[: typed[end].start] if end < len(typed) else command)
+    if operator in ("<", ">"):
+        raise CommandRefused(f"{operator!r} outside quotes: only output redirections at the end (> FILE, >> FILE, "
+                             "2>&1, &> FILE) can be wrapped")  # fmt: skip
     if operator:
         raise CommandRefused(f"{operator!r} outside quotes makes it more than one program")
-    program, texts = rest[0].text, [w.text for w in rest]
+    texts = [w.text for w in rest]
     own = _torchrun_args(texts)
     if own is not None:
         check_torchrun_args(own[0], nodes, own[1])
         return Plan(Launch.USER_TORCHRUN)
-    if os.path.basename(program) in SHELLS and len(texts) >= 3 and texts[1] == "-c":
+    if os.path.basename(texts[0]) in SHELLS and len(texts) >= 3 and texts[1] == "-c":
         torchruns = _script_torchruns(texts[2])
         if not torchruns:
-            raise CommandRefused(f"{program} -c runs torchrun as none of its commands' program")
+            raise CommandRefused(f"{texts[0]} -c runs torchrun as none of its commands' program")
         for args, module in torchruns:
             check_torchrun_args(args, nodes, module)
         return Plan(Launch.USER_TORCHRUN)  # a script of its own that starts torchrun
+    assignments = command[typed[begin].start : rest[0].start].strip() if head > begin else ""
+    skip = _env_prefix(texts)
+    launcher = command[rest[0].start : rest[skip].start] if skip and skip < len(rest) else ""
+    rest, texts = rest[skip:], texts[skip:]
+    program = texts[0] if texts else "env"
     if not is_python(program):
         raise CommandRefused(f"{program!r} is neither python nor torchrun")
     index, module = python_target(texts[1:])
     if not module and index + 1 >= len(rest):
         raise CommandRefused("python is given no SCRIPT or -m MODULE")
-    assignments = command[typed[begin].start : rest[0].start].strip() if head > begin else ""
     if index == 0 or (index == 2 and texts[1] == "-m"):  # `python SCRIPT` or `python -m MODULE`: torchrun's own
-        return Plan(Launch.WRAPPED, assignments, program, command[rest[1].start :])
-    return Plan(Launch.WRAPPED, assignments, program, command[rest[0].start :], no_python=True)
+        return Plan(Launch.WRAPPED, assignments, program, command[rest[1].start :], launcher=launcher)
+    return Plan(Launch.WRAPPED, assignments, program, command[rest[0].start :], no_python=True, launcher=launcher)
