@@ -133,8 +133,14 @@ def test_real_torch_a_users_torchrun_without_gang_options_trains_as_one_job_over
 
     outs = run("torchrun --nproc-per-node 1 w.py")
     assert all("world_size 2" in out for out in outs), outs
+    refused = "torchrun --nnodes=1 --nproc-per-node 1 w.py"
     with pytest.raises(GangError, match="--nnodes=1 contradicts"):
-        gang.launch_command("torchrun --nnodes=1 --nproc-per-node 1 w.py", MEMBER, 1)
+        gang.launch_command(refused, MEMBER, 1)
+    # Why: run as given on node 0 with the same PET_*, the command's own --nnodes wins and node 0 trains alone.
+    host = Member(nodes=2, node=0, rendezvous=f"127.0.0.1:{_free_port()}", run_id="r", attempt=2, join_timeout=30)
+    env = {**os.environ, **gang.trainer_env(host, 1, nccl_debug=False), "PATH": f"{bindir}:{os.environ['PATH']}"}
+    alone = subprocess.run(["bash", "-c", refused], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "world_size 1" in alone.stdout, alone.stdout + alone.stderr[-2000:]
 
 
 TORCHRUN = (
