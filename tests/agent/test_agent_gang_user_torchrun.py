@@ -98,6 +98,20 @@ def test_the_stdlib_table_of_torchruns_options_is_torch_2_13s_own_parser():
     assert set(real) >= torchrun.GANG_OPTIONS
 
 
+def test_the_agent_reads_torchruns_options_from_torch_where_it_can_and_launch_never_imports_torch():
+    from torch.distributed.run import get_args_parser
+
+    real = {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}
+    assert torchrun.torchrun_options(from_torch=True) == real
+    code = (
+        "import sys\nfrom training_infra import launch_rules\n"
+        "launch_rules.gang_command('torchrun --nproc-per-node 2 t.py', 2)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert ran.stdout.strip() == "False", "the CLI's launch check must not import torch (seconds per launch)"
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

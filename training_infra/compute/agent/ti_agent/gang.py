@@ -165,7 +165,7 @@ def trainer_env(member: Member, nproc: int, *, nccl_debug: bool) -> dict[str, st
 
 def plan_for(command: str, nodes: int) -> torchrun.Plan:
     try:
-        return torchrun.plan(command, nodes)
+        return torchrun.plan(command, nodes, from_torch=True)
     except torchrun.CommandRefused as refused:
         why = f"TI_TRAINING_COMMAND cannot run on {nodes} nodes: {refused}; allowed: {torchrun.ALLOWED}"
         raise GangError(why) from None

@@ -8,6 +8,7 @@ runs", has the table.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -182,15 +183,19 @@ def python_target(args: list[str]) -> tuple[int, str]:
     raise CommandRefused("python is given no SCRIPT or -m MODULE")
 
 
-def torchrun_options(module: str = "") -> dict[str, bool]:
-    """Each option string of torchrun -> whether it takes a value: from torch's own parser where torch is importable
-    (the version the user runs), else torch 2.13's table above."""
+@functools.cache
+def _torch_parser_options() -> dict[str, bool] | None:
     try:
         from torch.distributed.run import get_args_parser  # noqa: PLC0415  (optional: the box may have no torch)
     except ImportError:
-        table = dict(TORCHRUN_OPTIONS)
-    else:
-        table = {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}  # noqa: SLF001
+        return None
+    return {o: a.nargs != 0 for a in get_args_parser()._actions for o in a.option_strings}  # noqa: SLF001
+
+
+def torchrun_options(module: str = "", *, from_torch: bool = False) -> dict[str, bool]:
+    """Each option string of torchrun -> whether it takes a value: on the box (`from_torch`) from torch's own parser
+    where torch is importable there, else (and always at launch, which must not import torch) torch 2.13's table."""
+    table = (_torch_parser_options() if from_torch else None) or TORCHRUN_OPTIONS
     return {**table, **(LAUNCH_OPTIONS if module == "torch.distributed.launch" else {})}
 
 
@@ -212,11 +217,11 @@ def _nnodes_allows_only(value: str, nodes: int) -> bool:
     return low.strip() == str(nodes) and (not high or high.strip() == str(nodes))
 
 
-def check_torchrun_args(args: list[str], nodes: int | None, module: str = "") -> None:
+def check_torchrun_args(args: list[str], nodes: int | None, module: str = "", *, from_torch: bool = False) -> None:
     """CommandRefused (one line) when the user's torchrun options set what the gang sets: which option, its value,
     and what is allowed (leave it out: the agent sets PET_*). Options up to the training script only: what follows
     it is the script's. `nodes` None: the gang's size is unknown here, so only an --nnodes of 1 is refused."""
-    table, i = torchrun_options(module), 0
+    table, i = torchrun_options(module, from_torch=from_torch), 0
     while i < len(args):
         word = args[i]
         if word == "--" or not word.startswith("-") or word == "-":
@@ -357,8 +362,9 @@ def _env_prefix(texts: list[str]) -> int:
     return i
 
 
-def plan(command: str, nodes: int | None = None) -> Plan:
-    """How `command` runs on every node of a gang of `nodes`, or CommandRefused saying why it cannot (one line)."""
+def plan(command: str, nodes: int | None = None, *, from_torch: bool = False) -> Plan:
+    """How `command` runs on every node of a gang of `nodes`, or CommandRefused saying why it cannot (one line).
+    `from_torch`: read torchrun's options from torch's own parser when torch is importable (the agent on the box)."""
     if not command.strip():
         raise CommandRefused("the command is empty (the image's own CMD is not seen, so it cannot be wrapped)")
     try:
@@ -382,14 +388,14 @@ def plan(command: str, nodes: int | None = None) -> Plan:
     texts = [w.text for w in rest]
     own = _torchrun_args(texts)
     if own is not None:
-        check_torchrun_args(own[0], nodes, own[1])
+        check_torchrun_args(own[0], nodes, own[1], from_torch=from_torch)
         return Plan(Launch.USER_TORCHRUN)
     if os.path.basename(texts[0]) in SHELLS and len(texts) >= 3 and texts[1] == "-c":
         torchruns = _script_torchruns(texts[2])
         if not torchruns:
             raise CommandRefused(f"{texts[0]} -c runs torchrun as none of its commands' program")
         for args, module in torchruns:
-            check_torchrun_args(args, nodes, module)
+            check_torchrun_args(args, nodes, module, from_torch=from_torch)
         return Plan(Launch.USER_TORCHRUN)  # a script of its own that starts torchrun
     assignments = command[typed[begin].start : rest[0].start].strip() if head > begin else ""
     skip = _env_prefix(texts)
