@@ -81,32 +81,43 @@ def on_notice(
     return None
 
 
-def still_saving(run: Any, now: datetime) -> Any | None:
-    """The earlier attempt whose box may still be writing the run's checkpoint at `now`, if any: the one with an
-    instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future),
-    the latest such end when there are several (a chain of notices: each waited for the one before it).
+def still_saving(run: Any, now: datetime) -> list[Any]:
+    """Every earlier attempt whose box may still be writing the run's checkpoint at `now`, oldest first: each with
+    an instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future).
 
-    Any earlier attempt counts, not only the one the notice named (`replaces`): when the replacement started on
-    the notice found no capacity or died early, the attempt after it must still wait for the warned box."""
+    All of them, not the one ending latest: two notices inside one window (attempt 2 warned while it waited for
+    attempt 1) leave attempt 1 saving, and attempt 2 may write its final status.json without having waited (a
+    failed cold-start part ends its restore wait), so attempt 3 must wait for both. Any earlier attempt counts, not
+    only the one the notice named: when the replacement started on the notice found no capacity or died early,
+    the attempt after it must still wait for the warned box."""
     current = run.current
-    saving = [
-        a for a in run.attempts
-        if a is not current and a.instance_id and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now
-    ]  # fmt: skip
-    return max(saving, key=lambda a: (parse_iso(a.ended_at) or now, a.n), default=None)
+    return sorted(
+        (a for a in run.attempts
+         if a is not current and a.instance_id and may_run_after_its_end(run, a)
+         and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now),
+        key=lambda a: a.n,
+    )  # fmt: skip
+
+
+def may_run_after_its_end(run: Any, attempt: Any) -> bool:
+    """Whether the attempt's box may still run after the end its record holds: one ended on a spot notice (ended in
+    the record at the notice's end, while the box saves) or a gang's. A single-node attempt ended any other way was
+    recorded only once EC2 reported its box `terminated` (powered off) or gone, or stopped (supervisor._step)."""
+    return bool(attempt.reclaim_warned_at or attempt.members or run.spec.nodes > 1)
 
 
 def replaces_tags(run: Any, now: datetime) -> dict[str, str]:
-    """The tags the new attempt's instance carries so its agent waits for the old one's final checkpoint: which
-    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin). Read at the
-    launch request: an attempt that waited for capacity past the old box's end waits for nothing."""
-    old = still_saving(run, now)
+    """The tags the new attempt's instance carries so its agent waits for the old ones' final checkpoints: which
+    attempts (`1,2`), and until when at most (the latest of their ends, a notice's, plus EC2's shutdown margin).
+    Read at the launch request: an attempt that waited for capacity past the old boxes' ends waits for nothing."""
+    saving = still_saving(run, now)
     attempt = run.current
     if attempt is not None:
-        attempt.replaces = old.n if old is not None else 0  # the record says what its agent waits for
-    if old is None:
+        attempt.replaces = saving[-1].n if saving else 0  # the record: the latest attempt its agent waits for
+    if not saving:
         return {}
-    return {REPLACES_TAG: str(old.n), UNTIL_TAG: iso((parse_iso(old.ended_at) or now) + SHUTDOWN_MARGIN)}
+    until = max((parse_iso(a.ended_at) or now) for a in saving) + SHUTDOWN_MARGIN
+    return {REPLACES_TAG: ",".join(str(a.n) for a in saving), UNTIL_TAG: iso(until)}
 
 
 def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
