@@ -193,21 +193,37 @@ def test_imds_down_for_good_waits_the_whole_bound_before_restoring_instead_of_re
     assert agent.calls == [], "nothing to poll: which attempt it replaces is unknown"
 
 
-def test_an_agent_whose_tag_listing_fails_knows_no_attempt_and_its_restore_waits_the_whole_bound(tmp_path, monkeypatch):
+def test_an_agent_whose_tags_stay_unreadable_for_the_handover_bound_ends_before_any_trainer_starts(
+    tmp_path, monkeypatch
+):
+    from training_infra.compute.agent.ti_agent.agent import Agent
+    from training_infra.compute.agent.ti_agent.checkpoints import AttemptFailed
+    from training_infra.local.imds import FakeImds
+
+    pauses: list[float] = []
+    monkeypatch.setattr(handover.time, "sleep", pauses.append)
+    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+        agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+        with pytest.raises(AttemptFailed, match=r"instance tags not readable from IMDS for 180 s \(.*HTTP 500.*\): "
+                           "attempt unknown, so no trainer starts"):  # fmt: skip
+            agent.read_tags()
+        asked = len(imds.requests_for("meta-data/tags/instance"))
+    assert sum(pauses) >= handover.WAIT_SECONDS and asked == len(pauses) + 1, "asked again for the whole bound"
+    assert max(pauses) <= 30, "never more than 30 s between two tries"
+    assert agent.attempt == 0 and agent.trainer is None, "no trainer, and no attempt's records overwritten"
+
+
+def test_the_attempt_tag_read_after_a_minute_of_imds_errors_is_still_the_right_attempt(tmp_path, monkeypatch):
     from training_infra.compute.agent.ti_agent.agent import Agent
     from training_infra.local.imds import FakeImds
 
-    monkeypatch.setattr(handover, "IMDS_BACKOFF_SECONDS", 0.0)
-    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+    pauses: list[float] = []
+    monkeypatch.setattr(handover.time, "sleep", pauses.append)
+    with FakeImds(tags=failing_tags(6, {"training-infra:attempt": "3"})) as imds:
         agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
         agent.read_tags()
-        assert len(imds.requests_for("meta-data/tags/instance")) == handover.IMDS_TRIES, "asked again, bounded"
-    assert agent.attempt == 0, "not taken as attempt 1: its records overwrite no attempt's"
-    assert "HTTP 500" in agent.tags_unread
-    clock = Clock()
-    monkeypatch.setattr(agent, "tag", lambda _name: "1")  # even a tag read later cannot say which box still saves
-    found = handover.before_restore(agent, sleep=clock.sleep)
-    assert found is not None and found.unread and clock.now == handover.WAIT_SECONDS
+    assert sum(pauses) > 7, "longer than the 4 tries (about 7 s) that made it attempt 0"
+    assert agent.attempt == 3 and agent.tags_unread == ""
 
 
 def test_an_agent_whose_tags_read_after_a_passing_error_knows_its_attempt(tmp_path, monkeypatch):

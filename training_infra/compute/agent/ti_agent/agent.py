@@ -408,15 +408,20 @@ class Agent:
 
     def read_tags(self) -> None:
         """Which attempt this is and the run's deadline, from the instance tags (404: tags off or none). Another
-        IMDS error is asked again; if it stays, `tags_unread` makes the restore wait the whole handover bound."""
+        IMDS error is asked again, for up to the handover bound; if it stays, the attempt ends here, before the
+        trainer starts: an attempt that does not know its number would write its records where the supervisor
+        does not read them (a success seen as "ended without a status.json") and cannot know what it replaces."""
+        patience = handover.WAIT_SECONDS
         try:
-            keys = (handover.read_tag(lambda: self.imds.get("meta-data/tags/instance")) or "").splitlines()
-            value = (handover.read_tag(lambda: self.tag("attempt")) or "") if f"{TAG}:attempt" in keys else None
+            keys = handover.read_tag(lambda: self.imds.get("meta-data/tags/instance"), patience=patience) or ""
+            keys = keys.splitlines()
+            value = None
+            if f"{TAG}:attempt" in keys:
+                value = handover.read_tag(lambda: self.tag("attempt"), patience=patience) or ""
         except ImdsError as error:
             self.attempt, self.tags_unread = 0, str(error)  # 0: unknown, its records overwrite no attempt's
-            self.log(f"WARNING: instance tags not readable ({error}): attempt unknown (0); the restore waits "
-                     f"{handover.WAIT_SECONDS} s in case a box this one replaces still saves")  # fmt: skip
-            return
+            self.fail(f"instance tags not readable from IMDS for {patience} s ({error}): attempt unknown, so no "
+                      "trainer starts; the supervisor relaunches this run as for any failed box")  # fmt: skip
         self.attempt = 1
         if value is not None:
             if not re.fullmatch(r"[1-9][0-9]{0,5}", value):

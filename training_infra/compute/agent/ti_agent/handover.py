@@ -123,15 +123,29 @@ def replaced_attempts(tag_value: str | None, attempt: int) -> tuple[int, ...]:
     return tuple(sorted(found))
 
 
-def read_tag(get: Callable[[], str | None], *, sleep: Callable[[float], None] | None = None) -> str | None:
+def imds_pauses(patience: float = 0) -> list[float]:
+    """The pauses between IMDS tries (in units of IMDS_BACKOFF_SECONDS): 1, 2, 4 s (IMDS_TRIES tries in all), or with
+    `patience` doubling up to 30 s apart until they add up to it (the attempt tag: up to the handover bound)."""
+    if not patience:
+        return [2.0**n for n in range(IMDS_TRIES - 1)]
+    pauses: list[float] = []
+    while sum(pauses) < patience:
+        pauses.append(min(30.0, 2.0 ** len(pauses)))
+    return pauses
+
+
+def read_tag(
+    get: Callable[[], str | None], *, sleep: Callable[[float], None] | None = None, patience: float = 0
+) -> str | None:
     """A tag's value, None only for IMDS's 404 (no such tag); any other IMDS error is asked again, then raised."""
-    for n in range(1, IMDS_TRIES + 1):
+    pauses = imds_pauses(patience)
+    for n in range(len(pauses) + 1):
         try:
             return get()
         except ImdsError:
-            if n >= IMDS_TRIES:
+            if n >= len(pauses):
                 raise
-            (sleep or time.sleep)(IMDS_BACKOFF_SECONDS * 2 ** (n - 1))
+            (sleep or time.sleep)(IMDS_BACKOFF_SECONDS * pauses[n])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
