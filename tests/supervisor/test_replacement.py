@@ -228,3 +228,45 @@ def test_a_box_the_supervisor_terminated_is_replaced_only_once_ec2_reports_it_te
     old, new = run.attempts
     assert old.end_reason == "stalled" and new.instance_id, "relaunched once terminated"
     assert REPLACES_TAG not in _tags(account, new.instance_id), "a powered-off box writes nothing: no wait"
+
+
+def test_a_box_that_outlived_its_notice_is_priced_up_to_when_it_was_terminated(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    priced = account.run().attempts[0]
+    assert abs(priced.cost_usd / priced.hourly_usd * 60 - 32) < 1e-6, "32 minutes: up to the notice's end"
+    account.clock.advance(minutes=3)  # 08:33:00: EC2 has not taken it; the reconcile terminates it now
+    account.supervisor().reconcile("bert")
+    old = account.run().attempts[0]
+    assert old.terminated_at == "2026-11-29T08:33:00Z" and old.ended_at == "2026-11-29T08:32:00Z"
+    assert abs(old.cost_usd / old.hourly_usd * 60 - 33) < 1e-6, "33 minutes: it ran a minute past its notice"
+
+
+class DescribeFails:
+    """The account's EC2 client, but DescribeInstances of the boxes named answers a 5xx."""
+
+    def __init__(self, ec2, instance_ids: set[str]) -> None:
+        self._ec2, self.ids = ec2, instance_ids
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def describe_instances(self, **request):
+        from botocore.exceptions import ClientError
+
+        if set(request.get("InstanceIds", [])) & self.ids:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, "DescribeInstances")
+        return self._ec2.describe_instances(**request)
+
+
+def test_a_failed_look_for_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    account.clock.advance(minutes=3)
+    answer = account.supervisor(ec2=DescribeFails(account.ec2, {first.instance_id})).reconcile("bert")
+    assert answer["state"] == "running" and not account.run().attempts[0].terminated_at, "the run went on"
+    account.clock.advance(minutes=1)
+    account.supervisor().reconcile("bert")  # the next minute looks again
+    assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"

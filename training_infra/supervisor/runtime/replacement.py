@@ -10,15 +10,19 @@ writes its final checkpoint; its agent restores only after the old attempt's fin
 never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
 
 The old attempt is priced up to the notice's end, so the overlap of two boxes (at most one notice per
-interruption) is in the run's cost. Only for a spot attempt with an instance, no stop requested, and the
+interruption) is in the run's cost; a box EC2 has not taken, which end_outlivers terminates later, is priced
+again up to that terminate. Only for a spot attempt with an instance, no stop requested, and the
 warned attempt still the run's current one: handling the same warning twice starts one replacement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime, timedelta
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     from records import AttemptEnd, StaleRecord, iso, parse_iso
@@ -134,7 +138,12 @@ def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
             continue
         if attempt.members or attempt.terminated_at or not ended + SHUTDOWN_MARGIN <= now < ended + OUTLIVE_WINDOW:
             continue
-        found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        try:
+            found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        except (ClientError, BotoCoreError) as error:  # this look only: the run's reconcile goes on, the next tries
+            log.warning("run %s: attempt %s's box %s not described (%s): looked for again at the next reconcile",
+                        run.run_id, attempt.n, attempt.instance_id, error)  # fmt: skip
+            continue
         instance = next((i for r in found for i in r["Instances"]), None)
         if (instance or {}).get("State", {}).get("Name") not in ("pending", "running"):
             continue
@@ -142,6 +151,11 @@ def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
             continue
         supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
         attempt.terminated_at, changed = iso(now), True
+        # Priced again up to now, its real end: the record's end stays the notice's (what the handover waited for).
+        priced = dataclasses.replace(attempt, ended_at=iso(now))
+        supervisor._price(run, priced, now)
+        for name in ("priced", "cost_usd", "on_demand_usd", "hourly_usd", "price_source"):
+            setattr(attempt, name, getattr(priced, name))
         log.warning("run %s: attempt %s's box %s outlived its spot notice (ended %s): terminated", run.run_id,
                     attempt.n, attempt.instance_id, attempt.ended_at)  # fmt: skip
     return changed
