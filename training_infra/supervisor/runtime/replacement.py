@@ -5,9 +5,10 @@ training again was notice + boot + restore. With it, on `EC2 Spot Instance Inter
 supervisor ends the warned attempt in the record at once (reclaimed, its end the notice's end: EC2 takes
 the box two minutes after the warning), cools its pool down, and claims and launches the next attempt
 on another pool, tagged `training-infra:replaces=<old attempt>`. The new box boots while the old one
-writes its final checkpoint; its agent restores only after the old attempt's final status.json is in S3
-(or a bounded wait passed, by when EC2 has ended the old box): ti_agent/handover.py. So two trainers
-never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
+writes its final checkpoint; its agent restores only after the final status.json of every earlier attempt
+that may still save is in S3, or at `replaces-until` (the latest notice's end + 30 s): ti_agent/handover.py.
+The old agent writes no checkpoint after its notice's action time (checkpoints.Checkpoints.cut_off), so two
+trainers never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
 
 The old attempt is priced up to the notice's end, so the overlap of two boxes (at most one notice per
 interruption) is in the run's cost; a box EC2 has not taken, which end_outlivers terminates later, is priced

@@ -5,13 +5,15 @@ The supervisor starts attempt n+1 while attempt n, warned of its spot interrupti
 earlier attempt that may still save: `replaces=1,2` after two notices in one window). Before
 restoring, this agent waits until each of them has its final `status.json` (written by its finalize
 after the final checkpoint sync and its manifest), then restores the newest complete checkpoint as always (the
-manifest names it: checkpoints.py). The wait is bounded: EC2 takes the old box two minutes after the
-warning and this box booted after the warning, so after WAIT_SECONDS the old trainer cannot be writing
-any more. Either way, two trainers never write one checkpoint.
+manifest names it: checkpoints.py). The wait is bounded by `replaces-until` (the notice's end + 30 s; at
+most WAIT_SECONDS): the old agent writes no checkpoint after its notice's action time (notice_deadline,
+checkpoints.Checkpoints.cut_off), so after the bound no old writer is left. Either way, two trainers never
+write one checkpoint.
 
 It fails closed: only IMDS's 404 means "no such tag". Any other IMDS error is asked again (IMDS_TRIES, with
-backoff); when the tags stay unreadable (this one, or the attempt tag when the agent read its tags), the agent
-cannot know whether a box it replaces still saves, so it waits the whole WAIT_SECONDS before restoring.
+backoff; the attempt tag for up to WAIT_SECONDS, then the attempt ends before any trainer: agent.read_tags);
+when this tag stays unreadable, the agent cannot know whether a box it replaces still saves, so it waits the
+whole WAIT_SECONDS before restoring.
 """
 
 from __future__ import annotations
