@@ -270,3 +270,30 @@ def test_a_failed_look_for_a_box_that_outlived_its_notice_fails_not_the_runs_rec
     account.clock.advance(minutes=1)
     account.supervisor().reconcile("bert")  # the next minute looks again
     assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"
+
+
+class StateAs(ShuttingDown):
+    """The account's EC2 client, but the boxes named show the given state whatever moto holds."""
+
+    def __init__(self, ec2, states: dict[str, str]) -> None:
+        super().__init__(ec2, set(states))
+        self.states = states
+
+    def describe_instances(self, **request):
+        answer = self._ec2.describe_instances(**request)
+        for reservation in answer["Reservations"]:
+            for instance in reservation["Instances"]:
+                if instance["InstanceId"] in self.states:
+                    instance["State"] = {"Code": 64, "Name": self.states[instance["InstanceId"]]}
+        return answer
+
+
+def test_a_box_seen_stopping_is_terminated_and_replaced_only_once_ec2_reports_it_terminated(account):
+    first = start(account, max_restarts_on_errors=1).attempts[0]
+    account.clock.advance(minutes=30)
+    account.supervisor(ec2=StateAs(account.ec2, {first.instance_id: "stopping"})).reconcile("bert")
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated"), "terminated"
+    assert len(account.run().attempts) == 1, "still powered while stopping: its agent may sync; no second trainer"
+    account.clock.advance(minutes=1)
+    account.supervisor().reconcile("bert")  # EC2 reports it terminated
+    assert len(account.run().attempts) == 2 and account.run().attempts[1].instance_id
