@@ -104,6 +104,18 @@ def test_a_replacement_joins_the_same_attempts_group(gang_account):
     assert [g["GroupId"] for g in gang_groups(gang_account)] == [attempt.security_group], "no second group"
 
 
+def test_a_replacement_joins_its_attempts_group_whatever_version_the_record_names(gang_account):
+    run = start_gang(gang_account, nodes=2)
+    attempt = run.attempts[0]
+    joined = attempt.launch_template_version
+    run.attempts[0].launch_template_version = "1"  # the stack's group alone: the replacement would reach no member
+    supervisor(gang_account).store.save(run)
+    lose(gang_account, attempt.members[1].instance_id)
+    replacement = gang_account.ec2_gang.fleets[-1]
+    assert replacement["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["Version"] == joined
+    assert launched_groups(gang_account, replacement) == [gang_account.security_group, attempt.security_group]
+
+
 def test_the_next_attempt_gets_a_new_group_and_the_ended_attempts_group_is_deleted(gang_account):
     first = start_gang(gang_account, nodes=2).attempts[0]
     lose(gang_account, first.members[0].instance_id)  # the host: the whole gang relaunches

@@ -540,7 +540,11 @@ def launch_replacement(clients: Any, run: Run, attempt: Attempt, cfg: Any, node:
     sup = _sup()
     host = attempt.live_member(0)
     assert host is not None and node != 0
-    version = attempt.launch_template_version or run.spec.launch_template_version
+    # The attempt's own group and version, found again (by name and tags, by content) rather than read from the
+    # record: the replacement joins exactly the group its attempt's members are in, and nothing else.
+    network = [cfg.security_group_id, gang_security_group(clients, cfg, run, attempt)]
+    efa = efa_support(clients.ec2, [host.instance_type])[host.instance_type]
+    version = gang_template_version(clients, run, cfg, network, efa=efa)
     pool = (host.instance_type, host.subnet_id)
     zones = {host.subnet_id: host.zone}
     tags = {cfg.node_tag: str(node), cfg.rendezvous_tag: rendezvous(host)}
