@@ -120,7 +120,7 @@ def test_the_next_attempt_gets_a_new_group_and_the_ended_attempts_group_is_delet
     first = start_gang(gang_account, nodes=2).attempts[0]
     lose(gang_account, first.members[0].instance_id)  # the host: the whole gang relaunches
     gang_account.end_instance(first.members[1].instance_id)
-    supervisor(gang_account).reconcile("bert")
+    supervisor(gang_account).reconcile_all()  # the next gang, then the minute's sweep
     run = gang_account.run()
     second = run.attempts[1]
     assert second.security_group and second.security_group != first.security_group
@@ -135,7 +135,7 @@ def test_a_group_ec2_still_refuses_to_delete_is_deleted_by_a_later_minutes_sweep
     gang_account.ec2_gang.linger = 2  # the ended members' interfaces detach over the next minutes
     for member in attempt.members:
         gang_account.end_instance(member.instance_id)
-    supervisor(gang_account).reconcile("bert")
+    supervisor(gang_account).reconcile_all()
     assert gang_account.run().state == RunState.STOPPED
     assert [g["GroupId"] for g in gang_groups(gang_account)] == [attempt.security_group], "refused: kept for now"
     supervisor(gang_account).reconcile_all()

@@ -217,7 +217,7 @@ def _bare(permission: Mapping[str, Any]) -> dict[str, Any]:
 
 def delete_security_group(clients: Any, group_id: str) -> bool:
     """Delete a gang group; False while EC2 refuses (its members' interfaces linger a few minutes after they
-    terminated: DependencyViolation): the minute's sweep retries (`sweep_security_groups`)."""
+    terminated: DependencyViolation): the next minute's sweep retries."""
     try:
         clients.ec2.delete_security_group(GroupId=group_id)
     except ClientError as error:
@@ -857,8 +857,6 @@ class GangWatcher:
             if member.state == MemberState.LOST:
                 member.state = MemberState.ENDED
         attempt.end(reason, words, iso(now))
-        if attempt.security_group:  # every member ended; EC2 may refuse while their interfaces linger: the sweep
-            delete_security_group(self.clients, attempt.security_group)
         price_gang(self.sv, run, attempt, now)
         if reason == AttemptEnd.RECLAIMED and attempt.zone:
             run.cooldown[sup.pool_key(attempt.instance_type, attempt.zone)] = iso(
