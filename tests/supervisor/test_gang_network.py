@@ -144,7 +144,7 @@ def test_a_group_ec2_still_refuses_to_delete_is_deleted_by_a_later_minutes_sweep
     assert gang_groups(gang_account) == []
 
 
-def test_a_crashed_launchs_half_made_group_is_completed_not_duplicated(gang_account):
+def test_a_crashed_launchs_half_made_group_is_completed_to_only_self_rules_not_duplicated(gang_account):
     run = gang_account.new_run(nodes=2, instance_types=[EFA_TYPE])
     vpc = group(gang_account, gang_account.security_group)["VpcId"]
     tags = [{"Key": naming.TAG_CREATED_BY, "Value": "supervisor"}, {"Key": naming.TAG_RUN_ID, "Value": "bert"},
@@ -153,7 +153,13 @@ def test_a_crashed_launchs_half_made_group_is_completed_not_duplicated(gang_acco
         GroupName=f"{naming.RUN_TEMPLATE_PREFIX}{run.run_id}-1", Description="half made", VpcId=vpc,
         TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
     )["GroupId"]  # fmt: skip
-    assert any(r.get("IpRanges") for r in group(gang_account, made)["IpPermissionsEgress"])
+    ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    gang_account.ec2.authorize_security_group_ingress(GroupId=made, IpPermissions=[ssh])  # a rule nobody should add
+    # The self egress rule was added before the crash: EC2 lists it with the default egress as one permission.
+    self_rule = {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": made}]}
+    gang_account.ec2.authorize_security_group_egress(GroupId=made, IpPermissions=[self_rule])
+    (merged,) = group(gang_account, made)["IpPermissionsEgress"]
+    assert merged["IpRanges"] and merged["UserIdGroupPairs"]
     supervisor(gang_account).reconcile("bert")
     assert gang_account.run().attempts[0].security_group == made
     assert_only_self_rules(group(gang_account, made))

@@ -193,26 +193,34 @@ def gang_security_group(clients: Any, cfg: Any, run: Run, attempt: Attempt) -> s
 
 
 def _only_self_rules(clients: Any, group_id: str) -> None:
-    """Ingress and egress: the self rule and nothing else (a new group's default egress revoked)."""
+    """Ingress and egress: the self rule and nothing else (a new group's default egress revoked). EC2 lists rules of
+    one protocol and port range as one permission (the self pair beside ::/0, say), so each is taken apart into one
+    permission per source or destination and every part but the self pair revoked."""
     (group,) = clients.ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     for direction, permissions in (("ingress", group.get("IpPermissions", [])),
                                    ("egress", group.get("IpPermissionsEgress", []))):  # fmt: skip
-        authorize = getattr(clients.ec2, f"authorize_security_group_{direction}")
-        revoke = getattr(clients.ec2, f"revoke_security_group_{direction}")
-        others = [p for p in permissions if not _is_self_rule(p, group_id)]
+        parts = [part for permission in permissions for part in _parts(permission)]
+        others = [part for part in parts if not _is_self_rule(part, group_id)]
         if others:
-            revoke(GroupId=group_id, IpPermissions=[_bare(p) for p in others])
-        if len(others) == len(permissions):  # no self rule yet
-            authorize(GroupId=group_id, IpPermissions=_self_permission(group_id))
+            getattr(clients.ec2, f"revoke_security_group_{direction}")(GroupId=group_id, IpPermissions=others)
+        if len(others) == len(parts):  # no self rule yet
+            getattr(clients.ec2, f"authorize_security_group_{direction}")(
+                GroupId=group_id, IpPermissions=_self_permission(group_id)
+            )
 
 
-def _bare(permission: Mapping[str, Any]) -> dict[str, Any]:
-    """A described permission as RevokeSecurityGroup* takes it back."""
-    keys = ("IpProtocol", "FromPort", "ToPort", "IpRanges", "Ipv6Ranges", "PrefixListIds", "UserIdGroupPairs")
-    bare = {k: permission[k] for k in keys if permission.get(k) not in (None, [])}
-    if "UserIdGroupPairs" in bare:
-        bare["UserIdGroupPairs"] = [{"GroupId": p["GroupId"]} for p in bare["UserIdGroupPairs"]]
-    return bare
+def _parts(permission: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A described permission as RevokeSecurityGroup* takes it back: one per address range, prefix list or group."""
+    base = {k: permission[k] for k in ("IpProtocol", "FromPort", "ToPort") if permission.get(k) is not None}
+    return [
+        *({**base, "IpRanges": [{"CidrIp": r["CidrIp"]}]} for r in permission.get("IpRanges") or []),
+        *({**base, "Ipv6Ranges": [{"CidrIpv6": r["CidrIpv6"]}]} for r in permission.get("Ipv6Ranges") or []),
+        *(
+            {**base, "PrefixListIds": [{"PrefixListId": r["PrefixListId"]}]}
+            for r in permission.get("PrefixListIds") or []
+        ),
+        *({**base, "UserIdGroupPairs": [{"GroupId": r["GroupId"]}]} for r in permission.get("UserIdGroupPairs") or []),
+    ]
 
 
 def delete_security_group(clients: Any, group_id: str) -> bool:
