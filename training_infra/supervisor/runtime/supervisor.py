@@ -661,6 +661,10 @@ class Supervisor:
             except Exception as error:  # noqa: BLE001 - reported below so the errors alarm fires
                 log.exception("reconcile of %s failed", run.run_id)
                 failures.append(f"{run.run_id}: {error}")
+        try:  # gang security groups no open attempt needs (gang.py); a failure here ends no run
+            _gang().sweep_security_groups(self)
+        except ClientError as error:
+            log.warning("gang security groups not swept (the next minute retries): %s", error)
         groups, group_failures = step_groups(self)  # sweeps, after their members (sweeps.py)
         results.extend(groups)
         failures.extend(group_failures)
