@@ -71,7 +71,7 @@ def one_round(aws: Emulator, workdir: Path, number: int) -> dict[str, float]:
     try:
         run.start()
         run.wait_for_log(r"epoch 3/", timeout=120)
-        time.sleep(random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
+        time.sleep(0 if SMOKE else random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
         noticed = time.time()
         run.imds.inject_spot_interruption()
         found: dict[str, re.Match | None] = {}
@@ -182,7 +182,7 @@ def notice_round(aws: Emulator, workdir: Path, number: int) -> float:
     run = new_run(aws, workdir / "run", run_id=f"bench-notice-{number}", training_command=f"{sys.executable} {trainer}")
     try:
         run.start().wait_for_log(TRAINER_STARTED, timeout=180)
-        time.sleep(random.uniform(1, 6))  # noqa: S311 - land anywhere in a poll cycle
+        time.sleep(0 if SMOKE else random.uniform(1, 6))  # noqa: S311 - land anywhere in a poll cycle
         noticed = time.time()
         run.imds.inject_spot_interruption()
         return float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)", timeout=60).group(1)) - noticed
@@ -205,7 +205,7 @@ def cpu_round(aws: Emulator, workdir: Path, number: int, seconds: float) -> dict
     try:
         run.start()
         started = float(run.wait_for_log(TRAINER_STARTED, timeout=180).group(1))
-        time.sleep(2 if SMOKE else 15)  # past the first minute's one-off calls of each watcher
+        time.sleep(1 if SMOKE else 15)  # past the first minute's one-off calls of each watcher
         assert run.process is not None
         before, at = agent_cpu_seconds(run.process.pid, trainer.name), time.monotonic()
         time.sleep(seconds)
@@ -248,7 +248,7 @@ def container_round(aws: Emulator, engine: ContainerEngine, workdir: Path, numbe
         figures["overhead"] = sum(figures.values())
         figures["agent"] = trainer_at - run.started_at
         run.wait_for_log(r"epoch 2/", timeout=60)
-        time.sleep(random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
+        time.sleep(0 if SMOKE else random.uniform(0, 5))  # noqa: S311 - land anywhere in the 5 s poll cycle
         noticed = time.time()
         run.imds.inject_spot_interruption()
         figures["SIGTERM"] = float(run.wait_for_log(r"received SIGTERM at ([0-9.]+)", timeout=60).group(1)) - noticed
@@ -281,7 +281,7 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} is not allowed: use 1 or more")
     args.rounds, args.notices = size(args.rounds), size(args.notices)
-    args.cpu_seconds = size(int(args.cpu_seconds), 5)
+    args.cpu_seconds = size(int(args.cpu_seconds), 2)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp, Emulator(Path(tmp) / "moto") as aws:
         if not args.skip_process and args.notices:
             print(f"spot notice to the trainer's SIGTERM: {args.notices} short runs, production timings", flush=True)

@@ -86,7 +86,7 @@ def now(account, run_id: str, boot: float, save: float) -> float:
     bound = handover.wait_bound(tags[UNTIL_TAG], warned.timestamp() + clock.now)  # as the agent reads its tag
     final_status_at = save if save <= NOTICE else None  # a save longer than the notice never finishes
     found = handover.wait_for_replaced(
-        old.n, lambda: final_status_at is not None and clock.now >= final_status_at, wait_seconds=bound,
+        old.n, lambda _n: final_status_at is not None and clock.now >= final_status_at, wait_seconds=bound,
         clock=clock, sleep=clock.sleep,
     )  # fmt: skip
     account.end_instance(old.instance_id)

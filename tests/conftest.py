@@ -200,3 +200,62 @@ def synth(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------- xdist order
+# `make test` runs `-n 2 --dist loadscope`: each scope (a module) goes whole to one worker, in this order.
+# xdist's own order (most tests first) started long end-to-end modules last (the last run ended on one worker
+# alone with the gang test). These start first, longest first (per-module figures of a measured run); every
+# other scope follows in collection order and fills in beside them.
+LONGEST_FIRST: tuple[str, ...] = (
+    "tests/agent/test_agent_progress.py",
+    "tests/agent/test_agent_scenarios.py",
+    "tests/agent/test_agent_security.py",
+    "tests/agent/test_agent_container.py",
+    "tests/test_local_demo.py",
+    "tests/test_local_gang.py",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_gang_agent.py]",
+    "tests/agent/test_agent_managed.py",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_agent.py]",
+    "tests/agent/test_agent_coldstart.py",
+    "tests/agent/test_agent_gang.py",
+    "tests/test_gates.py",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_coldstart.py]",
+    "tests/agent/test_agent_params.py",
+    "tests/test_deploy_guard.py",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_status_cost.py]",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_local.py]",
+    "tests/test_diff_role.py",
+    "tests/test_bench_smoke.py::test_bench_script_runs_to_the_end_at_its_smallest_size[scripts/bench_launch.py]",
+)
+# Scopes of their own: tests without a shared module fixture, too long to run one after another on one worker.
+ONE_SCOPE_PER_TEST: tuple[str, ...] = ("tests/test_bench_smoke.py::",)
+
+
+def xdist_scope(nodeid: str) -> str:
+    """What one worker runs together: the module (class), or the test itself for ONE_SCOPE_PER_TEST."""
+    return nodeid if nodeid.startswith(ONE_SCOPE_PER_TEST) else nodeid.rsplit("::", 1)[0]
+
+
+def _rank(nodeid: str) -> int:
+    return next((n for n, prefix in enumerate(LONGEST_FIRST) if nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest scopes first (stable: a module's tests keep their order and stay together)."""
+    items.sort(key=lambda item: _rank(item.nodeid))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """loadscope with our scopes and the collection's order (xdist would re-sort it by test count)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongestFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return LongestFirst(config, log)

@@ -1,5 +1,6 @@
-"""Gangs as deployed (issue 25): the supervisor's least privilege for placement groups, EFA versions and node tags,
-the gang settings in its environment, and the EFA launch-template shape made from the stack's own template."""
+"""Gangs as deployed (issue 25): the supervisor's least privilege for placement groups, gang security groups, EFA
+versions and node tags, the gang settings in its environment, and the gang network made from the stack's own
+template."""
 
 from __future__ import annotations
 
@@ -72,15 +73,14 @@ def test_the_supervisor_gets_the_gang_tags_and_settings_it_must_agree_on(compute
     assert "PLACEMENT_STRATEGY" not in env, "AWS: cluster, the supervisor's default"
 
 
-def test_the_efa_shape_of_the_stack_template_is_one_efa_interface_in_the_stacks_group_and_nothing_else_changed(
-    compute,
-):
+def test_the_gang_network_of_the_stack_template_is_both_groups_on_one_efa_interface_or_as_security_group_ids(compute):
     template = compute.construct("Compute").launch_template
     data = compute.json["Resources"][compute.logical_id(template)]["Properties"]["LaunchTemplateData"]
-    group = data["SecurityGroupIds"][0]
-    efa = gang.efa_data(data, group)
+    (group,) = data["SecurityGroupIds"]
+    groups = [group, "sg-0gang"]
+    efa = gang.network_data(data, groups, efa=True)
     assert efa["NetworkInterfaces"] == [{
-        "DeviceIndex": 0, "NetworkCardIndex": 0, "InterfaceType": "efa", "Groups": [group],
+        "DeviceIndex": 0, "NetworkCardIndex": 0, "InterfaceType": "efa", "Groups": groups,
         "DeleteOnTermination": True,
     }]  # fmt: skip
     assert "SecurityGroupIds" not in efa
@@ -88,3 +88,38 @@ def test_the_efa_shape_of_the_stack_template_is_one_efa_interface_in_the_stacks_
         k: v for k, v in data.items() if k != "SecurityGroupIds"
     }
     assert "AssociatePublicIpAddress" not in efa["NetworkInterfaces"][0], "no public address: the subnet decides"
+    plain = gang.network_data(data, groups, efa=False)
+    assert plain == {**data, "SecurityGroupIds": groups}
+
+
+def test_the_supervisor_makes_gang_security_groups_only_in_the_stacks_vpc_and_only_tagged(compute):
+    vpc = compute.construct("Compute").vpc
+    in_vpc = _statements(compute, "MakeGangSecurityGroupsInTheStacksVpc")
+    assert in_vpc["Action"] == "ec2:CreateSecurityGroup" and "Condition" not in in_vpc
+    assert {"Ref": compute.logical_id(vpc.node.default_child)} in in_vpc["Resource"]["Fn::Join"][1]
+    tagged = _statements(compute, "MakeGangSecurityGroupsTagged")
+    assert tagged["Action"] == "ec2:CreateSecurityGroup"
+    assert tagged["Resource"]["Fn::Join"][1][-1].endswith(":security-group/*")
+    assert tagged["Condition"] == {"StringEquals": {f"aws:RequestTag/{naming.TAG_CREATED_BY}": "supervisor"}}
+    at_launch = _statements(compute, "TagAtLaunch")
+    assert "CreateSecurityGroup" in at_launch["Condition"]["StringEquals"]["ec2:CreateAction"]
+
+
+def test_the_supervisor_changes_rules_of_launches_into_and_deletes_only_the_gang_groups_it_made(compute):
+    made_by_us = {f"aws:ResourceTag/{naming.TAG_CREATED_BY}": "supervisor"}
+    rules = _statements(compute, "RulesAndDeleteOnlyOfGangGroupsItMade")
+    assert sorted(rules["Action"]) == [
+        "ec2:AuthorizeSecurityGroupEgress", "ec2:AuthorizeSecurityGroupIngress", "ec2:DeleteSecurityGroup",
+        "ec2:RevokeSecurityGroupEgress", "ec2:RevokeSecurityGroupIngress",
+    ]  # fmt: skip
+    assert rules["Condition"]["StringEquals"] == made_by_us
+    assert set(rules["Condition"]["ArnEquals"]) == {"ec2:Vpc"}
+    launch = _statements(compute, "LaunchOnlyIntoGangGroupsItMade")
+    assert launch["Action"] == "ec2:RunInstances" and launch["Condition"] == {"StringEquals": made_by_us}
+    role = compute.construct("Supervisor/Function").function.role
+    anywhere = [s for s in compute.role_statements(role) if s.get("Sid") not in (
+        "RulesAndDeleteOnlyOfGangGroupsItMade", "MakeGangSecurityGroupsInTheStacksVpc", "MakeGangSecurityGroupsTagged")
+        and {"ec2:CreateSecurityGroup", "ec2:DeleteSecurityGroup", "ec2:AuthorizeSecurityGroupIngress",
+             "ec2:AuthorizeSecurityGroupEgress"} & set(_as_list(s["Action"]))]  # fmt: skip
+    assert anywhere == []
+    assert "ec2:DescribeSecurityGroups" in _statements(compute, "ReadInstancesTemplatesAndSubnets")["Action"]

@@ -289,7 +289,8 @@ PARLIAMENT_ACCEPTED: dict[tuple[str, str], str] = {
     ("RESOURCE_MISMATCH", SUPERVISOR_POLICY): "ec2:RunInstances and ec2:CreateFleet are authorized per resource "
     "(instance, template, volume, subnet, security group, image, ...); each resource has its own statement with the "
     "condition keys the Service Authorization Reference lists for it, which parliament reads statement by statement "
-    "as mismatches.",
+    "as mismatches. ec2:CreateSecurityGroup (a gang's group) likewise: the VPC it is made in (the stack's, by ARN) and "
+    "the group it makes (the created-by request tag) are two statements.",
     (
         "MISMATCHED_TYPE",
         BUCKET_POLICIES,
@@ -395,7 +396,7 @@ def test_parliament_reports_only_accepted_findings_on_every_policy(synth, config
                 if finding.issue == "PRIVILEGE_ESCALATION" and "CreateEC2WithExistingIP" not in str(finding.location):
                     patterns = []
                 if finding.issue == "RESOURCE_MISMATCH" and "Supervisor" in path:
-                    launch_actions = {"ec2:CreateFleet", "ec2:RunInstances"}
+                    launch_actions = {"ec2:CreateFleet", "ec2:RunInstances", "ec2:CreateSecurityGroup"}
                     patterns = patterns if {m["action"] for m in finding.detail} <= launch_actions else []
                 if _accepted(path, patterns) is None:
                     unexplained.append((finding.issue, path, str(finding.detail)[:200]))

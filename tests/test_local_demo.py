@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from training_infra.local.containers import unavailable_reason
+from training_infra.local.demo import OWNER_MARK
 from training_infra.local.instance import aws_client
 from training_infra.local.sandbox import SandboxState, process_identity, wait_ready
 
@@ -71,13 +72,21 @@ def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
-def _make(target: str, env: dict[str, str], *flags: str) -> str:
-    result = subprocess.run(
-        ["make", "-s", target, f"DEMO_FLAGS={' '.join(flags)}"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=900,
+def _start_make(target: str, env: dict[str, str], *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["make", "-s", target, f"DEMO_FLAGS={' '.join(flags)}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    return result.stdout
+
+
+def _finish_make(process: subprocess.Popen[str]) -> str:
+    try:
+        stdout, stderr = process.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 0, stdout[-3000:] + stderr[-2000:]
+    return stdout
 
 
 # ---------------------------------------------------------------------------------------------- make local
@@ -178,9 +187,9 @@ def test_make_deploy_with_local_env_in_effect_deploys_to_the_sandbox(sandbox, de
 
 @pytest.fixture(scope="module")
 def demos(sandbox, by_hand, tmp_path_factory):
-    """`make deploy`, `make demo` and `make demo-spot` with `local env` in effect (all on the running sandbox)
-    while `make demo-container` runs beside them with its own sandbox on podman: their waits overlap."""
-    found, container = {}, None
+    """`make deploy`, then `make demo` and `make demo-spot` at once, with `local env` in effect (all on the running
+    sandbox), while `make demo-container` runs beside them with its own sandbox on podman: their waits overlap."""
+    found, container, started = {}, None, {}
     reason = unavailable_reason()
     if not reason:
         workdir = tmp_path_factory.mktemp("demo-container")
@@ -194,11 +203,21 @@ def demos(sandbox, by_hand, tmp_path_factory):
             ["make", "-s", "deploy", "REQUIRE_APPROVAL=never", f"CDK_OUT={tmp_path_factory.mktemp('deploy')}"],
             cwd=ROOT, env=sandbox["env"], capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        # Both at once, as two users of one sandbox would: their runs overlap, so do their waits. A demo's run id
+        # is the second it claimed its workdir in: the second demo starts a second after the first one's claim.
         for target, flags in (("demo", ()), ("demo-spot", ("--epochs", "60"))):
             workdir = tmp_path_factory.mktemp(target)
-            console = _make(target, sandbox["env"], "--workdir", str(workdir), *flags)
-            found[target] = {"console": console, "dir": workdir}
+            started[target] = (_start_make(target, sandbox["env"], "--workdir", str(workdir), *flags), workdir)
+            deadline = time.monotonic() + 120
+            while not (workdir / OWNER_MARK).exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.1)
+        for target, (process, workdir) in started.items():
+            found[target] = {"console": _finish_make(process), "dir": workdir}
     finally:
+        for process, _ in started.values():
+            if process.poll() is None:  # the other demo failed: this one is not waited for
+                process.kill()
         if container is not None:
             output, _ = container.communicate(timeout=900)
             found["demo-container"].update(console=output, returncode=container.returncode)

@@ -150,6 +150,7 @@ class ComputeStack(Stack):
             outputs_bucket=storage.outputs_bucket,
             target=LaunchTarget(
                 launch_template=self.compute.launch_template,
+                vpc_id=self.compute.vpc.vpc_id,
                 subnet_ids=self.compute.subnet_ids,
                 security_group=self.compute.security_group,
                 instance_profile=self.compute.instance_profile,

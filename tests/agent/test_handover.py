@@ -24,7 +24,7 @@ class Clock:
 def test_the_restore_waits_until_the_old_attempts_final_status_is_in_s3():
     clock = Clock()
     final_at = 37.0  # the old box's finalize uploads its status.json 37 s into the wait
-    found = handover.wait_for_replaced(3, lambda: clock.now >= final_at, clock=clock, sleep=clock.sleep)
+    found = handover.wait_for_replaced(3, lambda _n: clock.now >= final_at, clock=clock, sleep=clock.sleep)
     assert found.final_status_seen and found.replaced == 3
     assert final_at <= found.waited_seconds < final_at + handover.POLL_SECONDS
     assert "attempt 3's final status.json is in S3" in found.words()
@@ -32,7 +32,7 @@ def test_the_restore_waits_until_the_old_attempts_final_status_is_in_s3():
 
 def test_without_a_final_status_the_wait_ends_when_the_old_box_must_be_gone():
     clock = Clock()
-    found = handover.wait_for_replaced(1, lambda: False, clock=clock, sleep=clock.sleep)
+    found = handover.wait_for_replaced(1, lambda _n: False, clock=clock, sleep=clock.sleep)
     assert not found.final_status_seen and found.waited_seconds == handover.WAIT_SECONDS
     assert handover.WAIT_SECONDS > 120, "longer than the two-minute notice: the old trainer has stopped"
     assert "its box is gone" in found.words()
@@ -41,7 +41,7 @@ def test_without_a_final_status_the_wait_ends_when_the_old_box_must_be_gone():
 def test_a_failing_look_counts_as_not_yet_and_the_bound_still_holds():
     clock = Clock()
 
-    def broken() -> bool:
+    def broken(_n: int) -> bool:
         raise OSError("S3 unreachable")
 
     found = handover.wait_for_replaced(1, broken, wait_seconds=30, clock=clock, sleep=clock.sleep)
@@ -50,10 +50,13 @@ def test_a_failing_look_counts_as_not_yet_and_the_bound_still_holds():
 
 @pytest.mark.parametrize(
     ("tag", "attempt", "replaced"),
-    [("1", 2, 1), ("4", 9, 4), ("2", 2, 0), ("3", 2, 0), ("0", 2, 0), ("x", 2, 0), (None, 2, 0), ("", 2, 0)],
-)
-def test_only_an_earlier_attempt_named_by_the_tag_is_waited_for(tag, attempt, replaced):
-    assert handover.replaced_attempt(tag, attempt) == replaced
+    [
+        ("1", 2, (1,)), ("4", 9, (4,)), ("2", 2, ()), ("3", 2, ()), ("0", 2, ()), ("x", 2, ()), (None, 2, ()),
+        ("", 2, ()), ("1,2", 3, (1, 2)), ("2,1,9", 3, (1, 2)), ("1,x", 3, (1,)),
+    ],
+)  # fmt: skip
+def test_only_earlier_attempts_named_by_the_tag_are_waited_for(tag, attempt, replaced):
+    assert handover.replaced_attempts(tag, attempt) == replaced
 
 
 class FakeAgent:
@@ -190,21 +193,37 @@ def test_imds_down_for_good_waits_the_whole_bound_before_restoring_instead_of_re
     assert agent.calls == [], "nothing to poll: which attempt it replaces is unknown"
 
 
-def test_an_agent_whose_tag_listing_fails_knows_no_attempt_and_its_restore_waits_the_whole_bound(tmp_path, monkeypatch):
+def test_an_agent_whose_tags_stay_unreadable_for_the_handover_bound_ends_before_any_trainer_starts(
+    tmp_path, monkeypatch
+):
+    from training_infra.compute.agent.ti_agent.agent import Agent
+    from training_infra.compute.agent.ti_agent.checkpoints import AttemptFailed
+    from training_infra.local.imds import FakeImds
+
+    pauses: list[float] = []
+    monkeypatch.setattr(handover.time, "sleep", pauses.append)
+    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+        agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+        with pytest.raises(AttemptFailed, match=r"instance tags not readable from IMDS for 180 s \(.*HTTP 500.*\): "
+                           "attempt unknown, so no trainer starts"):  # fmt: skip
+            agent.read_tags()
+        asked = len(imds.requests_for("meta-data/tags/instance"))
+    assert sum(pauses) >= handover.WAIT_SECONDS and asked == len(pauses) + 1, "asked again for the whole bound"
+    assert max(pauses) <= 30, "never more than 30 s between two tries"
+    assert agent.attempt == 0 and agent.trainer is None, "no trainer, and no attempt's records overwritten"
+
+
+def test_the_attempt_tag_read_after_a_minute_of_imds_errors_is_still_the_right_attempt(tmp_path, monkeypatch):
     from training_infra.compute.agent.ti_agent.agent import Agent
     from training_infra.local.imds import FakeImds
 
-    monkeypatch.setattr(handover, "IMDS_BACKOFF_SECONDS", 0.0)
-    with FakeImds(tags=failing_tags(10**6, {})) as imds:
+    pauses: list[float] = []
+    monkeypatch.setattr(handover.time, "sleep", pauses.append)
+    with FakeImds(tags=failing_tags(6, {"training-infra:attempt": "3"})) as imds:
         agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
         agent.read_tags()
-        assert len(imds.requests_for("meta-data/tags/instance")) == handover.IMDS_TRIES, "asked again, bounded"
-    assert agent.attempt == 0, "not taken as attempt 1: its records overwrite no attempt's"
-    assert "HTTP 500" in agent.tags_unread
-    clock = Clock()
-    monkeypatch.setattr(agent, "tag", lambda _name: "1")  # even a tag read later cannot say which box still saves
-    found = handover.before_restore(agent, sleep=clock.sleep)
-    assert found is not None and found.unread and clock.now == handover.WAIT_SECONDS
+    assert sum(pauses) > 7, "longer than the 4 tries (about 7 s) that made it attempt 0"
+    assert agent.attempt == 3 and agent.tags_unread == ""
 
 
 def test_an_agent_whose_tags_read_after_a_passing_error_knows_its_attempt(tmp_path, monkeypatch):
@@ -216,3 +235,21 @@ def test_an_agent_whose_tags_read_after_a_passing_error_knows_its_attempt(tmp_pa
         agent = Agent({"TI_ROOT": str(tmp_path), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
         agent.read_tags()
     assert agent.attempt == 3 and agent.tags_unread == ""
+
+
+def test_the_restore_waits_for_every_attempt_still_saving_not_only_the_latest():
+    """Two notices in one window: attempt 2's status.json (it ended early, never trained) does not end the wait
+    while attempt 1's box still saves; the wait ends when attempt 1's arrives too."""
+    clock = Clock()
+    arrives = {2: 0.0, 1: 61.0}
+    found = handover.wait_for_replaced((1, 2), lambda n: clock.now >= arrives[n], wait_seconds=150, clock=clock,
+                                       sleep=clock.sleep)  # fmt: skip
+    assert found.final_status_seen and found.attempts == (1, 2) and found.replaced == 2
+    assert 61 <= found.waited_seconds < 61 + handover.POLL_SECONDS
+
+
+def test_when_one_of_several_attempts_never_reports_the_wait_runs_to_the_bound_and_names_it():
+    clock = Clock()
+    found = handover.wait_for_replaced((1, 2), lambda n: n == 2, wait_seconds=150, clock=clock, sleep=clock.sleep)
+    assert not found.final_status_seen and found.missing == (1,) and found.waited_seconds == 150
+    assert "no final status.json from attempt 1 after 150 s" in found.words()

@@ -243,3 +243,71 @@ def test_a_fee_that_cannot_be_read_is_refused_when_there_is_a_monthly_limit():
 ])  # fmt: skip
 def test_capacity_offers_bad_numbers_are_one_usage_line_before_any_aws_call(stacks, args, fragment):
     assert fragment in stacks.usage_error("capacity", "offers", "--type", "p5.48xlarge", *args)
+
+
+# ---- a purchase interrupted between the ledger's charge and EC2's answer -----------------------------------------
+
+OFFER = "cb-0123456789abcdef0"
+BLOCK_OF_OFFER = {"instance_type": "p5.48xlarge", "zone": "us-east-1a", "count": 1, "start": "2026-12-10T11:30:00Z",
+                  "end": "2026-12-11T11:30:00Z"}  # fmt: skip
+
+
+def _interrupted(fees: MonthFees, minutes_ago: float) -> None:
+    """What `capacity buy` left when it stopped after the charge (BotoCoreError, timeout, Ctrl-C)."""
+    from datetime import timedelta
+
+    from training_infra.supervisor.runtime.records import iso
+
+    at = iso(datetime.now(UTC) - timedelta(minutes=minutes_ago))
+    fees.fees.charge(MONTH, OFFER, 743.23, "1 x p5.48xlarge in us-east-1a", at, BLOCK_OF_OFFER)
+
+
+def _listed_blocks(stub: Stubber, *blocks: dict) -> None:
+    stub.add_response(
+        "describe_capacity_reservations",
+        {"CapacityReservations": list(blocks)},
+        {"Filters": [{"Name": "tag:training-infra:managed", "Values": ["true"]},
+                     {"Name": "instance-type", "Values": ["p5.48xlarge"]}]},
+    )  # fmt: skip
+
+
+def test_a_retry_after_a_purchase_ec2_completed_settles_it_bought_and_buys_nothing_again(dynamodb):
+    ec2, fees = _ec2(), _fees(dynamodb, 1000.0)
+    _interrupted(fees, minutes_ago=2)
+    with Stubber(ec2) as stub:
+        _listed_blocks(stub, {"CapacityReservationId": "cr-0aaaaaaaaaaaaaaa0", "ReservationType": "capacity-block",
+                              "AvailabilityZone": "us-east-1b", "TotalInstanceCount": 1, "StartDate": START,
+                              "EndDate": END},  # another zone: another offering's block
+                       {"CapacityReservationId": "cr-0123456789abcdef0", "ReservationType": "capacity-block",
+                        "AvailabilityZone": "us-east-1a", "TotalInstanceCount": 1, "StartDate": START,
+                        "EndDate": END})  # fmt: skip
+        line = purchase(ec2, OFFER, "p5.48xlarge", 1, 24, yes=True, fees=fees)  # no purchase queued: none made
+        stub.assert_no_pending_responses()
+    assert line.startswith(f"Capacity Block cr-0123456789abcdef0 was bought from offering {OFFER} by an interrupted")
+    [block] = fees.fees.listed(MONTH)
+    assert (block["state"], block["reservation"]) == ("bought", "cr-0123456789abcdef0")
+    assert fees.fees.ledger.left(MONTH)[0] == 743.23, "charged once"
+
+
+def test_a_retry_soon_after_a_purchase_with_no_block_yet_is_refused_in_one_line(dynamodb):
+    ec2, fees = _ec2(), _fees(dynamodb, 1000.0)
+    _interrupted(fees, minutes_ago=1)
+    with Stubber(ec2) as stub, pytest.raises(CliError, match=r"EC2 lists no Capacity Block from it yet: .*wait"):
+        _listed_blocks(stub)
+        purchase(ec2, OFFER, "p5.48xlarge", 1, 24, yes=True, fees=fees)
+    assert fees.fees.listed(MONTH)[0]["state"] == "buying", "left as it was"
+
+
+def test_a_retry_ten_minutes_after_a_purchase_that_made_no_block_takes_the_charge_back_and_buys_it(dynamodb):
+    ec2, fees = _ec2(), _fees(dynamodb, 1000.0)
+    _interrupted(fees, minutes_ago=11)
+    with Stubber(ec2) as stub:
+        _listed_blocks(stub)
+        _offer(stub, (OFFER, "us-east-1a", "743.23"))
+        _sold(stub, OFFER, "cr-0123456789abcdef0")
+        line = purchase(ec2, OFFER, "p5.48xlarge", 1, 24, yes=True, fees=fees)
+        stub.assert_no_pending_responses()
+    assert line.startswith(f"note: the purchase of offering {OFFER} begun ") and "its charge was taken back" in line
+    assert "bought Capacity Block cr-0123456789abcdef0" in line
+    [block] = fees.fees.listed(MONTH)
+    assert block["state"] == "bought" and fees.fees.ledger.left(MONTH)[0] == 743.23, "charged once, not twice"

@@ -49,8 +49,9 @@ def test_a_block_without_the_managed_tag_is_refused_in_one_line():
     found = blocks.problem(_block(managed=False), ["p5.48xlarge"], 1, START, FLOOR, 600)
     assert found == (
         f"capacity reservation {BLOCK}: has no tag training-infra:managed=true; allowed: a block bought with "
-        "`training-infra capacity buy` (it tags the block), or one its buyer tagged training-infra:managed=true for "
-        "this stack"
+        "`training-infra capacity buy` (it tags the block), or one bought before or another way once its buyer ran "
+        f"`aws ec2 create-tags --resources {BLOCK} --tags Key=training-infra:managed,Value=true` (its fee is then "
+        "not in the month's ledger)"
     )
     tagged = blocks.Block.from_answer({"Tags": [{"Key": "training-infra:managed", "Value": "true"}]})
     assert tagged.managed and not blocks.Block.from_answer({"Tags": [{"Key": "other", "Value": "true"}]}).managed

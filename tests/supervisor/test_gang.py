@@ -157,17 +157,19 @@ def test_an_efa_type_launches_from_an_efa_version_of_the_runs_template_made_from
     assert "SecurityGroupIds" not in efa
     (interface,) = efa["NetworkInterfaces"]
     assert interface["InterfaceType"] == "efa" and interface["DeviceIndex"] == 0
-    assert interface["Groups"] == [gang_account.security_group]
+    assert interface["Groups"] == [gang_account.security_group, attempt.security_group]
     assert efa["UserData"] == versions["1"]["UserData"] and efa["ImageId"] == versions["1"]["ImageId"]
 
 
-def test_a_type_without_efa_launches_from_version_1_and_no_efa_version_is_made(gang_account):
+def test_a_type_without_efa_launches_from_a_version_with_both_groups_and_no_efa_interface(gang_account):
     attempt = start_gang(gang_account, nodes=2, types=(PLAIN_TYPE,)).attempts[0]
     (request,) = gang_account.ec2_gang.fleets
-    assert request["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["Version"] == "1"
-    assert attempt.launch_template_version == ""
+    assert request["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["Version"] == "2"
+    assert attempt.launch_template_version == "2"
     versions = gang_account.ec2.describe_launch_template_versions(LaunchTemplateId=gang_account.template_id)
-    assert [v["VersionNumber"] for v in versions["LaunchTemplateVersions"]] == [1]
+    data = {str(v["VersionNumber"]): v["LaunchTemplateData"] for v in versions["LaunchTemplateVersions"]}
+    assert "NetworkInterfaces" not in data["2"]
+    assert data["2"]["SecurityGroupIds"] == [gang_account.security_group, attempt.security_group]
 
 
 def test_no_capacity_in_one_pool_sends_the_next_try_to_another_subnet_or_type(gang_account):
@@ -343,7 +345,7 @@ def test_the_open_gangs_spend_counts_every_live_member(gang_account):
     assert spent == pytest.approx(6.0, rel=0.01) and hourly == pytest.approx(3.0, rel=0.01)
 
 
-def test_the_efa_version_is_made_once_per_run_and_a_version_that_differs_is_never_launched(gang_account):
+def test_the_gang_version_is_made_once_per_attempt_and_a_version_that_differs_is_never_launched(gang_account):
     run = gang_account.new_run(nodes=2, instance_types=[EFA_TYPE])
     template = run.spec.launch_template_id
     other_group = gang_account.ec2.create_security_group(GroupName="open", Description="someone else's")["GroupId"]
@@ -356,7 +358,8 @@ def test_the_efa_version_is_made_once_per_run_and_a_version_that_differs_is_neve
     assert request["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["Version"] == "3"
     run = gang_account.run()
     sv = supervisor(gang_account)
-    assert gang.efa_template_version(sv.clients, run, sv.cfg) == "3", "the same version again, not a new one"
+    groups = [sv.cfg.security_group_id, run.attempts[0].security_group]
+    assert gang.gang_template_version(sv.clients, run, sv.cfg, groups, efa=True) == "3", "the same one, not a new one"
 
 
 def test_a_gang_waiting_for_capacity_tries_the_next_pools_each_minute(gang_account):

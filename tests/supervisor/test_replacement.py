@@ -171,3 +171,129 @@ def test_a_replaced_box_ec2_has_not_taken_by_its_notice_end_and_margin_is_termin
     assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated")
     assert run.attempts[0].terminated_at == "2026-11-29T08:33:00Z"
     assert _described(account, run.attempts[1].instance_id)["State"]["Name"] == "running", "the replacement runs on"
+
+
+def test_a_second_notice_inside_the_window_makes_the_next_attempt_wait_for_both_earlier_boxes(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)  # 08:30:00: attempt 1 saves until 08:32:00 (+30 s)
+    second = account.run().attempts[1]
+    account.clock.advance(seconds=30)
+    _warn(account, second.instance_id)  # 08:30:30: attempt 2, still in its handover wait, warned too
+    third = account.run().attempts[2]
+    assert third.instance_id
+    tags = _tags(account, third.instance_id)
+    assert tags[REPLACES_TAG] == "1,2", "attempt 1 may still write the checkpoint: its agent waits for both"
+    assert tags[UNTIL_TAG] == "2026-11-29T08:33:00Z", "until the latest notice's end plus EC2's shutdown margin"
+    assert third.replaces == 2
+
+
+class ShuttingDown:
+    """The account's EC2 client, but the boxes named are still `shutting-down` (moto ends a terminate at once; on
+    AWS the OS shutdown runs the agent's SIGTERM finalize, its final checkpoint sync, in that state)."""
+
+    def __init__(self, ec2, instance_ids: set[str]) -> None:
+        self._ec2, self.ids = ec2, instance_ids
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def describe_instances(self, **request):
+        answer = self._ec2.describe_instances(**request)
+        for reservation in answer["Reservations"]:
+            for instance in reservation["Instances"]:
+                if instance["InstanceId"] in self.ids and instance["State"]["Name"] == "terminated":
+                    instance["State"] = {"Code": 32, "Name": "shutting-down"}
+        return answer
+
+
+def test_a_box_the_supervisor_terminated_is_replaced_only_once_ec2_reports_it_terminated(account):
+    from tests.supervisor.conftest import agent_metric
+    from training_infra.supervisor.runtime.supervisor import SCHEDULED
+
+    first = start(account, stall_seconds=600, max_restarts_on_errors=1).attempts[0]
+    account.clock.advance(minutes=30)
+    agent_metric(account, "Progress", ("RunId", "bert"), 16)
+    shutting = ShuttingDown(account.ec2, set())
+    account.supervisor(ec2=shutting).handle(event(SCHEDULED))  # 08:30: stalled, terminated by the supervisor
+    shutting.ids.add(first.instance_id)
+    assert account.run().attempts[0].unhealthy and len(account.run().attempts) == 1
+    for _ in range(3):  # its agent's SIGTERM finalize may sync the final checkpoint for minutes: no second trainer
+        account.clock.advance(minutes=1)
+        account.supervisor(ec2=shutting).handle(event(STATE_CHANGE, first.instance_id, state="shutting-down"))
+        account.supervisor(ec2=shutting).handle(event(SCHEDULED))
+        assert len(account.run().attempts) == 1, "no relaunch while the old box is shutting down"
+    account.supervisor().handle(event(STATE_CHANGE, first.instance_id, state="terminated"))  # EC2 powered it off
+    run = account.run()
+    old, new = run.attempts
+    assert old.end_reason == "stalled" and new.instance_id, "relaunched once terminated"
+    assert REPLACES_TAG not in _tags(account, new.instance_id), "a powered-off box writes nothing: no wait"
+
+
+def test_a_box_that_outlived_its_notice_is_priced_up_to_when_it_was_terminated(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    priced = account.run().attempts[0]
+    assert abs(priced.cost_usd / priced.hourly_usd * 60 - 32) < 1e-6, "32 minutes: up to the notice's end"
+    account.clock.advance(minutes=3)  # 08:33:00: EC2 has not taken it; the reconcile terminates it now
+    account.supervisor().reconcile("bert")
+    old = account.run().attempts[0]
+    assert old.terminated_at == "2026-11-29T08:33:00Z" and old.ended_at == "2026-11-29T08:32:00Z"
+    assert abs(old.cost_usd / old.hourly_usd * 60 - 33) < 1e-6, "33 minutes: it ran a minute past its notice"
+
+
+class DescribeFails:
+    """The account's EC2 client, but DescribeInstances of the boxes named answers a 5xx."""
+
+    def __init__(self, ec2, instance_ids: set[str]) -> None:
+        self._ec2, self.ids = ec2, instance_ids
+
+    def __getattr__(self, name):
+        return getattr(self._ec2, name)
+
+    def describe_instances(self, **request):
+        from botocore.exceptions import ClientError
+
+        if set(request.get("InstanceIds", [])) & self.ids:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, "DescribeInstances")
+        return self._ec2.describe_instances(**request)
+
+
+def test_a_failed_look_for_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    account.clock.advance(minutes=3)
+    answer = account.supervisor(ec2=DescribeFails(account.ec2, {first.instance_id})).reconcile("bert")
+    assert answer["state"] == "running" and not account.run().attempts[0].terminated_at, "the run went on"
+    account.clock.advance(minutes=1)
+    account.supervisor().reconcile("bert")  # the next minute looks again
+    assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"
+
+
+class StateAs(ShuttingDown):
+    """The account's EC2 client, but the boxes named show the given state whatever moto holds."""
+
+    def __init__(self, ec2, states: dict[str, str]) -> None:
+        super().__init__(ec2, set(states))
+        self.states = states
+
+    def describe_instances(self, **request):
+        answer = self._ec2.describe_instances(**request)
+        for reservation in answer["Reservations"]:
+            for instance in reservation["Instances"]:
+                if instance["InstanceId"] in self.states:
+                    instance["State"] = {"Code": 64, "Name": self.states[instance["InstanceId"]]}
+        return answer
+
+
+def test_a_box_seen_stopping_is_terminated_and_replaced_only_once_ec2_reports_it_terminated(account):
+    first = start(account, max_restarts_on_errors=1).attempts[0]
+    account.clock.advance(minutes=30)
+    account.supervisor(ec2=StateAs(account.ec2, {first.instance_id: "stopping"})).reconcile("bert")
+    assert _described(account, first.instance_id)["State"]["Name"] in ("shutting-down", "terminated"), "terminated"
+    assert len(account.run().attempts) == 1, "still powered while stopping: its agent may sync; no second trainer"
+    account.clock.advance(minutes=1)
+    account.supervisor().reconcile("bert")  # EC2 reports it terminated
+    assert len(account.run().attempts) == 2 and account.run().attempts[1].instance_id

@@ -69,3 +69,28 @@ def test_the_layer_zip_is_the_same_bytes_for_the_same_files(tmp_path):
 
     assert first.read_bytes() == second.read_bytes()
     assert zipfile.ZipFile(first).namelist() == ["python/pkg/__init__.py", "python/pkg/data.bin"]
+
+
+def test_two_synths_at_once_on_a_new_machine_build_the_layer_once(tmp_path, monkeypatch):
+    """The test workers' first synths start together on a fresh CI machine: one pip install, the other waits."""
+    import threading
+    import time
+
+    monkeypatch.setenv("TI_LAYER_CACHE", str(tmp_path / "cache"))
+    builds: list[Path] = []
+
+    def slow_build(wanted: list[str], target: Path) -> None:
+        builds.append(target)
+        time.sleep(0.5)  # both callers are inside layer_zip by then
+        target.write_bytes(b"zip")
+
+    monkeypatch.setattr(layer, "_build", slow_build)
+    found: list[Path] = []
+    callers = [threading.Thread(target=lambda: found.append(layer.layer_zip())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=30)
+
+    assert len(builds) == 1 and found == [builds[0], builds[0]]
+    assert builds[0].read_bytes() == b"zip"

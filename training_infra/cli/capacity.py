@@ -286,7 +286,15 @@ def purchase(
     """Buy the offering if it is still offered, --yes was given and the month's limit has room; the line to print.
 
     The fee is charged in the month's ledger (the limit check and the charge in one conditional write) before EC2
-    is asked, and taken back if EC2 refuses: two purchases against one remainder cannot both pass."""
+    is asked, and taken back if EC2 refuses: two purchases against one remainder cannot both pass. A purchase of
+    the same offering interrupted earlier (its entry still `buying`) is settled first (settle_interrupted)."""
+    settled = ""
+    if fees is not None:
+        pending = fees.fees.entry(fees.month, offering_id)
+        if pending is not None and pending.get("state") == "buying":
+            settled = settle_interrupted(ec2, fees, offering_id, pending)
+            if settled.startswith("Capacity Block "):
+                return settled
     matching = [o for o in offerings(ec2, instance_type, count, hours) if o.offering_id == offering_id]
     if not matching:
         raise CliError(
@@ -306,7 +314,14 @@ def purchase(
 
     if fees is not None:
         try:
-            fees.fees.charge(fees.month, offering_id, offer.fee_usd or 0.0, what, iso(utc_now()))
+            block = {
+                "instance_type": offer.instance_type,
+                "zone": offer.zone,
+                "count": offer.count,
+                "start": iso(offer.start) if offer.start else "",
+                "end": iso(offer.end) if offer.end else "",
+            }
+            fees.fees.charge(fees.month, offering_id, offer.fee_usd or 0.0, what, iso(utc_now()), block)
         except (OverLimit, StaleRecord) as error:
             raise CliError(f"{refused}: {error}") from None
         except (ClientError, BotoCoreError) as error:  # not charged, so not bought: the limit holds
@@ -327,9 +342,73 @@ def purchase(
     reservation = answer.get("CapacityReservation", {}).get("CapacityReservationId", "?")
     if fees is not None:
         fees.fees.bought(fees.month, offering_id, reservation)
-    return f"bought Capacity Block {reservation}: {what}, {offer.price()}" + (
-        f" (counted in {fees.month.removeprefix('#month-')}'s spend)" if fees is not None else ""
+    return (
+        settled
+        + f"bought Capacity Block {reservation}: {what}, {offer.price()}"
+        + (f" (counted in {fees.month.removeprefix('#month-')}'s spend)" if fees is not None else "")
     )
+
+
+# EC2 answers PurchaseCapacityBlock in seconds: an entry still `buying` this long after its charge, with no block
+# EC2 lists for it, is a purchase that never reached EC2 or that EC2 refused while the buyer was gone.
+SETTLE_AFTER = timedelta(minutes=10)
+
+
+def settle_interrupted(ec2: Any, fees: MonthFees, offering_id: str, entry: dict[str, Any]) -> str:
+    """An earlier `capacity buy` of this offering stopped between the ledger's charge and EC2's answer (a timeout,
+    Ctrl-C). PurchaseCapacityBlock has no client token, so the block is looked for: a managed Capacity Block of the
+    offering's type, zone, count, start and end that no other entry names. Found: the entry is settled `bought` and
+    that line is returned (nothing is bought again). None, SETTLE_AFTER after the charge: the charge is taken back and
+    "" (or a note) lets the purchase go on. None sooner: refused in one line (the purchase may still be under way)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from training_infra.supervisor.runtime.records import iso, parse_iso, utc_now
+
+    block, at = entry.get("block") or {}, parse_iso(entry.get("at")) or utc_now()
+    taken = {str(e.get("reservation")) for e in fees.fees.listed(fees.month) if e.get("reservation")}
+    try:
+        found = _managed_blocks(ec2, str(block.get("instance_type", "")))
+    except (ClientError, BotoCoreError) as error:
+        raise CliError(f"refused: offering {offering_id} is already charged ({entry.get('what', '')}, `buying` since "
+                       f"{iso(at)}) and its block could not be looked for ({describe(error)}); nothing bought "
+                       "(the buyer needs ec2:DescribeCapacityReservations): try again") from None  # fmt: skip
+    for reservation in found:
+        if (reservation.get("CapacityReservationId") not in taken and block
+                and reservation.get("AvailabilityZone") == block.get("zone")
+                and int(reservation.get("TotalInstanceCount", 0)) == int(block.get("count", 0))
+                and _same_moment(reservation.get("StartDate"), block.get("start"))
+                and _same_moment(reservation.get("EndDate"), block.get("end"))):  # fmt: skip
+            reservation_id = reservation["CapacityReservationId"]
+            fees.fees.bought(fees.month, offering_id, reservation_id)
+            return (f"Capacity Block {reservation_id} was bought from offering {offering_id} by an interrupted "
+                    f"`capacity buy` ({entry.get('what', '')}): now recorded as bought in the month's ledger; "
+                    "nothing bought again")  # fmt: skip
+    if utc_now() - at < SETTLE_AFTER:
+        raise CliError(f"refused: a purchase of offering {offering_id} began {iso(at)} ({entry.get('what', '')}, "
+                       "charged, `buying`) and EC2 lists no Capacity Block from it yet: if that purchase still runs, "
+                       f"wait for it; otherwise run the same command again after {iso(at + SETTLE_AFTER)} (its "
+                       "charge is then taken back and the offering bought)")  # fmt: skip
+    fees.fees.refund(fees.month, offering_id)
+    return (f"note: the purchase of offering {offering_id} begun {iso(at)} made no Capacity Block: its charge was "
+            "taken back. ")  # fmt: skip
+
+
+def _managed_blocks(ec2: Any, instance_type: str) -> list[dict[str, Any]]:
+    filters = [{"Name": f"tag:{naming.TAG_MANAGED}", "Values": ["true"]}]
+    if instance_type:
+        filters.append({"Name": "instance-type", "Values": [instance_type]})
+    found, token = [], None
+    while True:
+        page = ec2.describe_capacity_reservations(Filters=filters, **({"NextToken": token} if token else {}))
+        found += [r for r in page.get("CapacityReservations", []) if r.get("ReservationType") == "capacity-block"]
+        token = page.get("NextToken")
+        if not token:
+            return found
+
+
+def _same_moment(value: Any, iso_text: Any) -> bool:
+    moment, wanted = _moment(value), _moment(iso_text)
+    return moment is not None and wanted is not None and abs((moment - wanted).total_seconds()) < 1
 
 
 def describe(error: Exception) -> str:

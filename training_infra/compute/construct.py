@@ -183,11 +183,8 @@ class TrainingCompute(Construct):
         self.security_group.add_egress_rule(
             ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs (S3, ECR, SSM, Logs)"
         )
-        # Gang members (docs/architecture.md, "Multi-node runs"): c10d, NCCL and gloo choose their ports, and EFA
-        # needs all traffic to and from its own group (AWS's EFA guide). Only from this group: nothing outside.
-        self.security_group.connections.allow_internally(
-            ec2.Port.all_traffic(), "Gang members: every port between training instances (c10d, NCCL, EFA)"
-        )
+        # No rule between training instances: a gang's members reach each other through a security group of
+        # their attempt's own, made by the supervisor (docs/architecture.md, "Multi-node runs": the network).
         if props.network.private_networking:
             self._private_endpoints()
 

@@ -123,6 +123,7 @@ class LaunchTarget:
     """What every run is launched from and into: the stack template, its network and its instance profile."""
 
     launch_template: ec2.LaunchTemplate
+    vpc_id: str  # the stack's VPC: where a gang's security group may be made
     subnet_ids: list[str]
     security_group: ec2.ISecurityGroup
     instance_profile: iam.IInstanceProfile
@@ -325,7 +326,13 @@ class TrainingSupervisor(Construct):
             iam.PolicyStatement(
                 sid="TagAtLaunch",
                 actions=["ec2:CreateTags"],
-                resources=[arn("instance"), arn("volume"), arn("launch-template"), arn("placement-group")],
+                resources=[
+                    arn("instance"),
+                    arn("volume"),
+                    arn("launch-template"),
+                    arn("placement-group"),
+                    arn("security-group"),
+                ],  # fmt: skip
                 conditions={
                     "StringEquals": {
                         "ec2:CreateAction": [
@@ -333,6 +340,7 @@ class TrainingSupervisor(Construct):
                             "RunInstances",
                             "CreateLaunchTemplate",
                             "CreatePlacementGroup",
+                            "CreateSecurityGroup",
                         ]  # fmt: skip
                     }
                 },
@@ -360,6 +368,37 @@ class TrainingSupervisor(Construct):
                 sid="DeleteOnlyPlacementGroupsItMade",
                 actions=["ec2:DeletePlacementGroup"],
                 resources=[arn("placement-group")],
+                conditions={"StringEquals": made_by_us},
+            ),
+            # Gangs: a security group per attempt (its members reach each other, nothing else does), made only in
+            # the stack's VPC with the created-by tag; its rules changed, launched into and deleted only with it.
+            iam.PolicyStatement(
+                sid="MakeGangSecurityGroupsInTheStacksVpc",
+                actions=["ec2:CreateSecurityGroup"],
+                resources=[arn("vpc", target.vpc_id)],
+            ),
+            iam.PolicyStatement(
+                sid="MakeGangSecurityGroupsTagged",
+                actions=["ec2:CreateSecurityGroup"],
+                resources=[arn("security-group")],
+                conditions={"StringEquals": {f"aws:RequestTag/{naming.TAG_CREATED_BY}": "supervisor"}},
+            ),
+            iam.PolicyStatement(
+                sid="RulesAndDeleteOnlyOfGangGroupsItMade",
+                actions=[
+                    "ec2:AuthorizeSecurityGroupIngress",
+                    "ec2:AuthorizeSecurityGroupEgress",
+                    "ec2:RevokeSecurityGroupIngress",
+                    "ec2:RevokeSecurityGroupEgress",
+                    "ec2:DeleteSecurityGroup",
+                ],
+                resources=[arn("security-group")],
+                conditions={"StringEquals": made_by_us, "ArnEquals": {"ec2:Vpc": arn("vpc", target.vpc_id)}},
+            ),
+            iam.PolicyStatement(
+                sid="LaunchOnlyIntoGangGroupsItMade",
+                actions=["ec2:RunInstances"],
+                resources=[arn("security-group")],
                 conditions={"StringEquals": made_by_us},
             ),
             iam.PolicyStatement(
@@ -402,6 +441,8 @@ class TrainingSupervisor(Construct):
                     # Gangs: which types take an EFA interface, and the run's placement groups to delete.
                     "ec2:DescribeInstanceTypes",
                     "ec2:DescribePlacementGroups",
+                    # Gangs: the stack's VPC (its instance group's) and the gang groups to sweep.
+                    "ec2:DescribeSecurityGroups",
                     # Zones ranked for a spot launch (capacity.py).
                     "ec2:GetSpotPlacementScores",
                     # A launch into a Capacity Block: its type, zone, state and end checked (blocks.py).
@@ -446,6 +487,9 @@ class TrainingSupervisor(Construct):
             ("network-interface", "the interface is made with the instance, only in the stack's subnets (ec2:Subnet)"),
             ("placement-group", "a gang's cluster placement group is made per attempt at run time; making it needs the "
              "created-by=supervisor tag and the cluster strategy, launching into and deleting it need that tag"),
+            ("security-group", "a gang's security group is made per attempt at run time; making it needs the "
+             "created-by=supervisor tag (and the stack's VPC), changing its rules, launching into and deleting it "
+             "need that tag"),
             ("capacity-reservation", "the user buys a Capacity Block at run time and names it at launch; only the "
              "reservation a run template this function made targets (ec2:IsLaunchTemplateResource), only in this "
              "account and region, after the request function checked its type, zone, state and end"),
@@ -466,7 +510,7 @@ class TrainingSupervisor(Construct):
             "IAM5[Resource::*]",
             "ec2:DescribeInstances, DescribeSubnets, DescribeInstanceStatus, DescribeLaunchTemplates, "
             "DescribeLaunchTemplateVersions, DescribeSpotPriceHistory, DescribeInstanceTypes, DescribePlacementGroups, "
-            "DescribeCapacityReservations, GetSpotPlacementScores, pricing:GetProducts and "
+            "DescribeSecurityGroups, DescribeCapacityReservations, GetSpotPlacementScores, pricing:GetProducts and "
             "cloudwatch:GetMetricStatistics support no resource-level permissions; they only read.",
         )
 

@@ -12,6 +12,7 @@ this machine's Python is not the Lambda's.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -51,6 +52,15 @@ def layer_zip(requirements: Path = REQUIREMENTS) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Two synths at once (the test workers' first ones, on a new machine) build it once: the second waits.
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            _build(wanted, target)
+    return target
+
+
+def _build(wanted: list[str], target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="ti-layer-") as tmp:
         site = Path(tmp) / "python"  # where Lambda puts a layer's python/ on the path
         command = [
@@ -65,8 +75,7 @@ def layer_zip(requirements: Path = REQUIREMENTS) -> Path:
         shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts name this machine's interpreter
         partial = target.with_suffix(f".{os.getpid()}.partial")
         _deterministic_zip(Path(tmp), partial)
-        os.replace(partial, target)  # two synths at once: either file is the same bytes
-    return target
+        os.replace(partial, target)  # a reader never sees a half-written zip
 
 
 def _deterministic_zip(root: Path, path: Path) -> None:

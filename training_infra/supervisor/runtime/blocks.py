@@ -121,7 +121,9 @@ def problem(block: Block, instance_types: Sequence[str], nodes: int, now: dateti
         return f"{name}: is a {block.kind} reservation; allowed: a Capacity Block (ReservationType capacity-block)"
     if not block.managed:
         return (f"{name}: has no tag {MANAGED_TAG}=true; allowed: a block bought with `training-infra capacity buy` "
-                f"(it tags the block), or one its buyer tagged {MANAGED_TAG}=true for this stack")  # fmt: skip
+                "(it tags the block), or one bought before or another way once its buyer ran `aws ec2 create-tags "
+                f"--resources {block.reservation_id} --tags Key={MANAGED_TAG},Value=true` (its fee is then not in "
+                "the month's ledger)")  # fmt: skip
     if block.state not in USABLE_STATES:
         return f"{name}: is {block.state}; allowed: an active or scheduled Capacity Block"
     if block.instance_type not in instance_types:

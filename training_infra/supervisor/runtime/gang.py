@@ -87,32 +87,39 @@ def efa_support(ec2: Any, instance_types: tuple[str, ...] | list[str]) -> dict[s
     return {t: _EFA_SUPPORT[t] for t in instance_types}
 
 
-def efa_data(data: Mapping[str, Any], security_group_id: str) -> dict[str, Any]:
-    """The run template's version-1 data with its network as one EFA interface (device 0, network card 0) in the
-    stack's security group: a template with NetworkInterfaces may not also name SecurityGroupIds. The subnet comes
+def network_data(data: Mapping[str, Any], groups: list[str], *, efa: bool) -> dict[str, Any]:
+    """The run template's version-1 data with a gang's network: the stack's group and the attempt's gang group, as
+    SecurityGroupIds, or on one EFA interface (device 0, network card 0) for a type that takes EFA (a template with
+    NetworkInterfaces may not also name SecurityGroupIds). Fleet overrides cannot name groups (EC2 API reference:
+    FleetLaunchTemplateOverridesRequest), so a gang attempt launches from a version of its own. The subnet comes
     from the fleet's override, as for every other launch."""
-    efa = {key: value for key, value in data.items() if key not in ("SecurityGroupIds", "SecurityGroups")}
-    efa["NetworkInterfaces"] = [{
-        "DeviceIndex": 0, "NetworkCardIndex": 0, "InterfaceType": "efa", "Groups": [security_group_id],
+    gang = {key: value for key, value in data.items() if key not in ("SecurityGroupIds", "SecurityGroups")}
+    if not efa:
+        gang["SecurityGroupIds"] = list(groups)
+        return gang
+    gang["NetworkInterfaces"] = [{
+        "DeviceIndex": 0, "NetworkCardIndex": 0, "InterfaceType": "efa", "Groups": list(groups),
         "DeleteOnTermination": True,
     }]  # fmt: skip
-    return efa
+    return gang
 
 
-def efa_template_version(clients: Any, run: Run, cfg: Any) -> str:
-    """The run template's EFA version: made once per run by the supervisor from version 1 (which the trust check
-    compared with the stack's template) and checked to be exactly that before every use."""
+def gang_template_version(clients: Any, run: Run, cfg: Any, groups: list[str], *, efa: bool) -> str:
+    """The run template's version for this gang network: made by the supervisor from version 1 (which the trust
+    check compared with the stack's template), found again by content (a retry, a crashed launch's) and checked to
+    be exactly that before every use."""
     ec2, template_id = clients.ec2, run.spec.launch_template_id
     versions = ec2.describe_launch_template_versions(LaunchTemplateId=template_id)["LaunchTemplateVersions"]
     by_number = {str(v["VersionNumber"]): v["LaunchTemplateData"] for v in versions}
-    expected = _normal(efa_data(by_number["1"], cfg.security_group_id))
+    wanted = network_data(by_number["1"], groups, efa=efa)
+    expected = _normal(wanted)
     for number, data in sorted(by_number.items(), key=lambda item: int(item[0])):
         if number != "1" and _normal(data) == expected:
             return number
     created = ec2.create_launch_template_version(
         LaunchTemplateId=template_id,
-        LaunchTemplateData=efa_data(by_number["1"], cfg.security_group_id),
-        VersionDescription="EFA interface for a gang (training-infra supervisor)",
+        LaunchTemplateData=wanted,
+        VersionDescription=f"gang network{' (EFA)' if efa else ''} (training-infra supervisor)",
     )
     return str(created["LaunchTemplateVersion"]["VersionNumber"])
 
@@ -124,9 +131,138 @@ def _normal(data: Mapping[str, Any]) -> str:
         {k: v for k, v in interface.items() if k in ("DeviceIndex", "NetworkCardIndex", "InterfaceType", "Groups")}
         for interface in data.get("NetworkInterfaces", [])
     ]
-    data.pop("SecurityGroupIds", None)
+    data["SecurityGroupIds"] = list(data.get("SecurityGroupIds") or [])
     data.pop("SecurityGroups", None)
     return json.dumps(data, sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------- security groups
+
+# The gang group's only rules (AWS's EFA guide: all traffic from and to the group itself, both directions).
+SELF_RULE = "-1"
+
+
+def _self_permission(group_id: str) -> list[dict[str, Any]]:
+    return [{"IpProtocol": SELF_RULE, "UserIdGroupPairs": [{"GroupId": group_id}]}]
+
+
+def _is_self_rule(permission: Mapping[str, Any], group_id: str) -> bool:
+    pairs = permission.get("UserIdGroupPairs") or []
+    return (permission.get("IpProtocol") == SELF_RULE and [p.get("GroupId") for p in pairs] == [group_id]
+            and not permission.get("IpRanges") and not permission.get("Ipv6Ranges")
+            and not permission.get("PrefixListIds"))  # fmt: skip
+
+
+def _vpc(clients: Any, cfg: Any) -> str:
+    """The stack's VPC: the one its instance security group is in."""
+    (group,) = clients.ec2.describe_security_groups(GroupIds=[cfg.security_group_id])["SecurityGroups"]
+    return group["VpcId"]
+
+
+def gang_security_group(clients: Any, cfg: Any, run: Run, attempt: Attempt) -> str:
+    """The attempt's security group (docs/architecture.md, "Multi-node runs": the network): made on its first try in
+    the stack's VPC, tagged created-by/run/attempt, with exactly one ingress and one egress rule, all traffic from and
+    to itself, and EC2's default allow-all egress revoked. Made again or completed when a launch died half way (its
+    name is the attempt's), so every launch of the attempt finds it in exactly that shape."""
+    name = group_name(cfg, run, attempt)
+    vpc = _vpc(clients, cfg)
+    tags = {cfg.created_by_tag: "supervisor", cfg.run_id_tag: run.run_id, cfg.attempt_tag: str(attempt.n),
+            cfg.managed_tag: "true"}  # fmt: skip
+    try:
+        group_id = clients.ec2.create_security_group(
+            GroupName=name, VpcId=vpc,
+            Description=f"training-infra gang {run.run_id} attempt {attempt.n}: its members reach each other only",
+            TagSpecifications=[{"ResourceType": "security-group",
+                                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+        )["GroupId"]  # fmt: skip
+    except ClientError as error:
+        if error.response["Error"]["Code"] != "InvalidGroup.Duplicate":
+            raise
+        found = clients.ec2.describe_security_groups(Filters=[
+            {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]},
+            {"Name": f"tag:{cfg.created_by_tag}", "Values": ["supervisor"]},
+            {"Name": f"tag:{cfg.run_id_tag}", "Values": [run.run_id]},
+        ])["SecurityGroups"]  # fmt: skip
+        if not found:
+            raise _sup().LaunchRefused(f"security group {name} exists in {vpc} but was not made by the supervisor "
+                                       f"for run {run.run_id}") from None  # fmt: skip
+        group_id = found[0]["GroupId"]
+    _only_self_rules(clients, group_id)
+    attempt.security_group = group_id
+    return group_id
+
+
+def _only_self_rules(clients: Any, group_id: str) -> None:
+    """Ingress and egress: the self rule and nothing else (a new group's default egress revoked). EC2 lists rules of
+    one protocol and port range as one permission (the self pair beside ::/0, say), so each is taken apart into one
+    permission per source or destination and every part but the self pair revoked."""
+    (group,) = clients.ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    for direction, permissions in (("ingress", group.get("IpPermissions", [])),
+                                   ("egress", group.get("IpPermissionsEgress", []))):  # fmt: skip
+        parts = [part for permission in permissions for part in _parts(permission)]
+        others = [part for part in parts if not _is_self_rule(part, group_id)]
+        if others:
+            getattr(clients.ec2, f"revoke_security_group_{direction}")(GroupId=group_id, IpPermissions=others)
+        if len(others) == len(parts):  # no self rule yet
+            getattr(clients.ec2, f"authorize_security_group_{direction}")(
+                GroupId=group_id, IpPermissions=_self_permission(group_id)
+            )
+
+
+def _parts(permission: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A described permission as RevokeSecurityGroup* takes it back: one per address range, prefix list or group."""
+    base = {k: permission[k] for k in ("IpProtocol", "FromPort", "ToPort") if permission.get(k) is not None}
+    return [
+        *({**base, "IpRanges": [{"CidrIp": r["CidrIp"]}]} for r in permission.get("IpRanges") or []),
+        *({**base, "Ipv6Ranges": [{"CidrIpv6": r["CidrIpv6"]}]} for r in permission.get("Ipv6Ranges") or []),
+        *(
+            {**base, "PrefixListIds": [{"PrefixListId": r["PrefixListId"]}]}
+            for r in permission.get("PrefixListIds") or []
+        ),
+        *({**base, "UserIdGroupPairs": [{"GroupId": r["GroupId"]}]} for r in permission.get("UserIdGroupPairs") or []),
+    ]
+
+
+def delete_security_group(clients: Any, group_id: str) -> bool:
+    """Delete a gang group; False while EC2 refuses (its members' interfaces linger a few minutes after they
+    terminated: DependencyViolation): the next minute's sweep retries."""
+    try:
+        clients.ec2.delete_security_group(GroupId=group_id)
+    except ClientError as error:
+        code = error.response["Error"]["Code"]
+        if code == "InvalidGroup.NotFound":
+            return True
+        log.info("security group %s not deleted yet (%s); the next minute retries", group_id, code)
+        return False
+    return True
+
+
+def sweep_security_groups(sv: Any) -> list[str]:
+    """Every minute: delete the gang groups no open attempt needs (the attempt ended, its run ended, or no record:
+    a crashed launch's). A group is made only after its attempt's claim is stored, so the record read here, after
+    the group was listed, always knows its attempt. Returns the groups deleted."""
+    cfg = sv.cfg
+    if not cfg.security_group_id:
+        return []
+    groups = sv.clients.ec2.describe_security_groups(Filters=[
+        {"Name": f"tag:{cfg.created_by_tag}", "Values": ["supervisor"]},
+        {"Name": "tag-key", "Values": [cfg.attempt_tag]},
+    ])["SecurityGroups"]  # fmt: skip
+    deleted = []
+    for group in groups:
+        tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+        run = sv.store.get(tags.get(cfg.run_id_tag, "")) if tags.get(cfg.run_id_tag) else None
+        number = tags.get(cfg.attempt_tag, "")
+        attempt = next((a for a in run.attempts if str(a.n) == number), None) if run is not None else None
+        if (
+            run is not None
+            and run.active
+            and ((attempt is not None and not attempt.ended_at) or number == str(len(run.attempts) + 1))
+        ):  # an open attempt's, or the next claim's (a capacity wait tries again next minute with that number)
+            continue
+        if delete_security_group(sv.clients, group["GroupId"]):
+            deleted.append(group["GroupId"])
+    return deleted
 
 
 # ------------------------------------------------------------------------------ placement groups
@@ -238,8 +374,9 @@ def launch_gang(clients: Any, run: Run, cfg: Any, now: datetime, prices: Any = N
     priced_out: list[tuple[tuple[str, str], float, str]] = []
     cap = run.spec.max_price_usd
     group = placement_group(clients, cfg, run, attempt) if order else ""
+    network = [cfg.security_group_id, gang_security_group(clients, cfg, run, attempt)] if order else []
     for instance_type, subnet in order:
-        version = efa_template_version(clients, run, cfg) if efa[instance_type] else run.spec.launch_template_version
+        version = gang_template_version(clients, run, cfg, network, efa=efa[instance_type])
         for market in sup._markets(run.spec):
             if cap:
                 prices = prices or sup.Prices(ec2=clients.ec2, region=clients.ec2.meta.region_name,
@@ -254,7 +391,7 @@ def launch_gang(clients: Any, run: Run, cfg: Any, now: datetime, prices: Any = N
             ids, pool_errors = _create_fleet(clients, request, zones, market)
             if len(ids) >= run.spec.nodes:
                 _record_members(clients, cfg, run, attempt, ids, (instance_type, subnet), zones, market, now)
-                attempt.launch_template_version = "" if version == run.spec.launch_template_version else version
+                attempt.launch_template_version = version  # its replacements join the same network
                 return attempt
             if ids:  # MinTargetCapacity makes this impossible on AWS; never keep part of a gang
                 clients.ec2.terminate_instances(InstanceIds=ids)
@@ -394,6 +531,11 @@ def adopt_members(
         return False
     found.sort(key=lambda i: i["InstanceId"])
     attempt.members = [_member_of(instance, k, "", now) for k, instance in enumerate(found[: run.spec.nodes])]
+    # The version its fleet named (found by content), so that a replacement joins the same security group.
+    host_type = attempt.members[0].instance_type
+    network = [cfg.security_group_id, gang_security_group(clients, cfg, run, attempt)]
+    efa = efa_support(clients.ec2, [host_type])[host_type]
+    attempt.launch_template_version = gang_template_version(clients, run, cfg, network, efa=efa)
     _tag_nodes(clients, cfg, attempt.members)
     host = attempt.members[0]
     sup._record_instance(attempt, host.instance_id, host.instance_type, host.zone, host.subnet_id, host.market, now)
@@ -406,7 +548,11 @@ def launch_replacement(clients: Any, run: Run, attempt: Attempt, cfg: Any, node:
     sup = _sup()
     host = attempt.live_member(0)
     assert host is not None and node != 0
-    version = attempt.launch_template_version or run.spec.launch_template_version
+    # The attempt's own group and version, found again (by name and tags, by content) rather than read from the
+    # record: the replacement joins exactly the group its attempt's members are in, and nothing else.
+    network = [cfg.security_group_id, gang_security_group(clients, cfg, run, attempt)]
+    efa = efa_support(clients.ec2, [host.instance_type])[host.instance_type]
+    version = gang_template_version(clients, run, cfg, network, efa=efa)
     pool = (host.instance_type, host.subnet_id)
     zones = {host.subnet_id: host.zone}
     tags = {cfg.node_tag: str(node), cfg.rendezvous_tag: rendezvous(host)}

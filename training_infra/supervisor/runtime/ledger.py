@@ -240,8 +240,16 @@ class BlockFees:
     def __init__(self, month_ledger: MonthlyLedger) -> None:
         self.ledger = month_ledger
 
-    def charge(self, month: str, offering_id: str, fee_usd: float, what: str, at: str) -> None:
-        """Count the fee as spent this month, or raise OverLimit (one line: spent, reserved, left, the fee)."""
+    def entry(self, month: str, offering_id: str) -> dict[str, Any] | None:
+        """The month's entry for an offering (fee, state, reservation, when, what, block), if any."""
+        found = self.ledger.read(month).get("blocks", {}).get(offering_id)
+        return dict(found) if isinstance(found, dict) else None
+
+    def charge(
+        self, month: str, offering_id: str, fee_usd: float, what: str, at: str, block: dict[str, Any] | None = None
+    ) -> None:
+        """Count the fee as spent this month, or raise OverLimit (one line: spent, reserved, left, the fee).
+        `block`: what EC2 will make of it (type, zone, count, start, end): an interrupted purchase is found by it."""
         for _ in range(10):
             values = self.ledger.read(month)
             blocks = dict(values.get("blocks", {}))
@@ -256,7 +264,8 @@ class BlockFees:
                     f"monthly_limit_usd {self.ledger.limit_usd:g}: spent ${spent:,.2f} and reserved ${reserved:,.2f} "
                     f"by active runs this month, ${max(0.0, left):,.2f} left"
                 )
-            blocks[offering_id] = {"fee_usd": round(fee_usd, 4), "state": "buying", "at": at, "what": what}
+            blocks[offering_id] = {"fee_usd": round(fee_usd, 4), "state": "buying", "at": at, "what": what,
+                                   **({"block": block} if block else {})}  # fmt: skip
             if self.ledger._put(month, values, blocks=blocks, spent_usd=round(spent + fee_usd, 4)):  # noqa: SLF001
                 return
         raise StaleRecord(f"the {month} ledger kept changing; try again")

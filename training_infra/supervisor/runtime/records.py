@@ -375,6 +375,7 @@ class Attempt:
     # A gang (spec.nodes > 1, gang.py): every instance, replacements included; `instance_id` is node 0's.
     members: list[Member] = field(default_factory=list)
     placement_group: str = ""
+    security_group: str = ""  # the attempt's gang group (its members reach each other; gang.py)
     launch_template_version: str = ""  # the run template's version the gang used ("": the spec's)
     replace_since: str = ""  # a non-host member lost at; cleared once its replacement runs
     gang_ending: AttemptEnd | None = None  # the whole gang is being stopped, and why

@@ -5,20 +5,25 @@ training again was notice + boot + restore. With it, on `EC2 Spot Instance Inter
 supervisor ends the warned attempt in the record at once (reclaimed, its end the notice's end: EC2 takes
 the box two minutes after the warning), cools its pool down, and claims and launches the next attempt
 on another pool, tagged `training-infra:replaces=<old attempt>`. The new box boots while the old one
-writes its final checkpoint; its agent restores only after the old attempt's final status.json is in S3
-(or a bounded wait passed, by when EC2 has ended the old box): ti_agent/handover.py. So two trainers
-never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
+writes its final checkpoint; its agent restores only after the final status.json of every earlier attempt
+that may still save is in S3, or at `replaces-until` (the latest notice's end + 30 s): ti_agent/handover.py.
+The old agent writes no checkpoint after its notice's action time (checkpoints.Checkpoints.cut_off), so two
+trainers never write one checkpoint, and the gap is about max(boot, final save) instead of their sum.
 
 The old attempt is priced up to the notice's end, so the overlap of two boxes (at most one notice per
-interruption) is in the run's cost. Only for a spot attempt with an instance, no stop requested, and the
+interruption) is in the run's cost; a box EC2 has not taken, which end_outlivers terminates later, is priced
+again up to that terminate. Only for a spot attempt with an instance, no stop requested, and the
 warned attempt still the run's current one: handling the same warning twice starts one replacement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import datetime, timedelta
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 try:  # the Lambda package is this folder; the CLI imports it as part of training_infra
     from records import AttemptEnd, StaleRecord, iso, parse_iso
@@ -81,32 +86,43 @@ def on_notice(
     return None
 
 
-def still_saving(run: Any, now: datetime) -> Any | None:
-    """The earlier attempt whose box may still be writing the run's checkpoint at `now`, if any: the one with an
-    instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future),
-    the latest such end when there are several (a chain of notices: each waited for the one before it).
+def still_saving(run: Any, now: datetime) -> list[Any]:
+    """Every earlier attempt whose box may still be writing the run's checkpoint at `now`, oldest first: each with
+    an instance whose recorded end plus EC2's shutdown margin is still ahead (a notice's end lies in the future).
 
-    Any earlier attempt counts, not only the one the notice named (`replaces`): when the replacement started on
-    the notice found no capacity or died early, the attempt after it must still wait for the warned box."""
+    All of them, not the one ending latest: two notices inside one window (attempt 2 warned while it waited for
+    attempt 1) leave attempt 1 saving, and attempt 2 may write its final status.json without having waited (a
+    failed cold-start part ends its restore wait), so attempt 3 must wait for both. Any earlier attempt counts, not
+    only the one the notice named: when the replacement started on the notice found no capacity or died early,
+    the attempt after it must still wait for the warned box."""
     current = run.current
-    saving = [
-        a for a in run.attempts
-        if a is not current and a.instance_id and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now
-    ]  # fmt: skip
-    return max(saving, key=lambda a: (parse_iso(a.ended_at) or now, a.n), default=None)
+    return sorted(
+        (a for a in run.attempts
+         if a is not current and a.instance_id and may_run_after_its_end(run, a)
+         and (parse_iso(a.ended_at) or now) + SHUTDOWN_MARGIN > now),
+        key=lambda a: a.n,
+    )  # fmt: skip
+
+
+def may_run_after_its_end(run: Any, attempt: Any) -> bool:
+    """Whether the attempt's box may still run after the end its record holds: one ended on a spot notice (ended in
+    the record at the notice's end, while the box saves) or a gang's. A single-node attempt ended any other way was
+    recorded only once EC2 reported its box `terminated` (powered off) or gone, or stopped (supervisor._step)."""
+    return bool(attempt.reclaim_warned_at or attempt.members or run.spec.nodes > 1)
 
 
 def replaces_tags(run: Any, now: datetime) -> dict[str, str]:
-    """The tags the new attempt's instance carries so its agent waits for the old one's final checkpoint: which
-    attempt, and until when at most (the old box's end, the notice's, plus EC2's shutdown margin). Read at the
-    launch request: an attempt that waited for capacity past the old box's end waits for nothing."""
-    old = still_saving(run, now)
+    """The tags the new attempt's instance carries so its agent waits for the old ones' final checkpoints: which
+    attempts (`1,2`), and until when at most (the latest of their ends, a notice's, plus EC2's shutdown margin).
+    Read at the launch request: an attempt that waited for capacity past the old boxes' ends waits for nothing."""
+    saving = still_saving(run, now)
     attempt = run.current
     if attempt is not None:
-        attempt.replaces = old.n if old is not None else 0  # the record says what its agent waits for
-    if old is None:
+        attempt.replaces = saving[-1].n if saving else 0  # the record: the latest attempt its agent waits for
+    if not saving:
         return {}
-    return {REPLACES_TAG: str(old.n), UNTIL_TAG: iso((parse_iso(old.ended_at) or now) + SHUTDOWN_MARGIN)}
+    until = max((parse_iso(a.ended_at) or now) for a in saving) + SHUTDOWN_MARGIN
+    return {REPLACES_TAG: ",".join(str(a.n) for a in saving), UNTIL_TAG: iso(until)}
 
 
 def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
@@ -123,7 +139,12 @@ def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
             continue
         if attempt.members or attempt.terminated_at or not ended + SHUTDOWN_MARGIN <= now < ended + OUTLIVE_WINDOW:
             continue
-        found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        try:
+            found = supervisor.clients.ec2.describe_instances(InstanceIds=[attempt.instance_id])["Reservations"]
+        except (ClientError, BotoCoreError) as error:  # this look only: the run's reconcile goes on, the next tries
+            log.warning("run %s: attempt %s's box %s not described (%s): looked for again at the next reconcile",
+                        run.run_id, attempt.n, attempt.instance_id, error)  # fmt: skip
+            continue
         instance = next((i for r in found for i in r["Instances"]), None)
         if (instance or {}).get("State", {}).get("Name") not in ("pending", "running"):
             continue
@@ -131,6 +152,11 @@ def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
             continue
         supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
         attempt.terminated_at, changed = iso(now), True
+        # Priced again up to now, its real end: the record's end stays the notice's (what the handover waited for).
+        priced = dataclasses.replace(attempt, ended_at=iso(now))
+        supervisor._price(run, priced, now)
+        for name in ("priced", "cost_usd", "on_demand_usd", "hourly_usd", "price_source"):
+            setattr(attempt, name, getattr(priced, name))
         log.warning("run %s: attempt %s's box %s outlived its spot notice (ended %s): terminated", run.run_id,
                     attempt.n, attempt.instance_id, attempt.ended_at)  # fmt: skip
     return changed

@@ -661,6 +661,10 @@ class Supervisor:
             except Exception as error:  # noqa: BLE001 - reported below so the errors alarm fires
                 log.exception("reconcile of %s failed", run.run_id)
                 failures.append(f"{run.run_id}: {error}")
+        try:  # gang security groups no open attempt needs (gang.py); a failure here ends no run
+            _gang().sweep_security_groups(self)
+        except ClientError as error:
+            log.warning("gang security groups not swept (the next minute retries): %s", error)
         groups, group_failures = step_groups(self)  # sweeps, after their members (sweeps.py)
         results.extend(groups)
         failures.extend(group_failures)
@@ -799,9 +803,17 @@ class Supervisor:
             }
         if state in ("pending", "running"):
             return self._watch(run, attempt, now)
+        if state == "shutting-down":
+            # Its agent, on the OS shutdown's SIGTERM, may still stop the trainer and sync the final checkpoint until
+            # EC2 powers the box off: the next attempt starts once EC2 says `terminated`, never beside a writer.
+            return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id,
+                    "note": "shutting down: the next attempt starts once EC2 reports it terminated"}  # fmt: skip
         if state in STOPPED_STATES:
             # auto_shutdown=false or a manual stop: the volume still bills. The attempt is over.
             self._terminate(run, attempt, instance)
+            if state == "stopping":  # still powered: its agent may sync; as shutting-down, wait for `terminated`
+                note = "stopping: terminated; the next attempt starts once EC2 reports it terminated"
+                return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id, "note": note}
         status = _attempt_status(self.clients, self.cfg, run, attempt)
         reason, words = classify(instance, status, attempt)
         ended = parse_iso((status or {}).get("ended_at")) or now

@@ -226,6 +226,12 @@ class Agent:
         self.note(f"{message}: stopping the trainer (outcome {outcome.value})")
         return True
 
+    def cut_off_checkpoints(self, at: float, why: str) -> None:
+        """The handover deadline (handover.notice_deadline): no checkpoint write after it. Single-node only: a gang's
+        members get no replacement on a notice (the supervisor's gang.py replaces them)."""
+        if isinstance(self.checkpoints, Checkpoints):
+            self.checkpoints.cut_off(at, why)
+
     def trainer_alive(self) -> bool:
         return self.trainer is not None and self.trainer.alive()
 
@@ -402,15 +408,20 @@ class Agent:
 
     def read_tags(self) -> None:
         """Which attempt this is and the run's deadline, from the instance tags (404: tags off or none). Another
-        IMDS error is asked again; if it stays, `tags_unread` makes the restore wait the whole handover bound."""
+        IMDS error is asked again, for up to the handover bound; if it stays, the attempt ends here, before the
+        trainer starts: an attempt that does not know its number would write its records where the supervisor
+        does not read them (a success seen as "ended without a status.json") and cannot know what it replaces."""
+        patience = handover.WAIT_SECONDS
         try:
-            keys = (handover.read_tag(lambda: self.imds.get("meta-data/tags/instance")) or "").splitlines()
-            value = (handover.read_tag(lambda: self.tag("attempt")) or "") if f"{TAG}:attempt" in keys else None
+            keys = handover.read_tag(lambda: self.imds.get("meta-data/tags/instance"), patience=patience) or ""
+            keys = keys.splitlines()
+            value = None
+            if f"{TAG}:attempt" in keys:
+                value = handover.read_tag(lambda: self.tag("attempt"), patience=patience) or ""
         except ImdsError as error:
             self.attempt, self.tags_unread = 0, str(error)  # 0: unknown, its records overwrite no attempt's
-            self.log(f"WARNING: instance tags not readable ({error}): attempt unknown (0); the restore waits "
-                     f"{handover.WAIT_SECONDS} s in case a box this one replaces still saves")  # fmt: skip
-            return
+            self.fail(f"instance tags not readable from IMDS for {patience} s ({error}): attempt unknown, so no "
+                      "trainer starts; the supervisor relaunches this run as for any failed box")  # fmt: skip
         self.attempt = 1
         if value is not None:
             if not re.fullmatch(r"[1-9][0-9]{0,5}", value):
@@ -763,6 +774,20 @@ class Agent:
                 if backstop is not None:
                     backstop.cancel()
 
+    def final_checkpoint_sync(self) -> bool:
+        """The final sync, retried, but never past the handover deadline (the cut-off is said in one log line)."""
+        assert self.checkpoints is not None
+        checkpoints, synced = self.checkpoints, [False]
+
+        def once() -> bool:
+            if isinstance(checkpoints, Checkpoints) and checkpoints.past_cut_off():
+                return True  # nothing may be written now: no more tries
+            synced[0] = checkpoints.sync()
+            return synced[0]
+
+        self.retry("final checkpoint sync", once)
+        return synced[0]
+
     def _finalize(self) -> None:
         self.halt.set()
         try:
@@ -787,8 +812,10 @@ class Agent:
         exit_text = "none" if self.exit_code is None else str(self.exit_code)
         self.note(f"run {self.run_id} finished: outcome={self.outcome.value} exit_code={exit_text} {self.message}")
         started = bool(self.trainer_started)
-        if started and not self.retry("final checkpoint sync", self.checkpoints.sync):
-            self.message += " (final checkpoint sync failed)"
+        if started and not self.final_checkpoint_sync():
+            cut = isinstance(self.checkpoints, Checkpoints) and self.checkpoints.past_cut_off()
+            self.message += " (final checkpoint sync cut off at the handover deadline)" if cut else (
+                " (final checkpoint sync failed)")  # fmt: skip
         # Interrupted: the box may vanish any second, so logs go up before the (larger) outputs.
         if self.outcome is Outcome.INTERRUPTED:
             self.upload_logs()

@@ -14,6 +14,10 @@ Rules kept from agent.sh (each was learnt the hard way; see the git log of issue
   (one parallel `aws s3 sync`), by version id otherwise; a recorded version that is gone fails the
   attempt in one line, since newer objects could mix two saves.
 - Every name from S3 is checked by `paths.safe_join` before anything is written.
+- After a spot notice no write reaches the run's checkpoint prefix past the handover deadline (`cut_off_at`,
+  the notice's action time on this instance's clock): a replacement started on the notice restores once that
+  deadline (plus a margin) passed. A CLI call still running then is ended; the manifest then still names the
+  last complete set, so an upload cut in half is never restored.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aws import Aws
+from .aws import Aws, CliResult
 from .paths import UnsafePath, safe_join
 
 MANIFEST = "_manifest.json"
@@ -188,6 +192,41 @@ class Checkpoints(RunCheckpointPaths):
     note: object  # (str) -> None
     state: SyncState = field(default_factory=SyncState)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    cut_off_at: float | None = None  # epoch (instance clock): no checkpoint write after it (the handover deadline)
+    cut_off_why: str = ""
+    cut_off_said: bool = False
+    clock: object = time.time  # () -> float
+
+    def cut_off(self, at: float, why: str) -> None:
+        """No checkpoint write after `at` (the earliest deadline given wins): the handover to a replacement."""
+        if self.cut_off_at is None or at < self.cut_off_at:
+            self.cut_off_at, self.cut_off_why = at, why
+
+    def _left(self) -> float | None:
+        """Seconds a write may still take (None: no deadline); at or past it, said once in one log line."""
+        if self.cut_off_at is None:
+            return None
+        left = self.cut_off_at - self.clock()  # type: ignore[operator]
+        if left <= 0 and not self.cut_off_said:
+            self.cut_off_said = True
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.cut_off_at))
+            self.log(f"checkpoint upload stopped at the handover deadline {at} ({self.cut_off_why}): the replacement "
+                     "restores from here on; S3 keeps the last complete checkpoint")  # fmt: skip
+        return left
+
+    def past_cut_off(self) -> bool:
+        left = self._left()
+        return left is not None and left <= 0
+
+    def _write(self, *args: str):  # noqa: ANN202 - a CliResult
+        """An AWS CLI call that writes the run's checkpoints, ended at the handover deadline."""
+        left = self._left()
+        if left is not None and left <= 0:
+            return CliResult(124, "", "past the handover deadline: not sent")
+        done = self.aws.cli(*args, timeout=left)
+        if left is not None and not done.ok:
+            self._left()  # says the cut-off when the call was ended by it
+        return done
 
     def versions(self) -> dict[str, Version]:
         listed = self.aws.cli(
@@ -225,10 +264,12 @@ class Checkpoints(RunCheckpointPaths):
         return ended
 
     def _upload(self) -> bool:
+        if self.past_cut_off():
+            return False
         began, snapshot_at = time.monotonic(), time.time()
         snapshot = checkpoint_files(self.folder, self.skip)
         skip = ["--exclude", self.skip] if self.skip else []
-        sent = self.aws.cli(
+        sent = self._write(
             "s3", "sync", f"{self.folder}/", f"{self.url}/", "--exclude", "*.tmp", "--exclude", MANIFEST, *skip,
             "--no-follow-symlinks", "--only-show-errors",
         )  # fmt: skip
@@ -264,17 +305,19 @@ class Checkpoints(RunCheckpointPaths):
         if self.state.sent is None or self.state.sent != document["files"]:
             local = self.state_dir / MANIFEST
             local.write_text(json.dumps(document, indent=1) + "\n")
-            copied = self.aws.cli("s3", "cp", str(local), f"{self.url}/{MANIFEST}", "--only-show-errors")
+            copied = self._write("s3", "cp", str(local), f"{self.url}/{MANIFEST}", "--only-show-errors")
             if not copied.ok:
                 self.log(copied.stderr)
                 return False
             self.state.sent = document["files"]
         self.state.complete_as_of = snapshot_at  # S3's manifest now names every checkpoint the trainer had then
         for number, batch in enumerate(delete_batches(self.key_prefix, names)):
+            if self.past_cut_off():  # the objects stay: the next attempt's first sync deletes them
+                break
             path = self.state_dir / f"ckpt.delete.{number}.json"
             path.write_text(json.dumps(batch))
             # Quiet: only the keys that failed come back (exit 0 even then).
-            failed = self.aws.cli(
+            failed = self._write(
                 "s3api", "delete-objects", "--bucket", self.bucket, "--delete", f"file://{path}",
                 "--output", "text", "--query", "length(Errors || `[]`)",
             )  # fmt: skip

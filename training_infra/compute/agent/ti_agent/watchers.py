@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from . import handover
 from .aws import AwsError, Metric
 from .imds import ImdsError
 from .status import Outcome
@@ -90,6 +91,8 @@ class SpotWatcher(Watcher):
         try:
             action = self.agent.imds.get("meta-data/spot/instance-action")
             if action is not None:
+                # The supervisor starts a replacement on this notice: no checkpoint write after its action time.
+                self.agent.cut_off_checkpoints(handover.notice_deadline(action, time.time()), "spot notice")
                 self.agent.request_stop(Outcome.INTERRUPTED, f"spot interruption notice {action}", self.grace)
                 return True
             if self.rebalanced:
