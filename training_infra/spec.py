@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from training_infra import config, launch_rules
+from training_infra.compute.agent.ti_agent import torchrun
 from training_infra.config import Refused
 
 SCHEMA_ID = "https://github.com/training-infra/training-infra/run-spec.schema.json"
@@ -261,9 +262,16 @@ class LaunchSpec(_Section):
         except Refused as refused:
             raise PydanticCustomError("not_allowed", "{allowed}", {"allowed": refused.allowed}) from None
 
+    @field_validator("env")
+    @classmethod
+    def _not_the_gangs(cls, env: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        _not_gang_variables(env, info)
+        return env
+
     @field_validator("secrets")
     @classmethod
     def _names_once(cls, secrets: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        _not_gang_variables(secrets, info)
         both = sorted(set(secrets) & set(info.data.get("env") or {}))
         if both:
             raise PydanticCustomError(
@@ -304,6 +312,15 @@ def _hoist_description(prop: dict[str, Any]) -> None:
     for branch in prop.get("anyOf", []):
         if "description" in branch and "description" not in prop:
             prop["description"] = branch.pop("description")
+
+
+def _not_gang_variables(names: dict[str, str], info: ValidationInfo) -> None:
+    """With resources.nodes > 1, the variables the agent sets for the gang's rendezvous are not the run's."""
+    resources = info.data.get("resources")
+    nodes = resources.nodes if isinstance(resources, Resources) else 1
+    problem = torchrun.gang_env_problem(names) if nodes > 1 else ""
+    if problem:
+        raise PydanticCustomError("not_allowed", "{allowed}", {"allowed": f"other names ({problem})"})
 
 
 def load(path: str | Path) -> LaunchSpec:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from training_infra.compute.agent.ti_agent import gang, imds_block
-from training_infra.compute.agent.ti_agent.gang import Member
+from training_infra.compute.agent.ti_agent.gang import GangError, Member
 from training_infra.compute.agent.ti_agent.imds import Imds
 from training_infra.compute.agent.ti_agent.imds_block import (
     BlockError,
@@ -387,3 +387,12 @@ def test_a_running_container_is_found_in_the_blocked_cgroup_and_one_started_outs
     finally:
         for name in started:
             subprocess.run([docker, "rm", "-f", "-t", "0", name], capture_output=True, check=False)
+
+
+def test_a_trainer_environment_that_sets_the_gangs_rendezvous_variables_fails_the_attempt_before_it_starts(tmp_path):
+    """PET_NNODES=1 from a request that skipped launch's check would make node 0 train alone: the agent ends it."""
+    agent = _agent(tmp_path, runtime="process")
+    (agent.state / "trainer.env").write_text("LR=0.1\nPET_NNODES=1\n")
+    with pytest.raises(GangError, match=r"^the trainer's environment has PET_NNODES set by the run: the agent sets"):
+        gang.launch(agent, "python train.py")
+    assert (agent.state / "trainer.env").read_text() == "LR=0.1\nPET_NNODES=1\n", "nothing written"

@@ -49,3 +49,34 @@ def test_the_nccl_efa_check_switch_is_a_spec_key_and_a_flag_that_reach_the_launc
     with pytest.raises(run_spec.SpecError) as caught:
         run_spec.parse("resources:\n  nccl_efa_check: 'no'\n", source="run.yaml")
     assert caught.value.lines == ["run.yaml:2: resources.nccl_efa_check: got 'no'; allowed: true or false"]
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("PET_NNODES=1 torchrun --nproc-per-node 8 train.py", "PET_NNODES"),
+        ("env PET_STANDALONE=1 torchrun train.py", "PET_STANDALONE"),
+        ("sh -c 'export PET_RDZV_ENDPOINT=localhost:29500; torchrun train.py'", "PET_RDZV_ENDPOINT"),
+        ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0 python train.py", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"),
+    ],
+)
+def test_a_gang_command_that_sets_the_gangs_rendezvous_variables_is_refused_naming_the_variable(command, name):
+    """torchrun reads PET_<OPTION> as its options: PET_NNODES=1 is --nnodes=1 (node 0 trains alone)."""
+    with pytest.raises(UsageError) as caught:
+        launching.validate(launching.LaunchRequest(nodes="2", command=command))
+    assert f"(here: {name} set in the command: the agent sets it for the gang" in str(caught.value)
+    assert launching.validate(launching.LaunchRequest(command=command)).command == command, "one node: any"
+
+
+def test_env_and_secrets_that_set_the_gangs_rendezvous_variables_are_refused_with_nodes_in_flags_and_specs():
+    with pytest.raises(UsageError) as caught:
+        launching.validate(launching.LaunchRequest(nodes="2", command="python t.py", env=["PET_NNODES=1"]))
+    assert str(caught.value).startswith("option '--env': PET_NNODES set by the run: the agent sets it for the gang")
+    refs = ["PET_MASTER_ADDR=ssm:/training-infra/x"]
+    with pytest.raises(UsageError, match=r"^option '--secret': PET_MASTER_ADDR set by the run"):
+        launching.validate(launching.LaunchRequest(nodes="2", command="python t.py", secret_refs=refs))
+    assert launching.validate(launching.LaunchRequest(command="python t.py", env=["PET_NNODES=1"])).env, "one node"
+    with pytest.raises(run_spec.SpecError) as spec_caught:
+        run_spec.parse("resources:\n  nodes: 2\nenv:\n  PET_NNODES: '1'\n", source="run.yaml")
+    [line] = spec_caught.value.lines
+    assert line.startswith("run.yaml:3: env: got") and "PET_NNODES set by the run" in line

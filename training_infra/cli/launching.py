@@ -147,11 +147,26 @@ def validate(request: LaunchRequest) -> LaunchRequest:
                 "(not starting with a digit) and a one-line VALUE"
             ) from None
     _check_secrets(request)
+    _check_gang_env(request)
     if request.subnet_id is not None and not _is_subnet_id(request.subnet_id):
         raise UsageError(
             f"option '--subnet-id': got {request.subnet_id!r}; allowed: a subnet id such as subnet-0123456789abcdef0"
         )
     return request
+
+
+def _check_gang_env(request: LaunchRequest) -> None:
+    """A gang's rendezvous variables are the agent's: a user's PET_NNODES=1 would make node 0 train alone."""
+    if int(request.nodes or 1) <= 1:
+        return
+    from training_infra.compute.agent.ti_agent import torchrun
+
+    for option, names in (("--env", [i.partition("=")[0] for i in request.env]),
+                          ("--secret", [s.partition("=")[0] for s in request.secret_refs])):  # fmt: skip
+        problem = torchrun.gang_env_problem(names)
+        if problem:
+            raise UsageError(f"option '{option}': {problem}; allowed: other names (with --nodes "
+                             f"{request.nodes}, leave them out)")  # fmt: skip
 
 
 def _check_gang_command(command: str, nodes: int, what: str) -> None:

@@ -666,6 +666,9 @@ def launch(agent: Agent, command: str) -> tuple[str, tuple[str, ...]]:
     path = agent.state / "trainer.env"
     user = path.read_text() if path.exists() else ""
     user_keys = {line.split("=", 1)[0] for line in user.splitlines() if "=" in line}
+    problem = torchrun.gang_env_problem(user_keys)  # launch refuses them; a request from elsewhere ends here
+    if problem:
+        raise GangError(f"the trainer's environment has {problem}; launch the run without them")
     ours = "".join(f"{k}={v}\n" for k, v in env.items() if k not in user_keys)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

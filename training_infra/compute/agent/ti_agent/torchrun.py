@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -69,6 +70,13 @@ GANG_OPTIONS_WHY = {
     "--rdzv-endpoint": "the gang meets at node 0's store (PET_RDZV_ENDPOINT)",
     "--rdzv-id": "the gang's id is <run>-<attempt> (PET_RDZV_ID)",
 }
+# The same settings as torchrun reads them from the environment (PET_<OPTION>), and the store sharing a replacement
+# needs off (pytorch#135712): the agent sets them for the gang; a user's value would override the gang's.
+GANG_ENV = frozenset(
+    {"PET_STANDALONE", "PET_NNODES", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT", "PET_RDZV_ID", "PET_NODE_RANK",
+     "PET_MASTER_ADDR", "PET_MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+)  # fmt: skip
+_GANG_ENV_SET = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(sorted(GANG_ENV)) + r")=")
 SHELL_RESERVED = frozenset({"if", "then", "else", "elif", "do", "while", "until", "{", "!", "time", "exec"})
 
 
@@ -362,6 +370,15 @@ def _env_prefix(texts: list[str]) -> int:
     return i
 
 
+def gang_env_problem(names: Iterable[str]) -> str:
+    """'' when none of `names` is a variable the agent sets for the gang, else why (one line)."""
+    taken = sorted(set(names) & GANG_ENV)
+    if not taken:
+        return ""
+    why = "the agent sets it for the gang (node 0's c10d rendezvous of all N nodes)"
+    return f"{', '.join(taken)} set by the run: {why}"
+
+
 def plan(command: str, nodes: int | None = None, *, from_torch: bool = False) -> Plan:
     """How `command` runs on every node of a gang of `nodes`, or CommandRefused saying why it cannot (one line).
     `from_torch`: read torchrun's options from torch's own parser when torch is importable (the agent on the box)."""
@@ -371,6 +388,10 @@ def plan(command: str, nodes: int | None = None, *, from_torch: bool = False) ->
         typed = words(command)
     except ValueError as error:
         raise CommandRefused(f"the command does not parse as shell words ({error})") from None
+    if nodes is None or nodes > 1:  # `PET_NNODES=1 torchrun ...`, `env PET_STANDALONE=1 ...`, `sh -c 'export ...'`
+        problem = gang_env_problem(m.group(1) for m in _GANG_ENV_SET.finditer(command))
+        if problem:
+            raise CommandRefused(problem.replace("set by the run", "set in the command"))
     begin = 1 if typed and typed[0].text == "exec" else 0
     head = begin
     while head < len(typed) and ASSIGNMENT.fullmatch(typed[head].text):
