@@ -5,6 +5,7 @@ beside a writer."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,3 +97,39 @@ def test_a_spot_notice_gives_the_agent_its_deadline_and_the_final_sync_then_writ
     agent.checkpoints.cut_off(time.time() - 1, "spot notice")  # the deadline has come (an earlier one wins)
     assert agent.final_checkpoint_sync() is False and cli.calls == []
     assert sum("handover deadline" in line for line in lines) == 1
+
+
+def test_a_notice_that_comes_during_the_final_sync_ends_its_upload_at_the_deadline(tmp_path):
+    """The watchers stop at halt, and a final sync follows every trainer end: a notice then still starts the
+    supervisor's replacement, so the sync, already running a minute-long upload, must end at the notice's deadline."""
+    from training_infra.compute.agent.ti_agent.agent import Agent
+    from training_infra.local.imds import FakeImds
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # A Python stand-in keeps its arguments in /proc/PID/cmdline, as the real aws does (end_in_flight looks there).
+    (bin_dir / "aws").write_text(f"#!{sys.executable}\nimport sys, time\n"
+                                 f"open({str(tmp_path / 'aws.calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                                 "if 'sync' in sys.argv: time.sleep(60)\nelse: print('[]')\n")  # fmt: skip
+    (bin_dir / "aws").chmod(0o755)
+    with FakeImds() as imds:
+        agent = Agent({"TI_ROOT": str(tmp_path / "root"), "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+        lines: list[str] = []
+        agent.log = lines.append  # type: ignore[method-assign]
+        agent.checkpoints = _store(tmp_path, Aws(region="us-east-1", environ={"PATH": f"{bin_dir}:/usr/bin:/bin"}),
+                                   lines)  # fmt: skip
+        agent.halt.set()  # finalize has begun: every watcher has stopped
+        imds.inject_spot_interruption(in_seconds=3)  # the notice lands while the final sync uploads
+        began = time.monotonic()
+        agent._final_sync_watching_for_a_notice()
+        took = time.monotonic() - began
+    assert took < 20, f"the upload was ended at the notice's deadline, not after its minute ({took:.0f} s)"
+    assert agent.checkpoints.cut_off_at is not None and agent.checkpoints.past_cut_off()
+    calls = (tmp_path / "aws.calls").read_text().splitlines()
+    writes = [
+        c
+        for c in calls
+        if not c.startswith(("--cli-connect-timeout 10 s3api list", "--cli-connect-timeout 10 s3api head"))
+    ]
+    assert len(writes) == 1 and " s3 sync " in f" {writes[0]}", f"the interrupted sync only, no manifest: {calls}"
+    assert any("spot notice during the final sync" in line for line in lines), lines

@@ -35,7 +35,7 @@ from .runtime import CONTAINER, TENSORBOARD, DockerTrainer, ProcessTrainer, Trai
 from .secrets import assume_trainer_role, fetch_secrets, trainer_aws_config
 from .settings import ISO_TIME, RUN_ID, AgentConfig, Knobs, SettingError, Settings, lenient, parse
 from .status import Instance, Outcome, StopReason, build_status
-from .watchers import TAG, WATCHERS, stop_tag_reason
+from .watchers import TAG, WATCHERS, NoticeDuringFinalSync, stop_tag_reason
 
 PROGRESS_IN_CONTAINER = "/run/training-infra/progress/"
 
@@ -788,6 +788,20 @@ class Agent:
         self.retry("final checkpoint sync", once)
         return synced[0]
 
+    def _final_sync_watching_for_a_notice(self) -> bool:
+        """The final sync of a single-node run, with the spot notice still read while it runs (a notice now starts a
+        replacement that restores after the notice's deadline: this box writes nothing after it)."""
+        if not isinstance(self.checkpoints, Checkpoints):
+            return self.final_checkpoint_sync()
+        done = threading.Event()
+        watcher = NoticeDuringFinalSync(self, done)
+        watcher.start()
+        try:
+            return self.final_checkpoint_sync()
+        finally:
+            done.set()
+            watcher.join(timeout=5)
+
     def _finalize(self) -> None:
         self.halt.set()
         try:
@@ -812,7 +826,7 @@ class Agent:
         exit_text = "none" if self.exit_code is None else str(self.exit_code)
         self.note(f"run {self.run_id} finished: outcome={self.outcome.value} exit_code={exit_text} {self.message}")
         started = bool(self.trainer_started)
-        if started and not self.final_checkpoint_sync():
+        if started and not self._final_sync_watching_for_a_notice():
             cut = isinstance(self.checkpoints, Checkpoints) and self.checkpoints.past_cut_off()
             self.message += " (final checkpoint sync cut off at the handover deadline)" if cut else (
                 " (final checkpoint sync failed)")  # fmt: skip

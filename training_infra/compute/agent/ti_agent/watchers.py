@@ -58,6 +58,39 @@ class Watcher(threading.Thread):
         raise NotImplementedError
 
 
+class NoticeDuringFinalSync(threading.Thread):
+    """The spot notice read on while the final checkpoint sync runs (the watchers stop at halt, and that sync follows
+    every trainer end): the supervisor starts a replacement on the notice, which restores after the notice's
+    deadline, so the sync must stop writing then too. At the deadline the sync's in-flight AWS CLI calls are ended;
+    no write starts after it (Checkpoints.cut_off). Stops when `done` is set (the sync returned)."""
+
+    def __init__(self, agent: Agent, done: threading.Event) -> None:
+        super().__init__(name=type(self).__name__, daemon=True)
+        self.agent, self.done = agent, done
+        self.every = agent.config.spot_poll_seconds
+
+    def run(self) -> None:
+        checkpoints = self.agent.checkpoints
+        first = True
+        while not self.done.wait(0 if first else self.every):
+            first = False
+            if getattr(checkpoints, "cut_off_at", None) is not None:
+                return  # the notice came before halt: the sync already writes within its deadline
+            try:
+                action = self.agent.imds.get("meta-data/spot/instance-action")
+            except ImdsError:
+                continue
+            if action is None:
+                continue
+            deadline = handover.notice_deadline(action, time.time())
+            self.agent.cut_off_checkpoints(deadline, "spot notice during the final sync")
+            if not self.done.wait(max(0.0, deadline - time.time())) and checkpoints is not None:
+                ended = checkpoints.end_in_flight()
+                self.agent.log(f"spot notice during the final sync: {ended} checkpoint upload call(s) ended at its "
+                               "deadline (the replacement restores after it)")  # fmt: skip
+            return
+
+
 class ErrorLog:
     """The first error of a kind at once, then at most one line per ERROR_LOG_SECONDS with a count."""
 
