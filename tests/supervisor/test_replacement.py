@@ -230,6 +230,23 @@ def test_a_box_the_supervisor_terminated_is_replaced_only_once_ec2_reports_it_te
     assert REPLACES_TAG not in _tags(account, new.instance_id), "a powered-off box writes nothing: no wait"
 
 
+def test_a_box_shutting_down_whose_agent_already_wrote_its_status_is_replaced_at_once(account):
+    """status.json is the agent's last write (after the final sync and the outputs): nothing to wait for then, and a
+    box stuck shutting down for hours does not hold the run."""
+    from training_infra.supervisor.runtime.supervisor import SCHEDULED
+
+    first = start(account, max_restarts_on_errors=1).attempts[0]
+    account.clock.advance(minutes=30)
+    account.agent_wrote("bert", 1, "failed", exit_code=1)
+    account.end_instance(first.instance_id)  # its agent powered off; EC2 still says shutting-down below
+    shutting = ShuttingDown(account.ec2, {first.instance_id})
+    account.supervisor(ec2=shutting).handle(event(STATE_CHANGE, first.instance_id, state="shutting-down"))
+    account.supervisor(ec2=shutting).handle(event(SCHEDULED))
+    old, new = account.run().attempts
+    assert old.end_reason == "failed" and new.instance_id, "relaunched while EC2 still shows it shutting down"
+    assert REPLACES_TAG not in _tags(account, new.instance_id), "its agent has finished writing: no wait"
+
+
 def test_a_box_that_outlived_its_notice_is_priced_up_to_when_it_was_terminated(account):
     first = start(account).attempts[0]
     account.clock.advance(minutes=30)

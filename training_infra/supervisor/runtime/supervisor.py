@@ -803,7 +803,10 @@ class Supervisor:
             }
         if state in ("pending", "running"):
             return self._watch(run, attempt, now)
-        if state == "shutting-down":
+        # Its agent's status.json is the last thing it writes (after the final checkpoint sync and the outputs): once
+        # it is there nothing of that box writes a checkpoint again, whatever state EC2 still shows.
+        status = _attempt_status(self.clients, self.cfg, run, attempt)
+        if state == "shutting-down" and status is None:
             # Its agent, on the OS shutdown's SIGTERM, may still stop the trainer and sync the final checkpoint until
             # EC2 powers the box off: the next attempt starts once EC2 says `terminated`, never beside a writer.
             return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id,
@@ -811,10 +814,9 @@ class Supervisor:
         if state in STOPPED_STATES:
             # auto_shutdown=false or a manual stop: the volume still bills. The attempt is over.
             self._terminate(run, attempt, instance)
-            if state == "stopping":  # still powered: its agent may sync; as shutting-down, wait for `terminated`
+            if state == "stopping" and status is None:  # still powered: its agent may sync; wait for `terminated`
                 note = "stopping: terminated; the next attempt starts once EC2 reports it terminated"
                 return {"run_id": run.run_id, "state": run.state, "instance": attempt.instance_id, "note": note}
-        status = _attempt_status(self.clients, self.cfg, run, attempt)
         reason, words = classify(instance, status, attempt)
         ended = parse_iso((status or {}).get("ended_at")) or now
         attempt.end(reason, words, iso(ended))
