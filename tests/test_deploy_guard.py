@@ -310,6 +310,28 @@ def test_once_every_managed_run_has_ended_destroy_passes_silently(local_aws):
     assert result.stderr == ""
 
 
+def test_destroy_is_refused_while_a_gangs_security_group_the_supervisor_made_is_left(local_aws):
+    """Its sweep goes with the compute stack: a group left in the VPC would fail the destroy half-way."""
+    ec2 = local_aws.client("ec2")
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    tags = [{"Key": naming.TAG_CREATED_BY, "Value": "supervisor"}, {"Key": naming.TAG_RUN_ID, "Value": "gang-1"},
+            {"Key": naming.TAG_ATTEMPT, "Value": "2"}]  # fmt: skip
+    group = ec2.create_security_group(
+        GroupName="training-infra-run-gang-1-2", Description="gang", VpcId=vpc,
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": tags}],
+    )["GroupId"]  # fmt: skip
+    try:
+        refused = local_aws.guard("--destroy")
+    finally:
+        ec2.delete_security_group(GroupId=group)
+
+    assert refused.returncode == 3
+    [finding, _] = _refusals(refused, "destroy guard")
+    assert f"security group {group} of run gang-1 attempt 2, made by the supervisor for a multi-node run" in finding
+    assert f"`aws ec2 delete-security-group --group-id {group}`" in finding
+    assert local_aws.guard("--destroy").returncode == 0, "once it is gone, destroy passes"
+
+
 def test_make_deploy_allow_destructive_deploys_and_the_github_roles_go(local_aws, tmp_path):
     """Last: it changes the deployment. alert_email stays, so only the registry changes."""
     assert local_aws.resources_of_type(naming.REGISTRY_STACK, "AWS::IAM::Role")

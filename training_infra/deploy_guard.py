@@ -491,6 +491,19 @@ class Deployed:
                     )
         return instances
 
+    def gang_security_groups(self) -> list[tuple[str, str, str]]:
+        """(group id, run id, attempt) of each security group the supervisor made for a gang attempt and has not
+        deleted yet (its minute's sweep deletes one once the members' network interfaces are gone)."""
+        groups = self.client("ec2").describe_security_groups(Filters=[
+            {"Name": f"tag:{naming.TAG_CREATED_BY}", "Values": ["supervisor"]},
+            {"Name": "tag-key", "Values": [naming.TAG_ATTEMPT]},
+        ])["SecurityGroups"]  # fmt: skip
+        found = []
+        for group in groups:
+            tags = {t["Key"]: t["Value"] for t in group.get("Tags", [])}
+            found.append((group["GroupId"], tags.get(naming.TAG_RUN_ID, "?"), tags.get(naming.TAG_ATTEMPT, "?")))
+        return sorted(found)
+
     def ssm_parameters(self, stack: str, template: dict[str, Any]) -> dict[str, tuple[str, str]]:
         """SSM-typed parameters: the value resolved at the last deploy and the one a deploy would resolve now."""
         declared = {
@@ -589,7 +602,22 @@ def check_destroy(region: str | None = None) -> list[Finding]:
     if deployed.stack(naming.COMPUTE_STACK) is None:
         return []
     made = {instance_id for instance_id, *_ in deployed.live_instances(naming.COMPUTE_STACK).values()}
-    return active_run_findings(deployed.active_runs(), deployed.live_managed_instances(), made)
+    findings = active_run_findings(deployed.active_runs(), deployed.live_managed_instances(), made)
+    return findings + gang_group_findings(deployed.gang_security_groups())
+
+
+def gang_group_findings(groups: list[tuple[str, str, str]]) -> list[Finding]:
+    """A gang's security group outlives the compute stack's supervisor, whose sweep deletes it: in the stack's
+    VPC it makes the destroy fail half-way (the VPC has a dependency); in an imported VPC it would be left for good."""
+    return [
+        Finding(naming.COMPUTE_STACK, group_id, (
+            f"security group {group_id} of run {run_id} attempt {attempt}, made by the supervisor for a multi-node "
+            "run, still exists: the supervisor deletes it within minutes of the run's end (once its instances' "
+            "network interfaces are gone); wait and run `make destroy` again, or delete it yourself: "
+            f"`aws ec2 delete-security-group --group-id {group_id}`"
+        ))
+        for group_id, run_id, attempt in groups
+    ]  # fmt: skip
 
 
 def _print(lines: Iterable[str]) -> None:
