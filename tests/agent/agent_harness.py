@@ -86,8 +86,12 @@ def diagnostic_sections(text: str) -> dict[str, str]:
 def hung_trainer_stack(diagnostics: str) -> str:
     """The py-spy dump of the hung trainer's python process (found in the process tree by its script)."""
     sections = diagnostic_sections(diagnostics)
-    [pid] = [line.split()[0] for line in sections["process tree"].splitlines() if line.endswith("hung_trainer.py")]
-    return sections.get(f"py-spy dump --pid {pid}", f"(no py-spy dump of pid {pid}, the trainer's host pid)")
+    # The tree is the machine's: another test's hung trainer may be in it too; this box's is the one dumped.
+    pids = [line.split()[0] for line in sections["process tree"].splitlines() if line.endswith("hung_trainer.py")]
+    dumped = [pid for pid in pids if f"py-spy dump --pid {pid}" in sections]
+    if len(dumped) != 1:
+        return f"(not one py-spy dump of the hung trainers {pids}: {len(dumped)} dumped)"
+    return sections[f"py-spy dump --pid {dumped[0]}"]
 
 
 # ---------------------------------------------------------------- recording / fault-injecting proxy
