@@ -289,6 +289,32 @@ def test_a_failed_look_for_a_box_that_outlived_its_notice_fails_not_the_runs_rec
     assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"
 
 
+class TerminateFails(DescribeFails):
+    """The account's EC2 client, but TerminateInstances of the boxes named answers a 5xx."""
+
+    def describe_instances(self, **request):
+        return self._ec2.describe_instances(**request)
+
+    def terminate_instances(self, **request):
+        from botocore.exceptions import ClientError
+
+        if set(request.get("InstanceIds", [])) & self.ids:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, "TerminateInstances")
+        return self._ec2.terminate_instances(**request)
+
+
+def test_a_failed_terminate_of_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account):
+    first = start(account).attempts[0]
+    account.clock.advance(minutes=30)
+    _warn(account, first.instance_id)
+    account.clock.advance(minutes=3)
+    answer = account.supervisor(ec2=TerminateFails(account.ec2, {first.instance_id})).reconcile("bert")
+    assert answer["state"] == "running" and not account.run().attempts[0].terminated_at, "the run went on"
+    account.clock.advance(minutes=1)
+    account.supervisor().reconcile("bert")  # the next minute tries again
+    assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"
+
+
 class StateAs(ShuttingDown):
     """The account's EC2 client, but the boxes named show the given state whatever moto holds."""
 

@@ -150,7 +150,12 @@ def end_outlivers(supervisor: Any, run: Any, now: datetime) -> bool:
             continue
         if not supervisor.ours(instance, run.run_id, attempt.n):
             continue
-        supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
+        try:
+            supervisor.clients.ec2.terminate_instances(InstanceIds=[attempt.instance_id])
+        except (ClientError, BotoCoreError) as error:  # as the look above: tried again at the next reconcile
+            log.warning("run %s: attempt %s's box %s outlived its spot notice but was not terminated (%s): tried "
+                        "again at the next reconcile", run.run_id, attempt.n, attempt.instance_id, error)  # fmt: skip
+            continue
         attempt.terminated_at, changed = iso(now), True
         # Priced again up to now, its real end: the record's end stays the notice's (what the handover waited for).
         priced = dataclasses.replace(attempt, ended_at=iso(now))
