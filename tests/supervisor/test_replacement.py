@@ -260,55 +260,35 @@ def test_a_box_that_outlived_its_notice_is_priced_up_to_when_it_was_terminated(a
     assert abs(old.cost_usd / old.hourly_usd * 60 - 33) < 1e-6, "33 minutes: it ran a minute past its notice"
 
 
-class DescribeFails:
-    """The account's EC2 client, but DescribeInstances of the boxes named answers a 5xx."""
+class CallFails:
+    """The account's EC2 client, but one call (`describe_instances`, `terminate_instances`) on the boxes named
+    answers a 5xx."""
 
-    def __init__(self, ec2, instance_ids: set[str]) -> None:
-        self._ec2, self.ids = ec2, instance_ids
+    def __init__(self, ec2, call: str, instance_ids: set[str]) -> None:
+        self._ec2, self.call, self.ids = ec2, call, instance_ids
 
     def __getattr__(self, name):
-        return getattr(self._ec2, name)
+        real = getattr(self._ec2, name)
+        if name != self.call:
+            return real
 
-    def describe_instances(self, **request):
-        from botocore.exceptions import ClientError
+        def failing(**request):
+            from botocore.exceptions import ClientError
 
-        if set(request.get("InstanceIds", [])) & self.ids:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, "DescribeInstances")
-        return self._ec2.describe_instances(**request)
+            if set(request.get("InstanceIds", [])) & self.ids:
+                raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, name)
+            return real(**request)
+
+        return failing
 
 
-def test_a_failed_look_for_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account):
+@pytest.mark.parametrize("call", ["describe_instances", "terminate_instances"])
+def test_a_failed_look_or_terminate_of_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account, call):
     first = start(account).attempts[0]
     account.clock.advance(minutes=30)
     _warn(account, first.instance_id)
     account.clock.advance(minutes=3)
-    answer = account.supervisor(ec2=DescribeFails(account.ec2, {first.instance_id})).reconcile("bert")
-    assert answer["state"] == "running" and not account.run().attempts[0].terminated_at, "the run went on"
-    account.clock.advance(minutes=1)
-    account.supervisor().reconcile("bert")  # the next minute looks again
-    assert account.run().attempts[0].terminated_at == "2026-11-29T08:34:00Z"
-
-
-class TerminateFails(DescribeFails):
-    """The account's EC2 client, but TerminateInstances of the boxes named answers a 5xx."""
-
-    def describe_instances(self, **request):
-        return self._ec2.describe_instances(**request)
-
-    def terminate_instances(self, **request):
-        from botocore.exceptions import ClientError
-
-        if set(request.get("InstanceIds", [])) & self.ids:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "try again"}}, "TerminateInstances")
-        return self._ec2.terminate_instances(**request)
-
-
-def test_a_failed_terminate_of_a_box_that_outlived_its_notice_fails_not_the_runs_reconcile(account):
-    first = start(account).attempts[0]
-    account.clock.advance(minutes=30)
-    _warn(account, first.instance_id)
-    account.clock.advance(minutes=3)
-    answer = account.supervisor(ec2=TerminateFails(account.ec2, {first.instance_id})).reconcile("bert")
+    answer = account.supervisor(ec2=CallFails(account.ec2, call, {first.instance_id})).reconcile("bert")
     assert answer["state"] == "running" and not account.run().attempts[0].terminated_at, "the run went on"
     account.clock.advance(minutes=1)
     account.supervisor().reconcile("bert")  # the next minute tries again
